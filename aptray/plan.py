@@ -1,0 +1,64 @@
+"""BatchPlan: what one iteration computes, as the scheduler decides it and every shard runs it.
+
+Plain frozen dataclasses with primitive fields, mirrored one-to-one by the gRPC message in
+aptray/proto, so the scheduler stays torch-free and shards hold no scheduling state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SeqPlan:
+    request_id: str
+    token_ids: tuple[int, ...]  # tokens whose cache entries this step writes
+    start_pos: int  # position of token_ids[0]; equals the tokens already cached
+    cache_kind: str  # "kv" or "hidden"
+    block_table: tuple[int, ...]
+    sample: bool  # the chunk ends the known tokens: sample the next one
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    sample_index: int = 0  # how many tokens were sampled before: seeds the per-token generator
+
+    @property
+    def context_len(self) -> int:
+        return self.start_pos + len(self.token_ids)
+
+    @property
+    def is_decode(self) -> bool:
+        return len(self.token_ids) == 1 and self.start_pos > 0
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """Re-home a request's first num_tokens cache entries into another kind, before the step runs."""
+    request_id: str
+    num_tokens: int
+    to_kind: str
+    src_blocks: tuple[int, ...]
+    dst_blocks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    iteration: int
+    seqs: tuple[SeqPlan, ...] = ()
+    conversions: tuple[ConversionPlan, ...] = ()
+    want_logits: bool = False  # return the sampled rows' logits (tests, debugging)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs and not self.conversions
+
+
+@dataclass
+class StepResult:
+    sampled: dict[str, int] = field(default_factory=dict)  # request_id -> next token
+    step_time: float = 0.0  # seconds the shards spent on the step
+    logits: dict | None = None  # request_id -> logits row, when the plan asked

@@ -1,0 +1,77 @@
+"""Request: one generation's state as the engine and scheduler see it (torch-free)."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from aptray.sampling_params import SamplingParams
+
+
+class CacheKind(str, enum.Enum):
+    KV = "kv"
+    HIDDEN = "hidden"
+
+
+class RequestStatus(str, enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float
+    ttft_slo: float
+    tbt_slo: float
+    eos_token_id: int | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    cache_kind: CacheKind | None = None
+    num_computed_tokens: int = 0  # tokens whose cache entries are written
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    num_preemptions: int = 0
+    stop_reason: str | int | None = None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        """More than the newest token still lacks cache entries (new, preempted, or mid chunked prefill)."""
+        return self.num_uncomputed_tokens > 1 or not self.output_token_ids
+
+    def pending_time(self, now: float) -> float:
+        """Seconds since the last token (since arrival before the first)."""
+        return now - (self.last_token_time if self.last_token_time is not None else self.arrival_time)
+
+    def is_violator(self, now: float) -> bool:
+        """Already past its SLO: TTFT before the first token, TBT after."""
+        slo = self.tbt_slo if self.first_token_time is not None else self.ttft_slo
+        return self.pending_time(now) > slo
+
+    def record_token(self, token_id: int, now: float) -> None:
+        self.output_token_ids.append(token_id)
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.last_token_time = now
+        self.token_times.append(now)

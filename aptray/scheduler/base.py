@@ -1,0 +1,152 @@
+"""What every policy shares: the waiting and running sets, block bookkeeping, plan building."""
+from __future__ import annotations
+
+from collections import Counter, deque
+
+from aptray.cache.block_manager import BlockManager, OutOfBlocks
+from aptray.plan import BatchPlan, ConversionPlan, SeqPlan, StepResult
+from aptray.request import CacheKind, Request, RequestStatus
+
+
+class Scheduler:
+    """Subclasses implement schedule(now) -> BatchPlan; the engine calls update() with the result."""
+
+    def __init__(self, config, blocks: BlockManager):
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.iteration = 0
+        self.stats: Counter = Counter()  # preemptions, conversions_to_kv, conversions_to_hidden
+        self._requested_upgrades: list[str] = []
+
+    # -- request lifecycle -------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        if self.blocks.blocks_for(req.num_tokens + 1, self._smallest_kind()) > self.blocks.num_blocks:
+            raise ValueError(f"request {req.request_id!r} needs more cache than the whole pool holds")
+        req.status = RequestStatus.WAITING
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        self.blocks.free(req.request_id)
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self.requests.pop(req.request_id, None)
+
+    def abort(self, request_id: str) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is not None:
+            self.finish(req, RequestStatus.FINISHED_ABORTED)
+        return req
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def request_upgrade(self, request_id: str) -> None:
+        """Ask for a hidden request to move to KV at the next iteration that has the blocks."""
+        self._requested_upgrades.append(request_id)
+
+    # -- policy ------------------------------------------------------------------------------
+    def schedule(self, now: float) -> BatchPlan:
+        raise NotImplementedError
+
+    def update(self, plan: BatchPlan, result: StepResult, now: float) -> list[Request]:
+        """Advance computed tokens, record sampled ones; returns the requests that got a token."""
+        got = []
+        for seq in plan.seqs:
+            req = self.requests.get(seq.request_id)
+            if req is None:  # aborted while the step ran
+                continue
+            req.num_computed_tokens = seq.context_len
+            token = result.sampled.get(seq.request_id)
+            if seq.sample and token is not None:
+                req.record_token(token, now)
+                got.append(req)
+        self.observe(plan, result)
+        return got
+
+    def observe(self, plan: BatchPlan, result: StepResult) -> None:
+        """Hook for policies that learn from step times."""
+
+    # -- helpers for policies ----------------------------------------------------------------
+    def _smallest_kind(self) -> CacheKind:
+        return CacheKind.HIDDEN if self.config.cache_mode != "kv" and self.blocks.hidden_enabled else CacheKind.KV
+
+    def _admission_kinds(self) -> tuple[CacheKind, ...]:
+        """Kinds to try for a new request, preferred first."""
+        if self.config.cache_mode == "kv" or not self.blocks.hidden_enabled:
+            return (CacheKind.KV,)
+        if self.config.cache_mode == "hidden":
+            return (CacheKind.HIDDEN,)
+        return (CacheKind.KV, CacheKind.HIDDEN)
+
+    def _try_allocate(self, req: Request, num_tokens: int, kinds=None) -> bool:
+        """Give req room for num_tokens in the first kind that fits (its own kind once it has one)."""
+        kinds = (req.cache_kind,) if req.cache_kind is not None else (kinds or self._admission_kinds())
+        for kind in kinds:
+            try:
+                self.blocks.ensure(req.request_id, kind, num_tokens)
+            except OutOfBlocks:
+                continue
+            req.cache_kind = kind
+            return True
+        return False
+
+    def _preempt(self, req: Request) -> None:
+        """Preempt by recompute: drop its cache; it re-prefills all its tokens when readmitted."""
+        self.blocks.free(req.request_id)
+        self.running.remove(req)
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        req.cache_kind = None
+        req.num_preemptions += 1
+        self.stats["preemptions"] += 1
+        self.waiting.appendleft(req)
+
+    def _seq_plan(self, req: Request, num_tokens: int) -> SeqPlan:
+        """Plan the next num_tokens uncomputed tokens of req."""
+        start = req.num_computed_tokens
+        tokens = req.all_token_ids[start:start + num_tokens]
+        s = req.sampling
+        return SeqPlan(
+            request_id=req.request_id, token_ids=tuple(tokens), start_pos=start,
+            cache_kind=req.cache_kind.value, block_table=tuple(self.blocks.tables[req.request_id]),
+            sample=start + num_tokens == req.num_tokens, temperature=s.temperature, top_p=s.top_p,
+            top_k=s.top_k, seed=s.seed, sample_index=len(req.output_token_ids))
+
+    def _convert(self, req: Request, to_kind: CacheKind) -> ConversionPlan | None:
+        """Move a running request's computed tokens to to_kind, if the blocks allow."""
+        try:
+            old, new = self.blocks.convert(req.request_id, to_kind, max(req.num_computed_tokens, 1))
+        except OutOfBlocks:
+            return None
+        req.cache_kind = to_kind
+        self.stats[f"conversions_to_{to_kind.value}"] += 1
+        return ConversionPlan(req.request_id, req.num_computed_tokens, to_kind.value, tuple(old), tuple(new))
+
+    def _requested_conversions(self) -> list[ConversionPlan]:
+        out = []
+        pending, self._requested_upgrades = self._requested_upgrades, []
+        for rid in pending:
+            req = self.requests.get(rid)
+            if req is None or req.cache_kind is not CacheKind.HIDDEN or req.num_computed_tokens == 0:
+                if req is not None and req.cache_kind is not CacheKind.KV:
+                    self._requested_upgrades.append(rid)  # not prefilled yet: try again later
+                continue
+            conv = self._convert(req, CacheKind.KV)
+            if conv is None:
+                self._requested_upgrades.append(rid)
+            else:
+                out.append(conv)
+        return out
+
+    def _plan(self, seqs: list[SeqPlan], conversions: list[ConversionPlan] = ()) -> BatchPlan:
+        self.iteration += 1
+        return BatchPlan(self.iteration, tuple(seqs), tuple(conversions))

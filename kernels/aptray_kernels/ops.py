@@ -1,0 +1,44 @@
+"""The attention-backend entry points aptray's engine calls: Triton on CUDA, torch reference elsewhere."""
+from __future__ import annotations
+
+from . import reference
+
+# Triton implementations register themselves here (name -> callable) when triton and CUDA are present.
+_TRITON: dict = {}
+
+
+def _pick(name: str, tensor):
+    if tensor.is_cuda and name in _TRITON:
+        return _TRITON[name]
+    return getattr(reference, name)
+
+
+def write_kv(kv_cache, k, v, slots):
+    return _pick("write_kv", kv_cache)(kv_cache, k, v, slots)
+
+
+def write_hidden(hidden_cache, x, slots):
+    return _pick("write_hidden", hidden_cache)(hidden_cache, x, slots)
+
+
+def gather_hidden(hidden_cache, block_tables, max_len):
+    return _pick("gather_hidden", hidden_cache)(hidden_cache, block_tables, max_len)
+
+
+def paged_decode_attention(q, kv_cache, block_tables, context_lens, scale):
+    return _pick("paged_decode_attention", q)(q, kv_cache, block_tables, context_lens, scale)
+
+
+def absorbed_decode_attention(q, hidden_cache, block_tables, context_lens, w_k, w_v, b_v, scale):
+    return _pick("absorbed_decode_attention", q)(q, hidden_cache, block_tables, context_lens, w_k, w_v, b_v, scale)
+
+
+def recompute_decode_attention(q, hidden_cache, block_tables, context_lens, w_k, b_k, w_v, b_v, scale,
+                               cos=None, sin=None):
+    return _pick("recompute_decode_attention", q)(q, hidden_cache, block_tables, context_lens,
+                                                  w_k, b_k, w_v, b_v, scale, cos, sin)
+
+
+gather_kv = reference.gather_kv
+apply_rotary = reference.apply_rotary
+project_kv = reference.project_kv
