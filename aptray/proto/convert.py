@@ -1,0 +1,76 @@
+"""BatchPlan / StepResult <-> shard.proto messages: the only way plans cross the network (no pickle)."""
+from __future__ import annotations
+
+from aptray.plan import BatchPlan, ConversionPlan, SeqPlan, StepResult
+from aptray.proto import shard_pb2
+
+PLAN_VERSION = 1  # bump with any incompatible change to shard.proto
+
+
+class PlanVersionError(ValueError):
+    pass
+
+
+def _check_version(version: int, what: str) -> None:
+    if version != PLAN_VERSION:
+        raise PlanVersionError(f"{what} has contract version {version}, this side speaks {PLAN_VERSION}")
+
+
+def seq_to_proto(s: SeqPlan) -> shard_pb2.SeqPlan:
+    msg = shard_pb2.SeqPlan(request_id=s.request_id, token_ids=s.token_ids, start_pos=s.start_pos,
+                            cache_kind=s.cache_kind, block_table=s.block_table, sample=s.sample,
+                            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                            sample_index=s.sample_index)
+    if s.seed is not None:
+        msg.seed = s.seed
+    return msg
+
+
+def seq_from_proto(m: shard_pb2.SeqPlan) -> SeqPlan:
+    return SeqPlan(request_id=m.request_id, token_ids=tuple(m.token_ids), start_pos=m.start_pos,
+                   cache_kind=m.cache_kind, block_table=tuple(m.block_table), sample=m.sample,
+                   temperature=m.temperature, top_p=m.top_p, top_k=m.top_k,
+                   seed=m.seed if m.HasField("seed") else None, sample_index=m.sample_index)
+
+
+def plan_to_proto(plan: BatchPlan) -> shard_pb2.BatchPlan:
+    return shard_pb2.BatchPlan(
+        version=PLAN_VERSION, iteration=plan.iteration, want_logits=plan.want_logits,
+        seqs=[seq_to_proto(s) for s in plan.seqs],
+        conversions=[shard_pb2.ConversionPlan(request_id=c.request_id, num_tokens=c.num_tokens,
+                                              to_kind=c.to_kind, src_blocks=c.src_blocks,
+                                              dst_blocks=c.dst_blocks) for c in plan.conversions])
+
+
+def plan_from_proto(m: shard_pb2.BatchPlan) -> BatchPlan:
+    _check_version(m.version, "BatchPlan")
+    return BatchPlan(
+        iteration=m.iteration, want_logits=m.want_logits,
+        seqs=tuple(seq_from_proto(s) for s in m.seqs),
+        conversions=tuple(ConversionPlan(request_id=c.request_id, num_tokens=c.num_tokens, to_kind=c.to_kind,
+                                         src_blocks=tuple(c.src_blocks), dst_blocks=tuple(c.dst_blocks))
+                          for c in m.conversions))
+
+
+def _row_to_floats(row) -> list[float]:
+    # logits rows arrive as torch tensors from the model runner; keep this module torch-free
+    return row.tolist() if hasattr(row, "tolist") else list(row)
+
+
+def result_to_proto(r: StepResult, error: str = "") -> shard_pb2.StepResult:
+    msg = shard_pb2.StepResult(version=PLAN_VERSION, step_time=r.step_time, error=error)
+    msg.sampled.update({k: int(v) for k, v in r.sampled.items()})
+    if r.logits is not None:
+        msg.has_logits = True
+        for rid, row in r.logits.items():
+            msg.logits[rid].values.extend(_row_to_floats(row))
+    return msg
+
+
+def result_from_proto(m: shard_pb2.StepResult) -> StepResult:
+    """Logits rows come back as lists of float32-rounded Python floats."""
+    _check_version(m.version, "StepResult")
+    if m.error:
+        raise RuntimeError(f"shard step failed: {m.error}")
+    logits = {rid: list(row.values) for rid, row in m.logits.items()} if m.has_logits else None
+    return StepResult(sampled=dict(m.sampled), step_time=m.step_time, logits=logits)

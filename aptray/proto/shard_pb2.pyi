@@ -1,0 +1,113 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SeqPlan(_message.Message):
+    __slots__ = ("request_id", "token_ids", "start_pos", "cache_kind", "block_table", "sample", "temperature", "top_p", "top_k", "seed", "sample_index")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    START_POS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_KIND_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TABLE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    start_pos: int
+    cache_kind: str
+    block_table: _containers.RepeatedScalarFieldContainer[int]
+    sample: bool
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    sample_index: int
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_pos: _Optional[int] = ..., cache_kind: _Optional[str] = ..., block_table: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., sample_index: _Optional[int] = ...) -> None: ...
+
+class ConversionPlan(_message.Message):
+    __slots__ = ("request_id", "num_tokens", "to_kind", "src_blocks", "dst_blocks")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TO_KIND_FIELD_NUMBER: _ClassVar[int]
+    SRC_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    num_tokens: int
+    to_kind: str
+    src_blocks: _containers.RepeatedScalarFieldContainer[int]
+    dst_blocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., to_kind: _Optional[str] = ..., src_blocks: _Optional[_Iterable[int]] = ..., dst_blocks: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class BatchPlan(_message.Message):
+    __slots__ = ("version", "iteration", "seqs", "conversions", "want_logits")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    CONVERSIONS_FIELD_NUMBER: _ClassVar[int]
+    WANT_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    iteration: int
+    seqs: _containers.RepeatedCompositeFieldContainer[SeqPlan]
+    conversions: _containers.RepeatedCompositeFieldContainer[ConversionPlan]
+    want_logits: bool
+    def __init__(self, version: _Optional[int] = ..., iteration: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SeqPlan, _Mapping]]] = ..., conversions: _Optional[_Iterable[_Union[ConversionPlan, _Mapping]]] = ..., want_logits: _Optional[bool] = ...) -> None: ...
+
+class LogitsRow(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class StepResult(_message.Message):
+    __slots__ = ("version", "sampled", "step_time", "has_logits", "logits", "error")
+    class SampledEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class LogitsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: LogitsRow
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[LogitsRow, _Mapping]] = ...) -> None: ...
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_FIELD_NUMBER: _ClassVar[int]
+    HAS_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    sampled: _containers.ScalarMap[str, int]
+    step_time: float
+    has_logits: bool
+    logits: _containers.MessageMap[str, LogitsRow]
+    error: str
+    def __init__(self, version: _Optional[int] = ..., sampled: _Optional[_Mapping[str, int]] = ..., step_time: _Optional[float] = ..., has_logits: _Optional[bool] = ..., logits: _Optional[_Mapping[str, LogitsRow]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ShardInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ShardInfo(_message.Message):
+    __slots__ = ("version", "rank", "world_size", "num_blocks")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    rank: int
+    world_size: int
+    num_blocks: int
+    def __init__(self, version: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., num_blocks: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,73 @@
+"""Round trips of the shard contract: BatchPlan / StepResult -> proto -> bytes -> back."""
+import struct
+
+import pytest
+
+from aptray.plan import BatchPlan, ConversionPlan, SeqPlan, StepResult
+from aptray.proto import generate_pb2, shard_pb2
+from aptray.proto.convert import (PLAN_VERSION, PlanVersionError, plan_from_proto, plan_to_proto,
+                                  result_from_proto, result_to_proto)
+
+
+def _wire(msg, cls):
+    return cls.FromString(msg.SerializeToString())
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def test_batch_plan_round_trip_keeps_every_field():
+    plan = BatchPlan(
+        iteration=41,
+        seqs=(SeqPlan("a", (1, 2, 3), 0, "kv", (4, 5), True, temperature=0.7, top_p=0.9, top_k=7,
+                      seed=2**40, sample_index=3),
+              SeqPlan("b", (9,), 17, "hidden", (0,), False),
+              SeqPlan("c", (8,), 5, "kv", (), True, seed=0)),
+        conversions=(ConversionPlan("b", 17, "kv", (0,), (6, 7)),),
+        want_logits=True)
+    back = plan_from_proto(_wire(plan_to_proto(plan), shard_pb2.BatchPlan))
+    assert back == plan
+    assert back.seqs[1].seed is None and back.seqs[2].seed == 0  # unset vs zero survive
+
+
+def test_empty_plan_round_trip():
+    plan = BatchPlan(iteration=0)
+    assert plan_from_proto(_wire(plan_to_proto(plan), shard_pb2.BatchPlan)) == plan
+
+
+def test_step_result_round_trip():
+    r = StepResult(sampled={"a": 5, "b": 50271}, step_time=0.0123)
+    back = result_from_proto(_wire(result_to_proto(r), shard_pb2.StepResult))
+    assert back == r and back.logits is None
+
+
+def test_step_result_logits_round_trip():
+    torch = pytest.importorskip("torch")
+    row = torch.randn(11)
+    r = StepResult(sampled={"a": 1}, step_time=0.5, logits={"a": row, "empty": []})
+    back = result_from_proto(_wire(result_to_proto(r), shard_pb2.StepResult))
+    assert back.logits["a"] == [_f32(x) for x in row.tolist()]
+    assert back.logits["empty"] == []
+
+
+def test_version_mismatch_rejected():
+    msg = plan_to_proto(BatchPlan(iteration=1))
+    msg.version = PLAN_VERSION + 1
+    with pytest.raises(PlanVersionError):
+        plan_from_proto(msg)
+
+
+def test_shard_error_raises():
+    with pytest.raises(RuntimeError, match="boom"):
+        result_from_proto(result_to_proto(StepResult(), error="boom"))
+
+
+def test_generate_request_oneof_and_optional_fields():
+    req = generate_pb2.GenerateRequest(prompt_token_ids=generate_pb2.TokenIds(ids=[1, 2]),
+                                       sampling=generate_pb2.Sampling(temperature=0.0, max_tokens=4),
+                                       slo=generate_pb2.Slo(ttft_ms=250))
+    back = _wire(req, generate_pb2.GenerateRequest)
+    assert back.WhichOneof("input") == "prompt_token_ids"
+    assert back.sampling.HasField("temperature") and back.sampling.temperature == 0.0
+    assert not back.sampling.HasField("top_p") and not back.slo.HasField("tbt_ms")
