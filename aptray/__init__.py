@@ -1,0 +1,12 @@
+"""aptray: LLM serving with a hybrid KV/hidden cache and SLO-aware adaptive scheduling."""
+from aptray.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams"]
+
+
+def __getattr__(name):
+    # LLM pulls in torch and transformers: import it only when asked, so torch-free users stay light
+    if name == "LLM":
+        from aptray.llm import LLM
+        return LLM
+    raise AttributeError(name)

@@ -1,0 +1,16 @@
+"""LocalExecutor: one in-process ModelRunner (offline API, tests, single-device serving)."""
+from __future__ import annotations
+
+from aptray.config import EngineConfig
+from aptray.executor.base import Executor
+from aptray.plan import BatchPlan, StepResult
+from aptray.worker.model_runner import ModelRunner
+
+
+class LocalExecutor(Executor):
+    def __init__(self, config: EngineConfig):
+        self.runner = ModelRunner(config)
+        self.num_blocks = self.runner.num_blocks
+
+    def execute(self, plan: BatchPlan) -> StepResult:
+        return self.runner.execute(plan)

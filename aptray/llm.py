@@ -1,0 +1,67 @@
+"""LLM: the offline API, shaped like vLLM's (LLM(model=...).generate(prompts, sampling_params))."""
+from __future__ import annotations
+
+import itertools
+
+from transformers import AutoTokenizer
+
+from aptray.config import EngineConfig
+from aptray.engine import Engine
+from aptray.executor.local import LocalExecutor
+from aptray.outputs import RequestOutput
+from aptray.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str, tokenizer: str | None = None, **engine_args):
+        self.config = EngineConfig(model=model, tokenizer=tokenizer, **engine_args)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer)
+        self.engine = Engine(self.config, LocalExecutor(self.config), self.tokenizer)
+        self._ids = itertools.count()
+
+    def _token_ids(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return None, list(prompt["prompt_token_ids"])
+        raise TypeError("a prompt is a string or {'prompt_token_ids': [...]}")
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        order = []
+        for prompt, sp in zip(prompts, params):
+            text, ids = self._token_ids(prompt)
+            rid = str(next(self._ids))
+            self.engine.add_request(rid, ids, sp, prompt=text)
+            order.append(rid)
+        return self._run(order, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or a list of them, through the chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                   for c in conversations]
+        return self.generate([{"prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False)}
+                              for p in prompts], sampling_params)
+
+    def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=len(order), desc="generate")
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [done[rid] for rid in order]

@@ -1,0 +1,107 @@
+"""Prometheus metrics of one serving replica: latencies, queue, cache, scheduler and SLOs.
+
+Each ServingMetrics owns its registry (no global state: several engines can live in one
+process, e.g. in tests); the ingress serves registry text on /metrics.
+"""
+from __future__ import annotations
+
+import math
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# latency buckets from 5 ms (GPU TBT) to 2 min (CPU TTFT under load)
+_LATENCY = (.005, .01, .025, .05, .075, .1, .15, .25, .4, .6, 1, 1.5, 2.5, 5, 10, 20, 40, 80, 120)
+_SCHED = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, .1)
+
+
+def p99(xs: list[float]) -> float:
+    if not xs:
+        return 0.0
+    s = sorted(xs)
+    return s[min(len(s) - 1, math.ceil(0.99 * len(s)) - 1)]
+
+
+def slo_attained(ttft: float | None, gaps: list[float], ttft_slo: float, tbt_slo: float) -> bool:
+    """DESIGN section 4: TTFT within its SLO and the P99 of the request's own gaps within TBT."""
+    return ttft is not None and ttft <= ttft_slo and p99(gaps) <= tbt_slo
+
+
+class ServingMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        self.ttft = Histogram("aptray_ttft_seconds", "time to first token", buckets=_LATENCY, registry=r)
+        self.tbt = Histogram("aptray_tbt_seconds", "time between tokens", buckets=_LATENCY, registry=r)
+        self.e2e = Histogram("aptray_e2e_seconds", "arrival to last token", buckets=_LATENCY, registry=r)
+        self.waiting = Gauge("aptray_requests_waiting", "requests waiting (new or preempted)", registry=r)
+        self.running = Gauge("aptray_requests_running", "requests holding cache", registry=r)
+        self.blocks = Gauge("aptray_cache_blocks_in_use", "physical cache blocks held", ["kind"], registry=r)
+        self.blocks_total = Gauge("aptray_cache_blocks_total", "physical cache blocks in the pool", registry=r)
+        self.preemptions = Counter("aptray_preemptions", "requests preempted by recompute", registry=r)
+        self.conversions = Counter("aptray_conversions", "cache conversions", ["to_kind"], registry=r)
+        self.alpha = Gauge("aptray_alpha_seconds_per_block", "apt scheduler: iteration seconds per hidden block",
+                           registry=r)
+        self.sched_time = Histogram("aptray_scheduler_seconds", "scheduler time per iteration", buckets=_SCHED,
+                                    registry=r)
+        self.step_time = Histogram("aptray_step_seconds", "shard time per iteration", buckets=_LATENCY, registry=r)
+        self.slo_attained = Counter("aptray_slo_attained", "finished requests that met TTFT and TBT", registry=r)
+        self.slo_missed = Counter("aptray_slo_missed", "requests that missed their SLO", ["reason"], registry=r)
+        self.rejected = Counter("aptray_requests_rejected", "requests refused at admission", ["reason"],
+                                registry=r)
+        self._seen_stats: dict[str, int] = {}
+
+    # -- per iteration --------------------------------------------------------------------------
+    def observe_iteration(self, scheduler, schedule_s: float | None, step_s: float | None) -> None:
+        """Queue, cache and counters from the scheduler after one engine step."""
+        self.waiting.set(len(scheduler.waiting))
+        self.running.set(len(scheduler.running))
+        blocks = scheduler.blocks
+        held = {"kv": 0, "hidden": 0}
+        for rid, table in list(blocks.tables.items()):
+            kind = blocks.kinds.get(rid)
+            held[getattr(kind, "value", "kv")] += len(table)
+        for kind, n in held.items():
+            self.blocks.labels(kind).set(n)
+        self.blocks_total.set(blocks.num_blocks)
+        # scheduler.stats is a cumulative Counter: export only what grew since the last look
+        for key, value in scheduler.stats.items():
+            delta = value - self._seen_stats.get(key, 0)
+            if delta > 0:
+                if key == "preemptions":
+                    self.preemptions.inc(delta)
+                elif key.startswith("conversions_to_"):
+                    self.conversions.labels(key.removeprefix("conversions_to_")).inc(delta)
+            self._seen_stats[key] = value
+        alpha = getattr(scheduler, "alpha", None)
+        if alpha is not None:
+            self.alpha.set(alpha)
+        if schedule_s is not None:
+            self.sched_time.observe(schedule_s)
+        if step_s is not None:
+            self.step_time.observe(step_s)
+
+    # -- per request ----------------------------------------------------------------------------
+    def observe_finished(self, arrival: float, token_times: list[float], ttft_slo: float, tbt_slo: float,
+                         finish_reason: str) -> bool:
+        """Latencies of one finished request; returns whether it attained its SLO."""
+        ttft = token_times[0] - arrival if token_times else None
+        gaps = [b - a for a, b in zip(token_times, token_times[1:])]
+        if ttft is not None:
+            self.ttft.observe(ttft)
+            self.e2e.observe(token_times[-1] - arrival)
+        for g in gaps:
+            self.tbt.observe(g)
+        if finish_reason not in ("stop", "length"):
+            self.slo_missed.labels(finish_reason).inc()
+            return False
+        if slo_attained(ttft, gaps, ttft_slo, tbt_slo):
+            self.slo_attained.inc()
+            return True
+        self.slo_missed.labels("ttft" if ttft is None or ttft > ttft_slo else "tbt").inc()
+        return False
+
+    def observe_rejected(self, reason: str) -> None:
+        self.rejected.labels(reason).inc()
+        self.slo_missed.labels("rejected").inc()
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)

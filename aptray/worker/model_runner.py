@@ -1,0 +1,71 @@
+"""ModelRunner: one tensor-parallel rank's model shard and cache pool; runs BatchPlans."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from aptray.cache.pool import CachePool
+from aptray.config import EngineConfig
+from aptray.model.loader import DTYPES, load_model
+from aptray.model.sampler import sample
+from aptray.model.step_context import _slots, build_step_context
+from aptray.plan import BatchPlan, StepResult
+
+logger = logging.getLogger("aptray")
+
+
+class ModelRunner:
+    """With world_size > 1 the caller has initialised torch.distributed (rank, world) already."""
+
+    def __init__(self, config: EngineConfig, rank: int = 0, world_size: int = 1, device: str | None = None):
+        self.config = config
+        self.rank = rank
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch.manual_seed(config.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        spec = config.spec
+        self.model = load_model(config.model, spec.arch, config.dtype, self.device)
+        dtype = DTYPES[config.dtype]
+        n_kv = spec.num_kv_heads // world_size
+        self.num_blocks = config.num_cache_blocks or self._blocks_for_budget(n_kv, dtype)
+        self.pool = CachePool(spec.num_layers, self.num_blocks, config.block_size, n_kv, spec.head_dim,
+                              spec.hidden_size, config.hidden_block_size, dtype, self.device)
+        logger.info("rank %d: %d cache blocks of %d KV tokens (%d hidden tokens)", rank, self.num_blocks,
+                    config.block_size, config.hidden_block_size)
+
+    def _blocks_for_budget(self, n_kv: int, dtype) -> int:
+        per_block = CachePool.bytes_per_block(self.config.spec.num_layers, self.config.block_size, n_kv,
+                                              self.config.spec.head_dim, dtype)
+        return max(1, int(self.config.cache_memory_gb * 2**30) // per_block)
+
+    @torch.inference_mode()
+    def execute(self, plan: BatchPlan) -> StepResult:
+        start = time.perf_counter()
+        for conv in plan.conversions:
+            self._convert(conv)
+        result = StepResult()
+        if plan.seqs:
+            ids, ctx = build_step_context(plan, self.config.block_size, self.config.hidden_block_size,
+                                          self.config.hidden_attention, self.device)
+            h = self.model(ids, ctx, self.pool.layers())
+            logits = self.model.compute_logits(h[ctx.sample_rows]).float()
+            sampled = [s for s in plan.seqs if s.sample]
+            if self.rank == 0 and sampled:
+                tokens = sample(logits, sampled, self.generator)
+                result.sampled = {s.request_id: t for s, t in zip(sampled, tokens)}
+                if plan.want_logits:
+                    result.logits = {s.request_id: logits[i].cpu() for i, s in enumerate(sampled)}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        result.step_time = time.perf_counter() - start
+        return result
+
+    def _convert(self, conv) -> None:
+        if conv.to_kind != "kv":
+            raise ValueError("only hidden -> KV conversion runs on shards; KV -> hidden is a re-prefill")
+        src = torch.tensor(conv.src_blocks, device=self.device)
+        dst = torch.tensor(_slots(conv.dst_blocks, 0, conv.num_tokens, self.config.block_size), device=self.device)
+        for layer, (kv_cache, hidden_cache) in zip(self.model.layers, self.pool.layers()):
+            layer.self_attn.convert_hidden_to_kv(hidden_cache, kv_cache, src, dst, conv.num_tokens)
