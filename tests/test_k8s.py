@@ -1,0 +1,104 @@
+"""Every RayService manifest validates against the KubeRay CRD, and its Serve config builds aptray."""
+import copy
+import glob
+import os
+
+import jsonschema
+import pytest
+import yaml
+
+from aptray.serve.args import AppArgs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CRD = os.environ.get("APTRAY_RAYSERVICE_CRD", "/work/shared/schemas/ray.io_rayservices.yaml")
+MANIFESTS = sorted(glob.glob(os.path.join(ROOT, "k8s", "*.yaml")))
+
+
+def _strict(schema):
+    """CRD schemas allow unknown fields (the API server prunes them); reject them here so typos fail."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node):
+        if isinstance(node, dict):
+            if (node.get("type") == "object" and "properties" in node and "additionalProperties" not in node
+                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+                node["additionalProperties"] = False
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(schema)
+    return schema
+
+
+@pytest.fixture(scope="module")
+def rayservice_schemas():
+    if not os.path.exists(CRD):
+        pytest.skip(f"CRD not found at {CRD}")
+    with open(CRD) as f:
+        crd = yaml.safe_load(f)
+    return {f"{crd['spec']['group']}/{v['name']}": _strict(v["schema"]["openAPIV3Schema"])
+            for v in crd["spec"]["versions"]}
+
+
+def _docs(kind):
+    out = []
+    for path in MANIFESTS:
+        with open(path) as f:
+            out += [(os.path.basename(path), d) for d in yaml.safe_load_all(f) if d and d.get("kind") == kind]
+    return out
+
+
+RAYSERVICES = _docs("RayService")
+
+
+def test_examples_exist():
+    names = {n for n, _ in RAYSERVICES}
+    assert {"rayservice-opt66b.yaml", "rayservice-cpu-small.yaml"} <= names
+    kinds = {d["kind"] for n in MANIFESTS for d in yaml.safe_load_all(open(n)) if d}
+    assert {"Secret", "Deployment", "Service", "RayService"} <= kinds
+
+
+@pytest.mark.parametrize("name,doc", RAYSERVICES, ids=[n for n, _ in RAYSERVICES])
+def test_rayservice_matches_crd(name, doc, rayservice_schemas):
+    schema = rayservice_schemas[doc["apiVersion"]]
+    jsonschema.validate(doc, schema, cls=jsonschema.Draft7Validator)
+
+
+def _serve_configs():
+    out = [(n, yaml.safe_load(d["spec"]["serveConfigV2"])) for n, d in RAYSERVICES]
+    with open(os.path.join(ROOT, "deploy", "serve_config.yaml")) as f:
+        out.append(("serve_config.yaml", yaml.safe_load(f)))
+    return out
+
+
+@pytest.mark.parametrize("name,cfg", _serve_configs(), ids=[n for n, _ in _serve_configs()])
+def test_serve_config_builds_aptray(name, cfg):
+    (app,) = cfg["applications"]
+    assert app["import_path"] == "aptray.app:build_app"
+    args = AppArgs.parse(app.get("args"))  # unknown keys raise
+    assert args.tensor_parallel_size >= 1
+    assert any(f.endswith("add_GenerationServicer_to_server") for f in cfg["grpc_options"]["grpc_servicer_functions"])
+
+
+def test_opt66b_layout():
+    doc = dict(RAYSERVICES)["rayservice-opt66b.yaml"]
+    args = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["args"]
+    cluster = doc["spec"]["rayClusterConfig"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    (group,) = cluster["workerGroupSpecs"]
+    gpus = group["template"]["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"]
+    assert int(gpus) == args["tensor_parallel_size"] == 4  # STRICT_PACK needs all shards on one pod
+
+
+def test_redis_password_comes_from_the_secret():
+    secret = {d["metadata"]["name"] for _, d in _docs("Secret")}
+    for name, doc in RAYSERVICES:
+        spec = doc["spec"]["rayClusterConfig"]
+        pods = [spec["headGroupSpec"]] + spec.get("workerGroupSpecs", [])
+        for pod in pods:
+            env = {e["name"]: e for e in pod["template"]["spec"]["containers"][0]["env"]}
+            ref = env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+            assert ref["name"] in secret, name
+            assert env["APTRAY_REDIS_URL"]["value"].startswith("redis://")
