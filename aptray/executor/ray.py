@@ -1,0 +1,84 @@
+"""RayExecutor: shard actors in a STRICT_PACK placement group, one gRPC Plan() per rank per step."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import grpc
+
+from aptray.config import EngineConfig
+from aptray.executor.base import Executor
+from aptray.plan import BatchPlan, StepResult
+from aptray.proto import shard_pb2
+from aptray.proto.convert import plan_to_proto, result_from_proto
+
+logger = logging.getLogger("aptray")
+
+PLAN_METHOD = "/aptray.shard.v1.Shard/Plan"
+STEP_TIMEOUT_S = 600.0  # a long CPU prefill is slow, a hung collective must still surface
+
+
+def _config_kwargs(config: EngineConfig, model_is_default: bool) -> dict:
+    """EngineConfig's init fields as plain data (the actor rebuilds it and re-derives the spec)."""
+    out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+    out["model_is_default"] = model_is_default
+    return out
+
+
+class RayExecutor(Executor):
+    def __init__(self, config: EngineConfig, use_gpu: bool | None = None, model_is_default: bool = False,
+                 cpus_per_shard: float = 1.0, start_timeout_s: float = 600.0):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from aptray.worker.shard import GRPC_OPTIONS, ShardWorker
+
+        tp = config.tensor_parallel_size
+        if use_gpu is None:
+            use_gpu = ray.cluster_resources().get("GPU", 0) >= tp
+        bundle = {"GPU": 1, "CPU": cpus_per_shard} if use_gpu else {"CPU": cpus_per_shard}
+        # STRICT_PACK: all ranks on one node, where NCCL/gloo collectives are fast
+        self.pg = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK")
+        ray.get(self.pg.ready(), timeout=start_timeout_s)
+        actor_cls = ray.remote(ShardWorker)
+        kwargs = _config_kwargs(config, model_is_default)
+        self.shards = [
+            actor_cls.options(
+                num_cpus=cpus_per_shard, num_gpus=1 if use_gpu else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+            ).remote(kwargs, rank, tp, use_gpu, max(1, int(cpus_per_shard)))
+            for rank in range(tp)]
+        master_addr, master_port = ray.get(self.shards[0].node_address.remote())
+        endpoints = ray.get([s.start.remote(master_addr, master_port) for s in self.shards], timeout=start_timeout_s)
+        self.num_blocks = min(n for _, _, n in endpoints)
+        self.channels = [grpc.insecure_channel(f"{ip}:{port}", options=GRPC_OPTIONS) for ip, port, _ in endpoints]
+        # raw-bytes callables: the plan is serialised once and the same bytes go to every rank
+        self.plan_calls = [ch.unary_unary(PLAN_METHOD, request_serializer=None,
+                                          response_deserializer=shard_pb2.StepResult.FromString)
+                           for ch in self.channels]
+        self.use_gpu = use_gpu
+        logger.info("RayExecutor: %d shard(s) on %s, %d cache blocks", tp, "GPU" if use_gpu else "CPU",
+                    self.num_blocks)
+
+    def execute(self, plan: BatchPlan) -> StepResult:
+        payload = plan_to_proto(plan).SerializeToString()
+        pending = [call.future(payload, timeout=STEP_TIMEOUT_S) for call in self.plan_calls]
+        replies = [f.result() for f in pending]
+        for reply in replies[1:]:
+            if reply.error:
+                raise RuntimeError(f"shard step failed: {reply.error}")
+        return result_from_proto(replies[0])
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+        for ch in getattr(self, "channels", []):
+            ch.close()
+        try:
+            ray.get([s.stop.remote() for s in self.shards], timeout=10)
+        except Exception:  # already dead: nothing to stop
+            pass
+        for s in self.shards:
+            ray.kill(s)
+        remove_placement_group(self.pg)

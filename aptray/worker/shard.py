@@ -1,0 +1,121 @@
+"""ShardWorker: one tensor-parallel rank in a Ray actor, serving the shard gRPC service (TGI-style shard).
+
+It holds a ModelRunner and nothing of scheduling: the router sends a BatchPlan per iteration to
+every rank (shard.proto), all ranks run it in lockstep through torch.distributed collectives,
+and rank 0 answers with the sampled tokens and the step time.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+from concurrent import futures
+
+import grpc
+
+from aptray.proto import shard_pb2, shard_pb2_grpc
+from aptray.proto.convert import PLAN_VERSION, plan_from_proto, result_to_proto
+
+logger = logging.getLogger("aptray")
+
+GRPC_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
+TINY_MODEL_NAME = "tiny-opt-v1"
+
+
+def ensure_tiny_model(path: str) -> str:
+    """Make the demo model at path unless it is there. Seeded, so every node builds the same weights;
+    written to a temporary folder and renamed so concurrent processes never see half a model."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    from aptray.model.factory import make_tiny_model
+    tmp = f"{path}.tmp{os.getpid()}"
+    make_tiny_model(tmp, arch="opt", hidden_size=64, num_layers=2, num_heads=4, max_positions=512, seed=0)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def default_model_path() -> str:
+    root = os.environ.get("APTRAY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "aptray"))
+    os.makedirs(root, exist_ok=True)
+    return os.path.join(root, TINY_MODEL_NAME)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class _ShardService(shard_pb2_grpc.ShardServicer):
+    def __init__(self, worker: "ShardWorker"):
+        self.worker = worker
+
+    def Plan(self, request, context):
+        try:
+            result = self.worker.runner.execute(plan_from_proto(request))
+        except Exception as e:  # the router turns this into an error for the step, not a hang
+            logger.exception("rank %d failed plan %d", self.worker.rank, request.iteration)
+            return shard_pb2.StepResult(version=PLAN_VERSION, error=f"rank {self.worker.rank}: {e!r}")
+        return result_to_proto(result)
+
+    def Info(self, request, context):
+        w = self.worker
+        return shard_pb2.ShardInfo(version=PLAN_VERSION, rank=w.rank, world_size=w.world_size,
+                                   num_blocks=w.runner.num_blocks)
+
+
+class ShardWorker:
+    """Wrapped with ray.remote by RayExecutor; methods are the actor's control plane (start, stop)."""
+
+    def __init__(self, config_kwargs: dict, rank: int, world_size: int, use_gpu: bool, num_threads: int = 1):
+        self.config_kwargs = config_kwargs
+        self.rank, self.world_size, self.use_gpu = rank, world_size, use_gpu
+        self.num_threads = num_threads
+        self.runner = None
+        self.server = None
+
+    def node_address(self) -> tuple[str, int]:
+        """This node's IP and a free port: rank 0's pair is the torch.distributed rendezvous."""
+        import ray
+        return ray.util.get_node_ip_address(), free_port()
+
+    def start(self, master_addr: str, master_port: int) -> tuple[str, int, int]:
+        """Join the process group, build the shard, serve gRPC; returns (ip, port, num_blocks)."""
+        import ray
+        import torch
+
+        from aptray.config import EngineConfig
+        from aptray.worker.model_runner import ModelRunner
+
+        if not self.use_gpu:
+            # ranks share the machine's cores: oversubscribed BLAS threads made steps 10x slower
+            torch.set_num_threads(self.num_threads)
+        if self.config_kwargs.get("model_is_default"):
+            ensure_tiny_model(self.config_kwargs["model"])
+        kwargs = {k: v for k, v in self.config_kwargs.items() if k != "model_is_default"}
+        config = EngineConfig(**kwargs)
+        if self.world_size > 1:
+            backend = "nccl" if self.use_gpu else "gloo"
+            torch.distributed.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
+                                                 rank=self.rank, world_size=self.world_size)
+        device = "cuda" if self.use_gpu else "cpu"
+        if self.use_gpu:
+            torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+        self.runner = ModelRunner(config, self.rank, self.world_size, device=device)
+        # one worker thread: plans must run in the order they arrive, in lockstep with the other ranks
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=GRPC_OPTIONS)
+        shard_pb2_grpc.add_ShardServicer_to_server(_ShardService(self), self.server)
+        port = self.server.add_insecure_port("0.0.0.0:0")
+        self.server.start()
+        return ray.util.get_node_ip_address(), port, self.runner.num_blocks
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(grace=1).wait()
+        import torch
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
