@@ -56,7 +56,7 @@ def make_tiny_model(path: str, arch: str = "opt", hidden_size: int = 64, num_lay
         raise ValueError(f"arch must be 'opt' or 'llama', got {arch!r}")
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)

@@ -1,0 +1,67 @@
+"""Bad input to the offline API fails with an exception that names the problem."""
+from __future__ import annotations
+
+import pytest
+
+from aptray import LLM, SamplingParams
+from tiny_models import tiny_model
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(tiny_model("opt-60x3"))
+
+
+def test_empty_prompt(llm):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate({"prompt_token_ids": []})
+
+
+def test_prompt_over_context(llm):
+    with pytest.raises(ValueError, match=r"prompt has 300 tokens; the model context is 256"):
+        llm.generate({"prompt_token_ids": [5] * 300})
+
+
+def test_token_ids_outside_vocabulary(llm):
+    with pytest.raises(ValueError, match="token ids must be in"):
+        llm.generate({"prompt_token_ids": [5, 10**6]})
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_max_tokens_below_one(bad):
+    with pytest.raises(ValueError, match="max_tokens must be an integer >= 1"):
+        SamplingParams(max_tokens=bad)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
+                                          ({"top_k": -5}, "top_k"), ({"ttft_slo": 0}, "ttft_slo")])
+def test_bad_sampling_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_unknown_model_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a folder with a config.json"):
+        LLM(str(tmp_path / "no-such-model"))
+
+
+def test_unknown_cache_mode():
+    with pytest.raises(ValueError, match="cache_mode must be one of"):
+        LLM(tiny_model("opt-60x3"), cache_mode="fast")
+
+
+def test_engine_still_serves_after_bad_input(llm):
+    with pytest.raises(ValueError):
+        llm.generate({"prompt_token_ids": []})
+    out = llm.generate("hello", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_generation_stops_at_a_stop_string_and_at_context(llm):
+    full = llm.generate("hello", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].outputs[0]
+    stop = full.text[3:6]
+    cut = llm.generate("hello", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop]))
+    out = cut[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop and stop not in out.text
+    long = llm.generate({"prompt_token_ids": [5] * 250}, SamplingParams(max_tokens=50, ignore_eos=True))
+    assert len(long[0].outputs[0].token_ids) == 6 and long[0].outputs[0].finish_reason == "length"
