@@ -1,10 +1,30 @@
 """The attention-backend entry points aptray's engine calls: Triton on CUDA, torch reference elsewhere."""
 from __future__ import annotations
 
+import logging
+
 from . import reference
+
+logger = logging.getLogger(__name__)
 
 # Triton implementations register themselves here (name -> callable) when triton and CUDA are present.
 _TRITON: dict = {}
+
+
+def _register_triton() -> None:
+    """Fill _TRITON on CUDA machines; anywhere else (or if triton is broken) the references serve every call."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return
+        from . import triton_ops
+    except Exception as exc:  # missing or broken triton must never break importing aptray_kernels
+        logger.warning("aptray_kernels: Triton kernels unavailable, using torch references (%s)", exc)
+        return
+    _TRITON.update(triton_ops.KERNELS)
+
+
+_register_triton()
 
 
 def _pick(name: str, tensor):

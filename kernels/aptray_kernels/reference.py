@@ -63,7 +63,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     scores = torch.einsum("ngqd,nlgd->ngql", qg, k.float()) * scale
     scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("ngql,nlgd->ngqd", probs, v.float())
+    # Zero V past each row's length: unfilled cache slots may hold NaN/Inf bits, and 0 * NaN = NaN.
+    v = v.float().masked_fill(~mask[:, :, None, None], 0.0)
+    out = torch.einsum("ngql,nlgd->ngqd", probs, v)
     return out.reshape(n, num_heads, head_dim).to(q.dtype)
 
 
@@ -86,13 +88,15 @@ def absorbed_decode_attention(q, hidden_cache, block_tables, context_lens, w_k, 
     n_kv = w_k.shape[0] // head_dim
     group = num_heads // n_kv
     max_len = int(context_lens.max())
-    x = gather_hidden(hidden_cache, block_tables, max_len).float()  # [N, L, d]
+    mask = _context_mask(context_lens, max_len)
+    # Zero x past each row's length: unfilled cache slots may hold NaN/Inf bits, and 0 * NaN = NaN.
+    x = gather_hidden(hidden_cache, block_tables, max_len).float().masked_fill(~mask[:, :, None], 0.0)
     wk = w_k.float().view(n_kv, head_dim, d)
     wv = w_v.float().view(n_kv, head_dim, d)
     qg = q.float().view(n, n_kv, group, head_dim)
     u = torch.einsum("ngqe,ged->ngqd", qg, wk)  # W_k,h^T q_h: [N, n_kv, group, d]
     scores = torch.einsum("ngqd,nld->ngql", u, x) * scale
-    scores = scores.masked_fill(~_context_mask(context_lens, max_len)[:, None, None, :], float("-inf"))
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     y = torch.einsum("ngql,nld->ngqd", probs, x)  # weighted sum of hidden vectors
     out = torch.einsum("ngqd,ged->ngqe", y, wv)
