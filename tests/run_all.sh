@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs on a fresh machine, then runs the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q torch==2.13.0          # the CPU wheel first: anything else pulls a CUDA build
+python -m pip install -q -e ".[all]"
+export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
+python -m pytest tests -q "$@"
