@@ -1,0 +1,92 @@
+"""gRPC client for generate.proto (sync and asyncio), through Ray Serve's gRPC proxy.
+
+    with Client("localhost:9000") as c:
+        for piece in c.generate("Hello", max_tokens=8, ttft_ms=500):
+            print(piece.text, end="")
+"""
+from __future__ import annotations
+
+import grpc
+
+from aptray.proto import generate_pb2, generate_pb2_grpc
+
+
+def build_request(prompt: str | list[int], request_id: str = "", max_tokens: int | None = None,
+                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                  stop: list[str] | None = None, stop_token_ids: list[int] | None = None, seed: int | None = None,
+                  ignore_eos: bool = False, ttft_ms: float | None = None,
+                  tbt_ms: float | None = None) -> generate_pb2.GenerateRequest:
+    req = generate_pb2.GenerateRequest(version=1, request_id=request_id)
+    if isinstance(prompt, str):
+        req.prompt = prompt
+    else:
+        req.prompt_token_ids.ids.extend(prompt)
+    s = req.sampling
+    for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
+                        ("top_k", top_k), ("seed", seed)):
+        if value is not None:
+            setattr(s, name, value)
+    s.stop.extend(stop or [])
+    s.stop_token_ids.extend(stop_token_ids or [])
+    s.ignore_eos = ignore_eos
+    if ttft_ms is not None:
+        req.slo.ttft_ms = ttft_ms
+    if tbt_ms is not None:
+        req.slo.tbt_ms = tbt_ms
+    return req
+
+
+class Client:
+    def __init__(self, target: str = "localhost:9000", application: str = "aptray"):
+        self.channel = grpc.insecure_channel(target)
+        self.stub = generate_pb2_grpc.GenerationStub(self.channel)
+        self.metadata = (("application", application),)  # Serve's proxy routes on it
+
+    def generate(self, prompt, **kw):
+        """Yields GenerateResponse messages; the last has finished=True and usage."""
+        yield from self.stub.Generate(build_request(prompt, **kw), metadata=self.metadata)
+
+    def generate_call(self, prompt, **kw):
+        """The raw streaming call (iterate it; .cancel() aborts the request on the server)."""
+        return self.stub.Generate(build_request(prompt, **kw), metadata=self.metadata)
+
+    def abort(self, request_id: str) -> bool:
+        return self.stub.Abort(generate_pb2.AbortRequest(request_id=request_id), metadata=self.metadata).found
+
+    def health(self) -> generate_pb2.HealthReply:
+        return self.stub.Health(generate_pb2.HealthRequest(), metadata=self.metadata)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncClient:
+    def __init__(self, target: str = "localhost:9000", application: str = "aptray"):
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = generate_pb2_grpc.GenerationStub(self.channel)
+        self.metadata = (("application", application),)
+
+    async def generate(self, prompt, **kw):
+        async for reply in self.stub.Generate(build_request(prompt, **kw), metadata=self.metadata):
+            yield reply
+
+    async def abort(self, request_id: str) -> bool:
+        return (await self.stub.Abort(generate_pb2.AbortRequest(request_id=request_id), metadata=self.metadata)).found
+
+    async def health(self) -> generate_pb2.HealthReply:
+        return await self.stub.Health(generate_pb2.HealthRequest(), metadata=self.metadata)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()

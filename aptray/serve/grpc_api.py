@@ -1,0 +1,57 @@
+"""generate.proto handlers for the ingress (Serve's gRPC proxy calls Ingress.Generate/Abort/Health)."""
+from __future__ import annotations
+
+import grpc
+
+from aptray.proto import generate_pb2
+from aptray.proto.convert import PLAN_VERSION
+from aptray.serve.openai_api import new_id
+
+_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+           429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
+
+
+def sampling_from_proto(req: generate_pb2.GenerateRequest) -> dict:
+    s, slo = req.sampling, req.slo
+    opt = lambda msg, name, default: getattr(msg, name) if msg.HasField(name) else default  # noqa: E731
+    return {"temperature": opt(s, "temperature", 1.0), "top_p": opt(s, "top_p", 1.0), "top_k": opt(s, "top_k", -1),
+            "max_tokens": opt(s, "max_tokens", 16), "stop": list(s.stop), "stop_token_ids": list(s.stop_token_ids),
+            "seed": opt(s, "seed", None), "ignore_eos": s.ignore_eos,
+            "ttft_slo": slo.ttft_ms / 1000 if slo.HasField("ttft_ms") else None,
+            "tbt_slo": slo.tbt_ms / 1000 if slo.HasField("tbt_ms") else None}
+
+
+async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
+    from aptray.serve.ingress import Rejected
+    rid = req.request_id or new_id("gen")
+    try:
+        if req.WhichOneof("input") == "prompt":
+            prompt, ids = req.prompt, ingress.tokenizer.encode(req.prompt)
+        elif req.WhichOneof("input") == "prompt_token_ids":
+            prompt, ids = None, list(req.prompt_token_ids.ids)
+        else:
+            raise Rejected("give prompt or prompt_token_ids", 400)
+        gen = await ingress.open_stream(rid, ids, sampling_from_proto(req), prompt)
+        async for chunk in ingress.chunks(rid, gen):
+            reply = generate_pb2.GenerateResponse(request_id=rid, token_ids=chunk["token_ids"], text=chunk["text"],
+                                                  finished=chunk["finished"])
+            if chunk["finished"]:
+                reply.finish_reason = chunk["finish_reason"] or ""
+                reply.usage.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                reply.usage.completion_tokens = chunk["usage"]["completion_tokens"]
+            yield reply
+    except Rejected as e:
+        if ctx is not None:  # the proxy turns code + details into the call's status
+            ctx.set_code(_STATUS.get(e.status, grpc.StatusCode.INTERNAL))
+            ctx.set_details(str(e))
+        raise
+
+
+async def abort(ingress, req: generate_pb2.AbortRequest) -> generate_pb2.AbortReply:
+    return generate_pb2.AbortReply(found=await ingress.router.abort.remote(req.request_id))
+
+
+async def health(ingress, req) -> generate_pb2.HealthReply:
+    h = await ingress.router.health.remote()
+    return generate_pb2.HealthReply(ok=h["ok"] and not h["draining"], version=PLAN_VERSION, model=ingress.model_name,
+                                    waiting=h["waiting"], running=h["running"])
