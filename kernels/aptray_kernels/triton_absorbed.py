@@ -28,7 +28,7 @@ def _hidden_scores_kernel(u_ptr, cache_ptr, block_tables_ptr, context_lens_ptr, 
                           BLOCK_SIZE: tl.constexpr, HEADS_P: tl.constexpr, BLOCK_T: tl.constexpr,
                           BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # One program per (row, tile of positions): scores[h, t] = u_h . x_t, -inf past the row's length.
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # row offsets can pass 2**31 elements
     pos = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     heads = tl.arange(0, HEADS_P)
     head_ok = heads < num_heads
@@ -58,7 +58,7 @@ def _hidden_weighted_sum_kernel(probs_ptr, cache_ptr, block_tables_ptr, context_
                                 BLOCK_SIZE: tl.constexpr, HEADS_P: tl.constexpr, BLOCK_T: tl.constexpr,
                                 BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # One program per (row, chunk of d, context split): y[h, chunk] = sum_t a[h, t] x_t[chunk].
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # row offsets can pass 2**31 elements
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     s = tl.program_id(2)
     col_ok = cols < width

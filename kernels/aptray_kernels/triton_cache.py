@@ -73,7 +73,7 @@ def _gather_hidden_kernel(cache_ptr, block_tables_ptr, out_ptr, max_len,
     # One program per (tile of positions, row, chunk of d); positions past a row's length are copied
     # like the reference does (they come from whatever block the table names there).
     pos = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    n = tl.program_id(1)
+    n = tl.program_id(1).to(tl.int64)  # row offsets can pass 2**31 elements
     cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     pos_ok = pos < max_len
     blk = tl.load(block_tables_ptr + n * stride_btn + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)

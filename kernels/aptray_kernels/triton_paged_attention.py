@@ -22,7 +22,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          GROUP_P: tl.constexpr, DIM_P: tl.constexpr, BLOCK_T: tl.constexpr,
                          SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # row offsets can pass 2**31 elements
     g = tl.program_id(1)
     s = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + n).to(tl.int32)
@@ -76,7 +76,7 @@ def _merge_splits_kernel(part_out_ptr, part_m_ptr, part_l_ptr, out_ptr, num_spli
                          stride_on, stride_oh,
                          HEAD_DIM: tl.constexpr, DIM_P: tl.constexpr, SPLITS_P: tl.constexpr):
     # One program per (row, head): softmax-weighted sum of the split partials.
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # row offsets can pass 2**31 elements
     h = tl.program_id(1)
     splits = tl.arange(0, SPLITS_P)
     dims = tl.arange(0, DIM_P)

@@ -28,7 +28,7 @@ def _gather_project_kv_kernel(cache_ptr, block_tables_ptr, context_lens_ptr, wk_
                               ONLY_CONTEXT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # One program per (row, tile of positions, kv head). K is built as two halves so the neox rotary
     # (rotate halves) is elementwise: k_lo' = k_lo cos - k_hi sin, k_hi' = k_hi cos + k_lo sin.
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # row offsets can pass 2**31 elements
     pos = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(2)
     half: tl.constexpr = HEAD_DIM // 2
