@@ -34,6 +34,8 @@ class FcfsScheduler(Scheduler):
         for req in self.running:
             if not seqs and req.is_prefilling and req.num_computed_tokens > 0:
                 todo = min(req.num_uncomputed_tokens, budget)
+                if not self._try_allocate(req, req.num_computed_tokens + todo):
+                    break  # decoding (which preempts) frees room
                 seqs.append(self._seq_plan(req, todo))
                 budget -= todo
         return seqs
