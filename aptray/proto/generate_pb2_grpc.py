@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from . import generate_pb2 as generate__pb2
+from aptray.proto import generate_pb2 as aptray_dot_proto_dot_generate__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in generate_pb2_grpc.py depends on'
+        + ' but the generated code in aptray/proto/generate_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class GenerationStub:
         """
         self.Generate = channel.unary_stream(
                 '/aptray.generate.v1.Generation/Generate',
-                request_serializer=generate__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=generate__pb2.GenerateResponse.FromString,
+                request_serializer=aptray_dot_proto_dot_generate__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=aptray_dot_proto_dot_generate__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/aptray.generate.v1.Generation/Abort',
-                request_serializer=generate__pb2.AbortRequest.SerializeToString,
-                response_deserializer=generate__pb2.AbortReply.FromString,
+                request_serializer=aptray_dot_proto_dot_generate__pb2.AbortRequest.SerializeToString,
+                response_deserializer=aptray_dot_proto_dot_generate__pb2.AbortReply.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/aptray.generate.v1.Generation/Health',
-                request_serializer=generate__pb2.HealthRequest.SerializeToString,
-                response_deserializer=generate__pb2.HealthReply.FromString,
+                request_serializer=aptray_dot_proto_dot_generate__pb2.HealthRequest.SerializeToString,
+                response_deserializer=aptray_dot_proto_dot_generate__pb2.HealthReply.FromString,
                 _registered_method=True)
 
 
@@ -77,18 +77,18 @@ def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=generate__pb2.GenerateRequest.FromString,
-                    response_serializer=generate__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=aptray_dot_proto_dot_generate__pb2.GenerateRequest.FromString,
+                    response_serializer=aptray_dot_proto_dot_generate__pb2.GenerateResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=generate__pb2.AbortRequest.FromString,
-                    response_serializer=generate__pb2.AbortReply.SerializeToString,
+                    request_deserializer=aptray_dot_proto_dot_generate__pb2.AbortRequest.FromString,
+                    response_serializer=aptray_dot_proto_dot_generate__pb2.AbortReply.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=generate__pb2.HealthRequest.FromString,
-                    response_serializer=generate__pb2.HealthReply.SerializeToString,
+                    request_deserializer=aptray_dot_proto_dot_generate__pb2.HealthRequest.FromString,
+                    response_serializer=aptray_dot_proto_dot_generate__pb2.HealthReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -116,8 +116,8 @@ class Generation:
             request,
             target,
             '/aptray.generate.v1.Generation/Generate',
-            generate__pb2.GenerateRequest.SerializeToString,
-            generate__pb2.GenerateResponse.FromString,
+            aptray_dot_proto_dot_generate__pb2.GenerateRequest.SerializeToString,
+            aptray_dot_proto_dot_generate__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -143,8 +143,8 @@ class Generation:
             request,
             target,
             '/aptray.generate.v1.Generation/Abort',
-            generate__pb2.AbortRequest.SerializeToString,
-            generate__pb2.AbortReply.FromString,
+            aptray_dot_proto_dot_generate__pb2.AbortRequest.SerializeToString,
+            aptray_dot_proto_dot_generate__pb2.AbortReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -170,8 +170,8 @@ class Generation:
             request,
             target,
             '/aptray.generate.v1.Generation/Health',
-            generate__pb2.HealthRequest.SerializeToString,
-            generate__pb2.HealthReply.FromString,
+            aptray_dot_proto_dot_generate__pb2.HealthRequest.SerializeToString,
+            aptray_dot_proto_dot_generate__pb2.HealthReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from . import shard_pb2 as shard__pb2
+from aptray.proto import shard_pb2 as aptray_dot_proto_dot_shard__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in shard_pb2_grpc.py depends on'
+        + ' but the generated code in aptray/proto/shard_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,13 +36,13 @@ class ShardStub:
         """
         self.Plan = channel.unary_unary(
                 '/aptray.shard.v1.Shard/Plan',
-                request_serializer=shard__pb2.BatchPlan.SerializeToString,
-                response_deserializer=shard__pb2.StepResult.FromString,
+                request_serializer=aptray_dot_proto_dot_shard__pb2.BatchPlan.SerializeToString,
+                response_deserializer=aptray_dot_proto_dot_shard__pb2.StepResult.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/aptray.shard.v1.Shard/Info',
-                request_serializer=shard__pb2.ShardInfoRequest.SerializeToString,
-                response_deserializer=shard__pb2.ShardInfo.FromString,
+                request_serializer=aptray_dot_proto_dot_shard__pb2.ShardInfoRequest.SerializeToString,
+                response_deserializer=aptray_dot_proto_dot_shard__pb2.ShardInfo.FromString,
                 _registered_method=True)
 
 
@@ -66,13 +66,13 @@ def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Plan': grpc.unary_unary_rpc_method_handler(
                     servicer.Plan,
-                    request_deserializer=shard__pb2.BatchPlan.FromString,
-                    response_serializer=shard__pb2.StepResult.SerializeToString,
+                    request_deserializer=aptray_dot_proto_dot_shard__pb2.BatchPlan.FromString,
+                    response_serializer=aptray_dot_proto_dot_shard__pb2.StepResult.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=shard__pb2.ShardInfoRequest.FromString,
-                    response_serializer=shard__pb2.ShardInfo.SerializeToString,
+                    request_deserializer=aptray_dot_proto_dot_shard__pb2.ShardInfoRequest.FromString,
+                    response_serializer=aptray_dot_proto_dot_shard__pb2.ShardInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -100,8 +100,8 @@ class Shard:
             request,
             target,
             '/aptray.shard.v1.Shard/Plan',
-            shard__pb2.BatchPlan.SerializeToString,
-            shard__pb2.StepResult.FromString,
+            aptray_dot_proto_dot_shard__pb2.BatchPlan.SerializeToString,
+            aptray_dot_proto_dot_shard__pb2.StepResult.FromString,
             options,
             channel_credentials,
             insecure,
@@ -127,8 +127,8 @@ class Shard:
             request,
             target,
             '/aptray.shard.v1.Shard/Info',
-            shard__pb2.ShardInfoRequest.SerializeToString,
-            shard__pb2.ShardInfo.FromString,
+            aptray_dot_proto_dot_shard__pb2.ShardInfoRequest.SerializeToString,
+            aptray_dot_proto_dot_shard__pb2.ShardInfo.FromString,
             options,
             channel_credentials,
             insecure,
