@@ -1,0 +1,151 @@
+"""Engine benchmarks (issue 2): offline throughput vs transformers, cache capacity, decode step time.
+
+  python -m loadgen.bench_engine offline  [--num-requests 64] [--max-output 256]
+  python -m loadgen.bench_engine capacity
+  python -m loadgen.bench_engine decode   [--contexts 128 512 2048]
+Each prints a table and writes JSON under --out (default results/).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+
+def _save(out_dir: str, name: str, data: dict) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(data, f, indent=2)
+    print(json.dumps(data, indent=2))
+
+
+def offline(args) -> dict:
+    """SmolLM2, ShareGPT lengths: aptray's continuous batching vs transformers generate, batched and padded."""
+    from transformers import AutoModelForCausalLM
+
+    from aptray import LLM, SamplingParams
+    from aptray.smollm2 import prepare_smollm2
+    from loadgen.datasets import load_samples
+
+    path = prepare_smollm2()
+    llm = LLM(path, cache_memory_gb=2.0, max_num_seqs=args.num_requests)
+    tok = llm.tokenizer
+    samples = load_samples("sharegpt", tok, args.num_requests, context=args.max_prompt + args.max_output, seed=0)
+    prompts = [tok(s.prompt, add_special_tokens=False)["input_ids"][:args.max_prompt] for s in samples]
+    outputs = [min(s.output_len, args.max_output) for s in samples]
+    useful = sum(outputs)
+
+    t = time.perf_counter()
+    llm.generate([{"prompt_token_ids": p} for p in prompts],
+                 [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in outputs])
+    ours = time.perf_counter() - t
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok.padding_side = "left"
+    hf_times = {}
+    for batch in args.hf_batch_sizes:
+        t = time.perf_counter()
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i:i + batch]
+            enc = tok.pad({"input_ids": chunk}, return_tensors="pt")
+            with torch.no_grad():
+                hf.generate(**enc, max_new_tokens=max(outputs[i:i + batch]), do_sample=False,
+                            eos_token_id=10**9, pad_token_id=tok.pad_token_id)
+        hf_times[batch] = time.perf_counter() - t
+    best = min(hf_times, key=hf_times.get)
+    result = {
+        "model": "SmolLM2-135M-Instruct fp32 CPU", "num_requests": len(prompts), "output_tokens": useful,
+        "prompt_tokens": sum(map(len, prompts)),
+        "aptray_s": round(ours, 2), "aptray_tok_s": round(useful / ours, 1),
+        "transformers_s_by_batch": {b: round(s, 2) for b, s in hf_times.items()},
+        "transformers_best_tok_s": round(useful / hf_times[best], 1), "transformers_best_batch": best,
+        "speedup_vs_best_transformers": round(hf_times[best] / ours, 2),
+    }
+    _save(args.out, "offline_throughput", result)
+    return result
+
+
+def capacity(args) -> dict:
+    """Same cache budget, same requests: how many run at once with KV vs with the hidden cache."""
+    from aptray import LLM, SamplingParams
+    from aptray.model.factory import make_tiny_model
+
+    path = make_tiny_model(tempfile.mkdtemp() + "/opt", "opt", hidden_size=64, num_layers=2, num_heads=4,
+                           max_positions=1024)
+    result = {"model": "tiny OPT d=64 (MHA, r=0.5)", "num_cache_blocks": args.blocks, "block_size": 16}
+    for mode in ("kv", "hidden"):
+        llm = LLM(path, cache_mode=mode, num_cache_blocks=args.blocks, block_size=16, max_num_seqs=1024)
+        eng = llm.engine
+        for i in range(args.requests):
+            eng.add_request(str(i), [3] + [5 + i % 400] * 127, SamplingParams(max_tokens=128, ignore_eos=True))
+        peak, total, steps = 0, 0, 0
+        while eng.has_unfinished():
+            eng.step()
+            peak = max(peak, len(eng.scheduler.running))
+            total += len(eng.scheduler.running)
+            steps += 1
+        result[mode] = {"peak_running": peak, "mean_running": round(total / steps, 1), "steps": steps,
+                        "preemptions": eng.scheduler.stats["preemptions"]}
+    result["peak_ratio_hidden_over_kv"] = round(result["hidden"]["peak_running"] / result["kv"]["peak_running"], 2)
+    _save(args.out, "capacity", result)
+    return result
+
+
+def decode(args) -> dict:
+    """Decode step time per request at fixed context, for each cache path (one OPT-125m-shaped layer stack)."""
+    from aptray.config import EngineConfig
+    from aptray.model.factory import make_tiny_model
+    from aptray.plan import BatchPlan, SeqPlan
+    from aptray.worker.model_runner import ModelRunner
+
+    ctx_max = max(args.contexts)
+    path = make_tiny_model(tempfile.mkdtemp() + "/opt", "opt", hidden_size=768, num_layers=2, num_heads=12,
+                           max_positions=ctx_max + 16, vocab_size=512)
+    rows = []
+    for name, mode, attention in (("kv", "kv", "absorbed"), ("hidden-absorbed", "hidden", "absorbed"),
+                                  ("hidden-recompute", "hidden", "recompute")):
+        for ctx in args.contexts:
+            cfg = EngineConfig(path, cache_mode=mode, hidden_attention=attention, block_size=16,
+                               num_cache_blocks=args.batch * (ctx // 8 + 2))
+            runner = ModelRunner(cfg)
+            per = cfg.block_size if mode == "kv" else cfg.hidden_block_size
+            nblk = -(-ctx // per)
+            tables = [tuple(range(i * nblk, (i + 1) * nblk)) for i in range(args.batch)]
+            seqs = tuple(SeqPlan(str(i), (7,), ctx - 1, mode, tables[i], True) for i in range(args.batch))
+            plan = BatchPlan(1, seqs)
+            runner.execute(plan)  # warm up (cache contents do not matter for timing)
+            times = []
+            for _ in range(args.repeats):
+                times.append(runner.execute(plan).step_time)
+            ms = sorted(times)[len(times) // 2] * 1000 / args.batch
+            rows.append({"path": name, "context": ctx, "ms_per_request": round(ms, 3)})
+            print(f"{name:18s} ctx={ctx:5d}  {ms:8.3f} ms/request")
+    result = {"model": "OPT-125m-shaped, 2 layers, fp32 CPU", "batch": args.batch, "rows": rows}
+    _save(args.out, "decode_step", result)
+    return result
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["offline", "capacity", "decode"])
+    p.add_argument("--out", default="results")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--max-prompt", type=int, default=512)
+    p.add_argument("--max-output", type=int, default=256)
+    p.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--blocks", type=int, default=256)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 2048])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("APTRAY_THREADS", "2")))
+    {"offline": offline, "capacity": capacity, "decode": decode}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
