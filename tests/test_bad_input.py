@@ -65,3 +65,11 @@ def test_generation_stops_at_a_stop_string_and_at_context(llm):
     assert out.finish_reason == "stop" and out.stop_reason == stop and stop not in out.text
     long = llm.generate({"prompt_token_ids": [5] * 250}, SamplingParams(max_tokens=50, ignore_eos=True))
     assert len(long[0].outputs[0].token_ids) == 6 and long[0].outputs[0].finish_reason == "length"
+
+
+def test_request_larger_than_the_whole_pool_is_refused():
+    small = LLM(tiny_model("opt-60x3"), num_cache_blocks=4, block_size=4)
+    with pytest.raises(ValueError, match="needs more cache than the whole pool holds"):
+        small.generate({"prompt_token_ids": [5] * 10}, SamplingParams(max_tokens=20))
+    out = small.generate({"prompt_token_ids": [5] * 10}, SamplingParams(max_tokens=6, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 6

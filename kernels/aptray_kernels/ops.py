@@ -1,9 +1,10 @@
-"""The attention-backend entry points aptray's engine calls: Triton on CUDA, torch reference elsewhere."""
+"""The attention-backend entry points aptray's engine calls: Triton on CUDA, batched torch on CPU
+(aptray_kernels.cpu), the torch reference elsewhere."""
 from __future__ import annotations
 
 import logging
 
-from . import reference
+from . import cpu, reference
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ _register_triton()
 def _pick(name: str, tensor):
     if tensor.is_cuda and name in _TRITON:
         return _TRITON[name]
+    if tensor.device.type == "cpu" and name in cpu.KERNELS:
+        return cpu.KERNELS[name]
     return getattr(reference, name)
 
 
