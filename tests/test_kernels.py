@@ -108,8 +108,11 @@ def test_kernel_names_and_signatures_match_the_references():
         assert hasattr(ops, name)
 
 
-def test_cpu_dispatch_uses_references():
-    assert ops._pick("paged_decode_attention", torch.zeros(1)) is reference.paged_decode_attention
+def test_cpu_dispatch_never_uses_triton():
+    from aptray_kernels import cpu
+
+    assert ops._pick("paged_decode_attention", torch.zeros(1)) is cpu.paged_decode_attention
+    assert ops._pick("write_kv", torch.zeros(1)) is reference.write_kv
 
 
 def test_import_without_triton_falls_back_to_references():
