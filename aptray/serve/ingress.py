@@ -3,7 +3,6 @@
 It validates and tokenizes, asks its Router for admission, and relays token chunks. Each
 ingress replica owns one Router actor (and through it the shards): replicas are data-parallel.
 """
-from __future__ import annotations
 
 import asyncio
 import json
@@ -39,6 +38,9 @@ class Rejected(Exception):
     def __init__(self, message: str, status: int, param: str | None = None):
         super().__init__(message)
         self.status, self.param = status, param
+
+    def __reduce__(self):  # Ray ships exceptions by pickle: keep status and param
+        return Rejected, (str(self), self.status, self.param)
 
 
 def _usage(chunk: dict) -> Usage:

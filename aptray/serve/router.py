@@ -67,7 +67,7 @@ class Router:
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer)
         self.executor = RayExecutor(self.config, self.args.use_gpu, model_is_default=is_default)
         self.engine = Engine(self.config, self.executor, self.tokenizer)
-        self.store = RequestStore.connect(self.args.redis_url)
+        self.store = RequestStore.connect(self.args.redis_url, finished_ttl_s=self.args.finished_ttl_s)
         self.metrics = ServingMetrics()
         self._time_scheduler()
         self._forget_previous_run()
@@ -242,10 +242,10 @@ class Router:
                         "usage": {"prompt_tokens": stream.prompt_tokens, "completion_tokens": len(stream.token_ids)}})
 
     def _publish(self, outputs) -> None:
-        new_tokens: dict[str, list[int]] = {}
+        # tokens first, then finishes: a finish shortens the keys' TTL and must be the last write
+        self._store(lambda: self.store.record_step({o.request_id: list(o.new_token_ids) for o in outputs}))
         for out in outputs:
             stream = self._streams.get(out.request_id)
-            new_tokens[out.request_id] = list(out.new_token_ids)
             if out.finished:
                 m, reason = out.metrics, out.outputs[0].finish_reason
                 self.metrics.observe_finished(m.arrival_time, m.token_times, *self._slos(stream), reason)
@@ -259,7 +259,6 @@ class Router:
                         "finish_reason": out.outputs[0].finish_reason,
                         "usage": {"prompt_tokens": stream.prompt_tokens,
                                   "completion_tokens": len(stream.token_ids)}})
-        self._store(lambda: self.store.record_step(new_tokens))
 
     def _slos(self, stream: _Stream | None) -> tuple[float, float]:
         return (stream.ttft_slo, stream.tbt_slo) if stream else (self.config.ttft_slo, self.config.tbt_slo)

