@@ -46,7 +46,9 @@ class AptScheduler(Scheduler):
     def schedule(self, now: float):
         conversions = self._requested_conversions()
         self._now = now
-        w_p, w_v = pending_and_violators(self.waiting, now)
+        self._waiting_seen = list(self.waiting)
+        w_p, w_v = pending_and_violators(self._waiting_seen, now)
+        self._waiting_pv = (w_p, w_v)
         r_p, r_v = pending_and_violators(self.running, now)
         self._U = len(w_p) + len(r_p) - int(w_v.sum()) - int(r_v.sum())
         if self.config.iteration_shape == "mixed":
@@ -89,8 +91,15 @@ class AptScheduler(Scheduler):
         """Keep the running requests that fit all blocks, best value per block first; convert
         or preempt the rest; plan one token for each kept request that is decoding."""
         running = list(self.running)
-        need = np.array([self._blocks_needed(r) for r in running], np.int64)
-        hidden = np.array([r.cache_kind is CacheKind.HIDDEN for r in running])
+        tables, bs = self.blocks.tables, self.blocks.block_size
+        hbs = self.blocks.hidden_block_size or bs
+        held = np.fromiter((len(tables.get(r.request_id, ())) for r in running), np.int64, len(running))
+        size = np.fromiter((r.num_tokens for r in running), np.int64, len(running))
+        prefilling = np.fromiter((r.is_prefilling for r in running), bool, len(running))
+        hidden = np.fromiter((r.cache_kind is CacheKind.HIDDEN for r in running), bool, len(running))
+        # blocks held after this iteration: all its tokens when decoding, what it holds when
+        # mid-prefill (its next chunk is admission's business)
+        need = np.where(prefilling, np.maximum(held, 1), -(-size // np.where(hidden, hbs, bs)))
         value = np.where(r_v, 0.0, r_p)
         hidden_value = value  # running hidden requests stay hidden: alpha prices a choice they no longer have
         cands = Candidates(value, np.where(hidden, 0, need), np.where(hidden, need, 0), hidden_value,
@@ -99,39 +108,30 @@ class AptScheduler(Scheduler):
         if sel.guard_used:
             self.stats["guard_used"] += 1
         kept = sel.kind != 0
-        kept_idx = np.flatnonzero(kept)
+        decoding = np.flatnonzero(kept & ~prefilling)
         room = self.blocks.num_blocks - int(need[kept].sum())
-        tokens_left = token_budget - sum(1 for i in kept_idx if not running[i].is_prefilling)
+        tokens_left = token_budget - len(decoding)
         to_hidden = []
         for i in self._value_order(value, need, ~kept):
             req = running[i]
-            m_h = self.blocks.blocks_for(req.num_tokens, CacheKind.HIDDEN) if self.hidden_on else 0
-            if (req.cache_kind is CacheKind.KV and not req.is_prefilling and 0 < m_h <= room
-                    and req.num_tokens <= tokens_left):
+            m_h = -(-int(size[i]) // hbs) if self.hidden_on else 0
+            if not hidden[i] and not prefilling[i] and 0 < m_h <= room and size[i] <= tokens_left:
                 room -= m_h  # KV -> hidden makes it fit: re-prefill it as hidden, in place
-                tokens_left -= req.num_tokens
+                tokens_left -= int(size[i])
                 self.blocks.free(req.request_id)
                 to_hidden.append(req)
             else:
                 self._preempt(req)
 
-        for i in kept_idx:
-            if not running[i].is_prefilling:
-                assert self._try_allocate(running[i], running[i].num_tokens)
+        for i in np.flatnonzero(kept & ~prefilling & (need > held)):
+            assert self._try_allocate(running[i], int(size[i]))  # fits: the greedy counted it
         for req in to_hidden:
             self._rehome_as_hidden(req)
         if self.config.cache_mode == "hybrid" and self.alpha > 0:
             conversions.extend(self._upgrades_with_headroom())  # before the plans name the blocks
-        seqs = [self._seq_plan(running[i], 1) for i in kept_idx if not running[i].is_prefilling]
+        seqs = [self._seq_plan(running[i], 1) for i in decoding]
         seqs += [self._seq_plan(req, req.num_tokens) for req in to_hidden]
         return seqs
-
-    def _blocks_needed(self, req: Request) -> int:
-        """Blocks a running request holds after this iteration: all its tokens when decoding,
-        what it holds when mid-prefill (its next chunk is admission's business)."""
-        if req.is_prefilling:
-            return max(1, len(self.blocks.tables.get(req.request_id, ())))
-        return self.blocks.blocks_for(req.num_tokens, req.cache_kind)
 
     @staticmethod
     def _value_order(value, need, mask) -> list[int]:
@@ -181,7 +181,11 @@ class AptScheduler(Scheduler):
         if not self.waiting or token_budget <= 0 or slots <= 0:
             return seqs
         waiting = list(self.waiting)
-        w_p, w_v = pending_and_violators(waiting, self._now)
+        w_p, w_v = self._waiting_pv
+        new = len(waiting) - len(self._waiting_seen)  # preempted this iteration: put at the front
+        if new:
+            n_p, n_v = pending_and_violators(waiting[:new], self._now)
+            w_p, w_v = np.concatenate([n_p, w_p]), np.concatenate([n_v, w_v])
         computed = np.fromiter((r.num_computed_tokens for r in waiting), np.int64, len(waiting))
         total = np.fromiter((r.num_tokens for r in waiting), np.int64, len(waiting))
         tokens = total - computed

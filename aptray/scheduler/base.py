@@ -113,7 +113,11 @@ class Scheduler:
     def _seq_plan(self, req: Request, num_tokens: int) -> SeqPlan:
         """Plan the next num_tokens uncomputed tokens of req."""
         start = req.num_computed_tokens
-        tokens = req.all_token_ids[start:start + num_tokens]
+        prompt, n_prompt = req.prompt_token_ids, len(req.prompt_token_ids)
+        if start >= n_prompt:  # a decode: no need to build the whole sequence
+            tokens = req.output_token_ids[start - n_prompt:start - n_prompt + num_tokens]
+        else:
+            tokens = (prompt + req.output_token_ids)[start:start + num_tokens]
         s = req.sampling
         return SeqPlan(
             request_id=req.request_id, token_ids=tuple(tokens), start_pos=start,

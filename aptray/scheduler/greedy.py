@@ -97,39 +97,67 @@ def build_items(c: Candidates, b: Budgets) -> _Items:
     only_h = ~split & has_h & (~has_kv | (~viol & (vh >= value) & (hb <= kvb)))
     only_kv = ~split & ~only_h & has_kv  # violators land here when KV fits: KV where they may
 
-    # singles and hidden halves first so that partners' indices are known
-    single_kv = rows[only_kv]
-    single_h = rows[only_h]
-    split_rows = rows[split]
-    n_kv, n_h, n_s = len(single_kv), len(single_h), len(split_rows)
-    item_row = np.concatenate([single_kv, single_h, split_rows, split_rows])
-    kind = np.concatenate([np.full(n_kv, KV), np.full(n_h, HIDDEN), np.full(n_s, HIDDEN), np.full(n_s, UPGRADE)])
-    ival = np.concatenate([value[single_kv], vh[single_h], vh[split_rows], value[split_rows] - vh[split_rows]])
-    iblk = np.concatenate([kvb[single_kv], hb[single_h], hb[split_rows], kvb[split_rows] - hb[split_rows]])
-    itok = np.concatenate([tok[single_kv], tok[single_h], tok[split_rows], np.zeros(n_s, np.int64)])
-    iseq = np.concatenate([np.ones(n_kv + n_h + n_s, np.int64), np.zeros(n_s, np.int64)])
-    partner = np.full(len(item_row), -1, np.int64)
-    first_split = n_kv + n_h
-    partner[first_split + n_s:] = np.arange(first_split, first_split + n_s)
+    # items in arrival order, a row's hidden item just before its upgrade, so that a stable sort
+    # on any key breaks ties by arrival, hidden first
+    first = np.where(only_kv, KV, np.where(only_h | split, HIDDEN, 0))
+    count = (first > 0).astype(np.int64) + split
+    pos = np.cumsum(count) - count  # index of each row's first item
+    total = int(count.sum())
+    item_row = np.repeat(rows, count)
+    kind = np.empty(total, np.int64)
+    ival, iblk = np.empty(total), np.empty(total, np.int64)
+    itok, iseq = np.zeros(total, np.int64), np.zeros(total, np.int64)
+    has = first > 0
+    fp = pos[has]
+    kind[fp] = first[has]
+    ival[fp] = np.where(first[has] == KV, value[has], vh[has])
+    iblk[fp] = np.where(first[has] == KV, kvb[has], hb[has])
+    itok[fp] = tok[has]
+    iseq[fp] = 1
+    up = pos[split] + 1
+    kind[up] = UPGRADE
+    ival[up] = value[split] - vh[split]
+    iblk[up] = kvb[split] - hb[split]
+    partner = np.full(total, -1, np.int64)
+    partner[up] = up - 1
     return _Items(item_row, kind, ival, iblk, itok, iseq, partner, viol[item_row])
 
 
-def _order(items: _Items, key: np.ndarray, among: np.ndarray) -> np.ndarray:
-    """Items of `among`, highest key first; an upgrade never before its hidden item (its key is
-    capped at its partner's); ties by arrival, hidden before upgrade."""
-    key = key.copy()
+def _key(items: _Items, raw: np.ndarray) -> np.ndarray:
+    """A priority key per item (higher first); an upgrade's is capped at its hidden item's so that
+    it never comes first. Ties go by item index: arrival, hidden before upgrade."""
+    key = raw.astype(float)
     ups = np.flatnonzero(items.partner >= 0)
     key[ups] = np.minimum(key[ups], key[items.partner[ups]])
-    # lexsort sorts by the last key first
-    return among[np.lexsort(((items.kind == UPGRADE)[among], items.row[among], -key[among]))]
+    return key
 
 
-def _priority(items: _Items) -> tuple[np.ndarray, np.ndarray]:
-    """Non-violator items by value per block; violator items in arrival order."""
-    viol = np.flatnonzero(items.violator)
-    viol = viol[np.lexsort(((items.kind == UPGRADE)[viol], items.row[viol]))]
-    density = items.value / np.maximum(items.blocks, 1)
-    return _order(items, density, np.flatnonzero(~items.violator)), viol
+def _sorted(key: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """among (ascending indices) by descending key, stable."""
+    return among[np.argsort(-key[among], kind="stable")]
+
+
+HEAD_EXTRA = 256  # items sorted beyond twice the sequence budget before looking further
+
+
+def _scan(items: _Items, key: np.ndarray, among: np.ndarray, remaining: np.ndarray, taken: np.ndarray,
+          rejected: np.ndarray) -> int:
+    """_fill over `among` in key order, sorting only the head that can matter: after the head,
+    only items that still fit on their own can be taken, and those are few."""
+    head_size = int(min(2 * remaining[2], among.size)) + HEAD_EXTRA
+    if among.size <= 2 * head_size:
+        return _fill(_sorted(key, among), items, remaining, taken, rejected)
+    keys = key[among]
+    kth = np.partition(keys, among.size - head_size)[among.size - head_size]
+    head, rest = among[keys >= kth], among[keys < kth]  # ties stay together: the order is exact
+    first = _fill(_sorted(key, head), items, remaining, taken, rejected)
+    if first < 0:  # the head was all taken: the first rejection lies in the rest, in full order
+        return _fill(_sorted(key, rest), items, remaining, taken, rejected)
+    fit = ((items.blocks[rest] <= remaining[0]) & (items.tokens[rest] <= remaining[1])
+           & (items.seqs[rest] <= remaining[2]))
+    rejected[rest[~fit]] = True
+    _fill(_sorted(key, rest[fit]), items, remaining, taken, rejected)
+    return first
 
 
 def _fill(order: np.ndarray, items: _Items, remaining: np.ndarray, taken: np.ndarray,
@@ -152,13 +180,17 @@ def _fill(order: np.ndarray, items: _Items, remaining: np.ndarray, taken: np.nda
         idx = idx[alone]
         if not idx.size:
             break
-        cum = np.stack([np.cumsum(items.blocks[idx]), np.cumsum(items.tokens[idx]), np.cumsum(items.seqs[idx])])
-        ok = (cum <= remaining[:, None]).all(axis=0)
-        k = int(np.argmin(ok)) if not ok.all() else idx.size
+        # the prefix that fits is short (every item holds a block): look at a window of it
+        window = idx[:int(min(remaining[0], 2 * remaining[2] + 64)) + 1]
+        cb, ct, cs = np.cumsum(items.blocks[window]), np.cumsum(items.tokens[window]), np.cumsum(items.seqs[window])
+        ok = (cb <= remaining[0]) & (ct <= remaining[1]) & (cs <= remaining[2])
+        k = int(np.argmin(ok)) if not ok.all() else window.size
         taken[idx[:k]] = True
-        remaining -= cum[:, k - 1] if k else 0
-        if k == idx.size:
-            break
+        if k:
+            remaining -= np.array([cb[k - 1], ct[k - 1], cs[k - 1]])
+        if k == window.size:  # all of the window fit: go on with the rest, nothing rejected
+            idx = idx[k:]
+            continue
         if first_rejected < 0:
             first_rejected = int(idx[k])
         rejected[idx[k]] = True
@@ -166,12 +198,12 @@ def _fill(order: np.ndarray, items: _Items, remaining: np.ndarray, taken: np.nda
     return first_rejected
 
 
-def _greedy(items: _Items, order: np.ndarray, cap: np.ndarray, guard: bool):
-    """Taken mask, remaining budgets and whether the guard fired, for one priority order."""
+def _greedy(items: _Items, key: np.ndarray, among: np.ndarray, cap: np.ndarray, guard: bool):
+    """Taken mask, remaining budgets and whether the guard fired, for one priority key."""
     taken = np.zeros(len(items.row), bool)
     rejected = np.zeros(len(items.row), bool)
     remaining = cap.copy()
-    first = _fill(order, items, remaining, taken, rejected)
+    first = _scan(items, key, among, remaining, taken, rejected)
     if not guard or first < 0:
         return taken, remaining, False
     # 2-approximation guard: the first item that did not fit, alone (an upgrade stands for its
@@ -179,63 +211,68 @@ def _greedy(items: _Items, order: np.ndarray, cap: np.ndarray, guard: bool):
     alone = [first] + ([int(items.partner[first])] if items.partner[first] >= 0 else [])
     if items.value[alone].sum() <= items.value[taken].sum():
         return taken, remaining, False
-    return _seeded(items, order, cap, alone) + (True,)
+    return _seeded(items, key, among, cap, alone) + (True,)
 
 
-def _seeded(items: _Items, order: np.ndarray, cap: np.ndarray, seed: list[int]):
-    """Take the seed items, then fill the room left in priority order (others' items only)."""
+def _seeded(items: _Items, key: np.ndarray, among: np.ndarray, cap: np.ndarray, seed: list[int]):
+    """Take the seed items, then fill the room left in key order (other requests' items only)."""
     taken = np.zeros(len(items.row), bool)
     rejected = np.zeros(len(items.row), bool)
     taken[seed] = True
     remaining = cap - np.array([items.blocks[seed].sum(), items.tokens[seed].sum(), items.seqs[seed].sum()])
-    rest = order[~np.isin(items.row[order], items.row[seed])]
-    _fill(rest, items, remaining, taken, rejected)
+    rest = among[~np.isin(items.row[among], items.row[seed])]
+    _scan(items, key, rest, remaining, taken, rejected)
     return taken, remaining
 
 
-def _best_single(items: _Items, nonviol: np.ndarray) -> list[int]:
-    """The most valuable request option on its own (KV = hidden + upgrade when split)."""
-    whole = _whole_value(items)
-    best = int(nonviol[np.argmax(whole[nonviol])])
-    return [best] + ([int(items.partner[best])] if items.partner[best] >= 0 else [])
-
-
 def _whole_value(items: _Items) -> np.ndarray:
+    """Per item, the value of its request's option on its own (an upgrade: the whole KV option)."""
     whole = items.value.copy()
     ups = np.flatnonzero(items.partner >= 0)
     whole[ups] += items.value[items.partner[ups]]
     return whole
 
 
-def _secondary_orders(items: _Items, nonviol: np.ndarray, b: Budgets) -> list[np.ndarray]:
-    """Orders worth trying when the token or sequence budget binds: by value, and by value per
-    share of all three budgets (a Lagrangian-style combined weight)."""
-    share = items.blocks / b.blocks + items.tokens / b.tokens + items.seqs / b.seqs
-    return [_order(items, _whole_value(items), nonviol),
-            _order(items, items.value / np.maximum(share, 1e-12), nonviol)]
+def _best_single(items: _Items, nonviol: np.ndarray) -> list[int]:
+    """The most valuable request option on its own (KV = hidden + upgrade when split)."""
+    best = int(nonviol[np.argmax(_whole_value(items)[nonviol])])
+    return [best] + ([int(items.partner[best])] if items.partner[best] >= 0 else [])
+
+
+def _slot_bound(items: _Items, nonviol: np.ndarray, seqs: int) -> float:
+    """An upper bound on any feasible value: the seqs most valuable request options. When the
+    density greedy already has half of it, the alternatives cannot matter for the guarantee."""
+    whole = _whole_value(items)[nonviol]
+    if whole.size > seqs:
+        whole = np.partition(whole, whole.size - seqs)[whole.size - seqs:]
+    return float(whole.sum())
 
 
 def select(c: Candidates, b: Budgets) -> Selection:
     """Choose which requests run and as which kind, within the three budgets."""
     items = build_items(c, b)
-    nonviol, viol = _priority(items)
+    nonviol, viol = np.flatnonzero(~items.violator), np.flatnonzero(items.violator)  # ascending
     cap = np.array([b.blocks, b.tokens, b.seqs], dtype=np.int64)
+    density = _key(items, items.value / np.maximum(items.blocks, 1))
 
-    taken, remaining, guard_used = _greedy(items, nonviol, cap, guard=True)
+    taken, remaining, guard_used = _greedy(items, density, nonviol, cap, guard=True)
     caps_bind = items.tokens[nonviol].sum() > b.tokens or items.seqs[nonviol].sum() > b.seqs
-    if nonviol.size and caps_bind:
+    if nonviol.size and caps_bind and 2 * items.value[taken].sum() < _slot_bound(items, nonviol, b.seqs):
         # the density order is 2-approximate for memory only: with the token or sequence budget
-        # binding it can fill the slots with small items, so also try the best single option and
-        # two other orders, keeping the most valuable (no constant bound: see the module doc)
+        # binding it can fill the slots with small items, so also try the best single option, the
+        # order of value and the order of value per share of all three budgets (Lagrangian-style),
+        # keeping the most valuable (no constant bound: see the module doc)
+        share = items.blocks / b.blocks + items.tokens / b.tokens + items.seqs / b.seqs
+        alternatives = [_seeded(items, density, nonviol, cap, _best_single(items, nonviol))]
+        for raw in (_whole_value(items), items.value / np.maximum(share, 1e-12)):
+            alternatives.append(_greedy(items, _key(items, raw), nonviol, cap, guard=True)[:2])
         best_value = items.value[taken].sum()
-        alternatives = [_seeded(items, nonviol, cap, _best_single(items, nonviol))]
-        alternatives += [_greedy(items, o, cap, guard=True)[:2] for o in _secondary_orders(items, nonviol, b)]
         for alt_taken, alt_remaining in alternatives:
             if items.value[alt_taken].sum() > best_value:
                 taken, remaining, guard_used = alt_taken, alt_remaining, True
                 best_value = items.value[taken].sum()
     value = float(items.value[taken].sum())
-    _fill(viol, items, remaining, taken, np.zeros(len(items.row), bool))
+    _fill(viol, items, remaining, taken, np.zeros(len(items.row), bool))  # arrival order
 
     kind = np.zeros(len(c), np.int8)
     t_rows, t_kind = items.row[taken], items.kind[taken]

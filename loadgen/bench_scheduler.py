@@ -1,0 +1,95 @@
+"""Time one scheduling decision with 1,000 and 10,000 waiting + running requests (torch-free).
+
+Times are the thread's CPU time (time.thread_time), because the development machine is shared
+and oversubscribed: wall time there measures the neighbours; the wall median is recorded too.
+The scheduler is driven in steady state by an instant executor (one token per sampled sequence,
+a synthetic step time so the apt cost model calibrates); only schedule(now) is timed. Requests
+never finish during the run (max_tokens is large), so the population stays at its size.
+
+    python loadgen/bench_scheduler.py --out bench_scheduler.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+from aptray.cache.block_manager import BlockManager
+from aptray.config import EngineConfig
+from aptray.plan import StepResult
+from aptray.request import Request
+from aptray.sampling_params import SamplingParams
+from aptray.scheduler import make_scheduler
+
+
+def tiny_opt_config_dir() -> str:
+    """A config.json is all the scheduler needs of a model (OPT-13B's shape: r = 1/2)."""
+    path = tempfile.mkdtemp(prefix="bench-sched-")
+    cfg = dict(model_type="opt", hidden_size=5120, num_attention_heads=40, num_hidden_layers=40, ffn_dim=20480,
+               vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=5120)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+def bench(model_dir: str, policy: str, shape: str, cache_mode: str, n: int, max_num_seqs: int, iters: int,
+          seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    config = EngineConfig(model=model_dir, scheduler=policy, cache_mode=cache_mode, iteration_shape=shape,
+                          block_size=16, max_num_seqs=max_num_seqs, max_num_batched_tokens=4096,
+                          ttft_slo=1.0, tbt_slo=0.2)
+    # room for the running set to grow while the waiting set stays queued
+    num_blocks = max_num_seqs * 24 + 64
+    blocks = BlockManager(num_blocks, config.block_size, config.hidden_block_size if cache_mode != "kv" else 0)
+    sched = make_scheduler(config, blocks)
+    now = 0.0
+    for i in range(n):
+        prompt = [rng.randrange(50000) for _ in range(rng.randint(16, 300))]
+        sched.add(Request(f"r{i}", prompt, SamplingParams(max_tokens=10**6), now - rng.random() * 2, 1.0, 0.2))
+    times, walls = [], []
+    for it in range(iters):
+        t0, w0 = time.thread_time(), time.perf_counter()
+        plan = sched.schedule(now)
+        times.append(time.thread_time() - t0)
+        walls.append(time.perf_counter() - w0)
+        kv = sum(len(s.block_table) for s in plan.seqs if s.cache_kind == "kv")
+        hid = sum(len(s.block_table) for s in plan.seqs if s.cache_kind == "hidden")
+        step = 2e-3 + 2e-6 * plan.num_tokens + 1e-6 * kv + 3e-6 * hid
+        now += step
+        sched.update(plan, StepResult({s.request_id: 1 for s in plan.seqs if s.sample}, step), now)
+    times.sort()
+    walls.sort()
+    return {"wall_median_ms": 1e3 * statistics.median(walls),"policy": policy, "shape": shape, "cache_mode": cache_mode, "requests": n, "max_num_seqs": max_num_seqs,
+            "running_at_end": len(sched.running), "iterations": iters,
+            "median_ms": 1e3 * statistics.median(times), "p99_ms": 1e3 * times[min(len(times) - 1, int(0.99 * len(times)))]}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--out", default="bench_scheduler.json")
+    args = ap.parse_args(argv)
+    model_dir = tiny_opt_config_dir()
+    cases = [("apt", "alternate", "hybrid"), ("apt", "mixed", "hybrid"), ("apt", "alternate", "kv"),
+             ("sarathi", "alternate", "kv"), ("fcfs", "alternate", "kv")]
+    rows = []
+    for n in args.sizes:
+        for max_num_seqs in (256, n // 2):
+            for policy, shape, mode in cases:
+                row = bench(model_dir, policy, shape, mode, n, max_num_seqs, args.iters)
+                rows.append(row)
+                print(f"{policy:8s} {shape:9s} {mode:6s} n={n:6d} max_num_seqs={max_num_seqs:5d} "
+                      f"running={row['running_at_end']:5d}  median {row['median_ms']:7.3f} ms  "
+                      f"p99 {row['p99_ms']:7.3f} ms  (wall median {row['wall_median_ms']:.3f})", flush=True)
+    with open(args.out, "w") as f:
+        json.dump({"python": sys.version.split()[0], "results": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
