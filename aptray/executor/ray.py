@@ -65,6 +65,7 @@ class RayExecutor(Executor):
         payload = plan_to_proto(plan).SerializeToString()
         pending = [call.future(payload, timeout=STEP_TIMEOUT_S) for call in self.plan_calls]
         replies = [f.result() for f in pending]
+        self.last_step_times = [r.step_time for r in replies]  # per rank: shows stragglers
         for reply in replies[1:]:
             if reply.error:
                 raise RuntimeError(f"shard step failed: {reply.error}")
