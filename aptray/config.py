@@ -69,6 +69,8 @@ class EngineConfig:
     dtype: str = "float32"
     seed: int = 0
     tensor_parallel_size: int = 1
+    load_format: str = "auto"  # "dummy": random weights of the right shapes (benchmarks of big models)
+    skip_tokenizer_init: bool = False  # prompts come as token ids; no tokenizer files needed
     # cache
     cache_mode: str = "kv"
     hidden_attention: str = "absorbed"
@@ -90,7 +92,8 @@ class EngineConfig:
         if not os.path.isdir(self.model) or not os.path.isfile(os.path.join(self.model, "config.json")):
             raise FileNotFoundError(f"model path {self.model!r} is not a folder with a config.json")
         for name, allowed in (("cache_mode", CACHE_MODES), ("hidden_attention", HIDDEN_ATTENTION),
-                              ("scheduler", SCHEDULERS), ("iteration_shape", ("alternate", "mixed"))):
+                              ("scheduler", SCHEDULERS), ("iteration_shape", ("alternate", "mixed")),
+                              ("load_format", ("auto", "dummy"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.block_size < 1:

@@ -15,12 +15,15 @@ from aptray.sampling_params import SamplingParams
 class LLM:
     def __init__(self, model: str, tokenizer: str | None = None, **engine_args):
         self.config = EngineConfig(model=model, tokenizer=tokenizer, **engine_args)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer)
+        self.tokenizer = None if self.config.skip_tokenizer_init else AutoTokenizer.from_pretrained(
+            self.config.tokenizer)
         self.engine = Engine(self.config, LocalExecutor(self.config), self.tokenizer)
         self._ids = itertools.count()
 
     def _token_ids(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("skip_tokenizer_init=True: give prompts as {'prompt_token_ids': [...]}")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return None, list(prompt["prompt_token_ids"])

@@ -26,7 +26,7 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         spec = config.spec
-        self.model = load_model(config.model, spec.arch, config.dtype, self.device)
+        self.model = load_model(config.model, spec.arch, config.dtype, self.device, config.load_format)
         dtype = DTYPES[config.dtype]
         n_kv = spec.num_kv_heads // world_size
         self.num_blocks = config.num_cache_blocks or self._blocks_for_budget(n_kv, dtype)
