@@ -17,7 +17,8 @@ CPU overhead (scheduling, sampling, launch) that the step pays regardless of siz
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from aptray.config import ModelSpec
 from aptray.sim.fit import HardwareFit
@@ -25,8 +26,7 @@ from aptray.sim.fit import HardwareFit
 DTYPE_BYTES = 2  # fp16 weights, activations and cache
 
 
-@dataclass(frozen=True)
-class SeqWork:
+class SeqWork(NamedTuple):
     cache_kind: str  # "kv" or "hidden"
     num_tokens: int  # tokens computed this step
     context_len: int  # tokens attended to, the new ones included
@@ -40,6 +40,8 @@ class CostModel:
     tp: int = 1
     hidden_attention: str = "absorbed"  # or "recompute"
     step_overhead: float = 1e-3  # seconds per step outside the GPU kernels
+    _dense_by_m: dict = field(default_factory=dict, init=False, repr=False)  # memo: steps repeat token counts
+    _head_by_n: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         s, t = self.spec, self.tp
@@ -73,25 +75,25 @@ class CostModel:
         pf_flops = pf_bytes = dec_flops = dec_bytes = 0.0
         absorbed_reqs = 0
         recompute_ctx = 0
-        for s in seqs:
-            q, c = s.num_tokens, s.context_len
+        absorbed = self.hidden_attention == "absorbed"
+        for kind, q, c, _ in seqs:
             if q > 1 or c == q:  # prefill (or chunk): K,V computed as usual for the new tokens
                 pf_flops += 4.0 * q * (c - (q - 1) / 2.0) * heads * head_dim
                 pf_bytes += b * (q * (2 * qw + kv) + (c - q) * kv)
-                if s.cache_kind == "hidden":
+                if kind == "hidden":
                     pf_bytes += b * q * d  # store the layer inputs
                     recompute_ctx += c - q  # a cached hidden prefix must be re-projected
-            elif s.cache_kind == "hidden" and self.hidden_attention == "absorbed":
+            elif kind == "kv":
+                dec_flops += 4.0 * c * heads * head_dim
+                dec_bytes += b * c * kv
+            elif absorbed:
                 dec_flops += 4.0 * heads * d * c
                 dec_bytes += b * c * d
                 absorbed_reqs += 1
-            elif s.cache_kind == "hidden":  # recompute
+            else:  # hidden, recompute
                 dec_flops += 4.0 * c * heads * head_dim
                 dec_bytes += b * (c * d + 2 * c * kv)
                 recompute_ctx += c
-            else:
-                dec_flops += 4.0 * c * heads * head_dim
-                dec_bytes += b * c * kv
         t = 0.0
         if pf_flops:
             t += self.hw.attention.time(pf_flops, pf_bytes)
@@ -107,17 +109,26 @@ class CostModel:
         """hidden -> KV: one projection of the stored inputs; KV -> hidden: a re-prefill of the tokens."""
         if to_kind == "kv":
             return self.gemm(num_tokens, self._d, self._kv)
-        return self.dense_layer(num_tokens) / 1.0
+        return self.dense_layer(num_tokens)
 
     # -- a whole step --------------------------------------------------------------------------
     def step_time(self, seqs: list[SeqWork], conversions: list[tuple[str, int]] = ()) -> float:
+        """seqs: SeqWork or plain (cache_kind, num_tokens, context_len, sample) tuples."""
         if not seqs and not conversions:
             return 0.0
-        m = sum(s.num_tokens for s in seqs)
-        per_layer = self.dense_layer(m) + self.attention_layer(seqs) if seqs else 0.0
-        per_layer += sum(self.conversion_layer(kind, n) for kind, n in conversions)
-        sampled = sum(1 for s in seqs if s.sample)
-        head = self.gemm(sampled, self._d, self.spec.vocab_size // self.tp)
-        head += self.hw.all_reduce_time(sampled * self.spec.vocab_size / self.tp, self.tp)  # logits gather
-        embed = self.hw.residual_add.time(0, DTYPE_BYTES * m * self._d)
-        return self.step_overhead + self.spec.num_layers * per_layer + head + embed
+        m = sampled = 0
+        for s in seqs:
+            m += s[1]
+            sampled += s[3]
+        per_layer = self.attention_layer(seqs) if seqs else 0.0
+        dense = self._dense_by_m.get(m)
+        if dense is None:
+            dense = self._dense_by_m[m] = self.dense_layer(m) if m else 0.0
+        per_layer += dense + sum(self.conversion_layer(kind, n) for kind, n in conversions)
+        once = self._head_by_n.get((m, sampled))
+        if once is None:
+            v, t = self.spec.vocab_size // self.tp, self.tp
+            once = self._head_by_n[(m, sampled)] = (
+                self.gemm(sampled, self._d, v) + self.hw.all_reduce_time(sampled * v, t)  # LM head, logits gather
+                + self.hw.residual_add.time(0, DTYPE_BYTES * m * self._d))  # embedding lookup
+        return self.step_overhead + self.spec.num_layers * per_layer + once

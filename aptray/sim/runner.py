@@ -1,0 +1,135 @@
+"""Run a trace through the real Engine and scheduler on virtual time: the simulator's main loop."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from aptray.config import EngineConfig
+from aptray.engine import Engine
+from aptray.sampling_params import SamplingParams
+from aptray.sim.cost_model import CostModel
+from aptray.sim.executor import SimExecutor, VirtualClock
+from aptray.sim.fit import hardware_for
+from aptray.sim.gpus import get_gpu
+from aptray.sim.memory import plan_memory
+
+TOKEN_ID = 5  # what every simulated step samples: any id that is not a special token
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    request_id: str
+    arrival_time: float
+    prompt_len: int
+    output_len: int
+    ttft_slo: float | None = None
+    tbt_slo: float | None = None
+
+
+@dataclass
+class SimOutcome:
+    request_id: str
+    arrival_time: float
+    status: str  # "finished", "rejected" (the engine refused it) or "unfinished" (the run stopped first)
+    token_times: list[float] = field(default_factory=list)
+    num_preemptions: int = 0
+    error: str | None = None
+
+
+@dataclass
+class SimRun:
+    outcomes: list[SimOutcome]
+    sim_time: float  # virtual seconds from the first arrival to the last step
+    stopped_early: bool
+    steps: int
+    busy_time: float
+    scheduler_stats: dict
+    num_blocks: int
+
+
+def certain_miss(req, now: float) -> bool:
+    """Whether req already misses its SLO whatever happens next (the loadgen rule: TTFT, then the P99 of
+    its max_tokens - 1 gaps under numpy's linear interpolation)."""
+    if req.first_token_time is None:
+        return now - req.arrival_time > req.ttft_slo
+    if req.first_token_time - req.arrival_time > req.ttft_slo:
+        return True
+    n = req.sampling.max_tokens - 1
+    if n < 1:
+        return False
+    times, slo = req.token_times, req.tbt_slo
+    m = sum(1 for a, b in zip(times, times[1:]) if b - a > slo) + (now - times[-1] > slo)
+    return m >= n - math.floor(0.99 * (n - 1))
+
+
+def build_engine(config: EngineConfig, gpu: str, step_overhead: float = 1e-3) -> tuple[Engine, SimExecutor]:
+    """An Engine over a SimExecutor; the pool is sized by the memory model unless config fixes it."""
+    spec, tp = config.spec, config.tensor_parallel_size
+    gpu_spec = get_gpu(gpu)
+    num_blocks = config.num_cache_blocks or plan_memory(
+        spec, gpu_spec, tp, config.block_size, config.max_num_batched_tokens, config.max_num_seqs).num_blocks
+    cost = CostModel(spec, hardware_for(gpu_spec), tp, config.hidden_attention, step_overhead)
+    clock = VirtualClock()
+    executor = SimExecutor(cost, num_blocks, clock, TOKEN_ID)
+    return Engine(config, executor, tokenizer=None, clock=clock), executor
+
+
+def simulate(config: EngineConfig, requests: list[SimRequest], gpu: str = "a100-40gb", step_overhead: float = 1e-3,
+             max_sim_time: float | None = None, on_finish=None, stop_when_decided: bool = False,
+             check_every: int = 256) -> SimRun:
+    """Replay requests (sorted by arrival) until all finish, or until max_sim_time virtual seconds.
+
+    stop_when_decided: after the last arrival, stop as soon as every request left is a certain SLO
+    miss (checked every check_every steps). SLO attainment and the attained set are then exact;
+    the requests left are reported "unfinished" with the tokens they had.
+    """
+    engine, executor = build_engine(config, gpu, step_overhead)
+    clock = executor.clock
+    reqs = sorted(requests, key=lambda r: r.arrival_time)
+    outcomes: dict[str, SimOutcome] = {}
+    prompt_cache: dict[int, list[int]] = {}
+    i = 0
+    clock.now = reqs[0].arrival_time if reqs else 0.0
+    start = clock.now
+    stopped = False
+    while i < len(reqs) or engine.has_unfinished():
+        if max_sim_time is not None and clock.now - start > max_sim_time:
+            stopped = True
+            break
+        if (stop_when_decided and i == len(reqs) and executor.steps % check_every == 0
+                and all(certain_miss(r, clock.now) for r in engine.scheduler.requests.values())):
+            stopped = True
+            break
+        while i < len(reqs) and reqs[i].arrival_time <= clock.now:
+            r = reqs[i]
+            i += 1
+            outcomes[r.request_id] = SimOutcome(r.request_id, r.arrival_time, "unfinished")
+            prompt = prompt_cache.get(r.prompt_len) or prompt_cache.setdefault(r.prompt_len, [TOKEN_ID] * r.prompt_len)
+            sp = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True,
+                                ttft_slo=r.ttft_slo, tbt_slo=r.tbt_slo)
+            try:
+                engine.add_request(r.request_id, prompt, sp, arrival_time=r.arrival_time)
+            except ValueError as e:
+                outcomes[r.request_id].status, outcomes[r.request_id].error = "rejected", str(e)
+        if not engine.has_unfinished():
+            if i < len(reqs):
+                clock.now = reqs[i].arrival_time
+            continue
+        steps_before = executor.steps
+        for out in engine.step():
+            if out.finished:
+                o = outcomes[out.request_id]
+                o.status = "finished"
+                o.token_times = list(out.metrics.token_times)
+                o.num_preemptions = out.metrics.num_preemptions
+                if on_finish is not None:
+                    on_finish(o)
+        if executor.steps == steps_before:  # nothing could run: wait for the next arrival
+            if i >= len(reqs):
+                break  # stuck with no arrivals left: the rest stay unfinished
+            clock.now = max(clock.now, reqs[i].arrival_time)
+    for req in list(engine.scheduler.requests.values()):  # unfinished: keep what they produced
+        o = outcomes[req.request_id]
+        o.token_times, o.num_preemptions = list(req.token_times), req.num_preemptions
+    return SimRun([outcomes[r.request_id] for r in reqs if r.request_id in outcomes], clock.now - start, stopped,
+                  executor.steps, executor.busy_time, dict(engine.scheduler.stats), executor.num_blocks)
