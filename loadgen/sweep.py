@@ -1,0 +1,56 @@
+"""Effective throughput: the highest request rate whose SLO attainment stays >= a threshold."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class BisectionResult:
+    rate: float  # highest evaluated rate with attainment >= threshold (0 if none)
+    evaluated: dict[float, float] = field(default_factory=dict)  # rate -> attainment, every probe
+
+
+def effective_throughput(attainment_at: Callable[[float], float], lo: float, hi: float, threshold: float = 0.9,
+                         rel_tol: float = 0.02, max_probes: int = 20) -> BisectionResult:
+    """Bisect over rates, assuming attainment falls as the rate grows.
+
+    hi is doubled (within max_probes) until it misses the threshold; lo is halved until it meets it.
+    Stops when the bracket is narrower than rel_tol of its upper end.
+    """
+    seen: dict[float, float] = {}
+
+    def probe(rate: float) -> float:
+        if rate not in seen:
+            seen[rate] = attainment_at(rate)
+        return seen[rate]
+
+    while probe(lo) < threshold and len(seen) < max_probes:
+        hi, lo = lo, lo / 2
+    if probe(lo) < threshold:
+        return BisectionResult(0.0, seen)
+    while probe(hi) >= threshold and len(seen) < max_probes:
+        lo, hi = hi, hi * 2
+    if probe(hi) >= threshold:
+        return BisectionResult(hi, seen)
+    while hi - lo > rel_tol * hi and len(seen) < max_probes:
+        mid = (lo + hi) / 2
+        if probe(mid) >= threshold:
+            lo = mid
+        else:
+            hi = mid
+    return BisectionResult(lo, seen)
+
+
+def crossing_rate(curve: dict[float, float], threshold: float = 0.9) -> float:
+    """On a sampled curve: the rate where attainment crosses threshold, interpolated linearly between
+    the last rate that meets it and the next one; 0 if the lowest rate already misses."""
+    rates = sorted(curve)
+    best = 0.0
+    for a, b in zip(rates, rates[1:] + [None]):
+        if curve[a] < threshold:
+            break
+        best = a
+        if b is not None and curve[b] < threshold:
+            return a + (b - a) * (curve[a] - threshold) / (curve[a] - curve[b])
+    return best
