@@ -1,4 +1,4 @@
-"""python -m loadgen {tokenizer,trace,run,sweep}: make workloads, replay them, sweep rates, plot."""
+"""python -m loadgen {tokenizer,trace,run,sweep,calibrate}: make workloads, replay them, sweep rates, plot."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +47,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu", default="a100-40gb", help="--sim: a100-40gb, a100-80gb or h100-80gb")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (1, 2, 4)")
     g.add_argument("--step-overhead", type=float, default=1e-3, help="--sim: CPU seconds per step outside kernels")
+    g.add_argument("--calibration", help="--sim: price steps with this CPU calibration JSON (python -m loadgen "
+                                         "calibrate) instead of the GPU's profile fit")
     g.add_argument("--full-drain", action="store_true",
                    help="--sim: simulate every request to the end; by default a run stops once every request "
                         "left is a certain SLO miss (attainment stays exact; latency percentiles then cover what ran)")
@@ -91,7 +93,7 @@ def make_client(args, policy: str):
     factory = config_factory(args, policy)
     if args.sim:
         return SimClient(factory, args.gpu, args.step_overhead, args.ttft_slo, args.tbt_slo,
-                         stop_when_decided=not args.full_drain)
+                         stop_when_decided=not args.full_drain, calibration=args.calibration)
 
     def engine_factory():
         from aptray.engine import Engine
@@ -235,6 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--records", action="store_true", help="include every request's record in the JSON")
     r.add_argument("--out", default="results/run.json", help="JSON output path")
     r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("calibrate", help="fit the cost model to the real CPU engine (small random OPT) and compare "
+                                         "sim vs real TTFT/TBT percentiles on one trace")
+    c.add_argument("--out-dir", help="folder for the model, cpu_calibration.json and validation.json")
+    c.add_argument("--num-requests", type=int, default=40, help="requests in the validation trace")
+    c.add_argument("--rate", type=float, default=4.0, help="their Poisson arrival rate (req/s)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the validation trace")
+    c.add_argument("--ttft-slo", type=float, default=0.5, help="TTFT SLO (s), scaled to CPU step times")
+    c.add_argument("--tbt-slo", type=float, default=0.1, help="TBT SLO (s), scaled to CPU step times")
+    c.add_argument("--threads", type=int, default=1, help="torch threads")
+    c.set_defaults(func=lambda a: __import__("loadgen.calibrate", fromlist=["main"]).main(a))
 
     s = sub.add_parser("sweep", help="SLO attainment over request rates per policy; effective throughput; plots")
     add_workload_args(s)

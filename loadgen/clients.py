@@ -118,8 +118,9 @@ class SimClient(Client):
 
     def __init__(self, config_factory, gpu: str = "a100-40gb", step_overhead: float = 1e-3,
                  ttft_slo: float = 1.0, tbt_slo: float = 1.0, max_sim_time: float | None = None,
-                 stop_when_decided: bool = True):
+                 stop_when_decided: bool = True, calibration: str | None = None):
         super().__init__(ttft_slo, tbt_slo)
+        self.calibration = calibration  # a CPU calibration JSON (aptray.sim.calibrate) replacing gpu's costs
         self.stop_when_decided = stop_when_decided  # exact attainment, less simulated drain
         self.config_factory = config_factory  # () -> EngineConfig, fresh per run
         self.gpu = gpu
@@ -129,11 +130,17 @@ class SimClient(Client):
     def run(self, trace: list[TraceRequest], progress=None) -> RunResult:
         from aptray.sim.runner import SimRequest, simulate
 
+        hardware, overhead = None, self.step_overhead
+        if self.calibration:
+            from aptray.sim.calibrate import Calibration
+            cal = Calibration.load(self.calibration)
+            hardware, overhead = cal.hardware, cal.step_overhead
+
         reqs = [SimRequest(r.request_id, r.arrived_at, r.num_prefill_tokens, r.num_decode_tokens, *self.slos(r))
                 for r in trace]
-        run = simulate(self.config_factory(), reqs, self.gpu, self.step_overhead, self.max_sim_time,
+        run = simulate(self.config_factory(), reqs, self.gpu, overhead, self.max_sim_time,
                        on_finish=(lambda _: progress(1)) if progress is not None else None,
-                       stop_when_decided=self.stop_when_decided)
+                       stop_when_decided=self.stop_when_decided, hardware=hardware)
         by_id = {r.request_id: r for r in trace}
         records = []
         for o in run.outcomes:

@@ -157,3 +157,17 @@ def test_sweep_command_writes_json_and_plots(tmp_path):
     assert [r["rate"] for r in runs] == [1.0, 4.0] and all(0 <= r["attainment"] <= 1 for r in runs)
     for png in ("attainment.png", "ttft_cdf.png", "tbt_cdf.png"):
         assert (out / png).stat().st_size > 1000
+
+
+def test_cpu_calibration_fits_real_step_times(tmp_path):
+    from aptray.model.factory import make_tiny_model
+    from aptray.sim.calibrate import Calibration, collect_steps, fastest_per_shape, fit_cpu, predict
+    path = make_tiny_model(str(tmp_path / "opt"), "opt", hidden_size=64, num_layers=2, num_heads=4, max_positions=256)
+    config = EngineConfig(model=path, num_cache_blocks=128, block_size=16)
+    samples = collect_steps(config, batch_sizes=(1, 4), prompt_lens=(8, 96), output_len=8, repeats=2)
+    cal = fit_cpu(fastest_per_shape(samples), config)
+    assert cal.error.median < 0.5  # a shared, noisy CPU: docs/SIMULATOR.md reports the measured error
+    cal.save(str(tmp_path / "cal.json"))
+    back = Calibration.load(str(tmp_path / "cal.json"))
+    assert np.allclose(predict(samples, config, back.hardware, back.step_overhead),
+                       predict(samples, config, cal.hardware, cal.step_overhead))

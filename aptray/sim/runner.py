@@ -9,7 +9,7 @@ from aptray.engine import Engine
 from aptray.sampling_params import SamplingParams
 from aptray.sim.cost_model import CostModel
 from aptray.sim.executor import SimExecutor, VirtualClock
-from aptray.sim.fit import hardware_for
+from aptray.sim.fit import HardwareFit, hardware_for
 from aptray.sim.gpus import get_gpu
 from aptray.sim.memory import plan_memory
 
@@ -62,13 +62,15 @@ def certain_miss(req, now: float) -> bool:
     return m >= n - math.floor(0.99 * (n - 1))
 
 
-def build_engine(config: EngineConfig, gpu: str, step_overhead: float = 1e-3) -> tuple[Engine, SimExecutor]:
-    """An Engine over a SimExecutor; the pool is sized by the memory model unless config fixes it."""
+def build_engine(config: EngineConfig, gpu: str, step_overhead: float = 1e-3,
+                 hardware: HardwareFit | None = None) -> tuple[Engine, SimExecutor]:
+    """An Engine over a SimExecutor; the pool is sized by the memory model unless config fixes it.
+    hardware: coefficients to price steps with instead of gpu's (a CPU calibration)."""
     spec, tp = config.spec, config.tensor_parallel_size
     gpu_spec = get_gpu(gpu)
     num_blocks = config.num_cache_blocks or plan_memory(
         spec, gpu_spec, tp, config.block_size, config.max_num_batched_tokens, config.max_num_seqs).num_blocks
-    cost = CostModel(spec, hardware_for(gpu_spec), tp, config.hidden_attention, step_overhead)
+    cost = CostModel(spec, hardware or hardware_for(gpu_spec), tp, config.hidden_attention, step_overhead)
     clock = VirtualClock()
     executor = SimExecutor(cost, num_blocks, clock, TOKEN_ID)
     return Engine(config, executor, tokenizer=None, clock=clock), executor
@@ -76,14 +78,14 @@ def build_engine(config: EngineConfig, gpu: str, step_overhead: float = 1e-3) ->
 
 def simulate(config: EngineConfig, requests: list[SimRequest], gpu: str = "a100-40gb", step_overhead: float = 1e-3,
              max_sim_time: float | None = None, on_finish=None, stop_when_decided: bool = False,
-             check_every: int = 256) -> SimRun:
+             check_every: int = 256, hardware: HardwareFit | None = None) -> SimRun:
     """Replay requests (sorted by arrival) until all finish, or until max_sim_time virtual seconds.
 
     stop_when_decided: after the last arrival, stop as soon as every request left is a certain SLO
     miss (checked every check_every steps). SLO attainment and the attained set are then exact;
     the requests left are reported "unfinished" with the tokens they had.
     """
-    engine, executor = build_engine(config, gpu, step_overhead)
+    engine, executor = build_engine(config, gpu, step_overhead, hardware)
     clock = executor.clock
     reqs = sorted(requests, key=lambda r: r.arrival_time)
     outcomes: dict[str, SimOutcome] = {}

@@ -1,0 +1,139 @@
+"""CPU calibration: fit the cost model's coefficients to step times measured on the real engine.
+
+The GPU coefficients come from the vidur profiles; on this machine the same cost model is fitted
+to the LocalExecutor's own step times (a small random-weight model), so the simulator can be
+checked against the real engine on one trace (loadgen calibrate does that comparison).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.optimize import least_squares
+
+from aptray.config import EngineConfig
+from aptray.executor.base import Executor
+from aptray.plan import BatchPlan, StepResult
+from aptray.sim.cost_model import CostModel
+from aptray.sim.fit import FitError, HardwareFit, LinearRoofline
+
+
+@dataclass
+class StepSample:
+    seqs: list[tuple[str, int, int, bool]]  # (cache_kind, num_tokens, context_len, sample)
+    conversions: list[tuple[str, int]]
+    seconds: float
+
+
+class RecordingExecutor(Executor):
+    """Runs plans on an inner executor and keeps each plan's shape with its measured step time."""
+
+    def __init__(self, inner: Executor):
+        self.inner = inner
+        self.num_blocks = inner.num_blocks
+        self.samples: list[StepSample] = []
+
+    def execute(self, plan: BatchPlan) -> StepResult:
+        result = self.inner.execute(plan)
+        self.samples.append(StepSample(
+            [(s.cache_kind, len(s.token_ids), s.context_len, s.sample) for s in plan.seqs],
+            [(c.to_kind, c.num_tokens) for c in plan.conversions], result.step_time))
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+
+def collect_steps(config: EngineConfig, batch_sizes=(1, 2, 4, 8, 16), prompt_lens=(8, 32, 128, 384),
+                  output_len: int = 24, seed: int = 0, repeats: int = 2) -> list[StepSample]:
+    """Run waves of same-shaped requests through the real engine; every step becomes a sample."""
+    from aptray.engine import Engine
+    from aptray.executor.local import LocalExecutor
+    from aptray.sampling_params import SamplingParams
+
+    rec = RecordingExecutor(LocalExecutor(config))
+    engine = Engine(config, rec)
+    rng = np.random.default_rng(seed)
+    vocab, limit = config.spec.vocab_size, config.spec.max_model_len
+    n = 0
+    for batch in [b for _ in range(repeats) for b in batch_sizes]:
+        for plen in prompt_lens:
+            plen = min(plen, limit - output_len - 1)
+            for _ in range(batch):
+                ids = rng.integers(4, vocab, size=plen).tolist()
+                engine.add_request(f"cal-{n}", ids, SamplingParams(temperature=0.0, max_tokens=output_len,
+                                                                   ignore_eos=True))
+                n += 1
+            while engine.has_unfinished():
+                engine.step()
+    rec.shutdown()
+    return rec.samples[1:]  # the first step pays one-off warm-up
+
+
+# parameters, in log space where they are rates: step overhead, GEMM (c0, FLOP/s, B/s),
+# elementwise (c0, B/s), attention (c0, FLOP/s, B/s)
+_NAMES = ("step_overhead", "gemm_c0", "gemm_flops", "gemm_bytes", "elem_c0", "elem_bytes",
+          "attn_c0", "attn_flops", "attn_bytes")
+
+
+def _unpack(p) -> tuple[HardwareFit, float]:
+    e = [math.exp(x) for x in p]
+    gemm = LinearRoofline(e[1], e[2], e[3])
+    elem = LinearRoofline(e[4], math.inf, e[5])
+    attn = LinearRoofline(e[6], e[7], e[8])
+    return HardwareFit("cpu", gemm, elem, elem, elem, attn, {}), e[0]
+
+
+def predict(samples: list[StepSample], config: EngineConfig, hw: HardwareFit, overhead: float) -> np.ndarray:
+    cost = CostModel(config.spec, hw, config.tensor_parallel_size, config.hidden_attention, overhead)
+    return np.array([cost.step_time(s.seqs, s.conversions) for s in samples])
+
+
+@dataclass
+class Calibration:
+    hardware: HardwareFit
+    step_overhead: float
+    error: FitError
+
+    def save(self, path: str) -> None:
+        hw = self.hardware
+        laws = {k: asdict(getattr(hw, k)) for k in ("gemm", "layernorm", "activation", "residual_add", "attention")}
+        with open(path, "w") as f:
+            json.dump({"laws": laws, "step_overhead": self.step_overhead, "error": asdict(self.error)}, f,
+                      indent=1, default=str)
+
+    @classmethod
+    def load(cls, path: str) -> "Calibration":
+        with open(path) as f:
+            d = json.load(f)
+        laws = {k: LinearRoofline(float(v["c0"]), float(v["flop_rate"]), float(v["byte_rate"]))
+                for k, v in d["laws"].items()}
+        return cls(HardwareFit("cpu", all_reduce={}, **laws), d["step_overhead"], FitError(**d["error"]))
+
+
+def fastest_per_shape(samples: list[StepSample]) -> list[StepSample]:
+    """One sample per distinct plan shape, its fastest time: on a shared CPU other processes only
+    ever add time, so the minimum over repeats is the machine's own speed."""
+    best: dict = {}
+    for smp in samples:
+        key = (tuple(smp.seqs), tuple(smp.conversions))
+        if key not in best or smp.seconds < best[key].seconds:
+            best[key] = smp
+    return list(best.values())
+
+
+def fit_cpu(samples: list[StepSample], config: EngineConfig) -> Calibration:
+    """Least squares on log(pred/measured), soft-L1 so that a few disturbed steps weigh little."""
+    measured = np.array([s.seconds for s in samples])
+
+    def residual(p):
+        hw, overhead = _unpack(p)
+        return np.log(predict(samples, config, hw, overhead) / measured)
+
+    x0 = [math.log(v) for v in (1e-3, 2e-5, 5e10, 5e9, 5e-6, 5e9, 2e-5, 2e10, 5e9)]
+    result = least_squares(residual, x0, bounds=(np.array(x0) - 9, np.array(x0) + 9), diff_step=1e-3,
+                           loss="soft_l1", f_scale=0.1)
+    hw, overhead = _unpack(result.x)
+    return Calibration(hw, overhead, FitError.of(predict(samples, config, hw, overhead), measured))
