@@ -33,6 +33,12 @@ def test_cpu_paths_equal_references(block_size, num_heads, n_kv):
                                reference.paged_decode_attention(q, kv, tables, lens, 0.3))
     torch.testing.assert_close(cpu.absorbed_decode_attention(q, hidden, tables, lens, wk, wv, bv, 0.3),
                                reference.absorbed_decode_attention(q, hidden, tables, lens, wk, wv, bv, 0.3))
+    slots = torch.tensor([0, 5, 3 * block_size + 1, kv.shape[0] * block_size - 1])
+    k_new, v_new = torch.randn(4, n_kv, 8), torch.randn(4, n_kv, 8)
+    ours, ref = kv.clone(), kv.clone()
+    cpu.write_kv(ours, k_new, v_new, slots)
+    reference.write_kv(ref, k_new, v_new, slots)
+    assert torch.equal(ours, ref)
     cos, sin = torch.randn(128, 4), torch.randn(128, 4)
     torch.testing.assert_close(
         cpu.recompute_decode_attention(q, hidden, tables, lens, wk, bk, wv, bv, 0.3, cos, sin),

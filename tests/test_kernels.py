@@ -112,7 +112,7 @@ def test_cpu_dispatch_never_uses_triton():
     from aptray_kernels import cpu
 
     assert ops._pick("paged_decode_attention", torch.zeros(1)) is cpu.paged_decode_attention
-    assert ops._pick("write_kv", torch.zeros(1)) is reference.write_kv
+    assert ops._pick("write_hidden", torch.zeros(1)) is reference.write_hidden
 
 
 def test_import_without_triton_falls_back_to_references():

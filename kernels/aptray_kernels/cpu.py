@@ -8,7 +8,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import reference
 from .reference import _context_mask, gather_hidden, gather_kv, project_kv
+
+
+def write_kv(kv_cache, k, v, slots):
+    """index_copy_ into a row view of the pool: one memcpy per token instead of an index_put."""
+    if not kv_cache.is_contiguous():
+        return reference.write_kv(kv_cache, k, v, slots)
+    num_blocks, _, block_size = kv_cache.shape[:3]
+    rows = kv_cache.view(num_blocks * 2 * block_size, -1)
+    k_rows = (slots // block_size) * (2 * block_size) + slots % block_size  # V rows follow K by one block
+    rows.index_copy_(0, k_rows, k.reshape(len(slots), -1).to(rows.dtype))
+    rows.index_copy_(0, k_rows + block_size, v.reshape(len(slots), -1).to(rows.dtype))
 
 
 def _sdpa_decode(q, k, v, mask, scale):
@@ -54,6 +66,7 @@ def recompute_decode_attention(q, hidden_cache, block_tables, context_lens, w_k,
 
 
 KERNELS = {
+    "write_kv": write_kv,
     "paged_decode_attention": paged_decode_attention,
     "absorbed_decode_attention": absorbed_decode_attention,
     "recompute_decode_attention": recompute_decode_attention,
