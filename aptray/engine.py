@@ -40,7 +40,7 @@ class Engine:
                              f"which leaves no room to generate")
         if any(not 0 <= t < self.config.spec.vocab_size for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.config.spec.vocab_size})")
-        if not self.config.enable_chunked_prefill and n > self.config.max_num_batched_tokens:
+        if not self.scheduler.chunks_long_prompts and n > self.config.max_num_batched_tokens:
             raise ValueError(f"the prompt has {n} tokens, over max_num_batched_tokens "
                              f"({self.config.max_num_batched_tokens}); enable chunked prefill or raise it")
         sp = sampling_params

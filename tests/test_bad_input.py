@@ -73,3 +73,14 @@ def test_request_larger_than_the_whole_pool_is_refused():
         small.generate({"prompt_token_ids": [5] * 10}, SamplingParams(max_tokens=20))
     out = small.generate({"prompt_token_ids": [5] * 10}, SamplingParams(max_tokens=6, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 6
+
+
+def test_prompt_over_the_step_budget_is_chunked_by_policies_that_chunk(llm):
+    prompt = {"prompt_token_ids": [3] + list(range(10, 49))}
+    sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    with pytest.raises(ValueError, match="over max_num_batched_tokens"):
+        LLM(tiny_model("opt-60x3"), max_num_batched_tokens=16).generate(prompt, sp)
+    want = llm.generate(prompt, sp)[0].outputs[0].token_ids
+    for policy in ("sarathi", "apt"):
+        chunked = LLM(tiny_model("opt-60x3"), scheduler=policy, max_num_batched_tokens=16)
+        assert chunked.generate(prompt, sp)[0].outputs[0].token_ids == want

@@ -28,6 +28,8 @@ def pending_and_violators(reqs, now: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 class AptScheduler(Scheduler):
+    chunks_long_prompts = True  # chunks whenever a prompt exceeds the step's token budget
+
     def __init__(self, config, blocks):
         super().__init__(config, blocks)
         self.cost = StepCostModel(blocks.block_size, blocks.hidden_block_size)

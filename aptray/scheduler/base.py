@@ -11,6 +11,11 @@ from aptray.request import CacheKind, Request, RequestStatus
 class Scheduler:
     """Subclasses implement schedule(now) -> BatchPlan; the engine calls update() with the result."""
 
+    # Whether prompts longer than one step's token budget are split over iterations.
+    @property
+    def chunks_long_prompts(self) -> bool:
+        return self.config.enable_chunked_prefill
+
     def __init__(self, config, blocks: BlockManager):
         self.config = config
         self.blocks = blocks

@@ -16,6 +16,8 @@ from aptray.scheduler.step_cost import StepCostModel, tbt_token_budget
 
 
 class SarathiScheduler(Scheduler):
+    chunks_long_prompts = True  # chunks whenever a prompt exceeds the step's token budget
+
     def __init__(self, config, blocks):
         super().__init__(config, blocks)
         self.cost = StepCostModel(blocks.block_size, blocks.hidden_block_size)
