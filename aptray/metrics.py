@@ -48,6 +48,8 @@ class ServingMetrics:
         self.rejected = Counter("aptray_requests_rejected", "requests refused at admission", ["reason"],
                                 registry=r)
         self._seen_stats: dict[str, int] = {}
+        for kind in ("kv", "hidden"):  # export zeros from the start, not only after the first step
+            self.blocks.labels(kind).set(0)
 
     # -- per iteration --------------------------------------------------------------------------
     def observe_iteration(self, scheduler, schedule_s: float | None, step_s: float | None) -> None:

@@ -80,6 +80,30 @@ def test_ray_executor_matches_local_engine(ray_session, model_path, reference, t
         executor.shutdown()
 
 
+def test_dead_shard_fails_the_step_fast(ray_session, model_path, reference):
+    import grpc
+
+    from aptray.config import EngineConfig
+    from aptray.engine import Engine
+    from aptray.executor.ray import RayExecutor
+
+    tokenizer, _ = reference
+    config = EngineConfig(model=model_path, tensor_parallel_size=2, num_cache_blocks=64)
+    executor = RayExecutor(config, use_gpu=False)
+    try:
+        engine = Engine(config, executor, tokenizer)
+        engine.add_request("a", tokenizer.encode(PROMPTS[0]), SamplingParams(max_tokens=50, ignore_eos=True))
+        engine.step()
+        ray.kill(executor.shards[1])
+        t = time.time()
+        with pytest.raises(grpc.RpcError):
+            for _ in range(5):  # the kill lands within a step or two
+                engine.step()
+        assert time.time() - t < 15  # not the 600 s step timeout: rank 0 is stuck in a collective
+    finally:
+        executor.shutdown()
+
+
 # -- the served app -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def redis_server():
@@ -275,11 +299,15 @@ def test_client_disconnect_aborts_and_frees_blocks(server):
 def test_grpc_cancel_aborts(server):
     from aptray.client import Client
     assert _wait_idle_blocks(server)
+    aborted_before = _metric(server, "aptray_slo_missed_total", '{reason="abort"}') or 0
     with Client(server["grpc"]) as c:
         call = c.generate_call("hello", max_tokens=400, ignore_eos=True)
         next(call)
+        t = time.time()
         call.cancel()
     assert _wait_idle_blocks(server)
+    assert time.time() - t < 3  # 400 tokens would take longer: the cancel aborted it
+    assert _metric(server, "aptray_slo_missed_total", '{reason="abort"}') == aborted_before + 1
 
 
 def test_graceful_drain_finishes_in_flight_then_frees_shards(server):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 
 import grpc
 
@@ -58,18 +59,42 @@ class RayExecutor(Executor):
                                           response_deserializer=shard_pb2.StepResult.FromString)
                            for ch in self.channels]
         self.use_gpu = use_gpu
+        self._check_versions()
         logger.info("RayExecutor: %d shard(s) on %s, %d cache blocks", tp, "GPU" if use_gpu else "CPU",
                     self.num_blocks)
+
+    def _check_versions(self) -> None:
+        from aptray.proto import shard_pb2_grpc
+        from aptray.proto.convert import PLAN_VERSION
+        for ch in self.channels:
+            info = shard_pb2_grpc.ShardStub(ch).Info(shard_pb2.ShardInfoRequest(), timeout=30)
+            if info.version != PLAN_VERSION:
+                raise RuntimeError(f"shard rank {info.rank} speaks plan version {info.version}, "
+                                   f"the router {PLAN_VERSION}")
 
     def execute(self, plan: BatchPlan) -> StepResult:
         payload = plan_to_proto(plan).SerializeToString()
         pending = [call.future(payload, timeout=STEP_TIMEOUT_S) for call in self.plan_calls]
-        replies = [f.result() for f in pending]
+        replies = self._gather(pending)
         self.last_step_times = [r.step_time for r in replies]  # per rank: shows stragglers
         for reply in replies[1:]:
             if reply.error:
                 raise RuntimeError(f"shard step failed: {reply.error}")
         return result_from_proto(replies[0])
+
+    @staticmethod
+    def _gather(pending: list) -> list:
+        """All replies, but fail as soon as any rank fails: a dead rank leaves the others blocked
+        in a collective, so waiting on rank 0 first would hang until the step timeout."""
+        arrived = threading.Semaphore(0)
+        for f in pending:
+            f.add_done_callback(lambda _: arrived.release())
+        for _ in pending:
+            arrived.acquire()
+            for f in pending:
+                if f.done() and f.exception() is not None:
+                    raise f.exception()
+        return [f.result() for f in pending]
 
     def shutdown(self) -> None:
         import ray

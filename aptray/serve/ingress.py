@@ -224,7 +224,7 @@ class Ingress:
     async def check_health(self):
         h = await asyncio.wait_for(self.router.health.remote(), timeout=30)
         if not h["ok"]:
-            raise RuntimeError("router engine thread is dead")
+            raise RuntimeError(f"router unhealthy: {h['error'] or 'engine thread is dead'}")
 
     async def __del__(self):
         # Serve has drained this replica's requests by now; let the router finish stragglers,

@@ -13,6 +13,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+import grpc
+
 from aptray.config import EngineConfig
 from aptray.engine import Engine
 from aptray.metrics import ServingMetrics
@@ -75,6 +77,7 @@ class Router:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = False
+        self._broken: str | None = None  # a shard is unreachable: report unhealthy, Serve replaces us
         self.draining = False
         self._thread = threading.Thread(target=self._loop, name="aptray-engine", daemon=True)
         self._thread.start()
@@ -109,8 +112,8 @@ class Router:
 
     def health(self) -> dict:
         s = self.engine.scheduler
-        return {"ok": self._thread.is_alive(), "waiting": len(s.waiting), "running": len(s.running),
-                "draining": self.draining}
+        return {"ok": self._thread.is_alive() and self._broken is None, "waiting": len(s.waiting),
+                "running": len(s.running), "draining": self.draining, "error": self._broken}
 
     def metrics_text(self) -> bytes:
         return self.metrics.text()
@@ -138,8 +141,8 @@ class Router:
 
     # -- data plane ---------------------------------------------------------------------------
     def _refuse(self, request_id: str, n: int, sampling: dict) -> dict | None:
-        if self.draining:
-            return {"error": "the server is draining", "status": 503}
+        if self.draining or self._broken:
+            return {"error": self._broken or "the server is draining", "status": 503}
         if request_id in self._streams:
             return {"error": f"request id {request_id!r} is already in flight", "status": 400}
         limit = self.config.spec.max_model_len
@@ -195,6 +198,8 @@ class Router:
                 outputs = self.engine.step()
             except Exception as e:  # a failed step fails its requests, not the replica
                 logger.exception("engine step failed")
+                if isinstance(e, grpc.RpcError):  # transport, not plan: the shard group is gone
+                    self._broken = f"shard unreachable: {e.code()}"
                 self._fail_all(repr(e))
                 continue
             self._publish(outputs)
