@@ -76,7 +76,9 @@ class EngineConfig:
     hidden_attention: str = "absorbed"
     block_size: int = 16
     num_cache_blocks: int | None = None  # None: size the pool from cache_memory_gb
-    cache_memory_gb: float = 0.5
+    cache_memory_gb: float = 0.5  # CPU: the pool's size; GPU: gpu_memory_utilization decides
+    gpu_memory_utilization: float = 0.9
+    recompute_scratch_tokens: int | None = None  # context tokens re-projected at once (hidden recompute)
     # scheduling
     scheduler: str = "fcfs"
     max_num_seqs: int = 256
@@ -102,6 +104,8 @@ class EngineConfig:
         self.spec = ModelSpec.from_path(self.model)
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = max(self.spec.max_model_len, self.max_num_seqs)
+        if self.recompute_scratch_tokens is None:
+            self.recompute_scratch_tokens = max(self.max_num_batched_tokens, 4 * self.spec.max_model_len)
         if self.hidden_attention == "absorbed" and self.spec.rotary:
             logger.info("absorbed hidden attention is exact only without rotary positions: using recompute")
             self.hidden_attention = "recompute"

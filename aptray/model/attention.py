@@ -18,7 +18,22 @@ from aptray.model.rotary import RotaryEmbedding
 from aptray.model.step_context import StepContext
 
 
+def _chunks_within(context_lens: torch.Tensor, budget: int) -> list[slice]:
+    """Consecutive row ranges whose padded context (rows x longest) stays within budget tokens."""
+    lens = context_lens.tolist()
+    out, start, longest = [], 0, 0
+    for i, n in enumerate(lens):
+        longest_with = max(longest, n)
+        if i > start and longest_with * (i - start + 1) > budget:
+            out.append(slice(start, i))
+            start, longest_with = i, n
+        longest = longest_with
+    out.append(slice(start, len(lens)))
+    return out
+
+
 class HybridAttention(nn.Module):
+    scratch_tokens = 1 << 62  # set by the model runner from the config
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool,
                  out_name: str, rotary: RotaryEmbedding | None, dtype):
         super().__init__()
@@ -85,9 +100,14 @@ class HybridAttention(nn.Module):
             return ops.absorbed_decode_attention(q, hidden_cache, g.block_tables, g.context_lens,
                                                  self.k_proj.weight, self.v_proj.weight, self.v_proj.bias,
                                                  self.scale)
-        return ops.recompute_decode_attention(q, hidden_cache, g.block_tables, g.context_lens,
-                                              self.k_proj.weight, self.k_proj.bias, self.v_proj.weight,
-                                              self.v_proj.bias, self.scale, *self._rope())
+        # re-projected K and V are scratch: bounded by recompute_scratch_tokens per chunk of rows
+        out = torch.empty_like(q)
+        for rows in _chunks_within(g.context_lens, self.scratch_tokens):
+            out[rows] = ops.recompute_decode_attention(q[rows], hidden_cache, g.block_tables[rows],
+                                                       g.context_lens[rows], self.k_proj.weight, self.k_proj.bias,
+                                                       self.v_proj.weight, self.v_proj.bias, self.scale,
+                                                       *self._rope())
+        return out
 
     def convert_hidden_to_kv(self, hidden_cache, kv_cache, src_table, dst_slots, num_tokens: int) -> None:
         """Project a request's stored hidden vectors into K, V in its new KV blocks."""

@@ -11,6 +11,7 @@ from aptray.config import EngineConfig
 from aptray.model.loader import DTYPES, load_model
 from aptray.model.sampler import sample
 from aptray.model.step_context import _slots, build_step_context
+from aptray.worker.memory_profile import gpu_cache_blocks
 from aptray.plan import BatchPlan, StepResult
 
 logger = logging.getLogger("aptray")
@@ -27,9 +28,16 @@ class ModelRunner:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         spec = config.spec
         self.model = load_model(config.model, spec.arch, config.dtype, self.device, config.load_format)
+        for layer in self.model.layers:
+            layer.self_attn.scratch_tokens = config.recompute_scratch_tokens
         dtype = DTYPES[config.dtype]
         n_kv = spec.num_kv_heads // world_size
-        self.num_blocks = config.num_cache_blocks or self._blocks_for_budget(n_kv, dtype)
+        if config.num_cache_blocks:
+            self.num_blocks = config.num_cache_blocks
+        elif self.device.type == "cuda":
+            self.num_blocks = gpu_cache_blocks(self.model, config, n_kv, dtype, self.device)
+        else:
+            self.num_blocks = self._blocks_for_budget(n_kv, dtype)
         self.pool = CachePool(spec.num_layers, self.num_blocks, config.block_size, n_kv, spec.head_dim,
                               spec.hidden_size, config.hidden_block_size, dtype, self.device)
         logger.info("rank %d: %d cache blocks of %d KV tokens (%d hidden tokens)", rank, self.num_blocks,
