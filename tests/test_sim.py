@@ -27,14 +27,14 @@ GEMM_MEAN_ERROR = {"a100": 0.09, "h100": 0.11}
 @needs_profiles
 @pytest.mark.parametrize("profile", ["a100", "h100"])
 def test_fit_reproduces_profile_rows(profile):
-    fit = fit_profile(profile, f"{profile}_pairwise_nvlink")
+    fit = fit_profile(profile, f"{profile}_dgx")
     e = fit.errors
     assert e["gemm"].mean < GEMM_MEAN_ERROR[profile] and e["gemm"].n > 10_000
     for op in ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj"):
         assert e[op].median < 0.11
     for op in ("layernorm", "activation", "residual_add"):
         assert e[op].median < 0.2
-    assert e["all_reduce_tp2"].median < 0.05 and e["all_reduce_tp4"].median < 0.05
+    assert e["all_reduce_tp2"].median < 0.1 and e["all_reduce_tp4"].median < 0.1
     assert 0.5 < fit.gemm.flop_rate / {"a100": 312e12, "h100": 989e12}[profile] < 1.0  # plausible MFU
 
 

@@ -85,7 +85,8 @@ def load_op_samples(profile: str, root: str = DEFAULT_PROFILE_DIR) -> list[OpSam
 
 
 def load_all_reduce(network: str, root: str = DEFAULT_PROFILE_DIR) -> list[AllReduceSample]:
+    """Intra-node rows only (all workers on one node): tensor parallelism never spans nodes here."""
     path = os.path.join(root, "network", network, "all_reduce.csv")
     with open(path) as f:
         return [AllReduceSample(int(r["size"]), int(r["num_workers"]), float(r["time_stats.all_reduce.median"]) * 1e-3)
-                for r in csv.DictReader(f)]
+                for r in csv.DictReader(f) if r.get("devices_per_node", r["num_workers"]) == r["num_workers"]]
