@@ -10,6 +10,7 @@ import time
 from loadgen.datasets import DATASETS
 
 DEFAULT_TOKENIZER = os.path.expanduser("~/.cache/aptray/tokenizers/sharegpt-bpe-50k")
+TRACE_CACHE = os.path.expanduser("~/.cache/aptray/samples")  # dataset samples by (dataset, tokenizer, n, context, seed)
 # Engine settings each policy is compared with unless --engine-arg overrides them.
 POLICY_DEFAULTS = {
     "fcfs": {},
@@ -121,12 +122,23 @@ def get_tokenizer(path: str):
 
 
 def base_trace(args, rate: float = 1.0):
-    from loadgen.datasets import load_samples
-    from loadgen.traces import make_trace, read_trace
+    """The run's requests: a given trace file, or a dataset sample (cached on disk: tokenising is slow)."""
+    import hashlib
+
+    from loadgen.datasets import Sample, load_samples
+    from loadgen.traces import make_trace, read_trace, write_trace
 
     if args.trace:
         return read_trace(args.trace)
-    samples = load_samples(args.dataset, get_tokenizer(args.tokenizer), args.num_requests, context_of(args), args.seed)
+    context = context_of(args)
+    key = f"{args.dataset}|{os.path.abspath(args.tokenizer)}|{args.num_requests}|{context}|{args.seed}"
+    cache = os.path.join(TRACE_CACHE, hashlib.sha1(key.encode()).hexdigest()[:16] + ".jsonl")
+    if os.path.isfile(cache):
+        samples = [Sample(r.prompt or "", r.num_prefill_tokens, r.num_decode_tokens) for r in read_trace(cache)]
+    else:
+        samples = load_samples(args.dataset, get_tokenizer(args.tokenizer), args.num_requests, context, args.seed)
+        os.makedirs(TRACE_CACHE, exist_ok=True)
+        write_trace(cache, make_trace(samples, 1.0, 1.0, 0, keep_prompts=True))
     return make_trace(samples, rate, args.cv, args.seed, keep_prompts=getattr(args, "keep_prompts", False))
 
 
