@@ -22,7 +22,8 @@ POLICY_DEFAULTS = {
 # -- shared options ------------------------------------------------------------------------------
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
-    g.add_argument("--trace", help="replay this trace file (.jsonl or .csv) instead of sampling a dataset")
+    g.add_argument("--trace", help="take requests from this trace file (.jsonl or .csv) instead of sampling a "
+                                   "dataset (sweep: its lengths, with Gamma arrivals at each rate)")
     g.add_argument("--dataset", choices=DATASETS, default="sharegpt",
                    help="sharegpt (ShareGPT V3), humaneval, or synthetic-longprompt (a synthetic stand-in for "
                         "LongBench summarisation)")
@@ -171,8 +172,8 @@ def cmd_run(args) -> None:
 
     from loadgen.metrics import summarize
     from loadgen.traces import rescale
-    trace = base_trace(args, args.rate)
-    if args.trace and args.rate:
+    trace = base_trace(args, args.rate or 1.0)
+    if args.trace and args.rate:  # a given trace keeps its own arrivals unless a rate is asked
         trace = rescale(trace, args.rate, args.cv, args.seed)
     client = make_client(args, args.policy)
     with tqdm(total=len(trace), desc=f"{args.policy}", unit="req") as bar:
@@ -245,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_workload_args(r)
     add_server_args(r)
     r.add_argument("--policy", default="fcfs", help="fcfs, sarathi or apt")
-    r.add_argument("--rate", type=float, default=1.0, help="requests per second (rescales a given trace's arrivals)")
+    r.add_argument("--rate", type=float, default=None,
+                   help="requests per second (default 1; with --trace: replace its arrivals by Gamma ones at this rate)")
     r.add_argument("--records", action="store_true", help="include every request's record in the JSON")
     r.add_argument("--out", default="results/run.json", help="JSON output path")
     r.set_defaults(func=cmd_run)
