@@ -37,7 +37,8 @@ def _star(args):
 def run_grid(clients: dict[str, Client], trace: list[TraceRequest], rates: list[float], cv: float, seed: int,
              workers: int = 1, progress: bool = True) -> list[dict]:
     _JOB.update(clients=clients, trace=trace, cv=cv, seed=seed)
-    jobs = [(p, r) for p in clients for r in rates]
+    # lowest rates first: they take the most engine steps, so the workers finish together
+    jobs = sorted(((p, r) for p in clients for r in rates), key=lambda j: (j[1], j[0] != "apt"))
     bar = tqdm(total=len(jobs), desc="runs", unit="run", disable=not progress)
     out = []
     if workers > 1 and "fork" in mp.get_all_start_methods():
