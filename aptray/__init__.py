@@ -9,4 +9,7 @@ def __getattr__(name):
     if name == "LLM":
         from aptray.llm import LLM
         return LLM
+    if name == "app":  # `serve run aptray.app`: the Ray Serve application with embedded defaults
+        from aptray.app import app
+        return app
     raise AttributeError(name)
