@@ -125,15 +125,20 @@ def fastest_per_shape(samples: list[StepSample]) -> list[StepSample]:
 
 
 def fit_cpu(samples: list[StepSample], config: EngineConfig) -> Calibration:
-    """Least squares on log(pred/measured), soft-L1 so that a few disturbed steps weigh little."""
+    """Least squares on log(pred/measured): a plain fit, then a soft-L1 refit from it so that a few
+    disturbed steps weigh little; whichever has the lower median error wins."""
     measured = np.array([s.seconds for s in samples])
 
     def residual(p):
         hw, overhead = _unpack(p)
         return np.log(predict(samples, config, hw, overhead) / measured)
 
-    x0 = [math.log(v) for v in (1e-3, 2e-5, 5e10, 5e9, 5e-6, 5e9, 2e-5, 2e10, 5e9)]
-    result = least_squares(residual, x0, bounds=(np.array(x0) - 9, np.array(x0) + 9), diff_step=1e-3,
-                           loss="soft_l1", f_scale=0.1)
-    hw, overhead = _unpack(result.x)
-    return Calibration(hw, overhead, FitError.of(predict(samples, config, hw, overhead), measured))
+    x0 = np.array([math.log(v) for v in (1e-3, 2e-5, 5e10, 5e9, 5e-6, 5e9, 2e-5, 2e10, 5e9)])
+    bounds = (x0 - 9, x0 + 9)
+    plain = least_squares(residual, x0, bounds=bounds, diff_step=1e-3)
+    robust = least_squares(residual, plain.x, bounds=bounds, diff_step=1e-3, loss="soft_l1", f_scale=0.1)
+    fits = []
+    for x in (plain.x, robust.x):
+        hw, overhead = _unpack(x)
+        fits.append(Calibration(hw, overhead, FitError.of(predict(samples, config, hw, overhead), measured)))
+    return min(fits, key=lambda c: c.error.median)
