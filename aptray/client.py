@@ -36,11 +36,17 @@ def build_request(prompt: str | list[int], request_id: str = "", max_tokens: int
     return req
 
 
+def call_metadata(application: str, api_key: str | None) -> tuple:
+    """Serve's proxy routes on `application`; the API key travels as a Bearer token."""
+    md = (("application", application),)
+    return md + ((("authorization", f"Bearer {api_key}"),) if api_key else ())
+
+
 class Client:
-    def __init__(self, target: str = "localhost:9000", application: str = "aptray"):
+    def __init__(self, target: str = "localhost:9000", application: str = "aptray", api_key: str | None = None):
         self.channel = grpc.insecure_channel(target)
         self.stub = generate_pb2_grpc.GenerationStub(self.channel)
-        self.metadata = (("application", application),)  # Serve's proxy routes on it
+        self.metadata = call_metadata(application, api_key)
 
     def generate(self, prompt, **kw):
         """Yields GenerateResponse messages; the last has finished=True and usage."""
@@ -67,10 +73,10 @@ class Client:
 
 
 class AsyncClient:
-    def __init__(self, target: str = "localhost:9000", application: str = "aptray"):
+    def __init__(self, target: str = "localhost:9000", application: str = "aptray", api_key: str | None = None):
         self.channel = grpc.aio.insecure_channel(target)
         self.stub = generate_pb2_grpc.GenerationStub(self.channel)
-        self.metadata = (("application", application),)
+        self.metadata = call_metadata(application, api_key)
 
     async def generate(self, prompt, **kw):
         async for reply in self.stub.Generate(build_request(prompt, **kw), metadata=self.metadata):

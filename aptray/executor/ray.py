@@ -96,15 +96,27 @@ class RayExecutor(Executor):
                     raise f.exception()
         return [f.result() for f in pending]
 
-    def shutdown(self) -> None:
+    def alive(self, timeout_s: float = 2.0) -> bool:
+        """Every rank answers Info: false when a shard process is gone."""
+        from aptray.proto import shard_pb2_grpc
+        try:
+            for ch in self.channels:
+                shard_pb2_grpc.ShardStub(ch).Info(shard_pb2.ShardInfoRequest(), timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+        return True
+
+    def shutdown(self, graceful: bool = True) -> None:
+        """graceful=False after a fault: the surviving ranks may be stuck in a broken collective."""
         import ray
         from ray.util.placement_group import remove_placement_group
         for ch in getattr(self, "channels", []):
             ch.close()
-        try:
-            ray.get([s.stop.remote() for s in self.shards], timeout=10)
-        except Exception:  # already dead: nothing to stop
-            pass
+        if graceful:
+            try:
+                ray.get([s.stop.remote() for s in self.shards], timeout=10)
+            except Exception:  # already dead: nothing to stop
+                pass
         for s in self.shards:
             ray.kill(s)
         remove_placement_group(self.pg)

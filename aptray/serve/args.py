@@ -1,7 +1,11 @@
 """AppArgs: what build_app accepts (Serve config `args`, `serve run aptray.app:build_app k=v`)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
+
+
+_OPTIONAL_INTS = ("num_cache_blocks", "max_prompt_tokens", "max_tokens_limit")
 
 
 @dataclass
@@ -26,6 +30,15 @@ class AppArgs:
     num_replicas: int = 1  # data-parallel: each replica owns a router and its shards
     use_gpu: bool | None = None  # None: GPUs if the cluster has any
     drain_timeout_s: float = 30.0
+    # -- security and request size limits (docs/RELIABILITY.md) --
+    api_keys: str | None = None  # comma-separated; None: $APTRAY_API_KEYS; empty: no auth
+    max_body_bytes: int = 1 << 20  # HTTP request bodies over this get 413
+    max_prompt_tokens: int | None = None  # None: the model context minus one
+    max_tokens_limit: int | None = None  # largest max_tokens a request may ask; None: the context
+    # -- fault recovery --
+    max_shard_rebuilds: int = 3  # shard-group rebuilds in a row without a good step before giving up
+    max_resumes_per_request: int = 3  # a request that keeps killing shards ends with an error
+    router_restart_timeout_s: float = 120.0  # how long the ingress waits for a recreated router
 
     @classmethod
     def parse(cls, args: dict | None) -> "AppArgs":
@@ -42,9 +55,14 @@ class AppArgs:
                 v = "" if k == "model" else None
             elif isinstance(v, str) and isinstance(default, bool) or k == "use_gpu" and isinstance(v, str):
                 v = v.lower() in ("1", "true", "yes")
-            elif isinstance(v, str) and (isinstance(default, int) or k == "num_cache_blocks"):
+            elif isinstance(v, str) and (isinstance(default, int) or k in _OPTIONAL_INTS):
                 v = int(v)
             elif isinstance(v, str) and isinstance(default, float):
                 v = float(v)
             out[k] = v
         return cls(**out)
+
+    def api_key_set(self) -> frozenset[str]:
+        """Accepted API keys: the api_keys arg, else $APTRAY_API_KEYS (e.g. from a Kubernetes Secret)."""
+        raw = self.api_keys if self.api_keys is not None else os.environ.get("APTRAY_API_KEYS", "")
+        return frozenset(k.strip() for k in str(raw).split(",") if k.strip())

@@ -1,14 +1,33 @@
 """generate.proto handlers for the ingress (Serve's gRPC proxy calls Ingress.Generate/Abort/Health)."""
 from __future__ import annotations
 
+import logging
+
 import grpc
 
 from aptray.proto import generate_pb2
 from aptray.proto.convert import PLAN_VERSION
 from aptray.serve.openai_api import new_id
+from aptray.serve.security import grpc_key, key_ok
 
-_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+logger = logging.getLogger("aptray")
+API_VERSION = 1  # GenerateRequest.version this server speaks (0: unset, taken as 1)
+_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+           404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
            429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
+
+
+def _check_key(ingress, ctx) -> None:
+    from aptray.serve.ingress import Rejected
+    keys = ingress.args.api_key_set()
+    if keys and not key_ok(keys, grpc_key(ctx.invocation_metadata() if ctx is not None else None)):
+        raise Rejected("a valid API key is required (metadata authorization: Bearer <key>)", 401)
+
+
+def _fail(ctx, status: int, message: str) -> None:
+    if ctx is not None:  # the proxy turns code + details into the call's status
+        ctx.set_code(_STATUS.get(status, grpc.StatusCode.INTERNAL))
+        ctx.set_details(message)
 
 
 def sampling_from_proto(req: generate_pb2.GenerateRequest) -> dict:
@@ -25,14 +44,21 @@ async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
     from aptray.serve.ingress import Rejected
     rid = req.request_id or new_id("gen")
     try:
+        _check_key(ingress, ctx)
+        if req.version > API_VERSION:
+            raise Rejected(f"request version {req.version}; this server speaks {API_VERSION}", 400)
+        if len(req.request_id) > 128:
+            raise Rejected("request_id is over 128 characters", 400)
         if req.WhichOneof("input") == "prompt":
+            if len(req.prompt.encode()) > ingress.args.max_body_bytes:
+                raise Rejected(f"the prompt is over {ingress.args.max_body_bytes} bytes", 413)
             prompt, ids = req.prompt, ingress.tokenizer.encode(req.prompt)
         elif req.WhichOneof("input") == "prompt_token_ids":
             prompt, ids = None, list(req.prompt_token_ids.ids)
         else:
             raise Rejected("give prompt or prompt_token_ids", 400)
-        gen = await ingress.open_stream(rid, ids, sampling_from_proto(req), prompt)
-        async for chunk in ingress.chunks(rid, gen):
+        call = await ingress.open_stream(rid, ids, sampling_from_proto(req), prompt)
+        async for chunk in ingress.chunks(call):
             reply = generate_pb2.GenerateResponse(request_id=rid, token_ids=chunk["token_ids"], text=chunk["text"],
                                                   finished=chunk["finished"])
             if chunk["finished"]:
@@ -41,13 +67,21 @@ async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
                 reply.usage.completion_tokens = chunk["usage"]["completion_tokens"]
             yield reply
     except Rejected as e:
-        if ctx is not None:  # the proxy turns code + details into the call's status
-            ctx.set_code(_STATUS.get(e.status, grpc.StatusCode.INTERNAL))
-            ctx.set_details(str(e))
+        _fail(ctx, e.status, str(e))
+        raise
+    except Exception as e:
+        logger.exception("gRPC Generate failed")
+        _fail(ctx, 500, f"internal error: {type(e).__name__}")
         raise
 
 
-async def abort(ingress, req: generate_pb2.AbortRequest) -> generate_pb2.AbortReply:
+async def abort(ingress, req: generate_pb2.AbortRequest, ctx=None) -> generate_pb2.AbortReply:
+    from aptray.serve.ingress import Rejected
+    try:
+        _check_key(ingress, ctx)
+    except Rejected as e:
+        _fail(ctx, e.status, str(e))
+        raise
     return generate_pb2.AbortReply(found=await ingress.router.abort.remote(req.request_id))
 
 

@@ -2,6 +2,9 @@
 
 It validates and tokenizes, asks its Router for admission, and relays token chunks. Each
 ingress replica owns one Router actor (and through it the shards): replicas are data-parallel.
+When the router dies the ingress starts a new one (which resumes the requests Redis lists for
+this replica) and re-attaches every open stream with the tokens it has already relayed, so the
+client sees a pause, not an error (docs/RELIABILITY.md).
 """
 
 import asyncio
@@ -11,6 +14,7 @@ import os
 
 import ray
 from fastapi import FastAPI, Request
+from ray.exceptions import RayActorError
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -23,15 +27,28 @@ from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatChunkCho
                                      CompletionChoice, CompletionRequest, CompletionResponse, ModelCard,
                                      ModelList, Usage, error_body, finish_reason, new_id)
 from aptray.serve.router import Router, resolve_model
+from aptray.serve.security import EdgeMiddleware
+from aptray.store import RequestStore
 
 logger = logging.getLogger("aptray")
+MAX_REATTACH = 3  # router restarts one request may live through
+
 api = FastAPI(title="aptray")
+_edge = {"keys": frozenset(), "max_body": 1 << 20}  # set by the Ingress replica (one per process)
+api.add_middleware(EdgeMiddleware, keys_fn=lambda: _edge["keys"], max_body_bytes_fn=lambda: _edge["max_body"])
 
 
 @api.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError):
     # malformed JSON and schema errors alike: 422 in OpenAI's error shape
-    return JSONResponse(error_body(str(exc.errors()[:3]), 422), status_code=422)
+    errors = [{k: e.get(k) for k in ("type", "loc", "msg")} for e in exc.errors()[:3]]  # never echo the input
+    return JSONResponse(error_body(str(errors), 422), status_code=422)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception):
+    logger.exception("unhandled error on %s", request.url.path)
+    return JSONResponse(error_body(f"internal error: {type(exc).__name__}", 500), status_code=500)
 
 
 class Rejected(Exception):
@@ -41,6 +58,25 @@ class Rejected(Exception):
 
     def __reduce__(self):  # Ray ships exceptions by pickle: keep status and param
         return Rejected, (str(self), self.status, self.param)
+
+
+class _Call:
+    """One request as the ingress relays it: enough to re-attach it to a new router."""
+
+    def __init__(self, rid: str, ids: list[int], sampling: dict, prompt: str | None):
+        self.rid, self.ids, self.sampling, self.prompt = rid, ids, sampling, prompt
+        self.seen: list[int] = []  # token ids relayed to the client so far
+        self.text = ""  # and their text
+        self.router = None
+        self.gen = None
+        self.reattached = 0
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside Serve (a test building the class directly)
+        return new_id("replica")
 
 
 def _usage(chunk: dict) -> Usage:
@@ -62,37 +98,107 @@ class Ingress:
         from transformers import AutoTokenizer
 
         self.args = AppArgs.parse(args)
+        _edge.update(keys=self.args.api_key_set(), max_body=self.args.max_body_bytes)
         model, _ = resolve_model(self.args)
         self.tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer or model)
         self.model_name = self.args.served_model_name or os.path.basename(model.rstrip("/"))
-        # num_cpus=0: the router mostly waits on shards; it must not take a CPU a shard needs
-        self.router = ray.remote(Router).options(num_cpus=0, max_concurrency=10_000).remote(dict(args or {}))
+        self.router_args = dict(args or {})
+        self.embedded_store = None
+        if not (self.args.redis_url or os.environ.get("APTRAY_REDIS_URL")):
+            # the embedded Redis lives in the replica, not the router, so it outlives a router restart
+            self.embedded_store = RequestStore.embedded()
+            self.router_args["redis_url"] = self.embedded_store.url
+        self.owner = _replica_id()  # the router's in-flight set in Redis: stable across router restarts
+        self.router_restarts = 0
+        self._router_lock = asyncio.Lock()
+        self.router = self._start_router()
         info = ray.get(self.router.ready.remote())
         self.max_model_len = info["max_model_len"]
         logger.info("ingress ready: %s, %d blocks, store %s", self.model_name, info["num_blocks"], info["store"])
 
-    # -- shared path --------------------------------------------------------------------------
-    async def open_stream(self, rid: str, ids: list[int], sampling: dict, prompt: str | None):
-        """Admission: returns the router's chunk generator once the request is accepted."""
-        gen = self.router.generate.options(num_returns="streaming").remote(rid, ids, sampling, prompt)
-        first = await (await gen.__anext__())
-        if "error" in first:
-            raise Rejected(first["error"], first["status"], first.get("param"))
-        return gen
+    def _start_router(self):
+        opts = {"num_cpus": 0, "max_concurrency": 10_000}  # it mostly waits on shards: no CPU a shard needs
+        if self.embedded_store is not None:  # a unix socket: same node as the replica
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                         soft=False)
+        return ray.remote(Router).options(**opts).remote(self.router_args, self.owner)
 
-    async def chunks(self, rid: str, gen):
-        """Token chunks until finished; a caller that stops early (disconnect) aborts the request."""
+    async def _recover_router(self, failed):
+        """The router `failed` raised an actor error: make sure a live one is in place and return it."""
+        async with self._router_lock:
+            if self.router is not failed:  # another request already replaced it
+                return self.router
+            try:
+                await asyncio.wait_for(failed.health.remote(), timeout=5)
+                return failed  # alive after all: a transient error
+            except Exception:
+                pass
+            logger.warning("router lost: starting a new one (it resumes from the store)")
+            try:
+                ray.kill(failed, no_restart=True)
+            except Exception:
+                pass
+            router = self._start_router()
+            try:
+                await asyncio.wait_for(router.ready.remote(), timeout=self.args.router_restart_timeout_s)
+            except Exception as e:
+                raise Rejected(f"the router is down and could not be restarted: {e!r}", 503) from e
+            self.router = router
+            self.router_restarts += 1
+            return router
+
+    # -- shared path --------------------------------------------------------------------------
+    async def open_stream(self, rid: str, ids: list[int], sampling: dict, prompt: str | None) -> _Call:
+        """Admission: returns the call, its router stream open, once the request is accepted."""
+        call = _Call(rid, ids, sampling, prompt)
+        await self._open(call, resume=False)
+        return call
+
+    async def _open(self, call: _Call, resume: bool) -> None:
+        for _ in range(MAX_REATTACH + 1):
+            call.router = self.router
+            seen = call.seen if resume else None
+            try:
+                call.gen = call.router.generate.options(num_returns="streaming").remote(
+                    call.rid, call.ids, call.sampling, call.prompt, seen, call.text)
+                first = await (await call.gen.__anext__())
+            except RayActorError:
+                # it may have recorded the request before dying: from now on only re-attach
+                await self._recover_router(call.router)
+                resume = True
+                continue
+            if "error" in first:
+                raise Rejected(first["error"], first["status"], first.get("param"))
+            return
+        raise Rejected("the router keeps failing", 503)
+
+    async def chunks(self, call: _Call):
+        """Token chunks until finished; a router that dies is replaced and the stream re-attached.
+        A caller that stops early (disconnect) aborts the request."""
         finished = False
         try:
-            async for ref in gen:
-                chunk = await ref
-                if "error" in chunk:
-                    raise Rejected(chunk["error"], chunk.get("status", 500))
-                finished = chunk["finished"]
-                yield chunk
+            while not finished:
+                try:
+                    async for ref in call.gen:
+                        chunk = await ref
+                        if "error" in chunk:
+                            raise Rejected(chunk["error"], chunk.get("status", 500))
+                        call.seen.extend(chunk["token_ids"])
+                        call.text += chunk["text"]
+                        finished = chunk["finished"]
+                        yield chunk
+                    if not finished:
+                        raise Rejected("the router ended the stream early", 500)
+                except RayActorError as e:
+                    call.reattached += 1
+                    if call.reattached > MAX_REATTACH:
+                        raise Rejected(f"the router was lost {call.reattached} times: {e}", 503) from e
+                    await self._recover_router(call.router)
+                    await self._open(call, resume=True)
         finally:
-            if not finished:
-                self.router.abort.remote(rid)  # fire and forget: we may be inside a cancellation
+            if not finished and call.router is not None:
+                call.router.abort.remote(call.rid)  # fire and forget: we may be inside a cancellation
 
     def _reject(self, e: Rejected) -> JSONResponse:
         headers = {"Retry-After": str(self.args.retry_after_s)} if e.status == 429 else None
@@ -111,7 +217,7 @@ class Ingress:
             raise Rejected(f"model {req.model!r} is not served here; this server has {self.model_name!r}", 404,
                            "model")
         if req.n != 1:
-            raise Rejected("n > 1 is not supported", 400, "n")
+            raise Rejected("only n = 1 is supported", 400, "n")
 
     # -- OpenAI HTTP --------------------------------------------------------------------------
     @api.post("/v1/completions")
@@ -128,7 +234,7 @@ class Ingress:
             return StreamingResponse(self._completion_sse(rid, gen, include_usage), media_type="text/event-stream")
         text, last = "", None
         try:
-            async for chunk in self.chunks(rid, gen):
+            async for chunk in self.chunks(gen):
                 text, last = text + chunk["text"], chunk
         except Rejected as e:
             return self._reject(e)
@@ -147,7 +253,7 @@ class Ingress:
 
     async def _completion_sse(self, rid: str, gen, include_usage: bool):
         try:
-            async for chunk in self.chunks(rid, gen):
+            async for chunk in self.chunks(gen):
                 reason = finish_reason(chunk["finish_reason"]) if chunk["finished"] else None
                 yield _sse(CompletionResponse(id=rid, model=self.model_name, choices=[
                     CompletionChoice(text=chunk["text"], finish_reason=reason)]))
@@ -155,16 +261,19 @@ class Ingress:
                     yield _sse(CompletionResponse(id=rid, model=self.model_name, choices=[], usage=_usage(chunk)))
         except Rejected as e:
             yield _sse(error_body(str(e), e.status))
+        except Exception as e:  # headers are sent: an error event is all a client can still get
+            logger.exception("stream failed")
+            yield _sse(error_body(f"internal error: {type(e).__name__}", 500))
         yield "data: [DONE]\n\n"
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, req: ChatCompletionRequest):
         try:
             self._check_model(req)
-            text = self.tokenizer.apply_chat_template([m.model_dump() for m in req.messages], tokenize=False,
-                                                      add_generation_prompt=True)
+            text = self._chat_text(req)
             ids = self.tokenizer.encode(text, add_special_tokens=False)
-            max_tokens = req.max_completion_tokens or req.max_tokens or max(1, self.max_model_len - len(ids))
+            rest = max(1, self.max_model_len - len(ids))
+            max_tokens = req.max_completion_tokens or req.max_tokens or min(rest, self.args.max_tokens_limit or rest)
             rid = new_id("chatcmpl")
             gen = await self.open_stream(rid, ids, self.sampling(req, max_tokens), text)
         except Rejected as e:
@@ -174,18 +283,25 @@ class Ingress:
             return StreamingResponse(self._chat_sse(rid, gen, include_usage), media_type="text/event-stream")
         content, last = "", None
         try:
-            async for chunk in self.chunks(rid, gen):
+            async for chunk in self.chunks(gen):
                 content, last = content + chunk["text"], chunk
         except Rejected as e:
             return self._reject(e)
         return ChatCompletionResponse(id=rid, model=self.model_name, usage=_usage(last), choices=[
             ChatChoice(message=ChatChoiceMessage(content=content), finish_reason=finish_reason(last["finish_reason"]))])
 
+    def _chat_text(self, req) -> str:
+        try:
+            return self.tokenizer.apply_chat_template([m.model_dump() for m in req.messages], tokenize=False,
+                                                      add_generation_prompt=True)
+        except Exception as e:  # the template refused these messages (roles, order): the client's error
+            raise Rejected(f"the chat template refused the messages: {e}", 400, "messages") from e
+
     async def _chat_sse(self, rid: str, gen, include_usage: bool):
         yield _sse(ChatCompletionChunk(id=rid, model=self.model_name,
                                        choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))]))
         try:
-            async for chunk in self.chunks(rid, gen):
+            async for chunk in self.chunks(gen):
                 reason = finish_reason(chunk["finish_reason"]) if chunk["finished"] else None
                 yield _sse(ChatCompletionChunk(id=rid, model=self.model_name, choices=[
                     ChatChunkChoice(delta=ChatDelta(content=chunk["text"]), finish_reason=reason)]))
@@ -193,6 +309,9 @@ class Ingress:
                     yield _sse(ChatCompletionChunk(id=rid, model=self.model_name, choices=[], usage=_usage(chunk)))
         except Rejected as e:
             yield _sse(error_body(str(e), e.status))
+        except Exception as e:  # headers are sent: an error event is all a client can still get
+            logger.exception("stream failed")
+            yield _sse(error_body(f"internal error: {type(e).__name__}", 500))
         yield "data: [DONE]\n\n"
 
     @api.get("/v1/models")
@@ -201,13 +320,24 @@ class Ingress:
 
     @api.get("/health")
     async def health(self):
-        h = await self.router.health.remote()
+        try:
+            h = await self.router.health.remote()
+        except RayActorError:
+            return JSONResponse(error_body("the router is restarting", 503), status_code=503)
+        h["router_restarts"] = self.router_restarts
         ok = h["ok"] and not h["draining"]
         return JSONResponse(h, status_code=200 if ok else 503)
 
     @api.get("/metrics")
     async def metrics(self):
-        return Response(await self.router.metrics_text.remote(), media_type=CONTENT_TYPE_LATEST)
+        try:
+            text = await self.router.metrics_text.remote()
+        except RayActorError:
+            return JSONResponse(error_body("the router is restarting", 503), status_code=503)
+        text += (f"# HELP aptray_router_restarts_total routers this replica replaced\n"
+                 f"# TYPE aptray_router_restarts_total counter\n"
+                 f"aptray_router_restarts_total {self.router_restarts}\n").encode()
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     # -- gRPC (through Serve's gRPC proxy; method names match generate.proto) ------------------
     async def Generate(self, request, grpc_context=None):
@@ -215,14 +345,18 @@ class Ingress:
             yield reply
 
     async def Abort(self, request, grpc_context=None):
-        return await grpc_api.abort(self, request)
+        return await grpc_api.abort(self, request, grpc_context)
 
     async def Health(self, request, grpc_context=None):
         return await grpc_api.health(self, request)
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def check_health(self):
-        h = await asyncio.wait_for(self.router.health.remote(), timeout=30)
+        try:
+            h = await asyncio.wait_for(self.router.health.remote(), timeout=30)
+        except RayActorError:  # replace the router here; only if that fails does Serve replace us
+            await self._recover_router(self.router)
+            return
         if not h["ok"]:
             raise RuntimeError(f"router unhealthy: {h['error'] or 'engine thread is dead'}")
 
@@ -235,3 +369,5 @@ class Ingress:
             ray.kill(self.router)
         except Exception:
             logger.exception("router shutdown failed")
+        if self.embedded_store is not None:
+            self.embedded_store.close()

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class AptraySlo(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
     ttft_ms: float | None = Field(None, gt=0)
     tbt_ms: float | None = Field(None, gt=0)
 
@@ -18,7 +19,8 @@ class StreamOptions(BaseModel):
 
 
 class _SamplingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields (user, logit_bias...) are accepted
+    # unknown OpenAI fields (user, logit_bias...) are accepted; NaN and infinities are not
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     model: str | None = None
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)

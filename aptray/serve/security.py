@@ -1,0 +1,98 @@
+"""Edge checks on every HTTP request and gRPC call: API keys and body size.
+
+A pure ASGI middleware: a request without a valid key never reaches a handler, and a body is
+read only up to the limit (an oversized one is refused as it streams in). Errors use OpenAI's
+shape.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+
+from aptray.serve.openai_api import error_body
+
+OPEN_PATHS = ("/health",)  # probes carry no key
+
+
+def key_ok(keys: frozenset[str], presented: str | None) -> bool:
+    """Constant-time comparison against every accepted key; no keys configured: open."""
+    if not keys:
+        return True
+    if not presented:
+        return False
+    ok = False
+    for k in keys:  # no early exit: timing does not say which key (or how much of it) matched
+        ok |= hmac.compare_digest(k.encode(), presented.encode())
+    return ok
+
+
+def bearer(value: str | None) -> str | None:
+    if value and value[:7].lower() == "bearer ":
+        return value[7:].strip()
+    return value.strip() if value else None
+
+
+def grpc_key(metadata) -> str | None:
+    """The key a gRPC call presents: `authorization: Bearer <key>` or `x-api-key: <key>`."""
+    for k, v in metadata or ():
+        if k.lower() == "authorization":
+            return bearer(v)
+        if k.lower() == "x-api-key":
+            return v
+    return None
+
+
+async def _send_error(send, status: int, message: str, headers: list | None = None) -> None:
+    body = json.dumps(error_body(message, status)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())] + (headers or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+class EdgeMiddleware:
+    """401 without a valid key (except OPEN_PATHS), 413 over max_body_bytes."""
+
+    def __init__(self, app, keys_fn, max_body_bytes_fn):
+        self.app = app
+        # functions, not values: the ingress reads its args after the app is built
+        self.keys_fn, self.max_body_fn = keys_fn, max_body_bytes_fn
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        keys = self.keys_fn()
+        if scope.get("path") not in OPEN_PATHS and not key_ok(keys, bearer(headers.get("authorization"))):
+            return await _send_error(send, 401, "a valid API key is required (Authorization: Bearer <key>)",
+                                     [(b"www-authenticate", b"Bearer")])
+        limit = self.max_body_fn()
+        try:
+            declared = int(headers.get("content-length", "0") or 0)
+        except ValueError:
+            return await _send_error(send, 400, "malformed Content-Length")
+        if limit and declared > limit:
+            return await _send_error(send, 413, f"the request body is over {limit} bytes")
+        # read the body up to the limit before the app sees it (bounded buffering): a body that
+        # goes over is refused here, not half-parsed by a handler
+        chunks, received = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return  # the client went away
+            chunks.append(msg.get("body", b""))
+            received += len(chunks[-1])
+            if limit and received > limit:
+                return await _send_error(send, 413, f"the request body is over {limit} bytes")
+            if not msg.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then disconnects, for streaming responses
+
+        await self.app(scope, replay, send)

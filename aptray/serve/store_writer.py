@@ -1,0 +1,165 @@
+"""StoreWriter: the router's only path to Redis, in its own thread.
+
+The engine thread never waits on Redis: it queues token and finish records and goes on. The
+writer keeps a mirror of every in-flight request, so when Redis comes back after an outage (a
+restart may have emptied it) one resync rewrites the whole state and nothing is lost. Admission
+is the one synchronous write: a request is accepted only once its metadata is in Redis, and
+while Redis is away new requests are refused at once (503) instead of waiting on it.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import copy
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+
+from aptray.store import RequestMeta, RequestStore
+
+logger = logging.getLogger("aptray")
+
+RETRY_S = 0.5  # how often to try Redis again while it is away
+HEARTBEAT_S = 5.0
+HEARTBEAT_TTL_S = 30
+MAX_PENDING_FINISHES = 10_000  # finishes kept for the resync; older ones expire in Redis anyway
+
+
+class StoreUnavailable(RuntimeError):
+    pass
+
+
+class StoreWriter:
+    def __init__(self, store: RequestStore):
+        self.store = store
+        self.mirror: dict[str, RequestMeta] = {}
+        self.pending_finishes: OrderedDict[str, str] = OrderedDict()
+        self.healthy = True
+        self.outages = 0  # times Redis went away (metrics, tests)
+        self.last_error: str | None = None
+        self._last_try = 0.0
+        self._last_beat = 0.0
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="aptray-store", daemon=True)
+        self._thread.start()
+
+    # -- callers (any thread) -----------------------------------------------------------------
+    def admit(self, meta: RequestMeta) -> concurrent.futures.Future:
+        """Write a new request's metadata; the future fails with StoreUnavailable if Redis is away."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._q.put(("admit", meta, fut))
+        return fut
+
+    def track(self, meta: RequestMeta, write: bool = False) -> None:
+        """Mirror a resumed request; write=True also (re)writes it, for one Redis may not hold."""
+        self._q.put(("track", meta, write))
+
+    def tokens(self, new_tokens: dict[str, list[int]]) -> None:
+        if new_tokens:
+            self._q.put(("tokens", new_tokens, time.time()))
+
+    def finish(self, rid: str, status: str) -> None:
+        self._q.put(("finish", rid, status))
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything queued so far was handled (written, or mirrored while Redis is away)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._q.put(("flush", fut))
+        try:
+            fut.result(timeout)
+            return True
+        except concurrent.futures.TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self._stop = True
+        self._q.put(("stop",))
+        self._thread.join(timeout=10)
+
+    # -- writer thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                item = self._q.get(timeout=RETRY_S)
+            except queue.Empty:
+                item = None
+            if item is not None:
+                self._apply(item)
+            self._maybe_heartbeat()
+            if not self.healthy:
+                self._try_resync()
+
+    def _apply(self, item) -> None:
+        kind = item[0]
+        if kind == "admit":
+            _, meta, fut = item
+            if not self.healthy:
+                self._try_resync()
+            if not self.healthy:
+                fut.set_exception(StoreUnavailable(f"the request store (Redis) is unavailable: {self.last_error}"))
+                return
+            if self._write(lambda: self.store.add(meta)):
+                self.mirror[meta.request_id] = copy.deepcopy(meta)
+                fut.set_result(True)
+            else:
+                fut.set_exception(StoreUnavailable(f"the request store (Redis) is unavailable: {self.last_error}"))
+        elif kind == "track":
+            _, meta, write = item
+            self.mirror[meta.request_id] = copy.deepcopy(meta)
+            if write and self.healthy:
+                self._write(lambda: self.store.add(meta))
+        elif kind == "tokens":
+            _, new_tokens, now = item
+            for rid, toks in new_tokens.items():
+                m = self.mirror.get(rid)
+                if m is not None and toks:
+                    m.output_token_ids.extend(toks)
+                    m.first_token_time = m.first_token_time or now
+                    m.last_token_time, m.status = now, "running"
+            if self.healthy:
+                self._write(lambda: self.store.record_step(new_tokens, now=now))
+        elif kind == "finish":
+            _, rid, status = item
+            self.mirror.pop(rid, None)
+            if not self.healthy or not self._write(lambda: self.store.finish(rid, status)):
+                self.pending_finishes[rid] = status
+                while len(self.pending_finishes) > MAX_PENDING_FINISHES:
+                    self.pending_finishes.popitem(last=False)
+        elif kind == "flush":
+            item[1].set_result(True)
+
+    def _write(self, write) -> bool:
+        try:
+            write()
+            return True
+        except Exception as e:  # redis.ConnectionError, TimeoutError, a restarted server's LOADING...
+            self._went_away(e)
+            return False
+
+    def _went_away(self, e: Exception) -> None:
+        if self.healthy:
+            self.outages += 1
+            logger.warning("request store unavailable (%r): mirroring in memory until it is back", e)
+        self.healthy, self.last_error, self._last_try = False, repr(e), time.monotonic()
+
+    def _try_resync(self) -> None:
+        if time.monotonic() - self._last_try < RETRY_S:
+            return
+        self._last_try = time.monotonic()
+        try:
+            self.store.resync(list(self.mirror.values()), dict(self.pending_finishes))
+            self.store.heartbeat(HEARTBEAT_TTL_S)
+        except Exception as e:
+            self.last_error = repr(e)
+            return
+        logger.warning("request store is back: rewrote %d in-flight and %d finished requests",
+                       len(self.mirror), len(self.pending_finishes))
+        self.pending_finishes.clear()
+        self.healthy, self.last_error = True, None
+
+    def _maybe_heartbeat(self) -> None:
+        if self.healthy and time.monotonic() - self._last_beat > HEARTBEAT_S:
+            self._last_beat = time.monotonic()
+            self._write(lambda: self.store.heartbeat(HEARTBEAT_TTL_S))
