@@ -80,10 +80,18 @@ def model_dir(name: str, sim: bool) -> str:
     return name
 
 
-def config_factory(args, policy: str):
+def parse_policy(spec: str) -> tuple[str, str, dict]:
+    """'fcfs' or 'label=policy:key=value:key=value' (a variant, e.g. apt-kv=apt:cache_mode=kv)."""
+    label, _, rest = spec.partition("=") if "=" in spec.split(":")[0] else (spec, "", spec)
+    policy, *settings = rest.split(":")
+    return label, policy, parse_engine_args(settings)
+
+
+def config_factory(args, spec: str):
     from aptray.config import EngineConfig
 
-    kwargs = {**POLICY_DEFAULTS.get(policy, {}), **parse_engine_args(args.engine_arg)}
+    _, policy, variant = parse_policy(spec)
+    kwargs = {**POLICY_DEFAULTS.get(policy, {}), **parse_engine_args(args.engine_arg), **variant}
     model = model_dir(args.model, args.sim)
     return lambda: EngineConfig(model=model, scheduler=policy, tensor_parallel_size=args.tp,
                                 ttft_slo=args.ttft_slo, tbt_slo=args.tbt_slo, **kwargs)
@@ -194,8 +202,9 @@ def rate_grid(args) -> list[float]:
 def cmd_sweep(args) -> None:
     from loadgen.experiment import bisect_policy, report, run_grid, write_plots
     t0 = time.time()
-    policies = [p for p in args.policies.split(",") if p]
-    clients = {p: make_client(args, p) for p in policies}
+    specs = [p for p in args.policies.split(",") if p]
+    clients = {parse_policy(p)[0]: make_client(args, p) for p in specs}
+    policies = list(clients)
     if args.sim:  # fit the cost model once, before the workers fork
         from aptray.sim.fit import hardware_for
         from aptray.sim.gpus import get_gpu
@@ -266,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="SLO attainment over request rates per policy; effective throughput; plots")
     add_workload_args(s)
     add_server_args(s)
-    s.add_argument("--policies", default="fcfs", help="comma-separated: fcfs,sarathi,apt")
+    s.add_argument("--policies", default="fcfs", help="comma-separated: fcfs,sarathi,apt; a variant is "
+                   "LABEL=POLICY:KEY=VALUE:..., e.g. apt-mixed=apt:iteration_shape=mixed")
     s.add_argument("--rates", help="comma-separated rates (req/s); overrides --rate-min/--rate-max/--num-rates")
     s.add_argument("--rate-min", type=float, default=0.5, help="lowest rate of the grid")
     s.add_argument("--rate-max", type=float, default=5.0, help="highest rate of the grid")
