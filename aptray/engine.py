@@ -113,8 +113,12 @@ class Engine:
         elif finished and self.tokenizer is not None:
             text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
         reason = req.status.value if finished else None
-        completion = CompletionOutput(0, text, list(req.output_token_ids), reason, req.stop_reason)
-        metrics = RequestMetrics(req.arrival_time, req.first_token_time, list(req.token_times), req.num_preemptions)
+        # a running request's output shares its growing token list: copying it every step costs O(n^2)
+        tokens = list(req.output_token_ids) if finished else req.output_token_ids
+        completion = CompletionOutput(0, text, tokens, reason, req.stop_reason)
+        metrics = None
+        if finished:
+            metrics = RequestMetrics(req.arrival_time, req.first_token_time, list(req.token_times), req.num_preemptions)
         return RequestOutput(req.request_id, self._prompts.get(req.request_id), req.prompt_token_ids,
                              [completion], finished, metrics, new)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 class CompletionOutput:
     index: int
     text: str
-    token_ids: list[int]
+    token_ids: list[int]  # while running: the request's live list (copy it to keep it)
     finish_reason: str | None = None  # "stop", "length", "abort"
     stop_reason: str | int | None = None
 
@@ -28,5 +28,5 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
-    metrics: RequestMetrics | None = None
+    metrics: RequestMetrics | None = None  # on the finished output only
     new_token_ids: list[int] = field(default_factory=list)  # tokens added by this step (streaming)
