@@ -26,9 +26,28 @@ def _config_kwargs(config: EngineConfig, model_is_default: bool) -> dict:
     return out
 
 
+def _remove_leftover_group(name: str, timeout_s: float = 30.0) -> None:
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group_table, remove_placement_group
+    try:
+        old = ray.util.get_placement_group(name)
+    except ValueError:  # none by that name: the usual case
+        return
+    logger.warning("removing the placement group %s left by a previous router", name)
+    remove_placement_group(old)  # its shard actors go with it
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and placement_group_table(old).get("state") != "REMOVED":
+        time.sleep(0.1)
+
+
 class RayExecutor(Executor):
     def __init__(self, config: EngineConfig, use_gpu: bool | None = None, model_is_default: bool = False,
-                 cpus_per_shard: float = 1.0, start_timeout_s: float = 600.0):
+                 cpus_per_shard: float = 1.0, start_timeout_s: float = 600.0, pg_name: str | None = None):
+        """pg_name: a stable name for the shards' placement group. A group left by a dead owner (a
+        router that was killed) outlives it and still holds the resources; naming it lets the next
+        owner remove it first."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -39,8 +58,10 @@ class RayExecutor(Executor):
         if use_gpu is None:
             use_gpu = ray.cluster_resources().get("GPU", 0) >= tp
         bundle = {"GPU": 1, "CPU": cpus_per_shard} if use_gpu else {"CPU": cpus_per_shard}
+        if pg_name:
+            _remove_leftover_group(pg_name)
         # STRICT_PACK: all ranks on one node, where NCCL/gloo collectives are fast
-        self.pg = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK")
+        self.pg = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK", name=pg_name or "")
         ray.get(self.pg.ready(), timeout=start_timeout_s)
         actor_cls = ray.remote(ShardWorker)
         kwargs = _config_kwargs(config, model_is_default)

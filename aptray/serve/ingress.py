@@ -111,6 +111,7 @@ class Ingress:
         self.owner = _replica_id()  # the router's in-flight set in Redis: stable across router restarts
         self.router_restarts = 0
         self._router_lock = asyncio.Lock()
+        self._recovery: asyncio.Task | None = None
         self.router = self._start_router()
         info = ray.get(self.router.ready.remote())
         self.max_model_len = info["max_model_len"]
@@ -352,10 +353,18 @@ class Ingress:
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def check_health(self):
+        # a router being replaced is healthy enough: Serve's check times out long before a new router
+        # is up, and replacing this replica would cut every open stream. A failed replacement is not.
+        if self._recovery is not None and self._recovery.done():
+            failed, self._recovery = self._recovery.exception(), None
+            if failed is not None:
+                raise RuntimeError(f"router could not be replaced: {failed!r}")
+        if self._router_lock.locked() or self._recovery is not None:
+            return
         try:
-            h = await asyncio.wait_for(self.router.health.remote(), timeout=30)
-        except RayActorError:  # replace the router here; only if that fails does Serve replace us
-            await self._recover_router(self.router)
+            h = await asyncio.wait_for(self.router.health.remote(), timeout=20)
+        except RayActorError:
+            self._recovery = asyncio.create_task(self._recover_router(self.router))
             return
         if not h["ok"]:
             raise RuntimeError(f"router unhealthy: {h['error'] or 'engine thread is dead'}")

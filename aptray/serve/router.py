@@ -78,6 +78,7 @@ class Router:
         from transformers import AutoTokenizer
 
         self.args = AppArgs.parse(args)
+        self.owner = owner
         model, self._model_is_default = resolve_model(self.args)
         self.config = engine_config(self.args, model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer)
@@ -103,7 +104,8 @@ class Router:
 
     def _start_engine(self) -> None:
         from aptray.executor.ray import RayExecutor
-        self.executor = RayExecutor(self.config, self.args.use_gpu, model_is_default=self._model_is_default)
+        self.executor = RayExecutor(self.config, self.args.use_gpu, model_is_default=self._model_is_default,
+                                    pg_name=f"aptray-shards-{self.owner}")
         self.engine = Engine(self.config, self.executor, self.tokenizer)
         self.metrics.forget_scheduler()  # the new scheduler's counters start at zero
         self._time_scheduler()
