@@ -18,6 +18,7 @@ from ray.exceptions import RayActorError
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
 from aptray.serve import grpc_api
@@ -43,6 +44,13 @@ async def _invalid(request: Request, exc: RequestValidationError):
     # malformed JSON and schema errors alike: 422 in OpenAI's error shape
     errors = [{k: e.get(k) for k in ("type", "loc", "msg")} for e in exc.errors()[:3]]  # never echo the input
     return JSONResponse(error_body(str(errors), 422), status_code=422)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    # unknown paths (404), wrong methods (405): the same error shape as everything else
+    return JSONResponse(error_body(str(exc.detail), exc.status_code), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
 
 
 @api.exception_handler(Exception)

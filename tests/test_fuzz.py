@@ -1,0 +1,288 @@
+"""Hostile input against the served app: property-based fuzzing of the HTTP API (request bodies
+drawn from its own OpenAPI schema, then mutated) and of the gRPC API, plus hand-picked attacks
+(oversized, invalid UTF-8, deep nesting, huge and negative numbers, unknown models, clients that
+disconnect mid-stream).
+
+Every answer must be a 2xx, or a 4xx carrying a JSON error; never a 5xx, a crash or a hang
+(every call has a timeout). Bounded: APTRAY_FUZZ_EXAMPLES examples per property (default 60).
+"""
+import json
+import os
+import tempfile
+import time
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ["APTRAY_CACHE"] = tempfile.mkdtemp(prefix="aptray-test-cache-")
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+httpx = pytest.importorskip("httpx")
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from aptray.worker.shard import default_model_path, ensure_tiny_model, free_port  # noqa: E402
+from fault_tools import metric, sse_events  # noqa: E402
+
+EXAMPLES = int(os.environ.get("APTRAY_FUZZ_EXAMPLES", "60"))
+KEY = "fuzz-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MAX_BODY = 64 << 10
+TIMEOUT = 60  # seconds: a hang fails the test instead of blocking it
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+STATS = {"http": 0, "grpc": 0, "codes": {}}
+
+
+@pytest.fixture(scope="module")
+def server():
+    from ray.serve.config import gRPCOptions
+
+    from aptray.app import build_app
+
+    ensure_tiny_model(default_model_path())
+    ray.init(include_dashboard=False, num_cpus=3, log_to_driver=False)
+    http_port, grpc_port = free_port(), free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[
+                    "aptray.proto.generate_pb2_grpc.add_GenerationServicer_to_server"]))
+    args = {"tensor_parallel_size": 1, "num_cache_blocks": 64, "max_num_seqs": 8, "max_queue": 64,
+            "use_gpu": False, "api_keys": KEY, "max_body_bytes": MAX_BODY, "max_tokens_limit": 4}
+    serve.run(build_app(args), name="aptray", route_prefix="/")
+    base = f"http://127.0.0.1:{http_port}"
+    yield {"http": base, "grpc": f"127.0.0.1:{grpc_port}",
+           "schema": httpx.get(base + "/openapi.json", headers=AUTH, timeout=TIMEOUT).json()}
+    print(f"RELIABILITY fuzz http_inputs={STATS['http']} grpc_inputs={STATS['grpc']} codes={STATS['codes']}")
+    serve.shutdown()
+    ray.shutdown()
+
+
+# -- strategies from the OpenAPI schema --------------------------------------------------------
+HOSTILE = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([1e308, -1e308, 2**63, -(2**63) - 1]),
+    st.text(max_size=40), st.sampled_from(["\x00", "\ud7ff\ue000", "💥" * 50, "a" * 5000, "</s>", "{{x}}"]),
+    st.lists(st.integers(min_value=-5, max_value=60000), max_size=8), st.dictionaries(st.text(max_size=5), st.integers()))
+
+
+def from_schema(schema: dict, defs: dict, depth: int = 0):
+    """Values that follow the schema (types, bounds, required keys), loosely: then mutated by HOSTILE."""
+    if "$ref" in schema:
+        return from_schema(defs[schema["$ref"].split("/")[-1]], defs, depth)
+    if "anyOf" in schema:
+        return st.one_of([from_schema(s, defs, depth) for s in schema["anyOf"]])
+    if "const" in schema:
+        return st.just(schema["const"])
+    t = schema.get("type")
+    if t == "string":
+        return st.text(max_size=30)
+    if t == "integer":
+        lo, hi = schema.get("minimum", schema.get("exclusiveMinimum", -10)), schema.get("maximum", 6)
+        return st.integers(min_value=int(lo), max_value=max(int(lo), int(hi)))
+    if t == "number":
+        return st.floats(min_value=schema.get("minimum", -2.0), max_value=schema.get("maximum", 3.0),
+                         allow_nan=False)
+    if t == "boolean":
+        return st.booleans()
+    if t == "null":
+        return st.none()
+    if t == "array":
+        return st.lists(from_schema(schema.get("items", {}), defs, depth + 1), max_size=4 if depth < 2 else 1)
+    if t == "object" or "properties" in schema:
+        props = schema.get("properties", {})
+        required = set(schema.get("required", []))
+        fields = {k: from_schema(v, defs, depth + 1) for k, v in props.items()}
+        return st.fixed_dictionaries({k: v for k, v in fields.items() if k in required},
+                                     optional={k: v for k, v in fields.items() if k not in required})
+    return HOSTILE
+
+
+def bodies(schema_doc: dict, name: str):
+    defs = schema_doc["components"]["schemas"]
+    base = from_schema(defs[name], defs)
+
+    @st.composite
+    def mutated(draw):
+        body = draw(base)
+        if draw(st.booleans()):  # break one field: wrong type, out of range, absurd size
+            keys = sorted(set(body) | {"max_tokens", "n", "model", "seed", "top_k", "temperature", "stop", "prompt"})
+            body[draw(st.sampled_from(keys))] = draw(HOSTILE)
+        body.setdefault("max_tokens", draw(st.integers(min_value=1, max_value=4)))  # keep generations short
+        return body
+    return mutated()
+
+
+def _check_http(r) -> None:
+    code = r.status_code
+    STATS["codes"][code] = STATS["codes"].get(code, 0) + 1
+    assert code < 500, (code, r.text[:500])
+    if code >= 400:
+        err = r.json()["error"]
+        assert err["message"] and err["code"] == code
+    elif "text/event-stream" in r.headers.get("content-type", ""):
+        events = sse_events(r.text.splitlines())
+        assert not any("error" in e and e["error"]["code"] >= 500 for e in events)
+        assert r.text.rstrip().endswith("data: [DONE]")
+    else:
+        assert r.json()["choices"]
+
+
+@pytest.mark.parametrize("path,name", [("/v1/completions", "CompletionRequest"),
+                                       ("/v1/chat/completions", "ChatCompletionRequest")])
+def test_http_schema_fuzz(server, path, name):
+    client = httpx.Client(timeout=TIMEOUT)
+
+    @FUZZ
+    @given(body=bodies(server["schema"], name))
+    def run(body):
+        STATS["http"] += 1
+        _check_http(client.post(server["http"] + path, json=body, headers=AUTH))
+    run()
+    client.close()
+
+
+# -- hand-picked attacks -----------------------------------------------------------------------
+RAW = [
+    ("invalid utf-8", b'{"prompt": "\xff\xfe\xfa", "max_tokens": 2}', 400),
+    ("not json", b"{not json", 422),
+    ("empty body", b"", 422),
+    ("json array", b"[1, 2, 3]", 422),
+    ("deep nesting", b'{"prompt": ' + b"[" * 20000 + b"]" * 20000 + b"}", None),
+    ("NaN temperature", b'{"prompt": "hi", "temperature": NaN}', 422),
+    ("huge max_tokens", b'{"prompt": "hi", "max_tokens": 100000000000000000000000000}', 400),
+    ("negative max_tokens", b'{"prompt": "hi", "max_tokens": -5}', 422),
+    ("huge seed", b'{"prompt": "hi", "max_tokens": 2, "seed": 18446744073709551617}', 400),
+    ("huge top_k", b'{"prompt": "hi", "max_tokens": 2, "top_k": 99999999999}', 400),
+    ("token id out of vocab", b'{"prompt": [1, 2, 999999999], "max_tokens": 2}', 400),
+    ("negative token id", b'{"prompt": [-1], "max_tokens": 2}', 400),
+    ("unknown model", b'{"prompt": "hi", "model": "gpt-9", "max_tokens": 2}', 404),
+    ("n = 5", b'{"prompt": "hi", "n": 5, "max_tokens": 2}', 400),
+    ("long prompt", json.dumps({"prompt": "hello " * 5000, "max_tokens": 2}).encode(), 400),
+    ("too many stops", json.dumps({"prompt": "hi", "max_tokens": 2, "stop": ["x"] * 50}).encode(), 400),
+    ("oversized body", json.dumps({"prompt": "x" * (MAX_BODY + 10)}).encode(), 413),
+]
+
+
+@pytest.mark.parametrize("what,body,want", RAW, ids=[r[0] for r in RAW])
+def test_raw_bodies(server, what, body, want):
+    r = httpx.post(server["http"] + "/v1/completions", content=body, timeout=TIMEOUT,
+                   headers={**AUTH, "content-type": "application/json"})
+    STATS["http"] += 1
+    _check_http(r)
+    if want is not None:
+        assert r.status_code == want, (r.status_code, r.text[:300])
+
+
+def test_oversized_body_without_length_is_refused(server):
+    def chunks():  # chunked transfer: no Content-Length to refuse early on
+        for _ in range(8):
+            yield b"x" * (MAX_BODY // 4)
+    r = httpx.post(server["http"] + "/v1/completions", content=chunks(), headers=AUTH, timeout=TIMEOUT)
+    assert r.status_code == 413 and r.json()["error"]["code"] == 413
+
+
+def test_unknown_path_and_method(server):
+    assert httpx.get(server["http"] + "/v1/nothing", headers=AUTH, timeout=TIMEOUT).json()["error"]["code"] == 404
+    r = httpx.get(server["http"] + "/v1/completions", headers=AUTH, timeout=TIMEOUT)
+    assert r.status_code == 405 and r.json()["error"]["code"] == 405
+
+
+def test_client_disconnects_mid_stream_free_their_blocks(server):
+    for _ in range(5):
+        with httpx.stream("POST", server["http"] + "/v1/completions", headers=AUTH, timeout=TIMEOUT,
+                          json={"prompt": "hello", "max_tokens": 4, "stream": True, "ignore_eos": True}) as r:
+            next(r.iter_lines())
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        text = httpx.get(server["http"] + "/metrics", headers=AUTH, timeout=TIMEOUT).text
+        if metric(text, "aptray_cache_blocks_in_use", '{kind="kv"}') == 0:
+            break
+        time.sleep(0.2)
+    assert metric(text, "aptray_cache_blocks_in_use", '{kind="kv"}') == 0
+    assert httpx.get(server["http"] + "/health", timeout=TIMEOUT).status_code == 200
+
+
+# -- gRPC --------------------------------------------------------------------------------------
+GRPC_OK = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED"}
+
+
+@st.composite
+def grpc_requests(draw):
+    """Half sane requests (that should generate), half with every field drawn from its whole type."""
+    from aptray.proto import generate_pb2
+    sane = draw(st.booleans())
+    req = generate_pb2.GenerateRequest(version=1 if sane else draw(st.sampled_from([0, 1, 2, 2**32 - 1])),
+                                       request_id="" if sane else draw(st.sampled_from(["", "dup", "x" * 300])))
+    if draw(st.booleans()):
+        req.prompt = draw(st.text(min_size=1 if sane else 0, max_size=60))
+    elif sane:
+        req.prompt_token_ids.ids.extend(draw(st.lists(st.integers(min_value=0, max_value=200), min_size=1,
+                                                      max_size=6)))
+    else:
+        req.prompt_token_ids.ids.extend(draw(st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1),
+                                                      max_size=6)))
+    s = req.sampling
+    if sane:
+        s.max_tokens = draw(st.integers(1, 4))
+        s.temperature = draw(st.floats(0, 2, width=32))
+        s.seed = draw(st.integers(0, 2**31))
+        s.top_k = draw(st.integers(-1, 50))
+    else:
+        f32 = st.floats(width=32)  # NaN and infinities included
+        for name, strat in (("temperature", f32), ("top_p", f32), ("top_k", st.integers(-(2**31), 2**31 - 1)),
+                            ("max_tokens", st.integers(-(2**31), 2**31 - 1)),
+                            ("seed", st.integers(-(2**63), 2**63 - 1))):
+            if draw(st.booleans()):
+                setattr(s, name, draw(strat))
+        s.stop.extend(draw(st.lists(st.text(max_size=4), max_size=3)))
+        s.stop_token_ids.extend(draw(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3)))
+        if draw(st.booleans()):
+            req.slo.ttft_ms = draw(st.floats())
+    return req
+
+
+def test_grpc_fuzz(server):
+    import grpc
+
+    from aptray.proto import generate_pb2_grpc
+    channel = grpc.insecure_channel(server["grpc"])
+    stub = generate_pb2_grpc.GenerationStub(channel)
+    md = (("application", "aptray"), ("authorization", f"Bearer {KEY}"))
+
+    @FUZZ
+    @given(req=grpc_requests())
+    def run(req):
+        STATS["grpc"] += 1
+        try:
+            replies = list(stub.Generate(req, metadata=md, timeout=TIMEOUT))
+            code = "OK"
+            assert replies and replies[-1].finished
+        except grpc.RpcError as e:
+            code = e.code().name
+        STATS["codes"][f"grpc:{code}"] = STATS["codes"].get(f"grpc:{code}", 0) + 1
+        assert code in GRPC_OK, code
+    run()
+    channel.close()
+
+
+def test_grpc_garbage_bytes_and_still_serving(server):
+    """Bytes that are no GenerateRequest: Serve's gRPC proxy rejects them (its own status) and the app
+    keeps serving."""
+    import grpc
+
+    from aptray.client import Client
+    channel = grpc.insecure_channel(server["grpc"])
+    raw = channel.unary_stream("/aptray.generate.v1.Generation/Generate", request_serializer=None,
+                               response_deserializer=None)
+    md = (("application", "aptray"), ("authorization", f"Bearer {KEY}"))
+    for junk in (b"\xff" * 64, b"\x0a\x05\xff\xfe\xfd\xfc\xfb", os.urandom(256)):
+        try:
+            list(raw(junk, metadata=md, timeout=TIMEOUT))
+        except grpc.RpcError as e:
+            STATS["codes"][f"grpc-garbage:{e.code().name}"] = STATS["codes"].get(f"grpc-garbage:{e.code().name}", 0) + 1
+            assert e.code() != grpc.StatusCode.DEADLINE_EXCEEDED
+    channel.close()
+    with Client(server["grpc"], api_key=KEY) as c:
+        assert list(c.generate("hello", max_tokens=2))[-1].finished
