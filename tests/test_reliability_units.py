@@ -1,0 +1,114 @@
+"""Fast checks of the fault-handling parts without Ray: the store writer across a Redis restart,
+admission limits, API key checks, resumption rules."""
+import time
+
+import pytest
+
+from aptray.sampling_params import SamplingParams
+from aptray.serve.limits import request_error
+from aptray.serve.security import bearer, grpc_key, key_ok
+from aptray.serve.store_writer import StoreUnavailable, StoreWriter
+from aptray.store import RequestMeta, RequestStore
+from aptray.worker.shard import free_port
+from fault_tools import RedisProcess
+
+
+@pytest.fixture()
+def redis_proc():
+    r = RedisProcess(free_port(), password="s3cret")
+    r.start()
+    yield r
+    r.stop()
+
+
+def _meta(rid):
+    return RequestMeta(rid, time.time(), 1.0, 0.5, [1, 2, 3], {"max_tokens": 8, "temperature": 0.0})
+
+
+def test_writer_survives_an_empty_restart(redis_proc, monkeypatch):
+    monkeypatch.setenv("REDIS_PASSWORD", "s3cret")  # the password comes from the environment
+    store = RequestStore.connect(redis_proc.url, queue_owner="replica-a")
+    w = StoreWriter(store)
+    try:
+        w.admit(_meta("a")).result(5)
+        w.admit(_meta("b")).result(5)
+        w.tokens({"a": [7, 8], "b": [9]})
+        assert w.flush()
+        redis_proc.stop()
+        w.tokens({"a": [10], "b": [11]})  # generation goes on while Redis is away
+        w.finish("b", "length")
+        assert w.flush()
+        t = time.time()
+        with pytest.raises(StoreUnavailable):
+            w.admit(_meta("c")).result(10)
+        assert time.time() - t < 3 and not w.healthy  # refused quickly, not after a hang
+        redis_proc.start()  # empty: no persistence
+        deadline = time.time() + 10
+        while not w.healthy and time.time() < deadline:
+            time.sleep(0.1)
+        assert w.healthy and w.outages == 1
+        a = store.get("a")
+        assert a.output_token_ids == [7, 8, 10] and a.prompt_token_ids == [1, 2, 3]
+        assert [m.request_id for m in store.unfinished()] == ["a"]
+        assert store.r.hget(store._k("b"), "status") == b"length"  # the finish made while away is replayed
+        w.admit(_meta("c")).result(5)
+    finally:
+        w.close()
+
+
+def test_orphaned_owner_is_found(redis_proc, monkeypatch):
+    monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
+    alive = RequestStore.connect(redis_proc.url, queue_owner="alive")
+    gone = RequestStore.connect(redis_proc.url, queue_owner="gone")
+    alive.heartbeat()
+    alive.add(_meta("x"))
+    gone.add(_meta("y"))
+    me = RequestStore.connect(redis_proc.url, queue_owner="me")
+    assert me.orphaned_owners() == ["gone"]
+    assert sorted(m.request_id for m in me.unfinished_everywhere()) == ["x", "y"]
+
+
+def test_password_file(tmp_path, monkeypatch):
+    from aptray.store import redis_password
+    (tmp_path / "pw").write_text("from-file\n")
+    monkeypatch.delenv("REDIS_PASSWORD", raising=False)
+    monkeypatch.setenv("REDIS_PASSWORD_FILE", str(tmp_path / "pw"))
+    assert redis_password() == "from-file"
+
+
+@pytest.mark.parametrize("ids,sampling,param", [
+    ([], {}, "prompt"), ([1, -1], {}, "prompt"), ([1, 10**6], {}, "prompt"), ([1] * 600, {}, "prompt"),
+    ([1], {"max_tokens": 0}, "max_tokens"), ([1], {"max_tokens": 9}, "max_tokens"),
+    ([1] * 400, {"max_tokens": 8}, "prompt"), ([1], {"max_tokens": 4, "seed": 2**63}, "seed"),
+    ([1], {"max_tokens": 4, "top_k": 2**40}, "top_k"), ([1], {"max_tokens": 4, "stop": ["x"] * 17}, "stop"),
+    ([1], {"max_tokens": 4, "stop": "y" * 300}, "stop")])
+def test_request_limits(ids, sampling, param):
+    err = request_error(ids, sampling, context=512, vocab_size=1000, max_prompt_tokens=300, max_tokens_limit=8)
+    assert err["status"] == 400 and err["param"] == param
+
+
+def test_request_within_limits():
+    assert request_error([1, 2], {"max_tokens": 8, "seed": 5, "top_k": 3, "stop": ["x"]}, 512, 1000, None, 8) is None
+
+
+def test_api_keys():
+    keys = frozenset({"k1", "k2"})
+    assert key_ok(keys, "k2") and not key_ok(keys, "k3") and not key_ok(keys, None)
+    assert key_ok(frozenset(), None)  # no keys configured: open
+    assert bearer("Bearer  k1 ") == "k1" and bearer("bearer k1") == "k1"
+    assert grpc_key((("application", "aptray"), ("authorization", "Bearer k1"))) == "k1"
+    assert grpc_key((("x-api-key", "k2"),)) == "k2" and grpc_key(None) is None
+
+
+def test_resumed_request_already_finished():
+    from types import SimpleNamespace
+
+    from aptray.serve.resume import Resumable, finished_reason
+    engine = SimpleNamespace(tokenizer=SimpleNamespace(eos_token_id=2, decode=lambda ids, **_: "abc"),
+                             config=SimpleNamespace(spec=SimpleNamespace(max_model_len=512)))
+    r = lambda out, **kw: Resumable("r", [1, 5], SamplingParams(max_tokens=3, **kw), 0.0, out)  # noqa: E731
+    assert finished_reason(r([7, 8, 9]), engine) == "length"
+    assert finished_reason(r([7, 2]), engine) == "stop"
+    assert finished_reason(r([7, 2], ignore_eos=True), engine) is None
+    assert finished_reason(r([7], stop=["b"]), engine) == "stop"
+    assert finished_reason(r([]), engine) is None
