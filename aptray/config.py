@@ -84,7 +84,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # None: the model context (a whole prompt fits one step)
     enable_chunked_prefill: bool = False
-    iteration_shape: str = "alternate"  # apt: "alternate" (prefill-only / decode-only) or "mixed"
+    iteration_shape: str = "mixed"  # apt: "mixed" (chunked prefill under a TBT-sized budget) or "alternate" (the paper)
     ttft_slo: float = 1.0  # seconds, defaults for requests that set none
     tbt_slo: float = 1.0
     spec: ModelSpec = field(init=False)

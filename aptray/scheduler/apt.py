@@ -16,15 +16,26 @@ import numpy as np
 from aptray.request import CacheKind, Request, RequestStatus
 from aptray.scheduler.base import Scheduler
 from aptray.scheduler.greedy import HIDDEN, KV, Budgets, Candidates, select
+from aptray.scheduler.slo_state import SloState
 from aptray.scheduler.step_cost import StepCostModel, tbt_token_budget
 
+# Share of the running set's expected growth (blocks it will add before it ends) kept out of
+# admission; 0 = admit while blocks are free (vLLM), and decoding preempts when they run out.
+# Measured (docs/SCHEDULER.md): 0.5 and 1 cut preemptions to ~0 but lost attainment at every
+# rate (held-back admissions miss TTFT), so it is off; lost requests absorb the preemptions.
+GROWTH_RESERVE = 0.0
 
-def pending_and_violators(reqs, now: float) -> tuple[np.ndarray, np.ndarray]:
+
+def pending_and_violators(reqs, now: float, lost=None) -> tuple[np.ndarray, np.ndarray]:
+    """Pending times, and who is a violator: past its SLO now, or (given lost) lost for good."""
     pending = np.fromiter((now - (r.last_token_time if r.last_token_time is not None else r.arrival_time)
                            for r in reqs), float, len(reqs))
     slo = np.fromiter((r.tbt_slo if r.first_token_time is not None else r.ttft_slo for r in reqs),
                       float, len(reqs))
-    return pending, pending > slo
+    viol = pending > slo
+    if lost:
+        viol |= np.fromiter((r.request_id in lost for r in reqs), bool, len(reqs))
+    return pending, viol
 
 
 class AptScheduler(Scheduler):
@@ -35,6 +46,8 @@ class AptScheduler(Scheduler):
         self.cost = StepCostModel(blocks.block_size, blocks.hidden_block_size)
         self.hidden_on = config.cache_mode != "kv" and blocks.hidden_enabled
         self.kv_on = config.cache_mode != "hidden" or not blocks.hidden_enabled
+        self.slo = SloState()
+        self.growth_reserve = GROWTH_RESERVE
 
     @property
     def alpha(self) -> float:
@@ -44,14 +57,44 @@ class AptScheduler(Scheduler):
     def observe(self, plan, result) -> None:
         self.cost.observe(plan, result.step_time)
 
+    def update(self, plan, result, now):
+        got = super().update(plan, result, now)
+        for req in got:
+            self.slo.on_token(req)
+        return got
+
+    def finish(self, req, status) -> None:
+        super().finish(req, status)
+        self.slo.on_finish(req)
+
+    def _lost_now(self, now: float) -> set[str]:
+        """Requests that cannot attain their SLO any more (TTFT passed without a token included)."""
+        lost = set(self.slo.lost)
+        lost.update(r.request_id for r in self.waiting if r.first_token_time is None and now - r.arrival_time > r.ttft_slo)
+        return lost
+
+    def _growth_reserve(self) -> int:
+        """Blocks the attainable running requests are expected to add before they end."""
+        if self.growth_reserve <= 0:
+            return 0
+        tables, total = self.blocks.tables, 0
+        for r in self.running:
+            if r.request_id in self.slo.lost:
+                continue  # served last anyway: its growth may be taken back by preempting it
+            kind = r.cache_kind or CacheKind.KV
+            grow = self.blocks.blocks_for(r.num_tokens + self.slo.expected_remaining(r), kind)
+            total += max(0, grow - len(tables.get(r.request_id, ())))
+        return int(self.growth_reserve * total)
+
     # -- one iteration -----------------------------------------------------------------------
     def schedule(self, now: float):
         conversions = self._requested_conversions()
         self._now = now
         self._waiting_seen = list(self.waiting)
-        w_p, w_v = pending_and_violators(self._waiting_seen, now)
+        self._lost = self._lost_now(now)
+        w_p, w_v = pending_and_violators(self._waiting_seen, now, self._lost)
         self._waiting_pv = (w_p, w_v)
-        r_p, r_v = pending_and_violators(self.running, now)
+        r_p, r_v = pending_and_violators(self.running, now, self._lost)
         self._U = len(w_p) + len(r_p) - int(w_v.sum()) - int(r_v.sum())
         if self.config.iteration_shape == "mixed":
             seqs = self._mixed(r_p, r_v, conversions)
@@ -154,10 +197,14 @@ class AptScheduler(Scheduler):
         out = []
         hidden = [r for r in self.running if r.cache_kind is CacheKind.HIDDEN and not r.is_prefilling
                   and r.num_computed_tokens > 0]
+        if not hidden:
+            return []
         hidden.sort(key=lambda r: -len(self.blocks.tables[r.request_id]))
+        # keep the running set's expected growth free too, or the upgrade is undone by a re-prefill
+        reserve = len(self.running) + self._growth_reserve()
         for req in hidden:
             extra = self.blocks.blocks_for(req.num_tokens, CacheKind.KV) - len(self.blocks.tables[req.request_id])
-            if self.blocks.num_free - extra < len(self.running):
+            if self.blocks.num_free - extra < reserve:
                 break
             conv = self._convert(req, CacheKind.KV)
             if conv is None:
@@ -186,7 +233,7 @@ class AptScheduler(Scheduler):
         w_p, w_v = self._waiting_pv
         new = len(waiting) - len(self._waiting_seen)  # preempted this iteration: put at the front
         if new:
-            n_p, n_v = pending_and_violators(waiting[:new], self._now)
+            n_p, n_v = pending_and_violators(waiting[:new], self._now, self._lost)
             w_p, w_v = np.concatenate([n_p, w_p]), np.concatenate([n_v, w_v])
         computed = np.fromiter((r.num_computed_tokens for r in waiting), np.int64, len(waiting))
         total = np.fromiter((r.num_tokens for r in waiting), np.int64, len(waiting))
@@ -196,19 +243,31 @@ class AptScheduler(Scheduler):
                      or tokens > self.config.max_num_batched_tokens)
         tokens = np.where(chunkable, np.minimum(tokens, token_budget), tokens)
         upto = computed + tokens
-        kv_blocks = -(-upto // self.blocks.block_size) if self.kv_on else np.zeros_like(upto)
-        hid_blocks = -(-upto // self.blocks.hidden_block_size) if self.hidden_on else np.zeros_like(upto)
+        # weigh a request by the blocks it is expected to hold at its end, not only this chunk's
+        if self.growth_reserve > 0:
+            grow = np.fromiter((self.slo.expected_remaining(r) for r in waiting), np.int64, len(waiting))
+            held = np.maximum(upto, total + (self.growth_reserve * grow).astype(np.int64))
+        else:
+            held = upto
+        kv_blocks = -(-held // self.blocks.block_size) if self.kv_on else np.zeros_like(upto)
+        hid_blocks = -(-held // self.blocks.hidden_block_size) if self.hidden_on else np.zeros_like(upto)
+        room = max(0, self.blocks.num_free - self._growth_reserve())
+        if room == 0 and not self.running:
+            room = self.blocks.num_free
+        kv_blocks = np.minimum(kv_blocks, max(room, 1)) if not self.running else kv_blocks
+        hid_blocks = np.minimum(hid_blocks, max(room, 1)) if not self.running else hid_blocks
         value = np.where(w_v, 0.0, w_p)
         # v_h = p - U * alpha * m_h prices choosing hidden over KV; with no KV option it is p
         hidden_value = value - self._U * self.alpha * hid_blocks if self.kv_on else value
         sel = select(Candidates(value, kv_blocks, hid_blocks, hidden_value, tokens, w_v),
-                     Budgets(self.blocks.num_free, token_budget, slots))
+                     Budgets(room, token_budget, slots))
         if sel.guard_used:
             self.stats["guard_used"] += 1
         for i in np.flatnonzero(sel.kind):
             req = waiting[i]
             kind = CacheKind.KV if sel.kind[i] == KV else CacheKind.HIDDEN
-            assert self._try_allocate(req, int(upto[i]), (kind,))
+            if not self._try_allocate(req, int(upto[i]), (kind,)):
+                continue  # the expected footprint was capped to an idle pool: this chunk still misses
             self.waiting.remove(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)

@@ -62,6 +62,14 @@ def certain_miss(req, now: float) -> bool:
     return m >= n - math.floor(0.99 * (n - 1))
 
 
+def _stats(scheduler) -> dict:
+    """The scheduler's counters, and its last alpha where it learns one."""
+    out = dict(scheduler.stats)
+    if hasattr(scheduler, "alpha"):
+        out["alpha"] = scheduler.alpha
+    return out
+
+
 def build_engine(config: EngineConfig, gpu: str, step_overhead: float = 1e-3,
                  hardware: HardwareFit | None = None) -> tuple[Engine, SimExecutor]:
     """An Engine over a SimExecutor; the pool is sized by the memory model unless config fixes it.
@@ -134,4 +142,4 @@ def simulate(config: EngineConfig, requests: list[SimRequest], gpu: str = "a100-
         o = outcomes[req.request_id]
         o.token_times, o.num_preemptions = list(req.token_times), req.num_preemptions
     return SimRun([outcomes[r.request_id] for r in reqs if r.request_id in outcomes], clock.now - start, stopped,
-                  executor.steps, executor.busy_time, dict(engine.scheduler.stats), executor.num_blocks)
+                  executor.steps, executor.busy_time, _stats(engine.scheduler), executor.num_blocks)

@@ -1,0 +1,80 @@
+"""What the apt scheduler remembers per request between iterations (torch-free, O(1) per token).
+
+- lost: a request that can no longer attain its SLO whatever happens next: its first token came
+  after its TTFT SLO, or so many of its gaps exceeded its TBT SLO that the P99 of all the gaps it
+  may still have (max_tokens - 1) must exceed it too. Such a request is a violator for good:
+  it is served last and preempted first, instead of competing with attainable ones whenever its
+  current pending time happens to be short.
+- expected decode length: the mean output length of the requests finished so far (a prior until
+  a few have), used to reserve blocks for the running set's growth and to weigh a new request by
+  the memory it will hold, not only by its prompt. No request's own output length is known.
+"""
+from __future__ import annotations
+
+import math
+
+from aptray.request import Request, RequestStatus
+
+PRIOR_OUTPUT_TOKENS = 128  # expected decode length before any request has finished
+PRIOR_WEIGHT = 4  # the prior counts as this many finished requests
+MIN_REMAINING_SHARE = 0.1
+
+
+def allowed_slow_gaps(max_tokens: int) -> int:
+    """Gaps over the TBT SLO at which the P99 of max_tokens - 1 gaps (numpy's linear
+    interpolation) must exceed it: the order statistic at floor(0.99 (n - 1)) is then slow."""
+    n = max_tokens - 1
+    if n < 1:
+        return 1 << 30  # no gaps: TBT cannot be missed
+    return n - math.floor(0.99 * (n - 1))
+
+
+class SloState:
+    def __init__(self):
+        self._slow: dict[str, int] = {}
+        self.lost: set[str] = set()
+        self._out_sum = PRIOR_OUTPUT_TOKENS * PRIOR_WEIGHT
+        self._out_n = PRIOR_WEIGHT
+
+    def on_token(self, req: Request) -> None:
+        """After req got a token: update its slow-gap count and whether it is lost."""
+        rid = req.request_id
+        if rid in self.lost:
+            return
+        times = req.token_times
+        if len(times) == 1:
+            if times[0] - req.arrival_time > req.ttft_slo:
+                self.lost.add(rid)
+            return
+        if times[-1] - times[-2] > req.tbt_slo:
+            slow = self._slow.get(rid, 0) + 1
+            self._slow[rid] = slow
+            if slow >= allowed_slow_gaps(req.sampling.max_tokens):
+                self.lost.add(rid)
+
+    def is_lost(self, req: Request, now: float) -> bool:
+        if req.request_id in self.lost:
+            return True
+        if req.first_token_time is None:
+            return now - req.arrival_time > req.ttft_slo
+        return False
+
+    def on_finish(self, req: Request) -> None:
+        rid = req.request_id
+        self._slow.pop(rid, None)
+        self.lost.discard(rid)
+        if req.status is not RequestStatus.FINISHED_ABORTED:
+            self._out_sum += len(req.output_token_ids)
+            self._out_n += 1
+
+    @property
+    def mean_output(self) -> float:
+        return self._out_sum / self._out_n
+
+    def expected_remaining(self, req: Request) -> int:
+        """Tokens req is expected to add: what the mean decode length leaves after what it made
+        (at least MIN_REMAINING_SHARE of the mean), never past its max_tokens."""
+        made = len(req.output_token_ids)
+        left = req.sampling.max_tokens - made
+        mean = self.mean_output
+        return max(0, min(left, int(max(mean - made, MIN_REMAINING_SHARE * mean))))
