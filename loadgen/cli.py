@@ -288,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cdf-rate", type=float, default=None, help="rate whose TTFT/TBT CDFs are plotted (a grid rate)")
     s.add_argument("--out-dir", default="results/sweep", help="folder for results.json and the PNGs")
     s.set_defaults(func=cmd_sweep)
+    res = sub.add_parser("results", help="regenerate docs/RESULTS.md: real CPU engine + simulated paper setups")
+    mode = res.add_mutually_exclusive_group()
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="~15 min (default)")
+    mode.add_argument("--full", dest="mode", action="store_const", const="full", help="~45 min")
+    res.add_argument("--parts", default="cpu,sim", help="cpu, sim or both (a part left out is read from its JSON)")
+    res.add_argument("--workers", type=int, default=2, help="processes for the simulated part")
+    res.set_defaults(mode="quick", func=lambda a: __import__("loadgen.make_results", fromlist=["main"]).main(
+        a.mode, a.parts.split(","), a.workers))
     return p
 
 

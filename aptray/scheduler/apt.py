@@ -147,12 +147,15 @@ class AptScheduler(Scheduler):
         need = np.where(prefilling, np.maximum(held, 1), -(-size // np.where(hidden, hbs, bs)))
         value = np.where(r_v, 0.0, r_p)
         hidden_value = value  # running hidden requests stay hidden: alpha prices a choice they no longer have
-        cands = Candidates(value, np.where(hidden, 0, need), np.where(hidden, need, 0), hidden_value,
-                           np.zeros(len(running), np.int64), r_v)
-        sel = select(cands, Budgets(self.blocks.num_blocks, 1, max(self.config.max_num_seqs, len(running))))
-        if sel.guard_used:
-            self.stats["guard_used"] += 1
-        kept = sel.kind != 0
+        if int(need.sum()) <= self.blocks.num_blocks:
+            kept = np.ones(len(running), bool)  # all fit: the greedy would keep every one
+        else:
+            cands = Candidates(value, np.where(hidden, 0, need), np.where(hidden, need, 0), hidden_value,
+                               np.zeros(len(running), np.int64), r_v)
+            sel = select(cands, Budgets(self.blocks.num_blocks, 1, max(self.config.max_num_seqs, len(running))))
+            if sel.guard_used:
+                self.stats["guard_used"] += 1
+            kept = sel.kind != 0
         decoding = np.flatnonzero(kept & ~prefilling)
         room = self.blocks.num_blocks - int(need[kept].sum())
         tokens_left = token_budget - len(decoding)

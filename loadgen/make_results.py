@@ -1,0 +1,157 @@
+"""python -m loadgen results [--quick|--full]: regenerate docs/RESULTS.md, its JSON and PNGs.
+
+Two parts, both measured in this one command: the real CPU engine (loadgen.results_cpu) and the
+simulated paper setups (loadgen.results_sim). --quick (the default) keeps the whole run near
+15 minutes on the shared 2-core machine; --full uses more requests and rates (about 45 minutes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from loadgen.sweep import crossing_rate
+
+OUT_DIR = "docs/results"
+DOC = "docs/RESULTS.md"
+CPU_RATES = {"quick": {"sharegpt": [4, 8, 12, 16, 24], "humaneval": [10, 20, 30, 45, 60]},
+             "full": {"sharegpt": [4, 6, 8, 10, 12, 16, 20, 24], "humaneval": [10, 15, 20, 30, 40, 50, 60, 80]}}
+CPU_REQUESTS = {"quick": 60, "full": 120}
+SIM_REQUESTS = {"quick": 250, "full": 500}
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else ("inf" if a else "-")
+
+
+def cpu_tables(cpu: dict, plot_dir: str) -> list[str]:
+    from loadgen.plots import plot_attainment
+    lines = []
+    runs = cpu["runs"]
+    groups = sorted({(r["dataset"], r["cv"]) for r in runs})
+    lines.append("| dataset | CV | " + " | ".join(f"{p} (req/s)" for p in _policies(runs))
+                 + " | apt-kv/fcfs | apt-hybrid/fcfs | apt-kv/sarathi | apt-hybrid/sarathi |")
+    lines.append("|" + " --- |" * (2 + len(_policies(runs)) + 4))
+    for dataset, cv in groups:
+        curves = {}
+        for r in runs:
+            if (r["dataset"], r["cv"]) == (dataset, cv):
+                curves.setdefault(r["policy"], {})[r["rate"]] = r["attainment"]
+        eff = {p: crossing_rate(c, 0.9) for p, c in curves.items()}
+        cells = [f"{eff[p]:.1f}" for p in _policies(runs)]
+        lines.append(f"| {dataset} | {cv:g} | " + " | ".join(cells) + " | "
+                     + " | ".join(_ratio(eff[a], eff[b]) for a, b in (("apt-kv", "fcfs"), ("apt-hybrid", "fcfs"),
+                                                                       ("apt-kv", "sarathi"), ("apt-hybrid", "sarathi")))
+                     + " |")
+        plot_attainment(curves, os.path.join(plot_dir, f"cpu-{dataset}-cv{cv:g}.png"), 0.9,
+                        f"real CPU engine, tiny OPT, {dataset}, CV {cv:g}")
+    lines.append("")
+    lines.append("SLO attainment per rate (same run):")
+    lines.append("")
+    for dataset, cv in groups:
+        mine = [r for r in runs if (r["dataset"], r["cv"]) == (dataset, cv)]
+        rates = sorted({r["rate"] for r in mine})
+        lines.append(f"{dataset}, CV {cv:g} (TTFT SLO {1e3 * mine[0]['ttft_slo']:.1f} ms, "
+                     f"TBT SLO {1e3 * mine[0]['tbt_slo']:.1f} ms): ![](results/cpu-{dataset}-cv{cv:g}.png)")
+        lines.append("")
+        lines.append("| policy | " + " | ".join(f"{r:g}" for r in rates) + " | preemptions (all rates) |")
+        lines.append("|" + " --- |" * (len(rates) + 2))
+        for p in _policies(runs):
+            by = {r["rate"]: r for r in mine if r["policy"] == p}
+            lines.append(f"| {p} | " + " | ".join(f"{by[x]['attainment']:.2f}" for x in rates)
+                         + f" | {sum(by[x]['preemptions'] for x in rates)} |")
+        lines.append("")
+    return lines
+
+
+def _policies(runs: list[dict]) -> list[str]:
+    seen = []
+    for r in runs:
+        if r["policy"] not in seen:
+            seen.append(r["policy"])
+    return seen
+
+
+def sim_tables(sim: list[dict], plot_dir: str) -> list[str]:
+    from loadgen.plots import plot_attainment
+    from loadgen.results_sim import SETUPS
+    by = {(r["setup"], r["policy"]): r for r in sim}
+    policies = list(dict.fromkeys(r["policy"] for r in sim))
+    lines = ["| setup | TP | SLO TTFT / TBT (s) | " + " | ".join(policies)
+             + " | apt-kv/fcfs | apt-hybrid/fcfs | apt-kv/sarathi | apt-hybrid/sarathi | hybrid/recompute |",
+             "|" + " --- |" * (3 + len(policies) + 5)]
+    for s in SETUPS:
+        if (s.name, "fcfs") not in by:
+            continue
+        eff = {p: by[(s.name, p)]["effective_throughput_rps"] for p in policies if (s.name, p) in by}
+        hybrid_on = by.get((s.name, "apt-hybrid"), {}).get("hidden_enabled", False)
+        cells = [f"{eff[p]:.2f}" + ("" if hybrid_on or "hybrid" not in p else " (=KV)") for p in policies]
+        lines.append(f"| {s.name} | {s.tp} | {s.ttft_slo:g} / {s.tbt_slo:g} | " + " | ".join(cells) + " | "
+                     + " | ".join(_ratio(eff.get(a, 0), eff.get(b, 0)) for a, b in (
+                         ("apt-kv", "fcfs"), ("apt-hybrid", "fcfs"), ("apt-kv", "sarathi"), ("apt-hybrid", "sarathi"),
+                         ("apt-hybrid", "apt-hybrid-recompute"))) + " |")
+        curves = {p: {float(k): v["attainment"] for k, v in by[(s.name, p)]["probes"].items()} for p in eff}
+        plot_attainment(curves, os.path.join(plot_dir, f"sim-{s.name}.png"), 0.9,
+                        f"sim {s.model} A100-40GB x{s.tp} {s.dataset}")
+    lines.append("")
+    lines.append("SLO sources: " + "; ".join(f"{s.name}: {s.slo_note}" for s in SETUPS) + ".")
+    lines.append("")
+    lines.append("Attainment curves (bisection probes): "
+                 + " ".join(f"[{s.name}](results/sim-{s.name}.png)" for s in SETUPS if (s.name, "fcfs") in by))
+    return lines
+
+
+def main(mode: str = "quick", parts=("cpu", "sim"), workers: int = 2) -> None:
+    from loadgen import results_cpu, results_sim
+    os.makedirs(OUT_DIR, exist_ok=True)
+    t0 = time.time()
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    cpu_path, sim_path = os.path.join(OUT_DIR, "cpu.json"), os.path.join(OUT_DIR, "sim.json")
+    if "cpu" in parts:
+        cpu = results_cpu.run(["sharegpt", "humaneval"], [1.0, 4.0], CPU_RATES[mode], CPU_REQUESTS[mode],
+                              log=lambda m: print(m, flush=True))
+        with open(cpu_path, "w") as f:
+            json.dump(cpu, f, indent=1)
+    t_cpu = time.time() - t0
+    if "sim" in parts:
+        sim = results_sim.run_all(results_sim.SETUPS, list(results_sim.POLICIES), SIM_REQUESTS[mode], 1.0, 0.05, workers)
+        with open(sim_path, "w") as f:
+            json.dump(sim, f, indent=1)
+    with open(cpu_path) as f:
+        cpu = json.load(f)
+    with open(sim_path) as f:
+        sim = json.load(f)
+    elapsed = time.time() - t0
+    body = [
+        "# Results",
+        "",
+        f"Generated by `python -m loadgen results --{mode}` ({stamp}; {elapsed / 60:.0f} min wall on the shared "
+        f"2-core machine, CPU part {t_cpu / 60:.0f} min). Effective throughput = the highest request rate with "
+        ">= 90% of requests meeting both SLOs (DESIGN section 4). Every number below comes from this one command.",
+        "",
+        "## Real CPU engine",
+        "",
+        f"Tiny random OPT (d 128, 4 layers, 8 heads, r = 1/2), {cpu['num_blocks']} blocks of {cpu['block_size']} "
+        f"tokens (binding), {cpu['num_requests']} requests per run, lengths from the real datasets capped to "
+        f"{cpu['context']} tokens, Gamma arrivals. SLOs scaled to the measured 16-request decode step "
+        f"({1e3 * cpu['decode_step_s']:.2f} ms): ShareGPT TTFT 12.5 steps / TBT 5 steps, HumanEval 6.25 / 10 "
+        "(DistServe's SLOs divided by an OPT-13B decode step of ~20 ms). Effective throughput is interpolated "
+        "between grid rates (`crossing_rate`). Wall-clock replay on a shared machine: rerunning moves single "
+        "cells by roughly +-0.05 attainment; policies are interleaved per rate so noise hits them alike.",
+        "",
+        *cpu_tables(cpu, OUT_DIR),
+        "## Simulated paper setups (A100-40GB)",
+        "",
+        f"{SIM_REQUESTS[mode]} requests per run, CV 1, effective throughput by bisection (5% tolerance) on the "
+        "real schedulers with the simulator's cost model (docs/SIMULATOR.md). apt-hybrid uses absorbed hidden "
+        "attention (exact for OPT: no rotary positions), apt-hybrid-recompute the paper's recompute path. "
+        "At TP >= 2 the replicated hidden vector costs as much as KV per rank (r = 1, DESIGN section 2), so the "
+        "engine turns the hidden cache off and the hybrid columns are apt-kv's (marked =KV); the sharded-hidden "
+        "form is not modelled here.",
+        "",
+        *sim_tables(sim, OUT_DIR),
+        "",
+    ]
+    with open(DOC, "w") as f:
+        f.write("\n".join(body))
+    print(f"wrote {DOC} in {elapsed:.0f} s")

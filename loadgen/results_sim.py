@@ -1,0 +1,118 @@
+"""Simulated paper setups for docs/RESULTS.md: effective throughput of each policy by bisection.
+
+Each setup is a model on A100-40GB at its TP degree, a dataset and SLOs (DESIGN section 4); every
+policy replays the same sampled requests with Gamma arrivals (same seed) at the rates the bisection
+probes, on the real Engine and schedulers with the simulator's cost model (virtual time).
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import time
+from dataclasses import dataclass
+
+from loadgen.metrics import summarize
+from loadgen.sweep import effective_throughput
+from loadgen.traces import rescale
+
+# label -> (policy, EngineConfig overrides); the cli's POLICY_DEFAULTS apply underneath
+POLICIES = {
+    "fcfs": ("fcfs", {}),
+    "sarathi": ("sarathi", {}),
+    "apt-kv": ("apt", {"cache_mode": "kv"}),
+    "apt-hybrid": ("apt", {"cache_mode": "hybrid", "hidden_attention": "absorbed"}),
+    "apt-hybrid-recompute": ("apt", {"cache_mode": "hybrid", "hidden_attention": "recompute"}),
+}
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    model: str
+    tp: int
+    dataset: str
+    ttft_slo: float
+    tbt_slo: float
+    start_rate: float  # where the bisection starts looking (it doubles / halves from there)
+    slo_note: str
+
+
+SETUPS = [
+    Setup("opt13b-sharegpt", "opt-13b", 1, "sharegpt", 0.25, 0.1, 2.0, "DistServe OPT-13B chat"),
+    Setup("opt13b-humaneval", "opt-13b", 1, "humaneval", 0.125, 0.2, 4.0, "DistServe OPT-66B code (no 13B code SLO given)"),
+    Setup("opt13b-longprompt", "opt-13b", 1, "synthetic-longprompt", 15.0, 0.15, 0.5,
+          "DistServe OPT-66B summarisation (no 13B one given)"),
+    Setup("opt30b-sharegpt", "opt-30b", 2, "sharegpt", 0.4, 0.1, 1.0, "OPT-66B chat's (no 30B SLO given)"),
+    Setup("opt30b-humaneval", "opt-30b", 2, "humaneval", 0.125, 0.2, 2.0, "DistServe OPT-66B code"),
+    Setup("opt66b-sharegpt", "opt-66b", 4, "sharegpt", 0.4, 0.1, 1.0, "DistServe OPT-66B chat"),
+    Setup("opt66b-humaneval", "opt-66b", 4, "humaneval", 0.125, 0.2, 2.0, "DistServe OPT-66B code"),
+    Setup("opt66b-longprompt", "opt-66b", 4, "synthetic-longprompt", 15.0, 0.15, 0.25, "DistServe OPT-66B summarisation"),
+]
+
+
+def _args(setup: Setup, num_requests: int, cv: float):
+    from loadgen.cli import build_parser
+    return build_parser().parse_args([
+        "sweep", "--sim", "--model", setup.model, "--tp", str(setup.tp), "--dataset", setup.dataset,
+        "--num-requests", str(num_requests), "--ttft-slo", str(setup.ttft_slo), "--tbt-slo", str(setup.tbt_slo),
+        "--cv", str(cv)])
+
+
+def _spec(label: str) -> str:
+    policy, extra = POLICIES[label]
+    return f"{label}={policy}" + "".join(f":{k}={v}" for k, v in extra.items())
+
+
+def run_policy(job) -> dict:
+    """Bisection of one policy's effective throughput on one setup (a worker process)."""
+    from loadgen.cli import base_trace, make_client
+    setup, label, num_requests, cv, rel_tol = job
+    args = _args(setup, num_requests, cv)
+    trace = base_trace(args)
+    client = make_client(args, _spec(label))
+    probes: dict[float, dict] = {}
+    t0 = time.process_time()
+
+    def attainment_at(rate: float) -> float:
+        res = client.run(rescale(trace, rate, cv, args.seed))
+        s = summarize(res.records, res.duration)
+        probes[rate] = {"attainment": s["attainment"], "goodput_rps": s["goodput_rps"],
+                        "preemptions": s["preemptions"], "stats": res.info.get("scheduler_stats", {})}
+        return s["attainment"]
+
+    found = effective_throughput(attainment_at, setup.start_rate / 2, setup.start_rate, 0.9, rel_tol)
+    hidden_on = client.config_factory().cache_mode != "kv"
+    return {"setup": setup.name, "policy": label, "effective_throughput_rps": found.rate,
+            "hidden_enabled": hidden_on, "probes": {str(r): probes[r] for r in sorted(probes)},
+            "cpu_s": time.process_time() - t0}
+
+
+def run_all(setups: list[Setup], policies: list[str], num_requests: int, cv: float, rel_tol: float,
+            workers: int) -> list[dict]:
+    from aptray.sim.fit import hardware_for
+    from aptray.sim.gpus import get_gpu
+    from loadgen.cli import base_trace
+    hardware_for(get_gpu("a100-40gb"))  # fit once before forking
+    for s in setups:
+        base_trace(_args(s, num_requests, cv))  # sample (and cache) each dataset once, before forking
+    jobs = [(s, p, num_requests, cv, rel_tol) for s in setups for p in policies]
+    if workers > 1:
+        with mp.get_context("fork").Pool(workers) as pool:
+            return list(pool.imap(run_policy, jobs))
+    return [run_policy(j) for j in jobs]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--setups", default=",".join(s.name for s in SETUPS))
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--num-requests", type=int, default=300)
+    ap.add_argument("--workers", type=int, default=2)
+    a = ap.parse_args(argv)
+    chosen = [s for s in SETUPS if s.name in a.setups.split(",")]
+    for r in run_all(chosen, a.policies.split(","), a.num_requests, 1.0, 0.05, a.workers):
+        print(f"{r['setup']:20s} {r['policy']:22s} {r['effective_throughput_rps']:.3f} req/s  ({r['cpu_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
