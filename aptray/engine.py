@@ -58,6 +58,20 @@ class Engine:
         self._texts[request_id] = ""
         return req
 
+    def resume_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
+                       output_token_ids: list[int], token_times: list[float], arrival_time: float,
+                       prompt: str | None = None, num_preemptions: int = 0) -> Request:
+        """Re-admit a request that already generated tokens elsewhere (a fault, a router restart):
+        it queues as a recompute preemption, re-prefills prompt + outputs, and goes on sampling."""
+        req = self.add_request(request_id, prompt_token_ids, sampling_params, arrival_time, prompt)
+        if output_token_ids:
+            req.output_token_ids = list(output_token_ids)
+            req.token_times = list(token_times)
+            req.first_token_time = token_times[0] if token_times else None
+            req.last_token_time = token_times[-1] if token_times else None
+            req.num_preemptions = num_preemptions + 1
+        return req
+
     def abort(self, request_id: str) -> bool:
         req = self.scheduler.abort(request_id)
         self._forget(request_id)

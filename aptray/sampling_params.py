@@ -28,8 +28,10 @@ class SamplingParams:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (off) or a positive integer, got {self.top_k!r}")
+        if not isinstance(self.top_k, int) or not -1 <= self.top_k < 2**31:
+            raise ValueError(f"top_k must be -1 (off) or a positive integer below 2**31, got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or abs(self.seed) > 2**40):
+            raise ValueError(f"seed must be an integer within +-2**40, got {self.seed!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         for name in ("ttft_slo", "tbt_slo"):

@@ -84,3 +84,25 @@ def test_prompt_over_the_step_budget_is_chunked_by_policies_that_chunk(llm):
     for policy in ("sarathi", "apt"):
         chunked = LLM(tiny_model("opt-60x3"), scheduler=policy, max_num_batched_tokens=16)
         assert chunked.generate(prompt, sp)[0].outputs[0].token_ids == want
+
+
+def test_resumed_request_continues_exactly(llm):
+    """A request re-admitted with its generated tokens (after a fault) ends as if never interrupted."""
+    prompt = [3] + list(range(20, 40))
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    want = llm.generate({"prompt_token_ids": prompt}, sp)[0].outputs[0].token_ids
+    eng = llm.engine
+    eng.resume_request("resumed", prompt, sp, want[:5], [0.0] * 5, arrival_time=0.0)
+    done = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert done["resumed"].outputs[0].token_ids == want
+    assert done["resumed"].metrics.num_preemptions == 1
+
+
+@pytest.mark.parametrize("kwargs", [{"seed": 2**50}, {"top_k": 2**31}])
+def test_out_of_range_sampling_integers(kwargs):
+    with pytest.raises(ValueError, match="seed|top_k"):
+        SamplingParams(**kwargs)

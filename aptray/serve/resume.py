@@ -64,11 +64,5 @@ def finished_reason(r: Resumable, engine: Engine) -> str | None:
 
 def readmit(engine: Engine, r: Resumable) -> None:
     """Queue r as a recompute-preempted request; raises ValueError like Engine.add_request."""
-    req = engine.add_request(r.request_id, r.prompt_token_ids, r.sampling, arrival_time=r.arrival_time,
-                             prompt=r.prompt)
-    if r.output_token_ids:
-        req.output_token_ids = list(r.output_token_ids)
-        req.token_times = list(r.token_times)
-        req.first_token_time = r.token_times[0] if r.token_times else None
-        req.last_token_time = r.token_times[-1] if r.token_times else None
-        req.num_preemptions = r.num_preemptions + 1
+    engine.resume_request(r.request_id, r.prompt_token_ids, r.sampling, r.output_token_ids, r.token_times,
+                          r.arrival_time, r.prompt, r.num_preemptions)
