@@ -21,7 +21,7 @@ SIM_REQUESTS = {"quick": 250, "full": 500}
 
 
 def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b else ("inf" if a else "-")
+    return f"{a / b:.2f}x" if a and b else "-"  # no ratio where either policy met 90% at no tested rate
 
 
 def cpu_tables(cpu: dict, plot_dir: str) -> list[str]:
@@ -117,11 +117,17 @@ def main(mode: str = "quick", parts=("cpu", "sim"), workers: int = 2) -> None:
         sim = results_sim.run_all(results_sim.SETUPS, list(results_sim.POLICIES), SIM_REQUESTS[mode], 1.0, 0.05, workers)
         with open(sim_path, "w") as f:
             json.dump(sim, f, indent=1)
+    timing_path = os.path.join(OUT_DIR, "timing.json")
+    if "cpu" in parts and "sim" in parts:
+        with open(timing_path, "w") as f:
+            json.dump({"stamp": stamp, "elapsed_s": time.time() - t0, "cpu_s": t_cpu}, f)
+    with open(timing_path) as f:  # the last full run's (a re-render keeps it)
+        timing = json.load(f)
+    stamp, elapsed, t_cpu = timing["stamp"], timing["elapsed_s"], timing["cpu_s"]
     with open(cpu_path) as f:
         cpu = json.load(f)
     with open(sim_path) as f:
         sim = json.load(f)
-    elapsed = time.time() - t0
     body = [
         "# Results",
         "",
