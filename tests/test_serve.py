@@ -264,11 +264,13 @@ def test_redis_holds_in_flight_and_expires_finished(server):
 def test_overload_gets_429_with_retry_after(server):
     async def burst():
         async with httpx.AsyncClient(timeout=120) as c:
-            body = {"prompt": "hello", "max_tokens": 100, "ignore_eos": True}
+            # long requests: none finishes while the burst arrives, so 4 run, 4 queue and the rest are refused
+            body = {"prompt": "hello", "max_tokens": 300, "ignore_eos": True}
             return await asyncio.gather(*[c.post(server["http"] + "/v1/completions", json=body) for _ in range(16)])
-    codes = [r.status_code for r in asyncio.run(burst())]
+    responses = asyncio.run(burst())
+    codes = [r.status_code for r in responses]
     assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
-    r429 = next(r for r in asyncio.run(burst()) if r.status_code == 429)
+    r429 = next(r for r in responses if r.status_code == 429)
     assert r429.headers["retry-after"] == "1" and r429.json()["error"]["type"] == "rate_limit_error"
     assert _metric(server, "aptray_requests_rejected_total", '{reason="queue_full"}') >= 1
 
