@@ -197,24 +197,13 @@ class AptScheduler(Scheduler):
     def _upgrades_with_headroom(self):
         """Hidden -> KV (one projection) for the hidden requests costing most, while a block per
         running request stays free: only worth it when hidden steps cost time (alpha > 0)."""
-        out = []
         hidden = [r for r in self.running if r.cache_kind is CacheKind.HIDDEN and not r.is_prefilling
                   and r.num_computed_tokens > 0]
         if not hidden:
             return []
         hidden.sort(key=lambda r: -len(self.blocks.tables[r.request_id]))
         # keep the running set's expected growth free too, or the upgrade is undone by a re-prefill
-        reserve = len(self.running) + self._growth_reserve()
-        for req in hidden:
-            extra = self.blocks.blocks_for(req.num_tokens, CacheKind.KV) - len(self.blocks.tables[req.request_id])
-            if self.blocks.num_free - extra < reserve:
-                break
-            conv = self._convert(req, CacheKind.KV)
-            if conv is None:
-                break
-            self.blocks.ensure(req.request_id, CacheKind.KV, req.num_tokens)
-            out.append(conv)
-        return out
+        return self._upgrade_to_kv(hidden, len(self.running) + self._growth_reserve())
 
     # -- admission ---------------------------------------------------------------------------
     def _prefill(self, token_budget: int):

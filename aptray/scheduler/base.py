@@ -140,6 +140,39 @@ class Scheduler:
         self.stats[f"conversions_to_{to_kind.value}"] += 1
         return ConversionPlan(req.request_id, req.num_computed_tokens, to_kind.value, tuple(old), tuple(new))
 
+    def _decode_preempting_newest(self):
+        """One token for each decoding request, oldest first; when blocks run out, preempt the
+        newest by recompute (vLLM 0.5). Victims come from the back, so none was planned yet."""
+        seqs, i = [], 0
+        while i < len(self.running):
+            req = self.running[i]
+            if req.is_prefilling:
+                i += 1
+                continue
+            while not self._try_allocate(req, req.num_tokens):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is req:
+                    break
+            else:
+                seqs.append(self._seq_plan(req, 1))
+                i += 1
+        return seqs
+
+    def _upgrade_to_kv(self, candidates, reserve: int) -> list[ConversionPlan]:
+        """Hidden -> KV (one projection) for candidates in order while `reserve` blocks stay free."""
+        out = []
+        for req in candidates:
+            extra = self.blocks.blocks_for(req.num_tokens, CacheKind.KV) - len(self.blocks.tables[req.request_id])
+            if self.blocks.num_free - extra < reserve:
+                break
+            conv = self._convert(req, CacheKind.KV)
+            if conv is None:
+                break
+            self.blocks.ensure(req.request_id, CacheKind.KV, req.num_tokens)
+            out.append(conv)
+        return out
+
     def _requested_conversions(self) -> list[ConversionPlan]:
         out = []
         pending, self._requested_upgrades = self._requested_upgrades, []

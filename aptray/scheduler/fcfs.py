@@ -43,31 +43,9 @@ class FcfsScheduler(Scheduler):
     def _decode(self, conversions):
         if self.config.cache_mode == "hybrid":
             conversions.extend(self._upgrades_that_fit())  # before the plans that name the new blocks
-        seqs = []
-        i = 0
-        while i < len(self.running):
-            req = self.running[i]
-            while not self._try_allocate(req, req.num_tokens):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is req:
-                    break
-            else:
-                seqs.append(self._seq_plan(req, 1))
-                i += 1
-        return seqs
+        return self._decode_preempting_newest()
 
     def _upgrades_that_fit(self):
         """Hybrid mode: move hidden requests to KV, oldest first, while a block per request stays free."""
-        out = []
-        for req in self.running:
-            if req.cache_kind is CacheKind.HIDDEN and req.num_computed_tokens > 0:
-                extra = self.blocks.blocks_for(req.num_tokens, CacheKind.KV) - len(self.blocks.tables[req.request_id])
-                if self.blocks.num_free - extra < len(self.running):
-                    break
-                conv = self._convert(req, CacheKind.KV)
-                if conv is None:
-                    break
-                self.blocks.ensure(req.request_id, CacheKind.KV, req.num_tokens)
-                out.append(conv)
-        return out
+        hidden = [r for r in self.running if r.cache_kind is CacheKind.HIDDEN and r.num_computed_tokens > 0]
+        return self._upgrade_to_kv(hidden, len(self.running))

@@ -54,22 +54,7 @@ class SarathiScheduler(Scheduler):
         return self._plan(seqs, conversions)
 
     def _decodes(self):
-        seqs = []
-        i = 0
-        while i < len(self.running):
-            req = self.running[i]
-            if req.is_prefilling:
-                i += 1
-                continue
-            while not self._try_allocate(req, req.num_tokens):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is req:
-                    break
-            else:
-                seqs.append(self._seq_plan(req, 1))
-                i += 1
-        return seqs  # victims come from the back, so none was planned before it was preempted
+        return self._decode_preempting_newest()
 
     def _budget(self, num_decodes: int) -> int:
         kv = hidden = 0
