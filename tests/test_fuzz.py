@@ -16,10 +16,10 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ["APTRAY_CACHE"] = tempfile.mkdtemp(prefix="aptray-test-cache-")
 
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
-httpx = pytest.importorskip("httpx")
-hypothesis = pytest.importorskip("hypothesis")
+import ray
+import ray.serve as serve
+import httpx
+import hypothesis
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 

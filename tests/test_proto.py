@@ -43,7 +43,7 @@ def test_step_result_round_trip():
 
 
 def test_step_result_logits_round_trip():
-    torch = pytest.importorskip("torch")
+    import torch
     row = torch.randn(11)
     r = StepResult(sampled={"a": 1}, step_time=0.5, logits={"a": row, "empty": []})
     back = result_from_proto(_wire(result_to_proto(r), shard_pb2.StepResult))

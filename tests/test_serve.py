@@ -15,10 +15,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 CACHE = tempfile.mkdtemp(prefix="aptray-test-cache-")
 os.environ["APTRAY_CACHE"] = CACHE  # before ray.init: workers inherit it and build the same tiny model
 
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
-httpx = pytest.importorskip("httpx")
-openai = pytest.importorskip("openai")
+import ray
+import ray.serve as serve
+import httpx
+import openai
 
 from aptray.llm import LLM  # noqa: E402
 from aptray.sampling_params import SamplingParams  # noqa: E402
