@@ -16,9 +16,9 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ["APTRAY_CACHE"] = tempfile.mkdtemp(prefix="aptray-test-cache-")
 
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
-httpx = pytest.importorskip("httpx")
+import ray
+import ray.serve as serve
+import httpx
 
 from aptray.llm import LLM  # noqa: E402
 from aptray.sampling_params import SamplingParams  # noqa: E402
