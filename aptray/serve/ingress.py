@@ -241,15 +241,20 @@ class Ingress:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._completion_sse(rid, gen, include_usage), media_type="text/event-stream")
-        text, last = "", None
         try:
-            async for chunk in self.chunks(gen):
-                text, last = text + chunk["text"], chunk
+            text, last = await self._collect(gen)
         except Rejected as e:
             return self._reject(e)
         return CompletionResponse(id=rid, model=self.model_name, usage=_usage(last), choices=[
             CompletionChoice(text=(prompt or "") + text if req.echo else text,
                              finish_reason=finish_reason(last["finish_reason"]))])
+
+    async def _collect(self, gen) -> tuple[str, dict | None]:
+        """A non-streaming request's whole text and its last chunk (finish reason, usage)."""
+        text, last = "", None
+        async for chunk in self.chunks(gen):
+            text, last = text + chunk["text"], chunk
+        return text, last
 
     def _completion_prompt(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -290,10 +295,8 @@ class Ingress:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._chat_sse(rid, gen, include_usage), media_type="text/event-stream")
-        content, last = "", None
         try:
-            async for chunk in self.chunks(gen):
-                content, last = content + chunk["text"], chunk
+            content, last = await self._collect(gen)
         except Rejected as e:
             return self._reject(e)
         return ChatCompletionResponse(id=rid, model=self.model_name, usage=_usage(last), choices=[
