@@ -44,11 +44,6 @@ class Engine:
             raise ValueError(f"the prompt has {n} tokens, over max_num_batched_tokens "
                              f"({self.config.max_num_batched_tokens}); enable chunked prefill or raise it")
         sp = sampling_params
-        most = min(n + sp.max_tokens, limit)  # the longest this request can grow
-        kind = self.scheduler._smallest_kind()
-        if self.blocks.blocks_for(most, kind) > self.blocks.num_blocks:
-            raise ValueError(f"prompt + max_tokens ({most} tokens) needs more cache than the whole pool holds "
-                             f"({self.blocks.num_blocks} blocks of {self.blocks.tokens_per_block(kind)} tokens)")
         eos = getattr(self.tokenizer, "eos_token_id", None)
         req = Request(request_id, list(prompt_token_ids), sp,
                       self.clock() if arrival_time is None else arrival_time,

@@ -30,8 +30,12 @@ class Scheduler:
     def add(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
-        if self.blocks.blocks_for(req.num_tokens + 1, self._smallest_kind()) > self.blocks.num_blocks:
-            raise ValueError(f"request {req.request_id!r} needs more cache than the whole pool holds")
+        # refuse what could never fit: growing alone into a full pool, it would preempt itself forever
+        most = min(len(req.prompt_token_ids) + req.sampling.max_tokens, self.config.spec.max_model_len)
+        kind = self._smallest_kind()
+        if self.blocks.blocks_for(most, kind) > self.blocks.num_blocks:
+            raise ValueError(f"prompt + max_tokens ({most} tokens) needs more cache than the whole pool holds "
+                             f"({self.blocks.num_blocks} blocks of {self.blocks.tokens_per_block(kind)} tokens)")
         req.status = RequestStatus.WAITING
         self.requests[req.request_id] = req
         self.waiting.append(req)
