@@ -59,15 +59,16 @@ def test_expected_remaining_follows_finished_lengths_and_max_tokens():
 
 def config(**kw):
     base = dict(cache_mode="kv", iteration_shape="mixed", max_num_batched_tokens=64, max_num_seqs=8,
-                enable_chunked_prefill=False, ttft_slo=1.0, tbt_slo=1.0)
+                enable_chunked_prefill=False, ttft_slo=1.0, tbt_slo=1.0, spec=SimpleNamespace(max_model_len=64))
     return SimpleNamespace(**{**base, **kw})
 
 
 def test_lost_request_is_preempted_before_an_attainable_one():
     # 3 blocks of 4 tokens; two requests of 4 prompt tokens each need 2 blocks to decode: one must go.
     sched = AptScheduler(config(), BlockManager(3, 4))
-    a = request("a", ttft=0.5)  # first in line, but its first token will come too late
-    b = request("b", ttft=5.0)
+    # max_tokens 8: 12 tokens fill the 3-block pool, so each could finish alone
+    a = request("a", max_tokens=8, ttft=0.5)  # first in line, but its first token will come too late
+    b = request("b", max_tokens=8, ttft=5.0)
     sched.add(a)
     sched.add(b)
     plan = sched.schedule(0.0)
