@@ -43,3 +43,30 @@ def test_cpu_paths_equal_references(block_size, num_heads, n_kv):
     torch.testing.assert_close(
         cpu.recompute_decode_attention(q, hidden, tables, lens, wk, bk, wv, bv, 0.3, cos, sin),
         reference.recompute_decode_attention(q, hidden, tables, lens, wk, bk, wv, bv, 0.3, cos, sin))
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("num_heads,n_kv", [(4, 4), (6, 2)])
+def test_cpu_paged_decode_buckets_equal_reference(block_size, num_heads, n_kv):
+    """Spread contexts split into length buckets; the per-step cache of indices and masks is reused
+    by a second call (a second layer) with other cache contents, and still matches."""
+    lens = tuple(int(n) for n in torch.linspace(1, 900, 24).round().tolist())[::-1]
+    q, kv, _, tables, lens_t, _, _ = _case(block_size, num_heads, n_kv, lens=lens, seed=3)
+    assert len(cpu._buckets(lens_t.tolist(), block_size)) > 1
+    step_cache = {}
+    for layer in range(2):
+        kv_layer = kv + layer
+        torch.testing.assert_close(cpu.paged_decode_attention(q, kv_layer, tables, lens_t, 0.3, step_cache),
+                                   reference.paged_decode_attention(q, kv_layer, tables, lens_t, 0.3))
+    assert len(step_cache) == 1
+
+
+def test_cpu_paged_decode_equal_lengths_and_noncontiguous_pool():
+    q, kv, _, tables, lens, _, _ = _case(4, 4, 2, lens=(9, 9, 9))
+    torch.testing.assert_close(cpu.paged_decode_attention(q, kv, tables, lens, 0.3),
+                               reference.paged_decode_attention(q, kv, tables, lens, 0.3))
+    wide = torch.zeros(*kv.shape[:-1], 2 * kv.shape[-1])
+    strided = wide[..., :kv.shape[-1]]
+    strided.copy_(kv)
+    torch.testing.assert_close(cpu.paged_decode_attention(q, strided, tables, lens, 0.3),
+                               reference.paged_decode_attention(q, kv, tables, lens, 0.3))

@@ -12,7 +12,7 @@ from torch import nn
 
 from aptray_kernels import ops
 
-from aptray.model.layers import ColumnParallelLinear, RowParallelLinear
+from aptray.model.layers import ColumnParallelLinear, RowParallelLinear, fuse_columns
 from aptray.model.parallel import split
 from aptray.model.rotary import RotaryEmbedding
 from aptray.model.step_context import StepContext
@@ -45,6 +45,8 @@ class HybridAttention(nn.Module):
         self.q_proj = ColumnParallelLinear(hidden_size, num_heads * head_dim, bias, dtype)
         self.k_proj = ColumnParallelLinear(hidden_size, num_kv_heads * head_dim, bias, dtype)
         self.v_proj = ColumnParallelLinear(hidden_size, num_kv_heads * head_dim, bias, dtype)
+        # one GEMM for Q, K and V; q/k/v_proj's parameters are row views of it (loaded by their names)
+        self.qkv_weight, self.qkv_bias = fuse_columns(self.q_proj, self.k_proj, self.v_proj)
         self.out_name = out_name  # "out_proj" (OPT) or "o_proj" (Llama): the checkpoint's name
         setattr(self, out_name, RowParallelLinear(num_heads * head_dim, hidden_size, bias, dtype))
 
@@ -57,45 +59,55 @@ class HybridAttention(nn.Module):
                               self.num_kv_heads, self.head_dim, *self._rope())
 
     def forward(self, x: torch.Tensor, ctx: StepContext, kv_cache: torch.Tensor, hidden_cache: torch.Tensor):
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        if self.rotary is not None:
-            q = self.rotary(q, ctx.positions)
-            k = self.rotary(k, ctx.positions)
-        if ctx.kv_rows.numel():
+        t, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(t, heads + 2 * kv_heads, self.head_dim)
+        v = qkv[:, heads + kv_heads:]
+        if self.rotary is not None:  # q and k rotated together, with cos/sin taken once per step
+            qk = ops.rotate(qkv[:, :heads + kv_heads], *self.rotary.step_cos_sin(ctx.positions, x.dtype, ctx.scratch))
+            q, k = qk[:, :heads], qk[:, heads:]
+        else:
+            q, k = qkv[:, :heads], qkv[:, heads:heads + kv_heads]
+        if ctx.all_kv:
+            ops.write_kv(kv_cache, k, v, ctx.kv_slots)
+        elif ctx.kv_rows.numel():
             ops.write_kv(kv_cache, k[ctx.kv_rows], v[ctx.kv_rows], ctx.kv_slots)
         if ctx.hidden_rows.numel():
             ops.write_hidden(hidden_cache, x[ctx.hidden_rows], ctx.hidden_slots)
 
-        out = torch.empty_like(q)
-        for seq in ctx.prefills:
-            out[seq.rows] = self._prefill(q[seq.rows], k[seq.rows], v[seq.rows], seq, kv_cache, hidden_cache)
+        out = None
         for path, g in ctx.decodes.items():
-            out[g.rows] = self._decode(path, q[g.rows], g, kv_cache, hidden_cache)
-        return getattr(self, self.out_name)(out.view(t, -1))
+            if g.all_rows:  # a pure decode step: the group's output is the whole output
+                out = self._decode(path, q, g, kv_cache, hidden_cache, ctx.scratch)
+                break
+        else:
+            out = torch.empty(t, heads, self.head_dim, dtype=q.dtype, device=q.device)
+            for seq in ctx.prefills:
+                out[seq.rows] = self._prefill(q[seq.rows], k[seq.rows], v[seq.rows], seq, kv_cache, hidden_cache)
+            for path, g in ctx.decodes.items():
+                out[g.rows] = self._decode(path, q[g.rows], g, kv_cache, hidden_cache, ctx.scratch)
+        return getattr(self, self.out_name)(out.reshape(t, -1))
 
     def _prefill(self, q, k, v, seq, kv_cache, hidden_cache):
         """Causal attention of a chunk over its whole context (earlier chunks come from the cache)."""
         n, ctx_len = q.shape[0], seq.start_pos + q.shape[0]
+        allowed = None
         if seq.start_pos > 0:
             table = seq.block_table[None]
             if seq.kind == "kv":
                 k, v = (z[0] for z in ops.gather_kv(kv_cache, table, ctx_len))
             else:
                 k, v = self.project_kv(ops.gather_hidden(hidden_cache, table, ctx_len)[0])
-        allowed = (torch.arange(ctx_len, device=q.device)[None, :]
-                   <= torch.arange(seq.start_pos, ctx_len, device=q.device)[:, None])
-        group = self.num_heads // self.num_kv_heads
-        k, v = (z.repeat_interleave(group, dim=1) if group > 1 else z for z in (k, v))
+            allowed = (torch.arange(ctx_len, device=q.device)[None, :]
+                       <= torch.arange(seq.start_pos, ctx_len, device=q.device)[:, None])
         o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1).to(q.dtype),
-                                           v.transpose(0, 1).to(q.dtype), attn_mask=allowed, scale=self.scale)
+                                           v.transpose(0, 1).to(q.dtype), attn_mask=allowed,
+                                           is_causal=allowed is None and n > 1, scale=self.scale,
+                                           enable_gqa=self.num_heads != self.num_kv_heads)
         return o.transpose(0, 1)
 
-    def _decode(self, path, q, g, kv_cache, hidden_cache):
+    def _decode(self, path, q, g, kv_cache, hidden_cache, scratch):
         if path == "kv":
-            return ops.paged_decode_attention(q, kv_cache, g.block_tables, g.context_lens, self.scale)
+            return ops.paged_decode_attention(q, kv_cache, g.block_tables, g.context_lens, self.scale, scratch)
         if path == "absorbed":
             return ops.absorbed_decode_attention(q, hidden_cache, g.block_tables, g.context_lens,
                                                  self.k_proj.weight, self.v_proj.weight, self.v_proj.bias,

@@ -49,6 +49,27 @@ class ColumnParallelLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+def fuse_columns(*linears: ColumnParallelLinear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several column-parallel linears reading the same input (q/k/v,
+    gate/up): one GEMM instead of several. Each linear's parameters become row views of the fused
+    tensors, so loading (per-rank slices, by the checkpoint's names) fills the fused weight in place."""
+    tensors = []
+    for name in ("weight", "bias"):
+        params = [getattr(lin, name) for lin in linears]
+        if all(p is None for p in params):
+            tensors.append(None)
+            continue
+        if any(p is None for p in params):
+            raise ValueError(f"cannot fuse linears of which only some have a {name}")
+        fused = torch.cat([p.data for p in params])
+        start = 0
+        for p in params:
+            p.data = fused[start:start + p.shape[0]]
+            start += p.shape[0]
+        tensors.append(fused)
+    return tensors[0], tensors[1]
+
+
 class RowParallelLinear(nn.Module):
     """y = x W^T + b with W's input columns split over ranks; partial sums are all-reduced."""
 

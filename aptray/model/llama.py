@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from aptray.model.attention import HybridAttention
-from aptray.model.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from aptray.model.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
+                                 fuse_columns)
 from aptray.model.rotary import RotaryEmbedding
 
 
@@ -31,9 +32,12 @@ class LlamaMLP(nn.Module):
         self.gate_proj = ColumnParallelLinear(d, ffn, bias, dtype)
         self.up_proj = ColumnParallelLinear(d, ffn, bias, dtype)
         self.down_proj = RowParallelLinear(ffn, d, bias, dtype)
+        # one GEMM for gate and up; their parameters are row views of it (loaded by their names)
+        self.gate_up_weight, self.gate_up_bias = fuse_columns(self.gate_proj, self.up_proj)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):

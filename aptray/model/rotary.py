@@ -19,3 +19,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return ops.apply_rotary(x, positions, self.cos, self.sin)
+
+    def step_cos_sin(self, positions: torch.Tensor, dtype, scratch: dict):
+        """cos/sin rows [T, 1, D/2] of one step's positions, taken once and reused by every layer."""
+        key = ("rope", id(self), dtype)
+        if key not in scratch:
+            scratch[key] = (self.cos[positions].unsqueeze(-2).to(dtype), self.sin[positions].unsqueeze(-2).to(dtype))
+        return scratch[key]

@@ -14,6 +14,7 @@ class DecodeGroup:
     rows: torch.Tensor  # [N] rows of the flat token batch
     block_tables: torch.Tensor  # [N, max_blocks]
     context_lens: torch.Tensor  # [N]
+    all_rows: bool = False  # the group is every row of the batch, in order (a pure decode step)
 
 
 @dataclass
@@ -34,6 +35,9 @@ class StepContext:
     prefills: list[PrefillSeq] = field(default_factory=list)
     decodes: dict[str, DecodeGroup] = field(default_factory=dict)  # "kv" | "absorbed" | "recompute"
     sample_rows: torch.Tensor | None = None
+    all_kv: bool = False  # every row writes KV (no hidden rows): layers skip the row selection
+    # per-step values derived once and shared by every layer (rotary cos/sin, decode gather indices)
+    scratch: dict = field(default_factory=dict)
 
 
 def _slots(table: tuple[int, ...], start: int, count: int, tokens_per_block: int) -> list[int]:
@@ -79,6 +83,10 @@ def build_step_context(plan: BatchPlan, block_size: int, hidden_block_size: int,
     def t(x):
         return torch.tensor(x, dtype=torch.long, device=device)
 
+    decodes = {path: _group(*g, device) for path, g in groups.items()}
+    for g in decodes.values():
+        g.all_rows = len(g.rows) == len(ids)  # one token per decode row, rows in increasing order
     ctx = StepContext(t(positions), t(kv_rows), t(kv_slots), t(hid_rows), t(hid_slots), prefills,
-                      {path: _group(*g, device) for path, g in groups.items()}, t(sample_rows))
+                      decodes, t(sample_rows),
+                      all_kv=len(kv_rows) == len(ids))
     return t(ids), ctx

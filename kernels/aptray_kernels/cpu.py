@@ -31,10 +31,80 @@ def _sdpa_decode(q, k, v, mask, scale):
     return out[:, :, 0, :]
 
 
-def paged_decode_attention(q, kv_cache, block_tables, context_lens, scale):
-    max_len = int(context_lens.max())
-    k, v = gather_kv(kv_cache, block_tables, max_len)
-    return _sdpa_decode(q, k.to(q.dtype), v.to(q.dtype), _context_mask(context_lens, max_len), scale)
+# Fixed cost of one more decode bucket (two gathers, one SDPA call, one scatter of rows), in
+# context tokens of gather + attention work it must save to pay off (measured on 2 CPU cores).
+BUCKET_COST_TOKENS = 512
+MAX_BUCKETS = 4
+
+
+def _buckets(lens: list[int], block_size: int) -> list[list[int]]:
+    """Rows split into at most MAX_BUCKETS groups of similar context length, when the padding saved
+    (every row of a group is padded to its longest) outweighs the cost of an extra group."""
+    n = len(lens)
+    order = sorted(range(n), key=lens.__getitem__)
+    padded = [-(-lens[i] // block_size) * block_size for i in order]
+    best, best_cost = 1, n * padded[-1]
+    for k in range(2, min(MAX_BUCKETS, n) + 1):
+        ends = [round(n * (j + 1) / k) for j in range(k)]
+        cost = sum((e - s) * padded[e - 1] for s, e in zip([0] + ends[:-1], ends)) + (k - 1) * BUCKET_COST_TOKENS
+        if cost < best_cost:
+            best, best_cost = k, cost
+    if best == 1:
+        return [list(range(n))]
+    ends = [round(n * (j + 1) / best) for j in range(best)]
+    return [order[s:e] for s, e in zip([0] + ends[:-1], ends)]
+
+
+def _decode_buckets(block_tables, context_lens, block_size, dtype, step_cache):
+    """Per bucket: (rows or None for all, flat block ids, additive mask or None, length, blocks).
+    Built once per step and shared by every layer through step_cache."""
+    key = ("paged_decode", block_size, dtype)
+    if step_cache is not None and key in step_cache:
+        return step_cache[key]
+    lens = context_lens.tolist()
+    groups = _buckets(lens, block_size)
+    out = []
+    for rows in groups:
+        max_len = max(lens[i] for i in rows)
+        num_blocks = -(-max_len // block_size)
+        rows_t = None if len(groups) == 1 else torch.tensor(rows, device=block_tables.device)
+        table = block_tables if rows_t is None else block_tables[rows_t]
+        ids = table[:, :num_blocks].reshape(-1)
+        sub = context_lens if rows_t is None else context_lens[rows_t]
+        mask = None
+        if min(lens[i] for i in rows) < max_len:  # additive mask, built once instead of per layer
+            mask = torch.zeros(len(rows), 1, 1, max_len, dtype=dtype, device=block_tables.device)
+            mask.masked_fill_(~_context_mask(sub, max_len)[:, None, None, :], float("-inf"))
+        out.append((rows_t, ids, mask, max_len, num_blocks))
+    if step_cache is not None:
+        step_cache[key] = out
+    return out
+
+
+def paged_decode_attention(q, kv_cache, block_tables, context_lens, scale, step_cache=None):
+    """K and V of each bucket gathered with one index_select each (a contiguous copy of whole blocks,
+    no second copy to split K from V), SDPA reading them as strided views; GQA inside SDPA."""
+    if not kv_cache.is_contiguous():
+        max_len = int(context_lens.max())
+        k, v = gather_kv(kv_cache, block_tables, max_len)
+        return _sdpa_decode(q, k.to(q.dtype), v.to(q.dtype), _context_mask(context_lens, max_len), scale)
+    n, num_heads, head_dim = q.shape
+    num_blocks_total, _, block_size, n_kv, _ = kv_cache.shape
+    flat = kv_cache.view(num_blocks_total, 2, -1)
+    buckets = _decode_buckets(block_tables, context_lens, block_size, q.dtype, step_cache)
+    out = None if len(buckets) == 1 else torch.empty_like(q)
+    for rows, ids, mask, max_len, num_blocks in buckets:
+        m = n if rows is None else len(rows)
+        k = flat[:, 0].index_select(0, ids).view(m, num_blocks * block_size, n_kv, head_dim)[:, :max_len]
+        v = flat[:, 1].index_select(0, ids).view(m, num_blocks * block_size, n_kv, head_dim)[:, :max_len]
+        qq = q if rows is None else q[rows]
+        o = F.scaled_dot_product_attention(qq[:, :, None, :], k.transpose(1, 2).to(q.dtype),
+                                           v.transpose(1, 2).to(q.dtype), attn_mask=mask, scale=scale,
+                                           enable_gqa=num_heads != n_kv)[:, :, 0, :]
+        if out is None:
+            return o
+        out[rows] = o
+    return out
 
 
 def absorbed_decode_attention(q, hidden_cache, block_tables, context_lens, w_k, w_v, b_v, scale):

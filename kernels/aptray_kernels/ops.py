@@ -48,8 +48,13 @@ def gather_hidden(hidden_cache, block_tables, max_len):
     return _pick("gather_hidden", hidden_cache)(hidden_cache, block_tables, max_len)
 
 
-def paged_decode_attention(q, kv_cache, block_tables, context_lens, scale):
-    return _pick("paged_decode_attention", q)(q, kv_cache, block_tables, context_lens, scale)
+def paged_decode_attention(q, kv_cache, block_tables, context_lens, scale, step_cache=None):
+    """step_cache: a dict that lives for one engine step; the CPU path keeps per-step index tensors
+    and masks there so that every layer reuses them (other backends ignore it)."""
+    fn = _pick("paged_decode_attention", q)
+    if fn is cpu.paged_decode_attention:
+        return fn(q, kv_cache, block_tables, context_lens, scale, step_cache)
+    return fn(q, kv_cache, block_tables, context_lens, scale)
 
 
 def absorbed_decode_attention(q, hidden_cache, block_tables, context_lens, w_k, w_v, b_v, scale):
@@ -64,4 +69,5 @@ def recompute_decode_attention(q, hidden_cache, block_tables, context_lens, w_k,
 
 gather_kv = reference.gather_kv
 apply_rotary = reference.apply_rotary
+rotate = reference.rotate
 project_kv = reference.project_kv

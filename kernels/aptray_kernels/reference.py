@@ -49,8 +49,11 @@ def gather_hidden(hidden_cache: torch.Tensor, block_tables: torch.Tensor, max_le
 
 def apply_rotary(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Neox-style rotary (rotate halves) on x [..., T, heads, D] at positions [..., T]; cos/sin [max_pos, D/2]."""
-    c = cos[positions].unsqueeze(-2).to(x.dtype)
-    s = sin[positions].unsqueeze(-2).to(x.dtype)
+    return rotate(x, cos[positions].unsqueeze(-2).to(x.dtype), sin[positions].unsqueeze(-2).to(x.dtype))
+
+
+def rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """apply_rotary with the cos/sin rows of x's positions already taken: c, s [..., T, 1, D/2]."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
