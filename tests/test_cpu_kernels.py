@@ -29,6 +29,8 @@ def _case(block_size, num_heads, n_kv, d=48, head_dim=8, lens=(1, 7, 21, 70), se
 @pytest.mark.parametrize("num_heads,n_kv", [(4, 4), (4, 2), (6, 1)])
 def test_cpu_paths_equal_references(block_size, num_heads, n_kv):
     q, kv, hidden, tables, lens, (wk, wv), (bk, bv) = _case(block_size, num_heads, n_kv)
+    for max_len in (1, int(lens.max())):
+        assert torch.equal(cpu.gather_hidden(hidden, tables, max_len), reference.gather_hidden(hidden, tables, max_len))
     torch.testing.assert_close(cpu.paged_decode_attention(q, kv, tables, lens, 0.3),
                                reference.paged_decode_attention(q, kv, tables, lens, 0.3))
     torch.testing.assert_close(cpu.absorbed_decode_attention(q, hidden, tables, lens, wk, wv, bv, 0.3),

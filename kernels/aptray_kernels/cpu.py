@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .reference import _context_mask, gather_hidden, gather_kv, project_kv
+from .reference import _context_mask, gather_kv, project_kv
 
 
 def write_kv(kv_cache, k, v, slots):
@@ -21,6 +21,14 @@ def write_kv(kv_cache, k, v, slots):
     k_rows = (slots // block_size) * (2 * block_size) + slots % block_size  # V rows follow K by one block
     rows.index_copy_(0, k_rows, k.reshape(len(slots), -1).to(rows.dtype))
     rows.index_copy_(0, k_rows + block_size, v.reshape(len(slots), -1).to(rows.dtype))
+
+
+def gather_hidden(hidden_cache, block_tables, max_len):
+    """reference.gather_hidden as one index_select of the rows' first blocks (whole blocks copied)."""
+    n = block_tables.shape[0]
+    num_blocks = -(-max_len // hidden_cache.shape[1])
+    x = hidden_cache.index_select(0, block_tables[:, :num_blocks].reshape(-1))
+    return x.view(n, -1, hidden_cache.shape[-1])[:, :max_len]
 
 
 def _sdpa_decode(q, k, v, mask, scale):
@@ -137,6 +145,7 @@ def recompute_decode_attention(q, hidden_cache, block_tables, context_lens, w_k,
 
 KERNELS = {
     "write_kv": write_kv,
+    "gather_hidden": gather_hidden,
     "paged_decode_attention": paged_decode_attention,
     "absorbed_decode_attention": absorbed_decode_attention,
     "recompute_decode_attention": recompute_decode_attention,
