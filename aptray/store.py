@@ -169,13 +169,31 @@ class RequestStore:
         now = time.time() if now is None else now
         p = self.r.pipeline(transaction=False)
         for rid, toks in new_tokens.items():
-            if not toks:
-                continue
-            p.rpush(self._k(rid, "tokens"), *toks)
-            p.expire(self._k(rid, "tokens"), self.inflight_ttl_s)
+            self._tokens(p, rid, toks, now)
+        p.execute()
+
+    def _tokens(self, p, rid: str, toks: list[int], now: float, first: bool | None = None,
+                first_time: float | None = None) -> None:
+        """now: when the last of toks came. first: whether toks are the request's first tokens (None:
+        not known), the first of them at first_time (default now). Later tokens need only the
+        append and the last token time: the key's TTL and the status were set with the first."""
+        if not toks:
+            return
+        p.rpush(self._k(rid, "tokens"), *toks)
+        if first is False:
+            p.hset(self._k(rid), "last_token_time", now)
+            return
+        p.expire(self._k(rid, "tokens"), self.inflight_ttl_s)
+        if first:
+            p.hset(self._k(rid), mapping={"first_token_time": now if first_time is None else first_time,
+                                          "last_token_time": now, "status": "running"})
+        else:
             p.hsetnx(self._k(rid), "first_token_time", now)
             p.hset(self._k(rid), mapping={"last_token_time": now, "status": "running"})
-        p.execute()
+
+    def batch(self) -> "StoreBatch":
+        """Many writes (admissions, tokens, finishes) in one transaction, applied in the order given."""
+        return StoreBatch(self)
 
     def set_status(self, rid: str, status: str) -> None:
         self.r.hset(self._k(rid), "status", status)
@@ -227,6 +245,32 @@ class RequestStore:
         if stale:
             self.r.zrem(self._inflight, *stale)
         return out
+
+
+class StoreBatch:
+    """Writes queued on one MULTI/EXEC pipeline: one round trip however many requests they touch."""
+
+    def __init__(self, store: RequestStore):
+        self.store = store
+        self.p = store.r.pipeline(transaction=True)
+        self.size = 0  # writes queued
+
+    def add(self, m: RequestMeta) -> None:
+        self.store._add(self.p, m)
+        self.size += 1
+
+    def tokens(self, rid: str, toks: list[int], now: float, first: bool | None = None,
+               first_time: float | None = None) -> None:
+        self.store._tokens(self.p, rid, toks, now, first, first_time)
+        self.size += 1
+
+    def finish(self, rid: str, status: str, now: float) -> None:
+        self.store._finish(self.p, rid, status, now)
+        self.size += 1
+
+    def execute(self) -> None:
+        if self.size:
+            self.p.execute()
 
 
 def redis_password() -> str | None:

@@ -62,3 +62,39 @@ def test_connect_without_url_is_embedded(monkeypatch):
         assert s.r.ping() and s.url.startswith("unix://")
     finally:
         s.close()
+
+
+def test_batch_writes_in_order_in_one_transaction(store):
+    b = store.batch()
+    b.add(_meta("b1", 500.0))
+    b.tokens("b1", [1, 2], now=501.0, first=True, first_time=500.5)
+    b.tokens("b1", [3], now=502.0, first=False)  # later tokens: the append and the last time only
+    b.finish("b1", "length", now=503.0)
+    b.execute()
+    m = store.get("b1")
+    assert m.output_token_ids == [1, 2, 3] and m.status == "length"
+    assert (m.first_token_time, m.last_token_time, m.finish_time) == (500.5, 502.0, 503.0)
+    assert 0 < store.r.ttl(store._k("b1", "tokens")) <= 1  # the finish shortened every key's TTL
+    assert "b1" not in [x.request_id for x in store.unfinished()]
+
+
+def test_writer_merges_steps_into_few_round_trips_and_finishes_last(store):
+    from aptray.serve.store_writer import StoreWriter
+
+    w = StoreWriter(store)
+    rounds = []
+    batch = store.batch
+    try:
+        w.admit(_meta("w1", 600.0)).result(5)
+        store.batch = lambda: rounds.append(1) or batch()  # count round trips from here on
+        for i in range(50):  # 50 engine steps queued faster than a round trip
+            w.tokens({"w1": [i], "gone": []})
+        w.finish("w1", "length")
+        assert w.flush()
+        assert len(rounds) <= 3
+        m = store.get("w1")
+        assert m.output_token_ids == list(range(50)) and m.status == "length" and m.first_token_time
+        assert "w1" not in w.mirror and not w.pending_finishes
+    finally:
+        store.__dict__.pop("batch", None)
+        w.close()

@@ -5,6 +5,11 @@ writer keeps a mirror of every in-flight request, so when Redis comes back after
 restart may have emptied it) one resync rewrites the whole state and nothing is lost. Admission
 is the one synchronous write: a request is accepted only once its metadata is in Redis, and
 while Redis is away new requests are refused at once (503) instead of waiting on it.
+
+Writes are batched: whatever is queued when the writer gets to it (token records wait up to
+COALESCE_S for company) goes in one transaction, with each request's tokens merged over steps.
+Redis thus lags the engine by a few tens of milliseconds at most; after a router restart the
+clients' re-attach fills that gap (docs/RELIABILITY.md).
 """
 from __future__ import annotations
 
@@ -24,6 +29,9 @@ RETRY_S = 0.5  # how often to try Redis again while it is away
 HEARTBEAT_S = 5.0
 HEARTBEAT_TTL_S = 30
 MAX_PENDING_FINISHES = 10_000  # finishes kept for the resync; older ones expire in Redis anyway
+COALESCE_S = 0.02  # token and finish records wait this long for others to share their round trip
+MAX_BATCH = 4096  # records per round trip
+URGENT = ("admit", "flush", "stop")  # records someone waits on: written at once
 
 
 class StoreUnavailable(RuntimeError):
@@ -82,53 +90,100 @@ class StoreWriter:
     def _run(self) -> None:
         while not self._stop:
             try:
-                item = self._q.get(timeout=RETRY_S)
+                first = self._q.get(timeout=RETRY_S)
             except queue.Empty:
-                item = None
-            if item is not None:
-                self._apply(item)
+                first = None
+            if first is not None:
+                self._apply(self._collect(first))
             self._maybe_heartbeat()
             if not self.healthy:
                 self._try_resync()
 
-    def _apply(self, item) -> None:
-        kind = item[0]
-        if kind == "admit":
-            _, meta, fut = item
-            if not self.healthy:
-                self._try_resync()
-            if not self.healthy:
-                fut.set_exception(StoreUnavailable(f"the request store (Redis) is unavailable: {self.last_error}"))
-                return
-            if self._write(lambda: self.store.add(meta)):
+    def _collect(self, first) -> list:
+        """first and what joins it: token and finish records wait up to COALESCE_S for company (one
+        round trip for many steps and requests), an admission or a flush goes at once with all pending."""
+        items = [first]
+        deadline = None if first[0] in URGENT else time.monotonic() + COALESCE_S
+        while len(items) < MAX_BATCH:
+            try:
+                if deadline is None:
+                    item = self._q.get_nowait()
+                else:
+                    item = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            items.append(item)
+            if item[0] in URGENT:
+                deadline = None
+        return items
+
+    def _apply(self, items: list) -> None:
+        """One Redis transaction for the whole batch, in queue order; the mirror follows every record
+        whether Redis takes it or not (a resync rewrites it after an outage)."""
+        if not self.healthy and any(item[0] == "admit" for item in items):
+            self._try_resync()
+        batch = self.store.batch() if self.healthy else None
+        admitted, done, finished = [], [], []
+        steps: dict[str, list] = {}  # rid -> [tokens, time of the last, first tokens?, time of the first]
+        for item in items:
+            kind = item[0]
+            if kind == "admit":
+                _, meta, fut = item
+                if batch is None:
+                    fut.set_exception(StoreUnavailable(f"the request store (Redis) is unavailable: {self.last_error}"))
+                    continue
+                batch.add(meta)
                 self.mirror[meta.request_id] = copy.deepcopy(meta)
-                fut.set_result(True)
-            else:
+                admitted.append((meta, fut))
+            elif kind == "track":
+                _, meta, write = item
+                self.mirror[meta.request_id] = copy.deepcopy(meta)
+                if write and batch is not None:
+                    batch.add(meta)
+            elif kind == "tokens":
+                _, new_tokens, now = item
+                for rid, toks in new_tokens.items():
+                    if not toks:
+                        continue
+                    m = self.mirror.get(rid)
+                    step = steps.get(rid)
+                    if step is None:
+                        step = steps[rid] = [[], now, None if m is None else not m.output_token_ids, now]
+                    step[0].extend(toks)
+                    step[1] = now
+                    if m is not None:
+                        m.output_token_ids.extend(toks)
+                        m.first_token_time = m.first_token_time or now
+                        m.last_token_time, m.status = now, "running"
+            elif kind == "finish":
+                _, rid, status = item
+                self.mirror.pop(rid, None)
+                step = steps.pop(rid, None)
+                if batch is not None:
+                    if step is not None:  # its tokens first: the finish shortens the TTL and must come last
+                        batch.tokens(rid, *step)
+                    batch.finish(rid, status, time.time())
+                finished.append((rid, status))
+            elif kind == "flush":
+                done.append(item[1])
+        if batch is not None:
+            for rid, step in steps.items():
+                batch.tokens(rid, *step)
+            if not self._write(batch.execute):
+                batch = None
+        for meta, fut in admitted:
+            if batch is None:  # refused: nobody will generate for it
+                self.mirror.pop(meta.request_id, None)
                 fut.set_exception(StoreUnavailable(f"the request store (Redis) is unavailable: {self.last_error}"))
-        elif kind == "track":
-            _, meta, write = item
-            self.mirror[meta.request_id] = copy.deepcopy(meta)
-            if write and self.healthy:
-                self._write(lambda: self.store.add(meta))
-        elif kind == "tokens":
-            _, new_tokens, now = item
-            for rid, toks in new_tokens.items():
-                m = self.mirror.get(rid)
-                if m is not None and toks:
-                    m.output_token_ids.extend(toks)
-                    m.first_token_time = m.first_token_time or now
-                    m.last_token_time, m.status = now, "running"
-            if self.healthy:
-                self._write(lambda: self.store.record_step(new_tokens, now=now))
-        elif kind == "finish":
-            _, rid, status = item
-            self.mirror.pop(rid, None)
-            if not self.healthy or not self._write(lambda: self.store.finish(rid, status)):
+            else:
+                fut.set_result(True)
+        if batch is None:  # replayed by the resync once Redis is back
+            for rid, status in finished:
                 self.pending_finishes[rid] = status
-                while len(self.pending_finishes) > MAX_PENDING_FINISHES:
-                    self.pending_finishes.popitem(last=False)
-        elif kind == "flush":
-            item[1].set_result(True)
+            while len(self.pending_finishes) > MAX_PENDING_FINISHES:
+                self.pending_finishes.popitem(last=False)
+        for fut in done:
+            fut.set_result(True)
 
     def _write(self, write) -> bool:
         try:
