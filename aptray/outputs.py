@@ -1,6 +1,8 @@
 """What generate() and the engine's step() hand back (vLLM's shapes)."""
 from __future__ import annotations
 
+import re
+import weakref
 from dataclasses import dataclass, field
 
 
@@ -30,3 +32,79 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None  # on the finished output only
     new_token_ids: list[int] = field(default_factory=list)  # tokens added by this step (streaming)
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_byte_token_ids: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def byte_fallback_ids(tokenizer) -> frozenset[int]:
+    """Ids of SentencePiece byte-fallback tokens (<0x00>..<0xFF>); empty for byte-level BPE."""
+    try:
+        return _byte_token_ids[tokenizer]
+    except KeyError:
+        pass
+    except TypeError:  # not weak-referenceable: not a real tokenizer
+        return frozenset()
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    ids = _byte_token_ids[tokenizer] = frozenset(i for t, i in vocab.items() if _BYTE_TOKEN.fullmatch(t))
+    return ids
+
+
+class IncrementalDetokenizer:
+    """Streaming text of a growing token list, O(1) tokens decoded per new token (vLLM/TGI style).
+
+    Decoding the whole output at every token costs O(n^2) over a request. Instead a short window is
+    decoded: tokens[prefix:read] is text already emitted, tokens[prefix:] the same plus the new
+    tokens; the new text is the difference. The window only moves on after text that ends in a
+    whole character, so a multi-byte character split over tokens is held back until complete (its
+    partial decode ends in U+FFFD), and words keep the spaces a SentencePiece decoder strips at the
+    start of a decode. A run of SentencePiece byte-fallback tokens is held back until it ends: its
+    decoder renders the run as a whole, so a later byte can change how earlier ones read. The
+    concatenated deltas are a prefix of decode(all tokens); `finish` returns what is left (e.g. a
+    trailing incomplete character, which the full decode shows as U+FFFD)."""
+
+    __slots__ = ("tokenizer", "skip_special_tokens", "token_ids", "text", "_prefix", "_read", "_bytes", "_skipped")
+
+    def __init__(self, tokenizer, token_ids: list[int] | None = None, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self._bytes = byte_fallback_ids(tokenizer)
+        self._skipped = frozenset(getattr(tokenizer, "all_special_ids", ()) if skip_special_tokens else ())
+        self.token_ids: list[int] = []
+        self.text = ""  # everything emitted so far
+        self._prefix = self._read = 0
+        if token_ids:
+            self.add(token_ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add(self, new_token_ids: list[int]) -> str:
+        """Append tokens; returns the text they complete (may be empty while a character is split)."""
+        self.token_ids.extend(new_token_ids)
+        if self._bytes and self._in_byte_run():
+            return ""
+        prefix_text = self._decode(self.token_ids[self._prefix:self._read])
+        window = self._decode(self.token_ids[self._prefix:])
+        if len(window) <= len(prefix_text) or window.endswith("\ufffd") or not window.startswith(prefix_text):
+            return ""  # nothing new yet, or an incomplete character: wait for the next token
+        delta = window[len(prefix_text):]
+        self._prefix, self._read = self._read, len(self.token_ids)
+        self.text += delta
+        return delta
+
+    def _in_byte_run(self) -> bool:
+        """Whether the last token that shows (skipped special tokens do not) is a byte token."""
+        for t in reversed(self.token_ids):
+            if t not in self._skipped:
+                return t in self._bytes
+        return False
+
+    def finish(self) -> str:
+        """The rest of decode(all tokens) after what was emitted ("" if it does not extend it)."""
+        full = self._decode(self.token_ids)
+        if not full.startswith(self.text):
+            return ""
+        delta, self.text = full[len(self.text):], full
+        return delta

@@ -1,18 +1,21 @@
 """Clients replay a trace against a server and return one RequestRecord per request.
 
-Client is the pluggable interface (HTTP and gRPC clients subclass it later). Here:
-InProcessEngineClient drives an Engine in this process on real time; SimClient drives the same
-Engine on virtual time through aptray.sim.
+Client is the pluggable interface. InProcessEngineClient drives an Engine in this process on real
+time; SimClient drives the same Engine on virtual time through aptray.sim; HttpStreamClient sends
+the trace to an OpenAI-compatible server as streamed completions.
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import time
+from urllib.parse import urlsplit
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from loadgen.metrics import RequestRecord
+from loadgen.metrics import FINISHED, RequestRecord
 from loadgen.traces import TraceRequest
 
 
@@ -38,10 +41,12 @@ class Client(ABC):
         """progress: optional callable(n) called as requests end (a tqdm's update)."""
 
 
-def prompt_ids(r: TraceRequest, tokenizer, vocab_size: int, rng: np.random.Generator) -> list[int]:
-    """The trace's prompt text when it has one and a tokenizer is given (cut to its length), else random ids."""
+def prompt_ids(r: TraceRequest, tokenizer, vocab_size: int, rng: np.random.Generator,
+               add_special_tokens: bool = False) -> list[int]:
+    """The trace's prompt text when it has one and a tokenizer is given (cut to its length), else random ids.
+    add_special_tokens: as a server tokenizes a text prompt (e.g. OPT's leading </s>)."""
     if r.prompt is not None and tokenizer is not None:
-        ids = tokenizer(r.prompt, add_special_tokens=False)["input_ids"][:r.num_prefill_tokens]
+        ids = tokenizer(r.prompt, add_special_tokens=add_special_tokens)["input_ids"][:r.num_prefill_tokens]
         if ids:
             return ids
     return rng.integers(4, vocab_size, size=r.num_prefill_tokens).tolist()
@@ -51,10 +56,11 @@ class InProcessEngineClient(Client):
     """Drives an aptray Engine built by engine_factory() on real time, replaying arrival times."""
 
     def __init__(self, engine_factory, tokenizer=None, ttft_slo: float = 1.0, tbt_slo: float = 1.0, seed: int = 0,
-                 timeout: float | None = None):
+                 timeout: float | None = None, add_special_tokens: bool = False):
         super().__init__(ttft_slo, tbt_slo)
         self.engine_factory = engine_factory
         self.tokenizer = tokenizer
+        self.add_special_tokens = add_special_tokens  # tokenize prompt texts as a server does
         self.seed = seed
         self.timeout = timeout  # abort whatever is left this many seconds after the last arrival
 
@@ -66,7 +72,8 @@ class InProcessEngineClient(Client):
         vocab = engine.config.spec.vocab_size
         rng = np.random.default_rng(self.seed)
         trace = sorted(trace, key=lambda r: r.arrived_at)
-        prompts = [prompt_ids(r, self.tokenizer, vocab, rng) for r in trace]  # before the clock starts
+        prompts = [prompt_ids(r, self.tokenizer, vocab, rng, self.add_special_tokens)  # before the clock starts
+                   for r in trace]
         by_id = {r.request_id: r for r in trace}
         records: dict[str, RequestRecord] = {}
         start = clock()
@@ -151,3 +158,117 @@ class SimClient(Client):
         info = {"steps": run.steps, "stopped_early": run.stopped_early, "busy_time_s": run.busy_time, "num_blocks": run.num_blocks,
                 "scheduler_stats": run.scheduler_stats}
         return RunResult(records, run.sim_time, info)
+
+
+class HttpStreamClient(Client):
+    """Replays a trace as streamed /v1/completions (greedy, ignore_eos, the request's SLOs as
+    aptray_slo) over HTTP/1.1 keep-alive connections, at the trace's arrival times.
+
+    Lean on purpose, so that the client's own CPU is not counted against the server: no HTTP
+    library, SSE events are split on blank lines and only events without `"finish_reason":null`
+    are parsed as JSON. A token's time is when the bytes of its event were read. Each SSE event
+    counts as one token (the server sends one event per token); the records' status is finished,
+    failed (an error event or an unexpected status), rejected (429/503) or unfinished (lost)."""
+
+    def __init__(self, url: str, ttft_slo: float = 1.0, tbt_slo: float = 1.0, headers: dict | None = None,
+                 model: str | None = None, max_in_flight: int = 1024, timeout: float = 300.0):
+        super().__init__(ttft_slo, tbt_slo)
+        u = urlsplit(url)
+        self.host, self.port = u.hostname, u.port or 80
+        self.headers = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        self.model = model
+        self.max_in_flight = max_in_flight
+        self.timeout = timeout
+
+    def run(self, trace: list[TraceRequest], progress=None) -> RunResult:
+        return asyncio.run(self._run(sorted(trace, key=lambda r: r.arrived_at), progress))
+
+    async def _run(self, trace: list[TraceRequest], progress) -> RunResult:
+        idle: list = []  # keep-alive connections (reader, writer)
+        sem = asyncio.Semaphore(self.max_in_flight)
+        tasks = []
+        t0 = time.perf_counter()
+
+        async def one(r):
+            async with sem:
+                rec = await self._one(r, t0, idle)
+            if progress is not None:
+                progress(1)
+            return rec
+        for r in trace:
+            delay = t0 + r.arrived_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(r)))
+        records = list(await asyncio.gather(*tasks))
+        for _, w in idle:
+            w.close()
+        return RunResult(records, time.perf_counter() - t0)
+
+    def _request(self, r: TraceRequest) -> bytes:
+        ttft, tbt = self.slos(r)
+        body = {"prompt": r.prompt, "max_tokens": r.num_decode_tokens, "temperature": 0.0, "ignore_eos": True,
+                "stream": True, "aptray_slo": {"ttft_ms": ttft * 1000, "tbt_ms": tbt * 1000}}
+        if self.model:
+            body["model"] = self.model
+        data = json.dumps(body).encode()
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{self.headers}\r\n")
+        return head.encode() + data
+
+    async def _one(self, r: TraceRequest, t0: float, idle: list) -> RequestRecord:
+        times, status, conn = [], "unfinished", None
+        try:
+            async with asyncio.timeout(self.timeout):
+                conn = idle.pop() if idle else await asyncio.open_connection(self.host, self.port)
+                reader, writer = conn
+                writer.write(self._request(r))
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+                code = int(head.split(" ", 2)[1])
+                keep = "connection: close" not in head
+                if "transfer-encoding: chunked" not in head:  # an error answer with a length
+                    length = head.split("content-length:", 1)[1].split("\r\n", 1)[0] if "content-length:" in head else 0
+                    await reader.readexactly(int(length))
+                    status = "rejected" if code in (429, 503) else "failed"
+                else:
+                    status = await self._events(reader, times) if code == 200 else "failed"
+                if keep and status != "unfinished":
+                    idle.append(conn)
+                    conn = None
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, TimeoutError):
+            pass  # a broken stream or a hang with no explicit error: stays "unfinished" (lost)
+        finally:
+            if conn is not None:
+                conn[1].close()
+        ttft, tbt = self.slos(r)
+        return RequestRecord.from_token_times(r.request_id, r.arrived_at, r.num_prefill_tokens, r.num_decode_tokens,
+                                              ttft, tbt, [t - t0 for t in times], status)
+
+    @staticmethod
+    async def _events(reader: asyncio.StreamReader, times: list[float]) -> str:
+        """Reads a chunked SSE body to its end; appends one time per token event; returns the status."""
+        status, buf = "unfinished", b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16)
+            data = (await reader.readexactly(size + 2))[:-2]
+            if size == 0:
+                return status
+            now = time.perf_counter()
+            buf += data
+            *events, buf = buf.split(b"\n\n")
+            for ev in events:
+                if not ev.startswith(b"data:") or status != "unfinished":
+                    continue
+                if b'"finish_reason":null' in ev:
+                    times.append(now)
+                    continue
+                payload = ev[5:].strip()
+                if payload == b"[DONE]":
+                    continue
+                obj = json.loads(payload)
+                if "error" in obj:
+                    status = "failed"
+                elif obj.get("choices"):
+                    times.append(now)
+                    if obj["choices"][0].get("finish_reason"):
+                        status = FINISHED

@@ -312,6 +312,54 @@ def test_grpc_cancel_aborts(server):
     assert _metric(server, "aptray_slo_missed_total", '{reason="abort"}') == aborted_before + 1
 
 
+# -- TP=1: the model in the router process ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def server_tp1(server, redis_server):
+    """A second app beside the TP=2 one: TP=1, executor auto, so no shard actors and no gRPC per step."""
+    from aptray.app import build_app
+
+    args = {"tensor_parallel_size": 1, "num_cache_blocks": 128, "max_num_seqs": 4, "use_gpu": False,
+            "redis_url": f"unix://{redis_server.socket_file}"}
+    serve.run(build_app(args), name="aptray-tp1", route_prefix="/tp1")
+    yield {"http": server["http"] + "/tp1", "grpc": server["grpc"], "model": server["model"]}
+    serve.delete("aptray-tp1")
+
+
+def test_tp1_in_the_router_matches_the_engine_token_for_token(server_tp1, reference):
+    from aptray.client import Client
+
+    tokenizer, ref = reference
+    assert httpx.get(server_tp1["http"] + "/health").json()["executor"] == "local"
+    assert httpx.get(server_tp1["http"].removesuffix("/tp1") + "/health").json()["executor"] == "ray"
+    oai = openai.OpenAI(base_url=server_tp1["http"] + "/v1", api_key="unused", max_retries=0)
+    for p in PROMPTS:
+        whole = oai.completions.create(model=server_tp1["model"], prompt=p, **GREEDY)
+        pieces = [c.choices[0].text for c in oai.completions.create(model=server_tp1["model"], prompt=p, stream=True,
+                                                                     **GREEDY) if c.choices]
+        assert whole.choices[0].text == "".join(pieces) == ref[p][1]
+        assert len(pieces) == MAX_TOKENS  # one SSE event per token, however the writes are grouped
+    with Client(server_tp1["grpc"], application="aptray-tp1") as c:
+        for p in PROMPTS:
+            replies = list(c.generate(tokenizer.encode(p), temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
+            assert [t for r in replies for t in r.token_ids] == ref[p][0]
+            assert "".join(r.text for r in replies) == ref[p][1]
+
+
+def test_tp1_stop_string_streamed_as_whole(server_tp1, reference):
+    """A stop string that does occur: the stream holds back what could become it and ends at the
+    same cut as the non-streamed answer."""
+    _, ref = reference
+    p = PROMPTS[0]
+    text = ref[p][1]
+    stop = next(text[i:i + 3] for i in range(3, len(text) - 3) if text[i:i + 3].strip())
+    want = text[:text.find(stop)]
+    oai = openai.OpenAI(base_url=server_tp1["http"] + "/v1", api_key="unused", max_retries=0)
+    kw = dict(model=server_tp1["model"], prompt=p, stop=[stop], **GREEDY)
+    whole = oai.completions.create(**kw).choices[0]
+    streamed = "".join(c.choices[0].text for c in oai.completions.create(stream=True, **kw) if c.choices)
+    assert whole.text == streamed == want and whole.finish_reason == "stop"
+
+
 def test_graceful_drain_finishes_in_flight_then_frees_shards(server):
     """Deleting the app lets a running stream finish, then the router releases shards and their group.
     Runs last: it takes the app down."""

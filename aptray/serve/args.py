@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 
 
 _OPTIONAL_INTS = ("num_cache_blocks", "max_prompt_tokens", "max_tokens_limit")
+EXECUTORS = ("auto", "local", "ray")
 
 
 @dataclass
@@ -14,6 +15,9 @@ class AppArgs:
     tokenizer: str | None = None
     served_model_name: str | None = None  # the id /v1/models lists; default: the folder name
     tensor_parallel_size: int = 1
+    # where the model runs: "auto" (in the router process at TP=1, shard actors at TP>=2), "ray"
+    # (shard actors over gRPC, also at TP=1), "local" (in the router process; TP=1 only)
+    executor: str = "auto"
     scheduler: str = "fcfs"
     cache_mode: str = "kv"
     dtype: str = "float32"
@@ -27,6 +31,9 @@ class AppArgs:
     finished_ttl_s: int = 300  # how long Redis keeps a finished request's metadata
     max_queue: int = 256  # waiting requests before the ingress answers 429
     retry_after_s: int = 1
+    # least time between two sends of token chunks from the router to the ingress (and so between two
+    # writes to one client): what the engine makes meanwhile goes in one send. 0: every step, at once.
+    stream_interval_ms: float = 10.0
     num_replicas: int = 1  # data-parallel: each replica owns a router and its shards
     use_gpu: bool | None = None  # None: GPUs if the cluster has any
     drain_timeout_s: float = 30.0
@@ -60,7 +67,12 @@ class AppArgs:
             elif isinstance(v, str) and isinstance(default, float):
                 v = float(v)
             out[k] = v
-        return cls(**out)
+        parsed = cls(**out)
+        if parsed.executor not in EXECUTORS:
+            raise ValueError(f"executor {parsed.executor!r}: use one of {EXECUTORS}")
+        if parsed.executor == "local" and parsed.tensor_parallel_size != 1:
+            raise ValueError("executor 'local' runs one rank: tensor_parallel_size must be 1 (or use 'ray')")
+        return parsed
 
     def api_key_set(self) -> frozenset[str]:
         """Accepted API keys: the api_keys arg, else $APTRAY_API_KEYS (e.g. from a Kubernetes Secret)."""

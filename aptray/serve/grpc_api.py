@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
+from contextlib import aclosing
 
 import grpc
 
 from aptray.proto import generate_pb2
 from aptray.proto.convert import PLAN_VERSION
 from aptray.serve.openai_api import new_id
+from aptray.serve.relay import Rejected
 from aptray.serve.security import grpc_key, key_ok
 
 logger = logging.getLogger("aptray")
@@ -18,7 +20,6 @@ _STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENT
 
 
 def _check_key(ingress, ctx) -> None:
-    from aptray.serve.ingress import Rejected
     keys = ingress.args.api_key_set()
     if keys and not key_ok(keys, grpc_key(ctx.invocation_metadata() if ctx is not None else None)):
         raise Rejected("a valid API key is required (metadata authorization: Bearer <key>)", 401)
@@ -41,7 +42,6 @@ def sampling_from_proto(req: generate_pb2.GenerateRequest) -> dict:
 
 
 async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
-    from aptray.serve.ingress import Rejected
     rid = req.request_id or new_id("gen")
     try:
         _check_key(ingress, ctx)
@@ -58,14 +58,17 @@ async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
         else:
             raise Rejected("give prompt or prompt_token_ids", 400)
         call = await ingress.open_stream(rid, ids, sampling_from_proto(req), prompt)
-        async for chunk in ingress.chunks(call):
-            reply = generate_pb2.GenerateResponse(request_id=rid, token_ids=chunk["token_ids"], text=chunk["text"],
-                                                  finished=chunk["finished"])
-            if chunk["finished"]:
-                reply.finish_reason = chunk["finish_reason"] or ""
-                reply.usage.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                reply.usage.completion_tokens = chunk["usage"]["completion_tokens"]
-            yield reply
+        async with aclosing(ingress.chunks(call)) as batches:  # closed at once if the call is cancelled
+            async for batch in batches:  # chunks that came together: one message
+                last = batch[-1]
+                reply = generate_pb2.GenerateResponse(request_id=rid, finished=last["finished"],
+                                                      token_ids=[t for c in batch for t in c["token_ids"]],
+                                                      text="".join(c["text"] for c in batch))
+                if last["finished"]:
+                    reply.finish_reason = last["finish_reason"] or ""
+                    reply.usage.prompt_tokens = last["usage"]["prompt_tokens"]
+                    reply.usage.completion_tokens = last["usage"]["completion_tokens"]
+                yield reply
     except Rejected as e:
         _fail(ctx, e.status, str(e))
         raise
@@ -76,7 +79,6 @@ async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
 
 
 async def abort(ingress, req: generate_pb2.AbortRequest, ctx=None) -> generate_pb2.AbortReply:
-    from aptray.serve.ingress import Rejected
     try:
         _check_key(ingress, ctx)
     except Rejected as e:

@@ -1,16 +1,17 @@
 """Ingress: the Ray Serve deployment clients talk to (OpenAI HTTP + aptray gRPC).
 
-It validates and tokenizes, asks its Router for admission, and relays token chunks. Each
-ingress replica owns one Router actor (and through it the shards): replicas are data-parallel.
-When the router dies the ingress starts a new one (which resumes the requests Redis lists for
-this replica) and re-attaches every open stream with the tokens it has already relayed, so the
-client sees a pause, not an error (docs/RELIABILITY.md).
+It validates and tokenizes, asks its Router for admission, and relays token chunks (relay.py:
+one Ray stream from the router for all requests). Each ingress replica owns one Router actor
+(and through it the model): replicas are data-parallel. When the router dies the ingress starts
+a new one and re-attaches every open stream, so the client sees a pause, not an error
+(docs/RELIABILITY.md). Chunks that arrive together are written to a client in one piece (one SSE
+event per chunk still), so a replica that falls behind catches up in fewer, larger writes.
 """
 
 import asyncio
-import json
 import logging
 import os
+from contextlib import aclosing
 
 import ray
 from fastapi import FastAPI, Request
@@ -23,16 +24,17 @@ from ray import serve
 
 from aptray.serve import grpc_api
 from aptray.serve.args import AppArgs
-from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatChunkChoice, ChatCompletionChunk,
-                                     ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
-                                     CompletionChoice, CompletionRequest, CompletionResponse, ModelCard,
-                                     ModelList, Usage, error_body, finish_reason, new_id)
-from aptray.serve.router import Router, resolve_model
+from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatCompletionRequest, ChatCompletionResponse,
+                                     CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList,
+                                     error_body, finish_reason, new_id)
+from aptray.serve.relay import Call, Rejected, RouterLink
+from aptray.serve.replica_engine import gpus_available, resolve_model, router_actor_options
+from aptray.serve.router import Router
 from aptray.serve.security import EdgeMiddleware
+from aptray.serve.sse import ChatEvents, CompletionEvents, sse, usage
 from aptray.store import RequestStore
 
 logger = logging.getLogger("aptray")
-MAX_REATTACH = 3  # router restarts one request may live through
 
 api = FastAPI(title="aptray")
 _edge = {"keys": frozenset(), "max_body": 1 << 20}  # set by the Ingress replica (one per process)
@@ -59,43 +61,11 @@ async def _unexpected(request: Request, exc: Exception):
     return JSONResponse(error_body(f"internal error: {type(exc).__name__}", 500), status_code=500)
 
 
-class Rejected(Exception):
-    def __init__(self, message: str, status: int, param: str | None = None):
-        super().__init__(message)
-        self.status, self.param = status, param
-
-    def __reduce__(self):  # Ray ships exceptions by pickle: keep status and param
-        return Rejected, (str(self), self.status, self.param)
-
-
-class _Call:
-    """One request as the ingress relays it: enough to re-attach it to a new router."""
-
-    def __init__(self, rid: str, ids: list[int], sampling: dict, prompt: str | None):
-        self.rid, self.ids, self.sampling, self.prompt = rid, ids, sampling, prompt
-        self.seen: list[int] = []  # token ids relayed to the client so far
-        self.text = ""  # and their text
-        self.router = None
-        self.gen = None
-        self.reattached = 0
-
-
 def _replica_id() -> str:
     try:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # outside Serve (a test building the class directly)
         return new_id("replica")
-
-
-def _usage(chunk: dict) -> Usage:
-    u = chunk["usage"]
-    return Usage(prompt_tokens=u["prompt_tokens"], completion_tokens=u["completion_tokens"],
-                 total_tokens=u["prompt_tokens"] + u["completion_tokens"])
-
-
-def _sse(obj) -> str:
-    body = obj.model_dump_json(exclude_none=False) if hasattr(obj, "model_dump_json") else json.dumps(obj)
-    return f"data: {body}\n\n"
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=1024, graceful_shutdown_timeout_s=30,
@@ -117,97 +87,36 @@ class Ingress:
             self.embedded_store = RequestStore.embedded()
             self.router_args["redis_url"] = self.embedded_store.url
         self.owner = _replica_id()  # the router's in-flight set in Redis: stable across router restarts
-        self.router_restarts = 0
-        self._router_lock = asyncio.Lock()
+        # decided once, here: where the model runs (router or shards) needs it for the router's resources
+        self.use_gpu = self.args.use_gpu if self.args.use_gpu is not None else gpus_available(
+            self.args.tensor_parallel_size)
+        self.router_args["use_gpu"] = self.use_gpu
         self._recovery: asyncio.Task | None = None
-        self.router = self._start_router()
+        self.link = RouterLink(self._start_router, self.args.router_restart_timeout_s)
         info = ray.get(self.router.ready.remote())
         self.max_model_len = info["max_model_len"]
         logger.info("ingress ready: %s, %d blocks, store %s", self.model_name, info["num_blocks"], info["store"])
 
+    @property
+    def router(self):
+        return self.link.router
+
     def _start_router(self):
-        opts = {"num_cpus": 0, "max_concurrency": 10_000}  # it mostly waits on shards: no CPU a shard needs
+        opts = {**router_actor_options(self.args, self.use_gpu), "max_concurrency": 10_000}
         if self.embedded_store is not None:  # a unix socket: same node as the replica
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
                                                                          soft=False)
         return ray.remote(Router).options(**opts).remote(self.router_args, self.owner)
 
-    async def _recover_router(self, failed):
-        """The router `failed` raised an actor error: make sure a live one is in place and return it."""
-        async with self._router_lock:
-            if self.router is not failed:  # another request already replaced it
-                return self.router
-            try:
-                await asyncio.wait_for(failed.health.remote(), timeout=5)
-                return failed  # alive after all: a transient error
-            except Exception:
-                pass
-            logger.warning("router lost: starting a new one (it resumes from the store)")
-            try:
-                ray.kill(failed, no_restart=True)
-            except Exception:
-                pass
-            router = self._start_router()
-            try:
-                await asyncio.wait_for(router.ready.remote(), timeout=self.args.router_restart_timeout_s)
-            except Exception as e:
-                raise Rejected(f"the router is down and could not be restarted: {e!r}", 503) from e
-            self.router = router
-            self.router_restarts += 1
-            return router
-
     # -- shared path --------------------------------------------------------------------------
-    async def open_stream(self, rid: str, ids: list[int], sampling: dict, prompt: str | None) -> _Call:
-        """Admission: returns the call, its router stream open, once the request is accepted."""
-        call = _Call(rid, ids, sampling, prompt)
-        await self._open(call, resume=False)
-        return call
+    async def open_stream(self, rid: str, ids: list[int], sampling: dict, prompt: str | None) -> Call:
+        """Admission: returns the call once its request is accepted."""
+        return await self.link.open(rid, ids, sampling, prompt)
 
-    async def _open(self, call: _Call, resume: bool) -> None:
-        for _ in range(MAX_REATTACH + 1):
-            call.router = self.router
-            seen = call.seen if resume else None
-            try:
-                call.gen = call.router.generate.options(num_returns="streaming").remote(
-                    call.rid, call.ids, call.sampling, call.prompt, seen, call.text)
-                first = await (await call.gen.__anext__())
-            except RayActorError:
-                # it may have recorded the request before dying: from now on only re-attach
-                await self._recover_router(call.router)
-                resume = True
-                continue
-            if "error" in first:
-                raise Rejected(first["error"], first["status"], first.get("param"))
-            return
-        raise Rejected("the router keeps failing", 503)
-
-    async def chunks(self, call: _Call):
-        """Token chunks until finished; a router that dies is replaced and the stream re-attached.
-        A caller that stops early (disconnect) aborts the request."""
-        finished = False
-        try:
-            while not finished:
-                try:
-                    async for ref in call.gen:
-                        chunk = await ref
-                        if "error" in chunk:
-                            raise Rejected(chunk["error"], chunk.get("status", 500))
-                        call.seen.extend(chunk["token_ids"])
-                        call.text += chunk["text"]
-                        finished = chunk["finished"]
-                        yield chunk
-                    if not finished:
-                        raise Rejected("the router ended the stream early", 500)
-                except RayActorError as e:
-                    call.reattached += 1
-                    if call.reattached > MAX_REATTACH:
-                        raise Rejected(f"the router was lost {call.reattached} times: {e}", 503) from e
-                    await self._recover_router(call.router)
-                    await self._open(call, resume=True)
-        finally:
-            if not finished and call.router is not None:
-                call.router.abort.remote(call.rid)  # fire and forget: we may be inside a cancellation
+    def chunks(self, call: Call):
+        """Lists of chunks (those that arrived together) until the request finishes."""
+        return self.link.chunks(call)
 
     def _reject(self, e: Rejected) -> JSONResponse:
         headers = {"Retry-After": str(self.args.retry_after_s)} if e.status == 429 else None
@@ -245,16 +154,18 @@ class Ingress:
             text, last = await self._collect(gen)
         except Rejected as e:
             return self._reject(e)
-        return CompletionResponse(id=rid, model=self.model_name, usage=_usage(last), choices=[
+        return CompletionResponse(id=rid, model=self.model_name, usage=usage(last), choices=[
             CompletionChoice(text=(prompt or "") + text if req.echo else text,
                              finish_reason=finish_reason(last["finish_reason"]))])
 
     async def _collect(self, gen) -> tuple[str, dict | None]:
         """A non-streaming request's whole text and its last chunk (finish reason, usage)."""
-        text, last = "", None
-        async for chunk in self.chunks(gen):
-            text, last = text + chunk["text"], chunk
-        return text, last
+        pieces, last = [], None
+        async with aclosing(self.chunks(gen)) as batches:
+            async for batch in batches:
+                pieces.extend(c["text"] for c in batch)
+                last = batch[-1]
+        return "".join(pieces), last
 
     def _completion_prompt(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -266,18 +177,20 @@ class Ingress:
         raise Rejected("give one prompt per request (a string or a list of token ids)", 400, "prompt")
 
     async def _completion_sse(self, rid: str, gen, include_usage: bool):
+        async for event in self._sse_stream(gen, CompletionEvents(rid, self.model_name, include_usage)):
+            yield event
+
+    async def _sse_stream(self, gen, events):
+        """The SSE body of a streamed request: its token events, an error event if it fails, [DONE]."""
         try:
-            async for chunk in self.chunks(gen):
-                reason = finish_reason(chunk["finish_reason"]) if chunk["finished"] else None
-                yield _sse(CompletionResponse(id=rid, model=self.model_name, choices=[
-                    CompletionChoice(text=chunk["text"], finish_reason=reason)]))
-                if chunk["finished"] and include_usage:
-                    yield _sse(CompletionResponse(id=rid, model=self.model_name, choices=[], usage=_usage(chunk)))
+            async with aclosing(self.chunks(gen)) as batches:  # closed at once if the client goes
+                async for batch in batches:
+                    yield events.render(batch)
         except Rejected as e:
-            yield _sse(error_body(str(e), e.status))
+            yield sse(error_body(str(e), e.status))
         except Exception as e:  # headers are sent: an error event is all a client can still get
             logger.exception("stream failed")
-            yield _sse(error_body(f"internal error: {type(e).__name__}", 500))
+            yield sse(error_body(f"internal error: {type(e).__name__}", 500))
         yield "data: [DONE]\n\n"
 
     @api.post("/v1/chat/completions")
@@ -299,7 +212,7 @@ class Ingress:
             content, last = await self._collect(gen)
         except Rejected as e:
             return self._reject(e)
-        return ChatCompletionResponse(id=rid, model=self.model_name, usage=_usage(last), choices=[
+        return ChatCompletionResponse(id=rid, model=self.model_name, usage=usage(last), choices=[
             ChatChoice(message=ChatChoiceMessage(content=content), finish_reason=finish_reason(last["finish_reason"]))])
 
     def _chat_text(self, req) -> str:
@@ -310,21 +223,10 @@ class Ingress:
             raise Rejected(f"the chat template refused the messages: {e}", 400, "messages") from e
 
     async def _chat_sse(self, rid: str, gen, include_usage: bool):
-        yield _sse(ChatCompletionChunk(id=rid, model=self.model_name,
-                                       choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))]))
-        try:
-            async for chunk in self.chunks(gen):
-                reason = finish_reason(chunk["finish_reason"]) if chunk["finished"] else None
-                yield _sse(ChatCompletionChunk(id=rid, model=self.model_name, choices=[
-                    ChatChunkChoice(delta=ChatDelta(content=chunk["text"]), finish_reason=reason)]))
-                if chunk["finished"] and include_usage:
-                    yield _sse(ChatCompletionChunk(id=rid, model=self.model_name, choices=[], usage=_usage(chunk)))
-        except Rejected as e:
-            yield _sse(error_body(str(e), e.status))
-        except Exception as e:  # headers are sent: an error event is all a client can still get
-            logger.exception("stream failed")
-            yield _sse(error_body(f"internal error: {type(e).__name__}", 500))
-        yield "data: [DONE]\n\n"
+        events = ChatEvents(rid, self.model_name, include_usage)
+        yield events.role()
+        async for event in self._sse_stream(gen, events):
+            yield event
 
     @api.get("/v1/models")
     async def models(self):
@@ -336,7 +238,7 @@ class Ingress:
             h = await self.router.health.remote()
         except RayActorError:
             return JSONResponse(error_body("the router is restarting", 503), status_code=503)
-        h["router_restarts"] = self.router_restarts
+        h["router_restarts"] = self.link.restarts
         ok = h["ok"] and not h["draining"]
         return JSONResponse(h, status_code=200 if ok else 503)
 
@@ -348,7 +250,7 @@ class Ingress:
             return JSONResponse(error_body("the router is restarting", 503), status_code=503)
         text += (f"# HELP aptray_router_restarts_total routers this replica replaced\n"
                  f"# TYPE aptray_router_restarts_total counter\n"
-                 f"aptray_router_restarts_total {self.router_restarts}\n").encode()
+                 f"aptray_router_restarts_total {self.link.restarts}\n").encode()
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     # -- gRPC (through Serve's gRPC proxy; method names match generate.proto) ------------------
@@ -370,12 +272,12 @@ class Ingress:
             failed, self._recovery = self._recovery.exception(), None
             if failed is not None:
                 raise RuntimeError(f"router could not be replaced: {failed!r}")
-        if self._router_lock.locked() or self._recovery is not None:
+        if self.link.lock.locked() or self._recovery is not None:
             return
         try:
             h = await asyncio.wait_for(self.router.health.remote(), timeout=20)
         except RayActorError:
-            self._recovery = asyncio.create_task(self._recover_router(self.router))
+            self._recovery = asyncio.create_task(self.link.recover(self.router))
             return
         if not h["ok"]:
             raise RuntimeError(f"router unhealthy: {h['error'] or 'engine thread is dead'}")

@@ -1,0 +1,226 @@
+"""RouterLink: an ingress replica's connection to its Router actor.
+
+Each request is admitted with one call (Router.admit); the chunks of all requests come back on
+one Ray stream (Router.stream), which a pump task reads and hands to each request's Call. So a
+step of the engine costs one Ray object between router and ingress, whatever the batch size.
+
+When the router dies the link starts a new one (which resumes the replica's requests from Redis)
+and every open call re-attaches with the tokens it has already relayed: the client sees a pause,
+not an error (docs/RELIABILITY.md).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import ray
+from ray.exceptions import RayActorError
+
+logger = logging.getLogger("aptray")
+MAX_REATTACH = 3  # router restarts one request may live through
+
+
+class Rejected(Exception):
+    def __init__(self, message: str, status: int, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+    def __reduce__(self):  # Ray ships exceptions by pickle: keep status and param
+        return Rejected, (str(self), self.status, self.param)
+
+
+class _Lost:
+    """Delivered to the calls of a router whose stream broke (after every chunk it did bring)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class Call:
+    """One request as the ingress relays it: enough to re-attach it to a new router."""
+
+    def __init__(self, rid: str, ids: list[int], sampling: dict, prompt: str | None):
+        self.rid, self.ids, self.sampling, self.prompt = rid, ids, sampling, prompt
+        self.seen: list[int] = []  # token ids relayed to the client so far
+        self.text = ""  # and their text
+        self.router = None
+        self.epoch = 0  # admissions of this call so far - 1: chunks of an earlier admission are dropped
+        self._pending: list = []
+        self._waiter: asyncio.Future | None = None
+
+    def deliver(self, item) -> None:
+        self._pending.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def take(self) -> list:
+        """Everything delivered since the last take (waits for at least one item)."""
+        while not self._pending:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        self._waiter = None
+        items, self._pending = self._pending, []
+        return items
+
+
+class RouterLink:
+    def __init__(self, start_router, restart_timeout_s: float):
+        """start_router(): a new Router actor handle (its ready() not yet awaited)."""
+        self.start_router = start_router
+        self.restart_timeout_s = restart_timeout_s
+        self.router = start_router()
+        self.restarts = 0
+        self.lock = asyncio.Lock()
+        self._calls: dict[str, Call] = {}
+        self._pump: asyncio.Task | None = None
+        self._pump_router = None
+        self._admissions: list[tuple] = []  # (router, request, future) waiting for the call in flight
+        self._admitting = False
+
+    # -- the shared stream --------------------------------------------------------------------
+    def _ensure_pump(self) -> None:
+        if self._pump is None or self._pump.done() or self._pump_router is not self.router:
+            self._pump_router = self.router
+            self._pump = asyncio.get_running_loop().create_task(self._run_pump(self.router))
+
+    async def _run_pump(self, router) -> None:
+        calls = self._calls
+        try:
+            async for ref in router.stream.remote():
+                for chunk in await ref:
+                    call = calls.get(chunk["request_id"])
+                    if call is not None and call.router is router:
+                        call.deliver(chunk)
+            error: BaseException = RuntimeError("the router ended its stream")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # RayActorError: the router died
+            error = e
+        for call in list(calls.values()):
+            if call.router is router:
+                call.deliver(_Lost(error))
+
+    # -- requests -----------------------------------------------------------------------------
+    async def open(self, rid: str, ids: list[int], sampling: dict, prompt: str | None) -> Call:
+        """Admission: returns the call once its request is accepted (else raises Rejected)."""
+        call = Call(rid, ids, sampling, prompt)
+        await self._open(call, resume=False)
+        return call
+
+    async def _open(self, call: Call, resume: bool) -> None:
+        for attempt in range(MAX_REATTACH + 1):
+            call.router = self.router
+            if attempt or resume:
+                call.epoch += 1
+            self._calls[call.rid] = call  # before admit: its first chunks may come before admit's answer
+            self._ensure_pump()
+            try:
+                first = await self._admit(call.router, (call.rid, call.ids, call.sampling, call.prompt,
+                                                        call.seen if resume else None, call.text, call.epoch))
+            except RayActorError:
+                # it may have recorded the request before dying: from now on only re-attach
+                await self.recover(call.router)
+                resume = True
+                continue
+            if "error" in first:
+                self._forget(call)
+                raise Rejected(first["error"], first["status"], first.get("param"))
+            return
+        self._forget(call)
+        raise Rejected("the router keeps failing", 503)
+
+    async def _admit(self, router, request: tuple) -> dict:
+        """Router.admit for one request. Requests that come while an admission call is in flight go
+        together in the next one: one Ray call per round trip, not per request, under load."""
+        fut = asyncio.get_running_loop().create_future()
+        self._admissions.append((router, request, fut))
+        if not self._admitting:
+            self._admitting = True
+            asyncio.get_running_loop().create_task(self._send_admissions())
+        return await fut
+
+    async def _send_admissions(self) -> None:
+        try:
+            while self._admissions:
+                pending, self._admissions = self._admissions, []
+                routers = {id(r): r for r, _, _ in pending}
+                for key, router in routers.items():  # one router but for a restart in between
+                    mine = [(req, fut) for r, req, fut in pending if id(r) == key]
+                    try:
+                        answers = await router.admit.remote([req for req, _ in mine])
+                    except Exception as e:
+                        for _, fut in mine:
+                            if not fut.done():
+                                fut.set_exception(e)
+                        continue
+                    for (_, fut), answer in zip(mine, answers):
+                        if not fut.done():
+                            fut.set_result(answer)
+        finally:
+            self._admitting = False
+
+    def _forget(self, call: Call) -> None:
+        if self._calls.get(call.rid) is call:
+            del self._calls[call.rid]
+
+    async def chunks(self, call: Call):
+        """Lists of token chunks (all that arrived together) until finished; a router that dies is
+        replaced and the call re-attached. A caller that stops early (disconnect) aborts the request."""
+        finished = False
+        reattached = 0
+        try:
+            while not finished:
+                batch, lost = [], None
+                for item in await call.take():
+                    if isinstance(item, _Lost):
+                        lost = item
+                        break
+                    if item.get("epoch", 0) != call.epoch:
+                        continue  # from before a re-attach: the new admission resends what is missing
+                    if "error" in item:
+                        if batch:
+                            yield batch
+                        raise Rejected(item["error"], item.get("status", 500))
+                    call.seen.extend(item["token_ids"])
+                    call.text += item["text"]
+                    batch.append(item)
+                    if item["finished"]:
+                        finished = True
+                        break
+                if batch:
+                    yield batch
+                if lost is not None and not finished:
+                    reattached += 1
+                    if reattached > MAX_REATTACH:
+                        raise Rejected(f"the router was lost {reattached} times: {lost.error}", 503) from lost.error
+                    await self.recover(call.router)
+                    await self._open(call, resume=True)
+        finally:
+            self._forget(call)
+            if not finished and call.router is not None:
+                call.router.abort.remote(call.rid)  # fire and forget: we may be inside a cancellation
+
+    # -- router faults ------------------------------------------------------------------------
+    async def recover(self, failed):
+        """The router `failed` raised an actor error: make sure a live one is in place and return it."""
+        async with self.lock:
+            if self.router is not failed:  # another request already replaced it
+                return self.router
+            try:
+                await asyncio.wait_for(failed.health.remote(), timeout=5)
+                return failed  # alive after all: a transient error
+            except Exception:
+                pass
+            logger.warning("router lost: starting a new one (it resumes from the store)")
+            try:
+                ray.kill(failed, no_restart=True)
+            except Exception:
+                pass
+            router = self.start_router()
+            try:
+                await asyncio.wait_for(router.ready.remote(), timeout=self.restart_timeout_s)
+            except Exception as e:
+                raise Rejected(f"the router is down and could not be restarted: {e!r}", 503) from e
+            self.router = router
+            self.restarts += 1
+            return router
