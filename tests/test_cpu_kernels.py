@@ -72,3 +72,45 @@ def test_cpu_paged_decode_equal_lengths_and_noncontiguous_pool():
     strided.copy_(kv)
     torch.testing.assert_close(cpu.paged_decode_attention(q, strided, tables, lens, 0.3),
                                reference.paged_decode_attention(q, kv, tables, lens, 0.3))
+
+
+def test_decode_mirror_follows_the_pool_across_steps():
+    """Steps of growing contexts (past the headroom), a row leaving, an over-budget step: the mirror's
+    attention equals the reference on the pool at every step and layer."""
+    block_size, n_kv, head_dim, num_heads = 4, 2, 8, 4
+    g = torch.Generator().manual_seed(5)
+    pools = [torch.zeros(400, 2, block_size, n_kv, head_dim) for _ in range(2)]
+    lens = {"a": 3, "b": 40, "c": 90}
+    tables = {"a": [7], "b": list(range(20, 30)), "c": list(range(100, 123))}
+    free = iter(range(200, 400))
+    for p in pools:
+        for rid, n in lens.items():
+            for pos in range(n):
+                p[tables[rid][pos // block_size], :, pos % block_size] = torch.randn(2, n_kv, head_dim, generator=g)
+    mirror = cpu.DecodeMirror(num_layers=2, budget_bytes=1 << 30)
+    for step in range(100):
+        if step == 50:
+            del lens["b"]  # finishes: the set changes, buffers are rebuilt
+        if step == 85:  # a row leaves and the rebuild is over budget: the plain gather runs
+            del lens["a"]
+            mirror.budget_bytes = 0
+        if step == 90:  # fits again: rebuilt, although the set did not change
+            mirror.budget_bytes = 1 << 30
+        for rid in lens:  # the step's new token, written to the pool first (as attention layers do)
+            pos = lens[rid]
+            if pos // block_size == len(tables[rid]):
+                tables[rid].append(next(free))
+            for p in pools:
+                p[tables[rid][pos // block_size], :, pos % block_size] = torch.randn(2, n_kv, head_dim, generator=g)
+            lens[rid] += 1
+        rids = list(lens)
+        mirror.begin_step([(r, lens[r], tuple(tables[r])) for r in rids])
+        width = max(len(tables[r]) for r in rids)
+        bt = torch.tensor([tables[r] + [0] * (width - len(tables[r])) for r in rids])
+        cl = torch.tensor([lens[r] for r in rids])
+        step_cache = {"kv_mirror": mirror}
+        q = torch.randn(len(rids), num_heads, head_dim, generator=g)
+        for p in pools:
+            torch.testing.assert_close(cpu.paged_decode_attention(q, p, bt, cl, 0.3, step_cache),
+                                       reference.paged_decode_attention(q, p, bt, cl, 0.3))
+    assert mirror.epoch >= 5  # first step, a row left, headroom outgrown, over budget, after it

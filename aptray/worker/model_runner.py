@@ -5,6 +5,7 @@ import logging
 import time
 
 import torch
+from aptray_kernels.cpu import DecodeMirror
 
 from aptray.cache.pool import CachePool
 from aptray.config import EngineConfig
@@ -40,6 +41,12 @@ class ModelRunner:
             self.num_blocks = self._blocks_for_budget(n_kv, dtype)
         self.pool = CachePool(spec.num_layers, self.num_blocks, config.block_size, n_kv, spec.head_dim,
                               spec.hidden_size, config.hidden_block_size, dtype, self.device)
+        # CPU: KV decode reuses last step's gathered K/V (kernels/aptray_kernels/cpu.py), within
+        # as many bytes again as the pool holds
+        self.kv_mirror = None
+        if self.device.type == "cpu":
+            self.kv_mirror = DecodeMirror(spec.num_layers, self.num_blocks * CachePool.bytes_per_block(
+                spec.num_layers, config.block_size, n_kv, spec.head_dim, dtype))
         logger.info("rank %d: %d cache blocks of %d KV tokens (%d hidden tokens)", rank, self.num_blocks,
                     config.block_size, config.hidden_block_size)
 
@@ -54,9 +61,13 @@ class ModelRunner:
         for conv in plan.conversions:
             self._convert(conv)
         result = StepResult()
+        if self.kv_mirror is not None:  # every step, so that it sees every change of the decode set
+            self.kv_mirror.begin_step([(s.request_id, s.context_len, s.block_table) for s in plan.seqs
+                                       if s.is_decode and s.cache_kind == "kv"])
         if plan.seqs:
             ids, ctx = build_step_context(plan, self.config.block_size, self.config.hidden_block_size,
                                           self.config.hidden_attention, self.device)
+            ctx.scratch["kv_mirror"] = self.kv_mirror
             h = self.model(ids, ctx, self.pool.layers())
             logits = self.model.compute_logits(h[ctx.sample_rows]).float()
             sampled = [s for s in plan.seqs if s.sample]

@@ -92,6 +92,11 @@ def _decode_buckets(block_tables, context_lens, block_size, dtype, step_cache):
 def paged_decode_attention(q, kv_cache, block_tables, context_lens, scale, step_cache=None):
     """K and V of each bucket gathered with one index_select each (a contiguous copy of whole blocks,
     no second copy to split K from V), SDPA reading them as strided views; GQA inside SDPA."""
+    mirror = step_cache.get("kv_mirror") if step_cache is not None else None
+    if mirror is not None and kv_cache.is_contiguous():
+        out = mirror.attend(q, kv_cache, block_tables, context_lens, scale, step_cache)
+        if out is not None:
+            return out
     if not kv_cache.is_contiguous():
         max_len = int(context_lens.max())
         k, v = gather_kv(kv_cache, block_tables, max_len)
@@ -113,6 +118,107 @@ def paged_decode_attention(q, kv_cache, block_tables, context_lens, scale, step_
             return o
         out[rows] = o
     return out
+
+
+class DecodeMirror:
+    """Keeps each layer's gathered K/V of the KV decode rows from one step to the next (CPU).
+
+    While the same requests decode step after step (same order, each context one longer, block
+    tables only growing), a layer appends the newest token's K and V (read back from the pool) to
+    last step's gathered buckets instead of gathering the whole context again. Any change of the
+    decode set, or a bucket outgrowing its headroom, rebuilds from the pool: the buffers always hold
+    exactly the pool's values, so results equal the plain gather. Its memory is bounded by
+    budget_bytes (past it, the plain gather runs).
+    """
+    HEADROOM_TOKENS = 64
+
+    def __init__(self, num_layers: int, budget_bytes: int):
+        self.num_layers = num_layers
+        self.budget_bytes = budget_bytes
+        self.prev = None  # last step's [(request_id, context_len, block_table)]
+        self.reuse = False
+        self.epoch = 0
+        self.plan = None  # [(rows tensor or None for all, rows, cap_blocks)] of the current epoch
+        self.layers = {}  # kv_cache data_ptr -> (epoch, [(k_buf, v_buf)])
+
+    def begin_step(self, decode_seqs: list) -> None:
+        """decode_seqs: this step's KV decode rows in order, as (request_id, context_len, block_table)."""
+        prev, self.prev = self.prev, decode_seqs
+        self.reuse = prev is not None and len(prev) == len(decode_seqs) and all(
+            a[0] == b[0] and b[1] == a[1] + 1 and b[2][:len(a[2])] == a[2] for a, b in zip(prev, decode_seqs))
+
+    def _step_plan(self, kv_cache, block_tables, context_lens, dtype, step_cache):
+        """Once per step: keep the epoch's buckets (reuse) or start a new epoch; None when over budget."""
+        block_size = kv_cache.shape[2]
+        key = ("decode_mirror", block_size, dtype)
+        if key in step_cache:
+            return step_cache[key]
+        lens = context_lens.tolist()
+        device = block_tables.device
+        if not (self.reuse and self.plan is not None
+                and all(max(lens[i] for i in rows) <= cap * block_size for _, rows, cap in self.plan)):
+            self.epoch += 1
+            groups = _buckets(lens, block_size)
+            self.plan = []
+            for rows in groups:
+                max_len = max(lens[i] for i in rows) + self.HEADROOM_TOKENS
+                rows_t = None if len(groups) == 1 else torch.tensor(rows, device=device)
+                self.plan.append((rows_t, rows, -(-max_len // block_size)))
+            per_token = 2 * kv_cache[0, 0, 0].numel() * kv_cache.element_size() * self.num_layers
+            tokens = sum(len(rows) * cap * block_size for _, rows, cap in self.plan)
+            if tokens * per_token > self.budget_bytes:
+                self.plan = None
+                step_cache[key] = None
+                return None
+        out = []
+        for rows_t, _, cap in self.plan:
+            table = block_tables if rows_t is None else block_tables[rows_t]
+            sub = context_lens if rows_t is None else context_lens[rows_t]
+            sub_list = sub.tolist()
+            max_len, m = max(sub_list), len(sub_list)
+            ids = torch.zeros(m, cap, dtype=table.dtype, device=device)  # headroom reads block 0: masked
+            width = min(cap, table.shape[1])
+            ids[:, :width] = table[:, :width]
+            pos = sub - 1  # the newest token of each row
+            slot = table.gather(1, (pos // block_size)[:, None])[:, 0] * block_size + pos % block_size
+            src = (slot // block_size) * (2 * block_size) + slot % block_size  # K row in the pool's row view
+            dst = torch.arange(m, device=device) * (cap * block_size) + pos
+            mask = None
+            if min(sub_list) < max_len:
+                mask = torch.zeros(m, 1, 1, max_len, dtype=dtype, device=device)
+                mask.masked_fill_(~_context_mask(sub, max_len)[:, None, None, :], float("-inf"))
+            out.append((rows_t, cap, ids.reshape(-1), src, dst, mask, max_len, m))
+        step_cache[key] = out
+        return out
+
+    def attend(self, q, kv_cache, block_tables, context_lens, scale, step_cache):
+        n, num_heads, head_dim = q.shape
+        num_blocks_total, _, block_size, n_kv, _ = kv_cache.shape
+        plan = self._step_plan(kv_cache, block_tables, context_lens, q.dtype, step_cache)
+        if plan is None:
+            return None
+        flat = kv_cache.view(num_blocks_total, 2, -1)
+        rows_view = kv_cache.view(num_blocks_total * 2 * block_size, n_kv * head_dim)
+        key = kv_cache.data_ptr()
+        epoch, bufs = self.layers.get(key, (None, None))
+        if epoch != self.epoch:  # gather whole blocks from the pool, headroom included
+            bufs = [tuple(flat[:, i].index_select(0, ids).view(m, cap * block_size, n_kv, head_dim) for i in (0, 1))
+                    for _, cap, ids, _, _, _, _, m in plan]
+            self.layers[key] = (self.epoch, bufs)
+        else:  # append this step's token, already written to the pool
+            for (k_buf, v_buf), (_, _, _, src, dst, _, _, _) in zip(bufs, plan):
+                k_buf.view(-1, n_kv * head_dim).index_copy_(0, dst, rows_view.index_select(0, src))
+                v_buf.view(-1, n_kv * head_dim).index_copy_(0, dst, rows_view.index_select(0, src + block_size))
+        out = None if len(plan) == 1 else torch.empty_like(q)
+        for (k_buf, v_buf), (rows, _, _, _, _, mask, max_len, _) in zip(bufs, plan):
+            qq = q if rows is None else q[rows]
+            o = F.scaled_dot_product_attention(qq[:, :, None, :], k_buf[:, :max_len].transpose(1, 2).to(q.dtype),
+                                               v_buf[:, :max_len].transpose(1, 2).to(q.dtype), attn_mask=mask,
+                                               scale=scale, enable_gqa=num_heads != n_kv)[:, :, 0, :]
+            if out is None:
+                return o
+            out[rows] = o
+        return out
 
 
 def absorbed_decode_attention(q, hidden_cache, block_tables, context_lens, w_k, w_v, b_v, scale):
