@@ -1,14 +1,28 @@
 """The real CPU engine for docs/RESULTS.md: fcfs vs sarathi vs apt (KV, hybrid) on one machine, one run.
 
-Tiny random multi-head OPT (d 128, 4 layers, 8 heads: r = 1/2), a cache pool that binds, lengths
-from the real datasets (ShareGPT, HumanEval; the default tokenizer) capped to the 512-token
-context, Gamma arrivals at CV 1 and 4, SLOs scaled to the decode step time measured at the start
-of the run (DistServe's ratios to an OPT-13B decode step of ~20 ms: chat TTFT 12.5 steps, TBT 5;
-code TTFT 6.25, TBT 10). Every policy replays the same requests at each rate, interleaved, so
-that machine noise hits all policies alike; ratios are taken within the run.
+The experiment (docs/SCHEDULER.md, "The real-CPU-engine experiment", says why each choice):
+- tiny random multi-head OPT (d 128, 4 layers, 8 heads: r = 1/2), one torch thread;
+- a cache pool that binds: 48 blocks of 16 tokens (768 tokens of KV, about 2.3 mean ShareGPT
+  requests, 4 HumanEval ones; the longest request, 512 tokens, fits alone). On a CPU the decode
+  step grows with the batch from a few requests on, so a pool of this size keeps the KV batch where
+  more memory still buys throughput: the regime of a GPU whose decode step is flat in the batch;
+- lengths from the real datasets (ShareGPT, HumanEval; the default tokenizer) capped to the
+  512-token context; Gamma arrivals at CV 1 and 4; every policy replays the same requests at each
+  rate, the order of policies rotating per rate;
+- SLOs scaled to this engine's speed, measured at the start of the run: TTFT in units of a
+  full-context (511-token) prefill, TBT in units of a 16-request decode step, with DistServe's
+  ratios on OPT-13B / A100 (chat: TTFT 1 prefill, TBT 5 steps; code: TTFT 0.5 prefill, TBT 10
+  steps). Scaling TTFT by decode steps instead (12.5 steps) made every prompt over ~300 tokens
+  miss its TTFT even alone: a CPU prefills 6x slower relative to its decode step than a GPU;
+- the clock is the serving thread's CPU time (`time.thread_time`), not the wall clock: the engine
+  really runs (model steps, scheduler, bookkeeping, all on this thread), and every second it spends
+  counts, but time other processes take from it on a shared machine does not. Idle gaps between
+  arrivals are skipped. The executor's step times given to the schedulers are the same CPU times.
+  Runs go in `workers` processes (each on its own clock).
 """
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import tempfile
 import time
@@ -17,14 +31,34 @@ import numpy as np
 
 CONTEXT = 512
 BLOCK_SIZE = 16
-NUM_BLOCKS = 160  # 2,560 tokens of KV: ~6 ShareGPT or ~14 HumanEval requests at once
+NUM_BLOCKS = 48  # 768 tokens of KV: the longest request fits alone; ~2.3 mean ShareGPT requests
+MAX_NUM_SEQS = 64
 POLICIES = {  # label -> (scheduler, EngineConfig overrides)
     "fcfs": ("fcfs", {"cache_mode": "kv"}),
     "sarathi": ("sarathi", {"cache_mode": "kv", "enable_chunked_prefill": True}),
     "apt-kv": ("apt", {"cache_mode": "kv"}),
     "apt-hybrid": ("apt", {"cache_mode": "hybrid"}),
 }
-SLO_STEPS = {"sharegpt": (12.5, 5.0), "humaneval": (6.25, 10.0)}  # (TTFT, TBT) in decode steps
+# (TTFT in full-context prefills, TBT in decode steps): DistServe's SLOs over OPT-13B on an A100,
+# whose full-context (2,048-token) prefill takes ~0.26 s and 16-request decode step ~20-28 ms
+# (the simulator's fitted cost model): chat 0.25 s / 0.1 s, code 0.125 s / 0.2 s
+SLO_SCALE = {"sharegpt": (1.0, 5.0), "humaneval": (0.5, 10.0)}
+# request rates (req/s) per dataset, and requests per run, by `results` mode
+RATES = {"quick": {"sharegpt": [1, 1.5, 2, 3, 4, 6], "humaneval": [8, 12, 16, 24, 32, 45]},
+         "full": {"sharegpt": [0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8],
+                  "humaneval": [6, 8, 10, 12, 16, 20, 24, 32, 40, 50, 60]}}
+REQUESTS = {"quick": 60, "full": 150}
+TIMEOUT_S = 20.0  # abort what is left this long (engine CPU time) after the last arrival
+DESCRIPTION = (
+    f"Tiny random OPT (d 128, 4 layers, 8 heads, r = 1/2), {NUM_BLOCKS} blocks of {BLOCK_SIZE} tokens "
+    f"({NUM_BLOCKS * BLOCK_SIZE} tokens of KV: memory binds), lengths from the real datasets capped to {CONTEXT} "
+    "tokens, Gamma arrivals. SLOs scaled to this engine's measured speed with DistServe's ratios on OPT-13B / "
+    "A100 (full-context prefill ~0.26 s, decode step ~20 ms): ShareGPT TTFT = 1 full-context (511-token) "
+    "prefill / TBT = 5 16-request decode steps, HumanEval 0.5 prefill / 10 steps. "
+    "The clock is the serving thread's CPU time: the real engine runs every step, and all of its time "
+    "(model, scheduler, bookkeeping) counts, but other processes on the shared machine do not; idle gaps "
+    "between arrivals are skipped. Effective throughput is interpolated between grid rates (`crossing_rate`); "
+    "policies replay the same requests at each rate. Design and reasons: docs/SCHEDULER.md.")
 
 
 def tiny_opt() -> str:
@@ -33,23 +67,100 @@ def tiny_opt() -> str:
                            hidden_size=128, num_layers=4, num_heads=8, max_positions=CONTEXT)
 
 
-def engine_factory(model: str, label: str, ttft: float, tbt: float):
+class CpuClock:
+    """Seconds of this thread's CPU time, plus the idle gaps skipped by advance_to()."""
+
+    def __init__(self):
+        self._t0 = time.thread_time()
+        self._skipped = 0.0
+
+    def __call__(self) -> float:
+        return time.thread_time() - self._t0 + self._skipped
+
+    def advance_to(self, t: float) -> None:
+        now = self()
+        if t > now:
+            self._skipped += t - now
+
+
+def cpu_timed_executor(config):
+    """A LocalExecutor whose step_time is the step's CPU time on this thread (what the clock counts)."""
+    from aptray.executor.local import LocalExecutor
+
+    class CpuTimedExecutor(LocalExecutor):
+        def execute(self, plan):
+            t = time.thread_time()
+            result = super().execute(plan)
+            result.step_time = time.thread_time() - t
+            return result
+    return CpuTimedExecutor(config)
+
+
+def make_engine(model: str, label: str, ttft: float, tbt: float, clock=None):
     from aptray.config import EngineConfig
     from aptray.engine import Engine
-    from aptray.executor.local import LocalExecutor
     policy, extra = POLICIES[label]
+    config = EngineConfig(model=model, scheduler=policy, block_size=BLOCK_SIZE, num_cache_blocks=NUM_BLOCKS,
+                          max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=CONTEXT, ttft_slo=ttft, tbt_slo=tbt,
+                          **extra)
+    return Engine(config, cpu_timed_executor(config), clock=clock or CpuClock())
 
-    def make():
-        config = EngineConfig(model=model, scheduler=policy, block_size=BLOCK_SIZE, num_cache_blocks=NUM_BLOCKS,
-                              max_num_seqs=64, max_num_batched_tokens=CONTEXT, ttft_slo=ttft, tbt_slo=tbt, **extra)
-        return Engine(config, LocalExecutor(config))
-    return make
+
+def replay(engine, trace, ttft: float, tbt: float, seed: int = 0, timeout: float = TIMEOUT_S):
+    """Replay trace on engine's clock (a CpuClock); returns (records, duration, scheduler stats)."""
+    from aptray.sampling_params import SamplingParams
+    from loadgen.metrics import RequestRecord
+
+    clock = engine.clock
+    rng = np.random.default_rng(seed)
+    trace = sorted(trace, key=lambda r: r.arrived_at)
+    prompts = [rng.integers(4, engine.config.spec.vocab_size, r.num_prefill_tokens).tolist() for r in trace]
+    by_id = {r.request_id: r for r in trace}
+    records = {}
+
+    def record(rid, status, times=(), preemptions=0):
+        r = by_id[rid]
+        records[rid] = RequestRecord.from_token_times(rid, r.arrived_at, r.num_prefill_tokens, r.num_decode_tokens,
+                                                      ttft, tbt, [t - start for t in times], status, preemptions)
+
+    start, i = clock(), 0
+    while i < len(trace) or engine.has_unfinished():
+        now = clock() - start
+        while i < len(trace) and trace[i].arrived_at <= now:
+            r = trace[i]
+            sp = SamplingParams(temperature=0.0, max_tokens=r.num_decode_tokens, ignore_eos=True, ttft_slo=ttft,
+                                tbt_slo=tbt)
+            try:
+                engine.add_request(r.request_id, prompts[i], sp, arrival_time=start + r.arrived_at)
+            except ValueError:
+                record(r.request_id, "rejected")
+            i += 1
+        if i == len(trace) and now > trace[-1].arrived_at + timeout:
+            for rid in list(engine.scheduler.requests):
+                req = engine.scheduler.requests[rid]
+                engine.abort(rid)
+                record(rid, "aborted", req.token_times, req.num_preemptions)
+            break
+        if not engine.has_unfinished():
+            clock.advance_to(start + trace[i].arrived_at)
+            continue
+        for out in engine.step():
+            if out.finished:
+                record(out.request_id, "finished", out.metrics.token_times, out.metrics.num_preemptions)
+    out = [records.get(r.request_id) or RequestRecord(r.request_id, r.arrived_at, r.num_prefill_tokens,
+                                                      r.num_decode_tokens, ttft, tbt, status="unfinished")
+           for r in trace]
+    return out, clock() - start, dict(engine.scheduler.stats)
 
 
 def decode_step_time(model: str) -> float:
-    """Median step time of a 16-request decode batch (fcfs, KV): the unit the SLOs are scaled by."""
+    """Median CPU time of a 16-request decode step (fcfs, KV): the unit the SLOs are scaled by."""
+    from aptray.config import EngineConfig
+    from aptray.engine import Engine
     from aptray.sampling_params import SamplingParams
-    engine = engine_factory(model, "fcfs", 1e9, 1e9)()
+    config = EngineConfig(model=model, scheduler="fcfs", block_size=BLOCK_SIZE, num_cache_blocks=16 * 8,
+                          max_num_batched_tokens=CONTEXT)
+    engine = Engine(config, cpu_timed_executor(config))
     rng = np.random.default_rng(99)
     for i in range(16):
         engine.add_request(str(i), rng.integers(4, 500, 64).tolist(),
@@ -62,6 +173,24 @@ def decode_step_time(model: str) -> float:
     return float(np.median(times))
 
 
+def prefill_time(model: str) -> float:
+    """Fastest CPU time of prefilling one full-context (CONTEXT - 1 tokens) prompt alone, of 3."""
+    from aptray.config import EngineConfig
+    from aptray.engine import Engine
+    from aptray.sampling_params import SamplingParams
+    config = EngineConfig(model=model, scheduler="fcfs", block_size=BLOCK_SIZE, num_cache_blocks=2 * CONTEXT // BLOCK_SIZE,
+                          max_num_batched_tokens=CONTEXT)
+    engine = Engine(config, cpu_timed_executor(config))
+    rng = np.random.default_rng(98)
+    times = []
+    for i in range(3):
+        engine.add_request(str(i), rng.integers(4, 500, CONTEXT - 1).tolist(),
+                           SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+        engine.step()
+        times.append(engine.last_result.step_time)
+    return float(min(times))
+
+
 def dataset_trace(dataset: str, num_requests: int, seed: int = 0):
     from loadgen.cli import base_trace, build_parser
     args = build_parser().parse_args(["trace", "--dataset", dataset, "--num-requests", str(num_requests),
@@ -69,37 +198,61 @@ def dataset_trace(dataset: str, num_requests: int, seed: int = 0):
     return base_trace(args)
 
 
-def run(datasets, cvs, rates_by_dataset: dict, num_requests: int, log=print) -> dict:
+_JOB: dict = {}  # the model and traces, set before forking
+
+
+def _run_one(job) -> dict:
+    import torch
+
+    from loadgen.metrics import summarize
+    torch.set_num_threads(1)
+    dataset, cv, rate, label, ttft, tbt = job
+    trace = _JOB["traces"][(dataset, cv, rate)]
+    c0, w0 = time.process_time(), time.monotonic()
+    records, duration, stats = replay(make_engine(_JOB["model"], label, ttft, tbt), trace, ttft, tbt)
+    s = summarize(records, duration)
+    return {"dataset": dataset, "cv": cv, "rate": rate, "policy": label, "ttft_slo": ttft, "tbt_slo": tbt,
+            "attainment": s["attainment"], "goodput_rps": s["goodput_rps"], "preemptions": s["preemptions"],
+            "ttft_s": s.get("ttft_s"), "tbt_s": s.get("tbt_s"), "stats": stats, "duration_s": duration,
+            "wall_s": time.monotonic() - w0, "cpu_s": time.process_time() - c0}
+
+
+def run(datasets, cvs, rates_by_dataset: dict | None = None, num_requests: int | None = None, log=print,
+        workers: int = 2, mode: str = "quick") -> dict:
     """Every (dataset, CV, rate): every policy on the same trace, in an order that rotates per rate."""
     import torch
 
-    from loadgen.clients import InProcessEngineClient
-    from loadgen.metrics import summarize
     from loadgen.traces import rescale
     torch.set_num_threads(1)
+    rates_by_dataset = rates_by_dataset or RATES[mode]
+    num_requests = num_requests or REQUESTS[mode]
     model = tiny_opt()
-    step = decode_step_time(model)
-    log(f"decode step (16 requests) {1e3 * step:.2f} ms")
-    out = {"decode_step_s": step, "num_blocks": NUM_BLOCKS, "block_size": BLOCK_SIZE, "context": CONTEXT,
-           "num_requests": num_requests, "runs": []}
+    step, prefill = decode_step_time(model), prefill_time(model)
+    log(f"decode step (16 requests, CPU time) {1e3 * step:.2f} ms, {CONTEXT - 1}-token prefill {1e3 * prefill:.1f} ms")
+    out = {"decode_step_s": step, "prefill_s": prefill, "slo_scale": SLO_SCALE, "num_blocks": NUM_BLOCKS, "block_size": BLOCK_SIZE, "context": CONTEXT,
+           "num_requests": num_requests, "clock": "thread CPU time", "description": DESCRIPTION, "runs": []}
     labels = list(POLICIES)
+    jobs, traces = [], {}
     for dataset in datasets:
-        ttft, tbt = (k * step for k in SLO_STEPS[dataset])
+        ttft, tbt = SLO_SCALE[dataset][0] * prefill, SLO_SCALE[dataset][1] * step
         base = dataset_trace(dataset, num_requests)
         for cv in cvs:
             for k, rate in enumerate(rates_by_dataset[dataset]):
-                trace = rescale(base, rate, cv, seed=0)
+                traces[(dataset, cv, rate)] = rescale(base, rate, cv, seed=0)
                 for label in labels[k % len(labels):] + labels[:k % len(labels)]:
-                    client = InProcessEngineClient(engine_factory(model, label, ttft, tbt), None, ttft, tbt,
-                                                   seed=0, timeout=30.0)
-                    c0, w0 = time.process_time(), time.monotonic()
-                    res = client.run(trace)
-                    s = summarize(res.records, res.duration)
-                    row = {"dataset": dataset, "cv": cv, "rate": rate, "policy": label, "ttft_slo": ttft,
-                           "tbt_slo": tbt, "attainment": s["attainment"], "goodput_rps": s["goodput_rps"],
-                           "preemptions": s["preemptions"], "stats": res.info.get("scheduler_stats", {}),
-                           "wall_s": time.monotonic() - w0, "cpu_s": time.process_time() - c0}
-                    out["runs"].append(row)
-                    log(f"{dataset:9s} cv {cv:g} rate {rate:6.1f} {label:11s} attainment {row['attainment']:.3f} "
-                        f"preemptions {row['preemptions']:4d} wall {row['wall_s']:.1f}s cpu {row['cpu_s']:.1f}s")
+                    jobs.append((dataset, cv, rate, label, ttft, tbt))
+    _JOB.update(model=model, traces=traces)
+
+    def done(row):
+        out["runs"].append(row)
+        log(f"{row['dataset']:9s} cv {row['cv']:g} rate {row['rate']:6.1f} {row['policy']:11s} "
+            f"attainment {row['attainment']:.3f} preemptions {row['preemptions']:4d} "
+            f"engine {row['duration_s']:.1f}s wall {row['wall_s']:.1f}s")
+    if workers > 1 and "fork" in mp.get_all_start_methods():
+        with mp.get_context("fork").Pool(workers) as pool:
+            for row in pool.imap(_run_one, jobs):
+                done(row)
+    else:
+        for job in jobs:
+            done(_run_one(job))
     return out

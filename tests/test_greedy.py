@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from aptray.scheduler.greedy import HIDDEN, KV, NONE, Budgets, Candidates, select
+from aptray.scheduler.greedy import HIDDEN, KV, NONE, UPGRADE, Budgets, Candidates, build_items, select
 
 
 @st.composite
@@ -121,3 +121,41 @@ def test_violators_last_in_arrival_order():
     c = Candidates(np.array([0.0, 0.0, 1.0, 1.0]), np.array([1, 1, 2, 2]), np.array([0, 0, 0, 0]),
                    np.zeros(4), np.array([4, 4, 8, 8]), np.array([True, True, False, False]))
     assert list(select(c, Budgets(5, 1000, 10)).kind) == [KV, NONE, KV, KV]
+
+
+@settings(max_examples=300, deadline=None)
+@given(instances(), st.integers(0, 40))
+def test_upgrade_budget_never_exceeded(inst, upgrade_blocks):
+    """Upgrades (hidden -> KV increments) may be capped below the memory budget: the running set's
+    expected growth is kept from them. A request split into hidden + upgrade items that goes KV
+    took its upgrade, whose blocks count against the cap."""
+    c, b = inst
+    b = Budgets(b.blocks, b.tokens, b.seqs, upgrade_blocks)
+    kind = select(c, b).kind
+    blocks, tokens, seqs = used(c, kind)
+    assert blocks <= b.blocks and tokens <= b.tokens and seqs <= b.seqs
+    items = build_items(c, b)
+    split = np.zeros(len(c), bool)
+    split[items.row[items.kind == UPGRADE]] = True
+    upgraded = (kind == KV) & split
+    assert int((c.kv_blocks[upgraded] - c.hidden_blocks[upgraded]).sum()) <= upgrade_blocks
+
+
+def test_upgrade_budget_keeps_requests_hidden():
+    # hidden costs a little time (v_h < p): with room, both go KV; with no upgrade room, both hidden
+    c = Candidates(np.array([1.0, 1.0]), np.array([4, 4]), np.array([2, 2]), np.array([0.99, 0.99]),
+                   np.array([16, 16]), np.array([False, False]))
+    assert list(select(c, Budgets(8, 1000, 10)).kind) == [KV, KV]
+    assert list(select(c, Budgets(8, 1000, 10, upgrade_blocks=2)).kind) == [KV, HIDDEN]
+    assert list(select(c, Budgets(8, 1000, 10, upgrade_blocks=0)).kind) == [HIDDEN, HIDDEN]
+
+
+def test_violators_take_hidden_when_it_costs_no_time():
+    # violators run on what is left: the smaller hidden option when hidden is no slower (v_h >= p)
+    free = Candidates(np.zeros(2), np.array([4, 4]), np.array([2, 2]), np.zeros(2), np.array([16, 16]),
+                      np.array([True, True]))
+    assert list(select(free, Budgets(8, 1000, 10)).kind) == [HIDDEN, HIDDEN]
+    # hidden slows every step (alpha > 0: v_h < 0 = p): KV where it fits
+    slow = Candidates(np.zeros(2), np.array([4, 4]), np.array([2, 2]), np.full(2, -0.1), np.array([16, 16]),
+                      np.array([True, True]))
+    assert list(select(slow, Budgets(8, 1000, 10)).kind) == [KV, KV]

@@ -11,13 +11,17 @@ token budget left (sized for the TBT SLO) on chunked prefills, partial ones firs
 """
 from __future__ import annotations
 
+from collections import deque
+from itertools import compress, filterfalse, repeat
+from operator import attrgetter
+
 import numpy as np
 
 from aptray.request import CacheKind, Request, RequestStatus
 from aptray.scheduler.base import Scheduler
 from aptray.scheduler.greedy import HIDDEN, KV, Budgets, Candidates, select
-from aptray.scheduler.slo_state import SloState
-from aptray.scheduler.step_cost import StepCostModel, tbt_token_budget
+from aptray.scheduler.slo_state import MIN_REMAINING_SHARE, SloState
+from aptray.scheduler.step_cost import PF, SEQ, TOK, StepCostModel, tbt_token_budget
 
 # Share of the running set's expected growth (blocks it will add before it ends) kept out of
 # admission; 0 = admit while blocks are free (vLLM), and decoding preempts when they run out.
@@ -26,16 +30,90 @@ from aptray.scheduler.step_cost import StepCostModel, tbt_token_budget
 GROWTH_RESERVE = 0.0
 
 
+_tbt_slo = attrgetter("tbt_slo")
+_prompt = attrgetter("prompt_token_ids")
+_output = attrgetter("output_token_ids")
+_computed = attrgetter("num_computed_tokens")
+_rid = attrgetter("request_id")
+_kind = attrgetter("cache_kind")
+_max_tokens = attrgetter("sampling.max_tokens")
+_token_ids = attrgetter("token_ids")
+
+
+def _ints(values, n: int) -> np.ndarray:
+    return np.fromiter(values, np.int64, n)
+
+
+def num_tokens_of(reqs) -> np.ndarray:
+    """Prompt + output tokens per request (C-level maps: no Python call per request)."""
+    n = len(reqs)
+    return _ints(map(len, map(_prompt, reqs)), n) + _ints(map(len, map(_output, reqs)), n)
+
+
 def pending_and_violators(reqs, now: float, lost=None) -> tuple[np.ndarray, np.ndarray]:
-    """Pending times, and who is a violator: past its SLO now, or (given lost) lost for good."""
+    """Pending times, and who is a violator: past its SLO now, or (given lost) lost for good.
+    A request with no token yet that passed its TTFT SLO is a violator here and lost for good."""
+    n = len(reqs)
     pending = np.fromiter((now - (r.last_token_time if r.last_token_time is not None else r.arrival_time)
-                           for r in reqs), float, len(reqs))
-    slo = np.fromiter((r.tbt_slo if r.first_token_time is not None else r.ttft_slo for r in reqs),
-                      float, len(reqs))
+                           for r in reqs), float, n)
+    slo = np.fromiter((r.tbt_slo if r.first_token_time is not None else r.ttft_slo for r in reqs), float, n)
     viol = pending > slo
     if lost:
-        viol |= np.fromiter((r.request_id in lost for r in reqs), bool, len(reqs))
+        viol |= np.fromiter(map(lost.__contains__, map(_rid, reqs)), bool, n)
     return pending, viol
+
+
+class WaitingFeatures:
+    """What the policy reads of each waiting request, in arrays, read from the request once.
+
+    A waiting request gets no token and computes nothing until it is admitted, so its pending-time
+    origin, its SLO, its tokens and whether it is lost stay fixed while it waits (a preemption
+    changes them: the request leaves and comes back with a fresh row). Each iteration then costs
+    one dict lookup per waiting request instead of several attribute reads and branches."""
+
+    def __init__(self):
+        self.row: dict[Request, int] = {}
+        self.ref = np.zeros(64)          # last token time, or arrival before the first
+        self.slo = np.zeros(64)          # TBT SLO after the first token, TTFT SLO before
+        self.tokens = np.zeros(64, np.int64)
+        self.computed = np.zeros(64, np.int64)
+        self.lost = np.zeros(64, bool)
+        self.used = 0
+
+    def rows(self, reqs, lost: set[str]) -> np.ndarray:
+        rows = np.fromiter(map(self.row.get, reqs, repeat(-1)), np.int64, len(reqs))
+        for i in np.flatnonzero(rows < 0):
+            rows[i] = self._add(reqs[i], lost)
+        return rows
+
+    def forget(self, req: Request) -> None:
+        self.row.pop(req, None)
+
+    def _add(self, req: Request, lost: set[str]) -> int:
+        if self.used == len(self.ref):
+            self._make_room()
+        i = self.used
+        self.used += 1
+        started = req.last_token_time is not None
+        self.ref[i] = req.last_token_time if started else req.arrival_time
+        self.slo[i] = req.tbt_slo if req.first_token_time is not None else req.ttft_slo
+        self.tokens[i] = req.num_tokens
+        self.computed[i] = req.num_computed_tokens
+        self.lost[i] = req.request_id in lost
+        self.row[req] = i
+        return i
+
+    def _make_room(self) -> None:
+        """Drop the rows of requests gone; double the arrays if they are still half full."""
+        keep = np.fromiter(self.row.values(), np.int64, len(self.row))
+        size = len(self.ref) * (2 if 2 * len(keep) >= len(self.ref) else 1)
+        for name in ("ref", "slo", "tokens", "computed", "lost"):
+            old = getattr(self, name)
+            new = np.zeros(size, old.dtype)
+            new[:len(keep)] = old[keep]
+            setattr(self, name, new)
+        self.row = dict(zip(self.row, range(len(keep))))
+        self.used = len(keep)
 
 
 class AptScheduler(Scheduler):
@@ -48,6 +126,7 @@ class AptScheduler(Scheduler):
         self.kv_on = config.cache_mode != "hidden" or not blocks.hidden_enabled
         self.slo = SloState()
         self.growth_reserve = GROWTH_RESERVE
+        self._wf = WaitingFeatures()
 
     @property
     def alpha(self) -> float:
@@ -66,12 +145,40 @@ class AptScheduler(Scheduler):
     def finish(self, req, status) -> None:
         super().finish(req, status)
         self.slo.on_finish(req)
+        self._wf.forget(req)
+
+    def _preempt(self, req) -> None:
+        super()._preempt(req)
+        self._wf.forget(req)  # back in the queue with a new pending-time origin and length
+
+    def _waiting_pending(self, waiting, now: float):
+        """pending_and_violators for waiting requests, from their rows; also their rows."""
+        wf = self._wf
+        rows = wf.rows(waiting, self.slo.lost)
+        pending = now - wf.ref[rows]
+        return pending, (pending > wf.slo[rows]) | wf.lost[rows], rows
 
     def _lost_now(self, now: float) -> set[str]:
-        """Requests that cannot attain their SLO any more (TTFT passed without a token included)."""
-        lost = set(self.slo.lost)
-        lost.update(r.request_id for r in self.waiting if r.first_token_time is None and now - r.arrival_time > r.ttft_slo)
-        return lost
+        """Requests that cannot attain their SLO any more. Those whose TTFT passed without a token
+        are violators by their pending time already (pending_and_violators), so only SloState's."""
+        return self.slo.lost
+
+    def _expected_growth(self) -> int:
+        """Blocks the attainable running requests are expected to add before they end (expected
+        decode length: the mean output of finished requests; no request's own length is known)."""
+        lost = self.slo.lost
+        running = [r for r in self.running if r.request_id not in lost] if lost else self.running
+        if not running:
+            return 0
+        n = len(running)
+        made = _ints(map(len, map(_output, running)), n)
+        left = _ints(map(_max_tokens, running), n) - made
+        mean = self.slo.mean_output
+        remaining = np.clip(np.maximum(mean - made, MIN_REMAINING_SHARE * mean).astype(np.int64), 0, left)
+        per = np.where(np.fromiter(map(CacheKind.HIDDEN.__eq__, map(_kind, running)), bool, n),
+                       self.blocks.hidden_block_size or self.blocks.block_size, self.blocks.block_size)
+        held = _ints(map(len, map(self.blocks.tables.get, map(_rid, running), repeat(()))), n)
+        return int(np.maximum(0, -(-(num_tokens_of(running) + remaining) // per) - held).sum())
 
     def _growth_reserve(self) -> int:
         """Blocks the attainable running requests are expected to add before they end."""
@@ -92,8 +199,7 @@ class AptScheduler(Scheduler):
         self._now = now
         self._waiting_seen = list(self.waiting)
         self._lost = self._lost_now(now)
-        w_p, w_v = pending_and_violators(self._waiting_seen, now, self._lost)
-        self._waiting_pv = (w_p, w_v)
+        w_p, w_v, _ = self._waiting_pending(self._waiting_seen, now)
         r_p, r_v = pending_and_violators(self.running, now, self._lost)
         self._U = len(w_p) + len(r_p) - int(w_v.sum()) - int(r_v.sum())
         if self.config.iteration_shape == "mixed":
@@ -106,8 +212,18 @@ class AptScheduler(Scheduler):
             self._preempt(self.running[-1])
         return self._plan(seqs, conversions)
 
+    def _running_state(self):
+        """Per running request: tokens, whether it is mid-prefill, whether it is hidden."""
+        running = self.running
+        n = len(running)
+        size = num_tokens_of(running)
+        outputs = _ints(map(len, map(_output, running)), n)
+        prefilling = (size - _ints(map(_computed, running), n) > 1) | (outputs == 0)
+        hidden = np.fromiter(map(CacheKind.HIDDEN.__eq__, map(_kind, running)), bool, n)
+        return size, prefilling, hidden
+
     def _alternate(self, w_p, w_v, r_p, r_v, conversions):
-        prefilling = np.array([r.is_prefilling for r in self.running], bool)
+        prefilling = self._running_state()[1]
         decode_ready = not prefilling.all()
         if self.waiting or prefilling.any():
             # mid-prefill running requests wait on a prefill iteration: they count on W's side
@@ -123,10 +239,10 @@ class AptScheduler(Scheduler):
         return self._decode(r_p, r_v, conversions, self.config.max_num_batched_tokens)
 
     def _mixed(self, r_p, r_v, conversions):
-        decodes = sum(1 for r in self.running if not r.is_prefilling)
-        budget = self._tbt_budget(decodes)
+        _, prefilling, hidden = self._running_state()
+        budget = self._tbt_budget(int((~prefilling).sum()), hidden)
         seqs = self._decode(r_p, r_v, conversions, budget) if self.running else []
-        seqs += self._prefill(budget - sum(len(s.token_ids) for s in seqs))
+        seqs += self._prefill(budget - sum(map(len, map(_token_ids, seqs))))
         if seqs:
             self.stats["iterations_mixed"] += 1
         return seqs
@@ -138,20 +254,26 @@ class AptScheduler(Scheduler):
         running = list(self.running)
         tables, bs = self.blocks.tables, self.blocks.block_size
         hbs = self.blocks.hidden_block_size or bs
-        held = np.fromiter((len(tables.get(r.request_id, ())) for r in running), np.int64, len(running))
-        size = np.fromiter((r.num_tokens for r in running), np.int64, len(running))
-        prefilling = np.fromiter((r.is_prefilling for r in running), bool, len(running))
-        hidden = np.fromiter((r.cache_kind is CacheKind.HIDDEN for r in running), bool, len(running))
+        held = _ints(map(len, map(tables.get, map(_rid, running), repeat(()))), len(running))
+        size, prefilling, hidden = self._running_state()
         # blocks held after this iteration: all its tokens when decoding, what it holds when
         # mid-prefill (its next chunk is admission's business)
         need = np.where(prefilling, np.maximum(held, 1), -(-size // np.where(hidden, hbs, bs)))
-        value = np.where(r_v, 0.0, r_p)
+        # value of keeping a running request: its pending time (0 for a violator), plus what
+        # preempting it would cost: re-prefilling the tokens it has computed, time every request
+        # waits for. A violator between tokens (its current gap is already slow) keeps that
+        # second part: dropping it, e.g. mid re-prefill after a preemption, throws the work away
+        # and it comes straight back (measured: one request preempted four times running).
+        # Only requests lost for good (SloState) are worth nothing and go first.
+        lost = np.fromiter(map(self.slo.lost.__contains__, map(_rid, running)), bool, len(running))
+        value = np.where(lost, 0.0, np.where(r_v, 0.0, r_p)
+                         + self._recompute_time(_ints(map(_computed, running), len(running))))
         hidden_value = value  # running hidden requests stay hidden: alpha prices a choice they no longer have
         if int(need.sum()) <= self.blocks.num_blocks:
             kept = np.ones(len(running), bool)  # all fit: the greedy would keep every one
         else:
             cands = Candidates(value, np.where(hidden, 0, need), np.where(hidden, need, 0), hidden_value,
-                               np.zeros(len(running), np.int64), r_v)
+                               np.zeros(len(running), np.int64), lost)
             sel = select(cands, Budgets(self.blocks.num_blocks, 1, max(self.config.max_num_seqs, len(running))))
             if sel.guard_used:
                 self.stats["guard_used"] += 1
@@ -194,6 +316,14 @@ class AptScheduler(Scheduler):
         req.cache_kind = CacheKind.HIDDEN
         self.stats["conversions_to_hidden"] += 1
 
+    def _recompute_time(self, tokens: np.ndarray) -> np.ndarray:
+        """Seconds to re-prefill `tokens` tokens in one chunk, by the step-cost model (0 until it is calibrated)."""
+        if not self.cost.ready:
+            return np.zeros(len(tokens))
+        c = self.cost.coef
+        t = tokens.astype(float)
+        return np.maximum(0.0, c[TOK] * t + c[SEQ] + c[PF] * t * t / 1e3)
+
     def _upgrades_with_headroom(self):
         """Hidden -> KV (one projection) for the hidden requests costing most, while a block per
         running request stays free: only worth it when hidden steps cost time (alpha > 0)."""
@@ -203,7 +333,8 @@ class AptScheduler(Scheduler):
             return []
         hidden.sort(key=lambda r: -len(self.blocks.tables[r.request_id]))
         # keep the running set's expected growth free too, or the upgrade is undone by a re-prefill
-        return self._upgrade_to_kv(hidden, len(self.running) + self._growth_reserve())
+        # keep the running set's expected growth free too, or the upgrade is undone by a preemption
+        return self._upgrade_to_kv(hidden, len(self.running) + self._expected_growth())
 
     # -- admission ---------------------------------------------------------------------------
     def _prefill(self, token_budget: int):
@@ -221,14 +352,9 @@ class AptScheduler(Scheduler):
         slots = self.config.max_num_seqs - len(self.running)
         if not self.waiting or token_budget <= 0 or slots <= 0:
             return seqs
-        waiting = list(self.waiting)
-        w_p, w_v = self._waiting_pv
-        new = len(waiting) - len(self._waiting_seen)  # preempted this iteration: put at the front
-        if new:
-            n_p, n_v = pending_and_violators(waiting[:new], self._now, self._lost)
-            w_p, w_v = np.concatenate([n_p, w_p]), np.concatenate([n_v, w_v])
-        computed = np.fromiter((r.num_computed_tokens for r in waiting), np.int64, len(waiting))
-        total = np.fromiter((r.num_tokens for r in waiting), np.int64, len(waiting))
+        waiting = list(self.waiting)  # requests preempted this iteration are at the front
+        w_p, w_v, rows = self._waiting_pending(waiting, self._now)
+        computed, total = self._wf.computed[rows], self._wf.tokens[rows]
         tokens = total - computed
         # chunk where allowed, and always where a (preempted) request can never fit one step whole
         chunkable = (self.config.enable_chunked_prefill or self.config.iteration_shape == "mixed"
@@ -252,25 +378,42 @@ class AptScheduler(Scheduler):
         # v_h = p - U * alpha * m_h prices choosing hidden over KV; with no KV option it is p
         hidden_value = value - self._U * self.alpha * hid_blocks if self.kv_on else value
         sel = select(Candidates(value, kv_blocks, hid_blocks, hidden_value, tokens, w_v),
-                     Budgets(room, token_budget, slots))
+                     Budgets(room, token_budget, slots, self._upgrade_room(room, hidden_value, value)))
         if sel.guard_used:
             self.stats["guard_used"] += 1
+        admitted = []
         for i in np.flatnonzero(sel.kind):
             req = waiting[i]
             kind = CacheKind.KV if sel.kind[i] == KV else CacheKind.HIDDEN
             if not self._try_allocate(req, int(upto[i]), (kind,)):
                 continue  # the expected footprint was capped to an idle pool: this chunk still misses
-            self.waiting.remove(req)
+            admitted.append(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             seqs.append(self._seq_plan(req, int(tokens[i])))
             self.stats["admitted_kv" if sel.kind[i] == KV else "admitted_hidden"] += 1
             self.stats["violators_admitted"] += int(w_v[i])
+        if len(admitted) > 8:  # one pass instead of a deque.remove (O(queue)) per admission
+            taken = set(admitted)
+            self.waiting = deque(filterfalse(taken.__contains__, self.waiting))
+        else:
+            for req in admitted:
+                self.waiting.remove(req)
         return seqs
 
-    def _tbt_budget(self, num_decodes: int) -> int:
-        kv = sum(len(t) for rid, t in self.blocks.tables.items() if self.blocks.kinds[rid] is CacheKind.KV)
-        hidden = sum(len(t) for rid, t in self.blocks.tables.items() if self.blocks.kinds[rid] is CacheKind.HIDDEN)
-        slo = min((r.tbt_slo for r in self.running), default=self.config.tbt_slo)
+    def _upgrade_room(self, room: int, hidden_value: np.ndarray, value: np.ndarray) -> int | None:
+        """Blocks that hidden -> KV upgrade items may take: what the running set is not expected to
+        need for its growth. An upgrade only buys step time (U * alpha * m_h, often a fraction of a
+        millisecond); the blocks it takes would otherwise absorb growth that, once the pool is full,
+        costs a preemption (a re-prefill and, usually, a missed SLO)."""
+        if not (self.kv_on and self.hidden_on) or not (hidden_value < value).any():
+            return None  # no upgrade items
+        return max(0, room - self._expected_growth())
+
+    def _tbt_budget(self, num_decodes: int, hidden_rows: np.ndarray) -> int:
+        tables = self.blocks.tables
+        hidden = sum(len(tables.get(r.request_id, ())) for r in compress(self.running, hidden_rows))
+        kv = self.blocks.num_blocks - self.blocks.num_free - hidden  # only running requests hold blocks
+        slo = min(map(_tbt_slo, self.running), default=self.config.tbt_slo)
         return tbt_token_budget(self.cost, self.config.max_num_batched_tokens, slo, num_decodes, kv, hidden,
                                 self.blocks.block_size)

@@ -8,6 +8,9 @@ from aptray.plan import BatchPlan, ConversionPlan, SeqPlan, StepResult
 from aptray.request import CacheKind, Request, RequestStatus
 
 
+_KIND_VALUE = {kind: kind.value for kind in CacheKind}  # an enum's .value is a slow descriptor
+
+
 class Scheduler:
     """Subclasses implement schedule(now) -> BatchPlan; the engine calls update() with the result."""
 
@@ -122,17 +125,18 @@ class Scheduler:
     def _seq_plan(self, req: Request, num_tokens: int) -> SeqPlan:
         """Plan the next num_tokens uncomputed tokens of req."""
         start = req.num_computed_tokens
-        prompt, n_prompt = req.prompt_token_ids, len(req.prompt_token_ids)
+        prompt, outputs = req.prompt_token_ids, req.output_token_ids
+        n_prompt, n_out = len(prompt), len(outputs)
         if start >= n_prompt:  # a decode: no need to build the whole sequence
-            tokens = req.output_token_ids[start - n_prompt:start - n_prompt + num_tokens]
+            tokens = outputs[start - n_prompt:start - n_prompt + num_tokens]
         else:
-            tokens = (prompt + req.output_token_ids)[start:start + num_tokens]
+            tokens = (prompt + outputs)[start:start + num_tokens]
         s = req.sampling
         return SeqPlan(
             request_id=req.request_id, token_ids=tuple(tokens), start_pos=start,
-            cache_kind=req.cache_kind.value, block_table=tuple(self.blocks.tables[req.request_id]),
-            sample=start + num_tokens == req.num_tokens, temperature=s.temperature, top_p=s.top_p,
-            top_k=s.top_k, seed=s.seed, sample_index=len(req.output_token_ids))
+            cache_kind=_KIND_VALUE[req.cache_kind], block_table=tuple(self.blocks.tables[req.request_id]),
+            sample=start + num_tokens == n_prompt + n_out, temperature=s.temperature, top_p=s.top_p,
+            top_k=s.top_k, seed=s.seed, sample_index=n_out)
 
     def _convert(self, req: Request, to_kind: CacheKind) -> ConversionPlan | None:
         """Move a running request's computed tokens to to_kind, if the blocks allow."""

@@ -9,7 +9,8 @@ condition of the multiple-choice knapsack and equals the paper's v_h >= p/2 rule
 When it fails one option dominates and the request has a single item.
 
 Violators (requests already past their SLO) carry no value: they are served after every
-non-violator, in arrival (row) order, as KV where they may be (hidden only where KV is absent).
+non-violator, in arrival (row) order, as hidden when hidden costs no time (hidden_value >= value,
+i.e. alpha <= 0: the smaller option leaves more memory to the others), else as KV where it fits.
 
 Guarantee: if the memory budget is the one that binds, the value taken is at least half the
 optimum (greedy prefix + the first item that did not fit >= LP bound >= optimum, and the guard
@@ -45,6 +46,7 @@ class Budgets:
     blocks: int
     tokens: int
     seqs: int
+    upgrade_blocks: int | None = None  # blocks the upgrade items may take in all (None: no cap of their own)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class _Items:
     seqs: np.ndarray
     partner: np.ndarray   # for an upgrade, its hidden item's index; else -1
     violator: np.ndarray
+    upgrade_blocks: np.ndarray  # an upgrade's blocks (its weight in the upgrade budget); else 0
 
 
 UPGRADE = 3
@@ -93,9 +96,11 @@ def build_items(c: Candidates, b: Budgets) -> _Items:
         dens_h = np.where(hb > 0, vh / np.maximum(hb, 1), 0.0)
         dens_u = np.where(kvb > hb, (value - vh) / np.maximum(kvb - hb, 1), np.inf)
     split = ~viol & has_kv & has_h & (kvb > hb) & (value > vh) & (dens_h >= dens_u)
-    # single-option rows: the better option when both exist (hidden only if it is worth as much)
-    only_h = ~split & has_h & (~has_kv | (~viol & (vh >= value) & (hb <= kvb)))
-    only_kv = ~split & ~only_h & has_kv  # violators land here when KV fits: KV where they may
+    # single-option rows: the better option when both exist (hidden if it is worth as much and
+    # smaller). Violators too: they run on what the others leave, so when hidden costs no time
+    # (v_h >= p, i.e. alpha <= 0) they take the smaller hidden option, else KV
+    only_h = ~split & has_h & (~has_kv | ((vh >= value) & (hb <= kvb)))
+    only_kv = ~split & ~only_h & has_kv
 
     # items in arrival order, a row's hidden item just before its upgrade, so that a stable sort
     # on any key breaks ties by arrival, hidden first
@@ -120,7 +125,9 @@ def build_items(c: Candidates, b: Budgets) -> _Items:
     iblk[up] = kvb[split] - hb[split]
     partner = np.full(total, -1, np.int64)
     partner[up] = up - 1
-    return _Items(item_row, kind, ival, iblk, itok, iseq, partner, viol[item_row])
+    ublk = np.zeros(total, np.int64)
+    ublk[up] = iblk[up]
+    return _Items(item_row, kind, ival, iblk, itok, iseq, partner, viol[item_row], ublk)
 
 
 def _key(items: _Items, raw: np.ndarray) -> np.ndarray:
@@ -154,7 +161,7 @@ def _scan(items: _Items, key: np.ndarray, among: np.ndarray, remaining: np.ndarr
     if first < 0:  # the head was all taken: the first rejection lies in the rest, in full order
         return _fill(_sorted(key, rest), items, remaining, taken, rejected)
     fit = ((items.blocks[rest] <= remaining[0]) & (items.tokens[rest] <= remaining[1])
-           & (items.seqs[rest] <= remaining[2]))
+           & (items.seqs[rest] <= remaining[2]) & (items.upgrade_blocks[rest] <= remaining[3]))
     rejected[rest[~fit]] = True
     _fill(_sorted(key, rest[fit]), items, remaining, taken, rejected)
     return first
@@ -169,8 +176,8 @@ def _fill(order: np.ndarray, items: _Items, remaining: np.ndarray, taken: np.nda
     first_rejected = -1
     idx = order
     while idx.size:
-        blk, tok, seq = items.blocks[idx], items.tokens[idx], items.seqs[idx]
-        alone = (blk <= remaining[0]) & (tok <= remaining[1]) & (seq <= remaining[2])
+        blk, tok, seq, ub = items.blocks[idx], items.tokens[idx], items.seqs[idx], items.upgrade_blocks[idx]
+        alone = (blk <= remaining[0]) & (tok <= remaining[1]) & (seq <= remaining[2]) & (ub <= remaining[3])
         rejected[idx[~alone]] = True
         part = items.partner[idx]
         alone &= (part < 0) | ~rejected[np.maximum(part, 0)]
@@ -183,11 +190,12 @@ def _fill(order: np.ndarray, items: _Items, remaining: np.ndarray, taken: np.nda
         # the prefix that fits is short (every item holds a block): look at a window of it
         window = idx[:int(min(remaining[0], 2 * remaining[2] + 64)) + 1]
         cb, ct, cs = np.cumsum(items.blocks[window]), np.cumsum(items.tokens[window]), np.cumsum(items.seqs[window])
-        ok = (cb <= remaining[0]) & (ct <= remaining[1]) & (cs <= remaining[2])
+        cu = np.cumsum(items.upgrade_blocks[window])
+        ok = (cb <= remaining[0]) & (ct <= remaining[1]) & (cs <= remaining[2]) & (cu <= remaining[3])
         k = int(np.argmin(ok)) if not ok.all() else window.size
         taken[idx[:k]] = True
         if k:
-            remaining -= np.array([cb[k - 1], ct[k - 1], cs[k - 1]])
+            remaining -= np.array([cb[k - 1], ct[k - 1], cs[k - 1], cu[k - 1]])
         if k == window.size:  # all of the window fit: go on with the rest, nothing rejected
             idx = idx[k:]
             continue
@@ -208,18 +216,28 @@ def _greedy(items: _Items, key: np.ndarray, among: np.ndarray, cap: np.ndarray, 
         return taken, remaining, False
     # 2-approximation guard: the first item that did not fit, alone (an upgrade stands for its
     # whole KV option, i.e. with its hidden item), against everything the greedy took
-    alone = [first] + ([int(items.partner[first])] if items.partner[first] >= 0 else [])
+    alone = _feasible_seed(items, cap, [first] + ([int(items.partner[first])] if items.partner[first] >= 0 else []))
     if items.value[alone].sum() <= items.value[taken].sum():
         return taken, remaining, False
     return _seeded(items, key, among, cap, alone) + (True,)
 
 
+def _feasible_seed(items: _Items, cap: np.ndarray, seed: list[int]) -> list[int]:
+    """A request's option on its own; a KV option whose upgrade part passes the upgrade budget
+    falls back to its hidden item (every option already fits the other budgets alone)."""
+    if items.upgrade_blocks[seed].sum() > cap[3]:
+        return [i for i in seed if items.upgrade_blocks[i] == 0]
+    return seed
+
+
 def _seeded(items: _Items, key: np.ndarray, among: np.ndarray, cap: np.ndarray, seed: list[int]):
     """Take the seed items, then fill the room left in key order (other requests' items only)."""
+    seed = _feasible_seed(items, cap, seed)
     taken = np.zeros(len(items.row), bool)
     rejected = np.zeros(len(items.row), bool)
     taken[seed] = True
-    remaining = cap - np.array([items.blocks[seed].sum(), items.tokens[seed].sum(), items.seqs[seed].sum()])
+    remaining = cap - np.array([items.blocks[seed].sum(), items.tokens[seed].sum(), items.seqs[seed].sum(),
+                                items.upgrade_blocks[seed].sum()])
     rest = among[~np.isin(items.row[among], items.row[seed])]
     _scan(items, key, rest, remaining, taken, rejected)
     return taken, remaining
@@ -252,7 +270,8 @@ def select(c: Candidates, b: Budgets) -> Selection:
     """Choose which requests run and as which kind, within the three budgets."""
     items = build_items(c, b)
     nonviol, viol = np.flatnonzero(~items.violator), np.flatnonzero(items.violator)  # ascending
-    cap = np.array([b.blocks, b.tokens, b.seqs], dtype=np.int64)
+    upgrade_cap = b.blocks if b.upgrade_blocks is None else max(0, b.upgrade_blocks)
+    cap = np.array([b.blocks, b.tokens, b.seqs, upgrade_cap], dtype=np.int64)
     density = _key(items, items.value / np.maximum(items.blocks, 1))
 
     taken, remaining, guard_used = _greedy(items, density, nonviol, cap, guard=True)
