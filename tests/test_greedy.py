@@ -159,3 +159,19 @@ def test_violators_take_hidden_when_it_costs_no_time():
     slow = Candidates(np.zeros(2), np.array([4, 4]), np.array([2, 2]), np.full(2, -0.1), np.array([16, 16]),
                       np.array([True, True]))
     assert list(select(slow, Budgets(8, 1000, 10)).kind) == [KV, KV]
+
+
+@settings(max_examples=200, deadline=None)
+@given(instances(), st.integers(0, 40))
+def test_violator_budget_never_exceeded(inst, violator_blocks):
+    """Violators may be kept to the blocks the running set will not grow into."""
+    c, b = inst
+    b = Budgets(b.blocks, b.tokens, b.seqs, violator_blocks=violator_blocks)
+    kind = select(c, b).kind
+    blocks, tokens, seqs = used(c, kind)
+    assert blocks <= b.blocks and tokens <= b.tokens and seqs <= b.seqs
+    v = c.violator
+    assert c.kv_blocks[v & (kind == KV)].sum() + c.hidden_blocks[v & (kind == HIDDEN)].sum() <= violator_blocks
+    # the non-violators are chosen as without the cap
+    free = select(c, Budgets(b.blocks, b.tokens, b.seqs)).kind
+    assert np.array_equal(kind[~v], free[~v])

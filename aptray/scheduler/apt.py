@@ -28,6 +28,7 @@ from aptray.scheduler.step_cost import PF, SEQ, TOK, StepCostModel, tbt_token_bu
 # Measured (docs/SCHEDULER.md): 0.5 and 1 cut preemptions to ~0 but lost attainment at every
 # rate (held-back admissions miss TTFT), so it is off; lost requests absorb the preemptions.
 GROWTH_RESERVE = 0.0
+ALPHA_RESOLUTION = 0.05  # |alpha| below this share of the step-cost model's prior scale counts as 0
 
 
 _tbt_slo = attrgetter("tbt_slo")
@@ -77,6 +78,7 @@ class WaitingFeatures:
         self.slo = np.zeros(64)          # TBT SLO after the first token, TTFT SLO before
         self.tokens = np.zeros(64, np.int64)
         self.computed = np.zeros(64, np.int64)
+        self.outputs = np.zeros(64, np.int64)
         self.lost = np.zeros(64, bool)
         self.used = 0
 
@@ -99,6 +101,7 @@ class WaitingFeatures:
         self.slo[i] = req.tbt_slo if req.first_token_time is not None else req.ttft_slo
         self.tokens[i] = req.num_tokens
         self.computed[i] = req.num_computed_tokens
+        self.outputs[i] = len(req.output_token_ids)
         self.lost[i] = req.request_id in lost
         self.row[req] = i
         return i
@@ -107,7 +110,7 @@ class WaitingFeatures:
         """Drop the rows of requests gone; double the arrays if they are still half full."""
         keep = np.fromiter(self.row.values(), np.int64, len(self.row))
         size = len(self.ref) * (2 if 2 * len(keep) >= len(self.ref) else 1)
-        for name in ("ref", "slo", "tokens", "computed", "lost"):
+        for name in ("ref", "slo", "tokens", "computed", "outputs", "lost"):
             old = getattr(self, name)
             new = np.zeros(size, old.dtype)
             new[:len(keep)] = old[keep]
@@ -132,6 +135,12 @@ class AptScheduler(Scheduler):
     def alpha(self) -> float:
         """Seconds of extra iteration time per hidden block (exported as a metric)."""
         return self.cost.alpha
+
+    def _price_of_hidden(self) -> float:
+        """alpha, or 0 while it is within a twentieth of its prior scale of 0 (the fit cannot tell
+        hidden from KV apart: an upgrade, or a KV admission, would buy nothing measurable)."""
+        alpha = self.cost.alpha
+        return alpha if abs(alpha) > ALPHA_RESOLUTION * self.cost.prior_scale else 0.0
 
     def observe(self, plan, result) -> None:
         self.cost.observe(plan, result.step_time)
@@ -297,7 +306,7 @@ class AptScheduler(Scheduler):
             assert self._try_allocate(running[i], int(size[i]))  # fits: the greedy counted it
         for req in to_hidden:
             self._rehome_as_hidden(req)
-        if self.config.cache_mode == "hybrid" and self.alpha > 0:
+        if self.config.cache_mode == "hybrid" and self._price_of_hidden() > 0:
             conversions.extend(self._upgrades_with_headroom())  # before the plans name the blocks
         seqs = [self._seq_plan(running[i], 1) for i in decoding]
         seqs += [self._seq_plan(req, req.num_tokens) for req in to_hidden]
@@ -367,6 +376,11 @@ class AptScheduler(Scheduler):
             held = np.maximum(upto, total + (self.growth_reserve * grow).astype(np.int64))
         else:
             held = upto
+        # a request coming back from a preemption (it has outputs) re-prefills its whole context:
+        # weigh it by all of it, so that it starts only when all of it fits. Started on the room of
+        # one chunk it was dropped again mid-way as the running set grew (measured: one request
+        # dropped five times in a row, each time throwing away up to 470 re-computed tokens)
+        held = np.where(self._wf.outputs[rows] > 0, np.maximum(held, total), held)
         kv_blocks = -(-held // self.blocks.block_size) if self.kv_on else np.zeros_like(upto)
         hid_blocks = -(-held // self.blocks.hidden_block_size) if self.hidden_on else np.zeros_like(upto)
         room = max(0, self.blocks.num_free - self._growth_reserve())
@@ -376,9 +390,10 @@ class AptScheduler(Scheduler):
         hid_blocks = np.minimum(hid_blocks, max(room, 1)) if not self.running else hid_blocks
         value = np.where(w_v, 0.0, w_p)
         # v_h = p - U * alpha * m_h prices choosing hidden over KV; with no KV option it is p
-        hidden_value = value - self._U * self.alpha * hid_blocks if self.kv_on else value
+        hidden_value = value - self._U * self._price_of_hidden() * hid_blocks if self.kv_on else value
         sel = select(Candidates(value, kv_blocks, hid_blocks, hidden_value, tokens, w_v),
-                     Budgets(room, token_budget, slots, self._upgrade_room(room, hidden_value, value)))
+                     Budgets(room, token_budget, slots, self._upgrade_room(room, hidden_value, value),
+                             self._violator_room(room, w_v)))
         if sel.guard_used:
             self.stats["guard_used"] += 1
         admitted = []
@@ -408,6 +423,14 @@ class AptScheduler(Scheduler):
         costs a preemption (a re-prefill and, usually, a missed SLO)."""
         if not (self.kv_on and self.hidden_on) or not (hidden_value < value).any():
             return None  # no upgrade items
+        return max(0, room - self._expected_growth())
+
+    def _violator_room(self, room: int, violators: np.ndarray) -> int | None:
+        """Blocks that violators may take at admission: what the running set is not expected to need
+        for its growth. A violator relieves no pending time that counts; admitted into blocks the
+        running set then grows into, it is the first to be dropped again, its (re-)prefill wasted."""
+        if not violators.any() or not self.running:
+            return None
         return max(0, room - self._expected_growth())
 
     def _tbt_budget(self, num_decodes: int, hidden_rows: np.ndarray) -> int:

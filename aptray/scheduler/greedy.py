@@ -47,6 +47,7 @@ class Budgets:
     tokens: int
     seqs: int
     upgrade_blocks: int | None = None  # blocks the upgrade items may take in all (None: no cap of their own)
+    violator_blocks: int | None = None  # blocks the violators may take in all (None: what is left)
 
 
 @dataclass(frozen=True)
@@ -291,7 +292,13 @@ def select(c: Candidates, b: Budgets) -> Selection:
                 taken, remaining, guard_used = alt_taken, alt_remaining, True
                 best_value = items.value[taken].sum()
     value = float(items.value[taken].sum())
-    _fill(viol, items, remaining, taken, np.zeros(len(items.row), bool))  # arrival order
+    if b.violator_blocks is not None:  # violators only get the blocks set aside for them
+        spare = min(int(remaining[0]), max(0, b.violator_blocks))
+        left = remaining.copy()
+        left[0] = spare
+        _fill(viol, items, left, taken, np.zeros(len(items.row), bool))
+    else:
+        _fill(viol, items, remaining, taken, np.zeros(len(items.row), bool))  # arrival order
 
     kind = np.zeros(len(c), np.int8)
     t_rows, t_kind = items.row[taken], items.kind[taken]

@@ -22,6 +22,10 @@ c_hid absorbed the batch's per-request cost and alpha came out several times too
 simulator's OPT-13B sweep: +1.5e-4..3.2e-4 s per hidden block against a true ~-1.6e-5).
 The seqs and prefill features take those costs where they belong.
 
+A weak prior alpha = 0 (a ridge on c_hid - ratio * c_kv, weighted by the fit's own noise) keeps
+alpha near 0 where hidden blocks barely vary apart from the rest of the batch; noise-free data are
+untouched.
+
 alpha, the apt scheduler's price of the hidden cache, is the extra seconds per hidden block over
 holding the same tokens as KV: a hidden block holds hidden_block_size tokens, which as KV would
 take hidden_block_size / block_size blocks, so alpha = c_hid - c_kv * hidden_block_size / block_size.
@@ -93,7 +97,7 @@ class StepCostModel:
         # the noise-amplified values a plain fit gives (+8.6e-4 s per block seen on the CPU engine)
         a = self._xtx
         if self._weight > 0 and self.hidden_tokens_ratio:
-            tau = max(abs(self.coef[KV]) * self.hidden_tokens_ratio, PRIOR_FLOOR)
+            tau = self.prior_scale
             v = np.zeros(len(NAMES))
             v[HID], v[KV] = 1.0, -self.hidden_tokens_ratio
             a = a + (self._sq_err / self._weight / tau ** 2) * np.outer(v, v)
@@ -103,6 +107,11 @@ class StepCostModel:
         z = np.linalg.lstsq(a / np.outer(d, d), self._xty / d, rcond=1e-10)[0]
         self.coef = z / d
         self.steps += 1
+
+    @property
+    def prior_scale(self) -> float:
+        """tau of the prior alpha ~ N(0, tau^2): what a hidden block's tokens cost as KV (>= 1 us)."""
+        return max(abs(float(self.coef[KV])) * self.hidden_tokens_ratio, PRIOR_FLOOR)
 
     def coefficients(self) -> dict[str, float]:
         return dict(zip(NAMES, map(float, self.coef)))
