@@ -56,7 +56,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                         "left is a certain SLO miss (attainment stays exact; latency percentiles then cover what ran)")
     g.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="EngineConfig field for every policy, e.g. max_num_seqs=128 (repeatable); "
-                        f"policy defaults: {POLICY_DEFAULTS}")
+                        f"policy defaults: {POLICY_DEFAULTS}; --sim also takes sharded_hidden=true (the hidden "
+                        "cache sharded along d at TP >= 2, DESIGN section 2)")
 
 
 def parse_engine_args(items: list[str]) -> dict:
@@ -93,8 +94,19 @@ def config_factory(args, spec: str):
     _, policy, variant = parse_policy(spec)
     kwargs = {**POLICY_DEFAULTS.get(policy, {}), **parse_engine_args(args.engine_arg), **variant}
     model = model_dir(args.model, args.sim)
-    return lambda: EngineConfig(model=model, scheduler=policy, tensor_parallel_size=args.tp,
-                                ttft_slo=args.ttft_slo, tbt_slo=args.tbt_slo, **kwargs)
+    # sim-only: the sharded hidden cache at TP >= 2 (aptray.sim.runner.shard_hidden), not an EngineConfig field
+    sharded = bool(kwargs.pop("sharded_hidden", False))
+    if sharded and not args.sim:
+        sys.exit("sharded_hidden is simulated only: the serving engine does not run it yet")
+
+    def make():
+        config = EngineConfig(model=model, scheduler=policy, tensor_parallel_size=args.tp,
+                              ttft_slo=args.ttft_slo, tbt_slo=args.tbt_slo, **kwargs)
+        if sharded:
+            from aptray.sim.runner import shard_hidden
+            shard_hidden(config, kwargs.get("cache_mode", "hybrid"))
+        return config
+    return make
 
 
 def make_client(args, policy: str):
@@ -264,12 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="fit the cost model to the real CPU engine (small random OPT) and compare "
                                          "sim vs real TTFT/TBT percentiles on one trace")
     c.add_argument("--out-dir", help="folder for the model, cpu_calibration.json and validation.json")
-    c.add_argument("--num-requests", type=int, default=40, help="requests in the validation trace")
+    c.add_argument("--num-requests", type=int, default=200, help="requests in the validation trace")
     c.add_argument("--rate", type=float, default=4.0, help="their Poisson arrival rate (req/s)")
     c.add_argument("--seed", type=int, default=0, help="seed of the validation trace")
     c.add_argument("--ttft-slo", type=float, default=0.5, help="TTFT SLO (s), scaled to CPU step times")
     c.add_argument("--tbt-slo", type=float, default=0.1, help="TBT SLO (s), scaled to CPU step times")
     c.add_argument("--threads", type=int, default=1, help="torch threads")
+    c.add_argument("--rounds", type=int, default=3,
+                   help="rounds of (calibration waves, CPU-clock replay), interleaved so both see the same machine")
+    c.add_argument("--no-wall-clock", action="store_true",
+                   help="skip the wall-clock replay of the real engine (the CPU-clock replay is the comparison; "
+                        "the wall-clock one shows what a shared machine adds)")
     c.set_defaults(func=lambda a: __import__("loadgen.calibrate", fromlist=["main"]).main(a))
 
     s = sub.add_parser("sweep", help="SLO attainment over request rates per policy; effective throughput; plots")

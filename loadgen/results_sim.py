@@ -22,7 +22,11 @@ POLICIES = {
     "apt-kv": ("apt", {"cache_mode": "kv"}),
     "apt-hybrid": ("apt", {"cache_mode": "hybrid", "hidden_attention": "absorbed"}),
     "apt-hybrid-recompute": ("apt", {"cache_mode": "hybrid", "hidden_attention": "recompute"}),
+    # the hidden cache sharded along d at TP >= 2 (DESIGN section 2; simulated only: aptray.sim.runner.shard_hidden)
+    "apt-hybrid-sharded": ("apt", {"cache_mode": "hybrid", "hidden_attention": "absorbed", "sharded_hidden": True}),
 }
+TP2_ONLY = {"apt-hybrid-sharded": "apt-hybrid"}  # at TP 1 nothing is sharded: the same run as this one
+PAPER_BEST = 8.8  # Apt-Serve's "up to 8.8x" effective throughput over vLLM
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,8 @@ SETUPS = [
           "DistServe OPT-66B summarisation (no 13B one given)"),
     Setup("opt30b-sharegpt", "opt-30b", 2, "sharegpt", 0.4, 0.1, 1.0, "OPT-66B chat's (no 30B SLO given)"),
     Setup("opt30b-humaneval", "opt-30b", 2, "humaneval", 0.125, 0.2, 2.0, "DistServe OPT-66B code"),
+    Setup("opt30b-longprompt", "opt-30b", 2, "synthetic-longprompt", 15.0, 0.15, 0.5,
+          "DistServe OPT-66B summarisation (no 30B one given)"),
     Setup("opt66b-sharegpt", "opt-66b", 4, "sharegpt", 0.4, 0.1, 1.0, "DistServe OPT-66B chat"),
     Setup("opt66b-humaneval", "opt-66b", 4, "humaneval", 0.125, 0.2, 2.0, "DistServe OPT-66B code"),
     Setup("opt66b-longprompt", "opt-66b", 4, "synthetic-longprompt", 15.0, 0.15, 0.25, "DistServe OPT-66B summarisation"),
@@ -95,11 +101,54 @@ def run_all(setups: list[Setup], policies: list[str], num_requests: int, cv: flo
     hardware_for(get_gpu("a100-40gb"))  # fit once before forking
     for s in setups:
         base_trace(_args(s, num_requests, cv))  # sample (and cache) each dataset once, before forking
-    jobs = [(s, p, num_requests, cv, rel_tol) for s in setups for p in policies]
+    jobs = [(s, p, num_requests, cv, rel_tol) for s in setups for p in policies
+            if not (s.tp < 2 and p in TP2_ONLY and TP2_ONLY[p] in policies)]
     if workers > 1:
         with mp.get_context("fork").Pool(workers) as pool:
-            return list(pool.imap(run_policy, jobs))
-    return [run_policy(j) for j in jobs]
+            out = list(pool.imap(run_policy, jobs))
+    else:
+        out = [run_policy(j) for j in jobs]
+    by = {(r["setup"], r["policy"]): r for r in out}
+    for s in setups:  # a row for every (setup, policy): TP-2-only variants copy their TP 1 twin
+        for p in policies:
+            if (s.name, p) not in by and p in TP2_ONLY:
+                twin = by[(s.name, TP2_ONLY[p])]
+                out.append({**twin, "policy": p, "same_as": TP2_ONLY[p], "cpu_s": 0.0})
+    order = {(s.name, p): i for i, (s, p) in enumerate((s, p) for s in setups for p in policies)}
+    return sorted(out, key=lambda r: order[(r["setup"], r["policy"])])
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b > 0 else ("inf" if a > 0 else "-")
+
+
+def markdown_table(results: list[dict]) -> list[str]:
+    """Effective throughput per setup and policy, and apt's ratios over fcfs and sarathi beside the
+    paper's best (up to 8.8x over vLLM, i.e. over fcfs here)."""
+    by = {(r["setup"], r["policy"]): r for r in results}
+    policies = list(dict.fromkeys(r["policy"] for r in results))
+    apts = [p for p in policies if p.startswith("apt")]
+    head = ["setup", "TP", "SLO TTFT / TBT (s)", *policies, *(f"{a}/fcfs" for a in apts),
+            *(f"{a}/sarathi" for a in apts), "best apt/fcfs (paper: up to 8.8x)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for s in SETUPS:
+        if (s.name, "fcfs") not in by:
+            continue
+        eff = {p: by[(s.name, p)]["effective_throughput_rps"] for p in policies if (s.name, p) in by}
+
+        def cell(p):
+            r = by.get((s.name, p))
+            if r is None:
+                return "-"
+            note = " (=KV)" if "hybrid" in p and not r.get("hidden_enabled", True) else ""
+            note = note or (f" (={r['same_as']})" if r.get("same_as") else "")
+            return f"{eff[p]:.2f}{note}"
+        best = max((eff[a] for a in apts if a in eff), default=0.0)
+        lines.append("| " + " | ".join([s.name, str(s.tp), f"{s.ttft_slo:g} / {s.tbt_slo:g}", *map(cell, policies),
+                                         *(_ratio(eff.get(a, 0), eff.get("fcfs", 0)) for a in apts),
+                                         *(_ratio(eff.get(a, 0), eff.get("sarathi", 0)) for a in apts),
+                                         f"{_ratio(best, eff.get('fcfs', 0))} vs {PAPER_BEST}x"]) + " |")
+    return lines
 
 
 def main(argv=None) -> None:
@@ -108,10 +157,19 @@ def main(argv=None) -> None:
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--num-requests", type=int, default=300)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", help="write the results (JSON) here")
     a = ap.parse_args(argv)
     chosen = [s for s in SETUPS if s.name in a.setups.split(",")]
-    for r in run_all(chosen, a.policies.split(","), a.num_requests, 1.0, 0.05, a.workers):
+    t0 = time.time()
+    results = run_all(chosen, a.policies.split(","), a.num_requests, 1.0, 0.05, a.workers)
+    for r in results:
         print(f"{r['setup']:20s} {r['policy']:22s} {r['effective_throughput_rps']:.3f} req/s  ({r['cpu_s']:.0f} s)")
+    print("\n".join(markdown_table(results)))
+    print(f"{time.time() - t0:.0f} s")
+    if a.out:
+        import json
+        with open(a.out, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -151,3 +151,24 @@ def test_in_process_client_on_tiny_model(tmp_path):
         assert got.status == "finished" and got.num_tokens == r.num_decode_tokens
         assert len(got.token_gaps) == r.num_decode_tokens - 1 and got.ttft > 0
     assert attainment(result.records) == pytest.approx(6 / 7)
+
+
+def test_cpu_clock_replay_skips_idle_time(tmp_path):
+    from aptray.config import EngineConfig
+    from aptray.engine import Engine
+    from aptray.executor.local import LocalExecutor
+    from aptray.model.factory import make_tiny_model
+    from loadgen.calibrate import replay_on_cpu_clock
+
+    path = make_tiny_model(str(tmp_path / "opt"), "opt", hidden_size=32, num_layers=2, num_heads=2, max_positions=128)
+
+    def factory(clock):
+        config = EngineConfig(model=path, num_cache_blocks=64, block_size=8)
+        return Engine(config, LocalExecutor(config), clock=clock)
+
+    # arrivals 100 s apart: a wall-clock replay would sleep for minutes; the CPU clock jumps over the gaps
+    trace = [TraceRequest(f"r{i}", 100.0 * i, 8 + i, 3) for i in range(3)]
+    records, duration = replay_on_cpu_clock(factory, trace, ttft_slo=5.0, tbt_slo=5.0)
+    assert [r.status for r in records] == ["finished"] * 3 and 200.0 < duration < 210.0
+    for r in records:
+        assert r.num_tokens == 3 and 0 < r.ttft < 5.0 and r.attained

@@ -1,14 +1,22 @@
 """CPU calibration: fit the cost model's coefficients to step times measured on the real engine.
 
 The GPU coefficients come from the vidur profiles; on this machine the same cost model is fitted
-to the LocalExecutor's own step times (a small random-weight model), so the simulator can be
+to the real engine's own step times (a small random-weight model), so the simulator can be
 checked against the real engine on one trace (loadgen calibrate does that comparison).
+
+What is fitted is the time of a whole engine step as a client sees it: the scheduler, the model
+runner and the engine's post-processing, not only the executor's kernels (the executor's own
+step_time leaves out ~60-120 us of Python per step, 5-10% of a decode step here). It is measured in
+process CPU seconds: the engine runs on one thread (one torch thread), so on a machine of its own
+that is its wall time, and other people's processes on a shared machine do not stretch it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy.optimize import least_squares
@@ -20,11 +28,30 @@ from aptray.sim.cost_model import CostModel
 from aptray.sim.fit import FitError, HardwareFit, LinearRoofline
 
 
+def cpu_clock() -> float:
+    """Seconds of CPU this process has used: the clock of calibration and of the validation replay
+    (equal to the engine's wall time only with one torch thread: see one_torch_thread)."""
+    return time.process_time()
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run torch on one thread meanwhile: with more, idle OpenMP workers spin and bill CPU time."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @dataclass
 class StepSample:
     seqs: list[tuple[str, int, int, bool]]  # (cache_kind, num_tokens, context_len, sample)
     conversions: list[tuple[str, int]]
-    seconds: float
+    seconds: float  # the whole engine step (scheduler + executor + post-processing), CPU seconds
+    executor_seconds: float = 0.0  # the executor's own step_time (wall), for reference
 
 
 class RecordingExecutor(Executor):
@@ -39,11 +66,21 @@ class RecordingExecutor(Executor):
         result = self.inner.execute(plan)
         self.samples.append(StepSample(
             [(s.cache_kind, len(s.token_ids), s.context_len, s.sample) for s in plan.seqs],
-            [(c.to_kind, c.num_tokens) for c in plan.conversions], result.step_time))
+            [(c.to_kind, c.num_tokens) for c in plan.conversions], result.step_time, result.step_time))
         return result
 
     def shutdown(self) -> None:
         self.inner.shutdown()
+
+
+def timed_step(engine, rec: RecordingExecutor, clock=cpu_clock):
+    """engine.step(), stamping the sample it produced (if any) with the step's time on clock."""
+    n = len(rec.samples)
+    t0 = clock()
+    out = engine.step()
+    if len(rec.samples) > n:
+        rec.samples[-1].seconds = clock() - t0
+    return out
 
 
 def collect_steps(config: EngineConfig, batch_sizes=(1, 2, 4, 8, 16), prompt_lens=(8, 32, 128, 384),
@@ -58,36 +95,39 @@ def collect_steps(config: EngineConfig, batch_sizes=(1, 2, 4, 8, 16), prompt_len
     rng = np.random.default_rng(seed)
     vocab, limit = config.spec.vocab_size, config.spec.max_model_len
     n = 0
-    for batch in [b for _ in range(repeats) for b in batch_sizes]:
-        for plen in prompt_lens:
-            plen = min(plen, limit - output_len - 1)
-            for _ in range(batch):
-                ids = rng.integers(4, vocab, size=plen).tolist()
-                engine.add_request(f"cal-{n}", ids, SamplingParams(temperature=0.0, max_tokens=output_len,
-                                                                   ignore_eos=True))
-                n += 1
-            while engine.has_unfinished():
-                engine.step()
+    with one_torch_thread():
+        for batch in [b for _ in range(repeats) for b in batch_sizes]:
+            for plen in prompt_lens:
+                plen = min(plen, limit - output_len - 1)
+                for _ in range(batch):
+                    ids = rng.integers(4, vocab, size=plen).tolist()
+                    engine.add_request(f"cal-{n}", ids, SamplingParams(temperature=0.0, max_tokens=output_len,
+                                                                       ignore_eos=True))
+                    n += 1
+                while engine.has_unfinished():
+                    timed_step(engine, rec)
     rec.shutdown()
     return rec.samples[1:]  # the first step pays one-off warm-up
 
 
-# parameters, in log space where they are rates: step overhead, GEMM (c0, FLOP/s, B/s),
+# parameters, all in log space: step overhead, per-sequence overhead, GEMM (c0, FLOP/s, B/s),
 # elementwise (c0, B/s), attention (c0, FLOP/s, B/s)
-_NAMES = ("step_overhead", "gemm_c0", "gemm_flops", "gemm_bytes", "elem_c0", "elem_bytes",
+_NAMES = ("step_overhead", "seq_overhead", "gemm_c0", "gemm_flops", "gemm_bytes", "elem_c0", "elem_bytes",
           "attn_c0", "attn_flops", "attn_bytes")
+_X0 = (1e-4, 1e-5, 2e-5, 5e10, 5e9, 5e-6, 5e9, 2e-5, 2e10, 5e9)
 
 
 def _unpack(p) -> tuple[HardwareFit, float]:
     e = [math.exp(x) for x in p]
-    gemm = LinearRoofline(e[1], e[2], e[3])
-    elem = LinearRoofline(e[4], math.inf, e[5])
-    attn = LinearRoofline(e[6], e[7], e[8])
-    return HardwareFit("cpu", gemm, elem, elem, elem, attn, {}), e[0]
+    gemm = LinearRoofline(e[2], e[3], e[4])
+    elem = LinearRoofline(e[5], math.inf, e[6])
+    attn = LinearRoofline(e[7], e[8], e[9])
+    return HardwareFit("cpu", gemm, elem, elem, elem, attn, {}, seq_overhead=e[1]), e[0]
 
 
 def predict(samples: list[StepSample], config: EngineConfig, hw: HardwareFit, overhead: float) -> np.ndarray:
-    cost = CostModel(config.spec, hw, config.tensor_parallel_size, config.hidden_attention, overhead)
+    cost = CostModel(config.spec, hw, config.tensor_parallel_size, config.hidden_attention, overhead,
+                     hw.seq_overhead)
     return np.array([cost.step_time(s.seqs, s.conversions) for s in samples])
 
 
@@ -97,12 +137,20 @@ class Calibration:
     step_overhead: float
     error: FitError
 
+    @property
+    def seq_overhead(self) -> float:
+        return self.hardware.seq_overhead
+
+    def with_jitter(self, jitter) -> "Calibration":
+        return Calibration(replace(self.hardware, step_jitter=tuple(float(x) for x in jitter)), self.step_overhead,
+                           self.error)
+
     def save(self, path: str) -> None:
         hw = self.hardware
         laws = {k: asdict(getattr(hw, k)) for k in ("gemm", "layernorm", "activation", "residual_add", "attention")}
         with open(path, "w") as f:
-            json.dump({"laws": laws, "step_overhead": self.step_overhead, "error": asdict(self.error)}, f,
-                      indent=1, default=str)
+            json.dump({"laws": laws, "step_overhead": self.step_overhead, "seq_overhead": hw.seq_overhead,
+                       "step_jitter": list(hw.step_jitter), "error": asdict(self.error)}, f, indent=1, default=str)
 
     @classmethod
     def load(cls, path: str) -> "Calibration":
@@ -110,12 +158,13 @@ class Calibration:
             d = json.load(f)
         laws = {k: LinearRoofline(float(v["c0"]), float(v["flop_rate"]), float(v["byte_rate"]))
                 for k, v in d["laws"].items()}
-        return cls(HardwareFit("cpu", all_reduce={}, **laws), d["step_overhead"], FitError(**d["error"]))
+        hw = HardwareFit("cpu", all_reduce={}, seq_overhead=float(d.get("seq_overhead", 0.0)),
+                         step_jitter=tuple(d.get("step_jitter", ())), **laws)
+        return cls(hw, d["step_overhead"], FitError(**d["error"]))
 
 
 def fastest_per_shape(samples: list[StepSample]) -> list[StepSample]:
-    """One sample per distinct plan shape, its fastest time: on a shared CPU other processes only
-    ever add time, so the minimum over repeats is the machine's own speed."""
+    """One sample per distinct plan shape, its fastest time (the machine's best case)."""
     best: dict = {}
     for smp in samples:
         key = (tuple(smp.seqs), tuple(smp.conversions))
@@ -124,16 +173,44 @@ def fastest_per_shape(samples: list[StepSample]) -> list[StepSample]:
     return list(best.values())
 
 
+def _by_shape(samples: list[StepSample]) -> dict:
+    groups: dict = {}
+    for smp in samples:
+        groups.setdefault((tuple(smp.seqs), tuple(smp.conversions)), []).append(smp)
+    return groups
+
+
+def median_per_shape(samples: list[StepSample]) -> list[StepSample]:
+    """One sample per distinct plan shape, with the median time of its repeats: the typical step."""
+    out = []
+    for group in _by_shape(samples).values():
+        out.append(StepSample(group[0].seqs, group[0].conversions, float(np.median([s.seconds for s in group])),
+                              float(np.median([s.executor_seconds for s in group]))))
+    return out
+
+
+def replicate_scatter(samples: list[StepSample], min_repeats: int = 3) -> np.ndarray:
+    """log(time / median time of the same shape) over shapes measured at least min_repeats times: how
+    much the same work's time scatters on this machine, free of any cost-model error."""
+    out = []
+    for group in _by_shape(samples).values():
+        if len(group) >= min_repeats:
+            t = np.array([s.seconds for s in group])
+            out.extend(np.log(t / np.median(t)))
+    return np.array(out)
+
+
 def fit_cpu(samples: list[StepSample], config: EngineConfig) -> Calibration:
     """Least squares on log(pred/measured): a plain fit, then a soft-L1 refit from it so that a few
-    disturbed steps weigh little; whichever has the lower median error wins."""
+    disturbed steps weigh little; whichever has the lower median error wins. Given every sample
+    (not only the fastest per shape), this fits the typical step, which is what a replay sees."""
     measured = np.array([s.seconds for s in samples])
 
     def residual(p):
         hw, overhead = _unpack(p)
         return np.log(predict(samples, config, hw, overhead) / measured)
 
-    x0 = np.array([math.log(v) for v in (1e-3, 2e-5, 5e10, 5e9, 5e-6, 5e9, 2e-5, 2e10, 5e9)])
+    x0 = np.array([math.log(v) for v in _X0])
     bounds = (x0 - 9, x0 + 9)
     plain = least_squares(residual, x0, bounds=bounds, diff_step=1e-3)
     robust = least_squares(residual, plain.x, bounds=bounds, diff_step=1e-3, loss="soft_l1", f_scale=0.1)

@@ -1,7 +1,10 @@
 """SimExecutor: runs no model; prices each plan with the cost model and advances a virtual clock."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from aptray.executor.base import Executor
 from aptray.plan import BatchPlan, StepResult
@@ -17,21 +20,30 @@ class VirtualClock:
 
 
 class SimExecutor(Executor):
-    """Every sampled token is `token_id` (pick one that is not EOS, or use ignore_eos)."""
+    """Every sampled token is `token_id` (pick one that is not EOS, or use ignore_eos).
 
-    def __init__(self, cost_model: CostModel, num_blocks: int, clock: VirtualClock, token_id: int = 5):
+    jitter: log ratios of measured step times to their typical value (a CPU calibration's); each step's
+    price is multiplied by exp(one of them), drawn by a generator seeded with jitter_seed, so runs stay
+    deterministic. Empty: every step costs exactly the cost model's price.
+    """
+
+    def __init__(self, cost_model: CostModel, num_blocks: int, clock: VirtualClock, token_id: int = 5,
+                 jitter=(), jitter_seed: int = 0):
         self.cost_model = cost_model
         self.num_blocks = num_blocks
         self.clock = clock
         self.token_id = token_id
         self.steps = 0
         self.busy_time = 0.0
+        self._jitter = [math.exp(x) for x in jitter]
+        self._rng = np.random.default_rng(jitter_seed)
 
     def execute(self, plan: BatchPlan) -> StepResult:
-        seqs = [(s.cache_kind, len(s.token_ids), s.start_pos + len(s.token_ids), s.sample) for s in plan.seqs]
-        conversions = [(c.to_kind, c.num_tokens) for c in plan.conversions]
-        step_time = self.cost_model.step_time(seqs, conversions)
+        step_time = self.cost_model.plan_time(plan)
+        if self._jitter:
+            step_time *= self._jitter[int(self._rng.integers(len(self._jitter)))]
         self.clock.now += step_time
         self.steps += 1
         self.busy_time += step_time
-        return StepResult(sampled={s.request_id: self.token_id for s in plan.seqs if s.sample}, step_time=step_time)
+        tok = self.token_id
+        return StepResult(sampled={s.request_id: tok for s in plan.seqs if s.sample}, step_time=step_time)

@@ -61,6 +61,10 @@ class HardwareFit:
     attention: LinearRoofline  # roofline: fitted streaming bandwidth, GEMM rate x ATTENTION_FLOP_SHARE
     all_reduce: dict[int, LinearRoofline]  # by number of workers; bytes = 2 * elements
     errors: dict[str, FitError] = field(default_factory=dict)
+    seq_overhead: float = 0.0  # host seconds per sequence in a step (0 for the GPU fits; the CPU calibration fits it)
+    # measured scatter of a step's time about its typical value, as log ratios: the simulator multiplies
+    # each step by exp(one of them), drawn by a seeded generator. Empty (no scatter) for the GPU fits.
+    step_jitter: tuple[float, ...] = ()
 
     def all_reduce_time(self, elements: float, workers: int) -> float:
         if workers <= 1:
@@ -71,7 +75,8 @@ class HardwareFit:
     def scaled(self, flop_scale: float, byte_scale: float) -> "HardwareFit":
         laws = {name: getattr(self, name).scaled(flop_scale, byte_scale)
                 for name in ("gemm", "layernorm", "activation", "residual_add", "attention")}
-        return HardwareFit(self.profile, all_reduce=self.all_reduce, errors=self.errors, **laws)
+        return HardwareFit(self.profile, all_reduce=self.all_reduce, errors=self.errors,
+                           seq_overhead=self.seq_overhead, step_jitter=self.step_jitter, **laws)
 
 
 def _fit(flops: np.ndarray, nbytes: np.ndarray, seconds: np.ndarray, use_flops: bool) -> LinearRoofline:

@@ -24,6 +24,16 @@ class MemoryPlan:
     num_blocks: int
 
 
+def sharded_hidden_extra_weights(spec: ModelSpec, tp: int) -> int:
+    """Bytes per rank of the W_k and W_v column slices (all heads, the rank's d/t inputs) that sharded
+    hidden attention needs on top of the usual head-sharded weights (DESIGN section 2 says about +17%;
+    the block of the slice that covers the rank's own heads is already there, so it is 1 - 1/t of that)."""
+    if tp <= 1:
+        return 0
+    kv_out, d_in = 2 * spec.num_kv_heads * spec.head_dim, spec.hidden_size // tp
+    return DTYPE_BYTES * spec.num_layers * (kv_out - kv_out // tp) * d_in
+
+
 def weight_bytes(spec: ModelSpec, tp: int) -> int:
     """Parameters held by one rank (vocabulary and linears split over ranks; norms and biases replicated)."""
     d, f, q = spec.hidden_size, spec.intermediate_size, spec.num_heads * spec.head_dim
@@ -54,9 +64,11 @@ def block_bytes(spec: ModelSpec, tp: int, block_size: int) -> int:
 
 def plan_memory(spec: ModelSpec, gpu: GpuSpec, tp: int, block_size: int = 16,
                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
-                gpu_memory_utilization: float = 0.9, overhead: int = GiB // 2) -> MemoryPlan:
+                gpu_memory_utilization: float = 0.9, overhead: int = GiB // 2,
+                sharded_hidden: bool = False) -> MemoryPlan:
+    """sharded_hidden: the rank also holds the W_k, W_v column slices of sharded hidden attention."""
     usable = int(gpu.hbm_bytes * gpu_memory_utilization)
-    weights = weight_bytes(spec, tp)
+    weights = weight_bytes(spec, tp) + (sharded_hidden_extra_weights(spec, tp) if sharded_hidden else 0)
     acts = activation_bytes(spec, tp, max_num_batched_tokens, max_num_seqs)
     cache = usable - weights - acts - overhead
     per_block = block_bytes(spec, tp, block_size)
