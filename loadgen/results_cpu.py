@@ -157,7 +157,10 @@ def replay(engine, trace, ttft: float, tbt: float, seed: int = 0, timeout: float
 
 
 def decode_step_time(model: str) -> float:
-    """Median CPU time of a 16-request decode step (fcfs, KV): the unit the SLOs are scaled by."""
+    """CPU time of a 16-request decode step (fcfs, KV), the 20th percentile of ~48 steps: the unit
+    the TBT SLO is scaled by. Not the median: on a shared machine other processes only ever add
+    time, even to a thread's CPU time (caches, the core's other hyperthread); the median moved
+    from 1.5 to 3.0 ms between two runs here."""
     from aptray.config import EngineConfig
     from aptray.engine import Engine
     from aptray.sampling_params import SamplingParams
@@ -173,7 +176,7 @@ def decode_step_time(model: str) -> float:
         engine.step()
         if engine.last_result is not None and len(engine.scheduler.running) == 16:
             times.append(engine.last_result.step_time)
-    return float(np.median(times))
+    return float(np.percentile(times, 20))
 
 
 def prefill_time(model: str) -> float:
@@ -240,7 +243,10 @@ def run(datasets, cvs, rates_by_dataset: dict | None = None, num_requests: int |
         ttft, tbt = SLO_SCALE[dataset][0] * prefill, SLO_SCALE[dataset][1] * step
         base = dataset_trace(dataset, num_requests)
         for cv in cvs:
-            for k, rate in enumerate(rates_by_dataset[dataset]):
+            rates = rates_by_dataset[dataset]
+            # bursty arrivals: attainment hardly depends on the rate (the bursts' sizes do not), so
+            # every other rate of the grid is enough
+            for k, rate in enumerate(rates if cv <= 1 else rates[::2]):
                 traces[(dataset, cv, rate)] = rescale(base, rate, cv, seed=0)
                 for label in labels[k % len(labels):] + labels[:k % len(labels)]:
                     jobs.append((dataset, cv, rate, label, ttft, tbt))
