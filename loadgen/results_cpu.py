@@ -47,7 +47,7 @@ POLICIES = {  # label -> (scheduler, EngineConfig overrides)
 # (the simulator's fitted cost model): chat 0.25 s / 0.1 s, code 0.125 s / 0.2 s
 SLO_SCALE = {"sharegpt": (1.0, 5.0), "humaneval": (0.5, 10.0)}
 # request rates (req/s) per dataset, and requests per run, by `results` mode
-RATES = {"quick": {"sharegpt": [1, 1.5, 2, 3, 4, 6], "humaneval": [8, 12, 16, 24, 32, 45]},
+RATES = {"quick": {"sharegpt": [1, 2, 3, 4, 6, 8], "humaneval": [8, 12, 16, 24, 32, 45]},
          "full": {"sharegpt": [0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8],
                   "humaneval": [6, 8, 10, 12, 16, 20, 24, 32, 40, 50, 60]}}
 REQUESTS = {"quick": 60, "full": 150}
