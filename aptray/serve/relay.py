@@ -48,6 +48,9 @@ class Call:
         self._pending: list = []
         self._waiter: asyncio.Future | None = None
 
+    def clear(self) -> None:
+        self._pending = []
+
     def deliver(self, item) -> None:
         self._pending.append(item)
         if self._waiter is not None and not self._waiter.done():
@@ -108,26 +111,29 @@ class RouterLink:
         return call
 
     async def _open(self, call: Call, resume: bool) -> None:
-        for attempt in range(MAX_REATTACH + 1):
-            call.router = self.router
-            if attempt or resume:
-                call.epoch += 1
-            self._calls[call.rid] = call  # before admit: its first chunks may come before admit's answer
-            self._ensure_pump()
-            try:
-                first = await self._admit(call.router, (call.rid, call.ids, call.sampling, call.prompt,
-                                                        call.seen if resume else None, call.text, call.epoch))
-            except RayActorError:
-                # it may have recorded the request before dying: from now on only re-attach
-                await self.recover(call.router)
-                resume = True
-                continue
-            if "error" in first:
-                self._forget(call)
-                raise Rejected(first["error"], first["status"], first.get("param"))
-            return
-        self._forget(call)
-        raise Rejected("the router keeps failing", 503)
+        try:
+            for attempt in range(MAX_REATTACH + 1):
+                call.router = self.router
+                if attempt or resume:
+                    call.epoch += 1
+                call.clear()  # whatever came before this admission is stale (an old router's, or its end)
+                self._calls[call.rid] = call  # before admit: its first chunks may come before admit's answer
+                self._ensure_pump()
+                try:
+                    first = await self._admit(call.router, (call.rid, call.ids, call.sampling, call.prompt,
+                                                            call.seen if resume else None, call.text, call.epoch))
+                except RayActorError:
+                    # it may have recorded the request before dying: from now on only re-attach
+                    await self.recover(call.router)
+                    resume = True
+                    continue
+                if "error" in first:
+                    raise Rejected(first["error"], first["status"], first.get("param"))
+                return
+            raise Rejected("the router keeps failing", 503)
+        except BaseException:
+            self._forget(call)
+            raise
 
     async def _admit(self, router, request: tuple) -> dict:
         """Router.admit for one request. Requests that come while an admission call is in flight go
