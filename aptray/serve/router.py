@@ -114,7 +114,7 @@ class Router:
         self.loop.outbox.bind(asyncio.get_running_loop())
         checked, batch_ids = [], set()
         for r in requests:
-            checked.append(self._check(*r, duplicate=r[0] in batch_ids))
+            checked.append(self._check(r[0], r[1], r[2], reattach=r[4] is not None, duplicate=r[0] in batch_ids))
             if checked[-1][0] is None and r[4] is None:
                 batch_ids.add(r[0])
                 self._being_admitted += 1  # counts against the queue limit from now on
@@ -139,10 +139,10 @@ class Router:
             answers.append({"accepted": True, "request_id": rid, "prompt_tokens": len(ids)})
         return answers
 
-    def _check(self, rid: str, ids: list[int], sampling: dict, prompt, seen, seen_text, epoch, duplicate: bool
+    def _check(self, rid: str, ids: list[int], sampling: dict, reattach: bool, duplicate: bool
                ) -> tuple[dict | None, SamplingParams | None]:
         """(refusal or None, sampling params)."""
-        if seen is None:
+        if not reattach:
             refusal = self._refuse(rid, ids, sampling, duplicate)
         else:  # a re-attach skips the queue checks but never the limits
             refusal = self._limits(ids, sampling)
