@@ -303,7 +303,12 @@ class AptScheduler(Scheduler):
                 self._preempt(req)
 
         for i in np.flatnonzero(kept & ~prefilling & (need > held)):
-            assert self._try_allocate(running[i], int(size[i]))  # fits: the greedy counted it
+            if not self._try_allocate(running[i], int(size[i])):
+                # the greedy counted it as fitting; if the count was wrong, preempting is safe
+                # where a crash of the engine loop is not (seen once in a simulated sweep)
+                self.stats["allocation_misses"] += 1
+                self._preempt(running[i])
+                decoding = decoding[decoding != i]
         for req in to_hidden:
             self._rehome_as_hidden(req)
         if self.config.cache_mode == "hybrid" and self._price_of_hidden() > 0:
