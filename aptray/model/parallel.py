@@ -19,13 +19,18 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+def all_gather(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Every rank's x, concatenated along dim in rank order."""
     world = tp_world()
     if world == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=-1)
+    return torch.cat(parts, dim=dim)
+
+
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    return all_gather(x, -1)
 
 
 def split(size: int, what: str) -> int:

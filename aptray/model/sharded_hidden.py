@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from aptray_kernels import ops
 from aptray_kernels.reference import apply_rotary
 
-from aptray.model.parallel import all_reduce, tp_rank, tp_world
+from aptray.model.parallel import all_gather, all_reduce, tp_rank, tp_world
 
 
 def d_slice(d: int) -> slice:
@@ -28,14 +28,6 @@ def d_slice(d: int) -> slice:
         raise ValueError(f"hidden size ({d}) is not divisible by tensor_parallel_size ({world})")
     n = d // world
     return slice(tp_rank() * n, (tp_rank() + 1) * n)
-
-
-def _all_gather_dim1(x: torch.Tensor) -> torch.Tensor:
-    if tp_world() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(tp_world())]
-    torch.distributed.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=1)
 
 
 def _local_rows(full: torch.Tensor, dim: int) -> torch.Tensor:
@@ -53,7 +45,7 @@ def sharded_absorbed_decode_attention(q, hidden_cache, block_tables, context_len
     Returns this rank's heads [N, H/t, D], equal to absorbed attention on the whole hidden vector.
     """
     n, _, head_dim = q.shape
-    q_all = _all_gather_dim1(q).float()  # [N, H, D]
+    q_all = all_gather(q, 1).float()  # [N, H, D]
     num_heads = q_all.shape[1]
     n_kv = w_k_cols.shape[0] // head_dim
     group = num_heads // n_kv
