@@ -305,10 +305,9 @@ def test_grpc_cancel_aborts(server):
     with Client(server["grpc"]) as c:
         call = c.generate_call("hello", max_tokens=400, ignore_eos=True)
         next(call)
-        t = time.time()
         call.cancel()
     assert _wait_idle_blocks(server)
-    assert time.time() - t < 3  # 400 tokens would take longer: the cancel aborted it
+    # counted as aborted, not as finished: the cancel reached the router before 400 tokens
     assert _metric(server, "aptray_slo_missed_total", '{reason="abort"}') == aborted_before + 1
 
 
