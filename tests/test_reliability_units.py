@@ -41,7 +41,7 @@ def test_writer_survives_an_empty_restart(redis_proc, monkeypatch):
         t = time.time()
         with pytest.raises(StoreUnavailable):
             w.admit(_meta("c")).result(10)
-        assert time.time() - t < 3 and not w.healthy  # refused quickly, not after a hang
+        assert time.time() - t < 8 and not w.healthy  # refused, not after the 10 s wait (slow runners: loose bound)
         redis_proc.start()  # empty: no persistence
         deadline = time.time() + 10
         while not w.healthy and time.time() < deadline:
