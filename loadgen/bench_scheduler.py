@@ -62,11 +62,15 @@ def bench(model_dir: str, policy: str, shape: str, cache_mode: str, n: int, max_
         step = 2e-3 + 2e-6 * plan.num_tokens + 1e-6 * kv + 3e-6 * hid
         now += step
         sched.update(plan, StepResult({s.request_id: 1 for s in plan.seqs if s.sample}, step), now)
-    times.sort()
-    walls.sort()
-    return {"wall_median_ms": 1e3 * statistics.median(walls),"policy": policy, "shape": shape, "cache_mode": cache_mode, "requests": n, "max_num_seqs": max_num_seqs,
-            "running_at_end": len(sched.running), "iterations": iters,
-            "median_ms": 1e3 * statistics.median(times), "p99_ms": 1e3 * times[min(len(times) - 1, int(0.99 * len(times)))]}
+    # the first decision also indexes every queued arrival once (apt: ~2 us each; a serving loop
+    # pays that as requests arrive): reported apart, the percentiles are over the decisions after it
+    first_ms = 1e3 * times[0]
+    steady, walls = sorted(times[1:]), sorted(walls[1:])
+    return {"policy": policy, "shape": shape, "cache_mode": cache_mode, "requests": n,
+            "max_num_seqs": max_num_seqs, "running_at_end": len(sched.running), "iterations": iters,
+            "first_ms": first_ms, "median_ms": 1e3 * statistics.median(steady),
+            "p99_ms": 1e3 * steady[min(len(steady) - 1, int(0.99 * len(steady)))], "max_ms": 1e3 * steady[-1],
+            "wall_median_ms": 1e3 * statistics.median(walls)}
 
 
 def main(argv=None) -> None:
@@ -86,7 +90,8 @@ def main(argv=None) -> None:
                 rows.append(row)
                 print(f"{policy:8s} {shape:9s} {mode:6s} n={n:6d} max_num_seqs={max_num_seqs:5d} "
                       f"running={row['running_at_end']:5d}  median {row['median_ms']:7.3f} ms  "
-                      f"p99 {row['p99_ms']:7.3f} ms  (wall median {row['wall_median_ms']:.3f})", flush=True)
+                      f"p99 {row['p99_ms']:7.3f} ms  max {row['max_ms']:7.3f} ms  first {row['first_ms']:7.3f} ms  "
+                      f"(wall median {row['wall_median_ms']:.3f})", flush=True)
     with open(args.out, "w") as f:
         json.dump({"python": sys.version.split()[0], "results": rows}, f, indent=1)
 
