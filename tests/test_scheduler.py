@@ -235,8 +235,41 @@ def test_alpha_is_unbiased_under_overload():
 def test_tbt_budget_prices_the_quadratic_prefill():
     from aptray.scheduler.step_cost import StepCostModel, tbt_token_budget
     model = StepCostModel(16, 32)
-    model.coef = np.array([1e-3, 1e-5, 0.0, 0.0, 0.0, 2e-4, 0.0])  # 1 ms + 10 us/token + 0.2 us/pair
+    model.coef = np.array([1e-3, 1e-5, 0.0, 0.0, 0.0, 2e-4, 0.0, 0.0])  # 1 ms + 10 us/token + 0.2 us/pair
     model.steps = 10
     budget = tbt_token_budget(model, 4096, 0.1, 0, 0, 0, 16)
     # a fresh chunk of b tokens: 1e-3 + 1e-5 b + 2e-7 b^2 <= 0.08  ->  b = 603.99
     assert budget == 603
+
+
+def test_fit_learns_a_per_request_hidden_cost():
+    """Absorbed attention costs a fixed amount per hidden request decoding (its two projections),
+    whatever its length: the fit carries it in c_hdec, not in alpha or in the cost of every row."""
+    from aptray.scheduler.step_cost import StepCostModel, step_features
+    rng = random.Random(2)
+    c0, c_tok, c_seq, c_kv, c_hid, c_hdec = 1e-3, 2e-5, 5e-5, 1e-6, 2e-6, 8e-5
+    model = StepCostModel(4, 8)
+    for _ in range(2000):
+        plan = _synthetic_plan(rng, rng.randint(1, 64), hidden_share=rng.random())
+        x = step_features(plan)
+        t = c0 + c_tok * x[1] + c_seq * x[2] + c_kv * x[3] + c_hid * x[4] + c_hdec * x[7]
+        model.observe(plan, t * (1 + 0.02 * rng.gauss(0, 1)))
+    assert abs(model.hidden_decode_cost - c_hdec) < 0.1 * c_hdec, model.coefficients()
+    assert abs(model.alpha - (c_hid - 2 * c_kv)) < 0.3e-6, model.coefficients()
+
+
+def test_apt_prefers_kv_while_it_fits_and_the_price_of_hidden_is_unknown(model_dir):
+    """Before the fit can tell hidden from KV, a request that fits as KV runs as KV (hidden is for
+    when memory binds): otherwise every admission is hidden, no step mixes kinds, and the price of
+    hidden can never be learnt."""
+    from aptray.cache.block_manager import BlockManager
+    from aptray.request import CacheKind, Request
+    from aptray.scheduler import make_scheduler
+    config = EngineConfig(model=model_dir, scheduler="apt", cache_mode="hybrid", block_size=4,
+                          num_cache_blocks=64)
+    blocks = BlockManager(64, 4, config.hidden_block_size)
+    sched = make_scheduler(config, blocks)
+    for i in range(3):
+        sched.add(Request(f"r{i}", list(range(1, 10)), SamplingParams(max_tokens=4), -1.0, 5.0, 5.0))
+    sched.schedule(0.0)
+    assert [r.cache_kind for r in sched.running] == [CacheKind.KV] * 3

@@ -1,14 +1,16 @@
 """Online model of step time, learned from the executor's measured step times (numpy, torch-free).
 
     step_time ~ c0 + c_tok * tokens + c_seq * seqs + c_kv * kv_blocks + c_hid * hidden_blocks
-                + c_pf * prefill_pairs + c_rep * hidden_reprojected
+                + c_pf * prefill_pairs + c_rep * hidden_reprojected + c_hdec * hidden_decodes
 
 tokens: tokens the step computes (the GEMMs); seqs: sequences in the step (per-request work:
 building its row, sampling, the absorbed path's per-request projections); kv_blocks /
 hidden_blocks: the cache blocks its sequences read (their block tables); prefill_pairs: the
 query x key pairs of its multi-token chunks (sum of chunk x context, in thousands: prefill
 attention is quadratic); hidden_reprojected: the cached context a hidden chunk re-projects to
-K, V (tokens, in thousands). It is a least-squares fit with exponential forgetting: the normal
+K, V (tokens, in thousands); hidden_decodes: the hidden rows decoding one token (absorbed
+attention projects each one's query through W_k and its output through W_v: a cost per hidden
+request, whatever its length, that the per-block alpha cannot carry). It is a least-squares fit with exponential forgetting: the normal
 equations are an EWMA over steps (decay 0.99, about the last 100 steps), so the fit follows the
 machine and the workload, solved on standardised features by the minimum-norm least-squares
 solution, which leaves a coefficient at 0 while its feature has never varied (e.g. c_hid before
@@ -24,7 +26,13 @@ The seqs and prefill features take those costs where they belong.
 
 A weak prior alpha = 0 (a ridge on c_hid - ratio * c_kv, weighted by the fit's own noise) keeps
 alpha near 0 where hidden blocks barely vary apart from the rest of the batch; noise-free data are
-untouched.
+untouched. c_hdec has the same kind of prior, at the scale of c_seq.
+
+The price of holding a request as hidden rather than KV is therefore alpha per hidden block plus
+c_hdec per step (`hidden_price`). Without the second term the fit put OPT-13B's absorbed
+per-request projections into c_seq, alpha came out ~0, apt took every request as hidden even with
+memory to spare, and each step paid ~8% more (simulated ShareGPT: 1.6 req/s against 4.25 for
+KV-only apt).
 
 alpha, the apt scheduler's price of the hidden cache, is the extra seconds per hidden block over
 holding the same tokens as KV: a hidden block holds hidden_block_size tokens, which as KV would
@@ -41,12 +49,12 @@ from aptray.plan import BatchPlan
 DECAY = 0.99
 WARMUP_STEPS = 3  # steps observed before the fit is used (the start-up calibration)
 PRIOR_FLOOR = 1e-6  # seconds per block: the smallest prior scale of alpha
-NAMES = ("c0", "c_tok", "c_seq", "c_kv", "c_hid", "c_pf", "c_rep")
-C0, TOK, SEQ, KV, HID, PF, REP = range(len(NAMES))
+NAMES = ("c0", "c_tok", "c_seq", "c_kv", "c_hid", "c_pf", "c_rep", "c_hdec")
+C0, TOK, SEQ, KV, HID, PF, REP, HDEC = range(len(NAMES))
 
 
 def step_features(plan: BatchPlan) -> np.ndarray:
-    kv = hidden = tokens = 0
+    kv = hidden = tokens = hidden_decodes = 0
     pairs = reproj = 0.0
     for s in plan.seqs:
         n = len(s.token_ids)
@@ -55,11 +63,13 @@ def step_features(plan: BatchPlan) -> np.ndarray:
             hidden += len(s.block_table)
             if n > 1:
                 reproj += s.start_pos
+            else:
+                hidden_decodes += 1
         else:
             kv += len(s.block_table)
         if n > 1:
             pairs += n * (s.start_pos + n)
-    return np.array([1.0, tokens, len(plan.seqs), kv, hidden, pairs / 1e3, reproj / 1e3])
+    return np.array([1.0, tokens, len(plan.seqs), kv, hidden, pairs / 1e3, reproj / 1e3, hidden_decodes])
 
 
 class StepCostModel:
@@ -101,6 +111,7 @@ class StepCostModel:
             v = np.zeros(len(NAMES))
             v[HID], v[KV] = 1.0, -self.hidden_tokens_ratio
             a = a + (self._sq_err / self._weight / tau ** 2) * np.outer(v, v)
+            a[HDEC, HDEC] += self._sq_err / self._weight / self.prior_scale_per_decode ** 2
         # standardise (features span 1 .. 1e4): the minimum-norm solution is then scale-free
         d = np.sqrt(np.diag(a))
         d[d == 0] = 1.0
@@ -113,6 +124,11 @@ class StepCostModel:
         """tau of the prior alpha ~ N(0, tau^2): what a hidden block's tokens cost as KV (>= 1 us)."""
         return max(abs(float(self.coef[KV])) * self.hidden_tokens_ratio, PRIOR_FLOOR)
 
+    @property
+    def prior_scale_per_decode(self) -> float:
+        """tau of the prior c_hdec ~ N(0, tau^2): what a sequence costs a step (>= 1 us)."""
+        return max(abs(float(self.coef[SEQ])), PRIOR_FLOOR)
+
     def coefficients(self) -> dict[str, float]:
         return dict(zip(NAMES, map(float, self.coef)))
 
@@ -123,9 +139,15 @@ class StepCostModel:
             return 0.0
         return float(self.coef[HID] - self.coef[KV] * self.hidden_tokens_ratio)
 
+    @property
+    def hidden_decode_cost(self) -> float:
+        """Seconds of extra step time per hidden request decoding (0 until calibrated)."""
+        return float(self.coef[HDEC]) if self.ready else 0.0
+
     def predict(self, tokens: int, kv_blocks: int, hidden_blocks: int, seqs: int = 0, prefill_pairs: float = 0.0,
-                hidden_reprojected: float = 0.0) -> float:
-        x = np.array([1.0, tokens, seqs, kv_blocks, hidden_blocks, prefill_pairs / 1e3, hidden_reprojected / 1e3])
+                hidden_reprojected: float = 0.0, hidden_decodes: int = 0) -> float:
+        x = np.array([1.0, tokens, seqs, kv_blocks, hidden_blocks, prefill_pairs / 1e3, hidden_reprojected / 1e3,
+                      hidden_decodes])
         return float(self.coef @ x)
 
 
@@ -133,7 +155,7 @@ TBT_HEADROOM = 0.8  # the step is one gap between tokens; keep a fifth for pendi
 
 
 def tbt_token_budget(cost: StepCostModel, configured: int, tbt_slo: float, num_decodes: int,
-                     kv_blocks: int, hidden_blocks: int, floor: int) -> int:
+                     kv_blocks: int, hidden_blocks: int, floor: int, hidden_decodes: int = 0) -> int:
     """Tokens a step may compute and still end within the TBT SLO (Sarathi-Serve sizes its budget
     the same way from profiling). Until the cost model is calibrated, or if it sees no per-token
     cost, the configured max_num_batched_tokens; never above it, never below num_decodes + floor.
@@ -142,7 +164,8 @@ def tbt_token_budget(cost: StepCostModel, configured: int, tbt_slo: float, num_d
     c_tok, c_pf = cost.coef[TOK], max(0.0, cost.coef[PF]) / 1e3
     if not cost.ready or c_tok <= 0:
         return configured
-    room = TBT_HEADROOM * tbt_slo - cost.predict(num_decodes, kv_blocks, hidden_blocks, seqs=num_decodes + 1)
+    room = TBT_HEADROOM * tbt_slo - cost.predict(num_decodes, kv_blocks, hidden_blocks, seqs=num_decodes + 1,
+                                                 hidden_decodes=hidden_decodes)
     if room <= 0:
         prefill = 0
     elif c_pf > 0:

@@ -63,10 +63,11 @@ def certain_miss(req, now: float) -> bool:
 
 
 def _stats(scheduler) -> dict:
-    """The scheduler's counters, and its last alpha where it learns one."""
+    """The scheduler's counters, and its last price of the hidden cache where it learns one."""
     out = dict(scheduler.stats)
     if hasattr(scheduler, "alpha"):
         out["alpha"] = scheduler.alpha
+        out["hidden_decode_cost"] = scheduler.cost.hidden_decode_cost
     return out
 
 
