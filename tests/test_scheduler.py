@@ -273,3 +273,18 @@ def test_apt_prefers_kv_while_it_fits_and_the_price_of_hidden_is_unknown(model_d
         sched.add(Request(f"r{i}", list(range(1, 10)), SamplingParams(max_tokens=4), -1.0, 5.0, 5.0))
     sched.schedule(0.0)
     assert [r.cache_kind for r in sched.running] == [CacheKind.KV] * 3
+
+
+def test_a_plan_never_runs_past_the_last_token(model_dir):
+    """Asked for more tokens than a request has left (a stale length), the plan stops at its last
+    token and samples there; before, it computed everything without sampling and the request sat
+    with nothing left to compute (a livelock seen in the simulated OPT-66B ShareGPT run)."""
+    from aptray.scheduler import make_scheduler
+    config = EngineConfig(model=model_dir, scheduler="apt", cache_mode="kv", block_size=4, num_cache_blocks=64)
+    sched = make_scheduler(config, BlockManager(64, 4))
+    req = Request("r", list(range(1, 17)), SamplingParams(max_tokens=30), 0.0, 5.0, 5.0)
+    req.output_token_ids = list(range(20, 43))  # 16 + 23 = 39 tokens, as after a preemption
+    sched.add(req)
+    assert sched._try_allocate(req, 39)
+    plan = sched._seq_plan(req, 40)
+    assert len(plan.token_ids) == 39 and plan.sample

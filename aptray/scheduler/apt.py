@@ -290,6 +290,7 @@ class AptScheduler(Scheduler):
         # blocks held after this iteration: all its tokens when decoding, what it holds when
         # mid-prefill (its next chunk is admission's business)
         need = np.where(prefilling, np.maximum(held, 1), -(-size // np.where(hidden, hbs, bs)))
+        need = np.maximum(need, held)  # a kept request gives back none of what it holds
         # value of keeping a running request: its pending time (0 for a violator), plus what
         # preempting it would cost: re-prefilling the tokens it has computed, time every request
         # waits for. A violator between tokens (its current gap is already slow) keeps that

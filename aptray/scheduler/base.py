@@ -127,6 +127,9 @@ class Scheduler:
         start = req.num_computed_tokens
         prompt, outputs = req.prompt_token_ids, req.output_token_ids
         n_prompt, n_out = len(prompt), len(outputs)
+        # never past its last token: a longer count (a stale length) made a plan that computed all
+        # of a re-prefill without sampling, and the request then sat with nothing to compute forever
+        num_tokens = min(num_tokens, n_prompt + n_out - start)
         if start >= n_prompt:  # a decode: no need to build the whole sequence
             tokens = outputs[start - n_prompt:start - n_prompt + num_tokens]
         else:
