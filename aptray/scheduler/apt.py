@@ -65,6 +65,11 @@ def pending_and_violators(reqs, now: float, lost=None) -> tuple[np.ndarray, np.n
     return pending, viol
 
 
+def _resolved(value: float, scale: float) -> float:
+    """value, or 0 while it is within ALPHA_RESOLUTION of its prior scale of 0."""
+    return value if abs(value) > ALPHA_RESOLUTION * scale else 0.0
+
+
 class WaitingFeatures:
     """What the policy reads of each waiting request, in arrays, read from the request once.
 
@@ -140,26 +145,24 @@ class AptScheduler(Scheduler):
     def _price_of_hidden(self) -> float:
         """alpha, or 0 while it is within a twentieth of its prior scale of 0 (the fit cannot tell
         hidden from KV apart: an upgrade, or a KV admission, would buy nothing measurable)."""
-        alpha = self.cost.alpha
-        return alpha if abs(alpha) > ALPHA_RESOLUTION * self.cost.prior_scale else 0.0
+        return _resolved(self.cost.alpha, self.cost.prior_scale)
 
     def _price_per_hidden_decode(self) -> float:
         """Extra step seconds per hidden request decoding (absorbed attention's projections), or 0
         within a twentieth of its prior scale."""
-        c = self.cost.hidden_decode_cost
-        return c if abs(c) > ALPHA_RESOLUTION * self.cost.prior_scale_per_decode else 0.0
+        return _resolved(self.cost.hidden_decode_cost, self.cost.prior_scale_per_decode)
 
-    def _hidden_price(self, hid_blocks: np.ndarray) -> np.ndarray:
+    def _hidden_price(self, hid_blocks: np.ndarray) -> np.ndarray | float:
         """Extra step seconds of holding each request as hidden rather than KV. While the fit
         cannot tell the two apart (both parts within resolution of 0), a token price: KV where it
         fits, hidden where only hidden fits. A price of exactly 0 made every admission hidden (it
         is the denser item), so no step ever mixed kinds and the fit could never learn what hidden
         costs (simulated OPT-13B ShareGPT: all hidden, steps ~8% slower than KV, 1.6 against
         4.25 req/s)."""
-        price = self._price_of_hidden() * hid_blocks + self._price_per_hidden_decode()
-        if not (self._price_of_hidden() or self._price_per_hidden_decode()):
-            price = price + UNRESOLVED_HIDDEN_PRICE
-        return price
+        per_block, per_decode = self._price_of_hidden(), self._price_per_hidden_decode()
+        if not (per_block or per_decode):
+            return UNRESOLVED_HIDDEN_PRICE
+        return per_block * hid_blocks + per_decode
 
     def _hidden_costs_time(self) -> bool:
         return self._price_of_hidden() > 0 or self._price_per_hidden_decode() > 0
@@ -288,9 +291,9 @@ class AptScheduler(Scheduler):
         held = _ints(map(len, map(tables.get, map(_rid, running), repeat(()))), len(running))
         size, prefilling, hidden = self._running_state()
         # blocks held after this iteration: all its tokens when decoding, what it holds when
-        # mid-prefill (its next chunk is admission's business)
-        need = np.where(prefilling, np.maximum(held, 1), -(-size // np.where(hidden, hbs, bs)))
-        need = np.maximum(need, held)  # a kept request gives back none of what it holds
+        # mid-prefill (its next chunk is admission's business), and never less than it holds: a kept
+        # request gives back none of its blocks
+        need = np.maximum(np.where(prefilling, 1, -(-size // np.where(hidden, hbs, bs))), held)
         # value of keeping a running request: its pending time (0 for a violator), plus what
         # preempting it would cost: re-prefilling the tokens it has computed, time every request
         # waits for. A violator between tokens (its current gap is already slow) keeps that

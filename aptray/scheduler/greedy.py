@@ -293,12 +293,9 @@ def select(c: Candidates, b: Budgets) -> Selection:
                 best_value = items.value[taken].sum()
     value = float(items.value[taken].sum())
     if b.violator_blocks is not None:  # violators only get the blocks set aside for them
-        spare = min(int(remaining[0]), max(0, b.violator_blocks))
-        left = remaining.copy()
-        left[0] = spare
-        _fill(viol, items, left, taken, np.zeros(len(items.row), bool))
-    else:
-        _fill(viol, items, remaining, taken, np.zeros(len(items.row), bool))  # arrival order
+        remaining = remaining.copy()
+        remaining[0] = min(int(remaining[0]), max(0, b.violator_blocks))
+    _fill(viol, items, remaining, taken, np.zeros(len(items.row), bool))  # arrival order
 
     kind = np.zeros(len(c), np.int8)
     t_rows, t_kind = items.row[taken], items.kind[taken]

@@ -10,8 +10,8 @@ query x key pairs of its multi-token chunks (sum of chunk x context, in thousand
 attention is quadratic); hidden_reprojected: the cached context a hidden chunk re-projects to
 K, V (tokens, in thousands); hidden_decodes: the hidden rows decoding one token (absorbed
 attention projects each one's query through W_k and its output through W_v: a cost per hidden
-request, whatever its length, that the per-block alpha cannot carry). It is a least-squares fit with exponential forgetting: the normal
-equations are an EWMA over steps (decay 0.99, about the last 100 steps), so the fit follows the
+request, whatever its length, that the per-block alpha cannot carry). It is a least-squares fit
+with exponential forgetting: the normal equations are an EWMA over steps (decay 0.99, about the last 100 steps), so the fit follows the
 machine and the workload, solved on standardised features by the minimum-norm least-squares
 solution, which leaves a coefficient at 0 while its feature has never varied (e.g. c_hid before
 any hidden request has run).
@@ -107,11 +107,11 @@ class StepCostModel:
         # the noise-amplified values a plain fit gives (+8.6e-4 s per block seen on the CPU engine)
         a = self._xtx
         if self._weight > 0 and self.hidden_tokens_ratio:
-            tau = self.prior_scale
+            noise = self._sq_err / self._weight
             v = np.zeros(len(NAMES))
             v[HID], v[KV] = 1.0, -self.hidden_tokens_ratio
-            a = a + (self._sq_err / self._weight / tau ** 2) * np.outer(v, v)
-            a[HDEC, HDEC] += self._sq_err / self._weight / self.prior_scale_per_decode ** 2
+            a = a + (noise / self.prior_scale ** 2) * np.outer(v, v)
+            a[HDEC, HDEC] += noise / self.prior_scale_per_decode ** 2
         # standardise (features span 1 .. 1e4): the minimum-norm solution is then scale-free
         d = np.sqrt(np.diag(a))
         d[d == 0] = 1.0
