@@ -148,6 +148,9 @@ class SimClient(Client):
         run = simulate(self.config_factory(), reqs, self.gpu, overhead, self.max_sim_time,
                        on_finish=(lambda _: progress(1)) if progress is not None else None,
                        stop_when_decided=self.stop_when_decided, hardware=hardware)
+        if run.stalled:  # a scheduler fault: its attainment would be a number about nothing
+            raise RuntimeError(f"simulated run stalled: {run.steps} steps, the last "
+                               "aptray.sim.runner.MAX_STEPS_WITHOUT_TOKEN of them without a token")
         by_id = {r.request_id: r for r in trace}
         records = []
         for o in run.outcomes:

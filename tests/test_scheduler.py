@@ -288,3 +288,20 @@ def test_a_plan_never_runs_past_the_last_token(model_dir):
     assert sched._try_allocate(req, 39)
     plan = sched._seq_plan(req, 40)
     assert len(plan.token_ids) == 39 and plan.sample
+
+
+def test_waiting_rows_stay_with_their_requests_when_the_arrays_are_compacted():
+    """The origin of that stale length: adding rows could compact the arrays mid-call, so the rows
+    read first pointed at other requests' slots (here all 53 kept rows read a longer length)."""
+    from aptray.scheduler.apt import WaitingFeatures
+    wf = WaitingFeatures()
+    reqs = [Request(f"r{i}", [1] * (i + 1), SamplingParams(), 0.0, 1.0, 1.0) for i in range(64)]
+    wf.rows(reqs, set())
+    for req in reqs[::6]:  # admitted and finished, or preempted: their rows go
+        wf.forget(req)
+    kept = [r for r in reqs if r in wf.row]
+    newcomers = [Request(f"n{i}", [1] * (100 + i), SamplingParams(), 0.0, 1.0, 1.0) for i in range(20)]
+    asked = kept + newcomers
+    rows = wf.rows(asked, set())
+    assert list(wf.tokens[rows]) == [r.num_tokens for r in asked]
+    assert list(wf.tokens[wf.rows(asked, set())]) == [r.num_tokens for r in asked]

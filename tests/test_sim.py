@@ -350,3 +350,21 @@ def test_sweep_is_deterministic_across_worker_counts():
     two = run_grid(clients, trace, [2.0, 6.0], 1.0, 0, workers=2, progress=False)
     again = run_grid(clients, trace, [2.0, 6.0], 1.0, 0, workers=2, progress=False)
     assert key(one) == key(two) == key(again)
+
+
+@needs_profiles
+def test_a_scheduler_that_never_samples_is_stopped_as_stalled(monkeypatch):
+    """The stuck-engine guard: plans that compute without ever sampling (the livelock of the third
+    session) end the run as stalled instead of spinning for hours; a healthy run is never stalled."""
+    import dataclasses
+    from aptray.scheduler.base import Scheduler
+    from aptray.sim import runner
+    healthy = runner.simulate(sim_config(), small_trace(10, seed=3))
+    assert not healthy.stalled and all(o.status == "finished" for o in healthy.outcomes)
+    seq_plan = Scheduler._seq_plan
+    monkeypatch.setattr(Scheduler, "_seq_plan",
+                        lambda self, req, n: dataclasses.replace(seq_plan(self, req, n), sample=False))
+    monkeypatch.setattr(runner, "MAX_STEPS_WITHOUT_TOKEN", 300)
+    run = runner.simulate(sim_config(), small_trace(10, seed=3))
+    assert run.stalled and run.stopped_early
+    assert all(o.status == "unfinished" and not o.token_times for o in run.outcomes)

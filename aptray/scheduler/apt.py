@@ -90,7 +90,15 @@ class WaitingFeatures:
 
     def rows(self, reqs, lost: set[str]) -> np.ndarray:
         rows = np.fromiter(map(self.row.get, reqs, repeat(-1)), np.int64, len(reqs))
-        for i in np.flatnonzero(rows < 0):
+        new = np.flatnonzero(rows < 0)
+        if len(new) == 0:
+            return rows
+        # make room before adding: compacting mid-way would leave the rows read above pointing at
+        # other requests' slots (a stale, longer token count planned a re-prefill past its end)
+        if self.used + len(new) > len(self.ref):
+            self._make_room(len(new))
+            rows = np.fromiter(map(self.row.get, reqs, repeat(-1)), np.int64, len(reqs))
+        for i in new:
             rows[i] = self._add(reqs[i], lost)
         return rows
 
@@ -98,8 +106,6 @@ class WaitingFeatures:
         self.row.pop(req, None)
 
     def _add(self, req: Request, lost: set[str]) -> int:
-        if self.used == len(self.ref):
-            self._make_room()
         i = self.used
         self.used += 1
         started = req.last_token_time is not None
@@ -112,10 +118,12 @@ class WaitingFeatures:
         self.row[req] = i
         return i
 
-    def _make_room(self) -> None:
-        """Drop the rows of requests gone; double the arrays if they are still half full."""
+    def _make_room(self, extra: int) -> None:
+        """Drop the rows of requests gone; double the arrays until the rows kept take at most half."""
         keep = np.fromiter(self.row.values(), np.int64, len(self.row))
-        size = len(self.ref) * (2 if 2 * len(keep) >= len(self.ref) else 1)
+        size = len(self.ref)
+        while 2 * (len(keep) + extra) > size:
+            size *= 2
         for name in ("ref", "slo", "tokens", "computed", "outputs", "lost"):
             old = getattr(self, name)
             new = np.zeros(size, old.dtype)

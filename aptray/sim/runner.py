@@ -14,6 +14,10 @@ from aptray.sim.gpus import get_gpu
 from aptray.sim.memory import plan_memory
 
 TOKEN_ID = 5  # what every simulated step samples: any id that is not a special token
+# Steps in a row without a token before a run is called stalled. A healthy engine samples whenever a
+# prefill completes, so a tokenless run is bounded by one context over the chunk budget (~100 steps);
+# a scheduler fault that plans nothing useful would otherwise spin for hours of CPU.
+MAX_STEPS_WITHOUT_TOKEN = 20_000
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class SimRun:
     busy_time: float
     scheduler_stats: dict
     num_blocks: int
+    stalled: bool = False  # stopped by MAX_STEPS_WITHOUT_TOKEN: a scheduler fault, not a result
 
 
 def certain_miss(req, now: float) -> bool:
@@ -81,19 +86,21 @@ def _finished(o: SimOutcome, token_times, num_preemptions: int, on_finish) -> No
 
 def _lean_step(engine: Engine, executor: SimExecutor, clock: VirtualClock, outcomes: dict, on_finish) -> bool:
     """Engine.step without the per-token RequestOutput objects nobody reads here: the same scheduler
-    calls, executor and stop rule (Engine._check_stop), in the same order. Returns whether a step ran."""
+    calls, executor and stop rule (Engine._check_stop), in the same order. Returns None where no step
+    ran, else how many requests got a token."""
     scheduler = engine.scheduler
     plan = scheduler.schedule(clock.now)
     if plan.is_empty:
-        return False
+        return None
     result = executor.execute(plan)
-    for req in scheduler.update(plan, result, clock.now):
+    got = scheduler.update(plan, result, clock.now)
+    for req in got:
         status = engine._check_stop(req)
         if status is not None:
             scheduler.finish(req, status)
             engine._forget(req.request_id)
             _finished(outcomes[req.request_id], req.token_times, req.num_preemptions, on_finish)
-    return True
+    return len(got)
 
 
 def shard_hidden(config: EngineConfig, cache_mode: str = "hybrid") -> EngineConfig:
@@ -156,7 +163,8 @@ def simulate(config: EngineConfig, requests: list[SimRequest], gpu: str = "a100-
     i = 0
     clock.now = reqs[0].arrival_time if reqs else 0.0
     start = clock.now
-    stopped = False
+    stopped = stalled = False
+    tokenless = 0
     while i < len(reqs) or engine.has_unfinished():
         if max_sim_time is not None and clock.now - start > max_sim_time:
             stopped = True
@@ -181,15 +189,20 @@ def simulate(config: EngineConfig, requests: list[SimRequest], gpu: str = "a100-
                 clock.now = reqs[i].arrival_time
             continue
         if lean:
-            ran = _lean_step(engine, executor, clock, outcomes, on_finish)
+            got = _lean_step(engine, executor, clock, outcomes, on_finish)
         else:
             steps_before = executor.steps
-            for out in engine.step():
+            outs = engine.step()
+            for out in outs:
                 if out.finished:
                     _finished(outcomes[out.request_id], out.metrics.token_times, out.metrics.num_preemptions,
                               on_finish)
-            ran = executor.steps != steps_before
-        if not ran:  # nothing could run: wait for the next arrival
+            got = len(outs) if executor.steps != steps_before else None
+        tokenless = tokenless + 1 if got == 0 else 0
+        if tokenless >= MAX_STEPS_WITHOUT_TOKEN:
+            stopped = stalled = True
+            break
+        if got is None:  # nothing could run: wait for the next arrival
             if i >= len(reqs):
                 break  # stuck with no arrivals left: the rest stay unfinished
             clock.now = max(clock.now, reqs[i].arrival_time)
@@ -197,4 +210,4 @@ def simulate(config: EngineConfig, requests: list[SimRequest], gpu: str = "a100-
         o = outcomes[req.request_id]
         o.token_times, o.num_preemptions = list(req.token_times), req.num_preemptions
     return SimRun([outcomes[r.request_id] for r in reqs if r.request_id in outcomes], clock.now - start, stopped,
-                  executor.steps, executor.busy_time, _stats(engine.scheduler), executor.num_blocks)
+                  executor.steps, executor.busy_time, _stats(engine.scheduler), executor.num_blocks, stalled)
