@@ -130,9 +130,10 @@ async def run_load(url: str, headers: dict, rate: float, duration_s: float, seed
 
 
 def measure_rate(url: str, headers: dict, ttft_slo: float, tbt_slo: float, target: float = 0.9,
-                 probe_s: float = 20.0, max_probes: int = 6) -> float:
+                 probe_s: float = 20.0, max_probes: int = 10) -> float:
     """Effective throughput: the highest rate (doubling from 1 req/s, then one bisection step)
-    whose attainment is at least target. Bounded by max_probes + 1 probes."""
+    whose attainment is at least target. Bounded by max_probes + 1 probes; raises if even the
+    last rate (2**(max_probes-1) req/s) attains it, since 80% of a lower bound is no measurement."""
     good, rate, bad = 0.0, 1.0, None
     for _ in range(max_probes):
         a = attainment(asyncio.run(run_load(url, headers, rate, probe_s, 1, ttft_slo, tbt_slo)))
@@ -141,6 +142,9 @@ def measure_rate(url: str, headers: dict, ttft_slo: float, tbt_slo: float, targe
             bad = rate
             break
         good, rate = rate, rate * 2
+    if bad is None:
+        raise RuntimeError(f"attainment >= {target} up to {good:g} req/s: the effective throughput is above "
+                           "the probe range; pass --rate")
     if bad is not None and good > 0:
         mid = (good + bad) / 2
         a = attainment(asyncio.run(run_load(url, headers, mid, probe_s, 2, ttft_slo, tbt_slo)))

@@ -380,7 +380,6 @@ class AptScheduler(Scheduler):
         if not hidden:
             return []
         hidden.sort(key=lambda r: -len(self.blocks.tables[r.request_id]))
-        # keep the running set's expected growth free too, or the upgrade is undone by a re-prefill
         # keep the running set's expected growth free too, or the upgrade is undone by a preemption
         return self._upgrade_to_kv(hidden, len(self.running) + self._expected_growth())
 
