@@ -305,3 +305,38 @@ def test_waiting_rows_stay_with_their_requests_when_the_arrays_are_compacted():
     rows = wf.rows(asked, set())
     assert list(wf.tokens[rows]) == [r.num_tokens for r in asked]
     assert list(wf.tokens[wf.rows(asked, set())]) == [r.num_tokens for r in asked]
+
+
+def test_upgrades_and_hidden_chunks_pay_their_reprojection_from_the_step_budget(model_dir):
+    """hidden -> KV upgrades and a hidden chunk's prefix re-projection take step time: they come out
+    of the TBT-sized token budget (before, an upgrade of 1,869 tokens made a 116 ms step against a
+    100 ms TBT SLO in the simulated OPT-13B ShareGPT run); the cost model sees conversions too."""
+    from aptray.cache.block_manager import BlockManager
+    from aptray.plan import BatchPlan, ConversionPlan
+    from aptray.scheduler import make_scheduler
+    from aptray.scheduler.step_cost import REP, TOK, WARMUP_STEPS, step_features
+    conv = ConversionPlan("r", 600, "kv", (1, 2), (3, 4, 5, 6))
+    assert step_features(BatchPlan(1, (), (conv,)))[REP] == 0.6  # thousands of tokens re-projected
+    config = EngineConfig(model=model_dir, scheduler="apt", cache_mode="hybrid", block_size=4, num_cache_blocks=400)
+    sched = make_scheduler(config, BlockManager(400, 4, config.hidden_block_size))
+    sched.cost.steps = WARMUP_STEPS
+    sched.cost.coef[TOK], sched.cost.coef[REP] = 1e-4, 2e-2  # re-projecting 1 token = 0.2 tokens of step
+    req = Request("h", list(range(1, 101)), SamplingParams(max_tokens=50), 0.0, 5.0, 5.0)
+    req.output_token_ids = [7]
+    sched.add(req)
+    sched.waiting.remove(req)
+    sched.running.append(req)
+    assert sched._try_allocate(req, 101, (CacheKind.HIDDEN,))
+    req.num_computed_tokens = 100  # decoding its newest token: an upgrade re-projects 100 tokens
+    assert sched._reprojection_tokens(100) == 20
+    assert sched._upgrades_with_headroom(19) == []
+    assert [c.request_id for c in sched._upgrades_with_headroom(20)] == ["h"]
+    # a hidden chunk with 100 cached tokens: 20 tokens of its budget go to the prefix
+    chunk = Request("c", list(range(1, 201)), SamplingParams(max_tokens=5), 0.0, 5.0, 5.0)
+    sched.add(chunk)
+    sched.waiting.remove(chunk)
+    sched.running.append(chunk)
+    assert sched._try_allocate(chunk, 100, (CacheKind.HIDDEN,))
+    chunk.num_computed_tokens = 100
+    seqs = sched._prefill(60)
+    assert [(s.request_id, len(s.token_ids)) for s in seqs] == [("c", 40)]

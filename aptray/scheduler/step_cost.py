@@ -8,7 +8,8 @@ building its row, sampling, the absorbed path's per-request projections); kv_blo
 hidden_blocks: the cache blocks its sequences read (their block tables); prefill_pairs: the
 query x key pairs of its multi-token chunks (sum of chunk x context, in thousands: prefill
 attention is quadratic); hidden_reprojected: the cached context a hidden chunk re-projects to
-K, V (tokens, in thousands); hidden_decodes: the hidden rows decoding one token (absorbed
+K, V (tokens, in thousands; a hidden -> KV conversion in the step is the same projection of its
+tokens); hidden_decodes: the hidden rows decoding one token (absorbed
 attention projects each one's query through W_k and its output through W_v: a cost per hidden
 request, whatever its length, that the per-block alpha cannot carry). It is a least-squares fit
 with exponential forgetting: the normal equations are an EWMA over steps (decay 0.99, about the last 100 steps), so the fit follows the
@@ -69,6 +70,9 @@ def step_features(plan: BatchPlan) -> np.ndarray:
             kv += len(s.block_table)
         if n > 1:
             pairs += n * (s.start_pos + n)
+    for c in plan.conversions:  # hidden -> KV projects the stored inputs: a re-projection
+        if c.to_kind == "kv":
+            reproj += c.num_tokens
     return np.array([1.0, tokens, len(plan.seqs), kv, hidden, pairs / 1e3, reproj / 1e3, hidden_decodes])
 
 
