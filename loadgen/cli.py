@@ -54,6 +54,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--full-drain", action="store_true",
                    help="--sim: simulate every request to the end; by default a run stops once every request "
                         "left is a certain SLO miss (attainment stays exact; latency percentiles then cover what ran)")
+    g.add_argument("--url", help="replay against a running server's OpenAI-compatible HTTP API (streamed "
+                                 "completions), e.g. http://127.0.0.1:8000; the policy is the server's")
+    g.add_argument("--grpc", help="replay against a running server's gRPC API (streamed Generate), e.g. "
+                                  "127.0.0.1:9000; the policy is the server's")
+    g.add_argument("--api-key", default=os.environ.get("APTRAY_API_KEY"),
+                   help="--url/--grpc: API key (Bearer), default $APTRAY_API_KEY")
     g.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="EngineConfig field for every policy, e.g. max_num_seqs=128 (repeatable); "
                         f"policy defaults: {POLICY_DEFAULTS}; --sim also takes sharded_hidden=true (the hidden "
@@ -110,8 +116,15 @@ def config_factory(args, spec: str):
 
 
 def make_client(args, policy: str):
-    from loadgen.clients import InProcessEngineClient, SimClient
+    from loadgen.clients import GrpcStreamClient, HttpStreamClient, InProcessEngineClient, SimClient
 
+    if getattr(args, "url", None) or getattr(args, "grpc", None):
+        if args.sim:
+            sys.exit("--sim replays on the simulator; --url/--grpc on a running server: pick one")
+        if args.grpc:
+            return GrpcStreamClient(args.grpc, args.ttft_slo, args.tbt_slo, api_key=args.api_key)
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+        return HttpStreamClient(args.url, args.ttft_slo, args.tbt_slo, headers=headers)
     factory = config_factory(args, policy)
     if args.sim:
         return SimClient(factory, args.gpu, args.step_overhead, args.ttft_slo, args.tbt_slo,
@@ -129,7 +142,10 @@ def context_of(args) -> int:
     if args.context:
         return args.context
     from aptray.config import ModelSpec
-    return ModelSpec.from_path(model_dir(getattr(args, "model", "opt-13b"), getattr(args, "sim", True))).max_model_len
+    name = getattr(args, "model", "opt-13b")
+    # a remote server's model may be no folder here: then a simulator config of that name caps lengths
+    sim = getattr(args, "sim", True) or not os.path.isdir(name)
+    return ModelSpec.from_path(model_dir(name, sim)).max_model_len
 
 
 def get_tokenizer(path: str):

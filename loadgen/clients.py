@@ -2,7 +2,8 @@
 
 Client is the pluggable interface. InProcessEngineClient drives an Engine in this process on real
 time; SimClient drives the same Engine on virtual time through aptray.sim; HttpStreamClient sends
-the trace to an OpenAI-compatible server as streamed completions.
+the trace to an OpenAI-compatible server as streamed completions; GrpcStreamClient to aptray's gRPC
+API (generate.proto) as streamed Generate calls.
 """
 from __future__ import annotations
 
@@ -163,6 +164,12 @@ class SimClient(Client):
         return RunResult(records, run.sim_time, info)
 
 
+def remote_prompt(r: TraceRequest) -> str | list[int]:
+    """What a remote client sends: the trace's text, or (a trace of lengths only) that many token
+    ids, small ones that every vocabulary has."""
+    return r.prompt if r.prompt is not None else [4 + i % 96 for i in range(r.num_prefill_tokens)]
+
+
 class HttpStreamClient(Client):
     """Replays a trace as streamed /v1/completions (greedy, ignore_eos, the request's SLOs as
     aptray_slo) over HTTP/1.1 keep-alive connections, at the trace's arrival times.
@@ -210,7 +217,7 @@ class HttpStreamClient(Client):
 
     def _request(self, r: TraceRequest) -> bytes:
         ttft, tbt = self.slos(r)
-        body = {"prompt": r.prompt, "max_tokens": r.num_decode_tokens, "temperature": 0.0, "ignore_eos": True,
+        body = {"prompt": remote_prompt(r), "max_tokens": r.num_decode_tokens, "temperature": 0.0, "ignore_eos": True,
                 "stream": True, "aptray_slo": {"ttft_ms": ttft * 1000, "tbt_ms": tbt * 1000}}
         if self.model:
             body["model"] = self.model
@@ -275,3 +282,65 @@ class HttpStreamClient(Client):
                     times.append(now)
                     if obj["choices"][0].get("finish_reason"):
                         status = FINISHED
+
+
+class GrpcStreamClient(Client):
+    """Replays a trace as streamed Generate calls (greedy, ignore_eos, the request's SLOs) on one
+    grpc.aio channel through Serve's gRPC proxy, at the trace's arrival times. A token's time is
+    when the message carrying it arrived. Status: finished (a final message with reason stop or
+    length), rejected (RESOURCE_EXHAUSTED or UNAVAILABLE: queue full, store away), failed (any
+    other status, or an abort), unfinished (the stream ended without a final message: lost)."""
+
+    def __init__(self, target: str, ttft_slo: float = 1.0, tbt_slo: float = 1.0, api_key: str | None = None,
+                 application: str = "aptray", max_in_flight: int = 1024, timeout: float = 300.0):
+        super().__init__(ttft_slo, tbt_slo)
+        self.target, self.api_key, self.application = target, api_key, application
+        self.max_in_flight = max_in_flight
+        self.timeout = timeout
+
+    def run(self, trace: list[TraceRequest], progress=None) -> RunResult:
+        return asyncio.run(self._run(sorted(trace, key=lambda r: r.arrived_at), progress))
+
+    async def _run(self, trace: list[TraceRequest], progress) -> RunResult:
+        from aptray.client import AsyncClient
+
+        sem = asyncio.Semaphore(self.max_in_flight)
+        async with AsyncClient(self.target, self.application, self.api_key) as client:
+            t0 = time.perf_counter()
+
+            async def one(r):
+                async with sem:
+                    rec = await self._one(client, r, t0)
+                if progress is not None:
+                    progress(1)
+                return rec
+            tasks = []
+            for r in trace:
+                delay = t0 + r.arrived_at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(r)))
+            records = list(await asyncio.gather(*tasks))
+        return RunResult(records, time.perf_counter() - t0)
+
+    async def _one(self, client, r: TraceRequest, t0: float) -> RequestRecord:
+        import grpc
+
+        ttft, tbt = self.slos(r)
+        times, status = [], "unfinished"
+        try:
+            async with asyncio.timeout(self.timeout):
+                async for reply in client.generate(remote_prompt(r), request_id=r.request_id,
+                                                   max_tokens=r.num_decode_tokens, temperature=0.0, ignore_eos=True,
+                                                   ttft_ms=ttft * 1000, tbt_ms=tbt * 1000):
+                    now = time.perf_counter()
+                    times.extend([now] * len(reply.token_ids))
+                    if reply.finished:
+                        status = FINISHED if reply.finish_reason in ("stop", "length") else "failed"
+        except grpc.aio.AioRpcError as e:
+            busy = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+            status = "rejected" if e.code() in busy and not times else "failed"
+        except TimeoutError:
+            pass  # a hang with no explicit error: stays "unfinished" (lost)
+        return RequestRecord.from_token_times(r.request_id, r.arrived_at, r.num_prefill_tokens, r.num_decode_tokens,
+                                              ttft, tbt, [t - t0 for t in times], status)

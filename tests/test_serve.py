@@ -200,6 +200,23 @@ def test_grpc_client_sync_and_async(server, reference):
     assert asyncio.run(run()) == ref[p][0]
 
 
+def test_loadgen_replays_a_trace_over_grpc_and_http(server):
+    """loadgen's remote clients (python -m loadgen run --grpc / --url) on a real gRPC channel and
+    real HTTP: every request finishes with all its tokens, one time per token, and the SLO metrics
+    are computed from them."""
+    from loadgen.clients import GrpcStreamClient, HttpStreamClient
+    from loadgen.metrics import summarize
+    from loadgen.traces import TraceRequest
+
+    trace = [TraceRequest(f"lg{i}", 0.2 * i, 5 + i, 6) for i in range(3)]  # lengths only: token-id prompts
+    for client in (GrpcStreamClient(server["grpc"], 60.0, 60.0), HttpStreamClient(server["http"], 60.0, 60.0)):
+        res = client.run(trace)
+        assert [r.status for r in res.records] == ["finished"] * 3, type(client).__name__
+        assert [r.num_tokens for r in res.records] == [6] * 3, type(client).__name__
+        assert all(0 < r.ttft < 60 and len(r.token_gaps) == 5 for r in res.records)
+        assert summarize(res.records, res.duration)["attainment"] == 1.0
+
+
 def test_grpc_rejects_with_status(server):
     import grpc
 
