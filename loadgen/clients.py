@@ -170,6 +170,27 @@ def remote_prompt(r: TraceRequest) -> str | list[int]:
     return r.prompt if r.prompt is not None else [4 + i % 96 for i in range(r.num_prefill_tokens)]
 
 
+async def replay_at_arrivals(trace: list[TraceRequest], send, max_in_flight: int, progress) -> tuple[list, float]:
+    """Start send(r, t0) for each request at its arrival time (at most max_in_flight at once);
+    returns the records in trace order and t0, the run's start on time.perf_counter()."""
+    sem = asyncio.Semaphore(max_in_flight)
+    t0 = time.perf_counter()
+
+    async def one(r):
+        async with sem:
+            rec = await send(r, t0)
+        if progress is not None:
+            progress(1)
+        return rec
+    tasks = []
+    for r in trace:
+        delay = t0 + r.arrived_at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(r)))
+    return list(await asyncio.gather(*tasks)), t0
+
+
 class HttpStreamClient(Client):
     """Replays a trace as streamed /v1/completions (greedy, ignore_eos, the request's SLOs as
     aptray_slo) over HTTP/1.1 keep-alive connections, at the trace's arrival times.
@@ -195,22 +216,8 @@ class HttpStreamClient(Client):
 
     async def _run(self, trace: list[TraceRequest], progress) -> RunResult:
         idle: list = []  # keep-alive connections (reader, writer)
-        sem = asyncio.Semaphore(self.max_in_flight)
-        tasks = []
-        t0 = time.perf_counter()
-
-        async def one(r):
-            async with sem:
-                rec = await self._one(r, t0, idle)
-            if progress is not None:
-                progress(1)
-            return rec
-        for r in trace:
-            delay = t0 + r.arrived_at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(r)))
-        records = list(await asyncio.gather(*tasks))
+        records, t0 = await replay_at_arrivals(trace, lambda r, t0: self._one(r, t0, idle), self.max_in_flight,
+                                               progress)
         for _, w in idle:
             w.close()
         return RunResult(records, time.perf_counter() - t0)
@@ -304,23 +311,9 @@ class GrpcStreamClient(Client):
     async def _run(self, trace: list[TraceRequest], progress) -> RunResult:
         from aptray.client import AsyncClient
 
-        sem = asyncio.Semaphore(self.max_in_flight)
         async with AsyncClient(self.target, self.application, self.api_key) as client:
-            t0 = time.perf_counter()
-
-            async def one(r):
-                async with sem:
-                    rec = await self._one(client, r, t0)
-                if progress is not None:
-                    progress(1)
-                return rec
-            tasks = []
-            for r in trace:
-                delay = t0 + r.arrived_at - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one(r)))
-            records = list(await asyncio.gather(*tasks))
+            records, t0 = await replay_at_arrivals(trace, lambda r, t0: self._one(client, r, t0),
+                                                   self.max_in_flight, progress)
         return RunResult(records, time.perf_counter() - t0)
 
     async def _one(self, client, r: TraceRequest, t0: float) -> RequestRecord:
