@@ -7,7 +7,7 @@ import time
 from aptray.cache.block_manager import BlockManager
 from aptray.config import EngineConfig
 from aptray.executor.base import Executor
-from aptray.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from aptray.outputs import CompletionOutput, IncrementalDetokenizer, RequestMetrics, RequestOutput
 from aptray.request import Request, RequestStatus
 from aptray.sampling_params import SamplingParams
 from aptray.scheduler import make_scheduler
@@ -26,6 +26,7 @@ class Engine:
         self.scheduler = make_scheduler(config, self.blocks)
         self._prompts: dict[str, str | None] = {}
         self._texts: dict[str, str] = {}
+        self._stop_detoks: dict[str, IncrementalDetokenizer] = {}  # requests with stop strings
         self.last_result = None
 
     # -- requests ----------------------------------------------------------------------------
@@ -103,9 +104,16 @@ class Engine:
             req.stop_reason = token
             return RequestStatus.FINISHED_STOPPED
         if sp.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
+            # decode only the new token and search only the text it can complete: decoding the whole
+            # output at every token cost O(n^2) over a request
+            detok = self._stop_detoks.get(req.request_id)
+            if detok is None:
+                detok = self._stop_detoks[req.request_id] = IncrementalDetokenizer(
+                    self.tokenizer, req.output_token_ids[:-1])
+            delta = detok.add([token])
+            text = detok.text
             for s in sp.stop:
-                at = text.find(s)
+                at = text.find(s, max(0, len(text) - len(delta) - len(s) + 1)) if delta else -1
                 if at >= 0:
                     req.stop_reason = s
                     self._texts[req.request_id] = text[:at]
@@ -134,3 +142,4 @@ class Engine:
     def _forget(self, request_id: str) -> None:
         self._prompts.pop(request_id, None)
         self._texts.pop(request_id, None)
+        self._stop_detoks.pop(request_id, None)

@@ -106,3 +106,38 @@ def test_resumed_request_continues_exactly(llm):
 def test_out_of_range_sampling_integers(kwargs):
     with pytest.raises(ValueError, match="seed|top_k"):
         SamplingParams(**kwargs)
+
+
+def test_stop_strings_cut_where_a_full_decode_would_and_decode_each_token_once(llm):
+    """Stop strings are found as the text grows (each step decodes a window around the new token):
+    the cut equals the rule applied to the full decode at every length, for stop strings at many
+    places and several at once; and the decode work stays linear in the output length. (Stop strings
+    match whole characters: a character split over tokens is not matched as its partial decode's
+    U+FFFD, as the old whole decode did, so the picks avoid U+FFFD.)"""
+    sp = dict(temperature=0, max_tokens=60, ignore_eos=True)
+    full = llm.generate("hello", SamplingParams(**sp))[0].outputs[0]
+    tok = llm.tokenizer
+
+    def expected(stops):
+        for n in range(1, len(full.token_ids) + 1):  # the first length whose full decode holds a stop
+            text = tok.decode(full.token_ids[:n], skip_special_tokens=True)
+            for s in stops:
+                if s in text:
+                    return text[:text.find(s)], n, s
+        return full.text, len(full.token_ids), None
+    starts = [i for i in range(len(full.text) - 5) if "\ufffd" not in full.text[i:i + 5]]
+    assert len(starts) >= 4, full.text
+    for start in starts[::max(1, len(starts) // 4)]:
+        for stops in ([full.text[start:start + 3]], ["\u00ff\u00fe never", full.text[start + 1:start + 5]]):
+            out = llm.generate("hello", SamplingParams(**sp, stop=stops))[0].outputs[0]
+            text, n, reason = expected(stops)
+            assert (out.text, len(out.token_ids), out.stop_reason) == (text, n, reason), stops
+
+    decoded = []
+    real_decode = tok.decode
+    try:
+        tok.decode = lambda ids, **kw: decoded.append(len(ids)) or real_decode(ids, **kw)
+        out = llm.generate("hello", SamplingParams(**sp, stop=["\u00ff\u00fe never"]))[0].outputs[0]
+    finally:
+        del tok.decode
+    assert len(out.token_ids) == 60 and sum(decoded) < 6 * 60, sum(decoded)  # whole decodes: 1,830 tokens
