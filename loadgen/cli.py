@@ -334,4 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except ConnectionError as e:  # --url / --grpc with no server there: say so, no traceback
+        sys.exit(f"loadgen: {e}")

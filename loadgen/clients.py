@@ -216,6 +216,10 @@ class HttpStreamClient(Client):
 
     async def _run(self, trace: list[TraceRequest], progress) -> RunResult:
         idle: list = []  # keep-alive connections (reader, writer)
+        try:  # an unreachable server is no run: every request would read as lost
+            idle.append(await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 10.0))
+        except (OSError, TimeoutError) as e:
+            raise ConnectionError(f"no HTTP server at {self.host}:{self.port} ({e})") from None
         records, t0 = await replay_at_arrivals(trace, lambda r, t0: self._one(r, t0, idle), self.max_in_flight,
                                                progress)
         for _, w in idle:
@@ -302,6 +306,7 @@ class GrpcStreamClient(Client):
                  application: str = "aptray", max_in_flight: int = 1024, timeout: float = 300.0):
         super().__init__(ttft_slo, tbt_slo)
         self.target, self.api_key, self.application = target, api_key, application
+        self.connect_timeout = 10.0
         self.max_in_flight = max_in_flight
         self.timeout = timeout
 
@@ -312,6 +317,11 @@ class GrpcStreamClient(Client):
         from aptray.client import AsyncClient
 
         async with AsyncClient(self.target, self.application, self.api_key) as client:
+            try:  # an unreachable server is no run: UNAVAILABLE per request would read as rejections
+                await asyncio.wait_for(client.channel.channel_ready(), self.connect_timeout)
+            except TimeoutError:
+                raise ConnectionError(f"no gRPC server at {self.target} (`serve run aptray.app` serves HTTP only; "
+                                      "`serve deploy deploy/serve_config.yaml` also starts the gRPC proxy on 9000)") from None
             records, t0 = await replay_at_arrivals(trace, lambda r, t0: self._one(client, r, t0),
                                                    self.max_in_flight, progress)
         return RunResult(records, time.perf_counter() - t0)

@@ -172,3 +172,18 @@ def test_cpu_clock_replay_skips_idle_time(tmp_path):
     assert [r.status for r in records] == ["finished"] * 3 and 200.0 < duration < 210.0
     for r in records:
         assert r.num_tokens == 3 and 0 < r.ttft < 5.0 and r.attained
+
+
+def test_remote_clients_say_when_no_server_is_there():
+    """A run against an address with no server is an error naming it, not a run of lost requests."""
+    from aptray.worker.shard import free_port
+    from loadgen.clients import GrpcStreamClient, HttpStreamClient
+    from loadgen.traces import TraceRequest
+    trace = [TraceRequest("r0", 0.0, 4, 2)]
+    port = free_port()
+    with pytest.raises(ConnectionError, match=f"no HTTP server at 127.0.0.1:{port}"):
+        HttpStreamClient(f"http://127.0.0.1:{port}").run(trace)
+    grpc_client = GrpcStreamClient(f"127.0.0.1:{port}")
+    grpc_client.connect_timeout = 1.0
+    with pytest.raises(ConnectionError, match=f"no gRPC server at 127.0.0.1:{port}"):
+        grpc_client.run(trace)
