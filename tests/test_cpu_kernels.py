@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from aptray_kernels import cpu, reference
+from aptray_kernels.cpu_mirror import DecodeMirror, buckets
 
 
 def _case(block_size, num_heads, n_kv, d=48, head_dim=8, lens=(1, 7, 21, 70), seed=0):
@@ -54,7 +55,7 @@ def test_cpu_paged_decode_buckets_equal_reference(block_size, num_heads, n_kv):
     by a second call (a second layer) with other cache contents, and still matches."""
     lens = tuple(int(n) for n in torch.linspace(1, 900, 24).round().tolist())[::-1]
     q, kv, _, tables, lens_t, _, _ = _case(block_size, num_heads, n_kv, lens=lens, seed=3)
-    assert len(cpu._buckets(lens_t.tolist(), block_size)) > 1
+    assert len(buckets(lens_t.tolist(), block_size)) > 1
     step_cache = {}
     for layer in range(2):
         kv_layer = kv + layer
@@ -74,20 +75,40 @@ def test_cpu_paged_decode_equal_lengths_and_noncontiguous_pool():
                                reference.paged_decode_attention(q, kv, tables, lens, 0.3))
 
 
-def test_decode_mirror_follows_the_pool_across_steps():
+@pytest.mark.parametrize("kind", ["kv", "hidden"])
+def test_decode_mirror_follows_the_pool_across_steps(kind):
     """Steps of growing contexts (past the headroom), a row leaving, an over-budget step: the mirror's
-    attention equals the reference on the pool at every step and layer."""
-    block_size, n_kv, head_dim, num_heads = 4, 2, 8, 4
+    attention (paged KV, or absorbed over hidden vectors) equals the reference on the pool at every
+    step and layer."""
+    block_size, n_kv, head_dim, num_heads, d = 4, 2, 8, 4, 16
     g = torch.Generator().manual_seed(5)
-    pools = [torch.zeros(400, 2, block_size, n_kv, head_dim) for _ in range(2)]
+    row = (2, n_kv, head_dim) if kind == "kv" else (d,)  # one token's entry: K and V, or x
+    shape = (400, 2, block_size, n_kv, head_dim) if kind == "kv" else (400, block_size, d)
+    pools = [torch.zeros(shape) for _ in range(2)]
+    w = [torch.randn(n_kv * head_dim, d, generator=g) * 0.3 for _ in range(2)]
+    b_v = torch.randn(n_kv * head_dim, generator=g)
+
+    def write(pool, block, pos):
+        value = torch.randn(row, generator=g)
+        if kind == "kv":
+            pool[block, :, pos] = value
+        else:
+            pool[block, pos] = value
+
+    def attend(fn, pool, bt, cl, q, step_cache=None):
+        extra = () if step_cache is None else (step_cache,)
+        if kind == "kv":
+            return fn.paged_decode_attention(q, pool, bt, cl, 0.3, *extra)
+        return fn.absorbed_decode_attention(q, pool, bt, cl, w[0], w[1], b_v, 0.3, *extra)
+
     lens = {"a": 3, "b": 40, "c": 90}
     tables = {"a": [7], "b": list(range(20, 30)), "c": list(range(100, 123))}
     free = iter(range(200, 400))
     for p in pools:
         for rid, n in lens.items():
             for pos in range(n):
-                p[tables[rid][pos // block_size], :, pos % block_size] = torch.randn(2, n_kv, head_dim, generator=g)
-    mirror = cpu.DecodeMirror(num_layers=2, budget_bytes=1 << 30)
+                write(p, tables[rid][pos // block_size], pos % block_size)
+    mirror = DecodeMirror(num_layers=2, budget_bytes=1 << 30, planes=2 if kind == "kv" else 1)
     for step in range(100):
         if step == 50:
             del lens["b"]  # finishes: the set changes, buffers are rebuilt
@@ -101,16 +122,15 @@ def test_decode_mirror_follows_the_pool_across_steps():
             if pos // block_size == len(tables[rid]):
                 tables[rid].append(next(free))
             for p in pools:
-                p[tables[rid][pos // block_size], :, pos % block_size] = torch.randn(2, n_kv, head_dim, generator=g)
+                write(p, tables[rid][pos // block_size], pos % block_size)
             lens[rid] += 1
         rids = list(lens)
         mirror.begin_step([(r, lens[r], tuple(tables[r])) for r in rids])
         width = max(len(tables[r]) for r in rids)
         bt = torch.tensor([tables[r] + [0] * (width - len(tables[r])) for r in rids])
         cl = torch.tensor([lens[r] for r in rids])
-        step_cache = {"kv_mirror": mirror}
+        step_cache = {f"{kind}_mirror": mirror}
         q = torch.randn(len(rids), num_heads, head_dim, generator=g)
         for p in pools:
-            torch.testing.assert_close(cpu.paged_decode_attention(q, p, bt, cl, 0.3, step_cache),
-                                       reference.paged_decode_attention(q, p, bt, cl, 0.3))
+            torch.testing.assert_close(attend(cpu, p, bt, cl, q, step_cache), attend(reference, p, bt, cl, q))
     assert mirror.epoch >= 5  # first step, a row left, headroom outgrown, over budget, after it

@@ -111,7 +111,7 @@ class HybridAttention(nn.Module):
         if path == "absorbed":
             return ops.absorbed_decode_attention(q, hidden_cache, g.block_tables, g.context_lens,
                                                  self.k_proj.weight, self.v_proj.weight, self.v_proj.bias,
-                                                 self.scale)
+                                                 self.scale, scratch)
         # re-projected K and V are scratch: bounded by recompute_scratch_tokens per chunk of rows
         out = torch.empty_like(q)
         for rows in _chunks_within(g.context_lens, self.scratch_tokens):

@@ -5,7 +5,7 @@ import logging
 import time
 
 import torch
-from aptray_kernels.cpu import DecodeMirror
+from aptray_kernels.cpu_mirror import DecodeMirror
 
 from aptray.cache.pool import CachePool
 from aptray.config import EngineConfig
@@ -41,12 +41,15 @@ class ModelRunner:
             self.num_blocks = self._blocks_for_budget(n_kv, dtype)
         self.pool = CachePool(spec.num_layers, self.num_blocks, config.block_size, n_kv, spec.head_dim,
                               spec.hidden_size, config.hidden_block_size, dtype, self.device)
-        # CPU: KV decode reuses last step's gathered K/V (kernels/aptray_kernels/cpu.py), within
-        # as many bytes again as the pool holds
-        self.kv_mirror = None
+        # CPU: KV and absorbed hidden decode reuse last step's gathered rows (aptray_kernels.cpu_mirror),
+        # each within as many bytes again as the pool holds (the decode rows of both kinds share the pool)
+        self.kv_mirror = self.hidden_mirror = None
         if self.device.type == "cpu":
-            self.kv_mirror = DecodeMirror(spec.num_layers, self.num_blocks * CachePool.bytes_per_block(
-                spec.num_layers, config.block_size, n_kv, spec.head_dim, dtype))
+            pool_bytes = self.num_blocks * CachePool.bytes_per_block(spec.num_layers, config.block_size, n_kv,
+                                                                     spec.head_dim, dtype)
+            self.kv_mirror = DecodeMirror(spec.num_layers, pool_bytes, planes=2)
+            if config.hidden_block_size and config.hidden_attention == "absorbed":
+                self.hidden_mirror = DecodeMirror(spec.num_layers, pool_bytes, planes=1)
         logger.info("rank %d: %d cache blocks of %d KV tokens (%d hidden tokens)", rank, self.num_blocks,
                     config.block_size, config.hidden_block_size)
 
@@ -61,13 +64,14 @@ class ModelRunner:
         for conv in plan.conversions:
             self._convert(conv)
         result = StepResult()
-        if self.kv_mirror is not None:  # every step, so that it sees every change of the decode set
-            self.kv_mirror.begin_step([(s.request_id, s.context_len, s.block_table) for s in plan.seqs
-                                       if s.is_decode and s.cache_kind == "kv"])
+        for kind, mirror in (("kv", self.kv_mirror), ("hidden", self.hidden_mirror)):
+            if mirror is not None:  # every step, so that it sees every change of the decode set
+                mirror.begin_step([(s.request_id, s.context_len, s.block_table) for s in plan.seqs
+                                   if s.is_decode and s.cache_kind == kind])
         if plan.seqs:
             ids, ctx = build_step_context(plan, self.config.block_size, self.config.hidden_block_size,
                                           self.config.hidden_attention, self.device)
-            ctx.scratch["kv_mirror"] = self.kv_mirror
+            ctx.scratch["kv_mirror"], ctx.scratch["hidden_mirror"] = self.kv_mirror, self.hidden_mirror
             h = self.model(ids, ctx, self.pool.layers())
             logits = self.model.compute_logits(h[ctx.sample_rows]).float()
             sampled = [s for s in plan.seqs if s.sample]

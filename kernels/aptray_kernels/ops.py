@@ -57,8 +57,11 @@ def paged_decode_attention(q, kv_cache, block_tables, context_lens, scale, step_
     return fn(q, kv_cache, block_tables, context_lens, scale)
 
 
-def absorbed_decode_attention(q, hidden_cache, block_tables, context_lens, w_k, w_v, b_v, scale):
-    return _pick("absorbed_decode_attention", q)(q, hidden_cache, block_tables, context_lens, w_k, w_v, b_v, scale)
+def absorbed_decode_attention(q, hidden_cache, block_tables, context_lens, w_k, w_v, b_v, scale, step_cache=None):
+    fn = _pick("absorbed_decode_attention", q)
+    if fn is cpu.absorbed_decode_attention:
+        return fn(q, hidden_cache, block_tables, context_lens, w_k, w_v, b_v, scale, step_cache)
+    return fn(q, hidden_cache, block_tables, context_lens, w_k, w_v, b_v, scale)
 
 
 def recompute_decode_attention(q, hidden_cache, block_tables, context_lens, w_k, b_k, w_v, b_v, scale,
