@@ -162,13 +162,13 @@ def base_trace(args, rate: float = 1.0):
     """The run's requests: a given trace file, or a dataset sample (cached on disk: tokenising is slow)."""
     import hashlib
 
-    from loadgen.datasets import Sample, load_samples
+    from loadgen.datasets import LENGTH_RULE, Sample, load_samples
     from loadgen.traces import make_trace, read_trace, write_trace
 
     if args.trace:
         return read_trace(args.trace)
     context = context_of(args)
-    key = f"{args.dataset}|{os.path.abspath(args.tokenizer)}|{args.num_requests}|{context}|{args.seed}"
+    key = f"{args.dataset}|{os.path.abspath(args.tokenizer)}|{args.num_requests}|{context}|{args.seed}|{LENGTH_RULE}"
     cache = os.path.join(TRACE_CACHE, hashlib.sha1(key.encode()).hexdigest()[:16] + ".jsonl")
     if os.path.isfile(cache):
         samples = [Sample(r.prompt or "", r.num_prefill_tokens, r.num_decode_tokens) for r in read_trace(cache)]

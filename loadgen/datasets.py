@@ -6,7 +6,12 @@
 - synthetic-longprompt: NOT LongBench (unobtainable here): long documents stitched from ShareGPT
   replies with a summarisation instruction; prompt lengths uniform in [40%, 85%] of the context,
   output lengths log-normal around 150 tokens — the shape of LongBench summarisation traces.
-Every sample satisfies prompt + output <= context (long prompts are cut, outputs capped).
+Every sample satisfies prompt + output <= context. ShareGPT and HumanEval pairs follow the rule of
+vLLM's benchmark (and the Apt-Serve and DistServe evaluations built on it), scaled to the context:
+a pair is dropped, not cut, when its prompt or output has fewer than 4 tokens, its prompt more than
+half the context, or both together more than the context. Cutting instead left a spike of requests
+at the whole context with one output token (7% of ShareGPT at a 512-token context) that no server
+could meet a TTFT SLO of one full-context prefill for.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 DATASETS = ("sharegpt", "humaneval", "synthetic-longprompt")
+LENGTH_RULE = "vllm-filter"  # names the length rule in sample caches: a new rule must not read old samples
 
 
 @dataclass(frozen=True)
@@ -72,19 +78,15 @@ def _count(tokenizer, texts: list[str]) -> list[int]:
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def _cap(prompt_len: int, output_len: int, context: int) -> tuple[int, int]:
-    prompt_len = min(prompt_len, context - 1)
-    return prompt_len, max(1, min(output_len, context - prompt_len))
-
-
-def _truncate(tokenizer, text: str, num_tokens: int) -> str:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:num_tokens]
-    return tokenizer.decode(ids)
+def _fits(prompt_len: int, output_len: int, context: int, min_len: int) -> bool:
+    """vLLM's benchmark filter (prompt <= 1,024 and prompt + output <= 2,048 tokens), scaled to context."""
+    return min(prompt_len, output_len) >= min_len and prompt_len <= context // 2 and prompt_len + output_len <= context
 
 
 def _from_pairs(pairs: list[tuple[str, str]], tokenizer, n: int, context: int, seed: int,
                 min_len: int) -> list[Sample]:
-    """n samples drawn without replacement while the set lasts, then again from a fresh shuffle."""
+    """n samples that fit (`_fits`), drawn without replacement while the set lasts, then again from a
+    fresh shuffle."""
     rng = np.random.default_rng(seed)
     out: list[Sample] = []
     while len(out) < n:
@@ -95,12 +97,9 @@ def _from_pairs(pairs: list[tuple[str, str]], tokenizer, n: int, context: int, s
             plens = _count(tokenizer, [p for p, _ in batch])
             olens = _count(tokenizer, [o for _, o in batch])
             for (prompt, _), plen, olen in zip(batch, plens, olens):
-                if plen < min_len or olen < min_len:
+                if not _fits(plen, olen, context, min_len):
                     continue
-                cap_p, cap_o = _cap(plen, olen, context)
-                if cap_p < plen:
-                    prompt = _truncate(tokenizer, prompt, cap_p)
-                out.append(Sample(prompt, cap_p, cap_o))
+                out.append(Sample(prompt, plen, olen))
                 if len(out) == n:
                     return out
         if len(out) == before:
