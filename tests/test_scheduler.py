@@ -235,7 +235,7 @@ def test_alpha_is_unbiased_under_overload():
 def test_tbt_budget_prices_the_quadratic_prefill():
     from aptray.scheduler.step_cost import StepCostModel, tbt_token_budget
     model = StepCostModel(16, 32)
-    model.coef = np.array([1e-3, 1e-5, 0.0, 0.0, 0.0, 2e-4, 0.0, 0.0])  # 1 ms + 10 us/token + 0.2 us/pair
+    model.coef = np.array([1e-3, 1e-5, 0.0, 0.0, 0.0, 2e-4, 0.0, 0.0, 0.0])  # 1 ms + 10 us/token + 0.2 us/pair
     model.steps = 10
     budget = tbt_token_budget(model, 4096, 0.1, 0, 0, 0, 16)
     # a fresh chunk of b tokens: 1e-3 + 1e-5 b + 2e-7 b^2 <= 0.08  ->  b = 603.99

@@ -2,16 +2,22 @@
 
     step_time ~ c0 + c_tok * tokens + c_seq * seqs + c_kv * kv_blocks + c_hid * hidden_blocks
                 + c_pf * prefill_pairs + c_rep * hidden_reprojected + c_hdec * hidden_decodes
+                + c_hany * [any hidden decodes]
 
 tokens: tokens the step computes (the GEMMs); seqs: sequences in the step (per-request work:
 building its row, sampling, the absorbed path's per-request projections); kv_blocks /
-hidden_blocks: the cache blocks its sequences read (their block tables); prefill_pairs: the
-query x key pairs of its multi-token chunks (sum of chunk x context, in thousands: prefill
-attention is quadratic); hidden_reprojected: the cached context a hidden chunk re-projects to
-K, V (tokens, in thousands; a hidden -> KV conversion in the step is the same projection of its
-tokens); hidden_decodes: the hidden rows decoding one token (absorbed
+hidden_blocks: the cache blocks its decoding sequences read (their block tables; a multi-token
+chunk's attention is priced by its pairs instead: counting its blocks too put prefill work on
+alpha, +33 us per hidden block in the simulated OPT-13B ShareGPT run where the cost model's truth
+is about -6 us); prefill_pairs: the query x key pairs of its multi-token chunks (sum of chunk x
+context, in thousands: prefill attention is quadratic); hidden_reprojected: the cached context a
+hidden chunk re-projects to K, V (tokens, in thousands; a hidden -> KV conversion in the step is the
+same projection of its tokens); hidden_decodes: the hidden rows decoding one token (absorbed
 attention projects each one's query through W_k and its output through W_v: a cost per hidden
-request, whatever its length, that the per-block alpha cannot carry). It is a least-squares fit
+request, whatever its length, that the per-block alpha cannot carry); any hidden decodes: 1 when
+the step has one, else 0 (the absorbed path reads W_k and W_v once per step, and on a CPU runs
+its own kernels: a cost per step that the first hidden request brings and later ones share; left
+out, the fit put it on the first hidden requests' blocks, alpha +200 us early in the same run). It is a least-squares fit
 with exponential forgetting: the normal equations are an EWMA over steps (decay 0.99, about the last 100 steps), so the fit follows the
 machine and the workload, solved on standardised features by the minimum-norm least-squares
 solution, which leaves a coefficient at 0 while its feature has never varied (e.g. c_hid before
@@ -50,8 +56,8 @@ from aptray.plan import BatchPlan
 DECAY = 0.99
 WARMUP_STEPS = 3  # steps observed before the fit is used (the start-up calibration)
 PRIOR_FLOOR = 1e-6  # seconds per block: the smallest prior scale of alpha
-NAMES = ("c0", "c_tok", "c_seq", "c_kv", "c_hid", "c_pf", "c_rep", "c_hdec")
-C0, TOK, SEQ, KV, HID, PF, REP, HDEC = range(len(NAMES))
+NAMES = ("c0", "c_tok", "c_seq", "c_kv", "c_hid", "c_pf", "c_rep", "c_hdec", "c_hany")
+C0, TOK, SEQ, KV, HID, PF, REP, HDEC, HANY = range(len(NAMES))
 
 
 def step_features(plan: BatchPlan) -> np.ndarray:
@@ -60,20 +66,20 @@ def step_features(plan: BatchPlan) -> np.ndarray:
     for s in plan.seqs:
         n = len(s.token_ids)
         tokens += n
-        if s.cache_kind == "hidden":
-            hidden += len(s.block_table)
-            if n > 1:
+        if n > 1:  # a chunk: its attention is priced by its query x key pairs, not by its blocks
+            pairs += n * (s.start_pos + n)
+            if s.cache_kind == "hidden":
                 reproj += s.start_pos
-            else:
-                hidden_decodes += 1
+        elif s.cache_kind == "hidden":
+            hidden += len(s.block_table)
+            hidden_decodes += 1
         else:
             kv += len(s.block_table)
-        if n > 1:
-            pairs += n * (s.start_pos + n)
     for c in plan.conversions:  # hidden -> KV projects the stored inputs: a re-projection
         if c.to_kind == "kv":
             reproj += c.num_tokens
-    return np.array([1.0, tokens, len(plan.seqs), kv, hidden, pairs / 1e3, reproj / 1e3, hidden_decodes])
+    return np.array([1.0, tokens, len(plan.seqs), kv, hidden, pairs / 1e3, reproj / 1e3, hidden_decodes,
+                     float(hidden_decodes > 0)])
 
 
 class StepCostModel:
@@ -116,6 +122,7 @@ class StepCostModel:
             v[HID], v[KV] = 1.0, -self.hidden_tokens_ratio
             a = a + (noise / self.prior_scale ** 2) * np.outer(v, v)
             a[HDEC, HDEC] += noise / self.prior_scale_per_decode ** 2
+            a[HANY, HANY] += noise / self.prior_scale_per_step ** 2
         # standardise (features span 1 .. 1e4): the minimum-norm solution is then scale-free
         d = np.sqrt(np.diag(a))
         d[d == 0] = 1.0
@@ -133,6 +140,12 @@ class StepCostModel:
         """tau of the prior c_hdec ~ N(0, tau^2): what a sequence costs a step (>= 1 us)."""
         return max(abs(float(self.coef[SEQ])), PRIOR_FLOOR)
 
+    @property
+    def prior_scale_per_step(self) -> float:
+        """tau of the prior c_hany ~ N(0, tau^2): a step's fixed cost (>= 1 us). With hidden decodes in
+        every step the feature is the intercept's twin, and the prior keeps the step's cost on c0."""
+        return max(abs(float(self.coef[C0])), PRIOR_FLOOR)
+
     def coefficients(self) -> dict[str, float]:
         return dict(zip(NAMES, map(float, self.coef)))
 
@@ -148,10 +161,15 @@ class StepCostModel:
         """Seconds of extra step time per hidden request decoding (0 until calibrated)."""
         return float(self.coef[HDEC]) if self.ready else 0.0
 
+    @property
+    def hidden_step_cost(self) -> float:
+        """Seconds of extra step time when a step has any hidden decode (0 until calibrated)."""
+        return float(self.coef[HANY]) if self.ready else 0.0
+
     def predict(self, tokens: int, kv_blocks: int, hidden_blocks: int, seqs: int = 0, prefill_pairs: float = 0.0,
                 hidden_reprojected: float = 0.0, hidden_decodes: int = 0) -> float:
         x = np.array([1.0, tokens, seqs, kv_blocks, hidden_blocks, prefill_pairs / 1e3, hidden_reprojected / 1e3,
-                      hidden_decodes])
+                      hidden_decodes, float(hidden_decodes > 0)])
         return float(self.coef @ x)
 
 
