@@ -307,6 +307,18 @@ def test_waiting_rows_stay_with_their_requests_when_the_arrays_are_compacted():
     assert list(wf.tokens[wf.rows(asked, set())]) == [r.num_tokens for r in asked]
 
 
+def running_hidden(sched, prompt_len: int, max_tokens: int) -> Request:
+    """A hidden request "h" of prompt_len tokens and one output, running and decoding its newest token."""
+    req = Request("h", list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens), 0.0, 5.0, 5.0)
+    req.output_token_ids = [7]
+    sched.add(req)
+    sched.waiting.remove(req)
+    sched.running.append(req)
+    assert sched._try_allocate(req, prompt_len + 1, (CacheKind.HIDDEN,))
+    req.num_computed_tokens = prompt_len
+    return req
+
+
 def test_upgrades_and_hidden_chunks_pay_their_reprojection_from_the_step_budget(model_dir):
     """hidden -> KV upgrades and a hidden chunk's prefix re-projection take step time: they come out
     of the TBT-sized token budget (before, an upgrade of 1,869 tokens made a 116 ms step against a
@@ -321,13 +333,7 @@ def test_upgrades_and_hidden_chunks_pay_their_reprojection_from_the_step_budget(
     sched = make_scheduler(config, BlockManager(400, 4, config.hidden_block_size))
     sched.cost.steps = WARMUP_STEPS
     sched.cost.coef[TOK], sched.cost.coef[REP] = 1e-4, 2e-2  # re-projecting 1 token = 0.2 tokens of step
-    req = Request("h", list(range(1, 101)), SamplingParams(max_tokens=50), 0.0, 5.0, 5.0)
-    req.output_token_ids = [7]
-    sched.add(req)
-    sched.waiting.remove(req)
-    sched.running.append(req)
-    assert sched._try_allocate(req, 101, (CacheKind.HIDDEN,))
-    req.num_computed_tokens = 100  # decoding its newest token: an upgrade re-projects 100 tokens
+    req = running_hidden(sched, 100, max_tokens=50)  # decoding its newest token: an upgrade re-projects 100 tokens
     assert sched._reprojection_tokens(100) == 20
     assert sched._upgrades_with_headroom(19) == []
     assert [c.request_id for c in sched._upgrades_with_headroom(20)] == ["h"]

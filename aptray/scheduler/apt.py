@@ -30,6 +30,10 @@ from aptray.scheduler.step_cost import PF, REP, SEQ, TOK, StepCostModel, tbt_tok
 GROWTH_RESERVE = 0.0
 UNRESOLVED_HIDDEN_PRICE = 1e-9  # seconds: a tie-break toward KV, far below any pending time
 ALPHA_RESOLUTION = 0.05  # |alpha| below this share of the step-cost model's prior scale counts as 0
+STEP_DECAY = 0.9  # EWMA of step times (about the last 10 steps)
+ARRIVALS_SEEN = 64  # arrival times kept to estimate the arrival rate
+LOAD_SIGMAS = 2.0  # KV for everyone must fit the pool this many standard deviations above the mean load
+PRICE_DECAY = 0.98  # EWMA of the price of hidden (about the last 50 steps)
 
 
 _tbt_slo = attrgetter("tbt_slo")
@@ -85,6 +89,7 @@ class WaitingFeatures:
         self.tokens = np.zeros(64, np.int64)
         self.computed = np.zeros(64, np.int64)
         self.outputs = np.zeros(64, np.int64)
+        self.left = np.zeros(64, np.int64)     # tokens it may still generate (max_tokens - outputs)
         self.lost = np.zeros(64, bool)
         self.used = 0
 
@@ -114,6 +119,7 @@ class WaitingFeatures:
         self.tokens[i] = req.num_tokens
         self.computed[i] = req.num_computed_tokens
         self.outputs[i] = len(req.output_token_ids)
+        self.left[i] = req.sampling.max_tokens - self.outputs[i]
         self.lost[i] = req.request_id in lost
         self.row[req] = i
         return i
@@ -124,7 +130,7 @@ class WaitingFeatures:
         size = len(self.ref)
         while 2 * (len(keep) + extra) > size:
             size *= 2
-        for name in ("ref", "slo", "tokens", "computed", "outputs", "lost"):
+        for name in ("ref", "slo", "tokens", "computed", "outputs", "left", "lost"):
             old = getattr(self, name)
             new = np.zeros(size, old.dtype)
             new[:len(keep)] = old[keep]
@@ -144,6 +150,10 @@ class AptScheduler(Scheduler):
         self.slo = SloState()
         self.growth_reserve = GROWTH_RESERVE
         self._wf = WaitingFeatures()
+        self._short_at = -np.inf  # last time the pool was too small for what wanted to run
+        self._step_seconds = 0.0  # EWMA of step times
+        self._alpha_avg = self._hdec_avg = 0.0  # EWMAs of the fitted price of hidden, per iteration
+        self._arrivals: deque[float] = deque(maxlen=ARRIVALS_SEEN)
 
     @property
     def alpha(self) -> float:
@@ -160,6 +170,13 @@ class AptScheduler(Scheduler):
         within a twentieth of its prior scale."""
         return _resolved(self.cost.hidden_decode_cost, self.cost.prior_scale_per_decode)
 
+    def _price_per_hidden_step(self) -> float:
+        """Extra step seconds of having any hidden decode in a step, for the first hidden request to
+        decode (0 once one does: later ones share it), or 0 within a twentieth of its prior scale."""
+        if any(r.cache_kind is CacheKind.HIDDEN and not r.is_prefilling for r in self.running):
+            return 0.0
+        return _resolved(self.cost.hidden_step_cost, self.cost.prior_scale_per_step)
+
     def _hidden_price(self, hid_blocks: np.ndarray) -> np.ndarray | float:
         """Extra step seconds of holding each request as hidden rather than KV. While the fit
         cannot tell the two apart (both parts within resolution of 0), a token price: KV where it
@@ -168,15 +185,69 @@ class AptScheduler(Scheduler):
         costs (simulated OPT-13B ShareGPT: all hidden, steps ~8% slower than KV, 1.6 against
         4.25 req/s)."""
         per_block, per_decode = self._price_of_hidden(), self._price_per_hidden_decode()
-        if not (per_block or per_decode):
+        per_step = self._price_per_hidden_step()
+        if not (per_block or per_decode or per_step):
             return UNRESOLVED_HIDDEN_PRICE
-        return per_block * hid_blocks + per_decode
+        return per_block * hid_blocks + per_decode + per_step
 
     def _hidden_costs_time(self) -> bool:
         return self._price_of_hidden() > 0 or self._price_per_hidden_decode() > 0
 
+    def _pool_was_short(self) -> bool:
+        """Whether the pool was too small for what wanted to run within the time a request holds its
+        blocks (the mean decode time of finished ones; before any has finished, at any time)."""
+        if self._short_at == -np.inf:
+            return False
+        life = self.slo.mean_decode_seconds
+        return life is None or self._now - self._short_at <= life
+
+    def _kv_pays(self, price: np.ndarray) -> np.ndarray:
+        """Per request, by its price of being hidden (extra step seconds): whether KV is worth its
+        memory. Always while the pool has room and the expected load would fit it as KV; after a
+        shortage, or under a load that would not fit, only where hidden costs more than the
+        throughput its memory buys: a hidden request frees (1 - r) of its KV blocks, room for
+        (1 - r) more requests, and adds its price to a step the N running requests share, so hidden
+        pays while price < (1 - r) * step / N. Without this rule KV requests saved a sliver of each
+        step and, when the pool ran short again within their life, were re-prefilled as hidden or
+        preempted (a whole prefill, and a slow gap for every running request): on the CPU engine
+        (ShareGPT, 48 blocks, 1-2 req/s) 14-25 upgrades and 19-32 KV -> hidden re-prefills per
+        60-request run. The recompute path's price (a re-projection of the whole context per step)
+        keeps its KV option: there hidden costs more time than its memory buys."""
+        if not self._pool_was_short() and self._load_fits_as_kv():
+            return np.ones(np.shape(price), bool)
+        r = self.blocks.block_size / self.blocks.hidden_block_size
+        return np.asarray(price) > (1 - r) * self._step_seconds / max(1, len(self.running))
+
+    def _smoothed_price(self, hid_blocks: np.ndarray) -> np.ndarray:
+        """The price of hidden by the step-cost model's alpha and c_hdec averaged over about the last
+        50 iterations: where the batch is mostly hidden the fit can trade c_hdec against c_seq from
+        one step to the next (seen in the simulator: c_hdec 0 -> 6.3 -> 0 ms in three runs), while
+        the choice of KV over hidden must follow what hidden costs, not that noise."""
+        return self._alpha_avg * hid_blocks + self._hdec_avg + self._price_per_hidden_step()
+
+    def add(self, req) -> None:
+        super().add(req)
+        self._arrivals.append(req.arrival_time)
+
+    def _load_fits_as_kv(self) -> bool:
+        """Whether the expected load fits the pool as KV: the tokens the running set holds at a time
+        (mean + LOAD_SIGMAS standard deviations, SloState.held_tokens at the recent arrival rate)
+        within the pool's KV capacity. Past it, KV requests would make the pool short sooner or later."""
+        if len(self._arrivals) < 2 or self._arrivals[-1] <= self._arrivals[0]:
+            return True
+        rate = (len(self._arrivals) - 1) / (self._arrivals[-1] - self._arrivals[0])
+        held = self.slo.held_tokens(rate)
+        if held is None:
+            return True
+        return held[0] + LOAD_SIGMAS * held[1] <= self.blocks.num_blocks * self.blocks.block_size
+
     def observe(self, plan, result) -> None:
         self.cost.observe(plan, result.step_time)
+        if plan.seqs and result.step_time > 0:
+            self._step_seconds = STEP_DECAY * self._step_seconds + (1 - STEP_DECAY) * result.step_time
+        if self.cost.ready:
+            self._alpha_avg = PRICE_DECAY * self._alpha_avg + (1 - PRICE_DECAY) * self._price_of_hidden()
+            self._hdec_avg = PRICE_DECAY * self._hdec_avg + (1 - PRICE_DECAY) * self._price_per_hidden_decode()
 
     def update(self, plan, result, now):
         got = super().update(plan, result, now)
@@ -205,22 +276,46 @@ class AptScheduler(Scheduler):
         are violators by their pending time already (pending_and_violators), so only SloState's."""
         return self.slo.lost
 
-    def _expected_growth(self) -> int:
-        """Blocks the attainable running requests are expected to add before they end (expected
-        decode length: the mean output of finished requests; no request's own length is known)."""
+    def _expected_remaining(self, made: np.ndarray, left: np.ndarray) -> np.ndarray:
+        """Tokens each request is expected to add (SloState.expected_remaining over arrays): what the
+        mean decode length leaves after what it made, at least a tenth of it, never past max_tokens."""
+        mean = self.slo.mean_output
+        return np.clip(np.maximum(mean - made, MIN_REMAINING_SHARE * mean).astype(np.int64), 0, left)
+
+    def _running_growth(self) -> tuple[list[Request], np.ndarray, np.ndarray]:
+        """The attainable running requests, the tokens each is expected to end with, and the blocks
+        each is expected to add before it ends (expected decode length: the mean output of finished
+        requests; no request's own length is known)."""
         lost = self.slo.lost
         running = [r for r in self.running if r.request_id not in lost] if lost else self.running
-        if not running:
-            return 0
         n = len(running)
+        if not n:
+            return running, np.zeros(0, np.int64), np.zeros(0, np.int64)
         made = _ints(map(len, map(_output, running)), n)
-        left = _ints(map(_max_tokens, running), n) - made
-        mean = self.slo.mean_output
-        remaining = np.clip(np.maximum(mean - made, MIN_REMAINING_SHARE * mean).astype(np.int64), 0, left)
+        final = num_tokens_of(running) + self._expected_remaining(made, _ints(map(_max_tokens, running), n) - made)
         per = np.where(np.fromiter(map(CacheKind.HIDDEN.__eq__, map(_kind, running)), bool, n),
                        self.blocks.hidden_block_size or self.blocks.block_size, self.blocks.block_size)
         held = _ints(map(len, map(self.blocks.tables.get, map(_rid, running), repeat(()))), n)
-        return int(np.maximum(0, -(-(num_tokens_of(running) + remaining) // per) - held).sum())
+        return running, final, np.maximum(0, -(-final // per) - held)
+
+    def _expected_growth(self) -> int:
+        """Blocks the attainable running requests are expected to add before they end."""
+        return int(self._running_growth()[2].sum())
+
+    def _waiting_final(self, rows: np.ndarray) -> np.ndarray:
+        """Tokens each waiting request (by its WaitingFeatures row) is expected to end with."""
+        wf = self._wf
+        return wf.tokens[rows] + self._expected_remaining(wf.outputs[rows], wf.left[rows])
+
+    def _queue_blocks(self, waiting) -> int:
+        """Blocks the attainable waiting requests are expected to hold at their end in their smallest
+        form: what an upgrade to KV must leave free, or the queue it would have made room for waits
+        and the upgrade is undone by a re-prefill as hidden or a preemption."""
+        if not waiting:
+            return 0
+        _, w_v, rows = self._waiting_pending(waiting, self._now)
+        per = self.blocks.hidden_block_size if self.hidden_on else self.blocks.block_size
+        return int((-(-self._waiting_final(rows[~w_v]) // per)).sum())
 
     def _growth_reserve(self) -> int:
         """Blocks the attainable running requests are expected to add before they end."""
@@ -316,6 +411,7 @@ class AptScheduler(Scheduler):
         if int(need.sum()) <= self.blocks.num_blocks:
             kept = np.ones(len(running), bool)  # all fit: the greedy would keep every one
         else:
+            self._short_at = self._now
             cands = Candidates(value, np.where(hidden, 0, need), np.where(hidden, need, 0), hidden_value,
                                np.zeros(len(running), np.int64), lost)
             sel = select(cands, Budgets(self.blocks.num_blocks, 1, max(self.config.max_num_seqs, len(running))))
@@ -391,6 +487,8 @@ class AptScheduler(Scheduler):
                   and r.num_computed_tokens > 0]
         if not hidden:
             return []
+        held = _ints(map(len, map(self.blocks.tables.get, map(_rid, hidden))), len(hidden))
+        hidden = list(compress(hidden, np.broadcast_to(self._kv_pays(self._smoothed_price(held)), held.shape)))
         hidden.sort(key=lambda r: -len(self.blocks.tables[r.request_id]))
         affordable = []
         for req in hidden:
@@ -398,9 +496,29 @@ class AptScheduler(Scheduler):
             if token_budget < 0:
                 break
             affordable.append(req)
-        hidden = affordable
-        # keep the running set's expected growth free too, or the upgrade is undone by a preemption
-        return self._upgrade_to_kv(hidden, len(self.running) + self._expected_growth())
+        if not affordable:
+            return []
+        # keep free what the running set will grow into and what the queue will hold, with each
+        # upgraded request counted at its expected end as KV: an upgrade is cheap, undoing it is a
+        # re-prefill as hidden or a preemption (measured on the CPU engine: 25 upgrades and 26
+        # KV -> hidden re-prefills in a 60-request run when only the current sizes were counted)
+        running, final, growth = self._running_growth()
+        index = {id(r): i for i, r in enumerate(running)}
+        bs = self.blocks.block_size
+        committed = len(self.running) + int(growth.sum()) + self._queue_blocks(list(self.waiting))
+        out = []
+        for req in affordable:
+            i = index.get(id(req))
+            kv_now = self.blocks.blocks_for(req.num_tokens, CacheKind.KV)
+            after = committed if i is None else committed - int(growth[i]) + max(0, -(-int(final[i]) // bs) - kv_now)
+            if self.blocks.num_free - self._upgrade_extra_blocks(req) < after:
+                continue
+            conv = self._upgrade(req)
+            if conv is None:
+                break
+            committed = after
+            out.append(conv)
+        return out
 
     # -- admission ---------------------------------------------------------------------------
     def _prefill(self, token_budget: int):
@@ -450,11 +568,19 @@ class AptScheduler(Scheduler):
         kv_blocks = np.minimum(kv_blocks, max(room, 1)) if not self.running else kv_blocks
         hid_blocks = np.minimum(hid_blocks, max(room, 1)) if not self.running else hid_blocks
         value = np.where(w_v, 0.0, w_p)
-        # v_h = p - U * (alpha * m_h + c_hdec) prices choosing hidden over KV (the paper's alpha * m_h,
-        # plus the per-request cost of absorbed attention); with no KV option it is p
-        hidden_value = value - self._U * self._hidden_price(hid_blocks) if self.kv_on else value
-        sel = select(Candidates(value, kv_blocks, hid_blocks, hidden_value, tokens, w_v),
-                     Budgets(room, token_budget, slots, self._upgrade_room(room, hidden_value, value),
+        final = self._waiting_final(rows)
+        hidden_value, upgrade_blocks = value, None  # no KV option (or no hidden one): v_h = p
+        if self.kv_on and self.hidden_on:
+            # v_h = p - U * (alpha * m_h + c_hdec) prices choosing hidden over KV (the paper's
+            # alpha * m_h, plus the per-request cost of absorbed attention), where KV is offered
+            price = np.broadcast_to(self._hidden_price(hid_blocks), value.shape)
+            offered = self._kv_pays(self._smoothed_price(hid_blocks))
+            kv_blocks = np.where(offered, kv_blocks, 0)
+            hidden_value = np.where(offered, value - self._U * price, value)
+            # an upgrade weighs what KV holds beyond hidden by the request's expected end
+            upgrade_blocks = -(-final // self.blocks.block_size) - -(-final // self.blocks.hidden_block_size)
+        sel = select(Candidates(value, kv_blocks, hid_blocks, hidden_value, tokens, w_v, upgrade_blocks),
+                     Budgets(room, token_budget, slots, self._upgrade_room(room, hidden_value, value, final, w_v),
                              self._violator_room(room, w_v)))
         if sel.guard_used:
             self.stats["guard_used"] += 1
@@ -470,6 +596,10 @@ class AptScheduler(Scheduler):
             seqs.append(self._seq_plan(req, int(tokens[i])))
             self.stats["admitted_kv" if sel.kind[i] == KV else "admitted_hidden"] += 1
             self.stats["violators_admitted"] += int(w_v[i])
+        # the pool is short when an attainable request is left waiting that does not fit what is free
+        smallest = np.where(hid_blocks > 0, hid_blocks, kv_blocks)
+        if (smallest[~w_v & (sel.kind == 0)] > self.blocks.num_free).any():
+            self._short_at = self._now
         if len(admitted) > 8:  # one pass instead of a deque.remove (O(queue)) per admission
             taken = set(admitted)
             self.waiting = deque(filterfalse(taken.__contains__, self.waiting))
@@ -478,14 +608,17 @@ class AptScheduler(Scheduler):
                 self.waiting.remove(req)
         return seqs
 
-    def _upgrade_room(self, room: int, hidden_value: np.ndarray, value: np.ndarray) -> int | None:
-        """Blocks that hidden -> KV upgrade items may take: what the running set is not expected to
-        need for its growth. An upgrade only buys step time (U * alpha * m_h, often a fraction of a
-        millisecond); the blocks it takes would otherwise absorb growth that, once the pool is full,
-        costs a preemption (a re-prefill and, usually, a missed SLO)."""
+    def _upgrade_room(self, room: int, hidden_value: np.ndarray, value: np.ndarray, final: np.ndarray,
+                      violators: np.ndarray) -> int | None:
+        """Blocks that hidden -> KV upgrade items may take, counted at the requests' expected end:
+        what neither the running set's growth nor the queue's end footprint as hidden (every
+        attainable waiting request, admitted now or later) needs. An upgrade only buys step time
+        (U * alpha * m_h, often a fraction of a millisecond); the blocks it takes would otherwise
+        absorb growth that, once the pool is full, costs a re-prefill as hidden or a preemption."""
         if not (self.kv_on and self.hidden_on) or not (hidden_value < value).any():
             return None  # no upgrade items
-        return max(0, room - self._expected_growth())
+        queue = int((-(-final[~violators] // self.blocks.hidden_block_size)).sum())
+        return max(0, room - self._expected_growth() - queue)
 
     def _violator_room(self, room: int, violators: np.ndarray) -> int | None:
         """Blocks that violators may take at admission: what the running set is not expected to need

@@ -174,15 +174,24 @@ class Scheduler:
         """Hidden -> KV (one projection) for candidates in order while `reserve` blocks stay free."""
         out = []
         for req in candidates:
-            extra = self.blocks.blocks_for(req.num_tokens, CacheKind.KV) - len(self.blocks.tables[req.request_id])
-            if self.blocks.num_free - extra < reserve:
+            if self.blocks.num_free - self._upgrade_extra_blocks(req) < reserve:
                 break
-            conv = self._convert(req, CacheKind.KV)
+            conv = self._upgrade(req)
             if conv is None:
                 break
-            self.blocks.ensure(req.request_id, CacheKind.KV, req.num_tokens)
             out.append(conv)
         return out
+
+    def _upgrade_extra_blocks(self, req: Request) -> int:
+        """Blocks a hidden request takes beyond what it holds once moved to KV."""
+        return self.blocks.blocks_for(req.num_tokens, CacheKind.KV) - len(self.blocks.tables[req.request_id])
+
+    def _upgrade(self, req: Request) -> ConversionPlan | None:
+        """Hidden -> KV for one request, with room for its next token."""
+        conv = self._convert(req, CacheKind.KV)
+        if conv is not None:
+            self.blocks.ensure(req.request_id, CacheKind.KV, req.num_tokens)
+        return conv
 
     def _requested_conversions(self) -> list[ConversionPlan]:
         out = []

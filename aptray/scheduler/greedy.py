@@ -36,6 +36,10 @@ class Candidates:
     hidden_value: np.ndarray   # float: value as hidden (v_h = p - U * alpha * m_h)
     tokens: np.ndarray         # int: tokens this iteration computes for the request
     violator: np.ndarray       # bool
+    # int: blocks an upgrade to KV weighs against Budgets.upgrade_blocks (None: kv - hidden blocks now).
+    # The apt scheduler passes what KV holds beyond hidden over the request's expected life: a
+    # 21-token prompt is 1 block more as KV now, but 8 more by the time its 250 tokens are out
+    upgrade_blocks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.value)
@@ -127,7 +131,7 @@ def build_items(c: Candidates, b: Budgets) -> _Items:
     partner = np.full(total, -1, np.int64)
     partner[up] = up - 1
     ublk = np.zeros(total, np.int64)
-    ublk[up] = iblk[up]
+    ublk[up] = iblk[up] if c.upgrade_blocks is None else np.asarray(c.upgrade_blocks, np.int64)[split]
     return _Items(item_row, kind, ival, iblk, itok, iseq, partner, viol[item_row], ublk)
 
 
