@@ -333,8 +333,16 @@ def test_calibration_round_trip_keeps_host_terms(tmp_path):
     cal.save(str(tmp_path / "c.json"))
     back = Calibration.load(str(tmp_path / "c.json"))
     assert back.seq_overhead == pytest.approx(_X0[1]) and back.hardware.step_jitter == (-0.2, 0.1)
+    assert back.hardware.ragged_overhead == pytest.approx(_X0[2])
     assert back.step_overhead == pytest.approx(overhead)
     assert replace(back.hardware, step_jitter=()).seq_overhead == back.seq_overhead
+    # a step whose KV decodes have unequal contexts (the CPU engine masks them) pays the ragged term
+    from aptray.config import ModelSpec
+    spec = ModelSpec("opt", 64, 2, 4, 4, 16, 512, 256, False, 256)
+    cost = CostModel(spec, back.hardware, 1, "absorbed", overhead, back.seq_overhead,
+                     ragged_overhead=back.hardware.ragged_overhead)
+    even, ragged = [("kv", 1, 40, 1), ("kv", 1, 40, 1)], [("kv", 1, 40, 1), ("kv", 1, 41, 1)]
+    assert cost.step_time(ragged) - cost.step_time(even) == pytest.approx(_X0[2], rel=0.2)
 
 
 @needs_profiles

@@ -83,9 +83,16 @@ def timed_step(engine, rec: RecordingExecutor, clock=cpu_clock):
     return out
 
 
+RAGGED_LENGTHS_SEED = 1234
+
+
 def collect_steps(config: EngineConfig, batch_sizes=(1, 2, 4, 8, 16), prompt_lens=(8, 32, 128, 384),
                   output_len: int = 24, seed: int = 0, repeats: int = 2) -> list[StepSample]:
-    """Run waves of same-shaped requests through the real engine; every step becomes a sample."""
+    """Run waves of requests through the real engine; every step becomes a sample. A wave's prompts
+    scatter around its length (0.5-1.5x), as real batches are ragged: a batch of equal contexts runs
+    its decode attention without a mask, and a fit to those alone priced the replay's ragged decode
+    steps 13-28% low. The lengths come from a fixed generator, so every round repeats the same step
+    shapes (their spread is the machine's scatter); seed draws the token ids."""
     from aptray.engine import Engine
     from aptray.executor.local import LocalExecutor
     from aptray.sampling_params import SamplingParams
@@ -93,14 +100,15 @@ def collect_steps(config: EngineConfig, batch_sizes=(1, 2, 4, 8, 16), prompt_len
     rec = RecordingExecutor(LocalExecutor(config))
     engine = Engine(config, rec)
     rng = np.random.default_rng(seed)
+    lengths = np.random.default_rng(RAGGED_LENGTHS_SEED)
     vocab, limit = config.spec.vocab_size, config.spec.max_model_len
     n = 0
     with one_torch_thread():
         for batch in [b for _ in range(repeats) for b in batch_sizes]:
             for plen in prompt_lens:
-                plen = min(plen, limit - output_len - 1)
                 for _ in range(batch):
-                    ids = rng.integers(4, vocab, size=plen).tolist()
+                    size = min(max(1, int(plen * lengths.uniform(0.5, 1.5))), limit - output_len - 1)
+                    ids = rng.integers(4, vocab, size=size).tolist()
                     engine.add_request(f"cal-{n}", ids, SamplingParams(temperature=0.0, max_tokens=output_len,
                                                                        ignore_eos=True))
                     n += 1
@@ -110,24 +118,24 @@ def collect_steps(config: EngineConfig, batch_sizes=(1, 2, 4, 8, 16), prompt_len
     return rec.samples[1:]  # the first step pays one-off warm-up
 
 
-# parameters, all in log space: step overhead, per-sequence overhead, GEMM (c0, FLOP/s, B/s),
-# elementwise (c0, B/s), attention (c0, FLOP/s, B/s)
-_NAMES = ("step_overhead", "seq_overhead", "gemm_c0", "gemm_flops", "gemm_bytes", "elem_c0", "elem_bytes",
+# parameters, all in log space: step overhead, per-sequence overhead, ragged-decode overhead,
+# GEMM (c0, FLOP/s, B/s), elementwise (c0, B/s), attention (c0, FLOP/s, B/s)
+_NAMES = ("step_overhead", "seq_overhead", "ragged_overhead", "gemm_c0", "gemm_flops", "gemm_bytes", "elem_c0", "elem_bytes",
           "attn_c0", "attn_flops", "attn_bytes")
-_X0 = (1e-4, 1e-5, 2e-5, 5e10, 5e9, 5e-6, 5e9, 2e-5, 2e10, 5e9)
+_X0 = (1e-4, 1e-5, 1e-5, 2e-5, 5e10, 5e9, 5e-6, 5e9, 2e-5, 2e10, 5e9)
 
 
 def _unpack(p) -> tuple[HardwareFit, float]:
     e = [math.exp(x) for x in p]
-    gemm = LinearRoofline(e[2], e[3], e[4])
-    elem = LinearRoofline(e[5], math.inf, e[6])
-    attn = LinearRoofline(e[7], e[8], e[9])
-    return HardwareFit("cpu", gemm, elem, elem, elem, attn, {}, seq_overhead=e[1]), e[0]
+    gemm = LinearRoofline(e[3], e[4], e[5])
+    elem = LinearRoofline(e[6], math.inf, e[7])
+    attn = LinearRoofline(e[8], e[9], e[10])
+    return HardwareFit("cpu", gemm, elem, elem, elem, attn, {}, seq_overhead=e[1], ragged_overhead=e[2]), e[0]
 
 
 def predict(samples: list[StepSample], config: EngineConfig, hw: HardwareFit, overhead: float) -> np.ndarray:
     cost = CostModel(config.spec, hw, config.tensor_parallel_size, config.hidden_attention, overhead,
-                     hw.seq_overhead)
+                     hw.seq_overhead, ragged_overhead=hw.ragged_overhead)
     return np.array([cost.step_time(s.seqs, s.conversions) for s in samples])
 
 
@@ -150,6 +158,7 @@ class Calibration:
         laws = {k: asdict(getattr(hw, k)) for k in ("gemm", "layernorm", "activation", "residual_add", "attention")}
         with open(path, "w") as f:
             json.dump({"laws": laws, "step_overhead": self.step_overhead, "seq_overhead": hw.seq_overhead,
+                       "ragged_overhead": hw.ragged_overhead,
                        "step_jitter": list(hw.step_jitter), "error": asdict(self.error)}, f, indent=1, default=str)
 
     @classmethod
@@ -159,6 +168,7 @@ class Calibration:
         laws = {k: LinearRoofline(float(v["c0"]), float(v["flop_rate"]), float(v["byte_rate"]))
                 for k, v in d["laws"].items()}
         hw = HardwareFit("cpu", all_reduce={}, seq_overhead=float(d.get("seq_overhead", 0.0)),
+                         ragged_overhead=float(d.get("ragged_overhead", 0.0)),
                          step_jitter=tuple(d.get("step_jitter", ())), **laws)
         return cls(hw, d["step_overhead"], FitError(**d["error"]))
 

@@ -51,6 +51,7 @@ class CostModel:
     step_overhead: float = 1e-3  # seconds per step outside the GPU kernels
     seq_overhead: float = 0.0  # seconds per sequence in the step outside the kernels (host Python)
     hidden_sharded: bool = False  # hidden stored as d/t per rank (t >= 2), DESIGN section 2
+    ragged_overhead: float = 0.0  # seconds per step whose KV decodes have unequal contexts (CPU: a mask)
     _dense_by_m: dict = field(default_factory=dict, init=False, repr=False)  # memo: steps repeat token counts
     _head_by_n: dict = field(default_factory=dict, init=False, repr=False)
     _gemm_memo: dict = field(default_factory=dict, init=False, repr=False)
@@ -195,7 +196,10 @@ class CostModel:
             m += s[1]
             sampled += s[3]
         attn = self.attention_layer(seqs) if seqs else 0.0
-        return self._total(attn, m, sampled, len(seqs), conversions)
+        total = self._total(attn, m, sampled, len(seqs), conversions)
+        if self.ragged_overhead and len({s[2] for s in seqs if s[1] == 1 and s[0] == "kv"}) > 1:
+            total += self.ragged_overhead
+        return total
 
     def plan_time(self, plan) -> float:
         """step_time of a BatchPlan, read straight from its SeqPlans (the simulator's hot path)."""

@@ -62,6 +62,9 @@ class HardwareFit:
     all_reduce: dict[int, LinearRoofline]  # by number of workers; bytes = 2 * elements
     errors: dict[str, FitError] = field(default_factory=dict)
     seq_overhead: float = 0.0  # host seconds per sequence in a step (0 for the GPU fits; the CPU calibration fits it)
+    # seconds per step whose decode rows have unequal contexts (the CPU engine then builds a mask and
+    # runs masked attention); 0 for the GPU fits, fitted by the CPU calibration
+    ragged_overhead: float = 0.0
     # measured scatter of a step's time about its typical value, as log ratios: the simulator multiplies
     # each step by exp(one of them), drawn by a seeded generator. Empty (no scatter) for the GPU fits.
     step_jitter: tuple[float, ...] = ()
@@ -76,7 +79,8 @@ class HardwareFit:
         laws = {name: getattr(self, name).scaled(flop_scale, byte_scale)
                 for name in ("gemm", "layernorm", "activation", "residual_add", "attention")}
         return HardwareFit(self.profile, all_reduce=self.all_reduce, errors=self.errors,
-                           seq_overhead=self.seq_overhead, step_jitter=self.step_jitter, **laws)
+                           seq_overhead=self.seq_overhead, ragged_overhead=self.ragged_overhead,
+                           step_jitter=self.step_jitter, **laws)
 
 
 def _fit(flops: np.ndarray, nbytes: np.ndarray, seconds: np.ndarray, use_flops: bool) -> LinearRoofline:

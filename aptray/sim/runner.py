@@ -139,7 +139,8 @@ def build_engine(config: EngineConfig, gpu: str, step_overhead: float = 1e-3,
         spec, gpu_spec, tp, config.block_size, config.max_num_batched_tokens, config.max_num_seqs,
         sharded_hidden=sharded).num_blocks
     hw = hardware or hardware_for(gpu_spec)
-    cost = CostModel(spec, hw, tp, config.hidden_attention, step_overhead, hw.seq_overhead, sharded)
+    cost = CostModel(spec, hw, tp, config.hidden_attention, step_overhead, hw.seq_overhead, sharded,
+                     ragged_overhead=hw.ragged_overhead)
     clock = VirtualClock()
     executor = SimExecutor(cost, num_blocks, clock, TOKEN_ID, hw.step_jitter)
     return Engine(config, executor, tokenizer=None, clock=clock), executor
