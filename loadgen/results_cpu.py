@@ -1,20 +1,29 @@
 """The real CPU engine for docs/RESULTS.md: fcfs vs sarathi vs apt (KV, hybrid) on one machine, one run.
 
 The experiment (docs/SCHEDULER.md, "The real-CPU-engine experiment", says why each choice):
-- tiny random multi-head OPT (d 128, 4 layers, 8 heads: r = 1/2), one torch thread;
+- tiny random multi-head OPT (d 128, 4 layers, 2 heads of 64: r = 1/2), one torch thread. Head
+  dimension 64 as in OPT-125m to OPT-6.7B (OPT-13B and up: 128). With 8 heads of 16 (the first
+  sessions' model) absorbed attention did 8x the FLOPs of KV attention per context token
+  (4·H·d against 4·H·D), which made it compute-bound on a CPU; with 2 heads it is 2x, and it
+  reads half the bytes, as on a GPU, where OPT-13B's absorbed decode is memory-bound;
 - a cache pool that binds: 48 blocks of 16 tokens (768 tokens of KV, about 2.3 mean ShareGPT
   requests, 4 HumanEval ones; the longest request, 512 tokens, fits alone). On a CPU the decode
   step grows with the batch from a few requests on, so a pool of this size keeps the KV batch where
   more memory still buys throughput: the regime of a GPU whose decode step is flat in the batch;
 - apt in the paper's alternating iteration shape (prefill-only and decode-only iterations);
-- lengths from the real datasets (ShareGPT, HumanEval; the default tokenizer) capped to the
-  512-token context; Gamma arrivals at CV 1 and 4; every policy replays the same requests at each
+- lengths from the real datasets (ShareGPT, HumanEval; the default tokenizer) within the 512-token
+  context by vLLM's rule (prompt <= 256, prompt + output <= 512; loadgen.datasets); Gamma arrivals at CV 1 and 4; every policy replays the same requests at each
   rate, the order of policies rotating per rate;
 - SLOs scaled to this engine's speed, measured at the start of the run: TTFT in units of a
   full-context (511-token) prefill, TBT in units of a 16-request decode step, with DistServe's
-  ratios on OPT-13B / A100 (chat: TTFT 1 prefill, TBT 5 steps; code: TTFT 0.5 prefill, TBT 10
-  steps). Scaling TTFT by decode steps instead (12.5 steps) made every prompt over ~300 tokens
-  miss its TTFT even alone: a CPU prefills 6x slower relative to its decode step than a GPU;
+  ratios on OPT-13B / A100 (chat: TTFT 1 prefill, TBT 5 steps; code: TBT 10 steps). DistServe's
+  chat TTFT (0.25 s) is one full-context prefill of OPT-13B, about twice that of the longest prompt
+  vLLM's rule admits (1,024 tokens): here too one full-context prefill is twice the longest
+  prompt's (256). Code's TTFT is one full-context prefill too, not DistServe's half: HumanEval's
+  prompts do not shrink with the context (up to 250 tokens here, an eighth of OPT's 2,048), and
+  half a 512-token prefill is what its longest prompt takes alone; DistServe's 0.125 s is 2-3x a
+  250-token prefill on the GPUs. Scaling TTFT by decode steps instead (12.5 steps) made every prompt
+  over ~300 tokens miss its TTFT even alone: a CPU prefills 6x slower relative to its decode step;
 - the clock is the serving thread's CPU time (`time.thread_time`), not the wall clock: the engine
   really runs (model steps, scheduler, bookkeeping, all on this thread), and every second it spends
   counts, but time other processes take from it on a shared machine does not. Idle gaps between
@@ -31,6 +40,7 @@ import time
 import numpy as np
 
 CONTEXT = 512
+HEADS = 2  # of 64 dimensions each (d 128)
 BLOCK_SIZE = 16
 NUM_BLOCKS = 48  # 768 tokens of KV: the longest request fits alone; ~2.3 mean ShareGPT requests
 MAX_NUM_SEQS = 64
@@ -45,19 +55,20 @@ POLICIES = {  # label -> (scheduler, EngineConfig overrides)
 # (TTFT in full-context prefills, TBT in decode steps): DistServe's SLOs over OPT-13B on an A100,
 # whose full-context (2,048-token) prefill takes ~0.26 s and 16-request decode step ~20-28 ms
 # (the simulator's fitted cost model): chat 0.25 s / 0.1 s, code 0.125 s / 0.2 s
-SLO_SCALE = {"sharegpt": (1.0, 5.0), "humaneval": (0.5, 10.0)}
+SLO_SCALE = {"sharegpt": (1.0, 5.0), "humaneval": (1.0, 10.0)}
 # request rates (req/s) per dataset, and requests per run, by `results` mode
-RATES = {"quick": {"sharegpt": [1, 2, 3, 4, 6, 8], "humaneval": [8, 12, 16, 24, 32, 45]},
-         "full": {"sharegpt": [0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8],
-                  "humaneval": [6, 8, 10, 12, 16, 20, 24, 32, 40, 50, 60]}}
+RATES = {"quick": {"sharegpt": [0.5, 1, 1.5, 2, 3, 4, 5], "humaneval": [2, 4, 6, 8, 10, 12, 16]},
+         "full": {"sharegpt": [0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 3.5, 4, 5],
+                  "humaneval": [2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16]}}
 REQUESTS = {"quick": 60, "full": 150}
 TIMEOUT_S = 20.0  # abort what is left this long (engine CPU time) after the last arrival
 DESCRIPTION = (
-    f"Tiny random OPT (d 128, 4 layers, 8 heads, r = 1/2), {NUM_BLOCKS} blocks of {BLOCK_SIZE} tokens "
-    f"({NUM_BLOCKS * BLOCK_SIZE} tokens of KV: memory binds), lengths from the real datasets capped to {CONTEXT} "
-    "tokens, Gamma arrivals; apt in the paper's alternating iteration shape. SLOs scaled to this engine's measured speed with DistServe's ratios on OPT-13B / "
-    "A100 (full-context prefill ~0.26 s, decode step ~20 ms): ShareGPT TTFT = 1 full-context (511-token) "
-    "prefill / TBT = 5 16-request decode steps, HumanEval 0.5 prefill / 10 steps. "
+    f"Tiny random OPT (d 128, 4 layers, {HEADS} heads of {128 // HEADS}, r = 1/2), {NUM_BLOCKS} blocks of {BLOCK_SIZE} tokens "
+    f"({NUM_BLOCKS * BLOCK_SIZE} tokens of KV: memory binds), lengths from the real datasets within the {CONTEXT}-token "
+    "context by vLLM's rule (prompt <= half the context), Gamma arrivals; apt in the paper's alternating iteration shape. "
+    "SLOs scaled to this engine's measured speed with DistServe's ratios on OPT-13B / "
+    "A100 (full-context prefill ~0.26 s, decode step ~20 ms): TTFT = 1 full-context (511-token) "
+    "prefill (twice the longest prompt's), TBT = 5 16-request decode steps (ShareGPT) or 10 (HumanEval). "
     "The clock is the serving thread's CPU time: the real engine runs every step, and all of its time "
     "(model, scheduler, bookkeeping) counts, but other processes on the shared machine do not; idle gaps "
     "between arrivals are skipped. Effective throughput is interpolated between grid rates (`crossing_rate`); "
@@ -67,7 +78,7 @@ DESCRIPTION = (
 def tiny_opt() -> str:
     from aptray.model.factory import make_tiny_model
     return make_tiny_model(os.path.join(tempfile.mkdtemp(prefix="aptray-results-"), "opt"), arch="opt",
-                           hidden_size=128, num_layers=4, num_heads=8, max_positions=CONTEXT)
+                           hidden_size=128, num_layers=4, num_heads=HEADS, max_positions=CONTEXT)
 
 
 class CpuClock:
