@@ -376,9 +376,10 @@ class AptScheduler(Scheduler):
         return self._decode(r_p, r_v, conversions, self.config.max_num_batched_tokens)
 
     def _mixed(self, r_p, r_v, conversions):
-        _, prefilling, hidden = self._running_state()
+        state = self._running_state()
+        _, prefilling, hidden = state
         budget = self._tbt_budget(int((~prefilling).sum()), hidden)
-        seqs = self._decode(r_p, r_v, conversions, budget) if self.running else []
+        seqs = self._decode(r_p, r_v, conversions, budget, state) if self.running else []
         reprojected = sum(c.num_tokens for c in conversions if c.to_kind == "kv")
         seqs += self._prefill(budget - sum(map(len, map(_token_ids, seqs))) - self._reprojection_tokens(reprojected))
         if seqs:
@@ -386,14 +387,15 @@ class AptScheduler(Scheduler):
         return seqs
 
     # -- the running set ---------------------------------------------------------------------
-    def _decode(self, r_p, r_v, conversions, token_budget: int):
+    def _decode(self, r_p, r_v, conversions, token_budget: int, state=None):
         """Keep the running requests that fit all blocks, best value per block first; convert
-        or preempt the rest; plan one token for each kept request that is decoding."""
+        or preempt the rest; plan one token for each kept request that is decoding. state: the
+        running set's _running_state, where the caller has just read it."""
         running = list(self.running)
         tables, bs = self.blocks.tables, self.blocks.block_size
         hbs = self.blocks.hidden_block_size or bs
         held = _ints(map(len, map(tables.get, map(_rid, running), repeat(()))), len(running))
-        size, prefilling, hidden = self._running_state()
+        size, prefilling, hidden = state if state is not None else self._running_state()
         # blocks held after this iteration: all its tokens when decoding, what it holds when
         # mid-prefill (its next chunk is admission's business), and never less than it holds: a kept
         # request gives back none of its blocks
