@@ -189,3 +189,23 @@ def test_remote_clients_say_when_no_server_is_there():
     grpc_client.connect_timeout = 1.0
     with pytest.raises(ConnectionError, match=f"no gRPC server at 127.0.0.1:{port}"):
         grpc_client.run(trace)
+
+
+def _cpu_run(dataset, cv, policy, rate, attainment):
+    return {"dataset": dataset, "cv": cv, "policy": policy, "rate": rate, "attainment": attainment,
+            "preemptions": 1, "ttft_slo": 0.08, "tbt_slo": 0.03, "ttft_s": {"p90": 0.5 / attainment}}
+
+
+def test_results_tables_ratio_and_explain_rows_no_policy_meets(tmp_path):
+    from loadgen.make_results import cpu_tables
+    met = {"fcfs": (0.95, 0.5), "sarathi": (0.95, 0.6), "apt-kv": (1.0, 0.95), "apt-hybrid": (1.0, 0.95)}
+    runs = [_cpu_run("sharegpt", 1.0, p, r, a) for p, att in met.items() for r, a in zip((1.0, 2.0), att)]
+    runs += [_cpu_run("sharegpt", 4.0, p, r, a) for p in met for r, a in ((0.5, 0.5), (1.0, 0.25))]
+    lines = cpu_tables({"runs": runs, "num_blocks": 48}, str(tmp_path))
+    row = next(line for line in lines if line.startswith("| sharegpt | 1 |"))
+    # fcfs crosses 90% at 1 + 0.05 / 0.45 req/s (interpolated), sarathi at 1 + 0.05 / 0.35, apt keeps it at 2
+    assert row == "| sharegpt | 1 | 1.1 | 1.1 | 2.0 | 2.0 | 1.80x | 1.80x | 1.75x | 1.75x |"
+    note = next(line for line in lines if line.startswith("Rows at 0.0"))
+    assert "sharegpt CV 4: fcfs 0.38" in note and "TTFT p90 at 0.5 req/s: fcfs 1000 ms" in note
+    assert "48 blocks" in note and "CV 1" not in note
+    assert (tmp_path / "cpu-sharegpt-cv4.png").exists()
