@@ -1,4 +1,5 @@
-"""python -m loadgen {tokenizer,trace,run,sweep,calibrate}: make workloads, replay them, sweep rates, plot."""
+"""python -m loadgen {tokenizer,trace,run,calibrate,sweep,results}: make workloads, replay them, sweep rates,
+plot, regenerate docs/RESULTS.md."""
 from __future__ import annotations
 
 import argparse
