@@ -56,9 +56,14 @@ POLICIES = {  # label -> (scheduler, EngineConfig overrides)
 # whose full-context (2,048-token) prefill takes ~0.26 s and 16-request decode step ~20-28 ms
 # (the simulator's fitted cost model): chat 0.25 s / 0.1 s, code 0.125 s / 0.2 s
 SLO_SCALE = {"sharegpt": (1.0, 5.0), "humaneval": (1.0, 10.0)}
-# request rates (req/s) per dataset, and requests per run, by `results` mode
-RATES = {"quick": {"sharegpt": [0.5, 1, 1.5, 2, 3, 4, 5], "humaneval": [2, 4, 6, 8, 10, 12, 16]},
-         "full": {"sharegpt": [0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 3.5, 4, 5],
+# request rates (req/s) per dataset, and requests per run, by `results` mode. The grids are rates
+# on a machine whose 16-request decode step took REFERENCE_DECODE_STEP_S (where they were chosen);
+# a run multiplies them by that over its own measured step, so that, like the SLOs, the load in
+# steps per arrival is the same on any machine (unscaled, a machine 2.6x faster put every policy
+# at >= 0.83 attainment over the whole ShareGPT grid: no comparison)
+REFERENCE_DECODE_STEP_S = 6.86e-3
+RATES = {"quick": {"sharegpt": [0.5, 1, 1.5, 2, 3, 4, 5, 6, 7], "humaneval": [2, 4, 6, 8, 10, 12, 16]},
+         "full": {"sharegpt": [0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 3.5, 4, 5, 6, 7],
                   "humaneval": [2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16]}}
 REQUESTS = {"quick": 60, "full": 150}
 TIMEOUT_S = 20.0  # abort what is left this long (engine CPU time) after the last arrival
@@ -71,7 +76,9 @@ DESCRIPTION = (
     "prefill (twice the longest prompt's), TBT = 5 16-request decode steps (ShareGPT) or 10 (HumanEval). "
     "The clock is the serving thread's CPU time: the real engine runs every step, and all of its time "
     "(model, scheduler, bookkeeping) counts, but other processes on the shared machine do not; idle gaps "
-    "between arrivals are skipped. Effective throughput is interpolated between grid rates (`crossing_rate`); "
+    "between arrivals are skipped. Request rates are grids chosen where a 16-request decode step took "
+    f"{1e3 * REFERENCE_DECODE_STEP_S:.2f} ms, times that over this machine's step (the load per step, like the SLOs, "
+    "is the machine's own). Effective throughput is interpolated between grid rates (`crossing_rate`); "
     "policies replay the same requests at each rate. Design and reasons: docs/SCHEDULER.md.")
 
 
@@ -236,7 +243,8 @@ def _run_one(job) -> dict:
 
 def run(datasets, cvs, rates_by_dataset: dict | None = None, num_requests: int | None = None, log=print,
         workers: int = 2, mode: str = "quick") -> dict:
-    """Every (dataset, CV, rate): every policy on the same trace, in an order that rotates per rate."""
+    """Every (dataset, CV, rate): every policy on the same trace, in an order that rotates per rate.
+    rates_by_dataset: grids at REFERENCE_DECODE_STEP_S, scaled to this machine like RATES."""
     import torch
 
     from loadgen.traces import rescale
@@ -245,8 +253,10 @@ def run(datasets, cvs, rates_by_dataset: dict | None = None, num_requests: int |
     num_requests = num_requests or REQUESTS[mode]
     model = tiny_opt()
     step, prefill = decode_step_time(model), prefill_time(model)
-    log(f"decode step (16 requests, CPU time) {1e3 * step:.2f} ms, {CONTEXT - 1}-token prefill {1e3 * prefill:.1f} ms")
-    out = {"decode_step_s": step, "prefill_s": prefill, "slo_scale": SLO_SCALE, "num_blocks": NUM_BLOCKS, "block_size": BLOCK_SIZE, "context": CONTEXT,
+    rate_scale = REFERENCE_DECODE_STEP_S / step
+    log(f"decode step (16 requests, CPU time) {1e3 * step:.2f} ms, {CONTEXT - 1}-token prefill {1e3 * prefill:.1f} ms; "
+        f"grid rates x {rate_scale:.3f}")
+    out = {"decode_step_s": step, "prefill_s": prefill, "rate_scale": rate_scale, "slo_scale": SLO_SCALE, "num_blocks": NUM_BLOCKS, "block_size": BLOCK_SIZE, "context": CONTEXT,
            "num_requests": num_requests, "clock": "thread CPU time", "description": DESCRIPTION, "runs": []}
     labels = list(POLICIES)
     jobs, traces = [], {}
@@ -254,7 +264,7 @@ def run(datasets, cvs, rates_by_dataset: dict | None = None, num_requests: int |
         ttft, tbt = SLO_SCALE[dataset][0] * prefill, SLO_SCALE[dataset][1] * step
         base = dataset_trace(dataset, num_requests)
         for cv in cvs:
-            rates = rates_by_dataset[dataset]
+            rates = [float(f"{r * rate_scale:.3g}") for r in rates_by_dataset[dataset]]
             # bursty arrivals: attainment changes slowly with the rate, so every other rate of the
             # grid, plus two below it (at CV 4 even the grid's lowest rate misses 90% everywhere)
             for k, rate in enumerate(rates if cv <= 1 else [rates[0] / 4, rates[0] / 2] + rates[::2]):
