@@ -20,7 +20,7 @@ import numpy as np
 from aptray.request import CacheKind, Request, RequestStatus
 from aptray.scheduler.base import Scheduler
 from aptray.scheduler.greedy import HIDDEN, KV, Budgets, Candidates, select
-from aptray.scheduler.slo_state import MIN_REMAINING_SHARE, SloState
+from aptray.scheduler.slo_state import SloState
 from aptray.scheduler.step_cost import PF, REP, SEQ, TOK, StepCostModel, tbt_token_budget
 
 # Share of the running set's expected growth (blocks it will add before it ends) kept out of
@@ -276,12 +276,6 @@ class AptScheduler(Scheduler):
         are violators by their pending time already (pending_and_violators), so only SloState's."""
         return self.slo.lost
 
-    def _expected_remaining(self, made: np.ndarray, left: np.ndarray) -> np.ndarray:
-        """Tokens each request is expected to add (SloState.expected_remaining over arrays): what the
-        mean decode length leaves after what it made, at least a tenth of it, never past max_tokens."""
-        mean = self.slo.mean_output
-        return np.clip(np.maximum(mean - made, MIN_REMAINING_SHARE * mean).astype(np.int64), 0, left)
-
     def _running_growth(self) -> tuple[list[Request], np.ndarray, np.ndarray]:
         """The attainable running requests, the tokens each is expected to end with, and the blocks
         each is expected to add before it ends (expected decode length: the mean output of finished
@@ -292,7 +286,7 @@ class AptScheduler(Scheduler):
         if not n:
             return running, np.zeros(0, np.int64), np.zeros(0, np.int64)
         made = _ints(map(len, map(_output, running)), n)
-        final = num_tokens_of(running) + self._expected_remaining(made, _ints(map(_max_tokens, running), n) - made)
+        final = num_tokens_of(running) + self.slo.expected_remaining_of(made, _ints(map(_max_tokens, running), n) - made)
         per = np.where(np.fromiter(map(CacheKind.HIDDEN.__eq__, map(_kind, running)), bool, n),
                        self.blocks.hidden_block_size or self.blocks.block_size, self.blocks.block_size)
         held = _ints(map(len, map(self.blocks.tables.get, map(_rid, running), repeat(()))), n)
@@ -305,7 +299,7 @@ class AptScheduler(Scheduler):
     def _waiting_final(self, rows: np.ndarray) -> np.ndarray:
         """Tokens each waiting request (by its WaitingFeatures row) is expected to end with."""
         wf = self._wf
-        return wf.tokens[rows] + self._expected_remaining(wf.outputs[rows], wf.left[rows])
+        return wf.tokens[rows] + self.slo.expected_remaining_of(wf.outputs[rows], wf.left[rows])
 
     def _queue_blocks(self, waiting) -> int:
         """Blocks the attainable waiting requests are expected to hold at their end in their smallest
@@ -314,8 +308,12 @@ class AptScheduler(Scheduler):
         if not waiting:
             return 0
         _, w_v, rows = self._waiting_pending(waiting, self._now)
+        return self._blocks_at_end(self._waiting_final(rows[~w_v]))
+
+    def _blocks_at_end(self, final: np.ndarray) -> int:
+        """Blocks requests ending with `final` tokens hold then in their smallest form."""
         per = self.blocks.hidden_block_size if self.hidden_on else self.blocks.block_size
-        return int((-(-self._waiting_final(rows[~w_v]) // per)).sum())
+        return int((-(-final // per)).sum())
 
     def _growth_reserve(self) -> int:
         """Blocks the attainable running requests are expected to add before they end."""
@@ -619,8 +617,7 @@ class AptScheduler(Scheduler):
         absorb growth that, once the pool is full, costs a re-prefill as hidden or a preemption."""
         if not (self.kv_on and self.hidden_on) or not (hidden_value < value).any():
             return None  # no upgrade items
-        queue = int((-(-final[~violators] // self.blocks.hidden_block_size)).sum())
-        return max(0, room - self._expected_growth() - queue)
+        return max(0, room - self._expected_growth() - self._blocks_at_end(final[~violators]))
 
     def _violator_room(self, room: int, violators: np.ndarray) -> int | None:
         """Blocks that violators may take at admission: what the running set is not expected to need

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from aptray.request import Request, RequestStatus
 
 PRIOR_OUTPUT_TOKENS = 128  # expected decode length before any request has finished
@@ -109,3 +111,8 @@ class SloState:
         left = req.sampling.max_tokens - made
         mean = self.mean_output
         return max(0, min(left, int(max(mean - made, MIN_REMAINING_SHARE * mean))))
+
+    def expected_remaining_of(self, made: np.ndarray, left: np.ndarray) -> np.ndarray:
+        """expected_remaining over arrays: per request, the tokens it made and may still make."""
+        mean = self.mean_output
+        return np.clip(np.maximum(mean - made, MIN_REMAINING_SHARE * mean).astype(np.int64), 0, left)
