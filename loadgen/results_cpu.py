@@ -263,8 +263,8 @@ def run(datasets, cvs, rates_by_dataset: dict | None = None, num_requests: int |
     for dataset in datasets:
         ttft, tbt = SLO_SCALE[dataset][0] * prefill, SLO_SCALE[dataset][1] * step
         base = dataset_trace(dataset, num_requests)
+        rates = [float(f"{r * rate_scale:.3g}") for r in rates_by_dataset[dataset]]
         for cv in cvs:
-            rates = [float(f"{r * rate_scale:.3g}") for r in rates_by_dataset[dataset]]
             # bursty arrivals: attainment changes slowly with the rate, so every other rate of the
             # grid, plus two below it (at CV 4 even the grid's lowest rate misses 90% everywhere)
             for k, rate in enumerate(rates if cv <= 1 else [rates[0] / 4, rates[0] / 2] + rates[::2]):
