@@ -10,7 +10,7 @@ import yaml
 from aptray.serve.args import AppArgs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CRD = os.environ.get("APTRAY_RAYSERVICE_CRD", "/work/shared/schemas/ray.io_rayservices.yaml")
+CRD = os.path.join(ROOT, "tests", "data", "kuberay", "ray.io_rayservices.yaml")  # vendored, Apache-2.0
 MANIFESTS = sorted(glob.glob(os.path.join(ROOT, "k8s", "*.yaml")))
 
 
@@ -34,7 +34,7 @@ def _strict(schema):
 
 @pytest.fixture(scope="module")
 def rayservice_schemas():
-    assert os.path.exists(CRD), f"KubeRay CRD not found at {CRD} (shared/schemas beside the repo)"
+    assert os.path.exists(CRD), f"KubeRay CRD not found at {CRD}"
     with open(CRD) as f:
         crd = yaml.safe_load(f)
     return {f"{crd['spec']['group']}/{v['name']}": _strict(v["schema"]["openAPIV3Schema"])

@@ -16,9 +16,9 @@ from aptray.sim.profiles import DEFAULT_PROFILE_DIR
 
 @pytest.fixture
 def profiles_present():
-    # the measured GPU timings are part of the project (shared/data); missing them is a failure, not a skip
+    # the measured GPU timings are vendored with the package; missing them is a failure, not a skip
     assert os.path.isdir(DEFAULT_PROFILE_DIR), \
-        f"vidur profiles not found at {DEFAULT_PROFILE_DIR}: set APTRAY_VIDUR_PROFILES to shared/data/vidur-profiles"
+        f"vidur profiles not found at {DEFAULT_PROFILE_DIR}"
 
 
 needs_profiles = pytest.mark.usefixtures("profiles_present")

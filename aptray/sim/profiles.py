@@ -6,9 +6,9 @@ import glob
 import os
 from dataclasses import dataclass
 
+# vendored with the package (aptray/sim/data/vidur-profiles, MIT: its LICENSE and README say whence)
 DEFAULT_PROFILE_DIR = os.environ.get(
-    "APTRAY_VIDUR_PROFILES",
-    os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "vidur-profiles")))
+    "APTRAY_VIDUR_PROFILES", os.path.join(os.path.dirname(__file__), "data", "vidur-profiles"))
 
 GEMM_OPS = ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj")
 ELEMENTWISE_OPS = ("input_layernorm", "post_attention_layernorm", "mlp_act", "add")
