@@ -8,11 +8,21 @@ from aptray.cache.block_manager import BlockManager
 from aptray.config import EngineConfig
 from aptray.executor.base import Executor
 from aptray.outputs import CompletionOutput, IncrementalDetokenizer, RequestMetrics, RequestOutput
+from aptray.plan import BatchPlan, SeqPlan
 from aptray.request import Request, RequestStatus
 from aptray.sampling_params import SamplingParams
 from aptray.scheduler import make_scheduler
+from aptray.step_quarantine import MAX_FAILED_STEPS, StepQuarantine
 
 logger = logging.getLogger("aptray")
+
+
+class StepFailed(RuntimeError):
+    """The executor failed a whole step (cause: its exception); plan is what it was running."""
+
+    def __init__(self, plan, cause: BaseException):
+        super().__init__(f"step {plan.iteration} failed: {cause!r}")
+        self.plan, self.cause = plan, cause
 
 
 class Engine:
@@ -27,6 +37,7 @@ class Engine:
         self._prompts: dict[str, str | None] = {}
         self._texts: dict[str, str] = {}
         self._stop_detoks: dict[str, IncrementalDetokenizer] = {}  # requests with stop strings
+        self.quarantine = StepQuarantine()
         self.last_result = None
 
     # -- requests ----------------------------------------------------------------------------
@@ -59,6 +70,9 @@ class Engine:
                        prompt: str | None = None, num_preemptions: int = 0) -> Request:
         """Re-admit a request that already generated tokens elsewhere (a fault, a router restart):
         it queues as a recompute preemption, re-prefills prompt + outputs, and goes on sampling."""
+        vocab = self.config.spec.vocab_size
+        if any(not 0 <= t < vocab for t in output_token_ids):  # e.g. a tampered Redis record
+            raise ValueError(f"output token ids must be in [0, {vocab})")
         req = self.add_request(request_id, prompt_token_ids, sampling_params, arrival_time, prompt)
         if output_token_ids:
             req.output_token_ids = list(output_token_ids)
@@ -73,34 +87,108 @@ class Engine:
         self._forget(request_id)
         return req is not None
 
+    def fail(self, request_id: str, why: str) -> RequestOutput | None:
+        """End one request with an error (its output says why); the others go on."""
+        req = self.scheduler.requests.get(request_id)
+        return None if req is None else self._end_with_error(req, why)
+
+    def _end_with_error(self, req: Request, why: str) -> RequestOutput:
+        req.error = why
+        if req.request_id in self.scheduler.requests:
+            self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
+        else:  # it broke after it had finished (its final text, say)
+            req.status = RequestStatus.FINISHED_ERROR
+        out = self._output(req, new=[])
+        self._forget(req.request_id)
+        return out
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def fastest_step_seconds(self, repeats: int = 3) -> float:
+        """The fastest of `repeats` one-token steps: no step of this engine can take less (the floor of
+        the SLOs a server accepts). Call before any request holds blocks: it writes block 0."""
+        plan = BatchPlan(0, (SeqPlan("aptray-probe", (0,), 0, "kv", (0,), True),))
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.executor.execute(plan)
+            best = min(best, time.perf_counter() - start)
+        return best
+
     # -- the loop ----------------------------------------------------------------------------
     def step(self, want_logits: bool = False) -> list[RequestOutput]:
+        """One iteration. Raises StepFailed when the executor fails the whole step (then
+        recover_failed_step, or a shard rebuild, decides what becomes of its requests)."""
         plan = self.scheduler.schedule(self.clock())
+        if self.quarantine:
+            plan = self._one_suspect(plan)
         if plan.is_empty:
             return []
         if want_logits:
             plan = type(plan)(plan.iteration, plan.seqs, plan.conversions, True)
-        result = self.executor.execute(plan)
+        try:
+            result = self.executor.execute(plan)
+        except Exception as e:
+            raise StepFailed(plan, e) from e
         self.last_result = result
-        outputs = []
+        if self.quarantine:
+            self.quarantine.clear(result.sampled)
+        outputs = [out for rid, why in result.errors.items() if (out := self.fail(rid, why)) is not None]
         for req in self.scheduler.update(plan, result, self.clock()):
-            status = self._check_stop(req)
-            if status is not None:
-                self.scheduler.finish(req, status)
-            outputs.append(self._output(req, new=[req.output_token_ids[-1]]))
-            if status is not None:
-                self._forget(req.request_id)
+            try:
+                outputs.append(self._postprocess(req))
+            except Exception as e:  # a detokenizer or stop check that breaks on this request's tokens
+                logger.exception("postprocessing request %s failed", req.request_id)
+                outputs.append(self._end_with_error(req, f"postprocessing failed: {e!r}"))
         return outputs
+
+    def _postprocess(self, req: Request) -> RequestOutput:
+        status = self._check_stop(req)
+        if status is not None:
+            self.scheduler.finish(req, status)
+        out = self._output(req, new=[req.output_token_ids[-1]])
+        if status is not None:
+            self._forget(req.request_id)
+        return out
+
+    def recover_failed_step(self, plan) -> list[RequestOutput]:
+        """After a StepFailed: the step's requests become suspects and go back to the queue as
+        recompute preemptions (what the step wrote may be partial); one in too many failed steps ends
+        with an error. Returns the outputs of those that ended."""
+        involved = [s.request_id for s in plan.seqs] + [c.request_id for c in plan.conversions]
+        doomed = self.quarantine.blame(involved)
+        outputs = []
+        for rid in dict.fromkeys(involved):
+            req = self.scheduler.requests.get(rid)
+            if req is None:
+                continue
+            if rid in doomed:
+                outputs.append(self.fail(rid, f"request failed {MAX_FAILED_STEPS} steps of the engine"))
+            elif req.status is RequestStatus.RUNNING:
+                self.scheduler.preempt(req)
+        return outputs
+
+    def _one_suspect(self, plan):
+        """A plan with at most one quarantined request (StepQuarantine). The others wait: one with
+        computed tokens is simply planned again next step; one the plan was to start is sent back
+        to the queue (a policy plans a running request's chunk only once it has started)."""
+        later = set(self.quarantine.held_back(s.request_id for s in plan.seqs))
+        if not later:
+            return plan
+        for rid in later:
+            req = self.scheduler.requests[rid]
+            if req.num_computed_tokens == 0:
+                self.scheduler.preempt(req)
+        return type(plan)(plan.iteration, tuple(s for s in plan.seqs if s.request_id not in later),
+                          tuple(c for c in plan.conversions if c.request_id not in later), plan.want_logits)
 
     def _check_stop(self, req: Request) -> RequestStatus | None:
         sp, token = req.sampling, req.output_token_ids[-1]
         if not sp.ignore_eos and token == req.eos_token_id:
             req.stop_reason = None
             return RequestStatus.FINISHED_STOPPED
-        if token in sp.stop_token_ids:
+        if token in req.stop_token_set:
             req.stop_reason = token
             return RequestStatus.FINISHED_STOPPED
         if sp.stop and self.tokenizer is not None:
@@ -125,7 +213,9 @@ class Engine:
     def _output(self, req: Request, new: list[int]) -> RequestOutput:
         finished = req.status.finished
         text = ""
-        if finished and isinstance(req.stop_reason, str):
+        if req.status is RequestStatus.FINISHED_ERROR:
+            pass  # its tokens may be what broke decoding: no text
+        elif finished and isinstance(req.stop_reason, str):
             text = self._texts[req.request_id]  # already cut at the stop string
         elif finished and self.tokenizer is not None:
             text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
@@ -137,9 +227,10 @@ class Engine:
         if finished:
             metrics = RequestMetrics(req.arrival_time, req.first_token_time, list(req.token_times), req.num_preemptions)
         return RequestOutput(req.request_id, self._prompts.get(req.request_id), req.prompt_token_ids,
-                             [completion], finished, metrics, new)
+                             [completion], finished, metrics, new, req.error)
 
     def _forget(self, request_id: str) -> None:
+        self.quarantine.forget(request_id)
         self._prompts.pop(request_id, None)
         self._texts.pop(request_id, None)
         self._stop_detoks.pop(request_id, None)

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import itertools
+import logging
 
 from transformers import AutoTokenizer
 
 from aptray.config import EngineConfig
-from aptray.engine import Engine
+from aptray.engine import Engine, StepFailed
 from aptray.executor.local import LocalExecutor
 from aptray.outputs import RequestOutput
 from aptray.sampling_params import SamplingParams
+
+logger = logging.getLogger("aptray")
 
 
 class LLM:
@@ -60,7 +63,12 @@ class LLM:
             from tqdm import tqdm
             bar = tqdm(total=len(order), desc="generate")
         while self.engine.has_unfinished():
-            for out in self.engine.step():
+            try:
+                outputs = self.engine.step()
+            except StepFailed as e:  # its requests are retried in isolation; one that keeps failing ends
+                logger.warning("%s: retrying its requests one suspect at a time", e)
+                outputs = self.engine.recover_failed_step(e.plan)
+            for out in outputs:
                 if out.finished:
                     done[out.request_id] = out
                     if bar is not None:

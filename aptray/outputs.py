@@ -11,7 +11,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]  # while running: the request's live list (copy it to keep it)
-    finish_reason: str | None = None  # "stop", "length", "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort", "error"
     stop_reason: str | int | None = None
 
 
@@ -32,6 +32,7 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None  # on the finished output only
     new_token_ids: list[int] = field(default_factory=list)  # tokens added by this step (streaming)
+    error: str | None = None  # finish_reason "error": what went wrong for this request
 
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")

@@ -62,3 +62,4 @@ class StepResult:
     sampled: dict[str, int] = field(default_factory=dict)  # request_id -> next token
     step_time: float = 0.0  # seconds the shards spent on the step
     logits: dict | None = None  # request_id -> logits row, when the plan asked
+    errors: dict[str, str] = field(default_factory=dict)  # request_id -> why its row failed (that request only)

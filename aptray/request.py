@@ -18,10 +18,11 @@ class RequestStatus(str, enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # something went wrong for this request alone (its `error` says what)
 
     @property
     def finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
 
 
 @dataclass(eq=False)
@@ -42,6 +43,11 @@ class Request:
     token_times: list[float] = field(default_factory=list)
     num_preemptions: int = 0
     stop_reason: str | int | None = None
+    error: str | None = None  # why it ended with FINISHED_ERROR
+    stop_token_set: frozenset[int] = frozenset()  # sampling.stop_token_ids: an O(1) check per token
+
+    def __post_init__(self) -> None:
+        self.stop_token_set = frozenset(self.sampling.stop_token_ids)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -1,7 +1,12 @@
 """SamplingParams: what a client asks of one generation (vLLM's names and defaults)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Temperatures below this sample greedily (vLLM's rule): dividing logits by a vanishing temperature
+# overflows to inf and makes the softmax NaN.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -24,7 +29,7 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not 0.0 <= self.temperature <= 100.0:
+        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 100.0:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -36,9 +41,9 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty")
         for name in ("ttft_slo", "tbt_slo"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be a positive number of seconds, got {value}")
+            if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ValueError(f"{name} must be a positive, finite number of seconds, got {value}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE

@@ -1,9 +1,16 @@
-"""Token sampling: greedy, temperature, top-k, top-p; seeded requests get reproducible draws."""
+"""Token sampling: greedy, temperature, top-k, top-p; seeded requests get reproducible draws.
+
+One request's sampling can never fail another's: each row is sampled on its own, and a row whose
+probabilities are not a distribution (non-finite logits from the model) is reported as that
+request's error instead of reaching torch.multinomial, which raises on CPU and may trip a
+device-side assert on CUDA.
+"""
 from __future__ import annotations
 
 import torch
 
 from aptray.plan import SeqPlan
+from aptray.sampling_params import MIN_TEMPERATURE
 
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -12,24 +19,39 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the smallest set reaching top_p
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # keep the smallest set reaching top_p; the most likely token is always kept, so a vanishing
+        # top_p samples greedily instead of leaving nothing to sample from
+        drop = probs.cumsum(-1) - probs >= top_p
+        drop[0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return logits
 
 
-def sample(logits: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator) -> list[int]:
-    """One token per row of logits [N, V] (fp32), row i sampled as seqs[i] asks."""
+def _draw(row: torch.Tensor, seq: SeqPlan, generator: torch.Generator) -> int:
+    probs = torch.softmax(_filter(row / seq.temperature, seq.top_k, seq.top_p), dim=-1)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+        raise ValueError("the model's logits are not finite for this request: nothing to sample from")
+    gen = generator
+    if seq.seed is not None:  # the same seed gives the same tokens, whatever else is in the batch
+        gen = torch.Generator(device=row.device).manual_seed(seq.seed * 1_000_003 + seq.sample_index)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def sample(logits: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator
+           ) -> tuple[list[int | None], dict[int, str]]:
+    """One token per row of logits [N, V] (fp32), row i sampled as seqs[i] asks. Returns the tokens
+    (None where a row failed) and the failed rows' errors by row index."""
     greedy = logits.argmax(dim=-1).tolist()
-    out = []
+    out: list[int | None] = []
+    errors: dict[int, str] = {}
     for row, seq in enumerate(seqs):
-        if seq.temperature == 0.0:
+        if seq.temperature < MIN_TEMPERATURE:
             out.append(greedy[row])
             continue
-        filtered = _filter(logits[row] / seq.temperature, seq.top_k, seq.top_p)
-        probs = torch.softmax(filtered, dim=-1)
-        gen = generator
-        if seq.seed is not None:  # the same seed gives the same tokens, whatever else is in the batch
-            gen = torch.Generator(device=logits.device).manual_seed(seq.seed * 1_000_003 + seq.sample_index)
-        out.append(int(torch.multinomial(probs, 1, generator=gen)))
-    return out
+        try:
+            out.append(_draw(logits[row], seq, generator))
+        except (ValueError, RuntimeError) as e:
+            out.append(None)
+            errors[row] = f"sampling failed: {e}"
+    return out, errors

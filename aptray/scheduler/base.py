@@ -58,6 +58,10 @@ class Scheduler:
             self.finish(req, RequestStatus.FINISHED_ABORTED)
         return req
 
+    def preempt(self, req: Request) -> None:
+        """Send a running request back to the queue by recompute (the engine's failure paths)."""
+        self._preempt(req)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

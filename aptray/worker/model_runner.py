@@ -76,8 +76,9 @@ class ModelRunner:
             logits = self.model.compute_logits(h[ctx.sample_rows]).float()
             sampled = [s for s in plan.seqs if s.sample]
             if self.rank == 0 and sampled:
-                tokens = sample(logits, sampled, self.generator)
-                result.sampled = {s.request_id: t for s, t in zip(sampled, tokens)}
+                tokens, errors = sample(logits, sampled, self.generator)
+                result.sampled = {s.request_id: t for s, t in zip(sampled, tokens) if t is not None}
+                result.errors = {sampled[row].request_id: why for row, why in errors.items()}
                 if plan.want_logits:
                     result.logits = {s.request_id: logits[i].cpu() for i, s in enumerate(sampled)}
         if self.device.type == "cuda":
