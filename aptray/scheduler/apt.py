@@ -21,7 +21,7 @@ from aptray.request import CacheKind, Request, RequestStatus
 from aptray.scheduler.base import Scheduler
 from aptray.scheduler.greedy import HIDDEN, KV, Budgets, Candidates, select
 from aptray.scheduler.slo_state import SloState
-from aptray.scheduler.step_cost import PF, REP, SEQ, TOK, StepCostModel, tbt_token_budget
+from aptray.scheduler.step_cost import PF, REP, SEQ, TOK, StepCostModel, binding_tbt_budget
 
 # Share of the running set's expected growth (blocks it will add before it ends) kept out of
 # admission; 0 = admit while blocks are free (vLLM), and decoding preempts when they run out.
@@ -36,7 +36,6 @@ LOAD_SIGMAS = 2.0  # KV for everyone must fit the pool this many standard deviat
 PRICE_DECAY = 0.98  # EWMA of the price of hidden (about the last 50 steps)
 
 
-_tbt_slo = attrgetter("tbt_slo")
 _prompt = attrgetter("prompt_token_ids")
 _output = attrgetter("output_token_ids")
 _computed = attrgetter("num_computed_tokens")
@@ -631,6 +630,7 @@ class AptScheduler(Scheduler):
         tables = self.blocks.tables
         hidden = sum(len(tables.get(r.request_id, ())) for r in compress(self.running, hidden_rows))
         kv = self.blocks.num_blocks - self.blocks.num_free - hidden  # only running requests hold blocks
-        slo = min(map(_tbt_slo, self.running), default=self.config.tbt_slo)
-        return tbt_token_budget(self.cost, self.config.max_num_batched_tokens, slo, num_decodes, kv, hidden,
-                                self.blocks.block_size, int(hidden_rows.sum()))
+        lost = self.slo.lost  # requests that miss whatever happens size no step
+        slos = [r.tbt_slo for r in self.running if r.request_id not in lost] or [self.config.tbt_slo]
+        return binding_tbt_budget(self.cost, self.config.max_num_batched_tokens, slos, num_decodes, kv, hidden,
+                                  self.blocks.block_size, int(hidden_rows.sum()))

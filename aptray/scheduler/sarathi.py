@@ -4,7 +4,8 @@ The token budget bounds every iteration's length, hence the gap between a decodi
 tokens. Sarathi-Serve picks it offline from profiling so that an iteration fits the TBT SLO; here
 it is learned online: the step-cost model fitted to measured step times predicts the step's time
 from its tokens and the blocks its decodes read, and the budget is the most tokens that keep the
-prediction within 0.8 x the tightest TBT SLO among the running requests, capped by
+prediction within 0.8 x the tightest TBT SLO among the running requests (of those that leave room
+for prefills: step_cost.binding_tbt_budget), capped by
 max_num_batched_tokens (which is also the budget until the model is calibrated).
 Memory runs out: preempt the newest running request by recompute, as vLLM does.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from aptray.request import RequestStatus
 from aptray.scheduler.base import Scheduler
-from aptray.scheduler.step_cost import StepCostModel, tbt_token_budget
+from aptray.scheduler.step_cost import StepCostModel, binding_tbt_budget
 
 
 class SarathiScheduler(Scheduler):
@@ -63,7 +64,7 @@ class SarathiScheduler(Scheduler):
                 hidden += len(table)
             else:
                 kv += len(table)
-        slo = min((r.tbt_slo for r in self.running), default=self.config.tbt_slo)
-        self.token_budget = tbt_token_budget(self.cost, self.config.max_num_batched_tokens, slo, num_decodes,
-                                             kv, hidden, self.blocks.block_size)
+        slos = [r.tbt_slo for r in self.running] or [self.config.tbt_slo]
+        self.token_budget = binding_tbt_budget(self.cost, self.config.max_num_batched_tokens, slos, num_decodes,
+                                               kv, hidden, self.blocks.block_size)
         return self.token_budget

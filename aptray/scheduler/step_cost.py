@@ -196,3 +196,24 @@ def tbt_token_budget(cost: StepCostModel, configured: int, tbt_slo: float, num_d
     else:
         prefill = int(room / c_tok)
     return max(num_decodes + floor, min(configured, num_decodes + prefill))
+
+
+# A request's TBT SLO sizes the step only while a step of that length still leaves this share of
+# max_num_batched_tokens to prefills: a tighter SLO (a client may ask for anything above the
+# server's floor) would starve every waiting request's prefill for one request's gaps. Such a
+# request is treated as lost for the budget: it still runs, and misses.
+MIN_PREFILL_SHARE = 1 / 8
+
+
+def binding_tbt_budget(cost: StepCostModel, configured: int, tbt_slos, num_decodes: int, kv_blocks: int,
+                       hidden_blocks: int, floor: int, hidden_decodes: int = 0) -> int:
+    """tbt_token_budget for the tightest of tbt_slos (the running requests' SLOs, at least one) whose
+    budget keeps MIN_PREFILL_SHARE of the configured tokens for prefills; if none does (the decodes
+    alone fill the steps), the loosest one's."""
+    least = num_decodes + max(floor, int(configured * MIN_PREFILL_SHARE))
+    for slo in sorted(set(tbt_slos)):
+        budget = tbt_token_budget(cost, configured, slo, num_decodes, kv_blocks, hidden_blocks, floor,
+                                  hidden_decodes)
+        if budget >= least:
+            break
+    return budget
