@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 import threading
+import uuid
 
 import grpc
 
@@ -12,11 +14,16 @@ from aptray.executor.base import Executor
 from aptray.plan import BatchPlan, StepResult
 from aptray.proto import shard_pb2
 from aptray.proto.convert import plan_to_proto, result_from_proto
+from aptray.worker.shard_auth import SECRET_METADATA
 
 logger = logging.getLogger("aptray")
 
 PLAN_METHOD = "/aptray.shard.v1.Shard/Plan"
 STEP_TIMEOUT_S = 600.0  # a long CPU prefill is slow, a hung collective must still surface
+
+
+class ShardStepError(RuntimeError):
+    """A rank answered a plan with an error: the others may be waiting in a collective."""
 
 
 def _config_kwargs(config: EngineConfig, model_is_default: bool) -> dict:
@@ -42,6 +49,10 @@ def _remove_leftover_group(name: str, timeout_s: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def _target(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
 class RayExecutor(Executor):
     def __init__(self, config: EngineConfig, use_gpu: bool | None = None, model_is_default: bool = False,
                  cpus_per_shard: float = 1.0, start_timeout_s: float = 600.0, pg_name: str | None = None):
@@ -65,16 +76,24 @@ class RayExecutor(Executor):
         ray.get(self.pg.ready(), timeout=start_timeout_s)
         actor_cls = ray.remote(ShardWorker)
         kwargs = _config_kwargs(config, model_is_default)
+        # named for operators and fault drills (ray list actors); unique, since a killed group's
+        # actors may still hold their names while this one starts
+        group = f"aptray-shard-{uuid.uuid4().hex[:8]}"
         self.shards = [
             actor_cls.options(
-                num_cpus=cpus_per_shard, num_gpus=1 if use_gpu else 0,
+                name=f"{group}-rank{rank}", num_cpus=cpus_per_shard, num_gpus=1 if use_gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
             ).remote(kwargs, rank, tp, use_gpu, max(1, int(cpus_per_shard)))
             for rank in range(tp)]
+        # no secret, no Plan(): anything else on the cluster network that finds a shard's port is refused
+        secret = secrets.token_urlsafe(32)
+        self.metadata = ((SECRET_METADATA, secret),)
         master_addr, master_port = ray.get(self.shards[0].node_address.remote())
-        endpoints = ray.get([s.start.remote(master_addr, master_port) for s in self.shards], timeout=start_timeout_s)
+        endpoints = ray.get([s.start.remote(master_addr, master_port, secret) for s in self.shards],
+                            timeout=start_timeout_s)
         self.num_blocks = min(n for _, _, n in endpoints)
-        self.channels = [grpc.insecure_channel(f"{ip}:{port}", options=GRPC_OPTIONS) for ip, port, _ in endpoints]
+        self.endpoints = [(ip, port) for ip, port, _ in endpoints]
+        self.channels = [grpc.insecure_channel(_target(ip, port), options=GRPC_OPTIONS) for ip, port, _ in endpoints]
         # raw-bytes callables: the plan is serialised once and the same bytes go to every rank
         self.plan_calls = [ch.unary_unary(PLAN_METHOD, request_serializer=None,
                                           response_deserializer=shard_pb2.StepResult.FromString)
@@ -88,33 +107,35 @@ class RayExecutor(Executor):
         from aptray.proto import shard_pb2_grpc
         from aptray.proto.convert import PLAN_VERSION
         for ch in self.channels:
-            info = shard_pb2_grpc.ShardStub(ch).Info(shard_pb2.ShardInfoRequest(), timeout=30)
+            info = shard_pb2_grpc.ShardStub(ch).Info(shard_pb2.ShardInfoRequest(), timeout=30, metadata=self.metadata)
             if info.version != PLAN_VERSION:
                 raise RuntimeError(f"shard rank {info.rank} speaks plan version {info.version}, "
                                    f"the router {PLAN_VERSION}")
 
     def execute(self, plan: BatchPlan) -> StepResult:
         payload = plan_to_proto(plan).SerializeToString()
-        pending = [call.future(payload, timeout=STEP_TIMEOUT_S) for call in self.plan_calls]
+        pending = [call.future(payload, timeout=STEP_TIMEOUT_S, metadata=self.metadata) for call in self.plan_calls]
         replies = self._gather(pending)
         self.last_step_times = [r.step_time for r in replies]  # per rank: shows stragglers
-        for reply in replies[1:]:
-            if reply.error:
-                raise RuntimeError(f"shard step failed: {reply.error}")
         return result_from_proto(replies[0])
 
     @staticmethod
     def _gather(pending: list) -> list:
-        """All replies, but fail as soon as any rank fails: a dead rank leaves the others blocked
-        in a collective, so waiting on rank 0 first would hang until the step timeout."""
+        """All replies, but fail as soon as any rank fails, by a transport error or an error reply: a
+        failed rank leaves the others blocked in a collective, so waiting for them would hang until
+        the step timeout."""
         arrived = threading.Semaphore(0)
         for f in pending:
             f.add_done_callback(lambda _: arrived.release())
         for _ in pending:
             arrived.acquire()
             for f in pending:
-                if f.done() and f.exception() is not None:
+                if not f.done():
+                    continue
+                if f.exception() is not None:
                     raise f.exception()
+                if f.result().error:
+                    raise ShardStepError(f"shard step failed: {f.result().error}")
         return [f.result() for f in pending]
 
     def alive(self, timeout_s: float = 2.0) -> bool:
@@ -122,7 +143,8 @@ class RayExecutor(Executor):
         from aptray.proto import shard_pb2_grpc
         try:
             for ch in self.channels:
-                shard_pb2_grpc.ShardStub(ch).Info(shard_pb2.ShardInfoRequest(), timeout=timeout_s)
+                shard_pb2_grpc.ShardStub(ch).Info(shard_pb2.ShardInfoRequest(), timeout=timeout_s,
+                                                  metadata=self.metadata)
         except grpc.RpcError:
             return False
         return True

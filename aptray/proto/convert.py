@@ -4,7 +4,7 @@ from __future__ import annotations
 from aptray.plan import BatchPlan, ConversionPlan, SeqPlan, StepResult
 from aptray.proto import shard_pb2
 
-PLAN_VERSION = 1  # bump with any incompatible change to shard.proto
+PLAN_VERSION = 2  # bump with any incompatible change to shard.proto
 
 
 class PlanVersionError(ValueError):
@@ -60,6 +60,7 @@ def _row_to_floats(row) -> list[float]:
 def result_to_proto(r: StepResult, error: str = "") -> shard_pb2.StepResult:
     msg = shard_pb2.StepResult(version=PLAN_VERSION, step_time=r.step_time, error=error)
     msg.sampled.update({k: int(v) for k, v in r.sampled.items()})
+    msg.request_errors.update(r.errors)
     if r.logits is not None:
         msg.has_logits = True
         for rid, row in r.logits.items():
@@ -73,4 +74,5 @@ def result_from_proto(m: shard_pb2.StepResult) -> StepResult:
     if m.error:
         raise RuntimeError(f"shard step failed: {m.error}")
     logits = {rid: list(row.values) for rid, row in m.logits.items()} if m.has_logits else None
-    return StepResult(sampled=dict(m.sampled), step_time=m.step_time, logits=logits)
+    return StepResult(sampled=dict(m.sampled), step_time=m.step_time, logits=logits,
+                      errors=dict(m.request_errors))

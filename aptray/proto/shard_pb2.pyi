@@ -67,7 +67,7 @@ class LogitsRow(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("version", "sampled", "step_time", "has_logits", "logits", "error")
+    __slots__ = ("version", "sampled", "step_time", "has_logits", "logits", "error", "request_errors")
     class SampledEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -82,19 +82,28 @@ class StepResult(_message.Message):
         key: str
         value: LogitsRow
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[LogitsRow, _Mapping]] = ...) -> None: ...
+    class RequestErrorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     STEP_TIME_FIELD_NUMBER: _ClassVar[int]
     HAS_LOGITS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ERRORS_FIELD_NUMBER: _ClassVar[int]
     version: int
     sampled: _containers.ScalarMap[str, int]
     step_time: float
     has_logits: bool
     logits: _containers.MessageMap[str, LogitsRow]
     error: str
-    def __init__(self, version: _Optional[int] = ..., sampled: _Optional[_Mapping[str, int]] = ..., step_time: _Optional[float] = ..., has_logits: _Optional[bool] = ..., logits: _Optional[_Mapping[str, LogitsRow]] = ..., error: _Optional[str] = ...) -> None: ...
+    request_errors: _containers.ScalarMap[str, str]
+    def __init__(self, version: _Optional[int] = ..., sampled: _Optional[_Mapping[str, int]] = ..., step_time: _Optional[float] = ..., has_logits: _Optional[bool] = ..., logits: _Optional[_Mapping[str, LogitsRow]] = ..., error: _Optional[str] = ..., request_errors: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ShardInfoRequest(_message.Message):
     __slots__ = ()

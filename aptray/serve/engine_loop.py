@@ -14,9 +14,8 @@ import time
 from collections import Counter, OrderedDict
 from dataclasses import asdict
 
-import grpc
-
 from aptray.config import EngineConfig
+from aptray.engine import StepFailed
 from aptray.metrics import ServingMetrics
 from aptray.sampling_params import SamplingParams
 from aptray.serve.args import AppArgs
@@ -89,12 +88,17 @@ class EngineLoop(RecoveryMixin):
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as e:
-                if self._shards_lost(e):
-                    self.rebuild_shards(repr(e))
-                else:  # a plan the shards refused fails its requests, not the replica
+            except StepFailed as e:
+                if self._on_shards():  # their collectives may be half-way: a new group, then resume
+                    self.rebuild_shards(repr(e.cause), failed_plan=e.plan)
+                else:  # retried one suspect at a time (StepQuarantine); the others go on
                     logger.exception("engine step failed")
-                    self.fail_all(repr(e))
+                    self._publish(self.engine.recover_failed_step(e.plan))
+                self._hand_off()
+                continue
+            except Exception as e:  # the scheduler itself broke: nothing can be trusted to go on
+                logger.exception("engine loop failed")
+                self.fail_all(repr(e))
                 self._hand_off()
                 continue
             self.rebuilds_in_a_row = 0
@@ -109,11 +113,10 @@ class EngineLoop(RecoveryMixin):
             chunks, self._out = self._out, []
             self.outbox.put(chunks)
 
-    def _shards_lost(self, e: Exception) -> bool:
-        # a transport error, or a rank whose collective broke because a peer died (shard actors only:
-        # a model running in this process has no peer to lose)
-        alive = getattr(self.executor, "alive", None)
-        return alive is not None and (isinstance(e, grpc.RpcError) or not alive())
+    def _on_shards(self) -> bool:
+        """The model runs in shard actors (not in this process): a failed step may have left their
+        collectives half-way, so the group is rebuilt."""
+        return hasattr(self.executor, "alive")
 
     def _drain_inbox(self) -> None:
         changed = False
@@ -183,24 +186,34 @@ class EngineLoop(RecoveryMixin):
         # tokens first, then finishes: a finish shortens the keys' TTL and must be the last write
         self.writer.tokens({o.request_id: list(o.new_token_ids) for o in outputs})
         for out in outputs:
-            rid, completion = out.request_id, out.outputs[0]
-            stream = self.streams.get(rid)
-            if out.finished:
-                m, reason = out.metrics, completion.finish_reason
-                self.metrics.observe_finished(m.arrival_time, m.token_times, *self._slos(stream), reason)
-                self.writer.finish(rid, reason)
-                self.streams.pop(rid, None)
-                self.resumes.pop(rid, None)
-                if stream is not None and not stream.attached:
-                    self.unclaim(rid, completion.token_ids, completion.text, reason)
-            if stream is None or not stream.attached:
-                continue
-            if out.finished:  # the engine's final text is cut at a stop string
-                new, text = stream.finish(completion.token_ids, completion.text)
-                self._out.append(stream.chunk(rid, new, text, completion.finish_reason))
-            else:
-                new = list(out.new_token_ids)
-                self._out.append(stream.chunk(rid, new, stream.advance(new)))
+            try:
+                self._publish_one(out)
+            except Exception as e:  # e.g. its tokens broke the detokenizer: that request alone ends
+                logger.exception("relaying request %s failed", out.request_id)
+                self.fail(out.request_id, f"relaying the output failed: {e!r}")
+
+    def _publish_one(self, out) -> None:
+        rid, completion = out.request_id, out.outputs[0]
+        stream = self.streams.get(rid)
+        if completion.finish_reason == "error":
+            self.fail(rid, out.error or "the request failed", ended=True)
+            return
+        if out.finished:
+            m, reason = out.metrics, completion.finish_reason
+            self.metrics.observe_finished(m.arrival_time, m.token_times, *self._slos(stream), reason)
+            self.writer.finish(rid, reason)
+            self.streams.pop(rid, None)
+            self.resumes.pop(rid, None)
+            if stream is not None and not stream.attached:
+                self.unclaim(rid, completion.token_ids, completion.text, reason)
+        if stream is None or not stream.attached:
+            return
+        if out.finished:  # the engine's final text is cut at a stop string
+            new, text = stream.finish(completion.token_ids, completion.text)
+            self._out.append(stream.chunk(rid, new, text, completion.finish_reason))
+        else:
+            new = list(out.new_token_ids)
+            self._out.append(stream.chunk(rid, new, stream.advance(new)))
 
     def _slos(self, stream: ClientStream | None) -> tuple[float, float]:
         return (stream.ttft_slo, stream.tbt_slo) if stream else (self.config.ttft_slo, self.config.tbt_slo)
@@ -215,8 +228,10 @@ class EngineLoop(RecoveryMixin):
         while len(self.unclaimed) > MAX_UNCLAIMED:
             self.unclaimed.popitem(last=False)
 
-    def fail(self, rid: str, why: str, status: int = 500) -> None:
-        self.engine.abort(rid)
+    def fail(self, rid: str, why: str, status: int = 500, ended: bool = False) -> None:
+        """End one request with an error (ended: the engine has ended it already)."""
+        if not ended:
+            self.engine.abort(rid)
         self.resumes.pop(rid, None)
         self.writer.finish(rid, "error")
         stream = self.streams.pop(rid, None)

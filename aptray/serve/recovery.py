@@ -53,8 +53,11 @@ class RecoveryMixin:
         if left:
             logger.warning("router restart: resumed %d requests from the store", len(left))
 
-    def rebuild_shards(self, why: str) -> None:
-        """New shard actors and a new engine; every request goes on from the tokens it has."""
+    def rebuild_shards(self, why: str, failed_plan=None) -> None:
+        """New shard actors and a new engine; every request goes on from the tokens it has.
+        failed_plan: the step that failed, whose requests become suspects (StepQuarantine)."""
+        if failed_plan is not None:
+            self._publish(self.engine.recover_failed_step(failed_plan))
         self.rebuilds_in_a_row += 1
         if self.rebuilds_in_a_row > self.args.max_shard_rebuilds:
             self.broken = f"shard group lost {self.rebuilds_in_a_row} times in a row: {why}"
@@ -66,8 +69,10 @@ class RecoveryMixin:
         snapshot = sorted((from_request(r) for r in self.engine.scheduler.requests.values()),
                           key=lambda r: r.arrival_time)
         self.executor.shutdown(graceful=False)
+        quarantine = self.engine.quarantine
         try:
             self.start_engine()
+            self.engine.quarantine = quarantine
         except Exception as e:
             logger.exception("shard group rebuild failed")
             self.broken = f"shard group could not be rebuilt: {e!r}"

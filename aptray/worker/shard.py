@@ -16,6 +16,7 @@ import grpc
 
 from aptray.proto import shard_pb2, shard_pb2_grpc
 from aptray.proto.convert import PLAN_VERSION, plan_from_proto, result_to_proto
+from aptray.worker.shard_auth import SecretCheck
 
 logger = logging.getLogger("aptray")
 
@@ -56,6 +57,7 @@ class _ShardService(shard_pb2_grpc.ShardServicer):
 
     def Plan(self, request, context):
         try:
+            self.worker.take_injected_fault()
             result = self.worker.runner.execute(plan_from_proto(request))
         except Exception as e:  # the router turns this into an error for the step, not a hang
             logger.exception("rank %d failed plan %d", self.worker.rank, request.iteration)
@@ -77,14 +79,16 @@ class ShardWorker:
         self.num_threads = num_threads
         self.runner = None
         self.server = None
+        self.injected_faults = 0  # plans to fail on purpose (fail_next_plans: fault drills, tests)
 
     def node_address(self) -> tuple[str, int]:
         """This node's IP and a free port: rank 0's pair is the torch.distributed rendezvous."""
         import ray
         return ray.util.get_node_ip_address(), free_port()
 
-    def start(self, master_addr: str, master_port: int) -> tuple[str, int, int]:
-        """Join the process group, build the shard, serve gRPC; returns (ip, port, num_blocks)."""
+    def start(self, master_addr: str, master_port: int, secret: str) -> tuple[str, int, int]:
+        """Join the process group, build the shard, serve gRPC on this node's address to callers that
+        present the router's secret; returns (ip, port, num_blocks)."""
         import ray
         import torch
 
@@ -107,11 +111,23 @@ class ShardWorker:
             torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
         self.runner = ModelRunner(config, self.rank, self.world_size, device=device)
         # one worker thread: plans must run in the order they arrive, in lockstep with the other ranks
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=GRPC_OPTIONS)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=GRPC_OPTIONS,
+                                  interceptors=[SecretCheck(secret)])
         shard_pb2_grpc.add_ShardServicer_to_server(_ShardService(self), self.server)
-        port = self.server.add_insecure_port("0.0.0.0:0")
+        ip = ray.util.get_node_ip_address()
+        port = self.server.add_insecure_port(f"[{ip}]:0" if ":" in ip else f"{ip}:0")
         self.server.start()
-        return ray.util.get_node_ip_address(), port, self.runner.num_blocks
+        return ip, port, self.runner.num_blocks
+
+    def fail_next_plans(self, count: int = 1) -> None:
+        """Fault drill: this rank answers its next `count` plans with an error, as a rank whose
+        model raised would (the router must fail the step fast and resume its requests)."""
+        self.injected_faults = count
+
+    def take_injected_fault(self) -> None:
+        if self.injected_faults > 0:
+            self.injected_faults -= 1
+            raise RuntimeError("fault injected by fail_next_plans")
 
     def stop(self) -> None:
         if self.server is not None:
