@@ -11,12 +11,12 @@ import grpc
 from aptray.proto import generate_pb2, generate_pb2_grpc
 
 
-def build_request(prompt: str | list[int], request_id: str = "", max_tokens: int | None = None,
+def build_request(prompt: str | list[int], client_request_id: str = "", max_tokens: int | None = None,
                   temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                   stop: list[str] | None = None, stop_token_ids: list[int] | None = None, seed: int | None = None,
                   ignore_eos: bool = False, ttft_ms: float | None = None,
                   tbt_ms: float | None = None) -> generate_pb2.GenerateRequest:
-    req = generate_pb2.GenerateRequest(version=1, request_id=request_id)
+    req = generate_pb2.GenerateRequest(version=1, client_request_id=client_request_id)
     if isinstance(prompt, str):
         req.prompt = prompt
     else:

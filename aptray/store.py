@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,12 @@ import redis
 FINISHED = ("stop", "length", "abort", "error", "rejected")
 # a dead or hung Redis must surface as an error within seconds, never as a hang
 SOCKET_TIMEOUT_S = 2.0
+# ids the server makes (openai_api.new_id): no ':' or '*', so no key of one request can be another's
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
+def valid_request_id(rid: str) -> bool:
+    return isinstance(rid, str) and _REQUEST_ID.fullmatch(rid) is not None
 
 
 @dataclass
@@ -100,6 +107,8 @@ class RequestStore:
 
     # -- keys ---------------------------------------------------------------------------------
     def _k(self, rid: str, part: str = "") -> str:
+        if not valid_request_id(rid):
+            raise ValueError(f"malformed request id {rid[:40]!r}")
         return f"{self.prefix}req:{rid}{':' + part if part else ''}"
 
     @property

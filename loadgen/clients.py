@@ -333,7 +333,7 @@ class GrpcStreamClient(Client):
         times, status = [], "unfinished"
         try:
             async with asyncio.timeout(self.timeout):
-                async for reply in client.generate(remote_prompt(r), request_id=r.request_id,
+                async for reply in client.generate(remote_prompt(r), client_request_id=r.request_id,
                                                    max_tokens=r.num_decode_tokens, temperature=0.0, ignore_eos=True,
                                                    ttft_ms=ttft * 1000, tbt_ms=tbt * 1000):
                     now = time.perf_counter()

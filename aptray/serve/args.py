@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 
 
 _OPTIONAL_INTS = ("num_cache_blocks", "max_prompt_tokens", "max_tokens_limit")
+_OPTIONAL_FLOATS = ("min_ttft_slo_ms", "min_tbt_slo_ms")
 EXECUTORS = ("auto", "local", "ray")
 
 
@@ -42,6 +43,9 @@ class AppArgs:
     max_body_bytes: int = 1 << 20  # HTTP request bodies over this get 413
     max_prompt_tokens: int | None = None  # None: the model context minus one
     max_tokens_limit: int | None = None  # largest max_tokens a request may ask; None: the context
+    # least per-request SLOs accepted (400 below); None: the engine's fastest step, measured at start
+    min_ttft_slo_ms: float | None = None
+    min_tbt_slo_ms: float | None = None
     # -- fault recovery --
     max_shard_rebuilds: int = 3  # shard-group rebuilds in a row without a good step before giving up
     max_resumes_per_request: int = 3  # a request that keeps killing shards ends with an error
@@ -64,7 +68,7 @@ class AppArgs:
                 v = v.lower() in ("1", "true", "yes")
             elif isinstance(v, str) and (isinstance(default, int) or k in _OPTIONAL_INTS):
                 v = int(v)
-            elif isinstance(v, str) and isinstance(default, float):
+            elif isinstance(v, str) and (isinstance(default, float) or k in _OPTIONAL_FLOATS):
                 v = float(v)
             out[k] = v
         parsed = cls(**out)

@@ -1,6 +1,7 @@
 """generate.proto handlers for the ingress (Serve's gRPC proxy calls Ingress.Generate/Abort/Health)."""
 from __future__ import annotations
 
+import hmac
 import logging
 from contextlib import aclosing
 
@@ -10,7 +11,7 @@ from aptray.proto import generate_pb2
 from aptray.proto.convert import PLAN_VERSION
 from aptray.serve.openai_api import new_id
 from aptray.serve.relay import Rejected
-from aptray.serve.security import grpc_key, key_ok
+from aptray.serve.security import grpc_key, identity, key_ok
 
 logger = logging.getLogger("aptray")
 API_VERSION = 1  # GenerateRequest.version this server speaks (0: unset, taken as 1)
@@ -19,10 +20,13 @@ _STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENT
            429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 
 
-def _check_key(ingress, ctx) -> None:
+def _caller(ingress, ctx) -> str:
+    """The caller's identity (security.identity); raises 401 without a valid key where keys are on."""
     keys = ingress.args.api_key_set()
-    if keys and not key_ok(keys, grpc_key(ctx.invocation_metadata() if ctx is not None else None)):
+    presented = grpc_key(ctx.invocation_metadata() if ctx is not None else None)
+    if keys and not key_ok(keys, presented):
         raise Rejected("a valid API key is required (metadata authorization: Bearer <key>)", 401)
+    return identity(keys, presented)
 
 
 def _fail(ctx, status: int, message: str) -> None:
@@ -42,26 +46,31 @@ def sampling_from_proto(req: generate_pb2.GenerateRequest) -> dict:
 
 
 async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
-    rid = req.request_id or new_id("gen")
+    rid = new_id("gen")  # the server's own: a client's id is only a label, echoed back
+    label = req.client_request_id
     try:
-        _check_key(ingress, ctx)
+        owner = _caller(ingress, ctx)
         if req.version > API_VERSION:
             raise Rejected(f"request version {req.version}; this server speaks {API_VERSION}", 400)
-        if len(req.request_id) > 128:
-            raise Rejected("request_id is over 128 characters", 400)
+        if len(label) > 128:
+            raise Rejected("client_request_id is over 128 characters", 400)
+        sampling = sampling_from_proto(req)
         if req.WhichOneof("input") == "prompt":
             if len(req.prompt.encode()) > ingress.args.max_body_bytes:
                 raise Rejected(f"the prompt is over {ingress.args.max_body_bytes} bytes", 413)
-            prompt, ids = req.prompt, ingress.tokenizer.encode(req.prompt)
+            ingress.check_size(sampling, prompt_chars=len(req.prompt))
+            prompt, ids = req.prompt, await ingress.off_loop(ingress.tokenizer.encode, req.prompt)
         elif req.WhichOneof("input") == "prompt_token_ids":
+            ingress.check_size(sampling, num_token_ids=len(req.prompt_token_ids.ids))
             prompt, ids = None, list(req.prompt_token_ids.ids)
         else:
             raise Rejected("give prompt or prompt_token_ids", 400)
-        call = await ingress.open_stream(rid, ids, sampling_from_proto(req), prompt)
+        call = await ingress.open_stream(rid, ids, sampling, prompt, owner)
         async with aclosing(ingress.chunks(call)) as batches:  # closed at once if the call is cancelled
             async for batch in batches:  # chunks that came together: one message
                 last = batch[-1]
-                reply = generate_pb2.GenerateResponse(request_id=rid, finished=last["finished"],
+                reply = generate_pb2.GenerateResponse(request_id=rid, client_request_id=label,
+                                                      finished=last["finished"],
                                                       token_ids=[t for c in batch for t in c["token_ids"]],
                                                       text="".join(c["text"] for c in batch))
                 if last["finished"]:
@@ -79,11 +88,15 @@ async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
 
 
 async def abort(ingress, req: generate_pb2.AbortRequest, ctx=None) -> generate_pb2.AbortReply:
+    """Aborts one of the caller's own requests; another's, or one not relayed here, reads as not found."""
     try:
-        _check_key(ingress, ctx)
+        owner = _caller(ingress, ctx)
     except Rejected as e:
         _fail(ctx, e.status, str(e))
         raise
+    call = ingress.link.call(req.request_id)
+    if call is None or not hmac.compare_digest(call.owner, owner):
+        return generate_pb2.AbortReply(found=False)
     return generate_pb2.AbortReply(found=await ingress.router.abort.remote(req.request_id))
 
 

@@ -11,6 +11,7 @@ event per chunk still), so a replica that falls behind catches up in fewer, larg
 import asyncio
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 
 import ray
@@ -30,7 +31,7 @@ from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatCompleti
 from aptray.serve.relay import Call, Rejected, RouterLink
 from aptray.serve.replica_engine import gpus_available, resolve_model, router_actor_options
 from aptray.serve.router import Router
-from aptray.serve.security import EdgeMiddleware
+from aptray.serve.security import EdgeMiddleware, bearer, identity
 from aptray.serve.sse import ChatEvents, CompletionEvents, sse, usage
 from aptray.store import RequestStore
 
@@ -93,8 +94,12 @@ class Ingress:
         self.router_args["use_gpu"] = self.use_gpu
         self._recovery: asyncio.Task | None = None
         self.link = RouterLink(self._start_router, self.args.router_restart_timeout_s)
+        # tokenizers and chat templates run here, off the event loop: a long prompt must not stall
+        # every other request's stream (one thread: a tokenizer is not shared across threads safely)
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aptray-tokenize")
         info = ray.get(self.router.ready.remote())
         self.max_model_len = info["max_model_len"]
+        self.limits = info["limits"]
         logger.info("ingress ready: %s, %d blocks, store %s", self.model_name, info["num_blocks"], info["store"])
 
     @property
@@ -110,9 +115,23 @@ class Ingress:
         return ray.remote(Router).options(**opts).remote(self.router_args, self.owner)
 
     # -- shared path --------------------------------------------------------------------------
-    async def open_stream(self, rid: str, ids: list[int], sampling: dict, prompt: str | None) -> Call:
+    async def open_stream(self, rid: str, ids: list[int], sampling: dict, prompt: str | None, owner: str = "") -> Call:
         """Admission: returns the call once its request is accepted."""
-        return await self.link.open(rid, ids, sampling, prompt)
+        return await self.link.open(rid, ids, sampling, prompt, owner)
+
+    def check_size(self, sampling: dict, **sizes) -> None:
+        """What is too big to tokenize is refused before tokenizing (RequestLimits.size_error)."""
+        refusal = self.limits.size_error(sampling, **sizes)
+        if refusal is not None:
+            raise Rejected(refusal["error"], refusal["status"], refusal["param"])
+
+    async def off_loop(self, fn, *args):
+        """fn(*args) on the tokenizer thread (tokenizing, chat templates)."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
+
+    def caller(self, raw: Request) -> str:
+        """Who sent raw (security.identity): who may abort its request."""
+        return identity(self.args.api_key_set(), bearer(raw.headers.get("authorization")))
 
     def chunks(self, call: Call):
         """Lists of chunks (those that arrived together) until the request finishes."""
@@ -139,12 +158,13 @@ class Ingress:
 
     # -- OpenAI HTTP --------------------------------------------------------------------------
     @api.post("/v1/completions")
-    async def completions(self, req: CompletionRequest):
+    async def completions(self, req: CompletionRequest, raw: Request):
         try:
             self._check_model(req)
-            prompt, ids = self._completion_prompt(req.prompt)
+            sampling = self.sampling(req, req.max_tokens or 16)
+            prompt, ids = await self._completion_prompt(req.prompt, sampling)
             rid = new_id("cmpl")
-            gen = await self.open_stream(rid, ids, self.sampling(req, req.max_tokens or 16), prompt)
+            gen = await self.open_stream(rid, ids, sampling, prompt, self.caller(raw))
         except Rejected as e:
             return self._reject(e)
         if req.stream:
@@ -167,12 +187,14 @@ class Ingress:
                 last = batch[-1]
         return "".join(pieces), last
 
-    def _completion_prompt(self, prompt) -> tuple[str | None, list[int]]:
+    async def _completion_prompt(self, prompt, sampling: dict) -> tuple[str | None, list[int]]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
+            self.check_size(sampling, prompt_chars=len(prompt))
+            return prompt, await self.off_loop(self.tokenizer.encode, prompt)
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            self.check_size(sampling, num_token_ids=len(prompt))
             return None, list(prompt)
         raise Rejected("give one prompt per request (a string or a list of token ids)", 400, "prompt")
 
@@ -194,15 +216,16 @@ class Ingress:
         yield "data: [DONE]\n\n"
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, req: ChatCompletionRequest):
+    async def chat_completions(self, req: ChatCompletionRequest, raw: Request):
         try:
             self._check_model(req)
-            text = self._chat_text(req)
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            self.check_size(self.sampling(req, 1), num_messages=len(req.messages),
+                            prompt_chars=sum(len(m.content) + len(m.role) for m in req.messages))
+            text, ids = await self.off_loop(self._chat_prompt, req)
             rest = max(1, self.max_model_len - len(ids))
             max_tokens = req.max_completion_tokens or req.max_tokens or min(rest, self.args.max_tokens_limit or rest)
             rid = new_id("chatcmpl")
-            gen = await self.open_stream(rid, ids, self.sampling(req, max_tokens), text)
+            gen = await self.open_stream(rid, ids, self.sampling(req, max_tokens), text, self.caller(raw))
         except Rejected as e:
             return self._reject(e)
         if req.stream:
@@ -215,12 +238,14 @@ class Ingress:
         return ChatCompletionResponse(id=rid, model=self.model_name, usage=usage(last), choices=[
             ChatChoice(message=ChatChoiceMessage(content=content), finish_reason=finish_reason(last["finish_reason"]))])
 
-    def _chat_text(self, req) -> str:
+    def _chat_prompt(self, req) -> tuple[str, list[int]]:
+        """The conversation through the model's chat template, and its token ids (tokenizer thread)."""
         try:
-            return self.tokenizer.apply_chat_template([m.model_dump() for m in req.messages], tokenize=False,
+            text = self.tokenizer.apply_chat_template([m.model_dump() for m in req.messages], tokenize=False,
                                                       add_generation_prompt=True)
         except Exception as e:  # the template refused these messages (roles, order): the client's error
             raise Rejected(f"the chat template refused the messages: {e}", 400, "messages") from e
+        return text, self.tokenizer.encode(text, add_special_tokens=False)
 
     async def _chat_sse(self, rid: str, gen, include_usage: bool):
         events = ChatEvents(rid, self.model_name, include_usage)
@@ -293,3 +318,4 @@ class Ingress:
             logger.exception("router shutdown failed")
         if self.embedded_store is not None:
             self.embedded_store.close()
+        self._tokenize_pool.shutdown(wait=False)

@@ -39,8 +39,9 @@ class _Lost:
 class Call:
     """One request as the ingress relays it: enough to re-attach it to a new router."""
 
-    def __init__(self, rid: str, ids: list[int], sampling: dict, prompt: str | None):
-        self.rid, self.ids, self.sampling, self.prompt = rid, ids, sampling, prompt
+    def __init__(self, rid: str, ids: list[int], sampling: dict, prompt: str | None, owner: str = ""):
+        """owner: who may abort it (the caller's identity: a digest of its API key, "" without keys)."""
+        self.rid, self.ids, self.sampling, self.prompt, self.owner = rid, ids, sampling, prompt, owner
         self.seen: list[int] = []  # token ids relayed to the client so far
         self.text = ""  # and their text
         self.router = None
@@ -104,9 +105,9 @@ class RouterLink:
                 call.deliver(_Lost(error))
 
     # -- requests -----------------------------------------------------------------------------
-    async def open(self, rid: str, ids: list[int], sampling: dict, prompt: str | None) -> Call:
+    async def open(self, rid: str, ids: list[int], sampling: dict, prompt: str | None, owner: str = "") -> Call:
         """Admission: returns the call once its request is accepted (else raises Rejected)."""
-        call = Call(rid, ids, sampling, prompt)
+        call = Call(rid, ids, sampling, prompt, owner)
         await self._open(call, resume=False)
         return call
 
@@ -164,6 +165,10 @@ class RouterLink:
                             fut.set_result(answer)
         finally:
             self._admitting = False
+
+    def call(self, rid: str) -> Call | None:
+        """The open call of request rid, if this ingress relays it."""
+        return self._calls.get(rid)
 
     def _forget(self, call: Call) -> None:
         if self._calls.get(call.rid) is call:

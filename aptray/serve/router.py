@@ -18,12 +18,12 @@ from aptray.metrics import ServingMetrics
 from aptray.sampling_params import SamplingParams
 from aptray.serve.args import AppArgs
 from aptray.serve.engine_loop import EngineLoop
-from aptray.serve.limits import request_error
+from aptray.serve.limits import RequestLimits
 from aptray.serve.recovery import close_orphans
 from aptray.serve.replica_engine import engine_config, resolve_model, uses_shard_actors
 from aptray.serve.store_writer import StoreUnavailable, StoreWriter
 from aptray.serve.streams import ClientStream
-from aptray.store import RequestMeta, RequestStore
+from aptray.store import RequestMeta, RequestStore, valid_request_id
 
 logger = logging.getLogger("aptray")
 
@@ -39,6 +39,7 @@ class Router:
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer)
         self.metrics = ServingMetrics()
         self.loop = EngineLoop(self.args, self.config, self.tokenizer, self.metrics, owner, model_is_default)
+        self.limits = self._request_limits()
         self.store = RequestStore.connect(self.args.redis_url, finished_ttl_s=self.args.finished_ttl_s,
                                           queue_owner=owner)
         self.writer = self.loop.writer = StoreWriter(self.store)
@@ -48,11 +49,23 @@ class Router:
         self.loop.resume_from_store(self.store)
         self.loop.start()
 
+    def _request_limits(self) -> RequestLimits:
+        """Limits from the args; SLO floors not set there are the engine's fastest step, measured now
+        (before any request holds a block)."""
+        a, spec = self.args, self.config.spec
+        fastest = None
+        if a.min_ttft_slo_ms is None or a.min_tbt_slo_ms is None:
+            fastest = self.loop.engine.fastest_step_seconds()
+            logger.info("fastest step %.2f ms: the floor of accepted SLOs", fastest * 1e3)
+        floor = lambda ms: fastest if ms is None else ms / 1000  # noqa: E731
+        return RequestLimits(spec.max_model_len, spec.vocab_size, a.max_prompt_tokens, a.max_tokens_limit,
+                             floor(a.min_ttft_slo_ms), floor(a.min_tbt_slo_ms))
+
     # -- control plane ------------------------------------------------------------------------
     def ready(self) -> dict:
         return {"model": self.config.model, "max_model_len": self.config.spec.max_model_len,
                 "vocab_size": self.config.spec.vocab_size, "num_blocks": self.loop.executor.num_blocks,
-                "store": self.store.url}
+                "store": self.store.url, "limits": self.limits}
 
     def health(self) -> dict:
         s, loop = self.loop.engine.scheduler, self.loop
@@ -156,6 +169,8 @@ class Router:
     def _refuse(self, request_id: str, ids: list[int], sampling: dict, duplicate: bool) -> dict | None:
         if self.draining or self.loop.broken:
             return {"error": self.loop.broken or "the server is draining", "status": 503}
+        if not valid_request_id(request_id):  # ids are the server's own: this is a caller's bug
+            return {"error": "malformed request id", "status": 400}
         if duplicate or request_id in self.loop.streams:
             return {"error": f"request id {request_id!r} is already in flight", "status": 400}
         refusal = self._limits(ids, sampling)
@@ -168,9 +183,7 @@ class Router:
         return None
 
     def _limits(self, ids: list[int], sampling: dict) -> dict | None:
-        spec = self.config.spec
-        return request_error(ids, sampling, spec.max_model_len, spec.vocab_size, self.args.max_prompt_tokens,
-                             self.args.max_tokens_limit)
+        return self.limits.request_error(ids, sampling)
 
     async def _admit_to_store(self, new: list[tuple[str, list[int], SamplingParams]]) -> dict[str, dict]:
         """Record new requests in Redis (one round trip); returns the refusals by request id.

@@ -6,6 +6,7 @@ shape.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 
@@ -24,6 +25,13 @@ def key_ok(keys: frozenset[str], presented: str | None) -> bool:
     for k in keys:  # no early exit: timing does not say which key (or how much of it) matched
         ok |= hmac.compare_digest(k.encode(), presented.encode())
     return ok
+
+
+def identity(keys: frozenset[str], presented: str | None) -> str:
+    """Who a caller is, for ownership of its requests: a digest of its key ("" when keys are off)."""
+    if not keys or not presented:
+        return ""
+    return hashlib.sha256(presented.encode()).hexdigest()[:32]
 
 
 def bearer(value: str | None) -> str | None:
