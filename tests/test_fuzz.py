@@ -16,15 +16,13 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ["APTRAY_CACHE"] = tempfile.mkdtemp(prefix="aptray-test-cache-")
 
-import ray
-import ray.serve as serve
 import httpx
-import hypothesis
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from aptray.worker.shard import default_model_path, ensure_tiny_model, free_port  # noqa: E402
+from aptray.worker.shard import default_model_path, ensure_tiny_model  # noqa: E402
 from fault_tools import metric, sse_events  # noqa: E402
+from serve_tools import served_app  # noqa: E402
 
 EXAMPLES = int(os.environ.get("APTRAY_FUZZ_EXAMPLES", "60"))
 KEY = "fuzz-key"
@@ -38,25 +36,13 @@ STATS = {"http": 0, "grpc": 0, "codes": {}}
 
 @pytest.fixture(scope="module")
 def server():
-    from ray.serve.config import gRPCOptions
-
-    from aptray.app import build_app
-
     ensure_tiny_model(default_model_path())
-    ray.init(include_dashboard=False, num_cpus=3, log_to_driver=False)
-    http_port, grpc_port = free_port(), free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
-                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[
-                    "aptray.proto.generate_pb2_grpc.add_GenerationServicer_to_server"]))
     args = {"tensor_parallel_size": 1, "num_cache_blocks": 64, "max_num_seqs": 8, "max_queue": 64,
             "use_gpu": False, "api_keys": KEY, "max_body_bytes": MAX_BODY, "max_tokens_limit": 4}
-    serve.run(build_app(args), name="aptray", route_prefix="/")
-    base = f"http://127.0.0.1:{http_port}"
-    yield {"http": base, "grpc": f"127.0.0.1:{grpc_port}",
-           "schema": httpx.get(base + "/openapi.json", headers=AUTH, timeout=TIMEOUT).json()}
-    print(f"RELIABILITY fuzz http_inputs={STATS['http']} grpc_inputs={STATS['grpc']} codes={STATS['codes']}")
-    serve.shutdown()
-    ray.shutdown()
+    with served_app(args, num_cpus=3) as addresses:
+        yield {**addresses, "schema": httpx.get(addresses["http"] + "/openapi.json", headers=AUTH,
+                                                timeout=TIMEOUT).json()}
+        print(f"RELIABILITY fuzz http_inputs={STATS['http']} grpc_inputs={STATS['grpc']} codes={STATS['codes']}")
 
 
 # -- strategies from the OpenAPI schema --------------------------------------------------------
@@ -214,7 +200,7 @@ def grpc_requests(draw):
     from aptray.proto import generate_pb2
     sane = draw(st.booleans())
     req = generate_pb2.GenerateRequest(version=1 if sane else draw(st.sampled_from([0, 1, 2, 2**32 - 1])),
-                                       request_id="" if sane else draw(st.sampled_from(["", "dup", "x" * 300])))
+                                       client_request_id="" if sane else draw(st.sampled_from(["", "dup", "a:b", "x" * 300])))
     if draw(st.booleans()):
         req.prompt = draw(st.text(min_size=1 if sane else 0, max_size=60))
     elif sane:

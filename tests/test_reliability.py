@@ -17,13 +17,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ["APTRAY_CACHE"] = tempfile.mkdtemp(prefix="aptray-test-cache-")
 
 import ray
-import ray.serve as serve
 import httpx
 
 from aptray.llm import LLM  # noqa: E402
 from aptray.sampling_params import SamplingParams  # noqa: E402
 from aptray.worker.shard import default_model_path, ensure_tiny_model, free_port  # noqa: E402
 from fault_tools import RedisProcess, kill_one, metric, sse_events  # noqa: E402
+from serve_tools import served_app  # noqa: E402
 
 PROMPTS = ["The quick brown fox", "What is the capital of France?", "def add(a, b):", "Once upon a time"]
 LONG = 120  # tokens: long enough that a fault lands mid-generation
@@ -54,21 +54,10 @@ def redis_proc():
 
 @pytest.fixture(scope="module")
 def server(model_path, redis_proc):
-    from ray.serve.config import gRPCOptions
-
-    from aptray.app import build_app
-
-    ray.init(include_dashboard=False, num_cpus=4, log_to_driver=False)
-    http_port, grpc_port = free_port(), free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
-                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[
-                    "aptray.proto.generate_pb2_grpc.add_GenerationServicer_to_server"]))
     args = {"tensor_parallel_size": 2, "num_cache_blocks": 128, "max_num_seqs": 8, "max_queue": 16,
             "redis_url": redis_proc.url, "use_gpu": False, "api_keys": KEY}
-    serve.run(build_app(args), name="aptray", route_prefix="/")
-    yield {"http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}
-    serve.shutdown()
-    ray.shutdown()
+    with served_app(args, num_cpus=4) as addresses:
+        yield addresses
 
 
 def _metrics(server) -> str:
@@ -146,6 +135,33 @@ def test_shard_process_killed_mid_generation(server, reference):
     assert resumed >= 1
     print(f"RELIABILITY shard_kill requests={n} completed_identical={n} lost=0 resumed={resumed:.0f} "
           f"wall_s={time.time() - t:.1f}")
+
+
+def _live_shard(rank: int):
+    """The live shard actor of that rank (RayExecutor names them aptray-shard-<group>-rank<r>)."""
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["name"].startswith("aptray-shard-") and a["name"].endswith(f"-rank{rank}"):
+            handle = ray.get_actor(a["name"], namespace=a["namespace"])
+            try:
+                ray.get(handle.node_address.remote(), timeout=5)
+                return handle
+            except Exception:  # a killed group's actor, still listed
+                continue
+    raise RuntimeError(f"no live shard of rank {rank}")
+
+
+def test_exception_on_one_rank_fails_the_step_fast_and_resumes(server, reference):
+    """A Python exception on rank 1 mid-generation: rank 1 answers with an error while rank 0 waits in
+    a collective. The router fails the step at once (not after the 600 s step timeout), rebuilds the
+    group and resumes every request: all finish with the fault-free tokens."""
+    before = metric(_metrics(server), "aptray_shard_rebuilds_total") or 0
+    t = time.time()
+    n = asyncio.run(_load_with_fault(server, reference, lambda: ray.get(_live_shard(1).fail_next_plans.remote(1))))
+    wall = time.time() - t
+    text = _metrics(server)
+    assert metric(text, "aptray_shard_rebuilds_total") == before + 1
+    assert wall < 120  # the whole run, rebuild included: nowhere near STEP_TIMEOUT_S
+    print(f"RELIABILITY rank_exception requests={n} completed_identical={n} lost=0 wall_s={wall:.1f}")
 
 
 def test_router_process_killed_mid_generation(server, reference):

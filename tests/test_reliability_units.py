@@ -5,7 +5,7 @@ import time
 import pytest
 
 from aptray.sampling_params import SamplingParams
-from aptray.serve.limits import request_error
+from aptray.serve.limits import MAX_MESSAGES, MAX_STOP_TOKEN_IDS, RequestLimits
 from aptray.serve.security import bearer, grpc_key, key_ok
 from aptray.serve.store_writer import StoreUnavailable, StoreWriter
 from aptray.store import RequestMeta, RequestStore
@@ -81,14 +81,31 @@ def test_password_file(tmp_path, monkeypatch):
     ([1], {"max_tokens": 0}, "max_tokens"), ([1], {"max_tokens": 9}, "max_tokens"),
     ([1] * 400, {"max_tokens": 8}, "prompt"), ([1], {"max_tokens": 4, "seed": 2**63}, "seed"),
     ([1], {"max_tokens": 4, "top_k": 2**40}, "top_k"), ([1], {"max_tokens": 4, "stop": ["x"] * 17}, "stop"),
-    ([1], {"max_tokens": 4, "stop": "y" * 300}, "stop")])
+    ([1], {"max_tokens": 4, "stop": "y" * 300}, "stop"),
+    ([1], {"max_tokens": 4, "stop_token_ids": [1] * (MAX_STOP_TOKEN_IDS + 1)}, "stop_token_ids"),
+    ([1], {"max_tokens": 4, "tbt_slo": 0.0005}, "tbt_ms"), ([1], {"max_tokens": 4, "ttft_slo": 5e-324}, "ttft_ms"),
+    ([1], {"max_tokens": 4, "tbt_slo": float("nan")}, "tbt_ms"),
+    ([1], {"max_tokens": 4, "ttft_slo": float("inf")}, "ttft_ms")])
 def test_request_limits(ids, sampling, param):
-    err = request_error(ids, sampling, context=512, vocab_size=1000, max_prompt_tokens=300, max_tokens_limit=8)
+    limits = RequestLimits(512, 1000, max_prompt_tokens=300, max_tokens_limit=8, min_ttft_slo=0.001, min_tbt_slo=0.001)
+    err = limits.request_error(ids, sampling)
     assert err["status"] == 400 and err["param"] == param
 
 
 def test_request_within_limits():
-    assert request_error([1, 2], {"max_tokens": 8, "seed": 5, "top_k": 3, "stop": ["x"]}, 512, 1000, None, 8) is None
+    limits = RequestLimits(512, 1000, None, 8, min_ttft_slo=0.001, min_tbt_slo=0.001)
+    assert limits.request_error([1, 2], {"max_tokens": 8, "seed": 5, "top_k": 3, "stop": ["x"],
+                                         "ttft_slo": 0.001, "tbt_slo": 0.002}) is None
+
+
+@pytest.mark.parametrize("sizes,param", [({"prompt_chars": 300 * 32 + 1}, "prompt"),
+                                         ({"num_token_ids": 301}, "prompt"),
+                                         ({"num_messages": MAX_MESSAGES + 1}, "messages"),
+                                         ({"num_messages": 2, "prompt_chars": 10**6}, "messages")])
+def test_sizes_refused_before_tokenizing(sizes, param):
+    err = RequestLimits(512, 1000, max_prompt_tokens=300).size_error({"max_tokens": 4}, **sizes)
+    assert err["status"] == 400 and err["param"] == param
+    assert RequestLimits(512, 1000, max_prompt_tokens=300).size_error({"max_tokens": 4}, prompt_chars=300 * 32) is None
 
 
 def test_api_keys():

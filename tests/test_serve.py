@@ -22,7 +22,8 @@ import openai
 
 from aptray.llm import LLM  # noqa: E402
 from aptray.sampling_params import SamplingParams  # noqa: E402
-from aptray.worker.shard import default_model_path, ensure_tiny_model, free_port  # noqa: E402
+from aptray.worker.shard import default_model_path, ensure_tiny_model  # noqa: E402
+from serve_tools import start_proxies  # noqa: E402
 
 PROMPTS = ["The quick brown fox", "What is the capital of France?", "def add(a, b):"]
 MAX_TOKENS = 12
@@ -84,7 +85,7 @@ def test_dead_shard_fails_the_step_fast(ray_session, model_path, reference):
     import grpc
 
     from aptray.config import EngineConfig
-    from aptray.engine import Engine
+    from aptray.engine import Engine, StepFailed
     from aptray.executor.ray import RayExecutor
 
     tokenizer, _ = reference
@@ -96,10 +97,43 @@ def test_dead_shard_fails_the_step_fast(ray_session, model_path, reference):
         engine.step()
         ray.kill(executor.shards[1])
         t = time.time()
-        with pytest.raises(grpc.RpcError):
+        with pytest.raises(StepFailed) as failed:
             for _ in range(5):  # the kill lands within a step or two
                 engine.step()
+        assert isinstance(failed.value.cause, grpc.RpcError)
         assert time.time() - t < 15  # not the 600 s step timeout: rank 0 is stuck in a collective
+    finally:
+        executor.shutdown()
+
+
+def test_shard_ports_serve_their_router_only(ray_session, model_path):
+    """Shards listen on the node's address (not 0.0.0.0) and refuse every call without their
+    router's secret: nothing else on the network can send Plan() or read Info()."""
+    import grpc
+    import psutil
+
+    from aptray.config import EngineConfig
+    from aptray.executor.ray import RayExecutor
+    from aptray.plan import BatchPlan
+    from aptray.proto import shard_pb2, shard_pb2_grpc
+    from aptray.proto.convert import plan_to_proto
+    from aptray.worker.shard_auth import SECRET_METADATA
+
+    executor = RayExecutor(EngineConfig(model=model_path, tensor_parallel_size=1, num_cache_blocks=16), use_gpu=False)
+    try:
+        ip, port = executor.endpoints[0]
+        listening = [c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
+                     and c.status == psutil.CONN_LISTEN]
+        assert listening and "0.0.0.0" not in listening and "::" not in listening
+        with grpc.insecure_channel(f"{ip}:{port}") as ch:
+            stub = shard_pb2_grpc.ShardStub(ch)
+            for metadata in ((), ((SECRET_METADATA, "guess"),)):
+                for call, msg in ((stub.Info, shard_pb2.ShardInfoRequest()), (stub.Plan, plan_to_proto(BatchPlan(1)))):
+                    with pytest.raises(grpc.RpcError) as e:
+                        call(msg, metadata=metadata, timeout=10)
+                    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert executor.alive()  # the router's own calls carry the secret
+        assert executor.execute(BatchPlan(1)).sampled == {}
     finally:
         executor.shutdown()
 
@@ -115,19 +149,13 @@ def redis_server():
 
 @pytest.fixture(scope="module")
 def server(ray_session, model_path, redis_server):
-    from ray.serve.config import gRPCOptions
-
     from aptray.app import build_app
 
-    http_port, grpc_port = free_port(), free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
-                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[
-                    "aptray.proto.generate_pb2_grpc.add_GenerationServicer_to_server"]))
+    addresses = start_proxies()
     args = {"tensor_parallel_size": 2, "num_cache_blocks": 128, "max_num_seqs": 4, "max_queue": 4,
             "redis_url": f"unix://{redis_server.socket_file}", "finished_ttl_s": 2, "use_gpu": False}
     serve.run(build_app(args), name="aptray", route_prefix="/")
-    yield {"http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}",
-           "model": os.path.basename(model_path), "redis": redis_server}
+    yield {**addresses, "model": os.path.basename(model_path), "redis": redis_server}
     serve.delete("aptray")
 
 

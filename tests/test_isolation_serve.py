@@ -1,0 +1,190 @@
+"""One client can never hurt another, on the served app (real Ray Serve, real HTTP and gRPC).
+
+Normal greedy streams run, over both APIs, while a hostile client sends what it can: values that
+broke sampling (denormal temperature and top_p), colliding and malformed request ids, aborts of
+other callers' requests, SLOs no step can meet, and absurd sizes. Every normal request must finish
+with all its tokens, identical to the fault-free engine's; every hostile request must get a 4xx (or
+a non-INTERNAL gRPC status) within seconds, or be served correctly; the server answers afterwards.
+"""
+import concurrent.futures
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ["APTRAY_CACHE"] = tempfile.mkdtemp(prefix="aptray-test-cache-")
+
+import grpc
+import httpx
+
+from aptray.llm import LLM  # noqa: E402
+from aptray.sampling_params import SamplingParams  # noqa: E402
+from aptray.worker.shard import default_model_path, ensure_tiny_model  # noqa: E402
+from fault_tools import sse_events  # noqa: E402
+from serve_tools import served_app  # noqa: E402
+
+ALICE, MALLORY = "alice-key", "mallory-key"
+PROMPTS = ["The quick brown fox", "What is the capital of France?", "def add(a, b):", "Once upon a time"]
+LONG = 80  # tokens: the normal requests are still running while the hostile ones arrive
+FAST = 10.0  # seconds within which a hostile request gets its answer
+
+
+@pytest.fixture(scope="module")
+def reference():
+    llm = LLM(ensure_tiny_model(default_model_path()), num_cache_blocks=128)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=LONG, ignore_eos=True))
+    return {p: (o.outputs[0].token_ids, o.outputs[0].text) for p, o in zip(PROMPTS, outs)}
+
+
+@pytest.fixture(scope="module")
+def server():
+    ensure_tiny_model(default_model_path())
+    args = {"tensor_parallel_size": 1, "num_cache_blocks": 128, "max_num_seqs": 16, "max_queue": 64,
+            "use_gpu": False, "api_keys": f"{ALICE},{MALLORY}"}
+    with served_app(args, num_cpus=3) as addresses:
+        yield addresses
+
+
+def _auth(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+# -- the normal client ---------------------------------------------------------------------------
+def _normal_http(server, prompt, started):
+    body = {"prompt": prompt, "max_tokens": LONG, "temperature": 0.0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server["http"] + "/v1/completions", json=body, headers=_auth(ALICE), timeout=120) as r:
+        assert r.status_code == 200
+        events = []
+        for line in r.iter_lines():
+            events.append(line)
+            if len(events) > 8:
+                started.set()
+    parsed = sse_events(events)
+    assert not any("error" in e for e in parsed), parsed[-1]
+    assert parsed[-1]["choices"][0]["finish_reason"] == "length"
+    return "".join(e["choices"][0]["text"] for e in parsed)
+
+
+def _normal_grpc(server, prompt, label, ids_seen, started):
+    from aptray.client import Client
+    with Client(server["grpc"], api_key=ALICE) as c:
+        replies = []
+        for reply in c.generate(prompt, client_request_id=label, temperature=0.0, max_tokens=LONG, ignore_eos=True):
+            replies.append(reply)
+            ids_seen.setdefault(label + prompt, reply.request_id)
+            started.set()
+    assert replies[-1].finished and replies[-1].finish_reason == "length"
+    assert {r.client_request_id for r in replies} == {label}  # its label, echoed
+    assert len({r.request_id for r in replies}) == 1
+    return [t for r in replies for t in r.token_ids], replies[0].request_id
+
+
+# -- the hostile client ----------------------------------------------------------------------------
+def _post(server, path, body, key=MALLORY):
+    t = time.monotonic()
+    r = httpx.post(server["http"] + path, json=body, headers=_auth(key), timeout=60)
+    return r, time.monotonic() - t
+
+
+HTTP_REFUSED = [  # (body, the parameter the 4xx must name)
+    ({"prompt": "hi", "max_tokens": 4, "aptray_slo": {"tbt_ms": 1e-300}}, "tbt_ms"),
+    ({"prompt": "hi", "max_tokens": 4, "aptray_slo": {"ttft_ms": 5e-324}}, "ttft_ms"),
+    ({"prompt": "hi", "max_tokens": 4, "aptray_slo": {"ttft_ms": 0.0001}}, "ttft_ms"),
+    ({"prompt": "hi", "max_tokens": 4, "stop_token_ids": list(range(50_000))}, "stop_token_ids"),
+    ({"prompt": "hi", "max_tokens": 4, "stop": ["x"] * 100}, "stop"),
+    ({"prompt": "a" * 900_000, "max_tokens": 4}, "prompt"),
+    ({"prompt": list(range(100_000)), "max_tokens": 4}, "prompt"),
+    ({"prompt": "hi", "max_tokens": 4, "n": 5}, "n"),
+]
+
+
+def _hostile_http(server, reference):
+    out = []
+    for body, param in HTTP_REFUSED:
+        r, took = _post(server, "/v1/completions", body)
+        out.append(("http", param, r.status_code, took))
+        assert r.status_code in (400, 413, 422), (param, r.status_code, r.text[:300])
+        assert took < FAST, (param, took)
+        assert r.status_code != 400 or param in r.json()["error"]["message"] + str(r.json()["error"]["param"])
+    many = {"messages": [{"role": "user", "content": "hi"}] * 5000, "max_tokens": 4}
+    r, took = _post(server, "/v1/chat/completions", many)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and took < FAST
+    # values that broke sampling: served, greedily, and exactly
+    p = PROMPTS[0]
+    for extra in ({"temperature": 5e-324}, {"temperature": 1.0, "top_p": 5e-324, "seed": 3}):
+        r, took = _post(server, "/v1/completions", {"prompt": p, "max_tokens": LONG, "ignore_eos": True, **extra})
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["choices"][0]["text"] == reference[p][1]
+        out.append(("http", json.dumps(extra), 200, took))
+    return out
+
+
+def _hostile_grpc(server, reference, victims):
+    from aptray.client import Client
+    from aptray.proto import generate_pb2
+    out = []
+    with Client(server["grpc"], api_key=MALLORY) as c:
+        refused = [dict(tbt_ms=math.nan), dict(tbt_ms=math.inf), dict(ttft_ms=1e-9),
+                   dict(stop_token_ids=list(range(50_000))), dict(client_request_id="x" * 300),
+                   dict(prompt="a" * 900_000)]
+        for kw in refused:
+            kw = {"prompt": "hi", "max_tokens": 4, **kw}
+            t = time.monotonic()
+            with pytest.raises(grpc.RpcError) as e:
+                list(c.generate(**kw))
+            took = time.monotonic() - t
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (kw.keys(), e.value.code())
+            assert took < FAST
+            out.append(("grpc", sorted(kw)[-1], e.value.code().name, took))
+        # labels that collide with another caller's, or look like Redis keys: served as any label
+        p = PROMPTS[2]
+        for label in ("dup", "aptray:req:dup", "aptray:inflight:*", ""):
+            replies = list(c.generate(p, client_request_id=label, temperature=1e-45, max_tokens=LONG, ignore_eos=True))
+            assert [t for r in replies for t in r.token_ids] == reference[p][0]
+            assert replies[-1].client_request_id == label and replies[-1].request_id not in victims.values()
+        # another caller's requests cannot be aborted, by their server ids or by their labels
+        deadline = time.monotonic() + 30
+        while len(victims) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for rid in list(victims.values()) + ["dup"]:
+            assert c.stub.Abort(generate_pb2.AbortRequest(request_id=rid), metadata=c.metadata).found is False
+    return out
+
+
+def test_hostile_traffic_never_harms_normal_requests(server, reference):
+    started = threading.Event()
+    victims: dict[str, str] = {}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        http_jobs = {p: pool.submit(_normal_http, server, p, started) for p in PROMPTS[:3]}
+        grpc_jobs = [pool.submit(_normal_grpc, server, PROMPTS[3], "dup", victims, started),
+                     pool.submit(_normal_grpc, server, PROMPTS[1], "dup", victims, started)]
+        assert started.wait(60)
+        hostile = pool.submit(_hostile_http, server, reference), pool.submit(_hostile_grpc, server, reference, victims)
+        answers = [a for h in hostile for a in h.result(timeout=300)]
+        for p, job in http_jobs.items():
+            assert job.result(timeout=300) == reference[p][1], p
+        grpc_results = [job.result(timeout=300) for job in grpc_jobs]
+    assert grpc_results[0][0] == reference[PROMPTS[3]][0] and grpc_results[1][0] == reference[PROMPTS[1]][0]
+    assert grpc_results[0][1] != grpc_results[1][1]  # one label, two requests, two server ids
+    assert httpx.get(server["http"] + "/health", timeout=30).status_code == 200
+    r, _ = _post(server, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}, key=ALICE)
+    assert r.status_code == 200
+    print(f"RELIABILITY isolation normal=5 identical=5 hostile={len(answers)} "
+          f"slowest_hostile_s={max(a[3] for a in answers):.2f}")
+
+
+def test_own_requests_can_be_aborted(server):
+    """The owner's Abort, by the server's id, ends its stream with finish reason abort."""
+    from aptray.client import Client
+    from aptray.proto import generate_pb2
+    with Client(server["grpc"], api_key=ALICE) as c:
+        call = c.generate_call("hello", max_tokens=400, ignore_eos=True)
+        first = next(call)
+        assert c.stub.Abort(generate_pb2.AbortRequest(request_id=first.request_id), metadata=c.metadata).found
+        last = list(call)[-1]
+    assert last.finished and last.finish_reason == "abort"
