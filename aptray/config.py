@@ -64,7 +64,7 @@ class ModelSpec:
 
 @dataclass
 class EngineConfig:
-    model: str
+    model: str  # a local Hugging Face folder, or the demo model's name (aptray.model.demo)
     tokenizer: str | None = None
     dtype: str = "float32"
     seed: int = 0
@@ -89,9 +89,16 @@ class EngineConfig:
     tbt_slo: float = 1.0
     spec: ModelSpec = field(init=False)
     hidden_block_size: int = field(init=False, default=0)
+    model_path: str = field(init=False, default="")  # the folder `model` names
+
+    def slos_of(self, sampling) -> tuple[float, float]:
+        """(TTFT, TBT) SLOs of a request: its own, else this engine's defaults."""
+        return sampling.ttft_slo or self.ttft_slo, sampling.tbt_slo or self.tbt_slo
 
     def __post_init__(self) -> None:
-        if not os.path.isdir(self.model) or not os.path.isfile(os.path.join(self.model, "config.json")):
+        from aptray.model.demo import resolve_model_path
+        self.model_path = resolve_model_path(self.model)
+        if not os.path.isdir(self.model_path) or not os.path.isfile(os.path.join(self.model_path, "config.json")):
             raise FileNotFoundError(f"model path {self.model!r} is not a folder with a config.json")
         for name, allowed in (("cache_mode", CACHE_MODES), ("hidden_attention", HIDDEN_ATTENTION),
                               ("scheduler", SCHEDULERS), ("iteration_shape", ("alternate", "mixed")),
@@ -100,8 +107,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
-        self.tokenizer = self.tokenizer or self.model
-        self.spec = ModelSpec.from_path(self.model)
+        self.tokenizer = self.tokenizer or self.model_path
+        self.spec = ModelSpec.from_path(self.model_path)
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = max(self.spec.max_model_len, self.max_num_seqs)
         if self.recompute_scratch_tokens is None:

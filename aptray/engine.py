@@ -3,18 +3,35 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 
 from aptray.cache.block_manager import BlockManager
 from aptray.config import EngineConfig
 from aptray.executor.base import Executor
-from aptray.outputs import CompletionOutput, IncrementalDetokenizer, RequestMetrics, RequestOutput
-from aptray.plan import BatchPlan, SeqPlan
+from aptray.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from aptray.plan import BatchPlan, SeqPlan, StepResult
 from aptray.request import Request, RequestStatus
 from aptray.sampling_params import SamplingParams
 from aptray.scheduler import make_scheduler
 from aptray.step_quarantine import MAX_FAILED_STEPS, StepQuarantine
+from aptray.stop import StopChecker
 
 logger = logging.getLogger("aptray")
+
+
+@dataclass
+class EngineStep:
+    """What one Engine.step did: the outputs of the requests that got a token (iterate it), and
+    its own timings."""
+    outputs: list[RequestOutput] = field(default_factory=list)
+    schedule_s: float = 0.0  # the policy's decision
+    result: StepResult | None = None  # the executor's answer (step_time, logits); None: nothing ran
+
+    def __iter__(self):
+        return iter(self.outputs)
+
+    def __len__(self) -> int:
+        return len(self.outputs)
 
 
 class StepFailed(RuntimeError):
@@ -35,10 +52,8 @@ class Engine:
         self.blocks = BlockManager(executor.num_blocks, config.block_size, hidden)
         self.scheduler = make_scheduler(config, self.blocks)
         self._prompts: dict[str, str | None] = {}
-        self._texts: dict[str, str] = {}
-        self._stop_detoks: dict[str, IncrementalDetokenizer] = {}  # requests with stop strings
+        self._stops: dict[str, StopChecker] = {}
         self.quarantine = StepQuarantine()
-        self.last_result = None
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
@@ -58,12 +73,16 @@ class Engine:
         sp = sampling_params
         eos = getattr(self.tokenizer, "eos_token_id", None)
         req = Request(request_id, list(prompt_token_ids), sp,
-                      self.clock() if arrival_time is None else arrival_time,
-                      sp.ttft_slo or self.config.ttft_slo, sp.tbt_slo or self.config.tbt_slo, eos)
+                      self.clock() if arrival_time is None else arrival_time, *self.config.slos_of(sp), eos)
         self.scheduler.add(req)
         self._prompts[request_id] = prompt
-        self._texts[request_id] = ""
+        self._stops[request_id] = self.stop_checker(sp)
         return req
+
+    def stop_checker(self, sampling: SamplingParams, prior_output_ids: list[int] = ()) -> StopChecker:
+        """The stop rules of a request of this engine (its EOS, context and tokenizer)."""
+        return StopChecker(sampling, getattr(self.tokenizer, "eos_token_id", None), self.config.spec.max_model_len,
+                           self.tokenizer, prior_output_ids)
 
     def resume_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                        output_token_ids: list[int], token_times: list[float], arrival_time: float,
@@ -80,6 +99,7 @@ class Engine:
             req.first_token_time = token_times[0] if token_times else None
             req.last_token_time = token_times[-1] if token_times else None
             req.num_preemptions = num_preemptions + 1
+            self._stops[request_id] = self.stop_checker(sampling_params, output_token_ids)
         return req
 
     def abort(self, request_id: str) -> bool:
@@ -117,34 +137,36 @@ class Engine:
         return best
 
     # -- the loop ----------------------------------------------------------------------------
-    def step(self, want_logits: bool = False) -> list[RequestOutput]:
+    def step(self, want_logits: bool = False) -> EngineStep:
         """One iteration. Raises StepFailed when the executor fails the whole step (then
         recover_failed_step, or a shard rebuild, decides what becomes of its requests)."""
+        start = time.perf_counter()
         plan = self.scheduler.schedule(self.clock())
         if self.quarantine:
             plan = self._one_suspect(plan)
+        step = EngineStep(schedule_s=time.perf_counter() - start)
         if plan.is_empty:
-            return []
+            return step
         if want_logits:
             plan = type(plan)(plan.iteration, plan.seqs, plan.conversions, True)
         try:
-            result = self.executor.execute(plan)
+            result = step.result = self.executor.execute(plan)
         except Exception as e:
             raise StepFailed(plan, e) from e
-        self.last_result = result
         if self.quarantine:
             self.quarantine.clear(result.sampled)
-        outputs = [out for rid, why in result.errors.items() if (out := self.fail(rid, why)) is not None]
+        outputs = step.outputs
+        outputs += [out for rid, why in result.errors.items() if (out := self.fail(rid, why)) is not None]
         for req in self.scheduler.update(plan, result, self.clock()):
             try:
                 outputs.append(self._postprocess(req))
             except Exception as e:  # a detokenizer or stop check that breaks on this request's tokens
                 logger.exception("postprocessing request %s failed", req.request_id)
                 outputs.append(self._end_with_error(req, f"postprocessing failed: {e!r}"))
-        return outputs
+        return step
 
     def _postprocess(self, req: Request) -> RequestOutput:
-        status = self._check_stop(req)
+        status = self.check_stop(req)
         if status is not None:
             self.scheduler.finish(req, status)
         out = self._output(req, new=[req.output_token_ids[-1]])
@@ -183,32 +205,13 @@ class Engine:
         return type(plan)(plan.iteration, tuple(s for s in plan.seqs if s.request_id not in later),
                           tuple(c for c in plan.conversions if c.request_id not in later), plan.want_logits)
 
-    def _check_stop(self, req: Request) -> RequestStatus | None:
-        sp, token = req.sampling, req.output_token_ids[-1]
-        if not sp.ignore_eos and token == req.eos_token_id:
-            req.stop_reason = None
-            return RequestStatus.FINISHED_STOPPED
-        if token in req.stop_token_set:
-            req.stop_reason = token
-            return RequestStatus.FINISHED_STOPPED
-        if sp.stop and self.tokenizer is not None:
-            # decode only the new token and search only the text it can complete: decoding the whole
-            # output at every token cost O(n^2) over a request
-            detok = self._stop_detoks.get(req.request_id)
-            if detok is None:
-                detok = self._stop_detoks[req.request_id] = IncrementalDetokenizer(
-                    self.tokenizer, req.output_token_ids[:-1])
-            delta = detok.add([token])
-            text = detok.text
-            for s in sp.stop:
-                at = text.find(s, max(0, len(text) - len(delta) - len(s) + 1)) if delta else -1
-                if at >= 0:
-                    req.stop_reason = s
-                    self._texts[req.request_id] = text[:at]
-                    return RequestStatus.FINISHED_STOPPED
-        if len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.config.spec.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
+    def check_stop(self, req: Request) -> RequestStatus | None:
+        """The status that its newest token ends req with (aptray.stop), or None."""
+        stops = self._stops[req.request_id]
+        status = stops.check(req.output_token_ids[-1], len(req.output_token_ids), req.num_tokens)
+        if status is not None:
+            req.stop_reason = stops.stop_reason
+        return status
 
     def _output(self, req: Request, new: list[int]) -> RequestOutput:
         finished = req.status.finished
@@ -216,7 +219,7 @@ class Engine:
         if req.status is RequestStatus.FINISHED_ERROR:
             pass  # its tokens may be what broke decoding: no text
         elif finished and isinstance(req.stop_reason, str):
-            text = self._texts[req.request_id]  # already cut at the stop string
+            text = self._stops[req.request_id].text  # already cut at the stop string
         elif finished and self.tokenizer is not None:
             text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
         reason = req.status.value if finished else None
@@ -232,5 +235,4 @@ class Engine:
     def _forget(self, request_id: str) -> None:
         self.quarantine.forget(request_id)
         self._prompts.pop(request_id, None)
-        self._texts.pop(request_id, None)
-        self._stop_detoks.pop(request_id, None)
+        self._stops.pop(request_id, None)

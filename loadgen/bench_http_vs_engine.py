@@ -117,18 +117,17 @@ def main(argv=None) -> None:
     from transformers import AutoTokenizer
 
     from aptray.serve.args import AppArgs
-    from aptray.serve.replica_engine import build_engine, engine_config, resolve_model
+    from aptray.serve.engine_loop import build_engine
 
     app_args = {**APP_ARGS, "ttft_slo_ms": args.ttft_slo * 1000, "tbt_slo_ms": args.tbt_slo * 1000,
                 **json.loads(args.app_args)}
     parsed = AppArgs.parse(app_args)
-    model, model_is_default = resolve_model(parsed)
-    tokenizer = AutoTokenizer.from_pretrained(parsed.tokenizer or model)
+    config = parsed.engine_config()
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
     n_threads = torch.get_num_threads()
 
     def engine_factory():  # the router's own engine: same config, same executor choice
-        engine = build_engine(engine_config(parsed, model), parsed, tokenizer, "bench", model_is_default)
-        return engine
+        return build_engine(config, parsed, tokenizer, "bench")
 
     local = InProcessEngineClient(engine_factory, tokenizer, args.ttft_slo, args.tbt_slo, args.seed,
                                   add_special_tokens=True)

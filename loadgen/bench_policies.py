@@ -82,9 +82,9 @@ def decode_step_time(model: str) -> float:
         engine.add_request(str(i), p[:24], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
     times = []
     while engine.has_unfinished():
-        engine.step()
-        if engine.last_result is not None and len(engine.scheduler.running) == 16:
-            times.append(engine.last_result.step_time)
+        step = engine.step()
+        if step.result is not None and len(engine.scheduler.running) == 16:
+            times.append(step.result.step_time)
     return float(np.median(times))
 
 

@@ -1,4 +1,4 @@
-"""Per-request records and the SLO metrics of DESIGN section 4.
+"""Per-request records and the SLO metrics of a run (aptray.slo defines attainment).
 
 A request attains its SLO iff it finished, TTFT <= its TTFT SLO, and the P99 of its own
 inter-token gaps (first token excluded) <= its TBT SLO. Rejected, failed, aborted or unfinished
@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from aptray.slo import attained, tbt_p99
 
 FINISHED = "finished"
 MISS_STATUSES = ("rejected", "failed", "aborted", "unfinished")
@@ -42,12 +44,11 @@ class RequestRecord:
 
     @property
     def tbt_p99(self) -> float:
-        return float(np.percentile(self.token_gaps, 99)) if self.token_gaps else 0.0
+        return tbt_p99(self.token_gaps)
 
     @property
     def attained(self) -> bool:
-        return (self.status == FINISHED and self.ttft is not None and self.ttft <= self.ttft_slo
-                and self.tbt_p99 <= self.tbt_slo)
+        return self.status == FINISHED and attained(self.ttft, self.token_gaps, self.ttft_slo, self.tbt_slo)
 
     @property
     def finished_at(self) -> float | None:

@@ -60,9 +60,9 @@ def main(argv=None) -> None:
 
     from transformers import AutoTokenizer
 
-    from aptray.worker.shard import default_model_path, ensure_tiny_model
+    from aptray.model.demo import DEMO_MODEL, resolve_model_path
 
-    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model(default_model_path()))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(DEMO_MODEL))
     url, stop = start_app({**APP_ARGS, **json.loads(args.app_args)}, args.num_cpus)
     try:
         client = HttpStreamClient(url, 1.0, 0.25)

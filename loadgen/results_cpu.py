@@ -191,9 +191,9 @@ def decode_step_time(model: str) -> float:
                            SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True))
     times = []
     while engine.has_unfinished():
-        engine.step()
-        if engine.last_result is not None and len(engine.scheduler.running) == 16:
-            times.append(engine.last_result.step_time)
+        step = engine.step()
+        if step.result is not None and len(engine.scheduler.running) == 16:
+            times.append(step.result.step_time)
     return float(np.percentile(times, 20))
 
 
@@ -210,8 +210,7 @@ def prefill_time(model: str) -> float:
     for i in range(3):
         engine.add_request(str(i), rng.integers(4, 500, CONTEXT - 1).tolist(),
                            SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
-        engine.step()
-        times.append(engine.last_result.step_time)
+        times.append(engine.step().result.step_time)
     return float(min(times))
 
 

@@ -49,10 +49,11 @@ def run_with_joins(llm: LLM, batch: list[list[int]], max_tokens: list[int], upgr
         if upgrade_after is not None and steps == upgrade_after:
             for rid in ids[:half]:
                 eng.scheduler.request_upgrade(rid)  # hidden -> KV in the middle of the request
-        for out in eng.step(want_logits=True):
+        step = eng.step(want_logits=True)
+        for out in step:
             if out.finished:
                 tokens[out.request_id] = out.outputs[0].token_ids
-        for rid, row in (eng.last_result.logits or {}).items():
+        for rid, row in (step.result.logits or {}).items():
             last_logits[rid] = row
         steps += 1
     return {rid: (tokens[rid], last_logits[rid]) for rid in ids}

@@ -20,7 +20,7 @@ import httpx
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from aptray.worker.shard import default_model_path, ensure_tiny_model  # noqa: E402
+from aptray.model.demo import demo_model_dir, ensure_demo_model  # noqa: E402
 from fault_tools import metric, sse_events  # noqa: E402
 from serve_tools import served_app  # noqa: E402
 
@@ -36,7 +36,7 @@ STATS = {"http": 0, "grpc": 0, "codes": {}}
 
 @pytest.fixture(scope="module")
 def server():
-    ensure_tiny_model(default_model_path())
+    ensure_demo_model(demo_model_dir())
     args = {"tensor_parallel_size": 1, "num_cache_blocks": 64, "max_num_seqs": 8, "max_queue": 64,
             "use_gpu": False, "api_keys": KEY, "max_body_bytes": MAX_BODY, "max_tokens_limit": 4}
     with served_app(args, num_cpus=3) as addresses:

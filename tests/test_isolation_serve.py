@@ -24,7 +24,7 @@ import httpx
 
 from aptray.llm import LLM  # noqa: E402
 from aptray.sampling_params import SamplingParams  # noqa: E402
-from aptray.worker.shard import default_model_path, ensure_tiny_model  # noqa: E402
+from aptray.model.demo import demo_model_dir, ensure_demo_model  # noqa: E402
 from fault_tools import sse_events  # noqa: E402
 from serve_tools import served_app  # noqa: E402
 
@@ -36,14 +36,14 @@ FAST = 10.0  # seconds within which a hostile request gets its answer
 
 @pytest.fixture(scope="module")
 def reference():
-    llm = LLM(ensure_tiny_model(default_model_path()), num_cache_blocks=128)
+    llm = LLM(ensure_demo_model(demo_model_dir()), num_cache_blocks=128)
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=LONG, ignore_eos=True))
     return {p: (o.outputs[0].token_ids, o.outputs[0].text) for p, o in zip(PROMPTS, outs)}
 
 
 @pytest.fixture(scope="module")
 def server():
-    ensure_tiny_model(default_model_path())
+    ensure_demo_model(demo_model_dir())
     args = {"tensor_parallel_size": 1, "num_cache_blocks": 128, "max_num_seqs": 16, "max_queue": 64,
             "use_gpu": False, "api_keys": f"{ALICE},{MALLORY}"}
     with served_app(args, num_cpus=3) as addresses:

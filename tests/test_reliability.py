@@ -21,7 +21,8 @@ import httpx
 
 from aptray.llm import LLM  # noqa: E402
 from aptray.sampling_params import SamplingParams  # noqa: E402
-from aptray.worker.shard import default_model_path, ensure_tiny_model, free_port  # noqa: E402
+from aptray.model.demo import demo_model_dir, ensure_demo_model  # noqa: E402
+from aptray.worker.shard import free_port  # noqa: E402
 from fault_tools import RedisProcess, kill_one, metric, sse_events  # noqa: E402
 from serve_tools import served_app  # noqa: E402
 
@@ -33,7 +34,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def model_path():
-    return ensure_tiny_model(default_model_path())
+    return ensure_demo_model(demo_model_dir())
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +179,7 @@ def test_router_process_killed_mid_generation(server, reference):
 def test_redis_restart_under_load(server, reference, redis_proc):
     """In-flight streams go on while Redis is away; new requests get a quick 503 JSON error; once Redis
     is back (empty) the router rewrites what is in flight and takes new requests again."""
-    from aptray.store import RequestStore
+    from aptray.serve.store import RequestStore
 
     refused = {}
 
@@ -214,7 +215,7 @@ def test_resync_rewrites_in_flight_after_an_empty_restart(server, redis_proc):
     """A stream that is running across a Redis restart is back in Redis (with its tokens) afterwards."""
     import threading
 
-    from aptray.store import RequestStore
+    from aptray.serve.store import RequestStore
 
     got = {}
 

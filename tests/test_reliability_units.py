@@ -8,7 +8,7 @@ from aptray.sampling_params import SamplingParams
 from aptray.serve.limits import MAX_MESSAGES, MAX_STOP_TOKEN_IDS, RequestLimits
 from aptray.serve.security import bearer, grpc_key, key_ok
 from aptray.serve.store_writer import StoreUnavailable, StoreWriter
-from aptray.store import RequestMeta, RequestStore
+from aptray.serve.store import RequestMeta, RequestStore
 from aptray.worker.shard import free_port
 from fault_tools import RedisProcess
 
@@ -69,7 +69,7 @@ def test_orphaned_owner_is_found(redis_proc, monkeypatch):
 
 
 def test_password_file(tmp_path, monkeypatch):
-    from aptray.store import redis_password
+    from aptray.serve.store import redis_password
     (tmp_path / "pw").write_text("from-file\n")
     monkeypatch.delenv("REDIS_PASSWORD", raising=False)
     monkeypatch.setenv("REDIS_PASSWORD_FILE", str(tmp_path / "pw"))
@@ -118,14 +118,19 @@ def test_api_keys():
 
 
 def test_resumed_request_already_finished():
-    from types import SimpleNamespace
-
-    from aptray.serve.resume import Resumable, finished_reason
-    engine = SimpleNamespace(tokenizer=SimpleNamespace(eos_token_id=2, decode=lambda ids, **_: "abc"),
-                             config=SimpleNamespace(spec=SimpleNamespace(max_model_len=512)))
+    """A resumed request whose tokens already end it (its finish was lost with a fault) is finished by
+    the engine's own stop rules, replayed: the same reason and text the engine would have given."""
+    from aptray.llm import LLM
+    from aptray.serve.resume import Resumable, finished
+    llm = LLM("tiny-opt-v1", num_cache_blocks=16)
+    engine, tok = llm.engine, llm.tokenizer
+    eos = tok.eos_token_id
+    word = tok.encode(" capital", add_special_tokens=False)
     r = lambda out, **kw: Resumable("r", [1, 5], SamplingParams(max_tokens=3, **kw), 0.0, out)  # noqa: E731
-    assert finished_reason(r([7, 8, 9]), engine) == "length"
-    assert finished_reason(r([7, 2]), engine) == "stop"
-    assert finished_reason(r([7, 2], ignore_eos=True), engine) is None
-    assert finished_reason(r([7], stop=["b"]), engine) == "stop"
-    assert finished_reason(r([]), engine) is None
+    assert finished(r([7, 8, 9]), engine) == ("length", tok.decode([7, 8, 9], skip_special_tokens=True))
+    assert finished(r([7, eos]), engine)[0] == "stop"
+    assert finished(r([7, eos], ignore_eos=True), engine) is None
+    assert finished(r([7, 8], stop_token_ids=[8]), engine)[0] == "stop"
+    before = tok.decode([7], skip_special_tokens=True)
+    assert finished(r([7] + word, stop=["capital"]), engine) == ("stop", before + " ")
+    assert finished(r([]), engine) is None

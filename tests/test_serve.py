@@ -22,7 +22,7 @@ import openai
 
 from aptray.llm import LLM  # noqa: E402
 from aptray.sampling_params import SamplingParams  # noqa: E402
-from aptray.worker.shard import default_model_path, ensure_tiny_model  # noqa: E402
+from aptray.model.demo import demo_model_dir, ensure_demo_model  # noqa: E402
 from serve_tools import start_proxies  # noqa: E402
 
 PROMPTS = ["The quick brown fox", "What is the capital of France?", "def add(a, b):"]
@@ -32,7 +32,7 @@ SLOW = 200  # tokens for requests that must still be running while we look
 
 @pytest.fixture(scope="module")
 def model_path():
-    return ensure_tiny_model(default_model_path())
+    return ensure_demo_model(demo_model_dir())
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +282,7 @@ def test_metrics_after_traffic(server):
 
 
 def test_redis_holds_in_flight_and_expires_finished(server):
-    from aptray.store import RequestStore
+    from aptray.serve.store import RequestStore
 
     store = RequestStore.connect(f"unix://{server['redis'].socket_file}")
     with httpx.stream("POST", server["http"] + "/v1/completions", timeout=60,

@@ -2,8 +2,10 @@
 from collections import Counter
 from types import SimpleNamespace
 
-from aptray.metrics import ServingMetrics, p99, slo_attained
 from aptray.request import CacheKind
+from aptray.serve.metrics import ServingMetrics
+from aptray.slo import attained as slo_attained
+from aptray.slo import tbt_p99 as p99
 
 
 def _sample(m, name, labels=None):

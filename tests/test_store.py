@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from aptray.store import RequestMeta, RequestStore
+from aptray.serve.store import RequestMeta, RequestStore
 
 
 @pytest.fixture(scope="module")

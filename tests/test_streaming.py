@@ -177,12 +177,11 @@ def test_app_args_executor():
         AppArgs.parse({"executor": "gpu"})
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         AppArgs.parse({"executor": "local", "tensor_parallel_size": "2"})
-    from aptray.serve.replica_engine import router_actor_options, uses_shard_actors
-    assert not uses_shard_actors(AppArgs.parse({}))
-    assert uses_shard_actors(AppArgs.parse({"tensor_parallel_size": 2}))
-    assert uses_shard_actors(AppArgs.parse({"executor": "ray"}))
-    assert router_actor_options(AppArgs.parse({"tensor_parallel_size": 2}), True) == {"num_cpus": 0}
-    assert router_actor_options(AppArgs.parse({}), True)["num_gpus"] == 1
+    assert not AppArgs.parse({}).on_shards
+    assert AppArgs.parse({"tensor_parallel_size": 2}).on_shards
+    assert AppArgs.parse({"executor": "ray"}).on_shards
+    assert AppArgs.parse({"tensor_parallel_size": 2}).router_resources(True) == {"num_cpus": 0}
+    assert AppArgs.parse({}).router_resources(True)["num_gpus"] == 1
 
 
 def test_bench_rate_search():

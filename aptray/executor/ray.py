@@ -26,11 +26,9 @@ class ShardStepError(RuntimeError):
     """A rank answered a plan with an error: the others may be waiting in a collective."""
 
 
-def _config_kwargs(config: EngineConfig, model_is_default: bool) -> dict:
+def _config_kwargs(config: EngineConfig) -> dict:
     """EngineConfig's init fields as plain data (the actor rebuilds it and re-derives the spec)."""
-    out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
-    out["model_is_default"] = model_is_default
-    return out
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
 
 
 def _remove_leftover_group(name: str, timeout_s: float = 30.0) -> None:
@@ -54,8 +52,8 @@ def _target(ip: str, port: int) -> str:
 
 
 class RayExecutor(Executor):
-    def __init__(self, config: EngineConfig, use_gpu: bool | None = None, model_is_default: bool = False,
-                 cpus_per_shard: float = 1.0, start_timeout_s: float = 600.0, pg_name: str | None = None):
+    def __init__(self, config: EngineConfig, use_gpu: bool | None = None, cpus_per_shard: float = 1.0,
+                 start_timeout_s: float = 600.0, pg_name: str | None = None):
         """pg_name: a stable name for the shards' placement group. A group left by a dead owner (a
         router that was killed) outlives it and still holds the resources; naming it lets the next
         owner remove it first."""
@@ -75,7 +73,7 @@ class RayExecutor(Executor):
         self.pg = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK", name=pg_name or "")
         ray.get(self.pg.ready(), timeout=start_timeout_s)
         actor_cls = ray.remote(ShardWorker)
-        kwargs = _config_kwargs(config, model_is_default)
+        kwargs = _config_kwargs(config)
         # named for operators and fault drills (ray list actors); unique, since a killed group's
         # actors may still hold their names while this one starts
         group = f"aptray-shard-{uuid.uuid4().hex[:8]}"

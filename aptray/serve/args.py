@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, fields
 
 
+CPUS_PER_RANK = 1.0  # Ray CPUs a rank holds (shard actor, or the router when the model runs in it)
 _OPTIONAL_INTS = ("num_cache_blocks", "max_prompt_tokens", "max_tokens_limit")
 _OPTIONAL_FLOATS = ("min_ttft_slo_ms", "min_tbt_slo_ms")
 EXECUTORS = ("auto", "local", "ray")
@@ -12,7 +13,7 @@ EXECUTORS = ("auto", "local", "ray")
 
 @dataclass
 class AppArgs:
-    model: str = ""  # HF folder; empty: a tiny random OPT made by aptray.model.factory (demo, tests)
+    model: str = "tiny-opt-v1"  # HF folder, or the embedded demo model's name (aptray.model.demo)
     tokenizer: str | None = None
     served_model_name: str | None = None  # the id /v1/models lists; default: the folder name
     tensor_parallel_size: int = 1
@@ -63,7 +64,7 @@ class AppArgs:
         for k, v in args.items():
             default = getattr(cls, k)
             if isinstance(v, str) and v.lower() in ("none", "null", ""):
-                v = "" if k == "model" else None
+                v = cls.model if k == "model" else None
             elif isinstance(v, str) and isinstance(default, bool) or k == "use_gpu" and isinstance(v, str):
                 v = v.lower() in ("1", "true", "yes")
             elif isinstance(v, str) and (isinstance(default, int) or k in _OPTIONAL_INTS):
@@ -77,6 +78,28 @@ class AppArgs:
         if parsed.executor == "local" and parsed.tensor_parallel_size != 1:
             raise ValueError("executor 'local' runs one rank: tensor_parallel_size must be 1 (or use 'ray')")
         return parsed
+
+    @property
+    def on_shards(self) -> bool:
+        """Whether the model runs in shard actors (RayExecutor) rather than in the router's process."""
+        return self.executor == "ray" or self.tensor_parallel_size > 1
+
+    def router_resources(self, use_gpu: bool) -> dict:
+        """Ray resources of the router: none of its own while shards do the work (it mostly waits on
+        them); one rank's when the model runs in it."""
+        if self.on_shards:
+            return {"num_cpus": 0}
+        return {"num_cpus": CPUS_PER_RANK, "num_gpus": 1 if use_gpu else 0}
+
+    def engine_config(self):
+        """The router's EngineConfig (the model is a folder, or the demo model's name)."""
+        from aptray.config import EngineConfig
+        return EngineConfig(model=self.model, tokenizer=self.tokenizer, dtype=self.dtype,
+                            tensor_parallel_size=self.tensor_parallel_size, cache_mode=self.cache_mode,
+                            block_size=self.block_size, num_cache_blocks=self.num_cache_blocks,
+                            cache_memory_gb=self.cache_memory_gb, scheduler=self.scheduler,
+                            max_num_seqs=self.max_num_seqs, ttft_slo=self.ttft_slo_ms / 1000,
+                            tbt_slo=self.tbt_slo_ms / 1000)
 
     def api_key_set(self) -> frozenset[str]:
         """Accepted API keys: the api_keys arg, else $APTRAY_API_KEYS (e.g. from a Kubernetes Secret)."""

@@ -1,9 +1,13 @@
-"""EngineLoop: a router's engine thread (scheduler -> executor -> chunks for the ingress).
+"""EngineLoop: a router's engine thread, and its fault paths.
 
-The engine is single-threaded. The router's asyncio side meets this thread in an inbox
-(requests, aborts, re-attaches) and in the Outbox (chunks, one hand-off per iteration), so a slow
+The engine is single-threaded. The router's asyncio side meets this thread in an inbox of typed
+messages (Add, Reattach, Abort) and in the Outbox (chunks, one hand-off per iteration), so a slow
 step never blocks admission or streaming. Redis writes go to the StoreWriter thread, so Redis
-never blocks the engine either. Fault paths (shard rebuild, resumption) are in recovery.py.
+never blocks the engine either.
+
+Faults (docs/RELIABILITY.md): a shard group that fails a step is rebuilt and its requests resumed
+from their generated tokens; a router that restarts resumes the requests Redis lists for its
+owner; a client that re-attaches gets what it has not seen, then the rest.
 """
 from __future__ import annotations
 
@@ -12,31 +16,72 @@ import queue
 import threading
 import time
 from collections import Counter, OrderedDict
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from aptray.config import EngineConfig
-from aptray.engine import StepFailed
-from aptray.metrics import ServingMetrics
+from aptray.engine import Engine, StepFailed
 from aptray.sampling_params import SamplingParams
-from aptray.serve.args import AppArgs
-from aptray.serve.recovery import RecoveryMixin
-from aptray.serve.replica_engine import SchedulerTimer, build_engine
-from aptray.serve.resume import Resumable
+from aptray.serve.args import CPUS_PER_RANK, AppArgs
+from aptray.serve.metrics import ServingMetrics
+from aptray.serve.resume import Resumable, finished, from_meta, from_request
+from aptray.serve.store import RequestMeta, RequestStore
 from aptray.serve.store_writer import StoreWriter
 from aptray.serve.streams import ClientStream, Outbox
-from aptray.store import RequestMeta
 
 logger = logging.getLogger("aptray")
 
 MAX_UNCLAIMED = 1024  # finished resumed requests kept for a client that re-attaches late
 
 
-class EngineLoop(RecoveryMixin):
-    def __init__(self, args: AppArgs, config: EngineConfig, tokenizer, metrics: ServingMetrics, owner: str,
-                 model_is_default: bool):
+@dataclass(frozen=True)
+class Add:
+    """A new request, accepted and recorded in Redis; stream is how its client sees it."""
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    prompt: str | None
+    arrival_time: float  # monotonic
+    stream: ClientStream
+
+
+@dataclass(frozen=True)
+class Reattach:
+    """A client back after a router restart, with the tokens (and text) it has already relayed."""
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    prompt: str | None
+    seen_token_ids: list[int]
+    seen_text: str
+    stream: ClientStream
+
+
+@dataclass(frozen=True)
+class Abort:
+    request_id: str
+
+
+def build_engine(config: EngineConfig, args: AppArgs, tokenizer, owner: str) -> Engine:
+    """The router's engine: the model in this process (one rank), or shard actors over gRPC."""
+    if args.on_shards:
+        from aptray.executor.ray import RayExecutor
+        executor = RayExecutor(config, args.use_gpu, cpus_per_shard=CPUS_PER_RANK, pg_name=f"aptray-shards-{owner}")
+    else:
+        import torch
+
+        from aptray.executor.local import LocalExecutor
+        if not torch.cuda.is_available():
+            # as a shard rank does: one BLAS thread per CPU the rank holds (oversubscribed cores ran 10x slower)
+            torch.set_num_threads(max(1, int(CPUS_PER_RANK)))
+        executor = LocalExecutor(config)
+    return Engine(config, executor, tokenizer)
+
+
+class EngineLoop:
+    def __init__(self, args: AppArgs, config: EngineConfig, tokenizer, metrics: ServingMetrics,
+                 writer: StoreWriter, owner: str):
         self.args, self.config, self.tokenizer, self.metrics = args, config, tokenizer, metrics
-        self.owner, self.model_is_default = owner, model_is_default
-        self.writer: StoreWriter | None = None  # set by the router once Redis is connected
+        self.writer, self.owner = writer, owner
         self.streams: dict[str, ClientStream] = {}
         self.unclaimed: OrderedDict[str, tuple[list[int], str, str]] = OrderedDict()
         self.outbox = Outbox()
@@ -48,26 +93,35 @@ class EngineLoop(RecoveryMixin):
         self._wake = threading.Event()
         self._stopping = False
         self._out: list[dict] = []  # chunks of this iteration, handed to the outbox together
-        self.start_engine()
+        self._start_engine()
         self._thread = threading.Thread(target=self._run, name="aptray-engine", daemon=True)
 
-    def start_engine(self) -> None:
-        self.engine = build_engine(self.config, self.args, self.tokenizer, self.owner, self.model_is_default)
-        self.executor = self.engine.executor
+    def _start_engine(self) -> None:
+        self.engine = build_engine(self.config, self.args, self.tokenizer, self.owner)
         self.metrics.forget_scheduler()  # the new scheduler's counters start at zero
-        self.timer = SchedulerTimer(self.engine)
 
+    # -- the router's side (its event loop thread) ---------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
-    # -- the router's side (its event loop thread) ---------------------------------------------
-    def submit(self, item: tuple) -> None:
-        self._inbox.put(item)
+    def submit(self, msg: Add | Reattach | Abort) -> None:
+        if isinstance(msg, Add):  # registered now: an Abort that follows finds it
+            self.streams[msg.request_id] = msg.stream
+        self._inbox.put(msg)
         self._wake.set()
 
     def queued(self) -> int:
         """Requests waiting for the engine, counting those not yet taken from the inbox."""
         return len(self.engine.scheduler.waiting) + self._inbox.qsize()
+
+    def counts(self) -> tuple[int, int]:
+        """(waiting, running) requests of the engine."""
+        s = self.engine.scheduler
+        return len(s.waiting), len(s.running)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.engine.executor.num_blocks
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -76,6 +130,7 @@ class EngineLoop(RecoveryMixin):
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self.engine.executor.shutdown()
 
     # -- engine thread ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -87,10 +142,10 @@ class EngineLoop(RecoveryMixin):
                 self._wake.clear()
                 continue
             try:
-                outputs = self.engine.step()
+                step = self.engine.step()
             except StepFailed as e:
-                if self._on_shards():  # their collectives may be half-way: a new group, then resume
-                    self.rebuild_shards(repr(e.cause), failed_plan=e.plan)
+                if self.args.on_shards:  # their collectives may be half-way: a new group, then resume
+                    self._rebuild_shards(repr(e.cause), failed_plan=e.plan)
                 else:  # retried one suspect at a time (StepQuarantine); the others go on
                     logger.exception("engine step failed")
                     self._publish(self.engine.recover_failed_step(e.plan))
@@ -98,64 +153,59 @@ class EngineLoop(RecoveryMixin):
                 continue
             except Exception as e:  # the scheduler itself broke: nothing can be trusted to go on
                 logger.exception("engine loop failed")
-                self.fail_all(repr(e))
+                self._fail_all(repr(e))
                 self._hand_off()
                 continue
             self.rebuilds_in_a_row = 0
-            self._publish(outputs)
+            self._publish(step.outputs)
             self._hand_off()
-            result = self.engine.last_result
-            self.metrics.observe_iteration(self.engine.scheduler, self.timer.last_s,
-                                           result.step_time if result is not None else None)
+            self.metrics.observe_iteration(self.engine.scheduler, step.schedule_s,
+                                           step.result.step_time if step.result is not None else None)
 
     def _hand_off(self) -> None:
         if self._out:
             chunks, self._out = self._out, []
             self.outbox.put(chunks)
 
-    def _on_shards(self) -> bool:
-        """The model runs in shard actors (not in this process): a failed step may have left their
-        collectives half-way, so the group is rebuilt."""
-        return hasattr(self.executor, "alive")
-
     def _drain_inbox(self) -> None:
         changed = False
         while True:
             try:
-                item = self._inbox.get_nowait()
+                msg = self._inbox.get_nowait()
             except queue.Empty:
                 break
             changed = True
-            if item[0] == "add":
-                self._add(*item[1:])
-            elif item[0] == "attach":
-                self._attach(*item[1:])
+            if isinstance(msg, Add):
+                self._add(msg)
+            elif isinstance(msg, Reattach):
+                self._reattach(msg)
             else:
-                self._abort_now(*item[1:])
+                self._abort(msg.request_id)
         if changed:
             self.metrics.observe_iteration(self.engine.scheduler, None, None)
 
-    def _add(self, rid: str, ids: list[int], sp: SamplingParams, prompt: str | None, arrival: float) -> None:
-        stream = self.streams.get(rid)
-        if stream is None:  # aborted before it reached the engine
+    def _add(self, msg: Add) -> None:
+        rid = msg.request_id
+        if rid not in self.streams:  # aborted before it reached the engine
             return
         try:
-            self.engine.add_request(rid, ids, sp, arrival_time=arrival, prompt=prompt)
+            self.engine.add_request(rid, msg.prompt_token_ids, msg.sampling, arrival_time=msg.arrival_time,
+                                    prompt=msg.prompt)
         except ValueError as e:
             self.streams.pop(rid, None)
             self.writer.finish(rid, "rejected")
-            self._out.append(stream.error(rid, str(e), 400))
+            self._out.append(msg.stream.error(rid, str(e), 400))
 
-    def _attach(self, rid: str, ids: list[int], sp: SamplingParams, prompt: str | None, seen: list[int],
-                seen_text: str, stream: ClientStream) -> None:
-        """A client re-attaches after a router restart: it gets what it has not seen, then the rest."""
-        stream.resume_at(list(seen), seen_text)
+    def _reattach(self, msg: Reattach) -> None:
+        """What the client has not seen, then the rest."""
+        rid, stream, seen = msg.request_id, msg.stream, list(msg.seen_token_ids)
+        stream.resume_at(seen, msg.seen_text)
         self.streams[rid] = stream
         if rid in self.unclaimed:
             token_ids, text, reason = self.unclaimed.pop(rid)
             if token_ids[:len(seen)] == seen:
                 self.streams.pop(rid)
-                self.send_final(stream, rid, token_ids, text, reason)
+                self._send_final(stream, rid, token_ids, text, reason)
                 return
         req = self.engine.scheduler.requests.get(rid)
         if req is not None and req.output_token_ids[:len(seen)] == seen:
@@ -166,12 +216,12 @@ class EngineLoop(RecoveryMixin):
         if req is not None:  # Redis was behind what the client saw (an outage): the client is right
             self.engine.abort(rid)
         now = time.monotonic()
-        r = Resumable(rid, list(ids), sp, now, list(seen), [now] * len(seen), prompt=prompt)
-        self.writer.track(RequestMeta(rid, time.time(), stream.ttft_slo, stream.tbt_slo, list(ids), asdict(sp),
-                                      output_token_ids=list(seen)), write=True)
-        self.resume(r, "client")
+        r = Resumable(rid, list(msg.prompt_token_ids), msg.sampling, now, seen, [now] * len(seen), prompt=msg.prompt)
+        self.writer.track(RequestMeta(rid, time.time(), stream.ttft_slo, stream.tbt_slo, list(msg.prompt_token_ids),
+                                      asdict(msg.sampling), output_token_ids=seen), write=True)
+        self._resume(r, "client")
 
-    def _abort_now(self, rid: str) -> None:
+    def _abort(self, rid: str) -> None:
         req = self.engine.scheduler.requests.get(rid)
         self.engine.abort(rid)
         stream = self.streams.pop(rid, None)
@@ -182,6 +232,7 @@ class EngineLoop(RecoveryMixin):
         if stream is not None and stream.attached:
             self._out.append(stream.chunk(rid, [], "", "abort"))
 
+    # -- outputs to chunks --------------------------------------------------------------------
     def _publish(self, outputs) -> None:
         # tokens first, then finishes: a finish shortens the keys' TTL and must be the last write
         self.writer.tokens({o.request_id: list(o.new_token_ids) for o in outputs})
@@ -190,13 +241,13 @@ class EngineLoop(RecoveryMixin):
                 self._publish_one(out)
             except Exception as e:  # e.g. its tokens broke the detokenizer: that request alone ends
                 logger.exception("relaying request %s failed", out.request_id)
-                self.fail(out.request_id, f"relaying the output failed: {e!r}")
+                self._fail(out.request_id, f"relaying the output failed: {e!r}")
 
     def _publish_one(self, out) -> None:
         rid, completion = out.request_id, out.outputs[0]
         stream = self.streams.get(rid)
         if completion.finish_reason == "error":
-            self.fail(rid, out.error or "the request failed", ended=True)
+            self._fail(rid, out.error or "the request failed", ended=True)
             return
         if out.finished:
             m, reason = out.metrics, completion.finish_reason
@@ -205,7 +256,7 @@ class EngineLoop(RecoveryMixin):
             self.streams.pop(rid, None)
             self.resumes.pop(rid, None)
             if stream is not None and not stream.attached:
-                self.unclaim(rid, completion.token_ids, completion.text, reason)
+                self._unclaim(rid, completion.token_ids, completion.text, reason)
         if stream is None or not stream.attached:
             return
         if out.finished:  # the engine's final text is cut at a stop string
@@ -218,17 +269,17 @@ class EngineLoop(RecoveryMixin):
     def _slos(self, stream: ClientStream | None) -> tuple[float, float]:
         return (stream.ttft_slo, stream.tbt_slo) if stream else (self.config.ttft_slo, self.config.tbt_slo)
 
-    def send_final(self, stream: ClientStream, rid: str, token_ids: list[int], text: str, reason: str) -> None:
+    def _send_final(self, stream: ClientStream, rid: str, token_ids: list[int], text: str, reason: str) -> None:
         if stream.attached:
             new, delta = stream.finish(token_ids, text)
             self._out.append(stream.chunk(rid, new, delta, reason))
 
-    def unclaim(self, rid: str, token_ids: list[int], text: str, reason: str) -> None:
+    def _unclaim(self, rid: str, token_ids: list[int], text: str, reason: str) -> None:
         self.unclaimed[rid] = (list(token_ids), text, reason)
         while len(self.unclaimed) > MAX_UNCLAIMED:
             self.unclaimed.popitem(last=False)
 
-    def fail(self, rid: str, why: str, status: int = 500, ended: bool = False) -> None:
+    def _fail(self, rid: str, why: str, status: int = 500, ended: bool = False) -> None:
         """End one request with an error (ended: the engine has ended it already)."""
         if not ended:
             self.engine.abort(rid)
@@ -239,6 +290,81 @@ class EngineLoop(RecoveryMixin):
             self._out.append(stream.error(rid, why, status))
         self.metrics.slo_missed.labels("error").inc()
 
-    def fail_all(self, why: str) -> None:
+    def _fail_all(self, why: str) -> None:
         for rid in list(self.streams):
-            self.fail(rid, f"engine failure: {why}")
+            self._fail(rid, f"engine failure: {why}")
+
+    # -- faults -------------------------------------------------------------------------------
+    def resume_from_store(self, store: RequestStore) -> None:
+        """The previous router of this replica died: its requests go on from the tokens Redis has;
+        clients that re-attach get the rest of their stream. Called before the thread starts."""
+        try:
+            left = store.unfinished()
+        except Exception:  # Redis away: clients re-attaching bring their own state
+            logger.exception("could not read in-flight requests from the store")
+            return
+        for m in left:
+            try:
+                sp = SamplingParams(**m.sampling)
+            except (TypeError, ValueError):
+                self.writer.finish(m.request_id, "error")
+                continue
+            self.streams[m.request_id] = ClientStream(self.tokenizer, False, m.ttft_slo, m.tbt_slo, list(sp.stop),
+                                                      m.prompt_len, list(m.output_token_ids))
+            self.writer.track(m)
+            self._resume(from_meta(m, sp), "store")
+        if left:
+            logger.warning("router restart: resumed %d requests from the store", len(left))
+
+    def _rebuild_shards(self, why: str, failed_plan) -> None:
+        """New shard actors and a new engine; every request goes on from the tokens it has. The
+        failed step's requests are counted as suspects first (StepQuarantine)."""
+        self._publish(self.engine.recover_failed_step(failed_plan))
+        self.rebuilds_in_a_row += 1
+        if self.rebuilds_in_a_row > self.args.max_shard_rebuilds:
+            self.broken = f"shard group lost {self.rebuilds_in_a_row} times in a row: {why}"
+            logger.error(self.broken)
+            self._fail_all(self.broken)
+            return
+        logger.warning("shard group lost (%s): rebuilding, %d requests to resume", why,
+                       len(self.engine.scheduler.requests))
+        snapshot = sorted((from_request(r) for r in self.engine.scheduler.requests.values()),
+                          key=lambda r: r.arrival_time)
+        self.engine.executor.shutdown(graceful=False)
+        quarantine = self.engine.quarantine
+        try:
+            self._start_engine()
+            self.engine.quarantine = quarantine
+        except Exception as e:
+            logger.exception("shard group rebuild failed")
+            self.broken = f"shard group could not be rebuilt: {e!r}"
+            self._fail_all(self.broken)
+            return
+        self.faults["shard_rebuilds"] += 1
+        for r in snapshot:
+            self.resumes[r.request_id] += 1
+            if self.resumes[r.request_id] > self.args.max_resumes_per_request:
+                self._fail(r.request_id, f"request lost its shards {self.resumes[r.request_id]} times")
+            else:
+                self._resume(r, "shards")
+
+    def _resume(self, r: Resumable, source: str) -> None:
+        """Re-admit r as a recompute preemption, or finish it if the tokens it has already end it
+        (its finish was lost with the fault)."""
+        done = finished(r, self.engine)
+        if done is not None:
+            reason, text = done
+            self.writer.finish(r.request_id, reason)
+            stream = self.streams.pop(r.request_id, None)
+            if stream is None or not stream.attached:
+                self._unclaim(r.request_id, r.output_token_ids, text, reason)
+            else:
+                self._send_final(stream, r.request_id, r.output_token_ids, text, reason)
+            return
+        try:
+            self.engine.resume_request(r.request_id, r.prompt_token_ids, r.sampling, r.output_token_ids,
+                                       r.token_times, r.arrival_time, r.prompt, r.num_preemptions)
+        except ValueError as e:  # e.g. a restart with a smaller context
+            self._fail(r.request_id, f"could not resume: {e}", status=400)
+            return
+        self.faults[f"resumed_{source}"] += 1

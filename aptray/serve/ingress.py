@@ -29,11 +29,11 @@ from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatCompleti
                                      CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList,
                                      error_body, finish_reason, new_id)
 from aptray.serve.relay import Call, Rejected, RouterLink
-from aptray.serve.replica_engine import gpus_available, resolve_model, router_actor_options
+from aptray.model.demo import resolve_model_path
 from aptray.serve.router import Router
 from aptray.serve.security import EdgeMiddleware, bearer, identity
 from aptray.serve.sse import ChatEvents, CompletionEvents, sse, usage
-from aptray.store import RequestStore
+from aptray.serve.store import RequestStore
 
 logger = logging.getLogger("aptray")
 
@@ -78,7 +78,7 @@ class Ingress:
 
         self.args = AppArgs.parse(args)
         _edge.update(keys=self.args.api_key_set(), max_body=self.args.max_body_bytes)
-        model, _ = resolve_model(self.args)
+        model = resolve_model_path(self.args.model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer or model)
         self.model_name = self.args.served_model_name or os.path.basename(model.rstrip("/"))
         self.router_args = dict(args or {})
@@ -89,8 +89,8 @@ class Ingress:
             self.router_args["redis_url"] = self.embedded_store.url
         self.owner = _replica_id()  # the router's in-flight set in Redis: stable across router restarts
         # decided once, here: where the model runs (router or shards) needs it for the router's resources
-        self.use_gpu = self.args.use_gpu if self.args.use_gpu is not None else gpus_available(
-            self.args.tensor_parallel_size)
+        self.use_gpu = self.args.use_gpu if self.args.use_gpu is not None else (
+            ray.cluster_resources().get("GPU", 0) >= self.args.tensor_parallel_size)
         self.router_args["use_gpu"] = self.use_gpu
         self._recovery: asyncio.Task | None = None
         self.link = RouterLink(self._start_router, self.args.router_restart_timeout_s)
@@ -107,7 +107,7 @@ class Ingress:
         return self.link.router
 
     def _start_router(self):
-        opts = {**router_actor_options(self.args, self.use_gpu), "max_concurrency": 10_000}
+        opts = {**self.args.router_resources(self.use_gpu), "max_concurrency": 10_000}
         if self.embedded_store is not None:  # a unix socket: same node as the replica
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),

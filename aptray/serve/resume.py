@@ -45,24 +45,14 @@ def from_meta(meta, sampling: SamplingParams) -> Resumable:
                      list(meta.output_token_ids), times)
 
 
-def finished_reason(r: Resumable, engine: Engine) -> str | None:
-    """Whether the tokens it has already end it (its finish was lost with the fault): the engine's own rules."""
-    out, sp = r.output_token_ids, r.sampling
-    if not out:
+def finished(r: Resumable, engine: Engine) -> tuple[str, str] | None:
+    """(finish reason, final text) if the tokens it has already end it (its finish was lost with the
+    fault): the engine's own stop rules, replayed over them."""
+    stops = engine.stop_checker(r.sampling)
+    status = stops.replay(r.output_token_ids, len(r.prompt_token_ids))
+    if status is None:
         return None
-    eos = getattr(engine.tokenizer, "eos_token_id", None)
-    if (not sp.ignore_eos and out[-1] == eos) or out[-1] in sp.stop_token_ids:
-        return "stop"
-    if sp.stop and engine.tokenizer is not None:
-        text = engine.tokenizer.decode(out, skip_special_tokens=True)
-        if any(s in text for s in sp.stop):
-            return "stop"
-    if len(out) >= sp.max_tokens or len(r.prompt_token_ids) + len(out) >= engine.config.spec.max_model_len:
-        return "length"
-    return None
-
-
-def readmit(engine: Engine, r: Resumable) -> None:
-    """Queue r as a recompute-preempted request; raises ValueError like Engine.add_request."""
-    engine.resume_request(r.request_id, r.prompt_token_ids, r.sampling, r.output_token_ids, r.token_times,
-                          r.arrival_time, r.prompt, r.num_preemptions)
+    text = stops.text
+    if text is None:
+        text = engine.tokenizer.decode(r.output_token_ids, skip_special_tokens=True) if engine.tokenizer else ""
+    return status.value, text

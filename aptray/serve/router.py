@@ -1,9 +1,9 @@
 """Router: one replica's engine in a Ray actor (TGI-style router; it owns queueing and batching).
 
 Its ingress talks to it in two ways: admit() per request (validation, limits, the Redis record,
-then the request goes to the engine thread) and one long stream() that carries the chunks of
-every request of the replica, a step at a time (streams.py). The engine thread is EngineLoop
-(engine_loop.py); fault paths are in recovery.py; what engine it runs, in replica_engine.py.
+then an Add message to the engine thread) and one long stream() that carries the chunks of every
+request of the replica, a step at a time (streams.py). The engine thread, and its fault paths, is
+EngineLoop (engine_loop.py).
 """
 from __future__ import annotations
 
@@ -14,16 +14,14 @@ from dataclasses import asdict
 
 import ray
 
-from aptray.metrics import ServingMetrics
 from aptray.sampling_params import SamplingParams
 from aptray.serve.args import AppArgs
-from aptray.serve.engine_loop import EngineLoop
+from aptray.serve.engine_loop import Add, Abort, EngineLoop, Reattach
 from aptray.serve.limits import RequestLimits
-from aptray.serve.recovery import close_orphans
-from aptray.serve.replica_engine import engine_config, resolve_model, uses_shard_actors
+from aptray.serve.metrics import ServingMetrics
+from aptray.serve.store import RequestMeta, RequestStore, valid_request_id
 from aptray.serve.store_writer import StoreUnavailable, StoreWriter
 from aptray.serve.streams import ClientStream
-from aptray.store import RequestMeta, RequestStore, valid_request_id
 
 logger = logging.getLogger("aptray")
 
@@ -34,18 +32,22 @@ class Router:
 
         self.args = AppArgs.parse(args)
         self.owner = owner
-        model, model_is_default = resolve_model(self.args)
-        self.config = engine_config(self.args, model)
+        self.config = self.args.engine_config()
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer)
         self.metrics = ServingMetrics()
-        self.loop = EngineLoop(self.args, self.config, self.tokenizer, self.metrics, owner, model_is_default)
-        self.limits = self._request_limits()
         self.store = RequestStore.connect(self.args.redis_url, finished_ttl_s=self.args.finished_ttl_s,
                                           queue_owner=owner)
-        self.writer = self.loop.writer = StoreWriter(self.store)
+        self.writer = StoreWriter(self.store)
+        self.loop = EngineLoop(self.args, self.config, self.tokenizer, self.metrics, self.writer, owner)
+        self.limits = self._request_limits()
         self.draining = False
         self._being_admitted = 0  # accepted by the checks, not yet handed to the engine (Redis write pending)
-        close_orphans(self.store)
+        try:
+            closed = self.store.close_orphans()
+            if closed:
+                logger.warning("closed %d requests of departed replicas", closed)
+        except Exception:
+            logger.exception("could not look for orphaned requests")
         self.loop.resume_from_store(self.store)
         self.loop.start()
 
@@ -55,7 +57,7 @@ class Router:
         a, spec = self.args, self.config.spec
         fastest = None
         if a.min_ttft_slo_ms is None or a.min_tbt_slo_ms is None:
-            fastest = self.loop.engine.fastest_step_seconds()
+            fastest = self.loop.engine.fastest_step_seconds()  # the thread has not started
             logger.info("fastest step %.2f ms: the floor of accepted SLOs", fastest * 1e3)
         floor = lambda ms: fastest if ms is None else ms / 1000  # noqa: E731
         return RequestLimits(spec.max_model_len, spec.vocab_size, a.max_prompt_tokens, a.max_tokens_limit,
@@ -64,14 +66,15 @@ class Router:
     # -- control plane ------------------------------------------------------------------------
     def ready(self) -> dict:
         return {"model": self.config.model, "max_model_len": self.config.spec.max_model_len,
-                "vocab_size": self.config.spec.vocab_size, "num_blocks": self.loop.executor.num_blocks,
+                "vocab_size": self.config.spec.vocab_size, "num_blocks": self.loop.num_blocks,
                 "store": self.store.url, "limits": self.limits}
 
     def health(self) -> dict:
-        s, loop = self.loop.engine.scheduler, self.loop
-        return {"ok": loop.alive() and loop.broken is None, "waiting": len(s.waiting), "running": len(s.running),
+        loop = self.loop
+        waiting, running = loop.counts()
+        return {"ok": loop.alive() and loop.broken is None, "waiting": waiting, "running": running,
                 "draining": self.draining, "error": loop.broken, "store_ok": self.writer.healthy,
-                "faults": dict(loop.faults), "executor": "ray" if uses_shard_actors(self.args) else "local"}
+                "faults": dict(loop.faults), "executor": "ray" if self.args.on_shards else "local"}
 
     def metrics_text(self) -> bytes:
         self.metrics.observe_faults(self.loop.faults, self.writer.healthy, self.writer.outages)
@@ -81,7 +84,7 @@ class Router:
     def abort(self, request_id: str) -> bool:
         """The client went away (disconnect, cancel) or asked: free the request's blocks."""
         found = request_id in self.loop.streams
-        self.loop.submit(("abort", request_id))
+        self.loop.submit(Abort(request_id))
         return found
 
     async def drain(self, timeout_s: float) -> int:
@@ -96,7 +99,6 @@ class Router:
         self.loop.stop()
         self.writer.flush()
         self.writer.close()
-        self.loop.executor.shutdown()
         self.store.close()
 
     # -- data plane ---------------------------------------------------------------------------
@@ -142,13 +144,11 @@ class Router:
             if refusal is not None:
                 answers.append(refusal)
                 continue
-            stream = ClientStream(self.tokenizer, True, sp.ttft_slo or self.config.ttft_slo,
-                                  sp.tbt_slo or self.config.tbt_slo, list(sp.stop), len(ids), epoch=epoch)
+            stream = ClientStream(self.tokenizer, True, *self.config.slos_of(sp), list(sp.stop), len(ids), epoch=epoch)
             if seen is None:
-                self.loop.streams[rid] = stream
-                self.loop.submit(("add", rid, list(ids), sp, prompt, time.monotonic()))
+                self.loop.submit(Add(rid, list(ids), sp, prompt, time.monotonic(), stream))
             else:
-                self.loop.submit(("attach", rid, list(ids), sp, prompt, list(seen), seen_text, stream))
+                self.loop.submit(Reattach(rid, list(ids), sp, prompt, list(seen), seen_text, stream))
             answers.append({"accepted": True, "request_id": rid, "prompt_tokens": len(ids)})
         return answers
 
@@ -189,8 +189,7 @@ class Router:
         """Record new requests in Redis (one round trip); returns the refusals by request id.
         Accepted means recorded: a request Redis does not hold could not be resumed after a fault."""
         now, refusals = time.time(), {}
-        futures = [(rid, self.writer.admit(RequestMeta(rid, now, sp.ttft_slo or self.config.ttft_slo,
-                                                       sp.tbt_slo or self.config.tbt_slo, list(ids), asdict(sp))))
+        futures = [(rid, self.writer.admit(RequestMeta(rid, now, *self.config.slos_of(sp), list(ids), asdict(sp))))
                    for rid, ids, sp in new]
         for rid, fut in futures:
             try:

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from aptray.store import RequestMeta, RequestStore
+from aptray.serve.store import RequestMeta, RequestStore
 
 logger = logging.getLogger("aptray")
 

@@ -28,7 +28,7 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         spec = config.spec
-        self.model = load_model(config.model, spec.arch, config.dtype, self.device, config.load_format)
+        self.model = load_model(config.model_path, spec.arch, config.dtype, self.device, config.load_format)
         for layer in self.model.layers:
             layer.self_attn.scratch_tokens = config.recompute_scratch_tokens
         dtype = DTYPES[config.dtype]

@@ -7,8 +7,6 @@ and rank 0 answers with the sampled tokens and the step time.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import socket
 from concurrent import futures
 
@@ -21,30 +19,6 @@ from aptray.worker.shard_auth import SecretCheck
 logger = logging.getLogger("aptray")
 
 GRPC_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
-TINY_MODEL_NAME = "tiny-opt-v1"
-
-
-def ensure_tiny_model(path: str) -> str:
-    """Make the demo model at path unless it is there. Seeded, so every node builds the same weights;
-    written to a temporary folder and renamed so concurrent processes never see half a model."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    from aptray.model.factory import make_tiny_model
-    tmp = f"{path}.tmp{os.getpid()}"
-    make_tiny_model(tmp, arch="opt", hidden_size=64, num_layers=2, num_heads=4, max_positions=512, seed=0)
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def default_model_path() -> str:
-    root = os.environ.get("APTRAY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "aptray"))
-    os.makedirs(root, exist_ok=True)
-    return os.path.join(root, TINY_MODEL_NAME)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -98,10 +72,7 @@ class ShardWorker:
         if not self.use_gpu:
             # ranks share the machine's cores: oversubscribed BLAS threads made steps 10x slower
             torch.set_num_threads(self.num_threads)
-        if self.config_kwargs.get("model_is_default"):
-            ensure_tiny_model(self.config_kwargs["model"])
-        kwargs = {k: v for k, v in self.config_kwargs.items() if k != "model_is_default"}
-        config = EngineConfig(**kwargs)
+        config = EngineConfig(**self.config_kwargs)  # a demo model name is built on this node
         if self.world_size > 1:
             backend = "nccl" if self.use_gpu else "gloo"
             torch.distributed.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",

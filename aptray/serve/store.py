@@ -130,6 +130,17 @@ class RequestStore:
         return [o for o in self.owners()
                 if o != self.queue_owner and not self.r.exists(f"{self.prefix}owner:{o}")]
 
+    def close_orphans(self) -> int:
+        """Abort the requests of owners gone for good (orphaned_owners): nobody can resume them.
+        Returns how many were closed."""
+        closed = 0
+        for owner in self.orphaned_owners():
+            other = self.for_owner(owner)
+            for m in other.unfinished():
+                other.finish(m.request_id, "abort")
+                closed += 1
+        return closed
+
     def unfinished_everywhere(self) -> list[RequestMeta]:
         """In-flight requests of every owner (tests, operators)."""
         return [m for o in self.owners() for m in self.for_owner(o).unfinished()]

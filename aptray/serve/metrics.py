@@ -5,25 +5,13 @@ process, e.g. in tests); the ingress serves registry text on /metrics.
 """
 from __future__ import annotations
 
-import math
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from aptray.slo import attained
 
 # latency buckets from 5 ms (GPU TBT) to 2 min (CPU TTFT under load)
 _LATENCY = (.005, .01, .025, .05, .075, .1, .15, .25, .4, .6, 1, 1.5, 2.5, 5, 10, 20, 40, 80, 120)
 _SCHED = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, .1)
-
-
-def p99(xs: list[float]) -> float:
-    if not xs:
-        return 0.0
-    s = sorted(xs)
-    return s[min(len(s) - 1, math.ceil(0.99 * len(s)) - 1)]
-
-
-def slo_attained(ttft: float | None, gaps: list[float], ttft_slo: float, tbt_slo: float) -> bool:
-    """DESIGN section 4: TTFT within its SLO and the P99 of the request's own gaps within TBT."""
-    return ttft is not None and ttft <= ttft_slo and p99(gaps) <= tbt_slo
 
 
 class ServingMetrics:
@@ -120,7 +108,7 @@ class ServingMetrics:
         if finish_reason not in ("stop", "length"):
             self.slo_missed.labels(finish_reason).inc()
             return False
-        if slo_attained(ttft, gaps, ttft_slo, tbt_slo):
+        if attained(ttft, gaps, ttft_slo, tbt_slo):
             self.slo_attained.inc()
             return True
         self.slo_missed.labels("ttft" if ttft is None or ttft > ttft_slo else "tbt").inc()
