@@ -123,6 +123,10 @@ def _free_memory(device: str) -> None:
 def main(argv=None, start: float | None = None) -> int:
     start = time.monotonic() if start is None else start
     args = parse_args(argv)
+    # no network here, and the device call returns only the end of stdout: no hub lookups, no progress bars
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                        ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(name, value)
     if args.cpu_smoke:  # before torch and triton are imported: no GPU, kernels in the interpreter
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ["TRITON_INTERPRET"] = "1"
