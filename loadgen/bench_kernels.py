@@ -47,46 +47,33 @@ def main():
     if not args.cpu and not torch.cuda.is_available():
         sys.exit("bench_kernels: no CUDA device. This benchmark measures GPU kernels; use --cpu for a smoke run.")
     from aptray_kernels import reference, triton_ops
-    from aptray_kernels.triton_absorbed import hidden_attention
 
     device = "cpu" if args.cpu else "cuda"
     dtype = torch.float32 if args.cpu else getattr(torch, args.dtype)
     shape = TINY if args.cpu else OPT_13B
     contexts = [32, 64] if args.cpu else [int(c) for c in args.contexts.split(",")]
     batches = [1, 2] if args.cpu else [int(b) for b in args.batches.split(",")]
-    timer = _cpu_timer if args.cpu else _cuda_timer
+    timer = cpu_timer if args.cpu else cuda_timer
     torch.manual_seed(0)
 
-    info = _device_info(args, torch)
+    info = device_info(args.cpu, args.peak_gbps)
     info["deepspeed"] = _probe_deepspeed()
     print(f"device: {info['device']}  HBM peak: {info['peak_gbps']} GB/s  copy: {info['copy_gbps']} GB/s")
     print(f"deepspeed v2 blocked kernels: {info['deepspeed']}")
 
-    layer = _Layer(shape, dtype, device, torch)
+    layer = Layer(shape, dtype, device)
     _check_against_reference(layer, args.block_size, reference, triton_ops, torch)
 
     rows = []
-    header = (f"{'ctx':>6} {'batch':>5} | {'kv ms':>8} {'kv GB/s':>8} {'kv %pk':>6} | {'hid ms':>8} {'hid GB/s':>8} "
-              f"{'hid %pk':>7} | {'absorbed ms':>11} | {'hid/kv':>6} {'abs/kv':>6} | {'recomp ms':>9}")
-    print(header)
-    print("-" * len(header))
-    elem = torch.finfo(dtype).bits // 8
+    print(HEADER)
+    print("-" * len(HEADER))
     for ctx in contexts:
         for batch in batches:
-            kv_bytes = batch * ctx * 2 * shape["kv_heads"] * shape["head_dim"] * elem
-            if kv_bytes / 1e9 > args.max_gb:
+            if layer.kv_bytes(ctx, batch) / 1e9 > args.max_gb:
                 continue
-            row = _bench_point(layer, ctx, batch, args, timer, triton_ops, hidden_attention, torch)
-            row["kv_gbps"] = kv_bytes / row["kv_ms"] / 1e6
-            hidden_bytes = batch * ctx * shape["hidden"] * elem
-            row["hidden_gbps"] = hidden_bytes / row["hidden_ms"] / 1e6
-            peak = info["peak_gbps"]
-            row["kv_pct_peak"] = 100 * row["kv_gbps"] / peak if peak else None
-            row["hidden_pct_peak"] = 100 * row["hidden_gbps"] / peak if peak else None
-            row["hidden_over_kv"] = row["hidden_ms"] / row["kv_ms"]
-            row["absorbed_over_kv"] = row["absorbed_ms"] / row["kv_ms"]
+            row = bench_point(layer, ctx, batch, args.block_size, args.recompute_max_batch, timer, info["peak_gbps"])
             rows.append(row)
-            print(_format_row(row))
+            print(format_row(row))
             if device == "cuda":
                 torch.cuda.empty_cache()
 
@@ -101,11 +88,17 @@ def main():
     print(f"wrote {args.out}")
 
 
-class _Layer:
+HEADER = (f"{'ctx':>6} {'batch':>5} | {'kv ms':>8} {'kv GB/s':>8} {'kv %pk':>6} | {'hid ms':>8} {'hid GB/s':>8} "
+          f"{'hid %pk':>7} | {'absorbed ms':>11} | {'hid/kv':>6} {'abs/kv':>6} | {'recomp ms':>9}")
+
+
+class Layer:
     """Random weights of one attention layer (this rank's rows of W_k, W_v)."""
 
-    def __init__(self, shape, dtype, device, torch):
+    def __init__(self, shape, dtype, device):
+        import torch
         self.shape, self.dtype, self.device = shape, dtype, device
+        self.elem = torch.finfo(dtype).bits // 8
         rows, width = shape["kv_heads"] * shape["head_dim"], shape["hidden"]
         self.w_k = torch.randn(rows, width, dtype=dtype, device=device) / math.sqrt(width)
         self.w_v = torch.randn(rows, width, dtype=dtype, device=device) / math.sqrt(width)
@@ -113,12 +106,21 @@ class _Layer:
         self.b_v = torch.randn(rows, dtype=dtype, device=device) * 0.1
         self.scale = 1 / math.sqrt(shape["head_dim"])
 
+    def kv_bytes(self, ctx, batch):
+        """The KV cache bytes a decode at this point must read: N*ctx*2*n_kv*D elements."""
+        return batch * ctx * 2 * self.shape["kv_heads"] * self.shape["head_dim"] * self.elem
+
+    def hidden_bytes(self, ctx, batch):
+        """The hidden cache bytes an absorbed decode must read: N*ctx*d elements."""
+        return batch * ctx * self.shape["hidden"] * self.elem
+
     def hidden_block(self, block_size):
         # r = d / (2 n_kv D): a physical block of B KV tokens holds B / r hidden tokens.
         r = self.shape["hidden"] / (2 * self.shape["kv_heads"] * self.shape["head_dim"])
         return max(1, int(block_size / r))
 
-    def caches(self, ctx, batch, block_size, torch):
+    def caches(self, ctx, batch, block_size):
+        import torch
         s, dev = self.shape, self.device
         kv_blocks = math.ceil(ctx / block_size)
         kv_cache = torch.randn(batch * kv_blocks, 2, block_size, s["kv_heads"], s["head_dim"], dtype=self.dtype,
@@ -133,8 +135,13 @@ class _Layer:
         return q, kv_cache, kv_tables, hidden, h_tables, lens
 
 
-def _bench_point(layer, ctx, batch, args, timer, triton_ops, hidden_attention, torch):
-    q, kv_cache, kv_tables, hidden, h_tables, lens = layer.caches(ctx, batch, args.block_size, torch)
+def bench_point(layer, ctx, batch, block_size, recompute_max_batch, timer, peak_gbps=None):
+    """Times of each decode path at one (context, batch), with achieved bandwidth over the bytes each must read."""
+    import torch
+    from aptray_kernels import triton_ops
+    from aptray_kernels.triton_absorbed import hidden_attention
+
+    q, kv_cache, kv_tables, hidden, h_tables, lens = layer.caches(ctx, batch, block_size)
     s = layer.shape
     u = torch.randn(batch, s["heads"], s["hidden"], dtype=torch.float32, device=layer.device) * 0.01
     row = dict(context=ctx, batch=batch)
@@ -143,16 +150,22 @@ def _bench_point(layer, ctx, batch, args, timer, triton_ops, hidden_attention, t
     row["absorbed_ms"] = timer(lambda: triton_ops.absorbed_decode_attention(
         q, hidden, h_tables, lens, layer.w_k, layer.w_v, layer.b_v, layer.scale))
     row["recompute_ms"] = None
-    if batch <= args.recompute_max_batch:
+    if batch <= recompute_max_batch:
         row["recompute_ms"] = timer(lambda: triton_ops.recompute_decode_attention(
             q, hidden, h_tables, lens, layer.w_k, layer.b_k, layer.w_v, layer.b_v, layer.scale))
     del q, kv_cache, kv_tables, hidden, h_tables
+    row["kv_gbps"] = layer.kv_bytes(ctx, batch) / row["kv_ms"] / 1e6
+    row["hidden_gbps"] = layer.hidden_bytes(ctx, batch) / row["hidden_ms"] / 1e6
+    row["kv_pct_peak"] = 100 * row["kv_gbps"] / peak_gbps if peak_gbps else None
+    row["hidden_pct_peak"] = 100 * row["hidden_gbps"] / peak_gbps if peak_gbps else None
+    row["hidden_over_kv"] = row["hidden_ms"] / row["kv_ms"]
+    row["absorbed_over_kv"] = row["absorbed_ms"] / row["kv_ms"]
     return row
 
 
 def _check_against_reference(layer, block_size, reference, triton_ops, torch):
     """One small ragged point checked against the torch references before anything is timed."""
-    q, kv_cache, kv_tables, hidden, h_tables, _ = layer.caches(80, 3, block_size, torch)
+    q, kv_cache, kv_tables, hidden, h_tables, _ = layer.caches(80, 3, block_size)
     lens = torch.tensor([80, 33, 1], device=layer.device)
     pairs = {
         "paged": (triton_ops.paged_decode_attention(q, kv_cache, kv_tables, lens, layer.scale),
@@ -170,28 +183,30 @@ def _check_against_reference(layer, block_size, reference, triton_ops, torch):
     print("kernels match the references on a ragged check point")
 
 
-def _cuda_timer(fn):
+def cuda_timer(fn):
     import triton.testing
     return triton.testing.do_bench(fn, warmup=25, rep=100)  # ms, median, L2 flushed between runs
 
 
-def _cpu_timer(fn):
+def cpu_timer(fn):
     fn()
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1e3
 
 
-def _device_info(args, torch):
-    if args.cpu:
-        return dict(device="cpu (Triton interpreter: timings are meaningless)", peak_gbps=args.peak_gbps,
+def device_info(cpu: bool, peak_gbps: float | None = None) -> dict:
+    """The device's name, its HBM peak (table or peak_gbps) and a measured copy bandwidth."""
+    import torch
+    if cpu:
+        return dict(device="cpu (Triton interpreter: timings are meaningless)", peak_gbps=peak_gbps,
                     copy_gbps=None)
     name = torch.cuda.get_device_name()
-    peak = args.peak_gbps or next((v for k, v in HBM_PEAK_GBPS.items() if k in name), None)
+    peak = peak_gbps or next((v for k, v in HBM_PEAK_GBPS.items() if k in name), None)
     # A device-to-device copy shows what the memory system really sustains (reads + writes).
-    x = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
+    x = torch.randn(1 << 28, dtype=torch.float32, device="cuda")
     y = torch.empty_like(x)
-    ms = _cuda_timer(lambda: y.copy_(x))
+    ms = cuda_timer(lambda: y.copy_(x))
     return dict(device=name, peak_gbps=peak, copy_gbps=round(2 * x.numel() * 4 / ms / 1e6, 1))
 
 
@@ -207,7 +222,7 @@ def _probe_deepspeed():
                                        "is not written yet, see docs/KERNELS.md")
 
 
-def _format_row(row):
+def format_row(row):
     def pct(v):
         return f"{v:6.1f}" if v is not None else "     -"
     recompute = f"{row['recompute_ms']:9.3f}" if row["recompute_ms"] is not None else "        -"

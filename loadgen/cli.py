@@ -47,7 +47,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="opt-13b",
                    help="--sim: opt-13b, opt-30b, opt-66b or a folder with an HF config.json; "
                         "real: a model folder (weights + tokenizer)")
-    g.add_argument("--gpu", default="a100-40gb", help="--sim: a100-40gb, a100-80gb or h100-80gb")
+    g.add_argument("--gpu", default="a100-40gb",
+                   help="--sim: a100-40gb, a100-80gb, h100-80gb, h200, or a device measured by loadgen.gpu_check; "
+                        "a measured profile (aptray/sim/data/measured/GPU.json) prices steps where one exists")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (1, 2, 4)")
     g.add_argument("--step-overhead", type=float, default=1e-3, help="--sim: CPU seconds per step outside kernels")
     g.add_argument("--calibration", help="--sim: price steps with this CPU calibration JSON (python -m loadgen "
@@ -235,9 +237,9 @@ def cmd_sweep(args) -> None:
     clients = {parse_policy(p)[0]: make_client(args, p) for p in specs}
     policies = list(clients)
     if args.sim:  # fit the cost model once, before the workers fork
-        from aptray.sim.fit import hardware_for
         from aptray.sim.gpus import get_gpu
-        hardware_for(get_gpu(args.gpu))
+        from aptray.sim.measured import hardware_for_gpu
+        hardware_for_gpu(get_gpu(args.gpu), args.step_overhead)
     trace = base_trace(args)
     t_workload = time.time() - t0
     rates = rate_grid(args)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import math
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from aptray_kernels import ops, reference
+from aptray_kernels.random_inputs import attention_weights, paged_rows, poison_unfilled, rotary_tables
 
 
 def _triton_loaded_in_compiled_mode() -> bool:
@@ -65,31 +65,6 @@ CONTEXT_LENS = [1, 7, 21, 70]
 def _close(out, ref):
     assert out.shape == ref.shape and out.dtype == ref.dtype
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-
-
-def _paged_rows(block_size, context_lens, num_blocks_extra=3, gen=None):
-    """Block tables [N, max_blocks] with distinct shuffled blocks per row (padding 0) and the pool size."""
-    per_row = [math.ceil(length / block_size) for length in context_lens]
-    num_blocks = sum(per_row) + num_blocks_extra
-    order = torch.randperm(num_blocks, generator=gen)
-    tables = torch.zeros(len(context_lens), max(per_row), dtype=torch.int64)
-    used = 0
-    for row, count in enumerate(per_row):
-        tables[row, :count] = order[used:used + count]
-        used += count
-    return tables, num_blocks, torch.tensor(context_lens, dtype=torch.int64)
-
-
-def _poison_unfilled(cache, tables, context_lens, block_size):
-    """NaN in the unused slots of each row's partially filled last block: they must never reach the output."""
-    for row, length in enumerate(context_lens.tolist()):
-        filled = length % block_size
-        if filled:
-            last = tables[row, (length - 1) // block_size]
-            if cache.dim() == 5:  # kv cache [blocks, 2, B, n_kv, D]
-                cache[last, :, filled:] = float("nan")
-            else:  # hidden cache [blocks, Bh, d]
-                cache[last, filled:] = float("nan")
 
 
 def test_kernels_are_interpreted():
@@ -155,7 +130,7 @@ def test_write_hidden(block_size):
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 def test_gather_hidden(block_size):
     gen = torch.Generator().manual_seed(block_size)
-    tables, num_blocks, lens = _paged_rows(block_size, CONTEXT_LENS, gen=gen)
+    tables, num_blocks, lens = paged_rows(block_size, CONTEXT_LENS, gen=gen)
     cache = torch.randn(num_blocks, block_size, 24, generator=gen)
     max_len = int(lens.max())
     assert torch.equal(triton_ops.gather_hidden(cache, tables, max_len),
@@ -169,9 +144,9 @@ def test_paged_decode_attention(block_size, heads, num_splits):
     num_heads, n_kv = heads
     gen = torch.Generator().manual_seed(block_size * 100 + n_kv)
     head_dim = 16
-    tables, num_blocks, lens = _paged_rows(block_size, CONTEXT_LENS, gen=gen)
+    tables, num_blocks, lens = paged_rows(block_size, CONTEXT_LENS, gen=gen)
     cache = torch.randn(num_blocks, 2, block_size, n_kv, head_dim, generator=gen)
-    _poison_unfilled(cache, tables, lens, block_size)
+    poison_unfilled(cache, tables, lens, block_size)
     q = torch.randn(len(lens), num_heads, head_dim, generator=gen)
     ref = reference.paged_decode_attention(q, cache, tables, lens, 0.25)
     assert torch.isfinite(ref).all()
@@ -180,19 +155,11 @@ def test_paged_decode_attention(block_size, heads, num_splits):
 
 def test_paged_decode_attention_odd_head_dim():
     gen = torch.Generator().manual_seed(7)
-    tables, num_blocks, lens = _paged_rows(4, [3, 9], gen=gen)
+    tables, num_blocks, lens = paged_rows(4, [3, 9], gen=gen)
     cache = torch.randn(num_blocks, 2, 4, 2, 12, generator=gen)
     q = torch.randn(2, 6, 12, generator=gen)
     _close(triton_ops.paged_decode_attention(q, cache, tables, lens, 0.3),
            reference.paged_decode_attention(q, cache, tables, lens, 0.3))
-
-
-def _weights(n_kv, head_dim, width, bias, gen):
-    w_k = torch.randn(n_kv * head_dim, width, generator=gen) / width ** 0.5
-    w_v = torch.randn(n_kv * head_dim, width, generator=gen) / width ** 0.5
-    b_k = torch.randn(n_kv * head_dim, generator=gen) if bias else None
-    b_v = torch.randn(n_kv * head_dim, generator=gen) if bias else None
-    return w_k, b_k, w_v, b_v
 
 
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
@@ -202,21 +169,15 @@ def test_absorbed_decode_attention(block_size, heads, bias, num_splits):
     num_heads, n_kv = heads
     gen = torch.Generator().manual_seed(block_size * 100 + n_kv)
     head_dim, width = 8, 40  # width is not a multiple of the d chunk: exercises the masks
-    tables, num_blocks, lens = _paged_rows(block_size, CONTEXT_LENS, gen=gen)
+    tables, num_blocks, lens = paged_rows(block_size, CONTEXT_LENS, gen=gen)
     cache = torch.randn(num_blocks, block_size, width, generator=gen)
-    _poison_unfilled(cache, tables, lens, block_size)
+    poison_unfilled(cache, tables, lens, block_size)
     q = torch.randn(len(lens), num_heads, head_dim, generator=gen)
-    w_k, _, w_v, b_v = _weights(n_kv, head_dim, width, bias, gen)
+    w_k, _, w_v, b_v = attention_weights(n_kv, head_dim, width, bias, gen)
     ref = reference.absorbed_decode_attention(q, cache, tables, lens, w_k, w_v, b_v, 0.3)
     assert torch.isfinite(ref).all()
     _close(triton_ops.absorbed_decode_attention(q, cache, tables, lens, w_k, w_v, b_v, 0.3, num_splits=num_splits),
            ref)
-
-
-def _rotary_tables(max_pos, head_dim):
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
 
 
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
@@ -226,12 +187,12 @@ def test_recompute_decode_attention(block_size, heads, rotary, bias):
     num_heads, n_kv = heads
     gen = torch.Generator().manual_seed(block_size * 100 + n_kv)
     head_dim, width = 16, 40
-    tables, num_blocks, lens = _paged_rows(block_size, CONTEXT_LENS, gen=gen)
+    tables, num_blocks, lens = paged_rows(block_size, CONTEXT_LENS, gen=gen)
     cache = torch.randn(num_blocks, block_size, width, generator=gen)
-    _poison_unfilled(cache, tables, lens, block_size)
+    poison_unfilled(cache, tables, lens, block_size)
     q = torch.randn(len(lens), num_heads, head_dim, generator=gen)
-    w_k, b_k, w_v, b_v = _weights(n_kv, head_dim, width, bias, gen)
-    cos, sin = _rotary_tables(128, head_dim) if rotary else (None, None)
+    w_k, b_k, w_v, b_v = attention_weights(n_kv, head_dim, width, bias, gen)
+    cos, sin = rotary_tables(128, head_dim) if rotary else (None, None)
     ref = reference.recompute_decode_attention(q, cache, tables, lens, w_k, b_k, w_v, b_v, 0.25, cos, sin)
     assert torch.isfinite(ref).all()
     _close(triton_ops.recompute_decode_attention(q, cache, tables, lens, w_k, b_k, w_v, b_v, 0.25, cos, sin), ref)
@@ -242,10 +203,10 @@ def test_recompute_decode_attention(block_size, heads, rotary, bias):
 def test_gather_project_kv_equals_reference_projection(block_size, rotary):
     gen = torch.Generator().manual_seed(block_size)
     n_kv, head_dim, width = 2, 8, 24
-    tables, num_blocks, lens = _paged_rows(block_size, [5, 33], gen=gen)
+    tables, num_blocks, lens = paged_rows(block_size, [5, 33], gen=gen)
     cache = torch.randn(num_blocks, block_size, width, generator=gen)
-    w_k, b_k, w_v, b_v = _weights(n_kv, head_dim, width, True, gen)
-    cos, sin = _rotary_tables(64, head_dim) if rotary else (None, None)
+    w_k, b_k, w_v, b_v = attention_weights(n_kv, head_dim, width, True, gen)
+    cos, sin = rotary_tables(64, head_dim) if rotary else (None, None)
     max_len = int(lens.max())
     ref_k, ref_v = reference.project_kv(reference.gather_hidden(cache, tables, max_len), w_k, b_k, w_v, b_v,
                                         n_kv, head_dim, cos, sin)
@@ -259,9 +220,9 @@ def test_absorbed_equals_recompute_and_kv_paths():
     gen = torch.Generator().manual_seed(3)
     num_heads, head_dim, width, block_size = 4, 8, 32, 4
     lens = [6, 19]
-    tables, num_blocks, context_lens = _paged_rows(block_size, lens, gen=gen)
+    tables, num_blocks, context_lens = paged_rows(block_size, lens, gen=gen)
     hidden = torch.randn(num_blocks, block_size, width, generator=gen)
-    w_k, b_k, w_v, b_v = _weights(num_heads, head_dim, width, True, gen)
+    w_k, b_k, w_v, b_v = attention_weights(num_heads, head_dim, width, True, gen)
     q = torch.randn(len(lens), num_heads, head_dim, generator=gen)
     max_len = max(lens)
     k, v = triton_ops.gather_project_kv(hidden, tables, max_len, w_k, b_k, w_v, b_v, num_heads, head_dim)

@@ -1,12 +1,12 @@
 """Tiny random-weight test models, made once per test process, and transformers references."""
 from __future__ import annotations
 
-import copy
 import functools
 import tempfile
 
 import torch
 
+from aptray.model import hf_reference
 from aptray.model.factory import make_tiny_model
 
 SHAPES = {
@@ -30,20 +30,13 @@ def tiny_model(name: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def hf_model(path: str):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return hf_reference.load_hf_model(path)
 
 
 @functools.lru_cache(maxsize=None)
 def hf_greedy(path: str, prompt: tuple[int, ...], max_new_tokens: int) -> tuple[int, ...]:
     """transformers generate, greedy, EOS ignored (as the engine's ignore_eos)."""
-    model = hf_model(path)
-    config = copy.deepcopy(model.generation_config)
-    # an id no token can have: generate falls back to the model's EOS when given None
-    config.eos_token_id, config.do_sample, config.max_new_tokens = 10**9, False, max_new_tokens
-    ids = torch.tensor([prompt])
-    out = model.generate(ids, generation_config=config, attention_mask=torch.ones_like(ids))
-    return tuple(out[0, len(prompt):].tolist())
+    return hf_reference.hf_greedy(hf_model(path), prompt, max_new_tokens)
 
 
 def hf_last_logits(path: str, token_ids: list[int]) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""CPU calibration: fit the cost model's coefficients to step times measured on the real engine.
+"""Calibration: fit the cost model's coefficients to step times measured on the real engine.
 
-The GPU coefficients come from the vidur profiles; on this machine the same cost model is fitted
-to the real engine's own step times (a small random-weight model), so the simulator can be
-checked against the real engine on one trace (loadgen calibrate does that comparison).
+Without one, GPU coefficients come from the vidur profiles. On this machine the same cost model is
+fitted to the real engine's own step times (a small random-weight model), so the simulator can be
+checked against the real engine on one trace (loadgen calibrate does that comparison); on a GPU,
+loadgen.gpu_check fits it to the engine's steps there (fit_steps with GPU_X0, aptray.sim.measured).
 
 What is fitted is the time of a whole engine step as a client sees it: the scheduler, the model
 runner and the engine's post-processing, not only the executor's kernels (the executor's own
@@ -16,7 +17,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from scipy.optimize import least_squares
@@ -87,17 +88,19 @@ RAGGED_LENGTHS_SEED = 1234
 
 
 def collect_steps(config: EngineConfig, batch_sizes=(1, 2, 4, 8, 16), prompt_lens=(8, 32, 128, 384),
-                  output_len: int = 24, seed: int = 0, repeats: int = 2) -> list[StepSample]:
+                  output_len: int = 24, seed: int = 0, repeats: int = 2, executor: Executor | None = None,
+                  clock=cpu_clock) -> list[StepSample]:
     """Run waves of requests through the real engine; every step becomes a sample. A wave's prompts
     scatter around its length (0.5-1.5x), as real batches are ragged: a batch of equal contexts runs
     its decode attention without a mask, and a fit to those alone priced the replay's ragged decode
     steps 13-28% low. The lengths come from a fixed generator, so every round repeats the same step
-    shapes (their spread is the machine's scatter); seed draws the token ids."""
+    shapes (their spread is the machine's scatter); seed draws the token ids. executor: the one to
+    drive (default: a LocalExecutor of config); clock: what a step's time is read on."""
     from aptray.engine import Engine
     from aptray.executor.local import LocalExecutor
     from aptray.sampling_params import SamplingParams
 
-    rec = RecordingExecutor(LocalExecutor(config))
+    rec = RecordingExecutor(executor or LocalExecutor(config))
     engine = Engine(config, rec)
     rng = np.random.default_rng(seed)
     lengths = np.random.default_rng(RAGGED_LENGTHS_SEED)
@@ -113,7 +116,7 @@ def collect_steps(config: EngineConfig, batch_sizes=(1, 2, 4, 8, 16), prompt_len
                                                                        ignore_eos=True))
                     n += 1
                 while engine.has_unfinished():
-                    timed_step(engine, rec)
+                    timed_step(engine, rec, clock)
     rec.shutdown()
     return rec.samples[1:]  # the first step pays one-off warm-up
 
@@ -123,14 +126,16 @@ def collect_steps(config: EngineConfig, batch_sizes=(1, 2, 4, 8, 16), prompt_len
 _NAMES = ("step_overhead", "seq_overhead", "ragged_overhead", "gemm_c0", "gemm_flops", "gemm_bytes", "elem_c0", "elem_bytes",
           "attn_c0", "attn_flops", "attn_bytes")
 _X0 = (1e-4, 1e-5, 1e-5, 2e-5, 5e10, 5e9, 5e-6, 5e9, 2e-5, 2e10, 5e9)
+# the same starting point for a GPU (H100/H200 class): each coefficient may move e^9 either way from it
+GPU_X0 = (1e-3, 2e-5, 1e-6, 5e-6, 5e14, 3e12, 5e-6, 2e12, 1e-5, 3e14, 2e12)
 
 
-def _unpack(p) -> tuple[HardwareFit, float]:
+def _unpack(p, profile: str = "cpu") -> tuple[HardwareFit, float]:
     e = [math.exp(x) for x in p]
     gemm = LinearRoofline(e[3], e[4], e[5])
     elem = LinearRoofline(e[6], math.inf, e[7])
     attn = LinearRoofline(e[8], e[9], e[10])
-    return HardwareFit("cpu", gemm, elem, elem, elem, attn, {}, seq_overhead=e[1], ragged_overhead=e[2]), e[0]
+    return HardwareFit(profile, gemm, elem, elem, elem, attn, {}, seq_overhead=e[1], ragged_overhead=e[2]), e[0]
 
 
 def predict(samples: list[StepSample], config: EngineConfig, hw: HardwareFit, overhead: float) -> np.ndarray:
@@ -144,6 +149,7 @@ class Calibration:
     hardware: HardwareFit
     step_overhead: float
     error: FitError
+    meta: dict = field(default_factory=dict)  # where it was measured: device, model, dtype, date, samples
 
     @property
     def seq_overhead(self) -> float:
@@ -151,15 +157,16 @@ class Calibration:
 
     def with_jitter(self, jitter) -> "Calibration":
         return Calibration(replace(self.hardware, step_jitter=tuple(float(x) for x in jitter)), self.step_overhead,
-                           self.error)
+                           self.error, self.meta)
 
     def save(self, path: str) -> None:
         hw = self.hardware
         laws = {k: asdict(getattr(hw, k)) for k in ("gemm", "layernorm", "activation", "residual_add", "attention")}
         with open(path, "w") as f:
-            json.dump({"laws": laws, "step_overhead": self.step_overhead, "seq_overhead": hw.seq_overhead,
-                       "ragged_overhead": hw.ragged_overhead,
-                       "step_jitter": list(hw.step_jitter), "error": asdict(self.error)}, f, indent=1, default=str)
+            json.dump({"profile": hw.profile, "laws": laws, "step_overhead": self.step_overhead,
+                       "seq_overhead": hw.seq_overhead, "ragged_overhead": hw.ragged_overhead,
+                       "step_jitter": list(hw.step_jitter), "error": asdict(self.error), "meta": self.meta},
+                      f, indent=1, default=str)
 
     @classmethod
     def load(cls, path: str) -> "Calibration":
@@ -167,10 +174,10 @@ class Calibration:
             d = json.load(f)
         laws = {k: LinearRoofline(float(v["c0"]), float(v["flop_rate"]), float(v["byte_rate"]))
                 for k, v in d["laws"].items()}
-        hw = HardwareFit("cpu", all_reduce={}, seq_overhead=float(d.get("seq_overhead", 0.0)),
+        hw = HardwareFit(d.get("profile", "cpu"), all_reduce={}, seq_overhead=float(d.get("seq_overhead", 0.0)),
                          ragged_overhead=float(d.get("ragged_overhead", 0.0)),
                          step_jitter=tuple(d.get("step_jitter", ())), **laws)
-        return cls(hw, d["step_overhead"], FitError(**d["error"]))
+        return cls(hw, d["step_overhead"], FitError(**d["error"]), d.get("meta", {}))
 
 
 def fastest_per_shape(samples: list[StepSample]) -> list[StepSample]:
@@ -211,21 +218,26 @@ def replicate_scatter(samples: list[StepSample], min_repeats: int = 3) -> np.nda
 
 
 def fit_cpu(samples: list[StepSample], config: EngineConfig) -> Calibration:
+    return fit_steps(samples, config)
+
+
+def fit_steps(samples: list[StepSample], config: EngineConfig, x0=_X0, profile: str = "cpu") -> Calibration:
     """Least squares on log(pred/measured): a plain fit, then a soft-L1 refit from it so that a few
     disturbed steps weigh little; whichever has the lower median error wins. Given every sample
-    (not only the fastest per shape), this fits the typical step, which is what a replay sees."""
+    (not only the fastest per shape), this fits the typical step, which is what a replay sees.
+    x0: the starting coefficients (_X0 for this CPU, GPU_X0 for a GPU); profile names the fit."""
     measured = np.array([s.seconds for s in samples])
 
     def residual(p):
-        hw, overhead = _unpack(p)
+        hw, overhead = _unpack(p, profile)
         return np.log(predict(samples, config, hw, overhead) / measured)
 
-    x0 = np.array([math.log(v) for v in _X0])
+    x0 = np.array([math.log(v) for v in x0])
     bounds = (x0 - 9, x0 + 9)
     plain = least_squares(residual, x0, bounds=bounds, diff_step=1e-3)
     robust = least_squares(residual, plain.x, bounds=bounds, diff_step=1e-3, loss="soft_l1", f_scale=0.1)
     fits = []
     for x in (plain.x, robust.x):
-        hw, overhead = _unpack(x)
+        hw, overhead = _unpack(x, profile)
         fits.append(Calibration(hw, overhead, FitError.of(predict(samples, config, hw, overhead), measured)))
     return min(fits, key=lambda c: c.error.median)

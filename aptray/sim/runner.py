@@ -9,8 +9,9 @@ from aptray.engine import Engine
 from aptray.sampling_params import SamplingParams
 from aptray.sim.cost_model import CostModel
 from aptray.sim.executor import SimExecutor, VirtualClock
-from aptray.sim.fit import HardwareFit, hardware_for
+from aptray.sim.fit import HardwareFit
 from aptray.sim.gpus import get_gpu
+from aptray.sim.measured import hardware_for_gpu
 from aptray.sim.memory import plan_memory
 
 TOKEN_ID = 5  # what every simulated step samples: any id that is not a special token
@@ -131,14 +132,18 @@ def hidden_is_sharded(config: EngineConfig) -> bool:
 def build_engine(config: EngineConfig, gpu: str, step_overhead: float = 1e-3,
                  hardware: HardwareFit | None = None) -> tuple[Engine, SimExecutor]:
     """An Engine over a SimExecutor; the pool is sized by the memory model unless config fixes it.
-    hardware: coefficients to price steps with instead of gpu's (a CPU calibration)."""
+    hardware: coefficients to price steps with instead of gpu's (a CPU calibration); without it, gpu's
+    measured profile where one exists (its fitted step overhead replaces step_overhead), else the vidur fit."""
     spec, tp = config.spec, config.tensor_parallel_size
-    gpu_spec = get_gpu(gpu)
     sharded = hidden_is_sharded(config)
-    num_blocks = config.num_cache_blocks or plan_memory(
-        spec, gpu_spec, tp, config.block_size, config.max_num_batched_tokens, config.max_num_seqs,
-        sharded_hidden=sharded).num_blocks
-    hw = hardware or hardware_for(gpu_spec)
+    hw, num_blocks = hardware, config.num_cache_blocks
+    if hw is None or not num_blocks:  # what the GPU decides: its prices, its memory
+        gpu_spec = get_gpu(gpu)
+        if hw is None:
+            hw, step_overhead = hardware_for_gpu(gpu_spec, step_overhead)
+        num_blocks = num_blocks or plan_memory(
+            spec, gpu_spec, tp, config.block_size, config.max_num_batched_tokens, config.max_num_seqs,
+            sharded_hidden=sharded).num_blocks
     cost = CostModel(spec, hw, tp, config.hidden_attention, step_overhead, hw.seq_overhead, sharded,
                      ragged_overhead=hw.ragged_overhead)
     clock = VirtualClock()
