@@ -87,7 +87,7 @@ def _finished(o: SimOutcome, token_times, num_preemptions: int, on_finish) -> No
 
 def _lean_step(engine: Engine, executor: SimExecutor, clock: VirtualClock, outcomes: dict, on_finish) -> bool:
     """Engine.step without the per-token RequestOutput objects nobody reads here: the same scheduler
-    calls, executor and stop rule (Engine._check_stop), in the same order. Returns None where no step
+    calls, executor and stop rule (Engine.check_stop), in the same order. Returns None where no step
     ran, else how many requests got a token."""
     scheduler = engine.scheduler
     plan = scheduler.schedule(clock.now)
@@ -96,7 +96,7 @@ def _lean_step(engine: Engine, executor: SimExecutor, clock: VirtualClock, outco
     result = executor.execute(plan)
     got = scheduler.update(plan, result, clock.now)
     for req in got:
-        status = engine._check_stop(req)
+        status = engine.check_stop(req)
         if status is not None:
             scheduler.finish(req, status)
             engine._forget(req.request_id)
