@@ -23,6 +23,10 @@ class LLM:
         self.engine = Engine(self.config, LocalExecutor(self.config), self.tokenizer)
         self._ids = itertools.count()
 
+    def get_tokenizer(self):
+        """The tokenizer prompts are encoded with (vLLM's name)."""
+        return self.tokenizer
+
     def _token_ids(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if self.tokenizer is None:

@@ -43,11 +43,6 @@ def rescale(trace: list[TraceRequest], rate: float, cv: float = 1.0, seed: int =
     return [replace(r, arrived_at=float(t)) for r, t in zip(trace, times)]
 
 
-def with_slos(trace: list[TraceRequest], ttft_slo: float, tbt_slo: float) -> list[TraceRequest]:
-    """Fill in SLOs where the trace has none."""
-    return [replace(r, ttft_slo=r.ttft_slo or ttft_slo, tbt_slo=r.tbt_slo or tbt_slo) for r in trace]
-
-
 def write_trace(path: str, trace: list[TraceRequest]) -> None:
     if path.endswith(".csv"):
         with open(path, "w", newline="") as f:

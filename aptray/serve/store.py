@@ -215,9 +215,6 @@ class RequestStore:
         """Many writes (admissions, tokens, finishes) in one transaction, applied in the order given."""
         return StoreBatch(self)
 
-    def set_status(self, rid: str, status: str) -> None:
-        self.r.hset(self._k(rid), "status", status)
-
     def finish(self, rid: str, status: str, now: float | None = None) -> None:
         """Mark finished, leave the in-flight set, and let the keys expire soon."""
         p = self.r.pipeline()
