@@ -45,6 +45,7 @@ class BlockManager:
         return self.block_size
 
     def blocks_for(self, num_tokens: int, kind: CacheKind) -> int:
+        """Blocks that hold num_tokens tokens of that kind (element-wise for a numpy array)."""
         per = self.tokens_per_block(kind)
         return -(-num_tokens // per)
 

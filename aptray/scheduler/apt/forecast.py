@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from aptray.cache.block_manager import BlockManager
+from aptray.request import CacheKind
 from aptray.scheduler.apt.features import (WaitingFeatures, ints, is_hidden, max_tokens_of, num_tokens_of,
                                            outputs_of, request_id)
 from aptray.scheduler.slo_state import SloState
@@ -77,5 +78,4 @@ class Forecast:
 
     def blocks_at_end(self, final: np.ndarray) -> int:
         """Blocks requests ending with `final` tokens hold then in their smallest form."""
-        per = self.blocks.hidden_block_size if self.hidden_on else self.blocks.block_size
-        return int((-(-final // per)).sum())
+        return int(self.blocks.blocks_for(final, CacheKind.HIDDEN if self.hidden_on else CacheKind.KV).sum())

@@ -143,7 +143,7 @@ class AptScheduler(Scheduler):
         to_hidden = []
         for i in _by_value_per_block(value, need, ~kept):
             req = running[i]
-            m_h = -(-int(size[i]) // hbs) if self.hidden_on else 0
+            m_h = self.blocks.blocks_for(int(size[i]), CacheKind.HIDDEN) if self.hidden_on else 0
             if not hidden[i] and not prefilling[i] and 0 < m_h <= room and size[i] <= tokens_left:
                 room -= m_h  # KV holds no layer inputs: re-prefill it as hidden, in place
                 tokens_left -= int(size[i])
@@ -203,14 +203,13 @@ class AptScheduler(Scheduler):
         # KV -> hidden re-prefills in a 60-request run)
         growth = self.forecast.running_growth(self.running)
         index = {id(r): i for i, r in enumerate(growth.running)}
-        bs = self.blocks.block_size
         committed = len(self.running) + int(growth.blocks.sum()) + self._queue_blocks(view.now)
         out = []
         for req in affordable:
             i = index.get(id(req))
             kv_now = self.blocks.blocks_for(req.num_tokens, CacheKind.KV)
-            after = (committed if i is None else
-                     committed - int(growth.blocks[i]) + max(0, -(-int(growth.final[i]) // bs) - kv_now))
+            after = (committed if i is None else committed - int(growth.blocks[i])
+                     + max(0, self.blocks.blocks_for(int(growth.final[i]), CacheKind.KV) - kv_now))
             if self.blocks.num_free - self._upgrade_extra_blocks(req) < after:
                 continue
             conv = self._upgrade(req)
@@ -249,8 +248,8 @@ class AptScheduler(Scheduler):
         # starts only when all of it fits: started on one chunk's room it was dropped again as the
         # running set grew (one request five times in a row, each time up to 470 tokens re-computed)
         weighed = np.where(wf.outputs[rows] > 0, np.maximum(upto, total), upto)
-        kv_blocks = -(-weighed // self.blocks.block_size) if self.kv_on else np.zeros_like(upto)
-        hid_blocks = -(-weighed // self.blocks.hidden_block_size) if self.hidden_on else np.zeros_like(upto)
+        kv_blocks = self.blocks.blocks_for(weighed, CacheKind.KV) if self.kv_on else np.zeros_like(upto)
+        hid_blocks = self.blocks.blocks_for(weighed, CacheKind.HIDDEN) if self.hidden_on else np.zeros_like(upto)
         room = self.blocks.num_free
         if not self.running:  # an idle pool takes anyone: weigh no one above what is free
             kv_blocks = np.minimum(kv_blocks, max(room, 1))
@@ -294,10 +293,10 @@ class AptScheduler(Scheduler):
         step_share = view.price.step_share(self._hidden_decoding())
         price = np.broadcast_to(view.price.of(hid_blocks, step_share), value.shape)
         offered = self._kv_pays(view, view.price.smoothed(hid_blocks, step_share))
-        bs, hbs = self.blocks.block_size, self.blocks.hidden_block_size
+        upgrade_blocks = self.blocks.blocks_for(final, CacheKind.KV) - self.blocks.blocks_for(final, CacheKind.HIDDEN)
         return Candidates(value, np.where(offered, kv_blocks, 0), hid_blocks,
                           np.where(offered, value - view.attainable * price, value), tokens, violator,
-                          upgrade_blocks=-(-final // bs) - -(-final // hbs))
+                          upgrade_blocks)
 
     def _admission_caps(self, cands: Candidates, room: int, final) -> tuple[int | None, int | None]:
         """Blocks the upgrade items, and the violators, may take (None: no cap of their own).
