@@ -10,7 +10,7 @@ from aptray.config import EngineConfig
 from aptray.executor.base import Executor
 from aptray.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from aptray.plan import BatchPlan, SeqPlan, StepResult
-from aptray.request import Request, RequestStatus
+from aptray.request import CacheKind, Request, RequestStatus
 from aptray.sampling_params import SamplingParams
 from aptray.scheduler import make_scheduler
 from aptray.step_quarantine import MAX_FAILED_STEPS, StepQuarantine
@@ -128,7 +128,7 @@ class Engine:
     def fastest_step_seconds(self, repeats: int = 3) -> float:
         """The fastest of `repeats` one-token steps: no step of this engine can take less (the floor of
         the SLOs a server accepts). Call before any request holds blocks: it writes block 0."""
-        plan = BatchPlan(0, (SeqPlan("aptray-probe", (0,), 0, "kv", (0,), True),))
+        plan = BatchPlan(0, (SeqPlan("aptray-probe", (0,), 0, CacheKind.KV, (0,), True),))
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()

@@ -1,11 +1,14 @@
 """BatchPlan: what one iteration computes, as the scheduler decides it and every shard runs it.
 
-Plain frozen dataclasses with primitive fields, mirrored one-to-one by the gRPC message in
-aptray/proto, so the scheduler stays torch-free and shards hold no scheduling state.
+Plain frozen dataclasses with primitive fields (a cache kind is a CacheKind, a str whose value the
+proto carries), mirrored one-to-one by the gRPC message in aptray/proto, so the scheduler stays
+torch-free and shards hold no scheduling state.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from aptray.request import CacheKind
 
 
 @dataclass(frozen=True)
@@ -13,7 +16,7 @@ class SeqPlan:
     request_id: str
     token_ids: tuple[int, ...]  # tokens whose cache entries this step writes
     start_pos: int  # position of token_ids[0]; equals the tokens already cached
-    cache_kind: str  # "kv" or "hidden"
+    cache_kind: CacheKind
     block_table: tuple[int, ...]
     sample: bool  # the chunk ends the known tokens: sample the next one
     temperature: float = 0.0
@@ -36,7 +39,7 @@ class ConversionPlan:
     """Re-home a request's first num_tokens cache entries into another kind, before the step runs."""
     request_id: str
     num_tokens: int
-    to_kind: str
+    to_kind: CacheKind
     src_blocks: tuple[int, ...]
     dst_blocks: tuple[int, ...]
 

@@ -8,8 +8,21 @@ from aptray.sampling_params import SamplingParams
 
 
 class CacheKind(str, enum.Enum):
-    KV = "kv"
-    HIDDEN = "hidden"
+    """What a request keeps per layer: K and V, or the attention input (hidden state).
+
+    The value ("kv", "hidden") is what plans and the shard proto carry; `code` is the small integer
+    numpy selection arrays hold (0 stands for none), KIND_OF_CODE maps it back."""
+    KV = "kv", 1
+    HIDDEN = "hidden", 2
+
+    def __new__(cls, value: str, code: int):
+        kind = str.__new__(cls, value)
+        kind._value_ = value
+        kind.code = code
+        return kind
+
+
+KIND_OF_CODE: dict[int, CacheKind] = {kind.code: kind for kind in CacheKind}
 
 
 class RequestStatus(str, enum.Enum):
@@ -50,10 +63,6 @@ class Request:
         self.stop_token_set = frozenset(self.sampling.stop_token_ids)
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
@@ -65,15 +74,6 @@ class Request:
     def is_prefilling(self) -> bool:
         """More than the newest token still lacks cache entries (new, preempted, or mid chunked prefill)."""
         return self.num_uncomputed_tokens > 1 or not self.output_token_ids
-
-    def pending_time(self, now: float) -> float:
-        """Seconds since the last token (since arrival before the first)."""
-        return now - (self.last_token_time if self.last_token_time is not None else self.arrival_time)
-
-    def is_violator(self, now: float) -> bool:
-        """Already past its SLO: TTFT before the first token, TBT after."""
-        slo = self.tbt_slo if self.first_token_time is not None else self.ttft_slo
-        return self.pending_time(now) > slo
 
     def record_token(self, token_id: int, now: float) -> None:
         self.output_token_ids.append(token_id)

@@ -46,8 +46,8 @@ def test_after_a_shortage_a_request_runs_hidden_unless_hidden_costs_more_than_it
     a whole second of step time per block (as recompute is on long contexts), it is offered KV."""
     for alpha, kind in ((0.0, CacheKind.HIDDEN), (1.0, CacheKind.KV)):
         sched = _apt(model_dir)
-        sched._short_at = 0.0
-        sched._alpha_avg = alpha
+        sched.forecast.short_at = 0.0
+        sched.pricing.avg_per_block = alpha
         sched.add(Request("r", list(range(1, 10)), SamplingParams(max_tokens=4), 0.0, 5.0, 5.0))
         sched.schedule(0.1)
         assert [r.cache_kind for r in sched.running] == [kind]
@@ -61,7 +61,7 @@ def test_a_load_that_would_not_fit_as_kv_runs_hidden(model_dir):
         sched = _apt(model_dir)
         sched.slo.on_finish(_finished(100, 100, 2.0))
         for i in range(10):
-            sched._arrivals.append(i * gap)
+            sched.forecast.arrivals.append(i * gap)
         sched.add(Request("r", list(range(1, 10)), SamplingParams(max_tokens=4), 10 * gap, 5.0, 5.0))
         sched.schedule(10 * gap + 0.01)
         assert [r.cache_kind for r in sched.running] == [kind]
@@ -82,7 +82,7 @@ def test_a_decode_upgrade_keeps_room_for_its_own_growth_as_kv(model_dir):
     for num_blocks, upgraded in ((40, False), (64, True)):
         sched = _apt(model_dir, num_blocks)
         running_hidden(sched, 40, max_tokens=200)
-        assert bool(sched._upgrades_with_headroom(10_000)) is upgraded
+        assert bool(sched._upgrades(sched._view(0.0), 10_000)) is upgraded
 
 
 def test_fit_puts_a_per_step_hidden_cost_on_its_own_feature():

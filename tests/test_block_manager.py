@@ -28,11 +28,11 @@ def test_random_operations_keep_the_pool_consistent(seed, block_size, hidden_blo
             elif op == "append":
                 rid = rng.choice(live)
                 n = tokens[rid] + rng.randint(1, block_size)
-                bm.ensure(rid, bm.kinds[rid], n)
+                bm.ensure(rid, bm.kind_of(rid), n)
                 tokens[rid] = n
             elif op == "convert":
                 rid = rng.choice(live)
-                to = CacheKind.KV if bm.kinds[rid] is CacheKind.HIDDEN else CacheKind.HIDDEN
+                to = CacheKind.KV if bm.kind_of(rid) is CacheKind.HIDDEN else CacheKind.HIDDEN
                 bm.convert(rid, to, tokens[rid])
             else:
                 rid = rng.choice(live)
@@ -41,13 +41,13 @@ def test_random_operations_keep_the_pool_consistent(seed, block_size, hidden_blo
         except OutOfBlocks:
             pass  # refused whole: nothing may have been taken
         bm.check()
-        held = sum(len(t) for t in bm.tables.values())
+        held = sum(bm.held(rid) for rid in bm.owners())
         assert held + bm.num_free == bm.num_blocks
         for rid, n in tokens.items():
             m = math.ceil(n / block_size)  # KV blocks it would need
-            want = m if bm.kinds[rid] is CacheKind.KV else math.ceil(n / hidden_block_size)
-            assert len(bm.tables[rid]) == want
-            if bm.kinds[rid] is CacheKind.HIDDEN and hidden_block_size == 2 * block_size:
+            want = m if bm.kind_of(rid) is CacheKind.KV else math.ceil(n / hidden_block_size)
+            assert bm.held(rid) == want
+            if bm.kind_of(rid) is CacheKind.HIDDEN and hidden_block_size == 2 * block_size:
                 assert want == math.ceil(r * m)  # r = 0.5: a hidden request holds ceil(r*m) blocks
     for rid in list(tokens):
         bm.free(rid)
@@ -59,7 +59,7 @@ def test_refused_allocation_takes_nothing():
     bm.ensure("a", CacheKind.KV, 12)
     with pytest.raises(OutOfBlocks):
         bm.ensure("b", CacheKind.KV, 8)
-    assert bm.num_free == 1 and "b" not in bm.tables
+    assert bm.num_free == 1 and "b" not in bm.owners()
 
 
 def test_hidden_disabled_refuses_hidden():

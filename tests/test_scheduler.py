@@ -149,7 +149,7 @@ def test_every_request_finishes_with_exact_tokens(model_dir, policy, extra, cach
     outputs = run(sched, blocks, workload)
     for _, rid, prompt, n in workload:
         assert outputs[rid] == reference(prompt, n), rid
-    assert blocks.num_free == blocks.num_blocks and not blocks.tables  # nothing leaked
+    assert blocks.num_free == blocks.num_blocks and not blocks.owners()  # nothing leaked
 
 
 def test_violator_goes_after_non_violator(model_dir):
@@ -293,7 +293,7 @@ def test_a_plan_never_runs_past_the_last_token(model_dir):
 def test_waiting_rows_stay_with_their_requests_when_the_arrays_are_compacted():
     """The origin of that stale length: adding rows could compact the arrays mid-call, so the rows
     read first pointed at other requests' slots (here all 53 kept rows read a longer length)."""
-    from aptray.scheduler.apt import WaitingFeatures
+    from aptray.scheduler.apt.features import WaitingFeatures
     wf = WaitingFeatures()
     reqs = [Request(f"r{i}", [1] * (i + 1), SamplingParams(), 0.0, 1.0, 1.0) for i in range(64)]
     wf.rows(reqs, set())
@@ -326,17 +326,17 @@ def test_upgrades_and_hidden_chunks_pay_their_reprojection_from_the_step_budget(
     from aptray.cache.block_manager import BlockManager
     from aptray.plan import BatchPlan, ConversionPlan
     from aptray.scheduler import make_scheduler
-    from aptray.scheduler.step_cost import REP, TOK, WARMUP_STEPS, step_features
+    from aptray.scheduler.step_cost import C_REP, C_TOK, WARMUP_STEPS, step_features
     conv = ConversionPlan("r", 600, "kv", (1, 2), (3, 4, 5, 6))
-    assert step_features(BatchPlan(1, (), (conv,)))[REP] == 0.6  # thousands of tokens re-projected
+    assert step_features(BatchPlan(1, (), (conv,)))[C_REP] == 0.6  # thousands of tokens re-projected
     config = EngineConfig(model=model_dir, scheduler="apt", cache_mode="hybrid", block_size=4, num_cache_blocks=400)
     sched = make_scheduler(config, BlockManager(400, 4, config.hidden_block_size))
     sched.cost.steps = WARMUP_STEPS
-    sched.cost.coef[TOK], sched.cost.coef[REP] = 1e-4, 2e-2  # re-projecting 1 token = 0.2 tokens of step
+    sched.cost.coef[C_TOK], sched.cost.coef[C_REP] = 1e-4, 2e-2  # re-projecting 1 token = 0.2 tokens of step
     req = running_hidden(sched, 100, max_tokens=50)  # decoding its newest token: an upgrade re-projects 100 tokens
-    assert sched._reprojection_tokens(100) == 20
-    assert sched._upgrades_with_headroom(19) == []
-    assert [c.request_id for c in sched._upgrades_with_headroom(20)] == ["h"]
+    assert sched.pricing.reprojection_tokens(100) == 20
+    assert sched._upgrades(sched._view(0.0), 19) == []
+    assert [c.request_id for c in sched._upgrades(sched._view(0.0), 20)] == ["h"]
     # a hidden chunk with 100 cached tokens: 20 tokens of its budget go to the prefix
     chunk = Request("c", list(range(1, 201)), SamplingParams(max_tokens=5), 0.0, 5.0, 5.0)
     sched.add(chunk)
@@ -344,5 +344,5 @@ def test_upgrades_and_hidden_chunks_pay_their_reprojection_from_the_step_budget(
     sched.running.append(chunk)
     assert sched._try_allocate(chunk, 100, (CacheKind.HIDDEN,))
     chunk.num_computed_tokens = 100
-    seqs = sched._prefill(60)
+    seqs = sched._admit(sched._view(0.0), 60)
     assert [(s.request_id, len(s.token_ids)) for s in seqs] == [("c", 40)]

@@ -2,6 +2,7 @@
 from collections import Counter
 from types import SimpleNamespace
 
+from aptray.cache.block_manager import BlockManager
 from aptray.request import CacheKind
 from aptray.serve.metrics import ServingMetrics
 from aptray.slo import attained as slo_attained
@@ -37,8 +38,9 @@ def test_finished_requests_feed_histograms_and_slo_counters():
 
 def test_iteration_exports_blocks_and_counter_deltas():
     m = ServingMetrics()
-    blocks = SimpleNamespace(num_blocks=10, tables={"a": [1, 2], "b": [3]},
-                             kinds={"a": CacheKind.KV, "b": CacheKind.HIDDEN})
+    blocks = BlockManager(10, 4, 8)
+    blocks.ensure("a", CacheKind.KV, 8)  # 2 blocks
+    blocks.ensure("b", CacheKind.HIDDEN, 8)  # 1 block
     sched = SimpleNamespace(waiting=[1, 2, 3], running=[1], blocks=blocks, alpha=0.002,
                             stats=Counter(preemptions=2, conversions_to_kv=1))
     m.observe_iteration(sched, 1e-4, 0.01)

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 from aptray.plan import BatchPlan, ConversionPlan, SeqPlan, StepResult
 from aptray.proto import shard_pb2
+from aptray.request import CacheKind
 
 PLAN_VERSION = 2  # bump with any incompatible change to shard.proto
+# a cache kind travels as its value (dict lookups: CacheKind(x) is slow on this path)
+_WIRE = {kind: kind.value for kind in CacheKind}
+_KIND = {kind.value: kind for kind in CacheKind}
 
 
 class PlanVersionError(ValueError):
@@ -18,7 +22,7 @@ def _check_version(version: int, what: str) -> None:
 
 def seq_to_proto(s: SeqPlan) -> shard_pb2.SeqPlan:
     msg = shard_pb2.SeqPlan(request_id=s.request_id, token_ids=s.token_ids, start_pos=s.start_pos,
-                            cache_kind=s.cache_kind, block_table=s.block_table, sample=s.sample,
+                            cache_kind=_WIRE[s.cache_kind], block_table=s.block_table, sample=s.sample,
                             temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                             sample_index=s.sample_index)
     if s.seed is not None:
@@ -28,7 +32,7 @@ def seq_to_proto(s: SeqPlan) -> shard_pb2.SeqPlan:
 
 def seq_from_proto(m: shard_pb2.SeqPlan) -> SeqPlan:
     return SeqPlan(request_id=m.request_id, token_ids=tuple(m.token_ids), start_pos=m.start_pos,
-                   cache_kind=m.cache_kind, block_table=tuple(m.block_table), sample=m.sample,
+                   cache_kind=_KIND[m.cache_kind], block_table=tuple(m.block_table), sample=m.sample,
                    temperature=m.temperature, top_p=m.top_p, top_k=m.top_k,
                    seed=m.seed if m.HasField("seed") else None, sample_index=m.sample_index)
 
@@ -38,7 +42,7 @@ def plan_to_proto(plan: BatchPlan) -> shard_pb2.BatchPlan:
         version=PLAN_VERSION, iteration=plan.iteration, want_logits=plan.want_logits,
         seqs=[seq_to_proto(s) for s in plan.seqs],
         conversions=[shard_pb2.ConversionPlan(request_id=c.request_id, num_tokens=c.num_tokens,
-                                              to_kind=c.to_kind, src_blocks=c.src_blocks,
+                                              to_kind=_WIRE[c.to_kind], src_blocks=c.src_blocks,
                                               dst_blocks=c.dst_blocks) for c in plan.conversions])
 
 
@@ -47,7 +51,7 @@ def plan_from_proto(m: shard_pb2.BatchPlan) -> BatchPlan:
     return BatchPlan(
         iteration=m.iteration, want_logits=m.want_logits,
         seqs=tuple(seq_from_proto(s) for s in m.seqs),
-        conversions=tuple(ConversionPlan(request_id=c.request_id, num_tokens=c.num_tokens, to_kind=c.to_kind,
+        conversions=tuple(ConversionPlan(request_id=c.request_id, num_tokens=c.num_tokens, to_kind=_KIND[c.to_kind],
                                          src_blocks=tuple(c.src_blocks), dst_blocks=tuple(c.dst_blocks))
                           for c in m.conversions))
 

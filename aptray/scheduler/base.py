@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 from collections import Counter, deque
+from itertools import filterfalse
 
 from aptray.cache.block_manager import BlockManager, OutOfBlocks
 from aptray.plan import BatchPlan, ConversionPlan, SeqPlan, StepResult
 from aptray.request import CacheKind, Request, RequestStatus
-
-
-_KIND_VALUE = {kind: kind.value for kind in CacheKind}  # an enum's .value is a slow descriptor
 
 
 class Scheduler:
@@ -141,7 +139,7 @@ class Scheduler:
         s = req.sampling
         return SeqPlan(
             request_id=req.request_id, token_ids=tuple(tokens), start_pos=start,
-            cache_kind=_KIND_VALUE[req.cache_kind], block_table=tuple(self.blocks.tables[req.request_id]),
+            cache_kind=req.cache_kind, block_table=self.blocks.table(req.request_id),
             sample=start + num_tokens == n_prompt + n_out, temperature=s.temperature, top_p=s.top_p,
             top_k=s.top_k, seed=s.seed, sample_index=n_out)
 
@@ -153,7 +151,61 @@ class Scheduler:
             return None
         req.cache_kind = to_kind
         self.stats[f"conversions_to_{to_kind.value}"] += 1
-        return ConversionPlan(req.request_id, req.num_computed_tokens, to_kind.value, tuple(old), tuple(new))
+        return ConversionPlan(req.request_id, req.num_computed_tokens, to_kind, tuple(old), tuple(new))
+
+    def _start(self, req: Request, num_tokens: int) -> SeqPlan:
+        """Move an admitted request to the running set and plan its first num_tokens (the caller takes
+        it out of the queue)."""
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        return self._seq_plan(req, num_tokens)
+
+    def _first_chunk(self, req: Request, budget: int, first: bool) -> int:
+        """Tokens to admit req with, given the token budget left (0: not now). first: nothing was
+        admitted yet this iteration. By default a prompt longer than the budget is chunked."""
+        return min(req.num_uncomputed_tokens, budget)
+
+    def _admit_in_order(self, budget: int) -> tuple[list[SeqPlan], int]:
+        """Admit from the head of the queue while sequence slots, the token budget and blocks last;
+        stops at the first request that does not fit. Returns the plans and the budget left."""
+        seqs = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            todo = self._first_chunk(req, budget, not seqs)
+            if todo <= 0 or not self._try_allocate(req, req.num_computed_tokens + todo):
+                break
+            self.waiting.popleft()
+            seqs.append(self._start(req, todo))
+            budget -= todo
+        return seqs, budget
+
+    def _continue_prefills(self, budget: int, at_most: int | None = None,
+                           prefix_tokens=None) -> tuple[list[SeqPlan], int]:
+        """The next chunk of each running request mid-prefill, oldest first, while the token budget
+        lasts; stops at the first the pool cannot grow (decoding frees room). prefix_tokens(req):
+        budget its chunk's cached prefix takes too (apt: a hidden chunk re-projects it), leaving at
+        least half the budget to new tokens. Returns the plans and the budget left."""
+        seqs = []
+        for req in self.running:
+            if budget <= 0 or (at_most is not None and len(seqs) >= at_most):
+                break
+            if req.is_prefilling and req.num_computed_tokens > 0:
+                extra = prefix_tokens(req) if prefix_tokens is not None else 0
+                todo = min(req.num_uncomputed_tokens, max(budget - extra, budget // 2, 1))
+                if not self._try_allocate(req, req.num_computed_tokens + todo):
+                    break
+                seqs.append(self._seq_plan(req, todo))
+                budget -= todo + extra
+        return seqs, budget
+
+    def _remove_waiting(self, admitted: list[Request]) -> None:
+        """Take admitted requests out of the queue: one pass when many (deque.remove is O(queue))."""
+        if len(admitted) > 8:
+            taken = set(admitted)
+            self.waiting = deque(filterfalse(taken.__contains__, self.waiting))
+        else:
+            for req in admitted:
+                self.waiting.remove(req)
 
     def _decode_preempting_newest(self):
         """One token for each decoding request, oldest first; when blocks run out, preempt the
@@ -188,7 +240,7 @@ class Scheduler:
 
     def _upgrade_extra_blocks(self, req: Request) -> int:
         """Blocks a hidden request takes beyond what it holds once moved to KV."""
-        return self.blocks.blocks_for(req.num_tokens, CacheKind.KV) - len(self.blocks.tables[req.request_id])
+        return self.blocks.blocks_for(req.num_tokens, CacheKind.KV) - self.blocks.held(req.request_id)
 
     def _upgrade(self, req: Request) -> ConversionPlan | None:
         """Hidden -> KV for one request, with room for its next token."""

@@ -2,7 +2,7 @@
 preempt the newest running request by recompute when decoding runs out of blocks."""
 from __future__ import annotations
 
-from aptray.request import CacheKind, RequestStatus
+from aptray.request import CacheKind
 from aptray.scheduler.base import Scheduler
 
 
@@ -14,30 +14,17 @@ class FcfsScheduler(Scheduler):
             return self._plan(seqs, conversions)
         return self._plan(self._decode(conversions), conversions)
 
+    def _first_chunk(self, req, budget: int, first: bool) -> int:
+        """Whole prompts; with chunked prefill on, a longer one is chunked only as the first admission."""
+        todo = req.num_uncomputed_tokens
+        if todo <= budget:
+            return todo
+        return budget if self.config.enable_chunked_prefill and first else 0
+
     def _admit(self):
-        seqs, budget = [], self.config.max_num_batched_tokens
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            todo = req.num_uncomputed_tokens
-            if todo > budget:
-                if not self.config.enable_chunked_prefill or budget == 0 or seqs:
-                    break
-                todo = budget  # one chunk now, the rest in later prefill iterations
-            if not self._try_allocate(req, req.num_computed_tokens + todo):
-                break
-            self.waiting.popleft()
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            seqs.append(self._seq_plan(req, todo))
-            budget -= todo
-        # partially prefilled requests finish their prompt before decoding resumes
-        for req in self.running:
-            if not seqs and req.is_prefilling and req.num_computed_tokens > 0:
-                todo = min(req.num_uncomputed_tokens, budget)
-                if not self._try_allocate(req, req.num_computed_tokens + todo):
-                    break  # decoding (which preempts) frees room
-                seqs.append(self._seq_plan(req, todo))
-                budget -= todo
+        seqs, _ = self._admit_in_order(self.config.max_num_batched_tokens)
+        if not seqs:  # a partially prefilled request finishes its prompt before decoding resumes
+            seqs, _ = self._continue_prefills(self.config.max_num_batched_tokens, at_most=1)
         return seqs
 
     def _decode(self, conversions):

@@ -24,7 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-NONE, KV, HIDDEN = 0, 1, 2  # chosen kind per request
+from aptray.request import CacheKind
+
+# per request, the kind chosen: a CacheKind's code, or NONE (KIND_OF_CODE maps a code back)
+NONE, KV, HIDDEN = 0, CacheKind.KV.code, CacheKind.HIDDEN.code
+UPGRADE = 3  # an item kind only: the hidden -> KV increment of a split request
 
 
 @dataclass(frozen=True)
@@ -60,9 +64,6 @@ class Selection:
     value: float      # value of the non-violators taken
     guard_used: bool  # the guard (or, with caps binding, another order) replaced the density greedy
 
-    def rows(self, kind: int) -> np.ndarray:
-        return np.flatnonzero(self.kind == kind)
-
 
 @dataclass
 class _Items:
@@ -76,9 +77,6 @@ class _Items:
     partner: np.ndarray   # for an upgrade, its hidden item's index; else -1
     violator: np.ndarray
     upgrade_blocks: np.ndarray  # an upgrade's blocks (its weight in the upgrade budget); else 0
-
-
-UPGRADE = 3
 
 
 def _fits_alone(blocks, tokens, b: Budgets) -> np.ndarray:

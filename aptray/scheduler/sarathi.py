@@ -11,7 +11,7 @@ Memory runs out: preempt the newest running request by recompute, as vLLM does.
 """
 from __future__ import annotations
 
-from aptray.request import RequestStatus
+from aptray.request import CacheKind
 from aptray.scheduler.base import Scheduler
 from aptray.scheduler.step_cost import StepCostModel, binding_tbt_budget
 
@@ -29,42 +29,18 @@ class SarathiScheduler(Scheduler):
 
     def schedule(self, now: float):
         conversions = self._requested_conversions()
-        seqs = self._decodes()
+        seqs = self._decode_preempting_newest()
         budget = self._budget(len(seqs)) - len(seqs)
-        for req in list(self.running):  # partial prefills, oldest first
-            if budget <= 0:
-                break
-            if req.is_prefilling and req in self.running:
-                todo = min(req.num_uncomputed_tokens, budget)
-                if not self._try_allocate(req, req.num_computed_tokens + todo):
-                    break
-                seqs.append(self._seq_plan(req, todo))
-                budget -= todo
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            todo = min(req.num_uncomputed_tokens, budget)
-            if not self._try_allocate(req, req.num_computed_tokens + todo):
-                break
-            self.waiting.popleft()
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            seqs.append(self._seq_plan(req, todo))
-            budget -= todo
+        partial, budget = self._continue_prefills(budget)
+        admitted, _ = self._admit_in_order(budget)
+        seqs += partial + admitted
         if not seqs and not conversions and self.running:
             self._preempt(self.running[-1])  # only stuck partial prefills: free the newest
         return self._plan(seqs, conversions)
 
-    def _decodes(self):
-        return self._decode_preempting_newest()
-
     def _budget(self, num_decodes: int) -> int:
-        kv = hidden = 0
-        for rid, table in self.blocks.tables.items():
-            if self.blocks.kinds[rid].value == "hidden":
-                hidden += len(table)
-            else:
-                kv += len(table)
         slos = [r.tbt_slo for r in self.running] or [self.config.tbt_slo]
         self.token_budget = binding_tbt_budget(self.cost, self.config.max_num_batched_tokens, slos, num_decodes,
-                                               kv, hidden, self.blocks.block_size)
+                                               self.blocks.held_by(CacheKind.KV), self.blocks.held_by(CacheKind.HIDDEN),
+                                               self.blocks.block_size)
         return self.token_budget

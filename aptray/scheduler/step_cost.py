@@ -1,63 +1,51 @@
-"""Online model of step time, learned from the executor's measured step times (numpy, torch-free).
+"""Online model of a step's time, fitted to the executor's measured step times (numpy, torch-free).
 
     step_time ~ c0 + c_tok * tokens + c_seq * seqs + c_kv * kv_blocks + c_hid * hidden_blocks
                 + c_pf * prefill_pairs + c_rep * hidden_reprojected + c_hdec * hidden_decodes
-                + c_hany * [any hidden decodes]
+                + c_hany * [any hidden decode]
 
-tokens: tokens the step computes (the GEMMs); seqs: sequences in the step (per-request work:
-building its row, sampling, the absorbed path's per-request projections); kv_blocks /
-hidden_blocks: the cache blocks its decoding sequences read (their block tables; a multi-token
-chunk's attention is priced by its pairs instead: counting its blocks too put prefill work on
-alpha, +33 us per hidden block in the simulated OPT-13B ShareGPT run where the cost model's truth
-is about -6 us); prefill_pairs: the query x key pairs of its multi-token chunks (sum of chunk x
-context, in thousands: prefill attention is quadratic); hidden_reprojected: the cached context a
-hidden chunk re-projects to K, V (tokens, in thousands; a hidden -> KV conversion in the step is the
-same projection of its tokens); hidden_decodes: the hidden rows decoding one token (absorbed
-attention projects each one's query through W_k and its output through W_v: a cost per hidden
-request, whatever its length, that the per-block alpha cannot carry); any hidden decodes: 1 when
-the step has one, else 0 (the absorbed path reads W_k and W_v once per step, and on a CPU runs
-its own kernels: a cost per step that the first hidden request brings and later ones share; left
-out, the fit put it on the first hidden requests' blocks, alpha +200 us early in the same run). It is a least-squares fit
-with exponential forgetting: the normal equations are an EWMA over steps (decay 0.99, about the last 100 steps), so the fit follows the
-machine and the workload, solved on standardised features by the minimum-norm least-squares
-solution, which leaves a coefficient at 0 while its feature has never varied (e.g. c_hid before
-any hidden request has run).
+- tokens: tokens the step computes (the GEMMs).
+- seqs: sequences in the step: per-request work (its row, sampling). Left out, it lands on the
+  block features, which grow with the batch (alpha came out ~10x too high under overload).
+- kv_blocks, hidden_blocks: the block tables of the decoding rows (what their attention reads).
+  A multi-token chunk is priced by its pairs instead: its blocks put prefill work on alpha.
+- prefill_pairs: query x key pairs of the multi-token chunks (sum of chunk x context, in
+  thousands): prefill attention is quadratic.
+- hidden_reprojected: cached tokens a hidden chunk re-projects to K, V, and the tokens of the
+  step's hidden -> KV conversions (the same projection), in thousands.
+- hidden_decodes: hidden rows decoding one token. Absorbed attention projects each one's query
+  through W_k and its output through W_v: a cost per request, whatever its length, that a price
+  per block cannot carry.
+- any hidden decode: 1 when the step has one. The absorbed path reads W_k and W_v once per step,
+  a cost the first hidden request brings and later ones share; left out, it lands on the first
+  hidden requests' blocks.
 
-Why these regressors: alpha is read off c_hid and c_kv. With only (1, tokens, kv_blocks,
-hidden_blocks), whatever else grows with the batch lands on the block features: per-request
-costs (more requests hold more blocks) and prefill attention (a chunk's table grows with its
-context). Under overload hidden requests are admitted exactly when batches are largest, so
-c_hid absorbed the batch's per-request cost and alpha came out several times too high (the
-simulator's OPT-13B sweep: +1.5e-4..3.2e-4 s per hidden block against a true ~-1.6e-5).
-The seqs and prefill features take those costs where they belong.
+The fit is least squares with exponential forgetting: the normal equations are EWMAs (DECAY, about
+the last 100 steps), solved on standardised features by the minimum-norm solution, which leaves a
+coefficient at 0 while its feature has never varied (c_hid before any hidden request has run).
+Priors of 0 (ridges weighted by the fit's own prediction noise; noise-free data are untouched)
+keep the hidden terms near 0 where hidden work barely varies apart from the rest of the batch,
+where a plain fit amplifies noise: alpha ~ N(0, (c_kv * ratio)^2), c_hdec ~ N(0, c_seq^2),
+c_hany ~ N(0, c0^2).
 
-A weak prior alpha = 0 (a ridge on c_hid - ratio * c_kv, weighted by the fit's own noise) keeps
-alpha near 0 where hidden blocks barely vary apart from the rest of the batch; noise-free data are
-untouched. c_hdec has the same kind of prior, at the scale of c_seq.
-
-The price of holding a request as hidden rather than KV is therefore alpha per hidden block plus
-c_hdec per step (`hidden_price`). Without the second term the fit put OPT-13B's absorbed
-per-request projections into c_seq, alpha came out ~0, apt took every request as hidden even with
-memory to spare, and each step paid ~8% more (simulated ShareGPT: 1.6 req/s against 4.25 for
-KV-only apt).
-
-alpha, the apt scheduler's price of the hidden cache, is the extra seconds per hidden block over
-holding the same tokens as KV: a hidden block holds hidden_block_size tokens, which as KV would
-take hidden_block_size / block_size blocks, so alpha = c_hid - c_kv * hidden_block_size / block_size.
-It can be negative (absorbed hidden attention reads the same bytes per physical block as KV and
-holds twice the tokens): hidden is then no slower, and the scheduler takes it at face value.
+alpha, the apt scheduler's price per hidden block, is the extra seconds of a hidden block over the
+same tokens as KV (a hidden block holds hidden_block_size / block_size KV blocks' tokens):
+alpha = c_hid - c_kv * hidden_block_size / block_size. It can be negative (absorbed hidden
+attention reads the same bytes per physical block as KV and holds twice the tokens): hidden is
+then faster as well as smaller.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from aptray.plan import BatchPlan
+from aptray.request import CacheKind
 
 DECAY = 0.99
 WARMUP_STEPS = 3  # steps observed before the fit is used (the start-up calibration)
 PRIOR_FLOOR = 1e-6  # seconds per block: the smallest prior scale of alpha
 NAMES = ("c0", "c_tok", "c_seq", "c_kv", "c_hid", "c_pf", "c_rep", "c_hdec", "c_hany")
-C0, TOK, SEQ, KV, HID, PF, REP, HDEC, HANY = range(len(NAMES))
+C0, C_TOK, C_SEQ, C_KV, C_HID, C_PF, C_REP, C_HDEC, C_HANY = range(len(NAMES))  # indices into coef
 
 
 def step_features(plan: BatchPlan) -> np.ndarray:
@@ -68,15 +56,15 @@ def step_features(plan: BatchPlan) -> np.ndarray:
         tokens += n
         if n > 1:  # a chunk: its attention is priced by its query x key pairs, not by its blocks
             pairs += n * (s.start_pos + n)
-            if s.cache_kind == "hidden":
+            if s.cache_kind == CacheKind.HIDDEN:
                 reproj += s.start_pos
-        elif s.cache_kind == "hidden":
+        elif s.cache_kind == CacheKind.HIDDEN:
             hidden += len(s.block_table)
             hidden_decodes += 1
         else:
             kv += len(s.block_table)
     for c in plan.conversions:  # hidden -> KV projects the stored inputs: a re-projection
-        if c.to_kind == "kv":
+        if c.to_kind == CacheKind.KV:
             reproj += c.num_tokens
     return np.array([1.0, tokens, len(plan.seqs), kv, hidden, pairs / 1e3, reproj / 1e3, hidden_decodes,
                      float(hidden_decodes > 0)])
@@ -93,7 +81,7 @@ class StepCostModel:
         self.steps = 0
         self._sq_err = self._weight = 0.0
         v = np.zeros(n)  # alpha = c_hid - ratio * c_kv, the direction the prior holds near 0
-        v[HID], v[KV] = 1.0, -self.hidden_tokens_ratio
+        v[C_HID], v[C_KV] = 1.0, -self.hidden_tokens_ratio
         self._alpha_direction = v[:, None] * v
 
     @property
@@ -122,8 +110,8 @@ class StepCostModel:
         if self._weight > 0 and self.hidden_tokens_ratio:
             noise = self._sq_err / self._weight
             a = a + (noise / self.prior_scale ** 2) * self._alpha_direction
-            a[HDEC, HDEC] += noise / self.prior_scale_per_decode ** 2
-            a[HANY, HANY] += noise / self.prior_scale_per_step ** 2
+            a[C_HDEC, C_HDEC] += noise / self.prior_scale_per_decode ** 2
+            a[C_HANY, C_HANY] += noise / self.prior_scale_per_step ** 2
         # standardise (features span 1 .. 1e4): the minimum-norm solution is then scale-free
         d = np.sqrt(np.diag(a))
         d[d == 0] = 1.0
@@ -134,12 +122,12 @@ class StepCostModel:
     @property
     def prior_scale(self) -> float:
         """tau of the prior alpha ~ N(0, tau^2): what a hidden block's tokens cost as KV (>= 1 us)."""
-        return max(abs(float(self.coef[KV])) * self.hidden_tokens_ratio, PRIOR_FLOOR)
+        return max(abs(float(self.coef[C_KV])) * self.hidden_tokens_ratio, PRIOR_FLOOR)
 
     @property
     def prior_scale_per_decode(self) -> float:
         """tau of the prior c_hdec ~ N(0, tau^2): what a sequence costs a step (>= 1 us)."""
-        return max(abs(float(self.coef[SEQ])), PRIOR_FLOOR)
+        return max(abs(float(self.coef[C_SEQ])), PRIOR_FLOOR)
 
     @property
     def prior_scale_per_step(self) -> float:
@@ -155,17 +143,17 @@ class StepCostModel:
         """Seconds of extra step time per hidden block (0 until calibrated)."""
         if not self.ready:
             return 0.0
-        return float(self.coef[HID] - self.coef[KV] * self.hidden_tokens_ratio)
+        return float(self.coef[C_HID] - self.coef[C_KV] * self.hidden_tokens_ratio)
 
     @property
     def hidden_decode_cost(self) -> float:
         """Seconds of extra step time per hidden request decoding (0 until calibrated)."""
-        return float(self.coef[HDEC]) if self.ready else 0.0
+        return float(self.coef[C_HDEC]) if self.ready else 0.0
 
     @property
     def hidden_step_cost(self) -> float:
         """Seconds of extra step time when a step has any hidden decode (0 until calibrated)."""
-        return float(self.coef[HANY]) if self.ready else 0.0
+        return float(self.coef[C_HANY]) if self.ready else 0.0
 
     def predict(self, tokens: int, kv_blocks: int, hidden_blocks: int, seqs: int = 0, prefill_pairs: float = 0.0,
                 hidden_reprojected: float = 0.0, hidden_decodes: int = 0) -> float:
@@ -184,7 +172,7 @@ def tbt_token_budget(cost: StepCostModel, configured: int, tbt_slo: float, num_d
     cost, the configured max_num_batched_tokens; never above it, never below num_decodes + floor.
     The decodes cost their tokens and sequences and the blocks they read; the prefill tokens left
     are priced as one fresh chunk (per-token cost plus its quadratic attention)."""
-    c_tok, c_pf = cost.coef[TOK], max(0.0, cost.coef[PF]) / 1e3
+    c_tok, c_pf = cost.coef[C_TOK], max(0.0, cost.coef[C_PF]) / 1e3
     if not cost.ready or c_tok <= 0:
         return configured
     room = TBT_HEADROOM * tbt_slo - cost.predict(num_decodes, kv_blocks, hidden_blocks, seqs=num_decodes + 1,

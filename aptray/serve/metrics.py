@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from aptray.request import CacheKind
 from aptray.slo import attained
 
 # latency buckets from 5 ms (GPU TBT) to 2 min (CPU TTFT under load)
@@ -42,8 +43,8 @@ class ServingMetrics:
         self.store_outages = Counter("aptray_store_outages", "times Redis went away", registry=r)
         self._seen_stats: dict[str, int] = {}
         self._seen_faults: dict[str, int] = {"outages": 0}
-        for kind in ("kv", "hidden"):  # export zeros from the start, not only after the first step
-            self.blocks.labels(kind).set(0)
+        for kind in CacheKind:  # export zeros from the start, not only after the first step
+            self.blocks.labels(kind.value).set(0)
 
     # -- per iteration --------------------------------------------------------------------------
     def observe_iteration(self, scheduler, schedule_s: float | None, step_s: float | None) -> None:
@@ -51,12 +52,8 @@ class ServingMetrics:
         self.waiting.set(len(scheduler.waiting))
         self.running.set(len(scheduler.running))
         blocks = scheduler.blocks
-        held = {"kv": 0, "hidden": 0}
-        for rid, table in list(blocks.tables.items()):
-            kind = blocks.kinds.get(rid)
-            held[getattr(kind, "value", "kv")] += len(table)
-        for kind, n in held.items():
-            self.blocks.labels(kind).set(n)
+        for kind in CacheKind:
+            self.blocks.labels(kind.value).set(blocks.held_by(kind))
         self.blocks_total.set(blocks.num_blocks)
         # scheduler.stats is a cumulative Counter: export only what grew since the last look
         for key, value in scheduler.stats.items():

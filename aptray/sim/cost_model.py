@@ -30,13 +30,14 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from aptray.config import ModelSpec
+from aptray.request import CacheKind
 from aptray.sim.fit import HardwareFit
 
 DTYPE_BYTES = 2  # fp16 weights, activations and cache
 
 
 class SeqWork(NamedTuple):
-    cache_kind: str  # "kv" or "hidden"
+    cache_kind: CacheKind  # or its value
     num_tokens: int  # tokens computed this step
     context_len: int  # tokens attended to, the new ones included
     sample: bool = True
@@ -129,12 +130,12 @@ class CostModel:
             t += self._reproject(reproj)
         return t
 
-    def _prefill_work(self, kind: str, q: int, c: int) -> tuple[float, float, int]:
+    def _prefill_work(self, kind: CacheKind, q: int, c: int) -> tuple[float, float, int]:
         """FLOPs and bytes of one prefill chunk's attention, and the prefix tokens it re-projects."""
         b = DTYPE_BYTES
         flops = 4.0 * q * (c - (q - 1) / 2.0) * self._heads * self.spec.head_dim
         nbytes = b * (q * (2 * self._q_width + self._kv) + (c - q) * self._kv)
-        if kind == "hidden":
+        if kind == CacheKind.HIDDEN:
             return flops, nbytes + b * q * self._hid, c - q  # stores the inputs; a cached prefix is re-projected
         return flops, nbytes, 0
 
@@ -148,7 +149,7 @@ class CostModel:
                 pf_flops += f
                 pf_bytes += b
                 reproj += r
-            elif kind == "kv":
+            elif kind == CacheKind.KV:
                 kv_ctx += c
             else:
                 hid_ctx += c
@@ -157,9 +158,9 @@ class CostModel:
             reproj += hid_ctx
         return self._attention(n_pf, pf_flops, pf_bytes, kv_ctx, hid_ctx, n_hid, reproj)
 
-    def conversion_layer(self, to_kind: str, num_tokens: int) -> float:
+    def conversion_layer(self, to_kind: CacheKind, num_tokens: int) -> float:
         """hidden -> KV: one projection of the stored inputs; KV -> hidden: a re-prefill of the tokens."""
-        if to_kind == "kv":
+        if to_kind == CacheKind.KV:
             return self._reproject(num_tokens)
         return self.dense_layer(num_tokens)
 
@@ -197,7 +198,7 @@ class CostModel:
             sampled += s[3]
         attn = self.attention_layer(seqs) if seqs else 0.0
         total = self._total(attn, m, sampled, len(seqs), conversions)
-        if self.ragged_overhead and len({s[2] for s in seqs if s[1] == 1 and s[0] == "kv"}) > 1:
+        if self.ragged_overhead and len({s[2] for s in seqs if s[1] == 1 and s[0] == CacheKind.KV}) > 1:
             total += self.ragged_overhead
         return total
 
