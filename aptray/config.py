@@ -10,7 +10,7 @@ logger = logging.getLogger("aptray")
 
 CACHE_MODES = ("kv", "hidden", "hybrid")
 HIDDEN_ATTENTION = ("absorbed", "recompute")
-SCHEDULERS = ("fcfs", "sarathi", "apt")
+SCHEDULERS = ("fcfs", "sarathi", "apt", "vllm")
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,9 @@ class EngineConfig:
         if self.hidden_attention == "absorbed" and self.spec.rotary:
             logger.info("absorbed hidden attention is exact only without rotary positions: using recompute")
             self.hidden_attention = "recompute"
+        if self.scheduler == "vllm" and self.cache_mode != "kv":
+            logger.info("scheduler 'vllm' keeps K and V only, as vLLM does: serving with cache_mode='kv'")
+            self.cache_mode = "kv"
         r = self.spec.hidden_ratio(self.tensor_parallel_size)
         if r < 1:
             self.hidden_block_size = int(self.block_size / r)

@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="replay one trace at one rate against one policy; JSON summary")
     add_workload_args(r)
     add_server_args(r)
-    r.add_argument("--policy", default="fcfs", help="fcfs, sarathi or apt")
+    r.add_argument("--policy", default="fcfs", help="fcfs, sarathi, apt or vllm")
     r.add_argument("--rate", type=float, default=None,
                    help="requests per second (default 1; with --trace: replace its arrivals by Gamma ones at this rate)")
     r.add_argument("--records", action="store_true", help="include every request's record in the JSON")
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="SLO attainment over request rates per policy; effective throughput; plots")
     add_workload_args(s)
     add_server_args(s)
-    s.add_argument("--policies", default="fcfs", help="comma-separated: fcfs,sarathi,apt; a variant is "
+    s.add_argument("--policies", default="fcfs", help="comma-separated: fcfs,sarathi,apt,vllm; a variant is "
                    "LABEL=POLICY:KEY=VALUE:..., e.g. apt-mixed=apt:iteration_shape=mixed")
     s.add_argument("--rates", help="comma-separated rates (req/s); overrides --rate-min/--rate-max/--num-rates")
     s.add_argument("--rate-min", type=float, default=0.5, help="lowest rate of the grid")

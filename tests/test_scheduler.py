@@ -125,7 +125,8 @@ POLICIES = [("fcfs", {}), ("sarathi", {}), ("apt", {}), ("apt", {"iteration_shap
             ("fcfs", {"enable_chunked_prefill": True, "max_num_batched_tokens": 16}),
             ("sarathi", {"max_num_batched_tokens": 16}),
             ("apt", {"iteration_shape": "mixed", "max_num_batched_tokens": 16}),
-            ("apt", {"enable_chunked_prefill": True, "max_num_batched_tokens": 16})]
+            ("apt", {"enable_chunked_prefill": True, "max_num_batched_tokens": 16}),
+            ("vllm", {}), ("vllm", {"max_num_batched_tokens": 16})]
 
 
 @st.composite
@@ -194,7 +195,7 @@ def test_kv_only_model_never_goes_hidden(model_dir):
 def test_scheduler_is_torch_free():
     import subprocess
     import sys
-    code = ("import sys, aptray.scheduler.apt, aptray.scheduler.sarathi, aptray.scheduler.fcfs; "
+    code = ("import sys, aptray.scheduler.apt, aptray.scheduler.sarathi, aptray.scheduler.fcfs, aptray.scheduler.vllm; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 

@@ -12,4 +12,7 @@ def make_scheduler(config, blocks) -> Scheduler:
     if config.scheduler == "apt":
         from aptray.scheduler.apt import AptScheduler
         return AptScheduler(config, blocks)
+    if config.scheduler == "vllm":
+        from aptray.scheduler.vllm import VllmScheduler
+        return VllmScheduler(config, blocks)
     raise ValueError(f"unknown scheduler {config.scheduler!r}")
