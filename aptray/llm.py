@@ -1,6 +1,7 @@
 """LLM: the offline API, shaped like vLLM's (LLM(model=...).generate(prompts, sampling_params))."""
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 
@@ -22,6 +23,8 @@ class LLM:
             self.config.tokenizer)
         self.engine = Engine(self.config, LocalExecutor(self.config), self.tokenizer)
         self._ids = itertools.count()
+        gc.collect()  # the model and the modules live as long as the engine: out of the cyclic GC's sight
+        gc.freeze()   # (aptray.serve.engine_loop.EngineLoop.start says why)
 
     def get_tokenizer(self):
         """The tokenizer prompts are encoded with (vLLM's name)."""

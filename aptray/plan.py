@@ -1,18 +1,21 @@
 """BatchPlan: what one iteration computes, as the scheduler decides it and every shard runs it.
 
-Plain frozen dataclasses with primitive fields (a cache kind is a CacheKind, a str whose value the
+Immutable records with primitive fields (a cache kind is a CacheKind, a str whose value the
 proto carries), mirrored one-to-one by the gRPC message in aptray/proto, so the scheduler stays
 torch-free and shards hold no scheduling state.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from aptray.request import CacheKind
 
 
-@dataclass(frozen=True)
-class SeqPlan:
+class SeqPlan(NamedTuple):
+    """One request's work in a step. A named tuple, not a frozen dataclass: a step builds one per
+    running request, and a frozen dataclass's __init__ (one object.__setattr__ per field) took 3 us
+    of the 1 ms decision with 256 running; built positionally, a named tuple takes under 1 us."""
     request_id: str
     token_ids: tuple[int, ...]  # tokens whose cache entries this step writes
     start_pos: int  # position of token_ids[0]; equals the tokens already cached

@@ -6,11 +6,16 @@ The scheduler is driven in steady state by an instant executor (one token per sa
 a synthetic step time so the apt cost model calibrates); only schedule(now) is timed. Requests
 never finish during the run (max_tokens is large), so the population stays at its size.
 
+Python's cyclic GC is frozen after the scheduler is built and before the requests arrive, as the
+server does after start-up (aptray.serve.engine_loop, aptray.llm: gc.collect(); gc.freeze(), as
+vLLM does); `--gc on` leaves it as a plain process has it.
+
     python loadgen/bench_scheduler.py --out bench_scheduler.json
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -38,7 +43,9 @@ def tiny_opt_config_dir() -> str:
 
 
 def bench(model_dir: str, policy: str, shape: str, cache_mode: str, n: int, max_num_seqs: int, iters: int,
-          seed: int = 0) -> dict:
+          seed: int = 0, freeze_gc: bool = True, samples: list | None = None) -> dict:
+    """One case; samples (optional): gets (waiting, running, seconds) of each decision after the first,
+    the counts as the decision left them."""
     rng = random.Random(seed)
     config = EngineConfig(model=model_dir, scheduler=policy, cache_mode=cache_mode, iteration_shape=shape,
                           block_size=16, max_num_seqs=max_num_seqs, max_num_batched_tokens=4096,
@@ -47,6 +54,9 @@ def bench(model_dir: str, policy: str, shape: str, cache_mode: str, n: int, max_
     num_blocks = max_num_seqs * 24 + 64
     blocks = BlockManager(num_blocks, config.block_size, config.hidden_block_size if cache_mode != "kv" else 0)
     sched = make_scheduler(config, blocks)
+    if freeze_gc:  # what start-up leaves is frozen; the requests come after
+        gc.collect()
+        gc.freeze()
     now = 0.0
     for i in range(n):
         prompt = [rng.randrange(50000) for _ in range(rng.randint(16, 300))]
@@ -57,6 +67,8 @@ def bench(model_dir: str, policy: str, shape: str, cache_mode: str, n: int, max_
         plan = sched.schedule(now)
         times.append(time.thread_time() - t0)
         walls.append(time.perf_counter() - w0)
+        if samples is not None and it > 0:
+            samples.append((len(sched.waiting), len(sched.running), times[-1]))
         kv = sum(len(s.block_table) for s in plan.seqs if s.cache_kind == "kv")
         hid = sum(len(s.block_table) for s in plan.seqs if s.cache_kind == "hidden")
         step = 2e-3 + 2e-6 * plan.num_tokens + 1e-6 * kv + 3e-6 * hid
@@ -73,27 +85,33 @@ def bench(model_dir: str, policy: str, shape: str, cache_mode: str, n: int, max_
             "wall_median_ms": 1e3 * statistics.median(walls)}
 
 
+CASES = [("apt", "alternate", "hybrid"), ("apt", "mixed", "hybrid"), ("apt", "alternate", "kv"),
+         ("sarathi", "alternate", "kv"), ("fcfs", "alternate", "kv"), ("vllm", "alternate", "kv")]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--out", default="bench_scheduler.json")
+    ap.add_argument("--gc", choices=("frozen", "on"), default="frozen",
+                    help="frozen: gc.freeze() after start-up, as the server does; on: a plain process's GC")
+    ap.add_argument("--policies", default="apt,sarathi,fcfs,vllm", help="which of the cases to run")
     args = ap.parse_args(argv)
     model_dir = tiny_opt_config_dir()
-    cases = [("apt", "alternate", "hybrid"), ("apt", "mixed", "hybrid"), ("apt", "alternate", "kv"),
-             ("sarathi", "alternate", "kv"), ("fcfs", "alternate", "kv")]
+    cases = [c for c in CASES if c[0] in args.policies.split(",")]
     rows = []
     for n in args.sizes:
         for max_num_seqs in (256, n // 2):
             for policy, shape, mode in cases:
-                row = bench(model_dir, policy, shape, mode, n, max_num_seqs, args.iters)
+                row = bench(model_dir, policy, shape, mode, n, max_num_seqs, args.iters, freeze_gc=args.gc == "frozen")
                 rows.append(row)
                 print(f"{policy:8s} {shape:9s} {mode:6s} n={n:6d} max_num_seqs={max_num_seqs:5d} "
                       f"running={row['running_at_end']:5d}  median {row['median_ms']:7.3f} ms  "
                       f"p99 {row['p99_ms']:7.3f} ms  max {row['max_ms']:7.3f} ms  first {row['first_ms']:7.3f} ms  "
                       f"(wall median {row['wall_median_ms']:.3f})", flush=True)
     with open(args.out, "w") as f:
-        json.dump({"python": sys.version.split()[0], "results": rows}, f, indent=1)
+        json.dump({"python": sys.version.split()[0], "gc": args.gc, "results": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

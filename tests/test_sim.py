@@ -364,14 +364,13 @@ def test_sweep_is_deterministic_across_worker_counts():
 def test_a_scheduler_that_never_samples_is_stopped_as_stalled(monkeypatch):
     """The stuck-engine guard: plans that compute without ever sampling (the livelock of the third
     session) end the run as stalled instead of spinning for hours; a healthy run is never stalled."""
-    import dataclasses
     from aptray.scheduler.base import Scheduler
     from aptray.sim import runner
     healthy = runner.simulate(sim_config(), small_trace(10, seed=3))
     assert not healthy.stalled and all(o.status == "finished" for o in healthy.outcomes)
     seq_plan = Scheduler._seq_plan
     monkeypatch.setattr(Scheduler, "_seq_plan",
-                        lambda self, req, n: dataclasses.replace(seq_plan(self, req, n), sample=False))
+                        lambda self, req, n: seq_plan(self, req, n)._replace(sample=False))
     monkeypatch.setattr(runner, "MAX_STEPS_WITHOUT_TOKEN", 300)
     run = runner.simulate(sim_config(), small_trace(10, seed=3))
     assert run.stalled and run.stopped_early

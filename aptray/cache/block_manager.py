@@ -27,6 +27,9 @@ class BlockManager:
         self._tables: dict[str, list[int]] = {}
         self._kinds: dict[str, CacheKind] = {}
         self._held_by = dict.fromkeys(CacheKind, 0)  # blocks held per kind, kept as tables change
+        # table() as a tuple, kept until the table changes: a decode's table changes once per
+        # block_size tokens, and a copy per running request per step was an allocation the GC counted
+        self._table_tuples: dict[str, tuple[int, ...]] = {}
 
     @property
     def hidden_enabled(self) -> bool:
@@ -66,7 +69,10 @@ class BlockManager:
         return self._kinds.get(request_id)
 
     def table(self, request_id: str) -> tuple[int, ...]:
-        return tuple(self._tables[request_id])
+        table = self._table_tuples.get(request_id)
+        if table is None:
+            table = self._table_tuples[request_id] = tuple(self._tables[request_id])
+        return table
 
     def owners(self) -> list[str]:
         """Request ids that have a table."""
@@ -86,10 +92,12 @@ class BlockManager:
             for _ in range(need):
                 table.append(self._free.pop())
             self._held_by[kind] += need
+            self._table_tuples.pop(request_id, None)
         return table
 
     def free(self, request_id: str) -> None:
         table = self._tables.pop(request_id, [])
+        self._table_tuples.pop(request_id, None)
         kind = self._kinds.pop(request_id, None)
         if kind is not None:
             self._held_by[kind] -= len(table)
@@ -110,6 +118,7 @@ class BlockManager:
         self._held_by[self._kinds[request_id]] -= len(old)
         self._held_by[to_kind] += need
         self._tables[request_id] = new
+        self._table_tuples.pop(request_id, None)
         self._kinds[request_id] = to_kind
         return old, new
 

@@ -9,6 +9,11 @@ from aptray.plan import BatchPlan, ConversionPlan, SeqPlan, StepResult
 from aptray.request import CacheKind, Request, RequestStatus
 
 
+# (t,) for each token id t, made once: a decode's token_ids without a new tuple per running request
+# per step (each allocation counts toward the cyclic GC's next collection)
+_ONE_TOKEN: dict[int, tuple[int]] = {}
+
+
 class Scheduler:
     """Subclasses implement schedule(now) -> BatchPlan; the engine calls update() with the result."""
 
@@ -132,16 +137,19 @@ class Scheduler:
         # never past its last token: a longer count (a stale length) made a plan that computed all
         # of a re-prefill without sampling, and the request then sat with nothing to compute forever
         num_tokens = min(num_tokens, n_prompt + n_out - start)
-        if start >= n_prompt:  # a decode: no need to build the whole sequence
-            tokens = outputs[start - n_prompt:start - n_prompt + num_tokens]
+        if num_tokens == 1 and start >= n_prompt:  # a decode
+            t = outputs[start - n_prompt]
+            tokens = _ONE_TOKEN.get(t) or _ONE_TOKEN.setdefault(t, (t,))
+        elif start >= n_prompt:  # no need to build the whole sequence
+            tokens = tuple(outputs[start - n_prompt:start - n_prompt + num_tokens])
+        elif not n_out:
+            tokens = tuple(prompt[start:start + num_tokens])
         else:
-            tokens = (prompt + outputs)[start:start + num_tokens]
+            tokens = tuple((prompt + outputs)[start:start + num_tokens])
         s = req.sampling
-        return SeqPlan(
-            request_id=req.request_id, token_ids=tuple(tokens), start_pos=start,
-            cache_kind=req.cache_kind, block_table=self.blocks.table(req.request_id),
-            sample=start + num_tokens == n_prompt + n_out, temperature=s.temperature, top_p=s.top_p,
-            top_k=s.top_k, seed=s.seed, sample_index=n_out)
+        # positional: a named tuple builds ~2x faster so (hot: once per running request per step)
+        return SeqPlan(req.request_id, tokens, start, req.cache_kind, self.blocks.table(req.request_id),
+                       start + num_tokens == n_prompt + n_out, s.temperature, s.top_p, s.top_k, s.seed, n_out)
 
     def _convert(self, req: Request, to_kind: CacheKind) -> ConversionPlan | None:
         """Move a running request's computed tokens to to_kind, if the blocks allow."""
@@ -180,13 +188,14 @@ class Scheduler:
         return seqs, budget
 
     def _continue_prefills(self, budget: int, at_most: int | None = None,
-                           prefix_tokens=None) -> tuple[list[SeqPlan], int]:
+                           prefix_tokens=None, among=None) -> tuple[list[SeqPlan], int]:
         """The next chunk of each running request mid-prefill, oldest first, while the token budget
         lasts; stops at the first the pool cannot grow (decoding frees room). prefix_tokens(req):
         budget its chunk's cached prefix takes too (apt: a hidden chunk re-projects it), leaving at
-        least half the budget to new tokens. Returns the plans and the budget left."""
+        least half the budget to new tokens. among: the running requests that may be mid-prefill, in
+        running-set order (default: all of them). Returns the plans and the budget left."""
         seqs = []
-        for req in self.running:
+        for req in self.running if among is None else among:
             if budget <= 0 or (at_most is not None and len(seqs) >= at_most):
                 break
             if req.is_prefilling and req.num_computed_tokens > 0:

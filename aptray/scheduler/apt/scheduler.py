@@ -17,6 +17,7 @@ is at least R's (non-violators), else, or when nothing waiting fits, a decode-on
 from __future__ import annotations
 
 from itertools import compress
+from operator import attrgetter
 
 import numpy as np
 
@@ -30,6 +31,9 @@ from aptray.scheduler.base import Scheduler
 from aptray.scheduler.greedy import NONE, Budgets, Candidates, select
 from aptray.scheduler.slo_state import SloState
 from aptray.scheduler.step_cost import StepCostModel, binding_tbt_budget
+
+
+_token_ids = attrgetter("token_ids")
 
 
 class AptScheduler(Scheduler):
@@ -68,8 +72,9 @@ class AptScheduler(Scheduler):
         w_pending, w_violator, _ = self.waiting_features.pending(list(self.waiting), now, self.slo.lost)
         r_pending, r_violator = pending_and_violators(self.running, now, self.slo.lost)
         attainable = len(w_pending) + len(r_pending) - int(w_violator.sum()) - int(r_violator.sum())
-        return IterationView(now, w_pending, w_violator, r_pending, r_violator, running_state(self.running),
-                             attainable, self.pricing.hidden_price())
+        running = running_state(self.running)
+        return IterationView(now, w_pending, w_violator, r_pending, r_violator, running,
+                             list(compress(self.running, running.prefilling)), attainable, self.pricing.hidden_price())
 
     def _alternate(self, view: IterationView, conversions):
         prefilling = view.running.prefilling
@@ -92,7 +97,7 @@ class AptScheduler(Scheduler):
         budget = self._tbt_budget(view)
         seqs = self._keep_running(view, conversions, budget) if self.running else []
         reprojected = sum(c.num_tokens for c in conversions if c.to_kind is CacheKind.KV)
-        seqs += self._admit(view, budget - sum(len(s.token_ids) for s in seqs)
+        seqs += self._admit(view, budget - sum(map(len, map(_token_ids, seqs)))
                             - self.pricing.reprojection_tokens(reprojected))
         if seqs:
             self.stats["iterations_mixed"] += 1
@@ -163,7 +168,7 @@ class AptScheduler(Scheduler):
             self._rehome_as_hidden(req)
         if self.config.cache_mode == "hybrid" and view.price.costs_time:
             conversions.extend(self._upgrades(view, tokens_left))  # before the plans name the blocks
-        seqs = [self._seq_plan(running[i], 1) for i in decoding]
+        seqs = [self._seq_plan(running[i], 1) for i in decoding.tolist()]
         seqs += [self._seq_plan(req, req.num_tokens) for req in to_hidden]
         return seqs
 
@@ -230,7 +235,9 @@ class AptScheduler(Scheduler):
     # -- 4. admit ------------------------------------------------------------------------------
     def _admit(self, view: IterationView, token_budget: int):
         """Continue partial prefills (oldest first), then admit waiting requests by the greedy."""
-        seqs, token_budget = self._continue_prefills(token_budget, prefix_tokens=self._prefix_reprojection)
+        # only those mid-prefill at the start can be (the others decode, or start afresh: no chunk to continue)
+        seqs, token_budget = self._continue_prefills(token_budget, prefix_tokens=self._prefix_reprojection,
+                                                     among=view.mid_prefill)
         slots = self.config.max_num_seqs - len(self.running)
         if not self.waiting or token_budget <= 0 or slots <= 0:
             return seqs

@@ -19,5 +19,6 @@ class IterationView:
     r_pending: np.ndarray   # the same per running request (running-set order at the start)
     r_violator: np.ndarray
     running: RunningState   # tokens, mid-prefill, hidden per running request
+    mid_prefill: list       # the running requests mid-prefill at the start, in running-set order
     attainable: int         # U: |W| + |R| - violators, who share each step's extra time
     price: HiddenPrice      # of holding a request as hidden rather than KV
