@@ -126,8 +126,9 @@ class SimClient(Client):
 
     def __init__(self, config_factory, gpu: str = "a100-40gb", step_overhead: float = 1e-3,
                  ttft_slo: float = 1.0, tbt_slo: float = 1.0, max_sim_time: float | None = None,
-                 stop_when_decided: bool = True, calibration: str | None = None):
+                 stop_when_decided: bool = True, calibration: str | None = None, decision_scale: float | None = 1.0):
         super().__init__(ttft_slo, tbt_slo)
+        self.decision_scale = decision_scale  # the policy's measured decision time x this per step; None: not charged
         self.calibration = calibration  # a CPU calibration JSON (aptray.sim.calibrate) replacing gpu's costs
         self.stop_when_decided = stop_when_decided  # exact attainment, less simulated drain
         self.config_factory = config_factory  # () -> EngineConfig, fresh per run
@@ -148,7 +149,8 @@ class SimClient(Client):
                 for r in trace]
         run = simulate(self.config_factory(), reqs, self.gpu, overhead, self.max_sim_time,
                        on_finish=(lambda _: progress(1)) if progress is not None else None,
-                       stop_when_decided=self.stop_when_decided, hardware=hardware)
+                       stop_when_decided=self.stop_when_decided, hardware=hardware,
+                       decision_scale=self.decision_scale)
         if run.stalled:  # a scheduler fault: its attainment would be a number about nothing
             raise RuntimeError(f"simulated run stalled: {run.steps} steps, the last "
                                "aptray.sim.runner.MAX_STEPS_WITHOUT_TOKEN of them without a token")
@@ -160,7 +162,7 @@ class SimClient(Client):
                                                           r.num_decode_tokens, *self.slos(r), o.token_times,
                                                           o.status, o.num_preemptions))
         info = {"steps": run.steps, "stopped_early": run.stopped_early, "busy_time_s": run.busy_time, "num_blocks": run.num_blocks,
-                "scheduler_stats": run.scheduler_stats}
+                "decision_time_s": run.decision_time, "scheduler_stats": run.scheduler_stats}
         return RunResult(records, run.sim_time, info)
 
 
@@ -206,6 +208,7 @@ class HttpStreamClient(Client):
         super().__init__(ttft_slo, tbt_slo)
         u = urlsplit(url)
         self.host, self.port = u.hostname, u.port or 80
+        self.path = u.path.rstrip("/")  # an app under a route prefix: http://host:port/PREFIX
         self.headers = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self.model = model
         self.max_in_flight = max_in_flight
@@ -233,7 +236,7 @@ class HttpStreamClient(Client):
         if self.model:
             body["model"] = self.model
         data = json.dumps(body).encode()
-        head = (f"POST /v1/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+        head = (f"POST {self.path}/v1/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{self.headers}\r\n")
         return head.encode() + data
 

@@ -25,6 +25,10 @@ class SimExecutor(Executor):
     jitter: log ratios of measured step times to their typical value (a CPU calibration's); each step's
     price is multiplied by exp(one of them), drawn by a generator seeded with jitter_seed, so runs stay
     deterministic. Empty: every step costs exactly the cost model's price.
+
+    decision: () -> seconds the scheduler took to make the plan (aptray.sim.decision_time), charged to
+    the clock before the step; the step's own time (what the scheduler is told) leaves it out, as the
+    real engine's does. None: no decision time.
     """
 
     def __init__(self, cost_model: CostModel, num_blocks: int, clock: VirtualClock, token_id: int = 5,
@@ -35,10 +39,16 @@ class SimExecutor(Executor):
         self.token_id = token_id
         self.steps = 0
         self.busy_time = 0.0
+        self.decision = None
+        self.decision_time = 0.0  # seconds charged for decisions
         self._jitter = [math.exp(x) for x in jitter]
         self._rng = np.random.default_rng(jitter_seed)
 
     def execute(self, plan: BatchPlan) -> StepResult:
+        if self.decision is not None:
+            decided = self.decision()
+            self.clock.now += decided
+            self.decision_time += decided
         step_time = self.cost_model.plan_time(plan)
         if self._jitter:
             step_time *= self._jitter[int(self._rng.integers(len(self._jitter)))]

@@ -8,6 +8,7 @@ from aptray.config import EngineConfig
 from aptray.engine import Engine
 from aptray.sampling_params import SamplingParams
 from aptray.sim.cost_model import CostModel
+from aptray.sim.decision_time import DecisionClock, decision_cost
 from aptray.sim.executor import SimExecutor, VirtualClock
 from aptray.sim.fit import HardwareFit
 from aptray.sim.gpus import get_gpu
@@ -51,6 +52,7 @@ class SimRun:
     scheduler_stats: dict
     num_blocks: int
     stalled: bool = False  # stopped by MAX_STEPS_WITHOUT_TOKEN: a scheduler fault, not a result
+    decision_time: float = 0.0  # virtual seconds charged for the scheduler's decisions (in sim_time, not busy_time)
 
 
 def certain_miss(req, now: float) -> bool:
@@ -130,10 +132,12 @@ def hidden_is_sharded(config: EngineConfig) -> bool:
 
 
 def build_engine(config: EngineConfig, gpu: str, step_overhead: float = 1e-3,
-                 hardware: HardwareFit | None = None) -> tuple[Engine, SimExecutor]:
+                 hardware: HardwareFit | None = None, decision_scale: float | None = 1.0) -> tuple[Engine, SimExecutor]:
     """An Engine over a SimExecutor; the pool is sized by the memory model unless config fixes it.
     hardware: coefficients to price steps with instead of gpu's (a CPU calibration); without it, gpu's
-    measured profile where one exists (its fitted step overhead replaces step_overhead), else the vidur fit."""
+    measured profile where one exists (its fitted step overhead replaces step_overhead), else the vidur fit.
+    decision_scale: each step also costs the policy's measured decision time times this
+    (aptray.sim.decision_time); None: only step_overhead, the same for every policy."""
     spec, tp = config.spec, config.tensor_parallel_size
     sharded = hidden_is_sharded(config)
     hw, num_blocks = hardware, config.num_cache_blocks
@@ -148,20 +152,25 @@ def build_engine(config: EngineConfig, gpu: str, step_overhead: float = 1e-3,
                      ragged_overhead=hw.ragged_overhead)
     clock = VirtualClock()
     executor = SimExecutor(cost, num_blocks, clock, TOKEN_ID, hw.step_jitter)
-    return Engine(config, executor, tokenizer=None, clock=clock), executor
+    engine = Engine(config, executor, tokenizer=None, clock=clock)
+    if decision_scale is not None:
+        executor.decision = DecisionClock(decision_cost(config, decision_scale), engine.scheduler)
+    return engine, executor
 
 
 def simulate(config: EngineConfig, requests: list[SimRequest], gpu: str = "a100-40gb", step_overhead: float = 1e-3,
              max_sim_time: float | None = None, on_finish=None, stop_when_decided: bool = False,
-             check_every: int = 256, hardware: HardwareFit | None = None, lean: bool = True) -> SimRun:
+             check_every: int = 256, hardware: HardwareFit | None = None, lean: bool = True,
+             decision_scale: float | None = 1.0) -> SimRun:
     """Replay requests (sorted by arrival) until all finish, or until max_sim_time virtual seconds.
 
     stop_when_decided: after the last arrival, stop as soon as every request left is a certain SLO
     miss (checked every check_every steps). SLO attainment and the attained set are then exact;
     the requests left are reported "unfinished" with the tokens they had.
     lean: step with _lean_step (same outcomes as Engine.step, tested; about 30% less CPU per step).
+    decision_scale: as build_engine's.
     """
-    engine, executor = build_engine(config, gpu, step_overhead, hardware)
+    engine, executor = build_engine(config, gpu, step_overhead, hardware, decision_scale)
     clock = executor.clock
     reqs = sorted(requests, key=lambda r: r.arrival_time)
     outcomes: dict[str, SimOutcome] = {}
@@ -216,4 +225,5 @@ def simulate(config: EngineConfig, requests: list[SimRequest], gpu: str = "a100-
         o = outcomes[req.request_id]
         o.token_times, o.num_preemptions = list(req.token_times), req.num_preemptions
     return SimRun([outcomes[r.request_id] for r in reqs if r.request_id in outcomes], clock.now - start, stopped,
-                  executor.steps, executor.busy_time, _stats(engine.scheduler), executor.num_blocks, stalled)
+                  executor.steps, executor.busy_time, _stats(engine.scheduler), executor.num_blocks, stalled,
+                  executor.decision_time)
