@@ -31,13 +31,20 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
                    help="HF tokenizer folder that measures lengths (default: a GPT-2-sized BPE trained on ShareGPT, "
                         "made on first use)")
-    g.add_argument("--num-requests", type=int, default=2000, help="requests per run")
+    g.add_argument("--num-requests", type=int, default=None,
+                   help="requests per run (default 2,000 from a dataset; with --trace its first N by arrival, default all)")
+    g.add_argument("--length-filter", choices=("none", "vllm"), default="none",
+                   help="--trace: drop rows by vLLM's benchmark rule (prompt or output under 4 tokens, prompt over half "
+                        "the context, both over the context) before --num-requests; datasets are always sampled so")
     g.add_argument("--context", type=int, default=None,
                    help="model context: prompt + output are capped to it (default: the model's, 2048 for OPT)")
     g.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of Gamma inter-arrivals (1 = Poisson)")
     g.add_argument("--seed", type=int, default=0, help="seed of sampling and arrivals")
     g.add_argument("--ttft-slo", type=float, default=1.0, help="TTFT SLO in seconds for requests that set none")
     g.add_argument("--tbt-slo", type=float, default=1.0, help="TBT SLO in seconds (P99 of a request's gaps)")
+    g.add_argument("--goodput", nargs="+", metavar="KIND:MS", default=None,
+                   help="also report goodput as vLLM's bench serve does, for these SLOs in ms: ttft, tbt (P99 of a "
+                        "request's gaps), tpot, e2el, e.g. --goodput ttft:250 tbt:100")
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -51,7 +58,13 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="--sim: a100-40gb, a100-80gb, h100-80gb, h200, or a device measured by loadgen.gpu_check; "
                         "a measured profile (aptray/sim/data/measured/GPU.json) prices steps where one exists")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (1, 2, 4)")
-    g.add_argument("--step-overhead", type=float, default=1e-3, help="--sim: CPU seconds per step outside kernels")
+    g.add_argument("--step-overhead", type=float, default=1e-3,
+                   help="--sim: host seconds per step outside the kernels and the scheduler's decision")
+    g.add_argument("--decision-time", choices=("profile", "none"), default="profile",
+                   help="--sim: charge each step the decision time of the policy that made it, from the measured "
+                        "profile (aptray/sim/data/decision_time.json); none: only --step-overhead, the same for all")
+    g.add_argument("--decision-scale", type=float, default=1.0,
+                   help="--sim: decision times x this (a host CPU slower > 1 or faster < 1 than the profile's)")
     g.add_argument("--calibration", help="--sim: price steps with this CPU calibration JSON (python -m loadgen "
                                          "calibrate) instead of the GPU's profile fit")
     g.add_argument("--full-drain", action="store_true",
@@ -130,8 +143,9 @@ def make_client(args, policy: str):
         return HttpStreamClient(args.url, args.ttft_slo, args.tbt_slo, headers=headers)
     factory = config_factory(args, policy)
     if args.sim:
+        scale = None if args.decision_time == "none" else args.decision_scale
         return SimClient(factory, args.gpu, args.step_overhead, args.ttft_slo, args.tbt_slo,
-                         stop_when_decided=not args.full_drain, calibration=args.calibration)
+                         stop_when_decided=not args.full_drain, calibration=args.calibration, decision_scale=scale)
 
     def engine_factory():
         from aptray.engine import Engine
@@ -161,25 +175,47 @@ def get_tokenizer(path: str):
     return load_tokenizer(path)
 
 
+DEFAULT_DATASET_REQUESTS = 2000
+
+
 def base_trace(args, rate: float = 1.0):
-    """The run's requests: a given trace file, or a dataset sample (cached on disk: tokenising is slow)."""
+    """The run's requests: a given trace file (its first --num-requests, after --length-filter), or a
+    dataset sample (cached on disk: tokenising is slow)."""
     import hashlib
 
     from loadgen.datasets import LENGTH_RULE, Sample, load_samples
     from loadgen.traces import make_trace, read_trace, write_trace
 
     if args.trace:
-        return read_trace(args.trace)
+        return trace_sample(args, read_trace(args.trace))
     context = context_of(args)
-    key = f"{args.dataset}|{os.path.abspath(args.tokenizer)}|{args.num_requests}|{context}|{args.seed}|{LENGTH_RULE}"
+    num = args.num_requests or DEFAULT_DATASET_REQUESTS
+    key = f"{args.dataset}|{os.path.abspath(args.tokenizer)}|{num}|{context}|{args.seed}|{LENGTH_RULE}"
     cache = os.path.join(TRACE_CACHE, hashlib.sha1(key.encode()).hexdigest()[:16] + ".jsonl")
     if os.path.isfile(cache):
         samples = [Sample(r.prompt or "", r.num_prefill_tokens, r.num_decode_tokens) for r in read_trace(cache)]
     else:
-        samples = load_samples(args.dataset, get_tokenizer(args.tokenizer), args.num_requests, context, args.seed)
+        samples = load_samples(args.dataset, get_tokenizer(args.tokenizer), num, context, args.seed)
         os.makedirs(TRACE_CACHE, exist_ok=True)
         write_trace(cache, make_trace(samples, 1.0, 1.0, 0, keep_prompts=True))
     return make_trace(samples, rate, args.cv, args.seed, keep_prompts=getattr(args, "keep_prompts", False))
+
+
+def trace_sample(args, rows):
+    """A trace's rows as the run takes them, and a line on stderr saying what was taken: vLLM's length
+    filter if asked, then the first --num-requests by arrival; rows over the context are counted (the
+    server refuses or cuts them; summaries report them apart)."""
+    from loadgen.datasets import fits_context
+
+    context = context_of(args)
+    kept = [r for r in rows if fits_context(r.num_prefill_tokens, r.num_decode_tokens, context)] \
+        if getattr(args, "length_filter", "none") == "vllm" else rows
+    taken = kept[:args.num_requests] if args.num_requests else kept
+    over = sum(r.num_prefill_tokens + r.num_decode_tokens > context for r in taken)
+    print(f"trace {args.trace}: {len(taken)} of {len(rows)} rows"
+          + (f" ({len(rows) - len(kept)} dropped by vLLM's length filter)" if len(kept) < len(rows) else "")
+          + (f"; {over} over the {context}-token context (misses, reported apart)" if over else ""), file=sys.stderr)
+    return taken
 
 
 def _jsonable(d: dict) -> dict:
@@ -217,10 +253,34 @@ def cmd_run(args) -> None:
     client = make_client(args, args.policy)
     with tqdm(total=len(trace), desc=f"{args.policy}", unit="req") as bar:
         result = client.run(trace, progress=bar.update)
-    out = {"args": _jsonable(vars(args)), "summary": summarize(result.records, result.duration), "info": result.info,
+    summary = summarize(result.records, result.duration, goodput_slos(args), context_of(args))
+    out = {"args": _jsonable(vars(args)), "summary": summary, "info": result.info,
            "records": [r.to_dict() for r in result.records] if args.records else None}
     write_json(args.out, out)
     print(json.dumps(out["summary"], indent=1))
+    print_goodput(summary)
+
+
+def goodput_slos(args) -> dict | None:
+    from loadgen.metrics import parse_goodput
+    try:
+        return parse_goodput(args.goodput) or None
+    except ValueError as e:
+        sys.exit(str(e))
+
+
+def print_goodput(summary: dict, label: str = "") -> None:
+    """The lines vLLM's bench serve prints for --goodput, and rejected-for-length apart."""
+    g = summary.get("goodput")
+    if g:
+        print(f"{label}Request goodput (req/s): {g['request_goodput_rps']:.2f}  SLOs (ms): "
+              + " ".join(f"{k}:{v:g}" for k, v in g["slos_ms"].items()) + "  attainment: "
+              + " ".join(f"{k} {v:.3f}" for k, v in g["attainment"].items()))
+    o = summary.get("over_context")
+    if o and o["requests"]:
+        print(f"{label}over the {o['context']}-token context: {o['requests']} requests, "
+              f"{o['rejected_for_length']} rejected for length; attainment within the context "
+              f"{o['attainment_within_context']:.3f}")
 
 
 def rate_grid(args) -> list[float]:
@@ -243,7 +303,8 @@ def cmd_sweep(args) -> None:
     trace = base_trace(args)
     t_workload = time.time() - t0
     rates = rate_grid(args)
-    runs = run_grid(clients, trace, rates, args.cv, args.seed, args.workers)
+    runs = run_grid(clients, trace, rates, args.cv, args.seed, args.workers,
+                    goodput_slos=goodput_slos(args), context=context_of(args))
     results = report(runs, args.threshold)
     if args.bisect:
         for p in policies:
@@ -260,6 +321,8 @@ def cmd_sweep(args) -> None:
     for p in policies:
         print(f"{p:8s} effective throughput {results[p]['effective_throughput_rps']:.3f} req/s  "
               f"attainment {[round(r['attainment'], 3) for r in results[p]['runs']]}")
+        for r in results[p]["runs"]:
+            print_goodput(r, f"{p:8s} {r['rate']:g} req/s  ")
     print(f"{len(runs)} runs in {elapsed:.1f} s -> {args.out_dir}")
 
 
@@ -324,11 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cdf-rate", type=float, default=None, help="rate whose TTFT/TBT CDFs are plotted (a grid rate)")
     s.add_argument("--out-dir", default="results/sweep", help="folder for results.json and the PNGs")
     s.set_defaults(func=cmd_sweep)
-    res = sub.add_parser("results", help="regenerate docs/RESULTS.md: real CPU engine + simulated paper setups")
+    res = sub.add_parser("results", help="regenerate docs/RESULTS.md: real server (wall clock), real CPU engine, "
+                                         "simulated paper setups")
     mode = res.add_mutually_exclusive_group()
-    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="~15 min (default)")
-    mode.add_argument("--full", dest="mode", action="store_const", const="full", help="~45 min")
-    res.add_argument("--parts", default="cpu,sim", help="cpu, sim or both (a part left out is read from its JSON)")
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="~1 hour (default)")
+    mode.add_argument("--full", dest="mode", action="store_const", const="full", help="more seeds, requests, rates")
+    res.add_argument("--parts", default="server,cpu,sim",
+                     help="any of server, cpu, sim (a part left out is read from its JSON)")
     res.add_argument("--workers", type=int, default=2, help="processes for the simulated part")
     res.set_defaults(mode="quick", func=lambda a: __import__("loadgen.make_results", fromlist=["main"]).main(
         a.mode, a.parts.split(","), a.workers))

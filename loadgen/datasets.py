@@ -78,14 +78,14 @@ def _count(tokenizer, texts: list[str]) -> list[int]:
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def _fits(prompt_len: int, output_len: int, context: int, min_len: int) -> bool:
+def fits_context(prompt_len: int, output_len: int, context: int, min_len: int = 4) -> bool:
     """vLLM's benchmark filter (prompt <= 1,024 and prompt + output <= 2,048 tokens), scaled to context."""
     return min(prompt_len, output_len) >= min_len and prompt_len <= context // 2 and prompt_len + output_len <= context
 
 
 def _from_pairs(pairs: list[tuple[str, str]], tokenizer, n: int, context: int, seed: int,
                 min_len: int) -> list[Sample]:
-    """n samples that fit (`_fits`), drawn without replacement while the set lasts, then again from a
+    """n samples that fit (`fits_context`), drawn without replacement while the set lasts, then again from a
     fresh shuffle."""
     rng = np.random.default_rng(seed)
     out: list[Sample] = []
@@ -97,7 +97,7 @@ def _from_pairs(pairs: list[tuple[str, str]], tokenizer, n: int, context: int, s
             plens = _count(tokenizer, [p for p, _ in batch])
             olens = _count(tokenizer, [o for _, o in batch])
             for (prompt, _), plen, olen in zip(batch, plens, olens):
-                if not _fits(plen, olen, context, min_len):
+                if not fits_context(plen, olen, context, min_len):
                     continue
                 out.append(Sample(prompt, plen, olen))
                 if len(out) == n:

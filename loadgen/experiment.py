@@ -22,7 +22,7 @@ def run_one(policy: str, rate: float) -> dict:
     client: Client = _JOB["clients"][policy]
     trace = rescale(_JOB["trace"], rate, _JOB["cv"], _JOB["seed"])
     result = client.run(trace)
-    summary = summarize(result.records, result.duration)
+    summary = summarize(result.records, result.duration, _JOB.get("goodput_slos"), _JOB.get("context"))
     gaps = np.array([g for r in result.records for g in r.token_gaps])
     if gaps.size > MAX_GAPS_KEPT:
         gaps = np.random.default_rng(0).choice(gaps, MAX_GAPS_KEPT, replace=False)
@@ -35,8 +35,10 @@ def _star(args):
 
 
 def run_grid(clients: dict[str, Client], trace: list[TraceRequest], rates: list[float], cv: float, seed: int,
-             workers: int = 1, progress: bool = True) -> list[dict]:
-    _JOB.update(clients=clients, trace=trace, cv=cv, seed=seed)
+             workers: int = 1, progress: bool = True, goodput_slos: dict | None = None,
+             context: int | None = None) -> list[dict]:
+    """Every policy at every rate. goodput_slos, context: as loadgen.metrics.summarize takes them."""
+    _JOB.update(clients=clients, trace=trace, cv=cv, seed=seed, goodput_slos=goodput_slos, context=context)
     # lowest rates first: they take the most engine steps, so the workers finish together
     jobs = sorted(((p, r) for p in clients for r in rates), key=lambda j: (j[1], j[0] != "apt"))
     bar = tqdm(total=len(jobs), desc="runs", unit="run", disable=not progress)

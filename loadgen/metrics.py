@@ -2,7 +2,13 @@
 
 A request attains its SLO iff it finished, TTFT <= its TTFT SLO, and the P99 of its own
 inter-token gaps (first token excluded) <= its TBT SLO. Rejected, failed, aborted or unfinished
-requests are misses. Attainment = attained / all requests sent.
+requests, and finished ones that returned no token, are misses. Attainment = attained / all
+requests sent.
+
+Goodput as vLLM's `bench serve --goodput` reports it: SLOs by name and milliseconds (`ttft:250
+tbt:100`; vLLM's names ttft, tpot, e2el, and aptray's tbt, the P99 of a request's own gaps), the
+requests meeting all of them per second, and the share meeting each one (over every request sent,
+misses included).
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from aptray.slo import attained, tbt_p99
 
 FINISHED = "finished"
 MISS_STATUSES = ("rejected", "failed", "aborted", "unfinished")
+GOODPUT_KINDS = ("ttft", "tbt", "tpot", "e2el")
 
 
 @dataclass
@@ -51,6 +58,25 @@ class RequestRecord:
         return self.status == FINISHED and attained(self.ttft, self.token_gaps, self.ttft_slo, self.tbt_slo)
 
     @property
+    def tpot(self) -> float:
+        """vLLM's time per output token: (last token - first token) / (tokens - 1); 0 for one token."""
+        return (self.e2e - self.ttft) / (self.num_tokens - 1) if self.num_tokens > 1 else 0.0
+
+    def meets(self, kind: str, slo: float | None = None) -> bool:
+        """Whether it finished with tokens and met one SLO kind (seconds; None: its own TTFT or TBT SLO)."""
+        if self.status != FINISHED or not self.num_tokens:
+            return False
+        if kind == "ttft":
+            return self.ttft <= (self.ttft_slo if slo is None else slo)
+        if kind == "tbt":
+            return self.tbt_p99 <= (self.tbt_slo if slo is None else slo)
+        if kind == "tpot":
+            return self.tpot <= slo
+        if kind == "e2el":
+            return self.e2e <= slo
+        raise ValueError(f"unknown SLO kind {kind!r}: use {', '.join(GOODPUT_KINDS)}")
+
+    @property
     def finished_at(self) -> float | None:
         return None if self.e2e is None else self.arrived_at + self.e2e
 
@@ -83,7 +109,44 @@ def percentiles(values, ps=(50, 90, 99)) -> dict[str, float]:
     return {f"p{p}": float(np.percentile(values, p)) for p in ps}
 
 
-def summarize(records: list[RequestRecord], duration: float | None = None) -> dict:
+def parse_goodput(items) -> dict[str, float]:
+    """`ttft:250 tbt:100` (milliseconds, vLLM's --goodput form) -> {"ttft": 0.25, "tbt": 0.1} in seconds."""
+    out = {}
+    for item in items or ():
+        kind, sep, ms = item.partition(":")
+        if not sep or kind not in GOODPUT_KINDS:
+            raise ValueError(f"--goodput {item!r}: give KIND:MS with KIND one of {', '.join(GOODPUT_KINDS)}")
+        value = float(ms)
+        if not value > 0:
+            raise ValueError(f"--goodput {item!r}: the SLO must be a positive number of milliseconds")
+        out[kind] = value / 1000
+    return out
+
+
+def goodput_report(records: list[RequestRecord], slos: dict[str, float], duration: float) -> dict:
+    """vLLM-style goodput for the given SLOs (seconds by kind): requests meeting all per second, and
+    the share of requests sent meeting each."""
+    good = [all(r.meets(k, v) for k, v in slos.items()) for r in records]
+    n = len(records) or 1
+    return {"slos_ms": {k: 1e3 * v for k, v in slos.items()},
+            "request_goodput_rps": sum(good) / duration if duration > 0 else 0.0,
+            "attainment": {**{k: sum(r.meets(k, v) for r in records) / n for k, v in slos.items()},
+                           "all": sum(good) / n}}
+
+
+def over_context(records: list[RequestRecord], context: int) -> dict:
+    """Requests whose prompt + output cannot fit the model's context (a server refuses them, or cuts
+    their output), apart: how many, how many did not finish, and attainment over the others."""
+    over = [r for r in records if r.prompt_len + r.output_len > context]
+    inside = [r for r in records if r.prompt_len + r.output_len <= context]
+    return {"context": context, "requests": len(over), "rejected_for_length": sum(r.status != FINISHED for r in over),
+            "attainment_within_context": attainment(inside)}
+
+
+def summarize(records: list[RequestRecord], duration: float | None = None, goodput_slos: dict | None = None,
+              context: int | None = None) -> dict:
+    """The run's metrics. goodput_slos (seconds by kind): also vLLM-style goodput for them; context:
+    requests over it reported apart (they count in attainment as misses when refused)."""
     duration = run_duration(records) if duration is None else duration
     done = [r for r in records if r.status == FINISHED]
     statuses: dict[str, int] = {}
@@ -102,4 +165,8 @@ def summarize(records: list[RequestRecord], duration: float | None = None) -> di
         "tbt_p99_per_request_s": percentiles(r.tbt_p99 for r in done),
         "e2e_s": percentiles(r.e2e for r in done),
         "preemptions": sum(r.num_preemptions for r in records),
+        # each request's own SLOs, one kind at a time (failed, rejected, tokenless: misses)
+        "attainment_by_slo": {k: sum(r.meets(k) for r in records) / (len(records) or 1) for k in ("ttft", "tbt")},
+        **({"goodput": goodput_report(records, goodput_slos, duration)} if goodput_slos else {}),
+        **({"over_context": over_context(records, context)} if context else {}),
     }
