@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from loadgen.datasets import DATASETS
 
 DEFAULT_TOKENIZER = os.path.expanduser("~/.cache/aptray/tokenizers/sharegpt-bpe-50k")
@@ -303,9 +305,18 @@ def cmd_sweep(args) -> None:
     trace = base_trace(args)
     t_workload = time.time() - t0
     rates = rate_grid(args)
-    runs = run_grid(clients, trace, rates, args.cv, args.seed, args.workers,
-                    goodput_slos=goodput_slos(args), context=context_of(args))
+    # runs against one server must not overlap: they would load it together
+    workers = 1 if getattr(args, "url", None) or getattr(args, "grpc", None) else args.workers
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    by_seed = {seed: run_grid(clients, trace, rates, args.cv, seed, workers, goodput_slos=goodput_slos(args),
+                              context=context_of(args)) for seed in seeds}
+    runs = by_seed[seeds[0]]
     results = report(runs, args.threshold)
+    if len(seeds) > 1:  # the same requests with each seed's arrivals: effective throughput per seed, its spread
+        for p in policies:
+            per_seed = [report(by_seed[s], args.threshold)[p]["effective_throughput_rps"] for s in seeds]
+            results[p]["effective_per_seed"] = dict(zip(map(str, seeds), per_seed))
+            results[p]["effective_mean_sd"] = [float(np.mean(per_seed)), float(np.std(per_seed, ddof=1))]
     if args.bisect:
         for p in policies:
             results[p]["bisection"] = bisect_policy(clients[p], trace, rates[0], rates[-1], args.cv, args.seed,
@@ -321,6 +332,9 @@ def cmd_sweep(args) -> None:
     for p in policies:
         print(f"{p:8s} effective throughput {results[p]['effective_throughput_rps']:.3f} req/s  "
               f"attainment {[round(r['attainment'], 3) for r in results[p]['runs']]}")
+        if "effective_mean_sd" in results[p]:
+            mean, sd = results[p]["effective_mean_sd"]
+            print(f"{p:8s} over seeds {seeds}: {mean:.3f} +- {sd:.3f} req/s")
         for r in results[p]["runs"]:
             print_goodput(r, f"{p:8s} {r['rate']:g} req/s  ")
     print(f"{len(runs)} runs in {elapsed:.1f} s -> {args.out_dir}")
@@ -381,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rate-max", type=float, default=5.0, help="highest rate of the grid")
     s.add_argument("--num-rates", type=int, default=10, help="rates in the grid")
     s.add_argument("--threshold", type=float, default=0.9, help="attainment that effective throughput must keep")
+    s.add_argument("--seeds", help="comma-separated arrival seeds: the grid runs once per seed (the same requests), "
+                                   "and effective throughput is reported per seed with its mean +- sd; the first "
+                                   "seed's runs make the plots")
     s.add_argument("--bisect", action="store_true", help="also bisect each policy's effective throughput")
     s.add_argument("--bisect-tol", type=float, default=0.02, help="relative width at which bisection stops")
     s.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="runs in parallel processes")

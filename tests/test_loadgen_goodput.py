@@ -97,3 +97,15 @@ def test_run_reports_goodput_and_rejected_for_length(tmp_path, capsys):
     assert summary["over_context"]["rejected_for_length"] == 1
     assert summary["goodput"]["attainment"]["all"] == summary["attainment"] == pytest.approx(6 / 7)
     assert "Request goodput (req/s):" in printed and "1 rejected for length" in printed
+
+
+def test_sweep_reports_effective_throughput_per_seed_with_its_spread(tmp_path):
+    rows = [TraceRequest(f"r{i}", 0.1 * i, 100 + 10 * i, 30) for i in range(20)]
+    write_trace(str(tmp_path / "t.csv"), rows)
+    main(["sweep", "--sim", "--trace", str(tmp_path / "t.csv"), "--policies", "vllm", "--rates", "2,40",
+          "--seeds", "0,1,2", "--workers", "1", "--ttft-slo", "0.5", "--tbt-slo", "0.2",
+          "--out-dir", str(tmp_path / "sweep")])
+    res = json.loads((tmp_path / "sweep" / "results.json").read_text())["policies"]["vllm"]
+    per_seed = list(res["effective_per_seed"].values())
+    assert list(res["effective_per_seed"]) == ["0", "1", "2"] and all(v >= 0 for v in per_seed)
+    assert res["effective_mean_sd"][0] == pytest.approx(sum(per_seed) / 3)
