@@ -1,12 +1,12 @@
 """Run a trace through the real Engine and scheduler on virtual time: the simulator's main loop."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from aptray.config import EngineConfig
 from aptray.engine import Engine
 from aptray.sampling_params import SamplingParams
+from aptray.slo import slow_gaps_to_miss
 from aptray.sim.cost_model import CostModel
 from aptray.sim.executor import SimExecutor, VirtualClock
 from aptray.sim.fit import HardwareFit
@@ -54,8 +54,8 @@ class SimRun:
 
 
 def certain_miss(req, now: float) -> bool:
-    """Whether req already misses its SLO whatever happens next (the loadgen rule: TTFT, then the P99 of
-    its max_tokens - 1 gaps under numpy's linear interpolation)."""
+    """Whether req already misses its SLO whatever happens next (aptray.slo: TTFT, then the P99 of its
+    max_tokens - 1 gaps)."""
     if req.first_token_time is None:
         return now - req.arrival_time > req.ttft_slo
     if req.first_token_time - req.arrival_time > req.ttft_slo:
@@ -65,7 +65,7 @@ def certain_miss(req, now: float) -> bool:
         return False
     times, slo = req.token_times, req.tbt_slo
     m = sum(1 for a, b in zip(times, times[1:]) if b - a > slo) + (now - times[-1] > slo)
-    return m >= n - math.floor(0.99 * (n - 1))
+    return m >= slow_gaps_to_miss(n)
 
 
 def _stats(scheduler) -> dict:
