@@ -119,6 +119,7 @@ def decode_steps(groups=GROUPS) -> dict:
     pool per stage."""
     from aptray.config import EngineConfig
     from aptray.plan import BatchPlan, SeqPlan
+    from aptray.sim.pipeline import own_time
     from aptray.sim.pipeline_runner import build_pipeline
     from loadgen.cli import model_dir
     n, ctx = DECODE_PROBE
@@ -133,7 +134,7 @@ def decode_steps(groups=GROUPS) -> dict:
             for kind in ("kv", "hidden"):
                 plan = BatchPlan(1, tuple(SeqPlan(f"r{i}", (5,), ctx - 1, kind, (), True) for i in range(n)))
                 work, boundary, back = executor.price(plan)
-                row[f"{kind}_step_s"] = work.host + sum(work.stages) + boundary * (lay.pp - 1) + back
+                row[f"{kind}_step_s"] = own_time(work, boundary, back)
                 row[f"{kind}_stage_s"] = max(work.stages)
             out[f"{g.name}|{lay.name}"] = row
     return out

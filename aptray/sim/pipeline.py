@@ -19,6 +19,11 @@ from aptray.plan import BatchPlan, StepResult
 from aptray.sim.cost_model import CostModel, StageWork
 
 
+def own_time(work: StageWork, boundary: float, back: float) -> float:
+    """A step's time in an empty pipeline: host, every stage, every boundary, the token ids home."""
+    return work.host + sum(work.stages) + boundary * (len(work.stages) - 1) + back
+
+
 @dataclass
 class PipelineTimeline:
     """The stages' and the host's busy times, and what they add up to."""
@@ -53,9 +58,8 @@ class PipelineTimeline:
         self._active_until = max(self._active_until, done)
         self.steps += 1
         self.latency += done - now
-        moved = boundary * (self.num_stages - 1) + back
-        self.transfers += moved
-        self.alone += work.host + sum(work.stages) + moved
+        self.transfers += boundary * (self.num_stages - 1) + back
+        self.alone += own_time(work, boundary, back)
         return done
 
     def stats(self) -> dict:
@@ -70,10 +74,14 @@ class PipelineTimeline:
 class PipelineSimExecutor(Executor):
     """Prices a plan per stage (CostModel.plan_stages) and runs it through a PipelineTimeline.
 
-    submit(plan, now) starts a step and says when it ends, so several micro-batches can be in flight;
-    the StepResult's step_time is that latency (host start to tokens home, waits for busy stages
-    included): the gap the step puts between its requests' tokens, which is what the schedulers' step
-    cost models are fitted to. execute() runs one step alone (clock moved to its end).
+    submit(plan, now) starts a step and says when it ends, so several micro-batches can be in flight.
+    The StepResult's step_time is the step's own time, as the shards would report it: host, every stage
+    and the transfers, without the waits for stages busy with other micro-batches. That is the gap
+    between tokens if every micro-batch ran steps like it (a full pipeline cycles through pp stage
+    times), so a scheduler that sizes its steps for the TBT SLO by it keeps the cycle within the SLO.
+    Fed the latency with the waits instead, each scheduler's cost model learned the other micro-batches'
+    steps as noise and their chunks added up past the SLO (docs/SIMULATOR.md section 10).
+    execute() runs one step alone (clock moved to its end).
     """
 
     def __init__(self, cost_model: CostModel, layers: list[int], num_blocks: int, clock, token_id: int = 5,
@@ -104,7 +112,8 @@ class PipelineSimExecutor(Executor):
         done = self.timeline.submit(now, work, boundary, back)
         self.steps += 1
         tok = self.token_id
-        return done, StepResult(sampled={s.request_id: tok for s in plan.seqs if s.sample}, step_time=done - now)
+        return done, StepResult(sampled={s.request_id: tok for s in plan.seqs if s.sample},
+                                step_time=own_time(work, boundary, back))
 
     def execute(self, plan: BatchPlan) -> StepResult:
         done, result = self.submit(plan, max(self.clock.now, self.timeline.host_free))
