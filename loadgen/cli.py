@@ -331,8 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     res = sub.add_parser("results", help="regenerate docs/RESULTS.md: real CPU engine, simulated paper setups, "
                                          "simulated pipeline parallelism")
     mode = res.add_mutually_exclusive_group()
-    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="~15 min (default)")
-    mode.add_argument("--full", dest="mode", action="store_const", const="full", help="~45 min")
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                      help="~15 min for cpu + sim, ~60 min for pp on the shared 2-core machine (default)")
+    mode.add_argument("--full", dest="mode", action="store_const", const="full",
+                      help="~45 min for cpu + sim; pp with 500 requests per run")
     res.add_argument("--parts", default="cpu,sim,pp",
                      help="any of cpu, sim (paper setups), pp (pipeline vs tensor parallelism); a part left out is "
                           "read from its JSON")

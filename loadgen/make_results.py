@@ -2,8 +2,9 @@
 
 Three parts: the real CPU engine (loadgen.results_cpu), the simulated paper setups (loadgen.results_sim)
 and the simulated pipeline-parallel comparison (loadgen.results_pp). A part left out of --parts is
-re-rendered from its JSON. --quick (the default) runs the first two in about 15 minutes on the shared
-2-core machine and the pipeline part in about as long again; --full uses more requests and rates.
+re-rendered from its JSON (--parts "" re-renders all). --quick (the default) runs the first two in
+about 15 minutes on the shared 2-core machine and the pipeline part in about an hour; --full uses
+more requests and rates.
 """
 from __future__ import annotations
 

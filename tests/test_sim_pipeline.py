@@ -200,3 +200,46 @@ def test_micro_batches_share_the_block_budget():
     run = simulate_pipeline(config, reqs, "a100-80gb")
     assert [o.status for o in run.outcomes] == ["finished"] * 6
     assert [len(o.token_times) for o in run.outcomes] == [100] * 6
+
+
+# -- configuration surfaces -------------------------------------------------------------------------
+def test_cli_pp_reaches_the_config_and_only_the_simulator():
+    from loadgen.cli import build_parser, config_factory, make_client
+    args = build_parser().parse_args(["sweep", "--sim", "--model", "opt-66b", "--pp", "4"])
+    config = config_factory(args, "apt")()
+    assert (config.pipeline_parallel_size, config.tensor_parallel_size, config.cache_mode) == (4, 1, "hybrid")
+    assert build_parser().parse_args(["run", "--sim"]).pp == 1
+    real = build_parser().parse_args(["run", "--model", model("opt-13b"), "--pp", "2"])
+    with pytest.raises(SystemExit, match="simulated only"):
+        make_client(real, "fcfs")
+
+
+def test_the_serving_engine_refuses_pipeline_stages():
+    from aptray.llm import LLM
+    with pytest.raises(ValueError, match="simulated only"):
+        LLM(model=model("opt-13b"), pipeline_parallel_size=2)
+
+
+def test_decision_rule_of_the_pipeline_comparison():
+    from loadgen.results_pp import GROUPS, decision, is_burst, setup_of
+    g = next(x for x in GROUPS if x.model == "opt-30b")  # layouts TP2 KV, PP2 hybrid, PP2 KV
+
+    def data(pp_hybrid_over_tp: dict) -> dict:
+        res = []
+        for ds, gain in pp_hybrid_over_tp.items():
+            for lay, eff in ((g.layouts[0], 1.0), (g.layouts[1], gain), (g.layouts[2], 9.0)):
+                for p in lay.policies:  # PP KV is fast, but only the hybrid pipeline counts
+                    res.append({"setup": setup_of(g, lay, ds).name, "policy": p, "effective_throughput_rps": eff,
+                                "probes": {str(eff): {"attainment": 1.0, "goodput_rps": 0.9 * eff}}})
+        return {"results": res}
+    two = decision(data({"sharegpt": 1.2, "humaneval": 1.15, "synthetic-longprompt": 0.5}), [g])
+    one = decision(data({"sharegpt": 1.2, "humaneval": 1.1, "synthetic-longprompt": 1.1}), [g])
+    long_short = decision(data({"sharegpt": 0.5, "humaneval": 0.5, "synthetic-longprompt": 1.2}), [g])
+    long_alone = decision(data({"sharegpt": 0.5, "humaneval": 0.5, "synthetic-longprompt": 1.3}), [g])
+    assert "**opt-30b on 2 x a100-40gb: wins** (2 of 3" in two[0]
+    assert "does not win** (1 of 3" in one[0]
+    assert "does not win** (1 of 3" in long_short[0]  # long prompts alone must win by more than 15%
+    assert ": wins** (1 of 3" in long_alone[0]
+    steady = {"effective_throughput_rps": 2.0, "probes": {"2.0": {"attainment": 0.95, "goodput_rps": 1.7}}}
+    burst = {"effective_throughput_rps": 300.0, "probes": {"300.0": {"attainment": 0.91, "goodput_rps": 6.0}}}
+    assert not is_burst(steady) and is_burst(burst)
