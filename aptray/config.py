@@ -57,9 +57,20 @@ class ModelSpec:
         """Hidden-cache elements per token per layer on one rank (replicated: the full width)."""
         return self.hidden_size
 
-    def hidden_ratio(self, tp: int = 1) -> float:
-        """r = hidden bytes / KV bytes per token per rank; the hidden cache pays off only when r < 1."""
+    def hidden_ratio(self, tp: int = 1, pp: int = 1) -> float:
+        """r = hidden bytes / KV bytes per token per rank; the hidden cache pays off only when r < 1.
+        pp pipeline stages leave it unchanged: a stage holds whole layers, so both caches shrink to its
+        layers alike (d against 2*n_kv*D/tp per token per layer), unlike tp, which shards K and V only."""
+        if pp < 1:
+            raise ValueError("pipeline_parallel_size must be >= 1")
         return self.hidden_elems_per_token(tp) / self.kv_elems_per_token(tp)
+
+    def layers_of_stages(self, pp: int) -> list[int]:
+        """Layers per pipeline stage: L // pp each, the remainder on the last stage (vLLM's split)."""
+        if not 1 <= pp <= self.num_layers:
+            raise ValueError(f"pipeline_parallel_size must be in [1, {self.num_layers}], got {pp}")
+        per = self.num_layers // pp
+        return [per] * (pp - 1) + [self.num_layers - per * (pp - 1)]
 
 
 @dataclass
@@ -69,6 +80,9 @@ class EngineConfig:
     dtype: str = "float32"
     seed: int = 0
     tensor_parallel_size: int = 1
+    # stages holding consecutive layers, tensor_parallel_size ranks each; only the simulator runs
+    # pp > 1 (aptray.sim.pipeline): the serving engine refuses it (aptray.llm)
+    pipeline_parallel_size: int = 1
     load_format: str = "auto"  # "dummy": random weights of the right shapes (benchmarks of big models)
     skip_tokenizer_init: bool = False  # prompts come as token ids; no tokenizer files needed
     # cache
@@ -116,7 +130,8 @@ class EngineConfig:
         if self.hidden_attention == "absorbed" and self.spec.rotary:
             logger.info("absorbed hidden attention is exact only without rotary positions: using recompute")
             self.hidden_attention = "recompute"
-        r = self.spec.hidden_ratio(self.tensor_parallel_size)
+        self.spec.layers_of_stages(self.pipeline_parallel_size)  # validates it
+        r = self.spec.hidden_ratio(self.tensor_parallel_size, self.pipeline_parallel_size)
         if r < 1:
             self.hidden_block_size = int(self.block_size / r)
         elif self.cache_mode != "kv":

@@ -44,13 +44,16 @@ class StepFailed(RuntimeError):
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, executor: Executor, tokenizer=None, clock=time.monotonic):
+    def __init__(self, config: EngineConfig, executor: Executor, tokenizer=None, clock=time.monotonic,
+                 blocks: BlockManager | None = None):
+        """blocks: the scheduler's block accounting when it is not a pool of its own (a view of a pool
+        shared by several in-flight micro-batches, aptray.cache.block_views)."""
         self.config = config
         self.executor = executor
         self.tokenizer = tokenizer
         self.clock = clock
         hidden = config.hidden_block_size if config.cache_mode != "kv" else 0
-        self.blocks = BlockManager(executor.num_blocks, config.block_size, hidden)
+        self.blocks = blocks if blocks is not None else BlockManager(executor.num_blocks, config.block_size, hidden)
         self.scheduler = make_scheduler(config, self.blocks)
         self._prompts: dict[str, str | None] = {}
         self._stops: dict[str, StopChecker] = {}

@@ -18,6 +18,9 @@ logger = logging.getLogger("aptray")
 class LLM:
     def __init__(self, model: str, tokenizer: str | None = None, **engine_args):
         self.config = EngineConfig(model=model, tokenizer=tokenizer, **engine_args)
+        if self.config.pipeline_parallel_size != 1:
+            raise ValueError("pipeline_parallel_size > 1 is simulated only (python -m loadgen sweep --sim --pp N): "
+                             "the serving engine runs one stage")
         self.tokenizer = None if self.config.skip_tokenizer_init else AutoTokenizer.from_pretrained(
             self.config.tokenizer)
         self.engine = Engine(self.config, LocalExecutor(self.config), self.tokenizer)

@@ -51,6 +51,7 @@ class SimRun:
     scheduler_stats: dict
     num_blocks: int
     stalled: bool = False  # stopped by MAX_STEPS_WITHOUT_TOKEN: a scheduler fault, not a result
+    pipeline: dict | None = None  # pp > 1: stages, blocks per stage, bubble share, step latency (sim.pipeline)
 
 
 def certain_miss(req, now: float) -> bool:
@@ -89,12 +90,18 @@ def _lean_step(engine: Engine, executor: SimExecutor, clock: VirtualClock, outco
     """Engine.step without the per-token RequestOutput objects nobody reads here: the same scheduler
     calls, executor and stop rule (Engine.check_stop), in the same order. Returns None where no step
     ran, else how many requests got a token."""
-    scheduler = engine.scheduler
-    plan = scheduler.schedule(clock.now)
+    plan = engine.scheduler.schedule(clock.now)
     if plan.is_empty:
         return None
     result = executor.execute(plan)
-    got = scheduler.update(plan, result, clock.now)
+    return apply_result(engine, plan, result, clock.now, outcomes, on_finish)
+
+
+def apply_result(engine: Engine, plan, result, now: float, outcomes: dict, on_finish) -> int:
+    """A finished step's tokens into the scheduler, and requests that end with them finished (Engine.step's
+    postprocess). Returns how many requests got a token."""
+    scheduler = engine.scheduler
+    got = scheduler.update(plan, result, now)
     for req in got:
         status = engine.check_stop(req)
         if status is not None:
@@ -102,6 +109,18 @@ def _lean_step(engine: Engine, executor: SimExecutor, clock: VirtualClock, outco
             engine._forget(req.request_id)
             _finished(outcomes[req.request_id], req.token_times, req.num_preemptions, on_finish)
     return len(got)
+
+
+def add_request(engine: Engine, r: SimRequest, outcomes: dict, prompt_cache: dict) -> None:
+    """Hand r to the engine (its prompt: prompt_len copies of TOKEN_ID); a refusal is its outcome."""
+    outcomes[r.request_id] = SimOutcome(r.request_id, r.arrival_time, "unfinished")
+    prompt = prompt_cache.get(r.prompt_len) or prompt_cache.setdefault(r.prompt_len, [TOKEN_ID] * r.prompt_len)
+    sp = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True,
+                        ttft_slo=r.ttft_slo, tbt_slo=r.tbt_slo)
+    try:
+        engine.add_request(r.request_id, prompt, sp, arrival_time=r.arrival_time)
+    except ValueError as e:
+        outcomes[r.request_id].status, outcomes[r.request_id].error = "rejected", str(e)
 
 
 def shard_hidden(config: EngineConfig, cache_mode: str = "hybrid") -> EngineConfig:
@@ -160,7 +179,12 @@ def simulate(config: EngineConfig, requests: list[SimRequest], gpu: str = "a100-
     miss (checked every check_every steps). SLO attainment and the attained set are then exact;
     the requests left are reported "unfinished" with the tokens they had.
     lean: step with _lean_step (same outcomes as Engine.step, tested; about 30% less CPU per step).
+    config.pipeline_parallel_size > 1: several micro-batches in flight (aptray.sim.pipeline_runner).
     """
+    if config.pipeline_parallel_size > 1:
+        from aptray.sim.pipeline_runner import simulate_pipeline
+        return simulate_pipeline(config, requests, gpu, step_overhead, max_sim_time, on_finish,
+                                 stop_when_decided, check_every, hardware)
     engine, executor = build_engine(config, gpu, step_overhead, hardware)
     clock = executor.clock
     reqs = sorted(requests, key=lambda r: r.arrival_time)
@@ -180,16 +204,8 @@ def simulate(config: EngineConfig, requests: list[SimRequest], gpu: str = "a100-
             stopped = True
             break
         while i < len(reqs) and reqs[i].arrival_time <= clock.now:
-            r = reqs[i]
+            add_request(engine, reqs[i], outcomes, prompt_cache)
             i += 1
-            outcomes[r.request_id] = SimOutcome(r.request_id, r.arrival_time, "unfinished")
-            prompt = prompt_cache.get(r.prompt_len) or prompt_cache.setdefault(r.prompt_len, [TOKEN_ID] * r.prompt_len)
-            sp = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True,
-                                ttft_slo=r.ttft_slo, tbt_slo=r.tbt_slo)
-            try:
-                engine.add_request(r.request_id, prompt, sp, arrival_time=r.arrival_time)
-            except ValueError as e:
-                outcomes[r.request_id].status, outcomes[r.request_id].error = "rejected", str(e)
         if not engine.has_unfinished():
             if i < len(reqs):
                 clock.now = reqs[i].arrival_time
