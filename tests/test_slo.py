@@ -47,8 +47,9 @@ def test_server_loadgen_scheduler_and_simulator_agree(max_tokens, ttft_slo, tbt_
     same; if the scheduler called it lost, or the simulator a certain miss, it did miss."""
     ttft = data.draw(st.floats(0.0, 3.0))
     gaps = data.draw(st.lists(st.floats(0.0, 1.0), min_size=max_tokens - 1, max_size=max_tokens - 1))
-    times = list(np.cumsum([ttft] + gaps))
-    verdict = attained(ttft, gaps, ttft_slo, tbt_slo)
+    times = [float(t) for t in np.cumsum([ttft] + gaps)]
+    gaps = [b - a for a, b in zip(times, times[1:])]  # as every judge sees them: from the token times
+    verdict = attained(times[0], gaps, ttft_slo, tbt_slo)
 
     server = ServingMetrics().observe_finished(0.0, times, ttft_slo, tbt_slo, "length")
     record = RequestRecord.from_token_times("r", 0.0, 3, max_tokens, ttft_slo, tbt_slo, times).attained

@@ -32,7 +32,7 @@ class SharedBlockPool:
 
     def check(self) -> None:
         """Every block is free or owned by exactly one request of one view."""
-        owned = [b for v in self.views for t in v.tables.values() for b in t]
+        owned = [b for v in self.views for rid in v.owners() for b in v.table(rid)]
         every = owned + self.free
         assert len(every) == len(set(every)) == self.num_blocks, "block leaked or double-owned"
 
@@ -49,14 +49,19 @@ class BlockView(BlockManager):
         self.block_size = block_size
         self.hidden_block_size = hidden_block_size
         self._free = pool.free  # the same list object: allocations anywhere are seen everywhere
-        self.tables: dict[str, list[int]] = {}
-        self.kinds: dict[str, CacheKind] = {}
-        self.held = 0
+        self._tables: dict[str, list[int]] = {}
+        self._kinds: dict[str, CacheKind] = {}
+        self._held_by = dict.fromkeys(CacheKind, 0)
         self._whole = False
 
     @property
+    def held_total(self) -> int:
+        """Blocks this view's requests hold."""
+        return sum(self._held_by.values())
+
+    @property
     def num_blocks(self) -> int:
-        return self.pool.num_blocks if self._whole else self.held + len(self._free)
+        return self.pool.num_blocks if self._whole else self.held_total + len(self._free)
 
     @contextmanager
     def whole_pool(self):
@@ -66,21 +71,8 @@ class BlockView(BlockManager):
         finally:
             self._whole = False
 
-    def ensure(self, request_id: str, kind: CacheKind, num_tokens: int) -> list[int]:
-        before = len(self.tables.get(request_id, ()))
-        table = super().ensure(request_id, kind, num_tokens)
-        self.held += len(table) - before
-        return table
-
-    def free(self, request_id: str) -> None:
-        self.held -= len(self.tables.get(request_id, ()))
-        super().free(request_id)
-
-    def convert(self, request_id: str, to_kind: CacheKind, num_tokens: int) -> tuple[list[int], list[int]]:
-        old, new = super().convert(request_id, to_kind, num_tokens)
-        self.held += len(new) - len(old)
-        return old, new
-
     def check(self) -> None:
-        assert self.held == sum(map(len, self.tables.values())), "view's block count drifted"
+        for kind in CacheKind:
+            held = sum(len(t) for rid, t in self._tables.items() if self._kinds[rid] is kind)
+            assert held == self._held_by[kind], "view's block count drifted"
         self.pool.check()
