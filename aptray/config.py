@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 logger = logging.getLogger("aptray")
 
-CACHE_MODES = ("kv", "hidden", "hybrid")
+CACHE_MODES = ("kv", "hidden", "hybrid", "auto")  # auto: hybrid where the hidden cache pays, else kv
 HIDDEN_ATTENTION = ("absorbed", "recompute")
 SCHEDULERS = ("fcfs", "sarathi", "apt")
 
@@ -134,7 +134,19 @@ class EngineConfig:
         r = self.spec.hidden_ratio(self.tensor_parallel_size, self.pipeline_parallel_size)
         if r < 1:
             self.hidden_block_size = int(self.block_size / r)
-        elif self.cache_mode != "kv":
-            logger.warning("hidden cache disabled: it needs %.2fx the memory of KV per token (r = %.2f >= 1, "
-                           "GQA/MQA or tensor parallel); serving with cache_mode='kv'", r, r)
-            self.cache_mode = "kv"
+        if self.cache_mode == "auto":
+            self.cache_mode = "hybrid" if r < 1 else "kv"
+            if r >= 1:
+                logger.info("cache_mode auto: kv (%s)", self._why_hidden_cannot_pay(r))
+        elif self.cache_mode != "kv" and r >= 1:  # a config that names the hidden cache gets it, or an error
+            raise ValueError(f"cache_mode={self.cache_mode!r} cannot pay here: {self._why_hidden_cannot_pay(r)}. "
+                             f"Use cache_mode='kv' (or 'auto', which picks the hidden cache where it pays)"
+                             + ("" if self.spec.num_kv_heads < self.spec.num_heads else
+                                ", or tensor_parallel_size=1, where a hidden vector is half of K and V"))
+
+    def _why_hidden_cannot_pay(self, r: float) -> str:
+        s, tp = self.spec, self.tensor_parallel_size
+        where = (f"{s.num_kv_heads} KV heads for {s.num_heads} query heads (grouped-query attention)"
+                 if s.num_kv_heads < s.num_heads else f"tensor_parallel_size={tp} shards K and V but not the hidden vector")
+        return (f"a hidden vector takes {r:.2f}x the memory of K and V per token per rank "
+                f"(r = d / (2 n_kv D / tp) = {s.hidden_size} / {s.kv_elems_per_token(tp)}; {where})")

@@ -16,7 +16,7 @@ TRACE_CACHE = os.path.expanduser("~/.cache/aptray/samples")  # dataset samples b
 POLICY_DEFAULTS = {
     "fcfs": {},
     "sarathi": {"enable_chunked_prefill": True},  # its token budget is learned online for the TBT SLO
-    "apt": {"cache_mode": "hybrid"},
+    "apt": {"cache_mode": "auto"},  # the hybrid cache where it pays (r < 1), else KV
 }
 
 
@@ -111,12 +111,16 @@ def config_factory(args, spec: str):
         sys.exit("sharded_hidden is simulated only: the serving engine does not run it yet")
     pp = getattr(args, "pp", 1)
 
+    wanted = kwargs.get("cache_mode", "hybrid")
+    if sharded:  # replicated, the hidden cache cannot pay at TP >= 2: built as KV, then sharded
+        kwargs["cache_mode"] = "auto"
+
     def make():
         config = EngineConfig(model=model, scheduler=policy, tensor_parallel_size=args.tp, pipeline_parallel_size=pp,
                               ttft_slo=args.ttft_slo, tbt_slo=args.tbt_slo, **kwargs)
         if sharded:
             from aptray.sim.runner import shard_hidden
-            shard_hidden(config, kwargs.get("cache_mode", "hybrid"))
+            shard_hidden(config, "hybrid" if wanted == "auto" else wanted)
         return config
     return make
 

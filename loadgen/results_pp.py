@@ -130,7 +130,7 @@ def decode_steps(groups=GROUPS) -> dict:
     for g in groups:
         for lay in g.layouts:
             config = EngineConfig(model=model_dir(g.model, True), tensor_parallel_size=lay.tp,
-                                  pipeline_parallel_size=lay.pp, cache_mode=lay.cache)
+                                  pipeline_parallel_size=lay.pp, cache_mode="auto" if lay.cache == "hybrid" else "kv")
             _, executor, plans = build_pipeline(config, g.gpu)
             row = {"blocks_per_stage": [p.num_blocks for p in plans], "block_size": config.block_size,
                    "hidden_block_size": config.hidden_block_size if config.cache_mode != "kv" else 0}

@@ -20,14 +20,15 @@ POLICIES = {
     "fcfs": ("fcfs", {}),
     "sarathi": ("sarathi", {}),
     "apt-kv": ("apt", {"cache_mode": "kv"}),
-    "apt-hybrid": ("apt", {"cache_mode": "hybrid", "hidden_attention": "absorbed"}),
-    "apt-hybrid-recompute": ("apt", {"cache_mode": "hybrid", "hidden_attention": "recompute"}),
+    # "auto": the hybrid cache where it pays; at TP >= 2 (r >= 1) the same run as apt-kv (the tables mark =KV)
+    "apt-hybrid": ("apt", {"cache_mode": "auto", "hidden_attention": "absorbed"}),
+    "apt-hybrid-recompute": ("apt", {"cache_mode": "auto", "hidden_attention": "recompute"}),
     # the hidden cache sharded along d at TP >= 2 (DESIGN section 2; simulated only: aptray.sim.runner.shard_hidden)
     "apt-hybrid-sharded": ("apt", {"cache_mode": "hybrid", "hidden_attention": "absorbed", "sharded_hidden": True}),
 }
 # the baselines with the hybrid cache too (KV first, hidden when KV does not fit): the pipeline comparison
-VARIANTS = {**POLICIES, "fcfs-hybrid": ("fcfs", {"cache_mode": "hybrid"}),
-            "sarathi-hybrid": ("sarathi", {"cache_mode": "hybrid"})}
+VARIANTS = {**POLICIES, "fcfs-hybrid": ("fcfs", {"cache_mode": "auto"}),
+            "sarathi-hybrid": ("sarathi", {"cache_mode": "auto"})}
 TP2_ONLY = {"apt-hybrid-sharded": "apt-hybrid"}  # at TP 1 nothing is sharded: the same run as this one
 PAPER_BEST = 8.8  # Apt-Serve's "up to 8.8x" effective throughput over vLLM
 

@@ -55,7 +55,7 @@ def reference(model_path):
 # -- TP=2 shards vs the single-process engine -----------------------------------------------------
 # TP=2 runs the hidden cache as KV (a replicated hidden vector saves nothing per rank: r = 1), so
 # hidden-cache plans over gRPC are checked with one shard
-@pytest.mark.parametrize("tp,cache_mode", [(2, "kv"), (2, "hybrid"), (1, "hidden")])
+@pytest.mark.parametrize("tp,cache_mode", [(2, "kv"), (2, "auto"), (1, "hidden")])
 def test_ray_executor_matches_local_engine(ray_session, model_path, reference, tp, cache_mode):
     from aptray.config import EngineConfig
     from aptray.engine import Engine

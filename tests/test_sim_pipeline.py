@@ -41,7 +41,7 @@ def test_hidden_ratio_stays_half_under_pipeline_stages():
     assert spec("opt-13b").layers_of_stages(3) == [13, 13, 14]  # the remainder on the last stage
     pp4 = EngineConfig(model=model("opt-66b"), cache_mode="hybrid", pipeline_parallel_size=4)
     assert pp4.cache_mode == "hybrid" and pp4.hidden_block_size == 2 * pp4.block_size
-    tp2pp2 = EngineConfig(model=model("opt-66b"), cache_mode="hybrid", tensor_parallel_size=2, pipeline_parallel_size=2)
+    tp2pp2 = EngineConfig(model=model("opt-66b"), cache_mode="auto", tensor_parallel_size=2, pipeline_parallel_size=2)
     assert tp2pp2.cache_mode == "kv"  # r = 1 per rank: the engine turns hidden off
     with pytest.raises(ValueError, match="pipeline_parallel_size"):
         EngineConfig(model=model("opt-13b"), pipeline_parallel_size=0)
