@@ -23,8 +23,33 @@ class LLM:
                              "the serving engine runs one stage")
         self.tokenizer = None if self.config.skip_tokenizer_init else AutoTokenizer.from_pretrained(
             self.config.tokenizer)
-        self.engine = Engine(self.config, LocalExecutor(self.config), self.tokenizer)
+        self.engine = Engine(self.config, self._executor(), self.tokenizer)
         self._ids = itertools.count()
+
+    def _executor(self):
+        """One rank in this process; several in shard actors on the Ray cluster (started here, on this
+        machine, when there is none), as vLLM's LLM does."""
+        if self.config.tensor_parallel_size == 1:
+            return LocalExecutor(self.config)
+        try:
+            import ray
+        except ImportError as e:
+            raise ValueError(f"tensor_parallel_size={self.config.tensor_parallel_size} runs shard actors on Ray: "
+                             f"install aptray[serve] (ray[serve])") from e
+        from aptray.executor.ray import RayExecutor
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+        return RayExecutor(self.config)
+
+    def shutdown(self) -> None:
+        """Stop the executor's shard actors (a no-op with one rank in this process)."""
+        self.engine.executor.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
 
     def get_tokenizer(self):
         """The tokenizer prompts are encoded with (vLLM's name)."""

@@ -106,6 +106,19 @@ def test_dead_shard_fails_the_step_fast(ray_session, model_path, reference):
         executor.shutdown()
 
 
+def test_offline_llm_shards_for_real(ray_session, model_path, reference):
+    """LLM(tensor_parallel_size=2) runs two shard actors (as vLLM's LLM does), not one unsharded rank,
+    and generates what one rank does."""
+    tokenizer, ref = reference
+    sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    def shards():
+        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("aptray-shard-")}
+    before = shards()
+    with LLM(model_path, tensor_parallel_size=2, num_cache_blocks=64) as llm:
+        assert sorted(name[-5:] for name in shards() - before) == ["rank0", "rank1"]
+        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp)] == [ref[p][0] for p in PROMPTS]
+
+
 def test_shard_ports_serve_their_router_only(ray_session, model_path):
     """Shards listen on the node's address (not 0.0.0.0) and refuse every call without their
     router's secret: nothing else on the network can send Plan() or read Info()."""
