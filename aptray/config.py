@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 logger = logging.getLogger("aptray")
 
-CACHE_MODES = ("kv", "hidden", "hybrid")
+CACHE_MODES = ("kv", "hidden", "hybrid", "auto")  # auto: hybrid where the hidden cache pays, else kv
 HIDDEN_ATTENTION = ("absorbed", "recompute")
 SCHEDULERS = ("fcfs", "sarathi", "apt", "vllm")
 
@@ -57,9 +57,20 @@ class ModelSpec:
         """Hidden-cache elements per token per layer on one rank (replicated: the full width)."""
         return self.hidden_size
 
-    def hidden_ratio(self, tp: int = 1) -> float:
-        """r = hidden bytes / KV bytes per token per rank; the hidden cache pays off only when r < 1."""
+    def hidden_ratio(self, tp: int = 1, pp: int = 1) -> float:
+        """r = hidden bytes / KV bytes per token per rank; the hidden cache pays off only when r < 1.
+        pp pipeline stages leave it unchanged: a stage holds whole layers, so both caches shrink to its
+        layers alike (d against 2*n_kv*D/tp per token per layer), unlike tp, which shards K and V only."""
+        if pp < 1:
+            raise ValueError("pipeline_parallel_size must be >= 1")
         return self.hidden_elems_per_token(tp) / self.kv_elems_per_token(tp)
+
+    def layers_of_stages(self, pp: int) -> list[int]:
+        """Layers per pipeline stage: L // pp each, the remainder on the last stage (vLLM's split)."""
+        if not 1 <= pp <= self.num_layers:
+            raise ValueError(f"pipeline_parallel_size must be in [1, {self.num_layers}], got {pp}")
+        per = self.num_layers // pp
+        return [per] * (pp - 1) + [self.num_layers - per * (pp - 1)]
 
 
 @dataclass
@@ -69,6 +80,9 @@ class EngineConfig:
     dtype: str = "float32"
     seed: int = 0
     tensor_parallel_size: int = 1
+    # stages holding consecutive layers, tensor_parallel_size ranks each; only the simulator runs
+    # pp > 1 (aptray.sim.pipeline): the serving engine refuses it (aptray.llm)
+    pipeline_parallel_size: int = 1
     load_format: str = "auto"  # "dummy": random weights of the right shapes (benchmarks of big models)
     skip_tokenizer_init: bool = False  # prompts come as token ids; no tokenizer files needed
     # cache
@@ -116,13 +130,28 @@ class EngineConfig:
         if self.hidden_attention == "absorbed" and self.spec.rotary:
             logger.info("absorbed hidden attention is exact only without rotary positions: using recompute")
             self.hidden_attention = "recompute"
-        if self.scheduler == "vllm" and self.cache_mode != "kv":
-            logger.info("scheduler 'vllm' keeps K and V only, as vLLM does: serving with cache_mode='kv'")
+        self.spec.layers_of_stages(self.pipeline_parallel_size)  # validates it
+        if self.scheduler == "vllm" and self.cache_mode not in ("kv", "auto"):
+            raise ValueError(f"scheduler 'vllm' keeps K and V only, as vLLM does: cache_mode={self.cache_mode!r} "
+                             "cannot be served by it; use cache_mode='kv' (or 'auto')")
+        r = self.spec.hidden_ratio(self.tensor_parallel_size, self.pipeline_parallel_size)
+        if self.scheduler == "vllm":
             self.cache_mode = "kv"
-        r = self.spec.hidden_ratio(self.tensor_parallel_size)
         if r < 1:
             self.hidden_block_size = int(self.block_size / r)
-        elif self.cache_mode != "kv":
-            logger.warning("hidden cache disabled: it needs %.2fx the memory of KV per token (r = %.2f >= 1, "
-                           "GQA/MQA or tensor parallel); serving with cache_mode='kv'", r, r)
-            self.cache_mode = "kv"
+        if self.cache_mode == "auto":
+            self.cache_mode = "hybrid" if r < 1 else "kv"
+            if r >= 1:
+                logger.info("cache_mode auto: kv (%s)", self._why_hidden_cannot_pay(r))
+        elif self.cache_mode != "kv" and r >= 1:  # a config that names the hidden cache gets it, or an error
+            raise ValueError(f"cache_mode={self.cache_mode!r} cannot pay here: {self._why_hidden_cannot_pay(r)}. "
+                             f"Use cache_mode='kv' (or 'auto', which picks the hidden cache where it pays)"
+                             + ("" if self.spec.num_kv_heads < self.spec.num_heads else
+                                ", or tensor_parallel_size=1, where a hidden vector is half of K and V"))
+
+    def _why_hidden_cannot_pay(self, r: float) -> str:
+        s, tp = self.spec, self.tensor_parallel_size
+        where = (f"{s.num_kv_heads} KV heads for {s.num_heads} query heads (grouped-query attention)"
+                 if s.num_kv_heads < s.num_heads else f"tensor_parallel_size={tp} shards K and V but not the hidden vector")
+        return (f"a hidden vector takes {r:.2f}x the memory of K and V per token per rank "
+                f"(r = d / (2 n_kv D / tp) = {s.hidden_size} / {s.kv_elems_per_token(tp)}; {where})")

@@ -11,6 +11,7 @@ from aptray.executor.base import Executor
 from aptray.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from aptray.plan import BatchPlan, SeqPlan, StepResult
 from aptray.request import CacheKind, Request, RequestStatus
+from aptray.request_checks import InvalidRequest, check_prompt
 from aptray.sampling_params import SamplingParams
 from aptray.scheduler import make_scheduler
 from aptray.step_quarantine import MAX_FAILED_STEPS, StepQuarantine
@@ -43,13 +44,16 @@ class StepFailed(RuntimeError):
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, executor: Executor, tokenizer=None, clock=time.monotonic):
+    def __init__(self, config: EngineConfig, executor: Executor, tokenizer=None, clock=time.monotonic,
+                 blocks: BlockManager | None = None):
+        """blocks: the scheduler's block accounting when it is not a pool of its own (a view of a pool
+        shared by several in-flight micro-batches, aptray.cache.block_views)."""
         self.config = config
         self.executor = executor
         self.tokenizer = tokenizer
         self.clock = clock
         hidden = config.hidden_block_size if config.cache_mode != "kv" else 0
-        self.blocks = BlockManager(executor.num_blocks, config.block_size, hidden)
+        self.blocks = blocks if blocks is not None else BlockManager(executor.num_blocks, config.block_size, hidden)
         self.scheduler = make_scheduler(config, self.blocks)
         self._prompts: dict[str, str | None] = {}
         self._stops: dict[str, StopChecker] = {}
@@ -59,17 +63,11 @@ class Engine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                     arrival_time: float | None = None, prompt: str | None = None) -> Request:
         n = len(prompt_token_ids)
-        limit = self.config.spec.max_model_len
-        if n == 0:
-            raise ValueError("the prompt is empty: give at least one token")
-        if n >= limit:
-            raise ValueError(f"the prompt has {n} tokens; the model context is {limit}, "
-                             f"which leaves no room to generate")
-        if any(not 0 <= t < self.config.spec.vocab_size for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.config.spec.vocab_size})")
+        check_prompt(prompt_token_ids, self.config.spec.max_model_len, self.config.spec.vocab_size)
         if not self.scheduler.chunks_long_prompts and n > self.config.max_num_batched_tokens:
-            raise ValueError(f"the prompt has {n} tokens, over max_num_batched_tokens "
-                             f"({self.config.max_num_batched_tokens}); enable chunked prefill or raise it")
+            raise InvalidRequest(f"the prompt has {n} tokens, over max_num_batched_tokens "
+                                 f"({self.config.max_num_batched_tokens}); enable chunked prefill or raise it",
+                                 "prompt")
         sp = sampling_params
         eos = getattr(self.tokenizer, "eos_token_id", None)
         req = Request(request_id, list(prompt_token_ids), sp,
@@ -91,7 +89,7 @@ class Engine:
         it queues as a recompute preemption, re-prefills prompt + outputs, and goes on sampling."""
         vocab = self.config.spec.vocab_size
         if any(not 0 <= t < vocab for t in output_token_ids):  # e.g. a tampered Redis record
-            raise ValueError(f"output token ids must be in [0, {vocab})")
+            raise InvalidRequest(f"output token ids must be in [0, {vocab})", "prompt")
         req = self.add_request(request_id, prompt_token_ids, sampling_params, arrival_time, prompt)
         if output_token_ids:
             req.output_token_ids = list(output_token_ids)

@@ -19,12 +19,40 @@ logger = logging.getLogger("aptray")
 class LLM:
     def __init__(self, model: str, tokenizer: str | None = None, **engine_args):
         self.config = EngineConfig(model=model, tokenizer=tokenizer, **engine_args)
+        if self.config.pipeline_parallel_size != 1:
+            raise ValueError("pipeline_parallel_size > 1 is simulated only (python -m loadgen sweep --sim --pp N): "
+                             "the serving engine runs one stage")
         self.tokenizer = None if self.config.skip_tokenizer_init else AutoTokenizer.from_pretrained(
             self.config.tokenizer)
-        self.engine = Engine(self.config, LocalExecutor(self.config), self.tokenizer)
+        self.engine = Engine(self.config, self._executor(), self.tokenizer)
         self._ids = itertools.count()
         gc.collect()  # the model and the modules live as long as the engine: out of the cyclic GC's sight
         gc.freeze()   # (aptray.serve.engine_loop.EngineLoop.start says why)
+
+    def _executor(self):
+        """One rank in this process; several in shard actors on the Ray cluster (started here, on this
+        machine, when there is none), as vLLM's LLM does."""
+        if self.config.tensor_parallel_size == 1:
+            return LocalExecutor(self.config)
+        try:
+            import ray
+        except ImportError as e:
+            raise ValueError(f"tensor_parallel_size={self.config.tensor_parallel_size} runs shard actors on Ray: "
+                             f"install aptray[serve] (ray[serve])") from e
+        from aptray.executor.ray import RayExecutor
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+        return RayExecutor(self.config)
+
+    def shutdown(self) -> None:
+        """Stop the executor's shard actors (a no-op with one rank in this process)."""
+        self.engine.executor.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
 
     def get_tokenizer(self):
         """The tokenizer prompts are encoded with (vLLM's name)."""

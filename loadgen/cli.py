@@ -18,7 +18,7 @@ TRACE_CACHE = os.path.expanduser("~/.cache/aptray/samples")  # dataset samples b
 POLICY_DEFAULTS = {
     "fcfs": {},
     "sarathi": {"enable_chunked_prefill": True},  # its token budget is learned online for the TBT SLO
-    "apt": {"cache_mode": "hybrid"},
+    "apt": {"cache_mode": "auto"},  # the hybrid cache where it pays (r < 1), else KV
 }
 
 
@@ -60,6 +60,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="--sim: a100-40gb, a100-80gb, h100-80gb, h200, or a device measured by loadgen.gpu_check; "
                         "a measured profile (aptray/sim/data/measured/GPU.json) prices steps where one exists")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (1, 2, 4)")
+    g.add_argument("--pp", type=int, default=1, help="--sim: pipeline-parallel stages of --tp ranks each (GPUs = tp x pp); "
+                                                     "one micro-batch in flight per stage")
     g.add_argument("--step-overhead", type=float, default=1e-3,
                    help="--sim: host seconds per step outside the kernels and the scheduler's decision")
     g.add_argument("--decision-time", choices=("profile", "none"), default="profile",
@@ -122,13 +124,18 @@ def config_factory(args, spec: str):
     sharded = bool(kwargs.pop("sharded_hidden", False))
     if sharded and not args.sim:
         sys.exit("sharded_hidden is simulated only: the serving engine does not run it yet")
+    pp = getattr(args, "pp", 1)
+
+    wanted = kwargs.get("cache_mode", "hybrid")
+    if sharded:  # replicated, the hidden cache cannot pay at TP >= 2: built as KV, then sharded
+        kwargs["cache_mode"] = "auto"
 
     def make():
-        config = EngineConfig(model=model, scheduler=policy, tensor_parallel_size=args.tp,
+        config = EngineConfig(model=model, scheduler=policy, tensor_parallel_size=args.tp, pipeline_parallel_size=pp,
                               ttft_slo=args.ttft_slo, tbt_slo=args.tbt_slo, **kwargs)
         if sharded:
             from aptray.sim.runner import shard_hidden
-            shard_hidden(config, kwargs.get("cache_mode", "hybrid"))
+            shard_hidden(config, "hybrid" if wanted == "auto" else wanted)
         return config
     return make
 
@@ -136,6 +143,8 @@ def config_factory(args, spec: str):
 def make_client(args, policy: str):
     from loadgen.clients import GrpcStreamClient, HttpStreamClient, InProcessEngineClient, SimClient
 
+    if getattr(args, "pp", 1) != 1 and not args.sim:
+        sys.exit("--pp is simulated only: the serving engine runs one pipeline stage")
     if getattr(args, "url", None) or getattr(args, "grpc", None):
         if args.sim:
             sys.exit("--sim replays on the simulator; --url/--grpc on a running server: pick one")
@@ -322,7 +331,8 @@ def cmd_sweep(args) -> None:
             results[p]["bisection"] = bisect_policy(clients[p], trace, rates[0], rates[-1], args.cv, args.seed,
                                                     args.threshold, args.bisect_tol)
     os.makedirs(args.out_dir, exist_ok=True)
-    title = f"{args.model} {args.gpu if args.sim else 'cpu'} tp{args.tp} {args.trace or args.dataset}"
+    title = (f"{args.model} {args.gpu if args.sim else 'cpu'} tp{args.tp}{f' pp{args.pp}' if args.pp > 1 else ''} "
+             f"{args.trace or args.dataset}")
     cdf_rate = args.cdf_rate if args.cdf_rate in rates else rates[len(rates) // 2]
     plots = write_plots(runs, args.out_dir, args.threshold, cdf_rate, args.ttft_slo, args.tbt_slo, title)
     elapsed = time.time() - t0
@@ -405,12 +415,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", default="results/sweep", help="folder for results.json and the PNGs")
     s.set_defaults(func=cmd_sweep)
     res = sub.add_parser("results", help="regenerate docs/RESULTS.md: real server (wall clock), real CPU engine, "
-                                         "simulated paper setups")
+                                         "simulated paper setups, simulated pipeline parallelism")
     mode = res.add_mutually_exclusive_group()
-    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="~1 hour (default)")
-    mode.add_argument("--full", dest="mode", action="store_const", const="full", help="more seeds, requests, rates")
-    res.add_argument("--parts", default="server,cpu,sim",
-                     help="any of server, cpu, sim (a part left out is read from its JSON)")
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                      help="~40 min for server, ~15 min for cpu + sim, ~60 min for pp on the shared 2-core machine "
+                           "(default)")
+    mode.add_argument("--full", dest="mode", action="store_const", const="full",
+                      help="server with more seeds, requests and rates; ~45 min for cpu + sim; pp with 500 requests "
+                           "per run")
+    res.add_argument("--parts", default="server,cpu,sim,pp",
+                     help="any of server (wall clock through HTTP), cpu, sim (paper setups), pp (pipeline vs tensor "
+                          "parallelism); a part left out is read from its JSON")
     res.add_argument("--workers", type=int, default=2, help="processes for the simulated part")
     res.set_defaults(mode="quick", func=lambda a: __import__("loadgen.make_results", fromlist=["main"]).main(
         a.mode, a.parts.split(","), a.workers))

@@ -163,6 +163,8 @@ class SimClient(Client):
                                                           o.status, o.num_preemptions))
         info = {"steps": run.steps, "stopped_early": run.stopped_early, "busy_time_s": run.busy_time, "num_blocks": run.num_blocks,
                 "decision_time_s": run.decision_time, "scheduler_stats": run.scheduler_stats}
+        if run.pipeline is not None:
+            info["pipeline"] = run.pipeline
         return RunResult(records, run.sim_time, info)
 
 

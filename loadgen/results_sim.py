@@ -21,11 +21,15 @@ POLICIES = {
     "sarathi": ("sarathi", {}),
     "vllm": ("vllm", {}),  # vLLM V1's default scheduler (docs/SCHEDULER.md)
     "apt-kv": ("apt", {"cache_mode": "kv"}),
-    "apt-hybrid": ("apt", {"cache_mode": "hybrid", "hidden_attention": "absorbed"}),
-    "apt-hybrid-recompute": ("apt", {"cache_mode": "hybrid", "hidden_attention": "recompute"}),
+    # "auto": the hybrid cache where it pays; at TP >= 2 (r >= 1) the same run as apt-kv (the tables mark =KV)
+    "apt-hybrid": ("apt", {"cache_mode": "auto", "hidden_attention": "absorbed"}),
+    "apt-hybrid-recompute": ("apt", {"cache_mode": "auto", "hidden_attention": "recompute"}),
     # the hidden cache sharded along d at TP >= 2 (DESIGN section 2; simulated only: aptray.sim.runner.shard_hidden)
     "apt-hybrid-sharded": ("apt", {"cache_mode": "hybrid", "hidden_attention": "absorbed", "sharded_hidden": True}),
 }
+# the baselines with the hybrid cache too (KV first, hidden when KV does not fit): the pipeline comparison
+VARIANTS = {**POLICIES, "fcfs-hybrid": ("fcfs", {"cache_mode": "auto"}),
+            "sarathi-hybrid": ("sarathi", {"cache_mode": "auto"})}
 TP2_ONLY = {"apt-hybrid-sharded": "apt-hybrid"}  # at TP 1 nothing is sharded: the same run as this one
 PAPER_BEST = 8.8  # Apt-Serve's "up to 8.8x" effective throughput over vLLM
 
@@ -40,6 +44,8 @@ class Setup:
     tbt_slo: float
     start_rate: float  # where the bisection starts looking (it doubles / halves from there)
     slo_note: str
+    gpu: str = "a100-40gb"
+    pp: int = 1  # pipeline stages of tp ranks each
 
 
 SETUPS = [
@@ -60,13 +66,14 @@ SETUPS = [
 def _args(setup: Setup, num_requests: int, cv: float):
     from loadgen.cli import build_parser
     return build_parser().parse_args([
-        "sweep", "--sim", "--model", setup.model, "--tp", str(setup.tp), "--dataset", setup.dataset,
+        "sweep", "--sim", "--model", setup.model, "--gpu", setup.gpu, "--tp", str(setup.tp), "--pp", str(setup.pp),
+        "--dataset", setup.dataset,
         "--num-requests", str(num_requests), "--ttft-slo", str(setup.ttft_slo), "--tbt-slo", str(setup.tbt_slo),
         "--cv", str(cv)])
 
 
 def _spec(label: str) -> str:
-    policy, extra = POLICIES[label]
+    policy, extra = VARIANTS[label]
     return f"{label}={policy}" + "".join(f":{k}={v}" for k, v in extra.items())
 
 
@@ -83,8 +90,14 @@ def run_policy(job) -> dict:
     def attainment_at(rate: float) -> float:
         res = client.run(rescale(trace, rate, cv, args.seed))
         s = summarize(res.records, res.duration)
+        steps = res.info.get("steps") or 1
         probes[rate] = {"attainment": s["attainment"], "goodput_rps": s["goodput_rps"],
-                        "preemptions": s["preemptions"], "stats": res.info.get("scheduler_stats", {})}
+                        "preemptions": s["preemptions"], "stats": res.info.get("scheduler_stats", {}),
+                        "num_blocks": res.info.get("num_blocks"), "tbt_p50_s": s["tbt_s"].get("p50"),
+                        "tbt_p99_s": s["tbt_s"].get("p99"), "ttft_p90_s": s["ttft_s"].get("p90"),
+                        "step_s": res.info.get("busy_time_s", 0.0) / steps}
+        if "pipeline" in res.info:
+            probes[rate]["pipeline"] = res.info["pipeline"]
         return s["attainment"]
 
     found = effective_throughput(attainment_at, setup.start_rate / 2, setup.start_rate, 0.9, rel_tol)
@@ -99,7 +112,8 @@ def run_all(setups: list[Setup], policies: list[str], num_requests: int, cv: flo
     from aptray.sim.fit import hardware_for
     from aptray.sim.gpus import get_gpu
     from loadgen.cli import base_trace
-    hardware_for(get_gpu("a100-40gb"))  # fit once before forking
+    for gpu in {s.gpu for s in setups}:
+        hardware_for(get_gpu(gpu))  # fit once before forking
     for s in setups:
         base_trace(_args(s, num_requests, cv))  # sample (and cache) each dataset once, before forking
     jobs = [(s, p, num_requests, cv, rel_tol) for s in setups for p in policies

@@ -1,32 +1,17 @@
 """apt's per-request SLO memory (torch-free): lost requests, expected decode length, and their use."""
 from types import SimpleNamespace
 
-import numpy as np
-from hypothesis import given, settings, strategies as st
-
 from aptray.cache.block_manager import BlockManager
 from aptray.plan import StepResult
 from aptray.request import Request, RequestStatus
 from aptray.sampling_params import SamplingParams
 from aptray.scheduler.apt import AptScheduler
-from aptray.scheduler.slo_state import PRIOR_OUTPUT_TOKENS, SloState, allowed_slow_gaps
+from aptray.scheduler.slo_state import PRIOR_OUTPUT_TOKENS, SloState
 
 
 def request(rid, prompt_len=4, max_tokens=10, arrival=0.0, ttft=1.0, tbt=1.0):
     return Request(rid, list(range(4, 4 + prompt_len)), SamplingParams(max_tokens=max_tokens, ignore_eos=True),
                    arrival, ttft, tbt)
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.integers(2, 400), st.data())
-def test_lost_means_p99_must_miss(max_tokens, data):
-    """However the remaining gaps turn out, allowed_slow_gaps slow gaps put the P99 over the SLO."""
-    n = max_tokens - 1
-    slow = allowed_slow_gaps(max_tokens)
-    assert slow <= n
-    fast = data.draw(st.lists(st.floats(0, 1), min_size=n - slow, max_size=n - slow))
-    gaps = np.array(fast + [1.0 + 1e-6] * slow)
-    assert np.percentile(gaps, 99) > 1.0  # sufficient, not tight: fewer slow gaps may miss too
 
 
 def test_late_first_token_or_slow_gaps_make_a_request_lost():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from aptray import LLM, SamplingParams
+from aptray.config import EngineConfig
 from tiny_models import hf_greedy, hf_last_logits, prompts, tiny_model
 
 torch.set_num_threads(1)
@@ -103,8 +104,16 @@ def test_hybrid_under_a_binding_pool_is_exact(name):
     assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
 
 
-def test_gqa_model_disables_hidden_cache_with_a_reason(caplog):
-    with caplog.at_level(logging.WARNING, logger="aptray"):
-        llm = LLM(tiny_model("llama-gqa-64x4x2"), cache_mode="hybrid")
-    assert llm.config.cache_mode == "kv"
-    assert "hidden cache disabled" in caplog.text and "r = 1.00" in caplog.text
+def test_a_hidden_cache_that_cannot_pay_is_refused_with_the_reason(caplog):
+    """Named in a config, the hidden cache runs or the config is refused: never a silent fallback.
+    "auto" picks it where it pays, and says why it did not."""
+    for mode in ("hybrid", "hidden"):
+        with pytest.raises(ValueError, match=r"cannot pay here.*r = d / \(2 n_kv D / tp\) = 64 / 64.*grouped-query"):
+            LLM(tiny_model("llama-gqa-64x4x2"), cache_mode=mode)
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 shards K and V") as refused:
+        EngineConfig(model=tiny_model("opt-64x4"), cache_mode="hybrid", tensor_parallel_size=2)
+    assert "tensor_parallel_size=1" in str(refused.value)
+    with caplog.at_level(logging.INFO, logger="aptray"):
+        llm = LLM(tiny_model("llama-gqa-64x4x2"), cache_mode="auto")
+    assert llm.config.cache_mode == "kv" and "grouped-query" in caplog.text
+    assert LLM(tiny_model("opt-64x4"), cache_mode="auto", num_cache_blocks=16).config.cache_mode == "hybrid"

@@ -81,6 +81,19 @@ def test_serve_config_builds_aptray(name, cfg):
     assert any(f.endswith("add_GenerationServicer_to_server") for f in cfg["grpc_options"]["grpc_servicer_functions"])
 
 
+@pytest.mark.parametrize("name,cfg", _serve_configs(), ids=[n for n, _ in _serve_configs()])
+def test_no_config_names_a_hidden_cache_the_engine_would_refuse(name, cfg):
+    """A shipped config that names the hidden cache would fail at start where it cannot pay: build
+    its EngineConfig from the model's shape (the simulator's OPT configs stand in for the weights)."""
+    from aptray.config import EngineConfig
+    from aptray.sim import configs_dir
+    args = AppArgs.parse(cfg["applications"][0].get("args"))
+    model = args.model
+    if model.startswith("/models/"):
+        model = os.path.join(configs_dir(), os.path.basename(model))
+    EngineConfig(model=model, tensor_parallel_size=args.tensor_parallel_size, cache_mode=args.cache_mode)
+
+
 def test_opt66b_layout():
     doc = dict(RAYSERVICES)["rayservice-opt66b.yaml"]
     args = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["args"]

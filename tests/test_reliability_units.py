@@ -88,14 +88,15 @@ def test_password_file(tmp_path, monkeypatch):
     ([1], {"max_tokens": 4, "ttft_slo": float("inf")}, "ttft_ms")])
 def test_request_limits(ids, sampling, param):
     limits = RequestLimits(512, 1000, max_prompt_tokens=300, max_tokens_limit=8, min_ttft_slo=0.001, min_tbt_slo=0.001)
-    err = limits.request_error(ids, sampling)
-    assert err["status"] == 400 and err["param"] == param
+    err, sp = limits.admit(ids, sampling)
+    assert err["status"] == 400 and err["param"] == param and sp is None
 
 
 def test_request_within_limits():
     limits = RequestLimits(512, 1000, None, 8, min_ttft_slo=0.001, min_tbt_slo=0.001)
-    assert limits.request_error([1, 2], {"max_tokens": 8, "seed": 5, "top_k": 3, "stop": ["x"],
-                                         "ttft_slo": 0.001, "tbt_slo": 0.002}) is None
+    err, sp = limits.admit([1, 2], {"max_tokens": 8, "seed": 5, "top_k": 3, "stop": ["x"], "ttft_slo": 0.001,
+                                    "tbt_slo": 0.002})
+    assert err is None and sp.max_tokens == 8 and sp.stop == ["x"]
 
 
 @pytest.mark.parametrize("sizes,param", [({"prompt_chars": 300 * 32 + 1}, "prompt"),

@@ -55,7 +55,7 @@ def reference(model_path):
 # -- TP=2 shards vs the single-process engine -----------------------------------------------------
 # TP=2 runs the hidden cache as KV (a replicated hidden vector saves nothing per rank: r = 1), so
 # hidden-cache plans over gRPC are checked with one shard
-@pytest.mark.parametrize("tp,cache_mode", [(2, "kv"), (2, "hybrid"), (1, "hidden")])
+@pytest.mark.parametrize("tp,cache_mode", [(2, "kv"), (2, "auto"), (1, "hidden")])
 def test_ray_executor_matches_local_engine(ray_session, model_path, reference, tp, cache_mode):
     from aptray.config import EngineConfig
     from aptray.engine import Engine
@@ -104,6 +104,19 @@ def test_dead_shard_fails_the_step_fast(ray_session, model_path, reference):
         assert time.time() - t < 15  # not the 600 s step timeout: rank 0 is stuck in a collective
     finally:
         executor.shutdown()
+
+
+def test_offline_llm_shards_for_real(ray_session, model_path, reference):
+    """LLM(tensor_parallel_size=2) runs two shard actors (as vLLM's LLM does), not one unsharded rank,
+    and generates what one rank does."""
+    tokenizer, ref = reference
+    sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    def shards():
+        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("aptray-shard-")}
+    before = shards()
+    with LLM(model_path, tensor_parallel_size=2, num_cache_blocks=64) as llm:
+        assert sorted(name[-5:] for name in shards() - before) == ["rank0", "rank1"]
+        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp)] == [ref[p][0] for p in PROMPTS]
 
 
 def test_shard_ports_serve_their_router_only(ray_session, model_path):

@@ -251,9 +251,9 @@ def test_sharded_hidden_terms_and_memory():
 def test_sharded_hidden_config_and_pool():
     from aptray.sim.runner import build_engine, hidden_is_sharded, shard_hidden
     path = os.path.join(configs_dir(), "opt-30b")
-    plain = EngineConfig(model=path, scheduler="apt", cache_mode="hybrid", tensor_parallel_size=2)
+    plain = EngineConfig(model=path, scheduler="apt", cache_mode="auto", tensor_parallel_size=2)
     assert plain.cache_mode == "kv" and not hidden_is_sharded(plain)  # replicated hidden: r = 1 per rank
-    sharded = shard_hidden(EngineConfig(model=path, scheduler="apt", cache_mode="hybrid", tensor_parallel_size=2))
+    sharded = shard_hidden(EngineConfig(model=path, scheduler="apt", cache_mode="auto", tensor_parallel_size=2))
     assert sharded.cache_mode == "hybrid" and sharded.hidden_block_size == 2 * sharded.block_size
     assert hidden_is_sharded(sharded)
     one = EngineConfig(model=os.path.join(configs_dir(), "opt-13b"), cache_mode="hybrid")

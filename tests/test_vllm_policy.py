@@ -120,7 +120,9 @@ def test_admission_is_first_come_first_served(model_dir):
 
 
 def test_kv_only(model_dir):
-    config = EngineConfig(model=model_dir, scheduler="vllm", cache_mode="hybrid", block_size=4)
+    with pytest.raises(ValueError, match="K and V only"):
+        EngineConfig(model=model_dir, scheduler="vllm", cache_mode="hybrid", block_size=4)
+    config = EngineConfig(model=model_dir, scheduler="vllm", cache_mode="auto", block_size=4)
     assert config.cache_mode == "kv"
     sched = make_scheduler(config, BlockManager(32, 4))
     add(sched, "a", 9)

@@ -7,6 +7,7 @@ from itertools import filterfalse
 from aptray.cache.block_manager import BlockManager, OutOfBlocks
 from aptray.plan import BatchPlan, ConversionPlan, SeqPlan, StepResult
 from aptray.request import CacheKind, Request, RequestStatus
+from aptray.request_checks import InvalidRequest
 
 
 # (t,) for each token id t, made once: a decode's token_ids without a new tuple per running request
@@ -35,13 +36,14 @@ class Scheduler:
     # -- request lifecycle -------------------------------------------------------------------
     def add(self, req: Request) -> None:
         if req.request_id in self.requests:
-            raise ValueError(f"request id {req.request_id!r} is already in use")
+            raise InvalidRequest(f"request id {req.request_id!r} is already in use", "request_id")
         # refuse what could never fit: growing alone into a full pool, it would preempt itself forever
         most = min(len(req.prompt_token_ids) + req.sampling.max_tokens, self.config.spec.max_model_len)
         kind = self._smallest_kind()
         if self.blocks.blocks_for(most, kind) > self.blocks.num_blocks:
-            raise ValueError(f"prompt + max_tokens ({most} tokens) needs more cache than the whole pool holds "
-                             f"({self.blocks.num_blocks} blocks of {self.blocks.tokens_per_block(kind)} tokens)")
+            raise InvalidRequest(f"prompt + max_tokens ({most} tokens) needs more cache than the whole pool holds "
+                                 f"({self.blocks.num_blocks} blocks of {self.blocks.tokens_per_block(kind)} tokens)",
+                                 "max_tokens")
         req.status = RequestStatus.WAITING
         self.requests[req.request_id] = req
         self.waiting.append(req)

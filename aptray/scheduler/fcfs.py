@@ -12,7 +12,12 @@ class FcfsScheduler(Scheduler):
         seqs = self._admit()
         if seqs:
             return self._plan(seqs, conversions)
-        return self._plan(self._decode(conversions), conversions)
+        seqs = self._decode(conversions)
+        if not seqs and not conversions and self.running:
+            # only partial prefills are left and the pool has no room for their next chunks: none can
+            # move until one goes (seen: two half-prefilled prompts holding a full pool, forever)
+            self._preempt(self.running[-1])
+        return self._plan(seqs, conversions)
 
     def _first_chunk(self, req, budget: int, first: bool) -> int:
         """Whole prompts; with chunked prefill on, a longer one is chunked only as the first admission."""
@@ -22,10 +27,11 @@ class FcfsScheduler(Scheduler):
         return budget if self.config.enable_chunked_prefill and first else 0
 
     def _admit(self):
-        seqs, _ = self._admit_in_order(self.config.max_num_batched_tokens)
-        if not seqs:  # a partially prefilled request finishes its prompt before decoding resumes
-            seqs, _ = self._continue_prefills(self.config.max_num_batched_tokens, at_most=1)
-        return seqs
+        # a partially prefilled request goes on before new ones start: admitted first, they took every
+        # block it freed and it never finished (seen with chunked prefill in a full pool)
+        seqs, budget = self._continue_prefills(self.config.max_num_batched_tokens, at_most=1)
+        more, _ = self._admit_in_order(budget) if budget > 0 else ([], 0)
+        return seqs + more
 
     def _decode(self, conversions):
         if self.config.cache_mode == "hybrid":

@@ -23,20 +23,12 @@ import math
 import numpy as np
 
 from aptray.request import Request, RequestStatus
+from aptray.slo import slow_gaps_to_miss
 
 PRIOR_OUTPUT_TOKENS = 128  # expected decode length before any request has finished
 PRIOR_WEIGHT = 4  # the prior counts as this many finished requests
 MIN_REMAINING_SHARE = 0.1
 LIFE_MEMORY = 100  # finished requests the decode-time and cache-load averages follow
-
-
-def allowed_slow_gaps(max_tokens: int) -> int:
-    """Gaps over the TBT SLO at which the P99 of max_tokens - 1 gaps (numpy's linear
-    interpolation) must exceed it: the order statistic at floor(0.99 (n - 1)) is then slow."""
-    n = max_tokens - 1
-    if n < 1:
-        return 1 << 30  # no gaps: TBT cannot be missed
-    return n - math.floor(0.99 * (n - 1))
 
 
 class SloState:
@@ -62,7 +54,7 @@ class SloState:
         if times[-1] - times[-2] > req.tbt_slo:
             slow = self._slow.get(rid, 0) + 1
             self._slow[rid] = slow
-            if slow >= allowed_slow_gaps(req.sampling.max_tokens):
+            if slow >= slow_gaps_to_miss(req.sampling.max_tokens - 1):
                 self.lost.add(rid)
 
     def is_lost(self, req: Request, now: float) -> bool:

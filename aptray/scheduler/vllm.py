@@ -10,7 +10,7 @@ Every step has one token budget, max_num_batched_tokens, that decodes and prefil
 2. then, unless a request was preempted in this step, the queue from its head while the budget
    lasts and fewer than max_num_seqs run: each is given its uncomputed tokens cut to the budget
    (chunked prefill, always on as in V1); the first whose blocks cannot be had ends admission.
-KV cache only (EngineConfig turns the hidden cache off for this policy).
+KV cache only (EngineConfig refuses a hidden cache for this policy).
 """
 from __future__ import annotations
 

@@ -5,17 +5,17 @@ never reaches the engine thread, where a bad value (a token id outside the vocab
 top_k that overflows the shard contract's integers, an SLO no step can meet) would hurt others.
 
 Two stages: `size_error` runs in the ingress before tokenizing or applying a chat template (their
-cost grows with the input), `request_error` in the router on the token ids (it also guards
-re-attaches, which skip the ingress's checks).
+cost grows with the input), `admit` in the router on the token ids (it also guards re-attaches,
+which skip the ingress's checks): the model's own rules (aptray.request_checks, SamplingParams),
+then this server's limits.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-# The sampler seeds a generator with seed * 1_000_003 + token index; it must fit in 64 bits.
-SEED_LIMIT = 1 << 40
-INT32_MAX = (1 << 31) - 1
+from aptray.request_checks import InvalidRequest, check_prompt
+from aptray.sampling_params import SamplingParams
+
 MAX_STOP = 16  # stop strings per request
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
@@ -60,42 +60,33 @@ class RequestLimits:
             return _err(f"the prompt has {num_token_ids} tokens, over the limit of {self.prompt_tokens}", "prompt")
         return _sampling_size_error(sampling)
 
-    def request_error(self, ids: list[int], sampling: dict) -> dict | None:
-        """A refusal ({"error", "status", "param"}) or None."""
-        n = len(ids)
-        if n == 0:
-            return _err("the prompt is empty", "prompt")
-        if n > self.prompt_tokens:
-            return _err(f"the prompt has {n} tokens, over the limit of {self.prompt_tokens}", "prompt")
-        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in ids):
-            return _err(f"prompt token ids must be integers in [0, {self.vocab_size})", "prompt")
-        max_tokens = sampling.get("max_tokens", 16)
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            return _err(f"max_tokens must be an integer >= 1, got {max_tokens!r}", "max_tokens")
-        if self.max_tokens_limit and max_tokens > self.max_tokens_limit:
-            return _err(f"max_tokens is {max_tokens}, over this server's limit of {self.max_tokens_limit}",
+    def admit(self, ids: list[int], sampling: dict) -> tuple[dict | None, SamplingParams | None]:
+        """(refusal {"error", "status", "param"}, None) or (None, the request's SamplingParams): the
+        model's rules (check_prompt, SamplingParams) and this server's limits."""
+        try:
+            check_prompt(ids, self.context, self.vocab_size, self.max_prompt_tokens)
+            refusal = _sampling_size_error(sampling)
+            if refusal is not None:
+                return refusal, None
+            sp = SamplingParams(**sampling)
+        except InvalidRequest as e:
+            return _err(str(e), e.param), None
+        except TypeError as e:  # a field SamplingParams does not have
+            return _err(str(e), None), None
+        refusal = self._server_error(len(ids), sp)
+        return (refusal, None) if refusal is not None else (None, sp)
+
+    def _server_error(self, n: int, sp: SamplingParams) -> dict | None:
+        if self.max_tokens_limit and sp.max_tokens > self.max_tokens_limit:
+            return _err(f"max_tokens is {sp.max_tokens}, over this server's limit of {self.max_tokens_limit}",
                         "max_tokens")
-        want = n + max_tokens
+        want = n + sp.max_tokens
         if want > self.context:
             return _err(f"This model's maximum context length is {self.context} tokens. However, you requested "
-                        f"{want} tokens ({n} in the prompt, {max_tokens} for max_tokens). Please reduce "
+                        f"{want} tokens ({n} in the prompt, {sp.max_tokens} for max_tokens). Please reduce "
                         f"the prompt or max_tokens.", "max_tokens")
-        seed = sampling.get("seed")
-        if seed is not None and not -SEED_LIMIT <= seed <= SEED_LIMIT:
-            return _err(f"seed must be within +-{SEED_LIMIT}", "seed")
-        top_k = sampling.get("top_k", -1)
-        if top_k is not None and top_k > INT32_MAX:
-            return _err(f"top_k must be at most {INT32_MAX}", "top_k")
-        return _sampling_size_error(sampling) or self._slo_error(sampling)
-
-    def _slo_error(self, sampling: dict) -> dict | None:
-        for name, floor in (("ttft", self.min_ttft_slo), ("tbt", self.min_tbt_slo)):
-            value = sampling.get(f"{name}_slo")
-            if value is None:
-                continue
-            if not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                return _err(f"{name}_ms must be a positive, finite number of milliseconds", f"{name}_ms")
-            if value < floor:
+        for name, value, floor in (("ttft", sp.ttft_slo, self.min_ttft_slo), ("tbt", sp.tbt_slo, self.min_tbt_slo)):
+            if value is not None and value < floor:
                 return _err(f"{name}_ms is {value * 1e3:.4g} ms, below this server's floor of {floor * 1e3:.4g} ms "
                             f"(no step of this engine is that fast)", f"{name}_ms")
         return None

@@ -154,36 +154,31 @@ class Router:
 
     def _check(self, rid: str, ids: list[int], sampling: dict, reattach: bool, duplicate: bool
                ) -> tuple[dict | None, SamplingParams | None]:
-        """(refusal or None, sampling params)."""
+        """(refusal or None, sampling params). A re-attach skips the queue checks, never the limits."""
         if not reattach:
-            refusal = self._refuse(rid, ids, sampling, duplicate)
-        else:  # a re-attach skips the queue checks but never the limits
-            refusal = self._limits(ids, sampling)
-        if refusal is not None:
-            return refusal, None
-        try:
-            return None, SamplingParams(**sampling)
-        except (TypeError, ValueError) as e:
-            return {"error": str(e), "status": 400}, None
+            refusal = self._refuse(rid, duplicate)
+            if refusal is not None:
+                return refusal, None
+        refusal, sp = self.limits.admit(ids, sampling)
+        if refusal is None and not reattach:
+            refusal = self._queue_full()
+        return (refusal, None) if refusal is not None else (None, sp)
 
-    def _refuse(self, request_id: str, ids: list[int], sampling: dict, duplicate: bool) -> dict | None:
+    def _refuse(self, request_id: str, duplicate: bool) -> dict | None:
         if self.draining or self.loop.broken:
             return {"error": self.loop.broken or "the server is draining", "status": 503}
         if not valid_request_id(request_id):  # ids are the server's own: this is a caller's bug
             return {"error": "malformed request id", "status": 400}
         if duplicate or request_id in self.loop.streams:
             return {"error": f"request id {request_id!r} is already in flight", "status": 400}
-        refusal = self._limits(ids, sampling)
-        if refusal is not None:
-            return refusal
+        return None
+
+    def _queue_full(self) -> dict | None:
         queued = self.loop.queued() + self._being_admitted
         if queued >= self.args.max_queue:
             self.metrics.observe_rejected("queue_full")
             return {"error": f"{queued} requests are waiting (limit {self.args.max_queue})", "status": 429}
         return None
-
-    def _limits(self, ids: list[int], sampling: dict) -> dict | None:
-        return self.limits.request_error(ids, sampling)
 
     async def _admit_to_store(self, new: list[tuple[str, list[int], SamplingParams]]) -> dict[str, dict]:
         """Record new requests in Redis (one round trip); returns the refusals by request id.

@@ -23,6 +23,8 @@ Per layer and tensor-parallel rank (d width, H heads, D head dim, kv = 2*n_kv*D/
 Once per step: LM head GEMM for the sampled rows (m = sampled, k = d, n = vocab/t), a logits
 gather, the embedding read, a fixed host overhead (scheduling, sampling, launches) and a host
 overhead per sequence in the step (0 for the GPU fits; fitted by the CPU calibration).
+Pipeline stages (plan_stages): a stage is its layers x the same per-layer time, the embedding on the
+first, the LM head and logits gather on the last; the host overhead is the host's, once per step.
 """
 from __future__ import annotations
 
@@ -34,6 +36,13 @@ from aptray.request import CacheKind
 from aptray.sim.fit import HardwareFit
 
 DTYPE_BYTES = 2  # fp16 weights, activations and cache
+
+
+class StageWork(NamedTuple):
+    host: float  # seconds of the host (scheduling, sampling, launches) before the first stage starts
+    stages: list[float]  # seconds each pipeline stage computes
+    tokens: int  # tokens in the step: the activations that cross each stage boundary
+    sampled: int  # rows sampled on the last stage: the token ids sent back to the host
 
 
 class SeqWork(NamedTuple):
@@ -206,3 +215,24 @@ class CostModel:
         """step_time of a BatchPlan, read straight from its SeqPlans (the simulator's hot path)."""
         return self.step_time([(s.cache_kind, len(s.token_ids), s.start_pos + len(s.token_ids), s.sample)
                                for s in plan.seqs], [(c.to_kind, c.num_tokens) for c in plan.conversions])
+
+    # -- pipeline stages -------------------------------------------------------------------------
+    def plan_stages(self, plan, layers: list[int]) -> StageWork:
+        """A BatchPlan priced per pipeline stage; layers: how many each stage holds (whole layers, so
+        per-layer work is step_time's; tp ranks within a stage as in step_time)."""
+        seqs = [(s.cache_kind, len(s.token_ids), s.start_pos + len(s.token_ids), s.sample) for s in plan.seqs]
+        m = sampled = 0
+        for s in seqs:
+            m += s[1]
+            sampled += s[3]
+        per_layer = (self.attention_layer(seqs) if seqs else 0.0) + self._dense(m)
+        for c in plan.conversions:
+            per_layer += self.conversion_layer(c.to_kind, c.num_tokens)
+        host = self.step_overhead + self.seq_overhead * len(seqs)
+        if self.ragged_overhead and len({s[2] for s in seqs if s[1] == 1 and s[0] == "kv"}) > 1:
+            host += self.ragged_overhead
+        stages = [n * per_layer for n in layers]
+        stages[0] += self.hw.residual_add.time(0, DTYPE_BYTES * m * self._d)  # embedding lookup
+        v = self.spec.vocab_size // self.tp  # LM head and logits gather
+        stages[-1] += self.gemm(sampled, self._d, v) + self.hw.all_reduce_time(sampled * v, self.tp)
+        return StageWork(host, stages, m, sampled)

@@ -16,7 +16,7 @@ from scipy.optimize import least_squares
 
 from aptray.sim.gpus import PROFILED_GPU, GpuSpec
 from aptray.sim.profiles import (DEFAULT_PROFILE_DIR, ELEMENTWISE_OPS, GEMM_OPS, AllReduceSample, OpSample,
-                                 load_all_reduce, load_op_samples)
+                                 SendRecvSample, load_all_reduce, load_op_samples, load_send_recv)
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,15 @@ class HardwareFit:
     # measured scatter of a step's time about its typical value, as log ratios: the simulator multiplies
     # each step by exp(one of them), drawn by a seeded generator. Empty (no scatter) for the GPU fits.
     step_jitter: tuple[float, ...] = ()
+    # one GPU to the next (pipeline stage boundaries); bytes = 2 * elements. None: no profile (the CPU fit)
+    send_recv: LinearRoofline | None = None
+
+    def send_recv_time(self, elements: float) -> float:
+        if elements <= 0:
+            return 0.0
+        if self.send_recv is None:
+            raise ValueError(f"the {self.profile!r} fit has no send/recv law: pipeline stages cannot be priced")
+        return self.send_recv.time(0.0, 2.0 * elements)
 
     def all_reduce_time(self, elements: float, workers: int) -> float:
         if workers <= 1:
@@ -80,7 +89,7 @@ class HardwareFit:
                 for name in ("gemm", "layernorm", "activation", "residual_add", "attention")}
         return HardwareFit(self.profile, all_reduce=self.all_reduce, errors=self.errors,
                            seq_overhead=self.seq_overhead, ragged_overhead=self.ragged_overhead,
-                           step_jitter=self.step_jitter, **laws)
+                           step_jitter=self.step_jitter, send_recv=self.send_recv, **laws)
 
 
 def _fit(flops: np.ndarray, nbytes: np.ndarray, seconds: np.ndarray, use_flops: bool) -> LinearRoofline:
@@ -120,6 +129,13 @@ def fit_all_reduce(samples: list[AllReduceSample]) -> tuple[dict[int, LinearRoof
     return laws, errors
 
 
+def fit_send_recv(samples: list[SendRecvSample]) -> tuple[LinearRoofline, FitError]:
+    nbytes = np.array([2.0 * s.size for s in samples])
+    seconds = np.array([s.seconds for s in samples])
+    law = _fit(np.zeros(len(samples)), nbytes, seconds, use_flops=False)
+    return law, FitError.of(_predict(law, 0.0, nbytes), seconds)
+
+
 @functools.lru_cache(maxsize=None)
 def fit_profile(profile: str, network: str, root: str = DEFAULT_PROFILE_DIR) -> HardwareFit:
     ops = load_op_samples(profile, root)
@@ -142,7 +158,9 @@ def fit_profile(profile: str, network: str, root: str = DEFAULT_PROFILE_DIR) -> 
     attention = LinearRoofline(stream.c0, gemm.flop_rate * ATTENTION_FLOP_SHARE, stream.byte_rate)
     ar_laws, ar_err = fit_all_reduce(load_all_reduce(network, root))
     errors.update(ar_err)
-    return HardwareFit(profile, gemm, layernorm, activation, residual_add, attention, ar_laws, errors)
+    send_recv, errors["send_recv"] = fit_send_recv(load_send_recv(network, root))
+    return HardwareFit(profile, gemm, layernorm, activation, residual_add, attention, ar_laws, errors,
+                       send_recv=send_recv)
 
 
 def hardware_for(gpu: GpuSpec, root: str = DEFAULT_PROFILE_DIR) -> HardwareFit:

@@ -1,4 +1,4 @@
-"""Read the vidur operator profiles (data only): per-layer GEMM/elementwise timings and all-reduce latency."""
+"""Read the vidur operator profiles (data only): per-layer GEMM/elementwise timings, all-reduce and send/recv latency."""
 from __future__ import annotations
 
 import csv
@@ -35,6 +35,12 @@ class OpSample:
 class AllReduceSample:
     size: int  # elements (fp16)
     num_workers: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SendRecvSample:
+    size: int  # elements (fp16) sent from one GPU to another
     seconds: float
 
 
@@ -90,3 +96,12 @@ def load_all_reduce(network: str, root: str = DEFAULT_PROFILE_DIR) -> list[AllRe
     with open(path) as f:
         return [AllReduceSample(int(r["size"]), int(r["num_workers"]), float(r["time_stats.all_reduce.median"]) * 1e-3)
                 for r in csv.DictReader(f) if r.get("devices_per_node", r["num_workers"]) == r["num_workers"]]
+
+
+def load_send_recv(network: str, root: str = DEFAULT_PROFILE_DIR) -> list[SendRecvSample]:
+    """Point-to-point GPU transfers with both GPUs on one node (NVLink): pipeline stages of one node.
+    The cross-node rows (devices_per_node 1) are 5-20x slower and no stage boundary here leaves a node."""
+    path = os.path.join(root, "network", network, "send_recv.csv")
+    with open(path) as f:
+        return [SendRecvSample(int(r["size"]), float(r["time_stats.send_recv.median"]) * 1e-3)
+                for r in csv.DictReader(f) if r["devices_per_node"] == r["num_workers"]]

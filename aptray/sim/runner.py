@@ -1,12 +1,12 @@
 """Run a trace through the real Engine and scheduler on virtual time: the simulator's main loop."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from aptray.config import EngineConfig
 from aptray.engine import Engine
 from aptray.sampling_params import SamplingParams
+from aptray.slo import slow_gaps_to_miss
 from aptray.sim.cost_model import CostModel
 from aptray.sim.decision_time import DecisionClock, decision_cost
 from aptray.sim.executor import SimExecutor, VirtualClock
@@ -52,12 +52,13 @@ class SimRun:
     scheduler_stats: dict
     num_blocks: int
     stalled: bool = False  # stopped by MAX_STEPS_WITHOUT_TOKEN: a scheduler fault, not a result
+    pipeline: dict | None = None  # pp > 1: stages, blocks per stage, bubble share, step latency (sim.pipeline)
     decision_time: float = 0.0  # virtual seconds charged for the scheduler's decisions (in sim_time, not busy_time)
 
 
 def certain_miss(req, now: float) -> bool:
-    """Whether req already misses its SLO whatever happens next (the loadgen rule: TTFT, then the P99 of
-    its max_tokens - 1 gaps under numpy's linear interpolation)."""
+    """Whether req already misses its SLO whatever happens next (aptray.slo: TTFT, then the P99 of its
+    max_tokens - 1 gaps)."""
     if req.first_token_time is None:
         return now - req.arrival_time > req.ttft_slo
     if req.first_token_time - req.arrival_time > req.ttft_slo:
@@ -67,7 +68,7 @@ def certain_miss(req, now: float) -> bool:
         return False
     times, slo = req.token_times, req.tbt_slo
     m = sum(1 for a, b in zip(times, times[1:]) if b - a > slo) + (now - times[-1] > slo)
-    return m >= n - math.floor(0.99 * (n - 1))
+    return m >= slow_gaps_to_miss(n)
 
 
 def _stats(scheduler) -> dict:
@@ -91,12 +92,18 @@ def _lean_step(engine: Engine, executor: SimExecutor, clock: VirtualClock, outco
     """Engine.step without the per-token RequestOutput objects nobody reads here: the same scheduler
     calls, executor and stop rule (Engine.check_stop), in the same order. Returns None where no step
     ran, else how many requests got a token."""
-    scheduler = engine.scheduler
-    plan = scheduler.schedule(clock.now)
+    plan = engine.scheduler.schedule(clock.now)
     if plan.is_empty:
         return None
     result = executor.execute(plan)
-    got = scheduler.update(plan, result, clock.now)
+    return apply_result(engine, plan, result, clock.now, outcomes, on_finish)
+
+
+def apply_result(engine: Engine, plan, result, now: float, outcomes: dict, on_finish) -> int:
+    """A finished step's tokens into the scheduler, and requests that end with them finished (Engine.step's
+    postprocess). Returns how many requests got a token."""
+    scheduler = engine.scheduler
+    got = scheduler.update(plan, result, now)
     for req in got:
         status = engine.check_stop(req)
         if status is not None:
@@ -104,6 +111,18 @@ def _lean_step(engine: Engine, executor: SimExecutor, clock: VirtualClock, outco
             engine._forget(req.request_id)
             _finished(outcomes[req.request_id], req.token_times, req.num_preemptions, on_finish)
     return len(got)
+
+
+def add_request(engine: Engine, r: SimRequest, outcomes: dict, prompt_cache: dict) -> None:
+    """Hand r to the engine (its prompt: prompt_len copies of TOKEN_ID); a refusal is its outcome."""
+    outcomes[r.request_id] = SimOutcome(r.request_id, r.arrival_time, "unfinished")
+    prompt = prompt_cache.get(r.prompt_len) or prompt_cache.setdefault(r.prompt_len, [TOKEN_ID] * r.prompt_len)
+    sp = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True,
+                        ttft_slo=r.ttft_slo, tbt_slo=r.tbt_slo)
+    try:
+        engine.add_request(r.request_id, prompt, sp, arrival_time=r.arrival_time)
+    except ValueError as e:
+        outcomes[r.request_id].status, outcomes[r.request_id].error = "rejected", str(e)
 
 
 def shard_hidden(config: EngineConfig, cache_mode: str = "hybrid") -> EngineConfig:
@@ -169,7 +188,12 @@ def simulate(config: EngineConfig, requests: list[SimRequest], gpu: str = "a100-
     the requests left are reported "unfinished" with the tokens they had.
     lean: step with _lean_step (same outcomes as Engine.step, tested; about 30% less CPU per step).
     decision_scale: as build_engine's.
+    config.pipeline_parallel_size > 1: several micro-batches in flight (aptray.sim.pipeline_runner).
     """
+    if config.pipeline_parallel_size > 1:
+        from aptray.sim.pipeline_runner import simulate_pipeline
+        return simulate_pipeline(config, requests, gpu, step_overhead, max_sim_time, on_finish,
+                                 stop_when_decided, check_every, hardware, decision_scale)
     engine, executor = build_engine(config, gpu, step_overhead, hardware, decision_scale)
     clock = executor.clock
     reqs = sorted(requests, key=lambda r: r.arrival_time)
@@ -189,16 +213,8 @@ def simulate(config: EngineConfig, requests: list[SimRequest], gpu: str = "a100-
             stopped = True
             break
         while i < len(reqs) and reqs[i].arrival_time <= clock.now:
-            r = reqs[i]
+            add_request(engine, reqs[i], outcomes, prompt_cache)
             i += 1
-            outcomes[r.request_id] = SimOutcome(r.request_id, r.arrival_time, "unfinished")
-            prompt = prompt_cache.get(r.prompt_len) or prompt_cache.setdefault(r.prompt_len, [TOKEN_ID] * r.prompt_len)
-            sp = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True,
-                                ttft_slo=r.ttft_slo, tbt_slo=r.tbt_slo)
-            try:
-                engine.add_request(r.request_id, prompt, sp, arrival_time=r.arrival_time)
-            except ValueError as e:
-                outcomes[r.request_id].status, outcomes[r.request_id].error = "rejected", str(e)
         if not engine.has_unfinished():
             if i < len(reqs):
                 clock.now = reqs[i].arrival_time
@@ -226,4 +242,4 @@ def simulate(config: EngineConfig, requests: list[SimRequest], gpu: str = "a100-
         o.token_times, o.num_preemptions = list(req.token_times), req.num_preemptions
     return SimRun([outcomes[r.request_id] for r in reqs if r.request_id in outcomes], clock.now - start, stopped,
                   executor.steps, executor.busy_time, _stats(engine.scheduler), executor.num_blocks, stalled,
-                  executor.decision_time)
+                  decision_time=executor.decision_time)
