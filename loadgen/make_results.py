@@ -43,6 +43,11 @@ def server_tables(server: dict, plot_dir: str) -> list[str]:
         e = eff[p]
         bound = " (>= : met at the highest rate tried)" if e["lower_bound"] else ""
         lines.append(f"| {p} | {_pm(e)}{bound} | " + ", ".join(f"{v:.2f}" for v in e["per_seed"]) + " |")
+    unmet = [p for p in server["policies"] if 0.0 in eff[p]["per_seed"]]
+    if unmet:
+        lines += ["", f"A 0.00 seed: {', '.join(unmet)} kept 90% at no rate tried with that seed (the lowest is "
+                  f"{server['rates'][0]:.3g} req/s); their ratios are not given, and the attainment per rate below "
+                  "compares them instead."]
     lines += ["", "| ratio (paired per seed: the same requests) | mean +- sd (min-max) |", "| --- | --- |"]
     for name, r in ratios.items():
         lines.append(f"| {name} | {_pm(r, unit='x')} |")
@@ -246,6 +251,9 @@ def main(mode: str = "quick", parts=("server", "cpu", "sim", "pp"), workers: int
         body += [
             "## Real server, wall clock (ShareGPT, CV 1)",
             "",
+            f"`python -m loadgen results --{server['mode']} --parts server` ({server.get('stamp', '-')}, "
+            f"{server['wall_s'] / 60:.0f} min; load average {server.get('load_average', float('nan')):.0f} from other work "
+            f"on the 2 cores at the start, {server.get('load_average_after', float('nan')):.0f} at the end). "
             f"{server['num_requests']} requests per run, {len(server['seeds'])} seeds per rate. {server['description']} "
             f"Measured here: the engine's 16-request decode step {1e3 * server['decode_step_s']:.2f} ms and "
             f"{server['context'] - 1}-token prefill {1e3 * server['prefill_s']:.1f} ms (wall clock, in-process); through "

@@ -175,7 +175,8 @@ def run(mode: str = "quick", policies=tuple(POLICIES), seeds=None, rates=None, n
         log(f"engine (this process): decode step (16 requests) {1e3 * step:.2f} ms, {CONTEXT - 1}-token prefill "
             f"{1e3 * prefill:.1f} ms; served: full-context TTFT {1e3 * served_ttft:.1f} ms, 16-request gap "
             f"{1e3 * served_gap:.2f} ms; SLOs TTFT {1e3 * ttft:.1f} ms, TBT {1e3 * tbt:.1f} ms; rates {rates}")
-        out = {"mode": mode, "description": DESCRIPTION, "context": CONTEXT, "decode_step_s": step,
+        out = {"mode": mode, "stamp": time.strftime("%Y-%m-%d %H:%M"), "load_average": os.getloadavg()[0],
+               "description": DESCRIPTION, "context": CONTEXT, "decode_step_s": step,
                "prefill_s": prefill, "served_ttft_s": served_ttft, "served_gap_s": served_gap, "ttft_slo": ttft,
                "tbt_slo": tbt, "rate_scale": scale, "rates": rates, "seeds": seeds, "num_requests": num_requests,
                "policies": list(policies), "clock": "wall clock at the client", "runs": []}
@@ -200,4 +201,5 @@ def run(mode: str = "quick", policies=tuple(POLICIES), seeds=None, rates=None, n
         stop()
     out.update(summarise(out["runs"], policies, seeds))
     out["wall_s"] = time.time() - t0
+    out["load_average_after"] = os.getloadavg()[0]
     return out
