@@ -1,7 +1,6 @@
 """LLM: the offline API, shaped like vLLM's (LLM(model=...).generate(prompts, sampling_params))."""
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
 
@@ -12,6 +11,7 @@ from aptray.engine import Engine, StepFailed
 from aptray.executor.local import LocalExecutor
 from aptray.outputs import RequestOutput
 from aptray.sampling_params import SamplingParams
+from aptray.startup_heap import freeze_startup_heap
 
 logger = logging.getLogger("aptray")
 
@@ -26,8 +26,7 @@ class LLM:
             self.config.tokenizer)
         self.engine = Engine(self.config, self._executor(), self.tokenizer)
         self._ids = itertools.count()
-        gc.collect()  # the model and the modules live as long as the engine: out of the cyclic GC's sight
-        gc.freeze()   # (aptray.serve.engine_loop.EngineLoop.start says why)
+        freeze_startup_heap()  # the model and the modules live as long as the engine: out of the GC's sight
 
     def _executor(self):
         """One rank in this process; several in shard actors on the Ray cluster (started here, on this

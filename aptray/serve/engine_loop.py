@@ -11,7 +11,6 @@ owner; a client that re-attaches gets what it has not seen, then the rest.
 """
 from __future__ import annotations
 
-import gc
 import logging
 import queue
 import threading
@@ -28,6 +27,7 @@ from aptray.serve.resume import Resumable, finished, from_meta, from_request
 from aptray.serve.store import RequestMeta, RequestStore
 from aptray.serve.store_writer import StoreWriter
 from aptray.serve.streams import ClientStream, Outbox
+from aptray.startup_heap import freeze_startup_heap
 
 logger = logging.getLogger("aptray")
 
@@ -103,11 +103,7 @@ class EngineLoop:
 
     # -- the router's side (its event loop thread) ---------------------------------------------
     def start(self) -> None:
-        # everything start-up made (the model, torch's and the server's modules, the scheduler) lives
-        # as long as the process: out of the cyclic GC's sight, a collection walks only what requests
-        # make (with thousands running it set the p99 of a decision; vLLM freezes its heap the same way)
-        gc.collect()
-        gc.freeze()
+        freeze_startup_heap()  # what start-up made lives as long as the process: out of the GC's sight
         self._thread.start()
 
     def submit(self, msg: Add | Reattach | Abort) -> None:
