@@ -54,6 +54,14 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--step-overhead", type=float, default=1e-3, help="--sim: CPU seconds per step outside kernels")
     g.add_argument("--calibration", help="--sim: price steps with this CPU calibration JSON (python -m loadgen "
                                          "calibrate) instead of the GPU's profile fit")
+    g.add_argument("--replicas", type=int, default=1,
+                   help="--sim: replicas of the engine behind one router (aptray.sim.cluster)")
+    g.add_argument("--routing", choices=("p2c", "slo"), default="slo",
+                   help="--sim with --replicas > 1: p2c (Serve's default: two random replicas, the shorter queue) "
+                        "or slo (aptray's router: the most TTFT headroom from each replica's load)")
+    g.add_argument("--shed-unmeetable", action="store_true",
+                   help="--sim: a replica refuses a request whose predicted TTFT misses its SLO (as the server's "
+                        "shed_unmeetable)")
     g.add_argument("--full-drain", action="store_true",
                    help="--sim: simulate every request to the end; by default a run stops once every request "
                         "left is a certain SLO miss (attainment stays exact; latency percentiles then cover what ran)")
@@ -131,7 +139,8 @@ def make_client(args, policy: str):
     factory = config_factory(args, policy)
     if args.sim:
         return SimClient(factory, args.gpu, args.step_overhead, args.ttft_slo, args.tbt_slo,
-                         stop_when_decided=not args.full_drain, calibration=args.calibration)
+                         stop_when_decided=not args.full_drain, calibration=args.calibration,
+                         replicas=args.replicas, routing=args.routing, shed_unmeetable=args.shed_unmeetable)
 
     def engine_factory():
         from aptray.engine import Engine

@@ -126,8 +126,11 @@ class SimClient(Client):
 
     def __init__(self, config_factory, gpu: str = "a100-40gb", step_overhead: float = 1e-3,
                  ttft_slo: float = 1.0, tbt_slo: float = 1.0, max_sim_time: float | None = None,
-                 stop_when_decided: bool = True, calibration: str | None = None):
+                 stop_when_decided: bool = True, calibration: str | None = None, replicas: int = 1,
+                 routing: str = "slo", shed_unmeetable: bool = False):
+        """replicas > 1 (or shed_unmeetable): aptray.sim.cluster, `routing` p2c or slo across them."""
         super().__init__(ttft_slo, tbt_slo)
+        self.replicas, self.routing, self.shed_unmeetable = replicas, routing, shed_unmeetable
         self.calibration = calibration  # a CPU calibration JSON (aptray.sim.calibrate) replacing gpu's costs
         self.stop_when_decided = stop_when_decided  # exact attainment, less simulated drain
         self.config_factory = config_factory  # () -> EngineConfig, fresh per run
@@ -146,9 +149,16 @@ class SimClient(Client):
 
         reqs = [SimRequest(r.request_id, r.arrived_at, r.num_prefill_tokens, r.num_decode_tokens, *self.slos(r))
                 for r in trace]
-        run = simulate(self.config_factory(), reqs, self.gpu, overhead, self.max_sim_time,
-                       on_finish=(lambda _: progress(1)) if progress is not None else None,
-                       stop_when_decided=self.stop_when_decided, hardware=hardware)
+        on_finish = (lambda _: progress(1)) if progress is not None else None
+        if self.replicas > 1 or self.shed_unmeetable:
+            from aptray.sim.cluster import simulate_cluster
+            run = simulate_cluster(self.config_factory(), reqs, self.replicas, self.routing, self.gpu, overhead,
+                                   hardware, shed_unmeetable=self.shed_unmeetable,
+                                   stop_when_decided=self.stop_when_decided, max_sim_time=self.max_sim_time,
+                                   on_finish=on_finish)
+        else:
+            run = simulate(self.config_factory(), reqs, self.gpu, overhead, self.max_sim_time, on_finish=on_finish,
+                           stop_when_decided=self.stop_when_decided, hardware=hardware)
         if run.stalled:  # a scheduler fault: its attainment would be a number about nothing
             raise RuntimeError(f"simulated run stalled: {run.steps} steps, the last "
                                "aptray.sim.runner.MAX_STEPS_WITHOUT_TOKEN of them without a token")
@@ -160,7 +170,7 @@ class SimClient(Client):
                                                           r.num_decode_tokens, *self.slos(r), o.token_times,
                                                           o.status, o.num_preemptions))
         info = {"steps": run.steps, "stopped_early": run.stopped_early, "busy_time_s": run.busy_time, "num_blocks": run.num_blocks,
-                "scheduler_stats": run.scheduler_stats}
+                "scheduler_stats": run.scheduler_stats, "routed": getattr(run, "routed", None)}
         return RunResult(records, run.sim_time, info)
 
 
@@ -193,7 +203,9 @@ async def replay_at_arrivals(trace: list[TraceRequest], send, max_in_flight: int
 
 class HttpStreamClient(Client):
     """Replays a trace as streamed /v1/completions (greedy, ignore_eos, the request's SLOs as
-    aptray_slo) over HTTP/1.1 keep-alive connections, at the trace's arrival times.
+    aptray_slo, and its TTFT SLO as the x-aptray-ttft-ms header aptray's request router reads) over
+    HTTP/1.1 keep-alive connections, at the trace's arrival times. A url path (an app's route
+    prefix) goes before /v1/completions.
 
     Lean on purpose, so that the client's own CPU is not counted against the server: no HTTP
     library, SSE events are split on blank lines and only events without `"finish_reason":null`
@@ -205,7 +217,7 @@ class HttpStreamClient(Client):
                  model: str | None = None, max_in_flight: int = 1024, timeout: float = 300.0):
         super().__init__(ttft_slo, tbt_slo)
         u = urlsplit(url)
-        self.host, self.port = u.hostname, u.port or 80
+        self.host, self.port, self.path = u.hostname, u.port or 80, u.path.rstrip("/")
         self.headers = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self.model = model
         self.max_in_flight = max_in_flight
@@ -228,13 +240,18 @@ class HttpStreamClient(Client):
 
     def _request(self, r: TraceRequest) -> bytes:
         ttft, tbt = self.slos(r)
-        body = {"prompt": remote_prompt(r), "max_tokens": r.num_decode_tokens, "temperature": 0.0, "ignore_eos": True,
+        prompt = remote_prompt(r)
+        body = {"prompt": prompt, "max_tokens": r.num_decode_tokens, "temperature": 0.0, "ignore_eos": True,
                 "stream": True, "aptray_slo": {"ttft_ms": ttft * 1000, "tbt_ms": tbt * 1000}}
         if self.model:
             body["model"] = self.model
         data = json.dumps(body).encode()
-        head = (f"POST /v1/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{self.headers}\r\n")
+        # what aptray's request router reads before the body is sent on (aptray/serve/route_hints.py)
+        hints = f"x-aptray-ttft-ms: {ttft * 1000:g}\r\n"
+        if isinstance(prompt, list):
+            hints += f"x-aptray-prompt-tokens: {len(prompt)}\r\n"
+        head = (f"POST {self.path}/v1/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{hints}{self.headers}\r\n")
         return head.encode() + data
 
     async def _one(self, r: TraceRequest, t0: float, idle: list) -> RequestRecord:
