@@ -123,6 +123,8 @@ def test_http_hints_from_headers_or_content_length():
     assert (h.prompt_tokens, h.ttft_slo) == (1000, 1.5)
     for junk in (b"nan", b"-3", b"inf", b"abc", b"\xff"):
         assert hint_of(_http(headers=[(b"x-aptray-ttft-ms", junk)]), 2.0).ttft_slo == 2.0
+    h = hint_of(_http(headers=[(b"x-aptray-prompt-tokens", b"1000000"), (b"content-length", b"300")]), 1.0)
+    assert h.prompt_tokens == 300  # a claim beyond the body's bytes would steer the router: capped
     assert hint_of(_http(method="GET", path="/metrics"), 1.0) is None
     for args in ([b"not a pickle"], [1, 2], ["text"], []):
         assert hint_of(type("PR", (), {"args": args})(), 1.0) is None

@@ -7,8 +7,8 @@ argument, bytes that the proxy pickled:
 - HTTP: a StreamingHTTPRequest holding the ASGI scope: method, path and headers, not the body
   (the replica pulls the body from the proxy after it was chosen). So the SLO comes from a
   header, `x-aptray-ttft-ms` (clients that set `aptray_slo` in the body send it there too;
-  loadgen does), and the prompt length from `x-aptray-prompt-tokens` or, without it, from
-  Content-Length (BYTES_PER_TOKEN bytes of JSON per prompt token);
+  loadgen does), and the prompt length from `x-aptray-prompt-tokens` (at most the body's bytes)
+  or, without it, from Content-Length (BYTES_PER_TOKEN bytes of JSON per prompt token);
 - gRPC: a gRPCRequest holding the decoded GenerateRequest: its `slo.ttft_ms` and the length of
   its token ids (or of its prompt text, CHARS_PER_TOKEN characters per token).
 Anything else (a DeploymentHandle call, a GET, a header that is no number) gives None: the
@@ -54,9 +54,11 @@ def _http_hint(scope: dict, default_ttft_s: float) -> RequestHint | None:
     headers = {k.lower(): v for k, v in scope.get("headers") or () if isinstance(k, bytes)}
     ttft_ms = _number(headers.get(TTFT_HEADER))
     tokens = _number(headers.get(PROMPT_TOKENS_HEADER))
+    length = _number(headers.get(b"content-length"))
     if tokens is None:
-        length = _number(headers.get(b"content-length"))
         tokens = max(1, (length - BODY_OVERHEAD) // BYTES_PER_TOKEN) if length is not None else 1
+    elif length is not None:  # no prompt has more tokens than its body has bytes: a claim of more would
+        tokens = min(tokens, length)  # make the router believe its replica busier than it is
     return RequestHint(int(min(tokens, MAX_TOKENS)), ttft_ms / 1000 if ttft_ms else default_ttft_s)
 
 
