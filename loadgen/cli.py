@@ -59,6 +59,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--routing", choices=("p2c", "slo"), default="slo",
                    help="--sim with --replicas > 1: p2c (Serve's default: two random replicas, the shorter queue) "
                         "or slo (aptray's router: the most TTFT headroom from each replica's load)")
+    g.add_argument("--stats-period", type=float, default=0.5,
+                   help="--sim --routing slo: seconds between the replicas' load snapshots the router sees")
+    g.add_argument("--stats-lag", type=float, default=0.1,
+                   help="--sim --routing slo: seconds a snapshot takes to reach the router")
     g.add_argument("--shed-unmeetable", action="store_true",
                    help="--sim: a replica refuses a request whose predicted TTFT misses its SLO (as the server's "
                         "shed_unmeetable)")
@@ -140,7 +144,8 @@ def make_client(args, policy: str):
     if args.sim:
         return SimClient(factory, args.gpu, args.step_overhead, args.ttft_slo, args.tbt_slo,
                          stop_when_decided=not args.full_drain, calibration=args.calibration,
-                         replicas=args.replicas, routing=args.routing, shed_unmeetable=args.shed_unmeetable)
+                         replicas=args.replicas, routing=args.routing, shed_unmeetable=args.shed_unmeetable,
+                         stats_period_s=args.stats_period, stats_lag_s=args.stats_lag)
 
     def engine_factory():
         from aptray.engine import Engine

@@ -127,10 +127,13 @@ class SimClient(Client):
     def __init__(self, config_factory, gpu: str = "a100-40gb", step_overhead: float = 1e-3,
                  ttft_slo: float = 1.0, tbt_slo: float = 1.0, max_sim_time: float | None = None,
                  stop_when_decided: bool = True, calibration: str | None = None, replicas: int = 1,
-                 routing: str = "slo", shed_unmeetable: bool = False):
-        """replicas > 1 (or shed_unmeetable): aptray.sim.cluster, `routing` p2c or slo across them."""
+                 routing: str = "slo", shed_unmeetable: bool = False, stats_period_s: float = 0.5,
+                 stats_lag_s: float = 0.1):
+        """replicas > 1 (or shed_unmeetable): aptray.sim.cluster, `routing` p2c or slo across them, the
+        slo router seeing loads every stats_period_s, stats_lag_s late."""
         super().__init__(ttft_slo, tbt_slo)
         self.replicas, self.routing, self.shed_unmeetable = replicas, routing, shed_unmeetable
+        self.stats = {"stats_period_s": stats_period_s, "stats_lag_s": stats_lag_s}
         self.calibration = calibration  # a CPU calibration JSON (aptray.sim.calibrate) replacing gpu's costs
         self.stop_when_decided = stop_when_decided  # exact attainment, less simulated drain
         self.config_factory = config_factory  # () -> EngineConfig, fresh per run
@@ -153,7 +156,7 @@ class SimClient(Client):
         if self.replicas > 1 or self.shed_unmeetable:
             from aptray.sim.cluster import simulate_cluster
             run = simulate_cluster(self.config_factory(), reqs, self.replicas, self.routing, self.gpu, overhead,
-                                   hardware, shed_unmeetable=self.shed_unmeetable,
+                                   hardware, shed_unmeetable=self.shed_unmeetable, **self.stats,
                                    stop_when_decided=self.stop_when_decided, max_sim_time=self.max_sim_time,
                                    on_finish=on_finish)
         else:

@@ -23,19 +23,21 @@ from loadgen.traces import rescale
 
 OUT_DIR = "docs/results"
 SIM_JSON, CPU_JSON, FRAGMENT = "routing-sim.json", "routing-cpu.json", "routing.md"
-# label -> (routing, shed_unmeetable)
-ROUTERS = {"p2c": ("p2c", False), "slo": ("slo", False), "slo+shed": ("slo", True)}
+# label -> (routing, shed_unmeetable, extra loadgen args)
+ROUTERS = {"p2c": ("p2c", False, []), "slo": ("slo", False, []), "slo+shed": ("slo", True, []),
+           # the same router with perfect information: loads as they are, at every decision
+           "slo-exact": ("slo", False, ["--stats-period", "0.001", "--stats-lag", "0"])}
 TTFT_SLO, TBT_SLO = 0.25, 0.1  # DistServe, OPT-13B chat
 PER_REPLICA_START = 4.0  # req/s per replica where the bisection starts
 
 
 def _args(replicas: int, num_requests: int, cv: float, label: str, policy: str):
     from loadgen.cli import build_parser
-    routing, shed = ROUTERS[label]
+    routing, shed, extra = ROUTERS[label]
     argv = ["sweep", "--sim", "--model", "opt-13b", "--gpu", "a100-40gb", "--dataset", "sharegpt",
             "--num-requests", str(num_requests), "--ttft-slo", str(TTFT_SLO), "--tbt-slo", str(TBT_SLO),
             "--cv", str(cv), "--replicas", str(replicas), "--routing", routing, "--policies", policy]
-    return build_parser().parse_args(argv + (["--shed-unmeetable"] if shed else []))
+    return build_parser().parse_args(argv + (["--shed-unmeetable"] if shed else []) + extra)
 
 
 def run_router(job) -> dict:
@@ -127,7 +129,7 @@ def render(out_dir: str = OUT_DIR) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--replicas", default="4,8")
-    ap.add_argument("--routers", default=",".join(ROUTERS))
+    ap.add_argument("--routers", default="p2c,slo,slo+shed")
     ap.add_argument("--per-replica", type=int, default=200, help="requests per replica in each run")
     ap.add_argument("--cv", type=float, default=4.0)
     ap.add_argument("--policy", default="apt", help="the scheduler of every replica (loadgen policy spec)")

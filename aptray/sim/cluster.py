@@ -84,9 +84,14 @@ class _Stats:
         self.visible: dict[int, object] = {i: None for i in range(len(replicas))}
 
     def advance(self, now: float) -> None:
-        while self.next_at <= now:
-            self.pending.append((self.next_at + self.lag, [r.snapshot(self.next_at) for r in self.replicas]))
-            self.next_at += self.period
+        """Take the snapshots due by `now`. Nothing changed since the last event, so of the periods
+        that passed meanwhile only two matter: the last one seen by now, and the last one taken."""
+        if self.next_at <= now:
+            last = self.next_at + math.floor((now - self.next_at) / self.period) * self.period
+            seen = last - math.ceil(max(0.0, self.lag - (now - last)) / self.period) * self.period
+            for at in sorted({max(seen, self.next_at), last}):
+                self.pending.append((at + self.lag, [r.snapshot(at) for r in self.replicas]))
+            self.next_at = last + self.period
         while self.pending and self.pending[0][0] <= now:
             self.visible = dict(enumerate(self.pending.pop(0)[1]))
 
