@@ -79,8 +79,13 @@ def test_most_headroom_first_then_unknown_then_late_then_down():
              "down": load(ok=False), "new": None}
     r = rank(RequestHint(100, 1.0), loads, SentLog(), 100.0, stale_after_s=2.0)
     assert r.order == ["idle", "busy", "new", "late", "down"] and r.reason == SLO
+
+
+def test_a_request_lost_everywhere_goes_where_it_delays_no_savable_one():
+    loads = {"busy": load(queued_tokens=3000), "idle": load(), "late": load(queued_tokens=30000),
+             "down": load(ok=False), "new": None}
     r = rank(RequestHint(100, 0.001), loads, SentLog(), 100.0, stale_after_s=2.0)
-    assert r.order[:2] == ["new", "idle"] and r.reason == UNMEETABLE  # unknown before the least late
+    assert r.order == ["late", "busy", "idle", "new", "down"] and r.reason == UNMEETABLE
 
 
 def test_stale_stats_leave_the_choice_to_the_default():
@@ -155,7 +160,8 @@ def test_goodput_policy_scales_on_attainment_and_pressure():
     assert p.desired(2, [2.0, 2.2], attained=95, ended=100) == 8  # the pressure says 2 x 2.1 / 0.55
     assert p.desired(4, [0.1, 0.1, 0.0, 0.1], attained=100, ended=100) == 3  # idle: one fewer a step
     assert p.desired(4, [0.1] * 4, attained=50, ended=100) == 5  # idle by TTFT but missing: up
-    assert p.desired(2, [0.1, 0.1], attained=0, ended=3) == 1  # too few requests to judge attainment
+    assert p.desired(2, [0.5, 0.5], attained=0, ended=3) == 1  # quiet: too few requests to judge attainment
+    assert p.desired(2, [0.9, 0.9], attained=0, ended=3) == 4  # quiet, but what comes waits too long
     assert p.desired(1, [0.0], attained=0, ended=0) == 1
 
 

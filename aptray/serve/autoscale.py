@@ -9,9 +9,11 @@ meet their SLOs: ten cheap requests and ten long prompts count alike. Each aptra
 
 The policy wants more replicas when attainment is below target or the mean pressure above
 `upscale_pressure` (as many more as the pressure says: n x pressure / target_pressure, at least
-one), fewer when attainment is met and the pressure is under `downscale_pressure` (the count the
-pressure says, at most one fewer a decision). Serve applies min/max_replicas and the upscale and
-downscale delays to what it returns. Before any replica reports, it defers to Serve's default.
+one); one fewer when attainment is met and the pressure is under `downscale_pressure`, or when
+too few requests ended lately to judge attainment and the pressure is not high (a quiet
+deployment: the pressure of an idle replica is its bare prefill over the SLO, which fewer replicas
+do not change). Serve applies min/max_replicas and the upscale and downscale delays to what it
+returns. Before any replica reports, it defers to Serve's default.
 """
 from __future__ import annotations
 
@@ -42,9 +44,10 @@ class GoodputPolicy:
         """Replicas wanted, from the replicas' pressures and their attained / ended requests."""
         mean = sum(pressures) / len(pressures)
         known = ended >= self.min_ended
-        missing = known and attained / ended < self.target_attainment
-        if missing or mean > self.upscale_pressure:
+        if (known and attained / ended < self.target_attainment) or mean > self.upscale_pressure:
             return max(n + 1, math.ceil(n * min(mean, 10.0) / self.target_pressure))
-        if mean < self.downscale_pressure and (not known or attained / ended >= self.target_attainment):
+        if not known:  # quiet
+            return max(n - 1, 1)
+        if mean < self.downscale_pressure:
             return max(n - 1, math.ceil(n * mean / self.target_pressure), 1)
         return n

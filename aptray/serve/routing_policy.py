@@ -10,10 +10,16 @@ the caller itself sent each of them since:
 2. replicas without fresh stats (just started, or their stats stopped coming), in random order;
 3. fresh replicas that cannot meet it, least late first; then those that take no requests now.
 
+A request that no replica can meet (Apt-Serve's rule, one level up: spend the scarce resource
+where it saves an SLO) goes first to the replica furthest behind: it would miss anywhere, and
+there it delays no request that could still meet its SLO, so the replicas with headroom keep it
+for those. With shed_unmeetable that replica refuses it (429); without, it is served late.
+
 With no fresh stats at all the caller routes by Serve's default (power of two choices) instead.
 """
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -90,15 +96,18 @@ def rank(hint: RequestHint, loads: dict, sent: SentLog, now: float, stale_after_
     predicted = {rid: predict_ttft(fresh[rid], hint.prompt_tokens, now, sent.since(rid, fresh[rid].taken_at, now))
                  for rid in ids}
     meets = sorted((rid for rid in ids if predicted[rid] <= hint.ttft_slo), key=predicted.__getitem__)
-    late = sorted((rid for rid in ids if predicted[rid] > hint.ttft_slo), key=predicted.__getitem__)
-    reason = SLO if meets else UNMEETABLE
+    late = sorted((rid for rid in ids if hint.ttft_slo < predicted[rid] < math.inf), key=predicted.__getitem__)
+    down = [rid for rid in ids if predicted[rid] == math.inf]
+    if not meets:  # lost anywhere: where it takes nothing from requests that can still be saved
+        return Ranking(late[::-1] + unknown + down, UNMEETABLE, predicted)
+    reason = SLO
     if hint.prefix is not None:
         holders = [rid for rid in meets if hint.prefix in fresh[rid].prefixes]
         if holders:
             meets.remove(holders[0])
             meets.insert(0, holders[0])
             reason = PREFIX
-    return Ranking(meets + unknown + late, reason, predicted)
+    return Ranking(meets + unknown + late + down, reason, predicted)
 
 
 def loads_of(stats_by_replica: dict) -> dict:
