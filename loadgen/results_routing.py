@@ -26,7 +26,9 @@ SIM_JSON, CPU_JSON, FRAGMENT = "routing-sim.json", "routing-cpu.json", "routing.
 # label -> (routing, shed_unmeetable, extra loadgen args)
 ROUTERS = {"p2c": ("p2c", False, []), "slo": ("slo", False, []), "slo+shed": ("slo", True, []),
            # the same router with perfect information: loads as they are, at every decision
-           "slo-exact": ("slo", False, ["--stats-period", "0.001", "--stats-lag", "0"])}
+           "slo-exact": ("slo", False, ["--stats-period", "0.001", "--stats-lag", "0"]),
+           # loads every 0.1 s (routing_stats_period_s=0.1), seen 0.05 s later
+           "slo-0.1s": ("slo", False, ["--stats-period", "0.1", "--stats-lag", "0.05"])}
 TTFT_SLO, TBT_SLO = 0.25, 0.1  # DistServe, OPT-13B chat
 PER_REPLICA_START = 4.0  # req/s per replica where the bisection starts
 
@@ -84,9 +86,9 @@ def sim_table(results: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for n in sorted({r["replicas"] for r in results}):
         base = by.get((n, "p2c"), 0)
-        ratios = [f"{by[(n, label)] / base:.2f}x" if base else "-" for label in labels[1:]]
-        lines.append(f"| {n} | " + " | ".join(f"{by[(n, label)]:.2f}" for label in labels) + " | "
-                     + " | ".join(ratios) + " |")
+        cells = [f"{by[(n, label)]:.2f}" for label in labels]
+        cells += [f"{by[(n, label)] / base:.2f}x" if base else "-" for label in labels[1:]]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return lines
 
 
