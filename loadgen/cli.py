@@ -59,9 +59,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--routing", choices=("p2c", "slo"), default="slo",
                    help="--sim with --replicas > 1: p2c (Serve's default: two random replicas, the shorter queue) "
                         "or slo (aptray's router: the most TTFT headroom from each replica's load)")
-    g.add_argument("--stats-period", type=float, default=0.5,
+    g.add_argument("--stats-period", type=float, default=0.1,
                    help="--sim --routing slo: seconds between the replicas' load snapshots the router sees")
-    g.add_argument("--stats-lag", type=float, default=0.1,
+    g.add_argument("--stats-lag", type=float, default=0.05,
                    help="--sim --routing slo: seconds a snapshot takes to reach the router")
     g.add_argument("--shed-unmeetable", action="store_true",
                    help="--sim: a replica refuses a request whose predicted TTFT misses its SLO (as the server's "

@@ -127,8 +127,8 @@ class SimClient(Client):
     def __init__(self, config_factory, gpu: str = "a100-40gb", step_overhead: float = 1e-3,
                  ttft_slo: float = 1.0, tbt_slo: float = 1.0, max_sim_time: float | None = None,
                  stop_when_decided: bool = True, calibration: str | None = None, replicas: int = 1,
-                 routing: str = "slo", shed_unmeetable: bool = False, stats_period_s: float = 0.5,
-                 stats_lag_s: float = 0.1):
+                 routing: str = "slo", shed_unmeetable: bool = False, stats_period_s: float = 0.1,
+                 stats_lag_s: float = 0.05):
         """replicas > 1 (or shed_unmeetable): aptray.sim.cluster, `routing` p2c or slo across them, the
         slo router seeing loads every stats_period_s, stats_lag_s late."""
         super().__init__(ttft_slo, tbt_slo)

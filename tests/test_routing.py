@@ -186,7 +186,7 @@ def test_goodput_policy_reads_serves_context():
 def test_build_app_args_set_the_router_and_autoscaling():
     from aptray.serve.args import AppArgs
     from aptray.serve.deploy_options import POLICY, ROUTER_CLASS, deployment_options
-    opts = deployment_options(AppArgs.parse({"num_replicas": "3", "routing_stats_period_s": "0.25"}))
+    opts = deployment_options(AppArgs.parse({"num_replicas": "3", "routing_stats_period_s": "0.25"}))  # a string: CLI
     router = opts["request_router_config"]
     assert opts["num_replicas"] == 3 and router.request_router_class == ROUTER_CLASS
     assert router.request_routing_stats_period_s == 0.25 and router.request_router_kwargs["stale_after_s"] == 3.0

@@ -56,7 +56,7 @@ class AppArgs:
     # "slo": aptray's request router (the replica with the most TTFT headroom, from each one's load);
     # "default": Serve's own (two random replicas, the shorter queue)
     routing: str = "slo"
-    routing_stats_period_s: float = 0.5  # how often Serve pulls each replica's load for the routers
+    routing_stats_period_s: float = 0.1  # how often Serve pulls each replica's load for the routers
     routing_stale_after_s: float = 3.0  # loads older than this are not used: Serve's default routes
     shed_unmeetable: bool = False  # 429 a request whose TTFT SLO no replica can meet (else queue it anyway)
     min_replicas: int | None = None  # with max_replicas: autoscale on goodput between the two

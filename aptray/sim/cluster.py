@@ -98,7 +98,7 @@ class _Stats:
 
 def simulate_cluster(config: EngineConfig, requests: list[SimRequest], replicas: int, routing: str = "slo",
                      gpu: str = "a100-40gb", step_overhead: float = 1e-3, hardware: HardwareFit | None = None,
-                     stats_period_s: float = 0.5, stats_lag_s: float = 0.1, stale_after_s: float = 3.0,
+                     stats_period_s: float = 0.1, stats_lag_s: float = 0.05, stale_after_s: float = 3.0,
                      shed_unmeetable: bool = False, stop_when_decided: bool = False, check_every: int = 256,
                      max_sim_time: float | None = None, on_finish=None, seed: int = 0) -> ClusterRun:
     """Replay requests (sorted by arrival) over `replicas` copies of config's engine, routed by `routing`."""
