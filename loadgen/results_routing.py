@@ -100,17 +100,47 @@ def probe_table(results: list[dict]) -> list[str]:
     return lines
 
 
+def targets(sim: dict | None, cpu: dict | None) -> list[str]:
+    """The issue's two targets, as measured: met or missed, with the numbers."""
+    lines = ["Targets, as measured:", ""]
+    if sim:
+        by = {(r["replicas"], r["router"]): r["effective_throughput_rps"] for r in sim["results"]}
+        for n in sim["replicas"]:
+            if by.get((n, "p2c")) and (n, "slo") in by:
+                ratio = by[(n, "slo")] / by[(n, "p2c")]
+                others = ", ".join(f"{label} {by[(n, label)] / by[(n, 'p2c')]:.2f}x" for label in ROUTERS
+                                   if label not in ("p2c", "slo") and (n, label) in by)
+                verdict = f" (target >= 1.3x at 8 replicas: {'met' if ratio >= 1.3 else 'missed'})" if n == 8 else ""
+                lines.append(f"- simulated {n} x OPT-13B, ShareGPT, CV {sim['cv']:g}: slo / p2c = {ratio:.2f}x"
+                             f"{verdict}; {others}")
+    if cpu:
+        for n, run in cpu["runs"].items():
+            rates = run["rates"]
+            worse = [r for r in rates if rates[r]["slo"]["attainment"] < rates[r]["p2c"]["attainment"]]
+            detail = "; lower at " + ", ".join(f"{float(r):g} req/s ({rates[r]['slo']['attainment']:.2f} against "
+                                               f"{rates[r]['p2c']['attainment']:.2f})" for r in worse) if worse else ""
+            lines.append(f"- served, {n} replicas: slo attainment >= p2c at {len(rates) - len(worse)} of {len(rates)} "
+                         f"rates (target: every rate{' at 2 replicas' if n == '2' else ''}: "
+                         f"{'met' if not worse else 'missed'}){detail}")
+    return lines + [""]
+
+
 def render(out_dir: str = OUT_DIR) -> str:
     """docs/results/routing.md from the JSONs that exist (the real run's comes from bench_routing)."""
     from loadgen.bench_routing import cpu_section
     lines = ["## Routing across replicas", ""]
     cpu_path, sim_path = os.path.join(out_dir, CPU_JSON), os.path.join(out_dir, SIM_JSON)
+    cpu = sim = None
     if os.path.exists(cpu_path):
         with open(cpu_path) as f:
-            lines += cpu_section(json.load(f)) + [""]
+            cpu = json.load(f)
     if os.path.exists(sim_path):
         with open(sim_path) as f:
             sim = json.load(f)
+    lines += targets(sim, cpu)
+    if cpu:
+        lines += cpu_section(cpu) + [""]
+    if sim:
         lines += [f"### Simulated: {', '.join(str(n) for n in sim['replicas'])} x OPT-13B (A100-40GB), ShareGPT, "
                   f"CV {sim['cv']:g}", "",
                   f"`{sim['command']}` ({sim['stamp']}, {sim['elapsed_s'] / 60:.0f} min). Each replica is the "
