@@ -27,6 +27,7 @@ class EngineStep:
     outputs: list[RequestOutput] = field(default_factory=list)
     schedule_s: float = 0.0  # the policy's decision
     result: StepResult | None = None  # the executor's answer (step_time, logits); None: nothing ran
+    plan: BatchPlan | None = None  # what the step computed (its tokens and decodes: the step's speed)
 
     def __iter__(self):
         return iter(self.outputs)
@@ -142,7 +143,7 @@ class Engine:
         plan = self.scheduler.schedule(self.clock())
         if self.quarantine:
             plan = self._one_suspect(plan)
-        step = EngineStep(schedule_s=time.perf_counter() - start)
+        step = EngineStep(schedule_s=time.perf_counter() - start, plan=plan)
         if plan.is_empty:
             return step
         if want_logits:

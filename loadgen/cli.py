@@ -71,6 +71,18 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="--sim: decision times x this (a host CPU slower > 1 or faster < 1 than the profile's)")
     g.add_argument("--calibration", help="--sim: price steps with this CPU calibration JSON (python -m loadgen "
                                          "calibrate) instead of the GPU's profile fit")
+    g.add_argument("--replicas", type=int, default=1,
+                   help="--sim: replicas of the engine behind one router (aptray.sim.cluster)")
+    g.add_argument("--routing", choices=("p2c", "slo"), default="slo",
+                   help="--sim with --replicas > 1: p2c (Serve's default: two random replicas, the shorter queue) "
+                        "or slo (aptray's router: the most TTFT headroom from each replica's load)")
+    g.add_argument("--stats-period", type=float, default=0.1,
+                   help="--sim --routing slo: seconds between the replicas' load snapshots the router sees")
+    g.add_argument("--stats-lag", type=float, default=0.05,
+                   help="--sim --routing slo: seconds a snapshot takes to reach the router")
+    g.add_argument("--shed-unmeetable", action="store_true",
+                   help="--sim: a replica refuses a request whose predicted TTFT misses its SLO (as the server's "
+                        "shed_unmeetable)")
     g.add_argument("--full-drain", action="store_true",
                    help="--sim: simulate every request to the end; by default a run stops once every request "
                         "left is a certain SLO miss (attainment stays exact; latency percentiles then cover what ran)")
@@ -156,7 +168,9 @@ def make_client(args, policy: str):
     if args.sim:
         scale = None if args.decision_time == "none" else args.decision_scale
         return SimClient(factory, args.gpu, args.step_overhead, args.ttft_slo, args.tbt_slo,
-                         stop_when_decided=not args.full_drain, calibration=args.calibration, decision_scale=scale)
+                         stop_when_decided=not args.full_drain, calibration=args.calibration, decision_scale=scale,
+                         replicas=args.replicas, routing=args.routing, shed_unmeetable=args.shed_unmeetable,
+                         stats_period_s=args.stats_period, stats_lag_s=args.stats_lag)
 
     def engine_factory():
         from aptray.engine import Engine

@@ -126,9 +126,15 @@ class SimClient(Client):
 
     def __init__(self, config_factory, gpu: str = "a100-40gb", step_overhead: float = 1e-3,
                  ttft_slo: float = 1.0, tbt_slo: float = 1.0, max_sim_time: float | None = None,
-                 stop_when_decided: bool = True, calibration: str | None = None, decision_scale: float | None = 1.0):
+                 stop_when_decided: bool = True, calibration: str | None = None, decision_scale: float | None = 1.0,
+                 replicas: int = 1, routing: str = "slo", shed_unmeetable: bool = False, stats_period_s: float = 0.1,
+                 stats_lag_s: float = 0.05):
+        """replicas > 1 (or shed_unmeetable): aptray.sim.cluster, `routing` p2c or slo across them, the
+        slo router seeing loads every stats_period_s, stats_lag_s late."""
         super().__init__(ttft_slo, tbt_slo)
         self.decision_scale = decision_scale  # the policy's measured decision time x this per step; None: not charged
+        self.replicas, self.routing, self.shed_unmeetable = replicas, routing, shed_unmeetable
+        self.stats = {"stats_period_s": stats_period_s, "stats_lag_s": stats_lag_s}
         self.calibration = calibration  # a CPU calibration JSON (aptray.sim.calibrate) replacing gpu's costs
         self.stop_when_decided = stop_when_decided  # exact attainment, less simulated drain
         self.config_factory = config_factory  # () -> EngineConfig, fresh per run
@@ -147,10 +153,18 @@ class SimClient(Client):
 
         reqs = [SimRequest(r.request_id, r.arrived_at, r.num_prefill_tokens, r.num_decode_tokens, *self.slos(r))
                 for r in trace]
-        run = simulate(self.config_factory(), reqs, self.gpu, overhead, self.max_sim_time,
-                       on_finish=(lambda _: progress(1)) if progress is not None else None,
-                       stop_when_decided=self.stop_when_decided, hardware=hardware,
-                       decision_scale=self.decision_scale)
+        on_finish = (lambda _: progress(1)) if progress is not None else None
+        if self.replicas > 1 or self.shed_unmeetable:
+            from aptray.sim.cluster import simulate_cluster
+            run = simulate_cluster(self.config_factory(), reqs, self.replicas, self.routing, self.gpu, overhead,
+                                   hardware, shed_unmeetable=self.shed_unmeetable, **self.stats,
+                                   stop_when_decided=self.stop_when_decided, max_sim_time=self.max_sim_time,
+                                   decision_scale=self.decision_scale,
+                                   on_finish=on_finish)
+        else:
+            run = simulate(self.config_factory(), reqs, self.gpu, overhead, self.max_sim_time, on_finish=on_finish,
+                           stop_when_decided=self.stop_when_decided, hardware=hardware,
+                           decision_scale=self.decision_scale)
         if run.stalled:  # a scheduler fault: its attainment would be a number about nothing
             raise RuntimeError(f"simulated run stalled: {run.steps} steps, the last "
                                "aptray.sim.runner.MAX_STEPS_WITHOUT_TOKEN of them without a token")
@@ -162,8 +176,9 @@ class SimClient(Client):
                                                           r.num_decode_tokens, *self.slos(r), o.token_times,
                                                           o.status, o.num_preemptions))
         info = {"steps": run.steps, "stopped_early": run.stopped_early, "busy_time_s": run.busy_time, "num_blocks": run.num_blocks,
-                "decision_time_s": run.decision_time, "scheduler_stats": run.scheduler_stats}
-        if run.pipeline is not None:
+                "decision_time_s": run.decision_time, "scheduler_stats": run.scheduler_stats,
+                "routed": getattr(run, "routed", None)}
+        if getattr(run, "pipeline", None) is not None:
             info["pipeline"] = run.pipeline
         return RunResult(records, run.sim_time, info)
 
@@ -197,7 +212,9 @@ async def replay_at_arrivals(trace: list[TraceRequest], send, max_in_flight: int
 
 class HttpStreamClient(Client):
     """Replays a trace as streamed /v1/completions (greedy, ignore_eos, the request's SLOs as
-    aptray_slo) over HTTP/1.1 keep-alive connections, at the trace's arrival times.
+    aptray_slo, and its TTFT SLO as the x-aptray-ttft-ms header aptray's request router reads) over
+    HTTP/1.1 keep-alive connections, at the trace's arrival times. A url path (an app's route
+    prefix) goes before /v1/completions.
 
     Lean on purpose, so that the client's own CPU is not counted against the server: no HTTP
     library, SSE events are split on blank lines and only events without `"finish_reason":null`
@@ -233,13 +250,18 @@ class HttpStreamClient(Client):
 
     def _request(self, r: TraceRequest) -> bytes:
         ttft, tbt = self.slos(r)
-        body = {"prompt": remote_prompt(r), "max_tokens": r.num_decode_tokens, "temperature": 0.0, "ignore_eos": True,
+        prompt = remote_prompt(r)
+        body = {"prompt": prompt, "max_tokens": r.num_decode_tokens, "temperature": 0.0, "ignore_eos": True,
                 "stream": True, "aptray_slo": {"ttft_ms": ttft * 1000, "tbt_ms": tbt * 1000}}
         if self.model:
             body["model"] = self.model
         data = json.dumps(body).encode()
+        # what aptray's request router reads before the body is sent on (aptray/serve/route_hints.py)
+        hints = f"x-aptray-ttft-ms: {ttft * 1000:g}\r\n"
+        if isinstance(prompt, list):
+            hints += f"x-aptray-prompt-tokens: {len(prompt)}\r\n"
         head = (f"POST {self.path}/v1/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{self.headers}\r\n")
+                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{hints}{self.headers}\r\n")
         return head.encode() + data
 
     async def _one(self, r: TraceRequest, t0: float, idle: list) -> RequestRecord:

@@ -294,6 +294,10 @@ def main(mode: str = "quick", parts=("server", "cpu", "sim", "pp"), workers: int
         ]
     if pp:
         body += pp_section(pp, pp.get("mode", mode))
+    routing = os.path.join(OUT_DIR, "routing.md")  # made by loadgen.results_routing and loadgen.bench_routing
+    if os.path.exists(routing):
+        with open(routing) as f:
+            body += [f.read(), ""]
     with open(DOC, "w") as f:
         f.write("\n".join(body))
     print(f"wrote {DOC} in {time.time() - t0:.0f} s")

@@ -6,9 +6,11 @@ from dataclasses import dataclass, fields
 
 
 CPUS_PER_RANK = 1.0  # Ray CPUs a rank holds (shard actor, or the router when the model runs in it)
-_OPTIONAL_INTS = ("num_cache_blocks", "max_prompt_tokens", "max_tokens_limit", "max_num_batched_tokens")
+_OPTIONAL_INTS = ("num_cache_blocks", "max_prompt_tokens", "max_tokens_limit", "max_num_batched_tokens", "min_replicas",
+                  "max_replicas")
 _OPTIONAL_FLOATS = ("min_ttft_slo_ms", "min_tbt_slo_ms")
 EXECUTORS = ("auto", "local", "ray")
+ROUTINGS = ("slo", "default")
 
 
 @dataclass
@@ -53,6 +55,18 @@ class AppArgs:
     max_shard_rebuilds: int = 3  # shard-group rebuilds in a row without a good step before giving up
     max_resumes_per_request: int = 3  # a request that keeps killing shards ends with an error
     router_restart_timeout_s: float = 120.0  # how long the ingress waits for a recreated router
+    # -- across replicas (docs/SERVING.md, "Routing and autoscaling") --
+    # "slo": aptray's request router (the replica with the most TTFT headroom, from each one's load);
+    # "default": Serve's own (two random replicas, the shorter queue)
+    routing: str = "slo"
+    routing_stats_period_s: float = 0.1  # how often Serve pulls each replica's load for the routers
+    routing_stale_after_s: float = 3.0  # loads older than this are not used: Serve's default routes
+    shed_unmeetable: bool = False  # 429 a request whose TTFT SLO no replica can meet (else queue it anyway)
+    min_replicas: int | None = None  # with max_replicas: autoscale on goodput between the two
+    max_replicas: int | None = None
+    target_attainment: float = 0.9  # scale up while fewer requests meet their SLOs
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 300.0
 
     @classmethod
     def parse(cls, args: dict | None) -> "AppArgs":
@@ -79,6 +93,11 @@ class AppArgs:
             raise ValueError(f"executor {parsed.executor!r}: use one of {EXECUTORS}")
         if parsed.executor == "local" and parsed.tensor_parallel_size != 1:
             raise ValueError("executor 'local' runs one rank: tensor_parallel_size must be 1 (or use 'ray')")
+        if parsed.routing not in ROUTINGS:
+            raise ValueError(f"routing {parsed.routing!r}: use one of {ROUTINGS}")
+        if parsed.max_replicas is not None and not 1 <= (parsed.min_replicas or 1) <= parsed.max_replicas:
+            raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {parsed.min_replicas} and "
+                             f"{parsed.max_replicas}")
         return parsed
 
     @property

@@ -28,6 +28,7 @@ from aptray.serve.store import RequestMeta, RequestStore
 from aptray.serve.store_writer import StoreWriter
 from aptray.serve.streams import ClientStream, Outbox
 from aptray.startup_heap import freeze_startup_heap
+from aptray.serve.ttft_estimate import LoadTracker, ReplicaLoad
 
 logger = logging.getLogger("aptray")
 
@@ -94,6 +95,10 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stopping = False
         self._out: list[dict] = []  # chunks of this iteration, handed to the outbox together
+        self.tracker = LoadTracker(config)  # step speed and blocks freed: the load this replica reports
+        # prompt tokens (and requests) submitted and taken by the engine thread: the inbox's share of
+        # the queue. Each counter has one writer thread, so neither needs a lock.
+        self._inbox_tokens_in = self._inbox_tokens_out = self._inbox_in = self._inbox_out = 0
         self._start_engine()
         self._thread = threading.Thread(target=self._run, name="aptray-engine", daemon=True)
 
@@ -109,6 +114,8 @@ class EngineLoop:
     def submit(self, msg: Add | Reattach | Abort) -> None:
         if isinstance(msg, Add):  # registered now: an Abort that follows finds it
             self.streams[msg.request_id] = msg.stream
+            self._inbox_tokens_in += len(msg.prompt_token_ids)
+            self._inbox_in += 1
         self._inbox.put(msg)
         self._wake.set()
 
@@ -124,6 +131,13 @@ class EngineLoop:
     @property
     def num_blocks(self) -> int:
         return self.engine.executor.num_blocks
+
+    def load(self, ok: bool = True) -> ReplicaLoad:
+        """This replica's load now (ttft_estimate.ReplicaLoad): what the request router ranks it by
+        and what admission predicts a new request's TTFT from. Safe from the router's event loop."""
+        return self.tracker.snapshot(self.engine.scheduler, time.time(), time.monotonic(),
+                                     self._inbox_tokens_in - self._inbox_tokens_out, self._inbox_in - self._inbox_out,
+                                     ok and self.broken is None and self.alive())
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -143,6 +157,7 @@ class EngineLoop:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
+            started = time.perf_counter()
             try:
                 step = self.engine.step()
             except StepFailed as e:
@@ -159,6 +174,8 @@ class EngineLoop:
                 self._hand_off()
                 continue
             self.rebuilds_in_a_row = 0
+            if step.result is not None:
+                self.tracker.on_step(step.plan, time.perf_counter() - started)
             self._publish(step.outputs)
             self._hand_off()
             self.metrics.observe_iteration(self.engine.scheduler, step.schedule_s,
@@ -178,6 +195,8 @@ class EngineLoop:
                 break
             changed = True
             if isinstance(msg, Add):
+                self._inbox_tokens_out += len(msg.prompt_token_ids)
+                self._inbox_out += 1
                 self._add(msg)
             elif isinstance(msg, Reattach):
                 self._reattach(msg)
@@ -253,6 +272,7 @@ class EngineLoop:
             return
         if out.finished:
             m, reason = out.metrics, completion.finish_reason
+            self.tracker.on_finish(len(out.prompt_token_ids) + len(completion.token_ids))
             self.metrics.observe_finished(m.arrival_time, m.token_times, *self._slos(stream), reason)
             self.writer.finish(rid, reason)
             self.streams.pop(rid, None)

@@ -29,8 +29,10 @@ def _caller(ingress, ctx) -> str:
     return identity(keys, presented)
 
 
-def _fail(ctx, status: int, message: str) -> None:
+def _fail(ctx, status: int, message: str, retry_after: int | None = None) -> None:
     if ctx is not None:  # the proxy turns code + details into the call's status
+        if status == 429 and retry_after:  # HTTP's Retry-After, in the details: Serve's proxy passes no
+            message += f" (retry after {retry_after} s)"  # trailing metadata with an error status
         ctx.set_code(_STATUS.get(status, grpc.StatusCode.INTERNAL))
         ctx.set_details(message)
 
@@ -79,7 +81,7 @@ async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
                     reply.usage.completion_tokens = last["usage"]["completion_tokens"]
                 yield reply
     except Rejected as e:
-        _fail(ctx, e.status, str(e))
+        _fail(ctx, e.status, str(e), e.retry_after or ingress.args.retry_after_s)
         raise
     except Exception as e:
         logger.exception("gRPC Generate failed")

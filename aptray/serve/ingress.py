@@ -11,6 +11,7 @@ event per chunk still), so a replica that falls behind catches up in fewer, larg
 import asyncio
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 
@@ -23,8 +24,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
-from aptray.serve import grpc_api
+from aptray.serve import grpc_api, routing_counts
 from aptray.serve.args import AppArgs
+from aptray.serve.deploy_options import ATTAINMENT_WINDOW_S
 from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatCompletionRequest, ChatCompletionResponse,
                                      CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList,
                                      error_body, finish_reason, new_id)
@@ -36,10 +38,33 @@ from aptray.serve.sse import ChatEvents, CompletionEvents, sse, usage
 from aptray.serve.store import RequestStore
 
 logger = logging.getLogger("aptray")
+STATS_TIMEOUT_S = 2.0  # a router slower than this to report its load reports nothing this round
+ROUTER_NAME = "aptray-router:{app}:{replica}:{n}"  # the n-th Router actor of an ingress replica
+REPLICA_HEADER = b"x-aptray-replica"
+
+
+class ReplicaHeader:
+    """Names the replica that answered in every HTTP response (x-aptray-replica: its Serve id):
+    which one the request router chose, for operators and the routing tests."""
+
+    def __init__(self, app, replica_fn):
+        self.app, self.replica_fn = app, replica_fn
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_header(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), (REPLICA_HEADER, self.replica_fn())]}
+            await send(message)
+        await self.app(scope, receive, send_with_header)
+
 
 api = FastAPI(title="aptray")
-_edge = {"keys": frozenset(), "max_body": 1 << 20}  # set by the Ingress replica (one per process)
+_edge = {"keys": frozenset(), "max_body": 1 << 20, "replica": b""}  # set by the Ingress replica (one per process)
 api.add_middleware(EdgeMiddleware, keys_fn=lambda: _edge["keys"], max_body_bytes_fn=lambda: _edge["max_body"])
+api.add_middleware(ReplicaHeader, replica_fn=lambda: _edge["replica"])
 
 
 @api.exception_handler(RequestValidationError)
@@ -62,11 +87,13 @@ async def _unexpected(request: Request, exc: Exception):
     return JSONResponse(error_body(f"internal error: {type(exc).__name__}", 500), status_code=500)
 
 
-def _replica_id() -> str:
+def _replica_id() -> tuple[str, str]:
+    """(this replica's Serve id, its app's name)."""
     try:
-        return serve.get_replica_context().replica_id.unique_id
+        rid = serve.get_replica_context().replica_id
+        return rid.unique_id, rid.deployment_id.app_name
     except Exception:  # outside Serve (a test building the class directly)
-        return new_id("replica")
+        return new_id("replica"), ""
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=1024, graceful_shutdown_timeout_s=30,
@@ -87,12 +114,14 @@ class Ingress:
             # the embedded Redis lives in the replica, not the router, so it outlives a router restart
             self.embedded_store = RequestStore.embedded()
             self.router_args["redis_url"] = self.embedded_store.url
-        self.owner = _replica_id()  # the router's in-flight set in Redis: stable across router restarts
+        self.owner, self.app_name = _replica_id()  # owner: the router's in-flight set in Redis, stable across restarts
+        _edge["replica"] = self.owner.encode()
         # decided once, here: where the model runs (router or shards) needs it for the router's resources
         self.use_gpu = self.args.use_gpu if self.args.use_gpu is not None else (
             ray.cluster_resources().get("GPU", 0) >= self.args.tensor_parallel_size)
         self.router_args["use_gpu"] = self.use_gpu
         self._recovery: asyncio.Task | None = None
+        self._routers_started = 0
         self.link = RouterLink(self._start_router, self.args.router_restart_timeout_s)
         # tokenizers and chat templates run here, off the event loop: a long prompt must not stall
         # every other request's stream (one thread: a tokenizer is not shared across threads safely)
@@ -107,7 +136,10 @@ class Ingress:
         return self.link.router
 
     def _start_router(self):
-        opts = {**self.args.router_resources(self.use_gpu), "max_concurrency": 10_000}
+        # named (ROUTER_NAME): operators and fault drills find a replica's router; a replacement gets the next number
+        opts = {**self.args.router_resources(self.use_gpu), "max_concurrency": 10_000,
+                "name": ROUTER_NAME.format(app=self.app_name, replica=self.owner, n=self._routers_started)}
+        self._routers_started += 1
         if self.embedded_store is not None:  # a unix socket: same node as the replica
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
@@ -138,7 +170,8 @@ class Ingress:
         return self.link.chunks(call)
 
     def _reject(self, e: Rejected) -> JSONResponse:
-        headers = {"Retry-After": str(self.args.retry_after_s)} if e.status == 429 else None
+        retry_after = e.retry_after or self.args.retry_after_s
+        headers = {"Retry-After": str(retry_after)} if e.status == 429 else None
         return JSONResponse(error_body(str(e), e.status, e.param), status_code=e.status, headers=headers)
 
     def sampling(self, req, max_tokens: int) -> dict:
@@ -276,7 +309,37 @@ class Ingress:
         text += (f"# HELP aptray_router_restarts_total routers this replica replaced\n"
                  f"# TYPE aptray_router_restarts_total counter\n"
                  f"aptray_router_restarts_total {self.link.restarts}\n").encode()
+        try:  # from Ray's GCS: off the event loop, and never what fails /metrics
+            routed = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
+                None, routing_counts.totals, self.app_name), STATS_TIMEOUT_S)
+            text += routing_counts.prometheus_text(routed).encode()
+        except Exception:
+            logger.warning("routing counts unavailable", exc_info=True)
         return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+    # -- Serve's hooks for routing and autoscaling (slo_router.py, autoscale.py) ---------------
+    async def record_routing_stats(self) -> dict | None:
+        """This replica's load (ttft_estimate.ReplicaLoad), pulled by Serve's controller every
+        routing_stats_period_s for the request routers. A router being replaced reports "ok": False
+        (routers send new requests elsewhere meanwhile); a router too slow to answer, nothing."""
+        if self._replacing():
+            return {"taken_at": time.time(), "ok": False}
+        try:
+            return await asyncio.wait_for(self.router.load.remote(), STATS_TIMEOUT_S)
+        except RayActorError:
+            self._recover_in_background()
+            return {"taken_at": time.time(), "ok": False}
+        except asyncio.TimeoutError:
+            return None
+
+    async def record_autoscaling_stats(self) -> dict:
+        """Attainment and TTFT pressure for the goodput autoscaling policy (autoscale.py)."""
+        if self._replacing():
+            return {}
+        try:
+            return await asyncio.wait_for(self.router.autoscaling_stats.remote(ATTAINMENT_WINDOW_S), STATS_TIMEOUT_S)
+        except (RayActorError, asyncio.TimeoutError):
+            return {}
 
     # -- gRPC (through Serve's gRPC proxy; method names match generate.proto) ------------------
     async def Generate(self, request, grpc_context=None):
@@ -302,10 +365,18 @@ class Ingress:
         try:
             h = await asyncio.wait_for(self.router.health.remote(), timeout=20)
         except RayActorError:
-            self._recovery = asyncio.create_task(self.link.recover(self.router))
+            self._recover_in_background()
             return
         if not h["ok"]:
             raise RuntimeError(f"router unhealthy: {h['error'] or 'engine thread is dead'}")
+
+    def _replacing(self) -> bool:
+        """Whether a new router is being started for this replica."""
+        return self.link.lock.locked() or (self._recovery is not None and not self._recovery.done())
+
+    def _recover_in_background(self) -> None:
+        if self._recovery is None:
+            self._recovery = asyncio.create_task(self.link.recover(self.router))
 
     async def __del__(self):
         # Serve has drained this replica's requests by now; let the router finish stragglers,

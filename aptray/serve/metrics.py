@@ -5,6 +5,9 @@ process, e.g. in tests); the ingress serves registry text on /metrics.
 """
 from __future__ import annotations
 
+import time
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from aptray.request import CacheKind
@@ -13,6 +16,7 @@ from aptray.slo import attained
 # latency buckets from 5 ms (GPU TBT) to 2 min (CPU TTFT under load)
 _LATENCY = (.005, .01, .025, .05, .075, .1, .15, .25, .4, .6, 1, 1.5, 2.5, 5, 10, 20, 40, 80, 120)
 _SCHED = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, .1)
+RECENT_S = 600.0  # how far back recent_attainment can look
 
 
 class ServingMetrics:
@@ -42,6 +46,7 @@ class ServingMetrics:
         self.store_up = Gauge("aptray_store_available", "1 while Redis takes writes", registry=r)
         self.store_outages = Counter("aptray_store_outages", "times Redis went away", registry=r)
         self._seen_stats: dict[str, int] = {}
+        self._recent: deque[tuple[float, bool]] = deque()  # (monotonic time, attained) of ended requests
         self._seen_faults: dict[str, int] = {"outages": 0}
         for kind in CacheKind:  # export zeros from the start, not only after the first step
             self.blocks.labels(kind.value).set(0)
@@ -104,16 +109,37 @@ class ServingMetrics:
             self.tbt.observe(g)
         if finish_reason not in ("stop", "length"):
             self.slo_missed.labels(finish_reason).inc()
+            if finish_reason != "abort":  # a client that went away says nothing of the load
+                self._ended(False)
             return False
         if attained(ttft, gaps, ttft_slo, tbt_slo):
             self.slo_attained.inc()
+            self._ended(True)
             return True
         self.slo_missed.labels("ttft" if ttft is None or ttft > ttft_slo else "tbt").inc()
+        self._ended(False)
         return False
 
     def observe_rejected(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
         self.slo_missed.labels("rejected").inc()
+        self._ended(False)
+
+    def _ended(self, ok: bool) -> None:
+        now = time.monotonic()
+        self._recent.append((now, ok))
+        try:  # the engine's thread and the event loop both end requests: either may trim
+            while self._recent[0][0] < now - RECENT_S:
+                self._recent.popleft()
+        except IndexError:
+            pass
+
+    def recent_attainment(self, window_s: float) -> tuple[int, int]:
+        """(attained, ended) over the requests that ended (finished, failed or refused; not aborted
+        by their client) in the last window_s."""
+        since = time.monotonic() - window_s
+        ended = [ok for t, ok in list(self._recent) if t >= since]
+        return sum(ended), len(ended)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

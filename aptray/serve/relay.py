@@ -21,12 +21,13 @@ MAX_REATTACH = 3  # router restarts one request may live through
 
 
 class Rejected(Exception):
-    def __init__(self, message: str, status: int, param: str | None = None):
+    def __init__(self, message: str, status: int, param: str | None = None, retry_after: int | None = None):
+        """retry_after: seconds a 429 asks the client to wait (None: the app's retry_after_s)."""
         super().__init__(message)
-        self.status, self.param = status, param
+        self.status, self.param, self.retry_after = status, param, retry_after
 
-    def __reduce__(self):  # Ray ships exceptions by pickle: keep status and param
-        return Rejected, (str(self), self.status, self.param)
+    def __reduce__(self):  # Ray ships exceptions by pickle: keep status, param and retry_after
+        return Rejected, (str(self), self.status, self.param, self.retry_after)
 
 
 class _Lost:
@@ -129,7 +130,7 @@ class RouterLink:
                     resume = True
                     continue
                 if "error" in first:
-                    raise Rejected(first["error"], first["status"], first.get("param"))
+                    raise Rejected(first["error"], first["status"], first.get("param"), first.get("retry_after"))
                 return
             raise Rejected("the router keeps failing", 503)
         except BaseException:

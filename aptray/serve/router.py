@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import asdict
 
@@ -22,6 +23,9 @@ from aptray.serve.metrics import ServingMetrics
 from aptray.serve.store import RequestMeta, RequestStore, valid_request_id
 from aptray.serve.store_writer import StoreUnavailable, StoreWriter
 from aptray.serve.streams import ClientStream
+from aptray.serve.ttft_estimate import predict_ttft
+
+MAX_RETRY_AFTER_S = 60
 
 logger = logging.getLogger("aptray")
 
@@ -42,6 +46,7 @@ class Router:
         self.limits = self._request_limits()
         self.draining = False
         self._being_admitted = 0  # accepted by the checks, not yet handed to the engine (Redis write pending)
+        self._prompt_tokens = 0.0  # mean prompt length of recent requests: the typical request's TTFT
         try:
             closed = self.store.close_orphans()
             if closed:
@@ -75,6 +80,19 @@ class Router:
         return {"ok": loop.alive() and loop.broken is None, "waiting": waiting, "running": running,
                 "draining": self.draining, "error": loop.broken, "store_ok": self.writer.healthy,
                 "faults": dict(loop.faults), "executor": "ray" if self.args.on_shards else "local"}
+
+    def load(self) -> dict:
+        """Routing stats: this replica's load (ttft_estimate.ReplicaLoad) as a dict."""
+        return self.loop.load(ok=not self.draining).to_stats()
+
+    def autoscaling_stats(self, window_s: float) -> dict:
+        """SLO attainment of the requests that ended in the last window_s (finished or refused),
+        and the typical request's predicted TTFT over its SLO (autoscale.py reads both)."""
+        attained, ended = self.metrics.recent_attainment(window_s)
+        load = self.loop.load(ok=not self.draining)
+        ttft = predict_ttft(load, round(self._prompt_tokens), load.taken_at)
+        pressure = min(ttft / self.config.ttft_slo, 100.0)
+        return {"aptray_attained": float(attained), "aptray_ended": float(ended), "aptray_ttft_pressure": pressure}
 
     def metrics_text(self) -> bytes:
         self.metrics.observe_faults(self.loop.faults, self.writer.healthy, self.writer.outages)
@@ -128,9 +146,15 @@ class Router:
         already has; its stream goes on after them."""
         self.loop.outbox.bind(asyncio.get_running_loop())
         checked, batch_ids = [], set()
+        load, booked = (self.loop.load(), 0) if self.args.shed_unmeetable else (None, 0)
         for r in requests:
             checked.append(self._check(r[0], r[1], r[2], reattach=r[4] is not None, duplicate=r[0] in batch_ids))
+            if checked[-1][0] is None and r[4] is None and load is not None:
+                shed = self._unmeetable(len(r[1]), checked[-1][1], load, booked)
+                checked[-1] = (shed, None) if shed else checked[-1]
+                booked += 0 if shed else len(r[1])
             if checked[-1][0] is None and r[4] is None:
+                self._prompt_tokens += (len(r[1]) - self._prompt_tokens) / 64
                 batch_ids.add(r[0])
                 self._being_admitted += 1  # counts against the queue limit from now on
         new = [(r[0], r[1], sp) for r, (refusal, sp) in zip(requests, checked) if refusal is None and r[4] is None]
@@ -179,6 +203,20 @@ class Router:
             self.metrics.observe_rejected("queue_full")
             return {"error": f"{queued} requests are waiting (limit {self.args.max_queue})", "status": 429}
         return None
+
+    def _unmeetable(self, prompt_tokens: int, sp: SamplingParams, load, booked: int) -> dict | None:
+        """shed_unmeetable: refuse (429) a request whose predicted TTFT here is over its SLO. The
+        request router sent it here because no replica had more headroom, so none would meet it
+        either: it would only be accepted to miss, and delay the requests behind it."""
+        ttft_slo = self.config.slos_of(sp)[0]
+        predicted = predict_ttft(load, prompt_tokens, load.taken_at, booked)
+        if predicted <= ttft_slo:
+            return None
+        self.metrics.observe_rejected("ttft_unmeetable")
+        late = predicted - ttft_slo
+        return {"error": f"no replica can meet this request's TTFT SLO of {ttft_slo * 1e3:.0f} ms now "
+                         f"(predicted {predicted * 1e3:.0f} ms here)", "status": 429,
+                "retry_after": max(self.args.retry_after_s, math.ceil(min(late, MAX_RETRY_AFTER_S)))}
 
     async def _admit_to_store(self, new: list[tuple[str, list[int], SamplingParams]]) -> dict[str, dict]:
         """Record new requests in Redis (one round trip); returns the refusals by request id.

@@ -1,0 +1,115 @@
+"""Which replica a request goes to: the SLO-aware ranking (torch-free, Ray-free).
+
+The request router (slo_router.py) and the simulator's multi-replica mode (aptray/sim/cluster.py)
+both rank replicas here, from the loads the replicas reported (ttft_estimate.ReplicaLoad) and what
+the caller itself sent each of them since:
+
+1. replicas whose stats are fresh and whose predicted TTFT meets the request's SLO, most headroom
+   (SLO - predicted TTFT) first; a replica holding the request's prompt prefix goes first among
+   them when it meets the SLO too (that costs no SLO);
+2. replicas without fresh stats (just started, or their stats stopped coming), in random order;
+3. fresh replicas that cannot meet it, least late first; then those that take no requests now.
+
+A request that no replica can meet (Apt-Serve's rule, one level up: spend the scarce resource
+where it saves an SLO) goes first to the replica furthest behind: it would miss anywhere, and
+there it delays no request that could still meet its SLO, so the replicas with headroom keep it
+for those. With shed_unmeetable that replica refuses it (429); without, it is served late.
+
+With no fresh stats at all the caller routes by Serve's default (power of two choices) instead.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from dataclasses import dataclass
+
+from aptray.serve.ttft_estimate import ReplicaLoad, predict_ttft
+
+# reasons a request went where it went (the aptray_routed_requests_total label)
+SLO, PREFIX, UNMEETABLE, STALE, NO_INFO = "slo", "prefix", "slo_unmeetable", "stale", "no_info"
+SEND_LAG_S = 0.05  # a request sent this long before a snapshot may not be in it yet: count it
+
+
+@dataclass(frozen=True)
+class RequestHint:
+    """What the router knows of a request before it picks a replica."""
+    prompt_tokens: int
+    ttft_slo: float  # seconds
+    prefix: str | None = None
+
+
+@dataclass
+class Ranking:
+    order: list  # replica ids, preferred first
+    reason: str
+    predicted: dict  # replica id -> predicted TTFT (fresh replicas only)
+
+
+class SentLog:
+    """Prompt tokens this router sent each replica lately: what the replica's last snapshot cannot
+    know yet. Bursts arrive faster than stats refresh; without this every request of a burst would
+    see the same snapshot and go to the same replica."""
+
+    def __init__(self, keep_s: float = 30.0):
+        self.keep_s = keep_s
+        self._sent: dict = {}  # replica id -> deque of (time, tokens)
+
+    def add(self, replica_id, tokens: int, now: float) -> None:
+        self._sent.setdefault(replica_id, deque()).append((now, tokens))
+
+    def remove(self, replica_id, tokens: int) -> None:
+        """Undo the latest add of `tokens` to replica_id (the request went elsewhere)."""
+        log = self._sent.get(replica_id)
+        if log:
+            for i in range(len(log) - 1, -1, -1):
+                if log[i][1] == tokens:
+                    del log[i]
+                    return
+
+    def since(self, replica_id, taken_at: float, now: float) -> int:
+        log = self._sent.get(replica_id)
+        if not log:
+            return 0
+        while log and log[0][0] < now - self.keep_s:
+            log.popleft()
+        return sum(tokens for t, tokens in log if t >= taken_at - SEND_LAG_S)
+
+    def forget_others(self, live_ids) -> None:
+        for rid in set(self._sent) - set(live_ids):
+            del self._sent[rid]
+
+
+def rank(hint: RequestHint, loads: dict, sent: SentLog, now: float, stale_after_s: float,
+         rng: random.Random | None = None) -> Ranking | None:
+    """loads: replica id -> its last ReplicaLoad (None if it reported none). None when no replica's
+    stats are fresh (the caller then routes by Serve's default)."""
+    rng = rng or random
+    fresh = {rid: load for rid, load in loads.items()
+             if load is not None and now - load.taken_at <= stale_after_s}
+    if not fresh:
+        return None
+    unknown = [rid for rid in loads if rid not in fresh]
+    rng.shuffle(unknown)
+    ids = list(fresh)
+    rng.shuffle(ids)  # equal predictions: no replica is everyone's first choice
+    predicted = {rid: predict_ttft(fresh[rid], hint.prompt_tokens, now, sent.since(rid, fresh[rid].taken_at, now))
+                 for rid in ids}
+    meets = sorted((rid for rid in ids if predicted[rid] <= hint.ttft_slo), key=predicted.__getitem__)
+    late = sorted((rid for rid in ids if hint.ttft_slo < predicted[rid] < math.inf), key=predicted.__getitem__)
+    down = [rid for rid in ids if predicted[rid] == math.inf]
+    if not meets:  # lost anywhere: where it takes nothing from requests that can still be saved
+        return Ranking(late[::-1] + unknown + down, UNMEETABLE, predicted)
+    reason = SLO
+    if hint.prefix is not None:
+        holders = [rid for rid in meets if hint.prefix in fresh[rid].prefixes]
+        if holders:
+            meets.remove(holders[0])
+            meets.insert(0, holders[0])
+            reason = PREFIX
+    return Ranking(meets + unknown + late + down, reason, predicted)
+
+
+def loads_of(stats_by_replica: dict) -> dict:
+    """Replica id -> ReplicaLoad (or None) from the routing stats dicts Serve hands the router."""
+    return {rid: ReplicaLoad.from_stats(stats) for rid, stats in stats_by_replica.items()}

@@ -1,0 +1,271 @@
+"""What a new request would wait for its first token on one replica (torch-free, Ray-free).
+
+A replica describes its load in a ReplicaLoad: the prompt tokens not yet computed of every
+request ahead of a new one, how many requests decode, its free and held cache blocks, and a fit
+of its own step times (step = c0 + c_pf x prefill tokens + c_dec x decodes, on recent steps).
+`predict_ttft` turns that into seconds for a request of a given prompt length; the request router
+ranks replicas by it (slo_router.py), the replica's admission sheds with it (router.py), and the
+simulator's multi-replica mode uses the same code (aptray/sim/cluster.py).
+
+LoadTracker keeps what the snapshot needs from the engine's history (step speed, blocks freed per
+second, tokens per step) and reads the engine's present through the scheduler's public state
+only: `waiting`, `running`, `blocks.num_free`, `blocks.num_blocks` and the requests' fields.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+# A request's TTFT can never be predicted beyond this (a replica out of memory with nothing
+# finishing): large enough to lose every comparison, finite so that sums stay numbers.
+UNBOUNDED_WAIT_S = 3600.0
+FREED_WINDOW_S = 10.0  # blocks freed per second of steps: over the finishes of this many busy seconds
+BUDGET_STEPS = 200  # tokens per step: the most seen in this many recent steps
+RELEASE_POINTS = 8  # a snapshot's curve of blocks the running requests give back: this many points
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """A replica's load at `taken_at` (its clock: time.time() when served, virtual in the simulator)."""
+    taken_at: float
+    ok: bool = True  # False: it takes no requests now (router restarting, draining, broken)
+    queued_tokens: int = 0  # uncomputed tokens of the waiting and still-prefilling requests
+    queued: int = 0
+    decoding: int = 0
+    free_blocks: int = 0
+    num_blocks: int = 0
+    held_blocks: dict = field(default_factory=dict)  # cache kind -> blocks held by running requests
+    block_tokens: dict = field(default_factory=dict)  # cache kind -> tokens one block holds
+    step_cost: tuple = (0.0, 0.0, 0.0)  # (c0 s, c_pf s per prefill token, c_dec s per decode)
+    token_budget: int = 2048  # tokens one step computes at most (as recently seen)
+    mixed: bool = True  # decodes share steps with prefills (sarathi, apt mixed); fcfs prefills alone
+    freed_blocks_per_s: float = 0.0  # blocks finishing requests gave back per second of steps, recently
+    # ((seconds, blocks), ...): blocks the running requests give back within `seconds` at the latest
+    # (each after its max_tokens, at the current step time; a request that stops early frees sooner)
+    release: tuple = ()
+    prefixes: tuple = ()  # prompt prefixes it holds in cache (none until prefix caching exists)
+
+    def to_stats(self) -> dict:
+        """JSON-able: what record_routing_stats returns."""
+        d = asdict(self)
+        d["step_cost"] = list(self.step_cost)
+        d["release"] = [list(p) for p in self.release]
+        d["prefixes"] = list(self.prefixes)
+        return d
+
+    @classmethod
+    def from_stats(cls, stats) -> "ReplicaLoad | None":
+        """The load a replica reported, or None for anything malformed (routed by default then)."""
+        if not isinstance(stats, dict) or "taken_at" not in stats:
+            return None
+        try:
+            load = cls(**{k: stats[k] for k in cls.__dataclass_fields__ if k in stats})
+            cost = tuple(float(c) for c in load.step_cost)
+            numbers = (load.taken_at, load.queued_tokens, load.queued, load.decoding, load.free_blocks,
+                       load.num_blocks, load.token_budget, load.freed_blocks_per_s, *cost)
+            if len(cost) != 3 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers):
+                return None
+            release = tuple((float(t), int(n)) for t, n in load.release)
+            return cls(**{**asdict(load), "step_cost": cost, "release": release, "prefixes": tuple(load.prefixes),
+                          "held_blocks": dict(load.held_blocks), "block_tokens": dict(load.block_tokens)})
+        except (TypeError, ValueError):
+            return None
+
+    def step_seconds(self) -> float:
+        """A step of the current batch: the decodes and a step's fixed cost."""
+        c0, _, c_dec = self.step_cost
+        return c0 + c_dec * self.decoding
+
+    def tokens_per_block(self) -> int:
+        """The most tokens one free block takes (a hidden block holds twice a KV one)."""
+        return max(self.block_tokens.values(), default=16) or 16
+
+    def seconds_to_free(self, blocks: int) -> float:
+        """How long until `blocks` more blocks are free: by the release curve (an upper bound) or,
+        where shorter, at the rate finishing requests have lately freed them."""
+        by_curve = next((t for t, n in self.release if n >= blocks), UNBOUNDED_WAIT_S)
+        if self.freed_blocks_per_s > 0:
+            return min(by_curve, blocks / self.freed_blocks_per_s)
+        return by_curve
+
+
+def prefill_seconds(load: ReplicaLoad, tokens: int) -> float:
+    """Seconds of steps to compute `tokens` prompt tokens after what is ahead of them, at the
+    replica's fitted speed: each step computes at most the budget left by the decodes (mixed
+    policies) and costs its fixed part, the decodes it carries and its prefill tokens."""
+    if tokens <= 0:
+        return 0.0
+    c0, c_pf, c_dec = load.step_cost
+    if load.mixed:
+        room = max(load.token_budget - load.decoding, load.token_budget // 8, 1)
+        per_step = c0 + c_dec * load.decoding
+    else:
+        room, per_step = max(load.token_budget, 1), c0
+    return math.ceil(tokens / room) * per_step + tokens * c_pf
+
+
+def predict_ttft(load: ReplicaLoad, prompt_tokens: int, now: float, sent_tokens: int = 0) -> float:
+    """Seconds from `now` to the first token of a new request of prompt_tokens on this replica.
+
+    sent_tokens: prompt tokens the caller sent there since the snapshot (not in it yet). What was
+    queued at the snapshot has drained by the time elapsed since. The request waits for the step
+    under way (half of one, on average), the queue ahead and its own prefill; and, if the free
+    blocks cannot hold all of that, for finishing requests to free the rest."""
+    if not load.ok:
+        return math.inf
+    age = max(0.0, now - load.taken_at)
+    backlog = max(0.0, prefill_seconds(load, load.queued_tokens) - age)
+    busy = load.decoding or load.queued_tokens or sent_tokens
+    wait = (load.step_seconds() / 2 if busy else 0.0) + backlog + prefill_seconds(load, sent_tokens + prompt_tokens)
+    need = math.ceil((load.queued_tokens + sent_tokens + prompt_tokens) / load.tokens_per_block())
+    short = need - load.free_blocks
+    if short > 0:
+        wait += load.seconds_to_free(short)
+    return min(wait, UNBOUNDED_WAIT_S)
+
+
+class StepSpeed:
+    """Step time = c0 + c_pf x prefill tokens + c_dec x decodes, least squares over recent steps
+    (each older step weighs `decay` times less). Coefficients stay >= 0; before any step, c0 is
+    the prior (the engine's fastest step, if measured)."""
+
+    def __init__(self, prior_c0: float = 0.0, decay: float = 0.99, ridge: float = 1e-6):
+        self.decay, self.ridge = decay, ridge
+        self._xtx = [[0.0] * 3 for _ in range(3)]
+        self._xty = [0.0] * 3
+        self.coef = (max(prior_c0, 0.0), 0.0, 0.0)
+        self.steps = 0
+
+    def observe(self, prefill_tokens: int, decodes: int, seconds: float) -> None:
+        x = (1.0, float(prefill_tokens), float(decodes))
+        for i in range(3):
+            self._xty[i] = self.decay * self._xty[i] + x[i] * seconds
+            for j in range(3):
+                self._xtx[i][j] = self.decay * self._xtx[i][j] + x[i] * x[j]
+        self.steps += 1
+        self.coef = self._solve()
+
+    def _solve(self) -> tuple:
+        """Non-negative least squares by dropping a negative coefficient and refitting the rest."""
+        active = [0, 1, 2]
+        while active:
+            sol = _solve_subset(self._xtx, self._xty, active, self.ridge)
+            if sol is None:
+                return self.coef
+            negative = [i for i in active if sol[i] < 0]
+            if not negative:
+                return tuple(sol)
+            active.remove(min(negative, key=lambda i: sol[i]))
+        return self.coef
+
+
+def _solve_subset(a, b, active: list[int], ridge: float) -> list[float] | None:
+    """Solve the normal equations on the active coefficients (the others 0), by Gaussian elimination."""
+    n = len(active)
+    m = [[a[i][j] + (ridge * max(a[i][i], 1.0) if i == j else 0.0) for j in active] + [b[i]] for i in active]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-18:
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(n):
+            if r != col:
+                f = m[r][col] / m[col][col]
+                m[r] = [x - f * y for x, y in zip(m[r], m[col])]
+    out = [0.0, 0.0, 0.0]
+    for k, i in enumerate(active):
+        out[i] = m[k][n] / m[k][k]
+    return out
+
+
+class LoadTracker:
+    """What a replica's load snapshot needs from its history, fed by the engine's thread (on_step,
+    on_finish) and read from another (snapshot): plain numbers, no locks needed."""
+
+    def __init__(self, config, prior_step_s: float = 0.0):
+        """config: the replica's EngineConfig (scheduler, block sizes, max_num_batched_tokens)."""
+        self.config = config
+        self.speed = StepSpeed(prior_step_s)
+        self._step_tokens: deque[int] = deque(maxlen=BUDGET_STEPS)
+        self._freed: deque[tuple[float, int]] = deque()  # (busy seconds when, blocks)
+        self._busy_s = 0.0  # seconds of steps so far: idle time frees nothing, so rates are per busy second
+        self.mixed = config.scheduler != "fcfs" and not (config.scheduler == "apt"
+                                                         and config.iteration_shape == "alternate")
+        # apt serves requests already past their SLO last: a new request does not wait behind them
+        self.skips_lost = config.scheduler == "apt"
+        self.block_tokens = {"kv": config.block_size}
+        if config.cache_mode != "kv" and config.hidden_block_size:
+            self.block_tokens["hidden"] = config.hidden_block_size
+
+    def on_step(self, plan, seconds: float) -> None:
+        """After a step ran `plan` (a BatchPlan) in `seconds`."""
+        decodes = sum(1 for s in plan.seqs if s.is_decode)
+        tokens = plan.num_tokens
+        self.speed.observe(tokens - decodes, decodes, seconds)
+        self._step_tokens.append(tokens)
+        self._busy_s += seconds
+
+    def on_finish(self, num_tokens: int) -> None:
+        """A request holding num_tokens (prompt + output) finished."""
+        self._freed.append((self._busy_s, math.ceil(num_tokens / self.block_tokens["kv"])))
+
+    def freed_blocks_per_s(self) -> float:
+        """Blocks freed per second of steps, over the last FREED_WINDOW_S of them (0 before any)."""
+        busy = self._busy_s
+        while self._freed and self._freed[0][0] < busy - FREED_WINDOW_S:
+            self._freed.popleft()
+        return sum(n for _, n in list(self._freed)) / min(FREED_WINDOW_S, busy) if busy > 0 else 0.0
+
+    def token_budget(self) -> int:
+        configured = self.config.max_num_batched_tokens
+        if not self.mixed:
+            return configured
+        seen = max(self._step_tokens, default=configured)  # the TBT-sized budget of sarathi and apt
+        return min(configured, max(seen, configured // 8))
+
+    def snapshot(self, scheduler, taken_at: float, now: float, inbox_tokens: int = 0, inbox: int = 0,
+                 ok: bool = True) -> ReplicaLoad:
+        """The load of the replica whose scheduler this is. taken_at: the reported time (wall
+        clock); now: the clock on_finish was given. inbox: requests accepted but not yet in the
+        scheduler. list() of a deque or list copies it in one step under the GIL, so another
+        thread may call this while the engine's thread runs. Under apt, requests past their SLO
+        are not ahead of a new one (it serves them last)."""
+        waiting, running = list(scheduler.waiting), list(scheduler.running)
+        queued_tokens, queued, decoding = inbox_tokens, inbox, 0
+        held: dict[str, int] = {}
+        leaving: list[tuple[int, int]] = []  # (steps left at most, blocks) of each running request
+        for r in waiting:
+            if not (self.skips_lost and r.is_violator(now)):
+                queued_tokens += max(0, r.num_tokens - r.num_computed_tokens)
+                queued += 1
+        for r in running:
+            kind = getattr(r.cache_kind, "value", "kv")
+            per_block = self.block_tokens.get(kind, self.block_tokens["kv"])
+            blocks = math.ceil(r.num_computed_tokens / per_block)
+            held[kind] = held.get(kind, 0) + blocks
+            leaving.append((max(0, r.sampling.max_tokens - len(r.output_token_ids)), blocks))
+            if not r.is_prefilling:
+                decoding += 1
+            elif not (self.skips_lost and r.is_violator(now)):
+                queued_tokens += max(0, r.num_tokens - r.num_computed_tokens)
+                queued += 1
+        blocks = scheduler.blocks
+        c0, _, c_dec = self.speed.coef
+        return ReplicaLoad(taken_at, ok, queued_tokens, queued, decoding, blocks.num_free, blocks.num_blocks, held,
+                           dict(self.block_tokens), self.speed.coef, self.token_budget(), self.mixed,
+                           self.freed_blocks_per_s(), release_curve(leaving, c0 + c_dec * decoding))
+
+
+def release_curve(leaving: list[tuple[int, int]], step_s: float) -> tuple:
+    """At most RELEASE_POINTS (seconds, blocks) points of the cumulative blocks that requests
+    leaving after (steps, blocks) give back, at step_s per step."""
+    leaving.sort()
+    points, total = [], 0
+    for steps, blocks in leaving:
+        total += blocks
+        points.append((steps * step_s, total))
+    if len(points) <= RELEASE_POINTS:
+        return tuple(points)
+    picks = {round(k * (len(points) - 1) / (RELEASE_POINTS - 1)) for k in range(RELEASE_POINTS)}
+    return tuple(points[k] for k in sorted(picks))

@@ -1,0 +1,193 @@
+"""Routing across served replicas, through HTTP: Serve's default router against aptray's, same run.
+
+    python -m loadgen.bench_routing --replicas 2,3
+
+For each replica count, one Ray cluster on this machine serves two copies of the app side by side
+(the same args but `routing`): /p2c with Serve's default request router, /slo with aptray's
+(aptray/serve/slo_router.py). Rate by rate, the same trace goes to each twice, in the order
+A B B A (which router is A alternating per rate), so that a machine shared with other work drifts
+alike for both; attainment is over both passes. Requests go through streaming HTTP
+(loadgen.clients.HttpStreamClient, which sends each request's TTFT SLO in the body and as the
+x-aptray-ttft-ms header).
+
+The workload: ShareGPT lengths within the tiny model's 512-token context (loadgen.results_cpu's
+model and length rule), token-id prompts, Gamma arrivals at CV 4, and per-request SLOs of two
+classes, half each at random: "tight" (TTFT = TIGHT_TTFT full-context prefills + TTFT_ALLOWANCE_S,
+TBT = TIGHT_TBT decode steps + TBT_ALLOWANCE_S) and "relaxed" (RELAXED x both). Prefill and decode
+step are this machine's, measured at the start as results_cpu does (CPU time of the engine's
+thread); the allowances are the serving path's (proxy, ingress, Redis, one SSE event per token),
+which a CPU-time step does not see: at 0.5 req/s here, TTFT p90 was ~0.1-0.15 s and the per-request
+P99 gap ~20 ms (median) to ~50-120 ms (p90) through HTTP. Rates are absolute (req/s): through Serve
+on two shared cores the serving path, not the engine, sets the scale (docs/SERVING.md).
+
+Writes docs/results/routing-cpu.json and re-renders docs/results/routing.md (the section of
+docs/RESULTS.md on routing; loadgen.results_routing adds the simulated part).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+
+from loadgen.metrics import summarize
+from loadgen.sweep import crossing_rate
+from loadgen.traces import TraceRequest, rescale
+
+ROUTERS = ("p2c", "slo")  # route prefix -> the app's `routing` arg
+ROUTING_ARG = {"p2c": "default", "slo": "slo"}
+TIGHT_TTFT, TIGHT_TBT, RELAXED = 4.0, 8.0, 4.0
+TTFT_ALLOWANCE_S, TBT_ALLOWANCE_S = 0.1, 0.06
+CV = 4.0
+APP_ARGS = {"scheduler": "apt", "cache_mode": "hybrid", "num_cache_blocks": 96, "max_num_seqs": 32,
+            "max_queue": 1024, "use_gpu": False, "stream_interval_ms": 0}
+OUT_DIR = "docs/results"
+
+
+def slo_trace(num_requests: int, prefill_s: float, step_s: float, seed: int = 0) -> list[TraceRequest]:
+    """ShareGPT lengths within the 512-token context, each with a tight or a relaxed SLO."""
+    from dataclasses import replace
+
+    from loadgen.results_cpu import dataset_trace
+    base = dataset_trace("sharegpt", num_requests, seed)
+    tight = np.random.default_rng(seed + 1).random(len(base)) < 0.5
+    out = []
+    for r, t in zip(base, tight):
+        scale = 1.0 if t else RELAXED
+        out.append(replace(r, prompt=None, ttft_slo=scale * (TIGHT_TTFT * prefill_s + TTFT_ALLOWANCE_S),
+                           tbt_slo=scale * (TIGHT_TBT * step_s + TBT_ALLOWANCE_S)))
+    return out
+
+
+def start_apps(replicas: int, model: str, num_cpus: int) -> tuple[str, callable]:
+    """Ray, Serve's HTTP proxy and the two apps (/p2c and /slo); returns (base url, stop)."""
+    import ray
+    from ray import serve
+
+    from aptray.app import build_app
+    from aptray.worker.shard import free_port
+
+    ray.init(include_dashboard=False, num_cpus=num_cpus, log_to_driver=False)
+    port = free_port()
+    # CV 4 leaves gaps of many seconds between bursts: a keep-alive connection the proxy closed after its
+    # default 5 s idle would fail the next request sent on it (a client artifact, not a lost request)
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "keep_alive_timeout_s": 600})
+    for name in ROUTERS:
+        serve.run(build_app({**APP_ARGS, "model": model, "num_replicas": replicas, "routing": ROUTING_ARG[name]}),
+                  name=name, route_prefix=f"/{name}")
+
+    def stop():
+        serve.shutdown()
+        ray.shutdown()
+    return f"http://127.0.0.1:{port}", stop
+
+
+def routed_counts(url: str) -> dict:
+    """aptray_routed_requests_total by reason from the app's /metrics (an empty dict for /p2c)."""
+    import httpx
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return {m.group(1): int(float(m.group(2)))
+            for m in re.finditer(r'aptray_routed_requests_total\{reason="([^"]+)"\} (\S+)', text)}
+
+
+def run_rate(base_url: str, trace, rate: float, sequence: list[str]) -> dict:
+    """Each router of `sequence` in turn on the same trace; per router, the summary of all its passes."""
+    from loadgen.clients import HttpStreamClient
+    records, passes, routed = {}, {}, {}
+    for name in sequence:
+        before = routed_counts(f"{base_url}/{name}")
+        res = HttpStreamClient(f"{base_url}/{name}", timeout=120.0).run(rescale(trace, rate, CV, seed=0))
+        time.sleep(1.5)  # the routers publish their counts every second
+        after = routed_counts(f"{base_url}/{name}")
+        s = summarize(res.records, res.duration)
+        records.setdefault(name, []).extend(res.records)
+        passes.setdefault(name, []).append(s["attainment"])
+        for k in after:
+            routed.setdefault(name, {})[k] = routed.get(name, {}).get(k, 0) + after[k] - before.get(k, 0)
+        print(f"  {name:4s} rate {rate:6.2f}: attainment {s['attainment']:.3f} statuses {s['statuses']} "
+              f"TTFT p50/p90 {1e3 * s['ttft_s']['p50']:.0f}/{1e3 * s['ttft_s']['p90']:.0f} ms "
+              f"routed {dict((k, after[k] - before.get(k, 0)) for k in after)}", flush=True)
+    out = {}
+    for name, recs in records.items():
+        s = summarize(recs)
+        out[name] = {"attainment": s["attainment"], "passes": passes[name], "statuses": s["statuses"],
+                     "ttft_s": s["ttft_s"], "tbt_p99_per_request_s": s["tbt_p99_per_request_s"],
+                     "routed": routed.get(name, {})}
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--replicas", default="2,3")
+    p.add_argument("--rates", default="0.5,1,2,3", help="request rates (req/s)")
+    p.add_argument("--num-requests", type=int, default=80, help="requests per pass (each router makes two)")
+    p.add_argument("--out-dir", default=OUT_DIR)
+    a = p.parse_args(argv)
+    import torch
+
+    from loadgen import results_cpu
+    torch.set_num_threads(1)
+    t0, stamp = time.time(), time.strftime("%Y-%m-%d %H:%M")
+    model = results_cpu.tiny_opt()
+    step, prefill = results_cpu.decode_step_time(model), results_cpu.prefill_time(model)
+    rates = [float(r) for r in a.rates.split(",")]
+    trace = slo_trace(a.num_requests, prefill, step)
+    slos = {"tight_ttft_s": TIGHT_TTFT * prefill + TTFT_ALLOWANCE_S, "tight_tbt_s": TIGHT_TBT * step + TBT_ALLOWANCE_S,
+            "relaxed": RELAXED}
+    print(f"decode step {1e3 * step:.2f} ms, {results_cpu.CONTEXT - 1}-token prefill {1e3 * prefill:.1f} ms; "
+          f"tight SLOs TTFT {1e3 * slos['tight_ttft_s']:.0f} ms TBT {1e3 * slos['tight_tbt_s']:.0f} ms", flush=True)
+    out = {"command": "python -m loadgen.bench_routing " + " ".join(sys.argv[1:] if argv is None else argv),
+           "stamp": stamp, "decode_step_s": step, "prefill_s": prefill, "cv": CV, "num_requests": a.num_requests,
+           "app_args": APP_ARGS, "slos": slos, "runs": {}}
+    for n in (int(x) for x in a.replicas.split(",")):
+        print(f"{n} replicas", flush=True)
+        url, stop = start_apps(n, model, num_cpus=4 + 3 * n)
+        try:
+            curves = {}
+            for k, rate in enumerate(rates):
+                a, b = ROUTERS if k % 2 == 0 else ROUTERS[::-1]
+                curves[str(rate)] = run_rate(url, trace, rate, [a, b, b, a])
+        finally:
+            stop()
+        eff = {name: crossing_rate({float(r): c[name]["attainment"] for r, c in curves.items()}) for name in ROUTERS}
+        out["runs"][str(n)] = {"rates": curves, "effective_throughput_rps": eff}
+        print(f"{n} replicas: effective throughput {eff}", flush=True)
+    out["elapsed_s"] = time.time() - t0
+    os.makedirs(a.out_dir, exist_ok=True)
+    with open(os.path.join(a.out_dir, "routing-cpu.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    from loadgen.results_routing import render
+    print(render(a.out_dir))
+
+
+def cpu_section(cpu: dict) -> list[str]:
+    """The real served run's part of docs/results/routing.md."""
+    s = cpu["slos"]
+    lines = [f"### Served on this machine's CPU: {', '.join(cpu['runs'])} replicas through HTTP", "",
+             f"`{cpu['command']}` ({cpu['stamp']}, {cpu['elapsed_s'] / 60:.0f} min; 2 shared cores). One Ray cluster "
+             "serves two copies of the app, one per router, every replica an apt-hybrid engine on the tiny OPT of "
+             "loadgen.results_cpu; each rate replays the same trace to each router twice, in the order A B B A "
+             f"(A alternating per rate), attainment over both passes. {cpu['num_requests']} requests per pass, ShareGPT lengths within 512 tokens, Gamma arrivals at CV "
+             f"{cpu['cv']:g}, half the requests tight (TTFT {1e3 * s['tight_ttft_s']:.0f} ms = {TIGHT_TTFT:g} "
+             f"full-context prefills + {1e3 * TTFT_ALLOWANCE_S:.0f} ms, TBT {1e3 * s['tight_tbt_s']:.0f} ms = "
+             f"{TIGHT_TBT:g} decode steps + {1e3 * TBT_ALLOWANCE_S:.0f} ms; this machine's prefill "
+             f"{1e3 * cpu['prefill_s']:.1f} ms and 16-request decode step {1e3 * cpu['decode_step_s']:.2f} ms, CPU time) "
+             f"and half relaxed ({s['relaxed']:g}x both). Attainment per rate (req/s) and effective throughput "
+             "(interpolated 90% crossing):", ""]
+    for n, run in cpu["runs"].items():
+        rates = list(run["rates"])
+        lines += [f"{n} replicas:", "", "| router | " + " | ".join(f"{float(r):.3g}" for r in rates)
+                  + " | effective (req/s) |", "|" + " --- |" * (len(rates) + 2)]
+        for name in ROUTERS:
+            cells = [f"{run['rates'][r][name]['attainment']:.2f}" for r in rates]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {run['effective_throughput_rps'][name]:.2f} |")
+        lines.append("")
+    return lines
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Routing across replicas without a cluster: the TTFT estimator, the ranking, what the router reads of a
+request, the goodput autoscaling policy, the deployment options and the simulator's multi-replica mode.
+The served router on a real two-replica app is tests/test_serve_routing.py."""
+import math
+import os
+import pickle
+import random
+
+import pytest
+
+from aptray.serve.routing_policy import PREFIX, SLO, UNMEETABLE, RequestHint, SentLog, rank
+from aptray.serve.ttft_estimate import ReplicaLoad, StepSpeed, predict_ttft, prefill_seconds
+
+COST = (0.01, 1e-4, 1e-3)  # 10 ms a step, 0.1 ms a prefill token, 1 ms a decode
+
+
+def load(**kw) -> ReplicaLoad:
+    base = dict(taken_at=100.0, free_blocks=1000, num_blocks=1000, block_tokens={"kv": 16}, step_cost=COST,
+                token_budget=2048, mixed=True)
+    return ReplicaLoad(**{**base, **kw})
+
+
+# -- the estimator ---------------------------------------------------------------------------------
+def test_ttft_grows_with_the_queue_and_the_decodes():
+    idle, queued, decoding = load(), load(queued_tokens=4000, queued=8), load(decoding=40)
+    assert predict_ttft(idle, 100, 100.0) == pytest.approx(0.01 + 100 * 1e-4)  # one step, its tokens
+    assert predict_ttft(queued, 100, 100.0) > predict_ttft(idle, 100, 100.0) + 4000 * 1e-4
+    # mixed steps carry the decodes: 40 of them add 40 ms to every step, and half a step is under way
+    assert predict_ttft(decoding, 100, 100.0) == pytest.approx(0.05 / 2 + 0.05 + 100 * 1e-4)
+
+
+def test_the_queue_drains_while_the_snapshot_ages_and_own_sends_add_to_it():
+    queued = load(queued_tokens=4000)
+    fresh, later = predict_ttft(queued, 100, 100.0), predict_ttft(queued, 100, 100.2)
+    assert later == pytest.approx(fresh - 0.2)
+    assert predict_ttft(queued, 100, 100.0, sent_tokens=2000) == pytest.approx(fresh + 0.2 + 0.01)
+
+
+def test_a_full_pool_waits_for_blocks_by_the_release_curve_or_the_freed_rate():
+    full = load(free_blocks=0, release=((0.5, 10), (2.0, 100)))
+    base = predict_ttft(load(), 100, 100.0)
+    assert predict_ttft(full, 100, 100.0) == pytest.approx(base + 0.5)  # 7 blocks: the first point frees 10
+    assert predict_ttft(load(free_blocks=0, release=((0.5, 10), (2.0, 100)), freed_blocks_per_s=70), 100,
+                        100.0) == pytest.approx(base + 0.1)  # the measured rate frees 7 in 0.1 s
+    assert predict_ttft(load(free_blocks=0), 100, 100.0) > 100  # nothing will free blocks: out of the race
+    assert predict_ttft(load(ok=False), 1, 100.0) == math.inf
+
+
+def test_fcfs_prefills_alone_in_budget_sized_steps():
+    fcfs = load(mixed=False, decoding=40, token_budget=1000)
+    assert prefill_seconds(fcfs, 2500) == pytest.approx(3 * 0.01 + 2500 * 1e-4)
+
+
+def test_stats_round_trip_and_malformed_stats_are_ignored():
+    original = load(queued_tokens=7, held_blocks={"kv": 3}, release=((0.1, 2),), prefixes=("p",))
+    assert ReplicaLoad.from_stats(original.to_stats()) == original
+    for bad in (None, {}, {"taken_at": "x"}, {"taken_at": 1.0, "step_cost": [1, 2]}, {"taken_at": float("nan")},
+                {"taken_at": 1.0, "bogus": 1}, {"taken_at": 1.0, "release": [[1]]}, [1, 2]):
+        assert ReplicaLoad.from_stats(bad) is None or bad == {"taken_at": 1.0, "bogus": 1}
+    assert ReplicaLoad.from_stats({"taken_at": 1.0, "bogus": 1}).taken_at == 1.0  # unknown keys: newer replicas
+
+
+def test_step_speed_recovers_a_linear_step_cost():
+    speed, rng = StepSpeed(), random.Random(0)
+    for _ in range(300):
+        prefill, decodes = rng.choice((0, rng.randint(1, 2000))), rng.randint(0, 64)
+        speed.observe(prefill, decodes, 0.004 + 2e-5 * prefill + 3e-4 * decodes)
+    assert speed.coef == pytest.approx((0.004, 2e-5, 3e-4), rel=1e-3)
+    only_decodes = StepSpeed(prior_c0=0.002)
+    assert only_decodes.coef == (0.002, 0.0, 0.0)
+    for d in range(1, 50):
+        only_decodes.observe(0, d, 0.001 * d)
+    assert all(c >= 0 for c in only_decodes.coef)
+
+
+# -- the ranking ---------------------------------------------------------------------------------
+def test_most_headroom_first_then_unknown_then_late_then_down():
+    loads = {"busy": load(queued_tokens=3000), "idle": load(), "late": load(queued_tokens=30000),
+             "down": load(ok=False), "new": None}
+    r = rank(RequestHint(100, 1.0), loads, SentLog(), 100.0, stale_after_s=2.0)
+    assert r.order == ["idle", "busy", "new", "late", "down"] and r.reason == SLO
+
+
+def test_a_request_lost_everywhere_goes_where_it_delays_no_savable_one():
+    loads = {"busy": load(queued_tokens=3000), "idle": load(), "late": load(queued_tokens=30000),
+             "down": load(ok=False), "new": None}
+    r = rank(RequestHint(100, 0.001), loads, SentLog(), 100.0, stale_after_s=2.0)
+    assert r.order == ["late", "busy", "idle", "new", "down"] and r.reason == UNMEETABLE
+
+
+def test_stale_stats_leave_the_choice_to_the_default():
+    loads = {"a": load(taken_at=90.0), "b": None}
+    assert rank(RequestHint(100, 1.0), loads, SentLog(), 100.0, stale_after_s=2.0) is None
+
+
+def test_sends_since_the_snapshot_spread_a_burst():
+    loads, sent, picks = {"a": load(), "b": load()}, SentLog(), []
+    for i in range(6):
+        first = rank(RequestHint(500, 1.0), loads, sent, 100.0 + i * 1e-3, 2.0).order[0]
+        sent.add(first, 500, 100.0 + i * 1e-3)
+        picks.append(first)
+    assert sorted(picks) == ["a"] * 3 + ["b"] * 3
+    sent.remove("a", 500)
+    assert sent.since("a", 100.0, 100.01) == 1000
+    assert sent.since("a", 200.0, 200.0) == 0  # all older than the snapshot: in it already
+
+
+def test_a_prefix_holder_goes_first_when_it_meets_the_slo():
+    loads = {"idle": load(), "holder": load(queued_tokens=2000, prefixes=("sys",))}
+    r = rank(RequestHint(100, 1.0, prefix="sys"), loads, SentLog(), 100.0, 2.0)
+    assert r.order[0] == "holder" and r.reason == PREFIX
+    r = rank(RequestHint(100, 0.05, prefix="sys"), loads, SentLog(), 100.0, 2.0)
+    assert r.order[0] == "idle" and r.reason == SLO  # the prefix would cost the SLO
+
+
+# -- what the router reads of a request -----------------------------------------------------------
+def _http(method="POST", path="/v1/completions", headers=()):
+    from ray.serve._private.common import StreamingHTTPRequest
+    scope = {"type": "http", "method": method, "path": path, "headers": list(headers)}
+    return type("PR", (), {"args": [pickle.dumps(StreamingHTTPRequest(scope, proxy_actor_name="proxy"))]})()
+
+
+def test_http_hints_from_headers_or_content_length():
+    from aptray.serve.route_hints import hint_of
+    h = hint_of(_http(headers=[(b"x-aptray-ttft-ms", b"250"), (b"x-aptray-prompt-tokens", b"77")]), 1.0)
+    assert (h.prompt_tokens, h.ttft_slo) == (77, 0.25)
+    h = hint_of(_http(path="/app/v1/chat/completions", headers=[(b"content-length", b"4128")]), 1.5)
+    assert (h.prompt_tokens, h.ttft_slo) == (1000, 1.5)
+    for junk in (b"nan", b"-3", b"inf", b"abc", b"\xff"):
+        assert hint_of(_http(headers=[(b"x-aptray-ttft-ms", junk)]), 2.0).ttft_slo == 2.0
+    h = hint_of(_http(headers=[(b"x-aptray-prompt-tokens", b"1000000"), (b"content-length", b"300")]), 1.0)
+    assert h.prompt_tokens == 300  # a claim beyond the body's bytes would steer the router: capped
+    assert hint_of(_http(method="GET", path="/metrics"), 1.0) is None
+    for args in ([b"not a pickle"], [1, 2], ["text"], []):
+        assert hint_of(type("PR", (), {"args": args})(), 1.0) is None
+    assert hint_of(object(), 1.0) is None
+
+
+def test_grpc_hints_from_the_request_message():
+    from ray.serve._private.common import gRPCRequest
+
+    from aptray.proto import generate_pb2
+    from aptray.serve.route_hints import hint_of
+
+    def pr(msg):
+        return type("PR", (), {"args": [pickle.dumps(gRPCRequest(user_request_proto=msg))]})()
+    msg = generate_pb2.GenerateRequest(prompt_token_ids=generate_pb2.TokenIds(ids=[5] * 300))
+    msg.slo.ttft_ms = 400
+    assert (hint_of(pr(msg), 1.0).prompt_tokens, hint_of(pr(msg), 1.0).ttft_slo) == (300, 0.4)
+    text = generate_pb2.GenerateRequest(prompt="x" * 800)
+    assert (hint_of(pr(text), 1.0).prompt_tokens, hint_of(pr(text), 1.0).ttft_slo) == (200, 1.0)
+
+
+# -- autoscaling, deployment options ---------------------------------------------------------------
+def test_goodput_policy_scales_on_attainment_and_pressure():
+    from aptray.serve.autoscale import GoodputPolicy
+    p = GoodputPolicy(target_attainment=0.9, upscale_pressure=0.8, downscale_pressure=0.3)
+    assert p.desired(2, [0.5, 0.6], attained=95, ended=100) == 2  # meets, moderately loaded: stay
+    assert p.desired(2, [0.5, 0.6], attained=70, ended=100) == 3  # misses: one more at least
+    assert p.desired(2, [2.0, 2.2], attained=95, ended=100) == 8  # the pressure says 2 x 2.1 / 0.55
+    assert p.desired(4, [0.1, 0.1, 0.0, 0.1], attained=100, ended=100) == 3  # idle: one fewer a step
+    assert p.desired(4, [0.1] * 4, attained=50, ended=100) == 5  # idle by TTFT but missing: up
+    assert p.desired(2, [0.5, 0.5], attained=0, ended=3) == 1  # quiet: too few requests to judge attainment
+    assert p.desired(2, [0.9, 0.9], attained=0, ended=3) == 4  # quiet, but what comes waits too long
+    assert p.desired(1, [0.0], attained=0, ended=0) == 1
+
+
+def test_goodput_policy_reads_serves_context():
+    from ray.serve._private.common import DeploymentID, ReplicaID
+    from ray.serve.config import AutoscalingConfig, AutoscalingContext
+
+    from aptray.serve.autoscale import GoodputPolicy
+    dep = DeploymentID("Ingress", "aptray")
+    reps = [ReplicaID("a", dep), ReplicaID("b", dep)]
+
+    def ctx(metrics):
+        return AutoscalingContext(dep, "Ingress", "aptray", 2, 2, reps, 8.0, 0.0, metrics, None, 1, 4, {}, None, None,
+                                  0.0, AutoscalingConfig(min_replicas=1, max_replicas=4))
+    metrics = {"aptray_ttft_pressure": {reps[0]: 1.5, reps[1]: 1.7}, "aptray_attained": {reps[0]: 40, reps[1]: 30},
+               "aptray_ended": {reps[0]: 50, reps[1]: 50}}
+    assert GoodputPolicy()(ctx(metrics)) == (6, {})
+    desired, _ = GoodputPolicy()(ctx({}))  # no aptray metrics yet: Serve's default on ongoing requests
+    assert desired == pytest.approx(2 * 8.0 / (2 * 2))
+
+
+def test_build_app_args_set_the_router_and_autoscaling():
+    from aptray.serve.args import AppArgs
+    from aptray.serve.deploy_options import POLICY, ROUTER_CLASS, deployment_options
+    opts = deployment_options(AppArgs.parse({"num_replicas": "3", "routing_stats_period_s": "0.25"}))  # a string: CLI
+    router = opts["request_router_config"]
+    assert opts["num_replicas"] == 3 and router.request_router_class == ROUTER_CLASS
+    assert router.request_routing_stats_period_s == 0.25 and router.request_router_kwargs["stale_after_s"] == 3.0
+    opts = deployment_options(AppArgs.parse({"routing": "default", "min_replicas": "2", "max_replicas": "5"}))
+    assert "SloRouter" not in opts["request_router_config"].request_router_class and "num_replicas" not in opts
+    scaling = opts["autoscaling_config"]
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.initial_replicas) == (2, 5, 2)
+    assert scaling.policy.policy_function == POLICY
+    for bad in ({"routing": "random"}, {"min_replicas": 3, "max_replicas": 2}, {"max_replicas": 0}):
+        with pytest.raises(ValueError):
+            AppArgs.parse(bad)
+
+
+# -- the simulator's multi-replica mode -------------------------------------------------------------
+def _sim_config():
+    from aptray.config import EngineConfig
+    from aptray.sim import configs_dir
+    return EngineConfig(model=os.path.join(configs_dir(), "opt-13b"), scheduler="apt", cache_mode="hybrid",
+                        ttft_slo=0.25, tbt_slo=0.1)
+
+
+def test_load_tracker_reads_a_real_scheduler():
+    from aptray.sampling_params import SamplingParams
+    from aptray.serve.ttft_estimate import LoadTracker
+    from aptray.sim.runner import build_engine
+    config = _sim_config()
+    engine, executor = build_engine(config, "a100-40gb")
+    tracker = LoadTracker(config)
+    for i, n in enumerate((300, 500, 200)):
+        engine.add_request(str(i), [5] * n, SamplingParams(max_tokens=40, ignore_eos=True), arrival_time=0.0)
+    snap = tracker.snapshot(engine.scheduler, 0.0, 0.0, inbox_tokens=50, inbox=1)
+    assert (snap.queued_tokens, snap.queued, snap.decoding) == (1050, 4, 0)
+    assert snap.block_tokens == {"kv": 16, "hidden": 32} and snap.free_blocks == snap.num_blocks
+    assert tracker.snapshot(engine.scheduler, 1.0, 1.0).queued == 0  # apt: past their 0.25 s TTFT, served last
+    while engine.has_unfinished() and len(engine.scheduler.running) < 3:
+        step = engine.step()
+        tracker.on_step(step.plan, step.result.step_time)
+    snap = tracker.snapshot(engine.scheduler, executor.clock.now, executor.clock.now)
+    assert snap.decoding == 3 and sum(snap.held_blocks.values()) > 0 and snap.free_blocks < snap.num_blocks
+    assert snap.release[-1][1] == sum(snap.held_blocks.values()) and tracker.speed.steps > 0
+
+
+@pytest.mark.parametrize("routing", ["p2c", "slo"])
+def test_cluster_simulation_serves_every_request_on_one_clock(routing):
+    from aptray.sim.cluster import simulate_cluster
+    from aptray.sim.runner import SimRequest
+    rng = random.Random(1)
+    reqs = [SimRequest(f"r{i}", i * 0.05, rng.randint(20, 600), rng.randint(5, 60), 0.25, 0.1) for i in range(60)]
+    run = simulate_cluster(_sim_config(), reqs, 3, routing, seed=0)
+    again = simulate_cluster(_sim_config(), reqs, 3, routing, seed=0)
+    assert [o.status for o in run.outcomes] == ["finished"] * 60
+    assert [len(o.token_times) for o in run.outcomes] == [r.output_len for r in reqs]
+    assert [o.token_times for o in run.outcomes] == [o.token_times for o in again.outcomes]  # deterministic
+    assert sum(p["admitted"] for p in run.per_replica) == 60 and min(p["admitted"] for p in run.per_replica) > 5
+    assert sum(run.routed.values()) == 60
+    assert all(o.token_times[0] >= o.arrival_time for o in run.outcomes)
+
+
+def test_cluster_simulation_sheds_what_no_replica_can_meet():
+    from aptray.sim.cluster import SHED, simulate_cluster
+    from aptray.sim.runner import SimRequest
+    warm = [SimRequest(f"w{i}", 0.0, 300, 50, 10.0, 10.0) for i in range(4)]  # the estimator learns step costs
+    burst = [SimRequest(f"r{i}", 2.0, 1000, 20, 0.25, 0.1) for i in range(40)]
+    run = simulate_cluster(_sim_config(), warm + burst, 2, "slo", shed_unmeetable=True)
+    shed = [o for o in run.outcomes if o.status == "rejected"]
+    assert run.routed[SHED] == len(shed) > 0 and all("shed" in o.error for o in shed)
+    assert all(o.status == "finished" for o in run.outcomes if o not in shed)

@@ -1,0 +1,157 @@
+"""aptray's request router on a real two-replica Serve app (CPU, the tiny demo model, one Ray instance).
+
+Each replica's engine is made busy by admitting work on its Router actor directly (the actors are
+named per replica), so the test decides which replica is loaded; every other request goes through
+Serve's HTTP (or gRPC) proxy and its request router. Which replica answered is in each HTTP
+response's x-aptray-replica header.
+"""
+import os
+import signal
+import time
+import uuid
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import httpx  # noqa: E402
+import ray  # noqa: E402
+
+from fault_tools import descendants_named, metric  # noqa: E402
+from serve_tools import served_app  # noqa: E402
+
+ARGS = {"num_replicas": 2, "num_cache_blocks": 128, "max_num_seqs": 8, "max_queue": 1024, "use_gpu": False,
+        "shed_unmeetable": True, "routing_stats_period_s": 0.3, "routing_stale_after_s": 1.5}
+RELAXED_MS = 60_000  # an SLO every request meets: only the routing is under test
+
+
+@pytest.fixture(scope="module")
+def app():
+    with served_app(ARGS, num_cpus=4) as addresses:
+        yield addresses
+
+
+def router_names() -> dict:
+    """Replica id -> (name, namespace) of its newest Router actor (ingress.ROUTER_NAME: ...:<replica>:<n>)."""
+    latest = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        parts = entry["name"].split(":")
+        if len(parts) == 4 and parts[:2] == ["aptray-router", "aptray"]:
+            if int(parts[3]) >= latest.get(parts[2], (-1,))[0]:
+                latest[parts[2]] = (int(parts[3]), entry["name"], entry["namespace"])
+    return {replica: (name, ns) for replica, (_, name, ns) in latest.items()}
+
+
+def routers() -> dict:
+    """Replica id -> the handle of its current Router actor."""
+    return {replica: ray.get_actor(name, namespace=ns) for replica, (name, ns) in router_names().items()}
+
+
+def make_busy(router, requests: int = 60, prompt: int = 480, max_tokens: int = 24) -> list[str]:
+    """Queue long requests on one replica's engine, past its request router."""
+    rids = [f"busy-{uuid.uuid4().hex}" for _ in range(requests)]
+    sampling = {"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True, "ttft_slo": RELAXED_MS / 1e3}
+    answers = ray.get(router.admit.remote([(rid, [5 + i % 90 for i in range(prompt)], sampling, None, None, "", 0)
+                                           for rid in rids]))
+    assert all(a.get("accepted") for a in answers)
+    return rids
+
+
+def post(url: str, ttft_ms: float = RELAXED_MS, prompt: int = 40, max_tokens: int = 4) -> httpx.Response:
+    body = {"prompt": [5 + i % 90 for i in range(prompt)], "max_tokens": max_tokens, "ignore_eos": True,
+            "temperature": 0.0, "aptray_slo": {"ttft_ms": ttft_ms}}
+    return httpx.post(url + "/v1/completions", json=body, timeout=60,
+                      headers={"x-aptray-ttft-ms": str(ttft_ms), "x-aptray-prompt-tokens": str(prompt)})
+
+
+def routed(url: str, reason: str) -> int:
+    return int(metric(httpx.get(url + "/metrics", timeout=30).text, "aptray_routed_requests_total",
+                      f'{{reason="{reason}"}}') or 0)
+
+
+def queued(router) -> int:
+    return ray.get(router.load.remote())["queued_tokens"]
+
+
+def test_requests_spread_over_both_replicas_and_are_counted(app):
+    url = app["http"]
+    served = [post(url) for _ in range(8)]
+    assert all(r.status_code == 200 for r in served)
+    assert set(r.headers["x-aptray-replica"] for r in served) == set(routers())  # both replicas, by name
+    time.sleep(1.5)  # the request router publishes its counts every second
+    assert routed(url, "slo") >= 8
+    time.sleep(1.5)
+    assert routed(url, "no_info") >= 1  # the GET before: no SLO to read, Serve's default routed it
+
+
+def test_a_busy_replica_gets_the_new_requests_elsewhere(app):
+    url, by_replica = app["http"], routers()
+    busy, idle = sorted(by_replica)
+    rids = make_busy(by_replica[busy])
+    time.sleep(1.0)  # the next stats pull sees the queue
+    went = []
+    while queued(by_replica[busy]) > 2000 and len(went) < 12:
+        r = post(url)
+        assert r.status_code == 200
+        went.append(r.headers["x-aptray-replica"])
+    for rid in rids:
+        by_replica[busy].abort.remote(rid)
+    assert len(went) >= 4, "the busy replica drained before the test could look"
+    assert went.count(idle) >= len(went) - 1, went
+
+
+def test_unmeetable_requests_are_shed_with_429_and_retry_after(app):
+    from aptray.client import Client
+    import grpc
+    url, by_replica = app["http"], routers()
+    rids = {name: make_busy(router, requests=80) for name, router in by_replica.items()}
+    time.sleep(1.0)
+    try:
+        assert all(queued(router) > 2000 for router in by_replica.values())
+        shed = post(url, ttft_ms=20)
+        assert shed.status_code == 429, shed.text
+        assert int(shed.headers["retry-after"]) >= 1 and shed.json()["error"]["type"] == "rate_limit_error"
+        assert "TTFT SLO" in shed.json()["error"]["message"]
+        with Client(app["grpc"]) as c, pytest.raises(grpc.RpcError) as e:
+            list(c.generate([5] * 40, max_tokens=4, ttft_ms=20))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "TTFT SLO" in e.value.details() and "retry after" in e.value.details()
+        assert post(url).status_code == 200  # a relaxed SLO is still met: queued, not shed
+    finally:
+        for name, router in by_replica.items():
+            for rid in rids[name]:
+                router.abort.remote(rid)
+    refused = sum(metric(ray.get(r.metrics_text.remote()).decode(), "aptray_requests_rejected_total",
+                         '{reason="ttft_unmeetable"}') or 0 for r in by_replica.values())
+    assert refused >= 2
+
+
+def test_stale_stats_fall_back_to_serves_default(app):
+    """With Serve's controller stopped no stats arrive; once they are older than routing_stale_after_s
+    the router routes by Serve's default, and requests are still served."""
+    url = app["http"]
+    (controller,) = descendants_named("ray::ServeController")
+    before = routed(url, "stale")
+    controller.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(ARGS["routing_stale_after_s"] + 1.0)
+        assert all(post(url).status_code == 200 for _ in range(5))
+        time.sleep(1.5)
+        assert routed(url, "stale") >= before + 5
+    finally:
+        controller.send_signal(signal.SIGCONT)
+
+
+def test_a_replica_whose_router_died_is_avoided_until_it_is_back(app):
+    url, by_replica, names = app["http"], routers(), router_names()
+    dead, alive = sorted(by_replica)
+    ray.kill(by_replica[dead], no_restart=True)
+    time.sleep(1.0)  # the next stats pull finds it dead: its ingress reports "ok": False and starts a new one
+    went = [post(url) for _ in range(6)]
+    assert all(r.status_code == 200 for r in went)
+    assert [r.headers["x-aptray-replica"] for r in went] == [alive] * 6
+    deadline = time.time() + 60
+    while time.time() < deadline and router_names()[dead] == names[dead]:
+        time.sleep(0.5)
+    assert router_names()[dead] != names[dead]
+    assert ray.get(routers()[dead].health.remote())["ok"]  # replaced: it takes requests again
