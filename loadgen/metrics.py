@@ -83,12 +83,28 @@ def percentiles(values, ps=(50, 90, 99)) -> dict[str, float]:
     return {f"p{p}": float(np.percentile(values, p)) for p in ps}
 
 
-def summarize(records: list[RequestRecord], duration: float | None = None) -> dict:
+def prefix_cache(stats: dict | None) -> dict | None:
+    """Prefix-cache hit rates of a run from its scheduler counters (prefix_*: tokens and full blocks
+    looked up at admission and found cached); None when the run had no prefix cache."""
+    stats = stats or {}
+    if "prefix_queried_tokens" not in stats:
+        return None
+    out = {k.removeprefix("prefix_"): stats.get(k, 0) for k in
+           ("prefix_queried_tokens", "prefix_hit_tokens", "prefix_queried_blocks", "prefix_hit_blocks")}
+    out["hit_rate_tokens"] = out["hit_tokens"] / out["queried_tokens"] if out["queried_tokens"] else 0.0
+    out["hit_rate_blocks"] = out["hit_blocks"] / out["queried_blocks"] if out["queried_blocks"] else 0.0
+    return out
+
+
+def summarize(records: list[RequestRecord], duration: float | None = None, stats: dict | None = None) -> dict:
+    """The run's SLO and latency figures; with stats (the scheduler's counters), its prefix-cache hit
+    rates too, where it had a prefix cache."""
     duration = run_duration(records) if duration is None else duration
     done = [r for r in records if r.status == FINISHED]
     statuses: dict[str, int] = {}
     for r in records:
         statuses[r.status] = statuses.get(r.status, 0) + 1
+    hits = prefix_cache(stats)
     return {
         "num_requests": len(records),
         "statuses": statuses,
@@ -102,4 +118,5 @@ def summarize(records: list[RequestRecord], duration: float | None = None) -> di
         "tbt_p99_per_request_s": percentiles(r.tbt_p99 for r in done),
         "e2e_s": percentiles(r.e2e for r in done),
         "preemptions": sum(r.num_preemptions for r in records),
+        **({"prefix_cache": hits} if hits is not None else {}),
     }

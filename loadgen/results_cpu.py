@@ -128,48 +128,58 @@ def make_engine(model: str, label: str, ttft: float, tbt: float, clock=None):
 
 
 def replay(engine, trace, ttft: float, tbt: float, seed: int = 0, timeout: float = TIMEOUT_S):
-    """Replay trace on engine's clock (a CpuClock); returns (records, duration, scheduler stats)."""
+    """Replay trace on engine's clock (a CpuClock), follow-ups as a closed loop; returns (records,
+    duration, scheduler stats)."""
+    from operator import attrgetter
+
     from aptray.sampling_params import SamplingParams
+    from aptray.sim.arrivals import Arrivals
+    from loadgen.clients import conversation_ids
     from loadgen.metrics import RequestRecord
 
     clock = engine.clock
     rng = np.random.default_rng(seed)
     trace = sorted(trace, key=lambda r: r.arrived_at)
-    prompts = [rng.integers(4, engine.config.spec.vocab_size, r.num_prefill_tokens).tolist() for r in trace]
-    by_id = {r.request_id: r for r in trace}
+    # a conversation's turns: its synthetic stream (each turn extends the last); else random ids
+    prompts = {r.request_id: conversation_ids(r) if r.conversation is not None
+               else rng.integers(4, engine.config.spec.vocab_size, r.num_prefill_tokens).tolist() for r in trace}
+    arrived = {}  # request id -> when it came (a follow-up: think time after the turn it follows ended)
+    arrivals = Arrivals(trace, at=attrgetter("arrived_at"))
     records = {}
+    by_id = {r.request_id: r for r in trace}
 
     def record(rid, status, times=(), preemptions=0):
         r = by_id[rid]
-        records[rid] = RequestRecord.from_token_times(rid, r.arrived_at, r.num_prefill_tokens, r.num_decode_tokens,
+        records[rid] = RequestRecord.from_token_times(rid, arrived[rid], r.num_prefill_tokens, r.num_decode_tokens,
                                                       ttft, tbt, [t - start for t in times], status, preemptions)
+        arrivals.ended(rid, clock() - start)
 
-    start, i = clock(), 0
-    while i < len(trace) or engine.has_unfinished():
+    start, last_arrival = clock(), 0.0
+    while arrivals or engine.has_unfinished():
         now = clock() - start
-        while i < len(trace) and trace[i].arrived_at <= now:
-            r = trace[i]
+        for at, r in arrivals.pop_due(now):
+            arrived[r.request_id] = last_arrival = at
             sp = SamplingParams(temperature=0.0, max_tokens=r.num_decode_tokens, ignore_eos=True, ttft_slo=ttft,
                                 tbt_slo=tbt)
             try:
-                engine.add_request(r.request_id, prompts[i], sp, arrival_time=start + r.arrived_at)
+                engine.add_request(r.request_id, prompts[r.request_id], sp, arrival_time=start + at)
             except ValueError:
                 record(r.request_id, "rejected")
-            i += 1
-        if i == len(trace) and now > trace[-1].arrived_at + timeout:
+        if not arrivals and not arrivals.waiting_on_others and now > last_arrival + timeout:
             for rid in list(engine.scheduler.requests):
                 req = engine.scheduler.requests[rid]
                 engine.abort(rid)
                 record(rid, "aborted", req.token_times, req.num_preemptions)
             break
         if not engine.has_unfinished():
-            clock.advance_to(start + trace[i].arrived_at)
+            clock.advance_to(start + arrivals.next_time)
             continue
         for out in engine.step():
             if out.finished:
                 record(out.request_id, "finished", out.metrics.token_times, out.metrics.num_preemptions)
-    out = [records.get(r.request_id) or RequestRecord(r.request_id, r.arrived_at, r.num_prefill_tokens,
-                                                      r.num_decode_tokens, ttft, tbt, status="unfinished")
+    out = [records.get(r.request_id) or RequestRecord(r.request_id, arrived.get(r.request_id, r.arrived_at),
+                                                      r.num_prefill_tokens, r.num_decode_tokens, ttft, tbt,
+                                                      status="unfinished")
            for r in trace]
     return out, clock() - start, dict(engine.scheduler.stats)
 

