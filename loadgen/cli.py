@@ -342,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode = res.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="~15 min (default)")
     mode.add_argument("--full", dest="mode", action="store_const", const="full", help="~45 min")
-    res.add_argument("--parts", default="cpu,sim", help="cpu, sim or both (a part left out is read from its JSON)")
+    res.add_argument("--parts", default="cpu,sim,chat-cpu,chat-sim",
+                     help="cpu, sim (single-turn), chat-cpu, chat-sim (multi-turn, with and without prefix caching), "
+                          "comma-separated; a part left out is read from its JSON")
     res.add_argument("--workers", type=int, default=2, help="processes for the simulated part")
     res.set_defaults(mode="quick", func=lambda a: __import__("loadgen.make_results", fromlist=["main"]).main(
         a.mode, a.parts.split(","), a.workers))

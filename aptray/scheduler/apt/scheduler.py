@@ -45,6 +45,10 @@ class AptScheduler(Scheduler):
         self.slo = SloState()
         self.forecast = Forecast(blocks, self.slo, self.hidden_on)
         self.waiting_features = WaitingFeatures()
+        if self.kv_on and self.hidden_on:
+            # keep cached prefixes as hidden: a hidden block holds twice the tokens of a KV one, and a
+            # KV request can start from it by conversion; so KV copies are evicted first
+            blocks.evict_first = CacheKind.KV
 
     @property
     def alpha(self) -> float:
