@@ -93,6 +93,9 @@ class EngineConfig:
     cache_memory_gb: float = 0.5  # CPU: the pool's size; GPU: gpu_memory_utilization decides
     gpu_memory_utilization: float = 0.9
     recompute_scratch_tokens: int | None = None  # context tokens re-projected at once (hidden recompute)
+    # share the cache of full blocks whose tokens, and all before them, another request computed
+    # (vLLM's name; aptray.cache.block_manager). Exact: a cached block is reused only at its position
+    enable_prefix_caching: bool = True
     # scheduling
     scheduler: str = "fcfs"
     max_num_seqs: int = 256

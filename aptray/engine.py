@@ -54,7 +54,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.clock = clock
         hidden = config.hidden_block_size if config.cache_mode != "kv" else 0
-        self.blocks = blocks if blocks is not None else BlockManager(executor.num_blocks, config.block_size, hidden)
+        self.blocks = blocks if blocks is not None else BlockManager(executor.num_blocks, config.block_size, hidden,
+                                                                     config.enable_prefix_caching)
         self.scheduler = make_scheduler(config, self.blocks)
         self._prompts: dict[str, str | None] = {}
         self._stops: dict[str, StopChecker] = {}
@@ -192,14 +193,16 @@ class Engine:
 
     def _one_suspect(self, plan):
         """A plan with at most one quarantined request (StepQuarantine). The others wait: one with
-        computed tokens is simply planned again next step; one the plan was to start is sent back
-        to the queue (a policy plans a running request's chunk only once it has started)."""
+        computed tokens is simply planned again next step; one the plan was to start, or whose
+        conversion would not run (its blocks already moved), is sent back to the queue (a policy
+        plans a running request's chunk only once it has started)."""
         later = set(self.quarantine.held_back(s.request_id for s in plan.seqs))
         if not later:
             return plan
+        converting = {c.request_id for c in plan.conversions}
         for rid in later:
             req = self.scheduler.requests[rid]
-            if req.num_computed_tokens == 0:
+            if req.num_computed_tokens == 0 or rid in converting:
                 self.scheduler.preempt(req)
         return type(plan)(plan.iteration, tuple(s for s in plan.seqs if s.request_id not in later),
                           tuple(c for c in plan.conversions if c.request_id not in later), plan.want_logits)

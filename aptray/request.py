@@ -58,6 +58,8 @@ class Request:
     stop_reason: str | int | None = None
     error: str | None = None  # why it ended with FINISHED_ERROR
     stop_token_set: frozenset[int] = frozenset()  # sampling.stop_token_ids: an O(1) check per token
+    # the prefix cache's keys of its full blocks, per kind (aptray.cache.block_hash), grown as needed
+    block_keys: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.stop_token_set = frozenset(self.sampling.stop_token_ids)

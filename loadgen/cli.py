@@ -28,8 +28,13 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trace", help="take requests from this trace file (.jsonl or .csv) instead of sampling a "
                                    "dataset (sweep: its lengths, with Gamma arrivals at each rate)")
     g.add_argument("--dataset", choices=DATASETS, default="sharegpt",
-                   help="sharegpt (ShareGPT V3), humaneval, or synthetic-longprompt (a synthetic stand-in for "
-                        "LongBench summarisation)")
+                   help="sharegpt (ShareGPT V3), humaneval, synthetic-longprompt (a synthetic stand-in for "
+                        "LongBench summarisation), sharegpt-multiturn (ShareGPT conversations turn by turn, each "
+                        "resending the conversation, closed loop) or sharegpt-multiturn-system (the same on a "
+                        "shared system prompt of an eighth of the context)")
+    g.add_argument("--think-time", type=float, default=None,
+                   help="multi-turn datasets: mean seconds (exponential) between a turn's end and the next turn "
+                        "(default 5)")
     g.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
                    help="HF tokenizer folder that measures lengths (default: a GPT-2-sized BPE trained on ShareGPT, "
                         "made on first use)")
@@ -92,6 +97,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                                   "127.0.0.1:9000; the policy is the server's")
     g.add_argument("--api-key", default=os.environ.get("APTRAY_API_KEY"),
                    help="--url/--grpc: API key (Bearer), default $APTRAY_API_KEY")
+    g.add_argument("--metrics-url", help="--grpc: the server's HTTP /metrics, read before and after a run for its "
+                                         "prefix-cache hits (--url reads URL/metrics)")
     g.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="EngineConfig field for every policy, e.g. max_num_seqs=128 (repeatable); "
                         f"policy defaults: {POLICY_DEFAULTS}; --sim also takes sharded_hidden=true (the hidden "
@@ -161,7 +168,8 @@ def make_client(args, policy: str):
         if args.sim:
             sys.exit("--sim replays on the simulator; --url/--grpc on a running server: pick one")
         if args.grpc:
-            return GrpcStreamClient(args.grpc, args.ttft_slo, args.tbt_slo, api_key=args.api_key)
+            return GrpcStreamClient(args.grpc, args.ttft_slo, args.tbt_slo, api_key=args.api_key,
+                                    metrics_url=args.metrics_url)
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
         return HttpStreamClient(args.url, args.ttft_slo, args.tbt_slo, headers=headers)
     factory = config_factory(args, policy)
@@ -218,12 +226,16 @@ def base_trace(args, rate: float = 1.0):
     key = f"{args.dataset}|{os.path.abspath(args.tokenizer)}|{num}|{context}|{args.seed}|{LENGTH_RULE}"
     cache = os.path.join(TRACE_CACHE, hashlib.sha1(key.encode()).hexdigest()[:16] + ".jsonl")
     if os.path.isfile(cache):
-        samples = [Sample(r.prompt or "", r.num_prefill_tokens, r.num_decode_tokens) for r in read_trace(cache)]
+        # in sample order, as make_trace numbered them (read_trace sorts by arrival: follow-ups interleave)
+        cached = sorted(read_trace(cache), key=lambda r: int(r.request_id.removeprefix("req-")))
+        samples = [Sample(r.prompt or "", r.num_prefill_tokens, r.num_decode_tokens, r.conversation,
+                          shared_prefix=r.shared_prefix) for r in cached]
     else:
         samples = load_samples(args.dataset, get_tokenizer(args.tokenizer), num, context, args.seed)
         os.makedirs(TRACE_CACHE, exist_ok=True)
         write_trace(cache, make_trace(samples, 1.0, 1.0, 0, keep_prompts=True))
-    return make_trace(samples, rate, args.cv, args.seed, keep_prompts=getattr(args, "keep_prompts", False))
+    return make_trace(samples, rate, args.cv, args.seed, keep_prompts=getattr(args, "keep_prompts", False),
+                      think_time=getattr(args, "think_time", None))
 
 
 def trace_sample(args, rows):
@@ -278,7 +290,8 @@ def cmd_run(args) -> None:
     client = make_client(args, args.policy)
     with tqdm(total=len(trace), desc=f"{args.policy}", unit="req") as bar:
         result = client.run(trace, progress=bar.update)
-    summary = summarize(result.records, result.duration, goodput_slos(args), context_of(args))
+    summary = summarize(result.records, result.duration, goodput_slos(args), context_of(args),
+                        result.info.get("scheduler_stats"))
     out = {"args": _jsonable(vars(args)), "summary": summary, "info": result.info,
            "records": [r.to_dict() for r in result.records] if args.records else None}
     write_json(args.out, out)
@@ -437,9 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--full", dest="mode", action="store_const", const="full",
                       help="server with more seeds, requests and rates; ~45 min for cpu + sim; pp with 500 requests "
                            "per run")
-    res.add_argument("--parts", default="server,cpu,sim,pp",
+    res.add_argument("--parts", default="server,cpu,sim,pp,chat-cpu,chat-sim",
                      help="any of server (wall clock through HTTP), cpu, sim (paper setups), pp (pipeline vs tensor "
-                          "parallelism); a part left out is read from its JSON")
+                          "parallelism), chat-cpu, chat-sim (multi-turn, with and without prefix caching); a part left out is read from its JSON")
     res.add_argument("--workers", type=int, default=2, help="processes for the simulated part")
     res.set_defaults(mode="quick", func=lambda a: __import__("loadgen.make_results", fromlist=["main"]).main(
         a.mode, a.parts.split(","), a.workers))

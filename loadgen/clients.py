@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from urllib.parse import urlsplit
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from operator import attrgetter
 
 import numpy as np
 
+from aptray.sim.arrivals import Arrivals
 from loadgen.metrics import FINISHED, RequestRecord
 from loadgen.traces import TraceRequest
 
@@ -44,8 +47,11 @@ class Client(ABC):
 
 def prompt_ids(r: TraceRequest, tokenizer, vocab_size: int, rng: np.random.Generator,
                add_special_tokens: bool = False) -> list[int]:
-    """The trace's prompt text when it has one and a tokenizer is given (cut to its length), else random ids.
+    """A conversation's turn: its synthetic ids (loadgen.conversations). Else the trace's prompt text when
+    it has one and a tokenizer is given (cut to its length), else random ids.
     add_special_tokens: as a server tokenizes a text prompt (e.g. OPT's leading </s>)."""
+    if r.conversation is not None:
+        return conversation_ids(r)
     if r.prompt is not None and tokenizer is not None:
         ids = tokenizer(r.prompt, add_special_tokens=add_special_tokens)["input_ids"][:r.num_prefill_tokens]
         if ids:
@@ -73,50 +79,54 @@ class InProcessEngineClient(Client):
         vocab = engine.config.spec.vocab_size
         rng = np.random.default_rng(self.seed)
         trace = sorted(trace, key=lambda r: r.arrived_at)
-        prompts = [prompt_ids(r, self.tokenizer, vocab, rng, self.add_special_tokens)  # before the clock starts
-                   for r in trace]
-        by_id = {r.request_id: r for r in trace}
+        prompts = {r.request_id: prompt_ids(r, self.tokenizer, vocab, rng, self.add_special_tokens)  # before the clock
+                   for r in trace}
+        sent: dict[str, TraceRequest] = {}  # as sent: a follow-up's arrived_at is when it came
         records: dict[str, RequestRecord] = {}
+        arrivals = Arrivals(trace, at=attrgetter("arrived_at"))
         start = clock()
-        i = 0
+        last_arrival = 0.0
 
         def record(r, status, times=(), preemptions=0):
             ttft, tbt = self.slos(r)
             records[r.request_id] = RequestRecord.from_token_times(
                 r.request_id, r.arrived_at, r.num_prefill_tokens, r.num_decode_tokens, ttft, tbt,
                 [t - start for t in times], status, preemptions)
+            arrivals.ended(r.request_id, clock() - start)
             if progress is not None:
                 progress(1)
 
-        while i < len(trace) or engine.has_unfinished():
+        while arrivals or engine.has_unfinished():
             now = clock() - start
-            while i < len(trace) and trace[i].arrived_at <= now:
-                r = trace[i]
-                i += 1
+            for at, r in arrivals.pop_due(now):
+                r = sent[r.request_id] = replace(r, arrived_at=at)
+                last_arrival = at
                 ttft, tbt = self.slos(r)
                 sp = SamplingParams(temperature=0.0, max_tokens=r.num_decode_tokens, ignore_eos=True,
                                     ttft_slo=ttft, tbt_slo=tbt)
                 try:
-                    engine.add_request(r.request_id, prompts[i - 1], sp, arrival_time=start + r.arrived_at)
+                    engine.add_request(r.request_id, prompts[r.request_id], sp, arrival_time=start + at)
                 except ValueError:
                     record(r, "rejected")
-            if self.timeout is not None and i == len(trace) and now > trace[-1].arrived_at + self.timeout:
+            if (self.timeout is not None and not arrivals and not arrivals.waiting_on_others
+                    and now > last_arrival + self.timeout):
                 for rid in list(engine.scheduler.requests):
                     req = engine.scheduler.requests[rid]
                     engine.abort(rid)
-                    record(by_id[rid], "aborted", req.token_times, req.num_preemptions)
+                    record(sent[rid], "aborted", req.token_times, req.num_preemptions)
                 break
             if not engine.has_unfinished():
-                if i < len(trace):
-                    time.sleep(max(0.0, trace[i].arrived_at - (clock() - start)))
+                if arrivals:
+                    time.sleep(max(0.0, arrivals.next_time - (clock() - start)))
                 continue
             for out in engine.step():
                 if out.finished:
                     status = "aborted" if out.outputs[0].finish_reason == "abort" else "finished"
-                    record(by_id[out.request_id], status, out.metrics.token_times, out.metrics.num_preemptions)
+                    record(sent[out.request_id], status, out.metrics.token_times, out.metrics.num_preemptions)
         engine.executor.shutdown()
-        recs = [records.get(r.request_id) or RequestRecord(r.request_id, r.arrived_at, r.num_prefill_tokens,
-                                                           r.num_decode_tokens, *self.slos(r), status="unfinished")
+        recs = [records.get(r.request_id) or RequestRecord(r.request_id, sent.get(r.request_id, r).arrived_at,
+                                                           r.num_prefill_tokens, r.num_decode_tokens, *self.slos(r),
+                                                           status="unfinished")
                 for r in trace]
         return RunResult(recs, clock() - start, {"scheduler_stats": dict(engine.scheduler.stats)})
 
@@ -151,7 +161,8 @@ class SimClient(Client):
             cal = Calibration.load(self.calibration)
             hardware, overhead = cal.hardware, cal.step_overhead
 
-        reqs = [SimRequest(r.request_id, r.arrived_at, r.num_prefill_tokens, r.num_decode_tokens, *self.slos(r))
+        reqs = [SimRequest(r.request_id, r.arrived_at, r.num_prefill_tokens, r.num_decode_tokens, *self.slos(r),
+                           r.conversation, r.shared_prefix, r.after, r.think_time or 0.0)
                 for r in trace]
         on_finish = (lambda _: progress(1)) if progress is not None else None
         if self.replicas > 1 or self.shed_unmeetable:
@@ -170,9 +181,9 @@ class SimClient(Client):
                                "aptray.sim.runner.MAX_STEPS_WITHOUT_TOKEN of them without a token")
         by_id = {r.request_id: r for r in trace}
         records = []
-        for o in run.outcomes:
+        for o in run.outcomes:  # a follow-up arrived when the simulation sent it
             r = by_id[o.request_id]
-            records.append(RequestRecord.from_token_times(r.request_id, r.arrived_at, r.num_prefill_tokens,
+            records.append(RequestRecord.from_token_times(r.request_id, o.arrival_time, r.num_prefill_tokens,
                                                           r.num_decode_tokens, *self.slos(r), o.token_times,
                                                           o.status, o.num_preemptions))
         info = {"steps": run.steps, "stopped_early": run.stopped_early, "busy_time_s": run.busy_time, "num_blocks": run.num_blocks,
@@ -183,34 +194,100 @@ class SimClient(Client):
         return RunResult(records, run.sim_time, info)
 
 
-def remote_prompt(r: TraceRequest) -> str | list[int]:
-    """What a remote client sends: the trace's text, or (a trace of lengths only) that many token
-    ids, small ones that every vocabulary has."""
-    return r.prompt if r.prompt is not None else [4 + i % 96 for i in range(r.num_prefill_tokens)]
+def conversation_ids(r: TraceRequest, salt: str = "") -> list[int]:
+    """A turn's synthetic ids: its conversation's stream (after the shared system prompt). salt: a key
+    of the run, so that runs against one server do not hit each other's cache (the system prompt's
+    stays shared)."""
+    from aptray.sim.prompt_ids import prompt_ids as stream_prompt_ids
+    return stream_prompt_ids(salt + r.conversation, r.num_prefill_tokens, r.shared_prefix)
+
+
+def remote_prompt(r: TraceRequest, salt: str = "") -> str | list[int]:
+    """What a remote client sends: the trace's text, or (a conversation, or a trace of lengths only)
+    synthetic token ids, small ones every vocabulary has, of the request's own stream (prompts that
+    were all the same ids all hit the prefix cache)."""
+    from aptray.sim.prompt_ids import stream_ids
+    if r.conversation is not None:
+        return conversation_ids(r, salt)
+    return r.prompt if r.prompt is not None else stream_ids(salt + r.request_id, r.num_prefill_tokens)
 
 
 async def replay_at_arrivals(trace: list[TraceRequest], send, max_in_flight: int, progress) -> tuple[list, float]:
-    """Start send(r, t0) for each request at its arrival time (at most max_in_flight at once);
-    returns the records in trace order and t0, the run's start on time.perf_counter()."""
+    """Start send(r, t0) for each request at its arrival time, a follow-up think_time after the request
+    it follows ends (at most max_in_flight at once); returns the records in trace order and t0, the
+    run's start on time.perf_counter(). A follow-up is sent with arrived_at set to when it came."""
     sem = asyncio.Semaphore(max_in_flight)
     t0 = time.perf_counter()
-
-    async def one(r):
-        async with sem:
-            rec = await send(r, t0)
-        if progress is not None:
-            progress(1)
-        return rec
-    tasks = []
+    followers: dict[str, list[TraceRequest]] = {}
     for r in trace:
-        delay = t0 + r.arrived_at - time.perf_counter()
+        if r.after is not None:
+            followers.setdefault(r.after, []).append(r)
+    tasks: dict[str, asyncio.Task] = {}
+
+    async def one(r, when):
+        delay = t0 + when - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(r)))
-    return list(await asyncio.gather(*tasks)), t0
+        async with sem:
+            rec = await send(replace(r, arrived_at=when) if r.after is not None else r, t0)
+        if progress is not None:
+            progress(1)
+        for f in followers.pop(r.request_id, ()):
+            tasks[f.request_id] = asyncio.create_task(one(f, time.perf_counter() - t0 + (f.think_time or 0.0)))
+        return rec
+    for r in trace:
+        if r.after is None:
+            delay = t0 + r.arrived_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks[r.request_id] = asyncio.create_task(one(r, r.arrived_at))
+    while not all(t.done() for t in tasks.values()):  # follow-ups join as their turns end
+        await asyncio.gather(*tasks.values())
+    return [tasks[r.request_id].result() for r in trace], t0
 
 
-class HttpStreamClient(Client):
+def read_prefix_counters(url: str, headers: dict | None = None) -> dict[str, float]:
+    """The server's prefix-cache counters from its Prometheus text (/metrics), as scheduler-stat keys
+    (prefix_hit_tokens, ...); {} when it has none or cannot be reached."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("aptray_prefix_cache_") and "_total " in line:
+            name, value = line.split(" ", 1)
+            key = "prefix_" + name.removeprefix("aptray_prefix_cache_").removesuffix("_total")
+            out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+class RemoteClient(Client):
+    """A client of a running server: each run's prompts are its own (a fresh salt of their synthetic
+    ids), and its prefix-cache hits are read off the server's /metrics (metrics_url) before and after,
+    as RunResult.info["scheduler_stats"] (what an in-process run reports from its scheduler)."""
+
+    metrics_url: str | None = None
+    metrics_headers: dict | None = None
+    salt = ""
+
+    def run(self, trace: list[TraceRequest], progress=None) -> RunResult:
+        self.salt = uuid.uuid4().hex[:12] + "-"
+        before = read_prefix_counters(self.metrics_url, self.metrics_headers) if self.metrics_url else {}
+        result = asyncio.run(self._run(sorted(trace, key=lambda r: r.arrived_at), progress))
+        after = read_prefix_counters(self.metrics_url, self.metrics_headers) if self.metrics_url else {}
+        if after:
+            result.info["scheduler_stats"] = {k: v - before.get(k, 0.0) for k, v in after.items()}
+        return result
+
+    @abstractmethod
+    async def _run(self, trace: list[TraceRequest], progress) -> RunResult:
+        ...
+
+
+class HttpStreamClient(RemoteClient):
     """Replays a trace as streamed /v1/completions (greedy, ignore_eos, the request's SLOs as
     aptray_slo, and its TTFT SLO as the x-aptray-ttft-ms header aptray's request router reads) over
     HTTP/1.1 keep-alive connections, at the trace's arrival times. A url path (an app's route
@@ -232,9 +309,7 @@ class HttpStreamClient(Client):
         self.model = model
         self.max_in_flight = max_in_flight
         self.timeout = timeout
-
-    def run(self, trace: list[TraceRequest], progress=None) -> RunResult:
-        return asyncio.run(self._run(sorted(trace, key=lambda r: r.arrived_at), progress))
+        self.metrics_url, self.metrics_headers = f"http://{self.host}:{self.port}/metrics", headers
 
     async def _run(self, trace: list[TraceRequest], progress) -> RunResult:
         idle: list = []  # keep-alive connections (reader, writer)
@@ -250,7 +325,7 @@ class HttpStreamClient(Client):
 
     def _request(self, r: TraceRequest) -> bytes:
         ttft, tbt = self.slos(r)
-        prompt = remote_prompt(r)
+        prompt = remote_prompt(r, self.salt)
         body = {"prompt": prompt, "max_tokens": r.num_decode_tokens, "temperature": 0.0, "ignore_eos": True,
                 "stream": True, "aptray_slo": {"ttft_ms": ttft * 1000, "tbt_ms": tbt * 1000}}
         if self.model:
@@ -322,23 +397,24 @@ class HttpStreamClient(Client):
                         status = FINISHED
 
 
-class GrpcStreamClient(Client):
+class GrpcStreamClient(RemoteClient):
     """Replays a trace as streamed Generate calls (greedy, ignore_eos, the request's SLOs) on one
     grpc.aio channel through Serve's gRPC proxy, at the trace's arrival times. A token's time is
     when the message carrying it arrived. Status: finished (a final message with reason stop or
     length), rejected (RESOURCE_EXHAUSTED or UNAVAILABLE: queue full, store away), failed (any
-    other status, or an abort), unfinished (the stream ended without a final message: lost)."""
+    other status, or an abort), unfinished (the stream ended without a final message: lost).
+    metrics_url: the server's HTTP /metrics, for its prefix-cache hits (the gRPC API has none)."""
 
     def __init__(self, target: str, ttft_slo: float = 1.0, tbt_slo: float = 1.0, api_key: str | None = None,
-                 application: str = "aptray", max_in_flight: int = 1024, timeout: float = 300.0):
+                 application: str = "aptray", max_in_flight: int = 1024, timeout: float = 300.0,
+                 metrics_url: str | None = None):
         super().__init__(ttft_slo, tbt_slo)
         self.target, self.api_key, self.application = target, api_key, application
         self.connect_timeout = 10.0
         self.max_in_flight = max_in_flight
         self.timeout = timeout
-
-    def run(self, trace: list[TraceRequest], progress=None) -> RunResult:
-        return asyncio.run(self._run(sorted(trace, key=lambda r: r.arrived_at), progress))
+        self.metrics_url = metrics_url
+        self.metrics_headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
 
     async def _run(self, trace: list[TraceRequest], progress) -> RunResult:
         from aptray.client import AsyncClient
@@ -360,7 +436,7 @@ class GrpcStreamClient(Client):
         times, status = [], "unfinished"
         try:
             async with asyncio.timeout(self.timeout):
-                async for reply in client.generate(remote_prompt(r), client_request_id=r.request_id,
+                async for reply in client.generate(remote_prompt(r, self.salt), client_request_id=r.request_id,
                                                    max_tokens=r.num_decode_tokens, temperature=0.0, ignore_eos=True,
                                                    ttft_ms=ttft * 1000, tbt_ms=tbt * 1000):
                     now = time.perf_counter()

@@ -6,6 +6,9 @@
 - synthetic-longprompt: NOT LongBench (unobtainable here): long documents stitched from ShareGPT
   replies with a summarisation instruction; prompt lengths uniform in [40%, 85%] of the context,
   output lengths log-normal around 150 tokens — the shape of LongBench summarisation traces.
+- sharegpt-multiturn, sharegpt-multiturn-system: ShareGPT conversations turn by turn, each turn
+  resending the conversation so far (the -system variant opens every one with a shared system
+  prompt): loadgen.conversations.
 Every sample satisfies prompt + output <= context. ShareGPT and HumanEval pairs follow the rule of
 vLLM's benchmark (and the Apt-Serve and DistServe evaluations built on it), scaled to the context:
 a pair is dropped, not cut, when its prompt or output has fewer than 4 tokens, its prompt more than
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DATASETS = ("sharegpt", "humaneval", "synthetic-longprompt")
+DATASETS = ("sharegpt", "humaneval", "synthetic-longprompt", "sharegpt-multiturn", "sharegpt-multiturn-system")
 LENGTH_RULE = "vllm-filter"  # names the length rule in sample caches: a new rule must not read old samples
 
 
@@ -30,6 +33,9 @@ class Sample:
     prompt: str
     prompt_len: int
     output_len: int
+    conversation: str | None = None  # multi-turn workloads: the conversation, its turn, the shared
+    turn: int = 0                    # system prompt's tokens at the start of the prompt
+    shared_prefix: int = 0
 
 
 def load_tokenizer(path: str):
@@ -139,4 +145,8 @@ def load_samples(name: str, tokenizer, num_requests: int, context: int = 2048, s
         return _from_pairs(list(_humaneval_pairs()), tokenizer, num_requests, context, seed, min_len)
     if name == "synthetic-longprompt":
         return _synthetic_longprompt(tokenizer, num_requests, context, seed)
+    if name.startswith("sharegpt-multiturn"):
+        from loadgen.conversations import MULTITURN_SYSTEM, load_chat_samples, system_prompt_len
+        shared = system_prompt_len(context) if name == MULTITURN_SYSTEM else 0
+        return load_chat_samples(tokenizer, num_requests, context, seed, shared, min_len)
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")

@@ -22,7 +22,8 @@ def run_one(policy: str, rate: float) -> dict:
     client: Client = _JOB["clients"][policy]
     trace = rescale(_JOB["trace"], rate, _JOB["cv"], _JOB["seed"])
     result = client.run(trace)
-    summary = summarize(result.records, result.duration, _JOB.get("goodput_slos"), _JOB.get("context"))
+    summary = summarize(result.records, result.duration, _JOB.get("goodput_slos"), _JOB.get("context"),
+                        result.info.get("scheduler_stats"))
     gaps = np.array([g for r in result.records for g in r.token_gaps])
     if gaps.size > MAX_GAPS_KEPT:
         gaps = np.random.default_rng(0).choice(gaps, MAX_GAPS_KEPT, replace=False)

@@ -208,6 +208,51 @@ def pp_section(pp: dict, mode: str) -> list[str]:
     ]
 
 
+def chat_part(mode: str, parts, workers: int) -> list[str]:
+    """The multi-turn section: runs the parts asked (chat-cpu, chat-sim), each into its JSON with its
+    own date and time, and renders what the JSONs hold (nothing for a part never run)."""
+    from loadgen import results_chat
+    runs = {"chat-cpu": lambda: results_chat.run_cpu(mode, workers, log=lambda m: print(m, flush=True)),
+            "chat-sim": lambda: results_chat.run_sim(mode, workers)}
+    done = {}
+    for part, run in runs.items():
+        path = os.path.join(OUT_DIR, part.replace("-", "_") + ".json")
+        if part in parts:
+            t0 = time.time()
+            result = run()
+            with open(path, "w") as f:
+                json.dump({"stamp": time.strftime("%Y-%m-%d %H:%M"), "mode": mode, "elapsed_s": time.time() - t0,
+                           "result": result}, f, indent=1)
+        if os.path.isfile(path):
+            with open(path) as f:
+                done[part] = json.load(f)
+    if not done:
+        return []
+    lines = ["## Multi-turn chat with prefix caching", "",
+             "ShareGPT conversations replayed turn by turn (`--dataset sharegpt-multiturn`; `-system`: every "
+             "conversation opens with one shared system prompt of an eighth of the context): each turn resends the "
+             "conversation so far with the recorded reply, a think time (exponential) after the previous turn ends. "
+             "Each policy runs without prefix caching and with it (`+prefix`); the rate counts requests. Token hit rate: "
+             "prompt tokens found cached at admission over all prompt tokens admitted (docs/ENGINE.md, \"Prefix "
+             "caching\").", ""]
+    if "chat-cpu" in done:
+        d = done["chat-cpu"]
+        cpu = d["result"]
+        lines += ["### Real CPU engine", "",
+                  f"`python -m loadgen results --{d['mode']} --parts chat-cpu` ({d['stamp']}, {d['elapsed_s'] / 60:.0f} min). "
+                  f"{cpu['num_requests']} requests per run. {cpu['description']} Measured here: 16-request decode step "
+                  f"{1e3 * cpu['decode_step_s']:.2f} ms, {cpu['context'] - 1}-token prefill {1e3 * cpu['prefill_s']:.1f} ms, "
+                  f"think time {cpu['think_s']:.2f} s.", "", *results_chat.cpu_tables(cpu, OUT_DIR)]
+    if "chat-sim" in done:
+        d = done["chat-sim"]
+        lines += ["### Simulated OPT-13B (A100-40GB)", "",
+                  f"`python -m loadgen results --{d['mode']} --parts chat-sim` ({d['stamp']}, {d['elapsed_s'] / 60:.0f} min). "
+                  f"{results_chat.SIM_REQUESTS[d['mode']]} requests per run, effective throughput by bisection (5% "
+                  "tolerance), DistServe's OPT-13B chat SLOs (0.25 s / 0.1 s), think time 5 s.", "",
+                  *results_chat.sim_tables(d["result"], OUT_DIR)]
+    return lines
+
+
 def main(mode: str = "quick", parts=("server", "cpu", "sim", "pp"), workers: int = 2) -> None:
     from loadgen import results_cpu, results_pp, results_server, results_sim
     os.makedirs(OUT_DIR, exist_ok=True)
@@ -238,6 +283,7 @@ def main(mode: str = "quick", parts=("server", "cpu", "sim", "pp"), workers: int
     server, cpu, sim, pp = (_read(paths[p]) for p in ("server", "cpu", "sim", "pp"))
     elapsed = timing.get("elapsed_s", time.time() - t0)
     minutes = lambda k: f"{timing[k] / 60:.0f} min" if k in timing else "-"  # noqa: E731
+    chat = chat_part(mode, parts, workers)
     body = [
         "# Results",
         "",
@@ -294,6 +340,7 @@ def main(mode: str = "quick", parts=("server", "cpu", "sim", "pp"), workers: int
         ]
     if pp:
         body += pp_section(pp, pp.get("mode", mode))
+    body += chat
     routing = os.path.join(OUT_DIR, "routing.md")  # made by loadgen.results_routing and loadgen.bench_routing
     if os.path.exists(routing):
         with open(routing) as f:

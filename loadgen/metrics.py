@@ -143,15 +143,30 @@ def over_context(records: list[RequestRecord], context: int) -> dict:
             "attainment_within_context": attainment(inside)}
 
 
+def prefix_cache(stats: dict | None) -> dict | None:
+    """Prefix-cache hit rates of a run from its scheduler counters (prefix_*: tokens and full blocks
+    looked up at admission and found cached); None when the run had no prefix cache."""
+    stats = stats or {}
+    if "prefix_queried_tokens" not in stats:
+        return None
+    out = {k.removeprefix("prefix_"): stats.get(k, 0) for k in
+           ("prefix_queried_tokens", "prefix_hit_tokens", "prefix_queried_blocks", "prefix_hit_blocks")}
+    out["hit_rate_tokens"] = out["hit_tokens"] / out["queried_tokens"] if out["queried_tokens"] else 0.0
+    out["hit_rate_blocks"] = out["hit_blocks"] / out["queried_blocks"] if out["queried_blocks"] else 0.0
+    return out
+
+
 def summarize(records: list[RequestRecord], duration: float | None = None, goodput_slos: dict | None = None,
-              context: int | None = None) -> dict:
+              context: int | None = None, stats: dict | None = None) -> dict:
     """The run's metrics. goodput_slos (seconds by kind): also vLLM-style goodput for them; context:
-    requests over it reported apart (they count in attainment as misses when refused)."""
+    requests over it reported apart (they count in attainment as misses when refused); stats (the
+    scheduler's counters): its prefix-cache hit rates, where it had a prefix cache."""
     duration = run_duration(records) if duration is None else duration
     done = [r for r in records if r.status == FINISHED]
     statuses: dict[str, int] = {}
     for r in records:
         statuses[r.status] = statuses.get(r.status, 0) + 1
+    hits = prefix_cache(stats)
     return {
         "num_requests": len(records),
         "statuses": statuses,
@@ -169,4 +184,5 @@ def summarize(records: list[RequestRecord], duration: float | None = None, goodp
         "attainment_by_slo": {k: sum(r.meets(k) for r in records) / (len(records) or 1) for k in ("ttft", "tbt")},
         **({"goodput": goodput_report(records, goodput_slos, duration)} if goodput_slos else {}),
         **({"over_context": over_context(records, context)} if context else {}),
+        **({"prefix_cache": hits} if hits is not None else {}),
     }

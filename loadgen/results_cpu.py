@@ -36,6 +36,7 @@ import multiprocessing as mp
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -83,10 +84,23 @@ DESCRIPTION = (
     "policies replay the same requests at each rate. Design and reasons: docs/SCHEDULER.md.")
 
 
-def tiny_opt() -> str:
+@dataclass(frozen=True)
+class CpuSetup:
+    """One CPU experiment: the model's context, the pool, the policies, what the run writes of itself.
+    think_steps: multi-turn datasets' mean think time, in 16-request decode steps of this machine."""
+    context: int = CONTEXT
+    num_blocks: int = NUM_BLOCKS
+    policies: dict = field(default_factory=lambda: dict(POLICIES))
+    rates: dict = field(default_factory=lambda: RATES)
+    slo_scale: dict = field(default_factory=lambda: SLO_SCALE)
+    think_steps: float = 0.0
+    description: str = DESCRIPTION
+
+
+def tiny_opt(context: int = CONTEXT) -> str:
     from aptray.model.factory import make_tiny_model
     return make_tiny_model(os.path.join(tempfile.mkdtemp(prefix="aptray-results-"), "opt"), arch="opt",
-                           hidden_size=128, num_layers=4, num_heads=HEADS, max_positions=CONTEXT)
+                           hidden_size=128, num_layers=4, num_heads=HEADS, max_positions=context)
 
 
 class CpuClock:
@@ -118,64 +132,75 @@ def cpu_timed_executor(config):
     return CpuTimedExecutor(config)
 
 
-def make_engine(model: str, label: str, ttft: float, tbt: float, clock=None):
+def make_engine(model: str, label: str, ttft: float, tbt: float, clock=None, setup: CpuSetup | None = None):
     from aptray.config import EngineConfig
     from aptray.engine import Engine
-    policy, extra = POLICIES[label]
-    config = EngineConfig(model=model, scheduler=policy, block_size=BLOCK_SIZE, num_cache_blocks=NUM_BLOCKS,
-                          max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=CONTEXT, ttft_slo=ttft, tbt_slo=tbt,
+    setup = setup or CpuSetup()
+    policy, extra = setup.policies[label]
+    config = EngineConfig(model=model, scheduler=policy, block_size=BLOCK_SIZE, num_cache_blocks=setup.num_blocks,
+                          max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=setup.context, ttft_slo=ttft, tbt_slo=tbt,
                           **extra)
     return Engine(config, cpu_timed_executor(config), clock=clock or CpuClock())
 
 
 def replay(engine, trace, ttft: float, tbt: float, seed: int = 0, timeout: float = TIMEOUT_S):
-    """Replay trace on engine's clock (a CpuClock); returns (records, duration, scheduler stats)."""
+    """Replay trace on engine's clock (a CpuClock), follow-ups as a closed loop; returns (records,
+    duration, scheduler stats)."""
+    from operator import attrgetter
+
     from aptray.sampling_params import SamplingParams
+    from aptray.sim.arrivals import Arrivals
+    from loadgen.clients import conversation_ids
     from loadgen.metrics import RequestRecord
 
     clock = engine.clock
     rng = np.random.default_rng(seed)
     trace = sorted(trace, key=lambda r: r.arrived_at)
-    prompts = [rng.integers(4, engine.config.spec.vocab_size, r.num_prefill_tokens).tolist() for r in trace]
-    by_id = {r.request_id: r for r in trace}
+    # a conversation's turns: its synthetic stream (each turn extends the last); else random ids
+    prompts = {r.request_id: conversation_ids(r) if r.conversation is not None
+               else rng.integers(4, engine.config.spec.vocab_size, r.num_prefill_tokens).tolist() for r in trace}
+    arrived = {}  # request id -> when it came (a follow-up: think time after the turn it follows ended)
+    arrivals = Arrivals(trace, at=attrgetter("arrived_at"))
     records = {}
+    by_id = {r.request_id: r for r in trace}
 
     def record(rid, status, times=(), preemptions=0):
         r = by_id[rid]
-        records[rid] = RequestRecord.from_token_times(rid, r.arrived_at, r.num_prefill_tokens, r.num_decode_tokens,
+        records[rid] = RequestRecord.from_token_times(rid, arrived[rid], r.num_prefill_tokens, r.num_decode_tokens,
                                                       ttft, tbt, [t - start for t in times], status, preemptions)
+        arrivals.ended(rid, clock() - start)
 
-    start, i = clock(), 0
-    while i < len(trace) or engine.has_unfinished():
+    start, last_arrival = clock(), 0.0
+    while arrivals or engine.has_unfinished():
         now = clock() - start
-        while i < len(trace) and trace[i].arrived_at <= now:
-            r = trace[i]
+        for at, r in arrivals.pop_due(now):
+            arrived[r.request_id] = last_arrival = at
             sp = SamplingParams(temperature=0.0, max_tokens=r.num_decode_tokens, ignore_eos=True, ttft_slo=ttft,
                                 tbt_slo=tbt)
             try:
-                engine.add_request(r.request_id, prompts[i], sp, arrival_time=start + r.arrived_at)
+                engine.add_request(r.request_id, prompts[r.request_id], sp, arrival_time=start + at)
             except ValueError:
                 record(r.request_id, "rejected")
-            i += 1
-        if i == len(trace) and now > trace[-1].arrived_at + timeout:
+        if not arrivals and not arrivals.waiting_on_others and now > last_arrival + timeout:
             for rid in list(engine.scheduler.requests):
                 req = engine.scheduler.requests[rid]
                 engine.abort(rid)
                 record(rid, "aborted", req.token_times, req.num_preemptions)
             break
         if not engine.has_unfinished():
-            clock.advance_to(start + trace[i].arrived_at)
+            clock.advance_to(start + arrivals.next_time)
             continue
         for out in engine.step():
             if out.finished:
                 record(out.request_id, "finished", out.metrics.token_times, out.metrics.num_preemptions)
-    out = [records.get(r.request_id) or RequestRecord(r.request_id, r.arrived_at, r.num_prefill_tokens,
-                                                      r.num_decode_tokens, ttft, tbt, status="unfinished")
+    out = [records.get(r.request_id) or RequestRecord(r.request_id, arrived.get(r.request_id, r.arrived_at),
+                                                      r.num_prefill_tokens, r.num_decode_tokens, ttft, tbt,
+                                                      status="unfinished")
            for r in trace]
     return out, clock() - start, dict(engine.scheduler.stats)
 
 
-def decode_step_time(model: str, make_executor=cpu_timed_executor) -> float:
+def decode_step_time(model: str, make_executor=cpu_timed_executor, context: int = CONTEXT) -> float:
     """CPU time of a 16-request decode step (fcfs, KV), the 20th percentile of ~48 steps: the unit
     the TBT SLO is scaled by. Not the median: on a shared machine other processes only ever add
     time, even to a thread's CPU time (caches, the core's other hyperthread); the median moved
@@ -185,7 +210,7 @@ def decode_step_time(model: str, make_executor=cpu_timed_executor) -> float:
     from aptray.engine import Engine
     from aptray.sampling_params import SamplingParams
     config = EngineConfig(model=model, scheduler="fcfs", block_size=BLOCK_SIZE, num_cache_blocks=16 * 8,
-                          max_num_batched_tokens=CONTEXT)
+                          max_num_batched_tokens=context)
     engine = Engine(config, make_executor(config))
     rng = np.random.default_rng(99)
     for i in range(16):
@@ -199,27 +224,29 @@ def decode_step_time(model: str, make_executor=cpu_timed_executor) -> float:
     return float(np.percentile(times, 20))
 
 
-def prefill_time(model: str, make_executor=cpu_timed_executor) -> float:
-    """Fastest CPU time of prefilling one full-context (CONTEXT - 1 tokens) prompt alone, of 3."""
+def prefill_time(model: str, make_executor=cpu_timed_executor, context: int = CONTEXT) -> float:
+    """Fastest CPU time of prefilling one full-context (context - 1 tokens) prompt alone, of 3."""
     from aptray.config import EngineConfig
     from aptray.engine import Engine
     from aptray.sampling_params import SamplingParams
-    config = EngineConfig(model=model, scheduler="fcfs", block_size=BLOCK_SIZE, num_cache_blocks=2 * CONTEXT // BLOCK_SIZE,
-                          max_num_batched_tokens=CONTEXT)
+    config = EngineConfig(model=model, scheduler="fcfs", block_size=BLOCK_SIZE, num_cache_blocks=2 * context // BLOCK_SIZE,
+                          max_num_batched_tokens=context)
     engine = Engine(config, make_executor(config))
     rng = np.random.default_rng(98)
     times = []
     for i in range(3):
-        engine.add_request(str(i), rng.integers(4, 500, CONTEXT - 1).tolist(),
+        engine.add_request(str(i), rng.integers(4, 500, context - 1).tolist(),
                            SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
         times.append(engine.step().result.step_time)
     return float(min(times))
 
 
-def dataset_trace(dataset: str, num_requests: int, seed: int = 0):
+def dataset_trace(dataset: str, num_requests: int, seed: int = 0, context: int = CONTEXT,
+                  think_time: float | None = None):
     from loadgen.cli import base_trace, build_parser
     args = build_parser().parse_args(["trace", "--dataset", dataset, "--num-requests", str(num_requests),
-                                      "--context", str(CONTEXT), "--seed", str(seed), "--out", "unused"])
+                                      "--context", str(context), "--seed", str(seed), "--out", "unused"]
+                                     + (["--think-time", str(think_time)] if think_time else []))
     return base_trace(args)
 
 
@@ -234,36 +261,40 @@ def _run_one(job) -> dict:
     dataset, cv, rate, label, ttft, tbt = job
     trace = _JOB["traces"][(dataset, cv, rate)]
     c0, w0 = time.process_time(), time.monotonic()
-    records, duration, stats = replay(make_engine(_JOB["model"], label, ttft, tbt), trace, ttft, tbt)
-    s = summarize(records, duration)
+    engine = make_engine(_JOB["model"], label, ttft, tbt, setup=_JOB["setup"])
+    records, duration, stats = replay(engine, trace, ttft, tbt)
+    s = summarize(records, duration, stats=stats)
     return {"dataset": dataset, "cv": cv, "rate": rate, "policy": label, "ttft_slo": ttft, "tbt_slo": tbt,
             "attainment": s["attainment"], "goodput_rps": s["goodput_rps"], "preemptions": s["preemptions"],
-            "ttft_s": s.get("ttft_s"), "tbt_s": s.get("tbt_s"), "stats": stats, "duration_s": duration,
-            "wall_s": time.monotonic() - w0, "cpu_s": time.process_time() - c0}
+            "ttft_s": s.get("ttft_s"), "tbt_s": s.get("tbt_s"), "prefix_cache": s.get("prefix_cache"), "stats": stats,
+            "duration_s": duration, "wall_s": time.monotonic() - w0, "cpu_s": time.process_time() - c0}
 
 
 def run(datasets, cvs, rates_by_dataset: dict | None = None, num_requests: int | None = None, log=print,
-        workers: int = 2, mode: str = "quick") -> dict:
+        workers: int = 2, mode: str = "quick", setup: CpuSetup | None = None) -> dict:
     """Every (dataset, CV, rate): every policy on the same trace, in an order that rotates per rate.
-    rates_by_dataset: grids at REFERENCE_DECODE_STEP_S, scaled to this machine like RATES."""
+    rates_by_dataset: grids at REFERENCE_DECODE_STEP_S, scaled to this machine like setup.rates."""
     import torch
 
     from loadgen.traces import rescale
     torch.set_num_threads(1)
-    rates_by_dataset = rates_by_dataset or RATES[mode]
+    setup = setup or CpuSetup()
+    rates_by_dataset = rates_by_dataset or setup.rates[mode]
     num_requests = num_requests or REQUESTS[mode]
-    model = tiny_opt()
-    step, prefill = decode_step_time(model), prefill_time(model)
+    model = tiny_opt(setup.context)
+    step, prefill = decode_step_time(model, context=setup.context), prefill_time(model, context=setup.context)
     rate_scale = REFERENCE_DECODE_STEP_S / step
-    log(f"decode step (16 requests, CPU time) {1e3 * step:.2f} ms, {CONTEXT - 1}-token prefill {1e3 * prefill:.1f} ms; "
-        f"grid rates x {rate_scale:.3f}")
-    out = {"decode_step_s": step, "prefill_s": prefill, "rate_scale": rate_scale, "slo_scale": SLO_SCALE, "num_blocks": NUM_BLOCKS, "block_size": BLOCK_SIZE, "context": CONTEXT,
-           "num_requests": num_requests, "clock": "thread CPU time", "description": DESCRIPTION, "runs": []}
-    labels = list(POLICIES)
+    think = setup.think_steps * step or None
+    log(f"decode step (16 requests, CPU time) {1e3 * step:.2f} ms, {setup.context - 1}-token prefill "
+        f"{1e3 * prefill:.1f} ms; grid rates x {rate_scale:.3f}")
+    out = {"decode_step_s": step, "prefill_s": prefill, "rate_scale": rate_scale, "slo_scale": setup.slo_scale,
+           "num_blocks": setup.num_blocks, "block_size": BLOCK_SIZE, "context": setup.context, "think_s": think,
+           "num_requests": num_requests, "clock": "thread CPU time", "description": setup.description, "runs": []}
+    labels = list(setup.policies)
     jobs, traces = [], {}
     for dataset in datasets:
-        ttft, tbt = SLO_SCALE[dataset][0] * prefill, SLO_SCALE[dataset][1] * step
-        base = dataset_trace(dataset, num_requests)
+        ttft, tbt = setup.slo_scale[dataset][0] * prefill, setup.slo_scale[dataset][1] * step
+        base = dataset_trace(dataset, num_requests, context=setup.context, think_time=think)
         rates = [float(f"{r * rate_scale:.3g}") for r in rates_by_dataset[dataset]]
         for cv in cvs:
             # bursty arrivals: attainment changes slowly with the rate, so every other rate of the
@@ -272,7 +303,7 @@ def run(datasets, cvs, rates_by_dataset: dict | None = None, num_requests: int |
                 traces[(dataset, cv, rate)] = rescale(base, rate, cv, seed=0)
                 for label in labels[k % len(labels):] + labels[:k % len(labels)]:
                     jobs.append((dataset, cv, rate, label, ttft, tbt))
-    _JOB.update(model=model, traces=traces)
+    _JOB.update(model=model, traces=traces, setup=setup)
 
     def done(row):
         out["runs"].append(row)

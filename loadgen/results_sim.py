@@ -63,7 +63,7 @@ SETUPS = [
 ]
 
 
-def _args(setup: Setup, num_requests: int, cv: float):
+def sweep_args(setup: Setup, num_requests: int, cv: float):
     from loadgen.cli import build_parser
     return build_parser().parse_args([
         "sweep", "--sim", "--model", setup.model, "--gpu", setup.gpu, "--tp", str(setup.tp), "--pp", str(setup.pp),
@@ -72,30 +72,33 @@ def _args(setup: Setup, num_requests: int, cv: float):
         "--cv", str(cv)])
 
 
-def _spec(label: str) -> str:
-    policy, extra = VARIANTS[label]
+def _spec(label: str, policies: dict) -> str:
+    policy, extra = policies[label]
     return f"{label}={policy}" + "".join(f":{k}={v}" for k, v in extra.items())
 
 
 def run_policy(job) -> dict:
-    """Bisection of one policy's effective throughput on one setup (a worker process)."""
+    """Bisection of one policy's effective throughput on one setup (a worker process). job: (setup,
+    label, num_requests, cv, rel_tol[, policies: label -> (policy, overrides), default VARIANTS])."""
     from loadgen.cli import base_trace, make_client
-    setup, label, num_requests, cv, rel_tol = job
-    args = _args(setup, num_requests, cv)
+    setup, label, num_requests, cv, rel_tol, *rest = job
+    args = sweep_args(setup, num_requests, cv)
     trace = base_trace(args)
-    client = make_client(args, _spec(label))
+    client = make_client(args, _spec(label, rest[0] if rest else VARIANTS))
     probes: dict[float, dict] = {}
     t0 = time.process_time()
 
     def attainment_at(rate: float) -> float:
         res = client.run(rescale(trace, rate, cv, args.seed))
-        s = summarize(res.records, res.duration)
+        stats = res.info.get("scheduler_stats", {})
+        s = summarize(res.records, res.duration, stats=stats)
         steps = res.info.get("steps") or 1
-        probes[rate] = {"attainment": s["attainment"], "goodput_rps": s["goodput_rps"],
-                        "preemptions": s["preemptions"], "stats": res.info.get("scheduler_stats", {}),
+        probes[rate] = {"attainment": s["attainment"], "goodput_rps": s["goodput_rps"], "ttft_s": s["ttft_s"],
+                        "preemptions": s["preemptions"], "stats": stats,
                         "num_blocks": res.info.get("num_blocks"), "tbt_p50_s": s["tbt_s"].get("p50"),
                         "tbt_p99_s": s["tbt_s"].get("p99"), "ttft_p90_s": s["ttft_s"].get("p90"),
-                        "step_s": res.info.get("busy_time_s", 0.0) / steps}
+                        "step_s": res.info.get("busy_time_s", 0.0) / steps,
+                        **({"prefix_cache": s["prefix_cache"]} if "prefix_cache" in s else {})}
         if "pipeline" in res.info:
             probes[rate]["pipeline"] = res.info["pipeline"]
         return s["attainment"]
@@ -115,7 +118,7 @@ def run_all(setups: list[Setup], policies: list[str], num_requests: int, cv: flo
     for gpu in {s.gpu for s in setups}:
         hardware_for(get_gpu(gpu))  # fit once before forking
     for s in setups:
-        base_trace(_args(s, num_requests, cv))  # sample (and cache) each dataset once, before forking
+        base_trace(sweep_args(s, num_requests, cv))  # sample (and cache) each dataset once, before forking
     jobs = [(s, p, num_requests, cv, rel_tol) for s in setups for p in policies
             if not (s.tp < 2 and p in TP2_ONLY and TP2_ONLY[p] in policies)]
     if workers > 1:

@@ -175,3 +175,14 @@ def test_violator_budget_never_exceeded(inst, violator_blocks):
     # the non-violators are chosen as without the cap
     free = select(c, Budgets(b.blocks, b.tokens, b.seqs)).kind
     assert np.array_equal(kind[~v], free[~v])
+
+
+def test_hidden_option_takes_its_own_tokens_and_an_upgrade_the_difference():
+    """A request whose cached prefix differs by kind: as hidden it computes 10 tokens, as KV 30. The
+    hidden item fits a 12-token budget alone; the KV option (hidden + upgrade) takes 30."""
+    c = Candidates(np.array([1.0]), np.array([8]), np.array([4]), np.array([0.9]), np.array([30]),
+                   np.array([False]), hidden_tokens=np.array([10]))
+    items = build_items(c, Budgets(100, 100, 4))
+    assert list(items.kind) == [HIDDEN, UPGRADE] and list(items.tokens) == [10, 20]
+    assert select(c, Budgets(100, 12, 4)).kind[0] == HIDDEN
+    assert select(c, Budgets(100, 30, 4)).kind[0] == KV

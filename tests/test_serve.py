@@ -81,6 +81,36 @@ def test_ray_executor_matches_local_engine(ray_session, model_path, reference, t
         executor.shutdown()
 
 
+def test_tp2_shares_cached_prefixes_exactly(ray_session, model_path):
+    """TP=2 with prefix caching: the router's block manager alone decides which blocks requests share
+    (every rank holds the same blocks); a second wave starts from the first's cached system prompt
+    and every token equals transformers' greedy generate."""
+    from aptray.config import EngineConfig
+    from aptray.engine import Engine
+    from aptray.executor.ray import RayExecutor
+    from tiny_models import hf_greedy
+
+    system = list(range(10, 42))  # 32 tokens: 8 blocks of 4
+    waves = [[system + [50 + i, 60 + i, 70] for i in range(2)], [system + [80 + i] * 3 for i in range(2)]]
+    config = EngineConfig(model=model_path, tensor_parallel_size=2, num_cache_blocks=64, block_size=4)
+    executor = RayExecutor(config, use_gpu=False)
+    sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    try:
+        engine = Engine(config, executor)
+        got = {}
+        for w, wave in enumerate(waves):
+            for i, prompt in enumerate(wave):
+                engine.add_request(f"{w}-{i}", prompt, sp)
+            while engine.has_unfinished():
+                got |= {o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished}
+        assert engine.scheduler.stats["prefix_hit_tokens"] >= 2 * 32
+        for w, wave in enumerate(waves):
+            for i, prompt in enumerate(wave):
+                assert tuple(got[f"{w}-{i}"]) == hf_greedy(model_path, tuple(prompt), MAX_TOKENS), (w, i)
+    finally:
+        executor.shutdown()
+
+
 def test_dead_shard_fails_the_step_fast(ray_session, model_path, reference):
     import grpc
 
@@ -258,6 +288,23 @@ def test_loadgen_replays_a_trace_over_grpc_and_http(server):
         assert summarize(res.records, res.duration)["attainment"] == 1.0
 
 
+def test_loadgen_multiturn_over_http_reads_the_servers_prefix_hits(server):
+    """A conversation's second turn resends the first (closed loop): over HTTP it hits the server's
+    prefix cache, and the run's hit rate comes from /metrics."""
+    from loadgen.clients import HttpStreamClient
+    from loadgen.datasets import Sample
+    from loadgen.metrics import summarize
+    from loadgen.traces import make_trace
+
+    samples = [Sample("", 40, 4, conversation="c", turn=0), Sample("", 60, 4, conversation="c", turn=1)]
+    trace = make_trace(samples, rate=1.0, think_time=0.1)
+    res = HttpStreamClient(server["http"], 60.0, 60.0).run(trace)
+    assert [r.status for r in res.records] == ["finished"] * 2
+    assert res.records[1].arrived_at >= res.records[0].finished_at
+    hits = summarize(res.records, res.duration, stats=res.info["scheduler_stats"])["prefix_cache"]
+    assert hits["queried_tokens"] >= 100 and hits["hit_tokens"] >= 32, hits  # turn 1's full blocks of 16
+
+
 def test_grpc_rejects_with_status(server):
     import grpc
 
@@ -292,6 +339,7 @@ def test_metrics_after_traffic(server):
     assert _metric(server, "aptray_ttft_seconds_count") >= 5
     assert _metric(server, "aptray_scheduler_seconds_count") > 0
     assert _metric(server, "aptray_slo_attained_total") >= 1
+    assert _metric(server, "aptray_prefix_cache_queried_tokens_total") > 0
 
 
 def test_redis_holds_in_flight_and_expires_finished(server):

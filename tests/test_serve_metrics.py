@@ -42,10 +42,17 @@ def test_iteration_exports_blocks_and_counter_deltas():
     blocks.ensure("a", CacheKind.KV, 8)  # 2 blocks
     blocks.ensure("b", CacheKind.HIDDEN, 8)  # 1 block
     sched = SimpleNamespace(waiting=[1, 2, 3], running=[1], blocks=blocks, alpha=0.002,
-                            stats=Counter(preemptions=2, conversions_to_kv=1))
+                            stats=Counter(preemptions=2, conversions_to_kv=1, prefix_queried_tokens=40,
+                                          prefix_hit_tokens=16, prefix_queried_blocks=9, prefix_hit_blocks=4))
     m.observe_iteration(sched, 1e-4, 0.01)
     sched.stats["preemptions"] += 1
+    sched.stats["prefix_hit_tokens"] += 8
     m.observe_iteration(sched, 2e-4, 0.02)
+    assert _sample(m, "aptray_prefix_cache_queried_tokens_total") == 40
+    assert _sample(m, "aptray_prefix_cache_hit_tokens_total") == 24
+    assert _sample(m, "aptray_prefix_cache_hit_blocks_total") == 4
+    assert _sample(m, "aptray_prefix_cache_queried_blocks_total") == 9
+    assert _sample(m, "aptray_cache_blocks_cached") == 0
     assert _sample(m, "aptray_requests_waiting") == 3
     assert _sample(m, "aptray_cache_blocks_in_use", {"kind": "kv"}) == 2
     assert _sample(m, "aptray_cache_blocks_in_use", {"kind": "hidden"}) == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from itertools import filterfalse
 
-from aptray.cache.block_manager import BlockManager, OutOfBlocks
+from aptray.cache.block_manager import BlockManager, CachedPrefix, OutOfBlocks
 from aptray.plan import BatchPlan, ConversionPlan, SeqPlan, StepResult
 from aptray.request import CacheKind, Request, RequestStatus
 from aptray.request_checks import InvalidRequest
@@ -30,8 +30,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.iteration = 0
-        self.stats: Counter = Counter()  # preemptions, conversions_to_kv, conversions_to_hidden
+        self.stats: Counter = Counter()  # preemptions, conversions_to_kv, conversions_to_hidden, prefix_*
         self._requested_upgrades: list[str] = []
+        self._prefix_conversions: list[ConversionPlan] = []  # cached hidden prefixes converted for KV admissions
 
     # -- request lifecycle -------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -86,10 +87,14 @@ class Scheduler:
             if req is None:  # aborted while the step ran
                 continue
             req.num_computed_tokens = seq.context_len
+            self.blocks.publish(req)
             token = result.sampled.get(seq.request_id)
             if seq.sample and token is not None:
                 req.record_token(token, now)
                 got.append(req)
+        for conv in plan.conversions:  # a conversion without a chunk this step computed its blocks too
+            if (req := self.requests.get(conv.request_id)) is not None:
+                self.blocks.publish(req)
         self.observe(plan, result)
         return got
 
@@ -181,13 +186,46 @@ class Scheduler:
         seqs = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            todo = self._first_chunk(req, budget, not seqs)
-            if todo <= 0 or not self._try_allocate(req, req.num_computed_tokens + todo):
+            todo = 0
+            for kind in self._admission_kinds():
+                todo = self._take_blocks(req, kind, lambda: self._first_chunk(req, budget, not seqs))
+                if todo:
+                    break
+            if todo <= 0:
                 break
             self.waiting.popleft()
             seqs.append(self._start(req, todo))
             budget -= todo
         return seqs, budget
+
+    def _take_blocks(self, req: Request, kind: CacheKind, first_chunk) -> int:
+        """Blocks of that kind for a waiting request: its cached prefix, which counts as computed, and
+        its first chunk of first_chunk() tokens (asked once the prefix is known). Returns the chunk;
+        0: not admitted, nothing held."""
+        prefix = self.blocks.cached_prefix(req, kind)
+        req.num_computed_tokens = prefix.tokens
+        todo = first_chunk()
+        if todo <= 0 or not self.blocks.allocate(req, kind, prefix, prefix.tokens + todo):
+            req.num_computed_tokens = 0
+            return 0
+        req.cache_kind = kind
+        if self.blocks.caching:
+            self._count_prefix(req, kind, prefix)
+        return todo
+
+    def _count_prefix(self, req: Request, kind: CacheKind, prefix: CachedPrefix) -> None:
+        """Hit counters of one admission (blocks in the request's kind); plans a cached hidden prefix's
+        conversion into the KV blocks of a KV admission."""
+        per = self.blocks.tokens_per_block(kind)
+        self.stats["prefix_queried_tokens"] += req.num_tokens
+        self.stats["prefix_hit_tokens"] += prefix.tokens
+        self.stats["prefix_queried_blocks"] += (req.num_tokens - 1) // per
+        self.stats["prefix_hit_blocks"] += prefix.tokens // per
+        if prefix.tokens and prefix.source is not kind:
+            table = self.blocks.table(req.request_id)
+            self._prefix_conversions.append(ConversionPlan(
+                req.request_id, prefix.tokens, kind, prefix.blocks, table[:self.blocks.blocks_for(prefix.tokens, kind)]))
+            self.stats["prefix_conversions"] += 1
 
     def _continue_prefills(self, budget: int, at_most: int | None = None,
                            prefix_tokens=None, among=None) -> tuple[list[SeqPlan], int]:
@@ -251,7 +289,7 @@ class Scheduler:
 
     def _upgrade_extra_blocks(self, req: Request) -> int:
         """Blocks a hidden request takes beyond what it holds once moved to KV."""
-        return self.blocks.blocks_for(req.num_tokens, CacheKind.KV) - self.blocks.held(req.request_id)
+        return self.blocks.blocks_for(req.num_tokens, CacheKind.KV) - self.blocks.held_alone(req.request_id)
 
     def _upgrade(self, req: Request) -> ConversionPlan | None:
         """Hidden -> KV for one request, with room for its next token."""
@@ -277,5 +315,11 @@ class Scheduler:
         return out
 
     def _plan(self, seqs: list[SeqPlan], conversions: list[ConversionPlan] = ()) -> BatchPlan:
+        """The iteration's plan. Conversions run in the order their blocks were allocated: admissions'
+        prefix conversions come last, as their blocks did (one may write a block an upgrade let go)."""
         self.iteration += 1
-        return BatchPlan(self.iteration, tuple(seqs), tuple(conversions))
+        conversions = tuple(conversions)
+        if self._prefix_conversions:
+            conversions += tuple(self._prefix_conversions)
+            self._prefix_conversions = []
+        return BatchPlan(self.iteration, tuple(seqs), conversions)

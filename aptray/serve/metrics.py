@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from aptray.request import CacheKind
 from aptray.slo import attained
 
+PREFIX_STATS = ("queried_tokens", "hit_tokens", "queried_blocks", "hit_blocks")  # scheduler.stats["prefix_" + key]
 # latency buckets from 5 ms (GPU TBT) to 2 min (CPU TTFT under load)
 _LATENCY = (.005, .01, .025, .05, .075, .1, .15, .25, .4, .6, 1, 1.5, 2.5, 5, 10, 20, 40, 80, 120)
 _SCHED = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, .1)
@@ -29,6 +30,11 @@ class ServingMetrics:
         self.running = Gauge("aptray_requests_running", "requests holding cache", registry=r)
         self.blocks = Gauge("aptray_cache_blocks_in_use", "physical cache blocks held", ["kind"], registry=r)
         self.blocks_total = Gauge("aptray_cache_blocks_total", "physical cache blocks in the pool", registry=r)
+        self.blocks_cached = Gauge("aptray_cache_blocks_cached", "cache blocks no request holds, kept for prefix "
+                                   "hits until allocation needs them", registry=r)
+        # admissions' prefix lookups: tokens (and full blocks, in the admitted kind) asked and found cached
+        self.prefix = {key: Counter(f"aptray_prefix_cache_{key}", f"prefix cache: {key.replace('_', ' ')} at admission",
+                                    registry=r) for key in PREFIX_STATS}
         self.preemptions = Counter("aptray_preemptions", "requests preempted by recompute", registry=r)
         self.conversions = Counter("aptray_conversions", "cache conversions", ["to_kind"], registry=r)
         self.alpha = Gauge("aptray_alpha_seconds_per_block", "apt scheduler: iteration seconds per hidden block",
@@ -60,6 +66,7 @@ class ServingMetrics:
         for kind in CacheKind:
             self.blocks.labels(kind.value).set(blocks.held_by(kind))
         self.blocks_total.set(blocks.num_blocks)
+        self.blocks_cached.set(blocks.num_evictable)
         # scheduler.stats is a cumulative Counter: export only what grew since the last look
         for key, value in scheduler.stats.items():
             delta = value - self._seen_stats.get(key, 0)
@@ -68,6 +75,8 @@ class ServingMetrics:
                     self.preemptions.inc(delta)
                 elif key.startswith("conversions_to_"):
                     self.conversions.labels(key.removeprefix("conversions_to_")).inc(delta)
+                elif key.removeprefix("prefix_") in self.prefix:
+                    self.prefix[key.removeprefix("prefix_")].inc(delta)
             self._seen_stats[key] = value
         alpha = getattr(scheduler, "alpha", None)
         if alpha is not None:

@@ -7,12 +7,14 @@ from aptray.config import EngineConfig
 from aptray.engine import Engine
 from aptray.sampling_params import SamplingParams
 from aptray.slo import slow_gaps_to_miss
+from aptray.sim.arrivals import Arrivals
 from aptray.sim.cost_model import CostModel
 from aptray.sim.decision_time import DecisionClock, decision_cost
 from aptray.sim.executor import SimExecutor, VirtualClock
 from aptray.sim.fit import HardwareFit
 from aptray.sim.gpus import get_gpu
 from aptray.sim.measured import hardware_for_gpu
+from aptray.sim.prompt_ids import prompt_ids
 from aptray.sim.memory import plan_memory
 
 TOKEN_ID = 5  # what every simulated step samples: any id that is not a special token
@@ -25,11 +27,17 @@ MAX_STEPS_WITHOUT_TOKEN = 20_000
 @dataclass(frozen=True)
 class SimRequest:
     request_id: str
-    arrival_time: float
+    arrival_time: float  # of a follow-up (after), unused: it arrives think_time after `after` ends
     prompt_len: int
     output_len: int
     ttft_slo: float | None = None
     tbt_slo: float | None = None
+    # token content (aptray.sim.prompt_ids): the first prompt_len ids of content_key's stream (default:
+    # the request id's), the first shared_prefix of them shared by every request
+    content_key: str | None = None
+    shared_prefix: int = 0
+    after: str | None = None  # a closed loop: sent when this request ends (finished or refused) ...
+    think_time: float = 0.0  # ... plus this many seconds
 
 
 @dataclass
@@ -181,11 +189,13 @@ def simulate(config: EngineConfig, requests: list[SimRequest], gpu: str = "a100-
              max_sim_time: float | None = None, on_finish=None, stop_when_decided: bool = False,
              check_every: int = 256, hardware: HardwareFit | None = None, lean: bool = True,
              decision_scale: float | None = 1.0) -> SimRun:
-    """Replay requests (sorted by arrival) until all finish, or until max_sim_time virtual seconds.
+    """Replay requests (by arrival; follow-ups when the request they follow ends) until all finish, or
+    until max_sim_time virtual seconds.
 
     stop_when_decided: after the last arrival, stop as soon as every request left is a certain SLO
     miss (checked every check_every steps). SLO attainment and the attained set are then exact;
-    the requests left are reported "unfinished" with the tokens they had.
+    the requests left are reported "unfinished" with the tokens they had (and follow-ups never sent
+    "unfinished" with no token).
     lean: step with _lean_step (same outcomes as Engine.step, tested; about 30% less CPU per step).
     decision_scale: as build_engine's.
     config.pipeline_parallel_size > 1: several micro-batches in flight (aptray.sim.pipeline_runner).
@@ -196,50 +206,62 @@ def simulate(config: EngineConfig, requests: list[SimRequest], gpu: str = "a100-
                                  stop_when_decided, check_every, hardware, decision_scale)
     engine, executor = build_engine(config, gpu, step_overhead, hardware, decision_scale)
     clock = executor.clock
-    reqs = sorted(requests, key=lambda r: r.arrival_time)
+    arrivals = Arrivals(requests)
     outcomes: dict[str, SimOutcome] = {}
-    prompt_cache: dict[int, list[int]] = {}
-    i = 0
-    clock.now = reqs[0].arrival_time if reqs else 0.0
+
+    def ended(o: SimOutcome) -> None:
+        arrivals.ended(o.request_id, clock.now)
+        if on_finish is not None:
+            on_finish(o)
+    clock.now = arrivals.next_time if arrivals else 0.0
     start = clock.now
     stopped = stalled = False
     tokenless = 0
-    while i < len(reqs) or engine.has_unfinished():
+    while arrivals or engine.has_unfinished():
         if max_sim_time is not None and clock.now - start > max_sim_time:
             stopped = True
             break
-        if (stop_when_decided and i == len(reqs) and executor.steps % check_every == 0
+        if (stop_when_decided and not arrivals and not arrivals.waiting_on_others
+                and executor.steps % check_every == 0
                 and all(certain_miss(r, clock.now) for r in engine.scheduler.requests.values())):
             stopped = True
             break
-        while i < len(reqs) and reqs[i].arrival_time <= clock.now:
-            add_request(engine, reqs[i], outcomes, prompt_cache)
-            i += 1
+        for at, r in arrivals.pop_due(clock.now):
+            outcomes[r.request_id] = SimOutcome(r.request_id, at, "unfinished")
+            prompt = prompt_ids(r.content_key or r.request_id, r.prompt_len, r.shared_prefix)
+            sp = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True,
+                                ttft_slo=r.ttft_slo, tbt_slo=r.tbt_slo)
+            try:
+                engine.add_request(r.request_id, prompt, sp, arrival_time=at)
+            except ValueError as e:
+                outcomes[r.request_id].status, outcomes[r.request_id].error = "rejected", str(e)
+                arrivals.ended(r.request_id, clock.now)
         if not engine.has_unfinished():
-            if i < len(reqs):
-                clock.now = reqs[i].arrival_time
+            if arrivals:
+                clock.now = arrivals.next_time
             continue
         if lean:
-            got = _lean_step(engine, executor, clock, outcomes, on_finish)
+            got = _lean_step(engine, executor, clock, outcomes, ended)
         else:
             steps_before = executor.steps
             outs = engine.step()
             for out in outs:
                 if out.finished:
-                    _finished(outcomes[out.request_id], out.metrics.token_times, out.metrics.num_preemptions,
-                              on_finish)
+                    _finished(outcomes[out.request_id], out.metrics.token_times, out.metrics.num_preemptions, ended)
             got = len(outs) if executor.steps != steps_before else None
         tokenless = tokenless + 1 if got == 0 else 0
         if tokenless >= MAX_STEPS_WITHOUT_TOKEN:
             stopped = stalled = True
             break
         if got is None:  # nothing could run: wait for the next arrival
-            if i >= len(reqs):
+            if not arrivals:
                 break  # stuck with no arrivals left: the rest stay unfinished
-            clock.now = max(clock.now, reqs[i].arrival_time)
+            clock.now = max(clock.now, arrivals.next_time)
     for req in list(engine.scheduler.requests.values()):  # unfinished: keep what they produced
         o = outcomes[req.request_id]
         o.token_times, o.num_preemptions = list(req.token_times), req.num_preemptions
-    return SimRun([outcomes[r.request_id] for r in reqs if r.request_id in outcomes], clock.now - start, stopped,
-                  executor.steps, executor.busy_time, _stats(engine.scheduler), executor.num_blocks, stalled,
+    for r in arrivals.never_sent():
+        outcomes[r.request_id] = SimOutcome(r.request_id, clock.now, "unfinished")
+    return SimRun([outcomes[r.request_id] for r in sorted(requests, key=lambda r: r.arrival_time)], clock.now - start,
+                  stopped, executor.steps, executor.busy_time, _stats(engine.scheduler), executor.num_blocks, stalled,
                   decision_time=executor.decision_time)

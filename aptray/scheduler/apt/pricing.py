@@ -89,13 +89,14 @@ class Pricing:
         price < (1 - r) * step / N."""
         return np.asarray(price) > (1 - self.r) * self.step_seconds / max(1, num_running)
 
-    def reprojection_tokens(self, tokens: int) -> int:
+    def reprojection_tokens(self, tokens):
         """Step time of re-projecting `tokens` stored hidden vectors to K, V, in tokens of the step's
-        per-token cost (0 until the cost model sees both)."""
+        per-token cost (0 until the cost model sees both); element-wise for a numpy array."""
         c = self.cost.coef
         if not self.cost.ready or c[C_TOK] <= 0 or c[C_REP] <= 0:
-            return 0
-        return int(c[C_REP] / 1e3 * tokens / c[C_TOK])
+            return np.zeros_like(tokens) if np.ndim(tokens) else 0
+        out = c[C_REP] / 1e3 * np.asarray(tokens) / c[C_TOK]
+        return out.astype(np.int64) if np.ndim(out) else int(out)
 
     def recompute_seconds(self, tokens: np.ndarray) -> np.ndarray:
         """Seconds to re-prefill `tokens` tokens in one chunk (0 until the cost model is calibrated)."""

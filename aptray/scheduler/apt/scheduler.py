@@ -25,6 +25,7 @@ from aptray.request import KIND_OF_CODE, CacheKind, Request
 from aptray.scheduler.apt.features import (WaitingFeatures, computed_of, ints, is_lost, pending_and_violators,
                                            request_id, running_state)
 from aptray.scheduler.apt.forecast import Forecast
+from aptray.scheduler.apt.prefix import admission
 from aptray.scheduler.apt.pricing import Pricing
 from aptray.scheduler.apt.view import IterationView
 from aptray.scheduler.base import Scheduler
@@ -48,6 +49,10 @@ class AptScheduler(Scheduler):
         self.slo = SloState()
         self.forecast = Forecast(blocks, self.slo, self.hidden_on)
         self.waiting_features = WaitingFeatures()
+        if self.kv_on and self.hidden_on:
+            # keep cached prefixes as hidden: a hidden block holds twice the tokens of a KV one, and a
+            # KV request can start from it by conversion; so KV copies are evicted first
+            blocks.evict_first = CacheKind.KV
 
     @property
     def alpha(self) -> float:
@@ -119,11 +124,15 @@ class AptScheduler(Scheduler):
         n = len(running)
         bs = self.blocks.block_size
         hbs = self.blocks.hidden_block_size or bs
-        held = ints(self.blocks.held_each(map(request_id, running)), n)
+        ids = list(map(request_id, running))
+        held = ints(self.blocks.held_each(ids), n)
         size, prefilling, hidden = view.running.size, view.running.prefilling, view.running.hidden
         # blocks held after this iteration: all its tokens when decoding, what it holds when
-        # mid-prefill (its next chunk is admission's business), never less than it holds
+        # mid-prefill (its next chunk is admission's business), never less than it holds; a block
+        # requests share (a cached prefix) is weighed once, on the pool, not on each of them
         need = np.maximum(np.where(prefilling, 1, -(-size // np.where(hidden, hbs, bs))), held)
+        weight = np.maximum(need - np.asarray(self.blocks.shared_each(ids), np.int64), 1)
+        pool = self.blocks.num_blocks - self.blocks.num_shared
         # value: its pending time (0 for a violator) plus what preempting it would cost, re-prefilling
         # its computed tokens. A violator between tokens keeps the second part: dropped mid re-prefill
         # it comes straight back, its work thrown away (one request was preempted four times running).
@@ -131,19 +140,19 @@ class AptScheduler(Scheduler):
         lost = is_lost(running, self.slo.lost)
         value = np.where(lost, 0.0, np.where(view.r_violator, 0.0, view.r_pending)
                          + self.pricing.recompute_seconds(computed_of(running)))
-        if int(need.sum()) <= self.blocks.num_blocks:
+        if int(weight.sum()) <= pool:
             kept = np.ones(n, bool)  # all fit: the greedy would keep every one
         else:
             self.forecast.short_at = view.now
             # a running hidden request stays hidden: alpha prices a choice it no longer has
-            cands = Candidates(value, np.where(hidden, 0, need), np.where(hidden, need, 0), value,
+            cands = Candidates(value, np.where(hidden, 0, weight), np.where(hidden, weight, 0), value,
                                np.zeros(n, np.int64), lost)
-            sel = select(cands, Budgets(self.blocks.num_blocks, 1, max(self.config.max_num_seqs, n)))
+            sel = select(cands, Budgets(pool, 1, max(self.config.max_num_seqs, n)))
             if sel.guard_used:
                 self.stats["guard_used"] += 1
             kept = sel.kind != NONE
         decoding = np.flatnonzero(kept & ~prefilling)
-        room = self.blocks.num_blocks - int(need[kept].sum())
+        room = pool - int(weight[kept].sum())
         tokens_left = token_budget - len(decoding)
         to_hidden = []
         for i in _by_value_per_block(value, need, ~kept):
@@ -244,36 +253,39 @@ class AptScheduler(Scheduler):
         waiting = list(self.waiting)  # requests preempted this iteration are at the front
         wf = self.waiting_features
         pending, violator, rows = wf.pending(waiting, view.now, self.slo.lost)
-        computed, total = wf.computed[rows], wf.tokens[rows]
-        tokens = total - computed
-        # chunk where allowed, and always where a (preempted) request can never fit one step whole
-        chunkable = (self.config.enable_chunked_prefill or self.config.iteration_shape == "mixed"
-                     or tokens > self.config.max_num_batched_tokens)
-        tokens = np.where(chunkable, np.minimum(tokens, token_budget), tokens)
-        upto = computed + tokens
-        # a request back from a preemption (it has outputs) is weighed by its whole context, so it
-        # starts only when all of it fits: started on one chunk's room it was dropped again as the
-        # running set grew (one request five times in a row, each time up to 470 tokens re-computed)
-        weighed = np.where(wf.outputs[rows] > 0, np.maximum(upto, total), upto)
-        kv_blocks = self.blocks.blocks_for(weighed, CacheKind.KV) if self.kv_on else np.zeros_like(upto)
-        hid_blocks = self.blocks.blocks_for(weighed, CacheKind.HIDDEN) if self.hidden_on else np.zeros_like(upto)
+        computed, total, outputs = wf.computed[rows], wf.tokens[rows], wf.outputs[rows]
+
+        def chunkable(todo):  # where allowed, and always where a (preempted) request can never fit one step whole
+            return (self.config.enable_chunked_prefill or self.config.iteration_shape == "mixed"
+                    or todo > self.config.max_num_batched_tokens)
+        # each kind on offer, its cached prefix (if any) counted as computed
+        options = {kind: admission(self.blocks, waiting, kind, computed, total, outputs, token_budget, chunkable,
+                                   self.pricing.reprojection_tokens)
+                   for kind, on in ((CacheKind.KV, self.kv_on), (CacheKind.HIDDEN, self.hidden_on)) if on}
+        kv, hid = options.get(CacheKind.KV), options.get(CacheKind.HIDDEN)
+        none = np.zeros_like(total)
+        kv_blocks = kv.blocks if kv is not None else none
+        hid_blocks = hid.blocks if hid is not None else none
         room = self.blocks.num_free
         if not self.running:  # an idle pool takes anyone: weigh no one above what is free
             kv_blocks = np.minimum(kv_blocks, max(room, 1))
             hid_blocks = np.minimum(hid_blocks, max(room, 1))
         value = np.where(violator, 0.0, pending)
         final = self.forecast.waiting_final(wf, rows)
-        cands = self._cache_options(view, value, kv_blocks, hid_blocks, tokens, violator, final)
+        cands = self._cache_options(view, value, kv_blocks, hid_blocks, (kv or hid).cost,
+                                    hid.cost if kv is not None and hid is not None else None, violator, final)
         sel = select(cands, Budgets(room, token_budget, slots, *self._admission_caps(cands, room, final)))
         if sel.guard_used:
             self.stats["guard_used"] += 1
         admitted = []
         for i in np.flatnonzero(sel.kind):
             req, kind = waiting[i], KIND_OF_CODE[int(sel.kind[i])]
-            if not self._try_allocate(req, int(upto[i]), (kind,)):
+            chunk = int(options[kind].chunk[i])
+            todo = self._take_blocks(req, kind, lambda: min(chunk, req.num_uncomputed_tokens))
+            if not todo:
                 continue  # weighed within an idle pool's free blocks, its chunk may still miss
             admitted.append(req)
-            seqs.append(self._start(req, int(tokens[i])))
+            seqs.append(self._start(req, todo))
             self.stats[f"admitted_{kind.value}"] += 1
             self.stats["violators_admitted"] += int(violator[i])
         # the pool is short when an attainable request is left waiting that does not fit what is free
@@ -289,12 +301,12 @@ class AptScheduler(Scheduler):
             return 0
         return self.pricing.reprojection_tokens(req.num_computed_tokens)
 
-    def _cache_options(self, view: IterationView, value, kv_blocks, hid_blocks, tokens, violator,
+    def _cache_options(self, view: IterationView, value, kv_blocks, hid_blocks, tokens, hidden_tokens, violator,
                        final) -> Candidates:
-        """Each waiting request as KV (kv_blocks, value p) and as hidden (hid_blocks, value
-        v_h = p - U * price: the paper's alpha * m_h plus absorbed attention's per-request cost),
-        KV offered only where it pays for its memory. An upgrade item weighs what KV holds beyond
-        hidden by the request's expected end."""
+        """Each waiting request as KV (kv_blocks, tokens, value p) and as hidden (hid_blocks,
+        hidden_tokens, value v_h = p - U * price: the paper's alpha * m_h plus absorbed attention's
+        per-request cost), KV offered only where it pays for its memory. An upgrade item weighs what
+        KV holds beyond hidden by the request's expected end."""
         if not (self.kv_on and self.hidden_on):  # one option: v_h = p
             return Candidates(value, kv_blocks, hid_blocks, value, tokens, violator)
         step_share = view.price.step_share(self._hidden_decoding())
@@ -303,7 +315,7 @@ class AptScheduler(Scheduler):
         upgrade_blocks = self.blocks.blocks_for(final, CacheKind.KV) - self.blocks.blocks_for(final, CacheKind.HIDDEN)
         return Candidates(value, np.where(offered, kv_blocks, 0), hid_blocks,
                           np.where(offered, value - view.attainable * price, value), tokens, violator,
-                          upgrade_blocks)
+                          upgrade_blocks, hidden_tokens)
 
     def _admission_caps(self, cands: Candidates, room: int, final) -> tuple[int | None, int | None]:
         """Blocks the upgrade items, and the violators, may take (None: no cap of their own).

@@ -1,0 +1,167 @@
+"""Multi-turn chat for docs/RESULTS.md: every policy with and without prefix caching, on the real CPU
+engine and in the simulator (OPT-13B on A100-40GB), on ShareGPT conversations replayed turn by turn
+(loadgen.conversations) and on the same with a shared system prompt.
+
+Both parts replay the same requests for every policy at each rate; a conversation's next turn comes a
+think time (exponential) after the previous one ends, so the load follows the server (closed loop per
+conversation) and the rate counts requests (conversations start at rate / mean turns).
+"""
+from __future__ import annotations
+
+from loadgen import results_cpu, results_sim
+from loadgen.conversations import MULTITURN, MULTITURN_SYSTEM
+
+DATASETS = (MULTITURN, MULTITURN_SYSTEM)
+BASE_POLICIES = ("fcfs", "sarathi", "apt-kv", "apt-hybrid")
+PREFIX = "+prefix"  # a policy's label with prefix caching on; without it, off
+
+
+def with_and_without(policies: dict) -> dict:
+    """label -> (policy, overrides): each policy without prefix caching, then with it."""
+    return {label + suffix: (policy, {**extra, "enable_prefix_caching": on})
+            for label, (policy, extra) in policies.items() for suffix, on in (("", False), (PREFIX, True))}
+
+
+# -- the real CPU engine ----------------------------------------------------------------------------
+# the tiny OPT of results_cpu at a 1,024-token context: conversations there average 1.9 turns (1.3 at
+# 512), prompts 175 tokens (255 with the 128-token system prompt); 96 blocks of 16 (1,536 tokens of KV)
+CPU_CONTEXT = 1024
+CPU_BLOCKS = 96
+THINK_STEPS = 250  # mean think time: 5 s over OPT-13B's ~20 ms decode step on an A100, in this machine's steps
+CPU_RATES = {  # at results_cpu.REFERENCE_DECODE_STEP_S, scaled to this machine's decode step
+    "quick": {MULTITURN: [0.5, 1, 1.5, 2, 3, 4, 6], MULTITURN_SYSTEM: [0.5, 1, 1.5, 2, 3, 4, 6]},
+    "full": {MULTITURN: [0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8],
+             MULTITURN_SYSTEM: [0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8]}}
+CPU_SETUP = results_cpu.CpuSetup(
+    context=CPU_CONTEXT, num_blocks=CPU_BLOCKS,
+    policies=with_and_without({k: results_cpu.POLICIES[k] for k in BASE_POLICIES}),
+    rates=CPU_RATES, slo_scale={d: results_cpu.SLO_SCALE["sharegpt"] for d in DATASETS}, think_steps=THINK_STEPS,
+    description=(
+        f"Tiny random OPT (d 128, 4 layers, {results_cpu.HEADS} heads, r = 1/2) at a {CPU_CONTEXT}-token context, "
+        f"{CPU_BLOCKS} blocks of {results_cpu.BLOCK_SIZE} tokens ({CPU_BLOCKS * results_cpu.BLOCK_SIZE} tokens of KV), "
+        "one torch thread, the serving thread's CPU time as the clock, SLOs and rates scaled to this machine as in "
+        f"the CPU part above (TTFT = 1 full-context prefill, TBT = 5 16-request decode steps); think time "
+        f"{THINK_STEPS} decode steps (5 s over OPT-13B's ~20 ms step); apt in the alternating shape."))
+
+
+def run_cpu(mode: str = "quick", workers: int = 2, log=print) -> dict:
+    return results_cpu.run(list(DATASETS), [1.0], mode=mode, workers=workers, log=log, setup=CPU_SETUP)
+
+
+# -- the simulator ----------------------------------------------------------------------------------
+SIM_POLICIES = with_and_without({k: results_sim.POLICIES[k] for k in BASE_POLICIES})
+SIM_SETUPS = [  # OPT-13B on A100-40GB (about 12k tokens of KV beside the weights), DistServe's chat SLOs
+    results_sim.Setup("opt13b-multiturn", "opt-13b", 1, MULTITURN, 0.25, 0.1, 2.0, "DistServe OPT-13B chat"),
+    results_sim.Setup("opt13b-multiturn-system", "opt-13b", 1, MULTITURN_SYSTEM, 0.25, 0.1, 2.0,
+                      "DistServe OPT-13B chat"),
+]
+SIM_REQUESTS = {"quick": 300, "full": 600}
+
+
+def run_sim(mode: str = "quick", workers: int = 2, rel_tol: float = 0.05) -> list[dict]:
+    """Effective throughput by bisection (results_sim.run_policy) of every policy with and without
+    prefix caching on each setup."""
+    import multiprocessing as mp
+
+    from aptray.sim.fit import hardware_for
+    from aptray.sim.gpus import get_gpu
+    from loadgen.cli import base_trace
+    hardware_for(get_gpu("a100-40gb"))  # fit once before forking
+    n = SIM_REQUESTS[mode]
+    for setup in SIM_SETUPS:
+        base_trace(results_sim.sweep_args(setup, n, 1.0))  # sample each dataset once, before forking
+    jobs = [(setup, label, n, 1.0, rel_tol, SIM_POLICIES) for setup in SIM_SETUPS for label in SIM_POLICIES]
+    if workers > 1:
+        with mp.get_context("fork").Pool(workers) as pool:
+            return list(pool.imap(results_sim.run_policy, jobs))
+    return [results_sim.run_policy(j) for j in jobs]
+
+
+# -- tables -----------------------------------------------------------------------------------------
+def _pairs(labels) -> list[str]:
+    """Base policy labels that ran both without and with prefix caching, in order."""
+    return [p for p in dict.fromkeys(label.removesuffix(PREFIX) for label in labels) if p + PREFIX in labels]
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def _ms(x) -> str:
+    return f"{1e3 * x:.0f}" if x == x else "-"  # NaN: no request got a token
+
+
+def cpu_tables(cpu: dict, plot_dir: str) -> list[str]:
+    """Per dataset: effective throughput without and with prefix caching, TTFT p50 of both at the
+    highest rate where the policy without it still keeps 90%, the token hit rate there; then
+    attainment and TTFT p50 per rate."""
+    import os
+
+    from loadgen.plots import plot_attainment
+    from loadgen.sweep import crossing_rate
+    runs, lines = cpu["runs"], []
+    for dataset in dict.fromkeys(r["dataset"] for r in runs):
+        mine = [r for r in runs if r["dataset"] == dataset]
+        rates = sorted({r["rate"] for r in mine})
+        by = {(r["policy"], r["rate"]): r for r in mine}
+        curves = {}
+        for r in mine:
+            curves.setdefault(r["policy"], {})[r["rate"]] = r["attainment"]
+        plot_attainment(curves, os.path.join(plot_dir, f"chat-cpu-{dataset}.png"), 0.9,
+                        f"real CPU engine, tiny OPT, {dataset}")
+        lines += [f"{dataset} (TTFT SLO {1e3 * mine[0]['ttft_slo']:.1f} ms, TBT SLO {1e3 * mine[0]['tbt_slo']:.1f} ms): "
+                  f"![](results/chat-cpu-{dataset}.png)", "",
+                  "| policy | effective throughput, off (req/s) | on (req/s) | on / off | at rate | TTFT p50 off (ms) "
+                  "| TTFT p50 on (ms) | on / off | token hit rate (on) |", "|" + " --- |" * 9]
+        for p in _pairs({r["policy"] for r in mine}):
+            off, on = crossing_rate(curves[p]), crossing_rate(curves[p + PREFIX])
+            at = max([x for x in rates if curves[p][x] >= 0.9], default=rates[0])
+            t_off, t_on = by[(p, at)]["ttft_s"]["p50"], by[(p + PREFIX, at)]["ttft_s"]["p50"]
+            hits = (by[(p + PREFIX, at)].get("prefix_cache") or {}).get("hit_rate_tokens", 0.0)
+            lines.append(f"| {p} | {off:.2f} | {on:.2f} | {_ratio(on, off)} | {at:.3g} | {_ms(t_off)} | {_ms(t_on)} "
+                         f"| {_ratio(t_on, t_off)} | {hits:.0%} |")
+        lines += ["", "SLO attainment, and TTFT p50 in ms, per rate (req/s):", "",
+                  "| policy | " + " | ".join(f"{x:.3g}" for x in rates) + " | preemptions (all rates) |",
+                  "|" + " --- |" * (len(rates) + 2)]
+        for p in curves:
+            cells = [f"{by[(p, x)]['attainment']:.2f} / {_ms(by[(p, x)]['ttft_s']['p50'])}" for x in rates]
+            lines.append(f"| {p} | " + " | ".join(cells) + f" | {sum(by[(p, x)]['preemptions'] for x in rates)} |")
+        lines.append("")
+    return lines
+
+
+def sim_tables(sim: list[dict], plot_dir: str) -> list[str]:
+    """Per setup and policy: effective throughput without and with prefix caching; apt-hybrid over
+    apt-kv, both with it; TTFT p50 and the token hit rate at the probe nearest each effective
+    throughput."""
+    import os
+
+    from loadgen.plots import plot_attainment
+    by = {(r["setup"], r["policy"]): r for r in sim}
+    lines = ["| setup | policy | effective throughput, off (req/s) | on (req/s) | on / off | TTFT p50 off / on (ms) "
+             "| token hit rate (on) |", "|" + " --- |" * 7]
+    for setup in dict.fromkeys(r["setup"] for r in sim):
+        labels = [p for (s, p) in by if s == setup]
+        for p in _pairs(labels):
+            off, on = by[(setup, p)], by[(setup, p + PREFIX)]
+            eff_off, eff_on = off["effective_throughput_rps"], on["effective_throughput_rps"]
+            near_off, near_on = _nearest(off, eff_off), _nearest(on, eff_on)
+            hits = (near_on.get("prefix_cache") or {}).get("hit_rate_tokens", 0.0)
+            lines.append(f"| {setup} | {p} | {eff_off:.2f} | {eff_on:.2f} | {_ratio(eff_on, eff_off)} | "
+                         f"{_ms(near_off['ttft_s']['p50'])} / {_ms(near_on['ttft_s']['p50'])} | {hits:.0%} |")
+        curves = {p: {float(k): v["attainment"] for k, v in by[(setup, p)]["probes"].items()} for p in labels}
+        plot_attainment(curves, os.path.join(plot_dir, f"chat-sim-{setup}.png"), 0.9, f"sim OPT-13B A100-40GB {setup}")
+    lines += ["", "apt with hybrid prefix caching over apt with KV-only prefix caching (effective throughput): "
+              + "; ".join(f"{s}: {_ratio(by[(s, 'apt-hybrid' + PREFIX)]['effective_throughput_rps'], by[(s, 'apt-kv' + PREFIX)]['effective_throughput_rps'])}"
+                          for s in dict.fromkeys(r["setup"] for r in sim)
+                          if (s, "apt-hybrid" + PREFIX) in by and (s, "apt-kv" + PREFIX) in by) + ".",
+              "", "Attainment curves (bisection probes): "
+              + " ".join(f"[{s}](results/chat-sim-{s}.png)" for s in dict.fromkeys(r["setup"] for r in sim)), ""]
+    return lines
+
+
+def _nearest(result: dict, rate: float) -> dict:
+    """The probe at the highest rate not above `rate` (the lowest probe when none is)."""
+    probes = {float(k): v for k, v in result["probes"].items()}
+    below = [r for r in probes if r <= rate]
+    return probes[max(below) if below else min(probes)]

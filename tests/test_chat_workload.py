@@ -1,0 +1,146 @@
+"""The multi-turn chat workload: turn lengths by vLLM's rule, token streams that each turn extends,
+closed-loop traces (a turn comes think_time after the one it follows ends) in the simulator, the
+in-process client and the asyncio replay of the remote clients, and hit rates in the summaries."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from aptray.sim.prompt_ids import SHARED_PREFIX_KEY, prompt_ids, stream_ids
+from loadgen.clients import conversation_ids, read_prefix_counters, remote_prompt, replay_at_arrivals
+from loadgen.conversations import turns_within
+from loadgen.datasets import Sample
+from loadgen.metrics import RequestRecord, summarize
+from loadgen.traces import make_trace, read_trace, rescale, write_trace
+
+
+def chat_samples(shared_prefix=0):
+    """Two conversations of 3 and 1 turns (prompt, output), the second starting in between."""
+    turns = [("c0", 0, 20, 8), ("c0", 1, 40, 8), ("c1", 0, 12, 5), ("c0", 2, 60, 4)]
+    return [Sample("", shared_prefix + p, o, conversation=c, turn=k, shared_prefix=shared_prefix)
+            for c, k, p, o in turns]
+
+
+def test_turns_stop_at_the_first_that_breaks_the_rule():
+    # context 100: prompt <= 50, prompt + reply <= 100, first message and replies >= 4 tokens
+    assert turns_within([10, 5, 5, 5], [10, 10, 30, 10], 100) == [(10, 10), (25, 10), (40, 30)]
+    assert turns_within([10, 5], [10, 3], 100) == [(10, 10)]  # a reply under 4 tokens ends it
+    assert turns_within([3, 20], [10, 10], 100) == []
+    assert turns_within([10, 11], [10, 10], 100, shared_prefix=20) == [(30, 10)]  # turn 2: 51 > 50
+
+
+def test_streams_extend_turn_by_turn_and_share_only_the_system_prompt():
+    assert stream_ids("k", 50)[:20] == stream_ids("k", 20) and stream_ids("k", 5, start=20) == stream_ids("k", 25)[20:]
+    assert stream_ids("a", 16) != stream_ids("b", 16)
+    assert all(4 <= t < 100 for t in stream_ids("k", 1000))
+    a, b = prompt_ids("c0", 30, shared_prefix=8), prompt_ids("c1", 30, shared_prefix=8)
+    assert a[:8] == b[:8] == stream_ids(SHARED_PREFIX_KEY, 8) and a[8:] != b[8:]
+    trace = make_trace(chat_samples(8), rate=1.0)
+    turns = [conversation_ids(r) for r in trace if r.conversation == "c0"]
+    assert turns[1][:len(turns[0])] == turns[0] and turns[2][:len(turns[1])] == turns[1]
+    assert remote_prompt(trace[0], "run1-") != remote_prompt(trace[0], "run2-")  # each remote run its own
+    assert remote_prompt(trace[0], "run1-")[:8] == remote_prompt(trace[0], "run2-")[:8]  # but one system prompt
+
+
+def test_chat_trace_is_a_closed_loop_per_conversation(tmp_path):
+    trace = make_trace(chat_samples(), rate=2.0, seed=3, think_time=0.5)
+    by = {r.request_id: r for r in trace}
+    assert [r.after for r in trace] == [None, "req-0", None, "req-1"]
+    assert all(r.think_time > 0 for r in trace if r.after) and by["req-0"].think_time is None
+    assert by["req-1"].arrived_at == by["req-0"].arrived_at + by["req-1"].think_time  # a placeholder
+    fast = rescale(trace, 20.0, seed=3)
+    assert [r.think_time for r in fast] == [r.think_time for r in trace]
+    assert fast[2].arrived_at == pytest.approx(trace[2].arrived_at / 10)  # conversations come 10x as often
+    for name in ("t.jsonl", "t.csv"):
+        write_trace(str(tmp_path / name), trace)
+        back = {r.request_id: r for r in read_trace(str(tmp_path / name))}
+        assert all((back[r.request_id].after, back[r.request_id].conversation, back[r.request_id].think_time)
+                   == (r.after, r.conversation, r.think_time) for r in trace), name
+
+
+def test_simulated_turns_follow_their_predecessors_and_hit_the_cache():
+    from aptray.config import EngineConfig
+    from aptray.sim import configs_dir
+    from aptray.sim.runner import SimRequest, simulate
+    import os
+
+    trace = make_trace(chat_samples(64), rate=1.0, think_time=0.3)
+    reqs = [SimRequest(r.request_id, r.arrived_at, r.num_prefill_tokens, r.num_decode_tokens, 1.0, 1.0,
+                       r.conversation, r.shared_prefix, r.after, r.think_time or 0.0) for r in trace]
+    model = os.path.join(configs_dir(), "opt-13b")
+    for caching in (True, False):
+        run = simulate(EngineConfig(model=model, scheduler="fcfs", enable_prefix_caching=caching), reqs)
+        out = {o.request_id: o for o in run.outcomes}
+        for r in trace:
+            assert out[r.request_id].status == "finished"
+            if r.after:
+                assert out[r.request_id].arrival_time == pytest.approx(out[r.after].token_times[-1] + r.think_time)
+        if caching:  # turn 2 finds turn 1's prompt; c1 and c0 share the 64-token system prompt
+            assert run.scheduler_stats["prefix_hit_tokens"] >= 64 + 80
+        else:
+            assert "prefix_hit_tokens" not in run.scheduler_stats
+
+
+def test_in_process_client_runs_turns_as_a_closed_loop():
+    from aptray.config import EngineConfig
+    from aptray.engine import Engine
+    from aptray.executor.local import LocalExecutor
+    from aptray.model.factory import make_tiny_model
+    from loadgen.clients import InProcessEngineClient
+    import tempfile
+
+    path = make_tiny_model(tempfile.mkdtemp() + "/opt", arch="opt", hidden_size=32, num_layers=2, num_heads=2)
+    config = EngineConfig(model=path, block_size=4)
+    trace = make_trace(chat_samples(16), rate=50.0, think_time=0.05)
+    res = InProcessEngineClient(lambda: Engine(config, LocalExecutor(config)), ttft_slo=5, tbt_slo=5).run(trace)
+    rec = {r.request_id: r for r in res.records}
+    assert all(r.status == "finished" for r in res.records)
+    for r in trace:
+        if r.after:
+            assert rec[r.request_id].arrived_at >= rec[r.after].finished_at
+    s = summarize(res.records, res.duration, stats=res.info["scheduler_stats"])
+    assert s["prefix_cache"]["hit_tokens"] >= 16 + 16 and 0 < s["prefix_cache"]["hit_rate_tokens"] < 1
+
+
+def test_remote_replay_sends_a_turn_after_the_previous_ends():
+    trace = make_trace(chat_samples(), rate=100.0, think_time=0.05)
+    sent = {}
+
+    async def send(r, t0):  # a server that answers after 0.1 s
+        sent[r.request_id] = r.arrived_at
+        await asyncio.sleep(0.1)
+        now = time.perf_counter() - t0
+        return RequestRecord.from_token_times(r.request_id, r.arrived_at, r.num_prefill_tokens, 1, 1.0, 1.0, [now])
+    records, _ = asyncio.run(replay_at_arrivals(trace, send, 8, None))
+    assert [r.request_id for r in records] == [r.request_id for r in trace]
+    ends = {r.request_id: r.finished_at for r in records}
+    for r in trace:
+        if r.after:
+            assert sent[r.request_id] >= ends[r.after] + r.think_time - 1e-3
+
+
+def test_prefix_counters_read_from_metrics_text(tmp_path):
+    import http.server
+    import threading
+
+    text = (b"# HELP aptray_prefix_cache_hit_tokens_total x\naptray_prefix_cache_hit_tokens_total 30.0\n"
+            b"aptray_prefix_cache_queried_tokens_total 120.0\naptray_prefix_cache_hit_tokens_created 1.7e9\n")
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(text)
+
+        def log_message(self, *a):
+            pass
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        got = read_prefix_counters(f"http://127.0.0.1:{srv.server_port}/metrics")
+    finally:
+        srv.shutdown()
+    assert got == {"prefix_hit_tokens": 30.0, "prefix_queried_tokens": 120.0}
+    assert read_prefix_counters("http://127.0.0.1:9/metrics") == {}
