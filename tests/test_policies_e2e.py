@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from aptray import LLM, SamplingParams
 from aptray.model.factory import make_tiny_model
 from aptray.request import CacheKind
+from test_scheduler import with_cache_modes
 
 KV = CacheKind.KV
 
@@ -46,11 +47,8 @@ CASES = [("fcfs", {}), ("sarathi", {"max_num_batched_tokens": 16, "enable_chunke
          ("vllm", {"max_num_batched_tokens": 16})]
 
 
-@pytest.mark.parametrize("policy,extra", CASES)
-@pytest.mark.parametrize("cache_mode", ["kv", "hidden", "hybrid"])
+@pytest.mark.parametrize("policy,extra,cache_mode", with_cache_modes(CASES))
 def test_tokens_match_transformers(opt_dir, prompts, reference, policy, extra, cache_mode):
-    if policy == "vllm" and cache_mode != "kv":
-        pytest.skip("vllm keeps K and V only (EngineConfig refuses a hidden cache for it)")
     # block_size 4 (8 hidden tokens a block): a request needs up to 9 KV or 5 hidden blocks, so
     # 14 blocks (8 when all is hidden) hold about two of the six at a time
     # (hybrid gets 10: with 14, apt fits all four of its sequences as hidden and nothing binds)

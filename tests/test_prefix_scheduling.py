@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from aptray.cache.block_manager import BlockManager
 from aptray.config import EngineConfig
 from aptray.scheduler import make_scheduler
-from test_scheduler import POLICIES, VOCAB, model_dir, reference, run  # noqa: F401 (model_dir is a fixture)
+from test_scheduler import POLICIES, VOCAB, with_cache_modes, model_dir, reference, run  # noqa: F401 (model_dir is a fixture)
 
 SYSTEM = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]
 
@@ -41,8 +41,7 @@ def chat_workloads(draw):
     return out
 
 
-@pytest.mark.parametrize("policy,extra", POLICIES)
-@pytest.mark.parametrize("cache_mode", ["kv", "hidden", "hybrid"])
+@pytest.mark.parametrize("policy,extra,cache_mode", with_cache_modes(POLICIES))
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(workload=chat_workloads(), num_blocks=st.integers(20, 48))
 def test_shared_prefixes_give_exact_tokens(model_dir, policy, extra, cache_mode, workload, num_blocks):

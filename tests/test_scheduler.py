@@ -127,6 +127,13 @@ POLICIES = [("fcfs", {}), ("sarathi", {}), ("apt", {}), ("apt", {"iteration_shap
             ("apt", {"iteration_shape": "mixed", "max_num_batched_tokens": 16}),
             ("apt", {"enable_chunked_prefill": True, "max_num_batched_tokens": 16}),
             ("vllm", {}), ("vllm", {"max_num_batched_tokens": 16})]
+CACHE_MODES = ("kv", "hidden", "hybrid")
+
+
+def with_cache_modes(policies) -> list[tuple]:
+    """(policy, extra, cache_mode) for every cache mode a policy takes (vllm keeps K and V only: its
+    refusal of the others is tested in test_vllm_policy)."""
+    return [(p, extra, mode) for p, extra in policies for mode in CACHE_MODES if p != "vllm" or mode == "kv"]
 
 
 @st.composite
@@ -140,13 +147,10 @@ def workloads(draw):
     return out
 
 
-@pytest.mark.parametrize("policy,extra", POLICIES)
-@pytest.mark.parametrize("cache_mode", ["kv", "hidden", "hybrid"])
+@pytest.mark.parametrize("policy,extra,cache_mode", with_cache_modes(POLICIES))
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(workload=workloads(), num_blocks=st.integers(12, 40))
 def test_every_request_finishes_with_exact_tokens(model_dir, policy, extra, cache_mode, workload, num_blocks):
-    if policy == "vllm" and cache_mode != "kv":
-        pytest.skip("vllm keeps K and V only")
     config, blocks, sched = make(model_dir, num_blocks=num_blocks, scheduler=policy, cache_mode=cache_mode,
                                  ttft_slo=0.2, tbt_slo=0.05, **extra)
     outputs = run(sched, blocks, workload)

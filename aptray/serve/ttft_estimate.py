@@ -236,7 +236,7 @@ class LoadTracker:
         held: dict[str, int] = {}
         leaving: list[tuple[int, int]] = []  # (steps left at most, blocks) of each running request
         for r in waiting:
-            if not (self.skips_lost and r.is_violator(now)):
+            if not (self.skips_lost and past_slo(r, now)):
                 queued_tokens += max(0, r.num_tokens - r.num_computed_tokens)
                 queued += 1
         for r in running:
@@ -247,7 +247,7 @@ class LoadTracker:
             leaving.append((max(0, r.sampling.max_tokens - len(r.output_token_ids)), blocks))
             if not r.is_prefilling:
                 decoding += 1
-            elif not (self.skips_lost and r.is_violator(now)):
+            elif not (self.skips_lost and past_slo(r, now)):
                 queued_tokens += max(0, r.num_tokens - r.num_computed_tokens)
                 queued += 1
         blocks = scheduler.blocks
@@ -255,6 +255,14 @@ class LoadTracker:
         return ReplicaLoad(taken_at, ok, queued_tokens, queued, decoding, blocks.num_free, blocks.num_blocks, held,
                            dict(self.block_tokens), self.speed.coef, self.token_budget(), self.mixed,
                            self.freed_blocks_per_s(), release_curve(leaving, c0 + c_dec * decoding))
+
+
+def past_slo(r, now: float) -> bool:
+    """Whether r is past its SLO now: TTFT before its first token, TBT since its last after (apt's
+    violators, aptray.scheduler.apt.features)."""
+    if r.first_token_time is None:
+        return now - r.arrival_time > r.ttft_slo
+    return now - r.last_token_time > r.tbt_slo
 
 
 def release_curve(leaving: list[tuple[int, int]], step_s: float) -> tuple:
