@@ -12,7 +12,7 @@ from loadgen import results_cpu, results_sim
 from loadgen.conversations import MULTITURN, MULTITURN_SYSTEM
 
 DATASETS = (MULTITURN, MULTITURN_SYSTEM)
-BASE_POLICIES = ("fcfs", "sarathi", "apt-kv", "apt-hybrid")
+BASE_POLICIES = ("fcfs", "sarathi", "vllm", "apt-kv", "apt-hybrid")
 PREFIX = "+prefix"  # a policy's label with prefix caching on; without it, off
 
 
