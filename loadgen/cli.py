@@ -102,7 +102,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="EngineConfig field for every policy, e.g. max_num_seqs=128 (repeatable); "
                         f"policy defaults: {POLICY_DEFAULTS}; --sim also takes sharded_hidden=true (the hidden "
-                        "cache sharded along d at TP >= 2, DESIGN section 2)")
+                        "cache sharded along d at TP >= 2, docs/ARCHITECTURE.md section 2)")
 
 
 def parse_engine_args(items: list[str]) -> dict:

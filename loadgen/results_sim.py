@@ -1,6 +1,6 @@
 """Simulated paper setups for docs/RESULTS.md: effective throughput of each policy by bisection.
 
-Each setup is a model on A100-40GB at its TP degree, a dataset and SLOs (DESIGN section 4); every
+Each setup is a model on A100-40GB at its TP degree, a dataset and SLOs (docs/ARCHITECTURE.md section 4); every
 policy replays the same sampled requests with Gamma arrivals (same seed) at the rates the bisection
 probes, on the real Engine and schedulers with the simulator's cost model (virtual time).
 """
@@ -24,7 +24,8 @@ POLICIES = {
     # "auto": the hybrid cache where it pays; at TP >= 2 (r >= 1) the same run as apt-kv (the tables mark =KV)
     "apt-hybrid": ("apt", {"cache_mode": "auto", "hidden_attention": "absorbed"}),
     "apt-hybrid-recompute": ("apt", {"cache_mode": "auto", "hidden_attention": "recompute"}),
-    # the hidden cache sharded along d at TP >= 2 (DESIGN section 2; simulated only: aptray.sim.runner.shard_hidden)
+    # the hidden cache sharded along d at TP >= 2 (docs/ARCHITECTURE.md section 2; simulated only:
+    # aptray.sim.runner.shard_hidden)
     "apt-hybrid-sharded": ("apt", {"cache_mode": "hybrid", "hidden_attention": "absorbed", "sharded_hidden": True}),
 }
 # the baselines with the hybrid cache too (KV first, hidden when KV does not fit): the pipeline comparison
