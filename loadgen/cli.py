@@ -142,7 +142,7 @@ def config_factory(args, spec: str):
     # sim-only: the sharded hidden cache at TP >= 2 (aptray.sim.runner.shard_hidden), not an EngineConfig field
     sharded = bool(kwargs.pop("sharded_hidden", False))
     if sharded and not args.sim:
-        sys.exit("sharded_hidden is simulated only: the serving engine does not run it yet")
+        sys.exit("sharded_hidden is simulated only: the serving engine does not run it")
     pp = getattr(args, "pp", 1)
 
     wanted = kwargs.get("cache_mode", "hybrid")

@@ -334,7 +334,7 @@ def main(mode: str = "quick", parts=("server", "cpu", "sim", "pp"), workers: int
             "(r = 1, docs/ARCHITECTURE.md section 2), so the engine turns the hidden cache off and those hybrid "
             "columns are apt-kv's (marked =KV); apt-hybrid-sharded is the hidden vector sharded along d (d/t per "
             "rank, absorbed attention with its collectives priced; simulated only: the serving engine does not use "
-            "it yet), the same run as apt-hybrid at TP 1.",
+            "it), the same run as apt-hybrid at TP 1.",
             "",
             *sim_tables(sim, OUT_DIR),
             "",

@@ -101,7 +101,7 @@ def probe_table(results: list[dict]) -> list[str]:
 
 
 def targets(sim: dict | None, cpu: dict | None) -> list[str]:
-    """The issue's two targets, as measured: met or missed, with the numbers."""
+    """The two routing targets, as measured: met or missed, with the numbers."""
     lines = ["Targets, as measured:", ""]
     if sim:
         by = {(r["replicas"], r["router"]): r["effective_throughput_rps"] for r in sim["results"]}

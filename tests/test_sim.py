@@ -362,8 +362,9 @@ def test_sweep_is_deterministic_across_worker_counts():
 
 @needs_profiles
 def test_a_scheduler_that_never_samples_is_stopped_as_stalled(monkeypatch):
-    """The stuck-engine guard: plans that compute without ever sampling (the livelock of the third
-    session) end the run as stalled instead of spinning for hours; a healthy run is never stalled."""
+    """The stuck-engine guard: plans that compute without ever sampling (a request planned empty for
+    ever, docs/SCHEDULER.md) end the run as stalled instead of spinning for hours; a healthy run is
+    never stalled."""
     from aptray.scheduler.base import Scheduler
     from aptray.sim import runner
     healthy = runner.simulate(sim_config(), small_trace(10, seed=3))

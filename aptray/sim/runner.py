@@ -140,7 +140,7 @@ def shard_hidden(config: EngineConfig, cache_mode: str = "hybrid") -> EngineConf
     at t = 1, where the replicated vector (r per rank = d / (2*n_kv*D/t)) made the engine turn hidden off.
     The simulator prices the sharded attention and its collectives (CostModel.hidden_sharded) and the
     extra W_k, W_v column slices (memory.sharded_hidden_extra_weights). The engine's kernels for it exist
-    (aptray/model/sharded_hidden.py) but the serving engine does not use them yet.
+    (aptray/model/sharded_hidden.py) but the serving engine does not use them.
     """
     spec, tp = config.spec, config.tensor_parallel_size
     if tp < 2 or cache_mode == "kv":
