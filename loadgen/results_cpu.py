@@ -243,7 +243,8 @@ def prefill_time(model: str, make_executor=cpu_timed_executor, context: int = CO
 
 def dataset_trace(dataset: str, num_requests: int, seed: int = 0, context: int = CONTEXT,
                   think_time: float | None = None):
-    from loadgen.cli import base_trace, build_parser
+    from loadgen.arguments import build_parser
+    from loadgen.run_setup import base_trace
     args = build_parser().parse_args(["trace", "--dataset", dataset, "--num-requests", str(num_requests),
                                       "--context", str(context), "--seed", str(seed), "--out", "unused"]
                                      + (["--think-time", str(think_time)] if think_time else []))

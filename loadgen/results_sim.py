@@ -15,7 +15,7 @@ from loadgen.metrics import summarize
 from loadgen.sweep import effective_throughput
 from loadgen.traces import rescale
 
-# label -> (policy, EngineConfig overrides); the cli's POLICY_DEFAULTS apply underneath
+# label -> (policy, EngineConfig overrides); loadgen.run_setup's POLICY_DEFAULTS apply underneath
 POLICIES = {
     "fcfs": ("fcfs", {}),
     "sarathi": ("sarathi", {}),
@@ -65,7 +65,7 @@ SETUPS = [
 
 
 def sweep_args(setup: Setup, num_requests: int, cv: float):
-    from loadgen.cli import build_parser
+    from loadgen.arguments import build_parser
     return build_parser().parse_args([
         "sweep", "--sim", "--model", setup.model, "--gpu", setup.gpu, "--tp", str(setup.tp), "--pp", str(setup.pp),
         "--dataset", setup.dataset,
@@ -81,7 +81,7 @@ def _spec(label: str, policies: dict) -> str:
 def run_policy(job) -> dict:
     """Bisection of one policy's effective throughput on one setup (a worker process). job: (setup,
     label, num_requests, cv, rel_tol[, policies: label -> (policy, overrides), default VARIANTS])."""
-    from loadgen.cli import base_trace, make_client
+    from loadgen.run_setup import base_trace, make_client
     setup, label, num_requests, cv, rel_tol, *rest = job
     args = sweep_args(setup, num_requests, cv)
     trace = base_trace(args)
@@ -115,7 +115,7 @@ def run_all(setups: list[Setup], policies: list[str], num_requests: int, cv: flo
             workers: int) -> list[dict]:
     from aptray.sim.fit import hardware_for
     from aptray.sim.gpus import get_gpu
-    from loadgen.cli import base_trace
+    from loadgen.run_setup import base_trace
     for gpu in {s.gpu for s in setups}:
         hardware_for(get_gpu(gpu))  # fit once before forking
     for s in setups:

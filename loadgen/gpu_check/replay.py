@@ -22,9 +22,9 @@ import numpy as np
 
 from aptray.engine import Engine
 from aptray.sim.calibrate import timed_step
-from loadgen.cli import POLICY_DEFAULTS
 from loadgen.gpu_check.step_costs import engine_config, runner
 from loadgen.metrics import summarize
+from loadgen.run_setup import POLICY_DEFAULTS
 from loadgen.sweep import effective_throughput
 from loadgen.traces import read_trace, rescale
 
