@@ -1,4 +1,4 @@
-"""A first effective-throughput comparison of fcfs, sarathi and apt on the real CPU engine.
+"""A small effective-throughput comparison of fcfs, sarathi and apt on the real CPU engine.
 
 Tiny random multi-head OPT (r = 1/2), a cache budget that binds, ShareGPT-like lengths
 (lognormal prompt and output lengths scaled to the model's 512-token context), Gamma arrivals

@@ -1,4 +1,4 @@
-"""Apt-Serve's adaptive scheduler (arXiv 2504.07494), with the fixes docs/SCHEDULER.md measures.
+"""Apt-Serve's adaptive scheduler (arXiv 2504.07494), with what aptray adds (docs/SCHEDULER.md).
 
 Every iteration:
 1. view: pending times p and violators over the waiting set W and the running set R,
