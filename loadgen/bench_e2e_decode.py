@@ -1,6 +1,6 @@
 """End-to-end decode tokens/s of a random-weight model: aptray vs transformers generate, same run.
 
-GPU (the issue-6 benchmark): OPT-13B shapes, fp16, one GPU:
+GPU: OPT-13B shapes, fp16, one GPU:
   python -m loadgen.bench_e2e_decode --config aptray/sim/configs/opt-13b --dtype float16 --batch 32 64
 CPU smoke run with a tiny shape:
   python -m loadgen.bench_e2e_decode --tiny --dtype float32 --batch 4 --prompt-len 32 --max-tokens 16

@@ -1,4 +1,4 @@
-"""Engine benchmarks (issue 2): offline throughput vs transformers, cache capacity, decode step time.
+"""Engine benchmarks: offline throughput vs transformers, cache capacity, decode step time.
 
   python -m loadgen.bench_engine offline  [--num-requests 64] [--max-output 256]
   python -m loadgen.bench_engine capacity

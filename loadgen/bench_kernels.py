@@ -219,7 +219,7 @@ def _probe_deepspeed():
     except Exception as exc:  # not installed, no CUDA toolchain, unsupported GPU ...
         return dict(available=False, reason=f"{type(exc).__name__}: {exc}"[:300])
     return dict(available=True, reason="loaded; the timing harness (RaggedBatchWrapper + AtomBuilder inputs) "
-                                       "is not written yet, see docs/KERNELS.md")
+                                       "is not written, see docs/KERNELS.md")
 
 
 def format_row(row):

@@ -1,4 +1,4 @@
-"""A first effective-throughput comparison of fcfs, sarathi and apt on the real CPU engine.
+"""A small effective-throughput comparison of fcfs, sarathi and apt on the real CPU engine.
 
 Tiny random multi-head OPT (r = 1/2), a cache budget that binds, ShareGPT-like lengths
 (lognormal prompt and output lengths scaled to the model's 512-token context), Gamma arrivals
@@ -27,6 +27,7 @@ from aptray.model.factory import make_tiny_model
 from aptray.sampling_params import SamplingParams
 from loadgen.arrivals import arrival_times
 from loadgen.metrics import RequestRecord, attainment, goodput
+from loadgen.results_cpu import decode_step_time
 
 POLICIES = [("fcfs", "kv", {}), ("sarathi", "kv", {}), ("apt", "hybrid", {}),
             ("apt", "hybrid", {"iteration_shape": "mixed"})]
@@ -75,19 +76,6 @@ def run_trace(engine: Engine, trace, arrivals) -> list[RequestRecord]:
     return list(records.values())
 
 
-def decode_step_time(model: str) -> float:
-    """Median step time of a 16-request decode batch: the unit the SLOs are scaled by."""
-    engine = make_engine(model, "fcfs", "kv", {}, 1e9, 1e9)
-    for i, (p, _) in enumerate(sharegpt_like(16, 99)):
-        engine.add_request(str(i), p[:24], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
-    times = []
-    while engine.has_unfinished():
-        step = engine.step()
-        if step.result is not None and len(engine.scheduler.running) == 16:
-            times.append(step.result.step_time)
-    return float(np.median(times))
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", type=float, nargs="+", default=[10, 20, 40])
@@ -98,7 +86,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     model = make_tiny_model(os.path.join(tempfile.mkdtemp(), "opt"), arch="opt", hidden_size=128, num_layers=4,
                             num_heads=8, max_positions=512)
-    step = decode_step_time(model)
+    # the unit the SLOs are scaled by: a 16-request decode step, on the wall clock the replay runs on
+    step = decode_step_time(model, make_executor=LocalExecutor)
     ttft, tbt = 30 * step, 5 * step  # SLOs scaled to this machine's step time
     print(f"decode step {1e3 * step:.2f} ms -> TTFT SLO {1e3 * ttft:.1f} ms, TBT SLO {1e3 * tbt:.1f} ms", flush=True)
     rows = []

@@ -1,10 +1,10 @@
 """The real CPU engine for docs/RESULTS.md: fcfs vs sarathi vs apt (KV, hybrid) on one machine, one run.
 
-The experiment (docs/SCHEDULER.md, "The real-CPU-engine experiment", says why each choice):
+The experiment (docs/SCHEDULER.md, "The real CPU engine experiment", says why each choice):
 - tiny random multi-head OPT (d 128, 4 layers, 2 heads of 64: r = 1/2), one torch thread. Head
-  dimension 64 as in OPT-125m to OPT-6.7B (OPT-13B and up: 128). With 8 heads of 16 (the first
-  sessions' model) absorbed attention did 8x the FLOPs of KV attention per context token
-  (4·H·d against 4·H·D), which made it compute-bound on a CPU; with 2 heads it is 2x, and it
+  dimension 64 as in OPT-125m to OPT-6.7B (OPT-13B and up: 128). With 8 heads of 16 absorbed
+  attention does 8x the FLOPs of KV attention per context token (4·H·d against 4·H·D), which makes
+  it compute-bound on a CPU; with 2 heads it is 2x, and it
   reads half the bytes, as on a GPU, where OPT-13B's absorbed decode is memory-bound;
 - a cache pool that binds: 48 blocks of 16 tokens (768 tokens of KV, about 2.3 mean ShareGPT
   requests, 4 HumanEval ones; the longest request, 512 tokens, fits alone). On a CPU the decode
@@ -22,7 +22,7 @@ The experiment (docs/SCHEDULER.md, "The real-CPU-engine experiment", says why ea
   prompt's (256). Code's TTFT is one full-context prefill too, not DistServe's half: HumanEval's
   prompts do not shrink with the context (up to 250 tokens here, an eighth of OPT's 2,048), and
   half a 512-token prefill is what its longest prompt takes alone; DistServe's 0.125 s is 2-3x a
-  250-token prefill on the GPUs. Scaling TTFT by decode steps instead (12.5 steps) made every prompt
+  250-token prefill on the GPUs. Scaling TTFT by decode steps instead (12.5 steps) makes every prompt
   over ~300 tokens miss its TTFT even alone: a CPU prefills 6x slower relative to its decode step;
 - the clock is the serving thread's CPU time (`time.thread_time`), not the wall clock: the engine
   really runs (model steps, scheduler, bookkeeping, all on this thread), and every second it spends
@@ -243,7 +243,8 @@ def prefill_time(model: str, make_executor=cpu_timed_executor, context: int = CO
 
 def dataset_trace(dataset: str, num_requests: int, seed: int = 0, context: int = CONTEXT,
                   think_time: float | None = None):
-    from loadgen.cli import base_trace, build_parser
+    from loadgen.arguments import build_parser
+    from loadgen.run_setup import base_trace
     args = build_parser().parse_args(["trace", "--dataset", dataset, "--num-requests", str(num_requests),
                                       "--context", str(context), "--seed", str(seed), "--out", "unused"]
                                      + (["--think-time", str(think_time)] if think_time else []))

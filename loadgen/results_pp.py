@@ -94,7 +94,7 @@ def run(groups=GROUPS, datasets=tuple(DATASETS), num_requests: int = 250, worker
         rel_tol: float = 0.05, log=print) -> dict:
     from aptray.sim.fit import hardware_for
     from aptray.sim.gpus import get_gpu
-    from loadgen.cli import base_trace
+    from loadgen.run_setup import base_trace
     from loadgen.results_sim import _args
     t0 = time.time()
     todo = jobs(groups, datasets, num_requests, cv, rel_tol)
@@ -124,7 +124,7 @@ def decode_steps(groups=GROUPS) -> dict:
     from aptray.plan import BatchPlan, SeqPlan
     from aptray.sim.pipeline import own_time
     from aptray.sim.pipeline_runner import build_pipeline
-    from loadgen.cli import model_dir
+    from loadgen.run_setup import model_dir
     n, ctx = DECODE_PROBE
     out = {}
     for g in groups:

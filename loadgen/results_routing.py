@@ -34,7 +34,7 @@ PER_REPLICA_START = 4.0  # req/s per replica where the bisection starts
 
 
 def _args(replicas: int, num_requests: int, cv: float, label: str, policy: str):
-    from loadgen.cli import build_parser
+    from loadgen.arguments import build_parser
     routing, shed, extra = ROUTERS[label]
     argv = ["sweep", "--sim", "--model", "opt-13b", "--gpu", "a100-40gb", "--dataset", "sharegpt",
             "--num-requests", str(num_requests), "--ttft-slo", str(TTFT_SLO), "--tbt-slo", str(TBT_SLO),
@@ -44,7 +44,7 @@ def _args(replicas: int, num_requests: int, cv: float, label: str, policy: str):
 
 def run_router(job) -> dict:
     """Bisection of one router's effective throughput at one replica count (a worker process)."""
-    from loadgen.cli import base_trace, make_client
+    from loadgen.run_setup import base_trace, make_client
     replicas, label, num_requests, cv, rel_tol, policy = job
     args = _args(replicas, num_requests, cv, label, policy)
     trace, client = base_trace(args), make_client(args, policy)
@@ -68,7 +68,7 @@ def run_all(replica_counts: list[int], labels: list[str], per_replica: int, cv: 
             workers: int) -> list[dict]:
     from aptray.sim.fit import hardware_for
     from aptray.sim.gpus import get_gpu
-    from loadgen.cli import base_trace
+    from loadgen.run_setup import base_trace
     hardware_for(get_gpu("a100-40gb"))  # fit once before forking
     for n in replica_counts:
         base_trace(_args(n, per_replica * n, cv, labels[0], policy))  # sample (and cache) before forking
@@ -101,7 +101,7 @@ def probe_table(results: list[dict]) -> list[str]:
 
 
 def targets(sim: dict | None, cpu: dict | None) -> list[str]:
-    """The issue's two targets, as measured: met or missed, with the numbers."""
+    """The two routing targets, as measured: met or missed, with the numbers."""
     lines = ["Targets, as measured:", ""]
     if sim:
         by = {(r["replicas"], r["router"]): r["effective_throughput_rps"] for r in sim["results"]}

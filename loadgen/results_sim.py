@@ -1,6 +1,6 @@
 """Simulated paper setups for docs/RESULTS.md: effective throughput of each policy by bisection.
 
-Each setup is a model on A100-40GB at its TP degree, a dataset and SLOs (DESIGN section 4); every
+Each setup is a model on A100-40GB at its TP degree, a dataset and SLOs (docs/ARCHITECTURE.md section 4); every
 policy replays the same sampled requests with Gamma arrivals (same seed) at the rates the bisection
 probes, on the real Engine and schedulers with the simulator's cost model (virtual time).
 """
@@ -15,7 +15,7 @@ from loadgen.metrics import summarize
 from loadgen.sweep import effective_throughput
 from loadgen.traces import rescale
 
-# label -> (policy, EngineConfig overrides); the cli's POLICY_DEFAULTS apply underneath
+# label -> (policy, EngineConfig overrides); loadgen.run_setup's POLICY_DEFAULTS apply underneath
 POLICIES = {
     "fcfs": ("fcfs", {}),
     "sarathi": ("sarathi", {}),
@@ -24,7 +24,8 @@ POLICIES = {
     # "auto": the hybrid cache where it pays; at TP >= 2 (r >= 1) the same run as apt-kv (the tables mark =KV)
     "apt-hybrid": ("apt", {"cache_mode": "auto", "hidden_attention": "absorbed"}),
     "apt-hybrid-recompute": ("apt", {"cache_mode": "auto", "hidden_attention": "recompute"}),
-    # the hidden cache sharded along d at TP >= 2 (DESIGN section 2; simulated only: aptray.sim.runner.shard_hidden)
+    # the hidden cache sharded along d at TP >= 2 (docs/ARCHITECTURE.md section 2; simulated only:
+    # aptray.sim.runner.shard_hidden)
     "apt-hybrid-sharded": ("apt", {"cache_mode": "hybrid", "hidden_attention": "absorbed", "sharded_hidden": True}),
 }
 # the baselines with the hybrid cache too (KV first, hidden when KV does not fit): the pipeline comparison
@@ -64,7 +65,7 @@ SETUPS = [
 
 
 def sweep_args(setup: Setup, num_requests: int, cv: float):
-    from loadgen.cli import build_parser
+    from loadgen.arguments import build_parser
     return build_parser().parse_args([
         "sweep", "--sim", "--model", setup.model, "--gpu", setup.gpu, "--tp", str(setup.tp), "--pp", str(setup.pp),
         "--dataset", setup.dataset,
@@ -80,7 +81,7 @@ def _spec(label: str, policies: dict) -> str:
 def run_policy(job) -> dict:
     """Bisection of one policy's effective throughput on one setup (a worker process). job: (setup,
     label, num_requests, cv, rel_tol[, policies: label -> (policy, overrides), default VARIANTS])."""
-    from loadgen.cli import base_trace, make_client
+    from loadgen.run_setup import base_trace, make_client
     setup, label, num_requests, cv, rel_tol, *rest = job
     args = sweep_args(setup, num_requests, cv)
     trace = base_trace(args)
@@ -114,7 +115,7 @@ def run_all(setups: list[Setup], policies: list[str], num_requests: int, cv: flo
             workers: int) -> list[dict]:
     from aptray.sim.fit import hardware_for
     from aptray.sim.gpus import get_gpu
-    from loadgen.cli import base_trace
+    from loadgen.run_setup import base_trace
     for gpu in {s.gpu for s in setups}:
         hardware_for(get_gpu(gpu))  # fit once before forking
     for s in setups:

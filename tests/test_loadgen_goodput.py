@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from loadgen.cli import build_parser, main, trace_sample
+from loadgen.arguments import build_parser
+from loadgen.cli import main
+from loadgen.run_setup import trace_sample
 from loadgen.metrics import RequestRecord, goodput_report, parse_goodput, summarize
 from loadgen.traces import TraceRequest, write_trace
 

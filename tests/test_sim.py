@@ -213,7 +213,7 @@ def test_absorbed_and_recompute_attention_terms_by_hand():
     kv_f, kv_g = _attn_and_gemm(CostModel(s, flops_hw, 1, "absorbed", 0.0), one_kv)
     kv_b, _ = _attn_and_gemm(CostModel(s, bytes_hw, 1, "absorbed", 0.0), one_kv)
     assert (kv_f, kv_b, kv_g) == (4 * c * H * D, 2 * c * 2 * H * D, 0)
-    # absorbed (DESIGN section 2): scores u_h.x_t and y_h = sum a_t x_t over d for every head, reading
+    # absorbed (docs/ARCHITECTURE.md section 2): scores u_h.x_t and y_h = sum a_t x_t over d for every head, reading
     # the hidden cache once (d per token); plus u_h = W_k,h^T q_h and W_v,h y_h, 2*d*H*D FLOPs each
     ab_f, ab_g = _attn_and_gemm(CostModel(s, flops_hw, 1, "absorbed", 0.0), one_hidden)
     ab_b, _ = _attn_and_gemm(CostModel(s, bytes_hw, 1, "absorbed", 0.0), one_hidden)
@@ -362,8 +362,9 @@ def test_sweep_is_deterministic_across_worker_counts():
 
 @needs_profiles
 def test_a_scheduler_that_never_samples_is_stopped_as_stalled(monkeypatch):
-    """The stuck-engine guard: plans that compute without ever sampling (the livelock of the third
-    session) end the run as stalled instead of spinning for hours; a healthy run is never stalled."""
+    """The stuck-engine guard: plans that compute without ever sampling (a request planned empty for
+    ever, docs/SCHEDULER.md) end the run as stalled instead of spinning for hours; a healthy run is
+    never stalled."""
     from aptray.scheduler.base import Scheduler
     from aptray.sim import runner
     healthy = runner.simulate(sim_config(), small_trace(10, seed=3))

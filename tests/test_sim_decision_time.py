@@ -1,6 +1,6 @@
 """The simulator charges each step the decision time of the policy that made it (aptray.sim.decision_time):
 a heavier profile slows that policy's simulated steps; the step time the scheduler learns from leaves it
-out, as the real engine's does; `--decision-time none` keeps the old constant alone."""
+out, as the real engine's does; `--decision-time none` charges the constant step overhead alone."""
 import os
 
 import numpy as np

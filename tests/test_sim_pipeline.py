@@ -204,7 +204,8 @@ def test_micro_batches_share_the_block_budget():
 
 # -- configuration surfaces -------------------------------------------------------------------------
 def test_cli_pp_reaches_the_config_and_only_the_simulator():
-    from loadgen.cli import build_parser, config_factory, make_client
+    from loadgen.arguments import build_parser
+    from loadgen.run_setup import config_factory, make_client
     args = build_parser().parse_args(["sweep", "--sim", "--model", "opt-66b", "--pp", "4"])
     config = config_factory(args, "apt")()
     assert (config.pipeline_parallel_size, config.tensor_parallel_size, config.cache_mode) == (4, 1, "hybrid")

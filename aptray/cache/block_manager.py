@@ -77,7 +77,7 @@ class BlockManager:
         self._next_full: dict[str, int] = {}  # request -> computed tokens that fill its next unpublished block
         self.evictions = 0
         # table() as a tuple, kept until the table changes: a decode's table changes once per
-        # block_size tokens, and a copy per running request per step was an allocation the GC counted
+        # block_size tokens, and a copy per running request per step would be an allocation the GC counts
         self._table_tuples: dict[str, tuple[int, ...]] = {}
 
     @property

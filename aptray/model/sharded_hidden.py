@@ -1,4 +1,4 @@
-"""Hidden cache sharded along d for tensor parallel (DESIGN section 2, "the sharded form").
+"""Hidden cache sharded along d for tensor parallel (docs/ARCHITECTURE.md section 2, "Sharded form").
 
 With t ranks, a replicated hidden vector costs d per rank against 2*n_kv*D/t for KV, so the
 saving is gone at t >= 2. Storing only the rank's d/t slice of x keeps r per rank equal to r

@@ -1,7 +1,7 @@
 """The selection step of the apt scheduler: a greedy multiple-choice knapsack (numpy, torch-free).
 
 Each candidate request may run as KV (m blocks, value p) or as hidden (m_h blocks, value v_h).
-Following DESIGN section 3 the pair becomes two items, "hidden" (m_h, v_h) and "upgrade to KV"
+As in docs/ARCHITECTURE.md section 3, the pair becomes two items, "hidden" (m_h, v_h) and "upgrade to KV"
 (m - m_h, p - v_h), taken in order of value per block. The split is kept only when the
 upgrade's value per block is no higher than the hidden item's, so that taking items in that
 order never takes an upgrade before its hidden item; this is the convex-hull (LP-dominance)

@@ -15,7 +15,7 @@ Per layer and tensor-parallel rank (d width, H heads, D head dim, kv = 2*n_kv*D/
                         c*d*2 B read, then KV attention over the scratch (c*kv*2 B written and read).
   A hidden prefill chunk with a cached prefix re-projects the prefix's K,V (GEMM m = c-q, (d, kv)):
   that is what the engine's prefill path does (aptray/model/attention.py).
-  Sharded hidden (t >= 2, DESIGN section 2): each rank stores d/t of x; absorbed attention computes
+  Sharded hidden (t >= 2, docs/ARCHITECTURE.md section 2): each rank stores d/t of x; absorbed attention computes
   partial scores for ALL heads over its slice (the same FLOPs per rank as H/t heads over d), reads
   c*d/t*2 B, and communicates per layer: an all-gather of q (N*H*D), an all-reduce of the scores
   (H*sum(c)) and one of the outputs (N*H*D). Re-projecting K,V (recompute, prefix, conversion) is a
@@ -60,7 +60,7 @@ class CostModel:
     hidden_attention: str = "absorbed"  # or "recompute"
     step_overhead: float = 1e-3  # seconds per step outside the GPU kernels
     seq_overhead: float = 0.0  # seconds per sequence in the step outside the kernels (host Python)
-    hidden_sharded: bool = False  # hidden stored as d/t per rank (t >= 2), DESIGN section 2
+    hidden_sharded: bool = False  # hidden stored as d/t per rank (t >= 2), docs/ARCHITECTURE.md section 2
     ragged_overhead: float = 0.0  # seconds per step whose KV decodes have unequal contexts (CPU: a mask)
     _dense_by_m: dict = field(default_factory=dict, init=False, repr=False)  # memo: steps repeat token counts
     _head_by_n: dict = field(default_factory=dict, init=False, repr=False)

@@ -1,9 +1,9 @@
 """The scheduler's own time per step, charged to the simulated clock, per policy.
 
-A step waits for its plan: the engine calls schedule() on the host, then runs the step. Every
-policy used to be charged one constant for that (--step-overhead); apt's decisions cost more than
-fcfs's (a greedy over the queue, numpy per request) and that cost nothing. Now each simulated step
-also costs the decision time of the policy that made it, from a profile measured on a real host by
+A step waits for its plan: the engine calls schedule() on the host, then runs the step, and apt's
+decisions cost more than fcfs's (a greedy over the queue, numpy per request), which one constant
+for every policy (--step-overhead) would not show. So each simulated step also costs the decision
+time of the policy that made it, from a profile measured on a real host by
 `python -m loadgen.decision_profile` (aptray/sim/data/decision_time.json): per policy, a least-squares
 line of decision seconds over the requests waiting and running once the decision is made,
     seconds = c0 + per_waiting * waiting + per_running * running,

@@ -28,8 +28,9 @@ class MemoryPlan:
 
 def sharded_hidden_extra_weights(spec: ModelSpec, tp: int, layers: int | None = None) -> int:
     """Bytes per rank of the W_k and W_v column slices (all heads, the rank's d/t inputs) that sharded
-    hidden attention needs on top of the usual head-sharded weights (DESIGN section 2 says about +17%;
-    the block of the slice that covers the rank's own heads is already there, so it is 1 - 1/t of that).
+    hidden attention needs on top of the usual head-sharded weights (docs/ARCHITECTURE.md section 2: about
+    +17% of the layer weights for MHA; the block of the slice that covers the rank's own heads is already
+    there, so it is 1 - 1/t of that).
     layers: the rank's stage's layers (default all)."""
     if tp <= 1:
         return 0

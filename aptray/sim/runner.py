@@ -134,13 +134,13 @@ def add_request(engine: Engine, r: SimRequest, outcomes: dict, prompt_cache: dic
 
 
 def shard_hidden(config: EngineConfig, cache_mode: str = "hybrid") -> EngineConfig:
-    """Turn on the sharded hidden cache of DESIGN section 2 for a TP >= 2 config (simulator only).
+    """Turn on the sharded hidden cache (docs/ARCHITECTURE.md section 2) for a TP >= 2 config (simulator only).
 
     With t ranks each stores d/t of every hidden vector, so r per rank is d/t / (2*n_kv*D/t), the same as
     at t = 1, where the replicated vector (r per rank = d / (2*n_kv*D/t)) made the engine turn hidden off.
     The simulator prices the sharded attention and its collectives (CostModel.hidden_sharded) and the
     extra W_k, W_v column slices (memory.sharded_hidden_extra_weights). The engine's kernels for it exist
-    (aptray/model/sharded_hidden.py) but the serving engine does not use them yet.
+    (aptray/model/sharded_hidden.py) but the serving engine does not use them.
     """
     spec, tp = config.spec, config.tensor_parallel_size
     if tp < 2 or cache_mode == "kv":

@@ -22,9 +22,9 @@ import numpy as np
 
 from aptray.engine import Engine
 from aptray.sim.calibrate import timed_step
-from loadgen.cli import POLICY_DEFAULTS
 from loadgen.gpu_check.step_costs import engine_config, runner
 from loadgen.metrics import summarize
+from loadgen.run_setup import POLICY_DEFAULTS
 from loadgen.sweep import effective_throughput
 from loadgen.traces import read_trace, rescale
 
@@ -32,7 +32,7 @@ SAMPLE_NAME = "loadgen/data/sharegpt-opt2048.csv"
 SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), SAMPLE_NAME)
 POLICIES = ("fcfs", "sarathi", "apt")
 KNEE_POLICIES = ("fcfs", "apt")
-THRESHOLD = 0.9  # attainment that defines the knee (DESIGN section 4's effective throughput)
+THRESHOLD = 0.9  # attainment that defines the knee (effective throughput, docs/ARCHITECTURE.md section 4)
 SIM_TOLERANCE = 0.15  # the target for sim / real on TTFT and TBT p50, p90
 
 

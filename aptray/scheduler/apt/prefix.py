@@ -47,8 +47,8 @@ def admission(blocks: BlockManager, waiting, kind: CacheKind, computed: np.ndarr
                      todo)
     upto = start + chunk
     # a request back from a preemption (it has outputs) is weighed by its whole context, so it
-    # starts only when all of it fits: started on one chunk's room it was dropped again as the
-    # running set grew (one request five times in a row, each time up to 470 tokens re-computed)
+    # starts only when all of it fits: started on one chunk's room it is dropped again as the
+    # running set grows, its re-computed tokens thrown away (docs/SCHEDULER.md, "Admission of violators")
     weighed = np.where(outputs > 0, np.maximum(upto, total), upto)
     return Admission(chunk, chunk + np.minimum(reproj, np.maximum(token_budget - chunk, 0)),
                      blocks.blocks_for(weighed, kind) - shared + taken)

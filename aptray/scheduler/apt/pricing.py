@@ -9,8 +9,8 @@ import numpy as np
 from aptray.scheduler.step_cost import C_PF, C_REP, C_SEQ, C_TOK, StepCostModel
 
 # While the fit cannot tell hidden from KV (every part of the price within RESOLUTION of 0), hidden
-# costs this token price: KV where it fits, hidden where only hidden fits. A price of exactly 0 made
-# every admission hidden (the denser item), so no step mixed kinds and the fit never learnt what
+# costs this token price: KV where it fits, hidden where only hidden fits. A price of exactly 0 makes
+# every admission hidden (the denser item), so no step mixes kinds and the fit never learns what
 # hidden costs (simulated OPT-13B ShareGPT: all hidden, steps ~8% slower, 1.6 against 4.25 req/s).
 UNRESOLVED_HIDDEN_PRICE = 1e-9  # seconds, far below any pending time
 RESOLUTION = 0.05  # a fitted price within this share of its prior scale counts as 0

@@ -1,4 +1,4 @@
-"""Apt-Serve's adaptive scheduler (arXiv 2504.07494), with the fixes docs/SCHEDULER.md measures.
+"""Apt-Serve's adaptive scheduler (arXiv 2504.07494), with what aptray adds (docs/SCHEDULER.md).
 
 Every iteration:
 1. view: pending times p and violators over the waiting set W and the running set R,
@@ -135,7 +135,7 @@ class AptScheduler(Scheduler):
         pool = self.blocks.num_blocks - self.blocks.num_shared
         # value: its pending time (0 for a violator) plus what preempting it would cost, re-prefilling
         # its computed tokens. A violator between tokens keeps the second part: dropped mid re-prefill
-        # it comes straight back, its work thrown away (one request was preempted four times running).
+        # it comes straight back, its work thrown away (docs/SCHEDULER.md, "Running set").
         # Only requests lost for good are worth nothing.
         lost = is_lost(running, self.slo.lost)
         value = np.where(lost, 0.0, np.where(view.r_violator, 0.0, view.r_pending)
