@@ -149,8 +149,8 @@ def main(argv=None) -> None:
         try:
             curves = {}
             for k, rate in enumerate(rates):
-                a, b = ROUTERS if k % 2 == 0 else ROUTERS[::-1]
-                curves[str(rate)] = run_rate(url, trace, rate, [a, b, b, a])
+                first, second = ROUTERS if k % 2 == 0 else ROUTERS[::-1]
+                curves[str(rate)] = run_rate(url, trace, rate, [first, second, second, first])
         finally:
             stop()
         eff = {name: crossing_rate({float(r): c[name]["attainment"] for r, c in curves.items()}) for name in ROUTERS}
