@@ -135,8 +135,9 @@ class EngineLoop:
 
     def load(self, ok: bool = True, with_prefixes: bool = True) -> ReplicaLoad:
         """This replica's load now (ttft_estimate.ReplicaLoad): what the request router ranks it by
-        and what admission predicts a new request's TTFT from (without the prefixes it holds).
-        Safe from the router's event loop."""
+        and what admission predicts a new request's TTFT from. with_prefixes: look up the prefixes
+        it holds (the routing stats need them, a TTFT prediction does not). Safe from the router's
+        event loop."""
         return self.tracker.snapshot(self.engine.scheduler, time.time(), time.monotonic(),
                                      self._inbox_tokens_in - self._inbox_tokens_out, self._inbox_in - self._inbox_out,
                                      ok and self.broken is None and self.alive(), with_prefixes)
