@@ -14,9 +14,11 @@ from aptray.proto import generate_pb2, generate_pb2_grpc
 def build_request(prompt: str | list[int], client_request_id: str = "", max_tokens: int | None = None,
                   temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                   stop: list[str] | None = None, stop_token_ids: list[int] | None = None, seed: int | None = None,
-                  ignore_eos: bool = False, ttft_ms: float | None = None,
-                  tbt_ms: float | None = None) -> generate_pb2.GenerateRequest:
-    req = generate_pb2.GenerateRequest(version=1, client_request_id=client_request_id)
+                  ignore_eos: bool = False, ttft_ms: float | None = None, tbt_ms: float | None = None,
+                  prefix_key: str = "") -> generate_pb2.GenerateRequest:
+    """prefix_key: a name for the prompt prefix this request shares with others (a conversation id):
+    the request router prefers a replica that holds it cached."""
+    req = generate_pb2.GenerateRequest(version=1, client_request_id=client_request_id, prefix_key=prefix_key)
     if isinstance(prompt, str):
         req.prompt = prompt
     else:

@@ -212,6 +212,13 @@ def remote_prompt(r: TraceRequest, salt: str = "") -> str | list[int]:
     return r.prompt if r.prompt is not None else stream_ids(salt + r.request_id, r.num_prefill_tokens)
 
 
+def prefix_key(r: TraceRequest, salt: str = "") -> str | None:
+    """The prefix key a remote client names (x-aptray-prefix-key, GenerateRequest.prefix_key): a
+    conversation's turns share its stream, so its key is the conversation's (with the run's salt,
+    as the stream's), the same for every turn; other requests share no prefix worth naming."""
+    return salt + r.conversation if r.conversation is not None else None
+
+
 async def replay_at_arrivals(trace: list[TraceRequest], send, max_in_flight: int, progress) -> tuple[list, float]:
     """Start send(r, t0) for each request at its arrival time, a follow-up think_time after the request
     it follows ends (at most max_in_flight at once); returns the records in trace order and t0, the
@@ -289,9 +296,9 @@ class RemoteClient(Client):
 
 class HttpStreamClient(RemoteClient):
     """Replays a trace as streamed /v1/completions (greedy, ignore_eos, the request's SLOs as
-    aptray_slo, and its TTFT SLO as the x-aptray-ttft-ms header aptray's request router reads) over
-    HTTP/1.1 keep-alive connections, at the trace's arrival times. A url path (an app's route
-    prefix) goes before /v1/completions.
+    aptray_slo, and its TTFT SLO as the x-aptray-ttft-ms header aptray's request router reads, with
+    a conversation's turns naming it in x-aptray-prefix-key) over HTTP/1.1 keep-alive connections,
+    at the trace's arrival times. A url path (an app's route prefix) goes before /v1/completions.
 
     Lean on purpose, so that the client's own CPU is not counted against the server: no HTTP
     library, SSE events are split on blank lines and only events without `"finish_reason":null`
@@ -335,6 +342,9 @@ class HttpStreamClient(RemoteClient):
         hints = f"x-aptray-ttft-ms: {ttft * 1000:g}\r\n"
         if isinstance(prompt, list):
             hints += f"x-aptray-prompt-tokens: {len(prompt)}\r\n"
+        key = prefix_key(r, self.salt)
+        if key is not None:
+            hints += f"x-aptray-prefix-key: {key}\r\n"
         head = (f"POST {self.path}/v1/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{hints}{self.headers}\r\n")
         return head.encode() + data
@@ -398,11 +408,12 @@ class HttpStreamClient(RemoteClient):
 
 
 class GrpcStreamClient(RemoteClient):
-    """Replays a trace as streamed Generate calls (greedy, ignore_eos, the request's SLOs) on one
-    grpc.aio channel through Serve's gRPC proxy, at the trace's arrival times. A token's time is
-    when the message carrying it arrived. Status: finished (a final message with reason stop or
-    length), rejected (RESOURCE_EXHAUSTED or UNAVAILABLE: queue full, store away), failed (any
-    other status, or an abort), unfinished (the stream ended without a final message: lost).
+    """Replays a trace as streamed Generate calls (greedy, ignore_eos, the request's SLOs, a
+    conversation's turns naming it in prefix_key) on one grpc.aio channel through Serve's gRPC
+    proxy, at the trace's arrival times. A token's time is when the message carrying it arrived.
+    Status: finished (a final message with reason stop or length), rejected (RESOURCE_EXHAUSTED or
+    UNAVAILABLE: queue full, store away), failed (any other status, or an abort), unfinished (the
+    stream ended without a final message: lost).
     metrics_url: the server's HTTP /metrics, for its prefix-cache hits (the gRPC API has none)."""
 
     def __init__(self, target: str, ttft_slo: float = 1.0, tbt_slo: float = 1.0, api_key: str | None = None,
@@ -438,7 +449,8 @@ class GrpcStreamClient(RemoteClient):
             async with asyncio.timeout(self.timeout):
                 async for reply in client.generate(remote_prompt(r, self.salt), client_request_id=r.request_id,
                                                    max_tokens=r.num_decode_tokens, temperature=0.0, ignore_eos=True,
-                                                   ttft_ms=ttft * 1000, tbt_ms=tbt * 1000):
+                                                   ttft_ms=ttft * 1000, tbt_ms=tbt * 1000,
+                                                   prefix_key=prefix_key(r, self.salt) or ""):
                     now = time.perf_counter()
                     times.extend([now] * len(reply.token_ids))
                     if reply.finished:

@@ -44,6 +44,20 @@ def test_streams_extend_turn_by_turn_and_share_only_the_system_prompt():
     assert remote_prompt(trace[0], "run1-")[:8] == remote_prompt(trace[0], "run2-")[:8]  # but one system prompt
 
 
+def test_http_client_names_each_turn_by_its_conversation():
+    from aptray.serve.prefix_key import prefix_tag
+    from loadgen.clients import HttpStreamClient
+    client = HttpStreamClient("http://127.0.0.1:9/app")
+    client.salt = "run1-"
+    trace = make_trace(chat_samples(), rate=1.0)
+    heads = [client._request(r).split(b"\r\n\r\n", 1)[0].decode() for r in trace]
+    keys = [next((ln.split(": ", 1)[1] for ln in h.split("\r\n") if ln.startswith("x-aptray-prefix-key:")), None)
+            for h in heads]
+    assert keys == ["run1-" + r.conversation for r in trace] and all(prefix_tag(k) for k in keys)
+    plain = make_trace([Sample("", 20, 4)], rate=1.0)[0]
+    assert b"x-aptray-prefix-key" not in client._request(plain)
+
+
 def test_chat_trace_is_a_closed_loop_per_conversation(tmp_path):
     trace = make_trace(chat_samples(), rate=2.0, seed=3, think_time=0.5)
     by = {r.request_id: r for r in trace}

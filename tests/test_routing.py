@@ -151,6 +151,35 @@ def test_grpc_hints_from_the_request_message():
     assert (hint_of(pr(text), 1.0).prompt_tokens, hint_of(pr(text), 1.0).ttft_slo) == (200, 1.0)
 
 
+def test_a_prefix_key_is_bounded_visible_ascii_and_tagged_alike_everywhere():
+    from aptray.serve.prefix_key import MAX_KEY_BYTES, prefix_tag
+    tag = prefix_tag("conv-7")
+    assert tag == prefix_tag(b"conv-7") != prefix_tag("conv-8") and len(tag) == 16
+    assert prefix_tag("k" * MAX_KEY_BYTES) is not None
+    for junk in ("", "k" * (MAX_KEY_BYTES + 1), "a b", "tab\t", "caf\u00e9", b"\xff", b"nul\x00", None, 7):
+        assert prefix_tag(junk) is None, junk
+
+
+def test_hints_carry_the_prefix_key_of_the_header_or_the_message():
+    from ray.serve._private.common import gRPCRequest
+
+    from aptray.proto import generate_pb2
+    from aptray.serve.prefix_key import prefix_tag
+    from aptray.serve.route_hints import hint_of
+    h = hint_of(_http(headers=[(b"x-aptray-ttft-ms", b"250"), (b"x-aptray-prefix-key", b"conv-7")]), 1.0)
+    assert (h.prefix, h.ttft_slo) == (prefix_tag("conv-7"), 0.25)
+    assert hint_of(_http(), 1.0).prefix is None
+    for junk in (b"", b"k" * 129, b"two words", b"\xff\xfe"):  # ignored: the request still routes by its SLO
+        h = hint_of(_http(headers=[(b"x-aptray-prefix-key", junk), (b"x-aptray-ttft-ms", b"250")]), 1.0)
+        assert h is not None and h.prefix is None and h.ttft_slo == 0.25
+
+    def pr(msg):
+        return type("PR", (), {"args": [pickle.dumps(gRPCRequest(user_request_proto=msg))]})()
+    msg = generate_pb2.GenerateRequest(prompt="x" * 80, prefix_key="conv-7")
+    assert hint_of(pr(msg), 1.0).prefix == prefix_tag("conv-7")
+    assert hint_of(pr(generate_pb2.GenerateRequest(prompt="x" * 80)), 1.0).prefix is None
+
+
 # -- autoscaling, deployment options ---------------------------------------------------------------
 def test_goodput_policy_scales_on_attainment_and_pressure():
     from aptray.serve.autoscale import GoodputPolicy
@@ -227,6 +256,68 @@ def test_load_tracker_reads_a_real_scheduler():
     snap = tracker.snapshot(engine.scheduler, executor.clock.now, executor.clock.now)
     assert snap.decoding == 3 and sum(snap.held_blocks.values()) > 0 and snap.free_blocks < snap.num_blocks
     assert snap.release[-1][1] == sum(snap.held_blocks.values()) and tracker.speed.steps > 0
+
+
+def test_prefix_holders_remember_the_newest_keys_and_report_a_bounded_few():
+    from aptray.request import Request
+    from aptray.sampling_params import SamplingParams
+    from aptray.serve.prefix_holders import PrefixHolders
+
+    class AllCached:
+        def is_cached(self, key):
+            return True
+    holders = PrefixHolders({"kv": 4, "hidden": 8}, max_keys=4, max_reported=3)
+    for i in range(6):
+        holders.note(f"t{i}", Request(str(i), [i] * 10, SamplingParams(), 0.0, 1.0, 1.0))
+    holders.note("short", Request("s", [1, 2, 3], SamplingParams(), 0.0, 1.0, 1.0))  # no full block: none cached
+    holders.note("t3", Request("again", [9] * 10, SamplingParams(), 0.0, 1.0, 1.0))  # a newer turn of t3
+    assert holders.held(AllCached()) == ("t3", "t5", "t4")
+    assert len(holders._keys) == 4 and len(holders._keys["t3"]) == 2  # one key per cache kind
+
+
+def test_load_tracker_reports_a_named_prefix_while_its_last_prompt_block_is_cached():
+    import json
+    from dataclasses import replace
+
+    from aptray.sampling_params import SamplingParams
+    from aptray.serve.prefix_key import prefix_tag
+    from aptray.serve.route_hints import hint_of
+    from aptray.serve.routing_policy import loads_of
+    from aptray.serve.ttft_estimate import LoadTracker
+    from aptray.sim.prompt_ids import stream_ids
+    from aptray.sim.runner import build_engine
+    config = replace(_sim_config(), num_cache_blocks=40)
+    engine, executor = build_engine(config, "a100-40gb")
+    tracker = LoadTracker(config)
+    tag = prefix_tag("conv-7")
+
+    def admit(rid, prompt, prefix=None):
+        req = engine.add_request(rid, prompt, SamplingParams(max_tokens=4, ignore_eos=True),
+                                 arrival_time=executor.clock.now)
+        tracker.on_add(req, prefix)
+
+    def finish_all():
+        while engine.has_unfinished():
+            engine.step()
+
+    def reported():
+        return tracker.snapshot(engine.scheduler, executor.clock.now, executor.clock.now).prefixes
+    admit("turn-1", stream_ids("conv-7", 200), tag)
+    assert reported() == ()  # nothing of it computed yet
+    finish_all()
+    assert reported() == (tag,)
+    stats = json.loads(json.dumps(tracker.snapshot(engine.scheduler, 100.0, 100.0).to_stats()))
+    hint = hint_of(_http(headers=[(b"x-aptray-ttft-ms", b"60000"), (b"x-aptray-prefix-key", b"conv-7")]), 1.0)
+    r = rank(hint, {"idle": load(), **loads_of({"holder": stats})}, SentLog(), 100.0, 2.0)
+    assert r.order[0] == "holder" and r.reason == PREFIX  # the stats carry the tag the router computes
+    hits = engine.scheduler.stats["prefix_hit_tokens"]
+    admit("turn-2", stream_ids("conv-7", 260), tag)  # turn 1's prompt and more
+    finish_all()
+    assert engine.scheduler.stats["prefix_hit_tokens"] - hits >= 192 and reported() == (tag,)
+    for i in range(6):  # others fill the pool: turn 2's blocks are evicted, the tail first
+        admit(f"other-{i}", stream_ids(f"other-{i}", 500))
+        finish_all()
+    assert engine.blocks.evictions > 0 and reported() == ()
 
 
 @pytest.mark.parametrize("routing", ["p2c", "slo"])

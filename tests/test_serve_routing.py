@@ -6,6 +6,7 @@ Serve's HTTP (or gRPC) proxy and its request router. Which replica answered is i
 response's x-aptray-replica header.
 """
 import os
+import random
 import signal
 import time
 import uuid
@@ -51,17 +52,22 @@ def make_busy(router, requests: int = 60, prompt: int = 480, max_tokens: int = 2
     """Queue long requests on one replica's engine, past its request router."""
     rids = [f"busy-{uuid.uuid4().hex}" for _ in range(requests)]
     sampling = {"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True, "ttft_slo": RELAXED_MS / 1e3}
-    answers = ray.get(router.admit.remote([(rid, [5 + i % 90 for i in range(prompt)], sampling, None, None, "", 0)
-                                           for rid in rids]))
+    answers = ray.get(router.admit.remote([(rid, [5 + i % 90 for i in range(prompt)], sampling, None, None, "", 0,
+                                            None) for rid in rids]))
     assert all(a.get("accepted") for a in answers)
     return rids
 
 
-def post(url: str, ttft_ms: float = RELAXED_MS, prompt: int = 40, max_tokens: int = 4) -> httpx.Response:
-    body = {"prompt": [5 + i % 90 for i in range(prompt)], "max_tokens": max_tokens, "ignore_eos": True,
-            "temperature": 0.0, "aptray_slo": {"ttft_ms": ttft_ms}}
-    return httpx.post(url + "/v1/completions", json=body, timeout=60,
-                      headers={"x-aptray-ttft-ms": str(ttft_ms), "x-aptray-prompt-tokens": str(prompt)})
+def post(url: str, ttft_ms: float = RELAXED_MS, prompt: int | list[int] = 40, max_tokens: int = 4,
+         prefix_key: str | None = None) -> httpx.Response:
+    """A completion through Serve's proxy: prompt is token ids, or a length (the same ids every time)."""
+    ids = prompt if isinstance(prompt, list) else [5 + i % 90 for i in range(prompt)]
+    body = {"prompt": ids, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0,
+            "aptray_slo": {"ttft_ms": ttft_ms}}
+    headers = {"x-aptray-ttft-ms": str(ttft_ms), "x-aptray-prompt-tokens": str(len(ids))}
+    if prefix_key is not None:
+        headers["x-aptray-prefix-key"] = prefix_key
+    return httpx.post(url + "/v1/completions", json=body, timeout=60, headers=headers)
 
 
 def routed(url: str, reason: str) -> int:
@@ -82,6 +88,39 @@ def test_requests_spread_over_both_replicas_and_are_counted(app):
     assert routed(url, "slo") >= 8
     time.sleep(1.5)
     assert routed(url, "no_info") >= 1  # the GET before: no SLO to read, Serve's default routed it
+
+
+def test_a_conversations_next_turn_goes_to_the_replica_holding_its_prefix(app):
+    """Turn 1 of a conversation, then turn 2 (turn 1's prompt, then ids standing in for its reply and
+    the next message) naming the same x-aptray-prefix-key: once turn 1's replica reports the key,
+    turn 2 goes there (both meet the relaxed SLO: the prefix costs none) and hits its cached blocks.
+    Three conversations: a router that ignored the key would pass by chance once in eight."""
+    from aptray.serve.prefix_key import prefix_tag
+    url, by_replica = app["http"], routers()
+
+    def hit_tokens(replica) -> float:
+        text = ray.get(by_replica[replica].metrics_text.remote()).decode()
+        return metric(text, "aptray_prefix_cache_hit_tokens_total") or 0
+    prefix_routed = routed(url, "prefix")
+    for n in range(3):
+        key = f"conv-{uuid.uuid4().hex}"
+        rng = random.Random(key)
+        turn1 = [rng.randrange(5, 95) for _ in range(160)]  # 10 full blocks of 16, its own tokens
+        first = post(url, prompt=turn1, prefix_key=key)
+        assert first.status_code == 200, first.text
+        holder = first.headers["x-aptray-replica"]
+        deadline = time.time() + 10
+        while prefix_tag(key) not in ray.get(by_replica[holder].load.remote())["prefixes"]:
+            assert time.time() < deadline, "turn 1's replica never reported the key"
+            time.sleep(0.1)
+        time.sleep(2 * ARGS["routing_stats_period_s"] + 0.4)  # a stats pull since: the routers have it
+        before = hit_tokens(holder)
+        second = post(url, prompt=turn1 + [rng.randrange(5, 95) for _ in range(40)], prefix_key=key)
+        assert second.status_code == 200, second.text
+        assert second.headers["x-aptray-replica"] == holder, f"conversation {n}"
+        assert hit_tokens(holder) - before >= len(turn1)
+    time.sleep(1.5)  # the request router publishes its counts every second
+    assert routed(url, "prefix") >= prefix_routed + 3
 
 
 def test_a_busy_replica_gets_the_new_requests_elsewhere(app):

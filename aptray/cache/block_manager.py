@@ -3,7 +3,7 @@
 A physical block holds `block_size` tokens of KV or `hidden_block_size` tokens of hidden state
 (block_size / r rounded down, r = hidden bytes / KV bytes per token per rank). A request's
 tokens are all KV or all hidden. Policies ask questions (held, held_by, table, blocks_for,
-cached_prefix) and never read the tables themselves.
+cached_prefix, is_cached) and never read the tables themselves.
 
 Prefix caching (enable_caching): a full block whose tokens are computed is published under the key
 of its hash chain (aptray.cache.block_hash: its tokens, all tokens before it, its kind). A request
@@ -151,6 +151,11 @@ class BlockManager:
     def owners(self) -> list[str]:
         """Request ids that have a table."""
         return list(self._tables)
+
+    def is_cached(self, key: bytes) -> bool:
+        """Whether a block of that key (aptray.cache.block_hash) is published and not evicted. One dict
+        lookup: safe from another thread while this one changes the cache."""
+        return key in self._block_of
 
     def cached_prefix(self, req: Request, kind: CacheKind, convert: bool = True) -> CachedPrefix:
         """The longest prefix of req's tokens a new table of that kind can start from: published blocks

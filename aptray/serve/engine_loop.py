@@ -44,6 +44,7 @@ class Add:
     prompt: str | None
     arrival_time: float  # monotonic
     stream: ClientStream
+    prefix: str | None = None  # the tag of the prompt prefix the client named (prefix_key.py)
 
 
 @dataclass(frozen=True)
@@ -132,12 +133,14 @@ class EngineLoop:
     def num_blocks(self) -> int:
         return self.engine.executor.num_blocks
 
-    def load(self, ok: bool = True) -> ReplicaLoad:
+    def load(self, ok: bool = True, with_prefixes: bool = True) -> ReplicaLoad:
         """This replica's load now (ttft_estimate.ReplicaLoad): what the request router ranks it by
-        and what admission predicts a new request's TTFT from. Safe from the router's event loop."""
+        and what admission predicts a new request's TTFT from. with_prefixes: look up the prefixes
+        it holds (the routing stats need them, a TTFT prediction does not). Safe from the router's
+        event loop."""
         return self.tracker.snapshot(self.engine.scheduler, time.time(), time.monotonic(),
                                      self._inbox_tokens_in - self._inbox_tokens_out, self._inbox_in - self._inbox_out,
-                                     ok and self.broken is None and self.alive())
+                                     ok and self.broken is None and self.alive(), with_prefixes)
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -210,12 +213,14 @@ class EngineLoop:
         if rid not in self.streams:  # aborted before it reached the engine
             return
         try:
-            self.engine.add_request(rid, msg.prompt_token_ids, msg.sampling, arrival_time=msg.arrival_time,
-                                    prompt=msg.prompt)
+            req = self.engine.add_request(rid, msg.prompt_token_ids, msg.sampling, arrival_time=msg.arrival_time,
+                                          prompt=msg.prompt)
         except ValueError as e:
             self.streams.pop(rid, None)
             self.writer.finish(rid, "rejected")
             self._out.append(msg.stream.error(rid, str(e), 400))
+            return
+        self.tracker.on_add(req, msg.prefix)
 
     def _reattach(self, msg: Reattach) -> None:
         """What the client has not seen, then the rest."""

@@ -10,6 +10,7 @@ import grpc
 from aptray.proto import generate_pb2
 from aptray.proto.convert import PLAN_VERSION
 from aptray.serve.openai_api import new_id
+from aptray.serve.prefix_key import prefix_tag
 from aptray.serve.relay import Rejected
 from aptray.serve.security import grpc_key, identity, key_ok
 
@@ -67,7 +68,7 @@ async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
             prompt, ids = None, list(req.prompt_token_ids.ids)
         else:
             raise Rejected("give prompt or prompt_token_ids", 400)
-        call = await ingress.open_stream(rid, ids, sampling, prompt, owner)
+        call = await ingress.open_stream(rid, ids, sampling, prompt, owner, prefix_tag(req.prefix_key))
         async with aclosing(ingress.chunks(call)) as batches:  # closed at once if the call is cancelled
             async for batch in batches:  # chunks that came together: one message
                 last = batch[-1]

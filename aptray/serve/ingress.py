@@ -32,6 +32,7 @@ from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatCompleti
                                      error_body, finish_reason, new_id)
 from aptray.serve.relay import Call, Rejected, RouterLink
 from aptray.model.demo import resolve_model_path
+from aptray.serve.prefix_key import PREFIX_KEY_HEADER, prefix_tag
 from aptray.serve.router import Router
 from aptray.serve.security import EdgeMiddleware, bearer, identity
 from aptray.serve.sse import ChatEvents, CompletionEvents, sse, usage
@@ -147,9 +148,11 @@ class Ingress:
         return ray.remote(Router).options(**opts).remote(self.router_args, self.owner)
 
     # -- shared path --------------------------------------------------------------------------
-    async def open_stream(self, rid: str, ids: list[int], sampling: dict, prompt: str | None, owner: str = "") -> Call:
-        """Admission: returns the call once its request is accepted."""
-        return await self.link.open(rid, ids, sampling, prompt, owner)
+    async def open_stream(self, rid: str, ids: list[int], sampling: dict, prompt: str | None, owner: str = "",
+                          prefix: str | None = None) -> Call:
+        """Admission: returns the call once its request is accepted. prefix: the tag of the prompt
+        prefix the client named (prefix_key.py), which the replica reports while it holds it."""
+        return await self.link.open(rid, ids, sampling, prompt, owner, prefix)
 
     def check_size(self, sampling: dict, **sizes) -> None:
         """What is too big to tokenize is refused before tokenizing (RequestLimits.size_error)."""
@@ -164,6 +167,11 @@ class Ingress:
     def caller(self, raw: Request) -> str:
         """Who sent raw (security.identity): who may abort its request."""
         return identity(self.args.api_key_set(), bearer(raw.headers.get("authorization")))
+
+    @staticmethod
+    def prefix_of(raw: Request) -> str | None:
+        """The tag of the prefix key raw names in its header (the one the request router read), or None."""
+        return prefix_tag(raw.headers.get(PREFIX_KEY_HEADER))
 
     def chunks(self, call: Call):
         """Lists of chunks (those that arrived together) until the request finishes."""
@@ -197,7 +205,7 @@ class Ingress:
             sampling = self.sampling(req, req.max_tokens or 16)
             prompt, ids = await self._completion_prompt(req.prompt, sampling)
             rid = new_id("cmpl")
-            gen = await self.open_stream(rid, ids, sampling, prompt, self.caller(raw))
+            gen = await self.open_stream(rid, ids, sampling, prompt, self.caller(raw), self.prefix_of(raw))
         except Rejected as e:
             return self._reject(e)
         if req.stream:
@@ -258,7 +266,8 @@ class Ingress:
             rest = max(1, self.max_model_len - len(ids))
             max_tokens = req.max_completion_tokens or req.max_tokens or min(rest, self.args.max_tokens_limit or rest)
             rid = new_id("chatcmpl")
-            gen = await self.open_stream(rid, ids, self.sampling(req, max_tokens), text, self.caller(raw))
+            gen = await self.open_stream(rid, ids, self.sampling(req, max_tokens), text, self.caller(raw),
+                                         self.prefix_of(raw))
         except Rejected as e:
             return self._reject(e)
         if req.stream:

@@ -40,9 +40,12 @@ class _Lost:
 class Call:
     """One request as the ingress relays it: enough to re-attach it to a new router."""
 
-    def __init__(self, rid: str, ids: list[int], sampling: dict, prompt: str | None, owner: str = ""):
-        """owner: who may abort it (the caller's identity: a digest of its API key, "" without keys)."""
+    def __init__(self, rid: str, ids: list[int], sampling: dict, prompt: str | None, owner: str = "",
+                 prefix: str | None = None):
+        """owner: who may abort it (the caller's identity: a digest of its API key, "" without keys);
+        prefix: the tag of the prompt prefix its client named (prefix_key.py), or None."""
         self.rid, self.ids, self.sampling, self.prompt, self.owner = rid, ids, sampling, prompt, owner
+        self.prefix = prefix
         self.seen: list[int] = []  # token ids relayed to the client so far
         self.text = ""  # and their text
         self.router = None
@@ -106,9 +109,10 @@ class RouterLink:
                 call.deliver(_Lost(error))
 
     # -- requests -----------------------------------------------------------------------------
-    async def open(self, rid: str, ids: list[int], sampling: dict, prompt: str | None, owner: str = "") -> Call:
+    async def open(self, rid: str, ids: list[int], sampling: dict, prompt: str | None, owner: str = "",
+                   prefix: str | None = None) -> Call:
         """Admission: returns the call once its request is accepted (else raises Rejected)."""
-        call = Call(rid, ids, sampling, prompt, owner)
+        call = Call(rid, ids, sampling, prompt, owner, prefix)
         await self._open(call, resume=False)
         return call
 
@@ -123,7 +127,8 @@ class RouterLink:
                 self._ensure_pump()
                 try:
                     first = await self._admit(call.router, (call.rid, call.ids, call.sampling, call.prompt,
-                                                            call.seen if resume else None, call.text, call.epoch))
+                                                            call.seen if resume else None, call.text, call.epoch,
+                                                            call.prefix))
                 except RayActorError:
                     # it may have recorded the request before dying: from now on only re-attach
                     await self.recover(call.router)

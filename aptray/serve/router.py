@@ -89,7 +89,7 @@ class Router:
         """SLO attainment of the requests that ended in the last window_s (finished or refused),
         and the typical request's predicted TTFT over its SLO (autoscale.py reads both)."""
         attained, ended = self.metrics.recent_attainment(window_s)
-        load = self.loop.load(ok=not self.draining)
+        load = self.loop.load(ok=not self.draining, with_prefixes=False)
         ttft = predict_ttft(load, round(self._prompt_tokens), load.taken_at)
         pressure = min(ttft / self.config.ttft_slo, 100.0)
         return {"aptray_attained": float(attained), "aptray_ended": float(ended), "aptray_ttft_pressure": pressure}
@@ -139,14 +139,15 @@ class Router:
     @ray.method(enable_task_events=False)  # the per-request path: no task events to record and ship
     async def admit(self, requests: list[tuple]) -> list[dict]:
         """Admission of requests that came together: for each (request_id, prompt_token_ids, sampling,
-        prompt, seen_token_ids, seen_text, epoch) {"accepted": True, ...} or {"error", "status"}. An
-        accepted request's chunks come on stream(), tagged with its epoch.
+        prompt, seen_token_ids, seen_text, epoch, prefix) {"accepted": True, ...} or {"error", "status"}.
+        An accepted request's chunks come on stream(), tagged with its epoch.
 
         seen_token_ids: a client re-attaching after a router restart, with the tokens (and text) it
-        already has; its stream goes on after them."""
+        already has; its stream goes on after them. prefix: the tag of the prompt prefix the client
+        named (prefix_key.py), or None; the replica reports it held once its blocks are cached."""
         self.loop.outbox.bind(asyncio.get_running_loop())
         checked, batch_ids = [], set()
-        load, booked = (self.loop.load(), 0) if self.args.shed_unmeetable else (None, 0)
+        load, booked = (self.loop.load(with_prefixes=False), 0) if self.args.shed_unmeetable else (None, 0)
         for r in requests:
             checked.append(self._check(r[0], r[1], r[2], reattach=r[4] is not None, duplicate=r[0] in batch_ids))
             if checked[-1][0] is None and r[4] is None and load is not None:
@@ -163,14 +164,14 @@ class Router:
         finally:
             self._being_admitted -= len(new)
         answers = []
-        for (rid, ids, _, prompt, seen, seen_text, epoch), (refusal, sp) in zip(requests, checked):
+        for (rid, ids, _, prompt, seen, seen_text, epoch, prefix), (refusal, sp) in zip(requests, checked):
             refusal = refusal or stored.get(rid)
             if refusal is not None:
                 answers.append(refusal)
                 continue
             stream = ClientStream(self.tokenizer, True, *self.config.slos_of(sp), list(sp.stop), len(ids), epoch=epoch)
             if seen is None:
-                self.loop.submit(Add(rid, list(ids), sp, prompt, time.monotonic(), stream))
+                self.loop.submit(Add(rid, list(ids), sp, prompt, time.monotonic(), stream, prefix))
             else:
                 self.loop.submit(Reattach(rid, list(ids), sp, prompt, list(seen), seen_text, stream))
             answers.append({"accepted": True, "request_id": rid, "prompt_tokens": len(ids)})

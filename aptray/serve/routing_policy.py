@@ -36,7 +36,7 @@ class RequestHint:
     """What the router knows of a request before it picks a replica."""
     prompt_tokens: int
     ttft_slo: float  # seconds
-    prefix: str | None = None
+    prefix: str | None = None  # the tag of the prompt prefix it names (prefix_key.py)
 
 
 @dataclass

@@ -8,14 +8,17 @@ ranks replicas by it (slo_router.py), the replica's admission sheds with it (rou
 simulator's multi-replica mode uses the same code (aptray/sim/cluster.py).
 
 LoadTracker keeps what the snapshot needs from the engine's history (step speed, blocks freed per
-second, tokens per step) and reads the engine's present through the scheduler's public state
-only: `waiting`, `running`, `blocks.num_free`, `blocks.num_blocks` and the requests' fields.
+second, tokens per step, the named prefixes admitted: prefix_holders.py) and reads the engine's
+present through the scheduler's public state only: `waiting`, `running`, `blocks.num_free`,
+`blocks.num_blocks`, `blocks.is_cached` and the requests' fields.
 """
 from __future__ import annotations
 
 import math
 from collections import deque
 from dataclasses import asdict, dataclass, field
+
+from aptray.serve.prefix_holders import PrefixHolders
 
 # A request's TTFT can never be predicted beyond this (a replica out of memory with nothing
 # finishing): large enough to lose every comparison, finite so that sums stay numbers.
@@ -44,7 +47,7 @@ class ReplicaLoad:
     # ((seconds, blocks), ...): blocks the running requests give back within `seconds` at the latest
     # (each after its max_tokens, at the current step time; a request that stops early frees sooner)
     release: tuple = ()
-    prefixes: tuple = ()  # prompt prefixes it holds in cache (none until prefix caching exists)
+    prefixes: tuple = ()  # tags of the named prompt prefixes it holds cached, newest first (prefix_holders.py)
 
     def to_stats(self) -> dict:
         """JSON-able: what record_routing_stats returns."""
@@ -197,6 +200,7 @@ class LoadTracker:
         self.block_tokens = {"kv": config.block_size}
         if config.cache_mode != "kv" and config.hidden_block_size:
             self.block_tokens["hidden"] = config.hidden_block_size
+        self.prefixes = PrefixHolders(self.block_tokens) if config.enable_prefix_caching else None
 
     def on_step(self, plan, seconds: float) -> None:
         """After a step ran `plan` (a BatchPlan) in `seconds`."""
@@ -205,6 +209,11 @@ class LoadTracker:
         self.speed.observe(tokens - decodes, decodes, seconds)
         self._step_tokens.append(tokens)
         self._busy_s += seconds
+
+    def on_add(self, req, prefix: str | None) -> None:
+        """The engine admitted req (a Request), naming its prompt prefix by that tag (or none)."""
+        if prefix is not None and self.prefixes is not None:
+            self.prefixes.note(prefix, req)
 
     def on_finish(self, num_tokens: int) -> None:
         """A request holding num_tokens (prompt + output) finished."""
@@ -225,12 +234,13 @@ class LoadTracker:
         return min(configured, max(seen, configured // 8))
 
     def snapshot(self, scheduler, taken_at: float, now: float, inbox_tokens: int = 0, inbox: int = 0,
-                 ok: bool = True) -> ReplicaLoad:
+                 ok: bool = True, with_prefixes: bool = True) -> ReplicaLoad:
         """The load of the replica whose scheduler this is. taken_at: the reported time (wall
         clock); now: the clock on_finish was given. inbox: requests accepted but not yet in the
         scheduler. list() of a deque or list copies it in one step under the GIL, so another
         thread may call this while the engine's thread runs. Under apt, requests past their SLO
-        are not ahead of a new one (it serves them last)."""
+        are not ahead of a new one (it serves them last). with_prefixes: look up the prefixes it
+        holds (routing stats need them; a TTFT prediction does not)."""
         waiting, running = list(scheduler.waiting), list(scheduler.running)
         queued_tokens, queued, decoding = inbox_tokens, inbox, 0
         held: dict[str, int] = {}
@@ -252,9 +262,10 @@ class LoadTracker:
                 queued += 1
         blocks = scheduler.blocks
         c0, _, c_dec = self.speed.coef
+        prefixes = self.prefixes.held(blocks) if with_prefixes and self.prefixes is not None else ()
         return ReplicaLoad(taken_at, ok, queued_tokens, queued, decoding, blocks.num_free, blocks.num_blocks, held,
                            dict(self.block_tokens), self.speed.coef, self.token_budget(), self.mixed,
-                           self.freed_blocks_per_s(), release_curve(leaving, c0 + c_dec * decoding))
+                           self.freed_blocks_per_s(), release_curve(leaving, c0 + c_dec * decoding), prefixes)
 
 
 def past_slo(r, now: float) -> bool:

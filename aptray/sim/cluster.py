@@ -10,7 +10,9 @@ when it comes no later) and where each arriving request goes:
 - "slo", aptray's request router: routing_policy.rank on each replica's load
   (ttft_estimate.LoadTracker), the same code the served router runs, with the staleness it has
   there: loads are snapshotted every stats_period_s of virtual time and seen stats_lag_s later,
-  and the router adds what it sent each replica since.
+  and the router adds what it sent each replica since. No request names a prefix here: every
+  prompt is copies of one token and follow-up turns (SimRequest.after) are not replayed, so a
+  replica's held prefixes would say nothing; rank sees none.
 
 With shed_unmeetable a replica refuses a request whose predicted TTFT on its own current load
 misses the request's TTFT SLO, as the served replica's admission does (router.py).
