@@ -334,6 +334,9 @@ def test_cluster_simulation_serves_every_request_on_one_clock(routing):
     assert sum(p["admitted"] for p in run.per_replica) == 60 and min(p["admitted"] for p in run.per_replica) > 5
     assert sum(run.routed.values()) == 60
     assert all(o.token_times[0] >= o.arrival_time for o in run.outcomes)
+    # distinct requests share no prompt content: the prefix cache finds nothing to reuse
+    assert run.scheduler_stats.get("prefix_queried_tokens", 0) > 0
+    assert run.scheduler_stats.get("prefix_hit_tokens", 0) == 0
 
 
 def test_cluster_simulation_sheds_what_no_replica_can_meet():

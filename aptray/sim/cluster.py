@@ -10,9 +10,9 @@ when it comes no later) and where each arriving request goes:
 - "slo", aptray's request router: routing_policy.rank on each replica's load
   (ttft_estimate.LoadTracker), the same code the served router runs, with the staleness it has
   there: loads are snapshotted every stats_period_s of virtual time and seen stats_lag_s later,
-  and the router adds what it sent each replica since. No request names a prefix here: every
-  prompt is copies of one token and follow-up turns (SimRequest.after) are not replayed, so a
-  replica's held prefixes would say nothing; rank sees none.
+  and the router adds what it sent each replica since. No request names a prefix here: prompts
+  are each request's own token stream (runner.request_prompt) and follow-up turns (SimRequest.after)
+  are not replayed, so no replica holds a prefix another request could name; rank sees none.
 
 With shed_unmeetable a replica refuses a request whose predicted TTFT on its own current load
 misses the request's TTFT SLO, as the served replica's admission does (router.py).
@@ -29,7 +29,7 @@ from aptray.sampling_params import SamplingParams
 from aptray.serve.routing_policy import STALE, RequestHint, SentLog, rank
 from aptray.serve.ttft_estimate import LoadTracker, predict_ttft
 from aptray.sim.fit import HardwareFit
-from aptray.sim.runner import (MAX_STEPS_WITHOUT_TOKEN, TOKEN_ID, SimOutcome, SimRequest, SimRun, _lean_step,
+from aptray.sim.runner import (MAX_STEPS_WITHOUT_TOKEN, SimOutcome, SimRequest, SimRun, _lean_step, request_prompt,
                                _stats, build_engine, certain_miss)
 
 ROUTINGS = ("p2c", "slo")
@@ -143,7 +143,6 @@ def simulate_cluster(config: EngineConfig, requests: list[SimRequest], replicas:
         a, b = rng.sample(range(len(reps)), 2) if len(reps) > 1 else (0, 0)
         return a if reps[a].in_flight() <= reps[b].in_flight() else b
 
-    prompts: dict[int, list[int]] = {}
     i, steps, stopped, stalled = 0, 0, False, False
     while True:
         busy = [r for r in reps if r.busy]
@@ -173,7 +172,7 @@ def simulate_cluster(config: EngineConfig, requests: list[SimRequest], replicas:
                 outcomes[req.request_id].error = "shed: predicted TTFT over its SLO"
                 routed[SHED] += 1
                 continue
-            prompt = prompts.get(req.prompt_len) or prompts.setdefault(req.prompt_len, [TOKEN_ID] * req.prompt_len)
+            prompt = request_prompt(req)
             sp = SamplingParams(temperature=0.0, max_tokens=req.output_len, ignore_eos=True, ttft_slo=req.ttft_slo,
                                 tbt_slo=req.tbt_slo)
             try:

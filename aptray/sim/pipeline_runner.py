@@ -77,7 +77,6 @@ def simulate_pipeline(config: EngineConfig, requests: list[SimRequest], gpu: str
     clock, timeline = executor.clock, executor.timeline
     reqs = sorted(requests, key=lambda r: r.arrival_time)
     outcomes: dict[str, SimOutcome] = {}
-    prompt_cache: dict[int, list[int]] = {}
     in_flight: list = []  # heap of (done, order, micro-batch, plan, result)
     busy: set[int] = set()
     free_since = [0.0] * len(engines)
@@ -103,7 +102,7 @@ def simulate_pipeline(config: EngineConfig, requests: list[SimRequest], gpu: str
         while i < len(reqs) and reqs[i].arrival_time <= now:
             target = min(engines, key=lambda e: len(e.scheduler.requests))  # vLLM: fewest unfinished
             with target.blocks.whole_pool():  # refuse only what could never fit the pool
-                add_request(target, reqs[i], outcomes, prompt_cache)
+                add_request(target, reqs[i], outcomes)
             i += 1
         waiting = [v for v, e in enumerate(engines) if v not in busy and e.has_unfinished()]
         if i == len(reqs) and not waiting and not in_flight:

@@ -121,10 +121,16 @@ def apply_result(engine: Engine, plan, result, now: float, outcomes: dict, on_fi
     return len(got)
 
 
-def add_request(engine: Engine, r: SimRequest, outcomes: dict, prompt_cache: dict) -> None:
-    """Hand r to the engine (its prompt: prompt_len copies of TOKEN_ID); a refusal is its outcome."""
+def request_prompt(r: SimRequest) -> list[int]:
+    """r's token content (aptray.sim.prompt_ids): its own stream, or its conversation's, so prefix
+    caching finds exactly the prefixes the workload shares."""
+    return prompt_ids(r.content_key or r.request_id, r.prompt_len, r.shared_prefix)
+
+
+def add_request(engine: Engine, r: SimRequest, outcomes: dict) -> None:
+    """Hand r to the engine (its prompt: request_prompt); a refusal is its outcome."""
     outcomes[r.request_id] = SimOutcome(r.request_id, r.arrival_time, "unfinished")
-    prompt = prompt_cache.get(r.prompt_len) or prompt_cache.setdefault(r.prompt_len, [TOKEN_ID] * r.prompt_len)
+    prompt = request_prompt(r)
     sp = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True,
                         ttft_slo=r.ttft_slo, tbt_slo=r.tbt_slo)
     try:
@@ -228,7 +234,7 @@ def simulate(config: EngineConfig, requests: list[SimRequest], gpu: str = "a100-
             break
         for at, r in arrivals.pop_due(clock.now):
             outcomes[r.request_id] = SimOutcome(r.request_id, at, "unfinished")
-            prompt = prompt_ids(r.content_key or r.request_id, r.prompt_len, r.shared_prefix)
+            prompt = request_prompt(r)
             sp = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True,
                                 ttft_slo=r.ttft_slo, tbt_slo=r.tbt_slo)
             try:
