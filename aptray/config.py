@@ -124,6 +124,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
+        for name in ("skip_tokenizer_init", "enable_prefix_caching", "enable_chunked_prefill"):
+            if not isinstance(getattr(self, name), bool):  # the string "False" would read as on
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         self.tokenizer = self.tokenizer or self.model_path
         self.spec = ModelSpec.from_path(self.model_path)
         if self.max_num_batched_tokens is None:

@@ -7,6 +7,7 @@ probes, on the real Engine and schedulers with the simulator's cost model (virtu
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import time
 from dataclasses import dataclass
@@ -75,7 +76,8 @@ def sweep_args(setup: Setup, num_requests: int, cv: float):
 
 def _spec(label: str, policies: dict) -> str:
     policy, extra = policies[label]
-    return f"{label}={policy}" + "".join(f":{k}={v}" for k, v in extra.items())
+    # values as parse_engine_args reads them back: JSON for non-strings (False, not the string "False")
+    return f"{label}={policy}" + "".join(f":{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in extra.items())
 
 
 def run_policy(job) -> dict:
