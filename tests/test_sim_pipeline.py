@@ -151,7 +151,8 @@ def test_views_share_one_pool():
 def test_pipeline_loop_at_one_stage_reproduces_the_plain_loop(policy, kw):
     from aptray.sim.pipeline_runner import simulate_pipeline
     reqs = trace(40, seed=4, rate=8.0)
-    config = dict(model=model("opt-13b"), scheduler=policy, num_cache_blocks=300, **kw)
+    # the pipeline's block views keep no prefix cache: the plain loop without one is its equal
+    config = dict(model=model("opt-13b"), scheduler=policy, num_cache_blocks=300, enable_prefix_caching=False, **kw)
     plain = simulate(EngineConfig(**config), reqs)
     piped = simulate_pipeline(EngineConfig(**config), reqs)
     assert plain.pipeline is None and piped.pipeline["stages"] == 1

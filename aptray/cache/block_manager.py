@@ -55,11 +55,18 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.hidden_block_size = hidden_block_size  # 0: hidden cache disabled
-        self.caching = enable_caching
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self._tables: dict[str, list[int]] = {}
         self._kinds: dict[str, CacheKind] = {}
         self._held_by = dict.fromkeys(CacheKind, 0)  # table entries per kind (a shared block once per table)
+        self._init_prefix_cache(num_blocks, enable_caching)
+        # table() as a tuple, kept until the table changes: a decode's table changes once per
+        # block_size tokens, and a copy per running request per step would be an allocation the GC counts
+        self._table_tuples: dict[str, tuple[int, ...]] = {}
+
+    def _init_prefix_cache(self, num_blocks: int, enable_caching: bool) -> None:
+        """The prefix cache's state over num_blocks block ids (empty, and never filled, when off)."""
+        self.caching = enable_caching
         self._refs = [0] * num_blocks  # holders per block: tables, and conversions reading it this step
         self._num_shared = 0  # blocks with more than one holder
         self._key_of: dict[int, bytes] = {}  # published block -> its key
@@ -76,9 +83,6 @@ class BlockManager:
         self._lent: dict[str, list[int]] = {}  # request -> cached hidden blocks its conversion reads this step
         self._next_full: dict[str, int] = {}  # request -> computed tokens that fill its next unpublished block
         self.evictions = 0
-        # table() as a tuple, kept until the table changes: a decode's table changes once per
-        # block_size tokens, and a copy per running request per step would be an allocation the GC counts
-        self._table_tuples: dict[str, tuple[int, ...]] = {}
 
     @property
     def hidden_enabled(self) -> bool:

@@ -53,6 +53,7 @@ class BlockView(BlockManager):
         self._table_tuples: dict[str, tuple[int, ...]] = {}
         self._kinds: dict[str, CacheKind] = {}
         self._held_by = dict.fromkeys(CacheKind, 0)
+        self._init_prefix_cache(pool.num_blocks, False)  # stages share no cached prefixes
         self._whole = False
 
     @property

@@ -5,7 +5,8 @@ requests it was given (a new request goes to the one with the fewest unfinished,
 each with at most one step in flight. They share one block pool (aptray.cache.block_views; vLLM 0.5
 splits it in pp fixed parts instead). A request therefore gets one token per pipeline traversal of its
 micro-batch: its TBT includes every stage. The host schedules one step at a time, the micro-batch
-that has waited longest first; PipelineSimExecutor says when each step ends.
+that has waited longest first; PipelineSimExecutor says when each step ends. The views keep no
+prefix cache (a cached block would have to be shared across micro-batches' schedulers).
 """
 from __future__ import annotations
 
