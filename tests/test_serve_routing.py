@@ -49,11 +49,12 @@ def routers() -> dict:
 
 
 def make_busy(router, requests: int = 60, prompt: int = 480, max_tokens: int = 24) -> list[str]:
-    """Queue long requests on one replica's engine, past its request router."""
+    """Queue long requests on one replica's engine, past its request router. Each prompt is its own
+    (a rotation of the same ids): identical ones would be one prefill and 59 prefix-cache hits."""
     rids = [f"busy-{uuid.uuid4().hex}" for _ in range(requests)]
     sampling = {"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True, "ttft_slo": RELAXED_MS / 1e3}
-    answers = ray.get(router.admit.remote([(rid, [5 + i % 90 for i in range(prompt)], sampling, None, None, "", 0,
-                                            None) for rid in rids]))
+    answers = ray.get(router.admit.remote([(rid, [5 + (i + 7 * k) % 90 for i in range(prompt)], sampling, None, None,
+                                            "", 0, None) for k, rid in enumerate(rids)]))
     assert all(a.get("accepted") for a in answers)
     return rids
 
