@@ -260,6 +260,9 @@ def test_device_names_and_rates():
     assert choose_rates({"fcfs": 3.0, "apt": 6.0}, 1.0) == [3.0, 6.0]
     assert choose_rates({"fcfs": 4.0, "apt": 4.2}, 1.0) == [4.0, 5.0]
     assert choose_rates({"fcfs": 0.0, "apt": 0.0}, 1.0) == [1.0, 2.0]
+    # knees the search did not bracket are taken at its edges
+    assert choose_rates({"fcfs": 0.078, "apt": 0.094}, 2.0, 32.0) == [2.0, 2.5]
+    assert choose_rates({"fcfs": 8192.0, "apt": 10240.0}, 2.0, 32.0) == [32.0, 40.0]
     # the committed ShareGPT lengths: vLLM's rule at OPT's 2,048-token context
     trace = sample_trace(GPU)
     assert len(trace) == 1000

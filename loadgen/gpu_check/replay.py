@@ -118,9 +118,11 @@ class Replayer:
             self.real(policy, rescale(warm, 1000.0, 1.0, 0), drain_s=30.0)
 
 
-def choose_rates(knees: dict, lo: float) -> list[float]:
-    """fcfs's and apt's knees; the one knee and 1.25x it when they are within 10% or one is missing."""
-    found = sorted(k for k in knees.values() if k > 0)
+def choose_rates(knees: dict, lo: float, hi: float = math.inf) -> list[float]:
+    """fcfs's and apt's knees; the one knee and 1.25x it when they are within 10% or one is missing.
+    A knee outside the search range [lo, hi] is taken at its edge: the bisection did not bracket it,
+    and a replay at a rate far outside it would take either no time or all of the stage's."""
+    found = sorted(min(max(k, lo), hi) for k in knees.values() if k > 0)
     if not found:
         return [lo, 2 * lo]
     a, b = found[0], found[-1]
@@ -141,7 +143,7 @@ def run(ctx, pace, result: dict) -> None:
         rates, result["rate_source"] = sorted(float(r) for r in ctx.args.rates.split(",")), "--rates"
     else:
         result["sim_knees"] = rp.knees(trace[:s.knee_requests])
-        rates, result["rate_source"] = choose_rates(result["sim_knees"], s.knee_search[0]), "simulated knees"
+        rates, result["rate_source"] = choose_rates(result["sim_knees"], *s.knee_search), "simulated knees"
     result["rates"] = rates
     ctx.log(f"replay rates {rates} ({result['rate_source']})")
     runs = result.setdefault("runs", [])
