@@ -82,13 +82,21 @@ def queued(router) -> int:
 
 def test_requests_spread_over_both_replicas_and_are_counted(app):
     url = app["http"]
+    before = {reason: routed(url, reason) for reason in ("slo", "stale")}  # the GET: routed with no hint
     served = [post(url) for _ in range(8)]
     assert all(r.status_code == 200 for r in served)
     assert set(r.headers["x-aptray-replica"] for r in served) == set(routers())  # both replicas, by name
-    time.sleep(1.5)  # the request router publishes its counts every second
-    assert routed(url, "slo") >= 8
-    time.sleep(1.5)
-    assert routed(url, "no_info") >= 1  # the GET before: no SLO to read, Serve's default routed it
+    # Each request is counted once: ranked by SLO, or by Serve's default while no replica's stats
+    # were fresh yet (the app has just started). Counts are published every second: wait for them.
+    deadline = time.time() + 15
+    while (gained := {reason: routed(url, reason) - n for reason, n in before.items()}) and sum(gained.values()) < 8:
+        assert time.time() < deadline, f"routed counts {gained} after 8 requests"
+        time.sleep(0.5)
+    assert sum(gained.values()) == 8 and gained["slo"] >= 1, gained
+    deadline = time.time() + 15
+    while routed(url, "no_info") < 1:  # the GETs of /metrics: no SLO to read, Serve's default routed them
+        assert time.time() < deadline, "no request counted as routed without a hint"
+        time.sleep(0.5)
 
 
 def test_a_conversations_next_turn_goes_to_the_replica_holding_its_prefix(app):
