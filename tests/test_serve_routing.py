@@ -76,6 +76,15 @@ def routed(url: str, reason: str) -> int:
                       f'{{reason="{reason}"}}') or 0)
 
 
+def wait_routed(url: str, reason: str, at_least: int, timeout_s: float = 15.0) -> None:
+    """Wait until /metrics counts at_least requests routed for reason (each request router publishes
+    its counts every second; a loaded machine delays that)."""
+    deadline = time.time() + timeout_s
+    while (n := routed(url, reason)) < at_least:
+        assert time.time() < deadline, f"{n} requests routed for {reason!r}, expected {at_least}"
+        time.sleep(0.5)
+
+
 def queued(router) -> int:
     return ray.get(router.load.remote())["queued_tokens"]
 
@@ -93,10 +102,7 @@ def test_requests_spread_over_both_replicas_and_are_counted(app):
         assert time.time() < deadline, f"routed counts {gained} after 8 requests"
         time.sleep(0.5)
     assert sum(gained.values()) == 8 and gained["slo"] >= 1, gained
-    deadline = time.time() + 15
-    while routed(url, "no_info") < 1:  # the GETs of /metrics: no SLO to read, Serve's default routed them
-        assert time.time() < deadline, "no request counted as routed without a hint"
-        time.sleep(0.5)
+    wait_routed(url, "no_info", 1)  # the GETs of /metrics: no SLO to read, Serve's default routed them
 
 
 def test_a_conversations_next_turn_goes_to_the_replica_holding_its_prefix(app):
@@ -128,8 +134,7 @@ def test_a_conversations_next_turn_goes_to_the_replica_holding_its_prefix(app):
         assert second.status_code == 200, second.text
         assert second.headers["x-aptray-replica"] == holder, f"conversation {n}"
         assert hit_tokens(holder) - before >= len(turn1)
-    time.sleep(1.5)  # the request router publishes its counts every second
-    assert routed(url, "prefix") >= prefix_routed + 3
+    wait_routed(url, "prefix", prefix_routed + 3)
 
 
 def test_a_busy_replica_gets_the_new_requests_elsewhere(app):
@@ -184,8 +189,7 @@ def test_stale_stats_fall_back_to_serves_default(app):
     try:
         time.sleep(ARGS["routing_stale_after_s"] + 1.0)
         assert all(post(url).status_code == 200 for _ in range(5))
-        time.sleep(1.5)
-        assert routed(url, "stale") >= before + 5
+        wait_routed(url, "stale", before + 5)
     finally:
         controller.send_signal(signal.SIGCONT)
 
