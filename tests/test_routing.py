@@ -42,7 +42,21 @@ def test_a_full_pool_waits_for_blocks_by_the_release_curve_or_the_freed_rate():
     assert predict_ttft(full, 100, 100.0) == pytest.approx(base + 0.5)  # 7 blocks: the first point frees 10
     assert predict_ttft(load(free_blocks=0, release=((0.5, 10), (2.0, 100)), freed_blocks_per_s=70), 100,
                         100.0) == pytest.approx(base + 0.1)  # the measured rate frees 7 in 0.1 s
-    assert predict_ttft(load(free_blocks=0), 100, 100.0) > 100  # nothing will free blocks: out of the race
+    # past the curve, the blocks come back from requests queued ahead as they finish: at the measured
+    # rate, or (no finish seen yet) when the curve ends; never a wait without end
+    assert predict_ttft(load(free_blocks=0, release=((0.5, 3),), freed_blocks_per_s=70), 100,
+                        100.0) == pytest.approx(base + 0.1)
+    assert predict_ttft(load(free_blocks=0, release=((0.5, 3),)), 100, 100.0) == pytest.approx(base + 0.5)
+
+
+def test_a_cold_replica_predicts_a_burst_larger_than_its_pool_by_its_prefill():
+    """Nothing running or finished yet, 60 queued prompts of 480 tokens against 128 blocks of 16:
+    the new request waits for the queue's prefill, not for blocks without end (shed_unmeetable
+    refused a relaxed request there)."""
+    cold = load(free_blocks=128, num_blocks=128, queued_tokens=60 * 480, queued=60)
+    predicted = predict_ttft(cold, 480, 100.0)
+    assert predicted == pytest.approx(0.01 / 2 + prefill_seconds(cold, 60 * 480) + prefill_seconds(cold, 480))
+    assert predicted < 60
     assert predict_ttft(load(ok=False), 1, 100.0) == math.inf
 
 

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 from aptray.serve.prefix_holders import PrefixHolders
 
-# A request's TTFT can never be predicted beyond this (a replica out of memory with nothing
-# finishing): large enough to lose every comparison, finite so that sums stay numbers.
+# A request's TTFT is never predicted beyond this (a replica with hours of work queued): large
+# enough to lose every comparison, finite so that sums stay numbers.
 UNBOUNDED_WAIT_S = 3600.0
 FREED_WINDOW_S = 10.0  # blocks freed per second of steps: over the finishes of this many busy seconds
 BUDGET_STEPS = 200  # tokens per step: the most seen in this many recent steps
@@ -86,10 +86,19 @@ class ReplicaLoad:
 
     def seconds_to_free(self, blocks: int) -> float:
         """How long until `blocks` more blocks are free: by the release curve (an upper bound) or,
-        where shorter, at the rate finishing requests have lately freed them."""
-        by_curve = next((t for t, n in self.release if n >= blocks), UNBOUNDED_WAIT_S)
+        where shorter, at the rate finishing requests have lately freed them.
+
+        Blocks past the curve are wanted by requests queued ahead, which give them back as they
+        finish. With no finish seen lately (a replica that has just started) nothing tells how
+        long they run: they count as back when the curve ends. That is optimistic, and a
+        wait without end would be wrong: it would shed a cold replica's first burst larger
+        than its pool, whatever the SLOs."""
+        by_curve = next((t for t, n in self.release if n >= blocks), None)
         if self.freed_blocks_per_s > 0:
-            return min(by_curve, blocks / self.freed_blocks_per_s)
+            by_rate = blocks / self.freed_blocks_per_s
+            return by_rate if by_curve is None else min(by_curve, by_rate)
+        if by_curve is None:
+            return self.release[-1][0] if self.release else 0.0
         return by_curve
 
 
