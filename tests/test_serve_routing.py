@@ -55,7 +55,7 @@ def make_busy(router, requests: int = 60, prompt: int = 480, max_tokens: int = 2
     sampling = {"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True, "ttft_slo": RELAXED_MS / 1e3}
     answers = ray.get(router.admit.remote([(rid, [5 + (i + 7 * k) % 90 for i in range(prompt)], sampling, None, None,
                                             "", 0, None) for k, rid in enumerate(rids)]))
-    assert all(a.get("accepted") for a in answers)
+    assert all(a.get("accepted") for a in answers), [a for a in answers if not a.get("accepted")][:2]
     return rids
 
 
@@ -140,8 +140,8 @@ def test_a_conversations_next_turn_goes_to_the_replica_holding_its_prefix(app):
 def test_a_busy_replica_gets_the_new_requests_elsewhere(app):
     url, by_replica = app["http"], routers()
     busy, idle = sorted(by_replica)
-    rids = make_busy(by_replica[busy])
-    time.sleep(1.0)  # the next stats pull sees the queue
+    rids = make_busy(by_replica[busy], requests=200)
+    time.sleep(2.0)  # a stats pull (every 0.3 s; later on a loaded machine) has seen the queue
     went = []
     while queued(by_replica[busy]) > 2000 and len(went) < 12:
         r = post(url)
