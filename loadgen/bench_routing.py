@@ -110,13 +110,14 @@ def run_rate(base_url: str, trace, rate: float, sequence: list[str]) -> dict:
             routed.setdefault(name, {})[k] = routed.get(name, {}).get(k, 0) + after[k] - before.get(k, 0)
         print(f"  {name:4s} rate {rate:6.2f}: attainment {s['attainment']:.3f} statuses {s['statuses']} "
               f"TTFT p50/p90 {1e3 * s['ttft_s']['p50']:.0f}/{1e3 * s['ttft_s']['p90']:.0f} ms "
-              f"routed {dict((k, after[k] - before.get(k, 0)) for k in after)}", flush=True)
+              f"routed {dict((k, after[k] - before.get(k, 0)) for k in after)}"
+              + (f" errors {s['errors']}" if "errors" in s else ""), flush=True)
     out = {}
     for name, recs in records.items():
         s = summarize(recs)
         out[name] = {"attainment": s["attainment"], "passes": passes[name], "statuses": s["statuses"],
                      "ttft_s": s["ttft_s"], "tbt_p99_per_request_s": s["tbt_p99_per_request_s"],
-                     "routed": routed.get(name, {})}
+                     "routed": routed.get(name, {}), **({"errors": s["errors"]} if "errors" in s else {})}
     return out
 
 

@@ -87,11 +87,11 @@ class InProcessEngineClient(Client):
         start = clock()
         last_arrival = 0.0
 
-        def record(r, status, times=(), preemptions=0):
+        def record(r, status, times=(), preemptions=0, error=""):
             ttft, tbt = self.slos(r)
             records[r.request_id] = RequestRecord.from_token_times(
                 r.request_id, r.arrived_at, r.num_prefill_tokens, r.num_decode_tokens, ttft, tbt,
-                [t - start for t in times], status, preemptions)
+                [t - start for t in times], status, preemptions, error)
             arrivals.ended(r.request_id, clock() - start)
             if progress is not None:
                 progress(1)
@@ -106,8 +106,8 @@ class InProcessEngineClient(Client):
                                     ttft_slo=ttft, tbt_slo=tbt)
                 try:
                     engine.add_request(r.request_id, prompts[r.request_id], sp, arrival_time=start + at)
-                except ValueError:
-                    record(r, "rejected")
+                except ValueError as e:
+                    record(r, "rejected", error=str(e))
             if (self.timeout is not None and not arrivals and not arrivals.waiting_on_others
                     and now > last_arrival + self.timeout):
                 for rid in list(engine.scheduler.requests):
@@ -200,6 +200,15 @@ def conversation_ids(r: TraceRequest, salt: str = "") -> list[int]:
     stays shared)."""
     from aptray.sim.prompt_ids import prompt_ids as stream_prompt_ids
     return stream_prompt_ids(salt + r.conversation, r.num_prefill_tokens, r.shared_prefix)
+
+
+def error_message(body: bytes) -> str:
+    """The message of an OpenAI-style error body ({"error": {"message": ...}}), else the body's text."""
+    try:
+        err = json.loads(body).get("error")
+        return str(err.get("message", err) if isinstance(err, dict) else err)
+    except (ValueError, AttributeError):
+        return body.decode("utf-8", "replace")
 
 
 def remote_prompt(r: TraceRequest, salt: str = "") -> str | list[int]:
@@ -350,7 +359,7 @@ class HttpStreamClient(RemoteClient):
         return head.encode() + data
 
     async def _one(self, r: TraceRequest, t0: float, idle: list) -> RequestRecord:
-        times, status, conn = [], "unfinished", None
+        times, status, conn, error = [], "unfinished", None, ""
         try:
             async with asyncio.timeout(self.timeout):
                 conn = idle.pop() if idle else await asyncio.open_connection(self.host, self.port)
@@ -361,10 +370,12 @@ class HttpStreamClient(RemoteClient):
                 keep = "connection: close" not in head
                 if "transfer-encoding: chunked" not in head:  # an error answer with a length
                     length = head.split("content-length:", 1)[1].split("\r\n", 1)[0] if "content-length:" in head else 0
-                    await reader.readexactly(int(length))
+                    error = f"HTTP {code}: " + error_message(await reader.readexactly(int(length)))
                     status = "rejected" if code in (429, 503) else "failed"
-                else:
-                    status = await self._events(reader, times) if code == 200 else "failed"
+                elif code == 200:
+                    status, error = await self._events(reader, times)
+                else:  # a streamed error answer: its body is not read, so the connection is not reused
+                    status, error, keep = "failed", f"HTTP {code}", False
                 if keep and status != "unfinished":
                     idle.append(conn)
                     conn = None
@@ -375,17 +386,18 @@ class HttpStreamClient(RemoteClient):
                 conn[1].close()
         ttft, tbt = self.slos(r)
         return RequestRecord.from_token_times(r.request_id, r.arrived_at, r.num_prefill_tokens, r.num_decode_tokens,
-                                              ttft, tbt, [t - t0 for t in times], status)
+                                              ttft, tbt, [t - t0 for t in times], status, error=error)
 
     @staticmethod
-    async def _events(reader: asyncio.StreamReader, times: list[float]) -> str:
-        """Reads a chunked SSE body to its end; appends one time per token event; returns the status."""
-        status, buf = "unfinished", b""
+    async def _events(reader: asyncio.StreamReader, times: list[float]) -> tuple[str, str]:
+        """Reads a chunked SSE body to its end; appends one time per token event; returns the status
+        and an error event's message."""
+        status, buf, error = "unfinished", b"", ""
         while True:
             size = int((await reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16)
             data = (await reader.readexactly(size + 2))[:-2]
             if size == 0:
-                return status
+                return status, error
             now = time.perf_counter()
             buf += data
             *events, buf = buf.split(b"\n\n")
@@ -400,7 +412,7 @@ class HttpStreamClient(RemoteClient):
                     continue
                 obj = json.loads(payload)
                 if "error" in obj:
-                    status = "failed"
+                    status, error = "failed", error_message(payload)
                 elif obj.get("choices"):
                     times.append(now)
                     if obj["choices"][0].get("finish_reason"):
@@ -444,7 +456,7 @@ class GrpcStreamClient(RemoteClient):
         import grpc
 
         ttft, tbt = self.slos(r)
-        times, status = [], "unfinished"
+        times, status, error = [], "unfinished", ""
         try:
             async with asyncio.timeout(self.timeout):
                 async for reply in client.generate(remote_prompt(r, self.salt), client_request_id=r.request_id,
@@ -458,7 +470,8 @@ class GrpcStreamClient(RemoteClient):
         except grpc.aio.AioRpcError as e:
             busy = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
             status = "rejected" if e.code() in busy and not times else "failed"
+            error = f"{e.code().name}: {e.details()}"
         except TimeoutError:
             pass  # a hang with no explicit error: stays "unfinished" (lost)
         return RequestRecord.from_token_times(r.request_id, r.arrived_at, r.num_prefill_tokens, r.num_decode_tokens,
-                                              ttft, tbt, [t - t0 for t in times], status)
+                                              ttft, tbt, [t - t0 for t in times], status, error=error)

@@ -12,6 +12,7 @@ misses included).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -21,6 +22,22 @@ from aptray.slo import attained, tbt_p99
 FINISHED = "finished"
 MISS_STATUSES = ("rejected", "failed", "aborted", "unfinished")
 GOODPUT_KINDS = ("ttft", "tbt", "tpot", "e2el")
+
+
+ERROR_CHARS = 200  # of a refused or failed request's message, kept in its record
+
+
+def error_counts(records: list["RequestRecord"], most: int = 5) -> dict[str, int]:
+    """The most frequent messages of refused and failed requests, with their counts. Numbers after
+    the status ("HTTP 429: ...") are masked (predicted times, queue lengths) so that alike refusals
+    count together."""
+    counts: dict[str, int] = {}
+    for r in records:
+        if r.error:
+            code, sep, message = r.error.partition(": ")
+            key = f"{r.status}: {code}{sep}" + re.sub(r"\d+(\.\d+)?", "N", message)
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:most])
 
 
 @dataclass
@@ -37,17 +54,18 @@ class RequestRecord:
     e2e: float | None = None  # arrival to last token
     num_tokens: int = 0  # tokens received
     num_preemptions: int = 0
+    error: str = ""  # the server's message for a request it refused or failed (as far as the client saw it)
 
     @classmethod
     def from_token_times(cls, request_id: str, arrived_at: float, prompt_len: int, output_len: int,
                          ttft_slo: float, tbt_slo: float, token_times: list[float], status: str = FINISHED,
-                         num_preemptions: int = 0) -> "RequestRecord":
+                         num_preemptions: int = 0, error: str = "") -> "RequestRecord":
         times = list(token_times)
         return cls(request_id, arrived_at, prompt_len, output_len, ttft_slo, tbt_slo, status,
                    ttft=times[0] - arrived_at if times else None,
                    token_gaps=[b - a for a, b in zip(times, times[1:])],
                    e2e=times[-1] - arrived_at if times else None, num_tokens=len(times),
-                   num_preemptions=num_preemptions)
+                   num_preemptions=num_preemptions, error=error[:ERROR_CHARS])
 
     @property
     def tbt_p99(self) -> float:
@@ -170,6 +188,7 @@ def summarize(records: list[RequestRecord], duration: float | None = None, goodp
     return {
         "num_requests": len(records),
         "statuses": statuses,
+        **({"errors": errors} if (errors := error_counts(records)) else {}),
         "attainment": attainment(records),
         "goodput_rps": goodput(records, duration),
         "throughput_rps": len(done) / duration if duration > 0 else 0.0,

@@ -191,7 +191,8 @@ def run(mode: str = "quick", policies=tuple(POLICIES), seeds=None, rates=None, n
                     row = {"policy": p, "rate": rate, "seed": seed, "attainment": s["attainment"],
                            "attainment_by_slo": s["attainment_by_slo"], "goodput_rps": s["goodput_rps"],
                            "statuses": s["statuses"], "ttft_s": s["ttft_s"], "tbt_s": s["tbt_s"],
-                           "preemptions": s["preemptions"], "wall_s": time.monotonic() - w0}
+                           "preemptions": s["preemptions"], "wall_s": time.monotonic() - w0,
+                           **({"errors": s["errors"]} if "errors" in s else {})}
                     out["runs"].append(row)
                     log(f"rate {rate:6.2f} seed {seed} {p:5s} attainment {row['attainment']:.3f} "
                         f"(ttft {s['attainment_by_slo']['ttft']:.2f}, tbt {s['attainment_by_slo']['tbt']:.2f}) "

@@ -288,6 +288,24 @@ def test_loadgen_replays_a_trace_over_grpc_and_http(server):
         assert summarize(res.records, res.duration)["attainment"] == 1.0
 
 
+def test_loadgen_clients_keep_the_servers_message_for_a_refused_request(server):
+    """A prompt over the context (511 prompt tokens at most) is refused (HTTP 400, gRPC INVALID_ARGUMENT); the record
+    says why, and the run's summary counts it by message."""
+    from loadgen.clients import GrpcStreamClient, HttpStreamClient
+    from loadgen.metrics import summarize
+    from loadgen.traces import TraceRequest
+
+    trace = [TraceRequest("ok", 0.0, 8, 3), TraceRequest("long", 0.1, 600, 3)]
+    for client, prefix in ((GrpcStreamClient(server["grpc"], 60.0, 60.0), "INVALID_ARGUMENT: "),
+                           (HttpStreamClient(server["http"], 60.0, 60.0), "HTTP 400: ")):
+        res = client.run(trace)
+        ok, long = sorted(res.records, key=lambda r: r.request_id != "ok")
+        assert ok.status == "finished" and not ok.error
+        assert long.status == "failed" and long.error.startswith(prefix) and "600 tokens" in long.error, long.error
+        errors = summarize(res.records, res.duration)["errors"]
+        assert list(errors.values()) == [1] and list(errors)[0].startswith("failed: " + prefix), errors
+
+
 def test_loadgen_multiturn_over_http_reads_the_servers_prefix_hits(server):
     """A conversation's second turn resends the first (closed loop): over HTTP it hits the server's
     prefix cache, and the run's hit rate comes from /metrics."""
