@@ -11,8 +11,7 @@ from aptray.executor.base import Executor
 from aptray.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from aptray.plan import BatchPlan, SeqPlan, StepResult
 from aptray.request import CacheKind, Request, RequestStatus
-from aptray.request_checks import InvalidRequest, check_prompt
-from aptray.sampling_params import SamplingParams
+from aptray.sampling_params import InvalidRequest, SamplingParams, check_prompt
 from aptray.scheduler import make_scheduler
 from aptray.step_quarantine import MAX_FAILED_STEPS, StepQuarantine
 from aptray.stop import StopChecker

@@ -1,14 +1,40 @@
-"""SamplingParams: what a client asks of one generation (vLLM's names and defaults)."""
+"""What a client may ask of one generation: SamplingParams (vLLM's names and defaults) and the
+prompt a model can take (check_prompt).
+
+InvalidRequest names the parameter at fault, so the offline API raises it as a ValueError and the
+server answers 400 naming that parameter. What one pool or one policy cannot serve is checked
+where that is known (Scheduler.add, Engine.add_request); a server's own limits (sizes,
+max_tokens_limit, SLO floors) are aptray.serve.limits.
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-from aptray.request_checks import InvalidRequest
-
 # Temperatures below this sample greedily (vLLM's rule): dividing logits by a vanishing temperature
 # overflows to inf and makes the softmax NaN.
 MIN_TEMPERATURE = 1e-5
+
+
+class InvalidRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def check_prompt(ids, context: int, vocab_size: int, limit: int | None = None) -> None:
+    """A prompt the model can take: not empty, leaving room to generate (and within `limit` tokens,
+    a server's own limit), every id in the vocabulary."""
+    n = len(ids)
+    if n == 0:
+        raise InvalidRequest("the prompt is empty: give at least one token", "prompt")
+    if n >= context:
+        raise InvalidRequest(f"the prompt has {n} tokens; the model context is {context}, which leaves no room "
+                             f"to generate", "prompt")
+    if limit and n > limit:
+        raise InvalidRequest(f"the prompt has {n} tokens, over the limit of {limit}", "prompt")
+    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in ids):
+        raise InvalidRequest(f"prompt token ids must be in [0, {vocab_size}) (integers)", "prompt")
 
 
 @dataclass

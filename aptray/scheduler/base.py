@@ -7,7 +7,7 @@ from itertools import filterfalse
 from aptray.cache.block_manager import BlockManager, CachedPrefix, OutOfBlocks
 from aptray.plan import BatchPlan, ConversionPlan, SeqPlan, StepResult
 from aptray.request import CacheKind, Request, RequestStatus
-from aptray.request_checks import InvalidRequest
+from aptray.sampling_params import InvalidRequest
 
 
 # (t,) for each token id t, made once: a decode's token_ids without a new tuple per running request

@@ -6,15 +6,14 @@ top_k that overflows the shard contract's integers, an SLO no step can meet) wou
 
 Two stages: `size_error` runs in the ingress before tokenizing or applying a chat template (their
 cost grows with the input), `admit` in the router on the token ids (it also guards re-attaches,
-which skip the ingress's checks): the model's own rules (aptray.request_checks, SamplingParams),
+which skip the ingress's checks): the model's own rules (aptray.sampling_params: check_prompt, SamplingParams),
 then this server's limits.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aptray.request_checks import InvalidRequest, check_prompt
-from aptray.sampling_params import SamplingParams
+from aptray.sampling_params import InvalidRequest, SamplingParams, check_prompt
 
 MAX_STOP = 16  # stop strings per request
 MAX_STOP_CHARS = 256
