@@ -292,8 +292,9 @@ def main(mode: str = "quick", parts=("server", "cpu", "sim", "pp"), workers: int
             "## Real server, wall clock (ShareGPT, CV 1)",
             "",
             f"`python -m loadgen results --{server['mode']} --parts server` ({server.get('stamp', '-')}, "
-            f"{server['wall_s'] / 60:.0f} min; load average {server.get('load_average', float('nan')):.0f} from other work "
-            f"on the 2 cores at the start, {server.get('load_average_after', float('nan')):.0f} at the end). "
+            f"{server['wall_s'] / 60:.0f} min; 1-minute load average {server.get('load_average', float('nan')):.0f} when the "
+            f"runs began and {server.get('load_average_after', float('nan')):.0f} at the end, the run's own processes "
+            "included, on 2 cores). "
             f"{server['num_requests']} requests per run, {len(server['seeds'])} seeds per rate. {server['description']} "
             f"Measured here: the engine's 16-request decode step {1e3 * server['decode_step_s']:.2f} ms and "
             f"{server['context'] - 1}-token prefill {1e3 * server['prefill_s']:.1f} ms (wall clock, in-process); through "

@@ -45,7 +45,7 @@ POLICIES = {  # label -> build_app args of its own
     "apt": {"scheduler": "apt", "cache_mode": "hybrid", "iteration_shape": "alternate"},
 }
 # rates (req/s) at REFERENCE_DECODE_STEP_S, seeds and requests per run, by `results` mode
-RATES = {"quick": [0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 6.5], "full": [0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6.5, 8]}
+RATES = {"quick": [0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5], "full": [0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6.5, 8]}
 SEEDS = {"quick": [0, 1, 2], "full": [0, 1, 2, 3, 4]}
 REQUESTS = {"quick": 60, "full": 100}
 WARMUP_REQUESTS = 4
