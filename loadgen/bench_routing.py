@@ -187,6 +187,12 @@ def cpu_section(cpu: dict) -> list[str]:
             cells = [f"{run['rates'][r][name]['attainment']:.2f}" for r in rates]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {run['effective_throughput_rps'][name]:.2f} |")
         lines.append("")
+    refused = [f"{n} replicas, {name} at {float(rate):.3g} req/s: " + "; ".join(f"{k} ({v})" for k, v in c[name]["errors"].items())
+               for n, run in cpu["runs"].items() for rate, c in run["rates"].items() for name in ROUTERS
+               if c.get(name, {}).get("errors")]
+    if refused:
+        lines += ["Requests the servers refused or failed (counted as misses), by message:", ""]
+        lines += [f"- {r}" for r in refused] + [""]
     return lines
 
 
