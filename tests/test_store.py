@@ -66,10 +66,11 @@ def test_connect_without_url_is_embedded(monkeypatch):
 
 
 def test_an_embedded_server_takes_its_files_with_it():
-    """Its database and settings live in a directory of its own, removed at close: an ingress
-    replica started many times leaves nothing behind."""
+    """It makes no snapshots while it runs; its database and settings live in a directory of its
+    own, removed at close: an ingress replica started many times leaves nothing behind."""
     s = RequestStore.embedded()
     files = s._owner.dir
+    assert s.r.config_get("save") == {"save": ""}
     s.add(_meta("kept", 1.0))
     s.r.save()  # the database file exists on disk
     assert os.path.isfile(os.path.join(files, "aptray.rdb"))

