@@ -47,6 +47,7 @@ def test_a_full_pool_waits_for_blocks_by_the_release_curve_or_the_freed_rate():
     assert predict_ttft(load(free_blocks=0, release=((0.5, 3),), freed_blocks_per_s=70), 100,
                         100.0) == pytest.approx(base + 0.1)
     assert predict_ttft(load(free_blocks=0, release=((0.5, 3),)), 100, 100.0) == pytest.approx(base + 0.5)
+    assert predict_ttft(load(ok=False), 1, 100.0) == math.inf
 
 
 def test_a_cold_replica_predicts_a_burst_larger_than_its_pool_by_its_prefill():
@@ -57,7 +58,6 @@ def test_a_cold_replica_predicts_a_burst_larger_than_its_pool_by_its_prefill():
     predicted = predict_ttft(cold, 480, 100.0)
     assert predicted == pytest.approx(0.01 / 2 + prefill_seconds(cold, 60 * 480) + prefill_seconds(cold, 480))
     assert predicted < 60
-    assert predict_ttft(load(ok=False), 1, 100.0) == math.inf
 
 
 def test_fcfs_prefills_alone_in_budget_sized_steps():

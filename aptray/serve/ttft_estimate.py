@@ -93,11 +93,10 @@ class ReplicaLoad:
         long they run: they count as back when the curve ends. That is optimistic, and a
         wait without end would be wrong: it would shed a cold replica's first burst larger
         than its pool, whatever the SLOs."""
-        by_curve = next((t for t, n in self.release if n >= blocks), None)
+        by_curve = next((t for t, n in self.release if n >= blocks), math.inf)
         if self.freed_blocks_per_s > 0:
-            by_rate = blocks / self.freed_blocks_per_s
-            return by_rate if by_curve is None else min(by_curve, by_rate)
-        if by_curve is None:
+            return min(by_curve, blocks / self.freed_blocks_per_s)
+        if by_curve == math.inf:
             return self.release[-1][0] if self.release else 0.0
         return by_curve
 
