@@ -234,9 +234,12 @@ class BlockManager:
 
     def ensure(self, request_id: str, kind: CacheKind, num_tokens: int) -> list[int]:
         """Grow (or create) a request's table to hold num_tokens; raises OutOfBlocks, allocating nothing."""
-        if request_id in self._kinds and self._kinds[request_id] is not kind:
-            raise ValueError(f"request {request_id} is {self._kinds[request_id].value}, not {kind.value}")
+        held = self._kinds.get(request_id)
+        if held is not None and held is not kind:
+            raise ValueError(f"request {request_id} is {held.value}, not {kind.value}")
         need = self.blocks_for(num_tokens, kind) - len(self._tables.get(request_id, ()))
+        if need <= 0 and held is not None:  # the common decode step: its last block has room
+            return self._tables[request_id]
         if need > self.num_free:
             raise OutOfBlocks(f"need {need} blocks, {self.num_free} free")
         table = self._tables.setdefault(request_id, [])

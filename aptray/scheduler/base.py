@@ -158,6 +158,15 @@ class Scheduler:
         return SeqPlan(req.request_id, tokens, start, req.cache_kind, self.blocks.table(req.request_id),
                        start + num_tokens == n_prompt + n_out, s.temperature, s.top_p, s.top_k, s.seed, n_out)
 
+    def _decode_plan(self, req: Request) -> SeqPlan:
+        """_seq_plan(req, 1) for a decoding request (only its newest token uncomputed), without the
+        branches: built once per running request per step, the hottest line of every policy."""
+        out, s = req.output_token_ids, req.sampling
+        t = out[-1]
+        return SeqPlan(req.request_id, _ONE_TOKEN.get(t) or _ONE_TOKEN.setdefault(t, (t,)), req.num_computed_tokens,
+                       req.cache_kind, self.blocks.table(req.request_id), True, s.temperature, s.top_p, s.top_k,
+                       s.seed, len(out))
+
     def _convert(self, req: Request, to_kind: CacheKind) -> ConversionPlan | None:
         """Move a running request's computed tokens to to_kind, if the blocks allow."""
         try:
@@ -271,7 +280,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                seqs.append(self._seq_plan(req, 1))
+                seqs.append(self._decode_plan(req))
                 i += 1
         return seqs
 

@@ -177,7 +177,7 @@ class AptScheduler(Scheduler):
             self._rehome_as_hidden(req)
         if self.config.cache_mode == "hybrid" and view.price.costs_time:
             conversions.extend(self._upgrades(view, tokens_left))  # before the plans name the blocks
-        seqs = [self._seq_plan(running[i], 1) for i in decoding.tolist()]
+        seqs = list(map(self._decode_plan, map(running.__getitem__, decoding.tolist())))
         seqs += [self._seq_plan(req, req.num_tokens) for req in to_hidden]
         return seqs
 
