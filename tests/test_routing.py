@@ -95,6 +95,19 @@ def test_most_headroom_first_then_unknown_then_late_then_down():
     assert r.order == ["idle", "busy", "new", "late", "down"] and r.reason == SLO
 
 
+def test_among_equal_predictions_fewest_in_flight_first_and_clear_headroom_still_wins():
+    loads = {"idle": load(), "decoding": load(decoding=5), "busy": load(queued_tokens=3000)}
+    hint = RequestHint(100, 1.0)
+    # 20 ms against 32.5 ms predicted: equal within a tenth of the 1 s SLO; 345 ms is not
+    r = rank(hint, loads, SentLog(), 100.0, 2.0, in_flight={"idle": 7, "decoding": 2, "busy": 0})
+    assert r.order == ["decoding", "idle", "busy"] and r.reason == SLO
+    # where the caller counts none, the snapshot's requests (queued + decoding) stand in
+    assert rank(hint, loads, SentLog(), 100.0, 2.0).order == ["idle", "decoding", "busy"]
+    # a tight SLO makes them unequal again: most headroom first
+    assert rank(RequestHint(100, 0.1), loads, SentLog(), 100.0, 2.0,
+                in_flight={"idle": 7, "decoding": 2}).order[:2] == ["idle", "decoding"]
+
+
 def test_a_request_lost_everywhere_goes_where_it_delays_no_savable_one():
     loads = {"busy": load(queued_tokens=3000), "idle": load(), "late": load(queued_tokens=30000),
              "down": load(ok=False), "new": None}

@@ -48,7 +48,7 @@ class SloRouter(LocalityMixin, RequestRouter):
             return self._by_default(pending_request, NO_INFO)
         now = time.time()
         ranking = rank(hint, loads_of({r.replica_id: r.routing_stats for r in candidate_replicas}), self.sent, now,
-                       self.stale_after_s, self._rng)
+                       self.stale_after_s, self._rng, self._in_flight(candidate_replicas))
         if ranking is None:
             return self._by_default(pending_request, STALE)
         # all replicas are ranked: when every one refuses (full), back off before the next round
@@ -56,6 +56,14 @@ class SloRouter(LocalityMixin, RequestRouter):
         self._note(pending_request, ranking.order[0], hint.prompt_tokens, ranking.reason, now)
         by_id = {r.replica_id: r for r in candidate_replicas}
         return [[by_id[rid]] for rid in ranking.order]
+
+    def _in_flight(self, replicas) -> dict:
+        """Replica id -> requests this router has there now: Serve's queue-length cache (+1 when a
+        request is sent, -1 when it ends, corrected by the replica's replies), what its default
+        router balances. Empty where Serve keeps no cache (the snapshots' counts are used)."""
+        cache = self.replica_queue_len_cache
+        counts = {r.replica_id: cache.get(r.replica_id) for r in replicas}
+        return {rid: n for rid, n in counts.items() if n is not None}
 
     def _by_default(self, pending_request, reason: str) -> list[list[RunningReplica]]:
         """Serve's default: two random replicas (local ones first, as its router does); the base
