@@ -3,10 +3,11 @@
     python -m loadgen.bench_routing --replicas 2,3
 
 For each replica count, one Ray cluster on this machine serves two copies of the app side by side
-(the same args but `routing`): /p2c with Serve's default request router, /slo with aptray's
-(aptray/serve/slo_router.py). Rate by rate, the same trace goes to each twice, in the order
-A B B A (which router is A alternating per rate), so that a machine shared with other work drifts
-alike for both; attainment is over both passes. Requests go through streaming HTTP
+(the same args but the router): /p2c with Serve's default request router, /slo with aptray's
+(aptray/serve/slo_router.py), /slo-eq with aptray's counting predictions within a tenth of the SLO
+as equal (`routing_equal_ttft_fraction`, the fewest requests in flight first among them). Rate by
+rate, the same trace goes to each twice, in the order A B C C B A (reversed every other rate), so
+that a machine shared with other work drifts alike for all; attainment is over both passes. Requests go through streaming HTTP
 (loadgen.clients.HttpStreamClient, which sends each request's TTFT SLO in the body and as the
 x-aptray-ttft-ms header).
 
@@ -38,8 +39,10 @@ from loadgen.metrics import summarize
 from loadgen.sweep import crossing_rate
 from loadgen.traces import TraceRequest, rescale
 
-ROUTERS = ("p2c", "slo")  # route prefix -> the app's `routing` arg
-ROUTING_ARG = {"p2c": "default", "slo": "slo"}
+EQUAL_FRACTION = 0.1
+ROUTER_ARGS = {"p2c": {"routing": "default"}, "slo": {"routing": "slo"},  # route prefix -> the app's args
+               "slo-eq": {"routing": "slo", "routing_equal_ttft_fraction": EQUAL_FRACTION}}
+ROUTERS = tuple(ROUTER_ARGS)
 TIGHT_TTFT, TIGHT_TBT, RELAXED = 4.0, 8.0, 4.0
 TTFT_ALLOWANCE_S, TBT_ALLOWANCE_S = 0.1, 0.06
 CV = 4.0
@@ -63,8 +66,8 @@ def slo_trace(num_requests: int, prefill_s: float, step_s: float, seed: int = 0)
     return out
 
 
-def start_apps(replicas: int, model: str, num_cpus: int) -> tuple[str, callable]:
-    """Ray, Serve's HTTP proxy and the two apps (/p2c and /slo); returns (base url, stop)."""
+def start_apps(replicas: int, model: str, num_cpus: int, routers=ROUTERS) -> tuple[str, callable]:
+    """Ray, Serve's HTTP proxy and one app per router (/p2c, /slo, ...); returns (base url, stop)."""
     import ray
     from ray import serve
 
@@ -76,8 +79,8 @@ def start_apps(replicas: int, model: str, num_cpus: int) -> tuple[str, callable]
     # CV 4 leaves gaps of many seconds between bursts: a keep-alive connection the proxy closed after its
     # default 5 s idle would fail the next request sent on it (a client artifact, not a lost request)
     serve.start(http_options={"host": "127.0.0.1", "port": port, "keep_alive_timeout_s": 600})
-    for name in ROUTERS:
-        serve.run(build_app({**APP_ARGS, "model": model, "num_replicas": replicas, "routing": ROUTING_ARG[name]}),
+    for name in routers:
+        serve.run(build_app({**APP_ARGS, "model": model, "num_replicas": replicas, **ROUTER_ARGS[name]}),
                   name=name, route_prefix=f"/{name}")
 
     def stop():
@@ -126,6 +129,7 @@ def main(argv=None) -> None:
     p.add_argument("--replicas", default="2,3")
     p.add_argument("--rates", default="0.5,1,2,3", help="request rates (req/s)")
     p.add_argument("--num-requests", type=int, default=80, help="requests per pass (each router makes two)")
+    p.add_argument("--routers", default=",".join(ROUTERS), help=f"some of {','.join(ROUTERS)}")
     p.add_argument("--out-dir", default=OUT_DIR)
     a = p.parse_args(argv)
     import torch
@@ -136,6 +140,9 @@ def main(argv=None) -> None:
     model = results_cpu.tiny_opt()
     step, prefill = results_cpu.decode_step_time(model), results_cpu.prefill_time(model)
     rates = [float(r) for r in a.rates.split(",")]
+    routers = tuple(a.routers.split(","))
+    if not set(routers) <= set(ROUTERS):
+        p.error(f"--routers: some of {ROUTERS}")
     trace = slo_trace(a.num_requests, prefill, step)
     slos = {"tight_ttft_s": TIGHT_TTFT * prefill + TTFT_ALLOWANCE_S, "tight_tbt_s": TIGHT_TBT * step + TBT_ALLOWANCE_S,
             "relaxed": RELAXED}
@@ -143,18 +150,18 @@ def main(argv=None) -> None:
           f"tight SLOs TTFT {1e3 * slos['tight_ttft_s']:.0f} ms TBT {1e3 * slos['tight_tbt_s']:.0f} ms", flush=True)
     out = {"command": "python -m loadgen.bench_routing " + " ".join(sys.argv[1:] if argv is None else argv),
            "stamp": stamp, "decode_step_s": step, "prefill_s": prefill, "cv": CV, "num_requests": a.num_requests,
-           "app_args": APP_ARGS, "slos": slos, "runs": {}}
+           "app_args": APP_ARGS, "routers": {name: ROUTER_ARGS[name] for name in routers}, "slos": slos, "runs": {}}
     for n in (int(x) for x in a.replicas.split(",")):
         print(f"{n} replicas", flush=True)
-        url, stop = start_apps(n, model, num_cpus=4 + 3 * n)
+        url, stop = start_apps(n, model, num_cpus=4 + 3 * n, routers=routers)
         try:
             curves = {}
             for k, rate in enumerate(rates):
-                first, second = ROUTERS if k % 2 == 0 else ROUTERS[::-1]
-                curves[str(rate)] = run_rate(url, trace, rate, [first, second, second, first])
+                order = list(routers if k % 2 == 0 else routers[::-1])
+                curves[str(rate)] = run_rate(url, trace, rate, order + order[::-1])
         finally:
             stop()
-        eff = {name: crossing_rate({float(r): c[name]["attainment"] for r, c in curves.items()}) for name in ROUTERS}
+        eff = {name: crossing_rate({float(r): c[name]["attainment"] for r, c in curves.items()}) for name in routers}
         out["runs"][str(n)] = {"rates": curves, "effective_throughput_rps": eff}
         print(f"{n} replicas: effective throughput {eff}", flush=True)
     out["elapsed_s"] = time.time() - t0
@@ -168,11 +175,14 @@ def main(argv=None) -> None:
 def cpu_section(cpu: dict) -> list[str]:
     """The real served run's part of docs/results/routing.md."""
     s = cpu["slos"]
+    routers = list(cpu.get("routers", ("p2c", "slo")))
+    order = " ".join("ABC"[:len(routers)]) + " " + " ".join("ABC"[:len(routers)][::-1])
     lines = [f"### Served on this machine's CPU: {', '.join(cpu['runs'])} replicas through HTTP", "",
              f"`{cpu['command']}` ({cpu['stamp']}, {cpu['elapsed_s'] / 60:.0f} min; 2 shared cores). One Ray cluster "
-             "serves two copies of the app, one per router, every replica an apt-hybrid engine on the tiny OPT of "
-             "loadgen.results_cpu; each rate replays the same trace to each router twice, in the order A B B A "
-             f"(A alternating per rate), attainment over both passes. {cpu['num_requests']} requests per pass, ShareGPT lengths within 512 tokens, Gamma arrivals at CV "
+             f"serves {len(routers)} copies of the app, one per router ({', '.join(routers)}; slo-eq: aptray's router "
+             "with `routing_equal_ttft_fraction` " + str(EQUAL_FRACTION) + "), every replica an apt-hybrid engine on "
+             "the tiny OPT of loadgen.results_cpu; each rate replays the same trace to each router twice, in the order "
+             f"{order} (reversed every other rate), attainment over both passes. {cpu['num_requests']} requests per pass, ShareGPT lengths within 512 tokens, Gamma arrivals at CV "
              f"{cpu['cv']:g}, half the requests tight (TTFT {1e3 * s['tight_ttft_s']:.0f} ms = {TIGHT_TTFT:g} "
              f"full-context prefills + {1e3 * TTFT_ALLOWANCE_S:.0f} ms, TBT {1e3 * s['tight_tbt_s']:.0f} ms = "
              f"{TIGHT_TBT:g} decode steps + {1e3 * TBT_ALLOWANCE_S:.0f} ms; this machine's prefill "
@@ -183,12 +193,12 @@ def cpu_section(cpu: dict) -> list[str]:
         rates = list(run["rates"])
         lines += [f"{n} replicas:", "", "| router | " + " | ".join(f"{float(r):.3g}" for r in rates)
                   + " | effective (req/s) |", "|" + " --- |" * (len(rates) + 2)]
-        for name in ROUTERS:
+        for name in routers:
             cells = [f"{run['rates'][r][name]['attainment']:.2f}" for r in rates]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {run['effective_throughput_rps'][name]:.2f} |")
         lines.append("")
     refused = [f"{n} replicas, {name} at {float(rate):.3g} req/s: " + "; ".join(f"{k} ({v})" for k, v in c[name]["errors"].items())
-               for n, run in cpu["runs"].items() for rate, c in run["rates"].items() for name in ROUTERS
+               for n, run in cpu["runs"].items() for rate, c in run["rates"].items() for name in routers
                if c.get(name, {}).get("errors")]
     if refused:
         lines += ["Requests the servers refused or failed (counted as misses), by message:", ""]

@@ -99,13 +99,16 @@ def test_among_equal_predictions_fewest_in_flight_first_and_clear_headroom_still
     loads = {"idle": load(), "decoding": load(decoding=5), "busy": load(queued_tokens=3000)}
     hint = RequestHint(100, 1.0)
     # 20 ms against 32.5 ms predicted: equal within a tenth of the 1 s SLO; 345 ms is not
-    r = rank(hint, loads, SentLog(), 100.0, 2.0, in_flight={"idle": 7, "decoding": 2, "busy": 0})
+    counts = {"idle": 7, "decoding": 2, "busy": 0}
+    r = rank(hint, loads, SentLog(), 100.0, 2.0, in_flight=counts, equal_fraction=0.1)
     assert r.order == ["decoding", "idle", "busy"] and r.reason == SLO
+    # off (the default): most headroom first, whatever is in flight
+    assert rank(hint, loads, SentLog(), 100.0, 2.0, in_flight=counts).order == ["idle", "decoding", "busy"]
     # where the caller counts none, the snapshot's requests (queued + decoding) stand in
-    assert rank(hint, loads, SentLog(), 100.0, 2.0).order == ["idle", "decoding", "busy"]
+    assert rank(hint, loads, SentLog(), 100.0, 2.0, equal_fraction=0.1).order == ["idle", "decoding", "busy"]
     # a tight SLO makes them unequal again: most headroom first
-    assert rank(RequestHint(100, 0.1), loads, SentLog(), 100.0, 2.0,
-                in_flight={"idle": 7, "decoding": 2}).order[:2] == ["idle", "decoding"]
+    assert rank(RequestHint(100, 0.1), loads, SentLog(), 100.0, 2.0, in_flight=counts,
+                equal_fraction=0.1).order[:2] == ["idle", "decoding"]
 
 
 def test_a_request_lost_everywhere_goes_where_it_delays_no_savable_one():
@@ -242,16 +245,20 @@ def test_goodput_policy_reads_serves_context():
 def test_build_app_args_set_the_router_and_autoscaling():
     from aptray.serve.args import AppArgs
     from aptray.serve.deploy_options import POLICY, ROUTER_CLASS, deployment_options
-    opts = deployment_options(AppArgs.parse({"num_replicas": "3", "routing_stats_period_s": "0.25"}))  # a string: CLI
+    opts = deployment_options(AppArgs.parse({"num_replicas": "3", "routing_stats_period_s": "0.25",
+                                             "routing_equal_ttft_fraction": "0.1"}))  # strings: CLI
     router = opts["request_router_config"]
     assert opts["num_replicas"] == 3 and router.request_router_class == ROUTER_CLASS
     assert router.request_routing_stats_period_s == 0.25 and router.request_router_kwargs["stale_after_s"] == 3.0
+    assert router.request_router_kwargs["equal_ttft_fraction"] == 0.1
     opts = deployment_options(AppArgs.parse({"routing": "default", "min_replicas": "2", "max_replicas": "5"}))
     assert "SloRouter" not in opts["request_router_config"].request_router_class and "num_replicas" not in opts
     scaling = opts["autoscaling_config"]
     assert (scaling.min_replicas, scaling.max_replicas, scaling.initial_replicas) == (2, 5, 2)
     assert scaling.policy.policy_function == POLICY
-    for bad in ({"routing": "random"}, {"min_replicas": 3, "max_replicas": 2}, {"max_replicas": 0}):
+    for bad in ({"routing": "random"}, {"min_replicas": 3, "max_replicas": 2}, {"max_replicas": 0},
+                {"routing_equal_ttft_fraction": "-0.1"}, {"routing_equal_ttft_fraction": "nan"},
+                {"routing_equal_ttft_fraction": 1.0}):
         with pytest.raises(ValueError):
             AppArgs.parse(bad)
 

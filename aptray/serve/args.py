@@ -62,6 +62,9 @@ class AppArgs:
     routing: str = "slo"
     routing_stats_period_s: float = 0.1  # how often Serve pulls each replica's load for the routers
     routing_stale_after_s: float = 3.0  # loads older than this are not used: Serve's default routes
+    # predicted TTFTs within this fraction of a request's SLO count as equal: the fewest requests in
+    # flight first among them (0: most headroom first, always)
+    routing_equal_ttft_fraction: float = 0.0
     shed_unmeetable: bool = False  # 429 a request whose TTFT SLO no replica can meet (else queue it anyway)
     min_replicas: int | None = None  # with max_replicas: autoscale on goodput between the two
     max_replicas: int | None = None
@@ -96,6 +99,8 @@ class AppArgs:
             raise ValueError("executor 'local' runs one rank: tensor_parallel_size must be 1 (or use 'ray')")
         if parsed.routing not in ROUTINGS:
             raise ValueError(f"routing {parsed.routing!r}: use one of {ROUTINGS}")
+        if not 0 <= parsed.routing_equal_ttft_fraction < 1:  # also refuses nan
+            raise ValueError(f"routing_equal_ttft_fraction must be in [0, 1), got {parsed.routing_equal_ttft_fraction}")
         if parsed.max_replicas is not None and not 1 <= (parsed.min_replicas or 1) <= parsed.max_replicas:
             raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {parsed.min_replicas} and "
                              f"{parsed.max_replicas}")

@@ -21,7 +21,8 @@ def deployment_options(args: AppArgs) -> dict:
               "request_routing_stats_timeout_s": max(5.0, 4 * args.routing_stats_period_s)}
     if args.routing == "slo":
         router.update(request_router_class=ROUTER_CLASS, request_router_kwargs={
-            "default_ttft_slo_ms": args.ttft_slo_ms, "stale_after_s": args.routing_stale_after_s})
+            "default_ttft_slo_ms": args.ttft_slo_ms, "stale_after_s": args.routing_stale_after_s,
+            "equal_ttft_fraction": args.routing_equal_ttft_fraction})
     options = {"request_router_config": RequestRouterConfig(**router)}
     if args.max_replicas is None:
         return {**options, "num_replicas": args.num_replicas}

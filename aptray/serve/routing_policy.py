@@ -6,10 +6,11 @@ the caller itself sent each of them since:
 
 1. replicas whose stats are fresh and whose predicted TTFT meets the request's SLO, most headroom
    (SLO - predicted TTFT) first; a replica holding the request's prompt prefix goes first among
-   them when it meets the SLO too (that costs no SLO). Replicas whose predictions are within
-   EQUAL_TTFT_FRACTION of the SLO of the best one count as equal (the prediction cannot tell them
-   apart): among those, the one with fewest requests in flight goes first, as with Serve's default,
-   since every request there shares its steps (fewer: shorter gaps between the tokens of all);
+   them when it meets the SLO too (that costs no SLO). Optionally (equal_fraction > 0), replicas
+   whose predictions are within that fraction of the SLO of the best one count as equal (where the
+   served TTFT's jitter is larger than what the prediction tells apart): among those, the one with
+   fewest requests in flight goes first, as with Serve's default, since every request there shares
+   its steps (fewer: shorter gaps between the tokens of all);
 2. replicas without fresh stats (just started, or their stats stopped coming), in random order;
 3. fresh replicas that cannot meet it, least late first; then those that take no requests now.
 
@@ -32,9 +33,6 @@ from aptray.serve.ttft_estimate import ReplicaLoad, predict_ttft
 # reasons a request went where it went (the aptray_routed_requests_total label)
 SLO, PREFIX, UNMEETABLE, STALE, NO_INFO = "slo", "prefix", "slo_unmeetable", "stale", "no_info"
 SEND_LAG_S = 0.05  # a request sent this long before a snapshot may not be in it yet: count it
-# predicted TTFTs closer than this fraction of the request's TTFT SLO are equal: on this machine the
-# served TTFT's jitter alone is tens of ms, a tenth of a 200 ms SLO
-EQUAL_TTFT_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -87,11 +85,13 @@ class SentLog:
 
 
 def rank(hint: RequestHint, loads: dict, sent: SentLog, now: float, stale_after_s: float,
-         rng: random.Random | None = None, in_flight: dict | None = None) -> Ranking | None:
-    """loads: replica id -> its last ReplicaLoad (None if it reported none). in_flight: replica id ->
-    requests the caller has there now (exact, unlike a snapshot; a replica missing from it counts
-    what its snapshot says). None when no replica's stats are fresh (the caller then routes by
-    Serve's default)."""
+         rng: random.Random | None = None, in_flight: dict | None = None,
+         equal_fraction: float = 0.0) -> Ranking | None:
+    """loads: replica id -> its last ReplicaLoad (None if it reported none). equal_fraction: predicted
+    TTFTs closer than this fraction of the request's SLO count as equal, the fewest in_flight first
+    among them (replica id -> requests the caller has there now, exact unlike a snapshot; a replica
+    missing from it counts what its snapshot says); 0: most headroom first, always. None when no
+    replica's stats are fresh (the caller then routes by Serve's default)."""
     rng = rng or random
     fresh = {rid: load for rid, load in loads.items()
              if load is not None and now - load.taken_at <= stale_after_s}
@@ -108,7 +108,9 @@ def rank(hint: RequestHint, loads: dict, sent: SentLog, now: float, stale_after_
     down = [rid for rid in ids if predicted[rid] == math.inf]
     if not meets:  # lost anywhere: where it takes nothing from requests that can still be saved
         return Ranking(late[::-1] + unknown + down, UNMEETABLE, predicted)
-    meets = _fewest_in_flight_among_equal(meets, predicted, hint.ttft_slo, fresh, in_flight or {})
+    if equal_fraction > 0:
+        meets = _fewest_in_flight_among_equal(meets, predicted, equal_fraction * hint.ttft_slo, fresh,
+                                              in_flight or {})
     reason = SLO
     if hint.prefix is not None:
         holders = [rid for rid in meets if hint.prefix in fresh[rid].prefixes]
@@ -119,11 +121,11 @@ def rank(hint: RequestHint, loads: dict, sent: SentLog, now: float, stale_after_
     return Ranking(meets + unknown + late + down, reason, predicted)
 
 
-def _fewest_in_flight_among_equal(meets: list, predicted: dict, ttft_slo: float, fresh: dict,
+def _fewest_in_flight_among_equal(meets: list, predicted: dict, within_s: float, fresh: dict,
                                   in_flight: dict) -> list:
-    """meets (best predicted TTFT first) with the replicas as good as the best, within
-    EQUAL_TTFT_FRACTION of the SLO, ordered by requests in flight (stable: ties keep their order)."""
-    limit = predicted[meets[0]] + EQUAL_TTFT_FRACTION * ttft_slo
+    """meets (best predicted TTFT first) with the replicas as good as the best, within within_s,
+    ordered by requests in flight (stable: ties keep their order)."""
+    limit = predicted[meets[0]] + within_s
     equal = [rid for rid in meets if predicted[rid] <= limit]
     if len(equal) < 2:
         return meets

@@ -30,9 +30,11 @@ MAX_TRACKED = 10_000  # requests remembered between choosing and sending (retrie
 
 
 class SloRouter(LocalityMixin, RequestRouter):
-    def initialize_state(self, default_ttft_slo_ms: float = 1000.0, stale_after_s: float = 2.0, **_):
+    def initialize_state(self, default_ttft_slo_ms: float = 1000.0, stale_after_s: float = 2.0,
+                         equal_ttft_fraction: float = 0.0, **_):
         self.default_ttft_s = float(default_ttft_slo_ms) / 1000
         self.stale_after_s = float(stale_after_s)
+        self.equal_fraction = float(equal_ttft_fraction)
         self.sent = SentLog()
         self.counts: Counter = Counter()
         self._choices: OrderedDict = OrderedDict()  # internal request id -> (replica id, tokens)
@@ -48,7 +50,8 @@ class SloRouter(LocalityMixin, RequestRouter):
             return self._by_default(pending_request, NO_INFO)
         now = time.time()
         ranking = rank(hint, loads_of({r.replica_id: r.routing_stats for r in candidate_replicas}), self.sent, now,
-                       self.stale_after_s, self._rng, self._in_flight(candidate_replicas))
+                       self.stale_after_s, self._rng, self._in_flight(candidate_replicas) if self.equal_fraction else None,
+                       self.equal_fraction)
         if ranking is None:
             return self._by_default(pending_request, STALE)
         # all replicas are ranked: when every one refuses (full), back off before the next round

@@ -132,7 +132,7 @@ def simulate_cluster(config: EngineConfig, requests: list[SimRequest], replicas:
     def route(req: SimRequest, now: float) -> int:
         if routing == "slo":
             ranking = rank(RequestHint(req.prompt_len, req.ttft_slo or config.ttft_slo), stats.visible, sent, now,
-                           stale_after_s, rng, {k: r.in_flight() for k, r in enumerate(reps)})
+                           stale_after_s, rng)
             if ranking is not None:
                 routed[ranking.reason] += 1
                 sent.add(ranking.order[0], req.prompt_len, now)
