@@ -68,3 +68,22 @@ def test_server_loadgen_scheduler_and_simulator_agree(max_tokens, ttft_slo, tbt_
 def test_an_unfinished_request_is_a_miss_everywhere(reason):
     assert not ServingMetrics().observe_finished(0.0, [0.1, 0.2], 1.0, 1.0, reason)
     assert not RequestRecord.from_token_times("r", 0.0, 3, 2, 1.0, 1.0, [0.1, 0.2], status="failed").attained
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.01, 2.0), st.floats(0.01, 0.5), st.integers(0, 4), st.floats(0.0, 3.0)),
+                min_size=1, max_size=12), st.floats(0.0, 6.0))
+def test_the_router_and_apt_call_the_same_requests_past_their_slo(specs, now):
+    """The load snapshot's scalar rule (ttft_estimate.past_slo) and apt's vectorised one
+    (features.pending_and_violators) judge every request alike: TTFT before its first token, TBT
+    since its last one after."""
+    from aptray.scheduler.apt.features import pending_and_violators
+    from aptray.serve.ttft_estimate import past_slo
+    reqs = []
+    for i, (ttft_slo, tbt_slo, tokens, gap) in enumerate(specs):
+        req = Request(f"r{i}", [5, 6, 7], SamplingParams(max_tokens=8), 0.0, ttft_slo, tbt_slo)
+        for k in range(tokens):
+            req.record_token(5, gap * (k + 1))
+        reqs.append(req)
+    _, violators = pending_and_violators(reqs, now)
+    assert violators.tolist() == [past_slo(r, now) for r in reqs]
