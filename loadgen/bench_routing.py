@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -40,6 +41,7 @@ from loadgen.sweep import crossing_rate
 from loadgen.traces import TraceRequest, rescale
 
 EQUAL_FRACTION = 0.1
+CPUS_PER_REPLICA = 1.5  # the ingress (0.5) and its router, where the model runs (CPUS_PER_RANK)
 ROUTER_ARGS = {"p2c": {"routing": "default"}, "slo": {"routing": "slo"},  # route prefix -> the app's args
                "slo-eq": {"routing": "slo", "routing_equal_ttft_fraction": EQUAL_FRACTION}}
 ROUTERS = tuple(ROUTER_ARGS)
@@ -153,7 +155,9 @@ def main(argv=None) -> None:
            "app_args": APP_ARGS, "routers": {name: ROUTER_ARGS[name] for name in routers}, "slos": slos, "runs": {}}
     for n in (int(x) for x in a.replicas.split(",")):
         print(f"{n} replicas", flush=True)
-        url, stop = start_apps(n, model, num_cpus=4 + 3 * n, routers=routers)
+        # Ray CPUs are logical here: each replica's ingress and router actors hold CPUS_PER_REPLICA, and
+        # every app's replicas must be placed at once (sized for two apps, a third one never started)
+        url, stop = start_apps(n, model, num_cpus=4 + math.ceil(CPUS_PER_REPLICA * n * len(routers)), routers=routers)
         try:
             curves = {}
             for k, rate in enumerate(rates):
@@ -164,10 +168,10 @@ def main(argv=None) -> None:
         eff = {name: crossing_rate({float(r): c[name]["attainment"] for r, c in curves.items()}) for name in routers}
         out["runs"][str(n)] = {"rates": curves, "effective_throughput_rps": eff}
         print(f"{n} replicas: effective throughput {eff}", flush=True)
-    out["elapsed_s"] = time.time() - t0
-    os.makedirs(a.out_dir, exist_ok=True)
-    with open(os.path.join(a.out_dir, "routing-cpu.json"), "w") as f:
-        json.dump(out, f, indent=1)
+        out["elapsed_s"] = time.time() - t0
+        os.makedirs(a.out_dir, exist_ok=True)
+        with open(os.path.join(a.out_dir, "routing-cpu.json"), "w") as f:  # after each count: a later one may fail
+            json.dump(out, f, indent=1)
     from loadgen.results_routing import render
     print(render(a.out_dir))
 
