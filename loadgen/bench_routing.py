@@ -183,9 +183,9 @@ def cpu_section(cpu: dict) -> list[str]:
     order = " ".join("ABC"[:len(routers)]) + " " + " ".join("ABC"[:len(routers)][::-1])
     lines = [f"### Served on this machine's CPU: {', '.join(cpu['runs'])} replicas through HTTP", "",
              f"`{cpu['command']}` ({cpu['stamp']}, {cpu['elapsed_s'] / 60:.0f} min; 2 shared cores). One Ray cluster "
-             f"serves {len(routers)} copies of the app, one per router ({', '.join(routers)}; slo-eq: aptray's router "
-             "with `routing_equal_ttft_fraction` " + str(EQUAL_FRACTION) + "), every replica an apt-hybrid engine on "
-             "the tiny OPT of loadgen.results_cpu; each rate replays the same trace to each router twice, in the order "
+             f"serves {len(routers)} copies of the app, one per router ({', '.join(routers)}"
+             + (f"; slo-eq: aptray's router with `routing_equal_ttft_fraction` {EQUAL_FRACTION}" if "slo-eq" in routers
+                else "") + "), every replica an apt-hybrid engine on the tiny OPT of loadgen.results_cpu; each rate replays the same trace to each router twice, in the order "
              f"{order} (reversed every other rate), attainment over both passes. {cpu['num_requests']} requests per pass, ShareGPT lengths within 512 tokens, Gamma arrivals at CV "
              f"{cpu['cv']:g}, half the requests tight (TTFT {1e3 * s['tight_ttft_s']:.0f} ms = {TIGHT_TTFT:g} "
              f"full-context prefills + {1e3 * TTFT_ALLOWANCE_S:.0f} ms, TBT {1e3 * s['tight_tbt_s']:.0f} ms = "

@@ -113,7 +113,7 @@ def cpu_tables(cpu: dict, plot_dir: str) -> list[str]:
                   f"![](results/chat-cpu-{dataset}.png)", "",
                   "| policy | effective throughput, off (req/s) | on (req/s) | on / off | at rate | TTFT p50 off (ms) "
                   "| TTFT p50 on (ms) | on / off | token hit rate (on) |", "|" + " --- |" * 9]
-        for p in _pairs({r["policy"] for r in mine}):
+        for p in _pairs(dict.fromkeys(r["policy"] for r in mine)):
             off, on = crossing_rate(curves[p]), crossing_rate(curves[p + PREFIX])
             at = max([x for x in rates if curves[p][x] >= 0.9], default=rates[0])
             t_off, t_on = by[(p, at)]["ttft_s"]["p50"], by[(p + PREFIX, at)]["ttft_s"]["p50"]
