@@ -36,12 +36,12 @@ import time
 
 import numpy as np
 
+from aptray.serve.args import CPUS_PER_RANK, INGRESS_CPUS
 from loadgen.metrics import summarize
 from loadgen.sweep import crossing_rate
 from loadgen.traces import TraceRequest, rescale
 
 EQUAL_FRACTION = 0.1
-CPUS_PER_REPLICA = 1.5  # the ingress (0.5) and its router, where the model runs (CPUS_PER_RANK)
 ROUTER_ARGS = {"p2c": {"routing": "default"}, "slo": {"routing": "slo"},  # route prefix -> the app's args
                "slo-eq": {"routing": "slo", "routing_equal_ttft_fraction": EQUAL_FRACTION}}
 ROUTERS = tuple(ROUTER_ARGS)
@@ -66,6 +66,11 @@ def slo_trace(num_requests: int, prefill_s: float, step_s: float, seed: int = 0)
         out.append(replace(r, prompt=None, ttft_slo=scale * (TIGHT_TTFT * prefill_s + TTFT_ALLOWANCE_S),
                            tbt_slo=scale * (TIGHT_TBT * step_s + TBT_ALLOWANCE_S)))
     return out
+
+
+def routers_of(cpu: dict) -> list[str]:
+    """The routers a routing-cpu.json compared (runs before the third router had two)."""
+    return list(cpu.get("routers", ("p2c", "slo")))
 
 
 def start_apps(replicas: int, model: str, num_cpus: int, routers=ROUTERS) -> tuple[str, callable]:
@@ -155,9 +160,10 @@ def main(argv=None) -> None:
            "app_args": APP_ARGS, "routers": {name: ROUTER_ARGS[name] for name in routers}, "slos": slos, "runs": {}}
     for n in (int(x) for x in a.replicas.split(",")):
         print(f"{n} replicas", flush=True)
-        # Ray CPUs are logical here: each replica's ingress and router actors hold CPUS_PER_REPLICA, and
-        # every app's replicas must be placed at once (sized for two apps, a third one never started)
-        url, stop = start_apps(n, model, num_cpus=4 + math.ceil(CPUS_PER_REPLICA * n * len(routers)), routers=routers)
+        # Ray CPUs are logical here: each replica holds its ingress's and its router's (the model runs in
+        # the router), and every app's replicas must be placed at once (sized for two apps, a third never started)
+        per_replica = INGRESS_CPUS + CPUS_PER_RANK
+        url, stop = start_apps(n, model, num_cpus=4 + math.ceil(per_replica * n * len(routers)), routers=routers)
         try:
             curves = {}
             for k, rate in enumerate(rates):
@@ -179,7 +185,7 @@ def main(argv=None) -> None:
 def cpu_section(cpu: dict) -> list[str]:
     """The real served run's part of docs/results/routing.md."""
     s = cpu["slos"]
-    routers = list(cpu.get("routers", ("p2c", "slo")))
+    routers = routers_of(cpu)
     order = " ".join("ABC"[:len(routers)]) + " " + " ".join("ABC"[:len(routers)][::-1])
     lines = [f"### Served on this machine's CPU: {', '.join(cpu['runs'])} replicas through HTTP", "",
              f"`{cpu['command']}` ({cpu['stamp']}, {cpu['elapsed_s'] / 60:.0f} min; 2 shared cores). One Ray cluster "

@@ -114,7 +114,8 @@ def targets(sim: dict | None, cpu: dict | None) -> list[str]:
                 lines.append(f"- simulated {n} x OPT-13B, ShareGPT, CV {sim['cv']:g}: slo / p2c = {ratio:.2f}x"
                              f"{verdict}; {others}")
     if cpu:
-        ours = [name for name in cpu.get("routers", ("p2c", "slo")) if name != "p2c"]
+        from loadgen.bench_routing import routers_of
+        ours = [name for name in routers_of(cpu) if name != "p2c"]
         for n, run in cpu["runs"].items():
             rates = run["rates"]
             for name in ours:

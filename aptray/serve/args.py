@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 
 
 CPUS_PER_RANK = 1.0  # Ray CPUs a rank holds (shard actor, or the router when the model runs in it)
+INGRESS_CPUS = 0.5  # Ray CPUs an ingress replica holds
 _OPTIONAL_INTS = ("num_cache_blocks", "max_prompt_tokens", "max_tokens_limit", "max_num_batched_tokens", "min_replicas",
                   "max_replicas")
 _OPTIONAL_FLOATS = ("min_ttft_slo_ms", "min_tbt_slo_ms")

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
 from aptray.serve import grpc_api, routing_counts
-from aptray.serve.args import AppArgs
+from aptray.serve.args import INGRESS_CPUS, AppArgs
 from aptray.serve.deploy_options import ATTAINMENT_WINDOW_S
 from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatCompletionRequest, ChatCompletionResponse,
                                      CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList,
@@ -98,7 +98,7 @@ def _replica_id() -> tuple[str, str]:
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=1024, graceful_shutdown_timeout_s=30,
-                  ray_actor_options={"num_cpus": 0.5})
+                  ray_actor_options={"num_cpus": INGRESS_CPUS})
 @serve.ingress(api)
 class Ingress:
     def __init__(self, args: dict | None = None):
