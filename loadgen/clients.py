@@ -19,6 +19,7 @@ from operator import attrgetter
 import numpy as np
 
 from aptray.sim.arrivals import Arrivals
+from aptray.sim.prompt_ids import follow_up_ids
 from loadgen.metrics import FINISHED, RequestRecord
 from loadgen.traces import TraceRequest
 
@@ -87,12 +88,12 @@ class InProcessEngineClient(Client):
         start = clock()
         last_arrival = 0.0
 
-        def record(r, status, times=(), preemptions=0, error=""):
+        def record(r, status, times=(), preemptions=0, error="", reply=None):
             ttft, tbt = self.slos(r)
             records[r.request_id] = RequestRecord.from_token_times(
                 r.request_id, r.arrived_at, r.num_prefill_tokens, r.num_decode_tokens, ttft, tbt,
                 [t - start for t in times], status, preemptions, error)
-            arrivals.ended(r.request_id, clock() - start)
+            arrivals.ended(r.request_id, clock() - start, None if reply is None else prompts[r.request_id] + reply)
             if progress is not None:
                 progress(1)
 
@@ -100,6 +101,7 @@ class InProcessEngineClient(Client):
             now = clock() - start
             for at, r in arrivals.pop_due(now):
                 r = sent[r.request_id] = replace(r, arrived_at=at)
+                prompts[r.request_id] = follow_up_ids(prompts[r.request_id], arrivals.said_before(r.request_id))
                 last_arrival = at
                 ttft, tbt = self.slos(r)
                 sp = SamplingParams(temperature=0.0, max_tokens=r.num_decode_tokens, ignore_eos=True,
@@ -122,7 +124,8 @@ class InProcessEngineClient(Client):
             for out in engine.step():
                 if out.finished:
                     status = "aborted" if out.outputs[0].finish_reason == "abort" else "finished"
-                    record(sent[out.request_id], status, out.metrics.token_times, out.metrics.num_preemptions)
+                    record(sent[out.request_id], status, out.metrics.token_times, out.metrics.num_preemptions,
+                           reply=list(out.outputs[0].token_ids))
         engine.executor.shutdown()
         recs = [records.get(r.request_id) or RequestRecord(r.request_id, sent.get(r.request_id, r).arrived_at,
                                                            r.num_prefill_tokens, r.num_decode_tokens, *self.slos(r),

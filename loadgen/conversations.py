@@ -1,16 +1,19 @@
 """Multi-turn chat workloads: ShareGPT conversations replayed turn by turn.
 
 Turn k of a conversation sends the whole conversation so far (a system prompt every conversation
-shares, in the -system variant; each earlier user message and the assistant's recorded reply) plus
+shares, in the -system variant; each earlier user message and the assistant's reply) plus
 the k-th user message, and asks for as many tokens as the recorded k-th reply. Lengths are in the
 given tokenizer's tokens, kept by vLLM's rule scaled to the context: a conversation ends before the
 first turn whose prompt passes half the context, whose prompt and reply pass the context, or whose
 first message or reply has fewer than 4 tokens (later turns would resend it).
 
 Token content is synthetic (aptray.sim.prompt_ids): turn k's prompt is the first prompt-length ids of
-its conversation's stream (after the shared system prompt), so each turn extends the previous one
-exactly, the recorded reply included, and conversations share nothing but the system prompt. The
-next turn is sent think_time after the previous one ends (loadgen.traces, aptray.sim.arrivals).
+its conversation's stream (after the shared system prompt), so conversations share nothing but the
+system prompt. The next turn is sent think_time after the previous one ends (loadgen.traces,
+aptray.sim.arrivals). Replays that see the reply's token ids (the simulator, the in-process engine)
+resend them, as a chat client resends what the assistant said: turn k's prompt is then turn k-1's
+prompt, the reply it got and the rest of the stream (aptray.sim.prompt_ids.follow_up_ids). Remote
+replays get text back, not ids, and resend the stream's ids in the reply's place.
 """
 from __future__ import annotations
 

@@ -231,7 +231,7 @@ def chat_part(mode: str, parts, workers: int) -> list[str]:
     lines = ["## Multi-turn chat with prefix caching", "",
              "ShareGPT conversations replayed turn by turn (`--dataset sharegpt-multiturn`; `-system`: every "
              "conversation opens with one shared system prompt of an eighth of the context): each turn resends the "
-             "conversation so far with the recorded reply, a think time (exponential) after the previous turn ends. "
+             "conversation so far with the reply the server gave, a think time (exponential) after the previous turn ends. "
              "Each policy runs without prefix caching and with it (`+prefix`); the rate counts requests. Token hit rate: "
              "prompt tokens found cached at admission over all prompt tokens admitted (docs/ENGINE.md, \"Prefix "
              "caching\").", ""]

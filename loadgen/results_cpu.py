@@ -150,13 +150,14 @@ def replay(engine, trace, ttft: float, tbt: float, seed: int = 0, timeout: float
 
     from aptray.sampling_params import SamplingParams
     from aptray.sim.arrivals import Arrivals
+    from aptray.sim.prompt_ids import follow_up_ids
     from loadgen.clients import conversation_ids
     from loadgen.metrics import RequestRecord
 
     clock = engine.clock
     rng = np.random.default_rng(seed)
     trace = sorted(trace, key=lambda r: r.arrived_at)
-    # a conversation's turns: its synthetic stream (each turn extends the last); else random ids
+    # a conversation's turns: its synthetic stream (a follow-up: what was said before it, then its stream); else random ids
     prompts = {r.request_id: conversation_ids(r) if r.conversation is not None
                else rng.integers(4, engine.config.spec.vocab_size, r.num_prefill_tokens).tolist() for r in trace}
     arrived = {}  # request id -> when it came (a follow-up: think time after the turn it follows ended)
@@ -164,17 +165,18 @@ def replay(engine, trace, ttft: float, tbt: float, seed: int = 0, timeout: float
     records = {}
     by_id = {r.request_id: r for r in trace}
 
-    def record(rid, status, times=(), preemptions=0):
+    def record(rid, status, times=(), preemptions=0, reply=None):
         r = by_id[rid]
         records[rid] = RequestRecord.from_token_times(rid, arrived[rid], r.num_prefill_tokens, r.num_decode_tokens,
                                                       ttft, tbt, [t - start for t in times], status, preemptions)
-        arrivals.ended(rid, clock() - start)
+        arrivals.ended(rid, clock() - start, None if reply is None else prompts[rid] + reply)
 
     start, last_arrival = clock(), 0.0
     while arrivals or engine.has_unfinished():
         now = clock() - start
         for at, r in arrivals.pop_due(now):
             arrived[r.request_id] = last_arrival = at
+            prompts[r.request_id] = follow_up_ids(prompts[r.request_id], arrivals.said_before(r.request_id))
             sp = SamplingParams(temperature=0.0, max_tokens=r.num_decode_tokens, ignore_eos=True, ttft_slo=ttft,
                                 tbt_slo=tbt)
             try:
@@ -192,7 +194,8 @@ def replay(engine, trace, ttft: float, tbt: float, seed: int = 0, timeout: float
             continue
         for out in engine.step():
             if out.finished:
-                record(out.request_id, "finished", out.metrics.token_times, out.metrics.num_preemptions)
+                record(out.request_id, "finished", out.metrics.token_times, out.metrics.num_preemptions,
+                       list(out.outputs[0].token_ids))
     out = [records.get(r.request_id) or RequestRecord(r.request_id, arrived.get(r.request_id, r.arrived_at),
                                                       r.num_prefill_tokens, r.num_decode_tokens, ttft, tbt,
                                                       status="unfinished")

@@ -1,5 +1,5 @@
 """The multi-turn chat workload: turn lengths by vLLM's rule, token streams that each turn extends,
-closed-loop traces (a turn comes think_time after the one it follows ends) in the simulator, the
+follow-ups that resend the reply the server gave, closed-loop traces (a turn comes think_time after the one it follows ends) in the simulator, the
 in-process client and the asyncio replay of the remote clients, and hit rates in the summaries."""
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from aptray.sim.prompt_ids import SHARED_PREFIX_KEY, prompt_ids, stream_ids
+from aptray.sim.arrivals import Arrivals
+from aptray.sim.prompt_ids import SHARED_PREFIX_KEY, follow_up_ids, prompt_ids, stream_ids
 from loadgen.clients import conversation_ids, read_prefix_counters, remote_prompt, replay_at_arrivals
 from loadgen.conversations import turns_within
 from loadgen.datasets import Sample
@@ -42,6 +43,20 @@ def test_streams_extend_turn_by_turn_and_share_only_the_system_prompt():
     assert turns[1][:len(turns[0])] == turns[0] and turns[2][:len(turns[1])] == turns[1]
     assert remote_prompt(trace[0], "run1-") != remote_prompt(trace[0], "run2-")  # each remote run its own
     assert remote_prompt(trace[0], "run1-")[:8] == remote_prompt(trace[0], "run2-")[:8]  # but one system prompt
+
+
+def test_a_follow_up_resends_what_was_said_then_its_own_stream():
+    stream = stream_ids("c0", 30)
+    said = stream[:10] + [7] * 8  # the last prompt, then the reply the server gave
+    assert follow_up_ids(stream, said) == said + stream[18:]
+    assert follow_up_ids(stream, None) == stream and follow_up_ids(stream, stream + [7]) == stream
+    trace = make_trace(chat_samples(), rate=1.0)
+    arrivals = Arrivals(trace, at=lambda r: r.arrived_at)
+    assert arrivals.is_followed("req-0") and not arrivals.is_followed("req-3")
+    arrivals.ended("req-0", 1.0, said)
+    assert arrivals.said_before("req-1") == said and arrivals.said_before("req-1") is None  # once
+    arrivals.ended("req-1", 2.0)  # refused: no reply to resend
+    assert arrivals.said_before("req-3") is None
 
 
 def test_http_client_names_each_turn_by_its_conversation():
@@ -91,10 +106,80 @@ def test_simulated_turns_follow_their_predecessors_and_hit_the_cache():
             assert out[r.request_id].status == "finished"
             if r.after:
                 assert out[r.request_id].arrival_time == pytest.approx(out[r.after].token_times[-1] + r.think_time)
-        if caching:  # turn 2 finds turn 1's prompt; c1 and c0 share the 64-token system prompt
+        if caching:  # turn 2 finds turn 1's prompt and reply; c1 and c0 share the 64-token system prompt
             assert run.scheduler_stats["prefix_hit_tokens"] >= 64 + 80
         else:
             assert "prefix_hit_tokens" not in run.scheduler_stats
+
+
+def test_simulated_follow_up_hits_the_blocks_of_the_reply_it_resends():
+    """Turn 0: 32 prompt tokens and a 40-token reply; turn 1 resends both (71 computed: 4 full blocks
+    of 16), where resending the stream alone would find only the prompt's 2."""
+    from aptray.config import EngineConfig
+    from aptray.sim import configs_dir
+    from aptray.sim.runner import SimRequest, simulate
+    import os
+
+    reqs = [SimRequest("t0", 0.0, 32, 40, 1.0, 1.0, "c"), SimRequest("t1", 0.0, 80, 4, 1.0, 1.0, "c", after="t0")]
+    config = EngineConfig(model=os.path.join(configs_dir(), "opt-13b"), scheduler="fcfs", block_size=16,
+                          enable_prefix_caching=True)
+    run = simulate(config, reqs)
+    assert [o.status for o in run.outcomes] == ["finished", "finished"]
+    assert run.scheduler_stats["prefix_hit_tokens"] == 64
+
+
+class RecordingEngine:
+    """An Engine that keeps each request's prompt and, once it finishes, its reply."""
+
+    def __new__(cls, config, executor, **kw):
+        from aptray.engine import Engine
+
+        class Recording(Engine):
+            def add_request(self, request_id, prompt, *a, **k):
+                self.prompts[request_id] = list(prompt)
+                return super().add_request(request_id, prompt, *a, **k)
+
+            def step(self):
+                outs = super().step()
+                self.replies.update((o.request_id, list(o.outputs[0].token_ids)) for o in outs if o.finished)
+                return outs
+        engine = Recording(config, executor, **kw)
+        engine.prompts, engine.replies = {}, {}
+        return engine
+
+
+def _check_resent(engine, trace):
+    for r in trace:
+        if r.after:  # the last turn's prompt, the reply the engine gave, then the next user message
+            said = engine.prompts[r.after] + engine.replies[r.after]
+            assert len(said) < r.num_prefill_tokens and engine.prompts[r.request_id][:len(said)] == said
+            assert engine.prompts[r.request_id][len(said):] == conversation_ids(r)[len(said):]
+
+
+@pytest.mark.parametrize("replay", ["in-process client", "CPU results"])
+def test_engine_replays_resend_the_reply_the_engine_gave(replay):
+    from aptray.config import EngineConfig
+    from aptray.executor.local import LocalExecutor
+    from aptray.model.factory import make_tiny_model
+    from loadgen import results_cpu
+    from loadgen.clients import InProcessEngineClient
+    import tempfile
+
+    path = make_tiny_model(tempfile.mkdtemp() + "/opt", arch="opt", hidden_size=32, num_layers=2, num_heads=2)
+    config = EngineConfig(model=path, block_size=4)
+    trace = make_trace(chat_samples(16), rate=50.0, think_time=0.05)
+    if replay == "in-process client":
+        engines = []
+        InProcessEngineClient(lambda: engines.append(RecordingEngine(config, LocalExecutor(config))) or engines[0],
+                              ttft_slo=5, tbt_slo=5).run(trace)
+        engine = engines[0]
+    else:
+        engine = RecordingEngine(config, results_cpu.cpu_timed_executor(config), clock=results_cpu.CpuClock())
+        records, _, stats = results_cpu.replay(engine, trace, 5.0, 5.0)
+        assert all(r.status == "finished" for r in records)
+        # turn 1 finds turn 0's 36 + 8 (43 computed: 40), turn 2 turn 1's 56 + 8 (63: 60); c1 the system prompt
+        assert stats["prefix_hit_tokens"] >= 16 + 40 + 60
+    _check_resent(engine, trace)
 
 
 def test_in_process_client_runs_turns_as_a_closed_loop():

@@ -14,7 +14,7 @@ from aptray.sim.executor import SimExecutor, VirtualClock
 from aptray.sim.fit import HardwareFit
 from aptray.sim.gpus import get_gpu
 from aptray.sim.measured import hardware_for_gpu
-from aptray.sim.prompt_ids import prompt_ids
+from aptray.sim.prompt_ids import follow_up_ids, prompt_ids
 from aptray.sim.memory import plan_memory
 
 TOKEN_ID = 5  # what every simulated step samples: any id that is not a special token
@@ -214,9 +214,11 @@ def simulate(config: EngineConfig, requests: list[SimRequest], gpu: str = "a100-
     clock = executor.clock
     arrivals = Arrivals(requests)
     outcomes: dict[str, SimOutcome] = {}
+    followed: dict[str, list[int]] = {}  # prompts of requests a follow-up waits on
 
     def ended(o: SimOutcome) -> None:
-        arrivals.ended(o.request_id, clock.now)
+        prompt = followed.pop(o.request_id, None)  # its reply: the executor's one token, as many as it got
+        arrivals.ended(o.request_id, clock.now, None if prompt is None else prompt + [TOKEN_ID] * len(o.token_times))
         if on_finish is not None:
             on_finish(o)
     clock.now = arrivals.next_time if arrivals else 0.0
@@ -234,13 +236,16 @@ def simulate(config: EngineConfig, requests: list[SimRequest], gpu: str = "a100-
             break
         for at, r in arrivals.pop_due(clock.now):
             outcomes[r.request_id] = SimOutcome(r.request_id, at, "unfinished")
-            prompt = request_prompt(r)
+            prompt = follow_up_ids(request_prompt(r), arrivals.said_before(r.request_id))
+            if arrivals.is_followed(r.request_id):
+                followed[r.request_id] = prompt
             sp = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True,
                                 ttft_slo=r.ttft_slo, tbt_slo=r.tbt_slo)
             try:
                 engine.add_request(r.request_id, prompt, sp, arrival_time=at)
             except ValueError as e:
                 outcomes[r.request_id].status, outcomes[r.request_id].error = "rejected", str(e)
+                followed.pop(r.request_id, None)
                 arrivals.ended(r.request_id, clock.now)
         if not engine.has_unfinished():
             if arrivals:
