@@ -23,10 +23,11 @@ def with_and_without(policies: dict) -> dict:
 
 
 # -- the real CPU engine ----------------------------------------------------------------------------
-# the tiny OPT of results_cpu at a 1,024-token context: conversations there average 1.9 turns (1.3 at
-# 512), prompts 175 tokens (255 with the 128-token system prompt); 96 blocks of 16 (1,536 tokens of KV)
-CPU_CONTEXT = 1024
-CPU_BLOCKS = 96
+# the tiny OPT of results_cpu at OPT's 2,048-token context, the simulated part's: conversations there
+# average 2.5 turns (1.9 at 1,024), prompts 352 tokens (522 with the 256-token system prompt); 192
+# blocks of 16 (3,072 tokens of KV, 1.5 contexts: memory binds)
+CPU_CONTEXT = 2048
+CPU_BLOCKS = 192
 THINK_STEPS = 250  # mean think time: 5 s over OPT-13B's ~20 ms decode step on an A100, in this machine's steps
 CPU_RATES = {  # at results_cpu.REFERENCE_DECODE_STEP_S, scaled to this machine's decode step
     "quick": {MULTITURN: [0.5, 1, 1.5, 2, 3, 4, 6], MULTITURN_SYSTEM: [0.5, 1, 1.5, 2, 3, 4, 6]},
