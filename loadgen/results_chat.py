@@ -30,9 +30,9 @@ CPU_CONTEXT = 2048
 CPU_BLOCKS = 192
 THINK_STEPS = 250  # mean think time: 5 s over OPT-13B's ~20 ms decode step on an A100, in this machine's steps
 CPU_RATES = {  # at results_cpu.REFERENCE_DECODE_STEP_S, scaled to this machine's decode step
-    "quick": {MULTITURN: [0.5, 1, 1.5, 2, 3, 4, 6], MULTITURN_SYSTEM: [0.5, 1, 1.5, 2, 3, 4, 6]},
-    "full": {MULTITURN: [0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8],
-             MULTITURN_SYSTEM: [0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8]}}
+    "quick": {MULTITURN: [0.25, 0.5, 1, 1.5, 2, 3, 4, 6], MULTITURN_SYSTEM: [0.25, 0.5, 1, 1.5, 2, 3, 4, 6]},
+    "full": {MULTITURN: [0.25, 0.375, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8],
+             MULTITURN_SYSTEM: [0.25, 0.375, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8]}}
 CPU_SETUP = results_cpu.CpuSetup(
     context=CPU_CONTEXT, num_blocks=CPU_BLOCKS,
     policies=with_and_without({k: results_cpu.POLICIES[k] for k in BASE_POLICIES}),
