@@ -428,7 +428,8 @@ class GrpcStreamClient(RemoteClient):
     proxy, at the trace's arrival times. A token's time is when the message carrying it arrived.
     Status: finished (a final message with reason stop or length), rejected (RESOURCE_EXHAUSTED or
     UNAVAILABLE: queue full, store away), failed (any other status, or an abort), unfinished (the
-    stream ended without a final message: lost).
+    stream ended without a final message: lost). A conversation's follow-up resends the previous
+    turn's prompt and the reply's token ids the server streamed (follow_up_ids), as a chat client does.
     metrics_url: the server's HTTP /metrics, for its prefix-cache hits (the gRPC API has none)."""
 
     def __init__(self, target: str, ttft_slo: float = 1.0, tbt_slo: float = 1.0, api_key: str | None = None,
@@ -445,6 +446,8 @@ class GrpcStreamClient(RemoteClient):
     async def _run(self, trace: list[TraceRequest], progress) -> RunResult:
         from aptray.client import AsyncClient
 
+        self._followed = {r.after for r in trace if r.after is not None}
+        self._said: dict[str, list[int]] = {}  # a finished turn a follow-up waits on -> its prompt and reply
         async with AsyncClient(self.target, self.application, self.api_key) as client:
             try:  # an unreachable server is no run: UNAVAILABLE per request would read as rejections
                 await asyncio.wait_for(client.channel.channel_ready(), self.connect_timeout)
@@ -459,17 +462,23 @@ class GrpcStreamClient(RemoteClient):
         import grpc
 
         ttft, tbt = self.slos(r)
-        times, status, error = [], "unfinished", ""
+        times, status, error, reply_ids = [], "unfinished", "", []
+        prompt = remote_prompt(r, self.salt)
+        if r.after is not None and isinstance(prompt, list):
+            prompt = follow_up_ids(prompt, self._said.pop(r.after, None))
         try:
             async with asyncio.timeout(self.timeout):
-                async for reply in client.generate(remote_prompt(r, self.salt), client_request_id=r.request_id,
+                async for reply in client.generate(prompt, client_request_id=r.request_id,
                                                    max_tokens=r.num_decode_tokens, temperature=0.0, ignore_eos=True,
                                                    ttft_ms=ttft * 1000, tbt_ms=tbt * 1000,
                                                    prefix_key=prefix_key(r, self.salt) or ""):
                     now = time.perf_counter()
                     times.extend([now] * len(reply.token_ids))
+                    reply_ids.extend(reply.token_ids)
                     if reply.finished:
                         status = FINISHED if reply.finish_reason in ("stop", "length") else "failed"
+            if status == FINISHED and r.request_id in self._followed and isinstance(prompt, list):
+                self._said[r.request_id] = prompt + reply_ids
         except grpc.aio.AioRpcError as e:
             busy = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
             status = "rejected" if e.code() in busy and not times else "failed"

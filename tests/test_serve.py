@@ -323,6 +323,23 @@ def test_loadgen_multiturn_over_http_reads_the_servers_prefix_hits(server):
     assert hits["queried_tokens"] >= 100 and hits["hit_tokens"] >= 32, hits  # turn 1's full blocks of 16
 
 
+def test_loadgen_multiturn_over_grpc_resends_the_reply_the_server_gave(server):
+    """Over gRPC the client sees the reply's token ids, so a follow-up resends them as a chat client
+    does: turn 1 hits the blocks of turn 0's prompt and reply (40 + 24 tokens, 63 computed: 3 full
+    blocks of 16), where resending the stream's ids would hit the prompt's 2."""
+    from loadgen.clients import GrpcStreamClient
+    from loadgen.datasets import Sample
+    from loadgen.metrics import summarize
+    from loadgen.traces import make_trace
+
+    samples = [Sample("", 40, 24, conversation="c", turn=0), Sample("", 72, 4, conversation="c", turn=1)]
+    trace = make_trace(samples, rate=1.0, think_time=0.1)
+    res = GrpcStreamClient(server["grpc"], 60.0, 60.0, metrics_url=server["http"] + "/metrics").run(trace)
+    assert [r.status for r in res.records] == ["finished"] * 2
+    hits = summarize(res.records, res.duration, stats=res.info["scheduler_stats"])["prefix_cache"]
+    assert hits["queried_tokens"] >= 112 and hits["hit_tokens"] == 48, hits
+
+
 def test_grpc_rejects_with_status(server):
     import grpc
 
