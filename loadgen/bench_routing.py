@@ -7,9 +7,9 @@ For each replica count, one Ray cluster on this machine serves two copies of the
 (aptray/serve/slo_router.py), /slo-eq with aptray's counting predictions within a tenth of the SLO
 as equal (`routing_equal_ttft_fraction`, the fewest requests in flight first among them). Rate by
 rate, the same trace goes to each twice, in the order A B C C B A (reversed every other rate), so
-that a machine shared with other work drifts alike for all; attainment is over both passes. Requests go through streaming HTTP
-(loadgen.clients.HttpStreamClient, which sends each request's TTFT SLO in the body and as the
-x-aptray-ttft-ms header).
+that a machine shared with other work drifts alike for all; attainment is over both passes.
+Requests go through streaming HTTP (loadgen.clients.HttpStreamClient, which sends each request's
+TTFT SLO in the body and as the x-aptray-ttft-ms header).
 
 The workload: ShareGPT lengths within the tiny model's 512-token context (loadgen.results_cpu's
 model and length rule), token-id prompts, Gamma arrivals at CV 4, and per-request SLOs of two

@@ -93,7 +93,8 @@ class InProcessEngineClient(Client):
             records[r.request_id] = RequestRecord.from_token_times(
                 r.request_id, r.arrived_at, r.num_prefill_tokens, r.num_decode_tokens, ttft, tbt,
                 [t - start for t in times], status, preemptions, error)
-            arrivals.ended(r.request_id, clock() - start, None if reply is None else prompts[r.request_id] + reply)
+            followed = reply is not None and arrivals.is_followed(r.request_id)
+            arrivals.ended(r.request_id, clock() - start, prompts[r.request_id] + reply if followed else None)
             if progress is not None:
                 progress(1)
 
@@ -125,7 +126,7 @@ class InProcessEngineClient(Client):
                 if out.finished:
                     status = "aborted" if out.outputs[0].finish_reason == "abort" else "finished"
                     record(sent[out.request_id], status, out.metrics.token_times, out.metrics.num_preemptions,
-                           reply=list(out.outputs[0].token_ids))
+                           reply=out.outputs[0].token_ids)
         engine.executor.shutdown()
         recs = [records.get(r.request_id) or RequestRecord(r.request_id, sent.get(r.request_id, r).arrived_at,
                                                            r.num_prefill_tokens, r.num_decode_tokens, *self.slos(r),
@@ -464,7 +465,8 @@ class GrpcStreamClient(RemoteClient):
         ttft, tbt = self.slos(r)
         times, status, error, reply_ids = [], "unfinished", "", []
         prompt = remote_prompt(r, self.salt)
-        if r.after is not None and isinstance(prompt, list):
+        turn = isinstance(prompt, list)  # a conversation's turn: token ids it can extend by a reply's
+        if r.after is not None and turn:
             prompt = follow_up_ids(prompt, self._said.pop(r.after, None))
         try:
             async with asyncio.timeout(self.timeout):
@@ -477,7 +479,7 @@ class GrpcStreamClient(RemoteClient):
                     reply_ids.extend(reply.token_ids)
                     if reply.finished:
                         status = FINISHED if reply.finish_reason in ("stop", "length") else "failed"
-            if status == FINISHED and r.request_id in self._followed and isinstance(prompt, list):
+            if status == FINISHED and turn and r.request_id in self._followed:
                 self._said[r.request_id] = prompt + reply_ids
         except grpc.aio.AioRpcError as e:
             busy = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)

@@ -157,7 +157,8 @@ def replay(engine, trace, ttft: float, tbt: float, seed: int = 0, timeout: float
     clock = engine.clock
     rng = np.random.default_rng(seed)
     trace = sorted(trace, key=lambda r: r.arrived_at)
-    # a conversation's turns: its synthetic stream (a follow-up: what was said before it, then its stream); else random ids
+    # a conversation's turns: its synthetic stream (a follow-up: what was said before it, then the
+    # stream); else random ids
     prompts = {r.request_id: conversation_ids(r) if r.conversation is not None
                else rng.integers(4, engine.config.spec.vocab_size, r.num_prefill_tokens).tolist() for r in trace}
     arrived = {}  # request id -> when it came (a follow-up: think time after the turn it follows ended)
@@ -169,7 +170,8 @@ def replay(engine, trace, ttft: float, tbt: float, seed: int = 0, timeout: float
         r = by_id[rid]
         records[rid] = RequestRecord.from_token_times(rid, arrived[rid], r.num_prefill_tokens, r.num_decode_tokens,
                                                       ttft, tbt, [t - start for t in times], status, preemptions)
-        arrivals.ended(rid, clock() - start, None if reply is None else prompts[rid] + reply)
+        followed = reply is not None and arrivals.is_followed(rid)
+        arrivals.ended(rid, clock() - start, prompts[rid] + reply if followed else None)
 
     start, last_arrival = clock(), 0.0
     while arrivals or engine.has_unfinished():
@@ -195,7 +197,7 @@ def replay(engine, trace, ttft: float, tbt: float, seed: int = 0, timeout: float
         for out in engine.step():
             if out.finished:
                 record(out.request_id, "finished", out.metrics.token_times, out.metrics.num_preemptions,
-                       list(out.outputs[0].token_ids))
+                       out.outputs[0].token_ids)
     out = [records.get(r.request_id) or RequestRecord(r.request_id, arrived.get(r.request_id, r.arrived_at),
                                                       r.num_prefill_tokens, r.num_decode_tokens, ttft, tbt,
                                                       status="unfinished")

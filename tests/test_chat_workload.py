@@ -1,6 +1,7 @@
 """The multi-turn chat workload: turn lengths by vLLM's rule, token streams that each turn extends,
-follow-ups that resend the reply the server gave, closed-loop traces (a turn comes think_time after the one it follows ends) in the simulator, the
-in-process client and the asyncio replay of the remote clients, and hit rates in the summaries."""
+follow-ups that resend the reply the server gave, closed-loop traces (a turn comes think_time after
+the one it follows ends) in the simulator, the in-process client and the asyncio replay of the
+remote clients, and hit rates in the summaries."""
 from __future__ import annotations
 
 import asyncio
@@ -128,24 +129,22 @@ def test_simulated_follow_up_hits_the_blocks_of_the_reply_it_resends():
     assert run.scheduler_stats["prefix_hit_tokens"] == 64
 
 
-class RecordingEngine:
+def recording_engine(config, executor, **kw):
     """An Engine that keeps each request's prompt and, once it finishes, its reply."""
+    from aptray.engine import Engine
 
-    def __new__(cls, config, executor, **kw):
-        from aptray.engine import Engine
+    class RecordingEngine(Engine):
+        def add_request(self, request_id, prompt, *a, **k):
+            self.prompts[request_id] = list(prompt)
+            return super().add_request(request_id, prompt, *a, **k)
 
-        class Recording(Engine):
-            def add_request(self, request_id, prompt, *a, **k):
-                self.prompts[request_id] = list(prompt)
-                return super().add_request(request_id, prompt, *a, **k)
-
-            def step(self):
-                outs = super().step()
-                self.replies.update((o.request_id, list(o.outputs[0].token_ids)) for o in outs if o.finished)
-                return outs
-        engine = Recording(config, executor, **kw)
-        engine.prompts, engine.replies = {}, {}
-        return engine
+        def step(self):
+            outs = super().step()
+            self.replies.update((o.request_id, list(o.outputs[0].token_ids)) for o in outs if o.finished)
+            return outs
+    engine = RecordingEngine(config, executor, **kw)
+    engine.prompts, engine.replies = {}, {}
+    return engine
 
 
 def _check_resent(engine, trace):
@@ -170,11 +169,11 @@ def test_engine_replays_resend_the_reply_the_engine_gave(replay):
     trace = make_trace(chat_samples(16), rate=50.0, think_time=0.05)
     if replay == "in-process client":
         engines = []
-        InProcessEngineClient(lambda: engines.append(RecordingEngine(config, LocalExecutor(config))) or engines[0],
+        InProcessEngineClient(lambda: engines.append(recording_engine(config, LocalExecutor(config))) or engines[0],
                               ttft_slo=5, tbt_slo=5).run(trace)
         engine = engines[0]
     else:
-        engine = RecordingEngine(config, results_cpu.cpu_timed_executor(config), clock=results_cpu.CpuClock())
+        engine = recording_engine(config, results_cpu.cpu_timed_executor(config), clock=results_cpu.CpuClock())
         records, _, stats = results_cpu.replay(engine, trace, 5.0, 5.0)
         assert all(r.status == "finished" for r in records)
         # turn 1 finds turn 0's 36 + 8 (43 computed: 40), turn 2 turn 1's 56 + 8 (63: 60); c1 the system prompt

@@ -430,9 +430,9 @@ def _counted_as_aborted(server, cut_short) -> bool:
     (the cancel reached the router before its last token), with every block freed after.
 
     Serve's proxies pass a client's disconnect or cancel on to the replica asynchronously, and the
-    tiny model makes its 480 tokens in about a second: twice in full clone runs on the 2-core machine
-    (once over gRPC, once over HTTP) the request was not counted as aborted (whether the cancel came
-    late or not at all is not established). So a test gives it a second try, which must abort."""
+    tiny model makes its 480 tokens in about a second: on a loaded 2-core machine a request is
+    sometimes not counted as aborted (a cancel arriving after the last token would do that; the
+    cause is not established). So a test gives it a second try, which must abort."""
     assert _wait_idle_blocks(server, timeout=30)
     aborted_before = _metric(server, "aptray_slo_missed_total", '{reason="abort"}') or 0
     cut_short()
