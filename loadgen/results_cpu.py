@@ -92,6 +92,7 @@ class CpuSetup:
     num_blocks: int = NUM_BLOCKS
     policies: dict = field(default_factory=lambda: dict(POLICIES))
     rates: dict = field(default_factory=lambda: RATES)
+    requests: dict = field(default_factory=lambda: REQUESTS)  # per mode, per run
     slo_scale: dict = field(default_factory=lambda: SLO_SCALE)
     think_steps: float = 0.0
     description: str = DESCRIPTION
@@ -286,7 +287,7 @@ def run(datasets, cvs, rates_by_dataset: dict | None = None, num_requests: int |
     torch.set_num_threads(1)
     setup = setup or CpuSetup()
     rates_by_dataset = rates_by_dataset or setup.rates[mode]
-    num_requests = num_requests or REQUESTS[mode]
+    num_requests = num_requests or setup.requests[mode]
     model = tiny_opt(setup.context)
     step, prefill = decode_step_time(model, context=setup.context), prefill_time(model, context=setup.context)
     rate_scale = REFERENCE_DECODE_STEP_S / step
