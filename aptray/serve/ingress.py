@@ -210,23 +210,27 @@ class Ingress:
             return self._reject(e)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._completion_sse(rid, gen, include_usage), media_type="text/event-stream")
+            events = CompletionEvents(rid, self.model_name, include_usage, ids if req.return_token_ids else None)
+            return StreamingResponse(self._sse_stream(gen, events), media_type="text/event-stream")
         try:
-            text, last = await self._collect(gen)
+            text, reply_ids, last = await self._collect(gen)
         except Rejected as e:
             return self._reject(e)
+        asked = req.return_token_ids
         return CompletionResponse(id=rid, model=self.model_name, usage=usage(last), choices=[
-            CompletionChoice(text=(prompt or "") + text if req.echo else text,
-                             finish_reason=finish_reason(last["finish_reason"]))])
+            CompletionChoice(text=(prompt or "") + text if req.echo else text, token_ids=reply_ids if asked else None,
+                             finish_reason=finish_reason(last["finish_reason"]), prompt_token_ids=ids if asked else None)])
 
-    async def _collect(self, gen) -> tuple[str, dict | None]:
-        """A non-streaming request's whole text and its last chunk (finish reason, usage)."""
-        pieces, last = [], None
+    async def _collect(self, gen) -> tuple[str, list[int], dict | None]:
+        """A non-streaming request's whole text, its token ids and its last chunk (finish reason, usage)."""
+        pieces, ids, last = [], [], None
         async with aclosing(self.chunks(gen)) as batches:
             async for batch in batches:
-                pieces.extend(c["text"] for c in batch)
+                for c in batch:
+                    pieces.append(c["text"])
+                    ids.extend(c["token_ids"])
                 last = batch[-1]
-        return "".join(pieces), last
+        return "".join(pieces), ids, last
 
     async def _completion_prompt(self, prompt, sampling: dict) -> tuple[str | None, list[int]]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -238,10 +242,6 @@ class Ingress:
             self.check_size(sampling, num_token_ids=len(prompt))
             return None, list(prompt)
         raise Rejected("give one prompt per request (a string or a list of token ids)", 400, "prompt")
-
-    async def _completion_sse(self, rid: str, gen, include_usage: bool):
-        async for event in self._sse_stream(gen, CompletionEvents(rid, self.model_name, include_usage)):
-            yield event
 
     async def _sse_stream(self, gen, events):
         """The SSE body of a streamed request: its token events, an error event if it fails, [DONE]."""
@@ -272,13 +272,17 @@ class Ingress:
             return self._reject(e)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._chat_sse(rid, gen, include_usage), media_type="text/event-stream")
+            events = ChatEvents(rid, self.model_name, include_usage, ids if req.return_token_ids else None)
+            return StreamingResponse(self._chat_sse(gen, events), media_type="text/event-stream")
         try:
-            content, last = await self._collect(gen)
+            content, reply_ids, last = await self._collect(gen)
         except Rejected as e:
             return self._reject(e)
-        return ChatCompletionResponse(id=rid, model=self.model_name, usage=usage(last), choices=[
-            ChatChoice(message=ChatChoiceMessage(content=content), finish_reason=finish_reason(last["finish_reason"]))])
+        asked = req.return_token_ids
+        return ChatCompletionResponse(
+            id=rid, model=self.model_name, usage=usage(last), prompt_token_ids=ids if asked else None,
+            choices=[ChatChoice(message=ChatChoiceMessage(content=content), token_ids=reply_ids if asked else None,
+                                finish_reason=finish_reason(last["finish_reason"]))])
 
     def _chat_prompt(self, req) -> tuple[str, list[int]]:
         """The conversation through the model's chat template, and its token ids (tokenizer thread)."""
@@ -289,8 +293,7 @@ class Ingress:
             raise Rejected(f"the chat template refused the messages: {e}", 400, "messages") from e
         return text, self.tokenizer.encode(text, add_special_tokens=False)
 
-    async def _chat_sse(self, rid: str, gen, include_usage: bool):
-        events = ChatEvents(rid, self.model_name, include_usage)
+    async def _chat_sse(self, gen, events: ChatEvents):
         yield events.role()
         async for event in self._sse_stream(gen, events):
             yield event

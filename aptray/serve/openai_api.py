@@ -8,6 +8,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+def _if_asked():
+    """A field the client asks for (return_token_ids): left out of the JSON unless it has a value."""
+    return Field(None, exclude_if=lambda v: v is None)
+
+
 class AptraySlo(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)
     ttft_ms: float | None = Field(None, gt=0)
@@ -33,6 +38,7 @@ class _SamplingRequest(BaseModel):
     seed: int | None = None
     ignore_eos: bool = False
     aptray_slo: AptraySlo | None = None
+    return_token_ids: bool = False  # vLLM extension: the prompt's and the reply's token ids beside the text
 
 
 class CompletionRequest(_SamplingRequest):
@@ -61,8 +67,10 @@ class Usage(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
+    token_ids: list[int] | None = _if_asked()  # a stream's: this event's tokens
     logprobs: None = None
     finish_reason: str | None = None
+    prompt_token_ids: list[int] | None = _if_asked()  # a stream's: in its first event only
 
 
 class CompletionResponse(BaseModel):
@@ -82,6 +90,7 @@ class ChatChoiceMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatChoiceMessage
+    token_ids: list[int] | None = _if_asked()
     finish_reason: str | None = None
 
 
@@ -92,6 +101,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_token_ids: list[int] | None = _if_asked()
 
 
 class ChatDelta(BaseModel):
@@ -102,6 +112,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
+    token_ids: list[int] | None = _if_asked()
     finish_reason: str | None = None
 
 
@@ -112,6 +123,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    prompt_token_ids: list[int] | None = _if_asked()  # in the first event (the role's) only
 
 
 class ModelCard(BaseModel):

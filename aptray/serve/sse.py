@@ -3,8 +3,9 @@
 Every token event of a request is the same JSON but for its text; building a pydantic model and
 serialising it per token cost more than the rest of the relay. The template is the model's own
 JSON (made once per request, so the shape stays what openai_api.py defines) split around the
-text, which json.dumps escapes. Events that carry a finish reason or usage still go through the
-models (once per request).
+text, which json.dumps escapes, and the event's token ids where the client asked for them. Events
+that carry a finish reason, usage or the prompt's ids still go through the models (once per
+request).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from aptray.serve.openai_api import (ChatChunkChoice, ChatCompletionChunk, ChatD
 
 _MARK = "\x01aptray-text\x01"
 _MARK_JSON = json.dumps(_MARK)  # how the model serialises it: the place to cut
+_IDS_MARK = [-7_017_017]  # no token id: where an event's token ids go
+_IDS_MARK_JSON = json.dumps(_IDS_MARK)
 
 
 def sse(obj) -> str:
@@ -31,47 +34,66 @@ def usage(chunk: dict) -> Usage:
 
 
 class _Events:
-    def __init__(self, rid: str, model: str, include_usage: bool):
+    """prompt_ids: the prompt's token ids where the client asked for token ids (return_token_ids):
+    every event then carries its tokens' ids, and the first one the prompt's."""
+
+    def __init__(self, rid: str, model: str, include_usage: bool, prompt_ids: list[int] | None = None):
         self.rid, self.model, self.include_usage = rid, model, include_usage
         self.created = int(time.time())
-        head, _, tail = self._model(_MARK, None).model_dump_json().partition(_MARK_JSON)
+        self.with_ids, self._prompt_ids = prompt_ids is not None, prompt_ids
+        template = self._model(_MARK, None, _IDS_MARK if self.with_ids else None).model_dump_json()
+        head, _, tail = template.partition(_MARK_JSON)
+        self._mid, _, tail = tail.partition(_IDS_MARK_JSON) if self.with_ids else ("", "", tail)
         self._head, self._tail = "data: " + head, tail + "\n\n"
 
-    def text(self, text: str) -> str:
+    def text(self, text: str, ids: list[int] = ()) -> str:
         """The SSE event of one token chunk (no finish reason)."""
-        return self._head + json.dumps(text, ensure_ascii=False) + self._tail
+        body = json.dumps(text, ensure_ascii=False)
+        if self.with_ids:
+            body += self._mid + json.dumps(ids, separators=(",", ":"))
+        return self._head + body + self._tail
+
+    def prompt_ids_once(self) -> list[int] | None:
+        """The prompt's ids for the first event that asks, then None."""
+        ids, self._prompt_ids = self._prompt_ids, None
+        return ids
 
     def render(self, chunks: list[dict]) -> str:
         """The events of chunks that arrived together, one per chunk (plus usage after the last)."""
         out = []
         for chunk in chunks:
-            if not chunk["finished"]:
-                out.append(self.text(chunk["text"]))
+            ids = chunk["token_ids"] if self.with_ids else None
+            if not chunk["finished"] and self._prompt_ids is None:
+                out.append(self.text(chunk["text"], ids))
                 continue
-            out.append(sse(self._model(chunk["text"], finish_reason(chunk["finish_reason"]))))
-            if self.include_usage:
+            reason = finish_reason(chunk["finish_reason"]) if chunk["finished"] else None
+            out.append(sse(self._model(chunk["text"], reason, ids, self.prompt_ids_once())))
+            if chunk["finished"] and self.include_usage:
                 out.append(sse(self._usage_model(usage(chunk))))
         return "".join(out)
 
 
 class CompletionEvents(_Events):
-    def _model(self, text: str, reason: str | None):
-        return CompletionResponse(id=self.rid, model=self.model, created=self.created,
-                                  choices=[CompletionChoice(text=text, finish_reason=reason)])
+    def _model(self, text: str, reason: str | None, ids=None, prompt_ids=None):
+        return CompletionResponse(id=self.rid, model=self.model, created=self.created, choices=[
+            CompletionChoice(text=text, token_ids=ids, finish_reason=reason, prompt_token_ids=prompt_ids)])
 
     def _usage_model(self, u: Usage):
         return CompletionResponse(id=self.rid, model=self.model, created=self.created, choices=[], usage=u)
 
 
 class ChatEvents(_Events):
-    def _model(self, text: str, reason: str | None):
-        return ChatCompletionChunk(id=self.rid, model=self.model, created=self.created,
-                                   choices=[ChatChunkChoice(delta=ChatDelta(content=text), finish_reason=reason)])
+    def _model(self, text: str, reason: str | None, ids=None, prompt_ids=None):
+        return ChatCompletionChunk(id=self.rid, model=self.model, created=self.created, prompt_token_ids=prompt_ids,
+                                   choices=[ChatChunkChoice(delta=ChatDelta(content=text), token_ids=ids,
+                                                            finish_reason=reason)])
 
     def _usage_model(self, u: Usage):
         return ChatCompletionChunk(id=self.rid, model=self.model, created=self.created, choices=[], usage=u)
 
     def role(self) -> str:
-        """The first event: the assistant's role, no content yet."""
+        """The first event: the assistant's role, no content yet (and the prompt's ids, if asked)."""
         return sse(ChatCompletionChunk(id=self.rid, model=self.model, created=self.created,
-                                       choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))]))
+                                       prompt_token_ids=self.prompt_ids_once(),
+                                       choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""),
+                                                                token_ids=[] if self.with_ids else None)]))
