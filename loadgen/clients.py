@@ -14,11 +14,9 @@ import uuid
 from urllib.parse import urlsplit
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from operator import attrgetter
 
 import numpy as np
 
-from aptray.sim.arrivals import Arrivals
 from aptray.sim.prompt_ids import follow_up_ids
 from loadgen.metrics import FINISHED, RequestRecord
 from loadgen.traces import TraceRequest
@@ -73,7 +71,7 @@ class InProcessEngineClient(Client):
         self.timeout = timeout  # abort whatever is left this many seconds after the last arrival
 
     def run(self, trace: list[TraceRequest], progress=None) -> RunResult:
-        from aptray.sampling_params import SamplingParams
+        from loadgen.engine_replay import replay_on_engine
 
         engine = self.engine_factory()
         clock = engine.clock
@@ -82,57 +80,10 @@ class InProcessEngineClient(Client):
         trace = sorted(trace, key=lambda r: r.arrived_at)
         prompts = {r.request_id: prompt_ids(r, self.tokenizer, vocab, rng, self.add_special_tokens)  # before the clock
                    for r in trace}
-        sent: dict[str, TraceRequest] = {}  # as sent: a follow-up's arrived_at is when it came
-        records: dict[str, RequestRecord] = {}
-        arrivals = Arrivals(trace, at=attrgetter("arrived_at"))
-        start = clock()
-        last_arrival = 0.0
-
-        def record(r, status, times=(), preemptions=0, error="", reply=None):
-            ttft, tbt = self.slos(r)
-            records[r.request_id] = RequestRecord.from_token_times(
-                r.request_id, r.arrived_at, r.num_prefill_tokens, r.num_decode_tokens, ttft, tbt,
-                [t - start for t in times], status, preemptions, error)
-            followed = reply is not None and arrivals.is_followed(r.request_id)
-            arrivals.ended(r.request_id, clock() - start, prompts[r.request_id] + reply if followed else None)
-            if progress is not None:
-                progress(1)
-
-        while arrivals or engine.has_unfinished():
-            now = clock() - start
-            for at, r in arrivals.pop_due(now):
-                r = sent[r.request_id] = replace(r, arrived_at=at)
-                prompts[r.request_id] = follow_up_ids(prompts[r.request_id], arrivals.said_before(r.request_id))
-                last_arrival = at
-                ttft, tbt = self.slos(r)
-                sp = SamplingParams(temperature=0.0, max_tokens=r.num_decode_tokens, ignore_eos=True,
-                                    ttft_slo=ttft, tbt_slo=tbt)
-                try:
-                    engine.add_request(r.request_id, prompts[r.request_id], sp, arrival_time=start + at)
-                except ValueError as e:
-                    record(r, "rejected", error=str(e))
-            if (self.timeout is not None and not arrivals and not arrivals.waiting_on_others
-                    and now > last_arrival + self.timeout):
-                for rid in list(engine.scheduler.requests):
-                    req = engine.scheduler.requests[rid]
-                    engine.abort(rid)
-                    record(sent[rid], "aborted", req.token_times, req.num_preemptions)
-                break
-            if not engine.has_unfinished():
-                if arrivals:
-                    time.sleep(max(0.0, arrivals.next_time - (clock() - start)))
-                continue
-            for out in engine.step():
-                if out.finished:
-                    status = "aborted" if out.outputs[0].finish_reason == "abort" else "finished"
-                    record(sent[out.request_id], status, out.metrics.token_times, out.metrics.num_preemptions,
-                           reply=out.outputs[0].token_ids)
+        records, duration = replay_on_engine(engine, trace, prompts, self.slos,
+                                             lambda t: time.sleep(max(0.0, t - clock())), self.timeout, progress)
         engine.executor.shutdown()
-        recs = [records.get(r.request_id) or RequestRecord(r.request_id, sent.get(r.request_id, r).arrived_at,
-                                                           r.num_prefill_tokens, r.num_decode_tokens, *self.slos(r),
-                                                           status="unfinished")
-                for r in trace]
-        return RunResult(recs, clock() - start, {"scheduler_stats": dict(engine.scheduler.stats)})
+        return RunResult(records, duration, {"scheduler_stats": dict(engine.scheduler.stats)})
 
 
 class SimClient(Client):
@@ -287,7 +238,9 @@ def read_prefix_counters(url: str, headers: dict | None = None) -> dict[str, flo
 class RemoteClient(Client):
     """A client of a running server: each run's prompts are its own (a fresh salt of their synthetic
     ids), and its prefix-cache hits are read off the server's /metrics (metrics_url) before and after,
-    as RunResult.info["scheduler_stats"] (what an in-process run reports from its scheduler)."""
+    as RunResult.info["scheduler_stats"] (what an in-process run reports from its scheduler). A
+    conversation's follow-up resends the previous turn's prompt and the reply's token ids the server
+    gave (follow_up_ids), as a chat client does."""
 
     metrics_url: str | None = None
     metrics_headers: dict | None = None
@@ -295,6 +248,8 @@ class RemoteClient(Client):
 
     def run(self, trace: list[TraceRequest], progress=None) -> RunResult:
         self.salt = uuid.uuid4().hex[:12] + "-"
+        self._followed = {r.after for r in trace if r.after is not None}
+        self._said: dict[str, list[int]] = {}  # a finished turn a follow-up waits on -> its prompt and reply
         before = read_prefix_counters(self.metrics_url, self.metrics_headers) if self.metrics_url else {}
         result = asyncio.run(self._run(sorted(trace, key=lambda r: r.arrived_at), progress))
         after = read_prefix_counters(self.metrics_url, self.metrics_headers) if self.metrics_url else {}
@@ -306,18 +261,35 @@ class RemoteClient(Client):
     async def _run(self, trace: list[TraceRequest], progress) -> RunResult:
         ...
 
+    def _prompt(self, r: TraceRequest) -> str | list[int]:
+        """What r sends: remote_prompt, extended by what was said before where r follows a turn."""
+        prompt = remote_prompt(r, self.salt)
+        if r.after is not None and isinstance(prompt, list):
+            prompt = follow_up_ids(prompt, self._said.pop(r.after, None))
+        return prompt
+
+    def _is_followed(self, r: TraceRequest, prompt) -> bool:
+        """Whether a follow-up will resend r's prompt and reply (so its reply's ids are kept)."""
+        return r.request_id in self._followed and isinstance(prompt, list)
+
+    def _said_in(self, r: TraceRequest, prompt: list[int], reply_ids: list[int]) -> None:
+        """r finished with reply_ids: what its follow-up resends."""
+        self._said[r.request_id] = prompt + reply_ids
+
 
 class HttpStreamClient(RemoteClient):
     """Replays a trace as streamed /v1/completions (greedy, ignore_eos, the request's SLOs as
     aptray_slo, and its TTFT SLO as the x-aptray-ttft-ms header aptray's request router reads, with
     a conversation's turns naming it in x-aptray-prefix-key) over HTTP/1.1 keep-alive connections,
-    at the trace's arrival times. A url path (an app's route prefix) goes before /v1/completions.
+    at the trace's arrival times. A url path (an app's route prefix) goes before /v1/completions. A
+    turn that a follow-up will resend asks for its reply's token ids (return_token_ids, vLLM's name).
 
     Lean on purpose, so that the client's own CPU is not counted against the server: no HTTP
     library, SSE events are split on blank lines and only events without `"finish_reason":null`
-    are parsed as JSON. A token's time is when the bytes of its event were read. Each SSE event
-    counts as one token (the server sends one event per token); the records' status is finished,
-    failed (an error event or an unexpected status), rejected (429/503) or unfinished (lost)."""
+    are parsed as JSON (a token event's ids are cut out of its bytes). A token's time is when the
+    bytes of its event were read. Each SSE event counts as one token (the server sends one event
+    per token); the records' status is finished, failed (an error event or an unexpected status),
+    rejected (429/503) or unfinished (lost)."""
 
     def __init__(self, url: str, ttft_slo: float = 1.0, tbt_slo: float = 1.0, headers: dict | None = None,
                  model: str | None = None, max_in_flight: int = 1024, timeout: float = 300.0):
@@ -343,11 +315,14 @@ class HttpStreamClient(RemoteClient):
             w.close()
         return RunResult(records, time.perf_counter() - t0)
 
-    def _request(self, r: TraceRequest) -> bytes:
+    def _request(self, r: TraceRequest, prompt=None, token_ids: bool = False) -> bytes:
+        """r's HTTP request: prompt (remote_prompt's by default), asking for token ids where token_ids."""
         ttft, tbt = self.slos(r)
-        prompt = remote_prompt(r, self.salt)
+        prompt = remote_prompt(r, self.salt) if prompt is None else prompt
         body = {"prompt": prompt, "max_tokens": r.num_decode_tokens, "temperature": 0.0, "ignore_eos": True,
                 "stream": True, "aptray_slo": {"ttft_ms": ttft * 1000, "tbt_ms": tbt * 1000}}
+        if token_ids:
+            body["return_token_ids"] = True
         if self.model:
             body["model"] = self.model
         data = json.dumps(body).encode()
@@ -364,11 +339,13 @@ class HttpStreamClient(RemoteClient):
 
     async def _one(self, r: TraceRequest, t0: float, idle: list) -> RequestRecord:
         times, status, conn, error = [], "unfinished", None, ""
+        prompt = self._prompt(r)
+        reply_ids = [] if self._is_followed(r, prompt) else None
         try:
             async with asyncio.timeout(self.timeout):
                 conn = idle.pop() if idle else await asyncio.open_connection(self.host, self.port)
                 reader, writer = conn
-                writer.write(self._request(r))
+                writer.write(self._request(r, prompt, reply_ids is not None))
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
                 code = int(head.split(" ", 2)[1])
                 keep = "connection: close" not in head
@@ -377,7 +354,7 @@ class HttpStreamClient(RemoteClient):
                     error = f"HTTP {code}: " + error_message(await reader.readexactly(int(length)))
                     status = "rejected" if code in (429, 503) else "failed"
                 elif code == 200:
-                    status, error = await self._events(reader, times)
+                    status, error = await self._events(reader, times, reply_ids)
                 else:  # a streamed error answer: its body is not read, so the connection is not reused
                     status, error, keep = "failed", f"HTTP {code}", False
                 if keep and status != "unfinished":
@@ -388,14 +365,16 @@ class HttpStreamClient(RemoteClient):
         finally:
             if conn is not None:
                 conn[1].close()
+        if status == FINISHED and reply_ids is not None:
+            self._said_in(r, prompt, reply_ids)
         ttft, tbt = self.slos(r)
         return RequestRecord.from_token_times(r.request_id, r.arrived_at, r.num_prefill_tokens, r.num_decode_tokens,
                                               ttft, tbt, [t - t0 for t in times], status, error=error)
 
     @staticmethod
-    async def _events(reader: asyncio.StreamReader, times: list[float]) -> tuple[str, str]:
-        """Reads a chunked SSE body to its end; appends one time per token event; returns the status
-        and an error event's message."""
+    async def _events(reader: asyncio.StreamReader, times: list[float], ids: list[int] | None) -> tuple[str, str]:
+        """Reads a chunked SSE body to its end; appends one time per token event (and its token ids
+        to ids, where asked); returns the status and an error event's message."""
         status, buf, error = "unfinished", b"", ""
         while True:
             size = int((await reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16)
@@ -410,6 +389,9 @@ class HttpStreamClient(RemoteClient):
                     continue
                 if b'"finish_reason":null' in ev:
                     times.append(now)
+                    if ids is not None:  # the text before them is JSON-escaped: no bare quote in it
+                        start = ev.index(b'"token_ids":') + 12
+                        ids.extend(json.loads(ev[start:ev.index(b"]", start) + 1]))
                     continue
                 payload = ev[5:].strip()
                 if payload == b"[DONE]":
@@ -419,6 +401,8 @@ class HttpStreamClient(RemoteClient):
                     status, error = "failed", error_message(payload)
                 elif obj.get("choices"):
                     times.append(now)
+                    if ids is not None:
+                        ids.extend(obj["choices"][0].get("token_ids") or ())
                     if obj["choices"][0].get("finish_reason"):
                         status = FINISHED
 
@@ -430,7 +414,7 @@ class GrpcStreamClient(RemoteClient):
     Status: finished (a final message with reason stop or length), rejected (RESOURCE_EXHAUSTED or
     UNAVAILABLE: queue full, store away), failed (any other status, or an abort), unfinished (the
     stream ended without a final message: lost). A conversation's follow-up resends the previous
-    turn's prompt and the reply's token ids the server streamed (follow_up_ids), as a chat client does.
+    turn's prompt and the reply's token ids the server streamed (RemoteClient).
     metrics_url: the server's HTTP /metrics, for its prefix-cache hits (the gRPC API has none)."""
 
     def __init__(self, target: str, ttft_slo: float = 1.0, tbt_slo: float = 1.0, api_key: str | None = None,
@@ -447,8 +431,6 @@ class GrpcStreamClient(RemoteClient):
     async def _run(self, trace: list[TraceRequest], progress) -> RunResult:
         from aptray.client import AsyncClient
 
-        self._followed = {r.after for r in trace if r.after is not None}
-        self._said: dict[str, list[int]] = {}  # a finished turn a follow-up waits on -> its prompt and reply
         async with AsyncClient(self.target, self.application, self.api_key) as client:
             try:  # an unreachable server is no run: UNAVAILABLE per request would read as rejections
                 await asyncio.wait_for(client.channel.channel_ready(), self.connect_timeout)
@@ -464,10 +446,7 @@ class GrpcStreamClient(RemoteClient):
 
         ttft, tbt = self.slos(r)
         times, status, error, reply_ids = [], "unfinished", "", []
-        prompt = remote_prompt(r, self.salt)
-        turn = isinstance(prompt, list)  # a conversation's turn: token ids it can extend by a reply's
-        if r.after is not None and turn:
-            prompt = follow_up_ids(prompt, self._said.pop(r.after, None))
+        prompt = self._prompt(r)
         try:
             async with asyncio.timeout(self.timeout):
                 async for reply in client.generate(prompt, client_request_id=r.request_id,
@@ -479,8 +458,8 @@ class GrpcStreamClient(RemoteClient):
                     reply_ids.extend(reply.token_ids)
                     if reply.finished:
                         status = FINISHED if reply.finish_reason in ("stop", "length") else "failed"
-            if status == FINISHED and turn and r.request_id in self._followed:
-                self._said[r.request_id] = prompt + reply_ids
+            if status == FINISHED and self._is_followed(r, prompt):
+                self._said_in(r, prompt, reply_ids)
         except grpc.aio.AioRpcError as e:
             busy = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
             status = "rejected" if e.code() in busy and not times else "failed"

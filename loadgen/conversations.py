@@ -10,10 +10,10 @@ first message or reply has fewer than 4 tokens (later turns would resend it).
 Token content is synthetic (aptray.sim.prompt_ids): turn k's prompt is the first prompt-length ids of
 its conversation's stream (after the shared system prompt), so conversations share nothing but the
 system prompt. The next turn is sent think_time after the previous one ends (loadgen.traces,
-aptray.sim.arrivals). Replays that see the reply's token ids (the simulator, the in-process engine,
-gRPC) resend them, as a chat client resends what the assistant said: turn k's prompt is then turn
-k-1's prompt, the reply it got and the rest of the stream (aptray.sim.prompt_ids.follow_up_ids). The
-HTTP replay gets text back, not ids, and resends the stream's ids in the reply's place.
+aptray.sim.arrivals). Every replay (the simulator, the in-process engine, gRPC, HTTP with
+return_token_ids) resends the reply's token ids, as a chat client resends what the assistant said:
+turn k's prompt is turn k-1's prompt, the reply it got and the rest of the stream
+(aptray.sim.prompt_ids.follow_up_ids).
 """
 from __future__ import annotations
 

@@ -145,65 +145,20 @@ def make_engine(model: str, label: str, ttft: float, tbt: float, clock=None, set
 
 
 def replay(engine, trace, ttft: float, tbt: float, seed: int = 0, timeout: float = TIMEOUT_S):
-    """Replay trace on engine's clock (a CpuClock), follow-ups as a closed loop; returns (records,
-    duration, scheduler stats)."""
-    from operator import attrgetter
-
-    from aptray.sampling_params import SamplingParams
-    from aptray.sim.arrivals import Arrivals
-    from aptray.sim.prompt_ids import follow_up_ids
+    """Replay trace on engine's clock (a CpuClock, idle gaps skipped), follow-ups as a closed loop;
+    returns (records, duration, scheduler stats)."""
     from loadgen.clients import conversation_ids
-    from loadgen.metrics import RequestRecord
+    from loadgen.engine_replay import replay_on_engine
 
-    clock = engine.clock
     rng = np.random.default_rng(seed)
     trace = sorted(trace, key=lambda r: r.arrived_at)
     # a conversation's turns: its synthetic stream (a follow-up: what was said before it, then the
     # stream); else random ids
     prompts = {r.request_id: conversation_ids(r) if r.conversation is not None
                else rng.integers(4, engine.config.spec.vocab_size, r.num_prefill_tokens).tolist() for r in trace}
-    arrived = {}  # request id -> when it came (a follow-up: think time after the turn it follows ended)
-    arrivals = Arrivals(trace, at=attrgetter("arrived_at"))
-    records = {}
-    by_id = {r.request_id: r for r in trace}
-
-    def record(rid, status, times=(), preemptions=0, reply=None):
-        r = by_id[rid]
-        records[rid] = RequestRecord.from_token_times(rid, arrived[rid], r.num_prefill_tokens, r.num_decode_tokens,
-                                                      ttft, tbt, [t - start for t in times], status, preemptions)
-        followed = reply is not None and arrivals.is_followed(rid)
-        arrivals.ended(rid, clock() - start, prompts[rid] + reply if followed else None)
-
-    start, last_arrival = clock(), 0.0
-    while arrivals or engine.has_unfinished():
-        now = clock() - start
-        for at, r in arrivals.pop_due(now):
-            arrived[r.request_id] = last_arrival = at
-            prompts[r.request_id] = follow_up_ids(prompts[r.request_id], arrivals.said_before(r.request_id))
-            sp = SamplingParams(temperature=0.0, max_tokens=r.num_decode_tokens, ignore_eos=True, ttft_slo=ttft,
-                                tbt_slo=tbt)
-            try:
-                engine.add_request(r.request_id, prompts[r.request_id], sp, arrival_time=start + at)
-            except ValueError:
-                record(r.request_id, "rejected")
-        if not arrivals and not arrivals.waiting_on_others and now > last_arrival + timeout:
-            for rid in list(engine.scheduler.requests):
-                req = engine.scheduler.requests[rid]
-                engine.abort(rid)
-                record(rid, "aborted", req.token_times, req.num_preemptions)
-            break
-        if not engine.has_unfinished():
-            clock.advance_to(start + arrivals.next_time)
-            continue
-        for out in engine.step():
-            if out.finished:
-                record(out.request_id, "finished", out.metrics.token_times, out.metrics.num_preemptions,
-                       out.outputs[0].token_ids)
-    out = [records.get(r.request_id) or RequestRecord(r.request_id, arrived.get(r.request_id, r.arrived_at),
-                                                      r.num_prefill_tokens, r.num_decode_tokens, ttft, tbt,
-                                                      status="unfinished")
-           for r in trace]
-    return out, clock() - start, dict(engine.scheduler.stats)
+    records, duration = replay_on_engine(engine, trace, prompts, lambda r: (ttft, tbt), engine.clock.advance_to,
+                                         timeout)
+    return records, duration, dict(engine.scheduler.stats)
 
 
 def decode_step_time(model: str, make_executor=cpu_timed_executor, context: int = CONTEXT) -> float:

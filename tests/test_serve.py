@@ -247,6 +247,41 @@ def test_openai_chat_stream_and_not(server, oai):
     assert whole.usage.completion_tokens == MAX_TOKENS
 
 
+def _sse_objects(response) -> list[dict]:
+    return [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data: {")]
+
+
+def test_return_token_ids_gives_the_prompts_and_replys_ids(server, reference):
+    """return_token_ids (vLLM's name): the reply's ids are the engine's greedy ids, streamed or not,
+    completion or chat; the prompt's ids come once; without it no response carries either field."""
+    tokenizer, ref = reference
+    p, url = PROMPTS[0], server["http"] + "/v1"
+    body = {"prompt": p, "temperature": 0.0, "max_tokens": MAX_TOKENS, "ignore_eos": True, "return_token_ids": True}
+    whole = httpx.post(url + "/completions", json=body, timeout=60).json()["choices"][0]
+    assert whole["token_ids"] == ref[p][0] and whole["prompt_token_ids"] == tokenizer.encode(p)
+    with httpx.stream("POST", url + "/completions", json={**body, "stream": True}, timeout=60) as r:
+        choices = [o["choices"][0] for o in _sse_objects(r)]
+    assert [t for c in choices for t in c["token_ids"]] == ref[p][0]
+    assert "".join(c["text"] for c in choices) == ref[p][1]
+    assert [c.get("prompt_token_ids") for c in choices] == [tokenizer.encode(p)] + [None] * (len(choices) - 1)
+
+    chat = {"messages": [{"role": "user", "content": p}], "temperature": 0.0, "max_tokens": MAX_TOKENS,
+            "ignore_eos": True, "return_token_ids": True}
+    whole = httpx.post(url + "/chat/completions", json=chat, timeout=60).json()
+    assert len(whole["choices"][0]["token_ids"]) == MAX_TOKENS
+    assert tokenizer.decode(whole["choices"][0]["token_ids"]) == whole["choices"][0]["message"]["content"]
+    with httpx.stream("POST", url + "/chat/completions", json={**chat, "stream": True}, timeout=60) as r:
+        events = _sse_objects(r)
+    assert events[0]["prompt_token_ids"] == whole["prompt_token_ids"] and len(whole["prompt_token_ids"]) > 5
+    assert [t for e in events for t in e["choices"][0]["token_ids"]] == whole["choices"][0]["token_ids"]
+
+    plain = httpx.post(url + "/completions", json={**body, "return_token_ids": False}, timeout=60).text
+    with httpx.stream("POST", url + "/chat/completions", json={**chat, "return_token_ids": False, "stream": True},
+                      timeout=60) as r:
+        plain += "".join(r.iter_lines())
+    assert "token_ids" not in plain and '"text":' in plain and '"content":' in plain
+
+
 def test_seeded_sampling_is_reproducible(server, oai):
     kw = dict(model=server["model"], prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.9, top_p=0.9,
               seed=1234, extra_body={"ignore_eos": True})
@@ -306,36 +341,25 @@ def test_loadgen_clients_keep_the_servers_message_for_a_refused_request(server):
         assert list(errors.values()) == [1] and list(errors)[0].startswith("failed: " + prefix), errors
 
 
-def test_loadgen_multiturn_over_http_reads_the_servers_prefix_hits(server):
-    """A conversation's second turn resends the first (closed loop): over HTTP it hits the server's
-    prefix cache, and the run's hit rate comes from /metrics."""
-    from loadgen.clients import HttpStreamClient
-    from loadgen.datasets import Sample
-    from loadgen.metrics import summarize
-    from loadgen.traces import make_trace
-
-    samples = [Sample("", 40, 4, conversation="c", turn=0), Sample("", 60, 4, conversation="c", turn=1)]
-    trace = make_trace(samples, rate=1.0, think_time=0.1)
-    res = HttpStreamClient(server["http"], 60.0, 60.0).run(trace)
-    assert [r.status for r in res.records] == ["finished"] * 2
-    assert res.records[1].arrived_at >= res.records[0].finished_at
-    hits = summarize(res.records, res.duration, stats=res.info["scheduler_stats"])["prefix_cache"]
-    assert hits["queried_tokens"] >= 100 and hits["hit_tokens"] >= 32, hits  # turn 1's full blocks of 16
-
-
-def test_loadgen_multiturn_over_grpc_resends_the_reply_the_server_gave(server):
-    """Over gRPC the client sees the reply's token ids, so a follow-up resends them as a chat client
-    does: turn 1 hits the blocks of turn 0's prompt and reply (40 + 24 tokens, 63 computed: 3 full
-    blocks of 16), where resending the stream's ids would hit the prompt's 2."""
-    from loadgen.clients import GrpcStreamClient
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_loadgen_multiturn_resends_the_reply_the_server_gave(server, transport):
+    """A conversation's second turn resends the first (closed loop) with the reply's token ids the
+    server gave (gRPC streams them; over HTTP the turn asks for them with return_token_ids), as a
+    chat client does: turn 1 hits the blocks of turn 0's prompt and reply (40 + 24 tokens, 63
+    computed: 3 full blocks of 16), where resending the stream's ids would hit the prompt's 2. The
+    run's hit rate comes from the server's /metrics."""
+    from loadgen.clients import GrpcStreamClient, HttpStreamClient
     from loadgen.datasets import Sample
     from loadgen.metrics import summarize
     from loadgen.traces import make_trace
 
     samples = [Sample("", 40, 24, conversation="c", turn=0), Sample("", 72, 4, conversation="c", turn=1)]
     trace = make_trace(samples, rate=1.0, think_time=0.1)
-    res = GrpcStreamClient(server["grpc"], 60.0, 60.0, metrics_url=server["http"] + "/metrics").run(trace)
+    client = (GrpcStreamClient(server["grpc"], 60.0, 60.0, metrics_url=server["http"] + "/metrics")
+              if transport == "grpc" else HttpStreamClient(server["http"], 60.0, 60.0))
+    res = client.run(trace)
     assert [r.status for r in res.records] == ["finished"] * 2
+    assert res.records[1].arrived_at >= res.records[0].finished_at
     hits = summarize(res.records, res.duration, stats=res.info["scheduler_stats"])["prefix_cache"]
     assert hits["queried_tokens"] >= 112 and hits["hit_tokens"] == 48, hits
 
