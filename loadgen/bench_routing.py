@@ -7,7 +7,10 @@ For each replica count, one Ray cluster on this machine serves two copies of the
 (aptray/serve/slo_router.py), /slo-eq with aptray's counting predictions within a tenth of the SLO
 as equal (`routing_equal_ttft_fraction`, the fewest requests in flight first among them). Rate by
 rate, the same trace goes to each twice, in the order A B C C B A (reversed every other rate), so
-that a machine shared with other work drifts alike for all; attainment is over both passes.
+that a machine shared with other work drifts alike for all; attainment is over both passes. With
+--together each pass sends the trace to every router at once instead: a slow spell of the machine
+(they last minutes here) then falls on all routers alike, and each router's replicas share the
+cores with the others'.
 Requests go through streaming HTTP (loadgen.clients.HttpStreamClient, which sends each request's
 TTFT SLO in the body and as the x-aptray-ttft-ms header).
 
@@ -104,24 +107,35 @@ def routed_counts(url: str) -> dict:
             for m in re.finditer(r'aptray_routed_requests_total\{reason="([^"]+)"\} (\S+)', text)}
 
 
-def run_rate(base_url: str, trace, rate: float, sequence: list[str]) -> dict:
-    """Each router of `sequence` in turn on the same trace; per router, the summary of all its passes."""
+def replay_together(base_url: str, names, trace) -> dict:
+    """The same trace to each router of names at once (one client thread each): name -> RunResult."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from loadgen.clients import HttpStreamClient
+    with ThreadPoolExecutor(len(names)) as pool:
+        runs = {name: pool.submit(HttpStreamClient(f"{base_url}/{name}", timeout=120.0).run, trace) for name in names}
+        return {name: run.result() for name, run in runs.items()}
+
+
+def run_rate(base_url: str, trace, rate: float, sequence: list[tuple[str, ...]]) -> dict:
+    """Each group of routers in `sequence` in turn on the same trace (a group's routers at once); per
+    router, the summary of all its passes."""
     records, passes, routed = {}, {}, {}
-    for name in sequence:
-        before = routed_counts(f"{base_url}/{name}")
-        res = HttpStreamClient(f"{base_url}/{name}", timeout=120.0).run(rescale(trace, rate, CV, seed=0))
+    for names in sequence:
+        before = {name: routed_counts(f"{base_url}/{name}") for name in names}
+        results = replay_together(base_url, names, rescale(trace, rate, CV, seed=0))
         time.sleep(1.5)  # the routers publish their counts every second
-        after = routed_counts(f"{base_url}/{name}")
-        s = summarize(res.records, res.duration)
-        records.setdefault(name, []).extend(res.records)
-        passes.setdefault(name, []).append(s["attainment"])
-        for k in after:
-            routed.setdefault(name, {})[k] = routed.get(name, {}).get(k, 0) + after[k] - before.get(k, 0)
-        print(f"  {name:4s} rate {rate:6.2f}: attainment {s['attainment']:.3f} statuses {s['statuses']} "
-              f"TTFT p50/p90 {1e3 * s['ttft_s']['p50']:.0f}/{1e3 * s['ttft_s']['p90']:.0f} ms "
-              f"routed {dict((k, after[k] - before.get(k, 0)) for k in after)}"
-              + (f" errors {s['errors']}" if "errors" in s else ""), flush=True)
+        for name, res in results.items():
+            after = routed_counts(f"{base_url}/{name}")
+            new = {k: v - before[name].get(k, 0) for k, v in after.items()}
+            s = summarize(res.records, res.duration)
+            records.setdefault(name, []).extend(res.records)
+            passes.setdefault(name, []).append(s["attainment"])
+            for k, v in new.items():
+                routed.setdefault(name, {})[k] = routed.get(name, {}).get(k, 0) + v
+            print(f"  {name:4s} rate {rate:6.2f}: attainment {s['attainment']:.3f} statuses {s['statuses']} "
+                  f"TTFT p50/p90 {1e3 * s['ttft_s']['p50']:.0f}/{1e3 * s['ttft_s']['p90']:.0f} ms routed {new}"
+                  + (f" errors {s['errors']}" if "errors" in s else ""), flush=True)
     out = {}
     for name, recs in records.items():
         s = summarize(recs)
@@ -137,6 +151,9 @@ def main(argv=None) -> None:
     p.add_argument("--rates", default="0.5,1,2,3", help="request rates (req/s)")
     p.add_argument("--num-requests", type=int, default=80, help="requests per pass (each router makes two)")
     p.add_argument("--routers", default=",".join(ROUTERS), help=f"some of {','.join(ROUTERS)}")
+    p.add_argument("--together", action="store_true",
+                   help="each pass sends the trace to every router at once, so that the machine's slow spells fall "
+                        "on all alike (each router's replicas then share the cores with the others')")
     p.add_argument("--out-dir", default=OUT_DIR)
     a = p.parse_args(argv)
     import torch
@@ -157,7 +174,8 @@ def main(argv=None) -> None:
           f"tight SLOs TTFT {1e3 * slos['tight_ttft_s']:.0f} ms TBT {1e3 * slos['tight_tbt_s']:.0f} ms", flush=True)
     out = {"command": "python -m loadgen.bench_routing " + " ".join(sys.argv[1:] if argv is None else argv),
            "stamp": stamp, "decode_step_s": step, "prefill_s": prefill, "cv": CV, "num_requests": a.num_requests,
-           "app_args": APP_ARGS, "routers": {name: ROUTER_ARGS[name] for name in routers}, "slos": slos, "runs": {}}
+           "app_args": APP_ARGS, "routers": {name: ROUTER_ARGS[name] for name in routers}, "slos": slos,
+           "together": a.together, "runs": {}}
     for n in (int(x) for x in a.replicas.split(",")):
         print(f"{n} replicas", flush=True)
         # Ray CPUs are logical here: each replica holds its ingress's and its router's (the model runs in
@@ -167,8 +185,8 @@ def main(argv=None) -> None:
         try:
             curves = {}
             for k, rate in enumerate(rates):
-                order = list(routers if k % 2 == 0 else routers[::-1])
-                curves[str(rate)] = run_rate(url, trace, rate, order + order[::-1])
+                order = [(name,) for name in (routers if k % 2 == 0 else routers[::-1])]
+                curves[str(rate)] = run_rate(url, trace, rate, [routers] * 2 if a.together else order + order[::-1])
         finally:
             stop()
         eff = {name: crossing_rate({float(r): c[name]["attainment"] for r, c in curves.items()}) for name in routers}
@@ -187,12 +205,16 @@ def cpu_section(cpu: dict) -> list[str]:
     s = cpu["slos"]
     routers = routers_of(cpu)
     order = " ".join("ABC"[:len(routers)]) + " " + " ".join("ABC"[:len(routers)][::-1])
+    passes = ("each rate replays the same trace to every router at once, twice (the machine's slow spells fall on "
+              "all alike; each router's replicas share the cores with the others'), attainment over both passes"
+              if cpu.get("together") else f"each rate replays the same trace to each router twice, in the order "
+              f"{order} (reversed every other rate), attainment over both passes")
     lines = [f"### Served on this machine's CPU: {', '.join(cpu['runs'])} replicas through HTTP", "",
              f"`{cpu['command']}` ({cpu['stamp']}, {cpu['elapsed_s'] / 60:.0f} min; 2 shared cores). One Ray cluster "
              f"serves {len(routers)} copies of the app, one per router ({', '.join(routers)}"
              + (f"; slo-eq: aptray's router with `routing_equal_ttft_fraction` {EQUAL_FRACTION}" if "slo-eq" in routers
-                else "") + "), every replica an apt-hybrid engine on the tiny OPT of loadgen.results_cpu; each rate replays the same trace to each router twice, in the order "
-             f"{order} (reversed every other rate), attainment over both passes. {cpu['num_requests']} requests per pass, ShareGPT lengths within 512 tokens, Gamma arrivals at CV "
+                else "") + f"), every replica an apt-hybrid engine on the tiny OPT of loadgen.results_cpu; {passes}. "
+             f"{cpu['num_requests']} requests per pass, ShareGPT lengths within 512 tokens, Gamma arrivals at CV "
              f"{cpu['cv']:g}, half the requests tight (TTFT {1e3 * s['tight_ttft_s']:.0f} ms = {TIGHT_TTFT:g} "
              f"full-context prefills + {1e3 * TTFT_ALLOWANCE_S:.0f} ms, TBT {1e3 * s['tight_tbt_s']:.0f} ms = "
              f"{TIGHT_TBT:g} decode steps + {1e3 * TBT_ALLOWANCE_S:.0f} ms; this machine's prefill "
