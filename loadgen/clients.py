@@ -365,7 +365,7 @@ class HttpStreamClient(RemoteClient):
         finally:
             if conn is not None:
                 conn[1].close()
-        if status == FINISHED and reply_ids is not None:
+        if status == FINISHED and reply_ids:  # a server that gives no ids: the follow-up resends the stream
             self._said_in(r, prompt, reply_ids)
         ttft, tbt = self.slos(r)
         return RequestRecord.from_token_times(r.request_id, r.arrived_at, r.num_prefill_tokens, r.num_decode_tokens,
@@ -389,9 +389,9 @@ class HttpStreamClient(RemoteClient):
                     continue
                 if b'"finish_reason":null' in ev:
                     times.append(now)
-                    if ids is not None:  # the text before them is JSON-escaped: no bare quote in it
-                        start = ev.index(b'"token_ids":') + 12
-                        ids.extend(json.loads(ev[start:ev.index(b"]", start) + 1]))
+                    start = ev.find(b'"token_ids":') if ids is not None else -1
+                    if start >= 0:  # the text before them is JSON-escaped: no bare quote in it
+                        ids.extend(json.loads(ev[start + 12:ev.index(b"]", start) + 1]))
                     continue
                 payload = ev[5:].strip()
                 if payload == b"[DONE]":

@@ -74,6 +74,29 @@ def test_http_client_names_each_turn_by_its_conversation():
     assert b"x-aptray-prefix-key" not in client._request(plain)
 
 
+@pytest.mark.parametrize("with_ids", [True, False])
+def test_http_client_reads_token_ids_out_of_the_servers_events(with_ids):
+    """The HTTP replay cuts each token event's ids out of its bytes (a ']' or a quote in the text
+    does not confuse it); from a server that gives no ids it reads none, and the stream still counts."""
+    from aptray.serve.sse import CompletionEvents
+    from loadgen.clients import HttpStreamClient
+    events = CompletionEvents("r", "m", True, [5, 6] if with_ids else None)
+    chunks = [{"text": 'a]"}', "token_ids": [1], "finished": False, "finish_reason": None},
+              {"text": "b", "token_ids": [2, 3], "finished": False, "finish_reason": None},
+              {"text": "", "token_ids": [4], "finished": True, "finish_reason": "length",
+               "usage": {"prompt_tokens": 2, "completion_tokens": 4}}]
+    body = (events.render(chunks[:2]) + events.render(chunks[2:]) + "data: [DONE]\n\n").encode()
+    raw = b"".join(f"{len(part):x}\r\n".encode() + part + b"\r\n" for part in (body[:70], body[70:])) + b"0\r\n\r\n"
+
+    async def read():
+        reader = asyncio.StreamReader()
+        reader.feed_data(raw)
+        reader.feed_eof()
+        times, ids = [], []
+        return await HttpStreamClient._events(reader, times, ids), len(times), ids
+    assert asyncio.run(read()) == (("finished", ""), 3, [1, 2, 3, 4] if with_ids else [])
+
+
 def test_chat_trace_is_a_closed_loop_per_conversation(tmp_path):
     trace = make_trace(chat_samples(), rate=2.0, seed=3, think_time=0.5)
     by = {r.request_id: r for r in trace}
