@@ -373,6 +373,42 @@ def test_cluster_simulation_serves_every_request_on_one_clock(routing):
     assert run.scheduler_stats.get("prefix_hit_tokens", 0) == 0
 
 
+def _conversations(n: int, turns: int = 3, think: float = 0.5) -> list:
+    """n conversations of `turns` turns: each turn resends the last prompt, its 20-token reply and 50
+    new tokens, think seconds after the last turn ends."""
+    from aptray.sim.runner import SimRequest
+    reqs = []
+    for c in range(n):
+        prompt, after = 100, None
+        for k in range(turns):
+            reqs.append(SimRequest(f"c{c}-t{k}", 0.3 * c, prompt, 20, 1.0, 0.5, content_key=f"conv-{c}", after=after,
+                                   think_time=think))
+            prompt, after = prompt + 20 + 50, f"c{c}-t{k}"
+    return reqs
+
+
+@pytest.mark.parametrize("routing", ["p2c", "slo"])
+def test_cluster_simulation_replays_conversations_as_a_closed_loop(routing):
+    """A follow-up comes think_time after its turn ends and resends its prompt and reply: on the
+    replica that served the turn it hits them. aptray's router sends it there (the replica reports
+    the conversation's prefix); p2c finds it there only by chance."""
+    from aptray.sim.cluster import simulate_cluster
+    reqs = _conversations(12)
+    run = simulate_cluster(_sim_config(), reqs, 3, routing, seed=0)
+    by = {o.request_id: o for o in run.outcomes}
+    assert [o.status for o in run.outcomes] == ["finished"] * len(reqs)
+    for r in reqs:
+        if r.after is not None:
+            assert by[r.request_id].arrival_time >= by[r.after].token_times[-1] + r.think_time - 1e-9
+    hits = run.scheduler_stats.get("prefix_hit_tokens", 0)
+    turns_after_the_first = sum(r.after is not None for r in reqs)
+    if routing == "slo":  # every follow-up on its conversation's replica: its whole last prompt and reply hit
+        assert run.routed.get("prefix", 0) == turns_after_the_first
+        assert hits >= sum(16 * ((r.prompt_len - 50) // 16) for r in reqs if r.after is not None)
+    else:
+        assert "prefix" not in run.routed and hits < 0.7 * sum(r.prompt_len - 50 for r in reqs if r.after is not None)
+
+
 def test_cluster_simulation_sheds_what_no_replica_can_meet():
     from aptray.sim.cluster import SHED, simulate_cluster
     from aptray.sim.runner import SimRequest

@@ -10,9 +10,12 @@ when it comes no later) and where each arriving request goes:
 - "slo", aptray's request router: routing_policy.rank on each replica's load
   (ttft_estimate.LoadTracker), the same code the served router runs, with the staleness it has
   there: loads are snapshotted every stats_period_s of virtual time and seen stats_lag_s later,
-  and the router adds what it sent each replica since. No request names a prefix here: prompts
-  are each request's own token stream (runner.request_prompt) and follow-up turns (SimRequest.after)
-  are not replayed, so no replica holds a prefix another request could name; rank sees none.
+  and the router adds what it sent each replica since. A conversation's turns name its prefix
+  (the tag of SimRequest.content_key, as loadgen's clients send the conversation id), which the
+  replica that admitted one reports while it holds it cached (prefix_holders.py).
+
+Follow-up turns (SimRequest.after) come think_time after the turn they follow ends and resend its
+prompt and reply, as in the single-replica simulation (aptray.sim.arrivals, runner.simulate).
 
 With shed_unmeetable a replica refuses a request whose predicted TTFT on its own current load
 misses the request's TTFT SLO, as the served replica's admission does (router.py).
@@ -26,11 +29,14 @@ from dataclasses import dataclass, field
 
 from aptray.config import EngineConfig
 from aptray.sampling_params import SamplingParams
+from aptray.serve.prefix_key import prefix_tag
 from aptray.serve.routing_policy import STALE, RequestHint, SentLog, rank
 from aptray.serve.ttft_estimate import LoadTracker, predict_ttft
+from aptray.sim.arrivals import Arrivals
 from aptray.sim.fit import HardwareFit
-from aptray.sim.runner import (MAX_STEPS_WITHOUT_TOKEN, SimOutcome, SimRequest, SimRun, _lean_step, request_prompt,
-                               _stats, build_engine, certain_miss)
+from aptray.sim.prompt_ids import follow_up_ids
+from aptray.sim.runner import (MAX_STEPS_WITHOUT_TOKEN, TOKEN_ID, SimOutcome, SimRequest, SimRun, _lean_step,
+                               request_prompt, _stats, build_engine, certain_miss)
 
 ROUTINGS = ("p2c", "slo")
 SHED = "shed"  # a request refused by shed_unmeetable (routed count key)
@@ -113,10 +119,12 @@ def simulate_cluster(config: EngineConfig, requests: list[SimRequest], replicas:
     rng = random.Random(seed)
     reqs = sorted(requests, key=lambda r: r.arrival_time)
     by_id = {r.request_id: r for r in reqs}
+    arrivals = Arrivals(reqs)
     outcomes: dict[str, SimOutcome] = {}
+    followed: dict[str, list[int]] = {}  # prompts of requests a follow-up waits on
     routed: Counter = Counter()
     sent = SentLog()
-    start = reqs[0].arrival_time if reqs else 0.0
+    start = arrivals.next_time if arrivals else 0.0
     stats = _Stats(reps, stats_period_s, stats_lag_s, start)
     for r in reps:
         r.clock.now = start
@@ -124,15 +132,22 @@ def simulate_cluster(config: EngineConfig, requests: list[SimRequest], replicas:
     def finished(rep: _Replica):
         def done(o: SimOutcome) -> None:
             rep.tracker.on_finish(by_id[o.request_id].prompt_len + len(o.token_times))
+            prompt = followed.pop(o.request_id, None)  # its reply: the executor's one token, as many as it got
+            arrivals.ended(o.request_id, rep.clock.now,
+                           None if prompt is None else prompt + [TOKEN_ID] * len(o.token_times))
             if on_finish is not None:
                 on_finish(o)
         return done
     done_of = [finished(r) for r in reps]
 
+    def prefix_of(req: SimRequest) -> str | None:
+        """The prefix a conversation's turn names: its conversation's (content_key)."""
+        return prefix_tag(req.content_key) if req.content_key is not None else None
+
     def route(req: SimRequest, now: float) -> int:
         if routing == "slo":
-            ranking = rank(RequestHint(req.prompt_len, req.ttft_slo or config.ttft_slo), stats.visible, sent, now,
-                           stale_after_s, rng)
+            ranking = rank(RequestHint(req.prompt_len, req.ttft_slo or config.ttft_slo, prefix_of(req)),
+                           stats.visible, sent, now, stale_after_s, rng)
             if ranking is not None:
                 routed[ranking.reason] += 1
                 sent.add(ranking.order[0], req.prompt_len, now)
@@ -143,43 +158,49 @@ def simulate_cluster(config: EngineConfig, requests: list[SimRequest], replicas:
         a, b = rng.sample(range(len(reps)), 2) if len(reps) > 1 else (0, 0)
         return a if reps[a].in_flight() <= reps[b].in_flight() else b
 
-    i, steps, stopped, stalled = 0, 0, False, False
+    def refused(req: SimRequest, now: float, error: str) -> None:
+        outcomes[req.request_id].error = error
+        followed.pop(req.request_id, None)
+        arrivals.ended(req.request_id, now)
+
+    steps, stopped, stalled = 0, False, False
     while True:
         busy = [r for r in reps if r.busy]
         t_step = min((r.clock.now for r in busy), default=math.inf)
-        t_arr = reqs[i].arrival_time if i < len(reqs) else math.inf
+        t_arr = arrivals.next_time if arrivals else math.inf
         if t_step == math.inf and t_arr == math.inf:
             break
         if max_sim_time is not None and min(t_step, t_arr) - start > max_sim_time:
             stopped = True
             break
-        if (stop_when_decided and i == len(reqs) and steps % check_every == 0
+        if (stop_when_decided and not arrivals and not arrivals.waiting_on_others and steps % check_every == 0
                 and all(certain_miss(q, r.clock.now) for r in reps for q in r.engine.scheduler.requests.values())):
             stopped = True
             break
         if t_arr <= t_step:  # an arrival: route it and hand it to its replica
-            req = reqs[i]
-            i += 1
-            stats.advance(req.arrival_time)
-            rep = reps[route(req, req.arrival_time)]
+            now, req = next(arrivals.pop_due(t_arr))
+            stats.advance(now)
+            rep = reps[route(req, now)]
             if not rep.engine.has_unfinished() or rep.stuck:
-                rep.clock.now = max(rep.clock.now, req.arrival_time)
+                rep.clock.now = max(rep.clock.now, now)
                 rep.stuck = False
-            outcomes[req.request_id] = SimOutcome(req.request_id, req.arrival_time, "rejected")
+            outcomes[req.request_id] = SimOutcome(req.request_id, now, "rejected")
             ttft_slo = req.ttft_slo or config.ttft_slo
-            now = req.arrival_time
             if shed_unmeetable and predict_ttft(rep.snapshot(now), req.prompt_len, now) > ttft_slo:
-                outcomes[req.request_id].error = "shed: predicted TTFT over its SLO"
                 routed[SHED] += 1
+                refused(req, now, "shed: predicted TTFT over its SLO")
                 continue
-            prompt = request_prompt(req)
+            prompt = follow_up_ids(request_prompt(req), arrivals.said_before(req.request_id))
+            if arrivals.is_followed(req.request_id):
+                followed[req.request_id] = prompt
             sp = SamplingParams(temperature=0.0, max_tokens=req.output_len, ignore_eos=True, ttft_slo=req.ttft_slo,
                                 tbt_slo=req.tbt_slo)
             try:
-                rep.engine.add_request(req.request_id, prompt, sp, arrival_time=req.arrival_time)
+                admitted = rep.engine.add_request(req.request_id, prompt, sp, arrival_time=now)
             except ValueError as e:
-                outcomes[req.request_id].error = str(e)
+                refused(req, now, str(e))
                 continue
+            rep.tracker.on_add(admitted, prefix_of(req))
             outcomes[req.request_id].status = "unfinished"
             rep.admitted += 1
             continue
@@ -199,10 +220,12 @@ def simulate_cluster(config: EngineConfig, requests: list[SimRequest], replicas:
         for q in rep.engine.scheduler.requests.values():
             o = outcomes[q.request_id]
             o.token_times, o.num_preemptions = list(q.token_times), q.num_preemptions
+    end = max([r.clock.now for r in reps] + [start])
+    for r in arrivals.never_sent():
+        outcomes[r.request_id] = SimOutcome(r.request_id, end, "unfinished")
     sched: Counter = Counter()
     for rep in reps:
         sched.update({k: v for k, v in _stats(rep.engine.scheduler).items() if isinstance(v, int)})
-    end = max([r.clock.now for r in reps] + [start])
     return ClusterRun([outcomes[r.request_id] for r in reqs if r.request_id in outcomes], end - start, stopped,
                       steps, sum(r.executor.busy_time for r in reps), dict(sched), reps[0].executor.num_blocks,
                       stalled, decision_time=sum(r.executor.decision_time for r in reps), routed=dict(routed),
