@@ -245,3 +245,22 @@ def test_decision_rule_of_the_pipeline_comparison():
     steady = {"effective_throughput_rps": 2.0, "probes": {"2.0": {"attainment": 0.95, "goodput_rps": 1.7}}}
     burst = {"effective_throughput_rps": 300.0, "probes": {"300.0": {"attainment": 0.91, "goodput_rps": 6.0}}}
     assert not is_burst(steady) and is_burst(burst)
+
+
+def test_pipeline_replays_conversations_as_a_closed_loop():
+    """A follow-up turn comes think_time after the turn it follows ends, not at its placeholder time."""
+    from aptray.sim.pipeline_runner import simulate_pipeline
+    reqs = []
+    for c in range(6):
+        after = None
+        for k in range(3):
+            reqs.append(SimRequest(f"c{c}-t{k}", 0.2 * c, 100 + 70 * k, 20, content_key=f"conv-{c}", after=after,
+                                   think_time=0.5))
+            after = f"c{c}-t{k}"
+    run = simulate_pipeline(EngineConfig(model=model("opt-13b"), scheduler="fcfs", pipeline_parallel_size=2), reqs)
+    by = {o.request_id: o for o in run.outcomes}
+    assert [o.status for o in run.outcomes] == ["finished"] * len(reqs)
+    for r in reqs:
+        if r.after is not None:
+            assert by[r.request_id].arrival_time >= by[r.after].token_times[-1] + 0.5 - 1e-9
+            assert by[r.request_id].token_times[0] > by[r.request_id].arrival_time

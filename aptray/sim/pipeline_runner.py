@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
+from dataclasses import replace
 
 from aptray.cache.block_views import SharedBlockPool
 from aptray.config import EngineConfig
 from aptray.engine import Engine
+from aptray.sim.arrivals import Arrivals
 from aptray.sim.cost_model import CostModel
 from aptray.sim.decision_time import DecisionClock, decision_cost
 from aptray.sim.executor import VirtualClock
@@ -72,24 +74,32 @@ def simulate_pipeline(config: EngineConfig, requests: list[SimRequest], gpu: str
                       stop_when_decided: bool = False, check_every: int = 256,
                       hardware: HardwareFit | None = None, decision_scale: float | None = 1.0) -> SimRun:
     """aptray.sim.runner.simulate for config.pipeline_parallel_size >= 1 (same arguments, same outcome rules).
-    A micro-batch's step starts once the host has made its plan (its decision time)."""
+    A micro-batch's step starts once the host has made its plan (its decision time). Follow-ups come
+    think_time after the turn they follow ends (no stage keeps a prefix cache: what they resend is
+    only their length)."""
     engines, executor, plans, decisions = build_pipeline(config, gpu, step_overhead, hardware, decision_scale)
     decision_time = 0.0
     clock, timeline = executor.clock, executor.timeline
     reqs = sorted(requests, key=lambda r: r.arrival_time)
+    arrivals = Arrivals(reqs)
     outcomes: dict[str, SimOutcome] = {}
     in_flight: list = []  # heap of (done, order, micro-batch, plan, result)
     busy: set[int] = set()
     free_since = [0.0] * len(engines)
-    i = events = tokenless = 0
-    now = clock.now = reqs[0].arrival_time if reqs else 0.0
+    events = tokenless = 0
+    now = clock.now = arrivals.next_time if arrivals else 0.0
     start = now
+
+    def ended(o: SimOutcome) -> None:
+        arrivals.ended(o.request_id, clock.now)
+        if on_finish is not None:
+            on_finish(o)
     stopped = stalled = False
     while True:
         while in_flight and in_flight[0][0] <= now:  # steps ending now: their tokens, in the order they end
             done, _, v, plan, result = heapq.heappop(in_flight)
             clock.now = done
-            got = apply_result(engines[v], plan, result, done, outcomes, on_finish)
+            got = apply_result(engines[v], plan, result, done, outcomes, ended)
             tokenless = tokenless + 1 if got == 0 else 0
             busy.discard(v)
             free_since[v] = done
@@ -100,16 +110,18 @@ def simulate_pipeline(config: EngineConfig, requests: list[SimRequest], gpu: str
         if max_sim_time is not None and now - start > max_sim_time:
             stopped = True
             break
-        while i < len(reqs) and reqs[i].arrival_time <= now:
+        for at, r in arrivals.pop_due(now):
             target = min(engines, key=lambda e: len(e.scheduler.requests))  # vLLM: fewest unfinished
             with target.blocks.whole_pool():  # refuse only what could never fit the pool
-                add_request(target, reqs[i], outcomes)
-            i += 1
+                add_request(target, replace(r, arrival_time=at), outcomes)
+            if outcomes[r.request_id].status == "rejected":
+                arrivals.ended(r.request_id, now)
+        all_sent = not arrivals and not arrivals.waiting_on_others
         waiting = [v for v, e in enumerate(engines) if v not in busy and e.has_unfinished()]
-        if i == len(reqs) and not waiting and not in_flight:
+        if all_sent and not waiting and not in_flight:
             break
         events += 1
-        if (stop_when_decided and i == len(reqs) and events % check_every == 0
+        if (stop_when_decided and all_sent and events % check_every == 0
                 and all(certain_miss(r, now) for e in engines for r in e.scheduler.requests.values())):
             stopped = True
             break
@@ -128,8 +140,8 @@ def simulate_pipeline(config: EngineConfig, requests: list[SimRequest], gpu: str
                     untried = order[k + 1:]  # the host is busy launching it: the others go after
                     break
         nxt = [in_flight[0][0]] if in_flight else []
-        if i < len(reqs):
-            nxt.append(reqs[i].arrival_time)
+        if arrivals:
+            nxt.append(arrivals.next_time)
         if untried:
             nxt.append(timeline.host_free)
         if not nxt:
@@ -140,6 +152,8 @@ def simulate_pipeline(config: EngineConfig, requests: list[SimRequest], gpu: str
         for req in e.scheduler.requests.values():
             o = outcomes[req.request_id]
             o.token_times, o.num_preemptions = list(req.token_times), req.num_preemptions
+    for r in arrivals.never_sent():
+        outcomes[r.request_id] = SimOutcome(r.request_id, clock.now, "unfinished")
     pipeline = {"stages": config.pipeline_parallel_size, "tp": config.tensor_parallel_size,
                 "layers": executor.layers, "blocks_per_stage": [p.num_blocks for p in plans],
                 **timeline.stats()}
