@@ -34,9 +34,8 @@ from aptray.serve.routing_policy import STALE, RequestHint, SentLog, rank
 from aptray.serve.ttft_estimate import LoadTracker, predict_ttft
 from aptray.sim.arrivals import Arrivals
 from aptray.sim.fit import HardwareFit
-from aptray.sim.prompt_ids import follow_up_ids
-from aptray.sim.runner import (MAX_STEPS_WITHOUT_TOKEN, TOKEN_ID, SimOutcome, SimRequest, SimRun, _lean_step,
-                               request_prompt, _stats, build_engine, certain_miss)
+from aptray.sim.runner import (MAX_STEPS_WITHOUT_TOKEN, SimOutcome, SimRequest, SimRun, Turns, _lean_step, _stats,
+                               build_engine, certain_miss)
 
 ROUTINGS = ("p2c", "slo")
 SHED = "shed"  # a request refused by shed_unmeetable (routed count key)
@@ -120,8 +119,8 @@ def simulate_cluster(config: EngineConfig, requests: list[SimRequest], replicas:
     reqs = sorted(requests, key=lambda r: r.arrival_time)
     by_id = {r.request_id: r for r in reqs}
     arrivals = Arrivals(reqs)
+    turns = Turns(arrivals)
     outcomes: dict[str, SimOutcome] = {}
-    followed: dict[str, list[int]] = {}  # prompts of requests a follow-up waits on
     routed: Counter = Counter()
     sent = SentLog()
     start = arrivals.next_time if arrivals else 0.0
@@ -132,9 +131,7 @@ def simulate_cluster(config: EngineConfig, requests: list[SimRequest], replicas:
     def finished(rep: _Replica):
         def done(o: SimOutcome) -> None:
             rep.tracker.on_finish(by_id[o.request_id].prompt_len + len(o.token_times))
-            prompt = followed.pop(o.request_id, None)  # its reply: the executor's one token, as many as it got
-            arrivals.ended(o.request_id, rep.clock.now,
-                           None if prompt is None else prompt + [TOKEN_ID] * len(o.token_times))
+            turns.ended(o.request_id, rep.clock.now, len(o.token_times))
             if on_finish is not None:
                 on_finish(o)
         return done
@@ -160,8 +157,7 @@ def simulate_cluster(config: EngineConfig, requests: list[SimRequest], replicas:
 
     def refused(req: SimRequest, now: float, error: str) -> None:
         outcomes[req.request_id].error = error
-        followed.pop(req.request_id, None)
-        arrivals.ended(req.request_id, now)
+        turns.ended(req.request_id, now)
 
     steps, stopped, stalled = 0, False, False
     while True:
@@ -190,9 +186,7 @@ def simulate_cluster(config: EngineConfig, requests: list[SimRequest], replicas:
                 routed[SHED] += 1
                 refused(req, now, "shed: predicted TTFT over its SLO")
                 continue
-            prompt = follow_up_ids(request_prompt(req), arrivals.said_before(req.request_id))
-            if arrivals.is_followed(req.request_id):
-                followed[req.request_id] = prompt
+            prompt = turns.prompt(req)
             sp = SamplingParams(temperature=0.0, max_tokens=req.output_len, ignore_eos=True, ttft_slo=req.ttft_slo,
                                 tbt_slo=req.tbt_slo)
             try:

@@ -127,6 +127,29 @@ def request_prompt(r: SimRequest) -> list[int]:
     return prompt_ids(r.content_key or r.request_id, r.prompt_len, r.shared_prefix)
 
 
+class Turns:
+    """The closed loop's hand-over between a conversation's turns (shared by the single- and
+    multi-replica loops): an arriving turn's prompt is what was said before it, then its own stream
+    (follow_up_ids); a turn that ends hands its prompt and reply (the executor's one token, as many as
+    it got) to its follow-ups, which come think_time later (Arrivals)."""
+
+    def __init__(self, arrivals: Arrivals):
+        self.arrivals = arrivals
+        self._followed: dict[str, list[int]] = {}  # prompts of requests a follow-up waits on
+
+    def prompt(self, r: SimRequest) -> list[int]:
+        prompt = follow_up_ids(request_prompt(r), self.arrivals.said_before(r.request_id))
+        if self.arrivals.is_followed(r.request_id):
+            self._followed[r.request_id] = prompt
+        return prompt
+
+    def ended(self, request_id: str, now: float, num_tokens: int | None = None) -> None:
+        """The request ended at now with num_tokens of reply (None: refused, nothing to resend)."""
+        prompt = self._followed.pop(request_id, None)
+        said = None if prompt is None or num_tokens is None else prompt + [TOKEN_ID] * num_tokens
+        self.arrivals.ended(request_id, now, said)
+
+
 def add_request(engine: Engine, r: SimRequest, outcomes: dict) -> None:
     """Hand r to the engine (its prompt: request_prompt); a refusal is its outcome."""
     outcomes[r.request_id] = SimOutcome(r.request_id, r.arrival_time, "unfinished")
@@ -213,12 +236,11 @@ def simulate(config: EngineConfig, requests: list[SimRequest], gpu: str = "a100-
     engine, executor = build_engine(config, gpu, step_overhead, hardware, decision_scale)
     clock = executor.clock
     arrivals = Arrivals(requests)
+    turns = Turns(arrivals)
     outcomes: dict[str, SimOutcome] = {}
-    followed: dict[str, list[int]] = {}  # prompts of requests a follow-up waits on
 
     def ended(o: SimOutcome) -> None:
-        prompt = followed.pop(o.request_id, None)  # its reply: the executor's one token, as many as it got
-        arrivals.ended(o.request_id, clock.now, None if prompt is None else prompt + [TOKEN_ID] * len(o.token_times))
+        turns.ended(o.request_id, clock.now, len(o.token_times))
         if on_finish is not None:
             on_finish(o)
     clock.now = arrivals.next_time if arrivals else 0.0
@@ -236,17 +258,14 @@ def simulate(config: EngineConfig, requests: list[SimRequest], gpu: str = "a100-
             break
         for at, r in arrivals.pop_due(clock.now):
             outcomes[r.request_id] = SimOutcome(r.request_id, at, "unfinished")
-            prompt = follow_up_ids(request_prompt(r), arrivals.said_before(r.request_id))
-            if arrivals.is_followed(r.request_id):
-                followed[r.request_id] = prompt
+            prompt = turns.prompt(r)
             sp = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True,
                                 ttft_slo=r.ttft_slo, tbt_slo=r.tbt_slo)
             try:
                 engine.add_request(r.request_id, prompt, sp, arrival_time=at)
             except ValueError as e:
                 outcomes[r.request_id].status, outcomes[r.request_id].error = "rejected", str(e)
-                followed.pop(r.request_id, None)
-                arrivals.ended(r.request_id, clock.now)
+                turns.ended(r.request_id, clock.now)
         if not engine.has_unfinished():
             if arrivals:
                 clock.now = arrivals.next_time
