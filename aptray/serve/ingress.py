@@ -29,7 +29,7 @@ from aptray.serve.args import INGRESS_CPUS, AppArgs
 from aptray.serve.deploy_options import ATTAINMENT_WINDOW_S
 from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatCompletionRequest, ChatCompletionResponse,
                                      CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList,
-                                     error_body, finish_reason, new_id)
+                                     error_body, finish_reason, new_id, unsupported_field)
 from aptray.serve.relay import Call, Rejected, RouterLink
 from aptray.model.demo import resolve_model_path
 from aptray.serve.prefix_key import PREFIX_KEY_HEADER, prefix_tag
@@ -196,6 +196,10 @@ class Ingress:
                            "model")
         if req.n != 1:
             raise Rejected("only n = 1 is supported", 400, "n")
+        unsupported = unsupported_field(req)
+        if unsupported:
+            raise Rejected(f"{unsupported} is not supported by this server: leave it out, or at its default", 400,
+                           unsupported)
 
     # -- OpenAI HTTP --------------------------------------------------------------------------
     @api.post("/v1/completions")

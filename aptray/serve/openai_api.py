@@ -3,9 +3,22 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _unicode(s: str) -> str:
+    """JSON's escapes can spell a lone surrogate ("\\ud800"), which is no Unicode text: the tokenizer
+    and the chat template cannot take it, and a reply could not encode it."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not Unicode text: a lone surrogate at character {e.start}") from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # a string field the server reads
 
 
 def _if_asked():
@@ -23,17 +36,32 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI and vLLM fields that change what is generated, which aptray does not implement, with their
+# no-op values: a request may send those (clients and benchmark tools send defaults), any other value
+# is refused rather than silently ignored
+UNSUPPORTED = {
+    "best_of": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
+    "logit_bias": (None, {}), "min_tokens": (None, 0), "min_p": (None, 0), "suffix": (None, ""),
+    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none", "auto"),
+    "functions": (None, []), "function_call": (None, "none", "auto"), "use_beam_search": (None, False),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "structured_outputs": (None,),
+}
+
+
 class _SamplingRequest(BaseModel):
-    # unknown OpenAI fields (user, logit_bias...) are accepted; NaN and infinities are not
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-    model: str | None = None
+    # other fields (user, metadata...) are accepted and ignored, UNSUPPORTED ones only at their no-op
+    # values (unsupported_field); NaN and infinities in no field the server reads
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    model: Text | None = None
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = -1  # vLLM extension
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stop_token_ids: list[int] | None = None
     seed: int | None = None
     ignore_eos: bool = False
@@ -41,15 +69,28 @@ class _SamplingRequest(BaseModel):
     return_token_ids: bool = False  # vLLM extension: the prompt's and the reply's token ids beside the text
 
 
+def unsupported_field(req: _SamplingRequest) -> str | None:
+    """The first field the request sets to a value aptray cannot honour (UNSUPPORTED), if any."""
+    for name, value in (req.model_extra or {}).items():
+        if name in UNSUPPORTED and not any(_same(value, v) for v in UNSUPPORTED[name]):
+            return name
+    return None
+
+
+def _same(value, noop) -> bool:
+    # False == 0 in Python: a bool matches a bool only
+    return value is noop or (value == noop and isinstance(value, bool) == isinstance(noop, bool))
+
+
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
 
 
 class ChatMessage(BaseModel):
-    role: str
-    content: str
+    role: Text
+    content: Text
 
 
 class ChatCompletionRequest(_SamplingRequest):
