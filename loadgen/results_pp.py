@@ -95,13 +95,13 @@ def run(groups=GROUPS, datasets=tuple(DATASETS), num_requests: int = 250, worker
     from aptray.sim.fit import hardware_for
     from aptray.sim.gpus import get_gpu
     from loadgen.run_setup import base_trace
-    from loadgen.results_sim import _args
+    from loadgen.results_sim import sweep_args
     t0 = time.time()
     todo = jobs(groups, datasets, num_requests, cv, rel_tol)
     for gpu in {g.gpu for g in groups}:
         hardware_for(get_gpu(gpu))  # fit once before forking
     for s in {j[0].name: j[0] for j in todo}.values():
-        base_trace(_args(s, num_requests, cv))  # sample (and cache) each dataset once, before forking
+        base_trace(sweep_args(s, num_requests, cv))  # sample (and cache) each dataset once, before forking
     results = []
     if workers > 1:
         with mp.get_context("fork").Pool(workers) as pool:

@@ -264,3 +264,14 @@ def test_pipeline_replays_conversations_as_a_closed_loop():
         if r.after is not None:
             assert by[r.request_id].arrival_time >= by[r.after].token_times[-1] + 0.5 - 1e-9
             assert by[r.request_id].token_times[0] > by[r.request_id].arrival_time
+
+
+def test_the_pipeline_results_part_runs_end_to_end():
+    """`python -m loadgen results --parts pp` in small: one group, one dataset, a few requests. Each
+    layout's policies give an effective throughput, and the page's section renders from the result."""
+    from loadgen.results_pp import DATASETS, GROUPS, jobs, markdown, run
+    group, dataset = GROUPS[0], next(iter(DATASETS))
+    data = run(groups=(group,), datasets=(dataset,), num_requests=12, workers=1, rel_tol=0.5, log=lambda _: None)
+    assert len(data["results"]) == len(jobs((group,), (dataset,), 12, 1.0, 0.5)) > 0
+    assert all(r["effective_throughput_rps"] > 0 for r in data["results"])
+    assert set(data["decode_steps"]) and "|" in "\n".join(markdown(data, (group,)))
