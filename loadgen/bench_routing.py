@@ -41,6 +41,7 @@ import numpy as np
 
 from aptray.serve.args import CPUS_PER_RANK, INGRESS_CPUS
 from loadgen.metrics import summarize
+from loadgen.results_routing import render
 from loadgen.sweep import crossing_rate
 from loadgen.traces import TraceRequest, rescale
 
@@ -69,11 +70,6 @@ def slo_trace(num_requests: int, prefill_s: float, step_s: float, seed: int = 0)
         out.append(replace(r, prompt=None, ttft_slo=scale * (TIGHT_TTFT * prefill_s + TTFT_ALLOWANCE_S),
                            tbt_slo=scale * (TIGHT_TBT * step_s + TBT_ALLOWANCE_S)))
     return out
-
-
-def routers_of(cpu: dict) -> list[str]:
-    """The routers a routing-cpu.json compared (runs before the third router had two)."""
-    return list(cpu.get("routers", ("p2c", "slo")))
 
 
 def start_apps(replicas: int, model: str, num_cpus: int, routers=ROUTERS) -> tuple[str, callable]:
@@ -169,7 +165,8 @@ def main(argv=None) -> None:
         p.error(f"--routers: some of {ROUTERS}")
     trace = slo_trace(a.num_requests, prefill, step)
     slos = {"tight_ttft_s": TIGHT_TTFT * prefill + TTFT_ALLOWANCE_S, "tight_tbt_s": TIGHT_TBT * step + TBT_ALLOWANCE_S,
-            "relaxed": RELAXED}
+            "relaxed": RELAXED, "tight_ttft_prefills": TIGHT_TTFT, "ttft_allowance_s": TTFT_ALLOWANCE_S,
+            "tight_tbt_steps": TIGHT_TBT, "tbt_allowance_s": TBT_ALLOWANCE_S}
     print(f"decode step {1e3 * step:.2f} ms, {results_cpu.CONTEXT - 1}-token prefill {1e3 * prefill:.1f} ms; "
           f"tight SLOs TTFT {1e3 * slos['tight_ttft_s']:.0f} ms TBT {1e3 * slos['tight_tbt_s']:.0f} ms", flush=True)
     out = {"command": "python -m loadgen.bench_routing " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -196,46 +193,7 @@ def main(argv=None) -> None:
         os.makedirs(a.out_dir, exist_ok=True)
         with open(os.path.join(a.out_dir, "routing-cpu.json"), "w") as f:  # after each count: a later one may fail
             json.dump(out, f, indent=1)
-    from loadgen.results_routing import render
     print(render(a.out_dir))
-
-
-def cpu_section(cpu: dict) -> list[str]:
-    """The real served run's part of docs/results/routing.md."""
-    s = cpu["slos"]
-    routers = routers_of(cpu)
-    order = " ".join("ABC"[:len(routers)]) + " " + " ".join("ABC"[:len(routers)][::-1])
-    passes = ("each rate replays the same trace to every router at once, twice (the machine's slow spells fall on "
-              "all alike; each router's replicas share the cores with the others'), attainment over both passes"
-              if cpu.get("together") else f"each rate replays the same trace to each router twice, in the order "
-              f"{order} (reversed every other rate), attainment over both passes")
-    lines = [f"### Served on this machine's CPU: {', '.join(cpu['runs'])} replicas through HTTP", "",
-             f"`{cpu['command']}` ({cpu['stamp']}, {cpu['elapsed_s'] / 60:.0f} min; 2 shared cores). One Ray cluster "
-             f"serves {len(routers)} copies of the app, one per router ({', '.join(routers)}"
-             + (f"; slo-eq: aptray's router with `routing_equal_ttft_fraction` {EQUAL_FRACTION}" if "slo-eq" in routers
-                else "") + f"), every replica an apt-hybrid engine on the tiny OPT of loadgen.results_cpu; {passes}. "
-             f"{cpu['num_requests']} requests per pass, ShareGPT lengths within 512 tokens, Gamma arrivals at CV "
-             f"{cpu['cv']:g}, half the requests tight (TTFT {1e3 * s['tight_ttft_s']:.0f} ms = {TIGHT_TTFT:g} "
-             f"full-context prefills + {1e3 * TTFT_ALLOWANCE_S:.0f} ms, TBT {1e3 * s['tight_tbt_s']:.0f} ms = "
-             f"{TIGHT_TBT:g} decode steps + {1e3 * TBT_ALLOWANCE_S:.0f} ms; this machine's prefill "
-             f"{1e3 * cpu['prefill_s']:.1f} ms and 16-request decode step {1e3 * cpu['decode_step_s']:.2f} ms, CPU time) "
-             f"and half relaxed ({s['relaxed']:g}x both). Attainment per rate (req/s) and effective throughput "
-             "(interpolated 90% crossing):", ""]
-    for n, run in cpu["runs"].items():
-        rates = list(run["rates"])
-        lines += [f"{n} replicas:", "", "| router | " + " | ".join(f"{float(r):.3g}" for r in rates)
-                  + " | effective (req/s) |", "|" + " --- |" * (len(rates) + 2)]
-        for name in routers:
-            cells = [f"{run['rates'][r][name]['attainment']:.2f}" for r in rates]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {run['effective_throughput_rps'][name]:.2f} |")
-        lines.append("")
-    refused = [f"{n} replicas, {name} at {float(rate):.3g} req/s: " + "; ".join(f"{k} ({v})" for k, v in c[name]["errors"].items())
-               for n, run in cpu["runs"].items() for rate, c in run["rates"].items() for name in routers
-               if c.get(name, {}).get("errors")]
-    if refused:
-        lines += ["Requests the servers refused or failed (counted as misses), by message:", ""]
-        lines += [f"- {r}" for r in refused] + [""]
-    return lines
 
 
 if __name__ == "__main__":

@@ -100,6 +100,49 @@ def probe_table(results: list[dict]) -> list[str]:
     return lines
 
 
+def routers_of(cpu: dict) -> list[str]:
+    """The routers a routing-cpu.json compared (runs before the third router had two)."""
+    return list(cpu.get("routers", ("p2c", "slo")))
+
+
+def cpu_section(cpu: dict) -> list[str]:
+    """The real served run's part of docs/results/routing.md."""
+    s, routers = cpu["slos"], routers_of(cpu)
+    equal = cpu.get("routers", {}).get("slo-eq", {}).get("routing_equal_ttft_fraction")
+    order = " ".join("ABC"[:len(routers)]) + " " + " ".join("ABC"[:len(routers)][::-1])
+    passes = ("each rate replays the same trace to every router at once, twice (the machine's slow spells fall on "
+              "all alike; each router's replicas share the cores with the others'), attainment over both passes"
+              if cpu.get("together") else f"each rate replays the same trace to each router twice, in the order "
+              f"{order} (reversed every other rate), attainment over both passes")
+    lines = [f"### Served on this machine's CPU: {', '.join(cpu['runs'])} replicas through HTTP", "",
+             f"`{cpu['command']}` ({cpu['stamp']}, {cpu['elapsed_s'] / 60:.0f} min; 2 shared cores). One Ray cluster "
+             f"serves {len(routers)} copies of the app, one per router ({', '.join(routers)}"
+             + (f"; slo-eq: aptray's router with `routing_equal_ttft_fraction` {equal}" if "slo-eq" in routers
+                else "") + f"), every replica an apt-hybrid engine on the tiny OPT of loadgen.results_cpu; {passes}. "
+             f"{cpu['num_requests']} requests per pass, ShareGPT lengths within 512 tokens, Gamma arrivals at CV "
+             f"{cpu['cv']:g}, half the requests tight (TTFT {1e3 * s['tight_ttft_s']:.0f} ms = {s['tight_ttft_prefills']:g} "
+             f"full-context prefills + {1e3 * s['ttft_allowance_s']:.0f} ms, TBT {1e3 * s['tight_tbt_s']:.0f} ms = "
+             f"{s['tight_tbt_steps']:g} decode steps + {1e3 * s['tbt_allowance_s']:.0f} ms; this machine's prefill "
+             f"{1e3 * cpu['prefill_s']:.1f} ms and 16-request decode step {1e3 * cpu['decode_step_s']:.2f} ms, CPU time) "
+             f"and half relaxed ({s['relaxed']:g}x both). Attainment per rate (req/s) and effective throughput "
+             "(interpolated 90% crossing):", ""]
+    for n, run in cpu["runs"].items():
+        rates = list(run["rates"])
+        lines += [f"{n} replicas:", "", "| router | " + " | ".join(f"{float(r):.3g}" for r in rates)
+                  + " | effective (req/s) |", "|" + " --- |" * (len(rates) + 2)]
+        for name in routers:
+            cells = [f"{run['rates'][r][name]['attainment']:.2f}" for r in rates]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {run['effective_throughput_rps'][name]:.2f} |")
+        lines.append("")
+    refused = [f"{n} replicas, {name} at {float(rate):.3g} req/s: " + "; ".join(f"{k} ({v})" for k, v in c[name]["errors"].items())
+               for n, run in cpu["runs"].items() for rate, c in run["rates"].items() for name in routers
+               if c.get(name, {}).get("errors")]
+    if refused:
+        lines += ["Requests the servers refused or failed (counted as misses), by message:", ""]
+        lines += [f"- {r}" for r in refused] + [""]
+    return lines
+
+
 def targets(sim: dict | None, cpu: dict | None) -> list[str]:
     """The two routing targets, as measured: met or missed, with the numbers."""
     lines = ["Targets, as measured:", ""]
@@ -114,7 +157,6 @@ def targets(sim: dict | None, cpu: dict | None) -> list[str]:
                 lines.append(f"- simulated {n} x OPT-13B, ShareGPT, CV {sim['cv']:g}: slo / p2c = {ratio:.2f}x"
                              f"{verdict}; {others}")
     if cpu:
-        from loadgen.bench_routing import routers_of
         ours = [name for name in routers_of(cpu) if name != "p2c"]
         for n, run in cpu["runs"].items():
             rates = run["rates"]
@@ -130,7 +172,6 @@ def targets(sim: dict | None, cpu: dict | None) -> list[str]:
 
 def render(out_dir: str = OUT_DIR) -> str:
     """docs/results/routing.md from the JSONs that exist (the real run's comes from bench_routing)."""
-    from loadgen.bench_routing import cpu_section
     lines = ["## Routing across replicas", ""]
     cpu_path, sim_path = os.path.join(out_dir, CPU_JSON), os.path.join(out_dir, SIM_JSON)
     cpu = sim = None
