@@ -156,7 +156,6 @@ def run(mode: str = "quick", policies=tuple(POLICIES), seeds=None, rates=None, n
 
     seeds = list(SEEDS[mode] if seeds is None else seeds)
     num_requests = num_requests or REQUESTS[mode]
-    t0 = time.time()
     model = apps[0] if apps else tiny_opt()
     step, prefill = wall_step_times(model)
     scale = REFERENCE_DECODE_STEP_S / step
@@ -175,7 +174,7 @@ def run(mode: str = "quick", policies=tuple(POLICIES), seeds=None, rates=None, n
         log(f"engine (this process): decode step (16 requests) {1e3 * step:.2f} ms, {CONTEXT - 1}-token prefill "
             f"{1e3 * prefill:.1f} ms; served: full-context TTFT {1e3 * served_ttft:.1f} ms, 16-request gap "
             f"{1e3 * served_gap:.2f} ms; SLOs TTFT {1e3 * ttft:.1f} ms, TBT {1e3 * tbt:.1f} ms; rates {rates}")
-        out = {"mode": mode, "stamp": time.strftime("%Y-%m-%d %H:%M"), "load_average": os.getloadavg()[0],
+        out = {"load_average": os.getloadavg()[0],
                "description": DESCRIPTION, "context": CONTEXT, "decode_step_s": step,
                "prefill_s": prefill, "served_ttft_s": served_ttft, "served_gap_s": served_gap, "ttft_slo": ttft,
                "tbt_slo": tbt, "rate_scale": scale, "rates": rates, "seeds": seeds, "num_requests": num_requests,
@@ -201,6 +200,5 @@ def run(mode: str = "quick", policies=tuple(POLICIES), seeds=None, rates=None, n
     finally:
         stop()
     out.update(summarise(out["runs"], policies, seeds))
-    out["wall_s"] = time.time() - t0
     out["load_average_after"] = os.getloadavg()[0]
     return out
