@@ -16,7 +16,7 @@ import tempfile
 import numpy as np
 
 from loadgen.clients import InProcessEngineClient, SimClient, prompt_ids
-from loadgen.datasets import Sample
+from loadgen.samples import Sample
 from loadgen.metrics import RequestRecord, summarize
 from loadgen.traces import TraceRequest, make_trace
 

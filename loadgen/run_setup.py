@@ -129,7 +129,8 @@ def base_trace(args, rate: float = 1.0):
     dataset sample (cached on disk: tokenising is slow)."""
     import hashlib
 
-    from loadgen.datasets import LENGTH_RULE, Sample, load_samples
+    from loadgen.datasets import LENGTH_RULE, load_samples
+    from loadgen.samples import Sample
     from loadgen.traces import make_trace, read_trace, write_trace
 
     if args.trace:

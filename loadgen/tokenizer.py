@@ -29,7 +29,7 @@ def train_bpe_tokenizer(out_dir: str, texts, vocab_size: int = 50265) -> str:
 
 
 def sharegpt_texts(limit: int):
-    from loadgen.datasets import sharegpt_conversations
+    from loadgen.samples import sharegpt_conversations
 
     for conv in itertools.islice(sharegpt_conversations(), limit):
         for turn in conv[:2]:

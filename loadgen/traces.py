@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import numpy as np
 
 from loadgen.arrivals import arrival_times
-from loadgen.datasets import Sample
+from loadgen.samples import Sample
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from aptray.sim.arrivals import Arrivals
 from aptray.sim.prompt_ids import SHARED_PREFIX_KEY, follow_up_ids, prompt_ids, stream_ids
 from loadgen.clients import conversation_ids, read_prefix_counters, remote_prompt, replay_at_arrivals
 from loadgen.conversations import turns_within
-from loadgen.datasets import Sample
+from loadgen.samples import Sample
 from loadgen.metrics import RequestRecord, summarize
 from loadgen.traces import make_trace, read_trace, rescale, write_trace
 

@@ -349,7 +349,7 @@ def test_loadgen_multiturn_resends_the_reply_the_server_gave(server, transport):
     computed: 3 full blocks of 16), where resending the stream's ids would hit the prompt's 2. The
     run's hit rate comes from the server's /metrics."""
     from loadgen.clients import GrpcStreamClient, HttpStreamClient
-    from loadgen.datasets import Sample
+    from loadgen.samples import Sample
     from loadgen.metrics import summarize
     from loadgen.traces import make_trace
 
