@@ -110,8 +110,7 @@ def run(groups=GROUPS, datasets=tuple(DATASETS), num_requests: int = 250, worker
     else:
         for j in todo:
             results.append(run_policy(j))
-    return {"num_requests": num_requests,
-            "cv": cv, "results": results, "decode_steps": decode_steps(groups)}
+    return {"num_requests": num_requests, "cv": cv, "results": results, "decode_steps": decode_steps(groups)}
 
 
 # -- what explains the numbers -----------------------------------------------------------------------
