@@ -1,0 +1,50 @@
+"""The results page's machinery (loadgen.make_results and its parts), in small: docs/RESULTS.md is what
+the code renders from the committed JSONs, and the simulated, routing and CPU parts run end to end on
+a few requests (the pipeline part's own test is in tests/test_sim_pipeline.py)."""
+import glob
+import os
+import shutil
+
+from loadgen import make_results
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_page_is_what_the_committed_results_render(tmp_path, monkeypatch):
+    out = tmp_path / "results"
+    out.mkdir()
+    for path in glob.glob(os.path.join(REPO, "docs", "results", "*.json")) + [
+            os.path.join(REPO, "docs", "results", "routing.md")]:
+        shutil.copy(path, out)
+    monkeypatch.setattr(make_results, "OUT_DIR", str(out))
+    monkeypatch.setattr(make_results, "DOC", str(tmp_path / "RESULTS.md"))
+    make_results.main(parts=())
+    with open(os.path.join(REPO, "docs", "RESULTS.md")) as committed:
+        assert (tmp_path / "RESULTS.md").read_text() == committed.read()
+
+
+def test_the_simulated_part_runs_end_to_end(tmp_path):
+    from loadgen import results_sim
+    setup, policies = results_sim.SETUPS[0], list(results_sim.POLICIES)[:2]
+    rows = results_sim.run_all([setup], policies, 12, 1.0, 0.5, 1)
+    assert [(r["setup"], r["policy"]) for r in rows] == [(setup.name, p) for p in policies]
+    assert all(r["effective_throughput_rps"] > 0 for r in rows)
+    assert setup.name in "\n".join(make_results.sim_tables(rows, str(tmp_path)))
+
+
+def test_the_routing_part_runs_end_to_end():
+    from loadgen import results_routing
+    rows = results_routing.run_all([2], ["p2c", "slo"], 10, 4.0, 0.5, "apt", 1)
+    assert [(r["replicas"], r["router"]) for r in rows] == [(2, "p2c"), (2, "slo")]
+    assert all(r["effective_throughput_rps"] > 0 for r in rows)
+    assert "| 2 |" in "\n".join(results_routing.sim_table(rows))
+
+
+def test_the_cpu_part_runs_end_to_end(tmp_path):
+    from loadgen import results_cpu
+    setup = results_cpu.CpuSetup(context=512, num_blocks=64)  # every policy: the tables compare them
+    result = results_cpu.run(["sharegpt"], [1.0], rates_by_dataset={"sharegpt": [1.0]}, num_requests=6, workers=1,
+                             setup=setup, log=lambda _: None)
+    assert {r["policy"] for r in result["runs"]} == set(setup.policies)
+    assert all(set(r["attainment_by_slo"]) == {"ttft", "tbt"} for r in result["runs"])
+    assert "sharegpt" in "\n".join(make_results.cpu_tables(result, str(tmp_path)))
