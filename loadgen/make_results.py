@@ -213,16 +213,10 @@ def pp_section(record: dict) -> list[str]:
     ]
 
 
-def chat_part(mode: str, parts, workers: int) -> list[str]:
-    """The multi-turn section: runs the parts asked (chat-cpu, chat-sim), each into its JSON with its
-    own date and time, and renders what the JSONs hold (nothing for a part never run)."""
+def chat_section(records: dict) -> list[str]:
+    """The multi-turn section, from the chat parts' records (nothing for a part never run)."""
     from loadgen import results_chat
-    runs = {"chat-cpu": lambda: results_chat.run_cpu(mode, workers, log=lambda m: print(m, flush=True)),
-            "chat-sim": lambda: results_chat.run_sim(mode, workers)}
-    for part, run in runs.items():
-        if part in parts:
-            run_part(part, mode, run)
-    done = {part: d for part in runs if (d := read_part(part))}
+    done = {part: records[part] for part in ("chat-cpu", "chat-sim") if part in records}
     if not done:
         return []
     lines = ["## Multi-turn chat with prefix caching", "",
@@ -251,7 +245,7 @@ def chat_part(mode: str, parts, workers: int) -> list[str]:
 
 
 def main(mode: str = "quick", parts=("server", "cpu", "sim", "pp"), workers: int = 2) -> None:
-    from loadgen import results_cpu, results_pp, results_server, results_sim
+    from loadgen import results_chat, results_cpu, results_pp, results_server, results_sim
     os.makedirs(OUT_DIR, exist_ok=True)
     t0 = time.time()
     log = lambda m: print(m, flush=True)  # noqa: E731
@@ -259,14 +253,14 @@ def main(mode: str = "quick", parts=("server", "cpu", "sim", "pp"), workers: int
             "cpu": lambda: results_cpu.run(["sharegpt", "humaneval"], [1.0, 4.0], mode=mode, log=log),
             "sim": lambda: results_sim.run_all(results_sim.SETUPS, list(results_sim.POLICIES), SIM_REQUESTS[mode], 1.0,
                                                0.05, workers),
-            "pp": lambda: results_pp.run(num_requests=SIM_REQUESTS[mode], workers=workers, log=log)}
+            "pp": lambda: results_pp.run(num_requests=SIM_REQUESTS[mode], workers=workers, log=log),
+            "chat-cpu": lambda: results_chat.run_cpu(mode, workers, log=log),
+            "chat-sim": lambda: results_chat.run_sim(mode, workers)}
     for part, run in runs.items():  # server first: the longest, and the one a busy machine hurts most
         if part in parts:
             run_part(part, mode, run)
-    records = {part: d for part in runs if (d := read_part(part))}
-    server, cpu, sim, pp = (records[p]["result"] if p in records else None for p in runs)
-    chat = chat_part(mode, parts, workers)
-    records.update((part, read_part(part)) for part in ("chat-cpu", "chat-sim") if read_part(part))
+    records = {part: d for part in runs if (d := read_part(part))}  # every part that ever ran
+    server, cpu, sim, pp = (records[p]["result"] if p in records else None for p in ("server", "cpu", "sim", "pp"))
     body = [
         "# Results",
         "",
@@ -327,7 +321,7 @@ def main(mode: str = "quick", parts=("server", "cpu", "sim", "pp"), workers: int
         ]
     if pp:
         body += pp_section(records["pp"])
-    body += chat
+    body += chat_section(records)
     routing = os.path.join(OUT_DIR, "routing.md")  # made by loadgen.results_routing and loadgen.bench_routing
     if os.path.exists(routing):
         with open(routing) as f:
