@@ -456,15 +456,17 @@ def _ended_counts(server) -> tuple[float, float]:
     aborted = ended = 0.0
     for line in text.splitlines():
         if line.startswith(("aptray_slo_attained_total ", "aptray_slo_missed_total{")):
-            ended += float(line.split()[-1])
-            aborted += float(line.split()[-1]) if 'reason="abort"' in line else 0.0
+            count = float(line.split()[-1])
+            ended += count
+            aborted += count if 'reason="abort"' in line else 0.0
     return aborted, ended
 
 
 def _cut_short(server, cut_short) -> str:
     """What became of a request the client cuts short (cut_short()): "aborted" (the cancel reached the
-    router before its last token), "finished" (its last token came first: the cancel was too late) or
-    "lost" (it ended uncounted). Every block is freed after, whichever it was."""
+    router before its last token) or "finished" (counted as ended for another reason: its last token
+    came first, the cancel was too late). Every block is freed after, whichever it was; a request that
+    ends uncounted, or counted twice, fails here."""
     assert _wait_idle_blocks(server, timeout=30)
     aborted_before, ended_before = _ended_counts(server)
     cut_short()
