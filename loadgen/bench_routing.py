@@ -113,13 +113,38 @@ def replay_together(base_url: str, names, trace) -> dict:
         return {name: run.result() for name, run in runs.items()}
 
 
-def run_rate(base_url: str, trace, rate: float, sequence: list[tuple[str, ...]]) -> dict:
-    """Each group of routers in `sequence` in turn on the same trace (a group's routers at once); per
-    router, the summary of all its passes."""
+def chunked(trace: list[TraceRequest], k: int) -> list[list[TraceRequest]]:
+    """k runs of consecutive arrivals, each starting at time 0."""
+    from dataclasses import replace
+    out = []
+    for part in np.array_split(np.arange(len(trace)), k):
+        t0 = trace[part[0]].arrived_at
+        out.append([replace(trace[i], arrived_at=trace[i].arrived_at - t0) for i in part])
+    return out
+
+
+def schedule(routers: tuple[str, ...], k: int, together: bool, chunks: int) -> list[tuple[tuple[str, ...], int]]:
+    """(routers at once, chunk index) in the order they run at the k-th rate: two passes over the trace,
+    A B C C B A (reversed every other rate), chunk by chunk with the order reversed at each chunk."""
+    if together:
+        return [(routers, c) for _ in range(2) for c in range(chunks)]
+    steps, turn = [], k
+    for _ in range(2):
+        for c in range(chunks):
+            steps += [((name,), c) for name in (routers if turn % 2 == 0 else routers[::-1])]
+            turn += 1
+    return steps
+
+
+def run_rate(base_url: str, trace, rate: float, steps: list[tuple[tuple[str, ...], int]], chunks: int = 1) -> dict:
+    """Each (group of routers, chunk) of `steps` in turn (a group's routers at once on the chunk of the
+    trace at this rate); per router, the summary of all its passes."""
     records, passes, routed = {}, {}, {}
-    for names in sequence:
+    parts = chunked(rescale(trace, rate, CV, seed=0), chunks)
+    for names, c in steps:
         before = {name: routed_counts(f"{base_url}/{name}") for name in names}
-        results = replay_together(base_url, names, rescale(trace, rate, CV, seed=0))
+        began = time.strftime("%H:%M:%S")
+        results = replay_together(base_url, names, parts[c])
         time.sleep(1.5)  # the routers publish their counts every second
         for name, res in results.items():
             after = routed_counts(f"{base_url}/{name}")
@@ -129,7 +154,7 @@ def run_rate(base_url: str, trace, rate: float, sequence: list[tuple[str, ...]])
             passes.setdefault(name, []).append(s["attainment"])
             for k, v in new.items():
                 routed.setdefault(name, {})[k] = routed.get(name, {}).get(k, 0) + v
-            print(f"  {name:4s} rate {rate:6.2f}: attainment {s['attainment']:.3f} statuses {s['statuses']} "
+            print(f"  {began} {name:4s} rate {rate:6.2f} chunk {c}: attainment {s['attainment']:.3f} statuses {s['statuses']} "
                   f"TTFT p50/p90 {1e3 * s['ttft_s']['p50']:.0f}/{1e3 * s['ttft_s']['p90']:.0f} ms routed {new}"
                   + (f" errors {s['errors']}" if "errors" in s else ""), flush=True)
     out = {}
@@ -150,6 +175,9 @@ def main(argv=None) -> None:
     p.add_argument("--together", action="store_true",
                    help="each pass sends the trace to every router at once, so that the machine's slow spells fall "
                         "on all alike (each router's replicas then share the cores with the others')")
+    p.add_argument("--chunks", type=int, default=1,
+                   help="cut each pass into this many runs of consecutive arrivals and let the routers take turns "
+                        "chunk by chunk, so that a slow spell of the machine falls on all alike")
     p.add_argument("--out-dir", default=OUT_DIR)
     a = p.parse_args(argv)
     import torch
@@ -163,6 +191,8 @@ def main(argv=None) -> None:
     routers = tuple(a.routers.split(","))
     if not set(routers) <= set(ROUTERS):
         p.error(f"--routers: some of {ROUTERS}")
+    if not 1 <= a.chunks <= a.num_requests:
+        p.error("--chunks: from 1 to --num-requests")
     trace = slo_trace(a.num_requests, prefill, step)
     slos = {"tight_ttft_s": TIGHT_TTFT * prefill + TTFT_ALLOWANCE_S, "tight_tbt_s": TIGHT_TBT * step + TBT_ALLOWANCE_S,
             "relaxed": RELAXED, "tight_ttft_prefills": TIGHT_TTFT, "ttft_allowance_s": TTFT_ALLOWANCE_S,
@@ -172,7 +202,7 @@ def main(argv=None) -> None:
     out = {"command": "python -m loadgen.bench_routing " + " ".join(sys.argv[1:] if argv is None else argv),
            "stamp": stamp, "decode_step_s": step, "prefill_s": prefill, "cv": CV, "num_requests": a.num_requests,
            "app_args": APP_ARGS, "routers": {name: ROUTER_ARGS[name] for name in routers}, "slos": slos,
-           "together": a.together, "runs": {}}
+           "together": a.together, "chunks": a.chunks, "runs": {}}
     for n in (int(x) for x in a.replicas.split(",")):
         print(f"{n} replicas", flush=True)
         # Ray CPUs are logical here: each replica holds its ingress's and its router's (the model runs in
@@ -182,8 +212,7 @@ def main(argv=None) -> None:
         try:
             curves = {}
             for k, rate in enumerate(rates):
-                order = [(name,) for name in (routers if k % 2 == 0 else routers[::-1])]
-                curves[str(rate)] = run_rate(url, trace, rate, [routers] * 2 if a.together else order + order[::-1])
+                curves[str(rate)] = run_rate(url, trace, rate, schedule(routers, k, a.together, a.chunks), a.chunks)
         finally:
             stop()
         eff = {name: crossing_rate({float(r): c[name]["attainment"] for r, c in curves.items()}) for name in routers}

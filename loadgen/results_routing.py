@@ -114,6 +114,10 @@ def cpu_section(cpu: dict) -> list[str]:
               "all alike; each router's replicas share the cores with the others'), attainment over both passes"
               if cpu.get("together") else f"each rate replays the same trace to each router twice, in the order "
               f"{order} (reversed every other rate), attainment over both passes")
+    if cpu.get("chunks", 1) > 1:
+        passes += (f"; each pass is cut into {cpu['chunks']} chunks of consecutive arrivals and the routers take "
+                   "turns chunk by chunk (the order reversed at each chunk), so that a slow spell of the machine "
+                   "falls on all alike")
     lines = [f"### Served on this machine's CPU: {', '.join(cpu['runs'])} replicas through HTTP", "",
              f"`{cpu['command']}` ({cpu['stamp']}, {cpu['elapsed_s'] / 60:.0f} min; 2 shared cores). One Ray cluster "
              f"serves {len(routers)} copies of the app, one per router ({', '.join(routers)}"

@@ -48,3 +48,23 @@ def test_the_cpu_part_runs_end_to_end(tmp_path):
     assert {r["policy"] for r in result["runs"]} == set(setup.policies)
     assert all(set(r["attainment_by_slo"]) == {"ttft", "tbt"} for r in result["runs"])
     assert "sharegpt" in "\n".join(make_results.cpu_tables(result, str(tmp_path)))
+
+
+def test_the_served_routing_benchmark_gives_every_router_every_chunk_side_by_side():
+    from loadgen.bench_routing import chunked, schedule, slo_trace
+    from loadgen.traces import rescale
+    trace = rescale(slo_trace(10, 0.03, 0.003), 1.0, 4.0)
+    parts = chunked(trace, 3)
+    assert [r.request_id for p in parts for r in p] == [r.request_id for r in trace]
+    assert all(p[0].arrived_at == 0 and [r.arrived_at for r in p] == sorted(r.arrived_at for r in p) for p in parts)
+    gaps = [b.arrived_at - a.arrived_at for p in parts for a, b in zip(p, p[1:])]
+    assert gaps == [b.arrived_at - a.arrived_at for a, b in zip(trace, trace[1:]) if a.request_id not in
+                    {p[-1].request_id for p in parts}]
+    routers = ("p2c", "slo", "slo-eq")
+    assert schedule(routers, 0, False, 1) == [((n,), 0) for n in routers + routers[::-1]]
+    assert schedule(routers, 1, False, 1) == [((n,), 0) for n in routers[::-1] + routers]
+    steps = schedule(routers, 0, False, 4)
+    for c in range(4):  # each chunk twice per router, and each chunk's turns back to back within a pass
+        assert sorted(n for (n,), k in steps if k == c) == sorted(routers * 2)
+    assert [k for _, k in steps] == [c for _ in range(2) for c in range(4) for _ in routers]
+    assert schedule(routers, 0, True, 2) == [(routers, 0), (routers, 1)] * 2
