@@ -10,8 +10,8 @@ from aptray.config import EngineConfig
 from aptray.request import CacheKind, Request, RequestStatus
 from aptray.sampling_params import SamplingParams
 from aptray.scheduler import make_scheduler
-from aptray.scheduler.greedy import HIDDEN, KV, Budgets, Candidates, select
-from aptray.scheduler.slo_state import SloState
+from aptray.scheduler.apt.greedy import HIDDEN, KV, Budgets, Candidates, select
+from aptray.scheduler.apt.slo_state import SloState
 from test_scheduler import _synthetic_plan, model_dir, running_hidden  # noqa: F401 (model_dir: a fixture)
 
 

@@ -6,7 +6,7 @@ from aptray.plan import StepResult
 from aptray.request import Request, RequestStatus
 from aptray.sampling_params import SamplingParams
 from aptray.scheduler.apt import AptScheduler
-from aptray.scheduler.slo_state import PRIOR_OUTPUT_TOKENS, SloState
+from aptray.scheduler.apt.slo_state import PRIOR_OUTPUT_TOKENS, SloState
 
 
 def request(rid, prompt_len=4, max_tokens=10, arrival=0.0, ttft=1.0, tbt=1.0):

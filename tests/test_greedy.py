@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from aptray.scheduler.greedy import HIDDEN, KV, NONE, UPGRADE, Budgets, Candidates, build_items, select
+from aptray.scheduler.apt.greedy import HIDDEN, KV, NONE, UPGRADE, Budgets, Candidates, build_items, select
 
 
 @st.composite

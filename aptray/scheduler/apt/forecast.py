@@ -12,7 +12,7 @@ from aptray.cache.block_manager import BlockManager
 from aptray.request import CacheKind
 from aptray.scheduler.apt.features import (WaitingFeatures, ints, is_hidden, max_tokens_of, num_tokens_of,
                                            outputs_of, request_id)
-from aptray.scheduler.slo_state import SloState
+from aptray.scheduler.apt.slo_state import SloState
 
 ARRIVALS_SEEN = 64  # arrival times kept to estimate the arrival rate
 LOAD_SIGMAS = 2.0  # KV for everyone must fit the pool this many standard deviations above the mean load

@@ -29,8 +29,8 @@ from aptray.scheduler.apt.prefix import admission
 from aptray.scheduler.apt.pricing import Pricing
 from aptray.scheduler.apt.view import IterationView
 from aptray.scheduler.base import Scheduler
-from aptray.scheduler.greedy import NONE, Budgets, Candidates, select
-from aptray.scheduler.slo_state import SloState
+from aptray.scheduler.apt.greedy import NONE, Budgets, Candidates, select
+from aptray.scheduler.apt.slo_state import SloState
 from aptray.scheduler.step_cost import StepCostModel, binding_tbt_budget
 
 
