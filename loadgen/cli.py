@@ -89,7 +89,7 @@ def cmd_sweep(args) -> None:
     clients = {parse_policy(p)[0]: make_client(args, p) for p in specs}
     policies = list(clients)
     if args.sim:  # fit the cost model once, before the workers fork
-        from aptray.sim.gpus import get_gpu
+        from aptray.sim.measured import get_gpu
         from aptray.sim.measured import hardware_for_gpu
         hardware_for_gpu(get_gpu(args.gpu), args.step_overhead)
     trace = base_trace(args)

@@ -108,7 +108,8 @@ class SimClient(Client):
         self.max_sim_time = max_sim_time
 
     def run(self, trace: list[TraceRequest], progress=None) -> RunResult:
-        from aptray.sim.runner import SimRequest, simulate
+        from aptray.sim.outcomes import SimRequest
+        from aptray.sim.runner import simulate
 
         hardware, overhead = None, self.step_overhead
         if self.calibration:

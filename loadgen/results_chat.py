@@ -66,7 +66,7 @@ def run_sim(mode: str = "quick", workers: int = 2, rel_tol: float = 0.05) -> lis
     import multiprocessing as mp
 
     from aptray.sim.fit import hardware_for
-    from aptray.sim.gpus import get_gpu
+    from aptray.sim.measured import get_gpu
     from loadgen.run_setup import base_trace
     hardware_for(get_gpu("a100-40gb"))  # fit once before forking
     n = SIM_REQUESTS[mode]

@@ -93,7 +93,7 @@ def jobs(groups, datasets, num_requests: int, cv: float, rel_tol: float) -> list
 def run(groups=GROUPS, datasets=tuple(DATASETS), num_requests: int = 250, workers: int = 2, cv: float = 1.0,
         rel_tol: float = 0.05, log=print) -> dict:
     from aptray.sim.fit import hardware_for
-    from aptray.sim.gpus import get_gpu
+    from aptray.sim.measured import get_gpu
     from loadgen.run_setup import base_trace
     from loadgen.results_sim import sweep_args
     todo = jobs(groups, datasets, num_requests, cv, rel_tol)

@@ -67,7 +67,7 @@ def run_router(job) -> dict:
 def run_all(replica_counts: list[int], labels: list[str], per_replica: int, cv: float, rel_tol: float, policy: str,
             workers: int) -> list[dict]:
     from aptray.sim.fit import hardware_for
-    from aptray.sim.gpus import get_gpu
+    from aptray.sim.measured import get_gpu
     from loadgen.run_setup import base_trace
     hardware_for(get_gpu("a100-40gb"))  # fit once before forking
     for n in replica_counts:

@@ -116,7 +116,7 @@ def run_policy(job) -> dict:
 def run_all(setups: list[Setup], policies: list[str], num_requests: int, cv: float, rel_tol: float,
             workers: int) -> list[dict]:
     from aptray.sim.fit import hardware_for
-    from aptray.sim.gpus import get_gpu
+    from aptray.sim.measured import get_gpu
     from loadgen.run_setup import base_trace
     for gpu in {s.gpu for s in setups}:
         hardware_for(get_gpu(gpu))  # fit once before forking

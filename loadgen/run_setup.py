@@ -66,7 +66,7 @@ def config_factory(args, spec: str):
         config = EngineConfig(model=model, scheduler=policy, tensor_parallel_size=args.tp, pipeline_parallel_size=pp,
                               ttft_slo=args.ttft_slo, tbt_slo=args.tbt_slo, **kwargs)
         if sharded:
-            from aptray.sim.runner import shard_hidden
+            from aptray.sim.hidden_sharding import shard_hidden
             shard_hidden(config, "hybrid" if wanted == "auto" else wanted)
         return config
     return make

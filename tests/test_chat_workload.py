@@ -116,7 +116,8 @@ def test_chat_trace_is_a_closed_loop_per_conversation(tmp_path):
 def test_simulated_turns_follow_their_predecessors_and_hit_the_cache():
     from aptray.config import EngineConfig
     from aptray.sim import configs_dir
-    from aptray.sim.runner import SimRequest, simulate
+    from aptray.sim.outcomes import SimRequest
+    from aptray.sim.runner import simulate
     import os
 
     trace = make_trace(chat_samples(64), rate=1.0, think_time=0.3)
@@ -141,7 +142,8 @@ def test_simulated_follow_up_hits_the_blocks_of_the_reply_it_resends():
     of 16), where resending the stream alone would find only the prompt's 2."""
     from aptray.config import EngineConfig
     from aptray.sim import configs_dir
-    from aptray.sim.runner import SimRequest, simulate
+    from aptray.sim.outcomes import SimRequest
+    from aptray.sim.runner import simulate
     import os
 
     reqs = [SimRequest("t0", 0.0, 32, 40, 1.0, 1.0, "c"), SimRequest("t1", 0.0, 80, 4, 1.0, 1.0, "c", after="t0")]

@@ -104,7 +104,7 @@ def test_step_profile_prices_the_simulator(smoke, monkeypatch):
     from aptray.config import EngineConfig
     from aptray.plan import BatchPlan, SeqPlan
     from aptray.sim.calibrate import Calibration, predict, StepSample
-    from aptray.sim.gpus import get_gpu
+    from aptray.sim.measured import get_gpu
     from aptray.sim.measured import DIR_ENV
     from aptray.sim.runner import build_engine
     from loadgen.cli import main as loadgen_main

@@ -357,7 +357,7 @@ def test_load_tracker_reports_a_named_prefix_while_its_last_prompt_block_is_cach
 @pytest.mark.parametrize("routing", ["p2c", "slo"])
 def test_cluster_simulation_serves_every_request_on_one_clock(routing):
     from aptray.sim.cluster import simulate_cluster
-    from aptray.sim.runner import SimRequest
+    from aptray.sim.outcomes import SimRequest
     rng = random.Random(1)
     reqs = [SimRequest(f"r{i}", i * 0.05, rng.randint(20, 600), rng.randint(5, 60), 0.25, 0.1) for i in range(60)]
     run = simulate_cluster(_sim_config(), reqs, 3, routing, seed=0)
@@ -376,7 +376,7 @@ def test_cluster_simulation_serves_every_request_on_one_clock(routing):
 def _conversations(n: int, turns: int = 3, think: float = 0.5) -> list:
     """n conversations of `turns` turns: each turn resends the last prompt, its 20-token reply and 50
     new tokens, think seconds after the last turn ends."""
-    from aptray.sim.runner import SimRequest
+    from aptray.sim.outcomes import SimRequest
     reqs = []
     for c in range(n):
         prompt, after = 100, None
@@ -411,7 +411,7 @@ def test_cluster_simulation_replays_conversations_as_a_closed_loop(routing):
 
 def test_cluster_simulation_sheds_what_no_replica_can_meet():
     from aptray.sim.cluster import SHED, simulate_cluster
-    from aptray.sim.runner import SimRequest
+    from aptray.sim.outcomes import SimRequest
     warm = [SimRequest(f"w{i}", 0.0, 300, 50, 10.0, 10.0) for i in range(4)]  # the estimator learns step costs
     burst = [SimRequest(f"r{i}", 2.0, 1000, 20, 0.25, 0.1) for i in range(40)]
     run = simulate_cluster(_sim_config(), warm + burst, 2, "slo", shed_unmeetable=True)

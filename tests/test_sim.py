@@ -95,7 +95,7 @@ def test_cost_model_physics():
 
 def small_trace(n=60, seed=0, rate=3.0):
     from loadgen.arrivals import arrival_times
-    from aptray.sim.runner import SimRequest
+    from aptray.sim.outcomes import SimRequest
     rng = np.random.default_rng(seed)
     times = arrival_times(rate, 1.0, n, seed)
     return [SimRequest(f"r{i}", float(t), int(rng.integers(16, 900)), int(rng.integers(2, 300)), 0.5, 0.2)
@@ -249,7 +249,8 @@ def test_sharded_hidden_terms_and_memory():
 
 
 def test_sharded_hidden_config_and_pool():
-    from aptray.sim.runner import build_engine, hidden_is_sharded, shard_hidden
+    from aptray.sim.hidden_sharding import hidden_is_sharded, shard_hidden
+    from aptray.sim.runner import build_engine
     path = os.path.join(configs_dir(), "opt-30b")
     plain = EngineConfig(model=path, scheduler="apt", cache_mode="auto", tensor_parallel_size=2)
     assert plain.cache_mode == "kv" and not hidden_is_sharded(plain)  # replicated hidden: r = 1 per rank

@@ -10,7 +10,8 @@ from aptray.config import EngineConfig
 from aptray.sampling_params import SamplingParams
 from aptray.sim import configs_dir
 from aptray.sim.decision_time import DecisionClock, DecisionCost, decision_cost, load_profile, profile_key
-from aptray.sim.runner import SimRequest, build_engine, simulate
+from aptray.sim.outcomes import SimRequest
+from aptray.sim.runner import build_engine, simulate
 
 
 def config(policy="fcfs", **kw):

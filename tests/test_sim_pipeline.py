@@ -13,7 +13,8 @@ from aptray.sim.cost_model import StageWork
 from aptray.sim.gpus import GPUS
 from aptray.sim.memory import block_bytes, plan_memory, stage_memory, weight_bytes
 from aptray.sim.pipeline import PipelineTimeline
-from aptray.sim.runner import SimRequest, simulate
+from aptray.sim.outcomes import SimRequest
+from aptray.sim.runner import simulate
 
 
 def model(name):

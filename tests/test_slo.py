@@ -11,7 +11,7 @@ from aptray.request import Request
 from aptray.sampling_params import SamplingParams
 from aptray.scheduler.apt.slo_state import SloState
 from aptray.serve.metrics import ServingMetrics
-from aptray.sim.runner import certain_miss
+from aptray.sim.outcomes import certain_miss
 from aptray.slo import attained, percentile, slow_gaps_to_miss, tbt_p99
 from loadgen.metrics import RequestRecord
 

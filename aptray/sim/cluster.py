@@ -1,7 +1,7 @@
 """Several replicas on one virtual clock: the simulator's multi-replica mode.
 
 Each replica is exactly what a single-replica run simulates (runner.build_engine: the real Engine
-and scheduler over a SimExecutor with its own VirtualClock, stepped by runner._lean_step). This
+and scheduler over a SimExecutor with its own VirtualClock, stepped by runner.lean_step). This
 module only decides which replica steps next (the one whose clock is earliest; an arrival first
 when it comes no later) and where each arriving request goes:
 
@@ -34,8 +34,9 @@ from aptray.serve.routing_policy import STALE, RequestHint, SentLog, rank
 from aptray.serve.ttft_estimate import LoadTracker, predict_ttft
 from aptray.sim.arrivals import Arrivals
 from aptray.sim.fit import HardwareFit
-from aptray.sim.runner import (MAX_STEPS_WITHOUT_TOKEN, SimOutcome, SimRequest, SimRun, Turns, _lean_step, _stats,
-                               build_engine, certain_miss)
+from aptray.sim.outcomes import (MAX_STEPS_WITHOUT_TOKEN, SimOutcome, SimRequest, SimRun, Turns, certain_miss,
+                                 scheduler_stats)
+from aptray.sim.runner import build_engine, lean_step
 
 ROUTINGS = ("p2c", "slo")
 SHED = "shed"  # a request refused by shed_unmeetable (routed count key)
@@ -201,7 +202,7 @@ def simulate_cluster(config: EngineConfig, requests: list[SimRequest], replicas:
         k = min(range(len(reps)), key=lambda j: reps[j].clock.now if reps[j].busy else math.inf)
         rep = reps[k]
         stats.advance(rep.clock.now)
-        got = _lean_step(rep.engine, rep.observed, rep.clock, outcomes, done_of[k])
+        got = lean_step(rep.engine, rep.observed, rep.clock, outcomes, done_of[k])
         steps += 1
         if got is None:
             rep.stuck = True
@@ -219,7 +220,7 @@ def simulate_cluster(config: EngineConfig, requests: list[SimRequest], replicas:
         outcomes[r.request_id] = SimOutcome(r.request_id, end, "unfinished")
     sched: Counter = Counter()
     for rep in reps:
-        sched.update({k: v for k, v in _stats(rep.engine.scheduler).items() if isinstance(v, int)})
+        sched.update({k: v for k, v in scheduler_stats(rep.engine.scheduler).items() if isinstance(v, int)})
     return ClusterRun([outcomes[r.request_id] for r in reqs if r.request_id in outcomes], end - start, stopped,
                       steps, sum(r.executor.busy_time for r in reps), dict(sched), reps[0].executor.num_blocks,
                       stalled, decision_time=sum(r.executor.decision_time for r in reps), routed=dict(routed),

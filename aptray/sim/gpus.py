@@ -40,14 +40,3 @@ def gpu_key(device_name: str) -> str:
         if part in device_name:
             return key
     return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-
-
-def get_gpu(name: str) -> GpuSpec:
-    """A known GPU, or a device that only a measured profile describes (aptray.sim.measured)."""
-    spec = GPUS.get(name.lower())
-    if spec is None:
-        from aptray.sim.measured import measured_gpu
-        spec = measured_gpu(name)
-    if spec is None:
-        raise ValueError(f"unknown gpu {name!r}; known: {', '.join(GPUS)} (or a device with a measured profile)")
-    return spec

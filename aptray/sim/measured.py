@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from aptray.sim.gpus import GpuSpec
+from aptray.sim.gpus import GPUS, GpuSpec
 
 MEASURED_DIR = os.path.join(os.path.dirname(__file__), "data", "measured")
 DIR_ENV = "APTRAY_MEASURED_DIR"  # another folder to read profiles from (a gpu_check run's output)
@@ -35,6 +35,14 @@ def measured_gpu(name: str) -> GpuSpec | None:
         return None
     dev = cal.meta["device"]
     return GpuSpec(name.lower(), int(dev["memory_bytes"]), float(dev["hbm_bandwidth"]), float(dev["peak_flops"]), "", "")
+
+
+def get_gpu(name: str) -> GpuSpec:
+    """A known GPU (aptray.sim.gpus.GPUS), or a device that only a measured profile describes."""
+    spec = GPUS.get(name.lower()) or measured_gpu(name)
+    if spec is None:
+        raise ValueError(f"unknown gpu {name!r}; known: {', '.join(GPUS)} (or a device with a measured profile)")
+    return spec
 
 
 def hardware_for_gpu(gpu: GpuSpec, step_overhead: float):

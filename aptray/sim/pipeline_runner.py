@@ -22,11 +22,12 @@ from aptray.sim.cost_model import CostModel
 from aptray.sim.decision_time import DecisionClock, decision_cost
 from aptray.sim.executor import VirtualClock
 from aptray.sim.fit import HardwareFit, hardware_for
-from aptray.sim.gpus import get_gpu
+from aptray.sim.hidden_sharding import hidden_is_sharded
+from aptray.sim.measured import get_gpu
 from aptray.sim.memory import stage_memory
+from aptray.sim.outcomes import (MAX_STEPS_WITHOUT_TOKEN, TOKEN_ID, SimOutcome, SimRequest, SimRun, add_request,
+                                 apply_result, certain_miss)
 from aptray.sim.pipeline import PipelineSimExecutor
-from aptray.sim.runner import (MAX_STEPS_WITHOUT_TOKEN, TOKEN_ID, SimOutcome, SimRequest, SimRun, add_request,
-                               apply_result, certain_miss, hidden_is_sharded)
 
 
 def build_pipeline(config: EngineConfig, gpu: str, step_overhead: float = 1e-3,
