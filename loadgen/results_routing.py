@@ -135,7 +135,7 @@ def cpu_section(cpu: dict) -> list[str]:
         lines += [f"{n} replicas:", "", "| router | " + " | ".join(f"{float(r):.3g}" for r in rates)
                   + " | effective (req/s) |", "|" + " --- |" * (len(rates) + 2)]
         for name in routers:
-            cells = [f"{run['rates'][r][name]['attainment']:.2f}" for r in rates]
+            cells = [f"{run['rates'][r][name]['attainment']:.3f}" for r in rates]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {run['effective_throughput_rps'][name]:.2f} |")
         lines.append("")
     refused = [f"{n} replicas, {name} at {float(rate):.3g} req/s: " + "; ".join(f"{k} ({v})" for k, v in c[name]["errors"].items())
@@ -166,8 +166,8 @@ def targets(sim: dict | None, cpu: dict | None) -> list[str]:
             rates = run["rates"]
             for name in ours:
                 worse = [r for r in rates if rates[r][name]["attainment"] < rates[r]["p2c"]["attainment"]]
-                detail = "; lower at " + ", ".join(f"{float(r):g} req/s ({rates[r][name]['attainment']:.2f} against "
-                                                   f"{rates[r]['p2c']['attainment']:.2f})" for r in worse) if worse else ""
+                detail = "; lower at " + ", ".join(f"{float(r):g} req/s ({rates[r][name]['attainment']:.3f} against "
+                                                   f"{rates[r]['p2c']['attainment']:.3f})" for r in worse) if worse else ""
                 lines.append(f"- served, {n} replicas: {name} attainment >= p2c at {len(rates) - len(worse)} of "
                              f"{len(rates)} rates (target: every rate{' at 2 replicas' if n == '2' else ''}: "
                              f"{'met' if not worse else 'missed'}){detail}")
