@@ -7,10 +7,14 @@ For each replica count, one Ray cluster on this machine serves two copies of the
 (aptray/serve/slo_router.py), /slo-eq with aptray's counting predictions within a tenth of the SLO
 as equal (`routing_equal_ttft_fraction`, the fewest requests in flight first among them). Rate by
 rate, the same trace goes to each twice, in the order A B C C B A (reversed every other rate), so
-that a machine shared with other work drifts alike for all; attainment is over both passes. With
---together each pass sends the trace to every router at once instead: a slow spell of the machine
-(they last minutes here) then falls on all routers alike, and each router's replicas share the
-cores with the others'.
+that a drift of the served system or the machine falls alike on all; attainment is over both
+passes. With --together each pass sends the trace to every router at once instead: whatever drifts
+over minutes then falls on all routers alike, and each router's replicas share the cores with the
+others'. On these 2 cores two passes of one router on the same requests can differ by more than
+the routers do (docs/SERVING.md, "Routing and autoscaling across replicas"). With --chunks K each
+pass is cut into K runs of consecutive arrivals, each starting at time 0 on an idle system, and
+the routers take turns chunk by chunk (the order reversed at each chunk), so that they replay the
+same requests within a minute of each other.
 Requests go through streaming HTTP (loadgen.clients.HttpStreamClient, which sends each request's
 TTFT SLO in the body and as the x-aptray-ttft-ms header).
 
@@ -173,11 +177,11 @@ def main(argv=None) -> None:
     p.add_argument("--num-requests", type=int, default=80, help="requests per pass (each router makes two)")
     p.add_argument("--routers", default=",".join(ROUTERS), help=f"some of {','.join(ROUTERS)}")
     p.add_argument("--together", action="store_true",
-                   help="each pass sends the trace to every router at once, so that the machine's slow spells fall "
+                   help="each pass sends the trace to every router at once, so that whatever drifts over minutes falls "
                         "on all alike (each router's replicas then share the cores with the others')")
     p.add_argument("--chunks", type=int, default=1,
                    help="cut each pass into this many runs of consecutive arrivals and let the routers take turns "
-                        "chunk by chunk, so that a slow spell of the machine falls on all alike")
+                        "chunk by chunk, so that whatever drifts over minutes falls on all alike")
     p.add_argument("--out-dir", default=OUT_DIR)
     a = p.parse_args(argv)
     import torch

@@ -110,13 +110,13 @@ def cpu_section(cpu: dict) -> list[str]:
     s, routers = cpu["slos"], routers_of(cpu)
     equal = cpu.get("routers", {}).get("slo-eq", {}).get("routing_equal_ttft_fraction")
     order = " ".join("ABC"[:len(routers)]) + " " + " ".join("ABC"[:len(routers)][::-1])
-    passes = ("each rate replays the same trace to every router at once, twice (the machine's slow spells fall on "
+    passes = ("each rate replays the same trace to every router at once, twice (whatever drifts over minutes falls on "
               "all alike; each router's replicas share the cores with the others'), attainment over both passes"
               if cpu.get("together") else f"each rate replays the same trace to each router twice, in the order "
               f"{order} (reversed every other rate), attainment over both passes")
     if cpu.get("chunks", 1) > 1:
         passes += (f"; each pass is cut into {cpu['chunks']} chunks of consecutive arrivals and the routers take "
-                   "turns chunk by chunk (the order reversed at each chunk), so that a slow spell of the machine "
+                   "turns chunk by chunk (the order reversed at each chunk), so that whatever drifts over minutes "
                    "falls on all alike")
     lines = [f"### Served on this machine's CPU: {', '.join(cpu['runs'])} replicas through HTTP", "",
              f"`{cpu['command']}` ({cpu['stamp']}, {cpu['elapsed_s'] / 60:.0f} min; 2 shared cores). One Ray cluster "
