@@ -10,7 +10,7 @@ from aptray.config import EngineConfig
 from aptray.engine import Engine, StepFailed
 from aptray.executor.local import LocalExecutor
 from aptray.outputs import RequestOutput
-from aptray.sampling_params import SamplingParams
+from aptray.sampling_params import SamplingParams, check_text
 from aptray.startup_heap import freeze_startup_heap
 
 logger = logging.getLogger("aptray")
@@ -61,7 +61,7 @@ class LLM:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("skip_tokenizer_init=True: give prompts as {'prompt_token_ids': [...]}")
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.tokenizer.encode(check_text(prompt, "prompt"))
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return None, list(prompt["prompt_token_ids"])
         raise TypeError("a prompt is a string or {'prompt_token_ids': [...]}")
@@ -85,6 +85,10 @@ class LLM:
     def chat(self, messages, sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"}) or a list of them, through the chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        for message in (m for c in conversations for m in c if isinstance(m, dict)):
+            for key, value in message.items():
+                if isinstance(value, str):
+                    check_text(value, key)
         prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                    for c in conversations]
         return self.generate([{"prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False)}

@@ -22,6 +22,16 @@ class InvalidRequest(ValueError):
         self.param = param
 
 
+def check_text(text: str, param: str | None = None) -> str:
+    """text, if it is Unicode text. A Python str (or JSON's escapes) can hold a lone surrogate
+    ("\\ud800"), which no tokenizer, chat template or UTF-8 reply can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequest(f"not Unicode text: a lone surrogate at character {e.start}", param) from None
+    return text
+
+
 def check_prompt(ids, context: int, vocab_size: int, limit: int | None = None) -> None:
     """A prompt the model can take: not empty, leaving room to generate (and within `limit` tokens,
     a server's own limit), every id in the vocabulary."""

@@ -141,3 +141,15 @@ def test_stop_strings_cut_where_a_full_decode_would_and_decode_each_token_once(l
     finally:
         del tok.decode
     assert len(out.token_ids) == 60 and sum(decoded) < 6 * 60, sum(decoded)  # whole decodes: 1,830 tokens
+
+
+def test_a_prompt_or_message_that_is_not_unicode_text_is_refused_by_name(llm):
+    """A Python str can hold a lone surrogate, which the tokenizer cannot take (it raised its own
+    TypeError); the served APIs refuse the same with 422 (tests/test_fuzz.py)."""
+    with pytest.raises(ValueError, match="not Unicode text: a lone surrogate at character 3"):
+        llm.generate("abc\ud800")
+    with pytest.raises(ValueError, match="lone surrogate at character 0") as e:
+        llm.chat([{"role": "user", "content": "\udfff hi"}])
+    assert e.value.param == "content"
+    out = llm.generate("abc", SamplingParams(max_tokens=3, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 3

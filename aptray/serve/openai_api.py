@@ -7,18 +7,10 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-
-def _unicode(s: str) -> str:
-    """JSON's escapes can spell a lone surrogate ("\\ud800"), which is no Unicode text: the tokenizer
-    and the chat template cannot take it, and a reply could not encode it."""
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"not Unicode text: a lone surrogate at character {e.start}") from None
-    return s
+from aptray.sampling_params import check_text
 
 
-Text = Annotated[str, AfterValidator(_unicode)]  # a string field the server reads
+Text = Annotated[str, AfterValidator(lambda s: check_text(s))]  # a string field the server reads: Unicode text
 
 
 def _if_asked():
