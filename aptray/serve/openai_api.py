@@ -10,7 +10,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from aptray.sampling_params import check_text
 
 
-Text = Annotated[str, AfterValidator(lambda s: check_text(s))]  # a string field the server reads: Unicode text
+def unicode_text(s: str) -> str:
+    return check_text(s)  # one argument: pydantic would pass its ValidationInfo as a second
+
+
+Text = Annotated[str, AfterValidator(unicode_text)]  # a string field the server reads (its name shows in errors)
 
 
 def _if_asked():
