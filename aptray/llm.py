@@ -61,7 +61,7 @@ class LLM:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("skip_tokenizer_init=True: give prompts as {'prompt_token_ids': [...]}")
-            return prompt, self.tokenizer.encode(check_text(prompt, "prompt"))
+            return prompt, self.tokenizer.encode(check_text(prompt, param="prompt"))
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return None, list(prompt["prompt_token_ids"])
         raise TypeError("a prompt is a string or {'prompt_token_ids': [...]}")
@@ -88,7 +88,7 @@ class LLM:
         for message in (m for c in conversations for m in c if isinstance(m, dict)):
             for key, value in message.items():
                 if isinstance(value, str):
-                    check_text(value, key)
+                    check_text(value, param=key)
         prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                    for c in conversations]
         return self.generate([{"prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False)}

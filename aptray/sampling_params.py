@@ -22,7 +22,7 @@ class InvalidRequest(ValueError):
         self.param = param
 
 
-def check_text(text: str, param: str | None = None) -> str:
+def check_text(text: str, *, param: str | None = None) -> str:
     """text, if it is Unicode text. A Python str (or JSON's escapes) can hold a lone surrogate
     ("\\ud800"), which no tokenizer, chat template or UTF-8 reply can take."""
     try:

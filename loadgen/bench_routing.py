@@ -40,6 +40,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -63,8 +64,6 @@ OUT_DIR = "docs/results"
 
 def slo_trace(num_requests: int, prefill_s: float, step_s: float, seed: int = 0) -> list[TraceRequest]:
     """ShareGPT lengths within the 512-token context, each with a tight or a relaxed SLO."""
-    from dataclasses import replace
-
     from loadgen.results_cpu import dataset_trace
     base = dataset_trace("sharegpt", num_requests, seed)
     tight = np.random.default_rng(seed + 1).random(len(base)) < 0.5
@@ -119,7 +118,6 @@ def replay_together(base_url: str, names, trace) -> dict:
 
 def chunked(trace: list[TraceRequest], k: int) -> list[list[TraceRequest]]:
     """k runs of consecutive arrivals, each starting at time 0."""
-    from dataclasses import replace
     out = []
     for part in np.array_split(np.arange(len(trace)), k):
         t0 = trace[part[0]].arrived_at
@@ -140,11 +138,11 @@ def schedule(routers: tuple[str, ...], k: int, together: bool, chunks: int) -> l
     return steps
 
 
-def run_rate(base_url: str, trace, rate: float, steps: list[tuple[tuple[str, ...], int]], chunks: int = 1) -> dict:
+def run_rate(base_url: str, trace, rate: float, steps: list[tuple[tuple[str, ...], int]]) -> dict:
     """Each (group of routers, chunk) of `steps` in turn (a group's routers at once on the chunk of the
     trace at this rate); per router, the summary of all its passes."""
     records, passes, routed = {}, {}, {}
-    parts = chunked(rescale(trace, rate, CV, seed=0), chunks)
+    parts = chunked(rescale(trace, rate, CV, seed=0), 1 + max(c for _, c in steps))
     for names, c in steps:
         before = {name: routed_counts(f"{base_url}/{name}") for name in names}
         began = time.strftime("%H:%M:%S")
@@ -216,7 +214,7 @@ def main(argv=None) -> None:
         try:
             curves = {}
             for k, rate in enumerate(rates):
-                curves[str(rate)] = run_rate(url, trace, rate, schedule(routers, k, a.together, a.chunks), a.chunks)
+                curves[str(rate)] = run_rate(url, trace, rate, schedule(routers, k, a.together, a.chunks))
         finally:
             stop()
         eff = {name: crossing_rate({float(r): c[name]["attainment"] for r, c in curves.items()}) for name in routers}

@@ -10,11 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from aptray.sampling_params import check_text
 
 
-def unicode_text(s: str) -> str:
-    return check_text(s)  # one argument: pydantic would pass its ValidationInfo as a second
-
-
-Text = Annotated[str, AfterValidator(unicode_text)]  # a string field the server reads (its name shows in errors)
+Text = Annotated[str, AfterValidator(check_text)]  # a string field the server reads
 
 
 def _if_asked():

@@ -28,14 +28,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from aptray.config import EngineConfig
-from aptray.sampling_params import SamplingParams
 from aptray.serve.prefix_key import prefix_tag
 from aptray.serve.routing_policy import STALE, RequestHint, SentLog, rank
 from aptray.serve.ttft_estimate import LoadTracker, predict_ttft
 from aptray.sim.arrivals import Arrivals
 from aptray.sim.fit import HardwareFit
 from aptray.sim.outcomes import (MAX_STEPS_WITHOUT_TOKEN, SimOutcome, SimRequest, SimRun, Turns, certain_miss,
-                                 scheduler_stats)
+                                 sampling_of, scheduler_stats)
 from aptray.sim.runner import build_engine, lean_step
 
 ROUTINGS = ("p2c", "slo")
@@ -187,11 +186,8 @@ def simulate_cluster(config: EngineConfig, requests: list[SimRequest], replicas:
                 routed[SHED] += 1
                 refused(req, now, "shed: predicted TTFT over its SLO")
                 continue
-            prompt = turns.prompt(req)
-            sp = SamplingParams(temperature=0.0, max_tokens=req.output_len, ignore_eos=True, ttft_slo=req.ttft_slo,
-                                tbt_slo=req.tbt_slo)
             try:
-                admitted = rep.engine.add_request(req.request_id, prompt, sp, arrival_time=now)
+                admitted = rep.engine.add_request(req.request_id, turns.prompt(req), sampling_of(req), arrival_time=now)
             except ValueError as e:
                 refused(req, now, str(e))
                 continue

@@ -133,13 +133,16 @@ class Turns:
         self.arrivals.ended(request_id, now, said)
 
 
+def sampling_of(r: SimRequest) -> SamplingParams:
+    """What r asks of the engine: exactly output_len greedy tokens, with its SLOs."""
+    return SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True,
+                          ttft_slo=r.ttft_slo, tbt_slo=r.tbt_slo)
+
+
 def add_request(engine: Engine, r: SimRequest, outcomes: dict) -> None:
     """Hand r to the engine (its prompt: request_prompt); a refusal is its outcome."""
     outcomes[r.request_id] = SimOutcome(r.request_id, r.arrival_time, "unfinished")
-    prompt = request_prompt(r)
-    sp = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True,
-                        ttft_slo=r.ttft_slo, tbt_slo=r.tbt_slo)
     try:
-        engine.add_request(r.request_id, prompt, sp, arrival_time=r.arrival_time)
+        engine.add_request(r.request_id, request_prompt(r), sampling_of(r), arrival_time=r.arrival_time)
     except ValueError as e:
         outcomes[r.request_id].status, outcomes[r.request_id].error = "rejected", str(e)

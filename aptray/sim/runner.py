@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from aptray.config import EngineConfig
 from aptray.engine import Engine
-from aptray.sampling_params import SamplingParams
 from aptray.sim.arrivals import Arrivals
 from aptray.sim.cost_model import CostModel
 from aptray.sim.decision_time import DecisionClock, decision_cost
@@ -13,7 +12,7 @@ from aptray.sim.hidden_sharding import hidden_is_sharded
 from aptray.sim.measured import get_gpu, hardware_for_gpu
 from aptray.sim.memory import plan_memory
 from aptray.sim.outcomes import (MAX_STEPS_WITHOUT_TOKEN, TOKEN_ID, SimOutcome, SimRequest, SimRun, Turns, apply_result,
-                                 certain_miss, finished, scheduler_stats)
+                                 certain_miss, finished, sampling_of, scheduler_stats)
 
 
 def lean_step(engine: Engine, executor: SimExecutor, clock: VirtualClock, outcomes: dict, on_finish) -> bool:
@@ -98,11 +97,8 @@ def simulate(config: EngineConfig, requests: list[SimRequest], gpu: str = "a100-
             break
         for at, r in arrivals.pop_due(clock.now):
             outcomes[r.request_id] = SimOutcome(r.request_id, at, "unfinished")
-            prompt = turns.prompt(r)
-            sp = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True,
-                                ttft_slo=r.ttft_slo, tbt_slo=r.tbt_slo)
             try:
-                engine.add_request(r.request_id, prompt, sp, arrival_time=at)
+                engine.add_request(r.request_id, turns.prompt(r), sampling_of(r), arrival_time=at)
             except ValueError as e:
                 outcomes[r.request_id].status, outcomes[r.request_id].error = "rejected", str(e)
                 turns.ended(r.request_id, clock.now)
