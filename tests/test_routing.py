@@ -5,11 +5,13 @@ import math
 import os
 import pickle
 import random
+import time
+from dataclasses import replace
 
 import pytest
 
 from aptray.serve.routing_policy import PREFIX, SLO, UNMEETABLE, RequestHint, SentLog, rank
-from aptray.serve.ttft_estimate import ReplicaLoad, StepSpeed, predict_ttft, prefill_seconds
+from aptray.serve.ttft_estimate import ReplicaLoad, ServingDelay, StepSpeed, predict_ttft, prefill_seconds
 
 COST = (0.01, 1e-4, 1e-3)  # 10 ms a step, 0.1 ms a prefill token, 1 ms a decode
 
@@ -50,6 +52,48 @@ def test_a_full_pool_waits_for_blocks_by_the_release_curve_or_the_freed_rate():
     assert predict_ttft(load(ok=False), 1, 100.0) == math.inf
 
 
+def test_the_serving_path_adds_its_delay_per_stream_relayed_with_the_new_one():
+    relaying = load(stream_s=0.02, streams=4)
+    assert predict_ttft(relaying, 100, 100.0) == pytest.approx(predict_ttft(load(), 100, 100.0) + 5 * 0.02)
+    # requests the router sent since the snapshot are streams there too
+    assert predict_ttft(relaying, 100, 100.0, sent_tokens=20, sent_requests=2) == pytest.approx(
+        predict_ttft(load(), 100, 100.0, sent_tokens=20, sent_requests=2) + 7 * 0.02)
+
+
+def test_the_ingress_learns_the_serving_delay_per_stream_from_its_requests():
+    """Each request's time from admission to its first chunk, less the engine's prediction then, as
+    stream_s x streams (ttft_estimate.ServingDelay); a replica idle or never measured adds nothing."""
+    delay = ServingDelay()
+    assert delay.begin(100, 0) is None  # no engine load yet: nothing to subtract
+    delay.engine_load = load()
+    engine_s = predict_ttft(load(), 100, time.time())
+    for streams in (0, 3, 7, 1, 12, 5, 0, 9):
+        probe = delay.begin(100, streams)
+        assert probe.streams == streams + 1 and probe.engine_s == pytest.approx(engine_s, rel=1e-3)
+        # as if its first chunk came 4 ms per stream (itself included) after the engine's wait
+        delay.first_chunk(replace(probe, started=probe.started - engine_s - 0.004 * probe.streams))
+    assert delay.stream_s == pytest.approx(0.004, rel=0.05)
+    delay.engine_load = load(ok=False)
+    assert delay.begin(100, 0) is None  # a router being replaced predicts nothing
+
+
+def test_a_burst_of_short_prompts_spreads_when_the_serving_path_is_priced():
+    """Two decoding replicas whose fitted steps differ by 2 ms: by the steps alone, the 1 ms of
+    prefill that 10 short prompts add never outweighs it and the whole burst goes to the cheaper
+    one; with what each stream costs the serving path, the burst spreads as the streams do."""
+    def burst(stream_s: float) -> list:
+        loads = {"a": load(step_cost=(0.008, 1e-5, 1e-3), decoding=10, stream_s=stream_s),
+                 "b": load(step_cost=(0.010, 1e-5, 1e-3), decoding=10, stream_s=stream_s)}
+        sent, picks = SentLog(), []
+        for i in range(10):
+            first = rank(RequestHint(10, 1.0), loads, sent, 100.0 + i * 1e-3, 2.0).order[0]
+            sent.add(first, 10, 100.0 + i * 1e-3)
+            picks.append(first)
+        return picks
+    assert burst(0.0) == ["a"] * 10
+    assert sorted(burst(0.01)) == ["a"] * 5 + ["b"] * 5
+
+
 def test_a_cold_replica_predicts_a_burst_larger_than_its_pool_by_its_prefill():
     """Nothing running or finished yet, 60 queued prompts of 480 tokens against 128 blocks of 16:
     the new request waits for the queue's prefill, not for blocks without end (shed_unmeetable
@@ -66,10 +110,12 @@ def test_fcfs_prefills_alone_in_budget_sized_steps():
 
 
 def test_stats_round_trip_and_malformed_stats_are_ignored():
-    original = load(queued_tokens=7, held_blocks={"kv": 3}, release=((0.1, 2),), prefixes=("p",))
+    original = load(queued_tokens=7, held_blocks={"kv": 3}, release=((0.1, 2),), prefixes=("p",), stream_s=0.02,
+                    streams=3)
     assert ReplicaLoad.from_stats(original.to_stats()) == original
     for bad in (None, {}, {"taken_at": "x"}, {"taken_at": 1.0, "step_cost": [1, 2]}, {"taken_at": float("nan")},
-                {"taken_at": 1.0, "bogus": 1}, {"taken_at": 1.0, "release": [[1]]}, [1, 2]):
+                {"taken_at": 1.0, "bogus": 1}, {"taken_at": 1.0, "release": [[1]]}, [1, 2],
+                {"taken_at": 1.0, "stream_s": float("inf")}, {"taken_at": 1.0, "streams": "x"}):
         assert ReplicaLoad.from_stats(bad) is None or bad == {"taken_at": 1.0, "bogus": 1}
     assert ReplicaLoad.from_stats({"taken_at": 1.0, "bogus": 1}).taken_at == 1.0  # unknown keys: newer replicas
 
@@ -131,8 +177,8 @@ def test_sends_since_the_snapshot_spread_a_burst():
         picks.append(first)
     assert sorted(picks) == ["a"] * 3 + ["b"] * 3
     sent.remove("a", 500)
-    assert sent.since("a", 100.0, 100.01) == 1000
-    assert sent.since("a", 200.0, 200.0) == 0  # all older than the snapshot: in it already
+    assert sent.since("a", 100.0, 100.01) == (1000, 2)
+    assert sent.since("a", 200.0, 200.0) == (0, 0)  # all older than the snapshot: in it already
 
 
 def test_a_prefix_holder_goes_first_when_it_meets_the_slo():
@@ -289,7 +335,7 @@ def test_load_tracker_reads_a_real_scheduler():
         tracker.on_step(step.plan, step.result.step_time)
     snap = tracker.snapshot(engine.scheduler, executor.clock.now, executor.clock.now)
     assert snap.decoding == 3 and sum(snap.held_blocks.values()) > 0 and snap.free_blocks < snap.num_blocks
-    assert snap.release[-1][1] == sum(snap.held_blocks.values()) and tracker.speed.steps > 0
+    assert snap.release[-1][1] == sum(snap.held_blocks.values()) and tracker.speed.observations > 0
 
 
 def test_prefix_holders_remember_the_newest_keys_and_report_a_bounded_few():

@@ -17,6 +17,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import httpx  # noqa: E402
 import ray  # noqa: E402
+from ray import serve  # noqa: E402
 
 from fault_tools import descendants_named, metric  # noqa: E402
 from serve_tools import served_app  # noqa: E402
@@ -102,6 +103,17 @@ def test_requests_spread_over_both_replicas_and_are_counted(app):
     gained = {reason: routed(url, reason) - n for reason, n in before.items()}
     assert sum(gained.values()) == 8 and gained["slo"] >= 1, gained
     wait_routed(url, "no_info", 1)  # the GETs of /metrics: no SLO to read, Serve's default routed them
+
+
+def test_each_replica_reports_what_its_serving_path_adds_per_stream(app):
+    """The ingress times its requests from admission to the first chunk, less the engine's prediction
+    (ttft_estimate.ServingDelay), and reports it with its load: over HTTP it is never nothing."""
+    served = [post(app["http"]) for _ in range(8)]
+    assert set(r.headers["x-aptray-replica"] for r in served) == set(routers())
+    ingress = serve.get_deployment_handle("Ingress", "aptray")
+    for _ in range(10):  # a handle call reaches either replica
+        stats = ingress.record_routing_stats.remote().result(timeout_s=30)
+        assert 0 < stats["stream_s"] < 10 and stats["streams"] == 0, stats
 
 
 def test_a_conversations_next_turn_goes_to_the_replica_holding_its_prefix(app):

@@ -37,6 +37,7 @@ from aptray.serve.router import Router
 from aptray.serve.security import EdgeMiddleware, bearer, identity
 from aptray.serve.sse import ChatEvents, CompletionEvents, sse, usage
 from aptray.serve.store import RequestStore
+from aptray.serve.ttft_estimate import ReplicaLoad, ServingDelay
 
 logger = logging.getLogger("aptray")
 STATS_TIMEOUT_S = 2.0  # a router slower than this to report its load reports nothing this round
@@ -124,6 +125,7 @@ class Ingress:
         self._recovery: asyncio.Task | None = None
         self._routers_started = 0
         self.link = RouterLink(self._start_router, self.args.router_restart_timeout_s)
+        self.serving_delay = ServingDelay()
         # tokenizers and chat templates run here, off the event loop: a long prompt must not stall
         # every other request's stream (one thread: a tokenizer is not shared across threads safely)
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aptray-tokenize")
@@ -152,7 +154,10 @@ class Ingress:
                           prefix: str | None = None) -> Call:
         """Admission: returns the call once its request is accepted. prefix: the tag of the prompt
         prefix the client named (prefix_key.py), which the replica reports while it holds it."""
-        return await self.link.open(rid, ids, sampling, prompt, owner, prefix)
+        probe = self.serving_delay.begin(len(ids), self.link.open_calls())
+        call = await self.link.open(rid, ids, sampling, prompt, owner, prefix)
+        call.ttft_probe = probe
+        return call
 
     def check_size(self, sampling: dict, **sizes) -> None:
         """What is too big to tokenize is refused before tokenizing (RequestLimits.size_error)."""
@@ -173,9 +178,15 @@ class Ingress:
         """The tag of the prefix key raw names in its header (the one the request router read), or None."""
         return prefix_tag(raw.headers.get(PREFIX_KEY_HEADER))
 
-    def chunks(self, call: Call):
-        """Lists of chunks (those that arrived together) until the request finishes."""
-        return self.link.chunks(call)
+    async def chunks(self, call: Call):
+        """Lists of chunks (those that arrived together) until the request finishes. The first
+        one ends the timing of what the serving path added to its TTFT (ttft_estimate.ServingDelay)."""
+        async with aclosing(self.link.chunks(call)) as batches:
+            async for batch in batches:
+                if call.ttft_probe is not None:
+                    self.serving_delay.first_chunk(call.ttft_probe)
+                    call.ttft_probe = None
+                yield batch
 
     def _reject(self, e: Rejected) -> JSONResponse:
         retry_after = e.retry_after or self.args.retry_after_s
@@ -341,12 +352,14 @@ class Ingress:
         if self._replacing():
             return {"taken_at": time.time(), "ok": False}
         try:
-            return await asyncio.wait_for(self.router.load.remote(), STATS_TIMEOUT_S)
+            stats = await asyncio.wait_for(self.router.load.remote(), STATS_TIMEOUT_S)
         except RayActorError:
             self._recover_in_background()
             return {"taken_at": time.time(), "ok": False}
         except asyncio.TimeoutError:
             return None
+        self.serving_delay.engine_load = ReplicaLoad.from_stats(stats)
+        return {**stats, "stream_s": self.serving_delay.stream_s, "streams": self.link.open_calls()}
 
     async def record_autoscaling_stats(self) -> dict:
         """Attainment and TTFT pressure for the goodput autoscaling policy (autoscale.py)."""

@@ -46,6 +46,7 @@ class Call:
         prefix: the tag of the prompt prefix its client named (prefix_key.py), or None."""
         self.rid, self.ids, self.sampling, self.prompt, self.owner = rid, ids, sampling, prompt, owner
         self.prefix = prefix
+        self.ttft_probe = None  # the timing of its first chunk (ttft_estimate.ServingDelay), until it comes
         self.seen: list[int] = []  # token ids relayed to the client so far
         self.text = ""  # and their text
         self.router = None
@@ -171,6 +172,10 @@ class RouterLink:
                             fut.set_result(answer)
         finally:
             self._admitting = False
+
+    def open_calls(self) -> int:
+        """Requests this ingress relays now (admitted or being admitted, not yet ended)."""
+        return len(self._calls)
 
     def call(self, rid: str) -> Call | None:
         """The open call of request rid, if this ingress relays it."""

@@ -51,9 +51,9 @@ class Ranking:
 
 
 class SentLog:
-    """Prompt tokens this router sent each replica lately: what the replica's last snapshot cannot
-    know yet. Bursts arrive faster than stats refresh; without this every request of a burst would
-    see the same snapshot and go to the same replica."""
+    """Requests (and their prompt tokens) this router sent each replica lately: what the replica's
+    last snapshot cannot know yet. Bursts arrive faster than stats refresh; without this every
+    request of a burst would see the same snapshot and go to the same replica."""
 
     def __init__(self, keep_s: float = 30.0):
         self.keep_s = keep_s
@@ -71,13 +71,15 @@ class SentLog:
                     del log[i]
                     return
 
-    def since(self, replica_id, taken_at: float, now: float) -> int:
+    def since(self, replica_id, taken_at: float, now: float) -> tuple[int, int]:
+        """(prompt tokens, requests) sent to replica_id that a snapshot taken at taken_at may lack."""
         log = self._sent.get(replica_id)
         if not log:
-            return 0
+            return 0, 0
         while log and log[0][0] < now - self.keep_s:
             log.popleft()
-        return sum(tokens for t, tokens in log if t >= taken_at - SEND_LAG_S)
+        recent = [tokens for t, tokens in log if t >= taken_at - SEND_LAG_S]
+        return sum(recent), len(recent)
 
     def forget_others(self, live_ids) -> None:
         for rid in set(self._sent) - set(live_ids):
@@ -101,7 +103,7 @@ def rank(hint: RequestHint, loads: dict, sent: SentLog, now: float, stale_after_
     rng.shuffle(unknown)
     ids = list(fresh)
     rng.shuffle(ids)  # equal predictions: no replica is everyone's first choice
-    predicted = {rid: predict_ttft(fresh[rid], hint.prompt_tokens, now, sent.since(rid, fresh[rid].taken_at, now))
+    predicted = {rid: predict_ttft(fresh[rid], hint.prompt_tokens, now, *sent.since(rid, fresh[rid].taken_at, now))
                  for rid in ids}
     meets = sorted((rid for rid in ids if predicted[rid] <= hint.ttft_slo), key=predicted.__getitem__)
     late = sorted((rid for rid in ids if hint.ttft_slo < predicted[rid] < math.inf), key=predicted.__getitem__)

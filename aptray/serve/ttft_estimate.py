@@ -11,10 +11,18 @@ LoadTracker keeps what the snapshot needs from the engine's history (step speed,
 second, tokens per step, the named prefixes admitted: prefix_holders.py) and reads the engine's
 present through the scheduler's public state only: `waiting`, `running`, `blocks.num_free`,
 `blocks.num_blocks`, `blocks.is_cached` and the requests' fields.
+
+ServingDelay, in the ingress, learns what the serving path adds to a TTFT beyond the engine's wait.
+A streamed request also waits for its replica's ingress and the relays between the ingress and the
+engine's actor, whose event loops carry every token of every stream they relay. On a shared CPU
+that part can be most of a TTFT, and it grows with the streams a replica relays: a prediction
+without it ranks two replicas by a few milliseconds of steps and sends a whole burst of short
+prompts to one of them (docs/SERVING.md, "Routing and autoscaling across replicas").
 """
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
@@ -48,6 +56,10 @@ class ReplicaLoad:
     # (each after its max_tokens, at the current step time; a request that stops early frees sooner)
     release: tuple = ()
     prefixes: tuple = ()  # tags of the named prompt prefixes it holds cached, newest first (prefix_holders.py)
+    # what the serving path (ingress, relays) adds to a TTFT beyond the engine's wait, per stream its
+    # ingress relays with the new one (ServingDelay, below); 0 where nothing measures it (the simulator)
+    stream_s: float = 0.0
+    streams: int = 0  # requests its ingress relays now
 
     def to_stats(self) -> dict:
         """JSON-able: what record_routing_stats returns."""
@@ -66,12 +78,13 @@ class ReplicaLoad:
             load = cls(**{k: stats[k] for k in cls.__dataclass_fields__ if k in stats})
             cost = tuple(float(c) for c in load.step_cost)
             numbers = (load.taken_at, load.queued_tokens, load.queued, load.decoding, load.free_blocks,
-                       load.num_blocks, load.token_budget, load.freed_blocks_per_s, *cost)
+                       load.num_blocks, load.token_budget, load.freed_blocks_per_s, load.stream_s, load.streams, *cost)
             if len(cost) != 3 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers):
                 return None
             release = tuple((float(t), int(n)) for t, n in load.release)
             return cls(**{**asdict(load), "step_cost": cost, "release": release, "prefixes": tuple(load.prefixes),
-                          "held_blocks": dict(load.held_blocks), "block_tokens": dict(load.block_tokens)})
+                          "held_blocks": dict(load.held_blocks), "block_tokens": dict(load.block_tokens),
+                          "stream_s": max(float(load.stream_s), 0.0), "streams": max(int(load.streams), 0)})
         except (TypeError, ValueError):
             return None
 
@@ -116,19 +129,22 @@ def prefill_seconds(load: ReplicaLoad, tokens: int) -> float:
     return math.ceil(tokens / room) * per_step + tokens * c_pf
 
 
-def predict_ttft(load: ReplicaLoad, prompt_tokens: int, now: float, sent_tokens: int = 0) -> float:
+def predict_ttft(load: ReplicaLoad, prompt_tokens: int, now: float, sent_tokens: int = 0,
+                 sent_requests: int = 0) -> float:
     """Seconds from `now` to the first token of a new request of prompt_tokens on this replica.
 
-    sent_tokens: prompt tokens the caller sent there since the snapshot (not in it yet). What was
-    queued at the snapshot has drained by the time elapsed since. The request waits for the step
-    under way (half of one, on average), the queue ahead and its own prefill; and, if the free
-    blocks cannot hold all of that, for finishing requests to free the rest."""
+    sent_tokens, sent_requests: prompt tokens and requests the caller sent there since the snapshot
+    (not in it yet). What was queued at the snapshot has drained by the time elapsed since. The
+    request waits for the step under way (half of one, on average), the queue ahead and its own
+    prefill; if the free blocks cannot hold all of that, for finishing requests to free the rest;
+    and for the serving path, by the streams it will relay with this one (stream_s)."""
     if not load.ok:
         return math.inf
     age = max(0.0, now - load.taken_at)
     backlog = max(0.0, prefill_seconds(load, load.queued_tokens) - age)
-    busy = load.decoding or load.queued_tokens or sent_tokens
-    wait = (load.step_seconds() / 2 if busy else 0.0) + backlog + prefill_seconds(load, sent_tokens + prompt_tokens)
+    busy = load.decoding or load.queued_tokens or sent_tokens or sent_requests
+    wait = ((load.step_seconds() / 2 if busy else 0.0) + backlog + prefill_seconds(load, sent_tokens + prompt_tokens)
+            + load.stream_s * (load.streams + sent_requests + 1))
     need = math.ceil((load.queued_tokens + sent_tokens + prompt_tokens) / load.tokens_per_block())
     short = need - load.free_blocks
     if short > 0:
@@ -136,30 +152,31 @@ def predict_ttft(load: ReplicaLoad, prompt_tokens: int, now: float, sent_tokens:
     return min(wait, UNBOUNDED_WAIT_S)
 
 
-class StepSpeed:
-    """Step time = c0 + c_pf x prefill tokens + c_dec x decodes, least squares over recent steps
-    (each older step weighs `decay` times less). Coefficients stay >= 0; before any step, c0 is
-    the prior (the engine's fastest step, if measured)."""
+class DecayedNonNegativeFit:
+    """y = coef . x, least squares over past observations, each older one weighing `decay` times
+    less. Coefficients stay >= 0 (a cost is never negative); before any observation, and while the
+    observations cannot tell the coefficients apart, coef keeps its last value (at first, prior)."""
 
-    def __init__(self, prior_c0: float = 0.0, decay: float = 0.99, ridge: float = 1e-6):
+    def __init__(self, prior: tuple, decay: float, ridge: float = 1e-6):
         self.decay, self.ridge = decay, ridge
-        self._xtx = [[0.0] * 3 for _ in range(3)]
-        self._xty = [0.0] * 3
-        self.coef = (max(prior_c0, 0.0), 0.0, 0.0)
-        self.steps = 0
+        n = len(prior)
+        self._xtx = [[0.0] * n for _ in range(n)]
+        self._xty = [0.0] * n
+        self.coef = tuple(max(float(c), 0.0) for c in prior)
+        self.observations = 0
 
-    def observe(self, prefill_tokens: int, decodes: int, seconds: float) -> None:
-        x = (1.0, float(prefill_tokens), float(decodes))
-        for i in range(3):
-            self._xty[i] = self.decay * self._xty[i] + x[i] * seconds
-            for j in range(3):
+    def observe(self, x: tuple, y: float) -> None:
+        n = len(self._xty)
+        for i in range(n):
+            self._xty[i] = self.decay * self._xty[i] + x[i] * y
+            for j in range(n):
                 self._xtx[i][j] = self.decay * self._xtx[i][j] + x[i] * x[j]
-        self.steps += 1
+        self.observations += 1
         self.coef = self._solve()
 
     def _solve(self) -> tuple:
         """Non-negative least squares by dropping a negative coefficient and refitting the rest."""
-        active = [0, 1, 2]
+        active = list(range(len(self._xty)))
         while active:
             sol = _solve_subset(self._xtx, self._xty, active, self.ridge)
             if sol is None:
@@ -184,10 +201,22 @@ def _solve_subset(a, b, active: list[int], ridge: float) -> list[float] | None:
             if r != col:
                 f = m[r][col] / m[col][col]
                 m[r] = [x - f * y for x, y in zip(m[r], m[col])]
-    out = [0.0, 0.0, 0.0]
+    out = [0.0] * len(b)
     for k, i in enumerate(active):
         out[i] = m[k][n] / m[k][k]
     return out
+
+
+class StepSpeed(DecayedNonNegativeFit):
+    """Step time = c0 + c_pf x prefill tokens + c_dec x decodes, least squares over recent steps
+    (each older step weighs `decay` times less). Coefficients stay >= 0; before any step, c0 is
+    the prior (the engine's fastest step, if measured)."""
+
+    def __init__(self, prior_c0: float = 0.0, decay: float = 0.99, ridge: float = 1e-6):
+        super().__init__((prior_c0, 0.0, 0.0), decay, ridge)
+
+    def observe(self, prefill_tokens: int, decodes: int, seconds: float) -> None:
+        super().observe((1.0, float(prefill_tokens), float(decodes)), seconds)
 
 
 class LoadTracker:
@@ -296,3 +325,45 @@ def release_curve(leaving: list[tuple[int, int]], step_s: float) -> tuple:
         return tuple(points)
     picks = {round(k * (len(points) - 1) / (RELEASE_POINTS - 1)) for k in range(RELEASE_POINTS)}
     return tuple(points[k] for k in sorted(picks))
+
+
+SERVING_DECAY = 0.98  # per request: the last ~50 requests count most
+
+
+@dataclass(frozen=True)
+class TtftProbe:
+    """One request's measurement, begun when its admission starts."""
+    started: float  # time.monotonic()
+    engine_s: float  # the engine's predicted TTFT for it then
+    streams: int  # requests the ingress relayed then, it included
+
+
+class ServingDelay:
+    """The ingress times each request from the start of its admission to its first chunk, takes
+    away what the engine's last load predicted for it then, and fits the rest as stream_s x streams
+    (the requests it relayed when the request came, the request included), recent requests weighing
+    most. It reports stream_s and its streams with its load; predict_ttft adds stream_s x (streams +
+    requests the router sent since + 1). No constant term: a replica that relays nothing is
+    predicted no delay of this kind, so one whose estimate was learned in a burst is tried again
+    once it is idle, and learns again."""
+
+    def __init__(self):
+        self.fit = DecayedNonNegativeFit((0.0,), SERVING_DECAY)
+        self.engine_load: ReplicaLoad | None = None  # the engine's last load, as the routing stats carried it
+
+    def begin(self, prompt_tokens: int, streams: int) -> TtftProbe | None:
+        """A request of prompt_tokens starts admission while the ingress relays `streams` others;
+        None before the engine has reported a load (nothing to subtract yet)."""
+        load = self.engine_load
+        if load is None or not load.ok:
+            return None
+        return TtftProbe(time.monotonic(), predict_ttft(load, prompt_tokens, time.time()), streams + 1)
+
+    def first_chunk(self, probe: TtftProbe) -> None:
+        """The request's first chunk reached the ingress."""
+        self.fit.observe((float(probe.streams),), time.monotonic() - probe.started - probe.engine_s)
+
+    @property
+    def stream_s(self) -> float:
+        """Seconds each stream relayed (a new one included) adds to a new request's TTFT."""
+        return self.fit.coef[0]
