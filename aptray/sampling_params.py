@@ -1,5 +1,5 @@
 """What a client may ask of one generation: SamplingParams (vLLM's names and defaults) and the
-prompt a model can take (check_prompt).
+prompt a model can take (check_prompt, check_stop_token_ids).
 
 InvalidRequest names the parameter at fault, so the offline API raises it as a ValueError and the
 server answers 400 naming that parameter. What one pool or one policy cannot serve is checked
@@ -45,6 +45,13 @@ def check_prompt(ids, context: int, vocab_size: int, limit: int | None = None) -
         raise InvalidRequest(f"the prompt has {n} tokens, over the limit of {limit}", "prompt")
     if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in ids):
         raise InvalidRequest(f"prompt token ids must be in [0, {vocab_size}) (integers)", "prompt")
+
+
+def check_stop_token_ids(ids, vocab_size: int) -> None:
+    """Stop token ids the model can make: one outside the vocabulary can never match, so a request
+    naming one asked for something else (another model's ids, a sign error)."""
+    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in ids):
+        raise InvalidRequest(f"stop_token_ids must be in [0, {vocab_size}) (integers)", "stop_token_ids")
 
 
 @dataclass

@@ -27,6 +27,12 @@ def test_token_ids_outside_vocabulary(llm):
         llm.generate({"prompt_token_ids": [5, 10**6]})
 
 
+@pytest.mark.parametrize("stop_ids", [[-1], [10**6], [5, 2**63]])
+def test_stop_token_ids_outside_vocabulary(llm, stop_ids):
+    with pytest.raises(ValueError, match=r"stop_token_ids must be in \[0, "):
+        llm.generate({"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=2, stop_token_ids=stop_ids))
+
+
 @pytest.mark.parametrize("bad", [0, -3])
 def test_max_tokens_below_one(bad):
     with pytest.raises(ValueError, match="max_tokens must be an integer >= 1"):

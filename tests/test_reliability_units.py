@@ -83,6 +83,9 @@ def test_password_file(tmp_path, monkeypatch):
     ([1], {"max_tokens": 4, "top_k": 2**40}, "top_k"), ([1], {"max_tokens": 4, "stop": ["x"] * 17}, "stop"),
     ([1], {"max_tokens": 4, "stop": "y" * 300}, "stop"),
     ([1], {"max_tokens": 4, "stop_token_ids": [1] * (MAX_STOP_TOKEN_IDS + 1)}, "stop_token_ids"),
+    ([1], {"max_tokens": 4, "stop_token_ids": [2, -1]}, "stop_token_ids"),
+    ([1], {"max_tokens": 4, "stop_token_ids": [1000]}, "stop_token_ids"),
+    ([1], {"max_tokens": 4, "stop_token_ids": [2**63]}, "stop_token_ids"),
     ([1], {"max_tokens": 4, "tbt_slo": 0.0005}, "tbt_ms"), ([1], {"max_tokens": 4, "ttft_slo": 5e-324}, "ttft_ms"),
     ([1], {"max_tokens": 4, "tbt_slo": float("nan")}, "tbt_ms"),
     ([1], {"max_tokens": 4, "ttft_slo": float("inf")}, "ttft_ms")])

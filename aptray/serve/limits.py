@@ -6,14 +6,14 @@ top_k that overflows the shard contract's integers, an SLO no step can meet) wou
 
 Two stages: `size_error` runs in the ingress before tokenizing or applying a chat template (their
 cost grows with the input), `admit` in the router on the token ids (it also guards re-attaches,
-which skip the ingress's checks): the model's own rules (aptray.sampling_params: check_prompt, SamplingParams),
+which skip the ingress's checks): the model's own rules (aptray.sampling_params: check_prompt, SamplingParams, check_stop_token_ids),
 then this server's limits.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aptray.sampling_params import InvalidRequest, SamplingParams, check_prompt
+from aptray.sampling_params import InvalidRequest, SamplingParams, check_prompt, check_stop_token_ids
 
 MAX_STOP = 16  # stop strings per request
 MAX_STOP_CHARS = 256
@@ -61,13 +61,14 @@ class RequestLimits:
 
     def admit(self, ids: list[int], sampling: dict) -> tuple[dict | None, SamplingParams | None]:
         """(refusal {"error", "status", "param"}, None) or (None, the request's SamplingParams): the
-        model's rules (check_prompt, SamplingParams) and this server's limits."""
+        model's rules (check_prompt, SamplingParams, check_stop_token_ids) and this server's limits."""
         try:
             check_prompt(ids, self.context, self.vocab_size, self.max_prompt_tokens)
             refusal = _sampling_size_error(sampling)
             if refusal is not None:
                 return refusal, None
             sp = SamplingParams(**sampling)
+            check_stop_token_ids(sp.stop_token_ids, self.vocab_size)
         except InvalidRequest as e:
             return _err(str(e), e.param), None
         except TypeError as e:  # a field SamplingParams does not have
