@@ -1,17 +1,25 @@
 """apt's per-request SLO memory (torch-free): lost requests, expected decode length, and their use."""
 from types import SimpleNamespace
 
+import numpy as np
+
 from aptray.cache.block_manager import BlockManager
 from aptray.plan import StepResult
 from aptray.request import Request, RequestStatus
 from aptray.sampling_params import SamplingParams
 from aptray.scheduler.apt import AptScheduler
+from aptray.scheduler.apt.features import pending_and_violators
 from aptray.scheduler.apt.slo_state import PRIOR_OUTPUT_TOKENS, SloState
 
 
 def request(rid, prompt_len=4, max_tokens=10, arrival=0.0, ttft=1.0, tbt=1.0):
     return Request(rid, list(range(4, 4 + prompt_len)), SamplingParams(max_tokens=max_tokens, ignore_eos=True),
                    arrival, ttft, tbt)
+
+
+def expected_remaining(state, req) -> int:
+    made = len(req.output_token_ids)
+    return int(state.expected_remaining_of(np.array([made]), np.array([req.sampling.max_tokens - made]))[0])
 
 
 def test_late_first_token_or_slow_gaps_make_a_request_lost():
@@ -25,21 +33,25 @@ def test_late_first_token_or_slow_gaps_make_a_request_lost():
         slow.record_token(5, t)
         state.on_token(slow)
         assert ("slow" in state.lost) == lost
-    waiting = request("w", arrival=0.0, ttft=0.5)
-    assert state.is_lost(waiting, 0.6) and not state.is_lost(waiting, 0.4)
+    waiting = request("w", arrival=0.0, ttft=0.5)  # no token yet: a violator once past its TTFT SLO
+    assert pending_and_violators([waiting], 0.6, state.lost)[1][0]
+    assert not pending_and_violators([waiting], 0.4, state.lost)[1][0]
 
 
 def test_expected_remaining_follows_finished_lengths_and_max_tokens():
     state = SloState()
     r = request("r", max_tokens=1000)
-    assert state.expected_remaining(r) == PRIOR_OUTPUT_TOKENS
+    assert expected_remaining(state, r) == PRIOR_OUTPUT_TOKENS
     for i in range(200):
         done = request(f"d{i}", max_tokens=20)
         done.output_token_ids = [5] * 20
         done.status = RequestStatus.FINISHED_LENGTH
         state.on_finish(done)
     assert 20 <= state.mean_output < 25
-    assert state.expected_remaining(request("short", max_tokens=3)) == 3
+    assert expected_remaining(state, request("short", max_tokens=3)) == 3
+    made = request("made", max_tokens=1000)
+    made.output_token_ids = [5] * 500  # past the mean: a share of the mean is still expected
+    assert 0 < expected_remaining(state, made) < state.mean_output
 
 
 def config(**kw):

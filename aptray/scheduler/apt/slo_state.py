@@ -57,13 +57,6 @@ class SloState:
             if slow >= slow_gaps_to_miss(req.sampling.max_tokens - 1):
                 self.lost.add(rid)
 
-    def is_lost(self, req: Request, now: float) -> bool:
-        if req.request_id in self.lost:
-            return True
-        if req.first_token_time is None:
-            return now - req.arrival_time > req.ttft_slo
-        return False
-
     def on_finish(self, req: Request) -> None:
         rid = req.request_id
         self._slow.pop(rid, None)
@@ -96,15 +89,9 @@ class SloState:
         return (arrival_rate * self._token_s / self._decode_n,
                 math.sqrt(arrival_rate * self._token2_s / self._decode_n))
 
-    def expected_remaining(self, req: Request) -> int:
-        """Tokens req is expected to add: what the mean decode length leaves after what it made
-        (at least MIN_REMAINING_SHARE of the mean), never past its max_tokens."""
-        made = len(req.output_token_ids)
-        left = req.sampling.max_tokens - made
-        mean = self.mean_output
-        return max(0, min(left, int(max(mean - made, MIN_REMAINING_SHARE * mean))))
-
     def expected_remaining_of(self, made: np.ndarray, left: np.ndarray) -> np.ndarray:
-        """expected_remaining over arrays: per request, the tokens it made and may still make."""
+        """Tokens each request is expected to add, from the tokens it made and may still make: what
+        the mean decode length leaves after what it made (at least MIN_REMAINING_SHARE of the mean),
+        never past its max_tokens."""
         mean = self.mean_output
         return np.clip(np.maximum(mean - made, MIN_REMAINING_SHARE * mean).astype(np.int64), 0, left)
