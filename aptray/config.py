@@ -6,6 +6,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from aptray.model.demo import resolve_model_path
+
 logger = logging.getLogger("aptray")
 
 CACHE_MODES = ("kv", "hidden", "hybrid", "auto")  # auto: hybrid where the hidden cache pays, else kv
@@ -113,7 +115,6 @@ class EngineConfig:
         return sampling.ttft_slo or self.ttft_slo, sampling.tbt_slo or self.tbt_slo
 
     def __post_init__(self) -> None:
-        from aptray.model.demo import resolve_model_path
         self.model_path = resolve_model_path(self.model)
         if not os.path.isdir(self.model_path) or not os.path.isfile(os.path.join(self.model_path, "config.json")):
             raise FileNotFoundError(f"model path {self.model!r} is not a folder with a config.json")
