@@ -1,6 +1,6 @@
 """The results page's machinery (loadgen.make_results and its parts), in small: docs/RESULTS.md is what
-the code renders from the committed JSONs, and the simulated, routing and CPU parts run end to end on
-a few requests (the pipeline part's own test is in tests/test_sim_pipeline.py)."""
+the code renders from the committed JSONs, and the simulated, routing, CPU and multi-turn chat parts
+run end to end on a few requests (the pipeline part's own test is in tests/test_sim_pipeline.py)."""
 import glob
 import os
 import shutil
@@ -48,6 +48,29 @@ def test_the_cpu_part_runs_end_to_end(tmp_path):
     assert {r["policy"] for r in result["runs"]} == set(setup.policies)
     assert all(set(r["attainment_by_slo"]) == {"ttft", "tbt"} for r in result["runs"])
     assert "sharegpt" in "\n".join(make_results.cpu_tables(result, str(tmp_path)))
+
+
+def test_the_chat_parts_run_end_to_end_with_and_without_prefix_caching(tmp_path):
+    import dataclasses
+
+    from loadgen import results_chat, results_cpu, results_sim
+    from loadgen.conversations import MULTITURN
+    policies = results_chat.with_and_without({k: results_cpu.POLICIES[k] for k in ("fcfs", "apt-hybrid")})
+    setup = dataclasses.replace(results_chat.CPU_SETUP, context=512, num_blocks=64, policies=policies)
+    cpu = results_cpu.run([MULTITURN], [1.0], rates_by_dataset={MULTITURN: [1.0]}, num_requests=8, workers=1,
+                          setup=setup, log=lambda _: None)
+    assert {r["policy"] for r in cpu["runs"]} == set(policies)
+    cached = [r for r in cpu["runs"] if r["policy"].endswith(results_chat.PREFIX)]
+    assert cached and all(r["prefix_cache"]["hit_rate_tokens"] > 0 for r in cached)  # follow-ups hit
+    table = "\n".join(results_chat.cpu_tables(cpu, str(tmp_path)))
+    assert "| fcfs | " in table and "| apt-hybrid+prefix | " in table
+
+    sim_setup = results_chat.SIM_SETUPS[0]
+    labels = ("apt-kv", "apt-kv+prefix", "apt-hybrid", "apt-hybrid+prefix")
+    sim = [results_sim.run_policy((sim_setup, label, 24, 1.0, 0.5, results_chat.SIM_POLICIES)) for label in labels]
+    assert all(r["effective_throughput_rps"] > 0 for r in sim)
+    table = "\n".join(results_chat.sim_tables(sim, str(tmp_path)))
+    assert f"| {sim_setup.name} | apt-hybrid | " in table and "apt with hybrid prefix caching over apt with KV-only" in table
 
 
 def test_the_served_routing_benchmark_gives_every_router_every_chunk_side_by_side():
