@@ -73,6 +73,20 @@ def test_the_chat_parts_run_end_to_end_with_and_without_prefix_caching(tmp_path)
     assert f"| {sim_setup.name} | apt-hybrid | " in table and "apt with hybrid prefix caching over apt with KV-only" in table
 
 
+def test_the_pool_benchmark_compares_each_policy_with_and_without_caching_on_the_same_grid():
+    from loadgen.bench_chat_pool import summary_rows, table
+
+    def run(policy, rate, attainment, hits=None):
+        return {"policy": policy, "rate": rate, "attainment": attainment, "ttft_s": {"p50": rate / 100},
+                **({"prefix_cache": {"hit_rate_tokens": hits}} if hits is not None else {})}
+    runs = [run("fcfs", 1.0, 1.0), run("fcfs", 2.0, 0.8), run("fcfs+prefix", 1.0, 1.0, 0.9),
+            run("fcfs+prefix", 2.0, 0.95, 0.5)]
+    (row,) = summary_rows(192, {"runs": runs})
+    assert row["effective_off_rps"] == 1.5 and row["effective_on_rps"] == 2.0  # 90% crossed halfway; never
+    assert row["at_rate"] == 1.0 and row["hit_rate_tokens"] == {1.0: 0.9, 2.0: 0.5}
+    assert table([row])[-1] == "| 192 | fcfs | 1.50 | 2.00 | 1.33x | 10 / 10 | 0.90 / 0.50 |"
+
+
 def test_the_served_routing_benchmark_gives_every_router_every_chunk_side_by_side():
     from loadgen.bench_routing import chunked, schedule, slo_trace
     from loadgen.traces import rescale
