@@ -21,6 +21,8 @@ from aptray.sim.prompt_ids import follow_up_ids
 from loadgen.metrics import FINISHED, RequestRecord
 from loadgen.traces import TraceRequest
 
+REPLICA_HEADER = "x-aptray-replica:"  # aptray.serve.ingress names the replica that answered (read lowercased)
+
 
 @dataclass
 class RunResult:
@@ -339,7 +341,7 @@ class HttpStreamClient(RemoteClient):
         return head.encode() + data
 
     async def _one(self, r: TraceRequest, t0: float, idle: list) -> RequestRecord:
-        times, status, conn, error = [], "unfinished", None, ""
+        times, status, conn, error, replica = [], "unfinished", None, "", ""
         prompt = self._prompt(r)
         reply_ids = [] if self._is_followed(r, prompt) else None
         try:
@@ -349,6 +351,8 @@ class HttpStreamClient(RemoteClient):
                 writer.write(self._request(r, prompt, reply_ids is not None))
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
                 code = int(head.split(" ", 2)[1])
+                if REPLICA_HEADER in head:
+                    replica = head.split(REPLICA_HEADER, 1)[1].split("\r\n", 1)[0].strip()
                 keep = "connection: close" not in head
                 if "transfer-encoding: chunked" not in head:  # an error answer with a length
                     length = head.split("content-length:", 1)[1].split("\r\n", 1)[0] if "content-length:" in head else 0
@@ -370,7 +374,7 @@ class HttpStreamClient(RemoteClient):
             self._said_in(r, prompt, reply_ids)
         ttft, tbt = self.slos(r)
         return RequestRecord.from_token_times(r.request_id, r.arrived_at, r.num_prefill_tokens, r.num_decode_tokens,
-                                              ttft, tbt, [t - t0 for t in times], status, error=error)
+                                              ttft, tbt, [t - t0 for t in times], status, error=error, replica=replica)
 
     @staticmethod
     async def _events(reader: asyncio.StreamReader, times: list[float], ids: list[int] | None) -> tuple[str, str]:

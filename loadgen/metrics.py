@@ -55,17 +55,18 @@ class RequestRecord:
     num_tokens: int = 0  # tokens received
     num_preemptions: int = 0
     error: str = ""  # the server's message for a request it refused or failed (as far as the client saw it)
+    replica: str = ""  # the replica that answered, where the server names it (x-aptray-replica)
 
     @classmethod
     def from_token_times(cls, request_id: str, arrived_at: float, prompt_len: int, output_len: int,
                          ttft_slo: float, tbt_slo: float, token_times: list[float], status: str = FINISHED,
-                         num_preemptions: int = 0, error: str = "") -> "RequestRecord":
+                         num_preemptions: int = 0, error: str = "", replica: str = "") -> "RequestRecord":
         times = list(token_times)
         return cls(request_id, arrived_at, prompt_len, output_len, ttft_slo, tbt_slo, status,
                    ttft=times[0] - arrived_at if times else None,
                    token_gaps=[b - a for a, b in zip(times, times[1:])],
                    e2e=times[-1] - arrived_at if times else None, num_tokens=len(times),
-                   num_preemptions=num_preemptions, error=error[:ERROR_CHARS])
+                   num_preemptions=num_preemptions, error=error[:ERROR_CHARS], replica=replica)
 
     @property
     def tbt_p99(self) -> float:

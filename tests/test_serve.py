@@ -321,6 +321,8 @@ def test_loadgen_replays_a_trace_over_grpc_and_http(server):
         assert [r.num_tokens for r in res.records] == [6] * 3, type(client).__name__
         assert all(0 < r.ttft < 60 and len(r.token_gaps) == 5 for r in res.records)
         assert summarize(res.records, res.duration)["attainment"] == 1.0
+        if isinstance(client, HttpStreamClient):  # the replica that answered (x-aptray-replica); one here
+            assert len({r.replica for r in res.records}) == 1 and res.records[0].replica
 
 
 def test_loadgen_clients_keep_the_servers_message_for_a_refused_request(server):
