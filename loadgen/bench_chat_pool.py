@@ -5,8 +5,8 @@
 The results page's chat part (loadgen.results_chat, CPU_SETUP: the tiny OPT at a 2,048-token
 context, the serving thread's CPU time as the clock) at its own pool and at larger ones: for each
 pool size every policy runs with and without prefix caching on the same requests over the same
-rate grid, and the script prints, per pool and policy, effective throughput (the 90% crossing) off
-and on, their ratio, TTFT p50 off and on at the highest rate where the policy without caching keeps
+rate grid (scaled to the decode step each pool's run measures), and the script prints, per pool and
+policy, effective throughput (the 90% crossing) off and on, their ratio, TTFT p50 off and on at the highest rate where the policy without caching keeps
 90%, and the token hit rate at each rate. Between conversation turns (a think time) a conversation's
 blocks wait, unheld, for its next turn; a pool that cannot keep them while others run evicts them,
 and the follow-up prefills its whole history again.
@@ -51,6 +51,7 @@ def summary_rows(num_blocks: int, result: dict) -> list[dict]:
 
 
 def table(rows: list[dict]) -> list[str]:
+    """Rows of one pool's run (one rate grid)."""
     rates = sorted(rows[0]["hit_rate_tokens"])
     lines = ["| blocks | policy | effective off (req/s) | on | on / off | TTFT p50 off / on (ms) | token hit rate at "
              + " / ".join(f"{x:.3g}" for x in rates) + " req/s |", "|" + " --- |" * 7]
@@ -73,13 +74,13 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     rows = []
     for num_blocks in map(int, args.blocks.split(",")):
+        # each pool's run measures this machine's decode step again, and its rates follow it
         result = run_pool(num_blocks, args.policies.split(","), args.mode, args.workers, log=lambda _: None)
         rows += summary_rows(num_blocks, result)
         print("\n".join(table(summary_rows(num_blocks, result))), flush=True)
-    print("\n".join(table(rows)))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        if args.out:  # after each pool: a later one may fail
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
