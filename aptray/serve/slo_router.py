@@ -23,7 +23,7 @@ from ray.serve.request_router import LocalityMixin, PendingRequest, RequestRoute
 
 from aptray.serve import routing_counts
 from aptray.serve.route_hints import hint_of
-from aptray.serve.routing_policy import NO_INFO, STALE, SentLog, loads_of, rank
+from aptray.serve.routing_policy import NO_INFO, STALE, ParsedLoads, SentLog, rank
 
 logger = logging.getLogger("aptray")
 MAX_TRACKED = 10_000  # requests remembered between choosing and sending (retries, cancellations)
@@ -36,6 +36,7 @@ class SloRouter(LocalityMixin, RequestRouter):
         self.stale_after_s = float(stale_after_s)
         self.equal_fraction = float(equal_ttft_fraction)
         self.sent = SentLog()
+        self.loads = ParsedLoads()
         self.counts: Counter = Counter()
         self._choices: OrderedDict = OrderedDict()  # internal request id -> (replica id, tokens)
         self._rng = random.Random()
@@ -49,7 +50,7 @@ class SloRouter(LocalityMixin, RequestRouter):
         if hint is None:
             return self._by_default(pending_request, NO_INFO)
         now = time.time()
-        ranking = rank(hint, loads_of({r.replica_id: r.routing_stats for r in candidate_replicas}), self.sent, now,
+        ranking = rank(hint, self.loads.of({r.replica_id: r.routing_stats for r in candidate_replicas}), self.sent, now,
                        self.stale_after_s, self._rng, self._in_flight(candidate_replicas) if self.equal_fraction else None,
                        self.equal_fraction)
         if ranking is None:
@@ -105,6 +106,7 @@ class SloRouter(LocalityMixin, RequestRouter):
     def update_replicas(self, replicas) -> None:
         super().update_replicas(replicas)
         self.sent.forget_others(self._replicas)
+        self.loads.forget_others(self._replicas)
 
     # -- counts for /metrics (routing_counts.py) ------------------------------------------------
     def _ensure_flusher(self) -> None:
