@@ -1,6 +1,6 @@
 """How much the cache pool's size decides what prefix caching gains on multi-turn chat (CPU engine).
 
-    python -m loadgen.bench_chat_pool --blocks 192,384,768 --policies fcfs,apt-kv,apt-hybrid
+    python -m loadgen.bench_chat_pool --blocks 192,384,768 --policies fcfs,apt-kv,apt-hybrid [--seeds 0,1,2]
 
 The results page's chat part (loadgen.results_chat, CPU_SETUP: the tiny OPT at a 2,048-token
 context, the serving thread's CPU time as the clock) at its own pool and at larger ones: for each
@@ -24,10 +24,10 @@ from loadgen.conversations import MULTITURN
 from loadgen.sweep import crossing_rate
 
 
-def run_pool(num_blocks: int, policies: list[str], mode: str, workers: int, log=print) -> dict:
+def run_pool(num_blocks: int, policies: list[str], mode: str, workers: int, log=print, seed: int = 0) -> dict:
     setup = dataclasses.replace(results_chat.CPU_SETUP, num_blocks=num_blocks, policies=results_chat.with_and_without(
         {k: results_cpu.POLICIES[k] for k in policies}))
-    return results_cpu.run([MULTITURN], [1.0], mode=mode, workers=workers, log=log, setup=setup)
+    return results_cpu.run([MULTITURN], [1.0], mode=mode, workers=workers, log=log, setup=setup, seed=seed)
 
 
 def summary_rows(num_blocks: int, result: dict) -> list[dict]:
@@ -70,17 +70,21 @@ def main(argv=None) -> None:
     ap.add_argument("--policies", default="fcfs,apt-kv,apt-hybrid")
     ap.add_argument("--mode", choices=("quick", "full"), default="full", help="results_chat's grid and requests")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--seeds", default="0", help="trace seeds (conversations, lengths, arrivals): a run per pool each")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     rows = []
-    for num_blocks in map(int, args.blocks.split(",")):
-        # each pool's run measures this machine's decode step again, and its rates follow it
-        result = run_pool(num_blocks, args.policies.split(","), args.mode, args.workers, log=lambda _: None)
-        rows += summary_rows(num_blocks, result)
-        print("\n".join(table(summary_rows(num_blocks, result))), flush=True)
-        if args.out:  # after each pool: a later one may fail
-            with open(args.out, "w") as f:
-                json.dump(rows, f, indent=1)
+    for seed in map(int, args.seeds.split(",")):
+        for num_blocks in map(int, args.blocks.split(",")):
+            # each run measures this machine's decode step again, and its rates follow it
+            result = run_pool(num_blocks, args.policies.split(","), args.mode, args.workers, log=lambda _: None,
+                              seed=seed)
+            mine = [{**row, "seed": seed} for row in summary_rows(num_blocks, result)]
+            rows += mine
+            print(f"seed {seed}\n" + "\n".join(table(mine)), flush=True)
+            if args.out:  # after each run: a later one may fail
+                with open(args.out, "w") as f:
+                    json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -234,9 +234,10 @@ def _run_one(job) -> dict:
 
 
 def run(datasets, cvs, rates_by_dataset: dict | None = None, num_requests: int | None = None, log=print,
-        workers: int = 2, mode: str = "quick", setup: CpuSetup | None = None) -> dict:
+        workers: int = 2, mode: str = "quick", setup: CpuSetup | None = None, seed: int = 0) -> dict:
     """Every (dataset, CV, rate): every policy on the same trace, in an order that rotates per rate.
-    rates_by_dataset: grids at REFERENCE_DECODE_STEP_S, scaled to this machine like setup.rates."""
+    rates_by_dataset: grids at REFERENCE_DECODE_STEP_S, scaled to this machine like setup.rates;
+    seed: the trace's (its requests and arrivals)."""
     import torch
 
     from loadgen.traces import rescale
@@ -257,13 +258,13 @@ def run(datasets, cvs, rates_by_dataset: dict | None = None, num_requests: int |
     jobs, traces = [], {}
     for dataset in datasets:
         ttft, tbt = setup.slo_scale[dataset][0] * prefill, setup.slo_scale[dataset][1] * step
-        base = dataset_trace(dataset, num_requests, context=setup.context, think_time=think)
+        base = dataset_trace(dataset, num_requests, seed, context=setup.context, think_time=think)
         rates = [float(f"{r * rate_scale:.3g}") for r in rates_by_dataset[dataset]]
         for cv in cvs:
             # bursty arrivals: attainment changes slowly with the rate, so every other rate of the
             # grid, plus two below it (at CV 4 even the grid's lowest rate misses 90% everywhere)
             for k, rate in enumerate(rates if cv <= 1 else [rates[0] / 4, rates[0] / 2] + rates[::2]):
-                traces[(dataset, cv, rate)] = rescale(base, rate, cv, seed=0)
+                traces[(dataset, cv, rate)] = rescale(base, rate, cv, seed=seed)
                 for label in labels[k % len(labels):] + labels[:k % len(labels)]:
                     jobs.append((dataset, cv, rate, label, ttft, tbt))
     _JOB.update(model=model, traces=traces, setup=setup)
