@@ -62,7 +62,8 @@ def test_the_serving_path_adds_its_delay_per_stream_relayed_with_the_new_one():
 
 def test_the_ingress_learns_the_serving_delay_per_stream_from_its_requests():
     """Each request's time from admission to its first chunk, less the engine's prediction then, as
-    stream_s x streams (ttft_estimate.ServingDelay); a replica idle or never measured adds nothing."""
+    stream_s x streams (ttft_estimate.ServingDelay); a replica idle or never measured adds nothing,
+    and a request re-attached after a router restart is not measured."""
     delay = ServingDelay()
     assert delay.begin(100, 0) is None  # no engine load yet: nothing to subtract
     delay.engine_load = load()
@@ -72,6 +73,9 @@ def test_the_ingress_learns_the_serving_delay_per_stream_from_its_requests():
         assert probe.streams == streams + 1 and probe.engine_s == pytest.approx(engine_s, rel=1e-3)
         # as if its first chunk came 4 ms per stream (itself included) after the engine's wait
         delay.first_chunk(replace(probe, started=probe.started - engine_s - 0.004 * probe.streams))
+    assert delay.stream_s == pytest.approx(0.004, rel=0.05)
+    restarted = delay.begin(100, 0)  # its router died before its first chunk: 5 s of restart
+    delay.first_chunk(replace(restarted, started=restarted.started - 5.0), reattached=True)
     assert delay.stream_s == pytest.approx(0.004, rel=0.05)
     delay.engine_load = load(ok=False)
     assert delay.begin(100, 0) is None  # a router being replaced predicts nothing

@@ -184,7 +184,7 @@ class Ingress:
         async with aclosing(self.link.chunks(call)) as batches:
             async for batch in batches:
                 if call.ttft_probe is not None:
-                    self.serving_delay.first_chunk(call.ttft_probe)
+                    self.serving_delay.first_chunk(call.ttft_probe, reattached=call.epoch > 0)
                     call.ttft_probe = None
                 yield batch
 

@@ -359,8 +359,12 @@ class ServingDelay:
             return None
         return TtftProbe(time.monotonic(), predict_ttft(load, prompt_tokens, time.time()), streams + 1)
 
-    def first_chunk(self, probe: TtftProbe) -> None:
-        """The request's first chunk reached the ingress."""
+    def first_chunk(self, probe: TtftProbe, reattached: bool = False) -> None:
+        """The request's first chunk reached the ingress. reattached: its router died before the
+        chunk came and it was admitted again by a new one; it waited for the restart, which is
+        not the serving path's (docs/RELIABILITY.md), so it is not measured."""
+        if reattached:
+            return
         self.fit.observe((float(probe.streams),), time.monotonic() - probe.started - probe.engine_s)
 
     @property
