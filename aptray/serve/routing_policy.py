@@ -141,7 +141,7 @@ def _fewest_in_flight_among_equal(meets: list, predicted: dict, within_s: float,
 class ParsedLoads:
     """Replica id -> ReplicaLoad (or None) from the routing stats dicts Serve hands the router,
     each parsed once per snapshot. Serve hands the same dict until the replica reports again, and
-    the router ranks every request: parsing costs ~0.1 ms per replica, ~0.5 ms with 256 prefix
+    the router ranks every request: parsing costs ~50 us per replica, ~230 us with 256 prefix
     tags (measured here), which each request of a burst would wait for in the proxy."""
 
     def __init__(self):
