@@ -43,15 +43,19 @@ def check_prompt(ids, context: int, vocab_size: int, limit: int | None = None) -
                              f"to generate", "prompt")
     if limit and n > limit:
         raise InvalidRequest(f"the prompt has {n} tokens, over the limit of {limit}", "prompt")
-    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in ids):
+    if not _in_vocabulary(ids, vocab_size):
         raise InvalidRequest(f"prompt token ids must be in [0, {vocab_size}) (integers)", "prompt")
 
 
 def check_stop_token_ids(ids, vocab_size: int) -> None:
     """Stop token ids the model can make: one outside the vocabulary can never match, so a request
     naming one asked for something else (another model's ids, a sign error)."""
-    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in ids):
+    if not _in_vocabulary(ids, vocab_size):
         raise InvalidRequest(f"stop_token_ids must be in [0, {vocab_size}) (integers)", "stop_token_ids")
+
+
+def _in_vocabulary(ids, vocab_size: int) -> bool:
+    return all(isinstance(t, int) and 0 <= t < vocab_size for t in ids)
 
 
 @dataclass
