@@ -366,7 +366,7 @@ def test_load_tracker_reports_a_named_prefix_while_its_last_prompt_block_is_cach
     from aptray.sampling_params import SamplingParams
     from aptray.serve.prefix_key import prefix_tag
     from aptray.serve.route_hints import hint_of
-    from aptray.serve.routing_policy import loads_of
+    from aptray.serve.routing_policy import ParsedLoads
     from aptray.serve.ttft_estimate import LoadTracker
     from aptray.sim.prompt_ids import stream_ids
     from aptray.sim.runner import build_engine
@@ -392,7 +392,7 @@ def test_load_tracker_reports_a_named_prefix_while_its_last_prompt_block_is_cach
     assert reported() == (tag,)
     stats = json.loads(json.dumps(tracker.snapshot(engine.scheduler, 100.0, 100.0).to_stats()))
     hint = hint_of(_http(headers=[(b"x-aptray-ttft-ms", b"60000"), (b"x-aptray-prefix-key", b"conv-7")]), 1.0)
-    r = rank(hint, {"idle": load(), **loads_of({"holder": stats})}, SentLog(), 100.0, 2.0)
+    r = rank(hint, {"idle": load(), **ParsedLoads().of({"holder": stats})}, SentLog(), 100.0, 2.0)
     assert r.order[0] == "holder" and r.reason == PREFIX  # the stats carry the tag the router computes
     hits = engine.scheduler.stats["prefix_hit_tokens"]
     admit("turn-2", stream_ids("conv-7", 260), tag)  # turn 1's prompt and more

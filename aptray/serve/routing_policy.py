@@ -160,8 +160,3 @@ class ParsedLoads:
     def forget_others(self, live_ids) -> None:
         for rid in set(self._parsed) - set(live_ids):
             del self._parsed[rid]
-
-
-def loads_of(stats_by_replica: dict) -> dict:
-    """Replica id -> ReplicaLoad (or None) from routing stats dicts, parsed anew."""
-    return ParsedLoads().of(stats_by_replica)
