@@ -36,16 +36,15 @@ def summary_rows(num_blocks: int, result: dict) -> list[dict]:
     by = {(r["policy"], r["rate"]): r for r in result["runs"]}
     rates = sorted({r["rate"] for r in result["runs"]})
     rows = []
-    for label in dict.fromkeys(r["policy"].removesuffix(results_chat.PREFIX) for r in result["runs"]):
+    for label in results_chat.pairs(dict.fromkeys(r["policy"] for r in result["runs"])):
         on_label = label + results_chat.PREFIX
         off = {x: by[(label, x)]["attainment"] for x in rates}
         on = {x: by[(on_label, x)]["attainment"] for x in rates}
-        at = max([x for x in rates if off[x] >= 0.9], default=rates[0])
+        at = results_chat.kept_rate(off)
         rows.append({"num_blocks": num_blocks, "policy": label, "effective_off_rps": crossing_rate(off),
                      "effective_on_rps": crossing_rate(on), "at_rate": at,
                      "ttft_p50_off_s": by[(label, at)]["ttft_s"]["p50"], "ttft_p50_on_s": by[(on_label, at)]["ttft_s"]["p50"],
-                     "hit_rate_tokens": {x: (by[(on_label, x)].get("prefix_cache") or {}).get("hit_rate_tokens", 0.0)
-                                         for x in rates},
+                     "hit_rate_tokens": {x: results_chat.token_hit_rate(by[(on_label, x)]) for x in rates},
                      "attainment_off": off, "attainment_on": on})
     return rows
 
@@ -57,9 +56,8 @@ def table(rows: list[dict]) -> list[str]:
              + " / ".join(f"{x:.3g}" for x in rates) + " req/s |", "|" + " --- |" * 7]
     for r in rows:
         off, on = r["effective_off_rps"], r["effective_on_rps"]
-        ratio = f"{on / off:.2f}x" if off else "-"
         hits = " / ".join(f"{r['hit_rate_tokens'][x]:.2f}" for x in rates)
-        lines.append(f"| {r['num_blocks']} | {r['policy']} | {off:.2f} | {on:.2f} | {ratio} | "
+        lines.append(f"| {r['num_blocks']} | {r['policy']} | {off:.2f} | {on:.2f} | {results_chat.ratio(on, off)} | "
                      f"{1e3 * r['ttft_p50_off_s']:.0f} / {1e3 * r['ttft_p50_on_s']:.0f} | {hits} |")
     return lines
 

@@ -80,13 +80,24 @@ def run_sim(mode: str = "quick", workers: int = 2, rel_tol: float = 0.05) -> lis
 
 
 # -- tables -----------------------------------------------------------------------------------------
-def _pairs(labels) -> list[str]:
+def pairs(labels) -> list[str]:
     """Base policy labels that ran both without and with prefix caching, in order."""
     return [p for p in dict.fromkeys(label.removesuffix(PREFIX) for label in labels) if p + PREFIX in labels]
 
 
-def _ratio(a: float, b: float) -> str:
+def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
+
+
+def kept_rate(curve: dict) -> float:
+    """The highest rate where a curve (rate -> attainment) keeps 90% (its lowest rate if none does):
+    where a policy without caching and with it are compared."""
+    return max([x for x in curve if curve[x] >= 0.9], default=min(curve))
+
+
+def token_hit_rate(run: dict) -> float:
+    """A run's prefix-cache token hit rate (0 for a run without prefix caching)."""
+    return (run.get("prefix_cache") or {}).get("hit_rate_tokens", 0.0)
 
 
 def _ms(x) -> str:
@@ -117,14 +128,14 @@ def cpu_tables(cpu: dict, plot_dir: str) -> list[str]:
                   "| policy | effective throughput, off (req/s) | on (req/s) | on / off | at rate | TTFT p50 off (ms) "
                   "| TTFT p50 on (ms) | on / off | token hit rate (on) | engine CPU time on / off |", "|" + " --- |" * 10]
         spans = {"throughput": [], "TTFT p50": [], "engine CPU time": []}  # on / off per policy
-        for p in _pairs(dict.fromkeys(r["policy"] for r in mine)):
+        for p in pairs(dict.fromkeys(r["policy"] for r in mine)):
             off, on = crossing_rate(curves[p]), crossing_rate(curves[p + PREFIX])
-            at = max([x for x in rates if curves[p][x] >= 0.9], default=rates[0])
+            at = kept_rate(curves[p])
             t_off, t_on = by[(p, at)]["ttft_s"]["p50"], by[(p + PREFIX, at)]["ttft_s"]["p50"]
-            hits = (by[(p + PREFIX, at)].get("prefix_cache") or {}).get("hit_rate_tokens", 0.0)
+            hits = token_hit_rate(by[(p + PREFIX, at)])
             cpu_off, cpu_on = by[(p, at)].get("cpu_s", 0.0), by[(p + PREFIX, at)].get("cpu_s", 0.0)
-            lines.append(f"| {p} | {off:.2f} | {on:.2f} | {_ratio(on, off)} | {at:.3g} | {_ms(t_off)} | {_ms(t_on)} "
-                         f"| {_ratio(t_on, t_off)} | {hits:.0%} | {_ratio(cpu_on, cpu_off)} |")
+            lines.append(f"| {p} | {off:.2f} | {on:.2f} | {ratio(on, off)} | {at:.3g} | {_ms(t_off)} | {_ms(t_on)} "
+                         f"| {ratio(t_on, t_off)} | {hits:.0%} | {ratio(cpu_on, cpu_off)} |")
             for key, (a, b) in zip(spans, ((on, off), (t_on, t_off), (cpu_on, cpu_off))):
                 if a and b:
                     spans[key].append(a / b)
@@ -159,17 +170,17 @@ def sim_tables(sim: list[dict], plot_dir: str) -> list[str]:
              "| token hit rate (on) |", "|" + " --- |" * 7]
     for setup in dict.fromkeys(r["setup"] for r in sim):
         labels = [p for (s, p) in by if s == setup]
-        for p in _pairs(labels):
+        for p in pairs(labels):
             off, on = by[(setup, p)], by[(setup, p + PREFIX)]
             eff_off, eff_on = off["effective_throughput_rps"], on["effective_throughput_rps"]
             near_off, near_on = _nearest(off, eff_off), _nearest(on, eff_on)
-            hits = (near_on.get("prefix_cache") or {}).get("hit_rate_tokens", 0.0)
-            lines.append(f"| {setup} | {p} | {eff_off:.2f} | {eff_on:.2f} | {_ratio(eff_on, eff_off)} | "
+            hits = token_hit_rate(near_on)
+            lines.append(f"| {setup} | {p} | {eff_off:.2f} | {eff_on:.2f} | {ratio(eff_on, eff_off)} | "
                          f"{_ms(near_off['ttft_s']['p50'])} / {_ms(near_on['ttft_s']['p50'])} | {hits:.0%} |")
         curves = {p: {float(k): v["attainment"] for k, v in by[(setup, p)]["probes"].items()} for p in labels}
         plot_attainment(curves, os.path.join(plot_dir, f"chat-sim-{setup}.png"), 0.9, f"sim OPT-13B A100-40GB {setup}")
     lines += ["", "apt with hybrid prefix caching over apt with KV-only prefix caching (effective throughput): "
-              + "; ".join(f"{s}: {_ratio(by[(s, 'apt-hybrid' + PREFIX)]['effective_throughput_rps'], by[(s, 'apt-kv' + PREFIX)]['effective_throughput_rps'])}"
+              + "; ".join(f"{s}: {ratio(by[(s, 'apt-hybrid' + PREFIX)]['effective_throughput_rps'], by[(s, 'apt-kv' + PREFIX)]['effective_throughput_rps'])}"
                           for s in dict.fromkeys(r["setup"] for r in sim)
                           if (s, "apt-hybrid" + PREFIX) in by and (s, "apt-kv" + PREFIX) in by) + ".",
               "", "Attainment curves (bisection probes): "
