@@ -77,6 +77,12 @@ def slo_trace(num_requests: int, prefill_s: float, step_s: float, seed: int = 0)
     return out
 
 
+def cluster_cpus(replicas: int, routers) -> int:
+    """Ray CPUs for one app per router. They are logical here: each replica holds its ingress's and
+    its router's (the model runs in the router), and every app's replicas must be placed at once."""
+    return 4 + math.ceil((INGRESS_CPUS + CPUS_PER_RANK) * replicas * len(routers))
+
+
 def start_apps(replicas: int, model: str, num_cpus: int, routers=ROUTERS) -> tuple[str, callable]:
     """Ray, Serve's HTTP proxy and one app per router (/p2c, /slo, ...); returns (base url, stop)."""
     import ray
@@ -219,10 +225,7 @@ def main(argv=None) -> None:
            "together": a.together, "chunks": a.chunks, "runs": {}}
     for n in (int(x) for x in a.replicas.split(",")):
         print(f"{n} replicas", flush=True)
-        # Ray CPUs are logical here: each replica holds its ingress's and its router's (the model runs in
-        # the router), and every app's replicas must be placed at once (sized for two apps, a third never started)
-        per_replica = INGRESS_CPUS + CPUS_PER_RANK
-        url, stop = start_apps(n, model, num_cpus=4 + math.ceil(per_replica * n * len(routers)), routers=routers)
+        url, stop = start_apps(n, model, num_cpus=cluster_cpus(n, routers), routers=routers)
         try:
             warm_up(url, routers, trace, rates[0])
             curves = {}

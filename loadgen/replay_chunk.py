@@ -13,12 +13,10 @@ its spread. Nothing is written: the benchmark's results page is bench_routing's.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from collections import Counter
 
-from aptray.serve.args import CPUS_PER_RANK, INGRESS_CPUS
 from loadgen import bench_routing
 from loadgen.metrics import summarize
 from loadgen.traces import rescale
@@ -26,15 +24,12 @@ from loadgen.traces import rescale
 STATS_PROBES = 12  # handle calls per app for the replicas' routing stats (each reaches one replica at random)
 
 
-def serving_delays(app: str) -> list[tuple[float, int]]:
-    """(stream_s, streams) each replica of the app reports, as far as STATS_PROBES calls reach them."""
+def serving_delays(app: str) -> list[float]:
+    """The stream_s each replica of the app reports, as far as STATS_PROBES calls reach them."""
     from ray import serve
     handle = serve.get_deployment_handle("Ingress", app)
-    seen = set()
-    for _ in range(STATS_PROBES):
-        stats = handle.record_routing_stats.remote().result(timeout_s=30)
-        seen.add((round(stats.get("stream_s", 0.0), 4), stats.get("streams", 0)))
-    return sorted(seen)
+    return sorted({round(handle.record_routing_stats.remote().result(timeout_s=30).get("stream_s", 0.0), 4)
+                   for _ in range(STATS_PROBES)})
 
 
 def main(argv=None) -> None:
@@ -61,9 +56,7 @@ def main(argv=None) -> None:
     tight = bench_routing.TIGHT_TTFT * prefill + bench_routing.TTFT_ALLOWANCE_S
     print(f"decode step {1e3 * step:.2f} ms, prefill {1e3 * prefill:.1f} ms; tight TTFT {1e3 * tight:.0f} ms; "
           f"chunk {a.chunk}: {len(part)} requests over {part[-1].arrived_at:.2f} s", flush=True)
-    per_replica = INGRESS_CPUS + CPUS_PER_RANK
-    url, stop = bench_routing.start_apps(a.replicas, model, 4 + math.ceil(per_replica * a.replicas * len(routers)),
-                                         routers)
+    url, stop = bench_routing.start_apps(a.replicas, model, bench_routing.cluster_cpus(a.replicas, routers), routers)
     attained: dict[str, list[float]] = {name: [] for name in routers}
     try:
         bench_routing.warm_up(url, routers, trace, a.rate)
@@ -81,7 +74,7 @@ def main(argv=None) -> None:
                 print(f"  {began} {name:6s} replay {k}: attainment {s['attainment']:.3f} TTFT p50/p90 "
                       f"{1e3 * s['ttft_s']['p50']:.0f}/{1e3 * s['ttft_s']['p90']:.0f} ms split {split} "
                       f"routed {({r: n - before.get(r, 0) for r, n in after.items() if n > before.get(r, 0)})} "
-                      f"stream_s before {[d for d, _ in delays]} statuses {s['statuses']}", flush=True)
+                      f"stream_s before {delays} statuses {s['statuses']}", flush=True)
     finally:
         stop()
     for name, xs in attained.items():
