@@ -151,6 +151,32 @@ def test_replay_compares_real_and_simulated(smoke):
     assert isinstance(report["targets"]["sim_within_15pct"]["met"], bool)
 
 
+def test_replay_writes_every_real_step(smoke):
+    """replay_steps.json: one row per step that ran, in the run's order, with the scheduler's features and
+    what its online cost model predicted once calibrated."""
+    out, report, _ = smoke
+    with open(out / "replay_steps.json") as f:
+        tables = json.load(f)
+    runs = report["stages"]["replay"]["runs"]
+    assert list(tables) == [f"{r['policy']}@{r['rate']:g}" for r in runs]
+    for r in runs:
+        table = tables[f"{r['policy']}@{r['rate']:g}"]
+        cols = table["columns"]
+        predicted = [row[cols.index("predicted_s")] for row in table["rows"]]
+        rows = np.array(table["rows"], dtype=float)  # None -> nan
+        assert rows.shape == (r["profile_error_on_real_steps"]["steps"] + 1, len(cols))  # the error skips step 0
+        col = {name: rows[:, i] for i, name in enumerate(cols)}
+        assert (np.diff(col["t_s"]) > 0).all() and (col["seconds"] >= col["schedule_s"]).all()
+        assert (col["schedule_s"] > 0).all() and (col["tokens"] >= col["seqs"]).all() and (col["seqs"] >= 1).all()
+        assert col["tokens"].sum() >= r["real"]["statuses"]["finished"]  # every finished request took a step
+        if r["policy"] == "fcfs":  # no step-cost model
+            assert predicted == [None] * len(predicted) and table["cost_coefficients"] is None
+        else:  # the fit is used from its fourth step on: a prediction from then, none before
+            assert predicted[:3] == [None] * 3 and all(p is not None and math.isfinite(p) for p in predicted[3:])
+            assert set(table["cost_coefficients"]) == {"c0", "c_tok", "c_seq", "c_kv", "c_hid", "c_pf", "c_rep",
+                                                       "c_hdec", "c_hany"}
+
+
 def test_a_short_budget_skips_what_does_not_fit_and_still_reports(tmp_path):
     report, _ = run_check(tmp_path, "--budget-s", "15", "--stages", "kernels,exactness,step_costs,replay", timeout=120)
     statuses = {name: st["status"] for name, st in report["stages"].items()}
@@ -165,10 +191,23 @@ def test_the_replay_alone_with_a_given_profile_and_rates(smoke, tmp_path):
     """A rerun of the replay only (what a short second GPU call can afford), priced by an earlier profile."""
     out, _, _ = smoke
     report, _ = run_check(tmp_path, "--stages", "replay", "--profile", str(out / "cpu.json"), "--rates", "40,80",
-                          timeout=300)
+                          "--policies", "sarathi,apt-kv", timeout=300)
     st = report["stages"]["replay"]
     assert st["status"] == "done" and st["rates"] == [40.0, 80.0] and st["rate_source"] == "--rates"
-    assert len(st["runs"]) == 6 and report["stages"]["step_costs"]["status"] == "not selected"
+    assert [(r["rate"], r["policy"]) for r in st["runs"]] == [(40.0, "sarathi"), (40.0, "apt-kv"), (80.0, "sarathi"),
+                                                             (80.0, "apt-kv")]
+    assert report["stages"]["step_costs"]["status"] == "not selected"
+    kv_only = [r for r in st["runs"] if r["policy"] == "apt-kv"]
+    assert all("admitted_hidden" not in r["scheduler_stats"] and r["scheduler_stats"]["admitted_kv"] > 0
+               for r in kv_only)  # apt-kv: apt on the KV cache alone
+
+
+def test_an_unknown_replay_policy_is_the_replay_stage_error(smoke, tmp_path):
+    out, _, _ = smoke
+    report, _ = run_check(tmp_path, "--stages", "replay", "--profile", str(out / "cpu.json"), "--rates", "40",
+                          "--policies", "apt,lifo", timeout=120)
+    st = report["stages"]["replay"]
+    assert st["status"] == "error" and "unknown replay policies ['lifo']" in st["error"]
 
 
 def test_without_a_gpu_the_gpu_mode_says_so(tmp_path):

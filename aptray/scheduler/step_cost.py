@@ -46,6 +46,9 @@ WARMUP_STEPS = 3  # steps observed before the fit is used (the start-up calibrat
 PRIOR_FLOOR = 1e-6  # seconds per block: the smallest prior scale of alpha
 NAMES = ("c0", "c_tok", "c_seq", "c_kv", "c_hid", "c_pf", "c_rep", "c_hdec", "c_hany")
 C0, C_TOK, C_SEQ, C_KV, C_HID, C_PF, C_REP, C_HDEC, C_HANY = range(len(NAMES))  # indices into coef
+# what step_features returns, in its order (the feature each coefficient of NAMES prices)
+FEATURES = ("one", "tokens", "seqs", "kv_blocks", "hidden_blocks", "prefill_pairs_k", "reprojected_k",
+            "hidden_decodes", "any_hidden_decode")
 
 
 def step_features(plan: BatchPlan) -> np.ndarray:

@@ -10,9 +10,15 @@ The two rates are fcfs's and apt's knees (the highest rate that keeps 90% attain
 simulator finds them with the profile, unless --rates gives them. Each run's requests are as many
 as its rate brings in the arrival window the budget leaves; what is still running when the run's
 drain allowance ends is aborted (a miss), in both replays alike.
+
+Every real step is also written to DIR/replay_steps.json, one table per run: when it started, its
+whole time and the scheduler's share of it, the queue it left, what it computed (the scheduler's own
+step features, aptray.scheduler.step_cost) and what the scheduler's online cost model predicted for it
+before it ran. It is what tells why a policy's real run left its simulated one.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -21,6 +27,7 @@ from dataclasses import replace
 import numpy as np
 
 from aptray.engine import Engine
+from aptray.scheduler.step_cost import FEATURES, step_features
 from aptray.sim.calibrate import timed_step
 from loadgen.gpu_check.step_costs import engine_config, runner
 from loadgen.metrics import summarize
@@ -31,6 +38,9 @@ from loadgen.traces import read_trace, rescale
 SAMPLE_NAME = "loadgen/data/sharegpt-opt2048.csv"
 SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), SAMPLE_NAME)
 POLICIES = ("fcfs", "sarathi", "apt")
+# --policies may also name these: a policy with engine arguments over its defaults
+VARIANTS = {"apt-kv": ("apt", {"cache_mode": "kv"})}
+STEP_COLUMNS = ("t_s", "seconds", "schedule_s", "waiting", "running", "predicted_s") + FEATURES
 KNEE_POLICIES = ("fcfs", "apt")
 THRESHOLD = 0.9  # attainment that defines the knee (effective throughput, docs/ARCHITECTURE.md section 4)
 SIM_TOLERANCE = 0.15  # the target for sim / real on TTFT and TBT p50, p90
@@ -56,10 +66,29 @@ def _ratios(real: dict, sim: dict) -> dict:
 
 class TimedEngine(Engine):
     """An Engine over a RecordingExecutor whose steps stamp their whole wall time (scheduler, runner,
-    post-processing) on the recorded sample: what the profile prices."""
+    post-processing) on the recorded sample: what the profile prices. Each step that ran also adds a
+    row of STEP_COLUMNS to self.step_rows (predicted_s None: no cost model, or not calibrated yet)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step_rows: list[list[float]] = []
+        self._t0 = time.perf_counter()
 
     def step(self, want_logits: bool = False):
-        return timed_step(super(), self.executor, time.perf_counter)  # super(): Engine.step of this engine
+        cost = getattr(self.scheduler, "cost", None)
+        coef = None if cost is None or not cost.ready else cost.coef.copy()  # before this step's observation
+        start = time.perf_counter()
+        out = timed_step(super(), self.executor, time.perf_counter)  # super(): Engine.step of this engine
+        if out.plan is not None and out.plan.seqs:
+            x = step_features(out.plan)
+            sched = self.scheduler
+            self.step_rows.append([start - self._t0, time.perf_counter() - start, out.schedule_s, len(sched.waiting),
+                                   len(sched.running), float(coef @ x) if coef is not None else None, *x.tolist()])
+        return out
+
+    def cost_coefficients(self) -> dict | None:
+        cost = getattr(self.scheduler, "cost", None)
+        return cost.coefficients() if cost is not None else None
 
 
 class Replayer:
@@ -68,8 +97,9 @@ class Replayer:
         self.runner = runner(ctx)
 
     def config(self, policy: str):
-        return engine_config(self.ctx, scheduler=policy, num_cache_blocks=self.runner.num_blocks,
-                             ttft_slo=self.s.ttft_slo, tbt_slo=self.s.tbt_slo, **POLICY_DEFAULTS[policy])
+        base, extra = VARIANTS.get(policy, (policy, {}))
+        return engine_config(self.ctx, scheduler=base, num_cache_blocks=self.runner.num_blocks,
+                             ttft_slo=self.s.ttft_slo, tbt_slo=self.s.tbt_slo, **{**POLICY_DEFAULTS[base], **extra})
 
     def sim(self, policy: str, trace, max_sim_time=None, full: bool = True) -> dict:
         from loadgen.clients import SimClient
@@ -79,16 +109,20 @@ class Replayer:
         return summarize(res.records, res.duration)
 
     def real(self, policy: str, trace, drain_s: float):
-        """The engine on the wall clock; returns (summary, scheduler stats, the profile's error on its steps)."""
+        """The engine on the wall clock; returns (summary, scheduler stats, the profile's error on its steps,
+        its steps: {"columns", "rows", "cost_coefficients"})."""
         from aptray.executor.local import LocalExecutor
         from aptray.sim.calibrate import Calibration, RecordingExecutor, predict
         from loadgen.clients import InProcessEngineClient
 
         config = self.config(policy)
         rec = RecordingExecutor(LocalExecutor(config, self.runner))
-        client = InProcessEngineClient(lambda: TimedEngine(config, rec), None, self.s.ttft_slo, self.s.tbt_slo,
-                                       seed=0, timeout=drain_s)
+        engines = []
+        client = InProcessEngineClient(lambda: engines.append(TimedEngine(config, rec)) or engines[-1], None,
+                                       self.s.ttft_slo, self.s.tbt_slo, seed=0, timeout=drain_s)
         res = client.run(trace)
+        steps_table = {"columns": STEP_COLUMNS, "rows": engines[-1].step_rows,
+                       "cost_coefficients": engines[-1].cost_coefficients()}
         cal = Calibration.load(self.profile)
         steps = rec.samples[1:]
         err = None
@@ -98,7 +132,7 @@ class Replayer:
             rel = np.abs(pred / measured - 1)
             err = {"steps": len(steps), "mean": float(rel.mean()), "p90": float(np.percentile(rel, 90)),
                    "predicted_over_measured_total": float(pred.sum() / measured.sum())}
-        return summarize(res.records, res.duration), res.info.get("scheduler_stats"), err
+        return summarize(res.records, res.duration), res.info.get("scheduler_stats"), err, steps_table
 
     def knees(self, trace) -> dict:
         lo, hi = self.s.knee_search
@@ -118,6 +152,17 @@ class Replayer:
             self.real(policy, rescale(warm, 1000.0, 1.0, 0), drain_s=30.0)
 
 
+def replay_policies(args) -> tuple:
+    """--policies, checked against what the replay runs; POLICIES by default."""
+    if not getattr(args, "policies", None):
+        return POLICIES
+    wanted = tuple(args.policies.split(","))
+    unknown = set(wanted) - set(POLICIES) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown replay policies {sorted(unknown)}; known: {', '.join(POLICIES + tuple(VARIANTS))}")
+    return wanted
+
+
 def choose_rates(knees: dict, lo: float, hi: float = math.inf) -> list[float]:
     """fcfs's and apt's knees; the one knee and 1.25x it when they are within 10% or one is missing.
     A knee outside the search range [lo, hi] is taken at its edge: the bisection did not bracket it,
@@ -131,6 +176,7 @@ def choose_rates(knees: dict, lo: float, hi: float = math.inf) -> list[float]:
 
 def run(ctx, pace, result: dict) -> None:
     s = ctx.sizes
+    policies = replay_policies(ctx.args)
     profile, gpu = ctx.state.get("profile"), ctx.state.get("gpu_key")
     if profile is None:
         raise RuntimeError("no step-cost profile: run the step_costs stage too, or give --profile")
@@ -148,14 +194,16 @@ def run(ctx, pace, result: dict) -> None:
     ctx.log(f"replay rates {rates} ({result['rate_source']})")
     runs = result.setdefault("runs", [])
     try:
-        _replay_runs(ctx, pace, rp, trace, rates, runs)
+        _replay_runs(ctx, pace, rp, trace, rates, policies, runs)
     finally:  # what ran is judged even when the deadline cut the stage
         _targets(result, runs, rates)
 
 
-def _replay_runs(ctx, pace, rp: Replayer, trace, rates: list, runs: list) -> None:
+def _replay_runs(ctx, pace, rp: Replayer, trace, rates: list, policies: tuple, runs: list) -> None:
     s = ctx.sizes
-    jobs = [(rate, policy) for rate in rates for policy in POLICIES]
+    jobs = [(rate, policy) for rate in rates for policy in policies]
+    steps_path = os.path.join(ctx.out_dir, "replay_steps.json")
+    step_tables = {}
     for i, (rate, policy) in enumerate(jobs):
         allowance = pace.left() / (len(jobs) - i)
         window = max(allowance - s.replay_drain_s, 0.5 * allowance)
@@ -165,7 +213,10 @@ def _replay_runs(ctx, pace, rp: Replayer, trace, rates: list, runs: list) -> Non
             break
         run_trace = rescale(trace[:n], rate, 1.0, 0)
         drain = max(1.0, allowance - run_trace[-1].arrived_at)
-        real, stats, err = rp.real(policy, run_trace, drain)
+        real, stats, err, steps = rp.real(policy, run_trace, drain)
+        step_tables[f"{policy}@{rate:g}"] = steps
+        with open(steps_path, "w") as f:
+            json.dump(step_tables, f)
         sim = rp.sim(policy, run_trace, max_sim_time=run_trace[-1].arrived_at + drain)
         runs.append({"rate": rate, "policy": policy, "requests": n, "drain_s": drain, "real": _compact(real),
                      "sim": _compact(sim), "sim_over_real": _ratios(real, sim), "scheduler_stats": stats,

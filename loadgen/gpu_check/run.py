@@ -1,4 +1,5 @@
-"""python -m loadgen.gpu_check --out DIR [--cpu-smoke] [--budget-s 480] [--stages a,b] [--rates r1,r2] [--profile P]
+"""python -m loadgen.gpu_check --out DIR [--cpu-smoke] [--budget-s 480] [--stages a,b] [--rates r1,r2]
+    [--policies p1,p2] [--profile P]
 
 Five stages in order, each given its share of the wall-clock time left (time a stage does not use
 goes to the next), each skipping the cases that no longer fit: kernels (Triton vs torch references),
@@ -36,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock seconds for the whole run, imports included")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--rates", help="replay: request rates (req/s) instead of the simulated knees")
+    p.add_argument("--policies", help="replay: comma-separated policies (default fcfs,sarathi,apt; apt-kv is apt "
+                                      "on the KV cache alone)")
     p.add_argument("--profile", help="replay: a step-cost profile to price the simulator with when step_costs "
                                      "does not run (a DIR/<gpu>.json of an earlier run)")
     args = p.parse_args(argv)
