@@ -145,14 +145,16 @@ def bench_point(layer, ctx, batch, block_size, recompute_max_batch, timer, peak_
     s = layer.shape
     u = torch.randn(batch, s["heads"], s["hidden"], dtype=torch.float32, device=layer.device) * 0.01
     row = dict(context=ctx, batch=batch)
-    row["kv_ms"] = timer(lambda: triton_ops.paged_decode_attention(q, kv_cache, kv_tables, lens, layer.scale))
+    # max_len given, as the engine gives it: reading lens.max() back would put a sync in every timed call
+    row["kv_ms"] = timer(lambda: triton_ops.paged_decode_attention(q, kv_cache, kv_tables, lens, layer.scale,
+                                                                   max_len=ctx))
     row["hidden_ms"] = timer(lambda: hidden_attention(u, hidden, h_tables, lens, max_len=ctx))
     row["absorbed_ms"] = timer(lambda: triton_ops.absorbed_decode_attention(
-        q, hidden, h_tables, lens, layer.w_k, layer.w_v, layer.b_v, layer.scale))
+        q, hidden, h_tables, lens, layer.w_k, layer.w_v, layer.b_v, layer.scale, max_len=ctx))
     row["recompute_ms"] = None
     if batch <= recompute_max_batch:
         row["recompute_ms"] = timer(lambda: triton_ops.recompute_decode_attention(
-            q, hidden, h_tables, lens, layer.w_k, layer.b_k, layer.w_v, layer.b_v, layer.scale))
+            q, hidden, h_tables, lens, layer.w_k, layer.b_k, layer.w_v, layer.b_v, layer.scale, max_len=ctx))
     del q, kv_cache, kv_tables, hidden, h_tables
     row["kv_gbps"] = layer.kv_bytes(ctx, batch) / row["kv_ms"] / 1e6
     row["hidden_gbps"] = layer.hidden_bytes(ctx, batch) / row["hidden_ms"] / 1e6

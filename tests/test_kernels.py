@@ -153,6 +153,46 @@ def test_paged_decode_attention(block_size, heads, num_splits):
     _close(triton_ops.paged_decode_attention(q, cache, tables, lens, 0.25, num_splits=num_splits), ref)
 
 
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Records every read of `watched`'s values back to the host (on a GPU, each is a device sync)."""
+    READS = (torch.Tensor.max, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__, torch.Tensor.__index__)
+
+    def __init__(self, watched: torch.Tensor):
+        super().__init__()
+        self.watched, self.reads = watched, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS and args and args[0] is self.watched:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_kernels_take_the_longest_context_from_the_host():
+    """With max_len given, no decode wrapper reads context_lens back (a device sync per layer on a GPU,
+    which stops the host from queueing the next layer's kernels); without it, each reads it once."""
+    gen = torch.Generator().manual_seed(5)
+    head_dim, width, n_kv, num_heads = 8, 40, 2, 4
+    tables, num_blocks, lens = paged_rows(4, CONTEXT_LENS, gen=gen)
+    kv = torch.randn(num_blocks, 2, 4, n_kv, head_dim, generator=gen)
+    hidden = torch.randn(num_blocks, 4, width, generator=gen)
+    q = torch.randn(len(lens), num_heads, head_dim, generator=gen)
+    w_k, b_k, w_v, b_v = attention_weights(n_kv, head_dim, width, True, gen)
+    calls = {
+        "paged": lambda **kw: triton_ops.paged_decode_attention(q, kv, tables, lens, 0.3, **kw),
+        "absorbed": lambda **kw: triton_ops.absorbed_decode_attention(q, hidden, tables, lens, w_k, w_v, b_v, 0.3,
+                                                                      **kw),
+        "recompute": lambda **kw: triton_ops.recompute_decode_attention(q, hidden, tables, lens, w_k, b_k, w_v, b_v,
+                                                                        0.3, **kw)}
+    for name, call in calls.items():
+        with HostReads(lens) as reads:
+            given = call(max_len=max(CONTEXT_LENS))
+        assert reads.reads == [], (name, reads.reads)
+        with HostReads(lens) as reads:
+            read_back = call()
+        assert reads.reads, name  # the detector sees the read the default makes
+        _close(given, read_back)
+
+
 def test_paged_decode_attention_odd_head_dim():
     gen = torch.Generator().manual_seed(7)
     tables, num_blocks, lens = paged_rows(4, [3, 9], gen=gen)

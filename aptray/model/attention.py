@@ -18,9 +18,8 @@ from aptray.model.rotary import RotaryEmbedding
 from aptray.model.step_context import StepContext
 
 
-def _chunks_within(context_lens: torch.Tensor, budget: int) -> list[slice]:
+def _chunks_within(lens: tuple[int, ...], budget: int) -> list[slice]:
     """Consecutive row ranges whose padded context (rows x longest) stays within budget tokens."""
-    lens = context_lens.tolist()
     out, start, longest = [], 0, 0
     for i, n in enumerate(lens):
         longest_with = max(longest, n)
@@ -107,18 +106,19 @@ class HybridAttention(nn.Module):
 
     def _decode(self, path, q, g, kv_cache, hidden_cache, scratch):
         if path == "kv":
-            return ops.paged_decode_attention(q, kv_cache, g.block_tables, g.context_lens, self.scale, scratch)
+            return ops.paged_decode_attention(q, kv_cache, g.block_tables, g.context_lens, self.scale, scratch,
+                                              max_len=g.max_len)
         if path == "absorbed":
             return ops.absorbed_decode_attention(q, hidden_cache, g.block_tables, g.context_lens,
                                                  self.k_proj.weight, self.v_proj.weight, self.v_proj.bias,
-                                                 self.scale, scratch)
+                                                 self.scale, scratch, max_len=g.max_len)
         # re-projected K and V are scratch: bounded by recompute_scratch_tokens per chunk of rows
         out = torch.empty_like(q)
-        for rows in _chunks_within(g.context_lens, self.scratch_tokens):
+        for rows in _chunks_within(g.lens, self.scratch_tokens):
             out[rows] = ops.recompute_decode_attention(q[rows], hidden_cache, g.block_tables[rows],
                                                        g.context_lens[rows], self.k_proj.weight, self.k_proj.bias,
                                                        self.v_proj.weight, self.v_proj.bias, self.scale,
-                                                       *self._rope())
+                                                       *self._rope(), max_len=max(g.lens[rows]))
         return out
 
     def convert_hidden_to_kv(self, hidden_cache, kv_cache, src_table, dst_slots, num_tokens: int) -> None:

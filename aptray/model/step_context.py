@@ -14,7 +14,12 @@ class DecodeGroup:
     rows: torch.Tensor  # [N] rows of the flat token batch
     block_tables: torch.Tensor  # [N, max_blocks]
     context_lens: torch.Tensor  # [N]
+    lens: tuple[int, ...] = ()  # the same on the host: kernels size their grids by them without a device sync
     all_rows: bool = False  # the group is every row of the batch, in order (a pure decode step)
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lens)
 
 
 @dataclass
@@ -49,7 +54,7 @@ def _group(rows, tables, lens, device) -> DecodeGroup:
     width = max(len(t) for t in tables)
     padded = [list(t) + [0] * (width - len(t)) for t in tables]
     return DecodeGroup(torch.tensor(rows, device=device), torch.tensor(padded, device=device),
-                       torch.tensor(lens, device=device))
+                       torch.tensor(lens, device=device), tuple(lens))
 
 
 def build_step_context(plan: BatchPlan, block_size: int, hidden_block_size: int, hidden_attention: str,

@@ -48,26 +48,34 @@ def gather_hidden(hidden_cache, block_tables, max_len):
     return _pick("gather_hidden", hidden_cache)(hidden_cache, block_tables, max_len)
 
 
-def paged_decode_attention(q, kv_cache, block_tables, context_lens, scale, step_cache=None):
-    """step_cache: a dict that lives for one engine step; the CPU path keeps per-step index tensors
-    and masks there so that every layer reuses them (other backends ignore it)."""
-    fn = _pick("paged_decode_attention", q)
-    if fn is cpu.paged_decode_attention:
-        return fn(q, kv_cache, block_tables, context_lens, scale, step_cache)
-    return fn(q, kv_cache, block_tables, context_lens, scale)
+def _decode(name: str, q, args: tuple, step_cache=None, max_len: int | None = None):
+    """The backend's decode attention. step_cache: a dict that lives for one engine step; the CPU path
+    keeps per-step index tensors and masks there so that every layer reuses them. max_len: the longest
+    context, known on the host; the Triton path takes it instead of reading context_lens.max() back
+    from the GPU, a sync per layer that stops the host from queueing the next layer's kernels."""
+    fn = _pick(name, q)
+    if fn is cpu.KERNELS.get(name):
+        return fn(q, *args, step_cache)
+    if fn is _TRITON.get(name):
+        return fn(q, *args, max_len=max_len)
+    return fn(q, *args)
 
 
-def absorbed_decode_attention(q, hidden_cache, block_tables, context_lens, w_k, w_v, b_v, scale, step_cache=None):
-    fn = _pick("absorbed_decode_attention", q)
-    if fn is cpu.absorbed_decode_attention:
-        return fn(q, hidden_cache, block_tables, context_lens, w_k, w_v, b_v, scale, step_cache)
-    return fn(q, hidden_cache, block_tables, context_lens, w_k, w_v, b_v, scale)
+def paged_decode_attention(q, kv_cache, block_tables, context_lens, scale, step_cache=None, max_len=None):
+    return _decode("paged_decode_attention", q, (kv_cache, block_tables, context_lens, scale), step_cache, max_len)
+
+
+def absorbed_decode_attention(q, hidden_cache, block_tables, context_lens, w_k, w_v, b_v, scale, step_cache=None,
+                              max_len=None):
+    return _decode("absorbed_decode_attention", q, (hidden_cache, block_tables, context_lens, w_k, w_v, b_v, scale),
+                   step_cache, max_len)
 
 
 def recompute_decode_attention(q, hidden_cache, block_tables, context_lens, w_k, b_k, w_v, b_v, scale,
-                               cos=None, sin=None):
-    return _pick("recompute_decode_attention", q)(q, hidden_cache, block_tables, context_lens,
-                                                  w_k, b_k, w_v, b_v, scale, cos, sin)
+                               cos=None, sin=None, max_len=None):
+    fn = _pick("recompute_decode_attention", q)
+    args = (q, hidden_cache, block_tables, context_lens, w_k, b_k, w_v, b_v, scale, cos, sin)
+    return fn(*args, max_len=max_len) if fn is _TRITON.get("recompute_decode_attention") else fn(*args)
 
 
 gather_kv = reference.gather_kv

@@ -112,8 +112,9 @@ def hidden_attention(u, hidden_cache, block_tables, context_lens, max_len: int |
 
 
 def absorbed_decode_attention(q, hidden_cache, block_tables, context_lens, w_k, w_v, b_v, scale: float,
-                              num_splits: int | None = None):
-    """Same contract as reference.absorbed_decode_attention: q [N, H, D]; w_k, w_v [n_kv * D, d]; b_v or None."""
+                              num_splits: int | None = None, max_len: int | None = None):
+    """Same contract as reference.absorbed_decode_attention: q [N, H, D]; w_k, w_v [n_kv * D, d]; b_v or None.
+    max_len: the longest context, where the caller knows it on the host (else a device sync reads it)."""
     n, num_heads, head_dim = q.shape
     width = hidden_cache.shape[-1]
     n_kv = w_k.shape[0] // head_dim
@@ -121,7 +122,7 @@ def absorbed_decode_attention(q, hidden_cache, block_tables, context_lens, w_k, 
     # The weights stay in their own dtype (casting them per step would cost more than the attention).
     qg = q.to(w_k.dtype).view(n, n_kv, group, head_dim)
     u = torch.einsum("ngqe,ged->ngqd", qg, w_k.view(n_kv, head_dim, width)).float() * scale
-    y = hidden_attention(u.reshape(n, num_heads, width), hidden_cache, block_tables, context_lens,
+    y = hidden_attention(u.reshape(n, num_heads, width), hidden_cache, block_tables, context_lens, max_len=max_len,
                          num_splits=num_splits)
     out = torch.einsum("ngqd,ged->ngqe", y.view(n, n_kv, group, width).to(w_v.dtype),
                        w_v.view(n_kv, head_dim, width)).float()

@@ -129,7 +129,9 @@ def decode_attention(q, k_blocks, v_blocks, block_tables, context_lens, scale: f
     return out
 
 
-def paged_decode_attention(q, kv_cache, block_tables, context_lens, scale: float, num_splits: int | None = None):
-    """One query token per row: q [N, H, D] over kv_cache [num_blocks, 2, B, n_kv, D] -> [N, H, D]."""
+def paged_decode_attention(q, kv_cache, block_tables, context_lens, scale: float, num_splits: int | None = None,
+                           max_len: int | None = None):
+    """One query token per row: q [N, H, D] over kv_cache [num_blocks, 2, B, n_kv, D] -> [N, H, D].
+    max_len: the longest context, where the caller knows it on the host (else a device sync reads it)."""
     return decode_attention(q, kv_cache[:, 0], kv_cache[:, 1], block_tables, context_lens, scale,
-                            num_splits=num_splits)
+                            max_len=max_len, num_splits=num_splits)

@@ -116,11 +116,13 @@ def gather_project_kv(hidden_cache, block_tables, max_len: int, w_k, b_k, w_v, b
 
 
 def recompute_decode_attention(q, hidden_cache, block_tables, context_lens, w_k, b_k, w_v, b_v, scale: float,
-                               cos=None, sin=None, num_splits: int | None = None):
-    """Same contract as reference.recompute_decode_attention; K/V scratch lives only for this call."""
+                               cos=None, sin=None, num_splits: int | None = None, max_len: int | None = None):
+    """Same contract as reference.recompute_decode_attention; K/V scratch lives only for this call.
+    max_len: the longest context, where the caller knows it on the host (else a device sync reads it)."""
     n, _, head_dim = q.shape
     n_kv = w_k.shape[0] // head_dim
-    max_len = int(context_lens.max())
+    if max_len is None:
+        max_len = int(context_lens.max())
     kv = _gather_project(hidden_cache, block_tables, context_lens, max_len, w_k, b_k, w_v, b_v, n_kv, head_dim,
                          cos, sin, only_context=True)
     blocks_per_row = kv.shape[2] // SCRATCH_BLOCK
