@@ -246,6 +246,7 @@ def chat_section(records: dict) -> list[str]:
 
 def main(mode: str = "quick", parts=("server", "cpu", "sim", "pp"), workers: int = 2) -> None:
     from loadgen import results_chat, results_cpu, results_pp, results_server, results_sim
+    from loadgen.results_gpu import gpu_section
     os.makedirs(OUT_DIR, exist_ok=True)
     t0 = time.time()
     log = lambda m: print(m, flush=True)  # noqa: E731
@@ -299,6 +300,7 @@ def main(mode: str = "quick", parts=("server", "cpu", "sim", "pp"), workers: int
             "",
             *cpu_tables(cpu, OUT_DIR),
         ]
+    body += gpu_section(os.path.join(OUT_DIR, "gpu", "gpu_check.json"))
     if sim:
         body += [
             "## Simulated paper setups (A100-40GB)",

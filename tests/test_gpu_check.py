@@ -177,6 +177,19 @@ def test_replay_writes_every_real_step(smoke):
                                                        "c_hdec", "c_hany"}
 
 
+def test_the_results_page_renders_the_gpu_section_from_the_report(smoke, tmp_path):
+    from loadgen.results_gpu import gpu_section
+    out, report, _ = smoke
+    lines = gpu_section(str(out / "gpu_check.json"))
+    assert lines[0] == "## Real GPU engine, wall clock (gpu_check)"
+    runs = report["stages"]["replay"]["runs"]
+    rows = [line for line in lines if any(line.startswith(f"| {r['rate']:g} | {r['policy']} |") for r in runs)]
+    assert len(rows) == len(runs)
+    assert sum(line.startswith(f"| {t['target']} |") for t in report["targets"].values() for line in lines) == \
+        len(report["targets"])
+    assert gpu_section(str(tmp_path / "absent.json")) == []
+
+
 def test_a_short_budget_skips_what_does_not_fit_and_still_reports(tmp_path):
     report, _ = run_check(tmp_path, "--budget-s", "15", "--stages", "kernels,exactness,step_costs,replay", timeout=120)
     statuses = {name: st["status"] for name, st in report["stages"].items()}

@@ -57,7 +57,7 @@ def _last_line(text) -> str | None:
     return lines[-1] if lines else None
 
 
-def _table(header: list[str], rows: list[list]) -> list[str]:
+def table(header: list[str], rows: list[list]) -> list[str]:
     return (["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
             + ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows])
 
@@ -70,14 +70,14 @@ def markdown(d: dict) -> str:
            f"torch {env.get('torch')}, triton {env.get('triton')}, transformers {env.get('transformers')}.", "",
            "## Targets", ""]
     marks = {True: "met", False: "NOT met", None: "not measured"}
-    out += _table(["target", "measured", "result"],
+    out += table(["target", "measured", "result"],
                   [[t["target"], _fmt(t.get("value")), marks[t.get("met")]] for t in d["targets"].values()])
     out += ["", "## Stages", ""]
-    out += _table(["stage", "status", "seconds", "cases skipped", "error"],
+    out += table(["stage", "status", "seconds", "cases skipped", "error"],
                   [[name, st.get("status"), st.get("seconds"), st.get("skipped_cases"), _last_line(st.get("error"))]
                    for name, st in d["stages"].items()])
     for name, fn in (("kernels", _kernels), ("exactness", _exactness), ("bandwidth", _bandwidth),
-                     ("step_costs", _step_costs), ("replay", _replay)):
+                     ("step_costs", _step_costs), ("replay", replay_table)):
         st = d["stages"].get(name, {})
         if st.get("summary") or st.get("fit_error") or st.get("runs"):
             out += ["", f"## {name}", ""] + fn(st)
@@ -112,7 +112,7 @@ def _bandwidth(st: dict) -> list[str]:
              f"{st.get('block_size')}.", ""]
     rows = [[r["context"], r["batch"], r["kv_ms"], r["kv_gbps"], r["kv_pct_peak"], r["absorbed_ms"],
              r["hidden_gbps"], r["absorbed_over_kv"]] for r in st.get("rows", [])]
-    return lines + _table(["context", "batch", "KV ms", "KV GB/s", "KV % peak", "absorbed ms", "hidden GB/s",
+    return lines + table(["context", "batch", "KV ms", "KV GB/s", "KV % peak", "absorbed ms", "hidden GB/s",
                            "absorbed / KV"], rows)
 
 
@@ -132,11 +132,12 @@ def _step_costs(st: dict) -> list[str]:
         pairs.setdefault(key, {})[r["kind"]] = r
     rows = [[*key, *(v.get(k, {}).get(f) for k in ("kv", "hidden") for f in ("ms", "predicted_ms"))]
             for key, v in pairs.items()]
-    return lines + _table(["step", "prefill tokens", "from position", "decodes", "context", "KV ms", "fit",
+    return lines + table(["step", "prefill tokens", "from position", "decodes", "context", "KV ms", "fit",
                            "hidden ms", "fit"], rows)
 
 
-def _replay(st: dict) -> list[str]:
+def replay_table(st: dict) -> list[str]:
+    """The replay stage's runs: attainment real and simulated, latencies and sim / real ratios."""
     lines = [f"SLO TTFT {st['slo']['ttft_s']} s, TBT {st['slo']['tbt_s']} s; rates {st.get('rates')} "
              f"({st.get('rate_source')}, knees {st.get('sim_knees')}); pool {st.get('num_blocks')} blocks.", ""]
     rows = []
@@ -145,5 +146,5 @@ def _replay(st: dict) -> list[str]:
         rows.append([f"{r['rate']:g}", r["policy"], r["requests"], real["attainment"], sim["attainment"],
                      1e3 * real["ttft_s"]["p50"], q["ttft_s_p50"], q["ttft_s_p90"], 1e3 * real["tbt_s"]["p50"],
                      q["tbt_s_p50"], q["tbt_s_p90"]])
-    return lines + _table(["req/s", "policy", "requests", "attainment real", "sim", "TTFT p50 ms", "sim/real p50",
+    return lines + table(["req/s", "policy", "requests", "attainment real", "sim", "TTFT p50 ms", "sim/real p50",
                            "p90", "TBT p50 ms", "sim/real p50", "p90"], rows)
