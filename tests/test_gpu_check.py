@@ -234,8 +234,10 @@ def test_without_a_gpu_the_gpu_mode_says_so(tmp_path):
 
 
 def test_the_gpu_fit_starts_where_a_gpu_is():
-    """fit_steps from GPU_X0 recovers steps priced at H200 rates (the vidur-derived h200 model) over stage 4's
-    grid: the starting point and its bounds reach GPU-sized coefficients."""
+    """fit_steps from GPU_X0 recovers steps priced at H200 rates (the vidur-derived h200 model, with hidden-row
+    steps 0.35 ms a layer dearer, as an H100 measured) over stage 4's grid: the starting point and its
+    bounds reach GPU-sized coefficients, the hidden-decode layer overhead included."""
+    from dataclasses import replace
     from aptray.config import EngineConfig
     from aptray.sim import configs_dir
     from aptray.sim.calibrate import GPU_X0, StepSample, fit_steps, predict
@@ -246,7 +248,8 @@ def test_the_gpu_fit_starts_where_a_gpu_is():
     from loadgen.gpu_check.step_costs import points
 
     config = EngineConfig(model=os.path.join(configs_dir(), "opt-13b"), cache_mode="hybrid", num_cache_blocks=8000)
-    truth = CostModel(config.spec, hardware_for(GPUS["h200"]), 1, "absorbed", 2e-3, 3e-5)
+    truth = CostModel(config.spec, replace(hardware_for(GPUS["h200"]), hidden_layer_overhead=3.5e-4), 1, "absorbed",
+                      2e-3, 3e-5)
     samples = []
     for p in points(GPU):
         seqs, left, start = [], p.get("prefill", 0), p.get("start", 0)
@@ -260,6 +263,7 @@ def test_the_gpu_fit_starts_where_a_gpu_is():
     assert cal.error.p90 < 0.01 and cal.hardware.profile == "h200"
     measured = np.array([s.seconds for s in samples])
     assert np.allclose(predict(samples, config, cal.hardware, cal.step_overhead), measured, rtol=0.01)
+    assert cal.hardware.hidden_layer_overhead == pytest.approx(3.5e-4, rel=0.1)
 
 
 def test_stage_failures_are_recorded_not_raised(tmp_path):

@@ -344,6 +344,14 @@ def test_calibration_round_trip_keeps_host_terms(tmp_path):
                      ragged_overhead=back.hardware.ragged_overhead)
     even, ragged = [("kv", 1, 40, 1), ("kv", 1, 40, 1)], [("kv", 1, 40, 1), ("kv", 1, 41, 1)]
     assert cost.step_time(ragged) - cost.step_time(even) == pytest.approx(_X0[2], rel=0.2)
+    # a step with an absorbed hidden decode pays the hidden layer term once per layer, however many decode
+    assert back.hardware.hidden_layer_overhead == pytest.approx(_X0[11])
+    kv, one, two = [("kv", 1, 40, 1)] * 2, [("kv", 1, 40, 1), ("hidden", 1, 40, 1)], [("hidden", 1, 40, 1)] * 2
+    zero = CostModel(spec, replace(back.hardware, hidden_layer_overhead=0.0), 1, "absorbed", overhead,
+                     back.seq_overhead)
+    for seqs in (one, two):
+        assert cost.step_time(seqs) - zero.step_time(seqs) == pytest.approx(spec.num_layers * _X0[11])
+    assert cost.step_time(kv) == zero.step_time(kv)
 
 
 @needs_profiles

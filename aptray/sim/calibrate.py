@@ -122,12 +122,12 @@ def collect_steps(config: EngineConfig, batch_sizes=(1, 2, 4, 8, 16), prompt_len
 
 
 # parameters, all in log space: step overhead, per-sequence overhead, ragged-decode overhead,
-# GEMM (c0, FLOP/s, B/s), elementwise (c0, B/s), attention (c0, FLOP/s, B/s)
+# GEMM (c0, FLOP/s, B/s), elementwise (c0, B/s), attention (c0, FLOP/s, B/s), hidden-decode layer overhead
 _NAMES = ("step_overhead", "seq_overhead", "ragged_overhead", "gemm_c0", "gemm_flops", "gemm_bytes", "elem_c0", "elem_bytes",
-          "attn_c0", "attn_flops", "attn_bytes")
-_X0 = (1e-4, 1e-5, 1e-5, 2e-5, 5e10, 5e9, 5e-6, 5e9, 2e-5, 2e10, 5e9)
+          "attn_c0", "attn_flops", "attn_bytes", "hidden_layer_overhead")
+_X0 = (1e-4, 1e-5, 1e-5, 2e-5, 5e10, 5e9, 5e-6, 5e9, 2e-5, 2e10, 5e9, 1e-6)
 # the same starting point for a GPU (H100/H200 class): each coefficient may move e^9 either way from it
-GPU_X0 = (1e-3, 2e-5, 1e-6, 5e-6, 5e14, 3e12, 5e-6, 2e12, 1e-5, 3e14, 2e12)
+GPU_X0 = (1e-3, 2e-5, 1e-6, 5e-6, 5e14, 3e12, 5e-6, 2e12, 1e-5, 3e14, 2e12, 1e-5)
 
 
 def _unpack(p, profile: str = "cpu") -> tuple[HardwareFit, float]:
@@ -135,7 +135,8 @@ def _unpack(p, profile: str = "cpu") -> tuple[HardwareFit, float]:
     gemm = LinearRoofline(e[3], e[4], e[5])
     elem = LinearRoofline(e[6], math.inf, e[7])
     attn = LinearRoofline(e[8], e[9], e[10])
-    return HardwareFit(profile, gemm, elem, elem, elem, attn, {}, seq_overhead=e[1], ragged_overhead=e[2]), e[0]
+    return HardwareFit(profile, gemm, elem, elem, elem, attn, {}, seq_overhead=e[1], ragged_overhead=e[2],
+                       hidden_layer_overhead=e[11]), e[0]
 
 
 def predict(samples: list[StepSample], config: EngineConfig, hw: HardwareFit, overhead: float) -> np.ndarray:
@@ -165,7 +166,7 @@ class Calibration:
         with open(path, "w") as f:
             json.dump({"profile": hw.profile, "laws": laws, "step_overhead": self.step_overhead,
                        "seq_overhead": hw.seq_overhead, "ragged_overhead": hw.ragged_overhead,
-                       "step_jitter": list(hw.step_jitter), "error": asdict(self.error), "meta": self.meta},
+                       "hidden_layer_overhead": hw.hidden_layer_overhead, "step_jitter": list(hw.step_jitter), "error": asdict(self.error), "meta": self.meta},
                       f, indent=1, default=str)
 
     @classmethod
@@ -176,7 +177,7 @@ class Calibration:
                 for k, v in d["laws"].items()}
         hw = HardwareFit(d.get("profile", "cpu"), all_reduce={}, seq_overhead=float(d.get("seq_overhead", 0.0)),
                          ragged_overhead=float(d.get("ragged_overhead", 0.0)),
-                         step_jitter=tuple(d.get("step_jitter", ())), **laws)
+                         hidden_layer_overhead=float(d.get("hidden_layer_overhead", 0.0)), step_jitter=tuple(d.get("step_jitter", ())), **laws)
         return cls(hw, d["step_overhead"], FitError(**d["error"]), d.get("meta", {}))
 
 

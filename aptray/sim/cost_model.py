@@ -10,7 +10,8 @@ Per layer and tensor-parallel rank (d width, H heads, D head dim, kv = 2*n_kv*D/
                         plus the cached prefix (c-q)*kv*2 B;
     KV decode:          4*c*H/t*D FLOPs, c*kv*2 B read;
     hidden, absorbed:   4*H/t*d*c FLOPs, c*d*2 B read, plus per step u_h = W_k,h^T q_h and
-                        W_v,h y_h (two GEMMs of m = hidden decodes, k = d, n = H*D/t);
+                        W_v,h y_h (two GEMMs of m = hidden decodes, k = d, n = H*D/t) and
+                        hw.hidden_layer_overhead (the path's other launches; 0 in the vidur fits);
     hidden, recompute:  a GEMM re-projecting K,V for the whole context (m = c, k = d, n = kv),
                         c*d*2 B read, then KV attention over the scratch (c*kv*2 B written and read).
   A hidden prefill chunk with a cached prefix re-projects the prefix's K,V (GEMM m = c-q, (d, kv)):
@@ -132,7 +133,7 @@ class CostModel:
                     hd = self.spec.num_heads * self.spec.head_dim
                     g += 2 * self.hw.all_reduce_time(n_hid * hd, self.tp)
                 self._gemm_memo[n_hid] = g
-            t += g
+            t += g + self.hw.hidden_layer_overhead
             if self._sharded:
                 t += self.hw.all_reduce_time(self.spec.num_heads * hid_ctx, self.tp)
         if reproj:

@@ -65,6 +65,10 @@ class HardwareFit:
     # seconds per step whose decode rows have unequal contexts (the CPU engine then builds a mask and
     # runs masked attention); 0 for the GPU fits, fitted by the CPU calibration
     ragged_overhead: float = 0.0
+    # seconds per layer of a step with absorbed hidden decodes, beyond what its two GEMMs' c0 carry: the
+    # path's other launches (casts, softmax, the split reduction). 0 for the vidur fits; a measured
+    # profile fits it (an H100 ran hidden-row decode steps 16-21 ms slower than KV ones)
+    hidden_layer_overhead: float = 0.0
     # measured scatter of a step's time about its typical value, as log ratios: the simulator multiplies
     # each step by exp(one of them), drawn by a seeded generator. Empty (no scatter) for the GPU fits.
     step_jitter: tuple[float, ...] = ()
@@ -89,7 +93,7 @@ class HardwareFit:
                 for name in ("gemm", "layernorm", "activation", "residual_add", "attention")}
         return HardwareFit(self.profile, all_reduce=self.all_reduce, errors=self.errors,
                            seq_overhead=self.seq_overhead, ragged_overhead=self.ragged_overhead,
-                           step_jitter=self.step_jitter, send_recv=self.send_recv, **laws)
+                           hidden_layer_overhead=self.hidden_layer_overhead, step_jitter=self.step_jitter, send_recv=self.send_recv, **laws)
 
 
 def _fit(flops: np.ndarray, nbytes: np.ndarray, seconds: np.ndarray, use_flops: bool) -> LinearRoofline:

@@ -79,6 +79,7 @@ def scheduler_stats(scheduler) -> dict:
     if hasattr(scheduler, "alpha"):
         out["alpha"] = scheduler.alpha
         out["hidden_decode_cost"] = scheduler.cost.hidden_decode_cost
+        out["hidden_step_cost"] = scheduler.cost.hidden_step_cost
     return out
 
 
