@@ -100,6 +100,18 @@ def test_bandwidth_rows_are_measured(smoke):
     assert all(r["kv_ms"] > 0 and r["absorbed_ms"] > 0 and r["absorbed_over_kv"] > 0 for r in rows)
 
 
+def test_absorbed_tilings_are_checked_then_timed_against_the_default(smoke):
+    from loadgen.gpu_check.sizes import SMOKE
+    out, report, _ = smoke
+    rows = report["stages"]["bandwidth"]["tilings"]
+    assert [(r["context"], r["batch"], r["block_t"], r["block_d"], r["num_warps"]) for r in rows] == [
+        (c, b, *t) for c, b in SMOKE.bw_tiling_points for t in SMOKE.bw_tilings]
+    for r in rows:
+        assert r["max_error"] <= 1e-4 and r["ms"] > 0 and r["default_ms"] > 0
+        assert r["over_default"] == pytest.approx(r["ms"] / r["default_ms"])
+    assert "Absorbed tilings against the default" in (out / "gpu_check.md").read_text()
+
+
 def test_step_profile_prices_the_simulator(smoke, monkeypatch):
     from aptray.config import EngineConfig
     from aptray.plan import BatchPlan, SeqPlan
@@ -140,7 +152,7 @@ def test_replay_compares_real_and_simulated(smoke):
     assert len(st["rates"]) == 2 and st["rate_source"] == "simulated knees" and set(st["sim_knees"]) == {"fcfs", "apt"}
     runs = st["runs"]
     assert [(r["rate"], r["policy"]) for r in runs] == [(rate, p) for rate in st["rates"]
-                                                         for p in ("fcfs", "sarathi", "apt")]
+                                                         for p in ("fcfs", "sarathi", "apt", "apt-kv")]
     for r in runs:
         assert r["real"]["num_requests"] == r["sim"]["num_requests"] == r["requests"] >= 6
         assert r["real"]["statuses"].get("finished", 0) > 0

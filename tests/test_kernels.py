@@ -193,6 +193,21 @@ def test_decode_kernels_take_the_longest_context_from_the_host():
         _close(given, read_back)
 
 
+@pytest.mark.parametrize("tiling", [(16, 32, 4), (64, 16, 8), (8, 64, None)])
+def test_absorbed_decode_attention_under_every_tiling(tiling):
+    """The GPU check times tilings of the two passes against the default: each must compute the same."""
+    from aptray_kernels.triton_absorbed import Tiling
+    gen = torch.Generator().manual_seed(11)
+    head_dim, width, n_kv, num_heads = 8, 40, 2, 4
+    tables, num_blocks, lens = paged_rows(4, CONTEXT_LENS, gen=gen)
+    cache = torch.randn(num_blocks, 4, width, generator=gen)
+    poison_unfilled(cache, tables, lens, 4)
+    q = torch.randn(len(lens), num_heads, head_dim, generator=gen)
+    w_k, _, w_v, b_v = attention_weights(n_kv, head_dim, width, True, gen)
+    _close(triton_ops.absorbed_decode_attention(q, cache, tables, lens, w_k, w_v, b_v, 0.3, tiling=Tiling(*tiling)),
+           reference.absorbed_decode_attention(q, cache, tables, lens, w_k, w_v, b_v, 0.3))
+
+
 def test_paged_decode_attention_odd_head_dim():
     gen = torch.Generator().manual_seed(7)
     tables, num_blocks, lens = paged_rows(4, [3, 9], gen=gen)

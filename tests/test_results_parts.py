@@ -16,6 +16,7 @@ def test_the_page_is_what_the_committed_results_render(tmp_path, monkeypatch):
     for path in glob.glob(os.path.join(REPO, "docs", "results", "*.json")) + [
             os.path.join(REPO, "docs", "results", "routing.md")]:
         shutil.copy(path, out)
+    shutil.copytree(os.path.join(REPO, "docs", "results", "gpu"), out / "gpu")  # the GPU check's section
     monkeypatch.setattr(make_results, "OUT_DIR", str(out))
     monkeypatch.setattr(make_results, "DOC", str(tmp_path / "RESULTS.md"))
     make_results.main(parts=())

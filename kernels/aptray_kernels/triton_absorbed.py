@@ -10,15 +10,32 @@ split over d instead and the second read is often served from L2. See docs/KERNE
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from .triton_common import cdiv, dot_precision, last_dim_contiguous, pow2, split_plan
 
-BLOCK_T = 32   # tokens per tile
-BLOCK_D = 128  # hidden channels per chunk
 MIN_SPLIT_TOKENS = 512  # each split writes an [H, d] fp32 partial: keep that small next to its x reads
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How the two passes tile their work. block_t: tokens per tile; block_d: hidden channels per chunk;
+    num_warps, num_stages: Triton's launch options (None: its defaults). Not tuned on a GPU yet: the GPU
+    check times a grid of them (loadgen/gpu_check/bandwidth.py) against this default."""
+    block_t: int = 32
+    block_d: int = 128
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def launch(self) -> dict:
+        return {k: v for k, v in (("num_warps", self.num_warps), ("num_stages", self.num_stages)) if v is not None}
+
+
+DEFAULT_TILING = Tiling()
 
 
 @triton.jit
@@ -82,8 +99,9 @@ def _hidden_weighted_sum_kernel(probs_ptr, cache_ptr, block_tables_ptr, context_
 
 
 def hidden_attention(u, hidden_cache, block_tables, context_lens, max_len: int | None = None,
-                     num_splits: int | None = None) -> torch.Tensor:
+                     num_splits: int | None = None, tiling: Tiling = DEFAULT_TILING) -> torch.Tensor:
     """y [N, H, d] fp32 = softmax_t(u_h . x_t) weighted sum of x_t, for u [N, H, d] (scale folded in)."""
+    block_t, block_d = tiling.block_t, tiling.block_d
     n, num_heads, width = u.shape
     block_size = hidden_cache.shape[1]
     assert hidden_cache.stride(-1) == 1
@@ -92,27 +110,30 @@ def hidden_attention(u, hidden_cache, block_tables, context_lens, max_len: int |
         max_len = int(context_lens.max())
     heads_p, precision = pow2(num_heads), dot_precision(hidden_cache.dtype)
     scores = torch.empty(n, num_heads, max_len, dtype=torch.float32, device=u.device)
-    _hidden_scores_kernel[(n, cdiv(max_len, BLOCK_T))](
+    _hidden_scores_kernel[(n, cdiv(max_len, block_t))](
         u, hidden_cache, block_tables, context_lens, scores, num_heads, width, max_len,
         u.stride(0), u.stride(1), hidden_cache.stride(0), hidden_cache.stride(1), block_tables.stride(0),
         scores.stride(0), scores.stride(1),
-        BLOCK_SIZE=block_size, HEADS_P=heads_p, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, DOT_PRECISION=precision)
+        BLOCK_SIZE=block_size, HEADS_P=heads_p, BLOCK_T=block_t, BLOCK_D=block_d, DOT_PRECISION=precision,
+        **tiling.launch())
     probs = torch.softmax(scores, dim=-1)  # H*ctx fp32 values per row: small next to ctx*d hidden values
-    d_chunks = cdiv(width, BLOCK_D)
+    d_chunks = cdiv(width, block_d)
     if num_splits is None:
-        num_splits = min(split_plan(max_len, n * d_chunks, BLOCK_T)[1], cdiv(max_len, MIN_SPLIT_TOKENS))
-    split_len, splits = split_plan(max_len, n * d_chunks, BLOCK_T, num_splits)
+        num_splits = min(split_plan(max_len, n * d_chunks, block_t)[1], cdiv(max_len, MIN_SPLIT_TOKENS))
+    split_len, splits = split_plan(max_len, n * d_chunks, block_t, num_splits)
     y = torch.empty(splits, n, num_heads, width, dtype=torch.float32, device=u.device)
     _hidden_weighted_sum_kernel[(n, d_chunks, splits)](
         probs, hidden_cache, block_tables, context_lens, y, num_heads, width, split_len,
         probs.stride(0), probs.stride(1), hidden_cache.stride(0), hidden_cache.stride(1), block_tables.stride(0),
         y.stride(0), y.stride(1), y.stride(2),
-        BLOCK_SIZE=block_size, HEADS_P=heads_p, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, DOT_PRECISION=precision)
+        BLOCK_SIZE=block_size, HEADS_P=heads_p, BLOCK_T=block_t, BLOCK_D=block_d, DOT_PRECISION=precision,
+        **tiling.launch())
     return y[0] if splits == 1 else y.sum(0)
 
 
 def absorbed_decode_attention(q, hidden_cache, block_tables, context_lens, w_k, w_v, b_v, scale: float,
-                              num_splits: int | None = None, max_len: int | None = None):
+                              num_splits: int | None = None, max_len: int | None = None,
+                              tiling: Tiling = DEFAULT_TILING):
     """Same contract as reference.absorbed_decode_attention: q [N, H, D]; w_k, w_v [n_kv * D, d]; b_v or None.
     max_len: the longest context, where the caller knows it on the host (else a device sync reads it)."""
     n, num_heads, head_dim = q.shape
@@ -123,7 +144,7 @@ def absorbed_decode_attention(q, hidden_cache, block_tables, context_lens, w_k, 
     qg = q.to(w_k.dtype).view(n, n_kv, group, head_dim)
     u = torch.einsum("ngqe,ged->ngqd", qg, w_k.view(n_kv, head_dim, width)).float() * scale
     y = hidden_attention(u.reshape(n, num_heads, width), hidden_cache, block_tables, context_lens, max_len=max_len,
-                         num_splits=num_splits)
+                         num_splits=num_splits, tiling=tiling)
     out = torch.einsum("ngqd,ged->ngqe", y.view(n, n_kv, group, width).to(w_v.dtype),
                        w_v.view(n_kv, head_dim, width)).float()
     if b_v is not None:

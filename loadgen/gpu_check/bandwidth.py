@@ -3,6 +3,8 @@
 loadgen/bench_kernels.py times each point (triton do_bench, median, L2 flushed); achieved bandwidth
 counts the cache bytes each path must read once (N*ctx*2*n_kv*D and N*ctx*d elements), against the
 device's datasheet HBM peak and a measured copy. absorbed_ms includes the u = W_k^T q and W_v y matmuls.
+Then the absorbed kernels' tilings (triton_absorbed.Tiling) are timed against the default at a few
+points, each checked against the reference first: what the default should become.
 """
 from __future__ import annotations
 
@@ -45,6 +47,9 @@ def run(ctx, pace, result: dict) -> None:
         ctx.log(bench_kernels.format_row(row))
         if not cpu:
             torch.cuda.empty_cache()
+    if not cpu:
+        torch.cuda.empty_cache()
+    result["tilings"] = tiling_sweep(ctx, pace, layer, timer)
     kv = [r["kv_pct_peak"] for r in rows if r["batch"] >= KV_TARGET["batch"] and r["context"] >= KV_TARGET["context"]
           and r["kv_pct_peak"] is not None]
     ratio = [r["absorbed_over_kv"] for r in rows if r["context"] >= ABSORBED_TARGET["context"]]
@@ -59,3 +64,45 @@ def run(ctx, pace, result: dict) -> None:
         "absorbed_over_kv": {"met": max(ratio) <= ABSORBED_TARGET["ratio"] if ratio else None,
                              "value": None if not ratio else f"{min(ratio):.2f}-{max(ratio):.2f}",
                              "target": "absorbed / KV time <= 0.6 at contexts >= 1024"}}
+
+
+def tiling_sweep(ctx, pace, layer, timer) -> list[dict]:
+    """absorbed_ms of each tiling in sizes.bw_tilings at each of sizes.bw_tiling_points, beside the default's
+    (over_default < 1: faster). A tiling that differs from the reference on a ragged check is not timed."""
+    from aptray_kernels import reference
+    from aptray_kernels.triton_absorbed import DEFAULT_TILING, Tiling, absorbed_decode_attention
+    s = ctx.sizes
+    check_q, _, _, check_hidden, check_tables, _ = layer.caches(80, 3, s.bw_block_size)
+    check = (check_q, check_hidden, check_tables, torch.tensor([80, 33, 1], device=layer.device), layer.w_k, layer.w_v,
+             layer.b_v, layer.scale)
+    want = reference.absorbed_decode_attention(*check)
+    tol = 1e-4 if layer.dtype == torch.float32 else 3e-2
+    rows = []
+    for ctx_len, batch in s.bw_tiling_points:
+        q, _, _, hidden_p, tables_p, lens_p = layer.caches(ctx_len, batch, s.bw_block_size)
+
+        def absorbed_ms(tiling):
+            return timer(lambda: absorbed_decode_attention(q, hidden_p, tables_p, lens_p, layer.w_k, layer.w_v,
+                                                           layer.b_v, layer.scale, max_len=ctx_len, tiling=tiling))
+        base = absorbed_ms(DEFAULT_TILING)
+        for block_t, block_d, warps in pace.each(s.bw_tilings, s.bw_tiling_estimate_s):
+            tiling = Tiling(block_t, block_d, warps)
+            row = {"context": ctx_len, "batch": batch, "block_t": block_t, "block_d": block_d, "num_warps": warps,
+                   "default_ms": base}
+            try:
+                got = absorbed_decode_attention(*check, tiling=tiling)
+                err = float((got.float() - want.float()).abs().max())
+                row["max_error"] = err
+                if err <= tol:
+                    row["ms"] = absorbed_ms(tiling)
+                    row["over_default"] = row["ms"] / base
+            except Exception as exc:  # noqa: BLE001 - a tiling the compiler refuses (registers, shared memory)
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            rows.append(row)
+        best = min((r for r in rows if r["context"] == ctx_len and r["batch"] == batch and "ms" in r),
+                   key=lambda r: r["ms"], default=None)
+        if best:
+            ctx.log(f"absorbed tilings at {ctx_len} x {batch}: default {base:.3f} ms, best {best['ms']:.3f} ms "
+                    f"(block_t {best['block_t']}, block_d {best['block_d']}, warps {best['num_warps']})")
+        del q, hidden_p, tables_p, lens_p
+    return rows

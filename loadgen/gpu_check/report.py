@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from itertools import groupby
 
 
 def complete(failed: list, run: list, planned: list) -> bool | None:
@@ -112,8 +113,19 @@ def _bandwidth(st: dict) -> list[str]:
              f"{st.get('block_size')}.", ""]
     rows = [[r["context"], r["batch"], r["kv_ms"], r["kv_gbps"], r["kv_pct_peak"], r["absorbed_ms"],
              r["hidden_gbps"], r["absorbed_over_kv"]] for r in st.get("rows", [])]
-    return lines + table(["context", "batch", "KV ms", "KV GB/s", "KV % peak", "absorbed ms", "hidden GB/s",
-                           "absorbed / KV"], rows)
+    lines += table(["context", "batch", "KV ms", "KV GB/s", "KV % peak", "absorbed ms", "hidden GB/s",
+                    "absorbed / KV"], rows)
+    tilings = st.get("tilings") or []
+    if tilings:
+        timed = sorted((r for r in tilings if "ms" in r), key=lambda r: (r["context"], r["batch"], r["ms"]))
+        lines += ["", f"Absorbed tilings against the default (block_t 32, block_d 128, Triton's warps): "
+                      f"{len(timed)} of {len(tilings)} timed (the rest differed from the reference or did not "
+                      "compile); the three fastest per point:", ""]
+        best = [r for _, group in groupby(timed, key=lambda r: (r["context"], r["batch"])) for r in list(group)[:3]]
+        lines += table(["context", "batch", "block_t", "block_d", "warps", "ms", "default ms", "/ default"],
+                       [[r["context"], r["batch"], r["block_t"], r["block_d"], r["num_warps"], r["ms"], r["default_ms"],
+                         r["over_default"]] for r in best])
+    return lines
 
 
 def _step_costs(st: dict) -> list[str]:

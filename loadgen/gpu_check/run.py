@@ -37,8 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock seconds for the whole run, imports included")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--rates", help="replay: request rates (req/s) instead of the simulated knees")
-    p.add_argument("--policies", help="replay: comma-separated policies (default fcfs,sarathi,apt; apt-kv is apt "
-                                      "on the KV cache alone)")
+    p.add_argument("--policies", help="replay: comma-separated policies (default fcfs,sarathi,apt,apt-kv; apt-kv "
+                                      "is apt on the KV cache alone)")
     p.add_argument("--profile", help="replay: a step-cost profile to price the simulator with when step_costs "
                                      "does not run (a DIR/<gpu>.json of an earlier run)")
     args = p.parse_args(argv)

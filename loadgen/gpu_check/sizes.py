@@ -26,6 +26,11 @@ class Sizes:
     bw_contexts: tuple
     bw_block_size: int
     bw_point_estimate_s: float
+    # the absorbed kernels' tilings timed against the default: (block_t, block_d, num_warps), at these
+    # (context, batch) points
+    bw_tilings: tuple
+    bw_tiling_points: tuple
+    bw_tiling_estimate_s: float
     # stage 4, step costs of the engine
     model: str  # "opt-13b" (aptray/sim/configs) or "opt-smoke" (a tiny OPT config)
     dtype: str
@@ -59,6 +64,8 @@ GPU = Sizes(
     exact_models=("opt", "llama", "llama-gqa"), exact_bf16_models=("opt", "llama", "llama-gqa"), exact_prompts=16,
     exact_max_tokens=24, exact_case_estimate_s=5.0,
     bw_batches=(16, 32, 64, 128), bw_contexts=(512, 1024, 2048, 4096), bw_block_size=16, bw_point_estimate_s=3.0,
+    bw_tilings=tuple((t, d, w) for t in (16, 32, 64) for d in (64, 128, 256) for w in (4, 8)),
+    bw_tiling_points=((1024, 32), (2048, 128)), bw_tiling_estimate_s=1.5,
     model="opt-13b", dtype="bfloat16", block_size=16, num_cache_blocks=None,
     prefill_tokens=(128, 256, 512, 1024, 2048, 4096), decode_batches=(1, 8, 32, 64, 128, 256),
     decode_contexts=(128, 500, 1000, 2000), mixed_steps=((256, 0, 16, 1000), (512, 1024, 16, 1000),
@@ -77,6 +84,7 @@ SMOKE = Sizes(
     exact_models=("opt", "llama"), exact_bf16_models=("opt",), exact_prompts=8, exact_max_tokens=20,
     exact_case_estimate_s=2.0,
     bw_batches=(1, 2), bw_contexts=(32, 64), bw_block_size=16, bw_point_estimate_s=2.0,
+    bw_tilings=((16, 32, 4), (64, 16, 8)), bw_tiling_points=((32, 2),), bw_tiling_estimate_s=1.0,
     model="opt-smoke", dtype="float32", block_size=16, num_cache_blocks=512,
     prefill_tokens=(16, 64, 256), decode_batches=(1, 4, 16), decode_contexts=(16, 64, 200),
     mixed_steps=((32, 0, 4, 64), (32, 64, 4, 128)), step_repeats=3, step_point_estimate_s=1.0,
