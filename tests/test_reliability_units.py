@@ -56,6 +56,29 @@ def test_writer_survives_an_empty_restart(redis_proc, monkeypatch):
         w.close()
 
 
+def test_writer_repairs_a_store_that_no_longer_mirrors_it(redis_proc, monkeypatch):
+    """Redis holds a token the router never made (a late transaction's append): the writer's next append
+    for that request is skipped, the writer sees it and resyncs, and Redis again holds the router's
+    tokens; the request admitted meanwhile is written too."""
+    monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
+    store = RequestStore.connect(redis_proc.url, queue_owner="replica-a")
+    w = StoreWriter(store)
+    try:
+        w.admit(_meta("a")).result(5)
+        w.tokens({"a": [7, 8]})
+        assert w.flush()
+        store.r.rpush(store._k("a", "tokens"), 8)  # a duplicate, as a late plain append would leave
+        w.tokens({"a": [9]})
+        assert w.flush()
+        w.admit(_meta("b")).result(5)  # admission resyncs first when the writer knows Redis diverged
+        assert w.healthy and w.divergences == 1 and w.outages == 0
+        assert store.get("a").output_token_ids == [7, 8, 9] and store.get("b") is not None
+        w.tokens({"a": [10]})
+        assert w.flush() and store.get("a").output_token_ids == [7, 8, 9, 10] and w.divergences == 1
+    finally:
+        w.close()
+
+
 def test_orphaned_owner_is_found(redis_proc, monkeypatch):
     monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
     alive = RequestStore.connect(redis_proc.url, queue_owner="alive")

@@ -112,3 +112,19 @@ def test_writer_merges_steps_into_few_round_trips_and_finishes_last(store):
     finally:
         store.__dict__.pop("batch", None)
         w.close()
+
+
+def test_a_guarded_append_happens_only_at_the_length_it_was_written_for(store):
+    """A token append names the list's length before it: a transaction that runs late (its reply timed
+    out, and the writer's resync already rewrote the list) must not add its tokens twice."""
+    store.add(_meta("g1", 700.0, output_token_ids=[7, 8]))
+    b = store.batch()
+    b.tokens("g1", [9], now=701.0, start=2)
+    assert b.execute() == 0 and store.get("g1").output_token_ids == [7, 8, 9]
+    late = store.batch()  # the same append again, as a timed-out transaction would run once Redis answers
+    late.tokens("g1", [9], now=701.0, start=2)
+    assert late.execute() == 1 and store.get("g1").output_token_ids == [7, 8, 9]
+    long = list(range(2500))  # more than one guarded chunk
+    b = store.batch()
+    b.tokens("g1", long, now=702.0, start=3)
+    assert b.execute() == 0 and store.get("g1").output_token_ids == [7, 8, 9] + long

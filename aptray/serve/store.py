@@ -28,6 +28,16 @@ FINISHED = ("stop", "length", "abort", "error", "rejected")
 SOCKET_TIMEOUT_S = 2.0
 # ids the server makes (openai_api.new_id): no ':' or '*', so no key of one request can be another's
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+# Append tokens only where the list holds exactly ARGV[1] of them; returns -1, or the length it found.
+# A transaction whose reply timed out can still run once Redis answers again, after the writer's
+# resync rewrote the list from its mirror: a plain RPUSH would then add its tokens a second time.
+_APPEND_AT = """
+local n = redis.call('LLEN', KEYS[1])
+if n ~= tonumber(ARGV[1]) then return n end
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
+return -1
+"""
+APPEND_CHUNK = 1000  # tokens per guarded append (Lua's unpack takes a few thousand at most)
 
 
 class EmbeddedServer:
@@ -82,6 +92,7 @@ class RequestStore:
     def __init__(self, client: redis.Redis, prefix: str = "aptray:", inflight_ttl_s: int = 24 * 3600,
                  finished_ttl_s: int = 300, owner=None, queue_owner: str | None = None):
         self.r = client
+        self._append_at = client.register_script(_APPEND_AT)
         self.prefix = prefix
         self.inflight_ttl_s = inflight_ttl_s
         self.finished_ttl_s = finished_ttl_s
@@ -214,16 +225,24 @@ class RequestStore:
         p.execute()
 
     def _tokens(self, p, rid: str, toks: list[int], now: float, first: bool | None = None,
-                first_time: float | None = None) -> None:
+                first_time: float | None = None, start: int | None = None) -> list[int]:
         """now: when the last of toks came. first: whether toks are the request's first tokens (None:
         not known), the first of them at first_time (default now). Later tokens need only the
-        append and the last token time: the key's TTL and the status were set with the first."""
+        append and the last token time: the key's TTL and the status were set with the first.
+        start: the tokens the list holds before these; given, the append happens only at that length
+        (_APPEND_AT), and the indices of the guarded appends in p are returned."""
         if not toks:
-            return
-        p.rpush(self._k(rid, "tokens"), *toks)
+            return []
+        guarded = []
+        if start is None:
+            p.rpush(self._k(rid, "tokens"), *toks)
+        else:
+            for i in range(0, len(toks), APPEND_CHUNK):
+                guarded.append(len(p))
+                self._append_at(keys=[self._k(rid, "tokens")], args=[start + i, *toks[i:i + APPEND_CHUNK]], client=p)
         if first is False:
             p.hset(self._k(rid), "last_token_time", now)
-            return
+            return guarded
         p.expire(self._k(rid, "tokens"), self.inflight_ttl_s)
         if first:
             p.hset(self._k(rid), mapping={"first_token_time": now if first_time is None else first_time,
@@ -231,6 +250,7 @@ class RequestStore:
         else:
             p.hsetnx(self._k(rid), "first_token_time", now)
             p.hset(self._k(rid), mapping={"last_token_time": now, "status": "running"})
+        return guarded
 
     def batch(self) -> "StoreBatch":
         """Many writes (admissions, tokens, finishes) in one transaction, applied in the order given."""
@@ -292,23 +312,29 @@ class StoreBatch:
         self.store = store
         self.p = store.r.pipeline(transaction=True)
         self.size = 0  # writes queued
-
+        self.guarded: list[int] = []  # indices in p of guarded token appends
     def add(self, m: RequestMeta) -> None:
         self.store._add(self.p, m)
         self.size += 1
 
     def tokens(self, rid: str, toks: list[int], now: float, first: bool | None = None,
-               first_time: float | None = None) -> None:
-        self.store._tokens(self.p, rid, toks, now, first, first_time)
+               first_time: float | None = None, start: int | None = None) -> None:
+        """start: the tokens the request's list holds before these (the append is skipped at any other
+        length, and execute reports it); None: a plain append."""
+        self.guarded += self.store._tokens(self.p, rid, toks, now, first, first_time, start)
         self.size += 1
 
     def finish(self, rid: str, status: str, now: float) -> None:
         self.store._finish(self.p, rid, status, now)
         self.size += 1
 
-    def execute(self) -> None:
-        if self.size:
-            self.p.execute()
+    def execute(self) -> int:
+        """Writes everything; returns how many guarded appends found their list at another length
+        (the store no longer mirrors the writer there: it should resync)."""
+        if not self.size:
+            return 0
+        results = self.p.execute()
+        return sum(1 for i in self.guarded if results[i] != -1)
 
 
 def redis_password() -> str | None:

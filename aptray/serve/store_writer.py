@@ -38,6 +38,12 @@ class StoreUnavailable(RuntimeError):
     pass
 
 
+def _start(meta: RequestMeta | None, step: list) -> int | None:
+    """The tokens a request's Redis list holds before step's: the mirror's count less step's (None: not
+    mirrored, appended without the guard)."""
+    return None if meta is None else len(meta.output_token_ids) - len(step[0])
+
+
 class StoreWriter:
     def __init__(self, store: RequestStore):
         self.store = store
@@ -45,6 +51,7 @@ class StoreWriter:
         self.pending_finishes: OrderedDict[str, str] = OrderedDict()
         self.healthy = True
         self.outages = 0  # times Redis went away (metrics, tests)
+        self.divergences = 0  # times Redis was found not to hold what the router wrote
         self.last_error: str | None = None
         self._last_try = 0.0
         self._last_beat = 0.0
@@ -157,20 +164,23 @@ class StoreWriter:
                         m.last_token_time, m.status = now, "running"
             elif kind == "finish":
                 _, rid, status = item
-                self.mirror.pop(rid, None)
+                m = self.mirror.pop(rid, None)
                 step = steps.pop(rid, None)
                 if batch is not None:
                     if step is not None:  # its tokens first: the finish shortens the TTL and must come last
-                        batch.tokens(rid, *step)
+                        batch.tokens(rid, *step, start=_start(m, step))
                     batch.finish(rid, status, time.time())
                 finished.append((rid, status))
             elif kind == "flush":
                 done.append(item[1])
         if batch is not None:
             for rid, step in steps.items():
-                batch.tokens(rid, *step)
-            if not self._write(batch.execute):
+                batch.tokens(rid, *step, start=_start(self.mirror.get(rid), step))
+            skipped = self._write(batch.execute)
+            if skipped is None:
                 batch = None
+            elif skipped:
+                self._diverged(skipped)
         for meta, fut in admitted:
             if batch is None:  # refused: nobody will generate for it
                 self.mirror.pop(meta.request_id, None)
@@ -185,13 +195,21 @@ class StoreWriter:
         for fut in done:
             fut.set_result(True)
 
-    def _write(self, write) -> bool:
+    def _write(self, write):
+        """write()'s result, or None if Redis failed it."""
         try:
-            write()
-            return True
+            return write()
         except Exception as e:  # redis.ConnectionError, TimeoutError, a restarted server's LOADING...
             self._went_away(e)
-            return False
+            return None
+
+    def _diverged(self, skipped: int) -> None:
+        """Token appends found their lists at another length than the mirror's: Redis no longer mirrors
+        the router (a timed-out transaction that ran after a resync, a restart between two writes).
+        The batch's other writes stand; a resync now rewrites every in-flight request."""
+        logger.warning("request store diverged from the router (%d token appends skipped): resyncing", skipped)
+        self.divergences += 1
+        self.healthy, self.last_error, self._last_try = False, "diverged", 0.0
 
     def _went_away(self, e: Exception) -> None:
         if self.healthy:
