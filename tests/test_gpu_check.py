@@ -120,10 +120,17 @@ def test_step_profile_prices_the_simulator(smoke, monkeypatch):
     from aptray.sim.measured import DIR_ENV
     from aptray.sim.runner import build_engine
     from loadgen.cli import main as loadgen_main
+    from loadgen.gpu_check.sizes import SMOKE
 
     out, report, _ = smoke
     st = report["stages"]["step_costs"]
     assert st["gpu_key"] == "cpu" and st["shapes"] == len(st["table"]) >= 20
+    # steps with a few hidden rows among KV ones (what apt's per-step hidden price learns) are measured
+    both = [r for r in st["table"] if r["kind_of_step"] == "decode_both"]
+    assert [(r["batch"], r["context"], r["hidden"]) for r in both] == list(SMOKE.mixed_kind_decodes)
+    assert all(r["ms"] > 0 for r in both) and "decode_both" in st["fit_error_by_kind"]
+    assert sum(1 for kinds, _ in Calibration.load(str(out / "cpu.json")).meta["steps"]
+               if {k for k, *_ in kinds} == {"kv", "hidden"}) == len(both)
     assert st["fit_error"]["median"] < 1.0 and st["host_outside_runner"]["steps"] > 10
     profile = Calibration.load(str(out / "cpu.json"))
     assert profile.meta["device"]["key"] == "cpu" and len(profile.meta["steps"]) == st["shapes"]

@@ -140,12 +140,12 @@ def _step_costs(st: dict) -> list[str]:
     pairs: dict = {}  # the same step with KV and with hidden requests, side by side
     for r in st.get("table", []):
         key = (r["kind_of_step"].split("_")[0], r.get("prefill", 0), r.get("start", 0), r.get("batch", 0),
-               r.get("context", 0))
+               r.get("context", 0), r.get("hidden", 0))
         pairs.setdefault(key, {})[r["kind"]] = r
     rows = [[*key, *(v.get(k, {}).get(f) for k in ("kv", "hidden") for f in ("ms", "predicted_ms"))]
             for key, v in pairs.items()]
-    return lines + table(["step", "prefill tokens", "from position", "decodes", "context", "KV ms", "fit",
-                           "hidden ms", "fit"], rows)
+    return lines + table(["step", "prefill tokens", "from position", "decodes", "context",
+                          "hidden among the KV decodes", "KV ms", "fit", "hidden ms", "fit"], rows)
 
 
 def replay_table(st: dict) -> list[str]:

@@ -40,6 +40,9 @@ class Sizes:
     decode_batches: tuple
     decode_contexts: tuple
     mixed_steps: tuple  # (prefill chunk, its start position, decodes, their context)
+    # (decodes, their context, how many of them are hidden, the rest KV): what a step with a few hidden
+    # rows among KV ones costs, the price apt's c_hany learns
+    mixed_kind_decodes: tuple
     step_repeats: int
     step_point_estimate_s: float
     wave_batches: tuple  # waves of requests through the engine: its cost around the runner
@@ -70,6 +73,7 @@ GPU = Sizes(
     prefill_tokens=(128, 256, 512, 1024, 2048, 4096), decode_batches=(1, 8, 32, 64, 128, 256),
     decode_contexts=(128, 500, 1000, 2000), mixed_steps=((256, 0, 16, 1000), (512, 1024, 16, 1000),
                                                          (256, 0, 64, 500), (512, 512, 64, 1000)),
+    mixed_kind_decodes=((8, 500, 1), (64, 500, 1), (64, 500, 32)),
     step_repeats=5, step_point_estimate_s=3.0,
     wave_batches=(1, 8, 32), wave_prompts=(64, 256), wave_output=16, wave_estimate_s=15.0,
     ttft_slo=0.25, tbt_slo=0.1, length_scale=1.0, replay_min_requests=30, replay_max_requests=400,
@@ -87,7 +91,8 @@ SMOKE = Sizes(
     bw_tilings=((16, 32, 4), (64, 16, 8)), bw_tiling_points=((32, 2),), bw_tiling_estimate_s=1.0,
     model="opt-smoke", dtype="float32", block_size=16, num_cache_blocks=512,
     prefill_tokens=(16, 64, 256), decode_batches=(1, 4, 16), decode_contexts=(16, 64, 200),
-    mixed_steps=((32, 0, 4, 64), (32, 64, 4, 128)), step_repeats=3, step_point_estimate_s=1.0,
+    mixed_steps=((32, 0, 4, 64), (32, 64, 4, 128)), mixed_kind_decodes=((4, 64, 1), (16, 64, 8)),
+    step_repeats=3, step_point_estimate_s=1.0,
     wave_batches=(1, 4), wave_prompts=(8, 32), wave_output=8, wave_estimate_s=2.0,
     ttft_slo=0.01, tbt_slo=0.004, length_scale=1 / 16, replay_min_requests=6, replay_max_requests=10,
     replay_drain_s=1.0, knee_search=(2.0, 32.0), knee_requests=10,

@@ -80,15 +80,15 @@ class _Plans:
         ids = tuple(int(t) for t in self.rng.integers(4, self.vocab, n))
         return SeqPlan(rid, ids, start, kind, table, True)
 
-    def plan(self, kind, prefill=0, start=0, batch=0, context=0) -> BatchPlan:
+    def plan(self, kind, prefill=0, start=0, batch=0, context=0, hidden=0) -> BatchPlan:
         """prefill tokens in chunks of at most the model context (from position start), plus batch decodes
-        at context."""
+        at context, the first `hidden` of them hidden whatever kind says."""
         used, seqs = [0], []
         while prefill > 0:
             n = min(prefill, self.max_len - start)
             seqs.append(self._seq(f"p{len(seqs)}", n, start, kind, used))
             prefill -= n
-        seqs += [self._seq(f"d{i}", 1, context - 1, kind, used) for i in range(batch)]
+        seqs += [self._seq(f"d{i}", 1, context - 1, "hidden" if i < hidden else kind, used) for i in range(batch)]
         return BatchPlan(1, tuple(seqs))
 
 
@@ -96,10 +96,13 @@ def points(s) -> list[dict]:
     out = [dict(kind=k, prefill=t) for t in s.prefill_tokens for k in KINDS]
     out += [dict(kind=k, batch=b, context=c) for c in s.decode_contexts for b in s.decode_batches for k in KINDS]
     out += [dict(kind=k, prefill=q, start=p, batch=b, context=c) for q, p, b, c in s.mixed_steps for k in KINDS]
+    out += [dict(kind="kv", batch=b, context=c, hidden=h) for b, c, h in s.mixed_kind_decodes]
     return out
 
 
 def _kind_of(point: dict) -> str:
+    if point.get("hidden"):
+        return "decode_both"
     if point.get("prefill") and point.get("batch"):
         return "mixed"
     return "prefill" if point.get("prefill") else f"decode_{point['kind']}"
