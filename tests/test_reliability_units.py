@@ -79,6 +79,41 @@ def test_writer_repairs_a_store_that_no_longer_mirrors_it(redis_proc, monkeypatc
         w.close()
 
 
+def test_an_admission_through_a_short_redis_stall_is_delayed_not_refused(redis_proc, monkeypatch):
+    """Redis stops answering for 2.6 s, longer than the client's 2 s timeout (a starved server on a busy
+    machine): the admission's write times out, the writer resyncs at once, and the request is admitted
+    late instead of refused; a stopped Redis still refuses within seconds."""
+    import os
+    import signal
+    import threading
+    monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
+    store = RequestStore.connect(redis_proc.url, queue_owner="replica-a")
+    w = StoreWriter(store)
+    try:
+        w.admit(_meta("a")).result(5)
+        w.tokens({"a": [7]})
+        assert w.flush()
+        pid = redis_proc.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        resume = threading.Timer(2.6, os.kill, (pid, signal.SIGCONT))
+        resume.start()
+        t = time.time()
+        w.tokens({"a": [8]})
+        try:
+            w.admit(_meta("b")).result(15)
+        finally:
+            resume.join()
+        assert 2.0 < time.time() - t < 10 and w.healthy and w.outages == 1
+        assert store.get("b") is not None and store.get("a").output_token_ids == [7, 8]
+        redis_proc.stop()
+        t = time.time()
+        with pytest.raises(StoreUnavailable):
+            w.admit(_meta("c")).result(15)
+        assert time.time() - t < 8 and "c" not in w.mirror
+    finally:
+        w.close()
+
+
 def test_orphaned_owner_is_found(redis_proc, monkeypatch):
     monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
     alive = RequestStore.connect(redis_proc.url, queue_owner="alive")

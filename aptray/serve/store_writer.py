@@ -4,7 +4,8 @@ The engine thread never waits on Redis: it queues token and finish records and g
 writer keeps a mirror of every in-flight request, so when Redis comes back after an outage (a
 restart may have emptied it) one resync rewrites the whole state and nothing is lost. Admission
 is the one synchronous write: a request is accepted only once its metadata is in Redis, and
-while Redis is away new requests are refused at once (503) instead of waiting on it.
+while Redis is away new requests are refused at once (503) instead of waiting on it. A write with
+admissions that fails gets one immediate resync before they are refused.
 
 Writes are batched: whatever is queued when the writer gets to it (token records wait up to
 COALESCE_S for company) goes in one transaction, with each request's tokens merged over steps.
@@ -181,17 +182,20 @@ class StoreWriter:
                 batch = None
             elif skipped:
                 self._diverged(skipped)
-        for meta, fut in admitted:
-            if batch is None:  # refused: nobody will generate for it
-                self.mirror.pop(meta.request_id, None)
-                fut.set_exception(StoreUnavailable(f"the request store (Redis) is unavailable: {self.last_error}"))
-            else:
-                fut.set_result(True)
         if batch is None:  # replayed by the resync once Redis is back
             for rid, status in finished:
                 self.pending_finishes[rid] = status
             while len(self.pending_finishes) > MAX_PENDING_FINISHES:
                 self.pending_finishes.popitem(last=False)
+            if admitted:  # one resync at once, which writes them from the mirror: a stall of a few
+                self._last_try = 0.0  # seconds (a starved Redis) then delays them instead of refusing them
+                self._try_resync()
+        for meta, fut in admitted:
+            if batch is None and not self.healthy:  # refused: nobody will generate for it
+                self.mirror.pop(meta.request_id, None)
+                fut.set_exception(StoreUnavailable(f"the request store (Redis) is unavailable: {self.last_error}"))
+            else:
+                fut.set_result(True)
         for fut in done:
             fut.set_result(True)
 
