@@ -165,10 +165,22 @@ def bench_point(layer, ctx, batch, block_size, recompute_max_batch, timer, peak_
     return row
 
 
+def ragged_check_point(layer, block_size):
+    """A small ragged point (contexts 80, 33, 1): q, kv_cache, kv_tables, hidden, h_tables, lens."""
+    import torch
+    q, kv_cache, kv_tables, hidden, h_tables, _ = layer.caches(80, 3, block_size)
+    return q, kv_cache, kv_tables, hidden, h_tables, torch.tensor([80, 33, 1], device=layer.device)
+
+
+def check_tolerance(dtype) -> float:
+    """Largest |kernel - reference| a checked kernel may show at the ragged point."""
+    import torch
+    return 1e-4 if dtype == torch.float32 else 3e-2
+
+
 def _check_against_reference(layer, block_size, reference, triton_ops, torch):
     """One small ragged point checked against the torch references before anything is timed."""
-    q, kv_cache, kv_tables, hidden, h_tables, _ = layer.caches(80, 3, block_size)
-    lens = torch.tensor([80, 33, 1], device=layer.device)
+    q, kv_cache, kv_tables, hidden, h_tables, lens = ragged_check_point(layer, block_size)
     pairs = {
         "paged": (triton_ops.paged_decode_attention(q, kv_cache, kv_tables, lens, layer.scale),
                   reference.paged_decode_attention(q, kv_cache, kv_tables, lens, layer.scale)),
@@ -179,7 +191,7 @@ def _check_against_reference(layer, block_size, reference, triton_ops, torch):
     }
     for name, (out, ref) in pairs.items():
         err = (out.float() - ref.float()).abs().max().item()
-        tol = 1e-4 if layer.dtype == torch.float32 else 3e-2
+        tol = check_tolerance(layer.dtype)
         if not err <= tol:
             sys.exit(f"bench_kernels: {name} kernel differs from the reference by {err:.3g} (> {tol}); not timing it")
     print("kernels match the references on a ragged check point")

@@ -24,8 +24,8 @@ def gpu_section(path: str) -> list[str]:
              "The replay: OPT-13B-shaped random weights in bf16 on the one GPU, aptray's engine in-process on the wall "
              "clock, ShareGPT lengths with Gamma arrivals (CV 1), DistServe's OPT-13B chat SLOs; the simulator, priced "
              "by the step-cost profile the same run measured, replays the same requests cut at the same time. apt is "
-             "the hybrid cache with absorbed attention. What the runs show, and what they leave open: docs/GPU_CHECK.md, "
-             "\"First run\".", ""]
+             "the hybrid cache with absorbed attention. What the runs show, and what they leave open: "
+             "docs/GPU_CHECK.md, \"First run\".", ""]
     if replay.get("runs"):
         lines += replay_table(replay) + [""]
     lines += table(["target", "measured", "result"],

@@ -313,6 +313,7 @@ class StoreBatch:
         self.p = store.r.pipeline(transaction=True)
         self.size = 0  # writes queued
         self.guarded: list[int] = []  # indices in p of guarded token appends
+
     def add(self, m: RequestMeta) -> None:
         self.store._add(self.p, m)
         self.size += 1

@@ -166,7 +166,8 @@ class Calibration:
         with open(path, "w") as f:
             json.dump({"profile": hw.profile, "laws": laws, "step_overhead": self.step_overhead,
                        "seq_overhead": hw.seq_overhead, "ragged_overhead": hw.ragged_overhead,
-                       "hidden_layer_overhead": hw.hidden_layer_overhead, "step_jitter": list(hw.step_jitter), "error": asdict(self.error), "meta": self.meta},
+                       "hidden_layer_overhead": hw.hidden_layer_overhead, "step_jitter": list(hw.step_jitter),
+                       "error": asdict(self.error), "meta": self.meta},
                       f, indent=1, default=str)
 
     @classmethod
@@ -177,7 +178,8 @@ class Calibration:
                 for k, v in d["laws"].items()}
         hw = HardwareFit(d.get("profile", "cpu"), all_reduce={}, seq_overhead=float(d.get("seq_overhead", 0.0)),
                          ragged_overhead=float(d.get("ragged_overhead", 0.0)),
-                         hidden_layer_overhead=float(d.get("hidden_layer_overhead", 0.0)), step_jitter=tuple(d.get("step_jitter", ())), **laws)
+                         hidden_layer_overhead=float(d.get("hidden_layer_overhead", 0.0)),
+                         step_jitter=tuple(d.get("step_jitter", ())), **laws)
         return cls(hw, d["step_overhead"], FitError(**d["error"]), d.get("meta", {}))
 
 

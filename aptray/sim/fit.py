@@ -93,7 +93,8 @@ class HardwareFit:
                 for name in ("gemm", "layernorm", "activation", "residual_add", "attention")}
         return HardwareFit(self.profile, all_reduce=self.all_reduce, errors=self.errors,
                            seq_overhead=self.seq_overhead, ragged_overhead=self.ragged_overhead,
-                           hidden_layer_overhead=self.hidden_layer_overhead, step_jitter=self.step_jitter, send_recv=self.send_recv, **laws)
+                           hidden_layer_overhead=self.hidden_layer_overhead, step_jitter=self.step_jitter,
+                           send_recv=self.send_recv, **laws)
 
 
 def _fit(flops: np.ndarray, nbytes: np.ndarray, seconds: np.ndarray, use_flops: bool) -> LinearRoofline:

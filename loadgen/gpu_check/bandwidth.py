@@ -72,11 +72,10 @@ def tiling_sweep(ctx, pace, layer, timer) -> list[dict]:
     from aptray_kernels import reference
     from aptray_kernels.triton_absorbed import DEFAULT_TILING, Tiling, absorbed_decode_attention
     s = ctx.sizes
-    check_q, _, _, check_hidden, check_tables, _ = layer.caches(80, 3, s.bw_block_size)
-    check = (check_q, check_hidden, check_tables, torch.tensor([80, 33, 1], device=layer.device), layer.w_k, layer.w_v,
-             layer.b_v, layer.scale)
+    check_q, _, _, check_hidden, check_tables, check_lens = bench_kernels.ragged_check_point(layer, s.bw_block_size)
+    check = (check_q, check_hidden, check_tables, check_lens, layer.w_k, layer.w_v, layer.b_v, layer.scale)
     want = reference.absorbed_decode_attention(*check)
-    tol = 1e-4 if layer.dtype == torch.float32 else 3e-2
+    tol = bench_kernels.check_tolerance(layer.dtype)
     rows = []
     for ctx_len, batch in s.bw_tiling_points:
         q, _, _, hidden_p, tables_p, lens_p = layer.caches(ctx_len, batch, s.bw_block_size)

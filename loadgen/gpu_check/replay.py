@@ -158,10 +158,9 @@ def replay_policies(args) -> tuple:
     if not getattr(args, "policies", None):
         return POLICIES
     wanted = tuple(args.policies.split(","))
-    known = ("fcfs", "sarathi", "apt", *VARIANTS)
-    unknown = set(wanted) - set(known)
+    unknown = set(wanted) - set(POLICIES)
     if unknown:
-        raise ValueError(f"unknown replay policies {sorted(unknown)}; known: {', '.join(known)}")
+        raise ValueError(f"unknown replay policies {sorted(unknown)}; known: {', '.join(POLICIES)}")
     return wanted
 
 
