@@ -95,14 +95,16 @@ class SimClient(Client):
                  ttft_slo: float = 1.0, tbt_slo: float = 1.0, max_sim_time: float | None = None,
                  stop_when_decided: bool = True, calibration: str | None = None, decision_scale: float | None = 1.0,
                  replicas: int = 1, routing: str = "slo", shed_unmeetable: bool = False, stats_period_s: float = 0.1,
-                 stats_lag_s: float = 0.05):
+                 stats_lag_s: float = 0.05, hardware=None):
         """replicas > 1 (or shed_unmeetable): aptray.sim.cluster, `routing` p2c or slo across them, the
-        slo router seeing loads every stats_period_s, stats_lag_s late."""
+        slo router seeing loads every stats_period_s, stats_lag_s late. hardware: a HardwareFit to price
+        steps with (with step_overhead) where no calibration is given."""
         super().__init__(ttft_slo, tbt_slo)
         self.decision_scale = decision_scale  # the policy's measured decision time x this per step; None: not charged
         self.replicas, self.routing, self.shed_unmeetable = replicas, routing, shed_unmeetable
         self.stats = {"stats_period_s": stats_period_s, "stats_lag_s": stats_lag_s}
         self.calibration = calibration  # a CPU calibration JSON (aptray.sim.calibrate) replacing gpu's costs
+        self.hardware = hardware
         self.stop_when_decided = stop_when_decided  # exact attainment, less simulated drain
         self.config_factory = config_factory  # () -> EngineConfig, fresh per run
         self.gpu = gpu
@@ -113,7 +115,7 @@ class SimClient(Client):
         from aptray.sim.outcomes import SimRequest
         from aptray.sim.runner import simulate
 
-        hardware, overhead = None, self.step_overhead
+        hardware, overhead = self.hardware, self.step_overhead
         if self.calibration:
             from aptray.sim.calibrate import Calibration
             cal = Calibration.load(self.calibration)

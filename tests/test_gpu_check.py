@@ -343,3 +343,32 @@ def test_device_names_and_rates():
     assert len(trace) == 1000
     assert all(4 <= r.num_prefill_tokens <= 1024 and r.num_decode_tokens >= 4
                and r.num_prefill_tokens + r.num_decode_tokens <= 2048 for r in trace)
+
+
+H100_PROFILE = os.path.join(ROOT, "docs", "results", "gpu", "h100-80gb.json")
+
+
+def test_the_gpu_replay_simulates_alone_with_the_schedulers_counters():
+    from loadgen.sim_gpu_replay import hardware, run
+    hw, overhead = hardware(H100_PROFILE, "h100-80gb", 4e-4)
+    stored, _ = hardware(H100_PROFILE, "h100-80gb", None)
+    assert hw.hidden_layer_overhead == 4e-4 and hw.gemm == stored.gemm and overhead > 0
+    rows = run(8.0, ["sarathi", "apt", "apt-kv"], profile=H100_PROFILE, requests=40)
+    assert [r["policy"] for r in rows] == ["sarathi", "apt", "apt-kv"]
+    for r in rows:
+        assert 0 <= r["attainment"] <= 1 and r["steps"] > 0
+    by = {r["policy"]: r for r in rows}
+    assert by["apt-kv"]["admitted_hidden"] == 0 and by["apt-kv"]["admitted_kv"] == 40
+    assert by["sarathi"]["hidden_step_cost_s"] is None and by["apt"]["admitted_kv"] + by["apt"]["admitted_hidden"] >= 40
+
+
+def test_a_stored_profile_refits_with_the_current_cost_model():
+    from loadgen.refit_profile import kind_of, refit
+    assert [kind_of(s) for s in ([("kv", 64, 64, 1)], [("kv", 64, 64, 1), ("kv", 1, 99, 1)], [("hidden", 1, 9, 1)],
+                                 [("kv", 1, 9, 1), ("hidden", 1, 9, 1)])] == [
+        "prefill", "mixed", "decode_hidden", "decode_both"]
+    new, before, after = refit(H100_PROFILE)
+    assert set(before) == set(after) == {"all", "prefill", "decode_kv", "decode_hidden", "mixed"}
+    assert before["all"] == pytest.approx(0.177, abs=0.001)  # the error gpu_check reported for this profile
+    assert after["all"] < before["all"] and new.hardware.hidden_layer_overhead > 0
+    assert new.meta["refit_of"] == "h100-80gb.json" and len(new.meta["steps"]) == 52

@@ -47,6 +47,12 @@ THRESHOLD = 0.9  # attainment that defines the knee (effective throughput, docs/
 SIM_TOLERANCE = 0.15  # the target for sim / real on TTFT and TBT p50, p90
 
 
+def policy_args(policy: str) -> dict:
+    """EngineConfig arguments of a replay policy: its scheduler, its defaults, a variant's own."""
+    base, extra = VARIANTS.get(policy, (policy, {}))
+    return {"scheduler": base, **POLICY_DEFAULTS[base], **extra}
+
+
 def sample_trace(s) -> list:
     """The committed ShareGPT lengths, scaled by length_scale (the smoke run's tiny model)."""
     trace = read_trace(SAMPLE)
@@ -98,9 +104,8 @@ class Replayer:
         self.runner = runner(ctx)
 
     def config(self, policy: str):
-        base, extra = VARIANTS.get(policy, (policy, {}))
-        return engine_config(self.ctx, scheduler=base, num_cache_blocks=self.runner.num_blocks,
-                             ttft_slo=self.s.ttft_slo, tbt_slo=self.s.tbt_slo, **{**POLICY_DEFAULTS[base], **extra})
+        return engine_config(self.ctx, num_cache_blocks=self.runner.num_blocks, ttft_slo=self.s.ttft_slo,
+                             tbt_slo=self.s.tbt_slo, **policy_args(policy))
 
     def sim(self, policy: str, trace, max_sim_time=None, full: bool = True) -> dict:
         from loadgen.clients import SimClient
