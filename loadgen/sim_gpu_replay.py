@@ -28,7 +28,8 @@ from loadgen.gpu_check.sizes import GPU
 from loadgen.metrics import summarize
 from loadgen.traces import read_trace, rescale
 
-COUNTERS = ("admitted_kv", "admitted_hidden", "violators_admitted", "preemptions", "conversions_to_kv")
+COUNTERS = ("admitted_kv", "admitted_hidden", "violators_admitted", "preemptions", "conversions_to_hidden",
+            "conversions_to_kv")
 
 
 def config(policy: str, num_blocks: int) -> EngineConfig:

@@ -334,16 +334,21 @@ def test_waiting_rows_stay_with_their_requests_when_the_arrays_are_compacted():
     assert list(wf.tokens[wf.rows(asked, set())]) == [r.num_tokens for r in asked]
 
 
-def running_hidden(sched, prompt_len: int, max_tokens: int) -> Request:
-    """A hidden request "h" of prompt_len tokens and one output, running and decoding its newest token."""
-    req = Request("h", list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens), 0.0, 5.0, 5.0)
+def running_request(sched, prompt_len: int, max_tokens: int, kind: CacheKind, request_id: str) -> Request:
+    """A request of prompt_len tokens and one output held as `kind`, running and decoding its newest token."""
+    req = Request(request_id, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens), 0.0, 5.0, 5.0)
     req.output_token_ids = [7]
     sched.add(req)
     sched.waiting.remove(req)
     sched.running.append(req)
-    assert sched._try_allocate(req, prompt_len + 1, (CacheKind.HIDDEN,))
+    assert sched._try_allocate(req, prompt_len + 1, (kind,))
     req.num_computed_tokens = prompt_len
     return req
+
+
+def running_hidden(sched, prompt_len: int, max_tokens: int) -> Request:
+    """A hidden request "h" of prompt_len tokens and one output, running and decoding its newest token."""
+    return running_request(sched, prompt_len, max_tokens, CacheKind.HIDDEN, "h")
 
 
 def test_upgrades_and_hidden_chunks_pay_their_reprojection_from_the_step_budget(model_dir):

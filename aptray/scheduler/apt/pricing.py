@@ -32,16 +32,22 @@ class HiddenPrice:
     per_block: float       # alpha: per hidden block
     per_decode: float      # c_hdec: per hidden request decoding (absorbed attention's projections)
     per_step: float        # c_hany: of a step having any hidden decode, paid by the first one
+                           # (at the margin; split over the hidden set where the set is priced)
     avg_per_block: float   # per_block averaged over about the last 50 steps
     avg_per_decode: float  # per_decode, the same
 
     @property
     def costs_time(self) -> bool:
+        """Whether each hidden request costs step time of its own (the per-step part aside)."""
         return self.per_block > 0 or self.per_decode > 0
 
     def step_share(self, hidden_decoding: bool) -> float:
         """The per-step part a new hidden request pays: none once a hidden request decodes."""
         return 0.0 if hidden_decoding else self.per_step
+
+    def set_share(self, hidden_decoders: int) -> float:
+        """The per-step part split over a set of hidden requests decoding: each one's share."""
+        return self.per_step / max(1, hidden_decoders)
 
     def of(self, hidden_blocks: np.ndarray, step_share: float) -> np.ndarray | float:
         """Per request holding hidden_blocks: the price (a tie-break toward KV while unresolved)."""

@@ -6,9 +6,11 @@ Every iteration:
 2. keep: a greedy by value per block decides which running requests keep their blocks; one it
    drops is re-prefilled as hidden in place where that fits, else preempted by recompute;
 3. convert: while hidden costs step time, hidden -> KV upgrades that the pool's headroom and the
-   step's token budget allow;
-4. admit: partial prefills continue, then each waiting request is offered as KV (value p) and as
-   hidden (value p - U * price) and the greedy (greedy.select) picks who runs, and how.
+   step's token budget allow; the whole hidden set at once where the per-step cost it shares
+   outweighs what its memory buys;
+4. admit: partial prefills continue, then each waiting request is offered as KV (value p) and, where
+   a batch all hidden could pay for it, as hidden (value p - U * price), and the greedy
+   (greedy.select) picks who runs, and how.
 
 iteration_shape "alternate" (the paper): a prefill-only iteration (4) when W's summed pending time
 is at least R's (non-violators), else, or when nothing waiting fits, a decode-only one (2, 3).
@@ -158,7 +160,8 @@ class AptScheduler(Scheduler):
         for i in _by_value_per_block(value, need, ~kept):
             req = running[i]
             m_h = self.blocks.blocks_for(int(size[i]), CacheKind.HIDDEN) if self.hidden_on else 0
-            if not hidden[i] and not prefilling[i] and 0 < m_h <= room and size[i] <= tokens_left:
+            if (not hidden[i] and not prefilling[i] and 0 < m_h <= room and size[i] <= tokens_left
+                    and self._hidden_can_pay(view, m_h)):
                 room -= m_h  # KV holds no layer inputs: re-prefill it as hidden, in place
                 tokens_left -= int(size[i])
                 self.blocks.free(req.request_id)
@@ -175,7 +178,7 @@ class AptScheduler(Scheduler):
                 decoding = decoding[decoding != i]
         for req in to_hidden:
             self._rehome_as_hidden(req)
-        if self.config.cache_mode == "hybrid" and view.price.costs_time:
+        if self.config.cache_mode == "hybrid" and (view.price.costs_time or view.price.per_step > 0):
             conversions.extend(self._upgrades(view, tokens_left))  # before the plans name the blocks
         seqs = list(map(self._decode_plan, map(running.__getitem__, decoding.tolist())))
         seqs += [self._seq_plan(req, req.num_tokens) for req in to_hidden]
@@ -200,7 +203,13 @@ class AptScheduler(Scheduler):
         if not hidden:
             return []
         held = ints(self.blocks.held_each(map(request_id, hidden)), len(hidden))
-        price = view.price.smoothed(held, view.price.step_share(self._hidden_decoding()))
+        whole = self._end_hidden(view, hidden, held, token_budget)
+        if whole is not None:
+            return whole
+        if not view.price.costs_time and view.price.per_step > 0:
+            return []  # only the per-step part: upgrading some of the set saves none of it
+        # one by one, each for its own price
+        price = view.price.smoothed(held, view.price.step_share(True))
         hidden = list(compress(hidden, np.broadcast_to(self._kv_pays(view, price), held.shape)))
         hidden.sort(key=lambda r: -self.blocks.held(r.request_id))
         affordable = []
@@ -232,6 +241,25 @@ class AptScheduler(Scheduler):
             committed = after
             out.append(conv)
         return out
+
+    def _end_hidden(self, view: IterationView, hidden, held, token_budget: int):
+        """Every hidden request to KV at once, where hidden is no longer offered (not even a batch all
+        hidden could pay the per-step cost, c_hany) and the pool holds their KV forms beside the
+        running set's expected growth; None where not: upgrading only some saves none of c_hany.
+        The queue's footprint is not kept free, as it is for a single upgrade: c_hany is paid by
+        every step while one hidden request decodes. While hidden is on offer, ending the set only
+        restarts it, at the margin's price (simulated multi-turn chat with a shared system prompt:
+        one such upgrade at 3 req/s took apt-hybrid from 0.96 to 0.87 attainment)."""
+        if sum(r.cache_kind is CacheKind.HIDDEN for r in self.running) != len(hidden):
+            return None  # one is mid-prefill: the step would keep its cost
+        if self._hidden_can_pay(view, held).any():
+            return None
+        extra = sum(map(self._upgrade_extra_blocks, hidden))
+        if extra > self.blocks.num_free - self.forecast.expected_growth(self.running):
+            return None
+        if sum(self.pricing.reprojection_tokens(r.num_computed_tokens) for r in hidden) > token_budget:
+            return None
+        return [c for c in map(self._upgrade, hidden) if c is not None]
 
     def _queue_blocks(self, now: float) -> int:
         """Blocks the attainable waiting requests are expected to hold at their end, smallest form."""
@@ -289,7 +317,7 @@ class AptScheduler(Scheduler):
             self.stats[f"admitted_{kind.value}"] += 1
             self.stats["violators_admitted"] += int(violator[i])
         # the pool is short when an attainable request is left waiting that does not fit what is free
-        smallest = np.where(hid_blocks > 0, hid_blocks, cands.kv_blocks)
+        smallest = np.where(cands.hidden_blocks > 0, cands.hidden_blocks, cands.kv_blocks)
         if (smallest[~violator & (sel.kind == NONE)] > self.blocks.num_free).any():
             self.forecast.short_at = view.now
         self._remove_waiting(admitted)
@@ -312,6 +340,9 @@ class AptScheduler(Scheduler):
         step_share = view.price.step_share(self._hidden_decoding())
         price = np.broadcast_to(view.price.of(hid_blocks, step_share), value.shape)
         offered = self._kv_pays(view, view.price.smoothed(hid_blocks, step_share))
+        hidden_offered = np.broadcast_to(self._hidden_can_pay(view, hid_blocks), value.shape)
+        hid_blocks = np.where(hidden_offered, hid_blocks, 0)
+        offered = offered | ~hidden_offered
         upgrade_blocks = self.blocks.blocks_for(final, CacheKind.KV) - self.blocks.blocks_for(final, CacheKind.HIDDEN)
         return Candidates(value, np.where(offered, kv_blocks, 0), hid_blocks,
                           np.where(offered, value - view.attainable * price, value), tokens, violator,
@@ -339,6 +370,15 @@ class AptScheduler(Scheduler):
     # -- prices that depend on the running set ---------------------------------------------------
     def _hidden_decoding(self) -> bool:
         return any(r.cache_kind is CacheKind.HIDDEN and not r.is_prefilling for r in self.running)
+
+    def _hidden_can_pay(self, view: IterationView, hidden_blocks):
+        """Whether holding hidden_blocks as hidden could buy more than it costs: with every running
+        request hidden, sharing the per-step cost (c_hany). Where even that set costs more step time
+        than its memory buys, hidden is not offered: a few hidden requests would make every step pay
+        c_hany for as long as they live (simulated OPT-13B at 16 ms a hidden step: apt 0.49-0.74
+        attainment against apt-kv's 0.58-0.79; docs/SCHEDULER.md, "c_hany")."""
+        price = view.price.smoothed(hidden_blocks, view.price.set_share(len(self.running) + 1))
+        return ~self.pricing.kv_worth_its_memory(price, len(self.running))
 
     def _kv_pays(self, view: IterationView, price) -> np.ndarray:
         """Per request, by its (averaged) price of being hidden: whether to offer KV. Always while
