@@ -47,8 +47,6 @@ def run(ctx, pace, result: dict) -> None:
         ctx.log(bench_kernels.format_row(row))
         if not cpu:
             torch.cuda.empty_cache()
-    if not cpu:
-        torch.cuda.empty_cache()
     result["tilings"] = tiling_sweep(ctx, pace, layer, timer)
     kv = [r["kv_pct_peak"] for r in rows if r["batch"] >= KV_TARGET["batch"] and r["context"] >= KV_TARGET["context"]
           and r["kv_pct_peak"] is not None]
