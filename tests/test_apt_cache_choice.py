@@ -14,6 +14,7 @@ from aptray.scheduler import make_scheduler
 from aptray.scheduler.apt.greedy import HIDDEN, KV, Budgets, Candidates, select
 from aptray.scheduler.apt.slo_state import SloState
 from aptray.scheduler.step_cost import C0, C_HANY, WARMUP_STEPS
+from test_gpu_check import H100_PROFILE
 from test_scheduler import (_synthetic_plan, model_dir, running_hidden,  # noqa: F401 (model_dir: a fixture)
                             running_request)
 
@@ -118,15 +119,21 @@ def test_hidden_is_not_offered_where_even_a_batch_all_hidden_would_not_pay_the_p
     of 20 ms, hidden could not pay even with both requests sharing it, and it waits (the marginal
     price alone admitted it, and every step of its life paid the 30 ms)."""
     for c_hany, kind in ((1e-3, CacheKind.HIDDEN), (30e-3, None)):
-        sched = _apt(model_dir, num_blocks=8)
-        running_request(sched, 20, 8, CacheKind.KV, "k")  # 6 of the 8 blocks
-        sched.forecast.short_at = 0.0
-        _per_step_hidden_cost(sched, c_hany)
-        new = Request("r", list(range(1, 10)), SamplingParams(max_tokens=4), 0.0, 5.0, 5.0)
-        sched.add(new)  # 3 KV blocks, 2 hidden ones
-        sched.schedule(1.0)
-        assert new.cache_kind is kind
-        assert (new in sched.running) is (kind is not None)
+        assert _kind_beside_a_kv_request(model_dir, c_hany, 0.02, tbt_slo=5.0) is kind
+
+
+def _kind_beside_a_kv_request(model_dir, c_hany: float, step: float, tbt_slo: float):
+    """How a new request that fits only as hidden beside a running KV one (both with tbt_slo) runs,
+    after a shortage, with hidden priced at c_hany a step beside steps of `step` seconds (None: it waits)."""
+    sched = _apt(model_dir, num_blocks=8)
+    running_request(sched, 20, 8, CacheKind.KV, "k").tbt_slo = tbt_slo  # 6 of the 8 blocks
+    sched.forecast.short_at = 0.0
+    _per_step_hidden_cost(sched, c_hany, step)
+    new = Request("r", list(range(1, 10)), SamplingParams(max_tokens=4), 0.0, 5.0, tbt_slo)
+    sched.add(new)  # 3 KV blocks, 2 hidden ones
+    sched.schedule(1.0)
+    assert (new in sched.running) is (new.cache_kind is not None)
+    return new.cache_kind
 
 
 def test_a_hidden_set_that_cannot_pay_its_per_step_cost_is_upgraded_whole(model_dir):
@@ -140,6 +147,39 @@ def test_a_hidden_set_that_cannot_pay_its_per_step_cost_is_upgraded_whole(model_
         running_hidden(sched, 40, max_tokens=200)
         _per_step_hidden_cost(sched, c_hany)
         assert bool(sched._upgrades(sched._view(0.0), 10_000)) is upgraded
+
+
+def test_hidden_is_not_offered_where_a_step_with_its_per_step_cost_would_overrun_the_tbt_budget(model_dir):
+    """c_hany lengthens every gap between tokens of every running request. A new request fits only
+    as hidden beside a running KV one, both with a 100 ms TBT SLO, and a hidden step costs 10 ms
+    more: by memory alone a batch all hidden would pay it (5 ms each against half a step). Beside
+    20 ms steps it runs hidden; beside 75 ms steps, 85 ms would pass the budget of 80 ms (a fifth
+    kept, as the mixed shape keeps it), so it waits for KV."""
+    for step, kind in ((0.02, CacheKind.HIDDEN), (0.075, None)):
+        assert _kind_beside_a_kv_request(model_dir, 10e-3, step, tbt_slo=0.1) is kind
+
+
+def test_a_hidden_set_whose_steps_would_overrun_the_tbt_budget_is_upgraded_whole(model_dir):
+    """A lone hidden request with a 100 ms TBT SLO, hidden steps 16 ms dearer: beside 20 ms steps it
+    stays hidden (as in test_a_hidden_set_that_cannot_pay_its_per_step_cost_is_upgraded_whole);
+    beside 70 ms steps every step with it would take 86 ms, past the 80 ms budget, and it goes to
+    KV as soon as its KV form fits."""
+    for step, upgraded in ((0.02, False), (0.07, True)):
+        sched = _apt(model_dir, 40)
+        running_hidden(sched, 40, max_tokens=200).tbt_slo = 0.1
+        _per_step_hidden_cost(sched, 16e-3, step)
+        assert bool(sched._upgrades(sched._view(0.0), 10_000)) is upgraded
+
+
+def test_on_the_h100_measured_profile_apt_keeps_hidden_rows_out_of_steps_near_the_tbt_slo():
+    """Simulated OPT-13B priced by the H100 check's step-cost profile, its replay at 16 req/s, 8 ms
+    more for a step with hidden decodes: steps run at ~62 ms against the 100 ms TBT SLO. Weighing
+    c_hany only against the memory it frees, apt ran 74 requests hidden, its steps grew to 75-87 ms
+    and it met 0.730 against apt-kv's 0.877. Now it runs a few hidden, early while the steps are short."""
+    from loadgen.sim_gpu_replay import run
+    rows = {r["policy"]: r for r in run(16, ["apt", "apt-kv"], profile=H100_PROFILE, hidden_layer_overhead=2e-4)}
+    assert rows["apt"]["admitted_hidden"] + rows["apt"]["conversions_to_hidden"] <= 10
+    assert rows["apt"]["attainment"] >= rows["apt-kv"]["attainment"] - 0.05
 
 
 def test_where_hidden_rows_cost_a_step_16_ms_apt_keeps_almost_nothing_hidden():

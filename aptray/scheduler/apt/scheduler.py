@@ -7,10 +7,10 @@ Every iteration:
    drops is re-prefilled as hidden in place where that fits, else preempted by recompute;
 3. convert: while hidden costs step time, hidden -> KV upgrades that the pool's headroom and the
    step's token budget allow; the whole hidden set at once where the per-step cost it shares
-   outweighs what its memory buys;
+   outweighs what its memory buys, or would stretch steps past the TBT budget;
 4. admit: partial prefills continue, then each waiting request is offered as KV (value p) and, where
-   a batch all hidden could pay for it, as hidden (value p - U * price), and the greedy
-   (greedy.select) picks who runs, and how.
+   a batch all hidden could pay for it within the TBT budget, as hidden (value p - U * price), and
+   the greedy (greedy.select) picks who runs, and how.
 
 iteration_shape "alternate" (the paper): a prefill-only iteration (4) when W's summed pending time
 is at least R's (non-violators), else, or when nothing waiting fits, a decode-only one (2, 3).
@@ -33,7 +33,7 @@ from aptray.scheduler.apt.view import IterationView
 from aptray.scheduler.base import Scheduler
 from aptray.scheduler.apt.greedy import NONE, Budgets, Candidates, select
 from aptray.scheduler.apt.slo_state import SloState
-from aptray.scheduler.step_cost import StepCostModel, binding_tbt_budget
+from aptray.scheduler.step_cost import TBT_HEADROOM, StepCostModel, binding_tbt_budget
 
 
 _token_ids = attrgetter("token_ids")
@@ -110,9 +110,13 @@ class AptScheduler(Scheduler):
             self.stats["iterations_mixed"] += 1
         return seqs
 
-    def _tbt_budget(self, view: IterationView) -> int:
+    def _tbt_slos(self) -> list[float]:
+        """The TBT SLOs of the running requests that can still meet theirs (the default if none)."""
         lost = self.slo.lost  # requests that miss whatever happens size no step
-        slos = [r.tbt_slo for r in self.running if r.request_id not in lost] or [self.config.tbt_slo]
+        return [r.tbt_slo for r in self.running if r.request_id not in lost] or [self.config.tbt_slo]
+
+    def _tbt_budget(self, view: IterationView) -> int:
+        slos = self._tbt_slos()
         return binding_tbt_budget(self.cost, self.config.max_num_batched_tokens, slos,
                                   int((~view.running.prefilling).sum()), self.blocks.held_by(CacheKind.KV),
                                   self.blocks.held_by(CacheKind.HIDDEN), self.blocks.block_size,
@@ -376,9 +380,21 @@ class AptScheduler(Scheduler):
         request hidden, sharing the per-step cost (c_hany). Where even that set costs more step time
         than its memory buys, hidden is not offered: a few hidden requests would make every step pay
         c_hany for as long as they live (simulated OPT-13B at 16 ms a hidden step: apt 0.49-0.74
-        attainment against apt-kv's 0.58-0.79; docs/SCHEDULER.md, "c_hany")."""
+        attainment against apt-kv's 0.58-0.79; docs/SCHEDULER.md, "c_hany"). Nor where a step with
+        c_hany would not end within the TBT budget: the memory then buys requests whose every gap
+        between tokens runs late."""
+        if not self._gaps_absorb(view.price.per_step):
+            return np.zeros(np.shape(hidden_blocks), bool)
         price = view.price.smoothed(hidden_blocks, view.price.set_share(len(self.running) + 1))
         return ~self.pricing.kv_worth_its_memory(price, len(self.running))
+
+    def _gaps_absorb(self, per_step: float) -> bool:
+        """Whether steps carrying per_step more seconds would still end within the TBT budget
+        (TBT_HEADROOM of the tightest SLO running, as the mixed shape sizes its steps), at the recent
+        step time. c_hany is added to every gap of every running request, not only shared as
+        throughput (simulated OPT-13B on the H100's measured profile, 16 req/s, 8 ms a hidden step:
+        steps of ~62 ms grew to 75-87 ms with hidden rows, and apt met 0.730 against apt-kv's 0.877)."""
+        return per_step <= 0 or self.pricing.step_seconds + per_step <= TBT_HEADROOM * min(self._tbt_slos())
 
     def _kv_pays(self, view: IterationView, price) -> np.ndarray:
         """Per request, by its (averaged) price of being hidden: whether to offer KV. Always while
