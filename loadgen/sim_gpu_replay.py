@@ -2,6 +2,7 @@
 
     python -m loadgen.sim_gpu_replay --rate 16 [--policies sarathi,apt,apt-kv] [--profile P | --gpu G]
         [--num-blocks 3568] [--requests 400] [--drain-s 19] [--hidden-layer-overhead S]
+    python -m loadgen.sim_gpu_replay --grid [--policies apt,apt-kv] [--profile P]
 
 The requests of loadgen.gpu_check.replay (its ShareGPT sample, Gamma arrivals CV 1, DistServe's OPT-13B
 chat SLOs, OPT-13B in bf16, the pool the device had), cut at --drain-s after the last arrival as the
@@ -10,6 +11,9 @@ admissions, late admissions, steps, its learned per-step hidden price). --profil
 measured profile (docs/results/gpu/h100-80gb.json); without it, --gpu's vidur fit.
 --hidden-layer-overhead sets the seconds per layer that a step with absorbed hidden decodes costs beyond
 its GEMMs (HardwareFit.hidden_layer_overhead), as a device may measure it.
+--grid runs the policies over many setups instead (GRID: the vidur H100 and A100-40GB fits, 300
+requests; with --profile, PROFILE_GRID at the check's pool) and prints each one's attainment and its
+mean: what a change to how apt prices hidden rows does beyond one setup.
 """
 from __future__ import annotations
 
@@ -67,9 +71,44 @@ def run(rate: float, policies, profile=None, gpu="h100-80gb", num_blocks=3568, r
     return rows
 
 
+# (gpu, rate, blocks, hidden layer overhead): where memory binds at rates from light to overload
+GRID = [(gpu, rate, blocks, overhead) for gpu in ("h100-80gb", "a100-40gb") for rate in (10, 20, 30, 40, 60)
+        for blocks in (1000, 1500) for overhead in (0.0, 1e-4, 2e-4)]
+PROFILE_GRID = [(rate, overhead) for rate in (8, 12, 16, 20) for overhead in (0.0, 1e-4, 2e-4, 4e-4)]
+
+
+def _grid_row(job) -> tuple:
+    setup, policies, profile = job
+    if profile:
+        (rate, overhead), gpu, blocks, requests = setup, "h100-80gb", 3568, 400
+    else:
+        (gpu, rate, blocks, overhead), requests = setup, 300
+    rows = run(rate, policies, profile, gpu, blocks, requests, hidden_layer_overhead=overhead)
+    return setup, {r["policy"]: r["attainment"] for r in rows}
+
+
+def grid(policies, profile=None, workers: int = 2) -> list[tuple]:
+    """(setup, policy -> attainment) over GRID, or PROFILE_GRID priced by the profile."""
+    import multiprocessing as mp
+    jobs = [(setup, policies, profile) for setup in (PROFILE_GRID if profile else GRID)]
+    with mp.get_context("fork").Pool(workers) as pool:
+        return pool.map(_grid_row, jobs)
+
+
+def print_grid(rows, policies, profile=None) -> None:
+    head = "rate | hidden layer overhead" if profile else "gpu | rate | blocks | hidden layer overhead"
+    print(f"| {head} | " + " | ".join(policies) + " |")
+    print("|" + " --- |" * (head.count("|") + 1 + len(policies)))
+    for setup, att in rows:
+        print("| " + " | ".join(map(str, setup)) + " | " + " | ".join(f"{att[p]:.3f}" for p in policies) + " |")
+    print("| mean |" + " |" * head.count("|") + " " + " | ".join(
+        f"{sum(a[p] for _, a in rows) / len(rows):.3f}" for p in policies) + " |")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rate", type=float, required=True)
+    ap.add_argument("--rate", type=float)
+    ap.add_argument("--grid", action="store_true", help="the policies over GRID (or PROFILE_GRID with --profile)")
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--profile", help="a measured step-cost profile (gpu_check's <gpu>.json)")
     ap.add_argument("--gpu", default="h100-80gb", help="the vidur-priced GPU when no profile is given")
@@ -78,6 +117,12 @@ def main(argv=None) -> None:
     ap.add_argument("--drain-s", type=float, default=19.0, help="simulated seconds kept after the last arrival")
     ap.add_argument("--hidden-layer-overhead", type=float, help="seconds per layer of a step with hidden decodes")
     a = ap.parse_args(argv)
+    if a.grid:
+        policies = a.policies.split(",")
+        print_grid(grid(policies, a.profile), policies, a.profile)
+        return
+    if a.rate is None:
+        ap.error("--rate is required without --grid")
     rows = run(a.rate, a.policies.split(","), a.profile, a.gpu, a.num_blocks, a.requests, a.drain_s,
                a.hidden_layer_overhead)
     print("| policy | attainment | TTFT p50 / p90 (ms) | TBT p50 / p90 (ms) | steps | "

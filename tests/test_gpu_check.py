@@ -362,6 +362,19 @@ def test_the_gpu_replay_simulates_alone_with_the_schedulers_counters():
     assert by["sarathi"]["hidden_step_cost_s"] is None and by["apt"]["admitted_kv"] + by["apt"]["admitted_hidden"] >= 40
 
 
+def test_the_replay_grid_runs_each_setup_as_a_single_replay_would(monkeypatch, capsys):
+    from loadgen import sim_gpu_replay
+    monkeypatch.setattr(sim_gpu_replay, "PROFILE_GRID", [(8, 0.0), (16, 4e-4)])
+    rows = sim_gpu_replay.grid(["apt"], H100_PROFILE)
+    assert [setup for setup, _ in rows] == [(8, 0.0), (16, 4e-4)]
+    alone = sim_gpu_replay.run(16, ["apt"], profile=H100_PROFILE, hidden_layer_overhead=4e-4)[0]
+    assert rows[1][1]["apt"] == alone["attainment"]  # the simulation is deterministic
+    sim_gpu_replay.print_grid(rows, ["apt"], H100_PROFILE)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| rate | hidden layer overhead | apt |" and len(lines) == 5
+    assert lines[-1].split("|")[-2].strip() == f"{(rows[0][1]['apt'] + rows[1][1]['apt']) / 2:.3f}"
+
+
 def test_a_stored_profile_refits_with_the_current_cost_model():
     from loadgen.refit_profile import kind_of, refit
     assert [kind_of(s) for s in ([("kv", 64, 64, 1)], [("kv", 64, 64, 1), ("kv", 1, 99, 1)], [("hidden", 1, 9, 1)],
