@@ -13,7 +13,7 @@ from aptray.sampling_params import SamplingParams
 from aptray.scheduler import make_scheduler
 from aptray.scheduler.apt.greedy import HIDDEN, KV, Budgets, Candidates, select
 from aptray.scheduler.apt.slo_state import SloState
-from aptray.scheduler.step_cost import C0, C_HANY, WARMUP_STEPS
+from aptray.scheduler.step_cost import C0, C_HANY, C_REP, C_TOK, WARMUP_STEPS
 from test_gpu_check import H100_PROFILE
 from test_scheduler import (_synthetic_plan, model_dir, running_hidden,  # noqa: F401 (model_dir: a fixture)
                             running_request)
@@ -171,14 +171,39 @@ def test_a_hidden_set_whose_steps_would_overrun_the_tbt_budget_is_upgraded_whole
         assert bool(sched._upgrades(sched._view(0.0), 10_000)) is upgraded
 
 
+def test_a_hidden_set_that_makes_every_gap_late_ends_where_it_fits_what_is_free_now(model_dir):
+    """A lone hidden request (100 ms TBT SLO) that no longer pays: by memory (30 ms a hidden step
+    beside 20 ms steps) it waits to be upgraded until its KV form fits beside the running set's
+    expected growth and its re-projection fits the step's token budget; where its steps overrun the
+    TBT budget (16 ms beside 70 ms steps) every gap runs late meanwhile, so it is upgraded as soon as
+    its KV form fits what is free, and its re-projection may take the time c_hany took."""
+    for step, c_hany, upgraded in ((0.02, 30e-3, False), (0.07, 16e-3, True)):
+        sched = _apt(model_dir, 25)  # 19 free; its KV form takes 5 more, its growth as hidden 15
+        running_hidden(sched, 40, max_tokens=150).tbt_slo = 0.1
+        _per_step_hidden_cost(sched, c_hany, step)
+        assert bool(sched._upgrades(sched._view(0.0), 10_000)) is upgraded
+        sched = _apt(model_dir, 64)  # room for its growth; its re-projection priced at ~200 tokens
+        running_hidden(sched, 40, max_tokens=200).tbt_slo = 0.1
+        _per_step_hidden_cost(sched, c_hany, step)
+        sched.cost.coef[C_TOK], sched.cost.coef[C_REP] = 1e-4, 0.49  # 16 ms: 160 tokens of step time
+        assert sched.pricing.reprojection_tokens(40) > 100
+        assert bool(sched._upgrades(sched._view(0.0), 100)) is upgraded
+
+
 def test_on_the_h100_measured_profile_apt_keeps_hidden_rows_out_of_steps_near_the_tbt_slo():
     """Simulated OPT-13B priced by the H100 check's step-cost profile, its replay at 16 req/s, 8 ms
     more for a step with hidden decodes: steps run at ~62 ms against the 100 ms TBT SLO. Weighing
     c_hany only against the memory it frees, apt ran 74 requests hidden, its steps grew to 75-87 ms
-    and it met 0.730 against apt-kv's 0.877. Now it runs a few hidden, early while the steps are short."""
+    and it met 0.730 against apt-kv's 0.877. Now it runs a few hidden, early while the steps are short.
+    At 12 req/s, 16 ms a hidden step, two requests admitted hidden in the first steps stayed hidden for
+    50 s (their KV forms did not fit beside the running set's forecast growth), and apt met 0.767
+    against apt-kv's 0.943; ended as soon as they fit what is free, they cost little."""
     from loadgen.sim_gpu_replay import run
     rows = {r["policy"]: r for r in run(16, ["apt", "apt-kv"], profile=H100_PROFILE, hidden_layer_overhead=2e-4)}
     assert rows["apt"]["admitted_hidden"] + rows["apt"]["conversions_to_hidden"] <= 10
+    assert rows["apt"]["attainment"] >= rows["apt-kv"]["attainment"] - 0.05
+    rows = {r["policy"]: r for r in run(12, ["apt", "apt-kv"], profile=H100_PROFILE, hidden_layer_overhead=4e-4)}
+    assert rows["apt"]["conversions_to_kv"] >= 1
     assert rows["apt"]["attainment"] >= rows["apt-kv"]["attainment"] - 0.05
 
 

@@ -104,6 +104,13 @@ class Pricing:
         out = c[C_REP] / 1e3 * np.asarray(tokens) / c[C_TOK]
         return out.astype(np.int64) if np.ndim(out) else int(out)
 
+    def tokens_of_seconds(self, seconds: float) -> int:
+        """Step time in tokens of the step's per-token cost (0 until the cost model sees one)."""
+        c = self.cost.coef
+        if not self.cost.ready or c[C_TOK] <= 0:
+            return 0
+        return int(seconds / c[C_TOK])
+
     def recompute_seconds(self, tokens: np.ndarray) -> np.ndarray:
         """Seconds to re-prefill `tokens` tokens in one chunk (0 until the cost model is calibrated)."""
         if not self.cost.ready:

@@ -253,15 +253,25 @@ class AptScheduler(Scheduler):
         The queue's footprint is not kept free, as it is for a single upgrade: c_hany is paid by
         every step while one hidden request decodes. While hidden is on offer, ending the set only
         restarts it, at the margin's price (simulated multi-turn chat with a shared system prompt:
-        one such upgrade at 3 req/s took apt-hybrid from 0.96 to 0.87 attainment)."""
+        one such upgrade at 3 req/s took apt-hybrid from 0.96 to 0.87 attainment).
+
+        A set whose steps overrun the TBT budget makes every gap of every running request late: it
+        ends wherever its KV forms fit what is free now, and its re-projections may also take the
+        step time its c_hany would have taken, since the step that upgrades it no longer pays c_hany
+        (simulated OPT-13B on the H100's profile at 12 req/s: a lone hidden request, admitted in the
+        first steps, held 5 blocks fewer than KV beside 541 free, the running set's growth was
+        forecast at 555 blocks and its re-projection at 188 tokens of a 73-token budget; it stayed
+        hidden for 50 s, every step 26 ms dearer)."""
         if sum(r.cache_kind is CacheKind.HIDDEN for r in self.running) != len(hidden):
             return None  # one is mid-prefill: the step would keep its cost
         if self._hidden_can_pay(view, held).any():
             return None
+        late = not self._gaps_absorb(view.price.per_step)
         extra = sum(map(self._upgrade_extra_blocks, hidden))
-        if extra > self.blocks.num_free - self.forecast.expected_growth(self.running):
+        if extra > self.blocks.num_free - (0 if late else self.forecast.expected_growth(self.running)):
             return None
-        if sum(self.pricing.reprojection_tokens(r.num_computed_tokens) for r in hidden) > token_budget:
+        step_time = token_budget + (self.pricing.tokens_of_seconds(view.price.per_step) if late else 0)
+        if sum(self.pricing.reprojection_tokens(r.num_computed_tokens) for r in hidden) > step_time:
             return None
         return [c for c in map(self._upgrade, hidden) if c is not None]
 
