@@ -79,11 +79,12 @@ PROFILE_GRID = [(rate, overhead) for rate in (8, 12, 16, 20) for overhead in (0.
 
 def _grid_row(job) -> tuple:
     setup, policies, profile = job
-    if profile:
-        (rate, overhead), gpu, blocks, requests = setup, "h100-80gb", 3568, 400
+    if profile:  # the check's pool and requests: run's defaults
+        rate, overhead = setup
+        rows = run(rate, policies, profile, hidden_layer_overhead=overhead)
     else:
-        (gpu, rate, blocks, overhead), requests = setup, 300
-    rows = run(rate, policies, profile, gpu, blocks, requests, hidden_layer_overhead=overhead)
+        gpu, rate, blocks, overhead = setup
+        rows = run(rate, policies, None, gpu, blocks, 300, hidden_layer_overhead=overhead)
     return setup, {r["policy"]: r["attainment"] for r in rows}
 
 

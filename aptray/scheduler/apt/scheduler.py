@@ -264,9 +264,9 @@ class AptScheduler(Scheduler):
         hidden for 50 s, every step 26 ms dearer)."""
         if sum(r.cache_kind is CacheKind.HIDDEN for r in self.running) != len(hidden):
             return None  # one is mid-prefill: the step would keep its cost
-        if self._hidden_can_pay(view, held).any():
-            return None
         late = not self._gaps_absorb(view.price.per_step)
+        if not late and self._memory_pays(view, held).any():
+            return None
         extra = sum(map(self._upgrade_extra_blocks, hidden))
         if extra > self.blocks.num_free - (0 if late else self.forecast.expected_growth(self.running)):
             return None
@@ -395,6 +395,11 @@ class AptScheduler(Scheduler):
         between tokens runs late."""
         if not self._gaps_absorb(view.price.per_step):
             return np.zeros(np.shape(hidden_blocks), bool)
+        return self._memory_pays(view, hidden_blocks)
+
+    def _memory_pays(self, view: IterationView, hidden_blocks):
+        """Whether holding hidden_blocks as hidden buys more memory than it costs step time, with every
+        running request hidden and sharing c_hany (_hidden_can_pay without the TBT check)."""
         price = view.price.smoothed(hidden_blocks, view.price.set_share(len(self.running) + 1))
         return ~self.pricing.kv_worth_its_memory(price, len(self.running))
 
