@@ -106,3 +106,42 @@ def test_the_served_routing_benchmark_gives_every_router_every_chunk_side_by_sid
         assert sorted(n for (n,), k in steps if k == c) == sorted(routers * 2)
     assert [k for _, k in steps] == [c for _ in range(2) for c in range(4) for _ in routers]
     assert schedule(routers, 0, True, 2) == [(routers, 0), (routers, 1)] * 2
+
+
+def test_the_cpu_units_are_medians_after_a_discarded_warmup(tmp_path):
+    """decode_step_time and prefill_time run the real engine; the executor here reports scripted step
+    times per measurement: a slow first one (the warm-up) must not count, and the unit is the median
+    of the rest."""
+    from aptray.executor.local import LocalExecutor
+    from aptray.model.factory import make_tiny_model
+    from loadgen import results_cpu
+    tiny_opt_dir = make_tiny_model(str(tmp_path / "opt"), "opt", hidden_size=32, num_layers=2, num_heads=2,
+                                   max_positions=256)
+
+    def scripted(per_call):
+        calls = []
+
+        def make(config):
+            class Scripted(LocalExecutor):
+                def execute(self, plan):
+                    result = super().execute(plan)
+                    result.step_time = per_call[min(len(calls) - 1, len(per_call) - 1)]
+                    return result
+            calls.append(config)
+            return Scripted(config)
+        return make
+
+    # the decode unit builds one engine per measurement: 9.0 (warm-up), then 3, 1, 2, 5, 4
+    step = results_cpu.decode_step_time(tiny_opt_dir, scripted([9.0, 3.0, 1.0, 2.0, 5.0, 4.0]), context=256)
+    assert step == 3.0
+
+    times = iter([9.0, 3.0, 1.0, 2.0, 5.0, 4.0])  # the prefill unit: one engine, a prefill per measurement
+
+    class PrefillScripted(LocalExecutor):
+        def execute(self, plan):
+            result = super().execute(plan)
+            if any(not s.is_decode for s in plan.seqs):
+                result.step_time = next(times)
+            return result
+    assert results_cpu.prefill_time(tiny_opt_dir, PrefillScripted, context=256) == 3.0
+    assert next(times, None) is None  # six prefills: the warm-up and five
