@@ -23,6 +23,18 @@ def replay_on_engine(engine, trace, prompts: dict, slos, idle, timeout: float | 
     prompts: request id -> token ids (a follow-up's: its own stream, extended here by what was said
     before it). slos(r) -> (TTFT, TBT) SLOs. idle(t): wait for the engine clock's time t (nothing to
     run until then). timeout: abort what is left this many seconds after the last arrival."""
+    steps = replay_steps(engine, trace, prompts, slos, idle, timeout, progress)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def replay_steps(engine, trace, prompts: dict, slos, idle, timeout: float | None = None, progress=None):
+    """replay_on_engine one engine step (or idle wait) at a time: a generator that yields after each
+    and returns (records, duration), so that a driver can interleave several engines' replays on one
+    thread (results_cpu.replay_in_lockstep)."""
     clock = engine.clock
     prompts = dict(prompts)
     sent = {}  # request id -> the request as sent: a follow-up's arrived_at is when it came
@@ -62,12 +74,14 @@ def replay_on_engine(engine, trace, prompts: dict, slos, idle, timeout: float | 
         if not engine.has_unfinished():
             if arrivals:
                 idle(start + arrivals.next_time)
+            yield
             continue
         for out in engine.step():
             if out.finished:
                 status = "aborted" if out.outputs[0].finish_reason == "abort" else "finished"
                 record(sent[out.request_id], status, out.metrics.token_times, out.metrics.num_preemptions,
                        reply=out.outputs[0].token_ids)
+        yield
     duration = clock() - start
     return [records.get(r.request_id) or RequestRecord(r.request_id, sent.get(r.request_id, r).arrived_at,
                                                        r.num_prefill_tokens, r.num_decode_tokens, *slos(r),

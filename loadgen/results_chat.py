@@ -22,6 +22,15 @@ def with_and_without(policies: dict) -> dict:
             for label, (policy, extra) in policies.items() for suffix, on in (("", False), (PREFIX, True))}
 
 
+def off_beside_on(labels) -> list[list[str]]:
+    """Lockstep groups (results_cpu.replay_in_lockstep): each policy without prefix caching beside
+    itself with it, so that the ratio the target names compares two replays the machine's speed
+    drifts under alike; a label without its twin alone."""
+    both = pairs(labels)
+    return [[p, p + PREFIX] for p in both] + [[label] for label in labels
+                                              if label.removesuffix(PREFIX) not in both]
+
+
 # -- the real CPU engine ----------------------------------------------------------------------------
 # the tiny OPT of results_cpu at OPT's 2,048-token context, the simulated part's: conversations there
 # average 2.5 turns (1.9 at 1,024), prompts 352 tokens (522 with the 256-token system prompt); 192
@@ -38,12 +47,15 @@ CPU_SETUP = results_cpu.CpuSetup(
     context=CPU_CONTEXT, num_blocks=CPU_BLOCKS,
     policies=with_and_without({k: results_cpu.POLICIES[k] for k in BASE_POLICIES}),
     rates=CPU_RATES, requests=CPU_REQUESTS, slo_scale={d: results_cpu.SLO_SCALE["sharegpt"] for d in DATASETS}, think_steps=THINK_STEPS,
+    lockstep=off_beside_on,
     description=(
         f"Tiny random OPT (d 128, 4 layers, {results_cpu.HEADS} heads, r = 1/2) at a {CPU_CONTEXT}-token context, "
         f"{CPU_BLOCKS} blocks of {results_cpu.BLOCK_SIZE} tokens ({CPU_BLOCKS * results_cpu.BLOCK_SIZE} tokens of KV), "
         "one torch thread, the serving thread's CPU time as the clock, SLOs and rates scaled to this machine as in "
         f"the CPU part above (TTFT = 1 full-context prefill, TBT = 5 16-request decode steps); think time "
-        f"{THINK_STEPS} decode steps (5 s over OPT-13B's ~20 ms step); apt in the alternating shape."))
+        f"{THINK_STEPS} decode steps (5 s over OPT-13B's ~20 ms step); apt in the alternating shape; each policy "
+        "without prefix caching replayed in lockstep with itself with it (one thread, each engine's clock running "
+        "only while it works, the one furthest behind next)."))
 
 
 def run_cpu(mode: str = "quick", workers: int = 2, log=print) -> dict:
@@ -82,7 +94,8 @@ def run_sim(mode: str = "quick", workers: int = 2, rel_tol: float = 0.05) -> lis
 # -- tables -----------------------------------------------------------------------------------------
 def pairs(labels) -> list[str]:
     """Base policy labels that ran both without and with prefix caching, in order."""
-    return [p for p in dict.fromkeys(label.removesuffix(PREFIX) for label in labels) if p + PREFIX in labels]
+    ran = set(labels)
+    return [p for p in dict.fromkeys(label.removesuffix(PREFIX) for label in labels) if p in ran and p + PREFIX in ran]
 
 
 def ratio(a: float, b: float) -> str:

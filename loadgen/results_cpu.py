@@ -96,6 +96,8 @@ class CpuSetup:
     slo_scale: dict = field(default_factory=lambda: SLO_SCALE)
     think_steps: float = 0.0
     description: str = DESCRIPTION
+    # labels -> groups of labels replayed in lockstep on one thread (replay_in_lockstep); None: each alone
+    lockstep: object = None
 
 
 def tiny_opt(context: int = CONTEXT) -> str:
@@ -105,14 +107,27 @@ def tiny_opt(context: int = CONTEXT) -> str:
 
 
 class CpuClock:
-    """Seconds of this thread's CPU time, plus the idle gaps skipped by advance_to()."""
+    """Seconds of this thread's CPU time while the clock runs, plus the idle gaps skipped by
+    advance_to(). pause() and resume() let engines replayed in lockstep on one thread
+    (replay_in_lockstep) each count their own work only."""
 
     def __init__(self):
-        self._t0 = time.thread_time()
+        self._counted = 0.0  # CPU time of the periods already paused
+        self._since = time.thread_time()  # None while paused
         self._skipped = 0.0
 
     def __call__(self) -> float:
-        return time.thread_time() - self._t0 + self._skipped
+        running = time.thread_time() - self._since if self._since is not None else 0.0
+        return self._counted + running + self._skipped
+
+    def pause(self) -> None:
+        if self._since is not None:
+            self._counted += time.thread_time() - self._since
+            self._since = None
+
+    def resume(self) -> None:
+        if self._since is None:
+            self._since = time.thread_time()
 
     def advance_to(self, t: float) -> None:
         now = self()
@@ -147,18 +162,43 @@ def make_engine(model: str, label: str, ttft: float, tbt: float, clock=None, set
 def replay(engine, trace, ttft: float, tbt: float, seed: int = 0, timeout: float = TIMEOUT_S):
     """Replay trace on engine's clock (a CpuClock, idle gaps skipped), follow-ups as a closed loop;
     returns (records, duration, scheduler stats)."""
+    return replay_in_lockstep([engine], trace, ttft, tbt, seed, timeout)[0]
+
+
+def replay_in_lockstep(engines, trace, ttft: float, tbt: float, seed: int = 0, timeout: float = TIMEOUT_S):
+    """replay() of the same trace on several engines at once, on this thread: each engine's CpuClock
+    runs only while that engine works, and the engine whose clock is furthest behind goes next. A
+    machine whose speed drifts (units measured minutes apart here differ by up to 50%, 2026-12-06)
+    then slows or speeds all of them at the same point of their runs, instead of whichever policy
+    ran at that moment. Returns (records, duration, scheduler stats) per engine, in order."""
     from loadgen.clients import conversation_ids
-    from loadgen.engine_replay import replay_on_engine
+    from loadgen.engine_replay import replay_steps
 
     rng = np.random.default_rng(seed)
     trace = sorted(trace, key=lambda r: r.arrived_at)
     # a conversation's turns: its synthetic stream (a follow-up: what was said before it, then the
     # stream); else random ids
     prompts = {r.request_id: conversation_ids(r) if r.conversation is not None
-               else rng.integers(4, engine.config.spec.vocab_size, r.num_prefill_tokens).tolist() for r in trace}
-    records, duration = replay_on_engine(engine, trace, prompts, lambda r: (ttft, tbt), engine.clock.advance_to,
-                                         timeout)
-    return records, duration, dict(engine.scheduler.stats)
+               else rng.integers(4, engines[0].config.spec.vocab_size, r.num_prefill_tokens).tolist() for r in trace}
+    for engine in engines:
+        engine.clock.pause()
+    origin = [engine.clock() for engine in engines]  # each clock counted its engine's building too
+    replays = {i: replay_steps(engine, trace, prompts, lambda r: (ttft, tbt), engine.clock.advance_to, timeout)
+               for i, engine in enumerate(engines)}
+    out = [None] * len(engines)
+    while replays:
+        i = min(replays, key=lambda k: engines[k].clock() - origin[k])
+        clock = engines[i].clock
+        clock.resume()
+        try:
+            next(replays[i])
+        except StopIteration as done:
+            records, duration = done.value
+            out[i] = (records, duration, dict(engines[i].scheduler.stats))
+            del replays[i]
+        finally:
+            clock.pause()
+    return out
 
 
 REPEATS = 5  # measurements of a unit, after one discarded warm-up, whose median is the unit
@@ -237,22 +277,27 @@ def dataset_trace(dataset: str, num_requests: int, seed: int = 0, context: int =
 _JOB: dict = {}  # the model and traces, set before forking
 
 
-def _run_one(job) -> dict:
+def _run_group(job) -> list[dict]:
+    """One rate's trace on each policy of a group, in lockstep (a group of one: replayed alone)."""
     import torch
 
     from loadgen.metrics import summarize
     torch.set_num_threads(1)
-    dataset, cv, rate, label, ttft, tbt = job
+    dataset, cv, rate, labels, ttft, tbt = job
     trace = _JOB["traces"][(dataset, cv, rate)]
     c0, w0 = time.process_time(), time.monotonic()
-    engine = make_engine(_JOB["model"], label, ttft, tbt, setup=_JOB["setup"])
-    records, duration, stats = replay(engine, trace, ttft, tbt)
-    s = summarize(records, duration, stats=stats)
-    return {"dataset": dataset, "cv": cv, "rate": rate, "policy": label, "ttft_slo": ttft, "tbt_slo": tbt,
-            "attainment": s["attainment"], "attainment_by_slo": s["attainment_by_slo"], "goodput_rps": s["goodput_rps"],
-            "preemptions": s["preemptions"],
-            "ttft_s": s.get("ttft_s"), "tbt_s": s.get("tbt_s"), "prefix_cache": s.get("prefix_cache"), "stats": stats,
-            "duration_s": duration, "wall_s": time.monotonic() - w0, "cpu_s": time.process_time() - c0}
+    engines = [make_engine(_JOB["model"], label, ttft, tbt, setup=_JOB["setup"]) for label in labels]
+    rows = []
+    for label, (records, duration, stats) in zip(labels, replay_in_lockstep(engines, trace, ttft, tbt)):
+        s = summarize(records, duration, stats=stats)
+        rows.append({"dataset": dataset, "cv": cv, "rate": rate, "policy": label, "ttft_slo": ttft, "tbt_slo": tbt,
+                     "attainment": s["attainment"], "attainment_by_slo": s["attainment_by_slo"],
+                     "goodput_rps": s["goodput_rps"], "preemptions": s["preemptions"],
+                     "ttft_s": s.get("ttft_s"), "tbt_s": s.get("tbt_s"), "prefix_cache": s.get("prefix_cache"),
+                     "stats": stats, "duration_s": duration, "lockstep": list(labels)})
+    for row in rows:  # the group's, shared
+        row.update(wall_s=time.monotonic() - w0, cpu_s=time.process_time() - c0)
+    return rows
 
 
 def run(datasets, cvs, rates_by_dataset: dict | None = None, num_requests: int | None = None, log=print,
@@ -287,8 +332,9 @@ def run(datasets, cvs, rates_by_dataset: dict | None = None, num_requests: int |
             # grid, plus two below it (at CV 4 even the grid's lowest rate misses 90% everywhere)
             for k, rate in enumerate(rates if cv <= 1 else [rates[0] / 4, rates[0] / 2] + rates[::2]):
                 traces[(dataset, cv, rate)] = rescale(base, rate, cv, seed=seed)
-                for label in labels[k % len(labels):] + labels[:k % len(labels)]:
-                    jobs.append((dataset, cv, rate, label, ttft, tbt))
+                rotated = labels[k % len(labels):] + labels[:k % len(labels)]
+                for group in (setup.lockstep(rotated) if setup.lockstep else [[label] for label in rotated]):
+                    jobs.append((dataset, cv, rate, tuple(group), ttft, tbt))
     _JOB.update(model=model, traces=traces, setup=setup)
 
     def done(row):
@@ -298,9 +344,11 @@ def run(datasets, cvs, rates_by_dataset: dict | None = None, num_requests: int |
             f"engine {row['duration_s']:.1f}s wall {row['wall_s']:.1f}s")
     if workers > 1 and "fork" in mp.get_all_start_methods():
         with mp.get_context("fork").Pool(workers) as pool:
-            for row in pool.imap(_run_one, jobs):
-                done(row)
+            for rows in pool.imap(_run_group, jobs):
+                for row in rows:
+                    done(row)
     else:
         for job in jobs:
-            done(_run_one(job))
+            for row in _run_group(job):
+                done(row)
     return out

@@ -267,3 +267,60 @@ def test_prefix_counters_read_from_metrics_text(tmp_path):
         srv.shutdown()
     assert got == {"prefix_hit_tokens": 30.0, "prefix_queried_tokens": 120.0}
     assert read_prefix_counters("http://127.0.0.1:9/metrics") == {}
+
+
+def test_a_paused_cpu_clock_counts_none_of_the_threads_work():
+    from loadgen import results_cpu
+
+    def burn(seconds):
+        t = time.thread_time()
+        while time.thread_time() - t < seconds:
+            pass
+    clock = results_cpu.CpuClock()
+    clock.pause()
+    paused_at = clock()
+    burn(0.02)
+    assert clock() == paused_at
+    clock.resume()
+    burn(0.02)
+    assert clock() >= paused_at + 0.02
+    clock.advance_to(clock() + 5.0)  # an idle gap skipped
+    assert clock() >= paused_at + 5.02
+
+
+def test_lockstep_replays_interleave_two_engines_each_on_its_own_clock():
+    """Two engines (prefix caching off and on) replayed in lockstep on one thread: their steps
+    interleave (the engine whose clock is behind goes next; a clock counting the other's steps would
+    run one engine's replay to its end first), every turn of each finishes and resends the reply its
+    own engine gave, and the two clocks together count no more CPU time than the thread spent."""
+    import tempfile
+
+    from aptray.config import EngineConfig
+    from aptray.model.factory import make_tiny_model
+    from loadgen import results_chat, results_cpu
+
+    path = make_tiny_model(tempfile.mkdtemp() + "/opt", arch="opt", hidden_size=32, num_layers=2, num_heads=2)
+    trace = make_trace(chat_samples(16), rate=50.0, think_time=0.05)
+    engines, stepped = [], []
+    for caching in (False, True):
+        config = EngineConfig(model=path, block_size=4, enable_prefix_caching=caching)
+        engine = recording_engine(config, results_cpu.cpu_timed_executor(config), clock=results_cpu.CpuClock())
+        step = engine.step
+        engine.step = lambda step=step, i=len(engines): (stepped.append(i), step())[1]
+        engines.append(engine)
+    t0 = time.thread_time()
+    (off, off_duration, off_stats), (on, on_duration, on_stats) = results_cpu.replay_in_lockstep(engines, trace, 5.0, 5.0)
+    spent = time.thread_time() - t0
+    assert all(r.status == "finished" for r in off + on)
+    assert off_stats.get("prefix_hit_tokens", 0) == 0 and on_stats["prefix_hit_tokens"] >= 16 + 40 + 60
+    for engine in engines:
+        _check_resent(engine, trace)
+    # interleaved: each engine stepped before the other's last step
+    assert stepped.index(0) < len(stepped) - 1 - stepped[::-1].index(1)
+    assert stepped.index(1) < len(stepped) - 1 - stepped[::-1].index(0)
+    skipped = sum(e.clock._skipped for e in engines)
+    assert 0 < off_duration + on_duration - skipped <= spent
+    # the chat part pairs each policy's two runs so; a label without its twin runs alone
+    assert results_chat.off_beside_on(["apt-hybrid+prefix", "apt-hybrid", "apt-kv+prefix", "fcfs"]) == [
+        ["apt-hybrid", "apt-hybrid+prefix"], ["apt-kv+prefix"], ["fcfs"]]
+    assert results_chat.CPU_SETUP.lockstep is results_chat.off_beside_on
