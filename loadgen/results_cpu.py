@@ -28,7 +28,8 @@ The experiment (docs/SCHEDULER.md, "The real CPU engine experiment", says why ea
   really runs (model steps, scheduler, bookkeeping, all on this thread), and every second it spends
   counts, but time other processes take from it on a shared machine does not. Idle gaps between
   arrivals are skipped. The executor's step times given to the schedulers are the same CPU times.
-  Runs go in `workers` processes (each on its own clock).
+  Runs go in `workers` processes (each on its own clock); a setup may replay groups of policies in
+  lockstep on one thread instead (CpuSetup.lockstep, replay_in_lockstep), each on a clock of its own.
 """
 from __future__ import annotations
 
