@@ -21,7 +21,7 @@ import json
 
 from loadgen import results_chat, results_cpu
 from loadgen.conversations import MULTITURN
-from loadgen.sweep import crossing_rate
+from loadgen.sweep import crossing_rate, ratio
 
 
 def run_pool(num_blocks: int, policies: list[str], mode: str, workers: int, log=print, seed: int = 0) -> dict:
@@ -57,7 +57,7 @@ def table(rows: list[dict]) -> list[str]:
     for r in rows:
         off, on = r["effective_off_rps"], r["effective_on_rps"]
         hits = " / ".join(f"{r['hit_rate_tokens'][x]:.2f}" for x in rates)
-        lines.append(f"| {r['num_blocks']} | {r['policy']} | {off:.2f} | {on:.2f} | {results_chat.ratio(on, off)} | "
+        lines.append(f"| {r['num_blocks']} | {r['policy']} | {off:.2f} | {on:.2f} | {ratio(on, off)} | "
                      f"{1e3 * r['ttft_p50_off_s']:.0f} / {1e3 * r['ttft_p50_on_s']:.0f} | {hits} |")
     return lines
 

@@ -18,15 +18,11 @@ import time
 
 import numpy as np
 
-from loadgen.sweep import crossing_rate
+from loadgen.sweep import crossing_rate, ratio
 
 OUT_DIR = "docs/results"
 DOC = "docs/RESULTS.md"
 SIM_REQUESTS = {"quick": 250, "full": 500}
-
-
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if a and b else "-"  # no ratio where either policy met 90% at no tested rate
 
 
 def _pm(s: dict | None, fmt: str = ".2f", unit: str = "") -> str:
@@ -129,7 +125,7 @@ def _bounded_ratio(a: float, b: float, a_is_bound: bool, b_is_bound: bool) -> st
     """a / b where a or b may be only a lower bound (met at the highest rate tried)."""
     if b_is_bound:
         return "-"
-    return (">= " if a_is_bound and a and b else "") + _ratio(a, b)
+    return (">= " if a_is_bound and a and b else "") + ratio(a, b)
 
 
 def _unmet_note(unmet: list, policies: list[str], num_blocks: int) -> list[str]:
@@ -174,11 +170,11 @@ def sim_tables(sim: list[dict], plot_dir: str) -> list[str]:
                                     else " (=KV)") for p in policies]
         best = max((v for p, v in eff.items() if p.startswith("apt")), default=0.0)
         lines.append(f"| {s.name} | {s.tp} | {s.ttft_slo:g} / {s.tbt_slo:g} | " + " | ".join(cells) + " | "
-                     + " | ".join(_ratio(eff.get(a, 0), eff.get(b, 0)) for a, b in (
+                     + " | ".join(ratio(eff.get(a, 0), eff.get(b, 0)) for a, b in (
                          ("apt-kv", "fcfs"), ("apt-hybrid", "fcfs"), ("apt-kv", "sarathi"), ("apt-hybrid", "sarathi"),
                          ("apt-kv", "vllm"), ("apt-hybrid", "vllm"), ("apt-hybrid", "apt-hybrid-recompute"))) + " | "
-                     + f"{_ratio(best, eff.get('fcfs', 0))} | {_ratio(best, eff.get('sarathi', 0))} | "
-                     + f"{_ratio(best, eff.get('vllm', 0))} |")
+                     + f"{ratio(best, eff.get('fcfs', 0))} | {ratio(best, eff.get('sarathi', 0))} | "
+                     + f"{ratio(best, eff.get('vllm', 0))} |")
         curves = {p: {float(k): v["attainment"] for k, v in by[(s.name, p)]["probes"].items()} for p in eff}
         plot_attainment(curves, os.path.join(plot_dir, f"sim-{s.name}.png"), 0.9,
                         f"sim {s.model} A100-40GB x{s.tp} {s.dataset}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from loadgen import results_cpu, results_sim
 from loadgen.conversations import MULTITURN, MULTITURN_SYSTEM
+from loadgen.sweep import ratio
 
 DATASETS = (MULTITURN, MULTITURN_SYSTEM)
 BASE_POLICIES = ("fcfs", "sarathi", "vllm", "apt-kv", "apt-hybrid")
@@ -96,10 +97,6 @@ def pairs(labels) -> list[str]:
     """Base policy labels that ran both without and with prefix caching, in order."""
     ran = set(labels)
     return [p for p in dict.fromkeys(label.removesuffix(PREFIX) for label in labels) if p in ran and p + PREFIX in ran]
-
-
-def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if a and b else "-"
 
 
 def kept_rate(curve: dict) -> float:

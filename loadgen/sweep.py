@@ -42,6 +42,11 @@ def effective_throughput(attainment_at: Callable[[float], float], lo: float, hi:
     return BisectionResult(lo, seen)
 
 
+def ratio(a: float, b: float) -> str:
+    """a / b as "1.23x"; "-" where either is 0 (a policy that met 90% at no rate tried)."""
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
 def crossing_rate(curve: dict[float, float], threshold: float = 0.9) -> float:
     """On a sampled curve: the rate where attainment crosses threshold, interpolated linearly between
     the last rate that meets it and the next one; 0 if the lowest rate already misses."""
