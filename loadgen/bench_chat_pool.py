@@ -4,10 +4,11 @@
 
 The results page's chat part (loadgen.results_chat, CPU_SETUP: the tiny OPT at a 2,048-token
 context, the serving thread's CPU time as the clock) at its own pool and at larger ones: for each
-pool size every policy runs with and without prefix caching on the same requests over the same
-rate grid (scaled to the decode step each pool's run measures), and the script prints, per pool and
-policy, effective throughput (the 90% crossing) off and on, their ratio, TTFT p50 off and on at the highest rate where the policy without caching keeps
-90%, and the token hit rate at each rate. Between conversation turns (a think time) a conversation's
+pool size every policy runs with and without prefix caching, the two in lockstep
+(results_chat.off_beside_on), on the same requests over the same rate grid (scaled to the decode
+step each pool's run measures), and the script prints, per pool and policy, effective throughput
+(the 90% crossing) off and on, their ratio, TTFT p50 off and on at the highest rate where the policy
+without caching keeps 90%, and the token hit rate at each rate. Between conversation turns (a think time) a conversation's
 blocks wait, unheld, for its next turn; a pool that cannot keep them while others run evicts them,
 and the follow-up prefills its whole history again.
 
