@@ -25,8 +25,8 @@ def with_and_without(policies: dict) -> dict:
 
 def off_beside_on(labels) -> list[list[str]]:
     """Lockstep groups (results_cpu.replay_in_lockstep): each policy without prefix caching beside
-    itself with it, so that the ratio the target names compares two replays the machine's speed
-    drifts under alike; a label without its twin alone."""
+    itself with it, so that the ratio of the two compares replays that the machine's drifting speed
+    slowed alike; a label without its twin alone."""
     both = pairs(labels)
     return [[p, p + PREFIX] for p in both] + [[label] for label in labels
                                               if label.removesuffix(PREFIX) not in both]

@@ -33,6 +33,7 @@ The experiment (docs/SCHEDULER.md, "The real CPU engine experiment", says why ea
 """
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import tempfile
@@ -249,10 +250,10 @@ def prefill_time(model: str, make_executor=cpu_timed_executor, context: int = CO
     engine = Engine(config, make_executor(config))
     rng = np.random.default_rng(98)
     prompt = rng.integers(4, 500, context - 1).tolist()
-    counter = iter(range(1 << 30))
+    ids = itertools.count()
 
     def once() -> float:
-        engine.add_request(str(next(counter)), prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+        engine.add_request(str(next(ids)), prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
         step = engine.step().result.step_time
         while engine.has_unfinished():
             engine.step()
