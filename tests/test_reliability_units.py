@@ -114,6 +114,38 @@ def test_an_admission_through_a_short_redis_stall_is_delayed_not_refused(redis_p
         w.close()
 
 
+def test_a_refused_admission_that_redis_ran_late_is_closed_by_the_resync(redis_proc, monkeypatch):
+    """Redis stops answering long enough that an admission's write and the resync after it both time
+    out: the request is refused. Redis then runs the queued transaction anyway, so its in-flight set
+    holds a request nobody generates for; the writer's resync once Redis is back closes it as an
+    error, so a restarted router does not resume it, and keeps the request it does hold."""
+    import os
+    import signal
+    monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
+    store = RequestStore.connect(redis_proc.url, queue_owner="replica-a")
+    w = StoreWriter(store)
+    try:
+        w.admit(_meta("a")).result(5)
+        assert w.flush()
+        pid = redis_proc.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreUnavailable):
+                w.admit(_meta("b")).result(15)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert "b" not in w.mirror
+        deadline = time.time() + 10
+        while not w.healthy and time.time() < deadline:
+            time.sleep(0.1)
+        assert w.healthy and w.flush()
+        assert store.r.hget(store._k("b"), "arrival_time") is not None  # the late transaction ran
+        assert [m.request_id for m in store.unfinished()] == ["a"]
+        assert store.r.hget(store._k("b"), "status") == b"error" and store.ttl("b") <= store.finished_ttl_s
+    finally:
+        w.close()
+
+
 def test_orphaned_owner_is_found(redis_proc, monkeypatch):
     monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
     alive = RequestStore.connect(redis_proc.url, queue_owner="alive")

@@ -205,13 +205,21 @@ class RequestStore:
 
     def resync(self, in_flight: list[RequestMeta], finished: dict[str, str]) -> None:
         """Rewrite everything a writer knows, in one transaction: after Redis was away (and may
-        have restarted empty), the store again mirrors the router."""
+        have restarted empty), the store again mirrors the router. An id in this owner's in-flight
+        set that the writer does not hold is closed as an error: an admission refused because its
+        write timed out, whose transaction Redis ran late (a restarted router would resume it for
+        a client that was told it failed)."""
+        held = {m.request_id for m in in_flight}
+        ghosts = [rid for rid in (raw.decode() for raw in self.r.zrange(self._inflight, 0, -1))
+                  if rid not in held and rid not in finished]
         p = self.r.pipeline()
         for m in in_flight:
             self._add(p, m)
         now = time.time()
         for rid, status in finished.items():
             self._finish(p, rid, status, now)
+        for rid in ghosts:
+            self._finish(p, rid, "error", now)
         p.execute()
 
     def record_step(self, new_tokens: dict[str, list[int]], now: float | None = None) -> None:
