@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from loadgen.sweep import crossing_rate, ratio
+from loadgen.sweep import bounded_ratio, crossing_rate, met_at_top, ratio
 
 OUT_DIR = "docs/results"
 DOC = "docs/RESULTS.md"
@@ -84,10 +84,10 @@ def cpu_tables(cpu: dict, plot_dir: str) -> list[str]:
             if (r["dataset"], r["cv"]) == (dataset, cv):
                 curves.setdefault(r["policy"], {})[r["rate"]] = r["attainment"]
         eff = {p: crossing_rate(c, 0.9) for p, c in curves.items()}
-        top = {p: c[max(c)] >= 0.9 for p, c in curves.items()}  # met at the highest rate tried: a lower bound
+        top = {p: met_at_top(c) for p, c in curves.items()}  # met at the highest rate tried: a lower bound
         cells = [(">= " if top[p] else "") + f"{eff[p]:.1f}" for p in _policies(runs)]
         lines.append(f"| {dataset} | {cv:g} | " + " | ".join(cells) + " | "
-                     + " | ".join(_bounded_ratio(eff[a], eff[b], top[a], top[b]) for a, b in pairs)
+                     + " | ".join(bounded_ratio(eff[a], eff[b], top[a], top[b]) for a, b in pairs)
                      + " |")
         capped |= any(top.values())
         plot_attainment(curves, os.path.join(plot_dir, f"cpu-{dataset}-cv{cv:g}.png"), 0.9,
@@ -119,13 +119,6 @@ def cpu_tables(cpu: dict, plot_dir: str) -> list[str]:
                          + f" | {sum(by[x]['preemptions'] for x in rates)} |")
         lines.append("")
     return lines
-
-
-def _bounded_ratio(a: float, b: float, a_is_bound: bool, b_is_bound: bool) -> str:
-    """a / b where a or b may be only a lower bound (met at the highest rate tried)."""
-    if b_is_bound:
-        return "-"
-    return (">= " if a_is_bound and a and b else "") + ratio(a, b)
 
 
 def _unmet_note(unmet: list, policies: list[str], num_blocks: int) -> list[str]:

@@ -47,6 +47,20 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
+def met_at_top(curve: dict[float, float], threshold: float = 0.9) -> bool:
+    """Whether a sampled curve still meets threshold at its highest rate: its crossing_rate is then
+    only a lower bound."""
+    return curve[max(curve)] >= threshold
+
+
+def bounded_ratio(a: float, b: float, a_is_bound: bool, b_is_bound: bool) -> str:
+    """ratio(a, b) where a or b may be only a lower bound (met at the highest rate tried): ">= " before
+    it where a is one, "-" where b is one."""
+    if b_is_bound:
+        return "-"
+    return (">= " if a_is_bound and a and b else "") + ratio(a, b)
+
+
 def crossing_rate(curve: dict[float, float], threshold: float = 0.9) -> float:
     """On a sampled curve: the rate where attainment crosses threshold, interpolated linearly between
     the last rate that meets it and the next one; 0 if the lowest rate already misses."""

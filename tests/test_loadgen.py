@@ -214,7 +214,7 @@ def test_results_tables_ratio_and_explain_rows_no_policy_meets(tmp_path):
 
 
 def test_a_ratio_over_a_lower_bound_is_not_given():
-    from loadgen.make_results import _bounded_ratio
-    assert _bounded_ratio(3.0, 1.5, False, True) == "-"
-    assert _bounded_ratio(3.0, 1.5, False, False) == "2.00x"
-    assert _bounded_ratio(0.0, 1.5, True, False) == "-"  # no policy rate to bound
+    from loadgen.sweep import bounded_ratio
+    assert bounded_ratio(3.0, 1.5, False, True) == "-"
+    assert bounded_ratio(3.0, 1.5, False, False) == "2.00x"
+    assert bounded_ratio(0.0, 1.5, True, False) == "-"  # no policy rate to bound

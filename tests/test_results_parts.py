@@ -85,7 +85,29 @@ def test_the_pool_benchmark_compares_each_policy_with_and_without_caching_on_the
     (row,) = summary_rows(192, {"runs": runs})
     assert row["effective_off_rps"] == 1.5 and row["effective_on_rps"] == 2.0  # 90% crossed halfway; never
     assert row["at_rate"] == 1.0 and row["hit_rate_tokens"] == {1.0: 0.9, 2.0: 0.5}
-    assert table([row])[-1] == "| 192 | fcfs | 1.50 | 2.00 | 1.33x | 10 / 10 | 0.90 / 0.50 |"
+    # with caching it kept 90% at the highest rate: a lower bound, and so is the ratio
+    assert table([row])[-1] == "| 192 | fcfs | 1.50 | >= 2.00 | >= 1.33x | 10 / 10 | 0.90 / 0.50 |"
+
+
+def test_the_chat_table_marks_a_throughput_met_at_the_highest_rate_as_a_lower_bound(tmp_path):
+    """A policy that keeps 90% at every rate tried has an effective throughput of at least the highest
+    rate: the chat part's table says ">=", and leaves it out of the span of ratios across policies."""
+    from loadgen import results_chat
+
+    def run(policy, rate, attainment):
+        return {"dataset": "chat", "policy": policy, "rate": rate, "attainment": attainment, "preemptions": 0,
+                "ttft_slo": 0.5, "tbt_slo": 0.01, "ttft_s": {"p50": 0.01}, "cpu_s": 1.0,
+                "prefix_cache": {"hit_rate_tokens": 0.8} if policy.endswith(results_chat.PREFIX) else None}
+    curves = {"fcfs": (1.0, 0.8, 0.5), "fcfs+prefix": (1.0, 1.0, 0.95), "vllm": (1.0, 0.8, 0.5),
+              "vllm+prefix": (1.0, 1.0, 0.8)}
+    runs = [run(p, rate, a) for p, att in curves.items() for rate, a in zip((1.0, 2.0, 3.0), att)]
+    lines = results_chat.cpu_tables({"runs": runs}, str(tmp_path))
+    fcfs = next(line for line in lines if line.startswith("| fcfs |"))
+    vllm = next(line for line in lines if line.startswith("| vllm |"))
+    assert fcfs.startswith("| fcfs | 1.50 | >= 3.00 | >= 2.00x |")  # 90% crossed halfway to 2; never with caching
+    assert vllm.startswith("| vllm | 1.50 | 2.50 | 1.67x |")
+    span = next(line for line in lines if line.startswith("With prefix caching over without"))
+    assert "throughput 1.67-1.67x" in span and "leaves out fcfs+prefix" in span
 
 
 def test_the_served_routing_benchmark_gives_every_router_every_chunk_side_by_side():
