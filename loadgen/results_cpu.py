@@ -119,8 +119,11 @@ class CpuClock:
         self._skipped = 0.0
 
     def __call__(self) -> float:
-        running = time.thread_time() - self._since if self._since is not None else 0.0
-        return self._counted + running + self._skipped
+        return self.worked() + self._skipped
+
+    def worked(self) -> float:
+        """The CPU time counted so far, without the idle gaps skipped."""
+        return self._counted + (time.thread_time() - self._since if self._since is not None else 0.0)
 
     def pause(self) -> None:
         if self._since is not None:
@@ -289,16 +292,20 @@ def _run_group(job) -> list[dict]:
     trace = _JOB["traces"][(dataset, cv, rate)]
     c0, w0 = time.process_time(), time.monotonic()
     engines = [make_engine(_JOB["model"], label, ttft, tbt, setup=_JOB["setup"]) for label in labels]
+    built = [engine.clock.worked() for engine in engines]
     rows = []
-    for label, (records, duration, stats) in zip(labels, replay_in_lockstep(engines, trace, ttft, tbt)):
+    for label, engine, worked, (records, duration, stats) in zip(labels, engines, built,
+                                                                 replay_in_lockstep(engines, trace, ttft, tbt)):
         s = summarize(records, duration, stats=stats)
         rows.append({"dataset": dataset, "cv": cv, "rate": rate, "policy": label, "ttft_slo": ttft, "tbt_slo": tbt,
                      "attainment": s["attainment"], "attainment_by_slo": s["attainment_by_slo"],
                      "goodput_rps": s["goodput_rps"], "preemptions": s["preemptions"],
                      "ttft_s": s.get("ttft_s"), "tbt_s": s.get("tbt_s"), "prefix_cache": s.get("prefix_cache"),
-                     "stats": stats, "duration_s": duration, "lockstep": list(labels)})
+                     "stats": stats, "duration_s": duration, "lockstep": list(labels),
+                     "engine_cpu_s": engine.clock.worked() - worked})  # this engine's replay alone
+    wall, cpu = time.monotonic() - w0, time.process_time() - c0
     for row in rows:  # the group's, shared
-        row.update(wall_s=time.monotonic() - w0, cpu_s=time.process_time() - c0)
+        row.update(wall_s=wall, cpu_s=cpu)
     return rows
 
 

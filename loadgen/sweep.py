@@ -47,14 +47,14 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
-def met_at_top(curve: dict[float, float], threshold: float = 0.9) -> bool:
-    """Whether a sampled curve still meets threshold at its highest rate: its crossing_rate is then
-    only a lower bound."""
-    return curve[max(curve)] >= threshold
+def kept_at_every_rate(curve: dict[float, float], threshold: float = 0.9) -> bool:
+    """Whether a sampled curve meets threshold at every rate: its crossing_rate, the highest rate, is
+    then only a lower bound. (A curve that dips below and comes back crosses where it first dips.)"""
+    return min(curve.values()) >= threshold
 
 
 def bounded_ratio(a: float, b: float, a_is_bound: bool, b_is_bound: bool) -> str:
-    """ratio(a, b) where a or b may be only a lower bound (met at the highest rate tried): ">= " before
+    """ratio(a, b) where a or b may be only a lower bound (kept_at_every_rate): ">= " before
     it where a is one, "-" where b is one."""
     if b_is_bound:
         return "-"
