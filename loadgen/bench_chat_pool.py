@@ -3,7 +3,7 @@
     python -m loadgen.bench_chat_pool --blocks 192,384,768 --policies fcfs,apt-kv,apt-hybrid [--seeds 0,1,2]
 
 The results page's chat part (loadgen.results_chat, CPU_SETUP: the tiny OPT at a 2,048-token
-context, the serving thread's CPU time as the clock) at its own pool and at larger ones: for each
+context, the serving thread's CPU time as the clock) at its own pool (768 blocks) and at others: for each
 pool size every policy runs with and without prefix caching, the two in lockstep
 (results_chat.off_beside_on), on the same requests over the same rate grid (scaled to the decode
 step each pool's run measures), and the script prints, per pool and policy, effective throughput
