@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from loadgen.sweep import bounded_ratio, crossing_rate, kept_at_every_rate, ratio
+from loadgen.sweep import at_least, bounded_ratio, crossing_rate, kept_at_every_rate, ratio
 
 OUT_DIR = "docs/results"
 DOC = "docs/RESULTS.md"
@@ -85,7 +85,7 @@ def cpu_tables(cpu: dict, plot_dir: str) -> list[str]:
                 curves.setdefault(r["policy"], {})[r["rate"]] = r["attainment"]
         eff = {p: crossing_rate(c, 0.9) for p, c in curves.items()}
         top = {p: kept_at_every_rate(c) for p, c in curves.items()}  # kept 90% at every rate tried: a lower bound
-        cells = [(">= " if top[p] else "") + f"{eff[p]:.1f}" for p in _policies(runs)]
+        cells = [at_least(eff[p], top[p], ".1f") for p in _policies(runs)]
         lines.append(f"| {dataset} | {cv:g} | " + " | ".join(cells) + " | "
                      + " | ".join(bounded_ratio(eff[a], eff[b], top[a], top[b]) for a, b in pairs)
                      + " |")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from loadgen import results_cpu, results_sim
 from loadgen.conversations import MULTITURN, MULTITURN_SYSTEM
-from loadgen.sweep import bounded_ratio, kept_at_every_rate, ratio
+from loadgen.sweep import at_least, bounded_ratio, kept_at_every_rate, ratio
 
 DATASETS = (MULTITURN, MULTITURN_SYSTEM)
 BASE_POLICIES = ("fcfs", "sarathi", "vllm", "apt-kv", "apt-hybrid")
@@ -120,10 +120,6 @@ def _engine_cpu_s(run: dict) -> float:
     return run.get("engine_cpu_s", run.get("cpu_s", 0.0) if alone else 0.0)
 
 
-def _bound(is_bound: bool) -> str:
-    return ">= " if is_bound else ""
-
-
 def _ms(x) -> str:
     return f"{1e3 * x:.0f}" if x == x else "-"  # NaN: no request got a token
 
@@ -160,7 +156,7 @@ def cpu_tables(cpu: dict, plot_dir: str) -> list[str]:
             t_off, t_on = by[(p, at)]["ttft_s"]["p50"], by[(p + PREFIX, at)]["ttft_s"]["p50"]
             hits = token_hit_rate(by[(p + PREFIX, at)])
             cpu_off, cpu_on = _engine_cpu_s(by[(p, at)]), _engine_cpu_s(by[(p + PREFIX, at)])
-            lines.append(f"| {p} | {_bound(off_top)}{off:.2f} | {_bound(on_top)}{on:.2f} "
+            lines.append(f"| {p} | {at_least(off, off_top)} | {at_least(on, on_top)} "
                          f"| {bounded_ratio(on, off, on_top, off_top)} | {at:.3g} | {_ms(t_off)} | {_ms(t_on)} "
                          f"| {ratio(t_on, t_off)} | {hits:.0%} | {ratio(cpu_on, cpu_off)} |")
             bounds += [p + PREFIX] * on_top + [p] * off_top

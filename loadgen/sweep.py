@@ -53,6 +53,11 @@ def kept_at_every_rate(curve: dict[float, float], threshold: float = 0.9) -> boo
     return min(curve.values()) >= threshold
 
 
+def at_least(x: float, is_bound: bool, spec: str = ".2f") -> str:
+    """x formatted by spec, with ">= " before it where it is only a lower bound (kept_at_every_rate)."""
+    return (">= " if is_bound else "") + format(x, spec)
+
+
 def bounded_ratio(a: float, b: float, a_is_bound: bool, b_is_bound: bool) -> str:
     """ratio(a, b) where a or b may be only a lower bound (kept_at_every_rate): ">= " before
     it where a is one, "-" where b is one."""

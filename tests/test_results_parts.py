@@ -94,7 +94,7 @@ def test_the_pool_benchmark_compares_each_policy_with_and_without_caching_on_the
     assert table([row])[-1] == "| 192 | fcfs | 1.50 | >= 2.00 | >= 1.33x | 10 / 10 | 0.90 / 0.50 |"
 
 
-def test_the_chat_table_marks_a_throughput_met_at_the_highest_rate_as_a_lower_bound(tmp_path):
+def test_the_chat_table_marks_a_throughput_kept_at_every_rate_as_a_lower_bound(tmp_path):
     """A policy that keeps 90% at every rate tried has an effective throughput of at least the highest
     rate: the chat part's table says ">=", and leaves it out of the span of ratios across policies."""
     from loadgen import results_chat
