@@ -23,7 +23,7 @@ _STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENT
 
 def _caller(ingress, ctx) -> str:
     """The caller's identity (security.identity); raises 401 without a valid key where keys are on."""
-    keys = ingress.args.api_key_set()
+    keys = ingress.api_keys
     presented = grpc_key(ctx.invocation_metadata() if ctx is not None else None)
     if keys and not key_ok(keys, presented):
         raise Rejected("a valid API key is required (metadata authorization: Bearer <key>)", 401)

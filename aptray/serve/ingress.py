@@ -106,7 +106,9 @@ class Ingress:
         from transformers import AutoTokenizer
 
         self.args = AppArgs.parse(args)
-        _edge.update(keys=self.args.api_key_set(), max_body=self.args.max_body_bytes)
+        # read once: the HTTP edge, each request's caller identity and the gRPC API check one set
+        self.api_keys = self.args.api_key_set()
+        _edge.update(keys=self.api_keys, max_body=self.args.max_body_bytes)
         model = resolve_model_path(self.args.model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer or model)
         self.model_name = self.args.served_model_name or os.path.basename(model.rstrip("/"))
@@ -171,7 +173,7 @@ class Ingress:
 
     def caller(self, raw: Request) -> str:
         """Who sent raw (security.identity): who may abort its request."""
-        return identity(self.args.api_key_set(), bearer(raw.headers.get("authorization")))
+        return identity(self.api_keys, bearer(raw.headers.get("authorization")))
 
     @staticmethod
     def prefix_of(raw: Request) -> str | None:
