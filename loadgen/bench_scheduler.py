@@ -1,16 +1,19 @@
-"""Time one scheduling decision with 1,000 and 10,000 waiting + running requests (torch-free).
+"""Time one scheduling decision with 1,000 and 10,000 waiting + running requests, and a whole
+iteration's scheduler work (decision plus update) at a serving-sized population (torch-free).
 
 Times are the thread's CPU time (time.thread_time), because the development machine is shared
 and oversubscribed: wall time there measures the neighbours; the wall median is recorded too.
 The scheduler is driven in steady state by an instant executor (one token per sampled sequence,
-a synthetic step time so the apt cost model calibrates); only schedule(now) is timed. Requests
-never finish during the run (max_tokens is large), so the population stays at its size.
+a synthetic step time so the apt cost model calibrates); schedule(now) and update(plan, result, now)
+are timed apart (update: recording the tokens, publishing blocks, and apt's step-cost refit).
+Requests never finish during the run (max_tokens is large), so the population stays at its size.
 
 Python's cyclic GC is frozen after the scheduler is built and before the requests arrive, as the
 server does after start-up (aptray.serve.engine_loop, aptray.llm: gc.collect(); gc.freeze(), as
 vLLM does); `--gc on` leaves it as a plain process has it.
 
-    python loadgen/bench_scheduler.py --out bench_scheduler.json
+    python -m loadgen.bench_scheduler --out bench_scheduler.json
+    python -m loadgen.bench_scheduler --sizes 64 --max-num-seqs 32   # a CPU replica's population
 """
 from __future__ import annotations
 
@@ -61,7 +64,7 @@ def bench(model_dir: str, policy: str, shape: str, cache_mode: str, n: int, max_
     for i in range(n):
         prompt = [rng.randrange(50000) for _ in range(rng.randint(16, 300))]
         sched.add(Request(f"r{i}", prompt, SamplingParams(max_tokens=10**6), now - rng.random() * 2, 1.0, 0.2))
-    times, walls, full = [], [], []  # full: the decision was made with max_num_seqs running
+    times, walls, full, updates = [], [], [], []  # full: the decision was made with max_num_seqs running
     for it in range(iters):
         full.append(len(sched.running) == max_num_seqs)
         t0, w0 = time.thread_time(), time.perf_counter()
@@ -74,7 +77,10 @@ def bench(model_dir: str, policy: str, shape: str, cache_mode: str, n: int, max_
         hid = sum(len(s.block_table) for s in plan.seqs if s.cache_kind == "hidden")
         step = 2e-3 + 2e-6 * plan.num_tokens + 1e-6 * kv + 3e-6 * hid
         now += step
-        sched.update(plan, StepResult({s.request_id: 1 for s in plan.seqs if s.sample}, step), now)
+        result = StepResult({s.request_id: 1 for s in plan.seqs if s.sample}, step)
+        t0 = time.thread_time()
+        sched.update(plan, result, now)
+        updates.append(time.thread_time() - t0)
     # the first decision also indexes every queued arrival once (apt: ~2 us each; a serving loop
     # pays that as requests arrive): reported apart, the percentiles are over the decisions after it
     first_ms = 1e3 * times[0]
@@ -85,6 +91,9 @@ def bench(model_dir: str, policy: str, shape: str, cache_mode: str, n: int, max_
             "first_ms": first_ms, "median_ms": 1e3 * statistics.median(steady),
             "p99_ms": 1e3 * steady[min(len(steady) - 1, int(0.99 * len(steady)))], "max_ms": 1e3 * steady[-1],
             "wall_median_ms": 1e3 * statistics.median(walls),
+            "update_median_ms": 1e3 * statistics.median(updates[1:]),
+            # a whole iteration's scheduler work: what the engine loop spends beside the step
+            "iteration_median_ms": 1e3 * statistics.median(map(sum, zip(times[1:], updates[1:]))),
             # the decisions made while max_num_seqs requests ran (the filling-up ones, which admit tens
             # of requests each, left out): what "n queued with max_num_seqs running" means
             "full_decisions": len(at_full),
@@ -99,6 +108,8 @@ CASES = [("apt", "alternate", "hybrid"), ("apt", "mixed", "hybrid"), ("apt", "al
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--max-num-seqs", type=int, nargs="+", default=None,
+                    help="running-set caps to try (default: 256 and half the population)")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--out", default="bench_scheduler.json")
     ap.add_argument("--gc", choices=("frozen", "on"), default="frozen",
@@ -109,7 +120,7 @@ def main(argv=None) -> None:
     cases = [c for c in CASES if c[0] in args.policies.split(",")]
     rows = []
     for n in args.sizes:
-        for max_num_seqs in (256, n // 2):
+        for max_num_seqs in args.max_num_seqs or (256, n // 2):
             for policy, shape, mode in cases:
                 row = bench(model_dir, policy, shape, mode, n, max_num_seqs, args.iters, freeze_gc=args.gc == "frozen")
                 rows.append(row)
@@ -117,7 +128,8 @@ def main(argv=None) -> None:
                       f"running={row['running_at_end']:5d}  median {row['median_ms']:7.3f} ms  "
                       f"p99 {row['p99_ms']:7.3f} ms  max {row['max_ms']:7.3f} ms  first {row['first_ms']:7.3f} ms  "
                       f"with {max_num_seqs} running: median {row['full_median_ms'] or 0:7.3f} p99 {row['full_p99_ms'] or 0:7.3f} "
-                      f"(wall median {row['wall_median_ms']:.3f})", flush=True)
+                      f"(wall median {row['wall_median_ms']:.3f})  update median {row['update_median_ms']:.3f} ms  "
+                      f"iteration median {row['iteration_median_ms']:.3f} ms", flush=True)
     with open(args.out, "w") as f:
         json.dump({"python": sys.version.split()[0], "gc": args.gc, "results": rows}, f, indent=1)
 

@@ -1,4 +1,5 @@
 """loadgen: arrivals, SLO metrics, bisection, datasets, traces, and the in-process client."""
+import json
 import math
 
 import numpy as np
@@ -218,3 +219,18 @@ def test_a_ratio_over_a_lower_bound_is_not_given():
     assert bounded_ratio(3.0, 1.5, False, True) == "-"
     assert bounded_ratio(3.0, 1.5, False, False) == "2.00x"
     assert bounded_ratio(0.0, 1.5, True, False) == "-"  # no policy rate to bound
+
+
+def test_the_scheduler_benchmark_times_decision_and_update_apart(tmp_path):
+    from loadgen import bench_scheduler
+    out = tmp_path / "bench.json"
+    bench_scheduler.main(["--sizes", "12", "--max-num-seqs", "4", "6", "--iters", "15", "--policies", "apt,fcfs",
+                          "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert sorted({(r["policy"], r["cache_mode"], r["max_num_seqs"]) for r in rows}) == [
+        ("apt", "hybrid", 4), ("apt", "hybrid", 6), ("apt", "kv", 4), ("apt", "kv", 6), ("fcfs", "kv", 4), ("fcfs", "kv", 6)]
+    for r in rows:
+        assert r["running_at_end"] == r["max_num_seqs"]
+        assert r["update_median_ms"] > 0
+        # each iteration's time is its decision's plus its update's, so its median is at least either's
+        assert r["iteration_median_ms"] >= max(r["median_ms"], r["update_median_ms"])
