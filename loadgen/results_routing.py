@@ -17,6 +17,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from loadgen.metrics import summarize
 from loadgen.sweep import effective_throughput
 from loadgen.traces import rescale
@@ -105,6 +107,49 @@ def routers_of(cpu: dict) -> list[str]:
     return list(cpu.get("routers", ("p2c", "slo")))
 
 
+def paired_difference(ours, base, level: float = 0.95) -> tuple[float, float, float] | None:
+    """Mean of ours - base over paired replays (the same chunk of requests for both routers, minutes
+    apart) and its t-interval at `level`: (mean, low, high). None without two pairs."""
+    from scipy import stats
+    diff = np.asarray(ours, float) - np.asarray(base, float)
+    if len(ours) != len(base) or len(diff) < 2:
+        return None
+    mean = float(diff.mean())
+    half = float(stats.t.ppf((1 + level) / 2, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff)))
+    return mean, mean - half, mean + half
+
+
+def _interval(d: tuple[float, float, float]) -> str:
+    return f"{d[0]:+.3f} ({d[1]:+.3f} to {d[2]:+.3f})"
+
+
+def _paired(by: dict, name: str):
+    """slo - p2c at one rate, paired by chunk replay (None where the passes do not pair)."""
+    return paired_difference(by[name].get("passes", []), by["p2c"].get("passes", []))
+
+
+def paired_tables(cpu: dict) -> list[str]:
+    """Each router against p2c, rate by rate: the mean difference of attainment over the chunk
+    replays both made of the same requests, with its 95% interval."""
+    ours = [name for name in routers_of(cpu) if name != "p2c"]
+    lines, replays = [], set()
+    for n, run in cpu["runs"].items():
+        rates = list(run["rates"])
+        rows = [(name, [_paired(run["rates"][r], name) for r in rates]) for name in ours]
+        if not any(d for _, cells in rows for d in cells):
+            continue
+        replays |= {len(run["rates"][r]["p2c"]["passes"]) for r in rates}
+        lines += [f"{n} replicas, minus p2c:", "", "| router | " + " | ".join(f"{float(r):.3g}" for r in rates) + " |",
+                  "|" + " --- |" * (len(rates) + 1)]
+        lines += [f"| {name} | " + " | ".join(_interval(d) if d else "-" for d in cells) + " |" for name, cells in rows]
+        lines.append("")
+    if not lines:
+        return []
+    return [f"Paired by replay: each router's attainment on a chunk minus p2c's on the same requests, the mean over "
+            f"the {'/'.join(map(str, sorted(replays)))} replays of each rate (the difference of the attainments "
+            "above) and its 95% t-interval:", ""] + lines
+
+
 def cpu_section(cpu: dict) -> list[str]:
     """The real served run's part of docs/results/routing.md."""
     s, routers = cpu["slos"], routers_of(cpu)
@@ -138,6 +183,7 @@ def cpu_section(cpu: dict) -> list[str]:
             cells = [f"{run['rates'][r][name]['attainment']:.3f}" for r in rates]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {run['effective_throughput_rps'][name]:.2f} |")
         lines.append("")
+    lines += paired_tables(cpu)
     refused = [f"{n} replicas, {name} at {float(rate):.3g} req/s: " + "; ".join(f"{k} ({v})" for k, v in c[name]["errors"].items())
                for n, run in cpu["runs"].items() for rate, c in run["rates"].items() for name in routers
                if c.get(name, {}).get("errors")]
@@ -145,6 +191,11 @@ def cpu_section(cpu: dict) -> list[str]:
         lines += ["Requests the servers refused or failed (counted as misses), by message:", ""]
         lines += [f"- {r}" for r in refused] + [""]
     return lines
+
+
+def _paired_note(by: dict, name: str) -> str:
+    d = _paired(by, name)
+    return f"; paired difference {d[0]:+.3f}, 95% interval {d[1]:+.3f} to {d[2]:+.3f}" if d else ""
 
 
 def targets(sim: dict | None, cpu: dict | None) -> list[str]:
@@ -167,7 +218,8 @@ def targets(sim: dict | None, cpu: dict | None) -> list[str]:
             for name in ours:
                 worse = [r for r in rates if rates[r][name]["attainment"] < rates[r]["p2c"]["attainment"]]
                 detail = "; lower at " + ", ".join(f"{float(r):g} req/s ({rates[r][name]['attainment']:.3f} against "
-                                                   f"{rates[r]['p2c']['attainment']:.3f})" for r in worse) if worse else ""
+                                                   f"{rates[r]['p2c']['attainment']:.3f}{_paired_note(rates[r], name)})"
+                                                   for r in worse) if worse else ""
                 lines.append(f"- served, {n} replicas: {name} attainment >= p2c at {len(rates) - len(worse)} of "
                              f"{len(rates)} rates (target: every rate{' at 2 replicas' if n == '2' else ''}: "
                              f"{'met' if not worse else 'missed'}){detail}")

@@ -5,6 +5,8 @@ import glob
 import os
 import shutil
 
+import pytest
+
 from loadgen import make_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,3 +183,30 @@ def test_the_cpu_units_are_medians_after_a_discarded_warmup(tmp_path):
             return result
     assert results_cpu.prefill_time(tiny_opt_dir, PrefillScripted, context=256) == 3.0
     assert next(times, None) is None  # six prefills: the warm-up and five
+
+
+def test_the_served_routing_page_pairs_each_routers_chunks_with_p2cs_and_gives_the_interval():
+    from loadgen.results_routing import paired_difference, paired_tables, targets
+    # differences 0.1, -0.1, 0.3: mean 0.1, standard error 0.2 / sqrt(3), t(0.975, 2 df) = 4.303
+    mean, low, high = paired_difference([0.5, 0.7, 0.9], [0.4, 0.8, 0.6])
+    assert mean == pytest.approx(0.1)
+    assert high - mean == pytest.approx(mean - low) == pytest.approx(4.3027 * 0.2 / 3 ** 0.5, rel=1e-4)
+    assert paired_difference([0.5], [0.4]) is None and paired_difference([0.5, 0.6], [0.4]) is None
+
+    def rate(slo, p2c):
+        return {"slo": {"attainment": sum(slo) / len(slo), "passes": slo},
+                "p2c": {"attainment": sum(p2c) / len(p2c), "passes": p2c}}
+    cpu = {"routers": {"p2c": {}, "slo": {}}, "runs": {"2": {"rates": {
+        "1.0": rate([1.0, 0.5, 1.0], [1.0, 1.0, 1.0]), "2.0": rate([0.9, 1.0, 1.0], [0.8, 0.9, 1.0])}}}}
+    table = "\n".join(paired_tables(cpu))
+    assert "the 3 replays of each rate" in table
+    assert "| slo | -0.167 (-0.884 to +0.550) | +0.067 (-0.077 to +0.210) |" in table
+    served = [line for line in targets(None, cpu) if "served" in line]
+    assert served == ["- served, 2 replicas: slo attainment >= p2c at 1 of 2 rates (target: every rate at 2 replicas: "
+                      "missed); lower at 1 req/s (0.833 against 1.000; paired difference -0.167, 95% interval -0.884 "
+                      "to +0.550)"]
+    # passes that do not pair (a run before chunked replays): no interval is made up
+    cpu["runs"]["2"]["rates"]["1.0"]["slo"]["passes"] = [0.8333]
+    cpu["runs"]["2"]["rates"]["2.0"]["slo"]["passes"] = [0.9667]
+    assert paired_tables(cpu) == []
+    assert "paired" not in "\n".join(targets(None, cpu))
