@@ -6,6 +6,7 @@ import os
 import pickle
 import random
 import time
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -301,7 +302,9 @@ def test_build_app_args_set_the_router_and_autoscaling():
     assert opts["num_replicas"] == 3 and router.request_router_class == ROUTER_CLASS
     assert router.request_routing_stats_period_s == 0.25 and router.request_router_kwargs["stale_after_s"] == 3.0
     assert router.request_router_kwargs["equal_ttft_fraction"] == 0.1
-    opts = deployment_options(AppArgs.parse({"routing": "default", "min_replicas": "2", "max_replicas": "5"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Serve warns of settings a later release will refuse
+        opts = deployment_options(AppArgs.parse({"routing": "default", "min_replicas": "2", "max_replicas": "5"}))
     assert "SloRouter" not in opts["request_router_config"].request_router_class and "num_replicas" not in opts
     scaling = opts["autoscaling_config"]
     assert (scaling.min_replicas, scaling.max_replicas, scaling.initial_replicas) == (2, 5, 2)

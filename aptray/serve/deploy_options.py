@@ -9,7 +9,9 @@ from aptray.serve.args import AppArgs
 
 ROUTER_CLASS = "aptray.serve.slo_router:SloRouter"
 POLICY = "aptray.serve.autoscale:GoodputPolicy"
-LOOK_BACK_S = 10.0  # Serve averages them over this
+# Serve averages them over this; replicas push them every 10 s (Serve's metric push interval), and
+# Serve wants the window longer than that: two pushes
+LOOK_BACK_S = 20.0
 ATTAINMENT_WINDOW_S = 30.0  # each replica's attainment: of the requests that ended this long back
 
 
