@@ -111,9 +111,9 @@ def paired_difference(ours, base, level: float = 0.95) -> tuple[float, float, fl
     """Mean of ours - base over paired replays (the same chunk of requests for both routers, minutes
     apart) and its t-interval at `level`: (mean, low, high). None without two pairs."""
     from scipy import stats
-    diff = np.asarray(ours, float) - np.asarray(base, float)
-    if len(ours) != len(base) or len(diff) < 2:
+    if len(ours) != len(base) or len(ours) < 2:
         return None
+    diff = np.asarray(ours, float) - np.asarray(base, float)
     mean = float(diff.mean())
     half = float(stats.t.ppf((1 + level) / 2, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff)))
     return mean, mean - half, mean + half
@@ -124,7 +124,7 @@ def _interval(d: tuple[float, float, float]) -> str:
 
 
 def _paired(by: dict, name: str):
-    """slo - p2c at one rate, paired by chunk replay (None where the passes do not pair)."""
+    """Router `name` minus p2c at one rate, paired by chunk replay (None where the passes do not pair)."""
     return paired_difference(by[name].get("passes", []), by["p2c"].get("passes", []))
 
 
@@ -138,7 +138,7 @@ def paired_tables(cpu: dict) -> list[str]:
         rows = [(name, [_paired(run["rates"][r], name) for r in rates]) for name in ours]
         if not any(d for _, cells in rows for d in cells):
             continue
-        replays |= {len(run["rates"][r]["p2c"]["passes"]) for r in rates}
+        replays |= {len(run["rates"][r]["p2c"]["passes"]) for name, cells in rows for r, d in zip(rates, cells) if d}
         lines += [f"{n} replicas, minus p2c:", "", "| router | " + " | ".join(f"{float(r):.3g}" for r in rates) + " |",
                   "|" + " --- |" * (len(rates) + 1)]
         lines += [f"| {name} | " + " | ".join(_interval(d) if d else "-" for d in cells) + " |" for name, cells in rows]

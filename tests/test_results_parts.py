@@ -192,6 +192,7 @@ def test_the_served_routing_page_pairs_each_routers_chunks_with_p2cs_and_gives_t
     assert mean == pytest.approx(0.1)
     assert high - mean == pytest.approx(mean - low) == pytest.approx(4.3027 * 0.2 / 3 ** 0.5, rel=1e-4)
     assert paired_difference([0.5], [0.4]) is None and paired_difference([0.5, 0.6], [0.4]) is None
+    assert paired_difference([0.5, 0.6, 0.7], [0.4, 0.5]) is None  # unequal replays: no pairs to take
 
     def rate(slo, p2c):
         return {"slo": {"attainment": sum(slo) / len(slo), "passes": slo},
