@@ -10,7 +10,8 @@ Requests never finish during the run (max_tokens is large), so the population st
 
 Python's cyclic GC is frozen after the scheduler is built and before the requests arrive, as the
 server does after start-up (aptray.serve.engine_loop, aptray.llm: gc.collect(); gc.freeze(), as
-vLLM does); `--gc on` leaves it as a plain process has it.
+vLLM does); `--gc on` leaves it as a plain process has it; `--gc off` also disables the collector
+while the requests run, which shows its share of the tail.
 
     python -m loadgen.bench_scheduler --out bench_scheduler.json
     python -m loadgen.bench_scheduler --sizes 64 --max-num-seqs 32   # a CPU replica's population
@@ -112,8 +113,9 @@ def main(argv=None) -> None:
                     help="running-set caps to try (default: 256 and half the population)")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--out", default="bench_scheduler.json")
-    ap.add_argument("--gc", choices=("frozen", "on"), default="frozen",
-                    help="frozen: gc.freeze() after start-up, as the server does; on: a plain process's GC")
+    ap.add_argument("--gc", choices=("frozen", "on", "off"), default="frozen",
+                    help="frozen: gc.freeze() after start-up, as the server does; on: a plain process's GC; "
+                         "off: frozen, and the collector disabled while the requests run")
     ap.add_argument("--policies", default="apt,sarathi,fcfs,vllm", help="which of the cases to run")
     args = ap.parse_args(argv)
     model_dir = tiny_opt_config_dir()
@@ -122,7 +124,10 @@ def main(argv=None) -> None:
     for n in args.sizes:
         for max_num_seqs in args.max_num_seqs or (256, n // 2):
             for policy, shape, mode in cases:
-                row = bench(model_dir, policy, shape, mode, n, max_num_seqs, args.iters, freeze_gc=args.gc == "frozen")
+                if args.gc == "off":
+                    gc.disable()
+                row = bench(model_dir, policy, shape, mode, n, max_num_seqs, args.iters, freeze_gc=args.gc != "on")
+                gc.enable()
                 rows.append(row)
                 print(f"{policy:8s} {shape:9s} {mode:6s} n={n:6d} max_num_seqs={max_num_seqs:5d} "
                       f"running={row['running_at_end']:5d}  median {row['median_ms']:7.3f} ms  "
