@@ -114,6 +114,28 @@ def routed_counts(url: str) -> dict:
             for m in re.finditer(r'aptray_routed_requests_total\{reason="([^"]+)"\} (\S+)', text)}
 
 
+def store_write_buckets(app: str) -> dict[float, int]:
+    """aptray_store_write_seconds of the app's live routers, summed: bucket bound (s) -> writes at or under it."""
+    import ray
+
+    from aptray.serve.ingress import ROUTER_NAME
+    prefix = ROUTER_NAME.split("{replica}")[0].format(app=app)
+    routers = [ray.get_actor(a["name"], namespace=a["namespace"])
+               for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    total: dict[float, int] = {}
+    for text in ray.get([r.metrics_text.remote() for r in routers]):
+        for m in re.finditer(r'aptray_store_write_seconds_bucket\{le="([^"]+)"\} (\S+)', text.decode()):
+            total[float(m.group(1))] = total.get(float(m.group(1)), 0) + int(float(m.group(2)))
+    return total
+
+
+def slow_writes(before: dict[float, int], after: dict[float, int]) -> dict[str, int]:
+    """Writes between two store_write_buckets readings: all, and those over 0.1 s and over 1 s."""
+    new = {le: after.get(le, 0) - before.get(le, 0) for le in after}
+    n = new.get(float("inf"), 0)
+    return {"writes": n, "over_0.1s": n - new.get(0.1, 0), "over_1s": n - new.get(1.0, 0)}
+
+
 def replay_together(base_url: str, names, trace) -> dict:
     """The same trace to each router of names at once (one client thread each): name -> RunResult."""
     from concurrent.futures import ThreadPoolExecutor
@@ -149,30 +171,36 @@ def schedule(routers: tuple[str, ...], k: int, together: bool, chunks: int) -> l
 def run_rate(base_url: str, trace, rate: float, steps: list[tuple[tuple[str, ...], int]]) -> dict:
     """Each (group of routers, chunk) of `steps` in turn (a group's routers at once on the chunk of the
     trace at this rate); per router, the summary of all its passes."""
-    records, passes, routed = {}, {}, {}
+    records, passes, routed, writes = {}, {}, {}, {}
     parts = chunked(rescale(trace, rate, CV, seed=0), 1 + max(c for _, c in steps))
     for names, c in steps:
         before = {name: routed_counts(f"{base_url}/{name}") for name in names}
+        buckets = {name: store_write_buckets(name) for name in names}
         began = time.strftime("%H:%M:%S")
         results = replay_together(base_url, names, parts[c])
         time.sleep(1.5)  # the routers publish their counts every second
         for name, res in results.items():
             after = routed_counts(f"{base_url}/{name}")
             new = {k: v - before[name].get(k, 0) for k, v in after.items()}
+            slow = slow_writes(buckets[name], store_write_buckets(name))
             s = summarize(res.records, res.duration)
             records.setdefault(name, []).extend(res.records)
             passes.setdefault(name, []).append(s["attainment"])
             for k, v in new.items():
                 routed.setdefault(name, {})[k] = routed.get(name, {}).get(k, 0) + v
+            for k, v in slow.items():
+                writes.setdefault(name, {})[k] = writes.get(name, {}).get(k, 0) + v
             print(f"  {began} {name:4s} rate {rate:6.2f} chunk {c}: attainment {s['attainment']:.3f} statuses {s['statuses']} "
-                  f"TTFT p50/p90 {1e3 * s['ttft_s']['p50']:.0f}/{1e3 * s['ttft_s']['p90']:.0f} ms routed {new}"
+                  f"TTFT p50/p90 {1e3 * s['ttft_s']['p50']:.0f}/{1e3 * s['ttft_s']['p90']:.0f} ms routed {new} "
+                  f"Redis writes over 0.1/1 s: {slow['over_0.1s']}/{slow['over_1s']} of {slow['writes']}"
                   + (f" errors {s['errors']}" if "errors" in s else ""), flush=True)
     out = {}
     for name, recs in records.items():
         s = summarize(recs)
         out[name] = {"attainment": s["attainment"], "passes": passes[name], "statuses": s["statuses"],
                      "ttft_s": s["ttft_s"], "tbt_p99_per_request_s": s["tbt_p99_per_request_s"],
-                     "routed": routed.get(name, {}), **({"errors": s["errors"]} if "errors" in s else {})}
+                     "routed": routed.get(name, {}), "store_writes": writes.get(name, {}),
+                     **({"errors": s["errors"]} if "errors" in s else {})}
     return out
 
 

@@ -114,6 +114,32 @@ def test_an_admission_through_a_short_redis_stall_is_delayed_not_refused(redis_p
         w.close()
 
 
+def test_the_writer_times_each_round_trip_failed_ones_included(redis_proc, monkeypatch):
+    """observe_write (the router's aptray_store_write_seconds) gets every write's round trip, the one
+    that timed out on a stopped Redis too."""
+    import os
+    import signal
+
+    from aptray.serve.store import SOCKET_TIMEOUT_S
+    monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
+    store = RequestStore.connect(redis_proc.url, queue_owner="replica-a")
+    seconds = []
+    w = StoreWriter(store, seconds.append)
+    try:
+        w.admit(_meta("a")).result(5)
+        assert seconds and max(seconds) < SOCKET_TIMEOUT_S
+        pid = redis_proc.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            w.tokens({"a": [7]})
+            assert w.flush(10)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert max(seconds) >= SOCKET_TIMEOUT_S and w.outages == 1
+    finally:
+        w.close()
+
+
 def test_a_refused_admission_that_redis_ran_late_is_closed_by_the_resync(redis_proc, monkeypatch):
     """Redis stops answering long enough that an admission's write and the resync after it both time
     out: the request is refused. Redis then runs the queued transaction anyway, so its in-flight set

@@ -401,6 +401,7 @@ def test_metrics_after_traffic(server):
     assert _metric(server, "aptray_scheduler_seconds_count") > 0
     assert _metric(server, "aptray_slo_attained_total") >= 1
     assert _metric(server, "aptray_prefix_cache_queried_tokens_total") > 0
+    assert _metric(server, "aptray_store_write_seconds_count") > 0
 
 
 def test_redis_holds_in_flight_and_expires_finished(server):

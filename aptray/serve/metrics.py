@@ -16,6 +16,7 @@ from aptray.slo import attained
 PREFIX_STATS = ("queried_tokens", "hit_tokens", "queried_blocks", "hit_blocks")  # scheduler.stats["prefix_" + key]
 # latency buckets from 5 ms (GPU TBT) to 2 min (CPU TTFT under load)
 _LATENCY = (.005, .01, .025, .05, .075, .1, .15, .25, .4, .6, 1, 1.5, 2.5, 5, 10, 20, 40, 80, 120)
+_STORE = (5e-4, 1e-3, 2.5e-3, 5e-3, .01, .025, .05, .1, .25, .5, 1, 2, 5)
 _SCHED = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, .1)
 RECENT_S = 600.0  # how far back recent_attainment can look
 
@@ -51,6 +52,9 @@ class ServingMetrics:
         self.resumed = Counter("aptray_requests_resumed", "requests resumed after a fault", ["source"], registry=r)
         self.store_up = Gauge("aptray_store_available", "1 while Redis takes writes", registry=r)
         self.store_outages = Counter("aptray_store_outages", "times Redis went away", registry=r)
+        # a slow Redis delays every admission (accepted only once written) before it times out (store.py)
+        self.store_write = Histogram("aptray_store_write_seconds", "Redis round trip of each write (a batch of "
+                                     "records), failed ones included", buckets=_STORE, registry=r)
         self._seen_stats: dict[str, int] = {}
         self._recent: deque[tuple[float, bool]] = deque()  # (monotonic time, attained) of ended requests
         self._seen_faults: dict[str, int] = {"outages": 0}

@@ -41,7 +41,7 @@ class Router:
         self.metrics = ServingMetrics()
         self.store = RequestStore.connect(self.args.redis_url, finished_ttl_s=self.args.finished_ttl_s,
                                           queue_owner=owner)
-        self.writer = StoreWriter(self.store)
+        self.writer = StoreWriter(self.store, self.metrics.store_write.observe)
         self.loop = EngineLoop(self.args, self.config, self.tokenizer, self.metrics, self.writer, owner)
         self.limits = self._request_limits()
         self.draining = False

@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from typing import Callable
 
 from aptray.serve.store import RequestMeta, RequestStore
 
@@ -46,8 +47,9 @@ def _start(meta: RequestMeta | None, step: list) -> int | None:
 
 
 class StoreWriter:
-    def __init__(self, store: RequestStore):
+    def __init__(self, store: RequestStore, observe_write: Callable[[float], None] | None = None):
         self.store = store
+        self.observe_write = observe_write  # seconds of each write's round trip (the router's metrics)
         self.mirror: dict[str, RequestMeta] = {}
         self.pending_finishes: OrderedDict[str, str] = OrderedDict()
         self.healthy = True
@@ -201,11 +203,15 @@ class StoreWriter:
 
     def _write(self, write):
         """write()'s result, or None if Redis failed it."""
+        start = time.perf_counter()
         try:
             return write()
         except Exception as e:  # redis.ConnectionError, TimeoutError, a restarted server's LOADING...
             self._went_away(e)
             return None
+        finally:
+            if self.observe_write is not None:
+                self.observe_write(time.perf_counter() - start)
 
     def _diverged(self, skipped: int) -> None:
         """Token appends found their lists at another length than the mirror's: Redis no longer mirrors
