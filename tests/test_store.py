@@ -78,6 +78,17 @@ def test_an_embedded_server_takes_its_files_with_it():
     assert not os.path.exists(files)
 
 
+def test_an_embedded_server_is_a_child_in_this_session():
+    """Not a daemon (redis_server.py): it shares this process's session, and with it the CPU share
+    Linux's autogroup gives the session, and it stops at close."""
+    import psutil
+    s = RequestStore.embedded()
+    server = psutil.Process(s._owner.server.proc.pid)
+    assert server.ppid() == os.getpid() and os.getsid(server.pid) == os.getsid(0)
+    s.close()
+    assert not server.is_running()
+
+
 def test_batch_writes_in_order_in_one_transaction(store):
     b = store.batch()
     b.add(_meta("b1", 500.0))

