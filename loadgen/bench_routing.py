@@ -206,9 +206,7 @@ def run_rate(base_url: str, trace, rate: float, steps: list[tuple[tuple[str, ...
 
 def warm_up(base_url: str, routers, trace, rate: float, requests: int = WARMUP_REQUESTS) -> None:
     """Each app serves the first requests of the trace once, unmeasured, so that no router's first
-    measured chunk is its app's first traffic (the slo app's very first requests met a 2 s stall of
-    its request store once here, 2026-12-05 15:06; stalls also came later under load, so this does
-    not remove them)."""
+    measured chunk is its app's first traffic."""
     for name in routers:
         res = replay_together(base_url, (name,), rescale(trace, rate, CV, seed=0)[:requests])[name]
         print(f"  warm-up {name}: {summarize(res.records, res.duration)['statuses']}", flush=True)
