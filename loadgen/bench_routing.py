@@ -13,7 +13,8 @@ over minutes then falls on all routers alike, and each router's replicas share t
 others'. On these 2 cores two passes of one router on the same requests can differ by more than
 the routers do (docs/SERVING.md, "Routing and autoscaling across replicas"). With --chunks K each
 pass is cut into K runs of consecutive arrivals, each starting at time 0 on an idle system, and
-the routers take turns chunk by chunk (the order reversed at each chunk), so that they replay the
+the routers take turns chunk by chunk (the order reversed at each chunk and at each pass, so that
+a chunk's second pass runs the routers in the reverse order of its first), so that they replay the
 same requests within a minute of each other. Before the first rate each app serves the first
 WARMUP_REQUESTS requests of the trace once, unmeasured.
 Requests go through streaming HTTP (loadgen.clients.HttpStreamClient, which sends each request's
@@ -157,15 +158,13 @@ def chunked(trace: list[TraceRequest], k: int) -> list[list[TraceRequest]]:
 
 def schedule(routers: tuple[str, ...], k: int, together: bool, chunks: int) -> list[tuple[tuple[str, ...], int]]:
     """(routers at once, chunk index) in the order they run at the k-th rate: two passes over the trace,
-    A B C C B A (reversed every other rate), chunk by chunk with the order reversed at each chunk."""
+    chunk by chunk, the order reversed at each chunk, at each pass and at every other rate: each chunk
+    runs A B C in one pass and C B A in the other, so that an order effect falls on all alike (with
+    an even number of chunks, reversing at each chunk alone gave a chunk the same order in both)."""
     if together:
         return [(routers, c) for _ in range(2) for c in range(chunks)]
-    steps, turn = [], k
-    for _ in range(2):
-        for c in range(chunks):
-            steps += [((name,), c) for name in (routers if turn % 2 == 0 else routers[::-1])]
-            turn += 1
-    return steps
+    return [((name,), c) for p in range(2) for c in range(chunks)
+            for name in (routers if (k + p + c) % 2 == 0 else routers[::-1])]
 
 
 def run_rate(base_url: str, trace, rate: float, steps: list[tuple[tuple[str, ...], int]]) -> dict:

@@ -161,7 +161,8 @@ def cpu_section(cpu: dict) -> list[str]:
               f"{order} (reversed every other rate), attainment over both passes")
     if cpu.get("chunks", 1) > 1:
         passes += (f"; each pass is cut into {cpu['chunks']} chunks of consecutive arrivals and the routers take "
-                   "turns chunk by chunk (the order reversed at each chunk), so that whatever drifts over minutes "
+                   "turns chunk by chunk (the order reversed at each chunk and at each pass, so that a chunk's second "
+                   "pass runs the routers in the reverse order of its first), so that whatever drifts over minutes "
                    "falls on all alike")
     lines = [f"### Served on this machine's CPU: {', '.join(cpu['runs'])} replicas through HTTP", "",
              f"`{cpu['command']}` ({cpu['stamp']}, {cpu['elapsed_s'] / 60:.0f} min; 2 shared cores). One Ray cluster "

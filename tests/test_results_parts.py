@@ -143,6 +143,12 @@ def test_the_served_routing_benchmark_gives_every_router_every_chunk_side_by_sid
     for c in range(4):  # each chunk twice per router, and each chunk's turns back to back within a pass
         assert sorted(n for (n,), k in steps if k == c) == sorted(routers * 2)
     assert [k for _, k in steps] == [c for _ in range(2) for c in range(4) for _ in routers]
+    for chunks in (1, 2, 3, 4):  # a chunk's second pass runs the routers in the reverse of its first order
+        for k in (0, 1):
+            steps = schedule(routers, k, False, chunks)
+            for c in range(chunks):
+                order = [n for (n,), j in steps if j == c]
+                assert order[len(routers):] == order[:len(routers)][::-1]
     assert schedule(routers, 0, True, 2) == [(routers, 0), (routers, 1)] * 2
 
 
