@@ -50,7 +50,7 @@ def redis_proc():
     r = RedisProcess(free_port())
     r.start()
     yield r
-    r.stop()
+    r.close()
 
 
 @pytest.fixture(scope="module")

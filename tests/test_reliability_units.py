@@ -18,7 +18,7 @@ def redis_proc():
     r = RedisProcess(free_port(), password="s3cret")
     r.start()
     yield r
-    r.stop()
+    r.close()
 
 
 def _meta(rid):
