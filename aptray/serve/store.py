@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import redis
 
 from aptray.serve.redis_server import RedisServer
+
 FINISHED = ("stop", "length", "abort", "error", "rejected")
 # a dead or hung Redis must surface as an error within seconds, never as a hang
 SOCKET_TIMEOUT_S = 2.0
@@ -125,9 +126,7 @@ class RequestStore:
     def embedded(cls, **kw) -> "RequestStore":
         """Start a real Redis server, a child of this process, on a unix socket."""
         server = EmbeddedServer()
-        client = redis.Redis(unix_socket_path=server.socket_file, socket_timeout=SOCKET_TIMEOUT_S,
-                             socket_connect_timeout=SOCKET_TIMEOUT_S)
-        return cls(client, owner=server, **kw)
+        return cls(server.server.client(SOCKET_TIMEOUT_S), owner=server, **kw)
 
     @property
     def url(self) -> str:
