@@ -71,7 +71,7 @@ def main(argv=None) -> None:
                 s = summarize(res.records, res.duration)
                 attained[name].append(s["attainment"])
                 split = sorted(Counter(r.replica or "?" for r in res.records).values(), reverse=True)
-                print(f"  {began} {name:6s} replay {k}: attainment {s['attainment']:.3f} TTFT p50/p90 "
+                print(f"  {began} {name:6s} replay {k}: attainment {s['attainment']:.3f} (TTFT {s['attainment_by_slo']['ttft']:.3f}, TBT {s['attainment_by_slo']['tbt']:.3f}) TTFT p50/p90 "
                       f"{1e3 * s['ttft_s']['p50']:.0f}/{1e3 * s['ttft_s']['p90']:.0f} ms split {split} "
                       f"routed {({r: n - before.get(r, 0) for r, n in after.items() if n > before.get(r, 0)})} "
                       f"stream_s before {delays} statuses {s['statuses']}", flush=True)
