@@ -181,15 +181,14 @@ def _check_resent(engine, trace):
 
 
 @pytest.mark.parametrize("replay", ["in-process client", "CPU results"])
-def test_engine_replays_resend_the_reply_the_engine_gave(replay):
+def test_engine_replays_resend_the_reply_the_engine_gave(replay, tmp_path):
     from aptray.config import EngineConfig
     from aptray.executor.local import LocalExecutor
     from aptray.model.factory import make_tiny_model
     from loadgen import results_cpu
     from loadgen.clients import InProcessEngineClient
-    import tempfile
 
-    path = make_tiny_model(tempfile.mkdtemp() + "/opt", arch="opt", hidden_size=32, num_layers=2, num_heads=2)
+    path = make_tiny_model(str(tmp_path / "opt"), arch="opt", hidden_size=32, num_layers=2, num_heads=2)
     config = EngineConfig(model=path, block_size=4)
     trace = make_trace(chat_samples(16), rate=50.0, think_time=0.05)
     if replay == "in-process client":
@@ -206,15 +205,14 @@ def test_engine_replays_resend_the_reply_the_engine_gave(replay):
     _check_resent(engine, trace)
 
 
-def test_in_process_client_runs_turns_as_a_closed_loop():
+def test_in_process_client_runs_turns_as_a_closed_loop(tmp_path):
     from aptray.config import EngineConfig
     from aptray.engine import Engine
     from aptray.executor.local import LocalExecutor
     from aptray.model.factory import make_tiny_model
     from loadgen.clients import InProcessEngineClient
-    import tempfile
 
-    path = make_tiny_model(tempfile.mkdtemp() + "/opt", arch="opt", hidden_size=32, num_layers=2, num_heads=2)
+    path = make_tiny_model(str(tmp_path / "opt"), arch="opt", hidden_size=32, num_layers=2, num_heads=2)
     config = EngineConfig(model=path, block_size=4)
     trace = make_trace(chat_samples(16), rate=50.0, think_time=0.05)
     res = InProcessEngineClient(lambda: Engine(config, LocalExecutor(config)), ttft_slo=5, tbt_slo=5).run(trace)
@@ -288,18 +286,17 @@ def test_a_paused_cpu_clock_counts_none_of_the_threads_work():
     assert clock() >= paused_at + 5.02
 
 
-def test_lockstep_replays_interleave_two_engines_each_on_its_own_clock():
+def test_lockstep_replays_interleave_two_engines_each_on_its_own_clock(tmp_path):
     """Two engines (prefix caching off and on) replayed in lockstep on one thread: their steps
     interleave (the engine whose clock is behind goes next; a clock counting the other's steps would
     run one engine's replay to its end first), every turn of each finishes and resends the reply its
     own engine gave, and the two clocks together count no more CPU time than the thread spent."""
-    import tempfile
 
     from aptray.config import EngineConfig
     from aptray.model.factory import make_tiny_model
     from loadgen import results_chat, results_cpu
 
-    path = make_tiny_model(tempfile.mkdtemp() + "/opt", arch="opt", hidden_size=32, num_layers=2, num_heads=2)
+    path = make_tiny_model(str(tmp_path / "opt"), arch="opt", hidden_size=32, num_layers=2, num_heads=2)
     trace = make_trace(chat_samples(16), rate=50.0, think_time=0.05)
     engines, stepped = [], []
     for caching in (False, True):

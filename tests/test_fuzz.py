@@ -9,13 +9,11 @@ Every answer must be a 2xx, or a 4xx carrying a JSON error; never a 5xx, a crash
 import json
 import os
 import re
-import tempfile
 import time
 
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ["APTRAY_CACHE"] = tempfile.mkdtemp(prefix="aptray-test-cache-")
 
 import httpx
 from hypothesis import HealthCheck, given, settings  # noqa: E402

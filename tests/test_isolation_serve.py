@@ -10,14 +10,12 @@ import concurrent.futures
 import json
 import math
 import os
-import tempfile
 import threading
 import time
 
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ["APTRAY_CACHE"] = tempfile.mkdtemp(prefix="aptray-test-cache-")
 
 import grpc
 import httpx

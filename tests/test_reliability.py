@@ -8,13 +8,11 @@ One Ray instance and one app for the module. Figures for docs/RELIABILITY.md are
 """
 import asyncio
 import os
-import tempfile
 import time
 
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ["APTRAY_CACHE"] = tempfile.mkdtemp(prefix="aptray-test-cache-")
 
 import ray
 import httpx

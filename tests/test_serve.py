@@ -7,14 +7,11 @@ import asyncio
 import json
 import os
 import signal
-import tempfile
 import time
 
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-CACHE = tempfile.mkdtemp(prefix="aptray-test-cache-")
-os.environ["APTRAY_CACHE"] = CACHE  # before ray.init: workers inherit it and build the same tiny model
 
 import ray
 import ray.serve as serve

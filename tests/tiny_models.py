@@ -1,7 +1,10 @@
-"""Tiny random-weight test models, made once per test process, and transformers references."""
+"""Tiny random-weight test models, made once per test process (removed at its exit), and transformers
+references."""
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 
 import torch
@@ -19,6 +22,7 @@ SHAPES = {
     "llama-gqa-64x4x2": ("llama", 64, 2, 4, 2),
 }
 _ROOT = tempfile.mkdtemp(prefix="aptray-tiny-")
+atexit.register(shutil.rmtree, _ROOT, True)
 
 
 @functools.lru_cache(maxsize=None)
