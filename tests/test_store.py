@@ -89,6 +89,53 @@ def test_an_embedded_server_is_a_child_in_this_session():
     assert not server.is_running()
 
 
+def _dead_pid() -> int:
+    import subprocess
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_abandoned_server_directories_are_removed_and_their_orphans_shut_down(tmp_path):
+    """An owner killed outright (a replica's worker, as Ray ends it) leaves its directory, and outside
+    Ray its server too: the next embedded server removes the directories of owners that are gone,
+    shutting down a server still answering in one; a live owner's directory and any other stay."""
+    from aptray.serve.redis_server import RedisServer
+    from aptray.serve.store import remove_abandoned
+    dead = _dead_pid()
+    left = tmp_path / f"aptray-redis-{dead}-left"
+    left.mkdir()
+    (left / "redis.log").write_text("x")
+    orphan_dir = tmp_path / f"aptray-redis-{dead}-orphan"
+    orphan_dir.mkdir()
+    orphan = RedisServer(str(orphan_dir), unix_socket=str(orphan_dir / "redis.sock"))
+    orphan.start()
+    live = tmp_path / f"aptray-redis-{os.getpid()}-live"
+    other = tmp_path / "aptray-redis-abcdefgh"  # not an embedded server's name (the fault tests' Redis)
+    live.mkdir()
+    other.mkdir()
+    try:
+        assert sorted(remove_abandoned(str(tmp_path))) == sorted([str(left), str(orphan_dir)])
+        assert orphan.proc.wait(10) == 0  # shut down, not killed
+        assert not left.exists() and not orphan_dir.exists() and live.exists() and other.exists()
+    finally:
+        orphan.stop()
+
+
+def test_an_embedded_server_sweeps_before_it_starts():
+    """Its directory carries its owner's pid, and starting one removes an abandoned directory."""
+    import tempfile
+    from aptray.serve.store import EMBEDDED_DIR
+    gone = os.path.join(tempfile.gettempdir(), f"aptray-redis-{_dead_pid()}-gone")
+    os.mkdir(gone)
+    s = RequestStore.embedded()
+    try:
+        assert not os.path.exists(gone)
+        assert EMBEDDED_DIR.fullmatch(os.path.basename(s._owner.dir)).group(1) == str(os.getpid())
+    finally:
+        s.close()
+
+
 def test_batch_writes_in_order_in_one_transaction(store):
     b = store.batch()
     b.add(_meta("b1", 500.0))

@@ -13,6 +13,7 @@ finished ones a short one (clients may still read the result for a while).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 import redis
 
 from aptray.serve.redis_server import RedisServer
+
+logger = logging.getLogger("aptray")
 
 FINISHED = ("stop", "length", "abort", "error", "rejected")
 # a dead or hung Redis must surface as an error within seconds, never as a hang
@@ -42,14 +45,23 @@ return -1
 APPEND_CHUNK = 1000  # tokens per guarded append (Lua's unpack takes a few thousand at most)
 
 
+EMBEDDED_DIR = re.compile(r"aptray-redis-(\d+)-[^/]+")  # the owner's pid, then mkdtemp's letters
+
+
 class EmbeddedServer:
     """A redis-server child process (redis_server.py) on a unix socket, keeping nothing on disk while
-    it runs. Its files go in a temporary directory of its own, which goes with it: at shutdown, or
-    when it is collected or the process exits (a router started every few minutes would otherwise
-    leave a directory each time)."""
+    it runs. Its files go in a temporary directory of its own, named by this process's pid, which
+    goes with it: at shutdown, or when it is collected or the process exits (a router started every
+    few minutes would otherwise leave a directory each time). An owner killed outright runs none of
+    that (Ray ends a replica's worker so), so each new server first removes the directories of
+    owners that are gone (remove_abandoned)."""
 
     def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="aptray-redis-")
+        try:
+            remove_abandoned(tempfile.gettempdir())
+        except OSError:  # the sweep is housekeeping: never what stops a store from starting
+            logger.warning("could not sweep abandoned embedded Redis directories", exc_info=True)
+        self.dir = tempfile.mkdtemp(prefix=f"aptray-redis-{os.getpid()}-")
         self.server = RedisServer(self.dir, unix_socket=os.path.join(self.dir, "redis.sock"))
         try:
             self.server.start()
@@ -66,6 +78,49 @@ class EmbeddedServer:
 def _stop_and_remove(server: RedisServer, directory: str) -> None:
     server.stop()
     shutil.rmtree(directory, True)
+
+
+def remove_abandoned(parent: str) -> list[str]:
+    """Remove this user's embedded-server directories in parent whose owner process is gone; a
+    server still answering in one (an orphan: its owner was killed outside Ray, which would have
+    ended it) is shut down first. Returns the directories removed."""
+    removed = []
+    for name in os.listdir(parent):
+        m = EMBEDDED_DIR.fullmatch(name)
+        path = os.path.join(parent, name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        _shut_down_orphan(os.path.join(path, "redis.sock"))
+        shutil.rmtree(path, True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process holds that pid; no pid at all
+        return True
+    return True
+
+
+def _shut_down_orphan(socket_file: str) -> None:
+    if not os.path.exists(socket_file):
+        return
+    client = redis.Redis(unix_socket_path=socket_file, socket_timeout=1.0, socket_connect_timeout=1.0)
+    try:
+        client.shutdown(nosave=True)
+    except redis.RedisError:  # nothing listens any more, or it went while shutting down
+        pass
+    finally:
+        client.close()
 
 
 def valid_request_id(rid: str) -> bool:
