@@ -12,17 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 
 import torch
 
 from aptray.model.loader import DTYPES
+from loadgen.scratch import scratch_dir
 
 
 def _tiny_config() -> str:
     from transformers import OPTConfig
-    path = tempfile.mkdtemp(prefix="aptray-e2e-")
+    path = scratch_dir("aptray-e2e-")
     OPTConfig(hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4, vocab_size=512,
               max_position_embeddings=512, word_embed_proj_dim=64).save_pretrained(path)
     return path

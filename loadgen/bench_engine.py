@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 
 import torch
+
+from loadgen.scratch import scratch_dir
 
 
 def _save(out_dir: str, name: str, data: dict) -> None:
@@ -92,7 +93,7 @@ def capacity(args) -> dict:
     from aptray import LLM, SamplingParams
     from aptray.model.factory import make_tiny_model
 
-    path = make_tiny_model(tempfile.mkdtemp() + "/opt", "opt", hidden_size=64, num_layers=2, num_heads=4,
+    path = make_tiny_model(scratch_dir() + "/opt", "opt", hidden_size=64, num_layers=2, num_heads=4,
                            max_positions=1024)
     result = {"model": "tiny OPT d=64 (MHA, r=0.5)", "num_cache_blocks": args.blocks, "block_size": 16}
     for mode in ("kv", "hidden"):
@@ -121,7 +122,7 @@ def decode(args) -> dict:
     from aptray.worker.model_runner import ModelRunner
 
     ctx_max = max(args.contexts)
-    path = make_tiny_model(tempfile.mkdtemp() + "/opt", "opt", hidden_size=768, num_layers=2, num_heads=12,
+    path = make_tiny_model(scratch_dir() + "/opt", "opt", hidden_size=768, num_layers=2, num_heads=12,
                            max_positions=ctx_max + 16, vocab_size=512)
     rows = []
     for name, mode, attention in (("kv", "kv", "absorbed"), ("hidden-absorbed", "hidden", "absorbed"),

@@ -14,8 +14,9 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 import time
+
+from loadgen.scratch import scratch_dir
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -52,7 +53,7 @@ def main() -> None:
     from aptray.plan import BatchPlan
     from aptray.proto.convert import plan_to_proto
 
-    model = args.model or make_tiny_model(os.path.join(tempfile.mkdtemp(), "tiny"))
+    model = args.model or make_tiny_model(os.path.join(scratch_dir(), "tiny"))
     ray.init(include_dashboard=False, num_cpus=max(4, args.tp), log_to_driver=False)
     block_size = 16
     plan0, blocks = decode_plan(0, args.seqs, args.context, block_size)

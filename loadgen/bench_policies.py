@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -28,6 +27,7 @@ from aptray.sampling_params import SamplingParams
 from loadgen.arrivals import arrival_times
 from loadgen.metrics import RequestRecord, attainment, goodput
 from loadgen.results_cpu import decode_step_time
+from loadgen.scratch import scratch_dir
 
 POLICIES = [("fcfs", "kv", {}), ("sarathi", "kv", {}), ("apt", "hybrid", {}),
             ("apt", "hybrid", {"iteration_shape": "mixed"})]
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="bench_policies.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    model = make_tiny_model(os.path.join(tempfile.mkdtemp(), "opt"), arch="opt", hidden_size=128, num_layers=4,
+    model = make_tiny_model(os.path.join(scratch_dir(), "opt"), arch="opt", hidden_size=128, num_layers=4,
                             num_heads=8, max_positions=512)
     # the unit the SLOs are scaled by: a 16-request decode step, on the wall clock the replay runs on
     step = decode_step_time(model, make_executor=LocalExecutor)

@@ -25,7 +25,6 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 
 from aptray.cache.block_manager import BlockManager
@@ -34,11 +33,12 @@ from aptray.plan import StepResult
 from aptray.request import Request
 from aptray.sampling_params import SamplingParams
 from aptray.scheduler import make_scheduler
+from loadgen.scratch import scratch_dir
 
 
 def tiny_opt_config_dir() -> str:
     """A config.json is all the scheduler needs of a model (OPT-13B's shape: r = 1/2)."""
-    path = tempfile.mkdtemp(prefix="bench-sched-")
+    path = scratch_dir("bench-sched-")
     cfg = dict(model_type="opt", hidden_size=5120, num_attention_heads=40, num_hidden_layers=40, ffn_dim=20480,
                vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=5120)
     with open(os.path.join(path, "config.json"), "w") as f:

@@ -36,11 +36,12 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from loadgen.scratch import scratch_dir
 
 CONTEXT = 512
 HEADS = 2  # of 64 dimensions each (d 128)
@@ -104,7 +105,7 @@ class CpuSetup:
 
 def tiny_opt(context: int = CONTEXT) -> str:
     from aptray.model.factory import make_tiny_model
-    return make_tiny_model(os.path.join(tempfile.mkdtemp(prefix="aptray-results-"), "opt"), arch="opt",
+    return make_tiny_model(os.path.join(scratch_dir("aptray-results-"), "opt"), arch="opt",
                            hidden_size=128, num_layers=4, num_heads=HEADS, max_positions=context)
 
 

@@ -4,11 +4,8 @@ APTRAY_CACHE is where the demo and tiny models are built (aptray/model/demo.py, 
 Set before any test module starts Ray, so every worker inherits it and finds the models built once;
 a fresh directory, so no test reads a model a user's earlier version left in ~/.cache/aptray.
 """
-import atexit
 import os
-import shutil
-import tempfile
 
-CACHE = tempfile.mkdtemp(prefix="aptray-test-cache-")
-os.environ["APTRAY_CACHE"] = CACHE
-atexit.register(shutil.rmtree, CACHE, True)
+from loadgen.scratch import scratch_dir
+
+os.environ["APTRAY_CACHE"] = scratch_dir("aptray-test-cache-")

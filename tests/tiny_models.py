@@ -2,15 +2,13 @@
 references."""
 from __future__ import annotations
 
-import atexit
 import functools
-import shutil
-import tempfile
 
 import torch
 
 from aptray.model import hf_reference
 from aptray.model.factory import make_tiny_model
+from loadgen.scratch import scratch_dir
 
 SHAPES = {
     # name: (arch, hidden, layers, heads, kv heads)
@@ -21,8 +19,7 @@ SHAPES = {
     "llama-96x3": ("llama", 96, 3, 3, 3),
     "llama-gqa-64x4x2": ("llama", 64, 2, 4, 2),
 }
-_ROOT = tempfile.mkdtemp(prefix="aptray-tiny-")
-atexit.register(shutil.rmtree, _ROOT, True)
+_ROOT = scratch_dir("aptray-tiny-")
 
 
 @functools.lru_cache(maxsize=None)
