@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from aptray.serve.routing_policy import PREFIX, SLO, UNMEETABLE, RequestHint, SentLog, rank
+from aptray.serve.routing_policy import PREFIX, SLO, UNMEETABLE, RequestHint, SentLog, rank, shared_stream_s
 from aptray.serve.ttft_estimate import ReplicaLoad, ServingDelay, StepSpeed, predict_ttft, prefill_seconds
 
 COST = (0.01, 1e-4, 1e-3)  # 10 ms a step, 0.1 ms a prefill token, 1 ms a decode
@@ -97,6 +97,23 @@ def test_a_burst_of_short_prompts_spreads_when_the_serving_path_is_priced():
         return picks
     assert burst(0.0) == ["a"] * 10
     assert sorted(burst(0.01)) == ["a"] * 5 + ["b"] * 5
+
+
+def test_a_burst_spreads_whatever_serving_delays_the_replicas_learned_apart():
+    """Three equal replicas whose serving-delay fits disagree (as measured: 0.010, 0.057 and 0.058 s per
+    stream at once). Priced each at its own figure, the one reporting least took 7 of a 9-request
+    burst; priced at their mean (routing_policy.shared_stream_s), the burst spreads by the streams."""
+    loads = {"a": load(stream_s=0.010), "b": load(stream_s=0.057), "c": load(stream_s=0.058)}
+    sent, picks = SentLog(), []
+    for i in range(9):
+        first = rank(RequestHint(10, 1.0), loads, sent, 100.0 + i * 1e-3, 2.0).order[0]
+        sent.add(first, 10, 100.0 + i * 1e-3)
+        picks.append(first)
+    assert sorted(picks) == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+    # a replica that takes no requests has no say in the shared figure
+    assert shared_stream_s([load(stream_s=0.01), load(stream_s=0.03), load(ok=False, stream_s=9.0)]) == \
+        pytest.approx(0.02)
+    assert shared_stream_s([]) == 0.0
 
 
 def test_a_cold_replica_predicts_a_burst_larger_than_its_pool_by_its_prefill():

@@ -5,7 +5,8 @@ both rank replicas here, from the loads the replicas reported (ttft_estimate.Rep
 the caller itself sent each of them since:
 
 1. replicas whose stats are fresh and whose predicted TTFT meets the request's SLO, most headroom
-   (SLO - predicted TTFT) first; a replica holding the request's prompt prefix goes first among
+   (SLO - predicted TTFT) first (each replica's relayed streams priced at one shared figure,
+   shared_stream_s); a replica holding the request's prompt prefix goes first among
    them when it meets the SLO too (that costs no SLO). Optionally (equal_fraction > 0), replicas
    whose predictions are within that fraction of the SLO of the best one count as equal (where the
    served TTFT's jitter is larger than what the prediction tells apart): among those, the one with
@@ -103,7 +104,9 @@ def rank(hint: RequestHint, loads: dict, sent: SentLog, now: float, stale_after_
     rng.shuffle(unknown)
     ids = list(fresh)
     rng.shuffle(ids)  # equal predictions: no replica is everyone's first choice
-    predicted = {rid: predict_ttft(fresh[rid], hint.prompt_tokens, now, *sent.since(rid, fresh[rid].taken_at, now))
+    per_stream = shared_stream_s(fresh.values())
+    predicted = {rid: predict_ttft(fresh[rid], hint.prompt_tokens, now, *sent.since(rid, fresh[rid].taken_at, now),
+                                   stream_s=per_stream)
                  for rid in ids}
     meets = sorted((rid for rid in ids if predicted[rid] <= hint.ttft_slo), key=predicted.__getitem__)
     late = sorted((rid for rid in ids if hint.ttft_slo < predicted[rid] < math.inf), key=predicted.__getitem__)
@@ -121,6 +124,19 @@ def rank(hint: RequestHint, loads: dict, sent: SentLog, now: float, stale_after_
             meets.insert(0, holders[0])
             reason = PREFIX
     return Ranking(meets + unknown + late + down, reason, predicted)
+
+
+def shared_stream_s(loads) -> float:
+    """What the serving path adds per relayed stream, one figure for all the replicas ranked: the
+    mean of what they report (ttft_estimate.ServingDelay). They run the same serving path on the
+    same resources, so where their fits differ, that is noise and staleness: a replica the router
+    avoids serves nothing and learns nothing, so its figure stays where a burst left it, and the
+    router keeps avoiding it. Measured on this machine, 3 replicas reported 0.010, 0.057 and 0.058
+    s per stream at once and the one reporting least got 24 of a 30-request chunk
+    (docs/SERVING.md, "Routing and autoscaling across replicas"). Each replica's own streams still
+    count: a shared figure times its streams."""
+    values = [load.stream_s for load in loads if load.ok]
+    return sum(values) / len(values) if values else 0.0
 
 
 def _fewest_in_flight_among_equal(meets: list, predicted: dict, within_s: float, fresh: dict,

@@ -130,21 +130,22 @@ def prefill_seconds(load: ReplicaLoad, tokens: int) -> float:
 
 
 def predict_ttft(load: ReplicaLoad, prompt_tokens: int, now: float, sent_tokens: int = 0,
-                 sent_requests: int = 0) -> float:
+                 sent_requests: int = 0, stream_s: float | None = None) -> float:
     """Seconds from `now` to the first token of a new request of prompt_tokens on this replica.
 
     sent_tokens, sent_requests: prompt tokens and requests the caller sent there since the snapshot
     (not in it yet). What was queued at the snapshot has drained by the time elapsed since. The
     request waits for the step under way (half of one, on average), the queue ahead and its own
     prefill; if the free blocks cannot hold all of that, for finishing requests to free the rest;
-    and for the serving path, by the streams it will relay with this one (stream_s)."""
+    and for the serving path, by the streams it will relay with this one (at stream_s each: the
+    replica's own, load.stream_s, unless given)."""
     if not load.ok:
         return math.inf
     age = max(0.0, now - load.taken_at)
     backlog = max(0.0, prefill_seconds(load, load.queued_tokens) - age)
     busy = load.decoding or load.queued_tokens or sent_tokens or sent_requests
     wait = ((load.step_seconds() / 2 if busy else 0.0) + backlog + prefill_seconds(load, sent_tokens + prompt_tokens)
-            + load.stream_s * (load.streams + sent_requests + 1))
+            + (load.stream_s if stream_s is None else stream_s) * (load.streams + sent_requests + 1))
     need = math.ceil((load.queued_tokens + sent_tokens + prompt_tokens) / load.tokens_per_block())
     short = need - load.free_blocks
     if short > 0:
@@ -343,9 +344,10 @@ class ServingDelay:
     away what the engine's last load predicted for it then, and fits the rest as stream_s x streams
     (the requests it relayed when the request came, the request included), recent requests weighing
     most. It reports stream_s and its streams with its load; predict_ttft adds stream_s x (streams +
-    requests the router sent since + 1). No constant term: a replica that relays nothing is
-    predicted no delay of this kind, so one whose estimate was learned in a burst is tried again
-    once it is idle, and learns again."""
+    requests the router sent since + 1). No constant term: the delay grows with the streams. The
+    request router prices every replica's streams at the mean of their stream_s
+    (routing_policy.shared_stream_s): a replica's fit learns only from the requests it gets, so a
+    figure a burst left high would keep the router away from it, and it from learning again."""
 
     def __init__(self):
         self.fit = DecayedNonNegativeFit((0.0,), SERVING_DECAY)
