@@ -221,9 +221,9 @@ def targets(sim: dict | None, cpu: dict | None) -> list[str]:
                 detail = "; lower at " + ", ".join(f"{float(r):g} req/s ({rates[r][name]['attainment']:.3f} against "
                                                    f"{rates[r]['p2c']['attainment']:.3f}{_paired_note(rates[r], name)})"
                                                    for r in worse) if worse else ""
+                verdict = f" (target: every rate at 2 replicas: {'met' if not worse else 'missed'})" if n == "2" else ""
                 lines.append(f"- served, {n} replicas: {name} attainment >= p2c at {len(rates) - len(worse)} of "
-                             f"{len(rates)} rates (target: every rate{' at 2 replicas' if n == '2' else ''}: "
-                             f"{'met' if not worse else 'missed'}){detail}")
+                             f"{len(rates)} rates{verdict}{detail}")
     return lines + [""]
 
 

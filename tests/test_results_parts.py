@@ -212,6 +212,10 @@ def test_the_served_routing_page_pairs_each_routers_chunks_with_p2cs_and_gives_t
     assert served == ["- served, 2 replicas: slo attainment >= p2c at 1 of 2 rates (target: every rate at 2 replicas: "
                       "missed); lower at 1 req/s (0.833 against 1.000; paired difference -0.167, 95% interval -0.884 "
                       "to +0.550)"]
+    cpu["runs"]["3"] = cpu["runs"]["2"]  # the target is for 2 replicas: other counts get no verdict
+    assert [line for line in targets(None, cpu) if "served, 3" in line][0].startswith(
+        "- served, 3 replicas: slo attainment >= p2c at 1 of 2 rates; lower at 1 req/s")
+    del cpu["runs"]["3"]
     # passes that do not pair (a run before chunked replays): no interval is made up
     cpu["runs"]["2"]["rates"]["1.0"]["slo"]["passes"] = [0.8333]
     cpu["runs"]["2"]["rates"]["2.0"]["slo"]["passes"] = [0.9667]
