@@ -101,37 +101,39 @@ def test_abandoned_server_directories_are_removed_and_their_orphans_shut_down(tm
     Ray its server too: the next embedded server removes the directories of owners that are gone,
     shutting down a server still answering in one; a live owner's directory and any other stay."""
     from aptray.serve.redis_server import RedisServer
-    from aptray.serve.store import remove_abandoned
-    dead = _dead_pid()
-    left = tmp_path / f"aptray-redis-{dead}-left"
+    from aptray.serve.store import _host, remove_abandoned
+    dead, host = _dead_pid(), _host()
+    left = tmp_path / f"aptray-redis-{host}-{dead}-left"
     left.mkdir()
     (left / "redis.log").write_text("x")
-    orphan_dir = tmp_path / f"aptray-redis-{dead}-orphan"
+    orphan_dir = tmp_path / f"aptray-redis-{host}-{dead}-orphan"
     orphan_dir.mkdir()
     orphan = RedisServer(str(orphan_dir), unix_socket=str(orphan_dir / "redis.sock"))
     orphan.start()
-    live = tmp_path / f"aptray-redis-{os.getpid()}-live"
+    live = tmp_path / f"aptray-redis-{host}-{os.getpid()}-live"
+    elsewhere = tmp_path / f"aptray-redis-other.host-{dead}-theirs"  # a pid of another host's: not ours to judge
     other = tmp_path / "aptray-redis-abcdefgh"  # not an embedded server's name (the fault tests' Redis)
-    live.mkdir()
-    other.mkdir()
+    for d in (live, elsewhere, other):
+        d.mkdir()
     try:
         assert sorted(remove_abandoned(str(tmp_path))) == sorted([str(left), str(orphan_dir)])
         assert orphan.proc.wait(10) == 0  # shut down, not killed
-        assert not left.exists() and not orphan_dir.exists() and live.exists() and other.exists()
+        assert not left.exists() and not orphan_dir.exists()
+        assert live.exists() and elsewhere.exists() and other.exists()
     finally:
         orphan.stop()
 
 
 def test_an_embedded_server_sweeps_before_it_starts():
-    """Its directory carries its owner's pid, and starting one removes an abandoned directory."""
+    """Its directory carries its owner's host and pid, and starting one removes an abandoned directory."""
     import tempfile
-    from aptray.serve.store import EMBEDDED_DIR
-    gone = os.path.join(tempfile.gettempdir(), f"aptray-redis-{_dead_pid()}-gone")
+    from aptray.serve.store import EMBEDDED_DIR, _host
+    gone = os.path.join(tempfile.gettempdir(), f"aptray-redis-{_host()}-{_dead_pid()}-gone")
     os.mkdir(gone)
     s = RequestStore.embedded()
     try:
         assert not os.path.exists(gone)
-        assert EMBEDDED_DIR.fullmatch(os.path.basename(s._owner.dir)).group(1) == str(os.getpid())
+        assert EMBEDDED_DIR.fullmatch(os.path.basename(s._owner.dir)).groups() == (_host(), str(os.getpid()))
     finally:
         s.close()
 

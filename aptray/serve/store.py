@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 import weakref
@@ -45,12 +46,18 @@ return -1
 APPEND_CHUNK = 1000  # tokens per guarded append (Lua's unpack takes a few thousand at most)
 
 
-EMBEDDED_DIR = re.compile(r"aptray-redis-(\d+)-[^/]+")  # the owner's pid, then mkdtemp's letters
+# the owner's host and pid, then mkdtemp's letters: a /tmp shared across hosts or containers (pid
+# namespaces) holds other hosts' directories, whose pids mean nothing here
+EMBEDDED_DIR = re.compile(r"aptray-redis-(.+)-(\d+)-[a-z0-9_]+")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "_"
 
 
 class EmbeddedServer:
     """A redis-server child process (redis_server.py) on a unix socket, keeping nothing on disk while
-    it runs. Its files go in a temporary directory of its own, named by this process's pid, which
+    it runs. Its files go in a temporary directory of its own, named by this host and pid, which
     goes with it: at shutdown, or when it is collected or the process exits (a router started every
     few minutes would otherwise leave a directory each time). An owner killed outright runs none of
     that (Ray ends a replica's worker so), so each new server first removes the directories of
@@ -61,7 +68,7 @@ class EmbeddedServer:
             remove_abandoned(tempfile.gettempdir())
         except OSError:  # the sweep is housekeeping: never what stops a store from starting
             logger.warning("could not sweep abandoned embedded Redis directories", exc_info=True)
-        self.dir = tempfile.mkdtemp(prefix=f"aptray-redis-{os.getpid()}-")
+        self.dir = tempfile.mkdtemp(prefix=f"aptray-redis-{_host()}-{os.getpid()}-")
         self.server = RedisServer(self.dir, unix_socket=os.path.join(self.dir, "redis.sock"))
         try:
             self.server.start()
@@ -81,14 +88,14 @@ def _stop_and_remove(server: RedisServer, directory: str) -> None:
 
 
 def remove_abandoned(parent: str) -> list[str]:
-    """Remove this user's embedded-server directories in parent whose owner process is gone; a
-    server still answering in one (an orphan: its owner was killed outside Ray, which would have
-    ended it) is shut down first. Returns the directories removed."""
-    removed = []
+    """Remove this user's embedded-server directories in parent whose owner process, on this host,
+    is gone; a server still answering in one (an orphan: its owner was killed outside Ray, which
+    would have ended it) is shut down first. Returns the directories removed."""
+    removed, host = [], _host()
     for name in os.listdir(parent):
         m = EMBEDDED_DIR.fullmatch(name)
         path = os.path.join(parent, name)
-        if m is None or _alive(int(m.group(1))):
+        if m is None or m.group(1) != host or _alive(int(m.group(2))):
             continue
         try:
             if os.stat(path).st_uid != os.getuid():
