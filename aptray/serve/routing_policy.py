@@ -132,7 +132,7 @@ def shared_stream_s(loads) -> float:
     same resources, so where their fits differ, that is noise and staleness: a replica the router
     avoids serves nothing and learns nothing, so its figure stays where a burst left it, and the
     router keeps avoiding it. Measured on this machine, 3 replicas reported 0.010, 0.057 and 0.058
-    s per stream at once and the one reporting least got 24 of a 30-request chunk
+    s per stream at once and the one reporting least got 17 to 24 of a 30-request chunk
     (docs/SERVING.md, "Routing and autoscaling across replicas"). Each replica's own streams still
     count: a shared figure times its streams."""
     values = [load.stream_s for load in loads if load.ok]
