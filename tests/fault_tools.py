@@ -6,7 +6,6 @@ Ray clusters on the same machine are left alone.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import tempfile
 import time
@@ -25,11 +24,6 @@ class RedisProcess(RedisServer):
 
     def stop(self, crash: bool = True) -> None:
         super().stop(crash)
-
-    def close(self) -> None:
-        """Stop it for good and remove its directory."""
-        self.stop()
-        shutil.rmtree(self.dir, True)
 
 
 def descendants_named(title: str) -> list[psutil.Process]:

@@ -12,6 +12,7 @@ and Ray ends it when the replica's worker exits, even one killed outright.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 
@@ -80,6 +81,11 @@ class RedisServer:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+    def close(self) -> None:
+        """Stop it for good and remove its directory (each owner makes one for the server alone)."""
+        self.stop()
+        shutil.rmtree(self.dir, True)
 
     def log_tail(self, lines: int = 5) -> str:
         try:

@@ -73,18 +73,13 @@ class EmbeddedServer:
         try:
             self.server.start()
         except Exception:
-            shutil.rmtree(self.dir, True)
+            self.server.close()
             raise
         self.socket_file = self.server.unix_socket
-        self._stop = weakref.finalize(self, _stop_and_remove, self.server, self.dir)
+        self._stop = weakref.finalize(self, self.server.close)
 
     def shutdown(self) -> None:
         self._stop()
-
-
-def _stop_and_remove(server: RedisServer, directory: str) -> None:
-    server.stop()
-    shutil.rmtree(directory, True)
 
 
 def remove_abandoned(parent: str) -> list[str]:
@@ -102,7 +97,7 @@ def remove_abandoned(parent: str) -> list[str]:
                 continue
         except OSError:
             continue
-        _shut_down_orphan(os.path.join(path, "redis.sock"))
+        _shut_down_orphan(RedisServer(path, unix_socket=os.path.join(path, "redis.sock")))
         shutil.rmtree(path, True)
         removed.append(path)
     return removed
@@ -118,10 +113,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _shut_down_orphan(socket_file: str) -> None:
-    if not os.path.exists(socket_file):
+def _shut_down_orphan(server: RedisServer) -> None:
+    if not os.path.exists(server.unix_socket):
         return
-    client = redis.Redis(unix_socket_path=socket_file, socket_timeout=1.0, socket_connect_timeout=1.0)
+    client = server.client(timeout_s=1.0)
     try:
         client.shutdown(nosave=True)
     except redis.RedisError:  # nothing listens any more, or it went while shutting down
