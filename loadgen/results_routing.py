@@ -102,6 +102,11 @@ def probe_table(results: list[dict]) -> list[str]:
     return lines
 
 
+def _effective(rate: float, rates: list[str]) -> str:
+    """A crossing of 0 means the lowest rate tried already missed 90%: say so, not "0 req/s"."""
+    return f"{rate:.2f}" if rate > 0 else f"< {min(map(float, rates)):g}"
+
+
 def routers_of(cpu: dict) -> list[str]:
     """The routers a routing-cpu.json compared (runs before the third router had two)."""
     return list(cpu.get("routers", ("p2c", "slo")))
@@ -182,7 +187,7 @@ def cpu_section(cpu: dict) -> list[str]:
                   + " | effective (req/s) |", "|" + " --- |" * (len(rates) + 2)]
         for name in routers:
             cells = [f"{run['rates'][r][name]['attainment']:.3f}" for r in rates]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {run['effective_throughput_rps'][name]:.2f} |")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {_effective(run['effective_throughput_rps'][name], rates)} |")
         lines.append("")
     lines += paired_tables(cpu)
     refused = [f"{n} replicas, {name} at {float(rate):.3g} req/s: " + "; ".join(f"{k} ({v})" for k, v in c[name]["errors"].items())
