@@ -11,7 +11,7 @@ from aptray.executor.base import Executor
 from aptray.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from aptray.plan import BatchPlan, SeqPlan, StepResult
 from aptray.request import CacheKind, Request, RequestStatus
-from aptray.sampling_params import InvalidRequest, SamplingParams, check_prompt, check_stop_token_ids
+from aptray.sampling_params import InvalidRequest, SamplingParams, check_prompt, check_token_ids
 from aptray.scheduler import make_scheduler
 from aptray.step_quarantine import MAX_FAILED_STEPS, StepQuarantine
 from aptray.stop import StopChecker
@@ -65,7 +65,7 @@ class Engine:
                     arrival_time: float | None = None, prompt: str | None = None) -> Request:
         n = len(prompt_token_ids)
         check_prompt(prompt_token_ids, self.config.spec.max_model_len, self.config.spec.vocab_size)
-        check_stop_token_ids(sampling_params.stop_token_ids, self.config.spec.vocab_size)
+        check_token_ids(sampling_params, self.config.spec.vocab_size)
         if not self.scheduler.chunks_long_prompts and n > self.config.max_num_batched_tokens:
             raise InvalidRequest(f"the prompt has {n} tokens, over max_num_batched_tokens "
                                  f"({self.config.max_num_batched_tokens}); enable chunked prefill or raise it",

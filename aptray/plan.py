@@ -27,6 +27,8 @@ class SeqPlan(NamedTuple):
     top_k: int = -1
     seed: int | None = None
     sample_index: int = 0  # how many tokens were sampled before: seeds the per-token generator
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); -inf bans it
 
     @property
     def context_len(self) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from aptray.sampling_params import SamplingParams
@@ -58,11 +59,26 @@ class Request:
     stop_reason: str | int | None = None
     error: str | None = None  # why it ended with FINISHED_ERROR
     stop_token_set: frozenset[int] = frozenset()  # sampling.stop_token_ids: an O(1) check per token
+    # what each step adds to its logits (SeqPlan.logit_bias): sampling.logit_bias as (id, bias) pairs,
+    # and until min_tokens outputs the same with every token that would end it (EOS, stop ids) at -inf
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    early_logit_bias: tuple[tuple[int, float], ...] = ()
     # the prefix cache's keys of its full blocks, per kind (aptray.cache.block_hash), grown as needed
     block_keys: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self.stop_token_set = frozenset(self.sampling.stop_token_ids)
+        sp = self.sampling
+        self.stop_token_set = frozenset(sp.stop_token_ids)
+        self.logit_bias = self.early_logit_bias = tuple(sp.logit_bias.items())
+        if sp.min_tokens:
+            ending = set(self.stop_token_set)
+            if self.eos_token_id is not None and not sp.ignore_eos:
+                ending.add(self.eos_token_id)
+            self.early_logit_bias = tuple({**sp.logit_bias, **dict.fromkeys(sorted(ending), -math.inf)}.items())
+
+    def step_logit_bias(self, num_outputs: int) -> tuple[tuple[int, float], ...]:
+        """What the step sampling output number num_outputs + 1 adds to its logits."""
+        return self.early_logit_bias if num_outputs < self.sampling.min_tokens else self.logit_bias
 
     @property
     def num_tokens(self) -> int:

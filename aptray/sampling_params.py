@@ -1,5 +1,5 @@
 """What a client may ask of one generation: SamplingParams (vLLM's names and defaults) and the
-prompt a model can take (check_prompt, check_stop_token_ids).
+prompt a model can take (check_prompt, check_token_ids).
 
 InvalidRequest names the parameter at fault, so the offline API raises it as a ValueError and the
 server answers 400 naming that parameter. What one pool or one policy cannot serve is checked
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 # Temperatures below this sample greedily (vLLM's rule): dividing logits by a vanishing temperature
 # overflows to inf and makes the softmax NaN.
 MIN_TEMPERATURE = 1e-5
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a bias: +-100 bans or forces a token
 
 
 class InvalidRequest(ValueError):
@@ -47,11 +48,14 @@ def check_prompt(ids, context: int, vocab_size: int, limit: int | None = None) -
         raise InvalidRequest(f"prompt token ids must be in [0, {vocab_size}) (integers)", "prompt")
 
 
-def check_stop_token_ids(ids, vocab_size: int) -> None:
-    """Stop token ids the model can make: one outside the vocabulary can never match, so a request
-    naming one asked for something else (another model's ids, a sign error)."""
-    if not _in_vocabulary(ids, vocab_size):
-        raise InvalidRequest(f"stop_token_ids must be in [0, {vocab_size}) (integers)", "stop_token_ids")
+def check_token_ids(sampling: SamplingParams, vocab_size: int) -> None:
+    """Token ids the request names (stop_token_ids, logit_bias) are the model's: one outside the
+    vocabulary can never match, so a request naming one asked for something else (another model's
+    ids, a sign error)."""
+    for name, what, ids in (("stop_token_ids", "stop_token_ids", sampling.stop_token_ids),
+                            ("logit_bias", "logit_bias keys", sampling.logit_bias)):
+        if not _in_vocabulary(ids, vocab_size):
+            raise InvalidRequest(f"{what} must be in [0, {vocab_size}) (token ids)", name)
 
 
 def _in_vocabulary(ids, vocab_size: int) -> bool:
@@ -68,6 +72,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one's probability
+    min_tokens: int = 0  # outputs before EOS, a stop token id or a stop string may end it
+    # token id -> added to its logit before sampling (OpenAI's logit_bias); JSON's string keys are taken
+    logit_bias: dict[int, float] = field(default_factory=dict)
     # Per-request SLOs in seconds; None takes the engine's defaults.
     ttft_slo: float | None = None
     tbt_slo: float | None = None
@@ -88,6 +96,12 @@ class SamplingParams:
         # the sampler seeds a generator with seed * 1_000_003 + token index: it must fit in 64 bits
         if self.seed is not None and (not isinstance(self.seed, int) or abs(self.seed) > 2**40):
             raise InvalidRequest(f"seed must be an integer within +-2**40, got {self.seed!r}", "seed")
+        if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequest(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequest(f"min_tokens must be an integer in [0, max_tokens = {self.max_tokens}], got "
+                                 f"{self.min_tokens!r}", "min_tokens")
+        self.logit_bias = _logit_bias(self.logit_bias)
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must be non-empty", "stop")
         if any(not isinstance(t, int) for t in self.stop_token_ids):
@@ -101,3 +115,22 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
+
+
+def _logit_bias(bias) -> dict[int, float]:
+    """{token id: bias} with int ids (a JSON object's keys are strings: "42" is 42) and finite biases
+    within +-MAX_LOGIT_BIAS."""
+    if not isinstance(bias, dict):
+        raise InvalidRequest("logit_bias must be an object of token id -> bias", "logit_bias")
+    out = {}
+    for key, value in bias.items():
+        if isinstance(key, str) and key.isascii() and key.isdigit():
+            key = int(key)
+        if not isinstance(key, int) or isinstance(key, bool):
+            raise InvalidRequest(f"logit_bias keys must be token ids (integers), got {key!r}", "logit_bias")
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS):
+            raise InvalidRequest(f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                                 f"got {value!r} for token {key}", "logit_bias")
+        out[key] = float(value)
+    return out

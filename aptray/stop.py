@@ -1,9 +1,9 @@
 """Stop rules: when a request's output ends, and where its text is cut.
 
 One StopChecker per request applies them token by token: EOS (unless ignore_eos), a stop token
-id, a stop string completed by the new token's text, max_tokens, the model's context. The engine
-runs it as tokens come; a resumed request replays its tokens through a fresh one (whose finish
-was lost with a fault), so both decide alike. Stop strings are searched only in the text the new
+id, a stop string completed by the new token's text (none of these within the first min_tokens
+outputs), max_tokens, the model's context. The engine runs it as tokens come; a resumed request
+replays its tokens through a fresh one (whose finish was lost with a fault), so both decide alike. Stop strings are searched only in the text the new
 token can complete, decoded incrementally: O(1) tokens decoded per token.
 """
 from __future__ import annotations
@@ -33,22 +33,25 @@ class StopChecker:
         """After the output got `token` (now num_outputs long; prompt + output num_tokens): the
         status that ends it, or None."""
         sp = self.sampling
-        if not sp.ignore_eos and token == self.eos:
+        may_stop = num_outputs > sp.min_tokens  # vLLM's rule: the first min_tokens outputs end nothing
+        if may_stop and not sp.ignore_eos and token == self.eos:
             return RequestStatus.FINISHED_STOPPED
-        if token in self.stop_ids:
+        if may_stop and token in self.stop_ids:
             self.stop_reason = token
             return RequestStatus.FINISHED_STOPPED
-        if sp.stop and self.tokenizer is not None and self._stop_string(token):
+        if sp.stop and self.tokenizer is not None and self._stop_string(token, may_stop):
             return RequestStatus.FINISHED_STOPPED
         if num_outputs >= sp.max_tokens or num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
-    def _stop_string(self, token: int) -> bool:
+    def _stop_string(self, token: int, search: bool) -> bool:
+        """Whether the text token adds completes a stop string (searched for only when `search`: the
+        text is decoded either way)."""
         if self._detok is None:
             self._detok = IncrementalDetokenizer(self.tokenizer, self._prior)
         delta = self._detok.add([token])
-        if not delta:
+        if not delta or not search:
             return False
         text = self._detok.text
         for s in self.sampling.stop:

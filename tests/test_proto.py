@@ -1,4 +1,5 @@
 """Round trips of the shard contract: BatchPlan / StepResult -> proto -> bytes -> back."""
+import math
 import struct
 
 import pytest
@@ -21,7 +22,7 @@ def test_batch_plan_round_trip_keeps_every_field():
     plan = BatchPlan(
         iteration=41,
         seqs=(SeqPlan("a", (1, 2, 3), 0, "kv", (4, 5), True, temperature=0.7, top_p=0.9, top_k=7,
-                      seed=2**40, sample_index=3),
+                      seed=2**40, sample_index=3, min_p=0.05, logit_bias=((50271, 2.5), (7, -math.inf), (0, -1e-300))),
               SeqPlan("b", (9,), 17, "hidden", (0,), False),
               SeqPlan("c", (8,), 5, "kv", (), True, seed=0)),
         conversions=(ConversionPlan("b", 17, "kv", (0,), (6, 7)),),

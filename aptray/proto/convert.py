@@ -5,7 +5,7 @@ from aptray.plan import BatchPlan, ConversionPlan, SeqPlan, StepResult
 from aptray.proto import shard_pb2
 from aptray.request import CacheKind
 
-PLAN_VERSION = 2  # bump with any incompatible change to shard.proto
+PLAN_VERSION = 3  # bump with any incompatible change to shard.proto
 # a cache kind travels as its value (dict lookups: CacheKind(x) is slow on this path)
 _WIRE = {kind: kind.value for kind in CacheKind}
 _KIND = {kind.value: kind for kind in CacheKind}
@@ -24,7 +24,11 @@ def seq_to_proto(s: SeqPlan) -> shard_pb2.SeqPlan:
     msg = shard_pb2.SeqPlan(request_id=s.request_id, token_ids=s.token_ids, start_pos=s.start_pos,
                             cache_kind=_WIRE[s.cache_kind], block_table=s.block_table, sample=s.sample,
                             temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                            sample_index=s.sample_index)
+                            sample_index=s.sample_index, min_p=s.min_p)
+    if s.logit_bias:
+        ids, values = zip(*s.logit_bias)
+        msg.bias_ids.extend(ids)
+        msg.bias_values.extend(values)
     if s.seed is not None:
         msg.seed = s.seed
     return msg
@@ -34,7 +38,8 @@ def seq_from_proto(m: shard_pb2.SeqPlan) -> SeqPlan:
     return SeqPlan(request_id=m.request_id, token_ids=tuple(m.token_ids), start_pos=m.start_pos,
                    cache_kind=_KIND[m.cache_kind], block_table=tuple(m.block_table), sample=m.sample,
                    temperature=m.temperature, top_p=m.top_p, top_k=m.top_k,
-                   seed=m.seed if m.HasField("seed") else None, sample_index=m.sample_index)
+                   seed=m.seed if m.HasField("seed") else None, sample_index=m.sample_index, min_p=m.min_p,
+                   logit_bias=tuple(zip(m.bias_ids, m.bias_values)))
 
 
 def plan_to_proto(plan: BatchPlan) -> shard_pb2.BatchPlan:

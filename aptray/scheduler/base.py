@@ -160,7 +160,7 @@ class Scheduler:
         # every field, in order (_new_tuple applies no defaults)
         return _new_tuple(SeqPlan, (req.request_id, tokens, start, req.cache_kind, self.blocks.table(req.request_id),
                                     start + num_tokens == n_prompt + n_out, s.temperature, s.top_p, s.top_k, s.seed,
-                                    n_out))
+                                    n_out, s.min_p, req.step_logit_bias(n_out)))
 
     def _decode_plan(self, req: Request) -> SeqPlan:
         """_seq_plan(req, 1) for a decoding request (only its newest token uncomputed), without the
@@ -169,7 +169,8 @@ class Scheduler:
         t = out[-1]
         return _new_tuple(SeqPlan, (req.request_id, _ONE_TOKEN.get(t) or _ONE_TOKEN.setdefault(t, (t,)),
                                     req.num_computed_tokens, req.cache_kind, self.blocks.table(req.request_id), True,
-                                    s.temperature, s.top_p, s.top_k, s.seed, len(out)))
+                                    s.temperature, s.top_p, s.top_k, s.seed, len(out), s.min_p,
+                                    req.early_logit_bias if len(out) < s.min_tokens else req.logit_bias))
 
     def _convert(self, req: Request, to_kind: CacheKind) -> ConversionPlan | None:
         """Move a running request's computed tokens to to_kind, if the blocks allow."""

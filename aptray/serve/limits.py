@@ -6,18 +6,19 @@ top_k that overflows the shard contract's integers, an SLO no step can meet) wou
 
 Two stages: `size_error` runs in the ingress before tokenizing or applying a chat template (their
 cost grows with the input), `admit` in the router on the token ids (it also guards re-attaches,
-which skip the ingress's checks): the model's own rules (aptray.sampling_params: check_prompt, SamplingParams, check_stop_token_ids),
+which skip the ingress's checks): the model's own rules (aptray.sampling_params: check_prompt, SamplingParams, check_token_ids),
 then this server's limits.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aptray.sampling_params import InvalidRequest, SamplingParams, check_prompt, check_stop_token_ids
+from aptray.sampling_params import InvalidRequest, SamplingParams, check_prompt, check_token_ids
 
 MAX_STOP = 16  # stop strings per request
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS_TOKENS = 300  # OpenAI's limit: every step of the request carries them
 MAX_MESSAGES = 512  # chat messages per request
 # A prompt over this many characters per token of the prompt limit cannot fit the context (real
 # tokenizers average 3-5 characters per token; 32 leaves room for long runs of whitespace or
@@ -61,14 +62,14 @@ class RequestLimits:
 
     def admit(self, ids: list[int], sampling: dict) -> tuple[dict | None, SamplingParams | None]:
         """(refusal {"error", "status", "param"}, None) or (None, the request's SamplingParams): the
-        model's rules (check_prompt, SamplingParams, check_stop_token_ids) and this server's limits."""
+        model's rules (check_prompt, SamplingParams, check_token_ids) and this server's limits."""
         try:
             check_prompt(ids, self.context, self.vocab_size, self.max_prompt_tokens)
             refusal = _sampling_size_error(sampling)
             if refusal is not None:
                 return refusal, None
             sp = SamplingParams(**sampling)
-            check_stop_token_ids(sp.stop_token_ids, self.vocab_size)
+            check_token_ids(sp, self.vocab_size)
         except InvalidRequest as e:
             return _err(str(e), e.param), None
         except TypeError as e:  # a field SamplingParams does not have
@@ -99,4 +100,7 @@ def _sampling_size_error(sampling: dict) -> dict | None:
         return _err(f"at most {MAX_STOP} stop strings of at most {MAX_STOP_CHARS} characters", "stop")
     if len(sampling.get("stop_token_ids") or ()) > MAX_STOP_TOKEN_IDS:
         return _err(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids", "stop_token_ids")
+    bias = sampling.get("logit_bias")
+    if isinstance(bias, dict) and len(bias) > MAX_LOGIT_BIAS_TOKENS:
+        return _err(f"logit_bias names {len(bias)} tokens, over the limit of {MAX_LOGIT_BIAS_TOKENS}", "logit_bias")
     return None

@@ -1,0 +1,172 @@
+"""Sampling controls against transformers: the distribution each request samples from (temperature,
+top-k, top-p, min-p, logit bias), and greedy generation with logit_bias, min_tokens and stop ids
+token for token; min_tokens also holds off stop strings."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
+                                                    SequenceBiasLogitsProcessor, TemperatureLogitsWarper,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
+
+from aptray import LLM, SamplingParams
+from aptray.model.sampler import distribution, sample
+from aptray.plan import SeqPlan
+from aptray.request import Request
+from aptray.sampling_params import InvalidRequest
+from aptray.stop import StopChecker
+from tiny_models import hf_model, prompts, tiny_model
+
+torch.set_num_threads(1)
+VOCAB = 300
+
+
+def _seq(temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0, logit_bias=(), seed=None):
+    return SeqPlan("r", (1,), 0, "kv", (0,), True, temperature, top_p, top_k, seed, 0, min_p, logit_bias)
+
+
+def _transformers_distribution(row, temperature, top_k, top_p, min_p, bias):
+    """transformers' processors in generate's order: the bias, then the warpers."""
+    procs = LogitsProcessorList()
+    if bias:
+        procs.append(SequenceBiasLogitsProcessor([[[t], b] for t, b in bias]))
+    procs.append(TemperatureLogitsWarper(temperature))
+    if top_k > 0:
+        procs.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        procs.append(TopPLogitsWarper(top_p))
+    if min_p > 0.0:
+        procs.append(MinPLogitsWarper(min_p))
+    scores = procs(torch.zeros(1, 1, dtype=torch.long), row[None].clone())
+    return torch.softmax(scores, dim=-1)[0]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p,bias", [
+    (1.0, -1, 1.0, 0.1, ()),
+    (0.7, -1, 1.0, 0.3, ()),
+    (1.3, 50, 0.9, 0.05, ()),
+    (0.5, -1, 0.8, 0.02, ((3, 2.5), (10, -4.0))),
+    (2.0, 100, 0.95, 0.0, ((7, 100.0),)),
+    (1.0, 20, 1.0, 0.0, ((0, -100.0), (299, 1e-300))),
+])
+def test_the_sampled_distribution_is_transformers(temperature, top_k, top_p, min_p, bias):
+    g = torch.Generator().manual_seed(11)
+    for _ in range(5):
+        row = torch.randn(VOCAB, generator=g) * 3
+        seq = _seq(temperature, top_p, top_k, min_p, bias)
+        biased = row.clone()
+        for t, b in bias:
+            biased[t] += b
+        ours = distribution(biased, seq)
+        ref = _transformers_distribution(row, temperature, top_k, top_p, min_p, bias)
+        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+        assert torch.equal(ours > 0, ref > 0)  # the same tokens kept
+
+
+def test_a_banned_token_is_never_drawn_and_a_forced_one_always():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, VOCAB, generator=g)
+    top = logits.argmax(dim=-1)
+    rows = [_seq(temperature=1.5, logit_bias=((int(top[i]), -math.inf),), seed=i) for i in range(32)]
+    rows += [_seq(temperature=t, logit_bias=((5, 100.0),), seed=i) for i, t in zip(range(32), [0.0, 1.0] * 16)]
+    tokens, errors = sample(logits, rows, torch.Generator().manual_seed(1))
+    assert not errors
+    assert all(tokens[i] != int(top[i]) for i in range(32))
+    assert tokens[32:] == [5] * 32
+
+
+def _hf_generate(path, prompt, max_new, min_new, bias, eos_ids):
+    model = hf_model(path)
+    config = copy.deepcopy(model.generation_config)
+    config.do_sample, config.max_new_tokens, config.min_new_tokens = False, max_new, min_new
+    config.eos_token_id = list(eos_ids)
+    config.sequence_bias = [[[t], b] for t, b in bias.items()] or None
+    ids = torch.tensor([list(prompt)])
+    with torch.inference_mode():
+        out = model.generate(ids, generation_config=config, attention_mask=torch.ones_like(ids))
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("model", ["opt-60x3", "llama-48x3"])
+def test_greedy_with_bias_min_tokens_and_stop_ids_is_transformers(model):
+    path = tiny_model(model)
+    llm = LLM(path, max_num_seqs=8)
+    eos = llm.tokenizer.eos_token_id
+    batch = prompts(6, seed=5)
+    asks = [  # (min_tokens, logit_bias, stop_token_ids)
+        (3, {eos: 100.0}, []),  # EOS forced, held off for 3 tokens
+        (0, {eos: 100.0}, []),
+        (5, {41: 100.0}, [41]),  # a stop id forced, held off for 5
+        (0, {17: 2.5, 40: -100.0, 3: 0.75}, []),
+        (2, {}, [eos + 1]),
+        (0, {}, []),
+    ]
+    params = [SamplingParams(temperature=0.0, max_tokens=10, min_tokens=m, logit_bias=b, stop_token_ids=s)
+              for m, b, s in asks]
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch], params)
+    for prompt, (m, b, s), out in zip(batch, asks, outs):
+        ours = list(out.outputs[0].token_ids)
+        assert ours == _hf_generate(path, prompt, 10, m, b, [eos, *s]), (m, b, s)
+    assert [len(o.outputs[0].token_ids) for o in outs[:3]] == [4, 1, 6]
+    assert [o.outputs[0].finish_reason for o in outs[:3]] == ["stop"] * 3
+
+
+def test_sampled_with_min_tokens_ends_right_after_them():
+    llm = LLM(tiny_model("opt-60x3"))
+    eos = llm.tokenizer.eos_token_id
+    sp = SamplingParams(temperature=1.0, seed=4, max_tokens=20, min_tokens=6, min_p=0.05, logit_bias={str(eos): 100})
+    out = llm.generate({"prompt_token_ids": [3, 9, 27]}, sp)[0].outputs[0]
+    assert eos not in out.token_ids[:6] and list(out.token_ids[6:]) == [eos] and out.finish_reason == "stop"
+
+
+def test_min_tokens_holds_off_stop_strings_as_well():
+    llm = LLM(tiny_model("opt-60x3"))
+    tok = llm.tokenizer
+    ids = tok.encode("a b a b a b", add_special_tokens=False)
+    text_upto = [tok.decode(ids[:i + 1]) for i in range(len(ids))]
+    first = next(i for i, t in enumerate(text_upto) if "b" in t)  # output index completing the first "b"
+    second = next(i for i, t in enumerate(text_upto) if t.count("b") == 2)
+    for min_tokens, ends_at in ((0, first), (first + 1, second)):
+        sp = SamplingParams(max_tokens=len(ids), min_tokens=min_tokens, stop=["b"])
+        checker = StopChecker(sp, tok.eos_token_id, 1000, tok)
+        status = None
+        for i, t in enumerate(ids):
+            status = checker.check(t, i + 1, 10 + i + 1)
+            if status is not None:
+                break
+        assert status is not None and i == ends_at and checker.text == text_upto[ends_at][:text_upto[ends_at].rfind("b")]
+
+
+def test_min_tokens_bans_eos_and_stop_ids_in_the_plan_until_reached():
+    sp = SamplingParams(max_tokens=8, min_tokens=2, stop_token_ids=[9], logit_bias={"4": -1.5})
+    req = Request("r", [1, 2], sp, 0.0, 1.0, 1.0, eos_token_id=2)
+    assert dict(req.step_logit_bias(0)) == dict(req.step_logit_bias(1)) == {4: -1.5, 2: -math.inf, 9: -math.inf}
+    assert req.step_logit_bias(2) == ((4, -1.5),)
+    eos_ignored = Request("r", [1, 2], SamplingParams(max_tokens=8, min_tokens=2, ignore_eos=True), 0.0, 1.0, 1.0,
+                          eos_token_id=2)
+    assert eos_ignored.step_logit_bias(0) == ()
+
+
+@pytest.mark.parametrize("kw,param", [
+    ({"min_p": 1.5}, "min_p"), ({"min_p": math.nan}, "min_p"), ({"min_tokens": -1}, "min_tokens"),
+    ({"min_tokens": 17}, "min_tokens"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {"-3": 1}}, "logit_bias"), ({"logit_bias": {5: math.inf}}, "logit_bias"),
+    ({"logit_bias": {5: 100.5}}, "logit_bias"), ({"logit_bias": [5, 1]}, "logit_bias"),
+    ({"logit_bias": {True: 1}}, "logit_bias"),
+])
+def test_bad_sampling_controls_name_their_parameter(kw, param):
+    with pytest.raises(InvalidRequest) as e:
+        SamplingParams(max_tokens=16, **kw)
+    assert e.value.param == param
+
+
+def test_logit_bias_ids_outside_the_vocabulary_are_refused():
+    llm = LLM(tiny_model("opt-60x3"))
+    vocab = llm.engine.config.spec.vocab_size
+    with pytest.raises(InvalidRequest) as e:
+        llm.generate({"prompt_token_ids": [3, 4]}, SamplingParams(logit_bias={vocab: 1.0}))
+    assert e.value.param == "logit_bias"
+    assert SamplingParams(logit_bias={"0042": 1, 7: -5e-324}).logit_bias == {42: 1.0, 7: -5e-324}
