@@ -15,7 +15,8 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
                   temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                   stop: list[str] | None = None, stop_token_ids: list[int] | None = None, seed: int | None = None,
                   ignore_eos: bool = False, ttft_ms: float | None = None, tbt_ms: float | None = None,
-                  prefix_key: str = "") -> generate_pb2.GenerateRequest:
+                  prefix_key: str = "", min_p: float | None = None, min_tokens: int | None = None,
+                  logit_bias: dict[int, float] | None = None) -> generate_pb2.GenerateRequest:
     """prefix_key: a name for the prompt prefix this request shares with others (a conversation id):
     the request router prefers a replica that holds it cached."""
     req = generate_pb2.GenerateRequest(version=1, client_request_id=client_request_id, prefix_key=prefix_key)
@@ -25,12 +26,13 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
         req.prompt_token_ids.ids.extend(prompt)
     s = req.sampling
     for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
-                        ("top_k", top_k), ("seed", seed)):
+                        ("top_k", top_k), ("seed", seed), ("min_p", min_p), ("min_tokens", min_tokens)):
         if value is not None:
             setattr(s, name, value)
     s.stop.extend(stop or [])
     s.stop_token_ids.extend(stop_token_ids or [])
     s.ignore_eos = ignore_eos
+    s.logit_bias.update(logit_bias or {})
     if ttft_ms is not None:
         req.slo.ttft_ms = ttft_ms
     if tbt_ms is not None:

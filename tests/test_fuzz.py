@@ -93,7 +93,8 @@ def bodies(schema_doc: dict, name: str):
     def mutated(draw):
         body = draw(base)
         if draw(st.booleans()):  # break one field: wrong type, out of range, absurd size
-            keys = sorted(set(body) | {"max_tokens", "n", "model", "seed", "top_k", "temperature", "stop", "prompt"})
+            keys = sorted(set(body) | {"max_tokens", "n", "model", "seed", "top_k", "temperature", "stop", "prompt",
+                                       "min_p", "min_tokens", "logit_bias"})
             body[draw(st.sampled_from(keys))] = draw(HOSTILE)
         body.setdefault("max_tokens", draw(st.integers(min_value=1, max_value=4)))  # keep generations short
         return body
@@ -149,6 +150,17 @@ RAW = [
     ("n = 5", b'{"prompt": "hi", "n": 5, "max_tokens": 2}', 400),
     ("long prompt", json.dumps({"prompt": "hello " * 5000, "max_tokens": 2}).encode(), 400),
     ("too many stops", json.dumps({"prompt": "hi", "max_tokens": 2, "stop": ["x"] * 50}).encode(), 400),
+    ("logit_bias out of vocab", b'{"prompt": "hi", "max_tokens": 2, "logit_bias": {"99999999999999999999": 5}}', 400),
+    ("logit_bias negative id", b'{"prompt": "hi", "max_tokens": 2, "logit_bias": {"-1": 5}}', 400),
+    ("logit_bias not an id", b'{"prompt": "hi", "max_tokens": 2, "logit_bias": {"\u00b2": 5}}', 400),
+    ("logit_bias over 100", b'{"prompt": "hi", "max_tokens": 2, "logit_bias": {"5": 1e308}}', 400),
+    ("logit_bias NaN", b'{"prompt": "hi", "max_tokens": 2, "logit_bias": {"5": NaN}}', 422),
+    ("logit_bias denormal", b'{"prompt": "hi", "max_tokens": 2, "logit_bias": {"5": -5e-324}}', 200),
+    ("logit_bias over 300 tokens", json.dumps({"prompt": "hi", "max_tokens": 2,
+                                              "logit_bias": {str(i): -100 for i in range(301)}}).encode(), 400),
+    ("min_tokens over max_tokens", b'{"prompt": "hi", "max_tokens": 2, "min_tokens": 3}', 400),
+    ("min_p over 1", b'{"prompt": "hi", "max_tokens": 2, "min_p": 1.5}', 422),
+    ("denormal min_p", b'{"prompt": "hi", "max_tokens": 2, "min_p": 5e-324, "temperature": 1}', 200),
     ("oversized body", json.dumps({"prompt": "x" * (MAX_BODY + 10)}).encode(), 413),
 ]
 
@@ -191,7 +203,7 @@ def test_lone_surrogates_are_refused(server, path, body):
 # generation controls aptray does not implement: refused with a message naming them, unless sent at
 # their no-op values (what clients and benchmark tools send by default)
 UNHONOURED = [("logprobs", 5, None), ("presence_penalty", 0.5, 0.0), ("frequency_penalty", 1e-300, 0),
-              ("logit_bias", {"5": 100}, {}), ("best_of", 2, 1), ("min_tokens", 3, 0),
+              ("repetition_penalty", 1.2, 1), ("best_of", 2, 1), ("suffix", "end", ""),
               ("response_format", {"type": "json_object"}, {"type": "text"}),
               ("tools", [{"type": "function", "function": {"name": "f"}}], [])]
 
@@ -273,6 +285,10 @@ def grpc_requests(draw):
                 setattr(s, name, draw(strat))
         s.stop.extend(draw(st.lists(st.text(max_size=4), max_size=3)))
         s.stop_token_ids.extend(draw(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3)))
+        for name, strat in (("min_p", f32), ("min_tokens", st.integers(-(2**31), 2**31 - 1))):
+            if draw(st.booleans()):
+                setattr(s, name, draw(strat))
+        s.logit_bias.update(draw(st.dictionaries(st.integers(-(2**63), 2**63 - 1), f32, max_size=3)))
         if draw(st.booleans()):
             req.slo.ttft_ms = draw(st.floats())
     return req

@@ -277,6 +277,30 @@ def test_openai_chat_stream_and_not(server, oai):
     assert whole.usage.completion_tokens == MAX_TOKENS
 
 
+def test_logit_bias_min_tokens_and_min_p_reach_the_shards_over_http_and_grpc(server, reference):
+    """Through the TP=2 app, whose plans cross gRPC to the shards: a +100 bias makes every greedy
+    token the biased one; min_tokens holds off an EOS the bias forces; HTTP and gRPC alike."""
+    from aptray.client import Client
+
+    tokenizer, _ = reference
+    eos, p, url = tokenizer.eos_token_id, PROMPTS[0], server["http"] + "/v1/completions"
+    forced = {"prompt": p, "temperature": 0.0, "max_tokens": 4, "ignore_eos": True, "logit_bias": {"17": 100},
+              "return_token_ids": True}
+    assert httpx.post(url, json=forced, timeout=60).json()["choices"][0]["token_ids"] == [17] * 4
+    held = {"prompt": p, "temperature": 1.0, "seed": 3, "min_p": 0.1, "max_tokens": 8, "min_tokens": 3,
+            "logit_bias": {str(eos): 100}, "return_token_ids": True}
+    choice = httpx.post(url, json=held, timeout=60).json()["choices"][0]
+    assert eos not in choice["token_ids"][:3] and choice["token_ids"][3:] == [eos], choice
+    assert choice["finish_reason"] == "stop"
+    with Client(server["grpc"]) as c:
+        replies = list(c.generate(p, temperature=0.0, max_tokens=4, ignore_eos=True, logit_bias={17: 100.0}))
+        assert [t for r in replies for t in r.token_ids] == [17] * 4
+        replies = list(c.generate(p, temperature=1.0, seed=3, min_p=0.1, max_tokens=8, min_tokens=3,
+                                  logit_bias={eos: 100.0}))
+        tokens = [t for r in replies for t in r.token_ids]
+        assert eos not in tokens[:3] and tokens[3:] == [eos] and replies[-1].finish_reason == "stop"
+
+
 def _sse_objects(response) -> list[dict]:
     return [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data: {")]
 

@@ -43,7 +43,8 @@ def sampling_from_proto(req: generate_pb2.GenerateRequest) -> dict:
     opt = lambda msg, name, default: getattr(msg, name) if msg.HasField(name) else default  # noqa: E731
     return {"temperature": opt(s, "temperature", 1.0), "top_p": opt(s, "top_p", 1.0), "top_k": opt(s, "top_k", -1),
             "max_tokens": opt(s, "max_tokens", 16), "stop": list(s.stop), "stop_token_ids": list(s.stop_token_ids),
-            "seed": opt(s, "seed", None), "ignore_eos": s.ignore_eos,
+            "seed": opt(s, "seed", None), "ignore_eos": s.ignore_eos, "min_p": opt(s, "min_p", 0.0),
+            "min_tokens": opt(s, "min_tokens", 0), "logit_bias": dict(s.logit_bias),
             "ttft_slo": slo.ttft_ms / 1000 if slo.HasField("ttft_ms") else None,
             "tbt_slo": slo.tbt_ms / 1000 if slo.HasField("tbt_ms") else None}
 

@@ -197,8 +197,9 @@ class Ingress:
 
     def sampling(self, req, max_tokens: int) -> dict:
         slo = req.aptray_slo
-        return {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
-                "max_tokens": max_tokens, "stop": req.stop, "stop_token_ids": req.stop_token_ids or [],
+        return {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
+                "max_tokens": max_tokens, "min_tokens": req.min_tokens, "stop": req.stop,
+                "stop_token_ids": req.stop_token_ids or [], "logit_bias": req.logit_bias or {},
                 "seed": req.seed, "ignore_eos": req.ignore_eos,
                 "ttft_slo": slo.ttft_ms / 1000 if slo and slo.ttft_ms else None,
                 "tbt_slo": slo.tbt_ms / 1000 if slo and slo.tbt_ms else None}

@@ -34,7 +34,7 @@ class StreamOptions(BaseModel):
 UNSUPPORTED = {
     "best_of": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0),
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
-    "logit_bias": (None, {}), "min_tokens": (None, 0), "min_p": (None, 0), "suffix": (None, ""),
+    "suffix": (None, ""),
     "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none", "auto"),
     "functions": (None, []), "function_call": (None, "none", "auto"), "use_beam_search": (None, False),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
@@ -50,6 +50,9 @@ class _SamplingRequest(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = -1  # vLLM extension
+    min_p: float = Field(0.0, ge=0, le=1)  # vLLM extension
+    min_tokens: int = Field(0, ge=0)  # vLLM extension
+    logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias in [-100, 100]
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
