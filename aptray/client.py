@@ -19,7 +19,10 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
                   logit_bias: dict[int, float] | None = None) -> generate_pb2.GenerateRequest:
     """prefix_key: a name for the prompt prefix this request shares with others (a conversation id):
     the request router prefers a replica that holds it cached."""
-    req = generate_pb2.GenerateRequest(version=1, client_request_id=client_request_id, prefix_key=prefix_key)
+    # version 2 only where a field of version 2 is set: a version-1 server then serves the rest
+    newer = min_p is not None or min_tokens is not None or bool(logit_bias)
+    req = generate_pb2.GenerateRequest(version=2 if newer else 1, client_request_id=client_request_id,
+                                       prefix_key=prefix_key)
     if isinstance(prompt, str):
         req.prompt = prompt
     else:

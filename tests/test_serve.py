@@ -280,7 +280,9 @@ def test_openai_chat_stream_and_not(server, oai):
 def test_logit_bias_min_tokens_and_min_p_reach_the_shards_over_http_and_grpc(server, reference):
     """Through the TP=2 app, whose plans cross gRPC to the shards: a +100 bias makes every greedy
     token the biased one; min_tokens holds off an EOS the bias forces; HTTP and gRPC alike."""
-    from aptray.client import Client
+    import grpc
+
+    from aptray.client import Client, build_request
 
     tokenizer, _ = reference
     eos, p, url = tokenizer.eos_token_id, PROMPTS[0], server["http"] + "/v1/completions"
@@ -299,6 +301,13 @@ def test_logit_bias_min_tokens_and_min_p_reach_the_shards_over_http_and_grpc(ser
                                   logit_bias={eos: 100.0}))
         tokens = [t for r in replies for t in r.token_ids]
         assert eos not in tokens[:3] and tokens[3:] == [eos] and replies[-1].finish_reason == "stop"
+        # the request names the version of the fields it sets; a newer version than the server's is refused
+        assert build_request(p).version == 1 and build_request(p, logit_bias={17: 1.0}).version == 2
+        too_new = build_request(p, min_p=0.1)
+        too_new.version = 3
+        with pytest.raises(grpc.RpcError) as e:
+            list(c.stub.Generate(too_new, metadata=c.metadata))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "speaks 2" in e.value.details()
 
 
 def _sse_objects(response) -> list[dict]:

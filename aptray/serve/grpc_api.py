@@ -15,7 +15,9 @@ from aptray.serve.relay import Rejected
 from aptray.serve.security import grpc_key, identity, key_ok
 
 logger = logging.getLogger("aptray")
-API_VERSION = 1  # GenerateRequest.version this server speaks (0: unset, taken as 1)
+# GenerateRequest.version this server speaks (0: unset, taken as 1); 2 adds Sampling's min_p, min_tokens
+# and logit_bias, so that a server without them refuses a request that sets them instead of ignoring them
+API_VERSION = 2
 _STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
            404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
            429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
