@@ -3,8 +3,9 @@
 One StopChecker per request applies them token by token: EOS (unless ignore_eos), a stop token
 id, a stop string completed by the new token's text (none of these within the first min_tokens
 outputs), max_tokens, the model's context. The engine runs it as tokens come; a resumed request
-replays its tokens through a fresh one (whose finish was lost with a fault), so both decide alike. Stop strings are searched only in the text the new
-token can complete, decoded incrementally: O(1) tokens decoded per token.
+replays its tokens through a fresh one (whose finish was lost with a fault), so both decide alike.
+Stop strings are searched only in the text the new token can complete, decoded incrementally: O(1)
+tokens decoded per token.
 """
 from __future__ import annotations
 

@@ -170,6 +170,7 @@ class Scheduler:
         return _new_tuple(SeqPlan, (req.request_id, _ONE_TOKEN.get(t) or _ONE_TOKEN.setdefault(t, (t,)),
                                     req.num_computed_tokens, req.cache_kind, self.blocks.table(req.request_id), True,
                                     s.temperature, s.top_p, s.top_k, s.seed, len(out), s.min_p,
+                                    # req.step_logit_bias(len(out)), inlined like the rest of this line
                                     req.early_logit_bias if len(out) < s.min_tokens else req.logit_bias))
 
     def _convert(self, req: Request, to_kind: CacheKind) -> ConversionPlan | None:
