@@ -95,6 +95,7 @@ class Engine:
         req = self.add_request(request_id, prompt_token_ids, sampling_params, arrival_time, prompt)
         if output_token_ids:
             req.output_token_ids = list(output_token_ids)
+            req.output_logprobs = [None] * len(output_token_ids)
             req.token_times = list(token_times)
             req.first_token_time = token_times[0] if token_times else None
             req.last_token_time = token_times[-1] if token_times else None
@@ -159,6 +160,8 @@ class Engine:
         outputs += [out for rid, why in result.errors.items() if (out := self.fail(rid, why)) is not None]
         for req in self.scheduler.update(plan, result, self.clock()):
             try:
+                if req.sampling.logprobs is not None:
+                    req.output_logprobs.append(result.logprobs.get(req.request_id))
                 outputs.append(self._postprocess(req))
             except Exception as e:  # a detokenizer or stop check that breaks on this request's tokens
                 logger.exception("postprocessing request %s failed", req.request_id)
@@ -227,7 +230,10 @@ class Engine:
         reason = req.status.value if finished else None
         # a running request's output shares its growing token list: copying it every step costs O(n^2)
         tokens = list(req.output_token_ids) if finished else req.output_token_ids
-        completion = CompletionOutput(0, text, tokens, reason, req.stop_reason)
+        logprobs = None
+        if req.sampling.logprobs is not None:
+            logprobs = list(req.output_logprobs) if finished else req.output_logprobs
+        completion = CompletionOutput(0, text, tokens, reason, req.stop_reason, logprobs)
         metrics = None
         if finished:
             metrics = RequestMetrics(req.arrival_time, req.first_token_time, list(req.token_times), req.num_preemptions)

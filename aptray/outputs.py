@@ -13,6 +13,9 @@ class CompletionOutput:
     token_ids: list[int]  # while running: the request's live list (copy it to keep it)
     finish_reason: str | None = None  # "stop", "length", "abort", "error"
     stop_reason: str | int | None = None
+    # where SamplingParams.logprobs asks: each token's aptray.plan.TokenLogprobs (None where unknown,
+    # for tokens sampled before a resume); while running, the request's live list too
+    logprobs: list | None = None
 
 
 @dataclass

@@ -29,6 +29,7 @@ class SeqPlan(NamedTuple):
     sample_index: int = 0  # how many tokens were sampled before: seeds the per-token generator
     min_p: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); -inf bans it
+    logprobs: int | None = None  # return the sampled token's log-probability and the k most likely ones'
 
     @property
     def context_len(self) -> int:
@@ -65,9 +66,19 @@ class BatchPlan:
         return not self.seqs and not self.conversions
 
 
+class TokenLogprobs(NamedTuple):
+    """One output token's log-probability and the most likely tokens', most likely first, under the
+    model's own distribution (log-softmax of its logits: before logit bias, temperature and filters,
+    as vLLM's default raw_logprobs)."""
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability)
+
+
 @dataclass
 class StepResult:
     sampled: dict[str, int] = field(default_factory=dict)  # request_id -> next token
     step_time: float = 0.0  # seconds the shards spent on the step
     logits: dict | None = None  # request_id -> logits row, when the plan asked
     errors: dict[str, str] = field(default_factory=dict)  # request_id -> why its row failed (that request only)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # request_id -> its token's, if it asked
+

@@ -49,6 +49,9 @@ class Request:
     tbt_slo: float
     eos_token_id: int | None = None
     output_token_ids: list[int] = field(default_factory=list)
+    # each output token's TokenLogprobs where sampling.logprobs asks (None: a token sampled elsewhere,
+    # before a resume, or by an executor that reports none)
+    output_logprobs: list = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     cache_kind: CacheKind | None = None
     num_computed_tokens: int = 0  # tokens whose cache entries are written

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 # overflows to inf and makes the softmax NaN.
 MIN_TEMPERATURE = 1e-5
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a bias: +-100 bans or forces a token
+MAX_LOGPROBS = 20  # most likely tokens a request may ask to see per output token (OpenAI's top_logprobs)
 
 
 class InvalidRequest(ValueError):
@@ -76,6 +77,8 @@ class SamplingParams:
     min_tokens: int = 0  # outputs before EOS, a stop token id or a stop string may end it
     # token id -> added to its logit before sampling (OpenAI's logit_bias); JSON's string keys are taken
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # None: no log-probabilities; k >= 0: each output token's, with the k most likely tokens' (vLLM's logprobs)
+    logprobs: int | None = None
     # Per-request SLOs in seconds; None takes the engine's defaults.
     ttft_slo: float | None = None
     tbt_slo: float | None = None
@@ -102,6 +105,10 @@ class SamplingParams:
             raise InvalidRequest(f"min_tokens must be an integer in [0, max_tokens = {self.max_tokens}], got "
                                  f"{self.min_tokens!r}", "min_tokens")
         self.logit_bias = _logit_bias(self.logit_bias)
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InvalidRequest(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (how many of the most likely "
+                                 f"tokens to return), got {self.logprobs!r}", "logprobs")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must be non-empty", "stop")
         if any(not isinstance(t, int) for t in self.stop_token_ids):

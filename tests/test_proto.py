@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from aptray.plan import BatchPlan, ConversionPlan, SeqPlan, StepResult
+from aptray.plan import BatchPlan, ConversionPlan, SeqPlan, StepResult, TokenLogprobs
 from aptray.proto import generate_pb2, shard_pb2
 from aptray.proto.convert import (PLAN_VERSION, PlanVersionError, plan_from_proto, plan_to_proto,
                                   result_from_proto, result_to_proto)
@@ -22,14 +22,16 @@ def test_batch_plan_round_trip_keeps_every_field():
     plan = BatchPlan(
         iteration=41,
         seqs=(SeqPlan("a", (1, 2, 3), 0, "kv", (4, 5), True, temperature=0.7, top_p=0.9, top_k=7,
-                      seed=2**40, sample_index=3, min_p=0.05, logit_bias=((50271, 2.5), (7, -math.inf), (0, -1e-300))),
+                      seed=2**40, sample_index=3, min_p=0.05, logit_bias=((50271, 2.5), (7, -math.inf), (0, -1e-300)),
+                      logprobs=20),
               SeqPlan("b", (9,), 17, "hidden", (0,), False),
-              SeqPlan("c", (8,), 5, "kv", (), True, seed=0)),
+              SeqPlan("c", (8,), 5, "kv", (), True, seed=0, logprobs=0)),
         conversions=(ConversionPlan("b", 17, "kv", (0,), (6, 7)),),
         want_logits=True)
     back = plan_from_proto(_wire(plan_to_proto(plan), shard_pb2.BatchPlan))
     assert back == plan
     assert back.seqs[1].seed is None and back.seqs[2].seed == 0  # unset vs zero survive
+    assert back.seqs[1].logprobs is None and back.seqs[2].logprobs == 0
 
 
 def test_empty_plan_round_trip():
@@ -41,6 +43,13 @@ def test_step_result_round_trip():
     r = StepResult(sampled={"a": 5, "b": 50271}, step_time=0.0123)
     back = result_from_proto(_wire(result_to_proto(r), shard_pb2.StepResult))
     assert back == r and back.logits is None
+
+
+def test_step_result_logprobs_round_trip():
+    lp = {"a": TokenLogprobs(_f32(-0.25), ((3, _f32(-0.25)), (50271, _f32(-1.5)))), "b": TokenLogprobs(-9999.0)}
+    r = StepResult(sampled={"a": 3, "b": 7}, step_time=0.01, logprobs=lp)
+    back = result_from_proto(_wire(result_to_proto(r), shard_pb2.StepResult))
+    assert back == r and back.logprobs["b"].top == ()
 
 
 def test_step_result_logits_round_trip():

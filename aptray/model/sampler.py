@@ -1,5 +1,5 @@
 """Token sampling: logit bias, then greedy, or temperature, top-k, top-p and min-p (transformers'
-order); seeded requests get reproducible draws.
+order); seeded requests get reproducible draws; the log-probabilities a request asks for.
 
 One request's sampling can never fail another's: each row is sampled on its own, and a row whose
 probabilities are not a distribution (non-finite logits from the model) is reported as that
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from aptray.plan import SeqPlan
+from aptray.plan import SeqPlan, TokenLogprobs
 from aptray.sampling_params import MIN_TEMPERATURE
 
 
@@ -70,4 +70,32 @@ def sample(logits: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator
         except (ValueError, RuntimeError) as e:
             out.append(None)
             errors[row] = f"sampling failed: {e}"
+    return out, errors
+
+
+# the floor of a reported log-probability: -inf (a token the model rules out) has no JSON number
+MIN_LOGPROB = -9999.0
+
+
+def token_logprobs(logits: torch.Tensor, seqs: list[SeqPlan], tokens: list[int | None]
+                   ) -> tuple[dict[int, TokenLogprobs], dict[int, str]]:
+    """For the rows whose request asks (seq.logprobs is not None) and that got a token: the token's
+    log-probability and the seq.logprobs most likely tokens', from the raw logits (before bias,
+    temperature and filters). Returns them by row index, and the rows that failed (non-finite
+    logits) with why."""
+    rows = [i for i, (seq, t) in enumerate(zip(seqs, tokens)) if seq.logprobs is not None and t is not None]
+    if not rows:
+        return {}, {}
+    lps = torch.log_softmax(logits[rows], dim=-1).clamp_min(MIN_LOGPROB)
+    chosen = lps.gather(1, torch.tensor([[tokens[i]] for i in rows], device=lps.device)).squeeze(1).tolist()
+    k = max(seqs[i].logprobs for i in rows)
+    top_values, top_ids = torch.topk(lps, k) if k else (lps[:, :0], lps[:, :0].long())
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    out, errors = {}, {}
+    for j, row in enumerate(rows):
+        if chosen[j] != chosen[j]:  # NaN: the model's logits are not finite for this request
+            errors[row] = "the model's logits are not finite for this request: no log-probabilities"
+            continue
+        n = seqs[row].logprobs
+        out[row] = TokenLogprobs(chosen[j], tuple(zip(top_ids[j][:n], top_values[j][:n])))
     return out, errors

@@ -1,11 +1,11 @@
 """BatchPlan / StepResult <-> shard.proto messages: the only way plans cross the network (no pickle)."""
 from __future__ import annotations
 
-from aptray.plan import BatchPlan, ConversionPlan, SeqPlan, StepResult
+from aptray.plan import BatchPlan, ConversionPlan, SeqPlan, StepResult, TokenLogprobs
 from aptray.proto import shard_pb2
 from aptray.request import CacheKind
 
-PLAN_VERSION = 3  # bump with any incompatible change to shard.proto
+PLAN_VERSION = 4  # bump with any incompatible change to shard.proto
 # a cache kind travels as its value (dict lookups: CacheKind(x) is slow on this path)
 _WIRE = {kind: kind.value for kind in CacheKind}
 _KIND = {kind.value: kind for kind in CacheKind}
@@ -31,6 +31,8 @@ def seq_to_proto(s: SeqPlan) -> shard_pb2.SeqPlan:
         msg.bias_values.extend(values)
     if s.seed is not None:
         msg.seed = s.seed
+    if s.logprobs is not None:
+        msg.logprobs = s.logprobs
     return msg
 
 
@@ -39,7 +41,8 @@ def seq_from_proto(m: shard_pb2.SeqPlan) -> SeqPlan:
                    cache_kind=_KIND[m.cache_kind], block_table=tuple(m.block_table), sample=m.sample,
                    temperature=m.temperature, top_p=m.top_p, top_k=m.top_k,
                    seed=m.seed if m.HasField("seed") else None, sample_index=m.sample_index, min_p=m.min_p,
-                   logit_bias=tuple(zip(m.bias_ids, m.bias_values)))
+                   logit_bias=tuple(zip(m.bias_ids, m.bias_values)),
+                   logprobs=m.logprobs if m.HasField("logprobs") else None)
 
 
 def plan_to_proto(plan: BatchPlan) -> shard_pb2.BatchPlan:
@@ -70,6 +73,13 @@ def result_to_proto(r: StepResult, error: str = "") -> shard_pb2.StepResult:
     msg = shard_pb2.StepResult(version=PLAN_VERSION, step_time=r.step_time, error=error)
     msg.sampled.update({k: int(v) for k, v in r.sampled.items()})
     msg.request_errors.update(r.errors)
+    for rid, lp in r.logprobs.items():
+        entry = msg.logprobs[rid]
+        entry.logprob = lp.logprob
+        if lp.top:
+            ids, values = zip(*lp.top)
+            entry.top_ids.extend(ids)
+            entry.top_logprobs.extend(values)
     if r.logits is not None:
         msg.has_logits = True
         for rid, row in r.logits.items():
@@ -83,5 +93,7 @@ def result_from_proto(m: shard_pb2.StepResult) -> StepResult:
     if m.error:
         raise RuntimeError(f"shard step failed: {m.error}")
     logits = {rid: list(row.values) for rid, row in m.logits.items()} if m.has_logits else None
+    logprobs = {rid: TokenLogprobs(lp.logprob, tuple(zip(lp.top_ids, lp.top_logprobs)))
+                for rid, lp in m.logprobs.items()}
     return StepResult(sampled=dict(m.sampled), step_time=m.step_time, logits=logits,
-                      errors=dict(m.request_errors))
+                      errors=dict(m.request_errors), logprobs=logprobs)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SeqPlan(_message.Message):
-    __slots__ = ("request_id", "token_ids", "start_pos", "cache_kind", "block_table", "sample", "temperature", "top_p", "top_k", "seed", "sample_index", "min_p", "bias_ids", "bias_values")
+    __slots__ = ("request_id", "token_ids", "start_pos", "cache_kind", "block_table", "sample", "temperature", "top_p", "top_k", "seed", "sample_index", "min_p", "bias_ids", "bias_values", "logprobs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class SeqPlan(_message.Message):
     MIN_P_FIELD_NUMBER: _ClassVar[int]
     BIAS_IDS_FIELD_NUMBER: _ClassVar[int]
     BIAS_VALUES_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     start_pos: int
@@ -36,7 +37,8 @@ class SeqPlan(_message.Message):
     min_p: float
     bias_ids: _containers.RepeatedScalarFieldContainer[int]
     bias_values: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_pos: _Optional[int] = ..., cache_kind: _Optional[str] = ..., block_table: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., sample_index: _Optional[int] = ..., min_p: _Optional[float] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ...) -> None: ...
+    logprobs: int
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_pos: _Optional[int] = ..., cache_kind: _Optional[str] = ..., block_table: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., sample_index: _Optional[int] = ..., min_p: _Optional[float] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ..., logprobs: _Optional[int] = ...) -> None: ...
 
 class ConversionPlan(_message.Message):
     __slots__ = ("request_id", "num_tokens", "to_kind", "src_blocks", "dst_blocks")
@@ -72,8 +74,18 @@ class LogitsRow(_message.Message):
     values: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
+class TokenLogprobs(_message.Message):
+    __slots__ = ("logprob", "top_ids", "top_logprobs")
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    logprob: float
+    top_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+
 class StepResult(_message.Message):
-    __slots__ = ("version", "sampled", "step_time", "has_logits", "logits", "error", "request_errors")
+    __slots__ = ("version", "sampled", "step_time", "has_logits", "logits", "error", "request_errors", "logprobs")
     class SampledEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +107,13 @@ class StepResult(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class LogprobsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: TokenLogprobs
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[TokenLogprobs, _Mapping]] = ...) -> None: ...
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     STEP_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +121,7 @@ class StepResult(_message.Message):
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     version: int
     sampled: _containers.ScalarMap[str, int]
     step_time: float
@@ -109,7 +129,8 @@ class StepResult(_message.Message):
     logits: _containers.MessageMap[str, LogitsRow]
     error: str
     request_errors: _containers.ScalarMap[str, str]
-    def __init__(self, version: _Optional[int] = ..., sampled: _Optional[_Mapping[str, int]] = ..., step_time: _Optional[float] = ..., has_logits: _Optional[bool] = ..., logits: _Optional[_Mapping[str, LogitsRow]] = ..., error: _Optional[str] = ..., request_errors: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    logprobs: _containers.MessageMap[str, TokenLogprobs]
+    def __init__(self, version: _Optional[int] = ..., sampled: _Optional[_Mapping[str, int]] = ..., step_time: _Optional[float] = ..., has_logits: _Optional[bool] = ..., logits: _Optional[_Mapping[str, LogitsRow]] = ..., error: _Optional[str] = ..., request_errors: _Optional[_Mapping[str, str]] = ..., logprobs: _Optional[_Mapping[str, TokenLogprobs]] = ...) -> None: ...
 
 class ShardInfoRequest(_message.Message):
     __slots__ = ()

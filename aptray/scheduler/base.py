@@ -160,7 +160,7 @@ class Scheduler:
         # every field, in order (_new_tuple applies no defaults)
         return _new_tuple(SeqPlan, (req.request_id, tokens, start, req.cache_kind, self.blocks.table(req.request_id),
                                     start + num_tokens == n_prompt + n_out, s.temperature, s.top_p, s.top_k, s.seed,
-                                    n_out, s.min_p, req.step_logit_bias(n_out)))
+                                    n_out, s.min_p, req.step_logit_bias(n_out), s.logprobs))
 
     def _decode_plan(self, req: Request) -> SeqPlan:
         """_seq_plan(req, 1) for a decoding request (only its newest token uncomputed), without the
@@ -171,7 +171,8 @@ class Scheduler:
                                     req.num_computed_tokens, req.cache_kind, self.blocks.table(req.request_id), True,
                                     s.temperature, s.top_p, s.top_k, s.seed, len(out), s.min_p,
                                     # req.step_logit_bias(len(out)), inlined like the rest of this line
-                                    req.early_logit_bias if len(out) < s.min_tokens else req.logit_bias))
+                                    req.early_logit_bias if len(out) < s.min_tokens else req.logit_bias,
+                                    s.logprobs))
 
     def _convert(self, req: Request, to_kind: CacheKind) -> ConversionPlan | None:
         """Move a running request's computed tokens to to_kind, if the blocks allow."""

@@ -10,7 +10,7 @@ from aptray_kernels.cpu_mirror import DecodeMirror
 from aptray.cache.pool import CachePool
 from aptray.config import EngineConfig
 from aptray.model.loader import DTYPES, load_model
-from aptray.model.sampler import sample
+from aptray.model.sampler import sample, token_logprobs
 from aptray.model.step_context import _slots, build_step_context
 from aptray.worker.memory_profile import gpu_cache_blocks
 from aptray.plan import BatchPlan, StepResult
@@ -77,6 +77,10 @@ class ModelRunner:
             sampled = [s for s in plan.seqs if s.sample]
             if self.rank == 0 and sampled:
                 tokens, errors = sample(logits, sampled, self.generator)
+                logprobs, lp_errors = token_logprobs(logits, sampled, tokens)
+                for row, why in lp_errors.items():
+                    tokens[row], errors[row] = None, why
+                result.logprobs = {sampled[row].request_id: lp for row, lp in logprobs.items()}
                 result.sampled = {s.request_id: t for s, t in zip(sampled, tokens) if t is not None}
                 result.errors = {sampled[row].request_id: why for row, why in errors.items()}
                 if plan.want_logits:
