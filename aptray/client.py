@@ -16,20 +16,22 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
                   stop: list[str] | None = None, stop_token_ids: list[int] | None = None, seed: int | None = None,
                   ignore_eos: bool = False, ttft_ms: float | None = None, tbt_ms: float | None = None,
                   prefix_key: str = "", min_p: float | None = None, min_tokens: int | None = None,
-                  logit_bias: dict[int, float] | None = None) -> generate_pb2.GenerateRequest:
+                  logit_bias: dict[int, float] | None = None, logprobs: int | None = None
+                  ) -> generate_pb2.GenerateRequest:
     """prefix_key: a name for the prompt prefix this request shares with others (a conversation id):
-    the request router prefers a replica that holds it cached."""
-    # version 2 only where a field of version 2 is set: a version-1 server then serves the rest
-    newer = min_p is not None or min_tokens is not None or bool(logit_bias)
-    req = generate_pb2.GenerateRequest(version=2 if newer else 1, client_request_id=client_request_id,
-                                       prefix_key=prefix_key)
+    the request router prefers a replica that holds it cached. logprobs: each token's log-probability
+    and this many top tokens' (GenerateResponse.logprobs)."""
+    # the lowest version with the fields set: an older server then serves the rest
+    version = 3 if logprobs is not None else 2 if min_p is not None or min_tokens is not None or logit_bias else 1
+    req = generate_pb2.GenerateRequest(version=version, client_request_id=client_request_id, prefix_key=prefix_key)
     if isinstance(prompt, str):
         req.prompt = prompt
     else:
         req.prompt_token_ids.ids.extend(prompt)
     s = req.sampling
     for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
-                        ("top_k", top_k), ("seed", seed), ("min_p", min_p), ("min_tokens", min_tokens)):
+                        ("top_k", top_k), ("seed", seed), ("min_p", min_p), ("min_tokens", min_tokens),
+                        ("logprobs", logprobs)):
         if value is not None:
             setattr(s, name, value)
     s.stop.extend(stop or [])

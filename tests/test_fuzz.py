@@ -94,7 +94,7 @@ def bodies(schema_doc: dict, name: str):
         body = draw(base)
         if draw(st.booleans()):  # break one field: wrong type, out of range, absurd size
             keys = sorted(set(body) | {"max_tokens", "n", "model", "seed", "top_k", "temperature", "stop", "prompt",
-                                       "min_p", "min_tokens", "logit_bias"})
+                                       "min_p", "min_tokens", "logit_bias", "logprobs", "top_logprobs"})
             body[draw(st.sampled_from(keys))] = draw(HOSTILE)
         body.setdefault("max_tokens", draw(st.integers(min_value=1, max_value=4)))  # keep generations short
         return body
@@ -161,6 +161,12 @@ RAW = [
     ("min_tokens over max_tokens", b'{"prompt": "hi", "max_tokens": 2, "min_tokens": 3}', 400),
     ("min_p over 1", b'{"prompt": "hi", "max_tokens": 2, "min_p": 1.5}', 422),
     ("denormal min_p", b'{"prompt": "hi", "max_tokens": 2, "min_p": 5e-324, "temperature": 1}', 200),
+    ("logprobs over 20", b'{"prompt": "hi", "max_tokens": 2, "logprobs": 21}', 422),
+    ("logprobs negative", b'{"prompt": "hi", "max_tokens": 2, "logprobs": -1}', 422),
+    ("logprobs huge", b'{"prompt": "hi", "max_tokens": 2, "logprobs": 1e308}', 422),
+    ("logprobs fraction", b'{"prompt": "hi", "max_tokens": 2, "logprobs": 2.5}', 422),
+    ("logprobs 20", b'{"prompt": "hi", "max_tokens": 2, "logprobs": 20}', 200),
+    ("logprobs with echo", b'{"prompt": "hi", "max_tokens": 2, "logprobs": 1, "echo": true}', 400),
     ("oversized body", json.dumps({"prompt": "x" * (MAX_BODY + 10)}).encode(), 413),
 ]
 
@@ -202,7 +208,7 @@ def test_lone_surrogates_are_refused(server, path, body):
 
 # generation controls aptray does not implement: refused with a message naming them, unless sent at
 # their no-op values (what clients and benchmark tools send by default)
-UNHONOURED = [("logprobs", 5, None), ("presence_penalty", 0.5, 0.0), ("frequency_penalty", 1e-300, 0),
+UNHONOURED = [("presence_penalty", 0.5, 0.0), ("frequency_penalty", 1e-300, 0),
               ("repetition_penalty", 1.2, 1), ("best_of", 2, 1), ("suffix", "end", ""),
               ("response_format", {"type": "json_object"}, {"type": "text"}),
               ("tools", [{"type": "function", "function": {"name": "f"}}], [])]
@@ -220,6 +226,29 @@ def test_generation_controls_it_cannot_honour_are_refused(server, path, field, v
     assert f"{field} is not supported" in r.json()["error"]["message"]
     ok = httpx.post(server["http"] + path, json={**body, field: noop, "user": "someone"}, headers=AUTH, timeout=TIMEOUT)
     assert ok.status_code == 200, ok.text[:300]
+
+
+@pytest.mark.parametrize("extra,want,param", [
+    ({"top_logprobs": 3}, 400, "top_logprobs"),  # top_logprobs needs logprobs: true
+    ({"logprobs": True, "top_logprobs": 21}, 422, None),
+    ({"logprobs": True, "top_logprobs": -1}, 422, None),
+    ({"logprobs": 3}, 422, None),  # completions' integer: chat takes a boolean
+    ({"logprobs": False, "top_logprobs": 0}, 200, None),  # the defaults clients send
+    ({"logprobs": True, "top_logprobs": 20}, 200, None),
+], ids=["top without logprobs", "top 21", "top -1", "logprobs integer", "defaults", "top 20"])
+def test_chat_logprobs_fields(server, extra, want, param):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
+    r = httpx.post(server["http"] + "/v1/chat/completions", json=body, headers=AUTH, timeout=TIMEOUT)
+    STATS["http"] += 1
+    _check_http(r)
+    assert r.status_code == want, r.text[:300]
+    if param:
+        assert r.json()["error"]["param"] == param
+    if want == 200:
+        logprobs = r.json()["choices"][0]["logprobs"]
+        assert (logprobs is None) == (not extra["logprobs"])
+        if logprobs:
+            assert [len(t["top_logprobs"]) for t in logprobs["content"]] == [20] * len(logprobs["content"])
 
 
 def test_oversized_body_without_length_is_refused(server):
@@ -260,7 +289,7 @@ def grpc_requests(draw):
     """Half sane requests (that should generate), half with every field drawn from its whole type."""
     from aptray.proto import generate_pb2
     sane = draw(st.booleans())
-    req = generate_pb2.GenerateRequest(version=1 if sane else draw(st.sampled_from([0, 1, 2, 2**32 - 1])),
+    req = generate_pb2.GenerateRequest(version=3 if sane else draw(st.sampled_from([0, 1, 2, 3, 4, 2**32 - 1])),
                                        client_request_id="" if sane else draw(st.sampled_from(["", "dup", "a:b", "x" * 300])))
     if draw(st.booleans()):
         req.prompt = draw(st.text(min_size=1 if sane else 0, max_size=60))
@@ -276,6 +305,8 @@ def grpc_requests(draw):
         s.temperature = draw(st.floats(0, 2, width=32))
         s.seed = draw(st.integers(0, 2**31))
         s.top_k = draw(st.integers(-1, 50))
+        if draw(st.booleans()):
+            s.logprobs = draw(st.integers(0, 20))
     else:
         f32 = st.floats(width=32)  # NaN and infinities included
         for name, strat in (("temperature", f32), ("top_p", f32), ("top_k", st.integers(-(2**31), 2**31 - 1)),
@@ -285,7 +316,8 @@ def grpc_requests(draw):
                 setattr(s, name, draw(strat))
         s.stop.extend(draw(st.lists(st.text(max_size=4), max_size=3)))
         s.stop_token_ids.extend(draw(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3)))
-        for name, strat in (("min_p", f32), ("min_tokens", st.integers(-(2**31), 2**31 - 1))):
+        for name, strat in (("min_p", f32), ("min_tokens", st.integers(-(2**31), 2**31 - 1)),
+                            ("logprobs", st.integers(-(2**31), 2**31 - 1))):
             if draw(st.booleans()):
                 setattr(s, name, draw(strat))
         s.logit_bias.update(draw(st.dictionaries(st.integers(-(2**63), 2**63 - 1), f32, max_size=3)))

@@ -303,11 +303,66 @@ def test_logit_bias_min_tokens_and_min_p_reach_the_shards_over_http_and_grpc(ser
         assert eos not in tokens[:3] and tokens[3:] == [eos] and replies[-1].finish_reason == "stop"
         # the request names the version of the fields it sets; a newer version than the server's is refused
         assert build_request(p).version == 1 and build_request(p, logit_bias={17: 1.0}).version == 2
+        assert build_request(p, min_p=0.1, logprobs=0).version == 3
         too_new = build_request(p, min_p=0.1)
-        too_new.version = 3
+        too_new.version = 4
         with pytest.raises(grpc.RpcError) as e:
             list(c.stub.Generate(too_new, metadata=c.metadata))
-        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "speaks 2" in e.value.details()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "speaks 3" in e.value.details()
+
+
+def test_logprobs_over_http_and_grpc_are_the_engines(server, oai, model_path, reference):
+    """Through the TP=2 app (logprobs cross gRPC from rank 0): completions and chat, streamed or not,
+    through the official openai client, and gRPC, each token's log-probability and top 3 as the
+    single-process engine computes them (tests/test_logprobs.py checks those against transformers)."""
+    from aptray.client import Client
+
+    tokenizer, ref = reference
+    p = PROMPTS[1]
+    llm = LLM(model_path, num_cache_blocks=64)
+    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=3)
+    local = llm.generate(p, greedy)[0].outputs[0]
+    want = [lp.logprob for lp in local.logprobs]
+    want_top = [[t for t, _ in lp.top] for lp in local.logprobs]
+    texts = [tokenizer.decode([t]) for t in local.token_ids]
+    assert list(local.token_ids) == ref[p][0]
+
+    whole = oai.completions.create(model=server["model"], prompt=p, logprobs=3, **GREEDY).choices[0].logprobs
+    assert whole.tokens == texts and whole.token_logprobs == pytest.approx(want, abs=1e-4)
+    # keyed by token text, as OpenAI's shape is: tokens with the same text (byte pieces all read U+FFFD) share a key
+    assert [list(top) for top in whole.top_logprobs] == [list({tokenizer.decode([t]): 0 for t in ids})
+                                                         for ids in want_top]
+    assert whole.text_offset == [sum(map(len, texts[:i])) for i in range(len(texts))]
+    streamed = [c.choices[0].logprobs for c in oai.completions.create(model=server["model"], prompt=p, logprobs=3,
+                                                                      stream=True, **GREEDY) if c.choices]
+    assert [t for lp in streamed for t in lp.token_logprobs] == pytest.approx(want, abs=1e-4)
+    assert [o for lp in streamed for o in lp.text_offset] == whole.text_offset
+
+    messages = [{"role": "user", "content": p}]
+    chat = oai.chat.completions.create(model=server["model"], messages=messages, logprobs=True, top_logprobs=3,
+                                       **GREEDY)
+    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                                  add_special_tokens=False)
+    chat_local = llm.generate({"prompt_token_ids": prompt_ids}, greedy)[0].outputs[0]
+    content = chat.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx([lp.logprob for lp in chat_local.logprobs], abs=1e-4)
+    assert [c.token for c in content] == [tokenizer.decode([t]) for t in chat_local.token_ids]
+    assert [c.bytes for c in content] == [list(c.token.encode()) for c in content]
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob >= c.logprob - 1e-6 for c in content)
+    chunks = oai.chat.completions.create(model=server["model"], messages=messages, logprobs=True, stream=True,
+                                         **GREEDY)
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.logprob for t in streamed] == pytest.approx([c.logprob for c in content], abs=1e-4)
+    assert all(t.top_logprobs == [] for t in streamed)  # top_logprobs unset: 0
+    assert oai.chat.completions.create(model=server["model"], messages=messages, **GREEDY).choices[0].logprobs is None
+
+    with Client(server["grpc"]) as c:
+        replies = list(c.generate(p, temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=3))
+        lps = [lp for r in replies for lp in r.logprobs]
+        assert [lp.logprob for lp in lps] == pytest.approx(want, abs=1e-4)
+        assert [list(lp.top_ids) for lp in lps] == want_top
+        assert all(lp.HasField("logprob") for lp in lps)
+        assert not any(r.logprobs for r in c.generate(p, temperature=0.0, max_tokens=2))
 
 
 def _sse_objects(response) -> list[dict]:

@@ -237,7 +237,10 @@ class EngineLoop:
         if req is not None and req.output_token_ids[:len(seen)] == seen:
             if len(req.output_token_ids) > len(seen):  # generated while the client was away
                 new = list(req.output_token_ids[len(seen):])
-                self._out.append(stream.chunk(rid, new, stream.advance(new)))
+                chunk = stream.chunk(rid, new, stream.advance(new))
+                if req.sampling.logprobs is not None:
+                    chunk["logprobs"] = req.output_logprobs[len(seen):]
+                self._out.append(chunk)
             return
         if req is not None:  # Redis was behind what the client saw (an outage): the client is right
             self.engine.abort(rid)
@@ -288,10 +291,14 @@ class EngineLoop:
             return
         if out.finished:  # the engine's final text is cut at a stop string
             new, text = stream.finish(completion.token_ids, completion.text)
-            self._out.append(stream.chunk(rid, new, text, completion.finish_reason))
+            chunk = stream.chunk(rid, new, text, completion.finish_reason)
         else:
             new = list(out.new_token_ids)
-            self._out.append(stream.chunk(rid, new, stream.advance(new)))
+            chunk = stream.chunk(rid, new, stream.advance(new))
+        if completion.logprobs is not None:  # the new tokens' (they end the stream's tokens)
+            end = len(stream.token_ids)
+            chunk["logprobs"] = completion.logprobs[end - len(new):end]
+        self._out.append(chunk)
 
     def _slos(self, stream: ClientStream | None) -> tuple[float, float]:
         return (stream.ttft_slo, stream.tbt_slo) if stream else (self.config.ttft_slo, self.config.tbt_slo)

@@ -9,15 +9,16 @@ import grpc
 
 from aptray.proto import generate_pb2
 from aptray.proto.convert import PLAN_VERSION
-from aptray.serve.openai_api import new_id
+from aptray.serve.openai_api import chunk_logprobs, new_id
 from aptray.serve.prefix_key import prefix_tag
 from aptray.serve.relay import Rejected
 from aptray.serve.security import grpc_key, identity, key_ok
 
 logger = logging.getLogger("aptray")
 # GenerateRequest.version this server speaks (0: unset, taken as 1); 2 adds Sampling's min_p, min_tokens
-# and logit_bias, so that a server without them refuses a request that sets them instead of ignoring them
-API_VERSION = 2
+# and logit_bias, 3 its logprobs, so that a server without them refuses a request that sets them instead
+# of ignoring them
+API_VERSION = 3
 _STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
            404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
            429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
@@ -47,8 +48,24 @@ def sampling_from_proto(req: generate_pb2.GenerateRequest) -> dict:
             "max_tokens": opt(s, "max_tokens", 16), "stop": list(s.stop), "stop_token_ids": list(s.stop_token_ids),
             "seed": opt(s, "seed", None), "ignore_eos": s.ignore_eos, "min_p": opt(s, "min_p", 0.0),
             "min_tokens": opt(s, "min_tokens", 0), "logit_bias": dict(s.logit_bias),
+            "logprobs": opt(s, "logprobs", None),
             "ttft_slo": slo.ttft_ms / 1000 if slo.HasField("ttft_ms") else None,
             "tbt_slo": slo.tbt_ms / 1000 if slo.HasField("tbt_ms") else None}
+
+
+def _logprobs(chunk: dict) -> list[generate_pb2.TokenLogprobs]:
+    """The chunk's tokens' log-probabilities (unset where unknown: a chunk relayed after a resume)."""
+    out = []
+    for lp in chunk_logprobs(chunk):
+        msg = generate_pb2.TokenLogprobs()
+        if lp is not None:
+            msg.logprob = lp.logprob
+            if lp.top:
+                ids, values = zip(*lp.top)
+                msg.top_ids.extend(ids)
+                msg.top_logprobs.extend(values)
+        out.append(msg)
+    return out
 
 
 async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
@@ -79,6 +96,8 @@ async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
                                                       finished=last["finished"],
                                                       token_ids=[t for c in batch for t in c["token_ids"]],
                                                       text="".join(c["text"] for c in batch))
+                if sampling["logprobs"] is not None:
+                    reply.logprobs.extend(m for c in batch for m in _logprobs(c))
                 if last["finished"]:
                     reply.finish_reason = last["finish_reason"] or ""
                     reply.usage.prompt_tokens = last["usage"]["prompt_tokens"]

@@ -9,6 +9,7 @@ event per chunk still), so a replica that falls behind catches up in fewer, larg
 """
 
 import asyncio
+import copy
 import logging
 import os
 import time
@@ -28,8 +29,9 @@ from aptray.serve import grpc_api, routing_counts
 from aptray.serve.args import INGRESS_CPUS, AppArgs
 from aptray.serve.deploy_options import ATTAINMENT_WINDOW_S
 from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatCompletionRequest, ChatCompletionResponse,
-                                     CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList,
-                                     error_body, finish_reason, new_id, unsupported_field)
+                                     CompletionChoice, CompletionRequest, CompletionResponse, LogprobsRenderer,
+                                     ModelCard, ModelList, chunk_logprobs, error_body, finish_reason, new_id,
+                                     unsupported_field)
 from aptray.serve.relay import Call, Rejected, RouterLink
 from aptray.model.demo import resolve_model_path
 from aptray.serve.prefix_key import PREFIX_KEY_HEADER, prefix_tag
@@ -131,6 +133,8 @@ class Ingress:
         # tokenizers and chat templates run here, off the event loop: a long prompt must not stall
         # every other request's stream (one thread: a tokenizer is not shared across threads safely)
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aptray-tokenize")
+        self._token_texts: dict[int, str] = {}
+        self._token_text_tokenizer = None
         info = ray.get(self.router.ready.remote())
         self.max_model_len = info["max_model_len"]
         self.limits = info["limits"]
@@ -200,6 +204,7 @@ class Ingress:
         return {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
                 "max_tokens": max_tokens, "min_tokens": req.min_tokens, "stop": req.stop,
                 "stop_token_ids": req.stop_token_ids or [], "logit_bias": req.logit_bias or {},
+                "logprobs": req.logprobs_asked(),
                 "seed": req.seed, "ignore_eos": req.ignore_eos,
                 "ttft_slo": slo.ttft_ms / 1000 if slo and slo.ttft_ms else None,
                 "tbt_slo": slo.tbt_ms / 1000 if slo and slo.tbt_ms else None}
@@ -210,6 +215,11 @@ class Ingress:
                            "model")
         if req.n != 1:
             raise Rejected("only n = 1 is supported", 400, "n")
+        if req.logprobs_asked() is not None and getattr(req, "echo", False):
+            raise Rejected("echo with logprobs needs the prompt's log-probabilities, which this server does not "
+                           "compute: leave out echo or logprobs", 400, "echo")
+        if getattr(req, "top_logprobs", None) and not req.logprobs:
+            raise Rejected("top_logprobs needs logprobs set to true", 400, "top_logprobs")
         unsupported = unsupported_field(req)
         if unsupported:
             raise Rejected(f"{unsupported} is not supported by this server: leave it out, or at its default", 400,
@@ -226,29 +236,43 @@ class Ingress:
             gen = await self.open_stream(rid, ids, sampling, prompt, self.caller(raw), self.prefix_of(raw))
         except Rejected as e:
             return self._reject(e)
+        renderer = LogprobsRenderer(self.token_text) if req.logprobs is not None else None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = CompletionEvents(rid, self.model_name, include_usage, ids if req.return_token_ids else None)
+            events = CompletionEvents(rid, self.model_name, include_usage, ids if req.return_token_ids else None,
+                                      renderer)
             return StreamingResponse(self._sse_stream(gen, events), media_type="text/event-stream")
         try:
-            text, reply_ids, last = await self._collect(gen)
+            text, reply_ids, logprobs, last = await self._collect(gen)
         except Rejected as e:
             return self._reject(e)
         asked = req.return_token_ids
         return CompletionResponse(id=rid, model=self.model_name, usage=usage(last), choices=[
             CompletionChoice(text=(prompt or "") + text if req.echo else text, token_ids=reply_ids if asked else None,
+                             logprobs=renderer.completion(reply_ids, logprobs) if renderer else None,
                              finish_reason=finish_reason(last["finish_reason"]), prompt_token_ids=ids if asked else None)])
 
-    async def _collect(self, gen) -> tuple[str, list[int], dict | None]:
-        """A non-streaming request's whole text, its token ids and its last chunk (finish reason, usage)."""
-        pieces, ids, last = [], [], None
+    async def _collect(self, gen) -> tuple[str, list[int], list, dict | None]:
+        """A non-streaming request's whole text, its token ids, their log-probabilities (None where
+        not asked or unknown) and its last chunk (finish reason, usage)."""
+        pieces, ids, logprobs, last = [], [], [], None
         async with aclosing(self.chunks(gen)) as batches:
             async for batch in batches:
                 for c in batch:
                     pieces.append(c["text"])
                     ids.extend(c["token_ids"])
+                    logprobs.extend(chunk_logprobs(c))
                 last = batch[-1]
-        return "".join(pieces), ids, last
+        return "".join(pieces), ids, logprobs, last
+
+    def token_text(self, token_id: int) -> str:
+        """A token's text alone, as log-probabilities show it (cached: at most one entry per vocabulary id)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            if self._token_text_tokenizer is None:  # its own copy: the tokenizer thread uses self.tokenizer
+                self._token_text_tokenizer = copy.deepcopy(self.tokenizer)
+            text = self._token_texts[token_id] = self._token_text_tokenizer.decode([token_id])
+        return text
 
     async def _completion_prompt(self, prompt, sampling: dict) -> tuple[str | None, list[int]]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -288,18 +312,20 @@ class Ingress:
                                          self.prefix_of(raw))
         except Rejected as e:
             return self._reject(e)
+        renderer = LogprobsRenderer(self.token_text) if req.logprobs else None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = ChatEvents(rid, self.model_name, include_usage, ids if req.return_token_ids else None)
+            events = ChatEvents(rid, self.model_name, include_usage, ids if req.return_token_ids else None, renderer)
             return StreamingResponse(self._chat_sse(gen, events), media_type="text/event-stream")
         try:
-            content, reply_ids, last = await self._collect(gen)
+            content, reply_ids, logprobs, last = await self._collect(gen)
         except Rejected as e:
             return self._reject(e)
         asked = req.return_token_ids
         return ChatCompletionResponse(
             id=rid, model=self.model_name, usage=usage(last), prompt_token_ids=ids if asked else None,
             choices=[ChatChoice(message=ChatChoiceMessage(content=content), token_ids=reply_ids if asked else None,
+                                logprobs=renderer.chat(reply_ids, logprobs) if renderer else None,
                                 finish_reason=finish_reason(last["finish_reason"]))])
 
     def _chat_prompt(self, req) -> tuple[str, list[int]]:

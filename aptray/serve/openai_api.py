@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from aptray.sampling_params import check_text
+from aptray.sampling_params import MAX_LOGPROBS, check_text
 
 
 Text = Annotated[str, AfterValidator(check_text)]  # a string field the server reads
@@ -32,7 +32,7 @@ class StreamOptions(BaseModel):
 # no-op values: a request may send those (clients and benchmark tools send defaults), any other value
 # is refused rather than silently ignored
 UNSUPPORTED = {
-    "best_of": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0),
+    "best_of": (None, 1),
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
     "suffix": (None, ""),
     "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none", "auto"),
@@ -81,6 +81,11 @@ class CompletionRequest(_SamplingRequest):
     prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
+    # each output token's log-probability and this many of the most likely tokens' (OpenAI allows 5)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def logprobs_asked(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -92,6 +97,11 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False  # each output token's log-probability
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # with logprobs: this many most likely tokens'
+
+    def logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class Usage(BaseModel):
@@ -100,11 +110,71 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: per token its text, log-probability, the top tokens' and its offset in
+    the text. null where unknown (a token sampled before the request was resumed)."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float | None  # None: unknown (a token sampled before the request was resumed)
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class LogprobsRenderer:
+    """Tokens' log-probabilities (aptray.plan.TokenLogprobs, or None where unknown) in OpenAI's shapes.
+    token_text: a token id's text; offset: where the next token's text starts (completions)."""
+
+    def __init__(self, token_text, offset: int = 0):
+        self.token_text, self.offset = token_text, offset
+
+    def completion(self, token_ids: list[int], logprobs: list) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        for t, lp in zip(token_ids, logprobs):
+            text = self.token_text(t)
+            out.tokens.append(text)
+            out.token_logprobs.append(None if lp is None else lp.logprob)
+            out.top_logprobs.append(None if lp is None else {self.token_text(i): v for i, v in lp.top})
+            out.text_offset.append(self.offset)
+            self.offset += len(text)
+        return out
+
+    def chat(self, token_ids: list[int], logprobs: list) -> ChatLogprobs:
+        content = []
+        for t, lp in zip(token_ids, logprobs):
+            text = self.token_text(t)
+            top = [] if lp is None else [TopLogprob(token=x, logprob=v, bytes=list(x.encode()))
+                                         for x, v in ((self.token_text(i), v) for i, v in lp.top)]
+            content.append(ChatTokenLogprob(token=text, logprob=None if lp is None else lp.logprob,
+                                            bytes=list(text.encode()), top_logprobs=top))
+        return ChatLogprobs(content=content)
+
+
+def chunk_logprobs(chunk: dict) -> list:
+    """A chunk's tokens' log-probabilities; None for each where the chunk has none (relayed after a resume)."""
+    return chunk.get("logprobs") or [None] * len(chunk["token_ids"])
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     token_ids: list[int] | None = _if_asked()  # a stream's: this event's tokens
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     prompt_token_ids: list[int] | None = _if_asked()  # a stream's: in its first event only
 
@@ -127,6 +197,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: ChatChoiceMessage
     token_ids: list[int] | None = _if_asked()
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -149,6 +220,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     token_ids: list[int] | None = _if_asked()
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

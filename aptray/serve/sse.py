@@ -5,7 +5,7 @@ serialising it per token cost more than the rest of the relay. The template is t
 JSON (made once per request, so the shape stays what openai_api.py defines) split around the
 text, which json.dumps escapes, and the event's token ids where the client asked for them. Events
 that carry a finish reason, usage or the prompt's ids still go through the models (once per
-request).
+request), as do all events of a request that asked for log-probabilities.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import json
 import time
 
 from aptray.serve.openai_api import (ChatChunkChoice, ChatCompletionChunk, ChatDelta, CompletionChoice,
-                                     CompletionResponse, Usage, finish_reason)
+                                     CompletionResponse, LogprobsRenderer, Usage, chunk_logprobs, finish_reason)
 
 _MARK = "\x01aptray-text\x01"
 _MARK_JSON = json.dumps(_MARK)  # how the model serialises it: the place to cut
@@ -35,10 +35,13 @@ def usage(chunk: dict) -> Usage:
 
 class _Events:
     """prompt_ids: the prompt's token ids where the client asked for token ids (return_token_ids):
-    every event then carries its tokens' ids, and the first one the prompt's."""
+    every event then carries its tokens' ids, and the first one the prompt's. logprobs: where the
+    client asked for log-probabilities, what renders them."""
 
-    def __init__(self, rid: str, model: str, include_usage: bool, prompt_ids: list[int] | None = None):
+    def __init__(self, rid: str, model: str, include_usage: bool, prompt_ids: list[int] | None = None,
+                 logprobs: LogprobsRenderer | None = None):
         self.rid, self.model, self.include_usage = rid, model, include_usage
+        self.logprobs = logprobs
         self.created = int(time.time())
         self.with_ids, self._prompt_ids = prompt_ids is not None, prompt_ids
         template = self._model(_MARK, None, _IDS_MARK if self.with_ids else None).model_dump_json()
@@ -63,30 +66,38 @@ class _Events:
         out = []
         for chunk in chunks:
             ids = chunk["token_ids"] if self.with_ids else None
-            if not chunk["finished"] and self._prompt_ids is None:
+            if not chunk["finished"] and self._prompt_ids is None and self.logprobs is None:
                 out.append(self.text(chunk["text"], ids))
                 continue
             reason = finish_reason(chunk["finish_reason"]) if chunk["finished"] else None
-            out.append(sse(self._model(chunk["text"], reason, ids, self.prompt_ids_once())))
+            lps = None if self.logprobs is None else self._logprobs(chunk["token_ids"], chunk_logprobs(chunk))
+            out.append(sse(self._model(chunk["text"], reason, ids, self.prompt_ids_once(), lps)))
             if chunk["finished"] and self.include_usage:
                 out.append(sse(self._usage_model(usage(chunk))))
         return "".join(out)
 
 
 class CompletionEvents(_Events):
-    def _model(self, text: str, reason: str | None, ids=None, prompt_ids=None):
+    def _model(self, text: str, reason: str | None, ids=None, prompt_ids=None, logprobs=None):
         return CompletionResponse(id=self.rid, model=self.model, created=self.created, choices=[
-            CompletionChoice(text=text, token_ids=ids, finish_reason=reason, prompt_token_ids=prompt_ids)])
+            CompletionChoice(text=text, token_ids=ids, logprobs=logprobs, finish_reason=reason,
+                             prompt_token_ids=prompt_ids)])
+
+    def _logprobs(self, token_ids: list[int], logprobs: list):
+        return self.logprobs.completion(token_ids, logprobs)
 
     def _usage_model(self, u: Usage):
         return CompletionResponse(id=self.rid, model=self.model, created=self.created, choices=[], usage=u)
 
 
 class ChatEvents(_Events):
-    def _model(self, text: str, reason: str | None, ids=None, prompt_ids=None):
+    def _model(self, text: str, reason: str | None, ids=None, prompt_ids=None, logprobs=None):
         return ChatCompletionChunk(id=self.rid, model=self.model, created=self.created, prompt_token_ids=prompt_ids,
                                    choices=[ChatChunkChoice(delta=ChatDelta(content=text), token_ids=ids,
-                                                            finish_reason=reason)])
+                                                            logprobs=logprobs, finish_reason=reason)])
+
+    def _logprobs(self, token_ids: list[int], logprobs: list):
+        return self.logprobs.chat(token_ids, logprobs)
 
     def _usage_model(self, u: Usage):
         return ChatCompletionChunk(id=self.rid, model=self.model, created=self.created, choices=[], usage=u)

@@ -7,7 +7,8 @@ is one Ray object per step, fewer when the ingress reads slower than steps come,
 per token per request.
 
 A chunk is a dict: {"request_id", "epoch", "token_ids", "text", "finished", "finish_reason", "usage"},
-or {"request_id", "epoch", "error", "status"} when the request failed.
+plus "logprobs" (each token's aptray.plan.TokenLogprobs, or None where unknown) when the request
+asked, or {"request_id", "epoch", "error", "status"} when the request failed.
 """
 from __future__ import annotations
 
