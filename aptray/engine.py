@@ -158,6 +158,9 @@ class Engine:
             self.quarantine.clear(result.sampled)
         outputs = step.outputs
         outputs += [out for rid, why in result.errors.items() if (out := self.fail(rid, why)) is not None]
+        for rid, (first, entries) in result.prompt_logprobs.items():
+            if (req := self.scheduler.requests.get(rid)) is not None:
+                req.prompt_logprobs[first:first + len(entries)] = entries
         for req in self.scheduler.update(plan, result, self.clock()):
             try:
                 if req.sampling.logprobs is not None:
@@ -238,7 +241,8 @@ class Engine:
         if finished:
             metrics = RequestMetrics(req.arrival_time, req.first_token_time, list(req.token_times), req.num_preemptions)
         return RequestOutput(req.request_id, self._prompts.get(req.request_id), req.prompt_token_ids,
-                             [completion], finished, metrics, new, req.error)
+                             [completion], finished, metrics, new, req.error,
+                             req.prompt_logprobs if req.sampling.prompt_logprobs is not None else None)
 
     def _forget(self, request_id: str) -> None:
         self.quarantine.forget(request_id)

@@ -36,6 +36,9 @@ class RequestOutput:
     metrics: RequestMetrics | None = None  # on the finished output only
     new_token_ids: list[int] = field(default_factory=list)  # tokens added by this step (streaming)
     error: str | None = None  # finish_reason "error": what went wrong for this request
+    # where SamplingParams.prompt_logprobs asks: one aptray.plan.TokenLogprobs per prompt token (None
+    # for the first, which nothing predicts); complete from the first output on
+    prompt_logprobs: list | None = None
 
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")

@@ -30,6 +30,10 @@ class SeqPlan(NamedTuple):
     min_p: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); -inf bans it
     logprobs: int | None = None  # return the sampled token's log-probability and the k most likely ones'
+    # prompt tokens to score with their k most likely (prompt_logprobs): the tokens at start_pos + 1,
+    # start_pos + 2, ..., each scored by the logits of the row before it
+    prompt_logprobs: int | None = None
+    prompt_targets: tuple[int, ...] = ()
 
     @property
     def context_len(self) -> int:
@@ -81,4 +85,6 @@ class StepResult:
     logits: dict | None = None  # request_id -> logits row, when the plan asked
     errors: dict[str, str] = field(default_factory=dict)  # request_id -> why its row failed (that request only)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # request_id -> its token's, if it asked
+    # request_id -> (position of the first scored prompt token, each target's TokenLogprobs)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
 

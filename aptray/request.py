@@ -52,6 +52,8 @@ class Request:
     # each output token's TokenLogprobs where sampling.logprobs asks (None: a token sampled elsewhere,
     # before a resume, or by an executor that reports none)
     output_logprobs: list = field(default_factory=list)
+    # where sampling.prompt_logprobs asks: one per prompt token (the first, and any not computed yet: None)
+    prompt_logprobs: list = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     cache_kind: CacheKind | None = None
     num_computed_tokens: int = 0  # tokens whose cache entries are written
@@ -73,6 +75,8 @@ class Request:
         sp = self.sampling
         self.stop_token_set = frozenset(sp.stop_token_ids)
         self.logit_bias = self.early_logit_bias = tuple(sp.logit_bias.items())
+        if sp.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * len(self.prompt_token_ids)
         if sp.min_tokens:
             ending = set(self.stop_token_set)
             if self.eos_token_id is not None and not sp.ignore_eos:

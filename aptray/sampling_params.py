@@ -79,6 +79,9 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     # None: no log-probabilities; k >= 0: each output token's, with the k most likely tokens' (vLLM's logprobs)
     logprobs: int | None = None
+    # the same for each prompt token after the first (vLLM's prompt_logprobs; the prompt is then computed
+    # whole: no prefix cache)
+    prompt_logprobs: int | None = None
     # Per-request SLOs in seconds; None takes the engine's defaults.
     ttft_slo: float | None = None
     tbt_slo: float | None = None
@@ -105,10 +108,11 @@ class SamplingParams:
             raise InvalidRequest(f"min_tokens must be an integer in [0, max_tokens = {self.max_tokens}], got "
                                  f"{self.min_tokens!r}", "min_tokens")
         self.logit_bias = _logit_bias(self.logit_bias)
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise InvalidRequest(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (how many of the most likely "
-                                 f"tokens to return), got {self.logprobs!r}", "logprobs")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
+                raise InvalidRequest(f"{name} must be an integer in [0, {MAX_LOGPROBS}] (how many of the most likely "
+                                     f"tokens to return), got {k!r}", name)
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must be non-empty", "stop")
         if any(not isinstance(t, int) for t in self.stop_token_ids):

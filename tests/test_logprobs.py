@@ -125,3 +125,27 @@ def test_logprobs_survive_preemption_and_resume_marks_the_unknown():
     before = outs[0].outputs[0].logprobs[5:]
     assert [lp.logprob for lp in completion.logprobs[5:]] == pytest.approx([lp.logprob for lp in before], abs=1e-5)
     assert [[t for t, _ in lp.top] for lp in completion.logprobs[5:]] == [[t for t, _ in lp.top] for lp in before]
+
+
+@pytest.mark.parametrize("model,cache_mode,chunked", [("opt-60x3", "kv", False), ("opt-60x3", "hidden", True),
+                                                      ("llama-48x3", "kv", True)])
+def test_prompt_logprobs_are_transformers(model, cache_mode, chunked):
+    """Each prompt token after the first, scored by the rows before it: in one prefill, or over chunks
+    of 8 tokens (a chunk's last row scores the next chunk's first token). The prompts share their
+    first 24 tokens, and the one that asks must not take them from the prefix cache."""
+    path = tiny_model(model)
+    kw = dict(enable_chunked_prefill=True, max_num_batched_tokens=8) if chunked else {}
+    llm = LLM(path, max_num_seqs=4, cache_mode=cache_mode, block_size=4, **kw)
+    shared = prompts(1, seed=4, lo=24, hi=25)[0]
+    first, second = shared + [7, 8, 9], shared + [10, 11, 12, 13]
+    llm.generate({"prompt_token_ids": first}, SamplingParams(max_tokens=1))  # publishes the shared blocks
+    sp = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, prompt_logprobs=4, logprobs=1)
+    out = llm.generate({"prompt_token_ids": second}, sp)[0]
+    ref = _hf_logprobs(path, second[:1], second[1:])  # row i scores prompt token i + 1
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(second)
+    for i, lp in enumerate(out.prompt_logprobs[1:]):
+        assert lp.logprob == pytest.approx(float(ref[i, second[i + 1]]), abs=2e-4), i
+        torch.testing.assert_close(torch.tensor([v for _, v in lp.top]), torch.topk(ref[i], 4).values, atol=2e-4,
+                                   rtol=0)
+    _check_against_transformers(path, second, out.outputs[0], 1)
+    assert llm.generate({"prompt_token_ids": second}, SamplingParams(max_tokens=1))[0].prompt_logprobs is None

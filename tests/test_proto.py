@@ -25,13 +25,15 @@ def test_batch_plan_round_trip_keeps_every_field():
                       seed=2**40, sample_index=3, min_p=0.05, logit_bias=((50271, 2.5), (7, -math.inf), (0, -1e-300)),
                       logprobs=20),
               SeqPlan("b", (9,), 17, "hidden", (0,), False),
+              SeqPlan("p", (5, 6, 7), 0, "kv", (1,), False, prompt_logprobs=0, prompt_targets=(6, 7, 8)),
               SeqPlan("c", (8,), 5, "kv", (), True, seed=0, logprobs=0)),
         conversions=(ConversionPlan("b", 17, "kv", (0,), (6, 7)),),
         want_logits=True)
     back = plan_from_proto(_wire(plan_to_proto(plan), shard_pb2.BatchPlan))
     assert back == plan
-    assert back.seqs[1].seed is None and back.seqs[2].seed == 0  # unset vs zero survive
-    assert back.seqs[1].logprobs is None and back.seqs[2].logprobs == 0
+    assert back.seqs[1].seed is None and back.seqs[3].seed == 0  # unset vs zero survive
+    assert back.seqs[1].logprobs is None and back.seqs[3].logprobs == 0
+    assert back.seqs[1].prompt_logprobs is None and back.seqs[2].prompt_logprobs == 0
 
 
 def test_empty_plan_round_trip():
@@ -47,9 +49,11 @@ def test_step_result_round_trip():
 
 def test_step_result_logprobs_round_trip():
     lp = {"a": TokenLogprobs(_f32(-0.25), ((3, _f32(-0.25)), (50271, _f32(-1.5)))), "b": TokenLogprobs(-9999.0)}
-    r = StepResult(sampled={"a": 3, "b": 7}, step_time=0.01, logprobs=lp)
+    prompt = {"a": (1, [None, TokenLogprobs(_f32(-3.75), ((9, _f32(-0.5)),))]), "c": (40, [])}
+    r = StepResult(sampled={"a": 3, "b": 7}, step_time=0.01, logprobs=lp, prompt_logprobs=prompt)
     back = result_from_proto(_wire(result_to_proto(r), shard_pb2.StepResult))
     assert back == r and back.logprobs["b"].top == ()
+    assert back.prompt_logprobs["a"][1][0] is None  # a row whose logits were not finite
 
 
 def test_step_result_logits_round_trip():

@@ -165,7 +165,8 @@ class BlockManager:
         """The longest prefix of req's tokens a new table of that kind can start from: published blocks
         of that kind, or (a KV request, convert) hidden ones if they hold more tokens. Never the block of
         its last token."""
-        if not self.caching or not self._block_of:
+        # a request asking for its prompt's log-probabilities computes the whole prompt
+        if not self.caching or not self._block_of or req.sampling.prompt_logprobs is not None:
             return NO_PREFIX
         last = req.num_tokens - 1  # tokens before the last one: what may come from the cache
         best = NO_PREFIX

@@ -77,6 +77,19 @@ def sample(logits: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator
 MIN_LOGPROB = -9999.0
 
 
+def scored(logits: torch.Tensor, targets, ks) -> list[TokenLogprobs | None]:
+    """Row i's log-probability of token targets[i] and its ks[i] most likely tokens' (one k for all
+    when ks is an int), from raw logits [N, V]; None where the row's logits are not finite (NaN)."""
+    lps = torch.log_softmax(logits, dim=-1).clamp_min(MIN_LOGPROB)
+    chosen = lps.gather(1, torch.tensor(list(targets), device=lps.device)[:, None]).squeeze(1).tolist()
+    ks = [ks] * len(chosen) if isinstance(ks, int) else ks
+    k = max(ks)
+    top_values, top_ids = torch.topk(lps, k) if k else (lps[:, :0], lps[:, :0].long())
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    return [None if c != c else TokenLogprobs(c, tuple(zip(ids[:n], values[:n])))  # c != c: NaN
+            for c, n, ids, values in zip(chosen, ks, top_ids, top_values)]
+
+
 def token_logprobs(logits: torch.Tensor, seqs: list[SeqPlan], tokens: list[int | None]
                    ) -> tuple[dict[int, TokenLogprobs], dict[int, str]]:
     """For the rows whose request asks (seq.logprobs is not None) and that got a token: the token's
@@ -86,16 +99,10 @@ def token_logprobs(logits: torch.Tensor, seqs: list[SeqPlan], tokens: list[int |
     rows = [i for i, (seq, t) in enumerate(zip(seqs, tokens)) if seq.logprobs is not None and t is not None]
     if not rows:
         return {}, {}
-    lps = torch.log_softmax(logits[rows], dim=-1).clamp_min(MIN_LOGPROB)
-    chosen = lps.gather(1, torch.tensor([[tokens[i]] for i in rows], device=lps.device)).squeeze(1).tolist()
-    k = max(seqs[i].logprobs for i in rows)
-    top_values, top_ids = torch.topk(lps, k) if k else (lps[:, :0], lps[:, :0].long())
-    top_values, top_ids = top_values.tolist(), top_ids.tolist()
     out, errors = {}, {}
-    for j, row in enumerate(rows):
-        if chosen[j] != chosen[j]:  # NaN: the model's logits are not finite for this request
+    for row, lp in zip(rows, scored(logits[rows], [tokens[i] for i in rows], [seqs[i].logprobs for i in rows])):
+        if lp is None:
             errors[row] = "the model's logits are not finite for this request: no log-probabilities"
-            continue
-        n = seqs[row].logprobs
-        out[row] = TokenLogprobs(chosen[j], tuple(zip(top_ids[j][:n], top_values[j][:n])))
+        else:
+            out[row] = lp
     return out, errors

@@ -33,6 +33,9 @@ def seq_to_proto(s: SeqPlan) -> shard_pb2.SeqPlan:
         msg.seed = s.seed
     if s.logprobs is not None:
         msg.logprobs = s.logprobs
+    if s.prompt_logprobs is not None:
+        msg.prompt_logprobs = s.prompt_logprobs
+        msg.prompt_targets.extend(s.prompt_targets)
     return msg
 
 
@@ -42,7 +45,9 @@ def seq_from_proto(m: shard_pb2.SeqPlan) -> SeqPlan:
                    temperature=m.temperature, top_p=m.top_p, top_k=m.top_k,
                    seed=m.seed if m.HasField("seed") else None, sample_index=m.sample_index, min_p=m.min_p,
                    logit_bias=tuple(zip(m.bias_ids, m.bias_values)),
-                   logprobs=m.logprobs if m.HasField("logprobs") else None)
+                   logprobs=m.logprobs if m.HasField("logprobs") else None,
+                   prompt_logprobs=m.prompt_logprobs if m.HasField("prompt_logprobs") else None,
+                   prompt_targets=tuple(m.prompt_targets))
 
 
 def plan_to_proto(plan: BatchPlan) -> shard_pb2.BatchPlan:
@@ -74,12 +79,12 @@ def result_to_proto(r: StepResult, error: str = "") -> shard_pb2.StepResult:
     msg.sampled.update({k: int(v) for k, v in r.sampled.items()})
     msg.request_errors.update(r.errors)
     for rid, lp in r.logprobs.items():
-        entry = msg.logprobs[rid]
-        entry.logprob = lp.logprob
-        if lp.top:
-            ids, values = zip(*lp.top)
-            entry.top_ids.extend(ids)
-            entry.top_logprobs.extend(values)
+        logprobs_to_proto(lp, msg.logprobs[rid])
+    for rid, (first, entries) in r.prompt_logprobs.items():
+        scored = msg.prompt_logprobs[rid]
+        scored.first_position = first
+        for lp in entries:
+            logprobs_to_proto(lp, scored.tokens.add())
     if r.logits is not None:
         msg.has_logits = True
         for rid, row in r.logits.items():
@@ -93,7 +98,22 @@ def result_from_proto(m: shard_pb2.StepResult) -> StepResult:
     if m.error:
         raise RuntimeError(f"shard step failed: {m.error}")
     logits = {rid: list(row.values) for rid, row in m.logits.items()} if m.has_logits else None
-    logprobs = {rid: TokenLogprobs(lp.logprob, tuple(zip(lp.top_ids, lp.top_logprobs)))
-                for rid, lp in m.logprobs.items()}
-    return StepResult(sampled=dict(m.sampled), step_time=m.step_time, logits=logits,
-                      errors=dict(m.request_errors), logprobs=logprobs)
+    return StepResult(sampled=dict(m.sampled), step_time=m.step_time, logits=logits, errors=dict(m.request_errors),
+                      logprobs={rid: logprobs_from_proto(lp) for rid, lp in m.logprobs.items()},
+                      prompt_logprobs={rid: (p.first_position, [logprobs_from_proto(lp) for lp in p.tokens])
+                                       for rid, p in m.prompt_logprobs.items()})
+
+
+def logprobs_to_proto(lp: TokenLogprobs | None, msg) -> None:
+    """Into a TokenLogprobs message of shard.proto or generate.proto (their fields are the same)."""
+    if lp is None:
+        return
+    msg.logprob = lp.logprob
+    if lp.top:
+        ids, values = zip(*lp.top)
+        msg.top_ids.extend(ids)
+        msg.top_logprobs.extend(values)
+
+
+def logprobs_from_proto(msg) -> TokenLogprobs | None:
+    return TokenLogprobs(msg.logprob, tuple(zip(msg.top_ids, msg.top_logprobs))) if msg.HasField("logprob") else None

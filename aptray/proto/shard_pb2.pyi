@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SeqPlan(_message.Message):
-    __slots__ = ("request_id", "token_ids", "start_pos", "cache_kind", "block_table", "sample", "temperature", "top_p", "top_k", "seed", "sample_index", "min_p", "bias_ids", "bias_values", "logprobs")
+    __slots__ = ("request_id", "token_ids", "start_pos", "cache_kind", "block_table", "sample", "temperature", "top_p", "top_k", "seed", "sample_index", "min_p", "bias_ids", "bias_values", "logprobs", "prompt_logprobs", "prompt_targets")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,8 @@ class SeqPlan(_message.Message):
     BIAS_IDS_FIELD_NUMBER: _ClassVar[int]
     BIAS_VALUES_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TARGETS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     start_pos: int
@@ -38,7 +40,9 @@ class SeqPlan(_message.Message):
     bias_ids: _containers.RepeatedScalarFieldContainer[int]
     bias_values: _containers.RepeatedScalarFieldContainer[float]
     logprobs: int
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_pos: _Optional[int] = ..., cache_kind: _Optional[str] = ..., block_table: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., sample_index: _Optional[int] = ..., min_p: _Optional[float] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ..., logprobs: _Optional[int] = ...) -> None: ...
+    prompt_logprobs: int
+    prompt_targets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_pos: _Optional[int] = ..., cache_kind: _Optional[str] = ..., block_table: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., sample_index: _Optional[int] = ..., min_p: _Optional[float] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ..., logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ..., prompt_targets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ConversionPlan(_message.Message):
     __slots__ = ("request_id", "num_tokens", "to_kind", "src_blocks", "dst_blocks")
@@ -84,8 +88,16 @@ class TokenLogprobs(_message.Message):
     top_logprobs: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
+class PromptLogprobs(_message.Message):
+    __slots__ = ("first_position", "tokens")
+    FIRST_POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    first_position: int
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenLogprobs]
+    def __init__(self, first_position: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ...) -> None: ...
+
 class StepResult(_message.Message):
-    __slots__ = ("version", "sampled", "step_time", "has_logits", "logits", "error", "request_errors", "logprobs")
+    __slots__ = ("version", "sampled", "step_time", "has_logits", "logits", "error", "request_errors", "logprobs", "prompt_logprobs")
     class SampledEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +126,13 @@ class StepResult(_message.Message):
         key: str
         value: TokenLogprobs
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[TokenLogprobs, _Mapping]] = ...) -> None: ...
+    class PromptLogprobsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: PromptLogprobs
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[PromptLogprobs, _Mapping]] = ...) -> None: ...
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     STEP_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +141,7 @@ class StepResult(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ERRORS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     version: int
     sampled: _containers.ScalarMap[str, int]
     step_time: float
@@ -130,7 +150,8 @@ class StepResult(_message.Message):
     error: str
     request_errors: _containers.ScalarMap[str, str]
     logprobs: _containers.MessageMap[str, TokenLogprobs]
-    def __init__(self, version: _Optional[int] = ..., sampled: _Optional[_Mapping[str, int]] = ..., step_time: _Optional[float] = ..., has_logits: _Optional[bool] = ..., logits: _Optional[_Mapping[str, LogitsRow]] = ..., error: _Optional[str] = ..., request_errors: _Optional[_Mapping[str, str]] = ..., logprobs: _Optional[_Mapping[str, TokenLogprobs]] = ...) -> None: ...
+    prompt_logprobs: _containers.MessageMap[str, PromptLogprobs]
+    def __init__(self, version: _Optional[int] = ..., sampled: _Optional[_Mapping[str, int]] = ..., step_time: _Optional[float] = ..., has_logits: _Optional[bool] = ..., logits: _Optional[_Mapping[str, LogitsRow]] = ..., error: _Optional[str] = ..., request_errors: _Optional[_Mapping[str, str]] = ..., logprobs: _Optional[_Mapping[str, TokenLogprobs]] = ..., prompt_logprobs: _Optional[_Mapping[str, PromptLogprobs]] = ...) -> None: ...
 
 class ShardInfoRequest(_message.Message):
     __slots__ = ()

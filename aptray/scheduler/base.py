@@ -157,10 +157,16 @@ class Scheduler:
         else:
             tokens = tuple((prompt + outputs)[start:start + num_tokens])
         s = req.sampling
+        # the prompt tokens whose log-probabilities this chunk's rows give: positions start + 1 .. (at most
+        # the prompt's last), each scored by the row before it
+        targets = ()
+        if s.prompt_logprobs is not None:
+            targets = tuple(prompt[start + 1:min(start + num_tokens + 1, n_prompt)])
         # every field, in order (_new_tuple applies no defaults)
         return _new_tuple(SeqPlan, (req.request_id, tokens, start, req.cache_kind, self.blocks.table(req.request_id),
                                     start + num_tokens == n_prompt + n_out, s.temperature, s.top_p, s.top_k, s.seed,
-                                    n_out, s.min_p, req.step_logit_bias(n_out), s.logprobs))
+                                    n_out, s.min_p, req.step_logit_bias(n_out), s.logprobs,
+                                    s.prompt_logprobs if targets else None, targets))
 
     def _decode_plan(self, req: Request) -> SeqPlan:
         """_seq_plan(req, 1) for a decoding request (only its newest token uncomputed), without the
@@ -172,7 +178,7 @@ class Scheduler:
                                     s.temperature, s.top_p, s.top_k, s.seed, len(out), s.min_p,
                                     # req.step_logit_bias(len(out)), inlined like the rest of this line
                                     req.early_logit_bias if len(out) < s.min_tokens else req.logit_bias,
-                                    s.logprobs))
+                                    s.logprobs, None, ()))
 
     def _convert(self, req: Request, to_kind: CacheKind) -> ConversionPlan | None:
         """Move a running request's computed tokens to to_kind, if the blocks allow."""

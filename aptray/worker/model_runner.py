@@ -10,12 +10,13 @@ from aptray_kernels.cpu_mirror import DecodeMirror
 from aptray.cache.pool import CachePool
 from aptray.config import EngineConfig
 from aptray.model.loader import DTYPES, load_model
-from aptray.model.sampler import sample, token_logprobs
+from aptray.model.sampler import sample, scored, token_logprobs
 from aptray.model.step_context import _slots, build_step_context
 from aptray.worker.memory_profile import gpu_cache_blocks
 from aptray.plan import BatchPlan, StepResult
 
 logger = logging.getLogger("aptray")
+PROMPT_LOGITS_ROWS = 512  # prompt rows scored at once: their fp32 logits take 100 MB at a 50k vocabulary
 
 
 class ModelRunner:
@@ -85,10 +86,29 @@ class ModelRunner:
                 result.errors = {sampled[row].request_id: why for row, why in errors.items()}
                 if plan.want_logits:
                     result.logits = {s.request_id: logits[i].cpu() for i, s in enumerate(sampled)}
+            if any(s.prompt_targets for s in plan.seqs):
+                result.prompt_logprobs = self._prompt_logprobs(plan, h)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         result.step_time = time.perf_counter() - start
         return result
+
+    def _prompt_logprobs(self, plan: BatchPlan, h: torch.Tensor) -> dict:
+        """Each asking seq's prompt targets scored by the rows before them (every rank computes the
+        logits, a collective at TP > 1; rank 0 answers)."""
+        out, row0 = {}, 0
+        for s in plan.seqs:
+            m = len(s.prompt_targets)
+            entries = []
+            for a in range(0, m, PROMPT_LOGITS_ROWS):
+                b = min(m, a + PROMPT_LOGITS_ROWS)
+                logits = self.model.compute_logits(h[row0 + a:row0 + b]).float()
+                if self.rank == 0:
+                    entries += scored(logits, s.prompt_targets[a:b], s.prompt_logprobs)
+            if m and self.rank == 0:
+                out[s.request_id] = (s.start_pos + 1, entries)
+            row0 += len(s.token_ids)
+        return out
 
     def _convert(self, conv) -> None:
         if conv.to_kind != "kv":
