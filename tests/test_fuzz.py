@@ -166,7 +166,7 @@ RAW = [
     ("logprobs huge", b'{"prompt": "hi", "max_tokens": 2, "logprobs": 1e308}', 422),
     ("logprobs fraction", b'{"prompt": "hi", "max_tokens": 2, "logprobs": 2.5}', 422),
     ("logprobs 20", b'{"prompt": "hi", "max_tokens": 2, "logprobs": 20}', 200),
-    ("logprobs with echo", b'{"prompt": "hi", "max_tokens": 2, "logprobs": 1, "echo": true}', 400),
+    ("logprobs 20 with echo", b'{"prompt": "hi there", "max_tokens": 1, "logprobs": 20, "echo": true}', 200),
     ("oversized body", json.dumps({"prompt": "x" * (MAX_BODY + 10)}).encode(), 413),
 ]
 

@@ -365,6 +365,46 @@ def test_logprobs_over_http_and_grpc_are_the_engines(server, oai, model_path, re
         assert not any(r.logprobs for r in c.generate(p, temperature=0.0, max_tokens=2))
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_the_engine_does(server, oai, model_path, reference):
+    """echo + logprobs (what lm-evaluation-harness sends to score a text): the prompt's tokens come first,
+    the first with null, each then with the engine's prompt log-probability; streamed, the prompt is
+    the first event. gRPC's prompt_logprobs likewise, in its first message."""
+    from aptray.client import Client
+
+    tokenizer, _ = reference
+    p = PROMPTS[2]
+    ids = tokenizer.encode(p)
+    local = LLM(model_path, num_cache_blocks=64).generate(p, SamplingParams(
+        temperature=0.0, max_tokens=2, ignore_eos=True, logprobs=2, prompt_logprobs=2))[0]
+    want = [None] + [lp.logprob for lp in local.prompt_logprobs[1:]] + [lp.logprob for lp in local.outputs[0].logprobs]
+    texts = [tokenizer.decode([t]) for t in ids + list(local.outputs[0].token_ids)]
+
+    for max_tokens in (1, 2):  # one token: the request ends with its first chunk
+        choice = oai.completions.create(model=server["model"], prompt=p, echo=True, logprobs=2, temperature=0.0,
+                                        max_tokens=max_tokens, extra_body={"ignore_eos": True}).choices[0]
+        n = len(ids) + max_tokens
+        assert choice.text == p + tokenizer.decode(local.outputs[0].token_ids[:max_tokens], skip_special_tokens=True)
+        lps = choice.logprobs
+        assert lps.tokens == texts[:n] and lps.token_logprobs[0] is None and lps.top_logprobs[0] is None
+        assert lps.token_logprobs[1:] == pytest.approx(want[1:n], abs=1e-4)
+        assert lps.text_offset == [sum(map(len, texts[:i])) for i in range(n)]
+    body = {"prompt": ids, "echo": True, "logprobs": 2, "temperature": 0.0, "max_tokens": 2, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", server["http"] + "/v1/completions", json=body, timeout=60) as r:
+        choices = [o["choices"][0] for o in _sse_objects(r)]
+    assert choices[0]["text"] == tokenizer.decode(ids)  # token ids echo as their text
+    assert choices[0]["logprobs"]["tokens"] == texts[:len(ids)]
+    assert [v for c in choices for v in c["logprobs"]["token_logprobs"]][1:] == pytest.approx(want[1:], abs=1e-4)
+
+    with Client(server["grpc"]) as c:
+        replies = list(c.generate(p, temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=2))
+        first = replies[0].prompt_logprobs
+        assert len(first) == len(ids) and not first[0].HasField("logprob")
+        assert [lp.logprob for lp in first[1:]] == pytest.approx(want[1:len(ids)], abs=1e-4)
+        assert all(len(lp.top_ids) == 2 for lp in first[1:]) and not any(r.prompt_logprobs for r in replies[1:])
+        assert not any(r.logprobs for r in replies)
+
+
 def _sse_objects(response) -> list[dict]:
     return [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data: {")]
 

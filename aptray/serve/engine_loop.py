@@ -295,9 +295,11 @@ class EngineLoop:
         else:
             new = list(out.new_token_ids)
             chunk = stream.chunk(rid, new, stream.advance(new))
+        end = len(stream.token_ids)
         if completion.logprobs is not None:  # the new tokens' (they end the stream's tokens)
-            end = len(stream.token_ids)
             chunk["logprobs"] = completion.logprobs[end - len(new):end]
+        if out.prompt_logprobs is not None and end == len(new):  # the first chunk: the prompt's
+            chunk["prompt_logprobs"] = list(out.prompt_logprobs)
         self._out.append(chunk)
 
     def _slos(self, stream: ClientStream | None) -> tuple[float, float]:

@@ -8,7 +8,7 @@ from contextlib import aclosing
 import grpc
 
 from aptray.proto import generate_pb2
-from aptray.proto.convert import PLAN_VERSION
+from aptray.proto.convert import PLAN_VERSION, logprobs_to_proto
 from aptray.serve.openai_api import chunk_logprobs, new_id
 from aptray.serve.prefix_key import prefix_tag
 from aptray.serve.relay import Rejected
@@ -16,8 +16,8 @@ from aptray.serve.security import grpc_key, identity, key_ok
 
 logger = logging.getLogger("aptray")
 # GenerateRequest.version this server speaks (0: unset, taken as 1); 2 adds Sampling's min_p, min_tokens
-# and logit_bias, 3 its logprobs, so that a server without them refuses a request that sets them instead
-# of ignoring them
+# and logit_bias, 3 its logprobs and prompt_logprobs, so that a server without them refuses a request
+# that sets them instead of ignoring them
 API_VERSION = 3
 _STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
            404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
@@ -48,23 +48,17 @@ def sampling_from_proto(req: generate_pb2.GenerateRequest) -> dict:
             "max_tokens": opt(s, "max_tokens", 16), "stop": list(s.stop), "stop_token_ids": list(s.stop_token_ids),
             "seed": opt(s, "seed", None), "ignore_eos": s.ignore_eos, "min_p": opt(s, "min_p", 0.0),
             "min_tokens": opt(s, "min_tokens", 0), "logit_bias": dict(s.logit_bias),
-            "logprobs": opt(s, "logprobs", None),
+            "logprobs": opt(s, "logprobs", None), "prompt_logprobs": opt(s, "prompt_logprobs", None),
             "ttft_slo": slo.ttft_ms / 1000 if slo.HasField("ttft_ms") else None,
             "tbt_slo": slo.tbt_ms / 1000 if slo.HasField("tbt_ms") else None}
 
 
-def _logprobs(chunk: dict) -> list[generate_pb2.TokenLogprobs]:
-    """The chunk's tokens' log-probabilities (unset where unknown: a chunk relayed after a resume)."""
+def _logprobs(entries: list) -> list[generate_pb2.TokenLogprobs]:
+    """TokenLogprobs messages of entries (unset where one is None: unknown)."""
     out = []
-    for lp in chunk_logprobs(chunk):
-        msg = generate_pb2.TokenLogprobs()
-        if lp is not None:
-            msg.logprob = lp.logprob
-            if lp.top:
-                ids, values = zip(*lp.top)
-                msg.top_ids.extend(ids)
-                msg.top_logprobs.extend(values)
-        out.append(msg)
+    for lp in entries:
+        out.append(msg := generate_pb2.TokenLogprobs())
+        logprobs_to_proto(lp, msg)
     return out
 
 
@@ -97,7 +91,9 @@ async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
                                                       token_ids=[t for c in batch for t in c["token_ids"]],
                                                       text="".join(c["text"] for c in batch))
                 if sampling["logprobs"] is not None:
-                    reply.logprobs.extend(m for c in batch for m in _logprobs(c))
+                    reply.logprobs.extend(m for c in batch for m in _logprobs(chunk_logprobs(c)))
+                if batch[0].get("prompt_logprobs"):  # the first chunk's
+                    reply.prompt_logprobs.extend(_logprobs(batch[0]["prompt_logprobs"]))
                 if last["finished"]:
                     reply.finish_reason = last["finish_reason"] or ""
                     reply.usage.prompt_tokens = last["usage"]["prompt_tokens"]

@@ -15,6 +15,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
+from typing import NamedTuple
 
 import ray
 from fastapi import FastAPI, Request
@@ -42,6 +43,15 @@ from aptray.serve.store import RequestStore
 from aptray.serve.ttft_estimate import ReplicaLoad, ServingDelay
 
 logger = logging.getLogger("aptray")
+
+
+class Reply(NamedTuple):
+    """A non-streamed request's reply, its chunks joined."""
+    text: str
+    token_ids: list[int]
+    logprobs: list  # per token: aptray.plan.TokenLogprobs, None where not asked or unknown
+    prompt_logprobs: list  # per prompt token where asked (echo with logprobs), else empty
+    last: dict  # the last chunk: finish reason, usage
 STATS_TIMEOUT_S = 2.0  # a router slower than this to report its load reports nothing this round
 ROUTER_NAME = "aptray-router:{app}:{replica}:{n}"  # the n-th Router actor of an ingress replica
 REPLICA_HEADER = b"x-aptray-replica"
@@ -215,9 +225,6 @@ class Ingress:
                            "model")
         if req.n != 1:
             raise Rejected("only n = 1 is supported", 400, "n")
-        if req.logprobs_asked() is not None and getattr(req, "echo", False):
-            raise Rejected("echo with logprobs needs the prompt's log-probabilities, which this server does not "
-                           "compute: leave out echo or logprobs", 400, "echo")
         if getattr(req, "top_logprobs", None) and not req.logprobs:
             raise Rejected("top_logprobs needs logprobs set to true", 400, "top_logprobs")
         unsupported = unsupported_field(req)
@@ -231,39 +238,49 @@ class Ingress:
         try:
             self._check_model(req)
             sampling = self.sampling(req, req.max_tokens or 16)
+            # echo with logprobs: the prompt's too (computed whole, without the prefix cache)
+            sampling["prompt_logprobs"] = req.logprobs if req.echo else None
             prompt, ids = await self._completion_prompt(req.prompt, sampling)
             rid = new_id("cmpl")
             gen = await self.open_stream(rid, ids, sampling, prompt, self.caller(raw), self.prefix_of(raw))
         except Rejected as e:
             return self._reject(e)
+        echo = None
+        if req.echo:  # the prompt as the client sent it, or the text of its token ids
+            echo = prompt if prompt is not None else await self.off_loop(self.tokenizer.decode, ids)
         renderer = LogprobsRenderer(self.token_text) if req.logprobs is not None else None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             events = CompletionEvents(rid, self.model_name, include_usage, ids if req.return_token_ids else None,
-                                      renderer)
+                                      renderer, None if echo is None else (echo, ids))
             return StreamingResponse(self._sse_stream(gen, events), media_type="text/event-stream")
         try:
-            text, reply_ids, logprobs, last = await self._collect(gen)
+            reply = await self._collect(gen)
         except Rejected as e:
             return self._reject(e)
+        logprobs = None
+        if renderer and req.echo:
+            logprobs = renderer.completion(ids + reply.token_ids, reply.prompt_logprobs + reply.logprobs)
+        elif renderer:
+            logprobs = renderer.completion(reply.token_ids, reply.logprobs)
         asked = req.return_token_ids
-        return CompletionResponse(id=rid, model=self.model_name, usage=usage(last), choices=[
-            CompletionChoice(text=(prompt or "") + text if req.echo else text, token_ids=reply_ids if asked else None,
-                             logprobs=renderer.completion(reply_ids, logprobs) if renderer else None,
-                             finish_reason=finish_reason(last["finish_reason"]), prompt_token_ids=ids if asked else None)])
+        return CompletionResponse(id=rid, model=self.model_name, usage=usage(reply.last), choices=[
+            CompletionChoice(text=(echo or "") + reply.text, token_ids=reply.token_ids if asked else None,
+                             logprobs=logprobs, finish_reason=finish_reason(reply.last["finish_reason"]),
+                             prompt_token_ids=ids if asked else None)])
 
-    async def _collect(self, gen) -> tuple[str, list[int], list, dict | None]:
-        """A non-streaming request's whole text, its token ids, their log-probabilities (None where
-        not asked or unknown) and its last chunk (finish reason, usage)."""
-        pieces, ids, logprobs, last = [], [], [], None
+    async def _collect(self, gen) -> Reply:
+        """A non-streaming request's whole reply."""
+        pieces, ids, logprobs, prompt_logprobs, last = [], [], [], [], None
         async with aclosing(self.chunks(gen)) as batches:
             async for batch in batches:
                 for c in batch:
                     pieces.append(c["text"])
                     ids.extend(c["token_ids"])
                     logprobs.extend(chunk_logprobs(c))
+                    prompt_logprobs = c.get("prompt_logprobs") or prompt_logprobs
                 last = batch[-1]
-        return "".join(pieces), ids, logprobs, last
+        return Reply("".join(pieces), ids, logprobs, prompt_logprobs, last)
 
     def token_text(self, token_id: int) -> str:
         """A token's text alone, as log-probabilities show it (cached: at most one entry per vocabulary id)."""
@@ -318,15 +335,16 @@ class Ingress:
             events = ChatEvents(rid, self.model_name, include_usage, ids if req.return_token_ids else None, renderer)
             return StreamingResponse(self._chat_sse(gen, events), media_type="text/event-stream")
         try:
-            content, reply_ids, logprobs, last = await self._collect(gen)
+            reply = await self._collect(gen)
         except Rejected as e:
             return self._reject(e)
         asked = req.return_token_ids
         return ChatCompletionResponse(
-            id=rid, model=self.model_name, usage=usage(last), prompt_token_ids=ids if asked else None,
-            choices=[ChatChoice(message=ChatChoiceMessage(content=content), token_ids=reply_ids if asked else None,
-                                logprobs=renderer.chat(reply_ids, logprobs) if renderer else None,
-                                finish_reason=finish_reason(last["finish_reason"]))])
+            id=rid, model=self.model_name, usage=usage(reply.last), prompt_token_ids=ids if asked else None,
+            choices=[ChatChoice(message=ChatChoiceMessage(content=reply.text),
+                                token_ids=reply.token_ids if asked else None,
+                                logprobs=renderer.chat(reply.token_ids, reply.logprobs) if renderer else None,
+                                finish_reason=finish_reason(reply.last["finish_reason"]))])
 
     def _chat_prompt(self, req) -> tuple[str, list[int]]:
         """The conversation through the model's chat template, and its token ids (tokenizer thread)."""

@@ -36,12 +36,13 @@ def usage(chunk: dict) -> Usage:
 class _Events:
     """prompt_ids: the prompt's token ids where the client asked for token ids (return_token_ids):
     every event then carries its tokens' ids, and the first one the prompt's. logprobs: where the
-    client asked for log-probabilities, what renders them."""
+    client asked for log-probabilities, what renders them. echo: the prompt's text and token ids; the
+    text is the first event (with the prompt's log-probabilities, which come with the first chunk)."""
 
     def __init__(self, rid: str, model: str, include_usage: bool, prompt_ids: list[int] | None = None,
-                 logprobs: LogprobsRenderer | None = None):
+                 logprobs: LogprobsRenderer | None = None, echo: tuple[str, list[int]] | None = None):
         self.rid, self.model, self.include_usage = rid, model, include_usage
-        self.logprobs = logprobs
+        self.logprobs, self._echo = logprobs, echo
         self.created = int(time.time())
         self.with_ids, self._prompt_ids = prompt_ids is not None, prompt_ids
         template = self._model(_MARK, None, _IDS_MARK if self.with_ids else None).model_dump_json()
@@ -64,6 +65,11 @@ class _Events:
     def render(self, chunks: list[dict]) -> str:
         """The events of chunks that arrived together, one per chunk (plus usage after the last)."""
         out = []
+        if self._echo is not None and chunks:
+            (text, prompt_ids), prompt_lps = self._echo, chunks[0].get("prompt_logprobs")
+            lps = self._logprobs(prompt_ids, prompt_lps) if self.logprobs and prompt_lps else None
+            out.append(sse(self._model(text, None, [] if self.with_ids else None, self.prompt_ids_once(), lps)))
+            self._echo = None
         for chunk in chunks:
             ids = chunk["token_ids"] if self.with_ids else None
             if not chunk["finished"] and self._prompt_ids is None and self.logprobs is None:

@@ -8,7 +8,8 @@ per token per request.
 
 A chunk is a dict: {"request_id", "epoch", "token_ids", "text", "finished", "finish_reason", "usage"},
 plus "logprobs" (each token's aptray.plan.TokenLogprobs, or None where unknown) when the request
-asked, or {"request_id", "epoch", "error", "status"} when the request failed.
+asked, and on its first chunk "prompt_logprobs" (one per prompt token) when it asked for those;
+or {"request_id", "epoch", "error", "status"} when the request failed.
 """
 from __future__ import annotations
 
