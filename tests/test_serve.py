@@ -388,6 +388,17 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_engine_does(server, oai, mo
         assert lps.tokens == texts[:n] and lps.token_logprobs[0] is None and lps.top_logprobs[0] is None
         assert lps.token_logprobs[1:] == pytest.approx(want[1:n], abs=1e-4)
         assert lps.text_offset == [sum(map(len, texts[:i])) for i in range(n)]
+    # lm-evaluation-harness's loglikelihood request (local-completions, token ids), parsed as it does: the
+    # continuation's (here the prompt's last 3 tokens) log-probability and whether each token was the top one
+    harness = {"model": server["model"], "prompt": [ids], "temperature": 0, "max_tokens": 1, "logprobs": 1,
+               "seed": 1234, "echo": True}
+    choice = httpx.post(server["http"] + "/v1/completions", json=harness, timeout=60).json()["choices"][0]
+    ctxlen = len(ids) - 3
+    scored = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+    assert sum(scored) == pytest.approx(sum(want[ctxlen:len(ids)]), abs=1e-3)
+    top1 = [lp.top[0][0] for lp in local.prompt_logprobs[ctxlen:]]
+    is_greedy = [t == max(top.values()) for t, top in zip(scored, choice["logprobs"]["top_logprobs"][ctxlen:-1])]
+    assert is_greedy == [want_id == got for want_id, got in zip(top1, ids[ctxlen:])]
     body = {"prompt": ids, "echo": True, "logprobs": 2, "temperature": 0.0, "max_tokens": 2, "ignore_eos": True,
             "stream": True}
     with httpx.stream("POST", server["http"] + "/v1/completions", json=body, timeout=60) as r:
