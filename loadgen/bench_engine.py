@@ -3,6 +3,7 @@
   python -m loadgen.bench_engine offline  [--num-requests 64] [--max-output 256]
   python -m loadgen.bench_engine capacity
   python -m loadgen.bench_engine decode   [--contexts 128 512 2048]
+  python -m loadgen.bench_engine logprobs [--batch 32] [--max-prompt 512]
 Each prints a table and writes JSON under --out (default results/).
 """
 from __future__ import annotations
@@ -148,9 +149,52 @@ def decode(args) -> dict:
     return result
 
 
+def logprobs(args) -> dict:
+    """What log-probabilities add to a step of SmolLM2 (vocabulary 49,152): a decode step of --batch
+    requests asking for none, 0, 5 or 20 top tokens, and a --max-prompt-token prefill with and without
+    prompt_logprobs. The cases alternate within each repeat; each keeps its median."""
+    from aptray.config import EngineConfig
+    from aptray.plan import BatchPlan, SeqPlan
+    from aptray.smollm2 import prepare_smollm2
+    from aptray.worker.model_runner import ModelRunner
+
+    ctx, n, prompt = 256, args.batch, args.max_prompt
+    per = ctx // 16 + 1  # blocks per decoding request
+    runner = ModelRunner(EngineConfig(prepare_smollm2(), block_size=16, num_cache_blocks=n * per + prompt // 16 + 1))
+    ids, table = tuple(range(100, 100 + prompt)), tuple(range(n * per, n * per + prompt // 16 + 1))
+
+    def decode(k):
+        return BatchPlan(1, tuple(SeqPlan(str(i), (7,), ctx - 1, "kv", tuple(range(i * per, (i + 1) * per)), True,
+                                          logprobs=k) for i in range(n)))
+
+    def prefill(k):
+        targets = ids[1:] if k is not None else ()
+        return BatchPlan(1, (SeqPlan("p", ids, 0, "kv", table, True, prompt_logprobs=k, prompt_targets=targets),))
+
+    cases = {("decode", k): decode(k) for k in (None, 0, 5, 20)}
+    cases.update({("prefill", k): prefill(k) for k in (None, 1)})
+    times = {case: [] for case in cases}
+    for plan in cases.values():
+        runner.execute(plan)  # warm up
+    for _ in range(args.repeats):
+        for case, plan in cases.items():
+            times[case].append(runner.execute(plan).step_time)
+    ms = {case: sorted(t)[len(t) // 2] * 1000 for case, t in times.items()}
+    rows = []
+    for (kind, k), value in ms.items():
+        name = f"decode x{n}, logprobs {k}" if kind == "decode" else f"prefill {prompt}, prompt_logprobs {k}"
+        ratio = value / ms[(kind, None)]
+        rows.append({"case": name, "ms_per_step": round(value, 2), "ratio_to_none": round(ratio, 3)})
+        print(f"{name:36s} {value:9.2f} ms  x{ratio:.3f}")
+    result = {"model": "SmolLM2-135M-Instruct fp32 CPU", "context": ctx, "threads": torch.get_num_threads(),
+              "repeats": args.repeats, "rows": rows}
+    _save(args.out, "logprobs_cost", result)
+    return result
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["offline", "capacity", "decode"])
+    p.add_argument("what", choices=["offline", "capacity", "decode", "logprobs"])
     p.add_argument("--out", default="results")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--max-prompt", type=int, default=512)
@@ -164,7 +208,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("APTRAY_THREADS", "2")))
-    {"offline": offline, "capacity": capacity, "decode": decode}[args.what](args)
+    {"offline": offline, "capacity": capacity, "decode": decode, "logprobs": logprobs}[args.what](args)
 
 
 if __name__ == "__main__":
