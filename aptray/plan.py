@@ -34,6 +34,11 @@ class SeqPlan(NamedTuple):
     # start_pos + 2, ..., each scored by the logits of the row before it
     prompt_logprobs: int | None = None
     prompt_targets: tuple[int, ...] = ()
+    # OpenAI's penalties: each token's logit less presence_penalty if it is in the output, and
+    # frequency_penalty per time it is (output_counts: (token id, times) of the output's tokens)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    output_counts: tuple[tuple[int, int], ...] = ()
 
     @property
     def context_len(self) -> int:

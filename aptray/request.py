@@ -70,6 +70,9 @@ class Request:
     early_logit_bias: tuple[tuple[int, float], ...] = ()
     # the prefix cache's keys of its full blocks, per kind (aptray.cache.block_hash), grown as needed
     block_keys: dict = field(default_factory=dict, repr=False)
+    # where sampling is penalized: how often each token is in the first _counted outputs
+    _output_counts: dict = field(default_factory=dict, repr=False)
+    _counted: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         sp = self.sampling
@@ -86,6 +89,20 @@ class Request:
     def step_logit_bias(self, num_outputs: int) -> tuple[tuple[int, float], ...]:
         """What the step sampling output number num_outputs + 1 adds to its logits."""
         return self.early_logit_bias if num_outputs < self.sampling.min_tokens else self.logit_bias
+
+    def output_counts(self) -> tuple[tuple[int, int], ...]:
+        """(token id, times in the output) of each token the output holds (SeqPlan.output_counts), where
+        sampling is penalized; else ()."""
+        if not self.sampling.penalized:
+            return ()
+        counts, outputs = self._output_counts, self.output_token_ids
+        if self._counted > len(outputs):  # the outputs were replaced (a resume): count again
+            counts.clear()
+            self._counted = 0
+        for t in outputs[self._counted:]:
+            counts[t] = counts.get(t, 0) + 1
+        self._counted = len(outputs)
+        return tuple(counts.items())
 
     @property
     def num_tokens(self) -> int:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 MIN_TEMPERATURE = 1e-5
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a bias: +-100 bans or forces a token
 MAX_LOGPROBS = 20  # most likely tokens a request may ask to see per output token (OpenAI's top_logprobs)
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: +-2
 
 
 class InvalidRequest(ValueError):
@@ -77,6 +78,9 @@ class SamplingParams:
     min_tokens: int = 0  # outputs before EOS, a stop token id or a stop string may end it
     # token id -> added to its logit before sampling (OpenAI's logit_bias); JSON's string keys are taken
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # OpenAI's: subtracted from a token's logit once it is in the output, and per time it is there
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     # None: no log-probabilities; k >= 0: each output token's, with the k most likely tokens' (vLLM's logprobs)
     logprobs: int | None = None
     # the same for each prompt token after the first (vLLM's prompt_logprobs; the prompt is then computed
@@ -108,6 +112,12 @@ class SamplingParams:
             raise InvalidRequest(f"min_tokens must be an integer in [0, max_tokens = {self.max_tokens}], got "
                                  f"{self.min_tokens!r}", "min_tokens")
         self.logit_bias = _logit_bias(self.logit_bias)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not -MAX_PENALTY <= value <= MAX_PENALTY):
+                raise InvalidRequest(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}",
+                                     name)
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
@@ -122,6 +132,10 @@ class SamplingParams:
             if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
                 raise InvalidRequest(f"{name} must be a positive, finite number of seconds, got {value}",
                                      f"{name[:-4]}_ms")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     @property
     def greedy(self) -> bool:

@@ -25,7 +25,8 @@ def test_batch_plan_round_trip_keeps_every_field():
                       seed=2**40, sample_index=3, min_p=0.05, logit_bias=((50271, 2.5), (7, -math.inf), (0, -1e-300)),
                       logprobs=20),
               SeqPlan("b", (9,), 17, "hidden", (0,), False),
-              SeqPlan("p", (5, 6, 7), 0, "kv", (1,), False, prompt_logprobs=0, prompt_targets=(6, 7, 8)),
+              SeqPlan("p", (5, 6, 7), 0, "kv", (1,), False, prompt_logprobs=0, prompt_targets=(6, 7, 8),
+                      presence_penalty=-2.0, frequency_penalty=0.25, output_counts=((50271, 3), (0, 1))),
               SeqPlan("c", (8,), 5, "kv", (), True, seed=0, logprobs=0)),
         conversions=(ConversionPlan("b", 17, "kv", (0,), (6, 7)),),
         want_logits=True)

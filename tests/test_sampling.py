@@ -1,6 +1,7 @@
 """Sampling controls against transformers: the distribution each request samples from (temperature,
 top-k, top-p, min-p, logit bias), and greedy generation with logit_bias, min_tokens and stop ids
-token for token; min_tokens also holds off stop strings."""
+token for token; min_tokens also holds off stop strings. Presence and frequency penalties, which
+transformers lacks, against OpenAI's formula over transformers' logits."""
 from __future__ import annotations
 
 import copy
@@ -13,7 +14,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, MinPLog
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
 from aptray import LLM, SamplingParams
-from aptray.model.sampler import distribution, sample
+from aptray.model.sampler import adjusted, distribution, sample
 from aptray.plan import SeqPlan
 from aptray.request import Request
 from aptray.sampling_params import InvalidRequest
@@ -170,3 +171,70 @@ def test_logit_bias_ids_outside_the_vocabulary_are_refused():
         llm.generate({"prompt_token_ids": [3, 4]}, SamplingParams(logit_bias={vocab: 1.0}))
     assert e.value.param == "logit_bias"
     assert SamplingParams(logit_bias={"0042": 1, 7: -5e-324}).logit_bias == {42: 1.0, 7: -5e-324}
+
+
+def _penalized_greedy(path, prompt, max_new, presence, frequency):
+    """Greedy decoding over transformers' logits with OpenAI's penalties: logit[t] -= presence * (t in the
+    output) + frequency * (times t is in the output)."""
+    model, out = hf_model(path), []
+    for _ in range(max_new):
+        with torch.no_grad():
+            logits = model(torch.tensor([list(prompt) + out])).logits[0, -1].float()
+        for t in set(out):
+            logits[t] -= presence + frequency * out.count(t)
+        out.append(int(logits.argmax()))
+    return out
+
+
+@pytest.mark.parametrize("model", ["opt-60x3", "llama-48x3"])
+def test_greedy_with_presence_and_frequency_penalties_is_openais_formula(model):
+    path = tiny_model(model)
+    llm = LLM(path, max_num_seqs=8)
+    batch = prompts(5, seed=8)
+    asks = [(0.0, 2.0), (1.5, 0.0), (0.5, 0.75), (-2.0, 0.0), (0.0, -0.5)]  # (presence, frequency)
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, presence_penalty=p, frequency_penalty=f)
+              for p, f in asks]
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch], params)
+    plain = llm.generate([{"prompt_token_ids": p} for p in batch], SamplingParams(temperature=0.0, max_tokens=12,
+                                                                                 ignore_eos=True))
+    for prompt, (p, f), out in zip(batch, asks, outs):
+        assert list(out.outputs[0].token_ids) == _penalized_greedy(path, prompt, 12, p, f), (p, f)
+    assert [o.outputs[0].token_ids for o in outs] != [o.outputs[0].token_ids for o in plain]  # they act
+
+
+def test_penalties_shape_the_sampled_distribution():
+    g = torch.Generator().manual_seed(3)
+    row = torch.randn(VOCAB, generator=g)
+    counts = ((4, 3), (17, 1), (250, 2))
+    seq = _seq(temperature=0.8, top_p=0.9, logit_bias=((17, 1.5),))._replace(
+        presence_penalty=0.4, frequency_penalty=-0.3, output_counts=counts)
+    want = row.clone()
+    for t, n in counts:
+        want[t] -= 0.4 + -0.3 * n
+    want[17] += 1.5
+    torch.testing.assert_close(adjusted(row, seq), want)
+    torch.testing.assert_close(distribution(adjusted(row, seq), seq),
+                               _transformers_distribution(want, 0.8, -1, 0.9, 0.0, ()), atol=1e-6, rtol=1e-5)
+
+
+def test_output_counts_follow_the_outputs_and_a_resume():
+    req = Request("r", [1, 2], SamplingParams(max_tokens=8, frequency_penalty=0.5), 0.0, 1.0, 1.0)
+    assert req.output_counts() == ()
+    for t in (5, 9, 5):
+        req.record_token(t, 0.0)
+    assert dict(req.output_counts()) == {5: 2, 9: 1}
+    req.record_token(9, 0.0)
+    assert dict(req.output_counts()) == {5: 2, 9: 2}
+    req.output_token_ids = [7]  # outputs replaced
+    assert dict(req.output_counts()) == {7: 1}
+    unpenalized = Request("r", [1], SamplingParams(max_tokens=8), 0.0, 1.0, 1.0)
+    unpenalized.record_token(3, 0.0)
+    assert unpenalized.output_counts() == ()
+
+
+@pytest.mark.parametrize("kw", [{"presence_penalty": 2.5}, {"frequency_penalty": -2.01}, {"presence_penalty": math.nan},
+                                {"frequency_penalty": True}, {"presence_penalty": "1"}])
+def test_bad_penalties_name_their_parameter(kw):
+    with pytest.raises(InvalidRequest) as e:
+        SamplingParams(**kw)
+    assert e.value.param == next(iter(kw))

@@ -1,5 +1,6 @@
-"""Token sampling: logit bias, then greedy, or temperature, top-k, top-p and min-p (transformers'
-order); seeded requests get reproducible draws; the log-probabilities a request asks for.
+"""Token sampling: presence and frequency penalties and logit bias, then greedy, or temperature,
+top-k, top-p and min-p (transformers' order); seeded requests get reproducible draws; the
+log-probabilities a request asks for.
 
 One request's sampling can never fail another's: each row is sampled on its own, and a row whose
 probabilities are not a distribution (non-finite logits from the model) is reported as that
@@ -38,6 +39,22 @@ def _biased(row: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Ten
                          torch.tensor(values, dtype=row.dtype, device=row.device))
 
 
+def _penalized(row: torch.Tensor, seq: SeqPlan) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties: each output token's logit less presence_penalty, and
+    frequency_penalty per time the output holds it."""
+    ids, counts = zip(*seq.output_counts)
+    counts = torch.tensor(counts, dtype=row.dtype, device=row.device)
+    return row.index_add(0, torch.tensor(ids, device=row.device),
+                         -(seq.presence_penalty + seq.frequency_penalty * counts))
+
+
+def adjusted(row: torch.Tensor, seq: SeqPlan) -> torch.Tensor:
+    """A row's logits with what seq adds to them (penalties, logit bias): what it samples from."""
+    if seq.output_counts:
+        row = _penalized(row, seq)
+    return _biased(row, seq.logit_bias) if seq.logit_bias else row
+
+
 def distribution(row: torch.Tensor, seq: SeqPlan) -> torch.Tensor:
     """The probabilities seq samples its next token from, given its logits row (biased, not greedy)."""
     return torch.softmax(_filter(row / seq.temperature, seq.top_k, seq.top_p, seq.min_p), dim=-1)
@@ -61,11 +78,11 @@ def sample(logits: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator
     out: list[int | None] = []
     errors: dict[int, str] = {}
     for row, seq in enumerate(seqs):
-        if seq.temperature < MIN_TEMPERATURE and not seq.logit_bias:
+        if seq.temperature < MIN_TEMPERATURE and not seq.logit_bias and not seq.output_counts:
             out.append(greedy[row])
             continue
         try:
-            x = _biased(logits[row], seq.logit_bias) if seq.logit_bias else logits[row]
+            x = adjusted(logits[row], seq)
             out.append(int(x.argmax()) if seq.temperature < MIN_TEMPERATURE else _draw(x, seq, generator))
         except (ValueError, RuntimeError) as e:
             out.append(None)

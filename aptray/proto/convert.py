@@ -24,7 +24,8 @@ def seq_to_proto(s: SeqPlan) -> shard_pb2.SeqPlan:
     msg = shard_pb2.SeqPlan(request_id=s.request_id, token_ids=s.token_ids, start_pos=s.start_pos,
                             cache_kind=_WIRE[s.cache_kind], block_table=s.block_table, sample=s.sample,
                             temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                            sample_index=s.sample_index, min_p=s.min_p)
+                            sample_index=s.sample_index, min_p=s.min_p, presence_penalty=s.presence_penalty,
+                            frequency_penalty=s.frequency_penalty)
     if s.logit_bias:
         ids, values = zip(*s.logit_bias)
         msg.bias_ids.extend(ids)
@@ -36,6 +37,10 @@ def seq_to_proto(s: SeqPlan) -> shard_pb2.SeqPlan:
     if s.prompt_logprobs is not None:
         msg.prompt_logprobs = s.prompt_logprobs
         msg.prompt_targets.extend(s.prompt_targets)
+    if s.output_counts:
+        ids, counts = zip(*s.output_counts)
+        msg.count_ids.extend(ids)
+        msg.count_values.extend(counts)
     return msg
 
 
@@ -47,7 +52,8 @@ def seq_from_proto(m: shard_pb2.SeqPlan) -> SeqPlan:
                    logit_bias=tuple(zip(m.bias_ids, m.bias_values)),
                    logprobs=m.logprobs if m.HasField("logprobs") else None,
                    prompt_logprobs=m.prompt_logprobs if m.HasField("prompt_logprobs") else None,
-                   prompt_targets=tuple(m.prompt_targets))
+                   prompt_targets=tuple(m.prompt_targets), presence_penalty=m.presence_penalty,
+                   frequency_penalty=m.frequency_penalty, output_counts=tuple(zip(m.count_ids, m.count_values)))
 
 
 def plan_to_proto(plan: BatchPlan) -> shard_pb2.BatchPlan:

@@ -166,7 +166,8 @@ class Scheduler:
         return _new_tuple(SeqPlan, (req.request_id, tokens, start, req.cache_kind, self.blocks.table(req.request_id),
                                     start + num_tokens == n_prompt + n_out, s.temperature, s.top_p, s.top_k, s.seed,
                                     n_out, s.min_p, req.step_logit_bias(n_out), s.logprobs,
-                                    s.prompt_logprobs if targets else None, targets))
+                                    s.prompt_logprobs if targets else None, targets, s.presence_penalty,
+                                    s.frequency_penalty, req.output_counts()))
 
     def _decode_plan(self, req: Request) -> SeqPlan:
         """_seq_plan(req, 1) for a decoding request (only its newest token uncomputed), without the
@@ -178,7 +179,8 @@ class Scheduler:
                                     s.temperature, s.top_p, s.top_k, s.seed, len(out), s.min_p,
                                     # req.step_logit_bias(len(out)), inlined like the rest of this line
                                     req.early_logit_bias if len(out) < s.min_tokens else req.logit_bias,
-                                    s.logprobs, None, ()))
+                                    s.logprobs, None, (), s.presence_penalty, s.frequency_penalty,
+                                    req.output_counts() if s.presence_penalty or s.frequency_penalty else ()))
 
     def _convert(self, req: Request, to_kind: CacheKind) -> ConversionPlan | None:
         """Move a running request's computed tokens to to_kind, if the blocks allow."""
