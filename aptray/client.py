@@ -17,13 +17,15 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
                   ignore_eos: bool = False, ttft_ms: float | None = None, tbt_ms: float | None = None,
                   prefix_key: str = "", min_p: float | None = None, min_tokens: int | None = None,
                   logit_bias: dict[int, float] | None = None, logprobs: int | None = None,
-                  prompt_logprobs: int | None = None) -> generate_pb2.GenerateRequest:
+                  prompt_logprobs: int | None = None, presence_penalty: float | None = None,
+                  frequency_penalty: float | None = None) -> generate_pb2.GenerateRequest:
     """prefix_key: a name for the prompt prefix this request shares with others (a conversation id):
     the request router prefers a replica that holds it cached. logprobs: each token's log-probability
     and this many top tokens' (GenerateResponse.logprobs); prompt_logprobs: the prompt tokens' (in
     the first GenerateResponse)."""
     # the lowest version with the fields set: an older server then serves the rest
-    version = (3 if logprobs is not None or prompt_logprobs is not None else
+    version3 = (logprobs, prompt_logprobs, presence_penalty, frequency_penalty)
+    version = (3 if any(v is not None for v in version3) else
                2 if min_p is not None or min_tokens is not None or logit_bias else 1)
     req = generate_pb2.GenerateRequest(version=version, client_request_id=client_request_id, prefix_key=prefix_key)
     if isinstance(prompt, str):
@@ -33,7 +35,8 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
     s = req.sampling
     for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
                         ("top_k", top_k), ("seed", seed), ("min_p", min_p), ("min_tokens", min_tokens),
-                        ("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+                        ("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs),
+                        ("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
         if value is not None:
             setattr(s, name, value)
     s.stop.extend(stop or [])

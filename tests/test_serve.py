@@ -303,7 +303,7 @@ def test_logit_bias_min_tokens_and_min_p_reach_the_shards_over_http_and_grpc(ser
         assert eos not in tokens[:3] and tokens[3:] == [eos] and replies[-1].finish_reason == "stop"
         # the request names the version of the fields it sets; a newer version than the server's is refused
         assert build_request(p).version == 1 and build_request(p, logit_bias={17: 1.0}).version == 2
-        assert build_request(p, min_p=0.1, logprobs=0).version == 3
+        assert build_request(p, min_p=0.1, logprobs=0).version == build_request(p, frequency_penalty=0.5).version == 3
         too_new = build_request(p, min_p=0.1)
         too_new.version = 4
         with pytest.raises(grpc.RpcError) as e:
@@ -363,6 +363,29 @@ def test_logprobs_over_http_and_grpc_are_the_engines(server, oai, model_path, re
         assert [list(lp.top_ids) for lp in lps] == want_top
         assert all(lp.HasField("logprob") for lp in lps)
         assert not any(r.logprobs for r in c.generate(p, temperature=0.0, max_tokens=2))
+
+
+def test_penalties_over_http_and_grpc_are_the_engines(server, model_path, reference):
+    """Through the TP=2 app (each plan carries the output's token counts to the shards): greedy
+    outputs with presence and frequency penalties equal the single-process engine's
+    (tests/test_sampling.py checks those against OpenAI's formula over transformers' logits)."""
+    from aptray.client import Client
+
+    tokenizer, ref = reference
+    p, n = PROMPTS[0], 24
+    local = LLM(model_path, num_cache_blocks=64).generate(p, SamplingParams(
+        temperature=0.0, max_tokens=n, ignore_eos=True, presence_penalty=0.5, frequency_penalty=1.5))[0].outputs[0]
+    plain = LLM(model_path, num_cache_blocks=64).generate(p, SamplingParams(temperature=0.0, max_tokens=n,
+                                                                          ignore_eos=True))[0].outputs[0]
+    assert list(local.token_ids) != list(plain.token_ids)  # the penalties change this output
+    body = {"prompt": p, "temperature": 0.0, "max_tokens": n, "ignore_eos": True, "presence_penalty": 0.5,
+            "frequency_penalty": 1.5, "return_token_ids": True}
+    assert httpx.post(server["http"] + "/v1/completions", json=body, timeout=60).json()["choices"][0][
+        "token_ids"] == list(local.token_ids)
+    with Client(server["grpc"]) as c:
+        replies = list(c.generate(p, temperature=0.0, max_tokens=n, ignore_eos=True, presence_penalty=0.5,
+                                  frequency_penalty=1.5))
+        assert [t for r in replies for t in r.token_ids] == list(local.token_ids)
 
 
 def test_echo_with_logprobs_scores_the_prompt_as_the_engine_does(server, oai, model_path, reference):

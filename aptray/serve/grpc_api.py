@@ -16,8 +16,8 @@ from aptray.serve.security import grpc_key, identity, key_ok
 
 logger = logging.getLogger("aptray")
 # GenerateRequest.version this server speaks (0: unset, taken as 1); 2 adds Sampling's min_p, min_tokens
-# and logit_bias, 3 its logprobs and prompt_logprobs, so that a server without them refuses a request
-# that sets them instead of ignoring them
+# and logit_bias, 3 its logprobs, prompt_logprobs and penalties, so that a server without them refuses a
+# request that sets them instead of ignoring them
 API_VERSION = 3
 _STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
            404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
@@ -49,6 +49,7 @@ def sampling_from_proto(req: generate_pb2.GenerateRequest) -> dict:
             "seed": opt(s, "seed", None), "ignore_eos": s.ignore_eos, "min_p": opt(s, "min_p", 0.0),
             "min_tokens": opt(s, "min_tokens", 0), "logit_bias": dict(s.logit_bias),
             "logprobs": opt(s, "logprobs", None), "prompt_logprobs": opt(s, "prompt_logprobs", None),
+            "presence_penalty": opt(s, "presence_penalty", 0.0), "frequency_penalty": opt(s, "frequency_penalty", 0.0),
             "ttft_slo": slo.ttft_ms / 1000 if slo.HasField("ttft_ms") else None,
             "tbt_slo": slo.tbt_ms / 1000 if slo.HasField("tbt_ms") else None}
 

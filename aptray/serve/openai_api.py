@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from aptray.sampling_params import MAX_LOGPROBS, check_text
+from aptray.sampling_params import MAX_LOGPROBS, MAX_PENALTY, check_text
 
 
 Text = Annotated[str, AfterValidator(check_text)]  # a string field the server reads
@@ -33,7 +33,7 @@ class StreamOptions(BaseModel):
 # is refused rather than silently ignored
 UNSUPPORTED = {
     "best_of": (None, 1),
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
+    "repetition_penalty": (None, 1),
     "suffix": (None, ""),
     "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none", "auto"),
     "functions": (None, []), "function_call": (None, "none", "auto"), "use_beam_search": (None, False),
@@ -53,6 +53,8 @@ class _SamplingRequest(BaseModel):
     min_p: float = Field(0.0, ge=0, le=1)  # vLLM extension
     min_tokens: int = Field(0, ge=0)  # vLLM extension
     logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias in [-100, 100]
+    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
