@@ -35,10 +35,11 @@ class SeqPlan(NamedTuple):
     prompt_logprobs: int | None = None
     prompt_targets: tuple[int, ...] = ()
     # OpenAI's penalties: each token's logit less presence_penalty if it is in the output, and
-    # frequency_penalty per time it is (output_counts: (token id, times) of the output's tokens)
+    # frequency_penalty per time it is; output_counts: () or (the output's distinct token ids, how
+    # often each is there)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    output_counts: tuple[tuple[int, int], ...] = ()
+    output_counts: tuple = ()
 
     @property
     def context_len(self) -> int:

@@ -90,10 +90,10 @@ class Request:
         """What the step sampling output number num_outputs + 1 adds to its logits."""
         return self.early_logit_bias if num_outputs < self.sampling.min_tokens else self.logit_bias
 
-    def output_counts(self) -> tuple[tuple[int, int], ...]:
-        """(token id, times in the output) of each token the output holds (SeqPlan.output_counts), where
-        sampling is penalized; else ()."""
-        if not self.sampling.penalized:
+    def output_counts(self) -> tuple:
+        """(the output's distinct token ids, how often each is there), SeqPlan.output_counts, where
+        sampling is penalized and there is an output; else ()."""
+        if not self.sampling.penalized or not self.output_token_ids:
             return ()
         counts, outputs = self._output_counts, self.output_token_ids
         if self._counted > len(outputs):  # the outputs were replaced (a resume): count again
@@ -102,7 +102,7 @@ class Request:
         for t in outputs[self._counted:]:
             counts[t] = counts.get(t, 0) + 1
         self._counted = len(outputs)
-        return tuple(counts.items())
+        return tuple(counts), tuple(counts.values())
 
     @property
     def num_tokens(self) -> int:

@@ -26,7 +26,7 @@ def test_batch_plan_round_trip_keeps_every_field():
                       logprobs=20),
               SeqPlan("b", (9,), 17, "hidden", (0,), False),
               SeqPlan("p", (5, 6, 7), 0, "kv", (1,), False, prompt_logprobs=0, prompt_targets=(6, 7, 8),
-                      presence_penalty=-2.0, frequency_penalty=0.25, output_counts=((50271, 3), (0, 1))),
+                      presence_penalty=-2.0, frequency_penalty=0.25, output_counts=((50271, 0), (3, 1))),
               SeqPlan("c", (8,), 5, "kv", (), True, seed=0, logprobs=0)),
         conversions=(ConversionPlan("b", 17, "kv", (0,), (6, 7)),),
         want_logits=True)

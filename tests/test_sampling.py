@@ -14,7 +14,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, MinPLog
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
 from aptray import LLM, SamplingParams
-from aptray.model.sampler import adjusted, distribution, sample
+from aptray.model.sampler import distribution, penalized, sample
 from aptray.plan import SeqPlan
 from aptray.request import Request
 from aptray.sampling_params import InvalidRequest
@@ -205,16 +205,19 @@ def test_greedy_with_presence_and_frequency_penalties_is_openais_formula(model):
 def test_penalties_shape_the_sampled_distribution():
     g = torch.Generator().manual_seed(3)
     row = torch.randn(VOCAB, generator=g)
-    counts = ((4, 3), (17, 1), (250, 2))
-    seq = _seq(temperature=0.8, top_p=0.9, logit_bias=((17, 1.5),))._replace(
-        presence_penalty=0.4, frequency_penalty=-0.3, output_counts=counts)
+    counts = {4: 3, 17: 1, 250: 2}
+    seq = _seq(temperature=0.8, top_p=0.9)._replace(presence_penalty=0.4, frequency_penalty=-0.3,
+                                                    output_counts=(tuple(counts), tuple(counts.values())))
+    other = _seq()._replace(presence_penalty=2.0, output_counts=((4,), (1,)))
     want = row.clone()
-    for t, n in counts:
+    for t, n in counts.items():
         want[t] -= 0.4 + -0.3 * n
-    want[17] += 1.5
-    torch.testing.assert_close(adjusted(row, seq), want)
-    torch.testing.assert_close(distribution(adjusted(row, seq), seq),
-                               _transformers_distribution(want, 0.8, -1, 0.9, 0.0, ()), atol=1e-6, rtol=1e-5)
+    got = penalized(torch.stack([row, row, row]), [seq, _seq(), other])
+    torch.testing.assert_close(got[0], want)
+    torch.testing.assert_close(got[1], row)  # rows without penalties are untouched
+    assert float(got[2, 4]) == pytest.approx(float(row[4]) - 2.0) and torch.equal(got[2, 5:], row[5:])
+    torch.testing.assert_close(distribution(got[0], seq), _transformers_distribution(want, 0.8, -1, 0.9, 0.0, ()),
+                               atol=1e-6, rtol=1e-5)
 
 
 def test_output_counts_follow_the_outputs_and_a_resume():
@@ -222,11 +225,11 @@ def test_output_counts_follow_the_outputs_and_a_resume():
     assert req.output_counts() == ()
     for t in (5, 9, 5):
         req.record_token(t, 0.0)
-    assert dict(req.output_counts()) == {5: 2, 9: 1}
+    assert dict(zip(*req.output_counts())) == {5: 2, 9: 1}
     req.record_token(9, 0.0)
-    assert dict(req.output_counts()) == {5: 2, 9: 2}
+    assert dict(zip(*req.output_counts())) == {5: 2, 9: 2}
     req.output_token_ids = [7]  # outputs replaced
-    assert dict(req.output_counts()) == {7: 1}
+    assert dict(zip(*req.output_counts())) == {7: 1}
     unpenalized = Request("r", [1], SamplingParams(max_tokens=8), 0.0, 1.0, 1.0)
     unpenalized.record_token(3, 0.0)
     assert unpenalized.output_counts() == ()

@@ -38,9 +38,8 @@ def seq_to_proto(s: SeqPlan) -> shard_pb2.SeqPlan:
         msg.prompt_logprobs = s.prompt_logprobs
         msg.prompt_targets.extend(s.prompt_targets)
     if s.output_counts:
-        ids, counts = zip(*s.output_counts)
-        msg.count_ids.extend(ids)
-        msg.count_values.extend(counts)
+        msg.count_ids.extend(s.output_counts[0])
+        msg.count_values.extend(s.output_counts[1])
     return msg
 
 
@@ -53,7 +52,7 @@ def seq_from_proto(m: shard_pb2.SeqPlan) -> SeqPlan:
                    logprobs=m.logprobs if m.HasField("logprobs") else None,
                    prompt_logprobs=m.prompt_logprobs if m.HasField("prompt_logprobs") else None,
                    prompt_targets=tuple(m.prompt_targets), presence_penalty=m.presence_penalty,
-                   frequency_penalty=m.frequency_penalty, output_counts=tuple(zip(m.count_ids, m.count_values)))
+                   frequency_penalty=m.frequency_penalty, output_counts=(tuple(m.count_ids), tuple(m.count_values)) if m.count_ids else ())
 
 
 def plan_to_proto(plan: BatchPlan) -> shard_pb2.BatchPlan:
