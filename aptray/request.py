@@ -73,6 +73,9 @@ class Request:
     # where sampling is penalized: how often each token is in the first _counted outputs
     _output_counts: dict = field(default_factory=dict, repr=False)
     _counted: int = field(default=0, repr=False)
+    # a decode's SeqPlan fields from min_p on, where they never change (no min_tokens, no penalties): the
+    # scheduler's hottest line appends them whole (Scheduler._decode_plan)
+    decode_tail: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         sp = self.sampling
@@ -80,6 +83,9 @@ class Request:
         self.logit_bias = self.early_logit_bias = tuple(sp.logit_bias.items())
         if sp.prompt_logprobs is not None:
             self.prompt_logprobs = [None] * len(self.prompt_token_ids)
+        if not sp.min_tokens and not sp.penalized:
+            self.decode_tail = (sp.min_p, self.logit_bias, sp.logprobs, None, (), sp.presence_penalty,
+                                sp.frequency_penalty, ())
         if sp.min_tokens:
             ending = set(self.stop_token_set)
             if self.eos_token_id is not None and not sp.ignore_eos:

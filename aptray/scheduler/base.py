@@ -174,13 +174,12 @@ class Scheduler:
         branches: built once per running request per step, the hottest line of every policy."""
         out, s = req.output_token_ids, req.sampling
         t = out[-1]
+        # the fields from min_p on: fixed for most requests (Request.decode_tail)
+        tail = req.decode_tail or (s.min_p, req.step_logit_bias(len(out)), s.logprobs, None, (), s.presence_penalty,
+                                   s.frequency_penalty, req.output_counts())
         return _new_tuple(SeqPlan, (req.request_id, _ONE_TOKEN.get(t) or _ONE_TOKEN.setdefault(t, (t,)),
                                     req.num_computed_tokens, req.cache_kind, self.blocks.table(req.request_id), True,
-                                    s.temperature, s.top_p, s.top_k, s.seed, len(out), s.min_p,
-                                    # req.step_logit_bias(len(out)), inlined like the rest of this line
-                                    req.early_logit_bias if len(out) < s.min_tokens else req.logit_bias,
-                                    s.logprobs, None, (), s.presence_penalty, s.frequency_penalty,
-                                    req.output_counts() if s.presence_penalty or s.frequency_penalty else ()))
+                                    s.temperature, s.top_p, s.top_k, s.seed, len(out)) + tail)
 
     def _convert(self, req: Request, to_kind: CacheKind) -> ConversionPlan | None:
         """Move a running request's computed tokens to to_kind, if the blocks allow."""
