@@ -78,8 +78,8 @@ class BatchPlan:
 
 class TokenLogprobs(NamedTuple):
     """One output token's log-probability and the most likely tokens', most likely first, under the
-    model's own distribution (log-softmax of its logits: before logit bias, temperature and filters,
-    as vLLM's default raw_logprobs)."""
+    model's own distribution (log-softmax of its logits: before penalties, logit bias, temperature and
+    filters, as vLLM's default raw_logprobs)."""
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability)
 

@@ -115,8 +115,8 @@ def scored(logits: torch.Tensor, targets, ks) -> list[TokenLogprobs | None]:
 def token_logprobs(logits: torch.Tensor, seqs: list[SeqPlan], tokens: list[int | None]
                    ) -> tuple[dict[int, TokenLogprobs], dict[int, str]]:
     """For the rows whose request asks (seq.logprobs is not None) and that got a token: the token's
-    log-probability and the seq.logprobs most likely tokens', from the raw logits (before bias,
-    temperature and filters). Returns them by row index, and the rows that failed (non-finite
+    log-probability and the seq.logprobs most likely tokens', from the raw logits (before penalties,
+    bias, temperature and filters). Returns them by row index, and the rows that failed (non-finite
     logits) with why."""
     rows = [i for i, (seq, t) in enumerate(zip(seqs, tokens)) if seq.logprobs is not None and t is not None]
     if not rows:
