@@ -97,7 +97,7 @@ HTTP_REFUSED = [  # (body, the parameter the 4xx must name)
     ({"prompt": "hi", "max_tokens": 4, "stop": ["x"] * 100}, "stop"),
     ({"prompt": "a" * 900_000, "max_tokens": 4}, "prompt"),
     ({"prompt": list(range(100_000)), "max_tokens": 4}, "prompt"),
-    ({"prompt": "hi", "max_tokens": 4, "n": 5}, "n"),
+    ({"prompt": "hi", "max_tokens": 4, "n": 10**6}, "n"),
 ]
 
 

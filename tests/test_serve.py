@@ -439,6 +439,49 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_engine_does(server, oai, mo
         assert not any(r.logprobs for r in replies)
 
 
+def test_n_choices_are_separate_draws_relayed_as_one_response(server, model_path):
+    """n = 3, seeded: choice i is the engine's output with seed + i, streamed or not, completion or
+    chat; usage sums the choices; a streamed response interleaves the choices by index. n over 4 with
+    a queue of 4 is refused (429) and leaves nothing running."""
+    p, url = PROMPTS[1], server["http"] + "/v1"
+    llm = LLM(model_path, num_cache_blocks=64)
+    want = [list(llm.generate(p, SamplingParams(temperature=1.0, seed=7 + i, max_tokens=MAX_TOKENS,
+                                                 ignore_eos=True))[0].outputs[0].token_ids) for i in range(3)]
+    assert len({tuple(w) for w in want}) == 3
+    body = {"prompt": p, "n": 3, "temperature": 1.0, "seed": 7, "max_tokens": MAX_TOKENS, "ignore_eos": True,
+            "return_token_ids": True}
+    whole = httpx.post(url + "/completions", json=body, timeout=60).json()
+    assert [c["index"] for c in whole["choices"]] == [0, 1, 2]
+    assert [c["token_ids"] for c in whole["choices"]] == want
+    assert whole["usage"]["completion_tokens"] == 3 * MAX_TOKENS
+    with httpx.stream("POST", url + "/completions", timeout=60,
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        events = _sse_objects(r)
+    streamed = [[t for e in events for c in e["choices"] if c["index"] == i for t in c["token_ids"]] for i in range(3)]
+    assert streamed == want
+    assert [e["usage"]["completion_tokens"] for e in events if e.get("usage")] == [3 * MAX_TOKENS]
+    chat_body = {"messages": [{"role": "user", "content": p}], "n": 2, "temperature": 1.0, "seed": 7,
+                 "max_tokens": 4, "ignore_eos": True}
+    chat = httpx.post(url + "/chat/completions", json=chat_body, timeout=60).json()
+    assert [c["index"] for c in chat["choices"]] == [0, 1] and chat["usage"]["completion_tokens"] == 8
+    with httpx.stream("POST", url + "/chat/completions", json={**chat_body, "stream": True}, timeout=60) as r:
+        events = _sse_objects(r)
+    roles = [c["index"] for e in events for c in e["choices"] if c["delta"].get("role") == "assistant"]
+    text = ["".join(c["delta"]["content"] or "" for e in events for c in e["choices"] if c["index"] == i)
+            for i in range(2)]
+    assert roles == [0, 1] and text == [c["message"]["content"] for c in chat["choices"]]
+
+    too_many = httpx.post(url + "/completions", json={"prompt": p, "n": 12, "max_tokens": SLOW}, timeout=60)
+    assert too_many.status_code == 429, too_many.text
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        h = httpx.get(server["http"] + "/health").json()
+        if h["running"] == 0 and h["waiting"] == 0:
+            break
+        time.sleep(0.2)
+    assert h["running"] == 0 and h["waiting"] == 0, h  # the admitted choices were aborted
+
+
 def _sse_objects(response) -> list[dict]:
     return [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data: {")]
 
@@ -697,6 +740,29 @@ def test_client_disconnect_aborts_and_frees_blocks(server):
             assert _metric(server, "aptray_cache_blocks_in_use", '{kind="kv"}') > 0
         # leaving the with-block closes the connection mid-stream
     _aborts(server, disconnect_after_three_events)
+
+
+def test_a_client_leaving_an_n_choice_stream_aborts_every_choice(server):
+    """n = 3: the client reads three events and leaves; each choice's request ends once, as an abort
+    (a second try where one finished first, as in _aborts), and every block is freed."""
+    aborted = ended = 0.0
+    for _ in range(2):
+        assert _wait_idle_blocks(server, timeout=30)
+        aborted_before, ended_before = _ended_counts(server)
+        with httpx.stream("POST", server["http"] + "/v1/completions", timeout=60,
+                          json={"prompt": "hello", "n": 3, "max_tokens": 480, "ignore_eos": True, "stream": True}) as r:
+            lines = r.iter_lines()
+            for _ in range(3):
+                next(line for line in lines if line.startswith("data:"))
+        assert _wait_idle_blocks(server, timeout=30)
+        deadline = time.time() + 10
+        while time.time() < deadline and _ended_counts(server)[1] < ended_before + 3:
+            time.sleep(0.1)
+        aborted, ended = _ended_counts(server)
+        assert ended - ended_before == 3, f"three requests ended, counted {ended - ended_before} times"
+        if aborted - aborted_before == 3:
+            break
+    assert aborted - aborted_before == 3
 
 
 def test_grpc_cancel_aborts(server):

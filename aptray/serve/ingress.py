@@ -33,6 +33,7 @@ from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatCompleti
                                      CompletionChoice, CompletionRequest, CompletionResponse, LogprobsRenderer,
                                      ModelCard, ModelList, chunk_logprobs, error_body, finish_reason, new_id,
                                      unsupported_field)
+from aptray.serve import choices
 from aptray.serve.relay import Call, Rejected, RouterLink
 from aptray.model.demo import resolve_model_path
 from aptray.serve.prefix_key import PREFIX_KEY_HEADER, prefix_tag
@@ -175,6 +176,24 @@ class Ingress:
         call.ttft_probe = probe
         return call
 
+    async def open_choices(self, rid: str, ids: list[int], sampling: dict, prompt: str | None, owner: str,
+                           prefix: str | None, n: int) -> list[Call]:
+        """The calls of a request's n choices (aptray.serve.choices where n > 1), each admitted."""
+        if n == 1:
+            return [await self.open_stream(rid, ids, sampling, prompt, owner, prefix)]
+        return await choices.open_choices(self, rid, ids, sampling, prompt, owner, prefix, n)
+
+    async def batches(self, calls: list[Call]):
+        """(choice index, batch of chunks) until every choice finishes (choices.merged where n > 1)."""
+        if len(calls) > 1:
+            async with aclosing(choices.merged(self, calls)) as merged:
+                async for item in merged:
+                    yield item
+            return
+        async with aclosing(self.chunks(calls[0])) as batches:
+            async for batch in batches:
+                yield 0, batch
+
     def check_size(self, sampling: dict, **sizes) -> None:
         """What is too big to tokenize is refused before tokenizing (RequestLimits.size_error)."""
         refusal = self.limits.size_error(sampling, **sizes)
@@ -224,8 +243,8 @@ class Ingress:
         if req.model not in (None, "", self.model_name):
             raise Rejected(f"model {req.model!r} is not served here; this server has {self.model_name!r}", 404,
                            "model")
-        if req.n != 1:
-            raise Rejected("only n = 1 is supported", 400, "n")
+        if not 1 <= req.n <= choices.MAX_CHOICES:
+            raise Rejected(f"n must be in [1, {choices.MAX_CHOICES}] on this server", 400, "n")
         if getattr(req, "top_logprobs", None) and not req.logprobs:
             raise Rejected("top_logprobs needs logprobs set to true", 400, "top_logprobs")
         unsupported = unsupported_field(req)
@@ -243,45 +262,54 @@ class Ingress:
             sampling["prompt_logprobs"] = req.logprobs if req.echo else None
             prompt, ids = await self._completion_prompt(req.prompt, sampling)
             rid = new_id("cmpl")
-            gen = await self.open_stream(rid, ids, sampling, prompt, self.caller(raw), self.prefix_of(raw))
+            calls = await self.open_choices(rid, ids, sampling, prompt, self.caller(raw), self.prefix_of(raw), req.n)
         except Rejected as e:
             return self._reject(e)
         echo = None
         if req.echo:  # the prompt as the client sent it, or the text of its token ids
             echo = prompt if prompt is not None else await self.off_loop(self.tokenizer.decode, ids)
-        renderer = LogprobsRenderer(self.token_text) if req.logprobs is not None else None
+        renderers = [LogprobsRenderer(self.token_text) if req.logprobs is not None else None for _ in calls]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = CompletionEvents(rid, self.model_name, include_usage, ids if req.return_token_ids else None,
-                                      renderer, None if echo is None else (echo, ids))
-            return StreamingResponse(self._sse_stream(gen, events), media_type="text/event-stream")
+            events = [CompletionEvents(rid, self.model_name, include_usage and req.n == 1,
+                                       ids if req.return_token_ids else None, renderer,
+                                       None if echo is None else (echo, ids), index)
+                      for index, renderer in enumerate(renderers)]
+            return StreamingResponse(self._sse_stream(calls, events, include_usage and req.n > 1),
+                                     media_type="text/event-stream")
         try:
-            reply = await self._collect(gen)
+            replies = await self._collect(calls)
         except Rejected as e:
             return self._reject(e)
-        logprobs = None
-        if renderer and req.echo:
-            logprobs = renderer.completion(ids + reply.token_ids, reply.prompt_logprobs + reply.logprobs)
-        elif renderer:
-            logprobs = renderer.completion(reply.token_ids, reply.logprobs)
         asked = req.return_token_ids
-        return CompletionResponse(id=rid, model=self.model_name, usage=usage(reply.last), choices=[
-            CompletionChoice(text=(echo or "") + reply.text, token_ids=reply.token_ids if asked else None,
-                             logprobs=logprobs, finish_reason=finish_reason(reply.last["finish_reason"]),
-                             prompt_token_ids=ids if asked else None)])
+        choices = []
+        for index, (reply, renderer) in enumerate(zip(replies, renderers)):
+            logprobs = None
+            if renderer and req.echo:
+                logprobs = renderer.completion(ids + reply.token_ids, reply.prompt_logprobs + reply.logprobs)
+            elif renderer:
+                logprobs = renderer.completion(reply.token_ids, reply.logprobs)
+            choices.append(CompletionChoice(
+                index=index, text=(echo or "") + reply.text, token_ids=reply.token_ids if asked else None,
+                logprobs=logprobs, finish_reason=finish_reason(reply.last["finish_reason"]),
+                prompt_token_ids=ids if asked else None))
+        return CompletionResponse(id=rid, model=self.model_name, usage=usage(*(r.last for r in replies)),
+                                  choices=choices)
 
-    async def _collect(self, gen) -> Reply:
-        """A non-streaming request's whole reply."""
-        pieces, ids, logprobs, prompt_logprobs, last = [], [], [], [], None
-        async with aclosing(self.chunks(gen)) as batches:
-            async for batch in batches:
+    async def _collect(self, calls: list) -> list[Reply]:
+        """A non-streaming request's whole reply, per choice."""
+        n = len(calls)
+        pieces, ids, logprobs = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+        prompt_logprobs, last = [[] for _ in range(n)], [None] * n
+        async with aclosing(self.batches(calls)) as batches:
+            async for i, batch in batches:
                 for c in batch:
-                    pieces.append(c["text"])
-                    ids.extend(c["token_ids"])
-                    logprobs.extend(chunk_logprobs(c))
-                    prompt_logprobs = c.get("prompt_logprobs") or prompt_logprobs
-                last = batch[-1]
-        return Reply("".join(pieces), ids, logprobs, prompt_logprobs, last)
+                    pieces[i].append(c["text"])
+                    ids[i].extend(c["token_ids"])
+                    logprobs[i].extend(chunk_logprobs(c))
+                    prompt_logprobs[i] = c.get("prompt_logprobs") or prompt_logprobs[i]
+                last[i] = batch[-1]
+        return [Reply("".join(pieces[i]), ids[i], logprobs[i], prompt_logprobs[i], last[i]) for i in range(n)]
 
     def token_text(self, token_id: int) -> str:
         """A token's text alone, as log-probabilities show it (cached: at most one entry per vocabulary id)."""
@@ -303,12 +331,17 @@ class Ingress:
             return None, list(prompt)
         raise Rejected("give one prompt per request (a string or a list of token ids)", 400, "prompt")
 
-    async def _sse_stream(self, gen, events):
-        """The SSE body of a streamed request: its token events, an error event if it fails, [DONE]."""
+    async def _sse_stream(self, calls: list, events: list, total_usage: bool = False):
+        """The SSE body of a streamed request: each choice's token events as they come (events[i]
+        renders choice i), the usage of all choices where total_usage, an error event if it fails, [DONE]."""
         try:
-            async with aclosing(self.chunks(gen)) as batches:  # closed at once if the client goes
-                async for batch in batches:
-                    yield events.render(batch)
+            last = {}
+            async with aclosing(self.batches(calls)) as batches:  # closed at once if the client goes
+                async for i, batch in batches:
+                    yield events[i].render(batch)
+                    last[i] = batch[-1]
+            if total_usage:
+                yield sse(events[0]._usage_model(usage(*last.values())))
         except Rejected as e:
             yield sse(error_body(str(e), e.status))
         except Exception as e:  # headers are sent: an error event is all a client can still get
@@ -326,26 +359,31 @@ class Ingress:
             rest = max(1, self.max_model_len - len(ids))
             max_tokens = req.max_completion_tokens or req.max_tokens or min(rest, self.args.max_tokens_limit or rest)
             rid = new_id("chatcmpl")
-            gen = await self.open_stream(rid, ids, self.sampling(req, max_tokens), text, self.caller(raw),
-                                         self.prefix_of(raw))
+            calls = await self.open_choices(rid, ids, self.sampling(req, max_tokens), text, self.caller(raw),
+                                            self.prefix_of(raw), req.n)
         except Rejected as e:
             return self._reject(e)
-        renderer = LogprobsRenderer(self.token_text) if req.logprobs else None
+        renderers = [LogprobsRenderer(self.token_text) if req.logprobs else None for _ in calls]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = ChatEvents(rid, self.model_name, include_usage, ids if req.return_token_ids else None, renderer)
-            return StreamingResponse(self._chat_sse(gen, events), media_type="text/event-stream")
+            events = [ChatEvents(rid, self.model_name, include_usage and req.n == 1,
+                                 ids if req.return_token_ids else None, renderer, index=index)
+                      for index, renderer in enumerate(renderers)]
+            return StreamingResponse(self._chat_sse(calls, events, include_usage and req.n > 1),
+                                     media_type="text/event-stream")
         try:
-            reply = await self._collect(gen)
+            replies = await self._collect(calls)
         except Rejected as e:
             return self._reject(e)
         asked = req.return_token_ids
         return ChatCompletionResponse(
-            id=rid, model=self.model_name, usage=usage(reply.last), prompt_token_ids=ids if asked else None,
-            choices=[ChatChoice(message=ChatChoiceMessage(content=reply.text),
+            id=rid, model=self.model_name, usage=usage(*(r.last for r in replies)),
+            prompt_token_ids=ids if asked else None,
+            choices=[ChatChoice(index=index, message=ChatChoiceMessage(content=reply.text),
                                 token_ids=reply.token_ids if asked else None,
                                 logprobs=renderer.chat(reply.token_ids, reply.logprobs) if renderer else None,
-                                finish_reason=finish_reason(reply.last["finish_reason"]))])
+                                finish_reason=finish_reason(reply.last["finish_reason"]))
+                     for index, (reply, renderer) in enumerate(zip(replies, renderers))])
 
     def _chat_prompt(self, req) -> tuple[str, list[int]]:
         """The conversation through the model's chat template, and its token ids (tokenizer thread)."""
@@ -356,9 +394,10 @@ class Ingress:
             raise Rejected(f"the chat template refused the messages: {e}", 400, "messages") from e
         return text, self.tokenizer.encode(text, add_special_tokens=False)
 
-    async def _chat_sse(self, gen, events: ChatEvents):
-        yield events.role()
-        async for event in self._sse_stream(gen, events):
+    async def _chat_sse(self, calls: list, events: list, total_usage: bool = False):
+        for choice in events:
+            yield choice.role()
+        async for event in self._sse_stream(calls, events, total_usage):
             yield event
 
     @api.get("/v1/models")

@@ -27,22 +27,25 @@ def sse(obj) -> str:
     return f"data: {body}\n\n"
 
 
-def usage(chunk: dict) -> Usage:
-    u = chunk["usage"]
-    return Usage(prompt_tokens=u["prompt_tokens"], completion_tokens=u["completion_tokens"],
-                 total_tokens=u["prompt_tokens"] + u["completion_tokens"])
+def usage(*last_chunks: dict) -> Usage:
+    """The usage of a request's choices, from each one's last chunk (they share the prompt)."""
+    prompt = last_chunks[0]["usage"]["prompt_tokens"]
+    completion = sum(c["usage"]["completion_tokens"] for c in last_chunks)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 class _Events:
     """prompt_ids: the prompt's token ids where the client asked for token ids (return_token_ids):
     every event then carries its tokens' ids, and the first one the prompt's. logprobs: where the
     client asked for log-probabilities, what renders them. echo: the prompt's text and token ids; the
-    text is the first event (with the prompt's log-probabilities, which come with the first chunk)."""
+    text is the first event (with the prompt's log-probabilities, which come with the first chunk).
+    index: the choice the events are of (n > 1)."""
 
     def __init__(self, rid: str, model: str, include_usage: bool, prompt_ids: list[int] | None = None,
-                 logprobs: LogprobsRenderer | None = None, echo: tuple[str, list[int]] | None = None):
+                 logprobs: LogprobsRenderer | None = None, echo: tuple[str, list[int]] | None = None,
+                 index: int = 0):
         self.rid, self.model, self.include_usage = rid, model, include_usage
-        self.logprobs, self._echo = logprobs, echo
+        self.logprobs, self._echo, self.index = logprobs, echo, index
         self.created = int(time.time())
         self.with_ids, self._prompt_ids = prompt_ids is not None, prompt_ids
         template = self._model(_MARK, None, _IDS_MARK if self.with_ids else None).model_dump_json()
@@ -86,7 +89,7 @@ class _Events:
 class CompletionEvents(_Events):
     def _model(self, text: str, reason: str | None, ids=None, prompt_ids=None, logprobs=None):
         return CompletionResponse(id=self.rid, model=self.model, created=self.created, choices=[
-            CompletionChoice(text=text, token_ids=ids, logprobs=logprobs, finish_reason=reason,
+            CompletionChoice(index=self.index, text=text, token_ids=ids, logprobs=logprobs, finish_reason=reason,
                              prompt_token_ids=prompt_ids)])
 
     def _logprobs(self, token_ids: list[int], logprobs: list):
@@ -99,8 +102,8 @@ class CompletionEvents(_Events):
 class ChatEvents(_Events):
     def _model(self, text: str, reason: str | None, ids=None, prompt_ids=None, logprobs=None):
         return ChatCompletionChunk(id=self.rid, model=self.model, created=self.created, prompt_token_ids=prompt_ids,
-                                   choices=[ChatChunkChoice(delta=ChatDelta(content=text), token_ids=ids,
-                                                            logprobs=logprobs, finish_reason=reason)])
+                                   choices=[ChatChunkChoice(index=self.index, delta=ChatDelta(content=text),
+                                                            token_ids=ids, logprobs=logprobs, finish_reason=reason)])
 
     def _logprobs(self, token_ids: list[int], logprobs: list):
         return self.logprobs.chat(token_ids, logprobs)
@@ -112,5 +115,6 @@ class ChatEvents(_Events):
         """The first event: the assistant's role, no content yet (and the prompt's ids, if asked)."""
         return sse(ChatCompletionChunk(id=self.rid, model=self.model, created=self.created,
                                        prompt_token_ids=self.prompt_ids_once(),
-                                       choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""),
+                                       choices=[ChatChunkChoice(index=self.index,
+                                                                delta=ChatDelta(role="assistant", content=""),
                                                                 token_ids=[] if self.with_ids else None)]))

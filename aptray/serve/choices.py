@@ -1,0 +1,68 @@
+"""n > 1: one engine request per choice, opened together and relayed as one response (a request of
+n = 1 is relayed directly, Ingress.open_choices and Ingress.batches).
+
+Choice i is the request `<id>-<i>`. A choice scheduled after another's prefill finds the prompt's
+blocks in the prefix cache. A seeded request's choice i draws with seed + i: the sampler seeds each
+draw from (seed, token index), so one seed would give every choice the same tokens. A choice refused
+at admission aborts those already admitted; a client that leaves mid-stream closes every choice's
+stream, which aborts its request (relay.RouterLink.chunks).
+"""
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+
+MAX_CHOICES = 16  # a server's limit on n: each choice is a request of its own in the queue and the batch
+
+
+def choice_sampling(sampling: dict, index: int) -> dict:
+    if index == 0 or sampling.get("seed") is None:
+        return sampling
+    return {**sampling, "seed": sampling["seed"] + index}
+
+
+async def open_choices(ingress, rid: str, ids: list[int], sampling: dict, prompt: str | None, owner: str,
+                       prefix: str | None, n: int) -> list:
+    """The n choices' calls, each admitted; if one is refused, the others are aborted and it raises."""
+    calls = []
+    try:
+        for i in range(n):
+            calls.append(await ingress.open_stream(f"{rid}-{i}", ids, choice_sampling(sampling, i), prompt, owner,
+                                                   prefix))
+    except BaseException:
+        for call in calls:
+            await ingress.router.abort.remote(call.rid)
+        raise
+    return calls
+
+
+async def merged(ingress, calls: list):
+    """(choice index, batch of chunks) as each choice's batches arrive, until every choice finishes.
+    Closing it (a client that leaves) closes every choice's stream."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, call) -> None:
+        try:
+            async with aclosing(ingress.chunks(call)) as batches:
+                async for batch in batches:
+                    await queue.put((index, batch))
+        except Exception as e:  # a refusal or failure of this choice: the response's error
+            await queue.put((index, e))
+        finally:
+            await queue.put((index, None))
+
+    pumps = [asyncio.create_task(pump(i, call)) for i, call in enumerate(calls)]
+    try:
+        running = len(calls)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
