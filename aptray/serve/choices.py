@@ -23,17 +23,21 @@ def choice_sampling(sampling: dict, index: int) -> dict:
 
 async def open_choices(ingress, rid: str, ids: list[int], sampling: dict, prompt: str | None, owner: str,
                        prefix: str | None, n: int) -> list:
-    """The n choices' calls, each admitted; if one is refused, the others are aborted and it raises."""
-    calls = []
+    """The n choices' calls, each admitted; if one is refused (or the caller is cancelled), every choice
+    is aborted and it raises. The admissions run at once, so the RouterLink sends them in one
+    Router.admit."""
+    rids = [f"{rid}-{i}" for i in range(n)]
+    opening = [asyncio.ensure_future(ingress.open_stream(r, ids, choice_sampling(sampling, i), prompt, owner, prefix))
+               for i, r in enumerate(rids)]
     try:
-        for i in range(n):
-            calls.append(await ingress.open_stream(f"{rid}-{i}", ids, choice_sampling(sampling, i), prompt, owner,
-                                                   prefix))
+        return list(await asyncio.gather(*opening))
     except BaseException:
-        for call in calls:
-            await ingress.router.abort.remote(call.rid)
+        for task in opening:
+            task.cancel()
+        await asyncio.gather(*opening, return_exceptions=True)
+        for r in rids:  # those admitted end; the others are not found
+            await ingress.router.abort.remote(r)
         raise
-    return calls
 
 
 async def merged(ingress, calls: list):
