@@ -93,4 +93,3 @@ class StepResult:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # request_id -> its token's, if it asked
     # request_id -> (position of the first scored prompt token, each target's TokenLogprobs)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
-

@@ -83,14 +83,14 @@ class Request:
         self.logit_bias = self.early_logit_bias = tuple(sp.logit_bias.items())
         if sp.prompt_logprobs is not None:
             self.prompt_logprobs = [None] * len(self.prompt_token_ids)
-        if not sp.min_tokens and not sp.penalized:
-            self.decode_tail = (sp.min_p, self.logit_bias, sp.logprobs, None, (), sp.presence_penalty,
-                                sp.frequency_penalty, ())
         if sp.min_tokens:
             ending = set(self.stop_token_set)
             if self.eos_token_id is not None and not sp.ignore_eos:
                 ending.add(self.eos_token_id)
             self.early_logit_bias = tuple({**sp.logit_bias, **dict.fromkeys(sorted(ending), -math.inf)}.items())
+        elif not sp.penalized:
+            self.decode_tail = (sp.min_p, self.logit_bias, sp.logprobs, None, (), sp.presence_penalty,
+                                sp.frequency_penalty, ())
 
     def step_logit_bias(self, num_outputs: int) -> tuple[tuple[int, float], ...]:
         """What the step sampling output number num_outputs + 1 adds to its logits."""

@@ -99,12 +99,11 @@ def sample(logits: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator
 MIN_LOGPROB = -9999.0
 
 
-def scored(logits: torch.Tensor, targets, ks) -> list[TokenLogprobs | None]:
-    """Row i's log-probability of token targets[i] and its ks[i] most likely tokens' (one k for all
-    when ks is an int), from raw logits [N, V]; None where the row's logits are not finite (NaN)."""
+def scored(logits: torch.Tensor, targets, ks: list[int]) -> list[TokenLogprobs | None]:
+    """Row i's log-probability of token targets[i] and its ks[i] most likely tokens', from raw logits
+    [N, V]; None where the row's logits are not finite (NaN)."""
     lps = torch.log_softmax(logits, dim=-1).clamp_min(MIN_LOGPROB)
     chosen = lps.gather(1, torch.tensor(list(targets), device=lps.device)[:, None]).squeeze(1).tolist()
-    ks = [ks] * len(chosen) if isinstance(ks, int) else ks
     k = max(ks)
     top_values, top_ids = torch.topk(lps, k) if k else (lps[:, :0], lps[:, :0].long())
     top_values, top_ids = top_values.tolist(), top_ids.tolist()

@@ -52,7 +52,8 @@ def seq_from_proto(m: shard_pb2.SeqPlan) -> SeqPlan:
                    logprobs=m.logprobs if m.HasField("logprobs") else None,
                    prompt_logprobs=m.prompt_logprobs if m.HasField("prompt_logprobs") else None,
                    prompt_targets=tuple(m.prompt_targets), presence_penalty=m.presence_penalty,
-                   frequency_penalty=m.frequency_penalty, output_counts=(tuple(m.count_ids), tuple(m.count_values)) if m.count_ids else ())
+                   frequency_penalty=m.frequency_penalty,
+                   output_counts=(tuple(m.count_ids), tuple(m.count_values)) if m.count_ids else ())
 
 
 def plan_to_proto(plan: BatchPlan) -> shard_pb2.BatchPlan:

@@ -26,14 +26,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
-from aptray.serve import grpc_api, routing_counts
+from aptray.serve import choices, grpc_api, routing_counts
 from aptray.serve.args import INGRESS_CPUS, AppArgs
 from aptray.serve.deploy_options import ATTAINMENT_WINDOW_S
 from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatCompletionRequest, ChatCompletionResponse,
                                      CompletionChoice, CompletionRequest, CompletionResponse, LogprobsRenderer,
                                      ModelCard, ModelList, chunk_logprobs, error_body, finish_reason, new_id,
                                      unsupported_field)
-from aptray.serve import choices
 from aptray.serve.relay import Call, Rejected, RouterLink
 from aptray.model.demo import resolve_model_path
 from aptray.serve.prefix_key import PREFIX_KEY_HEADER, prefix_tag
@@ -44,6 +43,9 @@ from aptray.serve.store import RequestStore
 from aptray.serve.ttft_estimate import ReplicaLoad, ServingDelay
 
 logger = logging.getLogger("aptray")
+STATS_TIMEOUT_S = 2.0  # a router slower than this to report its load reports nothing this round
+ROUTER_NAME = "aptray-router:{app}:{replica}:{n}"  # the n-th Router actor of an ingress replica
+REPLICA_HEADER = b"x-aptray-replica"
 
 
 class Reply(NamedTuple):
@@ -53,9 +55,6 @@ class Reply(NamedTuple):
     logprobs: list  # per token: aptray.plan.TokenLogprobs, None where not asked or unknown
     prompt_logprobs: list  # per prompt token where asked (echo with logprobs), else empty
     last: dict  # the last chunk: finish reason, usage
-STATS_TIMEOUT_S = 2.0  # a router slower than this to report its load reports nothing this round
-ROUTER_NAME = "aptray-router:{app}:{replica}:{n}"  # the n-th Router actor of an ingress replica
-REPLICA_HEADER = b"x-aptray-replica"
 
 
 class ReplicaHeader:

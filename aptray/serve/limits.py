@@ -6,8 +6,8 @@ top_k that overflows the shard contract's integers, an SLO no step can meet) wou
 
 Two stages: `size_error` runs in the ingress before tokenizing or applying a chat template (their
 cost grows with the input), `admit` in the router on the token ids (it also guards re-attaches,
-which skip the ingress's checks): the model's own rules (aptray.sampling_params: check_prompt, SamplingParams, check_token_ids),
-then this server's limits.
+which skip the ingress's checks): the model's own rules (aptray.sampling_params: check_prompt,
+SamplingParams, check_token_ids), then this server's limits.
 """
 from __future__ import annotations
 

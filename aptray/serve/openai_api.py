@@ -159,12 +159,16 @@ class LogprobsRenderer:
     def chat(self, token_ids: list[int], logprobs: list) -> ChatLogprobs:
         content = []
         for t, lp in zip(token_ids, logprobs):
-            text = self.token_text(t)
-            top = [] if lp is None else [TopLogprob(token=x, logprob=v, bytes=list(x.encode()))
-                                         for x, v in ((self.token_text(i), v) for i, v in lp.top)]
-            content.append(ChatTokenLogprob(token=text, logprob=None if lp is None else lp.logprob,
-                                            bytes=list(text.encode()), top_logprobs=top))
+            if lp is None:
+                content.append(ChatTokenLogprob(**self._chat_token(t, None), top_logprobs=[]))
+                continue
+            top = [TopLogprob(**self._chat_token(i, v)) for i, v in lp.top]
+            content.append(ChatTokenLogprob(**self._chat_token(t, lp.logprob), top_logprobs=top))
         return ChatLogprobs(content=content)
+
+    def _chat_token(self, token_id: int, logprob: float | None) -> dict:
+        text = self.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
 
 def chunk_logprobs(chunk: dict) -> list:

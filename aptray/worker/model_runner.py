@@ -104,7 +104,7 @@ class ModelRunner:
                 b = min(m, a + PROMPT_LOGITS_ROWS)
                 logits = self.model.compute_logits(h[row0 + a:row0 + b]).float()
                 if self.rank == 0:
-                    entries += scored(logits, s.prompt_targets[a:b], s.prompt_logprobs)
+                    entries += scored(logits, s.prompt_targets[a:b], [s.prompt_logprobs] * (b - a))
             if m and self.rank == 0:
                 out[s.request_id] = (s.start_pos + 1, entries)
             row0 += len(s.token_ids)
