@@ -373,10 +373,10 @@ def test_penalties_over_http_and_grpc_are_the_engines(server, model_path, refere
 
     tokenizer, ref = reference
     p, n = PROMPTS[0], 24
-    local = LLM(model_path, num_cache_blocks=64).generate(p, SamplingParams(
-        temperature=0.0, max_tokens=n, ignore_eos=True, presence_penalty=0.5, frequency_penalty=1.5))[0].outputs[0]
-    plain = LLM(model_path, num_cache_blocks=64).generate(p, SamplingParams(temperature=0.0, max_tokens=n,
-                                                                          ignore_eos=True))[0].outputs[0]
+    llm = LLM(model_path, num_cache_blocks=64)
+    local = llm.generate(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, presence_penalty=0.5,
+                                           frequency_penalty=1.5))[0].outputs[0]
+    plain = llm.generate(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))[0].outputs[0]
     assert list(local.token_ids) != list(plain.token_ids)  # the penalties change this output
     body = {"prompt": p, "temperature": 0.0, "max_tokens": n, "ignore_eos": True, "presence_penalty": 0.5,
             "frequency_penalty": 1.5, "return_token_ids": True}
