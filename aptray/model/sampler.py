@@ -44,8 +44,8 @@ def penalized(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
     """logits [N, V] with OpenAI's presence and frequency penalties of each row's seq: each token of its
     output less presence_penalty, and frequency_penalty per time the output holds it. One index_add
     for the whole batch, into a new tensor (the raw logits stay for log-probabilities); the counts go
-    through numpy, whose fromiter converts a tuple far faster than torch.tensor's element-by-element path
-    (docs/SERVING.md: the shard step with and without 300 penalized tokens per request)."""
+    through numpy's fromiter rather than torch.tensor, which converts a Python sequence element by
+    element."""
     rows = [i for i, seq in enumerate(seqs) if seq.output_counts]
     if not rows:
         return logits
