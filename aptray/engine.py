@@ -15,6 +15,7 @@ from aptray.sampling_params import InvalidRequest, SamplingParams, check_prompt,
 from aptray.scheduler import make_scheduler
 from aptray.step_quarantine import MAX_FAILED_STEPS, StepQuarantine
 from aptray.stop import StopChecker
+from aptray.structured_output import Grammars
 
 logger = logging.getLogger("aptray")
 
@@ -45,9 +46,11 @@ class StepFailed(RuntimeError):
 
 class Engine:
     def __init__(self, config: EngineConfig, executor: Executor, tokenizer=None, clock=time.monotonic,
-                 blocks: BlockManager | None = None):
+                 blocks: BlockManager | None = None, grammars: Grammars | None = None):
         """blocks: the scheduler's block accounting when it is not a pool of its own (a view of a pool
-        shared by several in-flight micro-batches, aptray.cache.block_views)."""
+        shared by several in-flight micro-batches, aptray.cache.block_views). grammars: the compiler
+        of structured outputs when it is shared (a router compiles at admission); else made at the
+        first structured request."""
         self.config = config
         self.executor = executor
         self.tokenizer = tokenizer
@@ -59,6 +62,7 @@ class Engine:
         self._prompts: dict[str, str | None] = {}
         self._stops: dict[str, StopChecker] = {}
         self.quarantine = StepQuarantine()
+        self._grammars = grammars
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
@@ -72,12 +76,22 @@ class Engine:
                                  "prompt")
         sp = sampling_params
         eos = getattr(self.tokenizer, "eos_token_id", None)
+        guide = self.grammars().guide(sp.structured_output) if sp.structured_output is not None else None
         req = Request(request_id, list(prompt_token_ids), sp,
-                      self.clock() if arrival_time is None else arrival_time, *self.config.slos_of(sp), eos)
+                      self.clock() if arrival_time is None else arrival_time, *self.config.slos_of(sp), eos, guide)
         self.scheduler.add(req)
         self._prompts[request_id] = prompt
         self._stops[request_id] = self.stop_checker(sp)
         return req
+
+    def grammars(self) -> Grammars:
+        """The compiler of this engine's structured outputs (its tokenizer's, its model's vocabulary)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise InvalidRequest("a structured output needs the model's tokenizer (skip_tokenizer_init is set)",
+                                     "structured_outputs")
+            self._grammars = Grammars(self.tokenizer, self.config.spec.vocab_size)
+        return self._grammars
 
     def stop_checker(self, sampling: SamplingParams, prior_output_ids: list[int] = ()) -> StopChecker:
         """The stop rules of a request of this engine (its EOS, context and tokenizer)."""
@@ -93,6 +107,9 @@ class Engine:
         if any(not 0 <= t < vocab for t in output_token_ids):  # e.g. a tampered Redis record
             raise InvalidRequest(f"output token ids must be in [0, {vocab})", "prompt")
         req = self.add_request(request_id, prompt_token_ids, sampling_params, arrival_time, prompt)
+        if req.guide is not None and not all(map(req.guide.accept, output_token_ids)):
+            self.abort(request_id)
+            raise InvalidRequest("the output tokens break the request's structured output", "prompt")
         if output_token_ids:
             req.output_token_ids = list(output_token_ids)
             req.output_logprobs = [None] * len(output_token_ids)
@@ -162,6 +179,10 @@ class Engine:
             if (req := self.scheduler.requests.get(rid)) is not None:
                 req.prompt_logprobs[first:first + len(entries)] = entries
         for req in self.scheduler.update(plan, result, self.clock()):
+            if req.guide is not None and not req.guide.accept(req.output_token_ids[-1]):
+                outputs.append(self._end_with_error(req, f"token {req.output_token_ids[-1]} breaks the request's "
+                                                         "structured output"))
+                continue
             try:
                 if req.sampling.logprobs is not None:
                     req.output_logprobs.append(result.logprobs.get(req.request_id))

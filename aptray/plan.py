@@ -40,6 +40,9 @@ class SeqPlan(NamedTuple):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     output_counts: tuple = ()
+    # where a grammar holds the output (aptray.structured_output) and this row samples: the tokens it
+    # allows next, bit t % 32 of little-endian int32 word t // 32; empty: any token
+    allowed_tokens: bytes = b""
 
     @property
     def context_len(self) -> int:

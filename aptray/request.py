@@ -48,6 +48,7 @@ class Request:
     ttft_slo: float
     tbt_slo: float
     eos_token_id: int | None = None
+    guide: object | None = None  # where a grammar holds the output: its aptray.structured_output.Guide
     output_token_ids: list[int] = field(default_factory=list)
     # each output token's TokenLogprobs where sampling.logprobs asks (None: a token sampled elsewhere,
     # before a resume, or by an executor that reports none)
@@ -88,9 +89,9 @@ class Request:
             if self.eos_token_id is not None and not sp.ignore_eos:
                 ending.add(self.eos_token_id)
             self.early_logit_bias = tuple({**sp.logit_bias, **dict.fromkeys(sorted(ending), -math.inf)}.items())
-        elif not sp.penalized:
+        elif not sp.penalized and self.guide is None:
             self.decode_tail = (sp.min_p, self.logit_bias, sp.logprobs, None, (), sp.presence_penalty,
-                                sp.frequency_penalty, ())
+                                sp.frequency_penalty, (), b"")
 
     def step_logit_bias(self, num_outputs: int) -> tuple[tuple[int, float], ...]:
         """What the step sampling output number num_outputs + 1 adds to its logits."""
@@ -109,6 +110,10 @@ class Request:
             counts[t] = counts.get(t, 0) + 1
         self._counted = len(outputs)
         return tuple(counts), tuple(counts.values())
+
+    def allowed_tokens(self) -> bytes:
+        """SeqPlan.allowed_tokens for its next token: what its grammar allows, or b"" (any)."""
+        return self.guide.allowed_tokens() if self.guide is not None else b""
 
     @property
     def num_tokens(self) -> int:

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aptray.structured_output import StructuredOutput
 
 # Temperatures below this sample greedily (vLLM's rule): dividing logits by a vanishing temperature
 # overflows to inf and makes the softmax NaN.
@@ -86,6 +90,8 @@ class SamplingParams:
     # the same for each prompt token after the first (vLLM's prompt_logprobs; the prompt is then computed
     # whole: no prefix cache)
     prompt_logprobs: int | None = None
+    # the output held to a JSON schema, a regex, a list of choices or a grammar (aptray.structured_output)
+    structured_output: StructuredOutput | None = None
     # Per-request SLOs in seconds; None takes the engine's defaults.
     ttft_slo: float | None = None
     tbt_slo: float | None = None
@@ -127,11 +133,24 @@ class SamplingParams:
             raise InvalidRequest("stop strings must be non-empty", "stop")
         if any(not isinstance(t, int) for t in self.stop_token_ids):
             raise InvalidRequest("stop_token_ids must be integers", "stop_token_ids")
+        if self.structured_output is not None:
+            self._check_structured_output()
         for name in ("ttft_slo", "tbt_slo"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
                 raise InvalidRequest(f"{name} must be a positive, finite number of seconds, got {value}",
                                      f"{name[:-4]}_ms")
+
+    def _check_structured_output(self) -> None:
+        from aptray.structured_output import PARAM, as_structured_output
+        self.structured_output = as_structured_output(self.structured_output)
+        # the grammar decides where the output ends: EOS is the one token a complete grammar allows
+        if self.min_tokens:
+            raise InvalidRequest("min_tokens cannot be combined with a structured output: the grammar decides "
+                                 "where the output ends", PARAM)
+        if self.ignore_eos:
+            raise InvalidRequest("ignore_eos cannot be combined with a structured output: EOS ends the output "
+                                 "once the grammar is complete", PARAM)
 
     @property
     def penalized(self) -> bool:

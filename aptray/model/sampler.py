@@ -1,6 +1,6 @@
-"""Token sampling: presence and frequency penalties and logit bias, then greedy, or temperature,
-top-k, top-p and min-p (transformers' order); seeded requests get reproducible draws; the
-log-probabilities a request asks for.
+"""Token sampling: presence and frequency penalties, the tokens a request's grammar rules out, and
+logit bias, then greedy, or temperature, top-k, top-p and min-p (transformers' order); seeded
+requests get reproducible draws; the log-probabilities a request asks for.
 
 One request's sampling can never fail another's: each row is sampled on its own, and a row whose
 probabilities are not a distribution (non-finite logits from the model) is reported as that
@@ -60,6 +60,23 @@ def penalized(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
     return logits.flatten().index_add(0, index, values).view_as(logits)
 
 
+def constrained(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
+    """logits [N, V] with -inf for each token a row's grammar rules out (seq.allowed_tokens, a bitmask
+    of 32-bit words), into a new tensor where any row has one (the raw logits stay for
+    log-probabilities). A bias cannot bring back a token set to -inf."""
+    rows = [i for i, seq in enumerate(seqs) if seq.allowed_tokens]
+    if not rows:
+        return logits
+    words = np.frombuffer(b"".join(seqs[i].allowed_tokens for i in rows), dtype="<i4").reshape(len(rows), -1)
+    bits = (torch.from_numpy(words.astype(np.int32))[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
+    vocab = logits.shape[-1]
+    if bits.shape[1] * 32 < vocab:
+        raise ValueError(f"an allowed-token mask of {bits.shape[1] * 32} bits for a vocabulary of {vocab}")
+    banned = bits.flatten(1)[:, :vocab].to(logits.device) == 0
+    index = torch.tensor(rows, device=logits.device)
+    return logits.index_put((index,), logits[index].masked_fill(banned, float("-inf")))
+
+
 def distribution(row: torch.Tensor, seq: SeqPlan) -> torch.Tensor:
     """The probabilities seq samples its next token from, given its logits row (biased, not greedy)."""
     return torch.softmax(_filter(row / seq.temperature, seq.top_k, seq.top_p, seq.min_p), dim=-1)
@@ -79,7 +96,7 @@ def sample(logits: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator
            ) -> tuple[list[int | None], dict[int, str]]:
     """One token per row of logits [N, V] (fp32), row i sampled as seqs[i] asks. Returns the tokens
     (None where a row failed) and the failed rows' errors by row index."""
-    logits = penalized(logits, seqs)
+    logits = constrained(penalized(logits, seqs), seqs)
     greedy = logits.argmax(dim=-1).tolist()
     out: list[int | None] = []
     errors: dict[int, str] = {}

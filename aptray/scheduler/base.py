@@ -162,12 +162,13 @@ class Scheduler:
         targets = ()
         if s.prompt_logprobs is not None:
             targets = tuple(prompt[start + 1:min(start + num_tokens + 1, n_prompt)])
+        sample = start + num_tokens == n_prompt + n_out
         # every field, in order (_new_tuple applies no defaults)
         return _new_tuple(SeqPlan, (req.request_id, tokens, start, req.cache_kind, self.blocks.table(req.request_id),
-                                    start + num_tokens == n_prompt + n_out, s.temperature, s.top_p, s.top_k, s.seed,
+                                    sample, s.temperature, s.top_p, s.top_k, s.seed,
                                     n_out, s.min_p, req.step_logit_bias(n_out), s.logprobs,
                                     s.prompt_logprobs if targets else None, targets, s.presence_penalty,
-                                    s.frequency_penalty, req.output_counts()))
+                                    s.frequency_penalty, req.output_counts(), req.allowed_tokens() if sample else b""))
 
     def _decode_plan(self, req: Request) -> SeqPlan:
         """_seq_plan(req, 1) for a decoding request (only its newest token uncomputed), without the
@@ -176,7 +177,7 @@ class Scheduler:
         t = out[-1]
         # the fields from min_p on: fixed for most requests (Request.decode_tail)
         tail = req.decode_tail or (s.min_p, req.step_logit_bias(len(out)), s.logprobs, None, (), s.presence_penalty,
-                                   s.frequency_penalty, req.output_counts())
+                                   s.frequency_penalty, req.output_counts(), req.allowed_tokens())
         return _new_tuple(SeqPlan, (req.request_id, _ONE_TOKEN.get(t) or _ONE_TOKEN.setdefault(t, (t,)),
                                     req.num_computed_tokens, req.cache_kind, self.blocks.table(req.request_id), True,
                                     s.temperature, s.top_p, s.top_k, s.seed, len(out)) + tail)
