@@ -49,8 +49,7 @@ class Engine:
                  blocks: BlockManager | None = None, grammars: Grammars | None = None):
         """blocks: the scheduler's block accounting when it is not a pool of its own (a view of a pool
         shared by several in-flight micro-batches, aptray.cache.block_views). grammars: the compiler
-        of structured outputs when it is shared (a router compiles at admission); else made at the
-        first structured request."""
+        of structured outputs when it is shared (a router compiles at admission)."""
         self.config = config
         self.executor = executor
         self.tokenizer = tokenizer
@@ -62,11 +61,13 @@ class Engine:
         self._prompts: dict[str, str | None] = {}
         self._stops: dict[str, StopChecker] = {}
         self.quarantine = StepQuarantine()
-        self._grammars = grammars
+        self.grammars = grammars if grammars is not None else Grammars(tokenizer, config.spec.vocab_size)
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                    arrival_time: float | None = None, prompt: str | None = None) -> Request:
+                    arrival_time: float | None = None, prompt: str | None = None, grammar=None) -> Request:
+        """grammar: the request's compiled structured output, where the caller compiled it (a router
+        does, off this thread); else it is compiled here."""
         n = len(prompt_token_ids)
         check_prompt(prompt_token_ids, self.config.spec.max_model_len, self.config.spec.vocab_size)
         check_token_ids(sampling_params, self.config.spec.vocab_size)
@@ -76,22 +77,13 @@ class Engine:
                                  "prompt")
         sp = sampling_params
         eos = getattr(self.tokenizer, "eos_token_id", None)
-        guide = self.grammars().guide(sp.structured_output) if sp.structured_output is not None else None
+        guide = self.grammars.guide(sp.structured_output, grammar) if sp.structured_output is not None else None
         req = Request(request_id, list(prompt_token_ids), sp,
                       self.clock() if arrival_time is None else arrival_time, *self.config.slos_of(sp), eos, guide)
         self.scheduler.add(req)
         self._prompts[request_id] = prompt
         self._stops[request_id] = self.stop_checker(sp)
         return req
-
-    def grammars(self) -> Grammars:
-        """The compiler of this engine's structured outputs (its tokenizer's, its model's vocabulary)."""
-        if self._grammars is None:
-            if self.tokenizer is None:
-                raise InvalidRequest("a structured output needs the model's tokenizer (skip_tokenizer_init is set)",
-                                     "structured_outputs")
-            self._grammars = Grammars(self.tokenizer, self.config.spec.vocab_size)
-        return self._grammars
 
     def stop_checker(self, sampling: SamplingParams, prior_output_ids: list[int] = ()) -> StopChecker:
         """The stop rules of a request of this engine (its EOS, context and tokenizer)."""
