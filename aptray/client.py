@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import json
+
 import grpc
 
 from aptray.proto import generate_pb2, generate_pb2_grpc
@@ -18,14 +20,22 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
                   prefix_key: str = "", min_p: float | None = None, min_tokens: int | None = None,
                   logit_bias: dict[int, float] | None = None, logprobs: int | None = None,
                   prompt_logprobs: int | None = None, presence_penalty: float | None = None,
-                  frequency_penalty: float | None = None) -> generate_pb2.GenerateRequest:
+                  frequency_penalty: float | None = None, json_schema: str | dict | None = None,
+                  json_object: bool = False, regex: str | None = None, choice: list[str] | None = None,
+                  grammar: str | None = None) -> generate_pb2.GenerateRequest:
     """prefix_key: a name for the prompt prefix this request shares with others (a conversation id):
     the request router prefers a replica that holds it cached. logprobs: each token's log-probability
     and this many top tokens' (GenerateResponse.logprobs); prompt_logprobs: the prompt tokens' (in
-    the first GenerateResponse)."""
+    the first GenerateResponse). json_schema, json_object, regex, choice, grammar: at most one, the
+    structure the output is held to (StructuredOutput)."""
+    structured = {"json_schema": json_schema, "json_object": json_object or None, "regex": regex, "choice": choice,
+                  "grammar": grammar}
+    structured = {k: v for k, v in structured.items() if v is not None}
+    if len(structured) > 1:
+        raise ValueError(f"at most one structure for the output, got {', '.join(structured)}")
     # the lowest version with the fields set: an older server then serves the rest
     version3 = (logprobs, prompt_logprobs, presence_penalty, frequency_penalty)
-    version = (3 if any(v is not None for v in version3) else
+    version = (4 if structured else 3 if any(v is not None for v in version3) else
                2 if min_p is not None or min_tokens is not None or logit_bias else 1)
     req = generate_pb2.GenerateRequest(version=version, client_request_id=client_request_id, prefix_key=prefix_key)
     if isinstance(prompt, str):
@@ -43,6 +53,13 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
     s.stop_token_ids.extend(stop_token_ids or [])
     s.ignore_eos = ignore_eos
     s.logit_bias.update(logit_bias or {})
+    for kind, value in structured.items():
+        if kind == "choice":
+            s.structured_output.choice.choices.extend(value)
+        elif kind == "json_schema" and not isinstance(value, str):
+            s.structured_output.json_schema = json.dumps(value)
+        else:
+            setattr(s.structured_output, kind, value)
     if ttft_ms is not None:
         req.slo.ttft_ms = ttft_ms
     if tbt_ms is not None:

@@ -2,9 +2,10 @@
 
 Normal greedy streams run, over both APIs, while a hostile client sends what it can: values that
 broke sampling (denormal temperature and top_p), colliding and malformed request ids, aborts of
-other callers' requests, SLOs no step can meet, and absurd sizes. Every normal request must finish
-with all its tokens, identical to the fault-free engine's; every hostile request must get a 4xx (or
-a non-INTERNAL gRPC status) within seconds, or be served correctly; the server answers afterwards.
+other callers' requests, SLOs no step can meet, absurd sizes, and a schema that compiles for
+seconds. Every normal request must finish with all its tokens, identical to the fault-free engine's;
+every hostile request must get a 4xx (or a non-INTERNAL gRPC status) within seconds, or be served
+correctly; the server answers afterwards.
 """
 import concurrent.futures
 import json
@@ -43,7 +44,7 @@ def reference():
 def server():
     ensure_demo_model(demo_model_dir())
     args = {"tensor_parallel_size": 1, "num_cache_blocks": 128, "max_num_seqs": 16, "max_queue": 64,
-            "use_gpu": False, "api_keys": f"{ALICE},{MALLORY}"}
+            "use_gpu": False, "api_keys": f"{ALICE},{MALLORY}", "grammar_compile_timeout_s": 1.0}
     with served_app(args, num_cpus=3) as addresses:
         yield addresses
 
@@ -109,6 +110,14 @@ def _hostile_http(server, reference):
         assert r.status_code in (400, 413, 422), (param, r.status_code, r.text[:300])
         assert took < FAST, (param, took)
         assert r.status_code != 400 or param in r.json()["error"]["message"] + str(r.json()["error"]["param"])
+    # a schema xgrammar compiles for seconds (3.4 s on a 2-core CPU machine): refused at the deadline
+    slow = {"type": "array", "items": {"anyOf": [{"type": "string", "pattern": f"[a-z]{{1,{i * 10}}}"}
+                                                 for i in range(1, 120)]}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "slow", "schema": slow}}
+    r, took = _post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 4, "response_format": fmt})
+    assert r.status_code == 400 and "did not compile within 1 s" in r.json()["error"]["message"], r.text[:300]
+    assert took < FAST
+    out.append(("http", "slow schema", r.status_code, took))
     many = {"messages": [{"role": "user", "content": "hi"}] * 5000, "max_tokens": 4}
     r, took = _post(server, "/v1/chat/completions", many)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and took < FAST

@@ -87,3 +87,29 @@ def test_generate_request_oneof_and_optional_fields():
     assert back.WhichOneof("input") == "prompt_token_ids"
     assert back.sampling.HasField("temperature") and back.sampling.temperature == 0.0
     assert not back.sampling.HasField("top_p") and not back.slo.HasField("tbt_ms")
+
+
+def test_structured_output_request_fields():
+    """The client sets one structure and version 4; the server reads it back as StructuredOutput's fields."""
+    from aptray.client import build_request
+    from aptray.serve.grpc_api import sampling_from_proto
+    from aptray.structured_output import StructuredOutput
+
+    cases = [(dict(json_schema={"type": "object"}), StructuredOutput("json", '{"type": "object"}')),
+             (dict(json_schema='{"type": "array"}'), StructuredOutput("json", '{"type": "array"}')),
+             (dict(json_object=True), StructuredOutput("json_object")),
+             (dict(regex="[a-z]+"), StructuredOutput("regex", "[a-z]+")),
+             (dict(choice=["yes", "no"]), StructuredOutput("choice", ("yes", "no"))),
+             (dict(grammar='root ::= "a"'), StructuredOutput("grammar", 'root ::= "a"'))]
+    for kwargs, want in cases:
+        req = _wire(build_request("hi", **kwargs), generate_pb2.GenerateRequest)
+        assert req.version == 4
+        assert StructuredOutput(**sampling_from_proto(req)["structured_output"]) == want
+    plain = _wire(build_request("hi", logprobs=1), generate_pb2.GenerateRequest)
+    assert plain.version == 3 and sampling_from_proto(plain)["structured_output"] is None
+    with pytest.raises(ValueError, match="at most one structure"):
+        build_request("hi", regex="a", choice=["a"])
+    empty = generate_pb2.GenerateRequest(prompt="hi", sampling=generate_pb2.Sampling(
+        structured_output=generate_pb2.StructuredOutput()))
+    assert sampling_from_proto(_wire(empty, generate_pb2.GenerateRequest))["structured_output"] == {"kind": "",
+                                                                                                    "spec": ""}

@@ -388,6 +388,66 @@ def test_penalties_over_http_and_grpc_are_the_engines(server, model_path, refere
         assert [t for r in replies for t in r.token_ids] == list(local.token_ids)
 
 
+def test_structured_outputs_over_http_and_grpc_are_the_engines(server, oai, model_path):
+    """Through the TP=2 app (each plan carries its grammar's allowed tokens to the shards): OpenAI's
+    response_format and vLLM's structured_outputs over HTTP, and gRPC's structured_output, give the
+    single-process engine's greedy tokens; a stream's text is the whole reply's; the server keeps
+    serving."""
+    import grpc
+
+    from aptray.client import Client
+    from aptray.structured_output import StructuredOutput
+
+    schema = {"type": "object", "required": ["ok", "n"], "additionalProperties": False,
+              "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    p, n = PROMPTS[1], 40
+    llm = LLM(model_path, num_cache_blocks=64)
+    asks = {"json": StructuredOutput("json", json.dumps(schema)), "regex": StructuredOutput("regex", r"[a-z]{3} \d"),
+            "choice": StructuredOutput("choice", ("Paris", "Lyon"))}
+    local = {k: llm.generate(p, SamplingParams(temperature=0.0, max_tokens=n, structured_output=so))[0].outputs[0]
+             for k, so in asks.items()}
+    assert json.loads(local["json"].text).keys() == {"ok", "n"} and local["choice"].text in ("Paris", "Lyon")
+    bodies = {"json": {"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}},
+              "regex": {"structured_outputs": {"regex": r"[a-z]{3} \d"}},
+              "choice": {"structured_outputs": {"choice": ["Paris", "Lyon"]}}}
+    for kind, extra in bodies.items():
+        body = {"prompt": p, "temperature": 0.0, "max_tokens": n, "return_token_ids": True, **extra}
+        got = httpx.post(server["http"] + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+        assert got["token_ids"] == list(local[kind].token_ids) and got["text"] == local[kind].text, kind
+        assert got["finish_reason"] == local[kind].finish_reason == "stop", kind
+    with Client(server["grpc"]) as c:
+        for kind, field in (("json", {"json_schema": schema}), ("regex", {"regex": r"[a-z]{3} \d"}),
+                            ("choice", {"choice": ["Paris", "Lyon"]})):
+            replies = list(c.generate(p, temperature=0.0, max_tokens=n, **field))
+            assert [t for r in replies for t in r.token_ids] == list(local[kind].token_ids), kind
+        with pytest.raises(grpc.RpcError) as refused:
+            list(c.generate(p, max_tokens=4, regex="(a"))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "does not compile" in refused.value.details()
+    # chat, streamed and not: the same JSON object
+    chat = {"messages": [{"role": "user", "content": "a JSON object"}], "temperature": 0.0, "max_tokens": n,
+            "response_format": {"type": "json_object"}}
+    whole = oai.chat.completions.create(model=server["model"], **chat)
+    streamed = oai.chat.completions.create(model=server["model"], stream=True, **chat)
+    assert "".join(e.choices[0].delta.content or "" for e in streamed if e.choices) == whole.choices[0].message.content
+    assert whole.choices[0].message.content.startswith("{")
+    # what cannot be served is a 400 naming the reason, streamed or not; then the server goes on
+    nope = {"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "nope"}}}
+    for bad, why in (({"response_format": nope}, "Unsupported type"),
+                     ({"structured_outputs": {"regex": "(a"}}, "does not compile"),
+                     ({"structured_outputs": {"regex": "a", "grammar": "root ::= \"a\""}}, "exactly one"),
+                     ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "send one"),
+                     ({"response_format": {"type": "json_schema"}}, "needs its json_schema"),
+                     ({"structured_outputs": {"choice": []}}, "1 to 1024 strings"),
+                     ({"structured_outputs": {"regex": "a"}, "min_tokens": 2}, "min_tokens cannot be combined")):
+        for stream in (False, True):
+            r = httpx.post(server["http"] + "/v1/completions", json={"prompt": p, "stream": stream, **bad}, timeout=60)
+            assert r.status_code == 400 and why in r.json()["error"]["message"], (bad, r.text)
+    body = {"prompt": p, "temperature": 0.0, "max_tokens": n, "return_token_ids": True, **bodies["choice"]}
+    assert httpx.post(server["http"] + "/v1/completions", json=body, timeout=60).json()["choices"][0][
+        "token_ids"] == list(local["choice"].token_ids)
+
+
 def test_echo_with_logprobs_scores_the_prompt_as_the_engine_does(server, oai, model_path, reference):
     """echo + logprobs (what lm-evaluation-harness sends to score a text): the prompt's tokens come first,
     the first with null, each then with the engine's prompt log-probability; streamed, the prompt is

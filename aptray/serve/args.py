@@ -53,6 +53,9 @@ class AppArgs:
     # least per-request SLOs accepted (400 below); None: the engine's fastest step, measured at start
     min_ttft_slo_ms: float | None = None
     min_tbt_slo_ms: float | None = None
+    # a structured output whose grammar does not compile within this is refused (400); its compile
+    # goes on, holding one of the router's two grammar threads until it ends
+    grammar_compile_timeout_s: float = 10.0
     # -- fault recovery --
     max_shard_rebuilds: int = 3  # shard-group rebuilds in a row without a good step before giving up
     max_resumes_per_request: int = 3  # a request that keeps killing shards ends with an error

@@ -28,6 +28,7 @@ from aptray.serve.store import RequestMeta, RequestStore
 from aptray.serve.store_writer import StoreWriter
 from aptray.serve.streams import ClientStream, Outbox
 from aptray.startup_heap import freeze_startup_heap
+from aptray.structured_output import Grammars
 from aptray.serve.ttft_estimate import LoadTracker, ReplicaLoad
 
 logger = logging.getLogger("aptray")
@@ -45,6 +46,7 @@ class Add:
     arrival_time: float  # monotonic
     stream: ClientStream
     prefix: str | None = None  # the tag of the prompt prefix the client named (prefix_key.py)
+    grammar: object = None  # its structured output, compiled at admission (off the engine thread)
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ class Abort:
     request_id: str
 
 
-def build_engine(config: EngineConfig, args: AppArgs, tokenizer, owner: str) -> Engine:
+def build_engine(config: EngineConfig, args: AppArgs, tokenizer, owner: str,
+                 grammars: Grammars | None = None) -> Engine:
     """The router's engine: the model in this process (one rank), or shard actors over gRPC."""
     if args.on_shards:
         from aptray.executor.ray import RayExecutor
@@ -77,13 +80,15 @@ def build_engine(config: EngineConfig, args: AppArgs, tokenizer, owner: str) -> 
             # as a shard rank does: one BLAS thread per CPU the rank holds (oversubscribed cores ran 10x slower)
             torch.set_num_threads(max(1, int(CPUS_PER_RANK)))
         executor = LocalExecutor(config)
-    return Engine(config, executor, tokenizer)
+    return Engine(config, executor, tokenizer, grammars=grammars)
 
 
 class EngineLoop:
     def __init__(self, args: AppArgs, config: EngineConfig, tokenizer, metrics: ServingMetrics,
-                 writer: StoreWriter, owner: str):
+                 writer: StoreWriter, owner: str, grammars: Grammars | None = None):
+        """grammars: the router's compiler of structured outputs, which every engine it builds shares."""
         self.args, self.config, self.tokenizer, self.metrics = args, config, tokenizer, metrics
+        self.grammars = grammars
         self.writer, self.owner = writer, owner
         self.streams: dict[str, ClientStream] = {}
         self.unclaimed: OrderedDict[str, tuple[list[int], str, str]] = OrderedDict()
@@ -104,7 +109,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="aptray-engine", daemon=True)
 
     def _start_engine(self) -> None:
-        self.engine = build_engine(self.config, self.args, self.tokenizer, self.owner)
+        self.engine = build_engine(self.config, self.args, self.tokenizer, self.owner, self.grammars)
         self.metrics.forget_scheduler()  # the new scheduler's counters start at zero
 
     # -- the router's side (its event loop thread) ---------------------------------------------
@@ -214,7 +219,7 @@ class EngineLoop:
             return
         try:
             req = self.engine.add_request(rid, msg.prompt_token_ids, msg.sampling, arrival_time=msg.arrival_time,
-                                          prompt=msg.prompt)
+                                          prompt=msg.prompt, grammar=msg.grammar)
         except ValueError as e:
             self.streams.pop(rid, None)
             self.writer.finish(rid, "rejected")

@@ -18,7 +18,7 @@ logger = logging.getLogger("aptray")
 # GenerateRequest.version this server speaks (0: unset, taken as 1); 2 adds Sampling's min_p, min_tokens
 # and logit_bias, 3 its logprobs, prompt_logprobs and penalties, so that a server without them refuses a
 # request that sets them instead of ignoring them
-API_VERSION = 3
+API_VERSION = 4
 _STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
            404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
            429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
@@ -50,8 +50,20 @@ def sampling_from_proto(req: generate_pb2.GenerateRequest) -> dict:
             "min_tokens": opt(s, "min_tokens", 0), "logit_bias": dict(s.logit_bias),
             "logprobs": opt(s, "logprobs", None), "prompt_logprobs": opt(s, "prompt_logprobs", None),
             "presence_penalty": opt(s, "presence_penalty", 0.0), "frequency_penalty": opt(s, "frequency_penalty", 0.0),
+            "structured_output": _structured_output(s.structured_output) if s.HasField("structured_output") else None,
             "ttft_slo": slo.ttft_ms / 1000 if slo.HasField("ttft_ms") else None,
             "tbt_slo": slo.tbt_ms / 1000 if slo.HasField("tbt_ms") else None}
+
+
+def _structured_output(so: generate_pb2.StructuredOutput) -> dict:
+    """StructuredOutput's fields (aptray.structured_output) from its message; kind "" if none is set
+    (refused at admission)."""
+    kind = so.WhichOneof("kind")
+    if kind == "choice":
+        return {"kind": "choice", "spec": tuple(so.choice.choices)}
+    if kind == "json_object":
+        return {"kind": "json_object"}
+    return {"kind": {"json_schema": "json"}.get(kind, kind or ""), "spec": getattr(so, kind) if kind else ""}
 
 
 def _logprobs(entries: list) -> list[generate_pb2.TokenLogprobs]:

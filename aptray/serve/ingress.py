@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
+from aptray.sampling_params import InvalidRequest
 from aptray.serve import choices, grpc_api, routing_counts
 from aptray.serve.args import INGRESS_CPUS, AppArgs
 from aptray.serve.deploy_options import ATTAINMENT_WINDOW_S
@@ -229,12 +230,16 @@ class Ingress:
 
     def sampling(self, req, max_tokens: int) -> dict:
         slo = req.aptray_slo
+        try:
+            structured = req.structured_output()
+        except InvalidRequest as e:
+            raise Rejected(str(e), 400, e.param) from None
         return {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
                 "max_tokens": max_tokens, "min_tokens": req.min_tokens, "stop": req.stop,
                 "stop_token_ids": req.stop_token_ids or [], "logit_bias": req.logit_bias or {},
                 "logprobs": req.logprobs_asked(), "presence_penalty": req.presence_penalty,
                 "frequency_penalty": req.frequency_penalty,
-                "seed": req.seed, "ignore_eos": req.ignore_eos,
+                "seed": req.seed, "ignore_eos": req.ignore_eos, "structured_output": structured,
                 "ttft_slo": slo.ttft_ms / 1000 if slo and slo.ttft_ms else None,
                 "tbt_slo": slo.tbt_ms / 1000 if slo and slo.tbt_ms else None}
 

@@ -1,13 +1,14 @@
 """OpenAI-compatible request/response models (the subset aptray serves) plus aptray_slo."""
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from aptray.sampling_params import MAX_LOGPROBS, MAX_PENALTY, check_text
+from aptray.sampling_params import MAX_LOGPROBS, MAX_PENALTY, InvalidRequest, check_text
 
 
 Text = Annotated[str, AfterValidator(check_text)]  # a string field the server reads
@@ -35,11 +36,72 @@ UNSUPPORTED = {
     "best_of": (None, 1),
     "repetition_penalty": (None, 1),
     "suffix": (None, ""),
-    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none", "auto"),
+    "tools": (None, []), "tool_choice": (None, "none", "auto"),
     "functions": (None, []), "function_call": (None, "none", "auto"), "use_beam_search": (None, False),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
-    "structured_outputs": (None,),
 }
+
+
+class JsonSchemaFormat(BaseModel):
+    """response_format's json_schema (OpenAI's shape): the schema holds the output; name, description
+    and strict are taken and not used (the output always follows the schema)."""
+    name: Text = "response"
+    description: Text | None = None
+    schema_: dict = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: one of a JSON schema (an object, or its JSON text), any JSON
+    object, a regex, a list of choices, or an EBNF grammar."""
+    model_config = ConfigDict(extra="forbid")
+    json_: dict | Text | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None
+
+
+def _json_text(schema: dict, param: str) -> str:
+    try:
+        return json.dumps(schema)
+    except (ValueError, RecursionError):
+        raise InvalidRequest("the JSON schema cannot be written as JSON (nested too deep)", param) from None
+
+
+def structured_output(response_format: ResponseFormat | None, outputs: StructuredOutputs | None) -> dict | None:
+    """The request's structure as aptray.structured_output.StructuredOutput's fields, or None (free
+    text). Raises InvalidRequest where the two fields ask for two things or for nothing."""
+    asked = []
+    if response_format is not None and response_format.type == "json_object":
+        asked.append(("response_format", {"kind": "json_object"}))
+    elif response_format is not None and response_format.type == "json_schema":
+        if response_format.json_schema is None:
+            raise InvalidRequest("response_format of type json_schema needs its json_schema", "response_format")
+        asked.append(("response_format", {"kind": "json", "spec": _json_text(response_format.json_schema.schema_,
+                                                                               "response_format")}))
+    if outputs is not None:
+        kinds = [(name, value) for name, value in (("json", outputs.json_), ("json_object", outputs.json_object),
+                                                   ("regex", outputs.regex), ("choice", outputs.choice),
+                                                   ("grammar", outputs.grammar)) if value not in (None, False)]
+        if len(kinds) != 1:
+            raise InvalidRequest("structured_outputs takes exactly one of json, json_object, regex, choice and "
+                                 "grammar", "structured_outputs")
+        kind, spec = kinds[0]
+        if kind == "json" and not isinstance(spec, str):
+            spec = _json_text(spec, "structured_outputs")
+        elif kind in ("json_object", "choice"):
+            spec = "" if kind == "json_object" else tuple(spec)
+        asked.append(("structured_outputs", {"kind": kind, "spec": spec}))
+    if len(asked) > 1:
+        raise InvalidRequest("response_format and structured_outputs each ask for a structure: send one",
+                             "structured_outputs")
+    return asked[0][1] if asked else None
 
 
 class _SamplingRequest(BaseModel):
@@ -64,6 +126,11 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool = False
     aptray_slo: AptraySlo | None = None
     return_token_ids: bool = False  # vLLM extension: the prompt's and the reply's token ids beside the text
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM extension
+
+    def structured_output(self) -> dict | None:
+        return structured_output(self.response_format, self.structured_outputs)
 
 
 def unsupported_field(req: _SamplingRequest) -> str | None:

@@ -145,7 +145,11 @@ class RouterLink:
 
     async def _admit(self, router, request: tuple) -> dict:
         """Router.admit for one request. Requests that come while an admission call is in flight go
-        together in the next one: one Ray call per round trip, not per request, under load."""
+        together in the next one: one Ray call per round trip, not per request, under load. A
+        structured request goes in a call of its own: its grammar compiles during its admission, which
+        no other request should wait for."""
+        if request[2].get("structured_output") is not None:
+            return (await router.admit.remote([request]))[0]
         fut = asyncio.get_running_loop().create_future()
         self._admissions.append((router, request, fut))
         if not self._admitting:

@@ -11,11 +11,12 @@ import asyncio
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import ray
 
-from aptray.sampling_params import SamplingParams
+from aptray.sampling_params import InvalidRequest, SamplingParams
 from aptray.serve.args import AppArgs
 from aptray.serve.engine_loop import Add, Abort, EngineLoop, Reattach
 from aptray.serve.limits import RequestLimits
@@ -24,6 +25,7 @@ from aptray.serve.store import RequestMeta, RequestStore, valid_request_id
 from aptray.serve.store_writer import StoreUnavailable, StoreWriter
 from aptray.serve.streams import ClientStream
 from aptray.serve.ttft_estimate import predict_ttft
+from aptray.structured_output import Grammars
 
 MAX_RETRY_AFTER_S = 60
 
@@ -42,7 +44,11 @@ class Router:
         self.store = RequestStore.connect(self.args.redis_url, finished_ttl_s=self.args.finished_ttl_s,
                                           queue_owner=owner)
         self.writer = StoreWriter(self.store, self.metrics.store_write.observe)
-        self.loop = EngineLoop(self.args, self.config, self.tokenizer, self.metrics, self.writer, owner)
+        # structured outputs compile here, on threads of their own: a slow schema holds up neither the
+        # event loop nor the engine thread
+        self.grammars = Grammars(self.tokenizer, self.config.spec.vocab_size)
+        self._grammar_pool = ThreadPoolExecutor(2, thread_name_prefix="aptray-grammar")
+        self.loop = EngineLoop(self.args, self.config, self.tokenizer, self.metrics, self.writer, owner, self.grammars)
         self.limits = self._request_limits()
         self.draining = False
         self._being_admitted = 0  # accepted by the checks, not yet handed to the engine (Redis write pending)
@@ -114,6 +120,7 @@ class Router:
         return len(self.loop.streams)
 
     def shutdown(self) -> None:
+        self._grammar_pool.shutdown(wait=False, cancel_futures=True)
         self.loop.stop()
         self.writer.flush()
         self.writer.close()
@@ -144,9 +151,11 @@ class Router:
 
         seen_token_ids: a client re-attaching after a router restart, with the tokens (and text) it
         already has; its stream goes on after them. prefix: the tag of the prompt prefix the client
-        named (prefix_key.py), or None; the replica reports it held once its blocks are cached."""
+        named (prefix_key.py), or None; the replica reports it held once its blocks are cached. A
+        structured request's grammar compiles before it is accepted (the ingress admits such a
+        request in a call of its own, so no other request waits for it)."""
         self.loop.outbox.bind(asyncio.get_running_loop())
-        checked, batch_ids = [], set()
+        checked, batch_ids, counted = [], set(), 0
         load, booked = (self.loop.load(with_prefixes=False), 0) if self.args.shed_unmeetable else (None, 0)
         for r in requests:
             checked.append(self._check(r[0], r[1], r[2], reattach=r[4] is not None, duplicate=r[0] in batch_ids))
@@ -158,11 +167,13 @@ class Router:
                 self._prompt_tokens += (len(r[1]) - self._prompt_tokens) / 64
                 batch_ids.add(r[0])
                 self._being_admitted += 1  # counts against the queue limit from now on
-        new = [(r[0], r[1], sp) for r, (refusal, sp) in zip(requests, checked) if refusal is None and r[4] is None]
+                counted += 1
         try:
+            grammars = await self._compile(requests, checked)
+            new = [(r[0], r[1], sp) for r, (refusal, sp) in zip(requests, checked) if refusal is None and r[4] is None]
             stored = await self._admit_to_store(new) if new else {}
         finally:
-            self._being_admitted -= len(new)
+            self._being_admitted -= counted
         answers = []
         for (rid, ids, _, prompt, seen, seen_text, epoch, prefix), (refusal, sp) in zip(requests, checked):
             refusal = refusal or stored.get(rid)
@@ -171,11 +182,29 @@ class Router:
                 continue
             stream = ClientStream(self.tokenizer, True, *self.config.slos_of(sp), list(sp.stop), len(ids), epoch=epoch)
             if seen is None:
-                self.loop.submit(Add(rid, list(ids), sp, prompt, time.monotonic(), stream, prefix))
+                self.loop.submit(Add(rid, list(ids), sp, prompt, time.monotonic(), stream, prefix, grammars.get(rid)))
             else:
                 self.loop.submit(Reattach(rid, list(ids), sp, prompt, list(seen), seen_text, stream))
             answers.append({"accepted": True, "request_id": rid, "prompt_tokens": len(ids)})
         return answers
+
+    async def _compile(self, requests: list[tuple], checked: list) -> dict[str, object]:
+        """The compiled grammars of the accepted structured requests, by request id; one that does
+        not compile is refused in checked (400)."""
+        compiled = {}
+        for i, (refusal, sp) in enumerate(checked):
+            if refusal is not None or sp.structured_output is None:
+                continue
+            timeout = self.args.grammar_compile_timeout_s
+            try:
+                compiled[requests[i][0]] = await asyncio.wait_for(asyncio.wrap_future(
+                    self._grammar_pool.submit(self.grammars.compile, sp.structured_output)), timeout)
+            except InvalidRequest as e:
+                checked[i] = ({"error": str(e), "status": 400, "param": e.param}, None)
+            except asyncio.TimeoutError:  # it goes on compiling: a request with the same spec may find it done
+                checked[i] = ({"error": f"the structured output did not compile within {timeout:g} s: simplify it",
+                               "status": 400, "param": "structured_outputs"}, None)
+        return compiled
 
     def _check(self, rid: str, ids: list[int], sampling: dict, reattach: bool, duplicate: bool
                ) -> tuple[dict | None, SamplingParams | None]:
