@@ -185,7 +185,11 @@ class Grammars:
                 except ImportError:
                     raise InvalidRequest("structured outputs need xgrammar, which this server lacks (pip install "
                                          "'aptray[serve]' or xgrammar)", PARAM) from None
-                info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size)
+                # the engine's EOS is the only stop token: xgrammar would also take ones it finds itself
+                # (a chat model's end-of-turn), which the engine's stop rules would not end on
+                eos = getattr(self.tokenizer, "eos_token_id", None)
+                info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                               stop_token_ids=None if eos is None else [eos])
                 self._xgr, self._compiler = xgrammar, xgrammar.GrammarCompiler(info)
         return self._compiler
 

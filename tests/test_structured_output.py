@@ -264,3 +264,15 @@ def test_bounded_json_strings_are_json():
     assert accepts('"abc"') and accepts('"é!"') and accepts('""')
     assert not accepts('"a\x12"') and not accepts('"a\tb"') and not accepts('"abcd"') and not accepts('"\\q"')
     assert not accepts('"a\\nb"') and not accepts('"\\u00e9"')  # no escapes: issue #800
+
+
+@pytest.mark.parametrize("scheduler,cache_mode", [("apt", "auto"), ("sarathi", "kv"), ("vllm", "kv")])
+def test_every_policy_holds_the_structure(scheduler, cache_mode):
+    """Each scheduling policy builds its rows through the same plan helpers: the same tokens as fcfs."""
+    path = tiny_model("opt-60x3")
+    batch = [{"prompt_token_ids": p} for p in prompts(4, seed=8)]
+    params = [SamplingParams(temperature=t, seed=2, max_tokens=30, structured_output=so)
+              for so in (KINDS["choice"], KINDS["regex"]) for t in (0.0, 1.0)]
+    want = [o.outputs[0].token_ids for o in LLM(path, max_num_seqs=8).generate(batch, params)]
+    got = LLM(path, max_num_seqs=8, scheduler=scheduler, cache_mode=cache_mode).generate(batch, params)
+    assert [o.outputs[0].token_ids for o in got] == want
