@@ -258,12 +258,16 @@ def test_lone_surrogates_are_refused(server, path, body):
 
 # generation controls aptray does not implement: refused with a message naming them, unless sent at
 # their no-op values (what clients and benchmark tools send by default)
-UNHONOURED = [("repetition_penalty", 1.2, 1), ("best_of", 2, 1), ("suffix", "end", ""),
-              ("tools", [{"type": "function", "function": {"name": "f"}}], [])]
+UNHONOURED = [(path, *control)
+              for control in (("repetition_penalty", 1.2, 1), ("best_of", 2, 1), ("suffix", "end", ""))
+              for path in ("/v1/completions", "/v1/chat/completions")]
+# tools are chat's (aptray.serve.tools): a completion refuses them
+UNHONOURED += [("/v1/completions", "tools", [{"type": "function", "function": {"name": "f"}}], []),
+               ("/v1/completions", "tool_choice", "required", "none")]
 
 
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"], ids=["completion", "chat"])
-@pytest.mark.parametrize("field,value,noop", UNHONOURED, ids=[u[0] for u in UNHONOURED])
+@pytest.mark.parametrize("path,field,value,noop", UNHONOURED,
+                         ids=[f"{u[1]}-{'chat' if 'chat' in u[0] else 'completion'}" for u in UNHONOURED])
 def test_generation_controls_it_cannot_honour_are_refused(server, path, field, value, noop):
     body = {"prompt": "hi"} if "chat" not in path else {"messages": [{"role": "user", "content": "hi"}]}
     body["max_tokens"] = 2
@@ -285,18 +289,64 @@ def test_generation_controls_it_cannot_honour_are_refused(server, path, field, v
     ({"logprobs": True, "top_logprobs": 20}, 200, None),
 ], ids=["top without logprobs", "top 21", "top -1", "logprobs integer", "defaults", "top 20"])
 def test_chat_logprobs_fields(server, extra, want, param):
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
-    r = httpx.post(server["http"] + "/v1/chat/completions", json=body, headers=AUTH, timeout=TIMEOUT)
-    STATS["http"] += 1
-    _check_http(r)
-    assert r.status_code == want, r.text[:300]
-    if param:
-        assert r.json()["error"]["param"] == param
+    r = _chat(server, extra, want, param, max_tokens=2)
     if want == 200:
         logprobs = r.json()["choices"][0]["logprobs"]
         assert (logprobs is None) == (not extra["logprobs"])
         if logprobs:
             assert [len(t["top_logprobs"]) for t in logprobs["content"]] == [20] * len(logprobs["content"])
+
+
+def _tool(name="f", parameters=None) -> dict:
+    return {"type": "function", "function": {"name": name, **({"parameters": parameters} if parameters else {})}}
+
+
+NAMED = {"type": "function", "function": {"name": "f"}}
+TOOL_BODIES = [  # (what, the chat body's extra fields, status, param)
+    ("129 tools", {"tools": [_tool(f"f{i}") for i in range(129)], "tool_choice": "required"}, 400, "tools"),
+    ("name with a space", {"tools": [_tool("a b")], "tool_choice": "required"}, 400, "tools"),
+    ("name of 65 characters", {"tools": [_tool("x" * 65)], "tool_choice": "required"}, 400, "tools"),
+    ("name not a string", {"tools": [{"type": "function", "function": {"name": 5}}], "tool_choice": "none"}, 422,
+     None),
+    ("two tools of one name", {"tools": [_tool(), _tool()], "tool_choice": NAMED}, 400, "tools"),
+    ("auto with tools", {"tools": [_tool()], "tool_choice": "auto"}, 400, "tool_choice"),
+    ("tools without a choice", {"tools": [_tool()]}, 400, "tool_choice"),
+    ("named function not a tool", {"tools": [_tool("g")], "tool_choice": NAMED}, 400, "tool_choice"),
+    ("required without tools", {"tool_choice": "required"}, 400, "tool_choice"),
+    ("unknown tool_choice", {"tools": [_tool()], "tool_choice": "sometimes"}, 422, None),
+    ("tool type not function", {"tools": [{"type": "retrieval", "function": {"name": "f"}}], "tool_choice": "none"},
+     422, None),
+    ("parameters 70 deep", {"tools": [_tool(parameters=json.loads('{"items": ' * 70 + "{}" + "}" * 70))],
+                            "tool_choice": NAMED}, 400, "structured_outputs"),
+    ("parameters that do not compile", {"tools": [_tool(parameters={"type": "tensor"})], "tool_choice": "required"},
+     400, "structured_outputs"),
+    ("tools with response_format", {"tools": [_tool()], "tool_choice": NAMED,
+                                    "response_format": {"type": "json_object"}}, 400, "tool_choice"),
+    ("huge tool_calls in a message", {"messages": [{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "x" * 60000}}]},
+        {"role": "user", "content": "hi"}]}, 400, "messages"),
+    ("auto without tools (clients' default)", {"tool_choice": "auto"}, 200, None),
+    ("none with tools", {"tools": [_tool()], "tool_choice": "none"}, 200, None),
+    ("named call served", {"tools": [_tool(parameters={"type": "object", "properties": {"a": {"type": "integer"}}})],
+                           "tool_choice": NAMED}, 200, None),
+]
+
+
+@pytest.mark.parametrize("what,extra,want,param", TOOL_BODIES, ids=[b[0] for b in TOOL_BODIES])
+def test_tool_fields(server, what, extra, want, param):
+    _chat(server, extra, want, param, max_tokens=4)
+
+
+def _chat(server, extra: dict, want: int, param: str | None, max_tokens: int):
+    """A chat request of "hi" with extra fields: its answer, with the status and the error's param wanted."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, **extra}
+    r = httpx.post(server["http"] + "/v1/chat/completions", json=body, headers=AUTH, timeout=TIMEOUT)
+    STATS["http"] += 1
+    _check_http(r)
+    assert r.status_code == want, r.text[:300]
+    if param:
+        assert r.json()["error"]["param"] == param, r.text[:300]
+    return r
 
 
 def test_oversized_body_without_length_is_refused(server):

@@ -283,6 +283,7 @@ def test_logit_bias_min_tokens_and_min_p_reach_the_shards_over_http_and_grpc(ser
     import grpc
 
     from aptray.client import Client, build_request
+    from aptray.serve.grpc_api import API_VERSION
 
     tokenizer, _ = reference
     eos, p, url = tokenizer.eos_token_id, PROMPTS[0], server["http"] + "/v1/completions"
@@ -304,11 +305,12 @@ def test_logit_bias_min_tokens_and_min_p_reach_the_shards_over_http_and_grpc(ser
         # the request names the version of the fields it sets; a newer version than the server's is refused
         assert build_request(p).version == 1 and build_request(p, logit_bias={17: 1.0}).version == 2
         assert build_request(p, min_p=0.1, logprobs=0).version == build_request(p, frequency_penalty=0.5).version == 3
+        assert build_request(p, regex="a+").version == API_VERSION == 4
         too_new = build_request(p, min_p=0.1)
-        too_new.version = 4
+        too_new.version = API_VERSION + 1
         with pytest.raises(grpc.RpcError) as e:
             list(c.stub.Generate(too_new, metadata=c.metadata))
-        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "speaks 3" in e.value.details()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"speaks {API_VERSION}" in e.value.details()
 
 
 def test_logprobs_over_http_and_grpc_are_the_engines(server, oai, model_path, reference):
@@ -446,6 +448,66 @@ def test_structured_outputs_over_http_and_grpc_are_the_engines(server, oai, mode
     body = {"prompt": p, "temperature": 0.0, "max_tokens": n, "return_token_ids": True, **bodies["choice"]}
     assert httpx.post(server["http"] + "/v1/completions", json=body, timeout=60).json()["choices"][0][
         "token_ids"] == list(local["choice"].token_ids)
+
+
+def test_tool_calls_over_http_are_the_engines_held_replies(server, oai, model_path):
+    """Chat with tools through the TP=2 app: a named function's call and required calls are the
+    single-process engine's replies held to the tools' schemas (aptray.serve.tools), as tool_calls
+    with finish_reason tool_calls, streamed (arguments piece by piece, or whole at the end) and not;
+    tool_choice auto is refused, and tool messages go to the template."""
+    from aptray.serve.openai_api import ChatCompletionRequest
+    from aptray.serve.tools import plan
+    from aptray.structured_output import StructuredOutput
+    from test_tools import ADD, NOW, WEATHER
+
+    llm = LLM(model_path, num_cache_blocks=64)
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+
+    def local(tools, choice, **sampling):
+        req = ChatCompletionRequest(messages=messages, tools=tools, tool_choice=choice)
+        _, held = plan(req.tools, req.tool_choice)
+        text = llm.tokenizer.apply_chat_template(messages, tools=[t.model_dump(exclude_none=True) for t in req.tools],
+                                                 tokenize=False, add_generation_prompt=True)
+        ids = llm.tokenizer.encode(text, add_special_tokens=False)
+        return llm.generate({"prompt_token_ids": ids}, SamplingParams(
+            max_tokens=120, structured_output=StructuredOutput(**held), **sampling))[0].outputs[0]
+
+    named = {"type": "function", "function": {"name": "add"}}
+    want = local([WEATHER, ADD], named, temperature=0.0)
+    assert want.finish_reason == "stop"
+    kw = dict(model=server["model"], messages=messages, tools=[WEATHER, ADD], tool_choice=named, temperature=0.0,
+              max_tokens=120)
+    whole = oai.chat.completions.create(**kw).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.content is None
+    assert [(c.function.name, c.function.arguments) for c in whole.message.tool_calls] == [("add", want.text)]
+    pieces = [e.choices[0] for e in oai.chat.completions.create(stream=True, **kw) if e.choices]
+    calls = [c for p in pieces if p.delta.tool_calls for c in p.delta.tool_calls]
+    assert calls[0].id.startswith("call_") and calls[0].function.name == "add"
+    assert "".join(c.function.arguments for c in calls) == want.text and len(calls) > 1
+    assert pieces[-1].finish_reason == "tool_calls"
+    # required: a seed whose held reply ends (a random model may go on adding calls)
+    seed, want = next((s, out) for s in range(20) if (out := local([WEATHER, ADD, NOW], "required", temperature=1.0,
+                                                                    seed=s)).finish_reason == "stop")
+    kw = dict(model=server["model"], messages=messages, tools=[WEATHER, ADD, NOW], tool_choice="required",
+              temperature=1.0, seed=seed, max_tokens=120)
+    whole = oai.chat.completions.create(**kw).choices[0]
+    expected = [(c["name"], c["parameters"]) for c in json.loads(want.text)]
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls] == expected
+    last = [e.choices[0] for e in oai.chat.completions.create(stream=True, **kw) if e.choices][-1]
+    assert last.finish_reason == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in last.delta.tool_calls] == expected
+    # refusals; a tool's answer in the conversation goes to the template
+    url = server["http"] + "/v1/chat/completions"
+    for extra, why in (({"tools": [ADD]}, "tool_choice auto needs a parser"),
+                       ({"tools": [ADD], "tool_choice": named, "response_format": {"type": "json_object"}},
+                        "send no response_format"),
+                       ({"tool_choice": "required"}, "needs tools")):
+        r = httpx.post(url, json={"messages": messages, "max_tokens": 4, **extra}, timeout=60)
+        assert r.status_code == 400 and why in r.json()["error"]["message"], r.text
+    turns = messages + [{"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "add", "arguments": '{"a": 2, "b": 3}'}}]}, {"role": "tool", "tool_call_id": "call_1", "content": "5"}]
+    r = httpx.post(url, json={"messages": turns, "tools": [ADD], "tool_choice": "none", "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
 
 
 def test_echo_with_logprobs_scores_the_prompt_as_the_engine_does(server, oai, model_path, reference):

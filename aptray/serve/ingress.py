@@ -10,6 +10,7 @@ event per chunk still), so a replica that falls behind catches up in fewer, larg
 
 import asyncio
 import copy
+import json
 import logging
 import os
 import time
@@ -27,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
 from aptray.sampling_params import InvalidRequest
-from aptray.serve import choices, grpc_api, routing_counts
+from aptray.serve import choices, grpc_api, routing_counts, tools
 from aptray.serve.args import INGRESS_CPUS, AppArgs
 from aptray.serve.deploy_options import ATTAINMENT_WINDOW_S
 from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatCompletionRequest, ChatCompletionResponse,
@@ -40,6 +41,7 @@ from aptray.serve.prefix_key import PREFIX_KEY_HEADER, prefix_tag
 from aptray.serve.router import Router
 from aptray.serve.security import EdgeMiddleware, bearer, identity
 from aptray.serve.sse import ChatEvents, CompletionEvents, sse, usage
+from aptray.serve.tools import ToolCallEvents
 from aptray.serve.store import RequestStore
 from aptray.serve.ttft_estimate import ReplicaLoad, ServingDelay
 
@@ -357,43 +359,65 @@ class Ingress:
     async def chat_completions(self, req: ChatCompletionRequest, raw: Request):
         try:
             self._check_model(req)
-            self.check_size(self.sampling(req, 1), num_messages=len(req.messages),
-                            prompt_chars=sum(len(m.content) + len(m.role) for m in req.messages))
-            text, ids = await self.off_loop(self._chat_prompt, req)
+            reply, sampling = self._chat_sampling(req)
+            self.check_size(sampling, num_messages=len(req.messages),
+                            prompt_chars=sum(m.chars() for m in req.messages) + len(json.dumps(sampling["tools"])))
+            text, ids = await self.off_loop(self._chat_prompt, req, sampling.pop("tools"))
             rest = max(1, self.max_model_len - len(ids))
-            max_tokens = req.max_completion_tokens or req.max_tokens or min(rest, self.args.max_tokens_limit or rest)
+            sampling["max_tokens"] = (req.max_completion_tokens or req.max_tokens
+                                      or min(rest, self.args.max_tokens_limit or rest))
             rid = new_id("chatcmpl")
-            calls = await self.open_choices(rid, ids, self.sampling(req, max_tokens), text, self.caller(raw),
-                                            self.prefix_of(raw), req.n)
+            calls = await self.open_choices(rid, ids, sampling, text, self.caller(raw), self.prefix_of(raw), req.n)
         except Rejected as e:
             return self._reject(e)
         renderers = [LogprobsRenderer(self.token_text) if req.logprobs else None for _ in calls]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = [ChatEvents(rid, self.model_name, include_usage and req.n == 1,
-                                 ids if req.return_token_ids else None, renderer, index=index)
-                      for index, renderer in enumerate(renderers)]
+            args = [(rid, self.model_name, include_usage and req.n == 1, ids if req.return_token_ids else None,
+                     renderer) for renderer in renderers]
+            events = [ChatEvents(*a, index=index) if reply.mode == "text" else ToolCallEvents(reply, *a, index=index)
+                      for index, a in enumerate(args)]
             return StreamingResponse(self._chat_sse(calls, events, include_usage and req.n > 1),
                                      media_type="text/event-stream")
         try:
             replies = await self._collect(calls)
         except Rejected as e:
             return self._reject(e)
-        asked = req.return_token_ids
-        return ChatCompletionResponse(
-            id=rid, model=self.model_name, usage=usage(*(r.last for r in replies)),
-            prompt_token_ids=ids if asked else None,
-            choices=[ChatChoice(index=index, message=ChatChoiceMessage(content=reply.text),
-                                token_ids=reply.token_ids if asked else None,
-                                logprobs=renderer.chat(reply.token_ids, reply.logprobs) if renderer else None,
-                                finish_reason=finish_reason(reply.last["finish_reason"]))
-                     for index, (reply, renderer) in enumerate(zip(replies, renderers))])
+        asked, choices = req.return_token_ids, []
+        for index, (answer, renderer) in enumerate(zip(replies, renderers)):
+            reason = answer.last["finish_reason"]
+            calls = reply.calls(answer.text) if reason == "stop" else None
+            message = ChatChoiceMessage(content=None, tool_calls=calls) if calls else ChatChoiceMessage(
+                content=answer.text)
+            choices.append(ChatChoice(index=index, message=message, token_ids=answer.token_ids if asked else None,
+                                      logprobs=renderer.chat(answer.token_ids, answer.logprobs) if renderer else None,
+                                      finish_reason="tool_calls" if calls else finish_reason(reason)))
+        return ChatCompletionResponse(id=rid, model=self.model_name, usage=usage(*(r.last for r in replies)),
+                                      prompt_token_ids=ids if asked else None, choices=choices)
 
-    def _chat_prompt(self, req) -> tuple[str, list[int]]:
-        """The conversation through the model's chat template, and its token ids (tokenizer thread)."""
+    def _chat_sampling(self, req) -> tuple[tools.ToolReply, dict]:
+        """What the reply is (text, or tool calls), and the request's sampling dict, whose "tools" are
+        for the chat template (taken out before admission). The tools' structure holds the reply
+        where tool_choice asks for calls."""
         try:
-            text = self.tokenizer.apply_chat_template([m.model_dump() for m in req.messages], tokenize=False,
-                                                      add_generation_prompt=True)
+            reply, held = tools.plan(req.tools, req.tool_choice)
+        except InvalidRequest as e:
+            raise Rejected(str(e), 400, e.param) from None
+        sampling = self.sampling(req, 1)
+        if held is not None:
+            if sampling["structured_output"] is not None:
+                raise Rejected("tool_choice holds the reply to the tools' schemas: send no response_format or "
+                               "structured_outputs with it", 400, "tool_choice")
+            sampling["structured_output"] = held
+        sampling["tools"] = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        return reply, sampling
+
+    def _chat_prompt(self, req, tool_specs: list[dict] | None) -> tuple[str, list[int]]:
+        """The conversation (and the tools) through the model's chat template, and its token ids
+        (tokenizer thread)."""
+        try:
+            text = self.tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in req.messages],
+                                                      tools=tool_specs, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # the template refused these messages (roles, order): the client's error
             raise Rejected(f"the chat template refused the messages: {e}", 400, "messages") from e
         return text, self.tokenizer.encode(text, add_special_tokens=False)

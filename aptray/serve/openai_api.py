@@ -36,7 +36,7 @@ UNSUPPORTED = {
     "best_of": (None, 1),
     "repetition_penalty": (None, 1),
     "suffix": (None, ""),
-    "tools": (None, []), "tool_choice": (None, "none", "auto"),
+    "tools": (None, []), "tool_choice": (None, "none", "auto"),  # a completion's (chat declares them)
     "functions": (None, []), "function_call": (None, "none", "auto"), "use_beam_search": (None, False),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
 }
@@ -158,12 +158,47 @@ class CompletionRequest(_SamplingRequest):
 
 
 class ChatMessage(BaseModel):
+    """A message as the chat template gets it: an assistant's may carry tool_calls (and no content),
+    a tool's the tool_call_id it answers."""
     role: Text
-    content: Text
+    content: Text | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: Text | None = None
+    name: Text | None = None
+
+    def chars(self) -> int:
+        """Its size before tokenizing (limits.size_error)."""
+        calls = len(json.dumps(self.tool_calls)) if self.tool_calls else 0
+        return len(self.role) + len(self.content or "") + calls
+
+
+class ToolFunction(BaseModel):
+    name: Text
+    description: Text | None = None
+    parameters: dict | None = None  # a JSON schema of its arguments; None: none
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: ToolFunction
+
+
+class ToolName(BaseModel):
+    name: Text
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: ToolName
 
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    # "none": text; "required": one call or more; a named function: a call of it ("auto" needs a
+    # parser of the model's own tool-call format: refused, aptray.serve.tools)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False  # each output token's log-probability
@@ -261,9 +296,21 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatChoiceMessage(BaseModel):
     role: str = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = _if_asked()
 
 
 class ChatChoice(BaseModel):
@@ -287,6 +334,9 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: str | None = None
     content: str | None = None
+    # streamed tool calls: {index, and in a call's first delta id, type and function.name;
+    # function.arguments: the next piece of its JSON}
+    tool_calls: list[dict] | None = _if_asked()
 
 
 class ChatChunkChoice(BaseModel):

@@ -101,9 +101,12 @@ class CompletionEvents(_Events):
 
 class ChatEvents(_Events):
     def _model(self, text: str, reason: str | None, ids=None, prompt_ids=None, logprobs=None):
+        return self.delta_model(ChatDelta(content=text), reason, ids, prompt_ids, logprobs)
+
+    def delta_model(self, delta: ChatDelta, reason: str | None, ids=None, prompt_ids=None, logprobs=None):
         return ChatCompletionChunk(id=self.rid, model=self.model, created=self.created, prompt_token_ids=prompt_ids,
-                                   choices=[ChatChunkChoice(index=self.index, delta=ChatDelta(content=text),
-                                                            token_ids=ids, logprobs=logprobs, finish_reason=reason)])
+                                   choices=[ChatChunkChoice(index=self.index, delta=delta, token_ids=ids,
+                                                            logprobs=logprobs, finish_reason=reason)])
 
     def _logprobs(self, token_ids: list[int], logprobs: list):
         return self.logprobs.chat(token_ids, logprobs)

@@ -1,0 +1,140 @@
+"""Tool calls on chat (OpenAI's tools and tool_choice), held by a structured output.
+
+With tool_choice "required" the reply is a JSON array of one call or more, each {"name": one of the
+tools, "parameters": its arguments under the tool's schema}; with a named function it is that
+function's arguments. The structure makes the model's text exactly that, whatever its own tool-call
+format, and the reply carries it as message.tool_calls with finish_reason "tool_calls". tool_choice
+"none" answers in text; the tools still go to the chat template. "auto" lets the model choose
+between text and a call in its own format, which needs a parser of that format (vLLM's tool
+parsers): aptray has none, so it is refused rather than answered in text that ignores the tools.
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+
+from aptray.sampling_params import InvalidRequest
+from aptray.serve.openai_api import ChatDelta, FunctionCall, ToolCall, chunk_logprobs, finish_reason
+from aptray.serve.sse import ChatEvents, sse, usage
+
+MAX_TOOLS = 128  # OpenAI's limit
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function's name
+_NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+@dataclass(frozen=True)
+class ToolReply:
+    """What the reply is: "text", "required" (calls of any of the tools) or "named" (a call of name)."""
+    mode: str = "text"
+    name: str | None = None
+
+    def calls(self, text: str) -> list[ToolCall] | None:
+        """The calls the reply's text makes; None where it makes none (text, or JSON cut short)."""
+        if self.mode == "named":
+            return [_call(self.name, text)] if _json(text) is not None else None
+        if self.mode == "required":
+            value = _json(text)
+            return [_call(c["name"], json.dumps(c["parameters"])) for c in value] if value else None
+        return None
+
+
+def plan(tools, tool_choice) -> tuple[ToolReply, dict | None]:
+    """(what the reply is, the structured output that holds it: StructuredOutput's fields, or None)
+    of a request's tools and tool_choice; InvalidRequest where they cannot be served."""
+    tools = tools or []
+    if len(tools) > MAX_TOOLS:
+        raise InvalidRequest(f"at most {MAX_TOOLS} tools", "tools")
+    schemas = {}
+    for tool in tools:
+        name = tool.function.name
+        if not _NAME.fullmatch(name):
+            raise InvalidRequest(f"a tool's name is 1-64 letters, digits, '_' or '-', got {name!r}", "tools")
+        if name in schemas:
+            raise InvalidRequest(f"two tools are named {name!r}", "tools")
+        schemas[name] = tool.function.parameters if tool.function.parameters is not None else _NO_ARGUMENTS
+    choice = tool_choice if tool_choice is not None else ("auto" if tools else "none")
+    if choice == "none" or (choice == "auto" and not tools):  # what clients send by default
+        return ToolReply(), None
+    if not tools:
+        raise InvalidRequest(f"tool_choice {_describe(choice)} needs tools", "tool_choice")
+    if choice == "auto":
+        raise InvalidRequest("tool_choice auto needs a parser of this model's own tool-call format, which this "
+                             "server does not have: send tool_choice \"required\" or a named function (the reply is "
+                             "then held to the tools' schemas), or \"none\"", "tool_choice")
+    if choice == "required":
+        calls = [{"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
+                  "required": ["name", "parameters"], "additionalProperties": False}
+                 for name, schema in schemas.items()]
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        return ToolReply("required"), {"kind": "json", "spec": json.dumps(schema)}
+    name = choice.function.name
+    if name not in schemas:
+        raise InvalidRequest(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
+    return ToolReply("named", name), {"kind": "json", "spec": json.dumps(schemas[name])}
+
+
+def _describe(choice) -> str:
+    return repr(choice) if isinstance(choice, str) else f"function {choice.function.name!r}"
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _call(name: str, arguments: str) -> ToolCall:
+    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=name, arguments=arguments))
+
+
+class ToolCallEvents(ChatEvents):
+    """A streamed reply of tool calls. Named: its first piece of text opens the call (id, name) and
+    every piece is the next part of its arguments. Required: the calls come whole in the last event,
+    once the array is complete (the names are known only as the JSON goes). Cut short (length), the
+    text comes as content."""
+
+    def __init__(self, reply: ToolReply, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reply, self._text, self._opened = reply, [], None
+
+    def render(self, chunks: list[dict]) -> str:
+        out = []
+        for chunk in chunks:
+            self._text.append(chunk["text"])
+            ids = chunk["token_ids"] if self.with_ids else None
+            lps = None if self.logprobs is None else self._logprobs(chunk["token_ids"], chunk_logprobs(chunk))
+            delta = self._named_delta(chunk["text"]) if self.reply.mode == "named" else None
+            reason = None
+            if chunk["finished"]:
+                delta, reason = self._last_delta(chunk, delta)
+            if delta is not None or reason is not None or ids or lps:
+                out.append(sse(self.delta_model(delta or ChatDelta(), reason, ids, logprobs=lps)))
+            if chunk["finished"] and self.include_usage:
+                out.append(sse(self._usage_model(usage(chunk))))
+        return "".join(out)
+
+    def _named_delta(self, text: str) -> ChatDelta | None:
+        if not text:
+            return None
+        call = {"index": 0, "function": {"arguments": text}}
+        if self._opened is None:
+            self._opened = _call(self.reply.name, "").id
+            call = {"index": 0, "id": self._opened, "type": "function",
+                    "function": {"name": self.reply.name, "arguments": text}}
+        return ChatDelta(tool_calls=[call])
+
+    def _last_delta(self, chunk: dict, delta: ChatDelta | None) -> tuple[ChatDelta | None, str]:
+        text = "".join(self._text)
+        calls = self.reply.calls(text) if chunk["finish_reason"] == "stop" else None
+        if calls is None:  # cut short (length, abort)
+            if self.reply.mode == "required":  # never sent as calls: the text as it is
+                delta = ChatDelta(content=text)
+            return delta, finish_reason(chunk["finish_reason"])
+        if self.reply.mode == "required":
+            delta = ChatDelta(tool_calls=[{"index": i, "id": c.id, "type": "function",
+                                           "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                                          for i, c in enumerate(calls)])
+        return delta, "tool_calls"

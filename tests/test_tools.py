@@ -1,0 +1,135 @@
+"""Tool calls (aptray.serve.tools): what tools and tool_choice ask is refused or held to the tools'
+schemas; a held reply parses into calls that follow those schemas; streamed, a named call's
+arguments come piece by piece and required calls whole at the end."""
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from aptray import LLM, SamplingParams
+from aptray.sampling_params import InvalidRequest
+from aptray.serve.openai_api import ChatCompletionRequest
+from aptray.serve.tools import MAX_TOOLS, ToolCallEvents, ToolReply, plan
+from aptray.structured_output import StructuredOutput
+from tiny_models import tiny_model
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                            "parameters": {"type": "object", "required": ["city"],
+                                                           "additionalProperties": False,
+                                                           "properties": {"city": {"type": "string", "maxLength": 8}}}}}
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "required": ["a", "b"], "additionalProperties": False,
+    "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                   "b": {"type": "integer", "minimum": 0, "maximum": 99}}}}}
+NOW = {"type": "function", "function": {"name": "now"}}  # no parameters
+
+
+def _request(tools, tool_choice=None) -> ChatCompletionRequest:
+    return ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], tools=tools, tool_choice=tool_choice)
+
+
+def _plan(tools, tool_choice=None):
+    req = _request(tools, tool_choice)
+    return plan(req.tools, req.tool_choice)
+
+
+@pytest.mark.parametrize("tools,choice,match,param", [
+    ([WEATHER], None, "tool_choice auto needs a parser", "tool_choice"),
+    ([WEATHER], "auto", "tool_choice auto needs a parser", "tool_choice"),
+    (None, "required", "needs tools", "tool_choice"),
+    ([], {"type": "function", "function": {"name": "add"}}, "needs tools", "tool_choice"),
+    ([WEATHER], {"type": "function", "function": {"name": "add"}}, "not among the tools", "tool_choice"),
+    ([WEATHER, WEATHER], "required", "two tools are named", "tools"),
+    ([{"type": "function", "function": {"name": "no spaces"}}], "required", "1-64 letters", "tools"),
+    ([{"type": "function", "function": {"name": "x" * 65}}], "required", "1-64 letters", "tools"),
+    ([{"type": "function", "function": {"name": f"f{i}"}} for i in range(MAX_TOOLS + 1)], "required", "at most 128",
+     "tools"),
+])
+def test_what_cannot_be_served_is_refused(tools, choice, match, param):
+    with pytest.raises(InvalidRequest, match=match) as refused:
+        _plan(tools, choice)
+    assert refused.value.param == param
+
+
+def test_none_and_no_tools_are_text():
+    assert _plan(None) == (ToolReply(), None)
+    assert _plan([WEATHER], "none") == (ToolReply(), None)
+    assert _plan(None, "none") == (ToolReply(), None)
+
+
+def test_auto_without_tools_is_text():
+    assert _plan(None, "auto") == (ToolReply(), None)
+
+
+def test_held_replies_are_calls_that_follow_the_tools_schemas():
+    """The tiny model's replies, held to the structures plan() makes, parse into calls whose names
+    are tools and whose arguments follow the tool's schema (a random model may go on adding calls
+    to the array: those cut at max_tokens are left out)."""
+    llm = LLM(tiny_model("opt-60x3"), max_num_seqs=8)
+    schemas = {t["function"]["name"]: t["function"].get("parameters") for t in (WEATHER, ADD, NOW)}
+    required, held = _plan([WEATHER, ADD, NOW], "required")
+    named, held_named = _plan([WEATHER, ADD], {"type": "function", "function": {"name": "add"}})
+    params = [SamplingParams(temperature=t, seed=s, max_tokens=200, structured_output=StructuredOutput(**held))
+              for t, s in ((0.0, 0), (1.0, 1), (1.0, 2), (1.0, 3), (1.0, 4), (1.0, 5))]
+    params += [SamplingParams(temperature=1.0, seed=s, max_tokens=60, structured_output=StructuredOutput(**held_named))
+               for s in range(3)]
+    outs = llm.generate(["call a tool:"] * len(params), params)
+    ended = [(sp, out) for sp, out in zip(params, outs) if out.outputs[0].finish_reason == "stop"]
+    assert len(ended) >= 6, [o.outputs[0].text for o in outs]
+    assert all(out.outputs[0].finish_reason == "stop" for out in outs[6:])  # one call of add: short
+    for sp, out in ended:
+        completion = out.outputs[0]
+        reply = required if sp.structured_output.spec == held["spec"] else named
+        calls = reply.calls(completion.text)
+        assert calls, completion.text
+        for call in calls:
+            assert call.id.startswith("call_") and call.type == "function"
+            schema = schemas[call.function.name] or {"type": "object", "additionalProperties": False}
+            jsonschema.validate(json.loads(call.function.arguments), schema)
+        if reply is named:
+            assert [c.function.name for c in calls] == ["add"]
+            assert calls[0].function.arguments == completion.text
+
+
+def _chunk(text, finished=False, reason=None, ids=(1,)):
+    chunk = {"request_id": "r", "token_ids": list(ids), "text": text, "finished": finished,
+             "finish_reason": reason}
+    if finished:
+        chunk["usage"] = {"prompt_tokens": 3, "completion_tokens": 5}
+    return chunk
+
+
+def _events(rendered: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in rendered.split("\n\n") if line.startswith("data: ")]
+
+
+def test_streamed_named_call_opens_once_then_sends_its_arguments():
+    events = ToolCallEvents(ToolReply("named", "add"), "chatcmpl-x", "m", True)
+    out = _events(events.render([_chunk('{"a": '), _chunk("1, ")]) + events.render(
+        [_chunk('"b": 2}'), _chunk("", True, "stop")]))
+    deltas = [e["choices"][0]["delta"] for e in out if e["choices"]]
+    first = deltas[0]["tool_calls"][0]
+    assert first["id"].startswith("call_") and first["function"] == {"name": "add", "arguments": '{"a": '}
+    assert [d["tool_calls"][0] for d in deltas[1:3]] == [{"index": 0, "function": {"arguments": "1, "}},
+                                                         {"index": 0, "function": {"arguments": '"b": 2}'}}]
+    assert "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas[:3]) == '{"a": 1, "b": 2}'
+    assert [e["choices"][0]["finish_reason"] for e in out if e["choices"]][-1] == "tool_calls"
+    assert out[-1]["usage"]["completion_tokens"] == 5  # include_usage
+
+
+def test_streamed_required_calls_come_whole_at_the_end_and_cut_short_as_text():
+    events = ToolCallEvents(ToolReply("required"), "chatcmpl-x", "m", False)
+    text = '[{"name": "add", "parameters": {"a": 1, "b": 2}}, {"name": "now", "parameters": {}}]'
+    out = _events(events.render([_chunk(text[:20])]) + events.render([_chunk(text[20:], True, "stop")]))
+    assert all("tool_calls" not in e["choices"][0]["delta"] for e in out[:-1])
+    last = out[-1]["choices"][0]
+    assert last["finish_reason"] == "tool_calls"
+    calls = last["delta"]["tool_calls"]
+    assert [(c["index"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        (0, "add", {"a": 1, "b": 2}), (1, "now", {})]
+    cut = ToolCallEvents(ToolReply("required"), "chatcmpl-x", "m", False)
+    out = _events(cut.render([_chunk(text[:20]), _chunk(text[20:30], True, "length")]))
+    assert out[-1]["choices"][0]["finish_reason"] == "length"
+    assert out[-1]["choices"][0]["delta"]["content"] == text[:30]
