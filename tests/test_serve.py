@@ -901,11 +901,12 @@ def test_grpc_cancel_aborts(server):
 # -- TP=1: the model in the router process ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def server_tp1(server, redis_server):
-    """A second app beside the TP=2 one: TP=1, executor auto, so no shard actors and no gRPC per step."""
+    """A second app beside the TP=2 one: TP=1, executor auto, so no shard actors and no gRPC per step;
+    chat's tool_choice auto reads hermes tool calls."""
     from aptray.app import build_app
 
     args = {"tensor_parallel_size": 1, "num_cache_blocks": 128, "max_num_seqs": 4, "use_gpu": False,
-            "redis_url": f"unix://{redis_server.socket_file}"}
+            "redis_url": f"unix://{redis_server.socket_file}", "tool_call_parser": "hermes"}
     serve.run(build_app(args), name="aptray-tp1", route_prefix="/tp1")
     yield {"http": server["http"] + "/tp1", "grpc": server["grpc"], "model": server["model"]}
     serve.delete("aptray-tp1")
@@ -973,3 +974,37 @@ def test_graceful_drain_finishes_in_flight_then_frees_shards(server):
             break
         time.sleep(0.2)
     assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
+
+
+def test_tool_choice_auto_reads_the_models_hermes_calls(server_tp1, model_path):
+    """With tool_call_parser hermes, tool_choice auto (OpenAI's default with tools) returns the text
+    before the model's <tool_call> blocks as content and the blocks as tool_calls, streamed and not.
+    The tiny model writes such blocks only when a regex (structured_outputs) makes it: its reply is
+    the engine's under the same regex."""
+    from aptray.structured_output import StructuredOutput
+    from test_tools import ADD
+
+    regex = r'Sure\. <tool_call>\n\{"name": "add", "arguments": \{"a": [0-9], "b": [0-9]\}\}\n</tool_call>'
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    llm = LLM(model_path, num_cache_blocks=64)
+    text = llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    want = llm.generate({"prompt_token_ids": llm.tokenizer.encode(text, add_special_tokens=False)}, SamplingParams(
+        temperature=0.0, max_tokens=80, structured_output=StructuredOutput("regex", regex)))[0].outputs[0]
+    assert want.finish_reason == "stop"
+    arguments = json.loads(want.text.split("\n")[1])["arguments"]
+    body = {"messages": messages, "tools": [ADD], "temperature": 0.0, "max_tokens": 80,
+            "structured_outputs": {"regex": regex}}
+    url = server_tp1["http"] + "/v1/chat/completions"
+    choice = httpx.post(url, json=body, timeout=60).json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Sure. "
+    calls = choice["message"]["tool_calls"]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [("add", arguments)]
+    with httpx.stream("POST", url, json={**body, "stream": True, "tool_choice": "auto"}, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
+    assert "".join(d.get("content") or "" for d in deltas) == "Sure. "
+    streamed = [c for d in deltas for c in d.get("tool_calls") or []]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in streamed] == [("add", arguments)]
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    plain = httpx.post(url, json={"messages": messages, "tools": [ADD], "max_tokens": 6}, timeout=60).json()
+    assert plain["choices"][0]["message"]["content"] and "tool_calls" not in plain["choices"][0]["message"]

@@ -30,9 +30,9 @@ def _request(tools, tool_choice=None) -> ChatCompletionRequest:
     return ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], tools=tools, tool_choice=tool_choice)
 
 
-def _plan(tools, tool_choice=None):
+def _plan(tools, tool_choice=None, parser=None):
     req = _request(tools, tool_choice)
-    return plan(req.tools, req.tool_choice)
+    return plan(req.tools, req.tool_choice, parser)
 
 
 @pytest.mark.parametrize("tools,choice,match,param", [
@@ -82,8 +82,8 @@ def test_held_replies_are_calls_that_follow_the_tools_schemas():
     for sp, out in ended:
         completion = out.outputs[0]
         reply = required if sp.structured_output.spec == held["spec"] else named
-        calls = reply.calls(completion.text)
-        assert calls, completion.text
+        content, calls = reply.parse(completion.text)
+        assert calls and content is None, completion.text
         for call in calls:
             assert call.id.startswith("call_") and call.type == "function"
             schema = schemas[call.function.name] or {"type": "object", "additionalProperties": False}
@@ -133,3 +133,57 @@ def test_streamed_required_calls_come_whole_at_the_end_and_cut_short_as_text():
     out = _events(cut.render([_chunk(text[:20]), _chunk(text[20:30], True, "length")]))
     assert out[-1]["choices"][0]["finish_reason"] == "length"
     assert out[-1]["choices"][0]["delta"]["content"] == text[:30]
+
+
+HERMES_CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("text,content,calls", [
+    ("just text", "just text", None),
+    (HERMES_CALL, None, [("add", {"a": 2, "b": 3})]),
+    ("Let me add.\n" + HERMES_CALL + "\n" + HERMES_CALL.replace("add", "now").replace('{"a": 2, "b": 3}', "{}"),
+     "Let me add.\n", [("add", {"a": 2, "b": 3}), ("now", {})]),
+    ('<tool_call>{"name": "now"}', None, [("now", {})]),  # the output ended before the closing tag
+    ('<tool_call>{"name": "rm", "arguments": {}}</tool_call>', '<tool_call>{"name": "rm", "arguments": {}}</tool_call>',
+     None),  # not a tool: text
+    ('<tool_call>{"name": "add", "arguments": [1]}</tool_call>', '<tool_call>{"name": "add", "arguments": [1]}'
+     '</tool_call>', None),
+    ("<tool_call>{not json</tool_call>", "<tool_call>{not json</tool_call>", None),
+    ("text " + HERMES_CALL + "<tool_call>oops", "text " + HERMES_CALL + "<tool_call>oops", None),  # one bad: none
+])
+def test_hermes_replies_are_text_and_calls(text, content, calls):
+    reply = _plan([WEATHER, ADD, NOW], "auto", parser="hermes")[0]
+    got_content, got = reply.parse(text)
+    assert got_content == content
+    assert (None if got is None else [(c.function.name, json.loads(c.function.arguments)) for c in got]) == calls
+
+
+def test_auto_needs_the_apps_parser():
+    assert _plan([ADD], "auto", parser="hermes") == (ToolReply("auto", names=("add",)), None)
+    assert _plan([ADD], None, parser="hermes")[0].mode == "auto"  # OpenAI's default with tools
+
+
+def test_streamed_auto_sends_text_then_calls_whole():
+    """Text goes out as it comes, but for what could begin the opening tag; the calls come whole at
+    the end. A reply without calls sends what it held back as text."""
+    events = ToolCallEvents(_plan([ADD], "auto", parser="hermes")[0], "chatcmpl-x", "m", False)
+    pieces = ["Sure", ". <tool", "_call>\n{\"name\": \"add\", ", '"arguments": {"a": 1, "b": 1}}\n</tool_call>']
+    out = _events("".join(events.render([_chunk(p)]) for p in pieces) + events.render([_chunk("", True, "stop")]))
+    deltas = [e["choices"][0]["delta"] for e in out]
+    assert [d.get("content") for d in deltas if d.get("content")] == ["Sure", ". "]
+    assert out[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    calls = deltas[-1]["tool_calls"]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("add", {"a": 1, "b": 1})]
+    plain = ToolCallEvents(_plan([ADD], "auto", parser="hermes")[0], "chatcmpl-x", "m", False)
+    out = _events(plain.render([_chunk("a <to")]) + plain.render([_chunk("y", True, "stop")]))
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in out) == "a <toy"
+    assert out[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_the_apps_parser_is_one_it_knows():
+    from aptray.serve.args import AppArgs
+    assert AppArgs.parse({"tool_call_parser": "hermes"}).tool_call_parser == "hermes"
+    assert AppArgs.parse({"tool_call_parser": "none"}).tool_call_parser is None
+    with pytest.raises(ValueError, match="tool_call_parser 'mistral': use one of"):
+        AppArgs.parse({"tool_call_parser": "mistral"})

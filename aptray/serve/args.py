@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+from aptray.serve.tool_parser import PARSERS
+
 
 CPUS_PER_RANK = 1.0  # Ray CPUs a rank holds (shard actor, or the router when the model runs in it)
 INGRESS_CPUS = 0.5  # Ray CPUs an ingress replica holds
@@ -56,6 +58,9 @@ class AppArgs:
     # a structured output whose grammar does not compile within this is refused (400); its compile
     # goes on, holding one of the router's two grammar threads until it ends
     grammar_compile_timeout_s: float = 10.0
+    # the format of the model's own tool calls, which chat's tool_choice "auto" reads them in
+    # (aptray.serve.tool_parser: "hermes"); None: "auto" with tools is refused
+    tool_call_parser: str | None = None
     # -- fault recovery --
     max_shard_rebuilds: int = 3  # shard-group rebuilds in a row without a good step before giving up
     max_resumes_per_request: int = 3  # a request that keeps killing shards ends with an error
@@ -101,6 +106,8 @@ class AppArgs:
             raise ValueError(f"executor {parsed.executor!r}: use one of {EXECUTORS}")
         if parsed.executor == "local" and parsed.tensor_parallel_size != 1:
             raise ValueError("executor 'local' runs one rank: tensor_parallel_size must be 1 (or use 'ray')")
+        if parsed.tool_call_parser not in (None, *PARSERS):
+            raise ValueError(f"tool_call_parser {parsed.tool_call_parser!r}: use one of {PARSERS}")
         if parsed.routing not in ROUTINGS:
             raise ValueError(f"routing {parsed.routing!r}: use one of {ROUTINGS}")
         if not 0 <= parsed.routing_equal_ttft_fraction < 1:  # also refuses nan

@@ -386,9 +386,8 @@ class Ingress:
         asked, choices = req.return_token_ids, []
         for index, (answer, renderer) in enumerate(zip(replies, renderers)):
             reason = answer.last["finish_reason"]
-            calls = reply.calls(answer.text) if reason == "stop" else None
-            message = ChatChoiceMessage(content=None, tool_calls=calls) if calls else ChatChoiceMessage(
-                content=answer.text)
+            content, calls = reply.parse(answer.text) if reason == "stop" else (answer.text, None)
+            message = ChatChoiceMessage(content=content, tool_calls=calls)
             choices.append(ChatChoice(index=index, message=message, token_ids=answer.token_ids if asked else None,
                                       logprobs=renderer.chat(answer.token_ids, answer.logprobs) if renderer else None,
                                       finish_reason="tool_calls" if calls else finish_reason(reason)))
@@ -400,7 +399,7 @@ class Ingress:
         for the chat template (taken out before admission). The tools' structure holds the reply
         where tool_choice asks for calls."""
         try:
-            reply, held = tools.plan(req.tools, req.tool_choice)
+            reply, held = tools.plan(req.tools, req.tool_choice, self.args.tool_call_parser)
         except InvalidRequest as e:
             raise Rejected(str(e), 400, e.param) from None
         sampling = self.sampling(req, 1)

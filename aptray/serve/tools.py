@@ -5,8 +5,9 @@ tools, "parameters": its arguments under the tool's schema}; with a named functi
 function's arguments. The structure makes the model's text exactly that, whatever its own tool-call
 format, and the reply carries it as message.tool_calls with finish_reason "tool_calls". tool_choice
 "none" answers in text; the tools still go to the chat template. "auto" lets the model choose
-between text and a call in its own format, which needs a parser of that format (vLLM's tool
-parsers): aptray has none, so it is refused rather than answered in text that ignores the tools.
+between text and calls in its own format: it needs the app's tool_call_parser (tool_parser.py, as
+vLLM's --tool-call-parser), and without one it is refused rather than answered in text that ignores
+the tools.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 
 from aptray.sampling_params import InvalidRequest
+from aptray.serve import tool_parser
 from aptray.serve.openai_api import ChatDelta, FunctionCall, ToolCall, chunk_logprobs, finish_reason
 from aptray.serve.sse import ChatEvents, sse, usage
 
@@ -26,23 +28,30 @@ _NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": Fal
 
 @dataclass(frozen=True)
 class ToolReply:
-    """What the reply is: "text", "required" (calls of any of the tools) or "named" (a call of name)."""
+    """What the reply is: "text", "required" (calls of any of the tools), "named" (a call of name) or
+    "auto" (text, calls in the model's own format, or both; names: the tools it may call)."""
     mode: str = "text"
     name: str | None = None
+    names: tuple[str, ...] = ()
 
-    def calls(self, text: str) -> list[ToolCall] | None:
-        """The calls the reply's text makes; None where it makes none (text, or JSON cut short)."""
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall] | None]:
+        """(the reply's text content, the calls it makes): (text, None) where it makes none (text, or
+        JSON cut short)."""
         if self.mode == "named":
-            return [_call(self.name, text)] if _json(text) is not None else None
+            return (None, [_call(self.name, text)]) if _json(text) is not None else (text, None)
         if self.mode == "required":
             value = _json(text)
-            return [_call(c["name"], json.dumps(c["parameters"])) for c in value] if value else None
-        return None
+            return (None, [_call(c["name"], json.dumps(c["parameters"])) for c in value]) if value else (text, None)
+        if self.mode == "auto":
+            content, calls = tool_parser.parse(text, self.names)
+            return (content, [_call(name, arguments) for name, arguments in calls]) if calls else (text, None)
+        return text, None
 
 
-def plan(tools, tool_choice) -> tuple[ToolReply, dict | None]:
+def plan(tools, tool_choice, parser: str | None = None) -> tuple[ToolReply, dict | None]:
     """(what the reply is, the structured output that holds it: StructuredOutput's fields, or None)
-    of a request's tools and tool_choice; InvalidRequest where they cannot be served."""
+    of a request's tools and tool_choice; parser: the app's tool_call_parser, which "auto" needs.
+    InvalidRequest where they cannot be served."""
     tools = tools or []
     if len(tools) > MAX_TOOLS:
         raise InvalidRequest(f"at most {MAX_TOOLS} tools", "tools")
@@ -59,10 +68,13 @@ def plan(tools, tool_choice) -> tuple[ToolReply, dict | None]:
         return ToolReply(), None
     if not tools:
         raise InvalidRequest(f"tool_choice {_describe(choice)} needs tools", "tool_choice")
+    if choice == "auto" and parser is not None:
+        return ToolReply("auto", names=tuple(schemas)), None
     if choice == "auto":
         raise InvalidRequest("tool_choice auto needs a parser of this model's own tool-call format, which this "
-                             "server does not have: send tool_choice \"required\" or a named function (the reply is "
-                             "then held to the tools' schemas), or \"none\"", "tool_choice")
+                             "server was not started with (build_app's tool_call_parser): send tool_choice "
+                             "\"required\" or a named function (the reply is then held to the tools' schemas), or "
+                             "\"none\"", "tool_choice")
     if choice == "required":
         calls = [{"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
                   "required": ["name", "parameters"], "additionalProperties": False}
@@ -93,12 +105,16 @@ def _call(name: str, arguments: str) -> ToolCall:
 class ToolCallEvents(ChatEvents):
     """A streamed reply of tool calls. Named: its first piece of text opens the call (id, name) and
     every piece is the next part of its arguments. Required: the calls come whole in the last event,
-    once the array is complete (the names are known only as the JSON goes). Cut short (length), the
-    text comes as content."""
+    once the array is complete (the names are known only as the JSON goes). Auto: text goes out as
+    it comes until a call's opening tag (what could begin one waits for the next piece); from there
+    the calls come whole in the last event. A reply cut short (length, abort), or whose calls do not
+    parse, sends what it held back as text."""
 
     def __init__(self, reply: ToolReply, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.reply, self._text, self._opened = reply, [], None
+        self._sent = 0  # characters of the text sent as content (auto) or as arguments (named)
+        self._in_calls = reply.mode == "required"  # nothing goes out as it comes
 
     def render(self, chunks: list[dict]) -> str:
         out = []
@@ -106,8 +122,7 @@ class ToolCallEvents(ChatEvents):
             self._text.append(chunk["text"])
             ids = chunk["token_ids"] if self.with_ids else None
             lps = None if self.logprobs is None else self._logprobs(chunk["token_ids"], chunk_logprobs(chunk))
-            delta = self._named_delta(chunk["text"]) if self.reply.mode == "named" else None
-            reason = None
+            delta, reason = self._piece(), None
             if chunk["finished"]:
                 delta, reason = self._last_delta(chunk, delta)
             if delta is not None or reason is not None or ids or lps:
@@ -116,25 +131,49 @@ class ToolCallEvents(ChatEvents):
                 out.append(sse(self._usage_model(usage(chunk))))
         return "".join(out)
 
-    def _named_delta(self, text: str) -> ChatDelta | None:
-        if not text:
+    def _piece(self) -> ChatDelta | None:
+        """What goes out of the text now: a named call's next arguments, or auto's text."""
+        if self._in_calls:
             return None
-        call = {"index": 0, "function": {"arguments": text}}
+        text = "".join(self._text)
+        if self.reply.mode == "named":
+            return self._arguments(text)
+        at = text.find(tool_parser.OPEN, self._sent)
+        end = at if at >= 0 else len(text) - tool_parser.held_back(text[self._sent:])
+        self._in_calls = at >= 0
+        return self._content(text, end)
+
+    def _content(self, text: str, end: int) -> ChatDelta | None:
+        piece, self._sent = text[self._sent:end], max(self._sent, end)
+        return ChatDelta(content=piece) if piece else None
+
+    def _arguments(self, text: str) -> ChatDelta | None:
+        piece, self._sent = text[self._sent:], len(text)
+        if not piece:
+            return None
+        call = {"index": 0, "function": {"arguments": piece}}
         if self._opened is None:
             self._opened = _call(self.reply.name, "").id
             call = {"index": 0, "id": self._opened, "type": "function",
-                    "function": {"name": self.reply.name, "arguments": text}}
+                    "function": {"name": self.reply.name, "arguments": piece}}
         return ChatDelta(tool_calls=[call])
 
     def _last_delta(self, chunk: dict, delta: ChatDelta | None) -> tuple[ChatDelta | None, str]:
         text = "".join(self._text)
-        calls = self.reply.calls(text) if chunk["finish_reason"] == "stop" else None
-        if calls is None:  # cut short (length, abort)
-            if self.reply.mode == "required":  # never sent as calls: the text as it is
-                delta = ChatDelta(content=text)
+        calls = self.reply.parse(text)[1] if chunk["finish_reason"] == "stop" else None
+        if calls is None:  # cut short, or no calls: what is held back goes out as text
+            if self.reply.mode != "named":
+                delta = _merged(delta, self._content(text, len(text)))
             return delta, finish_reason(chunk["finish_reason"])
-        if self.reply.mode == "required":
-            delta = ChatDelta(tool_calls=[{"index": i, "id": c.id, "type": "function",
-                                           "function": {"name": c.function.name, "arguments": c.function.arguments}}
-                                          for i, c in enumerate(calls)])
+        if self.reply.mode != "named":
+            delta = _merged(delta, ChatDelta(tool_calls=[{"index": i, "id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": c.function.arguments}} for i, c in enumerate(calls)]))
         return delta, "tool_calls"
+
+
+def _merged(first: ChatDelta | None, second: ChatDelta | None) -> ChatDelta | None:
+    """One delta of two pieces (text, then text or calls)."""
+    if first is None or second is None:
+        return first or second
+    return ChatDelta(content=(first.content or "") + (second.content or "") or None,
+                     tool_calls=second.tool_calls)
