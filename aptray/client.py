@@ -20,7 +20,8 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
                   prefix_key: str = "", min_p: float | None = None, min_tokens: int | None = None,
                   logit_bias: dict[int, float] | None = None, logprobs: int | None = None,
                   prompt_logprobs: int | None = None, presence_penalty: float | None = None,
-                  frequency_penalty: float | None = None, json_schema: str | dict | None = None,
+                  frequency_penalty: float | None = None, repetition_penalty: float | None = None,
+                  json_schema: str | dict | None = None,
                   json_object: bool = False, regex: str | None = None, choice: list[str] | None = None,
                   grammar: str | None = None) -> generate_pb2.GenerateRequest:
     """prefix_key: a name for the prompt prefix this request shares with others (a conversation id):
@@ -35,7 +36,7 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
         raise ValueError(f"at most one structure for the output, got {', '.join(structured)}")
     # the lowest version with the fields set: an older server then serves the rest
     version3 = (logprobs, prompt_logprobs, presence_penalty, frequency_penalty)
-    version = (4 if structured else 3 if any(v is not None for v in version3) else
+    version = (4 if structured or repetition_penalty is not None else 3 if any(v is not None for v in version3) else
                2 if min_p is not None or min_tokens is not None or logit_bias else 1)
     req = generate_pb2.GenerateRequest(version=version, client_request_id=client_request_id, prefix_key=prefix_key)
     if isinstance(prompt, str):
@@ -46,7 +47,8 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
     for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
                         ("top_k", top_k), ("seed", seed), ("min_p", min_p), ("min_tokens", min_tokens),
                         ("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs),
-                        ("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+                        ("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty),
+                        ("repetition_penalty", repetition_penalty)):
         if value is not None:
             setattr(s, name, value)
     s.stop.extend(stop or [])

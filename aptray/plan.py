@@ -43,6 +43,10 @@ class SeqPlan(NamedTuple):
     # where a grammar holds the output (aptray.structured_output) and this row samples: the tokens it
     # allows next, bit t % 32 of little-endian int32 word t // 32; empty: any token
     allowed_tokens: bytes = b""
+    # transformers' repetition penalty (1: off) over seen_tokens, the distinct tokens of the prompt
+    # and the output so far
+    repetition_penalty: float = 1.0
+    seen_tokens: tuple[int, ...] = ()
 
     @property
     def context_len(self) -> int:

@@ -74,6 +74,10 @@ class Request:
     # where sampling is penalized: how often each token is in the first _counted outputs
     _output_counts: dict = field(default_factory=dict, repr=False)
     _counted: int = field(default=0, repr=False)
+    # where sampling has a repetition penalty: the distinct tokens of the prompt and the first _seen_outputs
+    # outputs, in the order first seen
+    _seen: dict = field(default_factory=dict, repr=False)
+    _seen_outputs: int = field(default=0, repr=False)
     # a decode's SeqPlan fields from min_p on, where they never change (no min_tokens, no penalties): the
     # scheduler's hottest line appends them whole (Scheduler._decode_plan)
     decode_tail: tuple | None = field(default=None, repr=False)
@@ -89,9 +93,9 @@ class Request:
             if self.eos_token_id is not None and not sp.ignore_eos:
                 ending.add(self.eos_token_id)
             self.early_logit_bias = tuple({**sp.logit_bias, **dict.fromkeys(sorted(ending), -math.inf)}.items())
-        elif not sp.penalized and self.guide is None:
+        elif not sp.penalized and self.guide is None and sp.repetition_penalty == 1.0:
             self.decode_tail = (sp.min_p, self.logit_bias, sp.logprobs, None, (), sp.presence_penalty,
-                                sp.frequency_penalty, (), b"")
+                                sp.frequency_penalty, (), b"", 1.0, ())
 
     def step_logit_bias(self, num_outputs: int) -> tuple[tuple[int, float], ...]:
         """What the step sampling output number num_outputs + 1 adds to its logits."""
@@ -110,6 +114,20 @@ class Request:
             counts[t] = counts.get(t, 0) + 1
         self._counted = len(outputs)
         return tuple(counts), tuple(counts.values())
+
+    def seen_tokens(self) -> tuple[int, ...]:
+        """SeqPlan.seen_tokens: the distinct tokens of the prompt and the output, where sampling has a
+        repetition penalty; else ()."""
+        if self.sampling.repetition_penalty == 1.0:
+            return ()
+        seen, outputs = self._seen, self.output_token_ids
+        if not seen or self._seen_outputs > len(outputs):  # first, or the outputs were replaced (a resume)
+            seen.clear()
+            seen.update(dict.fromkeys(self.prompt_token_ids))
+            self._seen_outputs = 0
+        seen.update(dict.fromkeys(outputs[self._seen_outputs:]))
+        self._seen_outputs = len(outputs)
+        return tuple(seen)
 
     def allowed_tokens(self) -> bytes:
         """SeqPlan.allowed_tokens for its next token: what its grammar allows, or b"" (any)."""

@@ -21,6 +21,9 @@ MIN_TEMPERATURE = 1e-5
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a bias: +-100 bans or forces a token
 MAX_LOGPROBS = 20  # most likely tokens a request may ask to see per output token (OpenAI's top_logprobs)
 MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: +-2
+# repetition_penalty in [0.01, 2] (1.0-1.5 in practice): a logit divided by a vanishing penalty is
+# infinite, and the request's row then has no distribution to sample from
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 2.0
 
 
 class InvalidRequest(ValueError):
@@ -85,6 +88,9 @@ class SamplingParams:
     # OpenAI's: subtracted from a token's logit once it is in the output, and per time it is there
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # transformers' and vLLM's: a token already in the prompt or the output has its logit divided by
+    # this where positive, multiplied where negative (1: off)
+    repetition_penalty: float = 1.0
     # None: no log-probabilities; k >= 0: each output token's, with the k most likely tokens' (vLLM's logprobs)
     logprobs: int | None = None
     # the same for each prompt token after the first (vLLM's prompt_logprobs; the prompt is then computed
@@ -124,6 +130,11 @@ class SamplingParams:
                     or not -MAX_PENALTY <= value <= MAX_PENALTY):
                 raise InvalidRequest(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}",
                                      name)
+        r = self.repetition_penalty
+        if (isinstance(r, bool) or not isinstance(r, (int, float))
+                or not MIN_REPETITION_PENALTY <= r <= MAX_REPETITION_PENALTY):
+            raise InvalidRequest(f"repetition_penalty must be a number in [{MIN_REPETITION_PENALTY:g}, "
+                                 f"{MAX_REPETITION_PENALTY:g}], got {r!r}", "repetition_penalty")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):

@@ -170,6 +170,12 @@ RAW = [
                            b'"frequency_penalty": -5e-324}', 200),
     ("penalties at the bounds", b'{"prompt": "hi", "max_tokens": 3, "presence_penalty": -2, '
                                 b'"frequency_penalty": 2}', 200),
+    ("repetition_penalty 0", b'{"prompt": "hi", "max_tokens": 2, "repetition_penalty": 0}', 422),
+    ("repetition_penalty negative", b'{"prompt": "hi", "max_tokens": 2, "repetition_penalty": -1.5}', 422),
+    ("repetition_penalty over 2", b'{"prompt": "hi", "max_tokens": 2, "repetition_penalty": 2.5}', 422),
+    ("repetition_penalty denormal", b'{"prompt": "hi", "max_tokens": 2, "repetition_penalty": 5e-324}', 422),
+    ("repetition_penalty 0.01", b'{"prompt": "hi hi", "max_tokens": 3, "repetition_penalty": 0.01}', 200),
+    ("repetition_penalty at 2", b'{"prompt": "hi hi hi", "max_tokens": 3, "repetition_penalty": 2}', 200),
     ("logprobs over 20", b'{"prompt": "hi", "max_tokens": 2, "logprobs": 21}', 422),
     ("logprobs negative", b'{"prompt": "hi", "max_tokens": 2, "logprobs": -1}', 422),
     ("logprobs huge", b'{"prompt": "hi", "max_tokens": 2, "logprobs": 1e308}', 422),
@@ -259,7 +265,7 @@ def test_lone_surrogates_are_refused(server, path, body):
 # generation controls aptray does not implement: refused with a message naming them, unless sent at
 # their no-op values (what clients and benchmark tools send by default)
 UNHONOURED = [(path, *control)
-              for control in (("repetition_penalty", 1.2, 1), ("best_of", 2, 1), ("suffix", "end", ""))
+              for control in (("best_of", 2, 1), ("suffix", "end", ""))
               for path in ("/v1/completions", "/v1/chat/completions")]
 # tools are chat's (aptray.serve.tools): a completion refuses them
 UNHONOURED += [("/v1/completions", "tools", [{"type": "function", "function": {"name": "f"}}], []),
@@ -387,7 +393,7 @@ def grpc_requests(draw):
     """Half sane requests (that should generate), half with every field drawn from its whole type."""
     from aptray.proto import generate_pb2
     sane = draw(st.booleans())
-    req = generate_pb2.GenerateRequest(version=3 if sane else draw(st.sampled_from([0, 1, 2, 3, 4, 2**32 - 1])),
+    req = generate_pb2.GenerateRequest(version=3 if sane else draw(st.sampled_from([0, 1, 2, 3, 4, 5, 2**32 - 1])),
                                        client_request_id="" if sane else draw(st.sampled_from(["", "dup", "a:b", "x" * 300])))
     if draw(st.booleans()):
         req.prompt = draw(st.text(min_size=1 if sane else 0, max_size=60))
@@ -416,9 +422,20 @@ def grpc_requests(draw):
         s.stop_token_ids.extend(draw(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3)))
         for name, strat in (("min_p", f32), ("min_tokens", st.integers(-(2**31), 2**31 - 1)),
                             ("logprobs", st.integers(-(2**31), 2**31 - 1)), ("presence_penalty", f32),
-                            ("frequency_penalty", f32)):
+                            ("frequency_penalty", f32), ("repetition_penalty", f32)):
             if draw(st.booleans()):
                 setattr(s, name, draw(strat))
+        if draw(st.booleans()):  # a structure of any kind, any text
+            kind = draw(st.sampled_from(["json_schema", "regex", "grammar", "choice", "json_object", None]))
+            so = s.structured_output
+            if kind == "choice":
+                so.choice.choices.extend(draw(st.lists(st.text(max_size=8), max_size=3)))
+            elif kind == "json_object":
+                so.json_object = draw(st.booleans())
+            elif kind is not None:
+                setattr(so, kind, draw(st.text(max_size=40)))
+            else:
+                so.SetInParent()
         s.logit_bias.update(draw(st.dictionaries(st.integers(-(2**63), 2**63 - 1), f32, max_size=3)))
         if draw(st.booleans()):
             req.slo.ttft_ms = draw(st.floats())

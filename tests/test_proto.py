@@ -26,7 +26,8 @@ def test_batch_plan_round_trip_keeps_every_field():
                       logprobs=20),
               SeqPlan("b", (9,), 17, "hidden", (0,), False),
               SeqPlan("p", (5, 6, 7), 0, "kv", (1,), False, prompt_logprobs=0, prompt_targets=(6, 7, 8),
-                      presence_penalty=-2.0, frequency_penalty=0.25, output_counts=((50271, 0), (3, 1))),
+                      presence_penalty=-2.0, frequency_penalty=0.25, output_counts=((50271, 0), (3, 1)),
+                      repetition_penalty=1.25, seen_tokens=(5, 6, 7, 50271)),
               SeqPlan("c", (8,), 5, "kv", (), True, seed=0, logprobs=0, allowed_tokens=b"\x00\xff" * 4)),
         conversions=(ConversionPlan("b", 17, "kv", (0,), (6, 7)),),
         want_logits=True)
@@ -36,6 +37,7 @@ def test_batch_plan_round_trip_keeps_every_field():
     assert back.seqs[1].logprobs is None and back.seqs[3].logprobs == 0
     assert back.seqs[1].prompt_logprobs is None and back.seqs[2].prompt_logprobs == 0
     assert back.seqs[3].allowed_tokens == b"\x00\xff" * 4 and back.seqs[0].allowed_tokens == b""
+    assert back.seqs[0].repetition_penalty == 1.0 and back.seqs[2].repetition_penalty == 1.25  # unset is off
 
 
 def test_empty_plan_round_trip():

@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
-                                                    SequenceBiasLogitsProcessor, TemperatureLogitsWarper,
-                                                    TopKLogitsWarper, TopPLogitsWarper)
+                                                    RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor,
+                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from aptray import LLM, SamplingParams
-from aptray.model.sampler import distribution, penalized, sample
+from aptray.model.sampler import distribution, penalized, repeated, sample
 from aptray.plan import SeqPlan
 from aptray.request import Request
 from aptray.sampling_params import InvalidRequest
@@ -236,8 +236,65 @@ def test_output_counts_follow_the_outputs_and_a_resume():
 
 
 @pytest.mark.parametrize("kw", [{"presence_penalty": 2.5}, {"frequency_penalty": -2.01}, {"presence_penalty": math.nan},
-                                {"frequency_penalty": True}, {"presence_penalty": "1"}])
+                                {"frequency_penalty": True}, {"presence_penalty": "1"}, {"repetition_penalty": 0.0},
+                                {"repetition_penalty": -1.0}, {"repetition_penalty": 2.01},
+                                {"repetition_penalty": 5e-324}, {"repetition_penalty": 0.0099},
+                                {"repetition_penalty": math.inf}, {"repetition_penalty": True}])
 def test_bad_penalties_name_their_parameter(kw):
     with pytest.raises(InvalidRequest) as e:
         SamplingParams(**kw)
     assert e.value.param == next(iter(kw))
+
+
+def _repetition_greedy(path, prompt, max_new, penalty):
+    """Greedy decoding over transformers' logits through its RepetitionPenaltyLogitsProcessor."""
+    model, ids = hf_model(path), torch.tensor([list(prompt)])
+    processor = RepetitionPenaltyLogitsProcessor(penalty)
+    for _ in range(max_new):
+        with torch.no_grad():
+            logits = model(ids).logits[:, -1].float()
+        ids = torch.cat([ids, processor(ids, logits).argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("model,cache_mode", [("opt-60x3", "kv"), ("opt-60x3", "hidden"), ("llama-48x3", "kv")])
+def test_greedy_with_a_repetition_penalty_is_transformers(model, cache_mode):
+    """Prompt and output tokens penalized, as transformers' processor does over its input ids;
+    batched with unpenalized and differently penalized requests."""
+    path = tiny_model(model)
+    llm = LLM(path, max_num_seqs=8, cache_mode=cache_mode)
+    batch = prompts(4, seed=12)
+    penalties = [1.3, 0.8, 2.0, 1.0]
+    params = [SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, repetition_penalty=r) for r in penalties]
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch], params)
+    for prompt, r, out in zip(batch, penalties, outs):
+        assert list(out.outputs[0].token_ids) == _repetition_greedy(path, prompt, 14, r), r
+    plain = llm.generate([{"prompt_token_ids": p} for p in batch[:3]],
+                         SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs[:3]] != [o.outputs[0].token_ids for o in plain]  # it acts
+
+
+def test_repetition_penalty_shapes_the_sampled_distribution():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, VOCAB, generator=g)
+    seen = (4, 17, 250, 3)
+    seq = _seq(temperature=0.7, top_k=50)._replace(repetition_penalty=1.4, seen_tokens=seen)
+    got = repeated(logits, [seq, _seq(), _seq()._replace(repetition_penalty=0.5, seen_tokens=(9,))])
+    want = RepetitionPenaltyLogitsProcessor(1.4)(torch.tensor([list(seen)]), logits[:1].clone())[0]
+    torch.testing.assert_close(got[0], want)
+    torch.testing.assert_close(got[1], logits[1])  # rows without a penalty are untouched
+    r = float(logits[2, 9])
+    assert float(got[2, 9]) == pytest.approx(r / 0.5 if r >= 0 else r * 0.5)
+    torch.testing.assert_close(distribution(got[0], seq), _transformers_distribution(want, 0.7, 50, 1.0, 0.0, ()),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_seen_tokens_follow_the_prompt_the_outputs_and_a_resume():
+    req = Request("r", [1, 2, 1], SamplingParams(max_tokens=8, repetition_penalty=1.2), 0.0, 1.0, 1.0)
+    assert req.seen_tokens() == (1, 2)
+    for t in (5, 2, 5, 9):
+        req.record_token(t, 0.0)
+    assert req.seen_tokens() == (1, 2, 5, 9)
+    req.output_token_ids = [7]  # outputs replaced
+    assert req.seen_tokens() == (1, 2, 7)
+    assert Request("r", [1], SamplingParams(max_tokens=8), 0.0, 1.0, 1.0).seen_tokens() == ()

@@ -369,8 +369,9 @@ def test_logprobs_over_http_and_grpc_are_the_engines(server, oai, model_path, re
 
 def test_penalties_over_http_and_grpc_are_the_engines(server, model_path, reference):
     """Through the TP=2 app (each plan carries the output's token counts to the shards): greedy
-    outputs with presence and frequency penalties equal the single-process engine's
-    (tests/test_sampling.py checks those against OpenAI's formula over transformers' logits)."""
+    outputs with presence and frequency penalties, and with a repetition penalty, equal the
+    single-process engine's (tests/test_sampling.py checks those against OpenAI's formula over
+    transformers' logits and against transformers' own processor)."""
     from aptray.client import Client
 
     tokenizer, ref = reference
@@ -388,6 +389,17 @@ def test_penalties_over_http_and_grpc_are_the_engines(server, model_path, refere
         replies = list(c.generate(p, temperature=0.0, max_tokens=n, ignore_eos=True, presence_penalty=0.5,
                                   frequency_penalty=1.5))
         assert [t for r in replies for t in r.token_ids] == list(local.token_ids)
+    # the repetition penalty: each plan carries the prompt's and the output's distinct tokens
+    repeated = llm.generate(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
+                                              repetition_penalty=1.6))[0].outputs[0]
+    assert list(repeated.token_ids) != list(plain.token_ids)
+    body = {"prompt": p, "temperature": 0.0, "max_tokens": n, "ignore_eos": True, "repetition_penalty": 1.6,
+            "return_token_ids": True}
+    assert httpx.post(server["http"] + "/v1/completions", json=body, timeout=60).json()["choices"][0][
+        "token_ids"] == list(repeated.token_ids)
+    with Client(server["grpc"]) as c:
+        replies = list(c.generate(p, temperature=0.0, max_tokens=n, ignore_eos=True, repetition_penalty=1.6))
+        assert [t for r in replies for t in r.token_ids] == list(repeated.token_ids)
 
 
 def test_structured_outputs_over_http_and_grpc_are_the_engines(server, oai, model_path):

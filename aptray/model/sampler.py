@@ -1,5 +1,5 @@
-"""Token sampling: presence and frequency penalties, the tokens a request's grammar rules out, and
-logit bias, then greedy, or temperature, top-k, top-p and min-p (transformers' order); seeded
+"""Token sampling: the repetition penalty, presence and frequency penalties, the tokens a request's
+grammar rules out, and logit bias, then greedy, or temperature, top-k, top-p and min-p (transformers' order); seeded
 requests get reproducible draws; the log-probabilities a request asks for.
 
 One request's sampling can never fail another's: each row is sampled on its own, and a row whose
@@ -38,6 +38,25 @@ def _biased(row: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Ten
     ids, values = zip(*bias)
     return row.index_add(0, torch.tensor(ids, device=row.device),
                          torch.tensor(values, dtype=row.dtype, device=row.device))
+
+
+def repeated(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
+    """logits [N, V] with transformers' repetition penalty of each row's seq: each token of its prompt
+    or output (seq.seen_tokens) has its logit divided by seq.repetition_penalty where positive and
+    multiplied by it where negative. One gather and one scatter for the batch, into a new tensor."""
+    rows = [i for i, seq in enumerate(seqs) if seq.repetition_penalty != 1.0 and seq.seen_tokens]
+    if not rows:
+        return logits
+    vocab = logits.shape[-1]
+    index = np.concatenate([np.fromiter(seqs[i].seen_tokens, np.int64, len(seqs[i].seen_tokens)) + i * vocab
+                            for i in rows])
+    factor = np.concatenate([np.full(len(seqs[i].seen_tokens), seqs[i].repetition_penalty) for i in rows])
+    index = torch.from_numpy(index).to(logits.device)
+    factor = torch.from_numpy(factor).to(device=logits.device, dtype=logits.dtype)
+    flat = logits.flatten().clone()
+    picked = flat[index]
+    flat[index] = torch.where(picked < 0, picked * factor, picked / factor)
+    return flat.view_as(logits)
 
 
 def penalized(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
@@ -104,7 +123,7 @@ def sample(logits: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator
            ) -> tuple[list[int | None], dict[int, str]]:
     """One token per row of logits [N, V] (fp32), row i sampled as seqs[i] asks. Returns the tokens
     (None where a row failed) and the failed rows' errors by row index."""
-    logits = constrained(penalized(logits, seqs), seqs)
+    logits = constrained(penalized(repeated(logits, seqs), seqs), seqs)
     greedy = logits.argmax(dim=-1).tolist()
     out: list[int | None] = []
     errors: dict[int, str] = {}

@@ -5,7 +5,7 @@ from aptray.plan import BatchPlan, ConversionPlan, SeqPlan, StepResult, TokenLog
 from aptray.proto import shard_pb2
 from aptray.request import CacheKind
 
-PLAN_VERSION = 5  # bump with any incompatible change to shard.proto
+PLAN_VERSION = 6  # bump with any incompatible change to shard.proto
 # a cache kind travels as its value (dict lookups: CacheKind(x) is slow on this path)
 _WIRE = {kind: kind.value for kind in CacheKind}
 _KIND = {kind.value: kind for kind in CacheKind}
@@ -25,7 +25,8 @@ def seq_to_proto(s: SeqPlan) -> shard_pb2.SeqPlan:
                             cache_kind=_WIRE[s.cache_kind], block_table=s.block_table, sample=s.sample,
                             temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                             sample_index=s.sample_index, min_p=s.min_p, presence_penalty=s.presence_penalty,
-                            frequency_penalty=s.frequency_penalty, allowed_tokens=s.allowed_tokens)
+                            frequency_penalty=s.frequency_penalty, allowed_tokens=s.allowed_tokens,
+                            repetition_penalty=s.repetition_penalty, seen_tokens=s.seen_tokens)
     if s.logit_bias:
         ids, values = zip(*s.logit_bias)
         msg.bias_ids.extend(ids)
@@ -54,7 +55,8 @@ def seq_from_proto(m: shard_pb2.SeqPlan) -> SeqPlan:
                    prompt_targets=tuple(m.prompt_targets), presence_penalty=m.presence_penalty,
                    frequency_penalty=m.frequency_penalty,
                    output_counts=(tuple(m.count_ids), tuple(m.count_values)) if m.count_ids else (),
-                   allowed_tokens=m.allowed_tokens)
+                   allowed_tokens=m.allowed_tokens, repetition_penalty=m.repetition_penalty or 1.0,
+                   seen_tokens=tuple(m.seen_tokens))
 
 
 def plan_to_proto(plan: BatchPlan) -> shard_pb2.BatchPlan:

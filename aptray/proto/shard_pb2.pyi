@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SeqPlan(_message.Message):
-    __slots__ = ("request_id", "token_ids", "start_pos", "cache_kind", "block_table", "sample", "temperature", "top_p", "top_k", "seed", "sample_index", "min_p", "bias_ids", "bias_values", "logprobs", "prompt_logprobs", "prompt_targets", "presence_penalty", "frequency_penalty", "count_ids", "count_values", "allowed_tokens")
+    __slots__ = ("request_id", "token_ids", "start_pos", "cache_kind", "block_table", "sample", "temperature", "top_p", "top_k", "seed", "sample_index", "min_p", "bias_ids", "bias_values", "logprobs", "prompt_logprobs", "prompt_targets", "presence_penalty", "frequency_penalty", "count_ids", "count_values", "allowed_tokens", "repetition_penalty", "seen_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,8 @@ class SeqPlan(_message.Message):
     COUNT_IDS_FIELD_NUMBER: _ClassVar[int]
     COUNT_VALUES_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    SEEN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     start_pos: int
@@ -52,7 +54,9 @@ class SeqPlan(_message.Message):
     count_ids: _containers.RepeatedScalarFieldContainer[int]
     count_values: _containers.RepeatedScalarFieldContainer[int]
     allowed_tokens: bytes
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_pos: _Optional[int] = ..., cache_kind: _Optional[str] = ..., block_table: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., sample_index: _Optional[int] = ..., min_p: _Optional[float] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ..., logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ..., prompt_targets: _Optional[_Iterable[int]] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., count_ids: _Optional[_Iterable[int]] = ..., count_values: _Optional[_Iterable[int]] = ..., allowed_tokens: _Optional[bytes] = ...) -> None: ...
+    repetition_penalty: float
+    seen_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_pos: _Optional[int] = ..., cache_kind: _Optional[str] = ..., block_table: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., sample_index: _Optional[int] = ..., min_p: _Optional[float] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ..., logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ..., prompt_targets: _Optional[_Iterable[int]] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., count_ids: _Optional[_Iterable[int]] = ..., count_values: _Optional[_Iterable[int]] = ..., allowed_tokens: _Optional[bytes] = ..., repetition_penalty: _Optional[float] = ..., seen_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ConversionPlan(_message.Message):
     __slots__ = ("request_id", "num_tokens", "to_kind", "src_blocks", "dst_blocks")

@@ -168,7 +168,8 @@ class Scheduler:
                                     sample, s.temperature, s.top_p, s.top_k, s.seed,
                                     n_out, s.min_p, req.step_logit_bias(n_out), s.logprobs,
                                     s.prompt_logprobs if targets else None, targets, s.presence_penalty,
-                                    s.frequency_penalty, req.output_counts(), req.allowed_tokens() if sample else b""))
+                                    s.frequency_penalty, req.output_counts(), req.allowed_tokens() if sample else b"",
+                                    s.repetition_penalty, req.seen_tokens() if sample else ()))
 
     def _decode_plan(self, req: Request) -> SeqPlan:
         """_seq_plan(req, 1) for a decoding request (only its newest token uncomputed), without the
@@ -177,7 +178,8 @@ class Scheduler:
         t = out[-1]
         # the fields from min_p on: fixed for most requests (Request.decode_tail)
         tail = req.decode_tail or (s.min_p, req.step_logit_bias(len(out)), s.logprobs, None, (), s.presence_penalty,
-                                   s.frequency_penalty, req.output_counts(), req.allowed_tokens())
+                                   s.frequency_penalty, req.output_counts(), req.allowed_tokens(), s.repetition_penalty,
+                                   req.seen_tokens())
         return _new_tuple(SeqPlan, (req.request_id, _ONE_TOKEN.get(t) or _ONE_TOKEN.setdefault(t, (t,)),
                                     req.num_computed_tokens, req.cache_kind, self.blocks.table(req.request_id), True,
                                     s.temperature, s.top_p, s.top_k, s.seed, len(out)) + tail)

@@ -51,6 +51,7 @@ def sampling_from_proto(req: generate_pb2.GenerateRequest) -> dict:
             "logprobs": opt(s, "logprobs", None), "prompt_logprobs": opt(s, "prompt_logprobs", None),
             "presence_penalty": opt(s, "presence_penalty", 0.0), "frequency_penalty": opt(s, "frequency_penalty", 0.0),
             "structured_output": _structured_output(s.structured_output) if s.HasField("structured_output") else None,
+            "repetition_penalty": opt(s, "repetition_penalty", 1.0),
             "ttft_slo": slo.ttft_ms / 1000 if slo.HasField("ttft_ms") else None,
             "tbt_slo": slo.tbt_ms / 1000 if slo.HasField("tbt_ms") else None}
 

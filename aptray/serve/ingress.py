@@ -240,7 +240,7 @@ class Ingress:
                 "max_tokens": max_tokens, "min_tokens": req.min_tokens, "stop": req.stop,
                 "stop_token_ids": req.stop_token_ids or [], "logit_bias": req.logit_bias or {},
                 "logprobs": req.logprobs_asked(), "presence_penalty": req.presence_penalty,
-                "frequency_penalty": req.frequency_penalty,
+                "frequency_penalty": req.frequency_penalty, "repetition_penalty": req.repetition_penalty,
                 "seed": req.seed, "ignore_eos": req.ignore_eos, "structured_output": structured,
                 "ttft_slo": slo.ttft_ms / 1000 if slo and slo.ttft_ms else None,
                 "tbt_slo": slo.tbt_ms / 1000 if slo and slo.tbt_ms else None}

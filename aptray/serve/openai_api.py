@@ -8,7 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from aptray.sampling_params import MAX_LOGPROBS, MAX_PENALTY, InvalidRequest, check_text
+from aptray.sampling_params import (MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY,
+                                    InvalidRequest, check_text)
 
 
 Text = Annotated[str, AfterValidator(check_text)]  # a string field the server reads
@@ -34,7 +35,6 @@ class StreamOptions(BaseModel):
 # is refused rather than silently ignored
 UNSUPPORTED = {
     "best_of": (None, 1),
-    "repetition_penalty": (None, 1),
     "suffix": (None, ""),
     "tools": (None, []), "tool_choice": (None, "none", "auto"),  # a completion's (chat declares them)
     "functions": (None, []), "function_call": (None, "none", "auto"), "use_beam_search": (None, False),
@@ -117,6 +117,7 @@ class _SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias in [-100, 100]
     presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
     frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)  # vLLM extension
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
