@@ -15,7 +15,7 @@ from aptray.sampling_params import InvalidRequest, SamplingParams, check_prompt,
 from aptray.scheduler import make_scheduler
 from aptray.step_quarantine import MAX_FAILED_STEPS, StepQuarantine
 from aptray.stop import StopChecker
-from aptray.structured_output import Grammars
+from aptray.structured_output import MAX_GUIDE_SECONDS_PER_TOKEN, Grammars
 
 logger = logging.getLogger("aptray")
 
@@ -171,10 +171,11 @@ class Engine:
             if (req := self.scheduler.requests.get(rid)) is not None:
                 req.prompt_logprobs[first:first + len(entries)] = entries
         for req in self.scheduler.update(plan, result, self.clock()):
-            if req.guide is not None and not req.guide.accept(req.output_token_ids[-1]):
-                outputs.append(self._end_with_error(req, f"token {req.output_token_ids[-1]} breaks the request's "
-                                                         "structured output"))
-                continue
+            if req.guide is not None:
+                why = self._guide_error(req)
+                if why is not None:
+                    outputs.append(self._end_with_error(req, why))
+                    continue
             try:
                 if req.sampling.logprobs is not None:
                     req.output_logprobs.append(result.logprobs.get(req.request_id))
@@ -183,6 +184,18 @@ class Engine:
                 logger.exception("postprocessing request %s failed", req.request_id)
                 outputs.append(self._end_with_error(req, f"postprocessing failed: {e!r}"))
         return step
+
+    @staticmethod
+    def _guide_error(req: Request) -> str | None:
+        """Why req's newest token ends it through its grammar: a token the grammar does not allow, or
+        a grammar that took too long for it (aptray.structured_output.Guide); None: it goes on."""
+        token, guide = req.output_token_ids[-1], req.guide
+        if not guide.accept(token):
+            return f"token {token} breaks the request's structured output"
+        if guide.last_token_seconds > MAX_GUIDE_SECONDS_PER_TOKEN:
+            return (f"the structured output took {guide.last_token_seconds * 1e3:.0f} ms to follow for one token, "
+                    f"over the limit of {MAX_GUIDE_SECONDS_PER_TOKEN * 1e3:.0f} ms (an ambiguous grammar)")
+        return None
 
     def _postprocess(self, req: Request) -> RequestOutput:
         status = self.check_stop(req)

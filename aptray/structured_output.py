@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -32,6 +33,9 @@ MAX_CHOICES = 1024
 MAX_SCHEMA_DEPTH = 64
 MAX_SCHEMA_PROPERTIES = 256  # in one object
 PARAM = "structured_outputs"
+# the engine thread's time on one request's grammar for one token beyond which the request ends
+# with an error: a usual grammar takes 5-15 us a token (SmolLM2's 49,152 tokens, 2026-12-06)
+MAX_GUIDE_SECONDS_PER_TOKEN = 0.02
 
 
 @dataclass(frozen=True)
@@ -128,15 +132,19 @@ _JSON_STRING_CHAR = r'_characters ::= (([^\0-\x1f\"\\]))'
 
 class Grammars:
     """Compiles StructuredOutputs for one tokenizer and vocabulary (the model's logits may be wider
-    than the tokenizer: the extra ids are never allowed), keeping the most recent compiled ones:
-    requests often share a schema. Safe from several threads (a router compiles at admission, its
-    engine thread when it resumes a request); xgrammar loads at the first compile."""
+    than the tokenizer: the extra ids are never allowed), keeping the most recent compiled ones
+    (at most cache_size of them and cache_bytes together): requests often share a schema. Safe from
+    several threads (a router compiles at admission, its engine thread when it resumes a request
+    whose grammar is no longer kept); xgrammar loads at the first compile. Each compile runs on one
+    thread (xgrammar's max_threads=1): a router's two grammar threads use at most two cores."""
 
-    def __init__(self, tokenizer, vocab_size: int, cache_size: int = 128):
-        self.tokenizer, self.vocab_size, self.cache_size = tokenizer, vocab_size, cache_size
+    def __init__(self, tokenizer, vocab_size: int, cache_size: int = 128, cache_bytes: int = 256 << 20):
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.cache_size, self.cache_bytes = cache_size, cache_bytes
         self._xgr = self._compiler = None
         self._lock = threading.Lock()
         self._compiled: OrderedDict[StructuredOutput, object] = OrderedDict()
+        self._bytes = 0
 
     def compile(self, so: StructuredOutput):
         """so's compiled grammar; InvalidRequest (naming xgrammar's reason) if it does not compile."""
@@ -147,10 +155,17 @@ class Grammars:
                 return compiled
         compiled = self._compile(so)
         with self._lock:
-            self._compiled[so] = compiled
-            while len(self._compiled) > self.cache_size:
-                self._compiled.popitem(last=False)
+            if so not in self._compiled:
+                self._compiled[so] = compiled
+                self._bytes += compiled.memory_size_bytes
+            while len(self._compiled) > self.cache_size or (self._bytes > self.cache_bytes and len(self._compiled) > 1):
+                self._bytes -= self._compiled.popitem(last=False)[1].memory_size_bytes
         return compiled
+
+    @property
+    def kept_bytes(self) -> int:
+        """Memory of the compiled grammars kept."""
+        return self._bytes
 
     def guide(self, so: StructuredOutput, compiled=None) -> Guide:
         """A Guide at the start of so's grammar (compiled: so's, where the caller compiled it already)."""
@@ -190,22 +205,34 @@ class Grammars:
                 eos = getattr(self.tokenizer, "eos_token_id", None)
                 info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                                stop_token_ids=None if eos is None else [eos])
-                self._xgr, self._compiler = xgrammar, xgrammar.GrammarCompiler(info)
+                # no cache of xgrammar's own (unbounded by default): this class keeps what it compiled
+                self._xgr, self._compiler = xgrammar, xgrammar.GrammarCompiler(info, max_threads=1,
+                                                                               cache_enabled=False)
         return self._compiler
 
 
 class Guide:
-    """One request's place in its grammar."""
+    """One request's place in its grammar. last_token_seconds: what the engine thread spent on it for
+    the newest token taken (its bitmask and its accept). An ambiguous grammar compiles in
+    milliseconds and then costs more with every token (xgrammar's matcher keeps every parse it still
+    allows): the engine ends a request past MAX_GUIDE_SECONDS_PER_TOKEN rather than slow every step."""
 
     def __init__(self, xgrammar, compiled, vocab_size: int):
         self._matcher = xgrammar.GrammarMatcher(compiled)
         self._mask = xgrammar.allocate_token_bitmask(1, vocab_size)  # int32 words, bit t % 32 of word t // 32
+        self._pending = 0.0  # the bitmasks' time since the last accept
+        self.last_token_seconds = 0.0
 
     def allowed_tokens(self) -> bytes:
         """The tokens the grammar allows next, as SeqPlan.allowed_tokens (little-endian int32 words)."""
+        start = time.perf_counter()
         self._matcher.fill_next_token_bitmask(self._mask)
+        self._pending += time.perf_counter() - start
         return self._mask.numpy().astype("<i4", copy=False).tobytes()
 
     def accept(self, token: int) -> bool:
         """Advance past token; False (and no move) if the grammar does not allow it."""
-        return self._matcher.accept_token(token)
+        start = time.perf_counter()
+        accepted = self._matcher.accept_token(token)
+        self.last_token_seconds, self._pending = self._pending + time.perf_counter() - start, 0.0
+        return accepted

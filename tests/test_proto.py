@@ -111,7 +111,27 @@ def test_structured_output_request_fields():
     assert plain.version == 3 and sampling_from_proto(plain)["structured_output"] is None
     with pytest.raises(ValueError, match="at most one structure"):
         build_request("hi", regex="a", choice=["a"])
+    off = generate_pb2.GenerateRequest(prompt="hi", sampling=generate_pb2.Sampling(
+        structured_output=generate_pb2.StructuredOutput(json_object=False)))
+    assert sampling_from_proto(_wire(off, generate_pb2.GenerateRequest))["structured_output"] is None  # no structure
     empty = generate_pb2.GenerateRequest(prompt="hi", sampling=generate_pb2.Sampling(
         structured_output=generate_pb2.StructuredOutput()))
     assert sampling_from_proto(_wire(empty, generate_pb2.GenerateRequest))["structured_output"] == {"kind": "",
                                                                                                     "spec": ""}
+
+
+def test_float_fields_read_as_the_client_wrote_them():
+    """A float32 field holds 0.01 as 0.0099999998: read back as 0.01, repetition_penalty's floor is
+    accepted over gRPC as over HTTP; NaN stays NaN (refused at admission)."""
+    from aptray.client import build_request
+    from aptray.sampling_params import SamplingParams
+    from aptray.serve.grpc_api import sampling_from_proto
+
+    req = _wire(build_request("hi", repetition_penalty=0.01, temperature=0.7, top_p=0.95, min_p=0.05,
+                              presence_penalty=-2.0, frequency_penalty=1.1), generate_pb2.GenerateRequest)
+    sampling = sampling_from_proto(req)
+    assert (sampling["repetition_penalty"], sampling["temperature"], sampling["top_p"], sampling["min_p"],
+            sampling["presence_penalty"], sampling["frequency_penalty"]) == (0.01, 0.7, 0.95, 0.05, -2.0, 1.1)
+    SamplingParams(**sampling)  # within every range
+    nan = _wire(build_request("hi", temperature=math.nan), generate_pb2.GenerateRequest)
+    assert math.isnan(sampling_from_proto(nan)["temperature"])

@@ -257,7 +257,8 @@ def _repetition_greedy(path, prompt, max_new, penalty):
     return ids[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("model,cache_mode", [("opt-60x3", "kv"), ("opt-60x3", "hidden"), ("llama-48x3", "kv")])
+@pytest.mark.parametrize("model,cache_mode", [("opt-60x3", "kv"), ("opt-60x3", "hidden"), ("opt-60x3", "auto"),
+                                              ("llama-48x3", "kv")])
 def test_greedy_with_a_repetition_penalty_is_transformers(model, cache_mode):
     """Prompt and output tokens penalized, as transformers' processor does over its input ids;
     batched with unpenalized and differently penalized requests."""

@@ -999,7 +999,7 @@ def test_tool_choice_auto_reads_the_models_hermes_calls(server_tp1, model_path):
     regex = r'Sure\. <tool_call>\n\{"name": "add", "arguments": \{"a": [0-9], "b": [0-9]\}\}\n</tool_call>'
     messages = [{"role": "user", "content": "What is 2 + 3?"}]
     llm = LLM(model_path, num_cache_blocks=64)
-    text = llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = llm.tokenizer.apply_chat_template(messages, tools=[ADD], tokenize=False, add_generation_prompt=True)
     want = llm.generate({"prompt_token_ids": llm.tokenizer.encode(text, add_special_tokens=False)}, SamplingParams(
         temperature=0.0, max_tokens=80, structured_output=StructuredOutput("regex", regex)))[0].outputs[0]
     assert want.finish_reason == "stop"

@@ -276,3 +276,37 @@ def test_every_policy_holds_the_structure(scheduler, cache_mode):
     want = [o.outputs[0].token_ids for o in LLM(path, max_num_seqs=8).generate(batch, params)]
     got = LLM(path, max_num_seqs=8, scheduler=scheduler, cache_mode=cache_mode).generate(batch, params)
     assert [o.outputs[0].token_ids for o in got] == want
+
+
+def test_an_ambiguous_grammar_ends_its_request_not_the_others(monkeypatch):
+    """`s ::= s s | "a"` compiles in milliseconds, then costs xgrammar's matcher more with every token
+    (30 ms a token by 400 tokens here): its request ends with an error once one token's grammar work
+    passes the limit; a plain request beside it gets its tokens. The limit is lowered to 2 ms so
+    that the cost passes it well before max_tokens on a machine several times faster than this one."""
+    import aptray.engine
+    monkeypatch.setattr(aptray.engine, "MAX_GUIDE_SECONDS_PER_TOKEN", 0.002)
+    llm = LLM(tiny_model("opt-60x3"), max_num_seqs=4)
+    tok = llm.get_tokenizer()
+    a = tok.encode("a", add_special_tokens=False)[0]
+    ambiguous = SamplingParams(temperature=0.0, max_tokens=1000, logit_bias={a: 100.0},
+                               structured_output=StructuredOutput("grammar", 'root ::= s\ns ::= s s | "a"'))
+    plain = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    alone = llm.generate(["hi"], plain)[0].outputs[0].token_ids
+    out = llm.generate(["x", "hi"], [ambiguous, plain])
+    assert out[0].outputs[0].finish_reason == "error", out[0].outputs[0].finish_reason
+    assert "over the limit of 2 ms (an ambiguous grammar)" in out[0].error
+    assert 5 < len(out[0].outputs[0].token_ids) < 1000
+    assert out[1].outputs[0].token_ids == alone
+
+
+def test_compiled_grammars_kept_are_bounded():
+    from aptray.structured_output import Grammars
+    grammars = Grammars(AutoTokenizer.from_pretrained(tiny_model("opt-60x3")), 512, cache_size=4)
+    for i in range(10):
+        grammars.compile(StructuredOutput("regex", f"[a-z]{{{i + 1}}}"))
+    assert len(grammars._compiled) == 4 and grammars.kept_bytes > 0
+    one = grammars.kept_bytes // 4
+    small = Grammars(grammars.tokenizer, 512, cache_bytes=one * 2)
+    for i in range(10):
+        small.compile(StructuredOutput("regex", f"[a-z]{{{i + 1}}}"))
+    assert 1 <= len(small._compiled) <= 3 and small.kept_bytes <= one * 3

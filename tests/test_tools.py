@@ -10,7 +10,7 @@ import pytest
 
 from aptray import LLM, SamplingParams
 from aptray.sampling_params import InvalidRequest
-from aptray.serve.openai_api import ChatCompletionRequest
+from aptray.serve.openai_api import ChatCompletionRequest, ChatMessage
 from aptray.serve.tools import MAX_TOOLS, ToolCallEvents, ToolReply, plan
 from aptray.structured_output import StructuredOutput
 from tiny_models import tiny_model
@@ -187,3 +187,44 @@ def test_the_apps_parser_is_one_it_knows():
     assert AppArgs.parse({"tool_call_parser": "none"}).tool_call_parser is None
     with pytest.raises(ValueError, match="tool_call_parser 'mistral': use one of"):
         AppArgs.parse({"tool_call_parser": "mistral"})
+
+
+def test_replies_nested_past_pythons_limit_are_text():
+    """JSON nested past Python's recursion limit raises RecursionError, not ValueError: such a reply
+    (a client's regex or choice can make it) is text, never a 500."""
+    deep = "[" * 1200
+    assert _plan([ADD], "auto", parser="hermes")[0].parse("<tool_call>" + deep) == ("<tool_call>" + deep, None)
+    assert ToolReply("named", "add").parse(deep) == (deep, None)
+    assert ToolReply("required").parse(deep) == (deep, None)
+
+
+def test_the_template_gets_tools_and_calls_as_objects():
+    """tools reach the chat template, and an assistant's tool call's arguments arrive as an object
+    (the API's JSON text, parsed), as transformers' templates expect: checked with a template that
+    writes both out, through the ingress's own _chat_prompt."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from aptray.serve.ingress import Ingress
+    from aptray.serve.tools import chat_chars
+
+    tok = AutoTokenizer.from_pretrained(tiny_model("opt-60x3"))
+    tok.chat_template = ("{% for t in tools or [] %}[tool {{ t.function.name }}]{% endfor %}"
+                         "{% for m in messages %}<{{ m.role }}>{{ m.content or '' }}"
+                         "{% for c in m.tool_calls or [] %}{call {{ c.function.name }} a={{ c.function.arguments.a }}}"
+                         "{% endfor %}{% endfor %}")
+    req = ChatCompletionRequest(messages=[
+        {"role": "user", "content": "add"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                              "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "5"}], tools=[ADD], tool_choice="none")
+    text, ids = Ingress.func_or_class._chat_prompt(SimpleNamespace(tokenizer=tok), req,
+                                                   [t.model_dump(exclude_none=True) for t in req.tools])
+    assert text == "[tool add]<user>add<assistant>{call add a=2}<tool>5" and ids
+    deep = []
+    for _ in range(1200):  # deeper than json.dumps can write
+        deep = [deep]
+    nested = ChatMessage.model_construct(role="assistant", content=None, tool_calls=[{"x": deep}])
+    with pytest.raises(InvalidRequest, match="nest too deep"):
+        chat_chars([nested], None)

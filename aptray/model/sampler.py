@@ -80,8 +80,8 @@ def penalized(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
 
 
 # a logit the request's grammar rules out: its probability is exactly 0 in float32 whatever the other
-# logits, the temperature or a bias. Added as a matrix of 0 and this, which took a sixth of the time of
-# masked_fill with -inf (0.9 against 5.1 ms for 32 x 49,152 logits, 2 CPU threads, 2026-12-06).
+# logits, the temperature or a bias. Added as a matrix of 0 and this: constrained() took 3.7 ms for
+# 32 x 49,152 logits with 2 CPU threads, where masked_fill with -inf made it 8.5 ms (2026-12-06).
 RULED_OUT = -1e30
 
 

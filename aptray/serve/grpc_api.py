@@ -6,6 +6,7 @@ import logging
 from contextlib import aclosing
 
 import grpc
+import numpy as np
 
 from aptray.proto import generate_pb2
 from aptray.proto.convert import PLAN_VERSION, logprobs_to_proto
@@ -44,26 +45,34 @@ def _fail(ctx, status: int, message: str, retry_after: int | None = None) -> Non
 def sampling_from_proto(req: generate_pb2.GenerateRequest) -> dict:
     s, slo = req.sampling, req.slo
     opt = lambda msg, name, default: getattr(msg, name) if msg.HasField(name) else default  # noqa: E731
-    return {"temperature": opt(s, "temperature", 1.0), "top_p": opt(s, "top_p", 1.0), "top_k": opt(s, "top_k", -1),
+    dec = lambda name, default: _decimal(getattr(s, name)) if s.HasField(name) else default  # noqa: E731
+    return {"temperature": dec("temperature", 1.0), "top_p": dec("top_p", 1.0), "top_k": opt(s, "top_k", -1),
             "max_tokens": opt(s, "max_tokens", 16), "stop": list(s.stop), "stop_token_ids": list(s.stop_token_ids),
-            "seed": opt(s, "seed", None), "ignore_eos": s.ignore_eos, "min_p": opt(s, "min_p", 0.0),
+            "seed": opt(s, "seed", None), "ignore_eos": s.ignore_eos, "min_p": dec("min_p", 0.0),
             "min_tokens": opt(s, "min_tokens", 0), "logit_bias": dict(s.logit_bias),
             "logprobs": opt(s, "logprobs", None), "prompt_logprobs": opt(s, "prompt_logprobs", None),
-            "presence_penalty": opt(s, "presence_penalty", 0.0), "frequency_penalty": opt(s, "frequency_penalty", 0.0),
+            "presence_penalty": dec("presence_penalty", 0.0), "frequency_penalty": dec("frequency_penalty", 0.0),
             "structured_output": _structured_output(s.structured_output) if s.HasField("structured_output") else None,
-            "repetition_penalty": opt(s, "repetition_penalty", 1.0),
+            "repetition_penalty": dec("repetition_penalty", 1.0),
             "ttft_slo": slo.ttft_ms / 1000 if slo.HasField("ttft_ms") else None,
             "tbt_slo": slo.tbt_ms / 1000 if slo.HasField("tbt_ms") else None}
 
 
-def _structured_output(so: generate_pb2.StructuredOutput) -> dict:
+def _decimal(value: float) -> float:
+    """A float field's value as the client wrote it: the shortest decimal with that float32 (the field
+    holds a float32, so 0.01 arrives as 0.0099999998, below repetition_penalty's floor), as HTTP's
+    JSON gives it."""
+    return float(str(np.float32(value)))
+
+
+def _structured_output(so: generate_pb2.StructuredOutput) -> dict | None:
     """StructuredOutput's fields (aptray.structured_output) from its message; kind "" if none is set
     (refused at admission)."""
     kind = so.WhichOneof("kind")
     if kind == "choice":
         return {"kind": "choice", "spec": tuple(so.choice.choices)}
-    if kind == "json_object":
-        return {"kind": "json_object"}
+    if kind == "json_object":  # false: no structure
+        return {"kind": "json_object"} if so.json_object else None
     return {"kind": {"json_schema": "json"}.get(kind, kind or ""), "spec": getattr(so, kind) if kind else ""}
 
 

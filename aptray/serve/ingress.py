@@ -10,7 +10,6 @@ event per chunk still), so a replica that falls behind catches up in fewer, larg
 
 import asyncio
 import copy
-import json
 import logging
 import os
 import time
@@ -49,6 +48,14 @@ logger = logging.getLogger("aptray")
 STATS_TIMEOUT_S = 2.0  # a router slower than this to report its load reports nothing this round
 ROUTER_NAME = "aptray-router:{app}:{replica}:{n}"  # the n-th Router actor of an ingress replica
 REPLICA_HEADER = b"x-aptray-replica"
+
+
+def _invalid_as_400(fn, *args):
+    """fn(*args), where an InvalidRequest is the client's 400 naming the parameter."""
+    try:
+        return fn(*args)
+    except InvalidRequest as e:
+        raise Rejected(str(e), 400, e.param) from None
 
 
 class Reply(NamedTuple):
@@ -232,10 +239,7 @@ class Ingress:
 
     def sampling(self, req, max_tokens: int) -> dict:
         slo = req.aptray_slo
-        try:
-            structured = req.structured_output()
-        except InvalidRequest as e:
-            raise Rejected(str(e), 400, e.param) from None
+        structured = _invalid_as_400(req.structured_output)
         return {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
                 "max_tokens": max_tokens, "min_tokens": req.min_tokens, "stop": req.stop,
                 "stop_token_ids": req.stop_token_ids or [], "logit_bias": req.logit_bias or {},
@@ -361,7 +365,7 @@ class Ingress:
             self._check_model(req)
             reply, sampling = self._chat_sampling(req)
             self.check_size(sampling, num_messages=len(req.messages),
-                            prompt_chars=sum(m.chars() for m in req.messages) + len(json.dumps(sampling["tools"])))
+                            prompt_chars=_invalid_as_400(tools.chat_chars, req.messages, sampling["tools"]))
             text, ids = await self.off_loop(self._chat_prompt, req, sampling.pop("tools"))
             rest = max(1, self.max_model_len - len(ids))
             sampling["max_tokens"] = (req.max_completion_tokens or req.max_tokens
@@ -398,10 +402,7 @@ class Ingress:
         """What the reply is (text, or tool calls), and the request's sampling dict, whose "tools" are
         for the chat template (taken out before admission). The tools' structure holds the reply
         where tool_choice asks for calls."""
-        try:
-            reply, held = tools.plan(req.tools, req.tool_choice, self.args.tool_call_parser)
-        except InvalidRequest as e:
-            raise Rejected(str(e), 400, e.param) from None
+        reply, held = _invalid_as_400(tools.plan, req.tools, req.tool_choice, self.args.tool_call_parser)
         sampling = self.sampling(req, 1)
         if held is not None:
             if sampling["structured_output"] is not None:
@@ -415,8 +416,8 @@ class Ingress:
         """The conversation (and the tools) through the model's chat template, and its token ids
         (tokenizer thread)."""
         try:
-            text = self.tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in req.messages],
-                                                      tools=tool_specs, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(tools.template_messages(req.messages), tools=tool_specs,
+                                                      tokenize=False, add_generation_prompt=True)
         except Exception as e:  # the template refused these messages (roles, order): the client's error
             raise Rejected(f"the chat template refused the messages: {e}", 400, "messages") from e
         return text, self.tokenizer.encode(text, add_special_tokens=False)

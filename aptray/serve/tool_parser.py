@@ -32,7 +32,7 @@ def parse(text: str, names: tuple[str, ...]) -> tuple[str | None, list[tuple[str
     for body in _BLOCK.findall(text, at):
         try:
             value = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested past Python's limit: not a call either
             return text, []
         if not isinstance(value, dict) or value.get("name") not in names:
             return text, []

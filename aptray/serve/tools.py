@@ -87,6 +87,27 @@ def plan(tools, tool_choice, parser: str | None = None) -> tuple[ToolReply, dict
     return ToolReply("named", name), {"kind": "json", "spec": json.dumps(schemas[name])}
 
 
+def template_messages(messages) -> list[dict]:
+    """The chat's messages as the chat template takes them: an assistant's tool call's arguments as
+    an object, as transformers' templates expect (the API carries them as JSON text)."""
+    out = [m.model_dump(exclude_none=True) for m in messages]
+    for m in out:
+        for call in m.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                arguments = _json(function["arguments"])
+                function["arguments"] = arguments if isinstance(arguments, dict) else function["arguments"]
+    return out
+
+
+def chat_chars(messages, tool_specs: list[dict] | None) -> int:
+    """A chat's size before tokenizing (limits.size_error): its messages' and tools' characters."""
+    try:
+        return sum(m.chars() for m in messages) + len(json.dumps(tool_specs))
+    except RecursionError:
+        raise InvalidRequest("the messages or tools nest too deep", "messages") from None
+
+
 def _describe(choice) -> str:
     return repr(choice) if isinstance(choice, str) else f"function {choice.function.name!r}"
 
@@ -94,7 +115,7 @@ def _describe(choice) -> str:
 def _json(text: str):
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
