@@ -71,13 +71,11 @@ class Request:
     early_logit_bias: tuple[tuple[int, float], ...] = ()
     # the prefix cache's keys of its full blocks, per kind (aptray.cache.block_hash), grown as needed
     block_keys: dict = field(default_factory=dict, repr=False)
-    # where sampling is penalized: how often each token is in the first _counted outputs
+    # where sampling has a penalty: how often each token is in the first _counted outputs, in the order
+    # first seen (output_counts, seen_tokens); the prompt's distinct tokens, where it is a repetition penalty
     _output_counts: dict = field(default_factory=dict, repr=False)
     _counted: int = field(default=0, repr=False)
-    # where sampling has a repetition penalty: the distinct tokens of the prompt and the first _seen_outputs
-    # outputs, in the order first seen
-    _seen: dict = field(default_factory=dict, repr=False)
-    _seen_outputs: int = field(default=0, repr=False)
+    _prompt_seen: dict | None = field(default=None, repr=False)
     # a decode's SeqPlan fields from min_p on, where they never change (no min_tokens, no penalties): the
     # scheduler's hottest line appends them whole (Scheduler._decode_plan)
     decode_tail: tuple | None = field(default=None, repr=False)
@@ -106,6 +104,20 @@ class Request:
         sampling is penalized and there is an output; else ()."""
         if not self.sampling.penalized or not self.output_token_ids:
             return ()
+        counts = self._counts()
+        return tuple(counts), tuple(counts.values())
+
+    def seen_tokens(self) -> tuple[int, ...]:
+        """SeqPlan.seen_tokens: the distinct tokens of the prompt and the output, in the order first
+        seen, where sampling has a repetition penalty; else ()."""
+        if self.sampling.repetition_penalty == 1.0:
+            return ()
+        if self._prompt_seen is None:
+            self._prompt_seen = dict.fromkeys(self.prompt_token_ids)
+        return tuple({**self._prompt_seen, **self._counts()})
+
+    def _counts(self) -> dict:
+        """How often each token is in the output, counted as the output grows."""
         counts, outputs = self._output_counts, self.output_token_ids
         if self._counted > len(outputs):  # the outputs were replaced (a resume): count again
             counts.clear()
@@ -113,21 +125,7 @@ class Request:
         for t in outputs[self._counted:]:
             counts[t] = counts.get(t, 0) + 1
         self._counted = len(outputs)
-        return tuple(counts), tuple(counts.values())
-
-    def seen_tokens(self) -> tuple[int, ...]:
-        """SeqPlan.seen_tokens: the distinct tokens of the prompt and the output, where sampling has a
-        repetition penalty; else ()."""
-        if self.sampling.repetition_penalty == 1.0:
-            return ()
-        seen, outputs = self._seen, self.output_token_ids
-        if not seen or self._seen_outputs > len(outputs):  # first, or the outputs were replaced (a resume)
-            seen.clear()
-            seen.update(dict.fromkeys(self.prompt_token_ids))
-            self._seen_outputs = 0
-        seen.update(dict.fromkeys(outputs[self._seen_outputs:]))
-        self._seen_outputs = len(outputs)
-        return tuple(seen)
+        return counts
 
     def allowed_tokens(self) -> bytes:
         """SeqPlan.allowed_tokens for its next token: what its grammar allows, or b"" (any)."""

@@ -47,11 +47,8 @@ def repeated(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
     rows = [i for i, seq in enumerate(seqs) if seq.repetition_penalty != 1.0 and seq.seen_tokens]
     if not rows:
         return logits
-    vocab = logits.shape[-1]
-    index = np.concatenate([np.fromiter(seqs[i].seen_tokens, np.int64, len(seqs[i].seen_tokens)) + i * vocab
-                            for i in rows])
+    index = _flat_index(logits, rows, [seqs[i].seen_tokens for i in rows])
     factor = np.concatenate([np.full(len(seqs[i].seen_tokens), seqs[i].repetition_penalty) for i in rows])
-    index = torch.from_numpy(index).to(logits.device)
     factor = torch.from_numpy(factor).to(device=logits.device, dtype=logits.dtype)
     flat = logits.flatten().clone()
     picked = flat[index]
@@ -68,15 +65,21 @@ def penalized(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
     rows = [i for i, seq in enumerate(seqs) if seq.output_counts]
     if not rows:
         return logits
-    vocab, where, delta = logits.shape[-1], [], []
+    index = _flat_index(logits, rows, [seqs[i].output_counts[0] for i in rows])
+    delta = []
     for i in rows:
         seq = seqs[i]
-        counted, counts = seq.output_counts
-        where.append(np.fromiter(counted, np.int64, len(counted)) + i * vocab)
-        delta.append(-(seq.presence_penalty + seq.frequency_penalty * np.fromiter(counts, np.float64, len(counts))))
-    index = torch.from_numpy(np.concatenate(where)).to(logits.device)
+        counts = np.fromiter(seq.output_counts[1], np.float64, len(seq.output_counts[1]))
+        delta.append(-(seq.presence_penalty + seq.frequency_penalty * counts))
     values = torch.from_numpy(np.concatenate(delta)).to(device=logits.device, dtype=logits.dtype)
     return logits.flatten().index_add(0, index, values).view_as(logits)
+
+
+def _flat_index(logits: torch.Tensor, rows: list[int], tokens: list) -> torch.Tensor:
+    """The places in logits.flatten() of each row's tokens (rows[j]'s are tokens[j]), on logits' device."""
+    vocab = logits.shape[-1]
+    index = np.concatenate([np.fromiter(ids, np.int64, len(ids)) + i * vocab for i, ids in zip(rows, tokens)])
+    return torch.from_numpy(index).to(logits.device)
 
 
 # a logit the request's grammar rules out: its probability is exactly 0 in float32 whatever the other

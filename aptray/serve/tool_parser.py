@@ -30,10 +30,7 @@ def parse(text: str, names: tuple[str, ...]) -> tuple[str | None, list[tuple[str
         return text, []
     calls = []
     for body in _BLOCK.findall(text, at):
-        try:
-            value = json.loads(body)
-        except (ValueError, RecursionError):  # nested past Python's limit: not a call either
-            return text, []
+        value = json_value(body)
         if not isinstance(value, dict) or value.get("name") not in names:
             return text, []
         arguments = value.get("arguments", {})
@@ -41,6 +38,15 @@ def parse(text: str, names: tuple[str, ...]) -> tuple[str | None, list[tuple[str
             return text, []
         calls.append((value["name"], json.dumps(arguments, ensure_ascii=False)))
     return (text[:at] if text[:at].strip() else None), calls
+
+
+def json_value(text: str):
+    """The JSON value text holds; None where it holds none (not JSON, or nested past Python's
+    recursion limit, which raises RecursionError rather than ValueError)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
 
 
 def held_back(text: str) -> int:

@@ -37,10 +37,10 @@ class ToolReply:
     def parse(self, text: str) -> tuple[str | None, list[ToolCall] | None]:
         """(the reply's text content, the calls it makes): (text, None) where it makes none (text, or
         JSON cut short)."""
+        value = tool_parser.json_value(text) if self.mode in ("named", "required") else None
         if self.mode == "named":
-            return (None, [_call(self.name, text)]) if _json(text) is not None else (text, None)
+            return (None, [_call(self.name, text)]) if value is not None else (text, None)
         if self.mode == "required":
-            value = _json(text)
             return (None, [_call(c["name"], json.dumps(c["parameters"])) for c in value]) if value else (text, None)
         if self.mode == "auto":
             content, calls = tool_parser.parse(text, self.names)
@@ -95,7 +95,7 @@ def template_messages(messages) -> list[dict]:
         for call in m.get("tool_calls") or ():
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                arguments = _json(function["arguments"])
+                arguments = tool_parser.json_value(function["arguments"])
                 function["arguments"] = arguments if isinstance(arguments, dict) else function["arguments"]
     return out
 
@@ -110,13 +110,6 @@ def chat_chars(messages, tool_specs: list[dict] | None) -> int:
 
 def _describe(choice) -> str:
     return repr(choice) if isinstance(choice, str) else f"function {choice.function.name!r}"
-
-
-def _json(text: str):
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        return None
 
 
 def _call(name: str, arguments: str) -> ToolCall:
