@@ -28,13 +28,14 @@ KINDS = ("json", "json_object", "regex", "choice", "grammar")
 MAX_SPEC_CHARS = 65_536  # a schema, regex or grammar's text, or all the choices together
 MAX_CHOICES = 1024
 # xgrammar's compile time grows faster than a schema's depth and its objects' optional properties
-# (2026-12-06, this machine, the demo model's vocabulary: 0.36 s at 200 levels, 6.2 s at 800; 0.03 s
-# for 256 optional properties, 2 s for 1000); real schemas stay far below both bounds
+# (python -m loadgen.bench_grammar, 2026-12-07, the demo model's vocabulary: 0.09 s at 200 levels,
+# 5.4 s at 800; 0.05 s for 256 optional properties, 0.78 s for 1000); real schemas stay far below
+# both bounds
 MAX_SCHEMA_DEPTH = 64
 MAX_SCHEMA_PROPERTIES = 256  # in one object
 PARAM = "structured_outputs"
 # the engine thread's time on one request's grammar for one token beyond which the request ends
-# with an error: a usual grammar takes 5-15 us a token (SmolLM2's 49,152 tokens, 2026-12-06)
+# with an error: a usual grammar takes 8-18 us a token (SmolLM2's 49,152 tokens, loadgen.bench_grammar)
 MAX_GUIDE_SECONDS_PER_TOKEN = 0.02
 
 
@@ -124,8 +125,8 @@ _LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false:
 # xgrammar 0.2.9 writes each character of a string with minLength or maxLength as [^"\\\r\n], which
 # lets raw control characters in: invalid JSON (xgrammar issue #800). They are taken out of the class.
 # Such a string still has no escapes (no '"', '\' or newline in it): a class keeps xgrammar's fast
-# bounded repeat, where a class-or-escape rule compiled 100x slower (2.3 s against 0.02 s for 600
-# bounded alternatives, 2026-12-06).
+# bounded repeat, where a class-or-escape rule compiled 100x slower (3.1 s against 0.03 s for 600
+# bounded alternatives: python -m loadgen.bench_grammar, 2026-12-07).
 _BOUNDED_STRING_CHAR = r'_characters ::= (([^\"\\\r\n]))'
 _JSON_STRING_CHAR = r'_characters ::= (([^\0-\x1f\"\\]))'
 
