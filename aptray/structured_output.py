@@ -28,14 +28,14 @@ KINDS = ("json", "json_object", "regex", "choice", "grammar")
 MAX_SPEC_CHARS = 65_536  # a schema, regex or grammar's text, or all the choices together
 MAX_CHOICES = 1024
 # xgrammar's compile time grows faster than a schema's depth and its objects' optional properties
-# (python -m loadgen.bench_grammar, 2026-12-07, the demo model's vocabulary: 0.09 s at 200 levels,
-# 5.4 s at 800; 0.05 s for 256 optional properties, 0.78 s for 1000); real schemas stay far below
+# (python -m loadgen.bench_grammar, 2026-12-07, the demo model's vocabulary: 0.11 s at 200 levels,
+# 6.2 s at 800; 0.05 s for 256 optional properties, 1.0 s for 1000); real schemas stay far below
 # both bounds
 MAX_SCHEMA_DEPTH = 64
 MAX_SCHEMA_PROPERTIES = 256  # in one object
 PARAM = "structured_outputs"
 # the engine thread's time on one request's grammar for one token beyond which the request ends
-# with an error: a usual grammar takes 8-18 us a token (SmolLM2's 49,152 tokens, loadgen.bench_grammar)
+# with an error: a usual grammar takes 5-9 us a token (SmolLM2's 49,152 tokens, loadgen.bench_grammar)
 MAX_GUIDE_SECONDS_PER_TOKEN = 0.02
 
 
@@ -125,7 +125,7 @@ _LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false:
 # xgrammar 0.2.9 writes each character of a string with minLength or maxLength as [^"\\\r\n], which
 # lets raw control characters in: invalid JSON (xgrammar issue #800). They are taken out of the class.
 # Such a string still has no escapes (no '"', '\' or newline in it): a class keeps xgrammar's fast
-# bounded repeat, where a class-or-escape rule compiled 100x slower (3.1 s against 0.03 s for 600
+# bounded repeat, where a class-or-escape rule compiled 200x slower (4.0 s against 0.02 s for 600
 # bounded alternatives: python -m loadgen.bench_grammar, 2026-12-07).
 _BOUNDED_STRING_CHAR = r'_characters ::= (([^\"\\\r\n]))'
 _JSON_STRING_CHAR = r'_characters ::= (([^\0-\x1f\"\\]))'
@@ -139,10 +139,13 @@ class Grammars:
     whose grammar is no longer kept); xgrammar loads at the first compile. Each compile runs on one
     thread (xgrammar's max_threads=1): a router's two grammar threads use at most two cores."""
 
-    def __init__(self, tokenizer, vocab_size: int, cache_size: int = 128, cache_bytes: int = 256 << 20):
-        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+    def __init__(self, tokenizer, vocab_size: int, cache_size: int = 128, cache_bytes: int = 256 << 20,
+                 tokenizer_info: str | None = None):
+        """tokenizer_info: xgrammar's TokenizerInfo as tokenizer_info_json() gave it, in place of the
+        tokenizer (a compile sandbox's child: grammar_sandbox.py)."""
+        self.tokenizer, self.vocab_size, self._info_json = tokenizer, vocab_size, tokenizer_info
         self.cache_size, self.cache_bytes = cache_size, cache_bytes
-        self._xgr = self._compiler = None
+        self._xgr = self._compiler = self._info = None
         self._lock = threading.Lock()
         self._compiled: OrderedDict[StructuredOutput, object] = OrderedDict()
         self._bytes = 0
@@ -154,7 +157,7 @@ class Grammars:
             if compiled is not None:
                 self._compiled.move_to_end(so)
                 return compiled
-        compiled = self._compile(so)
+        compiled = self.compile_uncached(so)
         with self._lock:
             if so not in self._compiled:
                 self._compiled[so] = compiled
@@ -162,6 +165,16 @@ class Grammars:
             while len(self._compiled) > self.cache_size or (self._bytes > self.cache_bytes and len(self._compiled) > 1):
                 self._bytes -= self._compiled.popitem(last=False)[1].memory_size_bytes
         return compiled
+
+    def kept(self, so: StructuredOutput) -> bool:
+        """Whether so's compiled grammar is kept (compile() returns it at once)."""
+        with self._lock:
+            return so in self._compiled
+
+    def tokenizer_info_json(self) -> str:
+        """The tokenizer as xgrammar sees it (its vocabulary and stop tokens), for Grammars(tokenizer_info=)."""
+        self._compiler or self._load()
+        return self._info.serialize_json()
 
     @property
     def kept_bytes(self) -> int:
@@ -173,7 +186,8 @@ class Grammars:
         compiled = compiled if compiled is not None else self.compile(so)
         return Guide(self._xgr, compiled, self.vocab_size)
 
-    def _compile(self, so: StructuredOutput):
+    def compile_uncached(self, so: StructuredOutput):
+        """so's compiled grammar, compiled now and not kept."""
         c = self._compiler or self._load()
         try:
             if so.kind == "json":
@@ -193,23 +207,29 @@ class Grammars:
     def _load(self):
         with self._lock:
             if self._compiler is None:
-                if self.tokenizer is None:
-                    raise InvalidRequest("a structured output needs the model's tokenizer (skip_tokenizer_init is "
-                                         "set)", PARAM)
-                try:
-                    import xgrammar
-                except ImportError:
-                    raise InvalidRequest("structured outputs need xgrammar, which this server lacks (pip install "
-                                         "'aptray[serve]' or xgrammar)", PARAM) from None
-                # the engine's EOS is the only stop token: xgrammar would also take ones it finds itself
-                # (a chat model's end-of-turn), which the engine's stop rules would not end on
-                eos = getattr(self.tokenizer, "eos_token_id", None)
-                info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
-                                                               stop_token_ids=None if eos is None else [eos])
+                xgrammar = self._import_xgrammar()
+                if self._info_json is not None:
+                    info = xgrammar.TokenizerInfo.deserialize_json(self._info_json)
+                else:
+                    # the engine's EOS is the only stop token: xgrammar would also take ones it finds
+                    # itself (a chat model's end-of-turn), which the engine's stop rules would not end on
+                    eos = getattr(self.tokenizer, "eos_token_id", None)
+                    info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                                   stop_token_ids=None if eos is None else [eos])
                 # no cache of xgrammar's own (unbounded by default): this class keeps what it compiled
-                self._xgr, self._compiler = xgrammar, xgrammar.GrammarCompiler(info, max_threads=1,
-                                                                               cache_enabled=False)
+                self._xgr, self._info = xgrammar, info
+                self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         return self._compiler
+
+    def _import_xgrammar(self):
+        if self.tokenizer is None and self._info_json is None:
+            raise InvalidRequest("a structured output needs the model's tokenizer (skip_tokenizer_init is set)", PARAM)
+        try:
+            import xgrammar
+        except ImportError:
+            raise InvalidRequest("structured outputs need xgrammar, which this server lacks (pip install "
+                                 "'aptray[serve]' or xgrammar)", PARAM) from None
+        return xgrammar
 
 
 class Guide:

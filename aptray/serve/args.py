@@ -55,8 +55,8 @@ class AppArgs:
     # least per-request SLOs accepted (400 below); None: the engine's fastest step, measured at start
     min_ttft_slo_ms: float | None = None
     min_tbt_slo_ms: float | None = None
-    # a structured output whose grammar does not compile within this is refused (400); its compile
-    # goes on, holding one of the router's two grammar threads until it ends
+    # a structured output whose grammar does not compile within this is refused (400): its compile, in
+    # a child process (grammar_sandbox.py), is killed
     grammar_compile_timeout_s: float = 10.0
     # the format of the model's own tool calls, which chat's tool_choice "auto" reads them in
     # (aptray.serve.tool_parser: "hermes"); None: "auto" with tools is refused

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import ray
@@ -19,6 +18,7 @@ import ray
 from aptray.sampling_params import InvalidRequest, SamplingParams
 from aptray.serve.args import AppArgs
 from aptray.serve.engine_loop import Add, Abort, EngineLoop, Reattach
+from aptray.serve.grammar_sandbox import GrammarBusy, GrammarUnavailable, SandboxedCompiler
 from aptray.serve.limits import RequestLimits
 from aptray.serve.metrics import ServingMetrics
 from aptray.serve.store import RequestMeta, RequestStore, valid_request_id
@@ -44,10 +44,10 @@ class Router:
         self.store = RequestStore.connect(self.args.redis_url, finished_ttl_s=self.args.finished_ttl_s,
                                           queue_owner=owner)
         self.writer = StoreWriter(self.store, self.metrics.store_write.observe)
-        # structured outputs compile here, on threads of their own: a slow schema holds up neither the
-        # event loop nor the engine thread
+        # structured outputs compile here, on threads of their own and first in a child process: a slow
+        # schema holds up neither the event loop nor the engine thread, nor the grammar threads for long
         self.grammars = Grammars(self.tokenizer, self.config.spec.vocab_size)
-        self._grammar_pool = ThreadPoolExecutor(2, thread_name_prefix="aptray-grammar")
+        self.compiler = SandboxedCompiler(self.grammars, self.args.grammar_compile_timeout_s)
         self.loop = EngineLoop(self.args, self.config, self.tokenizer, self.metrics, self.writer, owner, self.grammars)
         self.limits = self._request_limits()
         self.draining = False
@@ -120,7 +120,7 @@ class Router:
         return len(self.loop.streams)
 
     def shutdown(self) -> None:
-        self._grammar_pool.shutdown(wait=False, cancel_futures=True)
+        self.compiler.close()
         self.loop.stop()
         self.writer.flush()
         self.writer.close()
@@ -190,20 +190,19 @@ class Router:
 
     async def _compile(self, requests: list[tuple], checked: list) -> dict[str, object]:
         """The compiled grammars of the accepted structured requests, by request id; one that does
-        not compile is refused in checked (400)."""
+        not compile in time is refused in checked (400; 429 while too many compile)."""
         compiled = {}
         for i, (refusal, sp) in enumerate(checked):
             if refusal is not None or sp.structured_output is None:
                 continue
-            timeout = self.args.grammar_compile_timeout_s
             try:
-                compiled[requests[i][0]] = await asyncio.wait_for(asyncio.wrap_future(
-                    self._grammar_pool.submit(self.grammars.compile, sp.structured_output)), timeout)
+                compiled[requests[i][0]] = await self.compiler.compile(sp.structured_output)
             except InvalidRequest as e:
                 checked[i] = ({"error": str(e), "status": 400, "param": e.param}, None)
-            except asyncio.TimeoutError:  # it goes on compiling: a request with the same spec may find it done
-                checked[i] = ({"error": f"the structured output did not compile within {timeout:g} s: simplify it",
-                               "status": 400, "param": "structured_outputs"}, None)
+            except GrammarBusy as e:
+                checked[i] = ({"error": str(e), "status": 429}, None)
+            except GrammarUnavailable as e:
+                checked[i] = ({"error": str(e), "status": 503}, None)
         return compiled
 
     def _check(self, rid: str, ids: list[int], sampling: dict, reattach: bool, duplicate: bool

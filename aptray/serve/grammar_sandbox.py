@@ -1,0 +1,213 @@
+"""A router's structured outputs compile first in a child process, under a deadline, and only then in
+the router.
+
+xgrammar cannot stop a compile once begun, and a short spec can take hours: a regex alternating
+bounded character classes, `[a-z]{1,37}x|[a-z]{1,74}x|...`, compiles in 2.6 s with 100 of them and
+9.4 s with 200 (python -m loadgen.bench_grammar, 2026-12-07), and went on past 300 s with 1,500
+(20,000 characters). Compiled in the router, each such spec would hold a grammar thread and a core
+to its end, and a few of them would make every other structured request time out. Here a spec the
+router has not compiled before compiles first in a child process, which is killed at the deadline
+(and which alone dies should xgrammar crash); the router compiles a spec only once a child compiled
+it in time, so the router's own compile is bounded by about the deadline. A spec refused there is
+remembered and refused again at once. The price: a new spec compiles twice (milliseconds for a
+usual schema), and each grammar thread keeps a child of about 300 MB once a structured request came.
+
+  python -m aptray.serve.grammar_sandbox   # a child: JSON lines on stdin, replies on stdout
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+from aptray.sampling_params import InvalidRequest
+from aptray.structured_output import PARAM, Grammars, StructuredOutput, as_structured_output
+
+STARTUP_TIMEOUT_S = 120.0  # a child imports xgrammar and torch: 2-3 s on an idle machine
+REMEMBERED_REFUSALS = 1024
+
+
+class GrammarBusy(Exception):
+    """Too many structured outputs are compiling: the request may come again (429)."""
+
+
+class GrammarUnavailable(Exception):
+    """No child process could start (503)."""
+
+
+class GrammarSandbox:
+    """One child process that compiles specs for the router's tokenizer. Used by one thread at a time."""
+
+    def __init__(self, grammars: Grammars):
+        self._grammars = grammars
+        self._proc: subprocess.Popen | None = None
+        self._ready = False
+        self._buffer = b""
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def check(self, so: StructuredOutput, timeout_s: float) -> None:
+        """Returns once so compiled in the child within timeout_s; InvalidRequest with the reason
+        otherwise (xgrammar's error, the deadline, or a crash of the child, which is then replaced)."""
+        self._ensure_ready()
+        self._send({"kind": so.kind, "spec": so.spec})
+        reply = self._receive(time.monotonic() + timeout_s)
+        if reply is None or "error" not in reply and not reply.get("ok"):
+            self._restart()
+            reason = (f"did not compile within {timeout_s:g} s: simplify it" if reply is None
+                      else "crashed the grammar compiler")
+            raise InvalidRequest(f"the {so.kind} structured output {reason}", PARAM)
+        if "error" in reply:
+            raise InvalidRequest(reply["error"], PARAM)
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def _ensure_ready(self) -> None:
+        if self._proc is None or self._proc.poll() is not None:  # none yet, or it died between specs
+            self.close()
+            self._spawn()
+        if not self._ready:
+            reply = self._receive(time.monotonic() + STARTUP_TIMEOUT_S)
+            if not (reply or {}).get("ready"):
+                self.close()
+                raise GrammarUnavailable("the grammar compiler's process did not start: structured outputs are "
+                                         "unavailable for now")
+            self._ready = True
+
+    def _restart(self) -> None:
+        """Kill the child and start the next one now: its start-up overlaps the wait for the next spec."""
+        self.close()
+        self._spawn()
+
+    def _spawn(self) -> None:
+        # the child sees the router's import path (Ray's working_dir is on sys.path, not always PYTHONPATH)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self._proc = subprocess.Popen([sys.executable, "-m", "aptray.serve.grammar_sandbox"], env=env,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._ready, self._buffer = False, b""
+        self._send({"tokenizer_info": self._grammars.tokenizer_info_json(), "vocab_size": self._grammars.vocab_size})
+
+    def _send(self, message: dict) -> None:
+        try:
+            self._proc.stdin.write(json.dumps(message).encode() + b"\n")
+            self._proc.stdin.flush()
+        except OSError:  # the child died: _receive reads its end
+            pass
+
+    def _receive(self, deadline: float) -> dict | None:
+        """The child's next reply; None at the deadline; {} if the child is gone."""
+        fd = self._proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            data = os.read(fd, 1 << 16)
+            if not data:
+                return {}
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+
+class SandboxedCompiler:
+    """The router's compiles of structured outputs: on `threads` threads of their own (never the event
+    loop or the engine thread), each with its GrammarSandbox, with at most max_pending compiles
+    queued or running (GrammarBusy beyond)."""
+
+    def __init__(self, grammars: Grammars, timeout_s: float, threads: int = 2, max_pending: int = 8):
+        self.grammars, self.timeout_s, self.max_pending = grammars, timeout_s, max_pending
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="aptray-grammar")
+        self._local = threading.local()
+        self._sandboxes: list[GrammarSandbox] = []
+        self._lock = threading.Lock()
+        self._refused: OrderedDict[bytes, str] = OrderedDict()  # by spec digest: the refusal's message
+        self._pending = 0
+
+    async def compile(self, so: StructuredOutput):
+        """so's compiled grammar. InvalidRequest: it does not compile, or not within timeout_s."""
+        if self.grammars.kept(so):
+            return self.grammars.compile(so)
+        digest = hashlib.sha256(json.dumps([so.kind, so.spec]).encode()).digest()
+        with self._lock:
+            if digest in self._refused:
+                raise InvalidRequest(self._refused[digest], PARAM)
+        if self._pending >= self.max_pending:
+            raise GrammarBusy(f"{self._pending} structured outputs are compiling (limit {self.max_pending})")
+        self._pending += 1
+        try:
+            return await asyncio.wrap_future(self._pool.submit(self._checked_compile, so, digest))
+        finally:
+            self._pending -= 1
+
+    @property
+    def child_pids(self) -> list[int]:
+        with self._lock:
+            return [s.pid for s in self._sandboxes if s.pid is not None]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            for sandbox in self._sandboxes:
+                sandbox.close()
+
+    def _checked_compile(self, so: StructuredOutput, digest: bytes):
+        sandbox = getattr(self._local, "sandbox", None)
+        if sandbox is None:
+            sandbox = self._local.sandbox = GrammarSandbox(self.grammars)
+            with self._lock:
+                self._sandboxes.append(sandbox)
+        try:
+            sandbox.check(so, self.timeout_s)
+        except InvalidRequest as e:
+            with self._lock:
+                self._refused[digest] = str(e)
+                if len(self._refused) > REMEMBERED_REFUSALS:
+                    self._refused.popitem(last=False)
+            raise
+        return self.grammars.compile(so)
+
+
+def main() -> None:
+    """The child: the first line names the tokenizer; each next line is a StructuredOutput to compile,
+    answered {"ok": true} or {"error": reason}."""
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # whatever else writes to stdout goes to the log, not into the replies
+    first = json.loads(sys.stdin.readline())
+    parent = os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    grammars = Grammars(None, first["vocab_size"], tokenizer_info=first["tokenizer_info"])
+    grammars.compile_uncached(StructuredOutput("regex", "a"))  # loads xgrammar
+    os.nice(10)  # the router's engine thread comes first on a busy machine
+    print(json.dumps({"ready": True}), file=replies)
+    for line in sys.stdin:
+        try:
+            grammars.compile_uncached(as_structured_output(json.loads(line)))
+            reply = {"ok": True}
+        except InvalidRequest as e:
+            reply = {"error": str(e)}
+        print(json.dumps(reply), file=replies)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A compile does not read stdin: a router that died mid-compile would leave its child running on."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""A router's structured outputs compile first in a child process (aptray.serve.grammar_sandbox): a
+spec past the deadline is refused and its child killed, and the next spec compiles; a refused spec is
+refused again without a compile; a crash of the child is a refusal, not the router's; at most
+max_pending compile at once; no child outlives its router."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from transformers import AutoTokenizer
+
+from aptray.model.demo import demo_model_dir, ensure_demo_model
+from aptray.sampling_params import InvalidRequest
+from aptray.serve.grammar_sandbox import GrammarBusy, SandboxedCompiler
+from aptray.structured_output import Grammars, StructuredOutput
+
+# xgrammar compiles this 20,000-character regex for over 300 s (loadgen.bench_grammar's slow regex)
+SLOW = StructuredOutput("regex", "|".join(f"[a-z]{{1,{i * 37}}}x" for i in range(1, 1500)))
+USUAL = StructuredOutput("json", '{"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}')
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(ensure_demo_model(demo_model_dir()))
+
+
+@pytest.fixture
+def compiler(tokenizer):
+    c = SandboxedCompiler(Grammars(tokenizer, 512), timeout_s=1.0, threads=1)
+    yield c
+    c.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead, only not yet reaped
+        return f.read().split(") ")[1][0] != "Z"
+
+
+def _refusal(compiler, so) -> str:
+    with pytest.raises(InvalidRequest) as e:
+        asyncio.run(compiler.compile(so))
+    return str(e.value)
+
+
+def test_a_spec_past_the_deadline_is_refused_and_its_child_replaced(compiler):
+    asyncio.run(compiler.compile(USUAL))  # starts the child
+    [first] = compiler.child_pids
+    assert "did not compile within 1 s" in _refusal(compiler, SLOW)
+    [second] = compiler.child_pids
+    assert second != first and not _alive(first)
+    # sent again: refused without a compile (the child is the same)
+    assert "did not compile within 1 s" in _refusal(compiler, SLOW)
+    assert compiler.child_pids == [second]
+    # and the next spec compiles, in the child and then in the router, which keeps it
+    so = StructuredOutput("regex", "[0-9]{2}-[a-z]+")
+    assert not compiler.grammars.kept(so)
+    assert asyncio.run(compiler.compile(so)) is compiler.grammars.compile(so)
+    assert compiler.grammars.kept(so)
+
+
+def test_a_compile_error_is_xgrammars_own_message(compiler, tokenizer):
+    bad = StructuredOutput("grammar", 'root ::= "a" undefined_rule')
+    with pytest.raises(InvalidRequest) as direct:
+        Grammars(tokenizer, 512).compile_uncached(bad)
+    assert _refusal(compiler, bad) == str(direct.value)
+    assert "undefined_rule" in str(direct.value)
+
+
+def test_a_crash_of_the_child_is_a_refusal_and_the_next_spec_compiles(compiler):
+    asyncio.run(compiler.compile(USUAL))
+    [pid] = compiler.child_pids
+
+    async def kill_mid_compile():
+        compiling = asyncio.ensure_future(compiler.compile(SLOW))
+        await asyncio.sleep(0.3)
+        os.kill(pid, 9)
+        return await asyncio.gather(compiling, return_exceptions=True)
+
+    [error] = asyncio.run(kill_mid_compile())
+    assert isinstance(error, InvalidRequest) and "crashed the grammar compiler" in str(error)
+    assert compiler.child_pids and compiler.child_pids != [pid]
+    assert asyncio.run(compiler.compile(StructuredOutput("choice", ("yes", "no")))) is not None
+
+
+def test_too_many_compiles_at_once_are_busy(tokenizer):
+    compiler = SandboxedCompiler(Grammars(tokenizer, 512), timeout_s=2.0, threads=1, max_pending=1)
+    try:
+        async def two():
+            slow = asyncio.ensure_future(compiler.compile(SLOW))
+            await asyncio.sleep(0)  # the first is pending
+            with pytest.raises(GrammarBusy, match="limit 1"):
+                await compiler.compile(USUAL)
+            with pytest.raises(InvalidRequest, match="did not compile within 2 s"):
+                await slow
+            return await compiler.compile(USUAL)  # no longer busy
+
+        assert asyncio.run(two()) is not None
+    finally:
+        compiler.close()
+
+
+def test_no_child_outlives_its_compiler_or_its_process(compiler, tokenizer, tmp_path):
+    asyncio.run(compiler.compile(USUAL))
+    [pid] = compiler.child_pids
+    compiler.close()
+    assert not _alive(pid) and compiler.child_pids == []
+    # a router process that dies (SIGKILL) mid-compile: its child exits by itself
+    script = tmp_path / "router.py"
+    script.write_text(textwrap.dedent(f"""
+        import asyncio, sys
+        from transformers import AutoTokenizer
+        from aptray.serve.grammar_sandbox import SandboxedCompiler
+        from aptray.structured_output import Grammars, StructuredOutput
+        c = SandboxedCompiler(Grammars(AutoTokenizer.from_pretrained({demo_model_dir()!r}), 512), timeout_s=600)
+        asyncio.run(c.compile(StructuredOutput("regex", "a")))
+        print(c.child_pids[0], flush=True)
+        asyncio.run(c.compile(StructuredOutput("regex", {SLOW.spec!r})))
+    """))
+    router = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child = int(router.stdout.readline())
+    time.sleep(0.5)  # the slow compile has begun
+    assert _alive(child)
+    router.kill()
+    router.wait()
+    deadline = time.monotonic() + 30
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(child)
