@@ -1,7 +1,8 @@
 """What structured outputs cost outside a generation: xgrammar's compile time for the schema shapes
 aptray bounds (and for ones within the bounds), whether a compile holds the GIL, the per-token cost
 of an ambiguous grammar, the sampler's masking of ruled-out tokens against masked_fill with -inf,
-and the bounded-string mend against one that also allows escapes.
+the bounded-string mend against one that also allows escapes, a short regex whose compile time
+explodes, and what the router's compile sandbox adds.
 
   python -m loadgen.bench_grammar [--out docs/results]
 
@@ -45,14 +46,15 @@ def compile_times(grammars) -> dict:
               "256 optional properties": optional(256), "1000 optional properties": optional(1000),
               "119 bounded string patterns": patterns(119)}
     grammars.compile(_spec("regex", "a"))  # loads xgrammar
-    return {name: round(_timed(lambda s=spec: grammars._compile(_spec("json", s))), 3) for name, spec in shapes.items()}
+    return {name: round(_timed(lambda s=spec: grammars.compile_uncached(_spec("json", s))), 3)
+            for name, spec in shapes.items()}
 
 
 def gil_gap(grammars) -> dict:
     """The event loop's view of a compile on another thread: the longest gap between 1 ms sleeps."""
     spec = _spec("json", '{"type":"object","properties":{"a":' * 300 + '{"type":"integer"}' + "}}" * 300)
     done = []
-    worker = threading.Thread(target=lambda: done.append(_timed(lambda: grammars._compile(spec))))
+    worker = threading.Thread(target=lambda: done.append(_timed(lambda: grammars.compile_uncached(spec))))
     worker.start()
     longest, last = 0.0, time.perf_counter()
     while not done:
@@ -116,6 +118,52 @@ def bounded_string_mend(grammars) -> dict:
                 text.replace(_BOUNDED_STRING_CHAR, escapes))), 3)}
 
 
+def slow_regex(n: int) -> str:
+    """A short regex whose compile grows fast with n: n bounded character classes in alternation."""
+    return "|".join(f"[a-z]{{1,{i * 37}}}x" for i in range(1, n + 1))
+
+
+def slow_regex_s(grammars) -> dict:
+    """Compile time of slow_regex(n) in this process."""
+    compile_s = lambda n: _timed(lambda: grammars.compile_uncached(_spec("regex", slow_regex(n))))  # noqa: E731
+    return {f"{n} alternatives ({len(slow_regex(n))} characters)": round(compile_s(n), 3) for n in (50, 100, 200)}
+
+
+def sandbox_costs(grammars) -> dict:
+    """What the router's compile sandbox (aptray.serve.grammar_sandbox) adds: its child's start-up and
+    memory, a new usual schema compiled through it against in this process alone, and the time to
+    refuse a regex that would compile for minutes at a 1 s deadline."""
+    import asyncio
+
+    from aptray.serve.grammar_sandbox import SandboxedCompiler
+    from aptray.structured_output import StructuredOutput
+    sandboxed = SandboxedCompiler(grammars, timeout_s=1.0, threads=1)
+
+    def timed_compile(so) -> float:
+        start = time.perf_counter()
+        try:
+            asyncio.run(sandboxed.compile(so))
+        except Exception:  # the slow regex's refusal is what is timed
+            pass
+        return time.perf_counter() - start
+
+    schema = lambda i: json.dumps({"type": "object", "required": ["a"], "properties": {  # noqa: E731
+        "a": {"type": "string", "maxLength": 20 + i}, "b": {"type": "array", "items": {"type": "integer"}}}})
+    try:
+        first = timed_compile(StructuredOutput("regex", "[0-9]+"))
+        with open(f"/proc/{sandboxed.child_pids[0]}/status") as f:
+            rss_mb = int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+        through = sorted(timed_compile(StructuredOutput("json", schema(i))) for i in range(5))[2]
+        alone = sorted(_timed(lambda i=i: grammars.compile_uncached(_spec("json", schema(i + 5))))
+                       for i in range(5))[2]
+        refused = timed_compile(StructuredOutput("regex", slow_regex(1500)))
+    finally:
+        sandboxed.close()
+    return {"first_compile_with_child_start_s": round(first, 2), "child_rss_mb": round(rss_mb),
+            "usual_schema_sandboxed_ms": round(through * 1e3, 1), "usual_schema_in_process_ms": round(alone * 1e3, 1),
+            "slow_regex_1500_refused_at_1s_deadline_s": round(refused, 2)}
+
+
 def masking_ms(repeats: int = 20) -> dict:
     """constrained() over 32 rows of 49,152 logits against masked_fill with -inf of the same mask."""
     from aptray.model.sampler import constrained
@@ -148,7 +196,8 @@ def main(argv=None) -> None:
     result = {"compile_s": compile_times(grammars), "gil": gil_gap(grammars),
               "ambiguous_grammar_ms_per_token": ambiguous_token_ms(grammars, tokenizer),
               "usual_grammar_us_per_token_smollm2": usual_token_us(),
-              "bounded_string_mend": bounded_string_mend(grammars), "masking": masking_ms(),
+              "bounded_string_mend": bounded_string_mend(grammars), "slow_regex_compile_s": slow_regex_s(grammars),
+              "sandbox": sandbox_costs(grammars), "masking": masking_ms(),
               "threads": torch.get_num_threads()}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "grammar_costs.json"), "w") as f:
