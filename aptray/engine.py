@@ -92,13 +92,14 @@ class Engine:
 
     def resume_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                        output_token_ids: list[int], token_times: list[float], arrival_time: float,
-                       prompt: str | None = None, num_preemptions: int = 0) -> Request:
+                       prompt: str | None = None, num_preemptions: int = 0, grammar=None) -> Request:
         """Re-admit a request that already generated tokens elsewhere (a fault, a router restart):
-        it queues as a recompute preemption, re-prefills prompt + outputs, and goes on sampling."""
+        it queues as a recompute preemption, re-prefills prompt + outputs, and goes on sampling.
+        grammar: as for add_request."""
         vocab = self.config.spec.vocab_size
         if any(not 0 <= t < vocab for t in output_token_ids):  # e.g. a tampered Redis record
             raise InvalidRequest(f"output token ids must be in [0, {vocab})", "prompt")
-        req = self.add_request(request_id, prompt_token_ids, sampling_params, arrival_time, prompt)
+        req = self.add_request(request_id, prompt_token_ids, sampling_params, arrival_time, prompt, grammar)
         if req.guide is not None and not all(map(req.guide.accept, output_token_ids)):
             self.abort(request_id)
             raise InvalidRequest("the output tokens break the request's structured output", "prompt")

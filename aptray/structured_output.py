@@ -135,8 +135,8 @@ class Grammars:
     """Compiles StructuredOutputs for one tokenizer and vocabulary (the model's logits may be wider
     than the tokenizer: the extra ids are never allowed), keeping the most recent compiled ones
     (at most cache_size of them and cache_bytes together): requests often share a schema. Safe from
-    several threads (a router compiles at admission, its engine thread when it resumes a request
-    whose grammar is no longer kept); xgrammar loads at the first compile. Each compile runs on one
+    several threads (a router compiles at admission, and as it starts for the requests it resumes
+    from Redis; a compile sandbox's child compiles too); xgrammar loads at the first compile. Each compile runs on one
     thread (xgrammar's max_threads=1): a router's two grammar threads use at most two cores."""
 
     def __init__(self, tokenizer, vocab_size: int, cache_size: int = 128, cache_bytes: int = 256 << 20,
@@ -239,6 +239,7 @@ class Guide:
     allows): the engine ends a request past MAX_GUIDE_SECONDS_PER_TOKEN rather than slow every step."""
 
     def __init__(self, xgrammar, compiled, vocab_size: int):
+        self.compiled = compiled  # a resumed request starts its new Guide from it: no compile
         self._matcher = xgrammar.GrammarMatcher(compiled)
         self._mask = xgrammar.allocate_token_bitmask(1, vocab_size)  # int32 words, bit t % 32 of word t // 32
         self._pending = 0.0  # the bitmasks' time since the last accept

@@ -181,6 +181,20 @@ def test_resumed_request_goes_on_in_its_grammar():
     with pytest.raises(InvalidRequest, match="break the request's structured output"):
         engine.resume_request("tampered", prompt, sp, [tokenizer.eos_token_id], [0.0], 0.0)
     assert "tampered" not in engine.scheduler.requests
+    # a shard rebuild's snapshot carries the compiled grammar: the resume compiles nothing, even
+    # once the router no longer keeps that grammar
+    from aptray.serve.resume import from_request
+    engine.grammars.cache_size = 1
+    engine.add_request("interrupted", prompt, sp)
+    while len(engine.scheduler.requests["interrupted"].output_token_ids) < 7:
+        engine.step()
+    snapshot = from_request(engine.scheduler.requests["interrupted"])
+    engine.abort("interrupted")
+    engine.grammars.compile(KINDS["regex"])  # evicts the JSON schema's grammar
+    assert not engine.grammars.kept(sp.structured_output) and snapshot.grammar is not None
+    engine.resume_request("rebuilt", prompt, sp, snapshot.output_token_ids, snapshot.token_times, 0.0,
+                          grammar=snapshot.grammar)
+    assert run(engine, "rebuilt") == whole and not engine.grammars.kept(sp.structured_output)
 
 
 @pytest.mark.parametrize("so,match", [

@@ -59,6 +59,7 @@ class Reattach:
     seen_token_ids: list[int]
     seen_text: str
     stream: ClientStream
+    grammar: object = None  # as Add's
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,8 @@ class EngineLoop:
         if req is not None:  # Redis was behind what the client saw (an outage): the client is right
             self.engine.abort(rid)
         now = time.monotonic()
-        r = Resumable(rid, list(msg.prompt_token_ids), msg.sampling, now, seen, [now] * len(seen), prompt=msg.prompt)
+        r = Resumable(rid, list(msg.prompt_token_ids), msg.sampling, now, seen, [now] * len(seen), prompt=msg.prompt,
+                      grammar=msg.grammar)
         self.writer.track(RequestMeta(rid, time.time(), stream.ttft_slo, stream.tbt_slo, list(msg.prompt_token_ids),
                                       asdict(msg.sampling), output_token_ids=seen), write=True)
         self._resume(r, "client")
@@ -404,7 +406,7 @@ class EngineLoop:
             return
         try:
             self.engine.resume_request(r.request_id, r.prompt_token_ids, r.sampling, r.output_token_ids,
-                                       r.token_times, r.arrival_time, r.prompt, r.num_preemptions)
+                                       r.token_times, r.arrival_time, r.prompt, r.num_preemptions, r.grammar)
         except ValueError as e:  # e.g. a restart with a smaller context
             self._fail(r.request_id, f"could not resume: {e}", status=400)
             return

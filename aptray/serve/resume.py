@@ -25,12 +25,14 @@ class Resumable:
     token_times: list[float] = field(default_factory=list)  # engine clock, one per output token
     num_preemptions: int = 0
     prompt: str | None = None
+    grammar: object = None  # its compiled structured output, where one is at hand (no compile to resume)
 
 
 def from_request(req, prompt: str | None = None) -> Resumable:
     """Snapshot of a live engine request (a shard group is being rebuilt under it)."""
     return Resumable(req.request_id, list(req.prompt_token_ids), req.sampling, req.arrival_time,
-                     list(req.output_token_ids), list(req.token_times), req.num_preemptions, prompt)
+                     list(req.output_token_ids), list(req.token_times), req.num_preemptions, prompt,
+                     req.guide.compiled if req.guide is not None else None)
 
 
 def from_meta(meta, sampling: SamplingParams) -> Resumable:

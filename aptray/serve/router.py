@@ -184,7 +184,7 @@ class Router:
             if seen is None:
                 self.loop.submit(Add(rid, list(ids), sp, prompt, time.monotonic(), stream, prefix, grammars.get(rid)))
             else:
-                self.loop.submit(Reattach(rid, list(ids), sp, prompt, list(seen), seen_text, stream))
+                self.loop.submit(Reattach(rid, list(ids), sp, prompt, list(seen), seen_text, stream, grammars.get(rid)))
             answers.append({"accepted": True, "request_id": rid, "prompt_tokens": len(ids)})
         return answers
 
