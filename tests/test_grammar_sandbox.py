@@ -91,6 +91,18 @@ def test_a_crash_of_the_child_is_a_refusal_and_the_next_spec_compiles(compiler):
     assert asyncio.run(compiler.compile(StructuredOutput("choice", ("yes", "no")))) is not None
 
 
+def test_a_compile_past_the_childs_memory_is_refused(tokenizer):
+    compiler = SandboxedCompiler(Grammars(tokenizer, 512), timeout_s=60.0, threads=1, child_memory_bytes=4 << 20)
+    try:
+        asyncio.run(compiler.compile(USUAL))
+        big = StructuredOutput("regex", SLOW.spec[:SLOW.spec.index("{1,3737}")].rsplit("|", 1)[0])  # 100 classes
+        assert "needs over 4 MiB to compile" in _refusal(compiler, big)
+        assert not compiler.grammars.kept(big)
+        assert asyncio.run(compiler.compile(StructuredOutput("regex", "b+"))) is not None
+    finally:
+        compiler.close()
+
+
 def test_too_many_compiles_at_once_are_busy(tokenizer):
     compiler = SandboxedCompiler(Grammars(tokenizer, 512), timeout_s=2.0, threads=1, max_pending=1)
     try:

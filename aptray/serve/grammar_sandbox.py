@@ -8,7 +8,8 @@ bounded character classes, `[a-z]{1,37}x|[a-z]{1,74}x|...`, compiles in 2.6 s wi
 to its end, and a few of them would make every other structured request time out. Here a spec the
 router has not compiled before compiles first in a child process, which is killed at the deadline
 (and which alone dies should xgrammar crash); the router compiles a spec only once a child compiled
-it in time, so the router's own compile is bounded by about the deadline. A spec refused there is
+it in time (and within CHILD_MEMORY_BYTES), so the router's own compile is bounded by about the
+deadline. A spec refused there is
 remembered and refused again at once. The price: a new spec compiles twice (milliseconds for a
 usual schema), and each grammar thread keeps a child of about 300 MB once a structured request came.
 
@@ -20,6 +21,7 @@ import asyncio
 import hashlib
 import json
 import os
+import resource
 import select
 import subprocess
 import sys
@@ -32,6 +34,9 @@ from aptray.sampling_params import InvalidRequest
 from aptray.structured_output import PARAM, Grammars, StructuredOutput, as_structured_output
 
 STARTUP_TIMEOUT_S = 120.0  # a child imports xgrammar and torch: 2-3 s on an idle machine
+# what a compile may add to a child's address space: past it the compile fails (400), and a spec's
+# memory never reaches the router, which compiles only what compiled in the child
+CHILD_MEMORY_BYTES = 4 << 30
 REMEMBERED_REFUSALS = 1024
 
 
@@ -46,8 +51,8 @@ class GrammarUnavailable(Exception):
 class GrammarSandbox:
     """One child process that compiles specs for the router's tokenizer. Used by one thread at a time."""
 
-    def __init__(self, grammars: Grammars):
-        self._grammars = grammars
+    def __init__(self, grammars: Grammars, memory_bytes: int = CHILD_MEMORY_BYTES):
+        self._grammars, self._memory_bytes = grammars, memory_bytes
         self._proc: subprocess.Popen | None = None
         self._ready = False
         self._buffer = b""
@@ -99,7 +104,8 @@ class GrammarSandbox:
         self._proc = subprocess.Popen([sys.executable, "-m", "aptray.serve.grammar_sandbox"], env=env,
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._ready, self._buffer = False, b""
-        self._send({"tokenizer_info": self._grammars.tokenizer_info_json(), "vocab_size": self._grammars.vocab_size})
+        self._send({"tokenizer_info": self._grammars.tokenizer_info_json(), "vocab_size": self._grammars.vocab_size,
+                    "memory_bytes": self._memory_bytes})
 
     def _send(self, message: dict) -> None:
         try:
@@ -128,8 +134,10 @@ class SandboxedCompiler:
     loop or the engine thread), each with its GrammarSandbox, with at most max_pending compiles
     queued or running (GrammarBusy beyond)."""
 
-    def __init__(self, grammars: Grammars, timeout_s: float, threads: int = 2, max_pending: int = 8):
+    def __init__(self, grammars: Grammars, timeout_s: float, threads: int = 2, max_pending: int = 8,
+                 child_memory_bytes: int = CHILD_MEMORY_BYTES):
         self.grammars, self.timeout_s, self.max_pending = grammars, timeout_s, max_pending
+        self.child_memory_bytes = child_memory_bytes
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="aptray-grammar")
         self._local = threading.local()
         self._sandboxes: list[GrammarSandbox] = []
@@ -167,7 +175,7 @@ class SandboxedCompiler:
     def _checked_compile(self, so: StructuredOutput, digest: bytes):
         sandbox = getattr(self._local, "sandbox", None)
         if sandbox is None:
-            sandbox = self._local.sandbox = GrammarSandbox(self.grammars)
+            sandbox = self._local.sandbox = GrammarSandbox(self.grammars, self.child_memory_bytes)
             with self._lock:
                 self._sandboxes.append(sandbox)
         try:
@@ -192,14 +200,27 @@ def main() -> None:
     grammars = Grammars(None, first["vocab_size"], tokenizer_info=first["tokenizer_info"])
     grammars.compile_uncached(StructuredOutput("regex", "a"))  # loads xgrammar
     os.nice(10)  # the router's engine thread comes first on a busy machine
+    _limit_memory(first["memory_bytes"])
     print(json.dumps({"ready": True}), file=replies)
     for line in sys.stdin:
         try:
             grammars.compile_uncached(as_structured_output(json.loads(line)))
             reply = {"ok": True}
-        except InvalidRequest as e:
-            reply = {"error": str(e)}
+        except (InvalidRequest, MemoryError) as e:  # xgrammar's out of memory is a std::bad_alloc
+            out_of_memory = isinstance(e, MemoryError) or "std::bad_alloc" in str(e)
+            reply = {"error": f"the structured output needs over {first['memory_bytes'] >> 20} MiB to compile"
+                     if out_of_memory else str(e)}
         print(json.dumps(reply), file=replies)
+
+
+def _limit_memory(growth: int) -> None:
+    """Cap this process's address space at its size now plus growth (Linux: elsewhere no cap)."""
+    try:
+        with open("/proc/self/status") as f:
+            size_kb = next(int(line.split()[1]) for line in f if line.startswith("VmSize:"))
+    except OSError:
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (size_kb * 1024 + growth, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
 def _exit_with_parent(parent: int) -> None:
