@@ -31,6 +31,7 @@ ALICE, MALLORY = "alice-key", "mallory-key"
 PROMPTS = ["The quick brown fox", "What is the capital of France?", "def add(a, b):", "Once upon a time"]
 LONG = 80  # tokens: the normal requests are still running while the hostile ones arrive
 FAST = 10.0  # seconds within which a hostile request gets its answer
+PER_KEY = 6  # the app's max_requests_per_key: the most streams a test opens with one key at once
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,8 @@ def reference():
 def server():
     ensure_demo_model(demo_model_dir())
     args = {"tensor_parallel_size": 1, "num_cache_blocks": 128, "max_num_seqs": 16, "max_queue": 64,
-            "use_gpu": False, "api_keys": f"{ALICE},{MALLORY}", "grammar_compile_timeout_s": 1.0}
+            "use_gpu": False, "api_keys": f"{ALICE},{MALLORY}", "grammar_compile_timeout_s": 1.0,
+            "max_requests_per_key": PER_KEY}
     with served_app(args, num_cpus=3) as addresses:
         yield addresses
 
@@ -204,6 +206,31 @@ def test_slow_structures_never_starve_other_structured_requests(server):
     assert set(json.loads(r.json()["choices"][0]["text"])) == {"n"}
     print("RELIABILITY slow structures:", sorted(r.status_code for r, _ in answers),
           f"slowest_s={max(t for _, t in answers):.2f}")
+
+
+def test_one_key_cannot_take_every_slot(server):
+    """A key with max_requests_per_key requests in flight gets 429 for the next (HTTP and gRPC), while
+    another key is served; once its requests end, it is served again."""
+    from aptray.client import Client
+    with Client(server["grpc"], api_key=MALLORY) as c:
+        calls = [c.generate_call("hello", max_tokens=400, ignore_eos=True) for _ in range(PER_KEY)]
+        for call in calls:
+            next(call)  # admitted: it streams
+        r, took = _post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 4})
+        assert r.status_code == 429 and f"(limit {PER_KEY})" in r.json()["error"]["message"], r.text[:300]
+        assert r.headers["Retry-After"] and took < FAST
+        with pytest.raises(grpc.RpcError) as e:
+            list(c.generate("hi", max_tokens=4))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        r, _ = _post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 4}, key=ALICE)
+        assert r.status_code == 200, r.text[:300]
+        for call in calls:
+            call.cancel()
+    deadline = time.monotonic() + 30
+    while (r := _post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 4})[0]).status_code == 429:
+        assert time.monotonic() < deadline, "the key's ended requests still count"
+        time.sleep(0.2)
+    assert r.status_code == 200, r.text[:300]
 
 
 def test_own_requests_can_be_aborted(server):

@@ -5,6 +5,7 @@ import time
 import pytest
 
 from aptray.sampling_params import SamplingParams
+from aptray.serve.args import AppArgs
 from aptray.serve.limits import MAX_MESSAGES, MAX_STOP_TOKEN_IDS, RequestLimits
 from aptray.serve.security import bearer, grpc_key, key_ok
 from aptray.serve.store_writer import StoreUnavailable, StoreWriter
@@ -235,6 +236,9 @@ def test_api_keys():
     assert bearer("Bearer  k1 ") == "k1" and bearer("bearer k1") == "k1"
     assert grpc_key((("application", "aptray"), ("authorization", "Bearer k1"))) == "k1"
     assert grpc_key((("x-api-key", "k2"),)) == "k2" and grpc_key(None) is None
+    assert AppArgs.parse({"max_requests_per_key": "8"}).max_requests_per_key == 8
+    with pytest.raises(ValueError, match="max_requests_per_key"):
+        AppArgs.parse({"max_requests_per_key": 0})
 
 
 def test_resumed_request_already_finished():

@@ -424,7 +424,9 @@ def test_structured_outputs_over_http_and_grpc_are_the_engines(server, oai, mode
     bodies = {"json": {"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}},
               "regex": {"structured_outputs": {"regex": r"[a-z]{3} \d"}},
               "choice": {"structured_outputs": {"choice": ["Paris", "Lyon"]}}}
-    for kind, extra in bodies.items():
+    older = {"json": {"guided_json": schema}, "regex": {"guided_regex": r"[a-z]{3} \d"},
+             "choice": {"guided_choice": ["Paris", "Lyon"]}}  # vLLM's older fields
+    for kind, extra in [*bodies.items(), *older.items()]:
         body = {"prompt": p, "temperature": 0.0, "max_tokens": n, "return_token_ids": True, **extra}
         got = httpx.post(server["http"] + "/v1/completions", json=body, timeout=60).json()["choices"][0]
         assert got["token_ids"] == list(local[kind].token_ids) and got["text"] == local[kind].text, kind
@@ -451,6 +453,8 @@ def test_structured_outputs_over_http_and_grpc_are_the_engines(server, oai, mode
                      ({"structured_outputs": {"regex": "(a"}}, "does not compile"),
                      ({"structured_outputs": {"regex": "a", "grammar": "root ::= \"a\""}}, "exactly one"),
                      ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "send one"),
+                     ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "send one"),
+                     ({"guided_regex": "a", "guided_choice": ["a"]}, "send one of guided_json"),
                      ({"response_format": {"type": "json_schema"}}, "needs its json_schema"),
                      ({"structured_outputs": {"choice": []}}, "1 to 1024 strings"),
                      ({"structured_outputs": {"regex": "a"}, "min_tokens": 2}, "min_tokens cannot be combined")):
@@ -1020,3 +1024,12 @@ def test_tool_choice_auto_reads_the_models_hermes_calls(server_tp1, model_path):
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
     plain = httpx.post(url, json={"messages": messages, "tools": [ADD], "max_tokens": 6}, timeout=60).json()
     assert plain["choices"][0]["message"]["content"] and "tool_calls" not in plain["choices"][0]["message"]
+    # parallel_tool_calls false: of the two calls the model makes, the first
+    two = regex.replace("Sure\\. ", "") * 2
+    want = llm.generate({"prompt_token_ids": llm.tokenizer.encode(text, add_special_tokens=False)}, SamplingParams(
+        temperature=0.0, max_tokens=240, structured_output=StructuredOutput("regex", two)))[0].outputs[0]
+    assert want.finish_reason == "stop" and want.text.count("<tool_call>") == 2
+    body = {**body, "max_tokens": 240, "structured_outputs": {"regex": two}, "parallel_tool_calls": False}
+    calls = httpx.post(url, json=body, timeout=60).json()["choices"][0]["message"]["tool_calls"]
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("add", json.dumps(json.loads(want.text.split("\n")[1])["arguments"]))]

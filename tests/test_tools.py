@@ -159,7 +159,7 @@ def test_hermes_replies_are_text_and_calls(text, content, calls):
 
 
 def test_auto_needs_the_apps_parser():
-    assert _plan([ADD], "auto", parser="hermes") == (ToolReply("auto", names=("add",)), None)
+    assert _plan([ADD], "auto", parser="hermes") == (ToolReply("auto", names=("add",), parser="hermes"), None)
     assert _plan([ADD], None, parser="hermes")[0].mode == "auto"  # OpenAI's default with tools
 
 
@@ -181,9 +181,94 @@ def test_streamed_auto_sends_text_then_calls_whole():
     assert out[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+LLAMA_CALL = '{"name": "add", "parameters": {"a": 2, "b": 3}}'
+
+
+@pytest.mark.parametrize("text,calls", [
+    ("just text", None),
+    (LLAMA_CALL, [("add", {"a": 2, "b": 3})]),
+    ("  <|python_tag|>" + LLAMA_CALL + "\n", [("add", {"a": 2, "b": 3})]),
+    (LLAMA_CALL + '; {"name": "now", "parameters": {}}', [("add", {"a": 2, "b": 3}), ("now", {})]),
+    (LLAMA_CALL + ' {"name": "now"}', [("add", {"a": 2, "b": 3}), ("now", {})]),
+    ('{"name": "add", "arguments": {"a": 1, "b": 1}}', [("add", {"a": 1, "b": 1})]),
+    ("Sure: " + LLAMA_CALL, None),  # the calls are the whole reply
+    ('{"name": "rm", "parameters": {}}', None),
+    ('{"name": "add", "parameters": [2, 3]}', None),
+    ('{"name": "add", "parameters": {"a": NaN}}', None),  # Python's json reads NaN: not JSON
+    (LLAMA_CALL + "; oops", None),
+    ('{"name": "add", "parameters": {"a": 2', None),
+    ("{" * 1200, None),
+])
+def test_llama3_json_replies_are_text_or_calls(text, calls):
+    got_content, got = _plan([WEATHER, ADD, NOW], "auto", parser="llama3_json")[0].parse(text)
+    assert got_content == (text if calls is None else None)
+    assert (None if got is None else [(c.function.name, json.loads(c.function.arguments)) for c in got]) == calls
+
+
+@pytest.mark.parametrize("text,calls", [
+    ("just text", None),
+    ("[add(a=2, b=3)]", [("add", {"a": 2, "b": 3})]),
+    ('[get_weather(city="Paris"), now()]', [("get_weather", {"city": "Paris"}), ("now", {})]),
+    ("<|python_start|>[now()]<|python_end|>", [("now", {})]),
+    ("[add(a=True, b=None)]", [("add", {"a": True, "b": None})]),
+    ("[add(a=(1, 2), b={'k': [1.5]})]", [("add", {"a": [1, 2], "b": {"k": [1.5]}})]),
+    ("[add(2, 3)]", None),  # positional arguments
+    ("[rm()]", None),
+    ("[os.system(a=1)]", None),
+    ("[add(**kw)]", None),
+    ("[add(a=x)]", None),  # a name, not a literal
+    ("[add(a={1, 2})]", None),  # a set: no JSON
+    ("[add(a=1e999)]", None),  # infinity: no JSON
+    ("[add(a=1)] and text", None),
+    ("[1, 2]", None),
+    ("[]", None),
+    ("[" * 1200 + "]" * 1200, None),
+])
+def test_pythonic_replies_are_text_or_calls(text, calls):
+    got_content, got = _plan([WEATHER, ADD, NOW], "auto", parser="pythonic")[0].parse(text)
+    assert got_content == (text if calls is None else None)
+    assert (None if got is None else [(c.function.name, json.loads(c.function.arguments)) for c in got]) == calls
+
+
+@pytest.mark.parametrize("parser,pieces,content,calls", [
+    ("llama3_json", [" ", '{"name": "add", ', '"parameters": {"a": 1, "b": 1}}'], [], [("add", {"a": 1, "b": 1})]),
+    ("llama3_json", ["<|pyth", 'on_tag|>{"name": "now"}'], [], [("now", {})]),
+    ("llama3_json", ["<|py", "thon is", " nice"], ["<|python is", " nice"], None),
+    ("llama3_json", ["Hello", " {", "}"], ["Hello", " {", "}"], None),
+    ("pythonic", ["[add(a=1,", " b=1)]"], [], [("add", {"a": 1, "b": 1})]),
+    ("pythonic", ["[citation", " needed] yes"], ["[citation needed] yes"], None),  # held to the end, then text
+    ("pythonic", ["No", " [calls]"], ["No", " [calls]"], None),
+])
+def test_streamed_whole_reply_formats_hold_what_could_be_calls(parser, pieces, content, calls):
+    """A format whose calls are the whole reply streams text at once unless the reply begins with
+    what is or could become a call; that waits for the end, then goes out as calls or as text."""
+    events = ToolCallEvents(_plan([ADD, NOW], "auto", parser=parser)[0], "chatcmpl-x", "m", False)
+    out = _events("".join(events.render([_chunk(p)]) for p in pieces) + events.render([_chunk("", True, "stop")]))
+    deltas = [e["choices"][0]["delta"] for e in out]
+    assert [d["content"] for d in deltas if d.get("content")] == content
+    got = [c for d in deltas for c in d.get("tool_calls") or []]
+    assert ([(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got] or None) == calls
+    assert out[-1]["choices"][0]["finish_reason"] == ("tool_calls" if calls else "stop")
+
+
+def test_parallel_tool_calls_false_is_one_call():
+    """auto: the model's first call; required: the structure allows one call only."""
+    two = HERMES_CALL + HERMES_CALL.replace("add", "now").replace('{"a": 2, "b": 3}', "{}")
+    single = plan(_request([ADD, NOW]).tools, "auto", "hermes", parallel=False)[0]
+    assert [c.function.name for c in single.parse(two)[1]] == ["add"]
+    assert [c.function.name for c in _plan([ADD, NOW], "auto", parser="hermes")[0].parse(two)[1]] == ["add", "now"]
+    held = plan(_request([ADD, NOW]).tools, "required", None, parallel=False)[1]
+    schema = json.loads(held["spec"])
+    jsonschema.validate([{"name": "now", "parameters": {}}], schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "now", "parameters": {}}] * 2, schema)
+    assert "maxItems" not in json.loads(_plan([ADD, NOW], "required")[1]["spec"])
+
+
 def test_the_apps_parser_is_one_it_knows():
     from aptray.serve.args import AppArgs
     assert AppArgs.parse({"tool_call_parser": "hermes"}).tool_call_parser == "hermes"
+    assert AppArgs.parse({"tool_call_parser": "pythonic"}).tool_call_parser == "pythonic"
     assert AppArgs.parse({"tool_call_parser": "none"}).tool_call_parser is None
     with pytest.raises(ValueError, match="tool_call_parser 'mistral': use one of"):
         AppArgs.parse({"tool_call_parser": "mistral"})

@@ -10,7 +10,7 @@ from aptray.serve.tool_parser import PARSERS
 CPUS_PER_RANK = 1.0  # Ray CPUs a rank holds (shard actor, or the router when the model runs in it)
 INGRESS_CPUS = 0.5  # Ray CPUs an ingress replica holds
 _OPTIONAL_INTS = ("num_cache_blocks", "max_prompt_tokens", "max_tokens_limit", "max_num_batched_tokens", "min_replicas",
-                  "max_replicas")
+                  "max_replicas", "max_requests_per_key")
 _OPTIONAL_FLOATS = ("min_ttft_slo_ms", "min_tbt_slo_ms")
 EXECUTORS = ("auto", "local", "ray")
 ROUTINGS = ("slo", "default")
@@ -49,6 +49,9 @@ class AppArgs:
     drain_timeout_s: float = 30.0
     # -- security and request size limits (docs/RELIABILITY.md) --
     api_keys: str | None = None  # comma-separated; None: $APTRAY_API_KEYS; empty: no auth
+    # requests one API key may have in flight (waiting or running) through one ingress replica, 429
+    # beyond; None: no cap. Needs api_keys: without keys, callers are not told apart
+    max_requests_per_key: int | None = None
     max_body_bytes: int = 1 << 20  # HTTP request bodies over this get 413
     max_prompt_tokens: int | None = None  # None: the model context minus one
     max_tokens_limit: int | None = None  # largest max_tokens a request may ask; None: the context
@@ -59,7 +62,7 @@ class AppArgs:
     # a child process (grammar_sandbox.py), is killed
     grammar_compile_timeout_s: float = 10.0
     # the format of the model's own tool calls, which chat's tool_choice "auto" reads them in
-    # (aptray.serve.tool_parser: "hermes"); None: "auto" with tools is refused
+    # (aptray.serve.tool_parser: "hermes", "llama3_json", "pythonic"); None: "auto" with tools is refused
     tool_call_parser: str | None = None
     # -- fault recovery --
     max_shard_rebuilds: int = 3  # shard-group rebuilds in a row without a good step before giving up
@@ -107,7 +110,9 @@ class AppArgs:
         if parsed.executor == "local" and parsed.tensor_parallel_size != 1:
             raise ValueError("executor 'local' runs one rank: tensor_parallel_size must be 1 (or use 'ray')")
         if parsed.tool_call_parser not in (None, *PARSERS):
-            raise ValueError(f"tool_call_parser {parsed.tool_call_parser!r}: use one of {PARSERS}")
+            raise ValueError(f"tool_call_parser {parsed.tool_call_parser!r}: use one of {tuple(PARSERS)}")
+        if parsed.max_requests_per_key is not None and parsed.max_requests_per_key < 1:
+            raise ValueError(f"max_requests_per_key must be at least 1, got {parsed.max_requests_per_key}")
         if parsed.routing not in ROUTINGS:
             raise ValueError(f"routing {parsed.routing!r}: use one of {ROUTINGS}")
         if not 0 <= parsed.routing_equal_ttft_fraction < 1:  # also refuses nan

@@ -148,7 +148,7 @@ class Ingress:
         self.router_args["use_gpu"] = self.use_gpu
         self._recovery: asyncio.Task | None = None
         self._routers_started = 0
-        self.link = RouterLink(self._start_router, self.args.router_restart_timeout_s)
+        self.link = RouterLink(self._start_router, self.args.router_restart_timeout_s, self.args.max_requests_per_key)
         self.serving_delay = ServingDelay()
         # tokenizers and chat templates run here, off the event loop: a long prompt must not stall
         # every other request's stream (one thread: a tokenizer is not shared across threads safely)
@@ -402,7 +402,8 @@ class Ingress:
         """What the reply is (text, or tool calls), and the request's sampling dict, whose "tools" are
         for the chat template (taken out before admission). The tools' structure holds the reply
         where tool_choice asks for calls."""
-        reply, held = _invalid_as_400(tools.plan, req.tools, req.tool_choice, self.args.tool_call_parser)
+        reply, held = _invalid_as_400(tools.plan, req.tools, req.tool_choice, self.args.tool_call_parser,
+                                      req.parallel_tool_calls is not False)
         sampling = self.sampling(req, 1)
         if held is not None:
             if sampling["structured_output"] is not None:

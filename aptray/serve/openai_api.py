@@ -38,7 +38,6 @@ UNSUPPORTED = {
     "suffix": (None, ""),
     "tools": (None, []), "tool_choice": (None, "none", "auto"),  # a completion's (chat declares them)
     "functions": (None, []), "function_call": (None, "none", "auto"), "use_beam_search": (None, False),
-    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
 }
 
 
@@ -74,9 +73,11 @@ def _json_text(schema: dict, param: str) -> str:
         raise InvalidRequest("the JSON schema cannot be written as JSON (nested too deep)", param) from None
 
 
-def structured_output(response_format: ResponseFormat | None, outputs: StructuredOutputs | None) -> dict | None:
+def structured_output(response_format: ResponseFormat | None, outputs: StructuredOutputs | None,
+                      guided: StructuredOutputs | None = None) -> dict | None:
     """The request's structure as aptray.structured_output.StructuredOutput's fields, or None (free
-    text). Raises InvalidRequest where the two fields ask for two things or for nothing."""
+    text). guided: vLLM's older guided_json, guided_regex, guided_choice and guided_grammar fields, as
+    structured_outputs. Raises InvalidRequest where the fields ask for two things or for nothing."""
     asked = []
     if response_format is not None and response_format.type == "json_object":
         asked.append(("response_format", {"kind": "json_object"}))
@@ -85,22 +86,27 @@ def structured_output(response_format: ResponseFormat | None, outputs: Structure
             raise InvalidRequest("response_format of type json_schema needs its json_schema", "response_format")
         asked.append(("response_format", {"kind": "json", "spec": _json_text(response_format.json_schema.schema_,
                                                                                "response_format")}))
-    if outputs is not None:
-        kinds = [(name, value) for name, value in (("json", outputs.json_), ("json_object", outputs.json_object),
-                                                   ("regex", outputs.regex), ("choice", outputs.choice),
-                                                   ("grammar", outputs.grammar)) if value not in (None, False)]
+    for fields in (outputs, guided):
+        if fields is None:
+            continue
+        kinds = [(name, value) for name, value in (("json", fields.json_), ("json_object", fields.json_object),
+                                                   ("regex", fields.regex), ("choice", fields.choice),
+                                                   ("grammar", fields.grammar)) if value not in (None, False)]
+        if fields is guided and len(kinds) > 1:
+            raise InvalidRequest("send one of guided_json, guided_regex, guided_choice and guided_grammar",
+                                 f"guided_{kinds[-1][0]}")
         if len(kinds) != 1:
             raise InvalidRequest("structured_outputs takes exactly one of json, json_object, regex, choice and "
                                  "grammar", "structured_outputs")
         kind, spec = kinds[0]
+        param = "structured_outputs" if fields is outputs else f"guided_{kind}"
         if kind == "json" and not isinstance(spec, str):
-            spec = _json_text(spec, "structured_outputs")
+            spec = _json_text(spec, param)
         elif kind in ("json_object", "choice"):
             spec = "" if kind == "json_object" else tuple(spec)
-        asked.append(("structured_outputs", {"kind": kind, "spec": spec}))
+        asked.append((param, {"kind": kind, "spec": spec}))
     if len(asked) > 1:
-        raise InvalidRequest("response_format and structured_outputs each ask for a structure: send one",
-                             "structured_outputs")
+        raise InvalidRequest(f"{' and '.join(p for p, _ in asked)} each ask for a structure: send one", asked[-1][0])
     return asked[0][1] if asked else None
 
 
@@ -129,9 +135,18 @@ class _SamplingRequest(BaseModel):
     return_token_ids: bool = False  # vLLM extension: the prompt's and the reply's token ids beside the text
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None  # vLLM extension
+    # vLLM's older names of structured_outputs' fields
+    guided_json: dict | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
 
     def structured_output(self) -> dict | None:
-        return structured_output(self.response_format, self.structured_outputs)
+        guided = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
+                  "grammar": self.guided_grammar}
+        guided = {k: v for k, v in guided.items() if v is not None}
+        return structured_output(self.response_format, self.structured_outputs,
+                                 StructuredOutputs(**guided) if guided else None)
 
 
 def unsupported_field(req: _SamplingRequest) -> str | None:
@@ -200,6 +215,7 @@ class ChatCompletionRequest(_SamplingRequest):
     # "none": text; "required": one call or more; a named function: a call of it ("auto" needs a
     # parser of the model's own tool-call format: refused, aptray.serve.tools)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: one call at most; None: OpenAI's default, true
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False  # each output token's log-probability

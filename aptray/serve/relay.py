@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 
 import ray
 from ray.exceptions import RayActorError
@@ -73,10 +74,13 @@ class Call:
 
 
 class RouterLink:
-    def __init__(self, start_router, restart_timeout_s: float):
-        """start_router(): a new Router actor handle (its ready() not yet awaited)."""
+    def __init__(self, start_router, restart_timeout_s: float, max_per_owner: int | None = None):
+        """start_router(): a new Router actor handle (its ready() not yet awaited); max_per_owner:
+        the open calls one owner (an API key) may have, Rejected (429) beyond; None: no cap."""
         self.start_router = start_router
         self.restart_timeout_s = restart_timeout_s
+        self.max_per_owner = max_per_owner
+        self._per_owner: Counter[str] = Counter()  # open calls by owner, "" (no keys) not counted
         self.router = start_router()
         self.restarts = 0
         self.lock = asyncio.Lock()
@@ -113,6 +117,9 @@ class RouterLink:
     async def open(self, rid: str, ids: list[int], sampling: dict, prompt: str | None, owner: str = "",
                    prefix: str | None = None) -> Call:
         """Admission: returns the call once its request is accepted (else raises Rejected)."""
+        if owner and self.max_per_owner is not None and self._per_owner[owner] >= self.max_per_owner:
+            raise Rejected(f"this API key has {self._per_owner[owner]} requests in flight here (limit "
+                           f"{self.max_per_owner})", 429)
         call = Call(rid, ids, sampling, prompt, owner, prefix)
         await self._open(call, resume=False)
         return call
@@ -124,7 +131,7 @@ class RouterLink:
                 if attempt or resume:
                     call.epoch += 1
                 call.clear()  # whatever came before this admission is stale (an old router's, or its end)
-                self._calls[call.rid] = call  # before admit: its first chunks may come before admit's answer
+                self._track(call)  # before admit: its first chunks may come before admit's answer
                 self._ensure_pump()
                 try:
                     first = await self._admit(call.router, (call.rid, call.ids, call.sampling, call.prompt,
@@ -185,9 +192,19 @@ class RouterLink:
         """The open call of request rid, if this ingress relays it."""
         return self._calls.get(rid)
 
+    def _track(self, call: Call) -> None:
+        if self._calls.get(call.rid) is not call:
+            self._calls[call.rid] = call
+            if call.owner:
+                self._per_owner[call.owner] += 1
+
     def _forget(self, call: Call) -> None:
         if self._calls.get(call.rid) is call:
             del self._calls[call.rid]
+            if call.owner:
+                self._per_owner[call.owner] -= 1
+                if not self._per_owner[call.owner]:
+                    del self._per_owner[call.owner]
 
     async def chunks(self, call: Call):
         """Lists of token chunks (all that arrived together) until finished; a router that dies is

@@ -29,10 +29,13 @@ _NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": Fal
 @dataclass(frozen=True)
 class ToolReply:
     """What the reply is: "text", "required" (calls of any of the tools), "named" (a call of name) or
-    "auto" (text, calls in the model's own format, or both; names: the tools it may call)."""
+    "auto" (text, calls in the model's own format, or both; names: the tools it may call, parser: the
+    format's name in tool_parser.PARSERS). single: at most one call (parallel_tool_calls false)."""
     mode: str = "text"
     name: str | None = None
     names: tuple[str, ...] = ()
+    parser: str | None = None
+    single: bool = False
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall] | None]:
         """(the reply's text content, the calls it makes): (text, None) where it makes none (text, or
@@ -43,15 +46,16 @@ class ToolReply:
         if self.mode == "required":
             return (None, [_call(c["name"], json.dumps(c["parameters"])) for c in value]) if value else (text, None)
         if self.mode == "auto":
-            content, calls = tool_parser.parse(text, self.names)
+            content, calls = tool_parser.PARSERS[self.parser].parse(text, self.names)
+            calls = calls[:1] if self.single else calls  # the model's first call, as vLLM answers
             return (content, [_call(name, arguments) for name, arguments in calls]) if calls else (text, None)
         return text, None
 
 
-def plan(tools, tool_choice, parser: str | None = None) -> tuple[ToolReply, dict | None]:
+def plan(tools, tool_choice, parser: str | None = None, parallel: bool = True) -> tuple[ToolReply, dict | None]:
     """(what the reply is, the structured output that holds it: StructuredOutput's fields, or None)
-    of a request's tools and tool_choice; parser: the app's tool_call_parser, which "auto" needs.
-    InvalidRequest where they cannot be served."""
+    of a request's tools and tool_choice; parser: the app's tool_call_parser, which "auto" needs;
+    parallel: parallel_tool_calls (false: one call at most). InvalidRequest where they cannot be served."""
     tools = tools or []
     if len(tools) > MAX_TOOLS:
         raise InvalidRequest(f"at most {MAX_TOOLS} tools", "tools")
@@ -69,7 +73,7 @@ def plan(tools, tool_choice, parser: str | None = None) -> tuple[ToolReply, dict
     if not tools:
         raise InvalidRequest(f"tool_choice {_describe(choice)} needs tools", "tool_choice")
     if choice == "auto" and parser is not None:
-        return ToolReply("auto", names=tuple(schemas)), None
+        return ToolReply("auto", names=tuple(schemas), parser=parser, single=not parallel), None
     if choice == "auto":
         raise InvalidRequest("tool_choice auto needs a parser of this model's own tool-call format, which this "
                              "server was not started with (build_app's tool_call_parser): send tool_choice "
@@ -79,7 +83,7 @@ def plan(tools, tool_choice, parser: str | None = None) -> tuple[ToolReply, dict
         calls = [{"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
                   "required": ["name", "parameters"], "additionalProperties": False}
                  for name, schema in schemas.items()]
-        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}, **({} if parallel else {"maxItems": 1})}
         return ToolReply("required"), {"kind": "json", "spec": json.dumps(schema)}
     name = choice.function.name
     if name not in schemas:
@@ -152,9 +156,7 @@ class ToolCallEvents(ChatEvents):
         text = "".join(self._text)
         if self.reply.mode == "named":
             return self._arguments(text)
-        at = text.find(tool_parser.OPEN, self._sent)
-        end = at if at >= 0 else len(text) - tool_parser.held_back(text[self._sent:])
-        self._in_calls = at >= 0
+        end, self._in_calls = tool_parser.PARSERS[self.reply.parser].split(text, self._sent)
         return self._content(text, end)
 
     def _content(self, text: str, end: int) -> ChatDelta | None:
