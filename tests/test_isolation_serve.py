@@ -11,6 +11,7 @@ import concurrent.futures
 import json
 import math
 import os
+import re
 import threading
 import time
 
@@ -204,6 +205,9 @@ def test_slow_structures_never_starve_other_structured_requests(server):
     r, _ = _post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 64, "response_format": fmt}, key=ALICE)
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "stop", r.text[:300]
     assert set(json.loads(r.json()["choices"][0]["text"])) == {"n"}
+    metrics = httpx.get(server["http"] + "/metrics", headers=_auth(ALICE), timeout=30).text
+    waits = re.search(r"^aptray_grammar_wait_seconds_count (\S+)$", metrics, re.M)
+    assert waits and float(waits.group(1)) >= len(slow) + 1
     print("RELIABILITY slow structures:", sorted(r.status_code for r, _ in answers),
           f"slowest_s={max(t for _, t in answers):.2f}")
 

@@ -55,6 +55,9 @@ class ServingMetrics:
         # a slow Redis delays every admission (accepted only once written) before it times out (store.py)
         self.store_write = Histogram("aptray_store_write_seconds", "Redis round trip of each write (a batch of "
                                      "records), failed ones included", buckets=_STORE, registry=r)
+        # a structured request's wait for its grammar at admission (about 0 where the router kept it)
+        self.grammar_wait = Histogram("aptray_grammar_wait_seconds", "a structured request's wait for its "
+                                      "compiled grammar at admission, refusals included", buckets=_LATENCY, registry=r)
         self._seen_stats: dict[str, int] = {}
         self._recent: deque[tuple[float, bool]] = deque()  # (monotonic time, attained) of ended requests
         self._seen_faults: dict[str, int] = {"outages": 0}

@@ -195,14 +195,17 @@ class Router:
         for i, (refusal, sp) in enumerate(checked):
             if refusal is not None or sp.structured_output is None:
                 continue
+            start = time.monotonic()
             try:
                 compiled[requests[i][0]] = await self.compiler.compile(sp.structured_output)
             except InvalidRequest as e:
                 checked[i] = ({"error": str(e), "status": 400, "param": e.param}, None)
             except GrammarBusy as e:
+                self.metrics.observe_rejected("grammar_busy")
                 checked[i] = ({"error": str(e), "status": 429}, None)
             except GrammarUnavailable as e:
                 checked[i] = ({"error": str(e), "status": 503}, None)
+            self.metrics.grammar_wait.observe(time.monotonic() - start)
         return compiled
 
     def _check(self, rid: str, ids: list[int], sampling: dict, reattach: bool, duplicate: bool
