@@ -144,6 +144,7 @@ class SandboxedCompiler:
         self._lock = threading.Lock()
         self._refused: OrderedDict[bytes, str] = OrderedDict()  # by spec digest: the refusal's message
         self._pending = 0
+        self._closed = False
 
     async def compile(self, so: StructuredOutput):
         """so's compiled grammar. InvalidRequest: it does not compile, or not within timeout_s."""
@@ -169,6 +170,7 @@ class SandboxedCompiler:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
+            self._closed = True
             for sandbox in self._sandboxes:
                 sandbox.close()
 
@@ -178,6 +180,8 @@ class SandboxedCompiler:
             sandbox = self._local.sandbox = GrammarSandbox(self.grammars, self.child_memory_bytes)
             with self._lock:
                 self._sandboxes.append(sandbox)
+        if self._closed:  # the router is shutting down: start no child
+            raise GrammarUnavailable("the router is shutting down")
         try:
             sandbox.check(so, self.timeout_s)
         except InvalidRequest as e:
@@ -185,6 +189,10 @@ class SandboxedCompiler:
                 self._refused[digest] = str(e)
                 if len(self._refused) > REMEMBERED_REFUSALS:
                     self._refused.popitem(last=False)
+            raise
+        except (OSError, AttributeError, ValueError):
+            if self._closed:  # close() took the child from under the check
+                raise GrammarUnavailable("the router is shutting down") from None
             raise
         return self.grammars.compile(so)
 
