@@ -82,17 +82,27 @@ class LLM:
             order.append(rid)
         return self._run(order, use_tqdm)
 
-    def chat(self, messages, sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"}) or a list of them, through the chat template."""
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = False, chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: list[dict] | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or a list of them, through the chat
+        template (the model's, or chat_template), with vLLM's arguments: tools go to the template;
+        continue_final_message goes on from the last (assistant) message instead of opening a new one;
+        chat_template_kwargs: the template's own variables."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         for message in (m for c in conversations for m in c if isinstance(m, dict)):
             for key, value in message.items():
                 if isinstance(value, str):
                     check_text(value, param=key)
-        prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                   for c in conversations]
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message goes on from the last message: set add_generation_prompt=False")
+        prompts = [self.tokenizer.apply_chat_template(
+            c, tokenize=False, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, tools=tools, **(chat_template_kwargs or {}))
+            for c in conversations]
         return self.generate([{"prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False)}
-                              for p in prompts], sampling_params)
+                              for p in prompts], sampling_params, use_tqdm)
 
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

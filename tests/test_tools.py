@@ -313,3 +313,26 @@ def test_the_template_gets_tools_and_calls_as_objects():
     nested = ChatMessage.model_construct(role="assistant", content=None, tool_calls=[{"x": deep}])
     with pytest.raises(InvalidRequest, match="nest too deep"):
         chat_chars([nested], None)
+
+
+def test_offline_chat_takes_tools_and_vllms_template_arguments():
+    """LLM.chat passes chat_template, tools, add_generation_prompt, continue_final_message and
+    chat_template_kwargs to the template: its tokens are generate()'s on the text they render."""
+    llm = LLM(tiny_model("opt-60x3"), num_cache_blocks=32)
+    template = ("{% for t in tools or [] %}[tool {{ t.function.name }}]{% endfor %}"
+                "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{{ greeting | default('') }}{% endif %}")
+    sp = SamplingParams(temperature=0.0, max_tokens=6)
+
+    def tokens_of(text):
+        ids = llm.tokenizer.encode(text, add_special_tokens=False)
+        return llm.generate({"prompt_token_ids": ids}, sp)[0].outputs[0].token_ids
+
+    asked = [{"role": "user", "content": "add"}]
+    out = llm.chat(asked, sp, chat_template=template, tools=[ADD], chat_template_kwargs={"greeting": "hi"})
+    assert out[0].outputs[0].token_ids == tokens_of("[tool add]<user>add<assistant>hi")
+    started = asked + [{"role": "assistant", "content": "The sum is"}]
+    out = llm.chat(started, sp, chat_template=template, add_generation_prompt=False, continue_final_message=True)
+    assert out[0].outputs[0].token_ids == tokens_of("<user>add<assistant>The sum is")
+    with pytest.raises(ValueError, match="continue_final_message"):
+        llm.chat(started, sp, chat_template=template, continue_final_message=True)
