@@ -620,6 +620,38 @@ def test_n_choices_are_separate_draws_relayed_as_one_response(server, model_path
     assert h["running"] == 0 and h["waiting"] == 0, h  # the admitted choices were aborted
 
 
+def test_a_completion_of_several_prompts_answers_each(server, model_path):
+    """prompt as a list of strings or of token-id lists: choice i is prompt i // n's choice i % n, the
+    engine's greedy output for that prompt, streamed or not; echo and prompt_token_ids are each
+    choice's own prompt; usage counts every prompt once. Past the server's limits: 400."""
+    url = server["http"] + "/v1/completions"
+    llm = LLM(model_path, num_cache_blocks=64)
+    prompts = PROMPTS[:2]
+    want = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, SamplingParams(
+        temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))]
+    ids = [llm.tokenizer.encode(p) for p in prompts]
+    body = {"prompt": prompts, "n": 2, "temperature": 0.0, "max_tokens": MAX_TOKENS, "ignore_eos": True,
+            "return_token_ids": True, "echo": True}
+    whole = httpx.post(url, json=body, timeout=60).json()
+    got = whole["choices"]
+    assert [c["index"] for c in got] == [0, 1, 2, 3]
+    assert [c["token_ids"] for c in got] == [want[0], want[0], want[1], want[1]]
+    assert [c["prompt_token_ids"] for c in got] == [ids[0], ids[0], ids[1], ids[1]]
+    assert [c["text"][:len(prompts[i // 2])] for i, c in enumerate(got)] == [prompts[0]] * 2 + [prompts[1]] * 2
+    assert whole["usage"]["prompt_tokens"] == len(ids[0]) + len(ids[1])
+    assert whole["usage"]["completion_tokens"] == 4 * MAX_TOKENS
+    streamed = {"prompt": ids, "temperature": 0.0, "max_tokens": MAX_TOKENS, "ignore_eos": True,
+                "return_token_ids": True, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", url, json=streamed, timeout=60) as r:
+        events = _sse_objects(r)
+    assert [[t for e in events for c in e["choices"] if c["index"] == i for t in c["token_ids"]]
+            for i in range(2)] == want
+    assert [e["usage"]["prompt_tokens"] for e in events if e.get("usage")] == [len(ids[0]) + len(ids[1])]
+    for too_many in ({"prompt": ["a"] * 33}, {"prompt": ["a"] * 8, "n": 9}):
+        r = httpx.post(url, json={**too_many, "max_tokens": 1}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
 def _sse_objects(response) -> list[dict]:
     return [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data: {")]
 

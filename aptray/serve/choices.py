@@ -1,7 +1,9 @@
-"""n > 1: one engine request per choice, opened together and relayed as one response (a request of
-n = 1 is relayed directly, Ingress.open_choices and Ingress.batches).
+"""n > 1, or a completion of several prompts: one engine request per choice, opened together and
+relayed as one response (a request of one prompt and n = 1 is relayed directly, Ingress.open_choices
+and Ingress.batches).
 
-Choice i is the request `<id>-<i>`. A choice scheduled after another's prefill finds the prompt's
+Choice i is the request `<id>-<i>`; with several prompts, choice i is prompt i // n's choice i % n
+(OpenAI's order). A choice scheduled after another's prefill finds the prompt's
 blocks in the prefix cache. A seeded request's choice i draws with seed + i: the sampler seeds each
 draw from (seed, token index), so one seed would give every choice the same tokens. A choice refused
 at admission aborts those already admitted; a client that leaves mid-stream closes every choice's
@@ -13,6 +15,8 @@ import asyncio
 from contextlib import aclosing
 
 MAX_CHOICES = 16  # a server's limit on n: each choice is a request of its own in the queue and the batch
+MAX_PROMPTS = 32  # prompts in one completion request
+MAX_REQUESTS = 64  # prompts times n: the engine requests one HTTP request may open
 
 
 def choice_sampling(sampling: dict, index: int) -> dict:
@@ -21,14 +25,15 @@ def choice_sampling(sampling: dict, index: int) -> dict:
     return {**sampling, "seed": sampling["seed"] + index}
 
 
-async def open_choices(ingress, rid: str, ids: list[int], sampling: dict, prompt: str | None, owner: str,
+async def open_choices(ingress, rid: str, prompts: list[tuple[str | None, list[int]]], sampling: dict, owner: str,
                        prefix: str | None, n: int) -> list:
-    """The n choices' calls, each admitted; if one is refused (or the caller is cancelled), every choice
-    is aborted and it raises. The admissions run at once, so the RouterLink sends them in one
-    Router.admit."""
-    rids = [f"{rid}-{i}" for i in range(n)]
-    opening = [asyncio.ensure_future(ingress.open_stream(r, ids, choice_sampling(sampling, i), prompt, owner, prefix))
-               for i, r in enumerate(rids)]
+    """The calls of each prompt's n choices ((text, token ids) each), each admitted; if one is refused
+    (or the caller is cancelled), every choice is aborted and it raises. The admissions run at once,
+    so the RouterLink sends them in one Router.admit."""
+    rids = [f"{rid}-{i}" for i in range(len(prompts) * n)]
+    opening = [asyncio.ensure_future(ingress.open_stream(rids[p * n + i], ids, choice_sampling(sampling, i), text,
+                                                         owner, prefix))
+               for p, (text, ids) in enumerate(prompts) for i in range(n)]
     try:
         return list(await asyncio.gather(*opening))
     except BaseException:

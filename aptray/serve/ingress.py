@@ -185,12 +185,13 @@ class Ingress:
         call.ttft_probe = probe
         return call
 
-    async def open_choices(self, rid: str, ids: list[int], sampling: dict, prompt: str | None, owner: str,
+    async def open_choices(self, rid: str, prompts: list[tuple[str | None, list[int]]], sampling: dict, owner: str,
                            prefix: str | None, n: int) -> list[Call]:
-        """The calls of a request's n choices (aptray.serve.choices where n > 1), each admitted."""
-        if n == 1:
-            return [await self.open_stream(rid, ids, sampling, prompt, owner, prefix)]
-        return await choices.open_choices(self, rid, ids, sampling, prompt, owner, prefix, n)
+        """The calls of each prompt's n choices ((text, token ids) each; aptray.serve.choices where there
+        are several), each admitted."""
+        if n == 1 and len(prompts) == 1:
+            return [await self.open_stream(rid, prompts[0][1], sampling, prompts[0][0], owner, prefix)]
+        return await choices.open_choices(self, rid, prompts, sampling, owner, prefix, n)
 
     async def batches(self, calls: list[Call]):
         """(choice index, batch of chunks) until every choice finishes (choices.merged where n > 1)."""
@@ -270,22 +271,24 @@ class Ingress:
             sampling = self.sampling(req, req.max_tokens or 16)
             # echo with logprobs: the prompt's too (computed whole, without the prefix cache)
             sampling["prompt_logprobs"] = req.logprobs if req.echo else None
-            prompt, ids = await self._completion_prompt(req.prompt, sampling)
+            prompts = await self._completion_prompts(req.prompt, sampling, req.n)
             rid = new_id("cmpl")
-            calls = await self.open_choices(rid, ids, sampling, prompt, self.caller(raw), self.prefix_of(raw), req.n)
+            calls = await self.open_choices(rid, prompts, sampling, self.caller(raw), self.prefix_of(raw), req.n)
         except Rejected as e:
             return self._reject(e)
-        echo = None
-        if req.echo:  # the prompt as the client sent it, or the text of its token ids
-            echo = prompt if prompt is not None else await self.off_loop(self.tokenizer.decode, ids)
+        echoes = [None] * len(prompts)
+        if req.echo:  # each prompt as the client sent it, or the text of its token ids
+            echoes = [text if text is not None else await self.off_loop(self.tokenizer.decode, ids)
+                      for text, ids in prompts]
+        n, one = req.n, len(calls) == 1
         renderers = [LogprobsRenderer(self.token_text) if req.logprobs is not None else None for _ in calls]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = [CompletionEvents(rid, self.model_name, include_usage and req.n == 1,
-                                       ids if req.return_token_ids else None, renderer,
-                                       None if echo is None else (echo, ids), index)
-                      for index, renderer in enumerate(renderers)]
-            return StreamingResponse(self._sse_stream(calls, events, include_usage and req.n > 1),
+            events = [CompletionEvents(rid, self.model_name, include_usage and one,
+                                       prompts[i // n][1] if req.return_token_ids else None, renderer,
+                                       None if echoes[i // n] is None else (echoes[i // n], prompts[i // n][1]), i)
+                      for i, renderer in enumerate(renderers)]
+            return StreamingResponse(self._sse_stream(calls, events, include_usage and not one, n),
                                      media_type="text/event-stream")
         try:
             replies = await self._collect(calls)
@@ -293,17 +296,17 @@ class Ingress:
             return self._reject(e)
         asked = req.return_token_ids
         choices = []
-        for index, (reply, renderer) in enumerate(zip(replies, renderers)):
-            logprobs = None
+        for i, (reply, renderer) in enumerate(zip(replies, renderers)):
+            ids, logprobs = prompts[i // n][1], None
             if renderer and req.echo:
                 logprobs = renderer.completion(ids + reply.token_ids, reply.prompt_logprobs + reply.logprobs)
             elif renderer:
                 logprobs = renderer.completion(reply.token_ids, reply.logprobs)
             choices.append(CompletionChoice(
-                index=index, text=(echo or "") + reply.text, token_ids=reply.token_ids if asked else None,
+                index=i, text=(echoes[i // n] or "") + reply.text, token_ids=reply.token_ids if asked else None,
                 logprobs=logprobs, finish_reason=finish_reason(reply.last["finish_reason"]),
                 prompt_token_ids=ids if asked else None))
-        return CompletionResponse(id=rid, model=self.model_name, usage=usage(*(r.last for r in replies)),
+        return CompletionResponse(id=rid, model=self.model_name, usage=usage(*(r.last for r in replies), n=n),
                                   choices=choices)
 
     async def _collect(self, calls: list) -> list[Reply]:
@@ -330,20 +333,29 @@ class Ingress:
             text = self._token_texts[token_id] = self._token_text_tokenizer.decode([token_id])
         return text
 
-    async def _completion_prompt(self, prompt, sampling: dict) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            self.check_size(sampling, prompt_chars=len(prompt))
-            return prompt, await self.off_loop(self.tokenizer.encode, prompt)
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            self.check_size(sampling, num_token_ids=len(prompt))
-            return None, list(prompt)
-        raise Rejected("give one prompt per request (a string or a list of token ids)", 400, "prompt")
+    async def _completion_prompts(self, prompt, sampling: dict, n: int) -> list[tuple[str | None, list[int]]]:
+        """(text or None, token ids) of each prompt: a string, token ids, or a list of either."""
+        many = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
+        prompts = prompt if many else [prompt]
+        if len(prompts) > choices.MAX_PROMPTS or len(prompts) * n > choices.MAX_REQUESTS:
+            raise Rejected(f"at most {choices.MAX_PROMPTS} prompts, and prompts times n at most "
+                           f"{choices.MAX_REQUESTS}, on this server", 400, "prompt")
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                self.check_size(sampling, prompt_chars=len(p))
+                out.append((p, await self.off_loop(self.tokenizer.encode, p)))
+            elif isinstance(p, list) and all(isinstance(t, int) for t in p):
+                self.check_size(sampling, num_token_ids=len(p))
+                out.append((None, list(p)))
+            else:
+                raise Rejected("a prompt is a string or a list of token ids, or a list of these", 400, "prompt")
+        return out
 
-    async def _sse_stream(self, calls: list, events: list, total_usage: bool = False):
+    async def _sse_stream(self, calls: list, events: list, total_usage: bool = False, n: int | None = None):
         """The SSE body of a streamed request: each choice's token events as they come (events[i]
-        renders choice i), the usage of all choices where total_usage, an error event if it fails, [DONE]."""
+        renders choice i), the usage of all choices where total_usage (n: choices per prompt, where a
+        completion has several prompts), an error event if it fails, [DONE]."""
         try:
             last = {}
             async with aclosing(self.batches(calls)) as batches:  # closed at once if the client goes
@@ -351,7 +363,7 @@ class Ingress:
                     yield events[i].render(batch)
                     last[i] = batch[-1]
             if total_usage:
-                yield sse(events[0]._usage_model(usage(*last.values())))
+                yield sse(events[0]._usage_model(usage(*(last[i] for i in sorted(last)), n=n)))
         except Rejected as e:
             yield sse(error_body(str(e), e.status))
         except Exception as e:  # headers are sent: an error event is all a client can still get
@@ -371,7 +383,7 @@ class Ingress:
             sampling["max_tokens"] = (req.max_completion_tokens or req.max_tokens
                                       or min(rest, self.args.max_tokens_limit or rest))
             rid = new_id("chatcmpl")
-            calls = await self.open_choices(rid, ids, sampling, text, self.caller(raw), self.prefix_of(raw), req.n)
+            calls = await self.open_choices(rid, [(text, ids)], sampling, self.caller(raw), self.prefix_of(raw), req.n)
         except Rejected as e:
             return self._reject(e)
         renderers = [LogprobsRenderer(self.token_text) if req.logprobs else None for _ in calls]

@@ -27,9 +27,10 @@ def sse(obj) -> str:
     return f"data: {body}\n\n"
 
 
-def usage(*last_chunks: dict) -> Usage:
-    """The usage of a request's choices, from each one's last chunk (they share the prompt)."""
-    prompt = last_chunks[0]["usage"]["prompt_tokens"]
+def usage(*last_chunks: dict, n: int | None = None) -> Usage:
+    """The usage of a request's choices, from each one's last chunk in choice order; n: choices per
+    prompt, where a completion has several prompts (None: the choices share one prompt)."""
+    prompt = sum(c["usage"]["prompt_tokens"] for c in last_chunks[::n or len(last_chunks)])
     completion = sum(c["usage"]["completion_tokens"] for c in last_chunks)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
