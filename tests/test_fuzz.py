@@ -439,6 +439,8 @@ def grpc_requests(draw):
         s.logit_bias.update(draw(st.dictionaries(st.integers(-(2**63), 2**63 - 1), f32, max_size=3)))
         if draw(st.booleans()):
             req.slo.ttft_ms = draw(st.floats())
+        if draw(st.booleans()):  # 0 is 1; over 16 is refused
+            req.n = draw(st.sampled_from([0, 1, 2, 3, 17, 2**32 - 1]))
     return req
 
 

@@ -305,7 +305,7 @@ def test_logit_bias_min_tokens_and_min_p_reach_the_shards_over_http_and_grpc(ser
         # the request names the version of the fields it sets; a newer version than the server's is refused
         assert build_request(p).version == 1 and build_request(p, logit_bias={17: 1.0}).version == 2
         assert build_request(p, min_p=0.1, logprobs=0).version == build_request(p, frequency_penalty=0.5).version == 3
-        assert build_request(p, regex="a+").version == API_VERSION == 4
+        assert build_request(p, regex="a+").version == 4 and build_request(p, n=2).version == API_VERSION == 5
         too_new = build_request(p, min_p=0.1)
         too_new.version = API_VERSION + 1
         with pytest.raises(grpc.RpcError) as e:
@@ -579,7 +579,7 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_engine_does(server, oai, mo
 
 def test_n_choices_are_separate_draws_relayed_as_one_response(server, model_path):
     """n = 3, seeded: choice i is the engine's output with seed + i, streamed or not, completion or
-    chat; usage sums the choices; a streamed response interleaves the choices by index. n over 4 with
+    chat, HTTP or gRPC; usage sums the choices; a streamed response interleaves the choices by index. n over 4 with
     a queue of 4 is refused (429) and leaves nothing running."""
     p, url = PROMPTS[1], server["http"] + "/v1"
     llm = LLM(model_path, num_cache_blocks=64)
@@ -608,6 +608,14 @@ def test_n_choices_are_separate_draws_relayed_as_one_response(server, model_path
     text = ["".join(c["delta"]["content"] or "" for e in events for c in e["choices"] if c["index"] == i)
             for i in range(2)]
     assert roles == [0, 1] and text == [c["message"]["content"] for c in chat["choices"]]
+    # gRPC: the same draws, each choice's messages tagged with its index and its own request id
+    from aptray.client import Client
+    with Client(server["grpc"]) as c:
+        replies = list(c.generate(p, n=3, temperature=1.0, seed=7, max_tokens=MAX_TOKENS, ignore_eos=True))
+    assert [[t for r in replies if r.index == i for t in r.token_ids] for i in range(3)] == want
+    finals = sorted((r.index, r.request_id, r.usage.completion_tokens) for r in replies if r.finished)
+    assert [(i, n) for i, _, n in finals] == [(0, MAX_TOKENS), (1, MAX_TOKENS), (2, MAX_TOKENS)]
+    assert len({rid for _, rid, _ in finals}) == 3
 
     too_many = httpx.post(url + "/completions", json={"prompt": p, "n": 12, "max_tokens": SLOW}, timeout=60)
     assert too_many.status_code == 429, too_many.text

@@ -10,6 +10,7 @@ import numpy as np
 
 from aptray.proto import generate_pb2
 from aptray.proto.convert import PLAN_VERSION, logprobs_to_proto
+from aptray.serve import choices
 from aptray.serve.openai_api import chunk_logprobs, new_id
 from aptray.serve.prefix_key import prefix_tag
 from aptray.serve.relay import Rejected
@@ -17,9 +18,10 @@ from aptray.serve.security import grpc_key, identity, key_ok
 
 logger = logging.getLogger("aptray")
 # GenerateRequest.version this server speaks (0: unset, taken as 1); 2 adds Sampling's min_p, min_tokens
-# and logit_bias, 3 its logprobs, prompt_logprobs and penalties, so that a server without them refuses a
-# request that sets them instead of ignoring them
-API_VERSION = 4
+# and logit_bias, 3 its logprobs, prompt_logprobs and penalties, 4 structured_output and
+# repetition_penalty, 5 n, so that a server without them refuses a request that sets them instead of
+# ignoring them
+API_VERSION = 5
 _STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
            404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
            429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
@@ -105,12 +107,15 @@ async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
             prompt, ids = None, list(req.prompt_token_ids.ids)
         else:
             raise Rejected("give prompt or prompt_token_ids", 400)
-        call = await ingress.open_stream(rid, ids, sampling, prompt, owner, prefix_tag(req.prefix_key))
-        async with aclosing(ingress.chunks(call)) as batches:  # closed at once if the call is cancelled
-            async for batch in batches:  # chunks that came together: one message
+        n = req.n or 1
+        if not 1 <= n <= choices.MAX_CHOICES:
+            raise Rejected(f"n must be in [1, {choices.MAX_CHOICES}] on this server", 400, "n")
+        calls = await ingress.open_choices(rid, [(prompt, ids)], sampling, owner, prefix_tag(req.prefix_key), n)
+        async with aclosing(ingress.batches(calls)) as batches:  # closed at once if the call is cancelled
+            async for index, batch in batches:  # chunks of one choice that came together: one message
                 last = batch[-1]
-                reply = generate_pb2.GenerateResponse(request_id=rid, client_request_id=label,
-                                                      finished=last["finished"],
+                reply = generate_pb2.GenerateResponse(request_id=calls[index].rid, client_request_id=label,
+                                                      finished=last["finished"], index=index,
                                                       token_ids=[t for c in batch for t in c["token_ids"]],
                                                       text="".join(c["text"] for c in batch))
                 if sampling["logprobs"] is not None:
