@@ -48,6 +48,15 @@ def _arguments(value) -> str | None:
         return None
 
 
+def _json_call(value, names: tuple[str, ...], *argument_keys: str) -> tuple[str, str] | None:
+    """(name, arguments as JSON text) of a call written as a JSON object naming one of names, its
+    arguments an object under the first of argument_keys it has (none: no arguments); None otherwise."""
+    if not isinstance(value, dict) or value.get("name") not in names:
+        return None
+    arguments = _arguments(next((value[k] for k in argument_keys if k in value), {}))
+    return None if arguments is None else (value["name"], arguments)
+
+
 class Hermes:
     OPEN = "<tool_call>"
     _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
@@ -60,11 +69,10 @@ class Hermes:
             return text, []
         calls = []
         for body in self._BLOCK.findall(text, at):
-            value = json_value(body)
-            arguments = _arguments(value.get("arguments", {})) if isinstance(value, dict) else None
-            if arguments is None or value.get("name") not in names:
+            call = _json_call(json_value(body), names, "arguments")
+            if call is None:
                 return text, []
-            calls.append((value["name"], arguments))
+            calls.append(call)
         return (text[:at] if text[:at].strip() else None), calls
 
     def split(self, text: str, sent: int) -> tuple[int, bool]:
@@ -110,11 +118,10 @@ class Llama3Json(_WholeReply):
                 value, at = decoder.raw_decode(body, at)
             except (ValueError, RecursionError):
                 return text, []
-            arguments = _arguments(value.get("parameters", value.get("arguments", {}))) if isinstance(
-                value, dict) else None
-            if arguments is None or value.get("name") not in names:
+            call = _json_call(value, names, "parameters", "arguments")
+            if call is None:
                 return text, []
-            calls.append((value["name"], arguments))
+            calls.append(call)
             rest = body[at:].lstrip()
             rest = rest[1:].lstrip() if rest.startswith(";") else rest
             at = len(body) - len(rest)
