@@ -131,7 +131,7 @@ class ToolCallEvents(ChatEvents):
     def __init__(self, reply: ToolReply, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.reply, self._text, self._opened = reply, [], None
-        self._sent = 0  # characters of the text sent as content (auto) or as arguments (named)
+        self._sent = 0  # characters of auto's text sent as content
         self._in_calls = reply.mode == "required"  # nothing goes out as it comes
 
     def render(self, chunks: list[dict]) -> str:
@@ -140,7 +140,7 @@ class ToolCallEvents(ChatEvents):
             self._text.append(chunk["text"])
             ids = chunk["token_ids"] if self.with_ids else None
             lps = None if self.logprobs is None else self._logprobs(chunk["token_ids"], chunk_logprobs(chunk))
-            delta, reason = self._piece(), None
+            delta, reason = self._piece(chunk["text"]), None
             if chunk["finished"]:
                 delta, reason = self._last_delta(chunk, delta)
             if delta is not None or reason is not None or ids or lps:
@@ -149,13 +149,13 @@ class ToolCallEvents(ChatEvents):
                 out.append(sse(self._usage_model(usage(chunk))))
         return "".join(out)
 
-    def _piece(self) -> ChatDelta | None:
-        """What goes out of the text now: a named call's next arguments, or auto's text."""
+    def _piece(self, new: str) -> ChatDelta | None:
+        """What goes out now: a named call's next arguments (new, the chunk's text), or auto's text."""
         if self._in_calls:
             return None
-        text = "".join(self._text)
         if self.reply.mode == "named":
-            return self._arguments(text)
+            return self._arguments(new)
+        text = "".join(self._text)
         end, self._in_calls = tool_parser.PARSERS[self.reply.parser].split(text, self._sent)
         return self._content(text, end)
 
@@ -163,8 +163,7 @@ class ToolCallEvents(ChatEvents):
         piece, self._sent = text[self._sent:end], max(self._sent, end)
         return ChatDelta(content=piece) if piece else None
 
-    def _arguments(self, text: str) -> ChatDelta | None:
-        piece, self._sent = text[self._sent:], len(text)
+    def _arguments(self, piece: str) -> ChatDelta | None:
         if not piece:
             return None
         call = {"index": 0, "function": {"arguments": piece}}
