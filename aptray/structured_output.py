@@ -152,11 +152,9 @@ class Grammars:
 
     def compile(self, so: StructuredOutput):
         """so's compiled grammar; InvalidRequest (naming xgrammar's reason) if it does not compile."""
-        with self._lock:
-            compiled = self._compiled.get(so)
-            if compiled is not None:
-                self._compiled.move_to_end(so)
-                return compiled
+        compiled = self.kept(so)
+        if compiled is not None:
+            return compiled
         compiled = self.compile_uncached(so)
         with self._lock:
             if so not in self._compiled:
@@ -166,10 +164,13 @@ class Grammars:
                 self._bytes -= self._compiled.popitem(last=False)[1].memory_size_bytes
         return compiled
 
-    def kept(self, so: StructuredOutput) -> bool:
-        """Whether so's compiled grammar is kept (compile() returns it at once)."""
+    def kept(self, so: StructuredOutput):
+        """so's compiled grammar where it is kept (now the most recent), else None: never compiles."""
         with self._lock:
-            return so in self._compiled
+            compiled = self._compiled.get(so)
+            if compiled is not None:
+                self._compiled.move_to_end(so)
+            return compiled
 
     def tokenizer_info_json(self) -> str:
         """The tokenizer as xgrammar sees it (its vocabulary and stop tokens), for Grammars(tokenizer_info=)."""

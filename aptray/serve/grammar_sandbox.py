@@ -148,8 +148,9 @@ class SandboxedCompiler:
 
     async def compile(self, so: StructuredOutput):
         """so's compiled grammar. InvalidRequest: it does not compile, or not within timeout_s."""
-        if self.grammars.kept(so):
-            return self.grammars.compile(so)
+        compiled = self.grammars.kept(so)  # one look: a compile() after it could compile here, on the event loop
+        if compiled is not None:
+            return compiled
         digest = hashlib.sha256(json.dumps([so.kind, so.spec]).encode()).digest()
         with self._lock:
             if digest in self._refused:
