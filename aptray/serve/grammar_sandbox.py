@@ -1,10 +1,10 @@
 """A router's structured outputs compile first in a child process, under a deadline, and only then in
 the router.
 
-xgrammar cannot stop a compile once begun, and a short spec can take minutes or more: a regex alternating
-bounded character classes, `[a-z]{1,37}x|[a-z]{1,74}x|...`, compiles in 2.7 s with 100 of them and
-11.3 s with 200 (python -m loadgen.bench_grammar, 2026-12-07 02:29); with 1,500 (20,000 characters)
-one had not finished when stopped at 300 s (same day). Compiled in the router, each such spec would
+xgrammar cannot stop a compile once begun, and a short spec can take minutes: a regex alternating
+bounded character classes, `[a-z]{1,37}x|[a-z]{1,74}x|...`, compiles in 0.8 s with 50 of them, 2.7 s
+with 100 and 11.3 s with 200 (python -m loadgen.bench_grammar, 2026-12-07 02:29), about the square of
+their number: some 10 minutes for 1,500 (20,000 characters) by that trend. Compiled in the router, each such spec would
 hold a grammar thread and a core to its end, and a few of them would make every other structured
 request time out. Here a spec the router has not compiled before compiles first in a child process,
 which is killed at the deadline (and which alone dies should xgrammar crash); the router compiles a
