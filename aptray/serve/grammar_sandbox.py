@@ -3,15 +3,16 @@ the router.
 
 xgrammar cannot stop a compile once begun, and a short spec can take minutes: a regex alternating
 bounded character classes, `[a-z]{1,37}x|[a-z]{1,74}x|...`, compiles in 0.8 s with 50 of them, 2.7 s
-with 100 and 11.3 s with 200 (python -m loadgen.bench_grammar, 2026-12-07 02:29), about the square of
-their number: some 10 minutes for 1,500 (20,000 characters) by that trend. Compiled in the router,
-each such spec would hold a grammar thread and a core to its end, and a few of them would make every
-other structured request time out. Here a spec the router has not compiled before compiles first in a child process,
-which is killed at the deadline (and which alone dies should xgrammar crash); the router compiles a
-spec only once a child compiled it in time and within CHILD_MEMORY_BYTES, so the router's own
-compile is bounded by about the deadline. A spec refused there is remembered and refused again at
-once. The price: a new spec compiles twice (2.6 ms against 0.7 ms for a small schema, same run),
-and each grammar thread keeps a child (263 MB) once a structured request came.
+with 100 and 11.3 s with 200 (python -m loadgen.bench_grammar, 2026-12-07 02:29), about the square
+of their number: some 10 minutes for 1,500 (20,000 characters) by that trend. Compiled in the
+router, each such spec would hold a grammar thread and a core to its end, and a few of them would
+make every other structured request time out. Here a spec the router has not compiled before
+compiles first in a child process, which is killed at the deadline (and which alone dies should
+xgrammar crash); the router compiles a spec only once a child compiled it in time and within
+CHILD_MEMORY_BYTES, so the router's own compile is bounded by about the deadline. A spec refused
+there is remembered and refused again at once. The price: a new spec compiles twice (2.6 ms against
+0.7 ms for a small schema, same run), and each grammar thread keeps a child (263 MB) once a
+structured request came.
 
   python -m aptray.serve.grammar_sandbox   # a child: JSON lines on stdin, replies on stdout
 """
