@@ -75,16 +75,17 @@ class Hermes:
             calls.append(call)
         return (text[:at] if text[:at].strip() else None), calls
 
-    def split(self, text: str, sent: int) -> tuple[int, bool]:
-        """Streaming: (how much of text may go out as content now, whether calls have begun), where
-        sent characters went out already. What could begin an opening tag waits for the next piece."""
-        at = text.find(self.OPEN, sent)
+    def split(self, unsent: str, started: bool) -> tuple[int, bool]:
+        """Streaming: (how much of unsent, the reply's text not sent yet, may go out as content now,
+        whether calls have begun); started: some text went out already. What could begin an opening
+        tag waits for the next piece, so a tag never straddles what went out and what did not."""
+        at = unsent.find(self.OPEN)
         if at >= 0:
             return at, True
-        for n in range(min(len(self.OPEN) - 1, len(text) - sent), 0, -1):
-            if self.OPEN.startswith(text[-n:]):
-                return len(text) - n, False
-        return len(text), False
+        for n in range(min(len(self.OPEN) - 1, len(unsent)), 0, -1):
+            if self.OPEN.startswith(unsent[-n:]):
+                return len(unsent) - n, False
+        return len(unsent), False
 
 
 class _WholeReply:
@@ -92,15 +93,15 @@ class _WholeReply:
     whitespace) with one of OPENERS, or with what could still become one."""
     OPENERS: tuple[str, ...] = ()
 
-    def split(self, text: str, sent: int) -> tuple[int, bool]:
-        if sent:
-            return len(text), False
-        head = text.lstrip()
+    def split(self, unsent: str, started: bool) -> tuple[int, bool]:
+        if started:
+            return len(unsent), False
+        head = unsent.lstrip()
         if any(head.startswith(o) for o in self.OPENERS):
             return 0, True
         if not head or any(o.startswith(head) for o in self.OPENERS):
             return 0, False
-        return len(text), False
+        return len(unsent), False
 
 
 class Llama3Json(_WholeReply):

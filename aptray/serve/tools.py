@@ -132,6 +132,7 @@ class ToolCallEvents(ChatEvents):
         super().__init__(*args, **kwargs)
         self.reply, self._text, self._opened = reply, [], None
         self._sent = 0  # characters of auto's text sent as content
+        self._unsent = ""  # auto's text after them, while no call has begun: what split() reads
         self._in_calls = reply.mode == "required"  # nothing goes out as it comes
 
     def render(self, chunks: list[dict]) -> str:
@@ -155,12 +156,12 @@ class ToolCallEvents(ChatEvents):
             return None
         if self.reply.mode == "named":
             return self._arguments(new)
-        text = "".join(self._text)
-        end, self._in_calls = tool_parser.PARSERS[self.reply.parser].split(text, self._sent)
-        return self._content(text, end)
+        self._unsent += new  # held back at most a few characters: no join of the whole reply per chunk
+        end, self._in_calls = tool_parser.PARSERS[self.reply.parser].split(self._unsent, self._sent > 0)
+        return self._content(self._unsent[:end])
 
-    def _content(self, text: str, end: int) -> ChatDelta | None:
-        piece, self._sent = text[self._sent:end], max(self._sent, end)
+    def _content(self, piece: str) -> ChatDelta | None:
+        self._sent, self._unsent = self._sent + len(piece), self._unsent[len(piece):]
         return ChatDelta(content=piece) if piece else None
 
     def _arguments(self, piece: str) -> ChatDelta | None:
@@ -178,7 +179,7 @@ class ToolCallEvents(ChatEvents):
         calls = self.reply.parse(text)[1] if chunk["finish_reason"] == "stop" else None
         if calls is None:  # cut short, or no calls: what is held back goes out as text
             if self.reply.mode != "named":
-                delta = _merged(delta, self._content(text, len(text)))
+                delta = _merged(delta, self._content(text[self._sent:]))
             return delta, finish_reason(chunk["finish_reason"])
         if self.reply.mode != "named":
             delta = _merged(delta, ChatDelta(tool_calls=[{"index": i, "id": c.id, "type": "function", "function": {
