@@ -1,7 +1,7 @@
 """A router's structured outputs compile first in a child process (aptray.serve.grammar_sandbox): a
 spec past the deadline is refused and its child killed, and the next spec compiles; a refused spec is
 refused again without a compile; a crash of the child is a refusal, not the router's; at most
-max_pending compile at once; no child outlives its router."""
+max_pending compile at once, and max_per_caller of one API key's; no child outlives its router."""
 from __future__ import annotations
 
 import asyncio
@@ -117,6 +117,29 @@ def test_too_many_compiles_at_once_are_busy(tokenizer):
             return await compiler.compile(USUAL)  # no longer busy
 
         assert asyncio.run(two()) is not None
+    finally:
+        compiler.close()
+
+
+def test_one_key_cannot_take_every_compile_and_one_spec_compiles_once(tokenizer):
+    """A caller (API key) has at most max_per_caller compiles at once, others still compile; requests
+    that bring a spec already compiling (an n > 1 request's choices) wait for that one compile."""
+    compiler = SandboxedCompiler(Grammars(tokenizer, 512), timeout_s=2.0, threads=1, max_pending=3, max_per_caller=1)
+    try:
+        async def run():
+            slow = asyncio.ensure_future(compiler.compile(SLOW, "key-a"))
+            await asyncio.sleep(0)
+            with pytest.raises(GrammarBusy, match="this API key has 1 structured outputs compiling"):
+                await compiler.compile(USUAL, "key-a")
+            others = [compiler.compile(USUAL, "key-b") for _ in range(3)] + [compiler.compile(USUAL, "")]
+            # the same spec four times: one compile, so neither key-b's share nor max_pending is used up
+            got = await asyncio.gather(slow, *others, return_exceptions=True)
+            return got[0], got[1:]
+
+        refused, grammars = asyncio.run(run())
+        assert isinstance(refused, InvalidRequest) and "did not compile within 2 s" in str(refused)
+        assert all(g is grammars[0] for g in grammars) and grammars[0] is compiler.grammars.kept(USUAL)
+        assert asyncio.run(compiler.compile(StructuredOutput("regex", "c+"), "key-a")) is not None
     finally:
         compiler.close()
 

@@ -55,7 +55,7 @@ def make_busy(router, requests: int = 60, prompt: int = 480, max_tokens: int = 2
     rids = [f"busy-{uuid.uuid4().hex}" for _ in range(requests)]
     sampling = {"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True, "ttft_slo": RELAXED_MS / 1e3}
     answers = ray.get(router.admit.remote([(rid, [5 + (i + 7 * k) % 90 for i in range(prompt)], sampling, None, None,
-                                            "", 0, None) for k, rid in enumerate(rids)]))
+                                            "", 0, None, "") for k, rid in enumerate(rids)]))
     assert all(a.get("accepted") for a in answers), [a for a in answers if not a.get("accepted")][:2]
     return rids
 

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 from aptray.sampling_params import InvalidRequest
@@ -132,23 +132,28 @@ class GrammarSandbox:
 
 class SandboxedCompiler:
     """The router's compiles of structured outputs: on `threads` threads of their own (never the event
-    loop or the engine thread), each with its GrammarSandbox, with at most max_pending compiles
-    queued or running (GrammarBusy beyond)."""
+    loop or the engine thread), each with its GrammarSandbox. At most max_pending specs compile at
+    once, and at most max_per_caller of one caller's (an API key's), so that one key cannot take every
+    slot (GrammarBusy beyond either). Requests that bring a spec already compiling (the choices of an
+    `n` > 1 request, say) wait for that one compile."""
 
     def __init__(self, grammars: Grammars, timeout_s: float, threads: int = 2, max_pending: int = 8,
-                 child_memory_bytes: int = CHILD_MEMORY_BYTES):
+                 max_per_caller: int | None = None, child_memory_bytes: int = CHILD_MEMORY_BYTES):
         self.grammars, self.timeout_s, self.max_pending = grammars, timeout_s, max_pending
+        self.max_per_caller = max(1, max_pending // 2) if max_per_caller is None else max_per_caller
         self.child_memory_bytes = child_memory_bytes
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="aptray-grammar")
         self._local = threading.local()
         self._sandboxes: list[GrammarSandbox] = []
         self._lock = threading.Lock()
         self._refused: OrderedDict[bytes, str] = OrderedDict()  # by spec digest: the refusal's message
-        self._pending = 0
+        self._compiling: dict[bytes, asyncio.Future] = {}  # by spec digest, on the router's event loop
+        self._by_caller: Counter[str] = Counter()  # compiles begun for each caller ("": no API keys)
         self._closed = False
 
-    async def compile(self, so: StructuredOutput):
-        """so's compiled grammar. InvalidRequest: it does not compile, or not within timeout_s."""
+    async def compile(self, so: StructuredOutput, caller: str = ""):
+        """so's compiled grammar. InvalidRequest: it does not compile, or not within timeout_s.
+        caller: who asks (a digest of its API key; "" without keys: not counted per caller)."""
         compiled = self.grammars.kept(so)  # one look: a compile() after it could compile here, on the event loop
         if compiled is not None:
             return compiled
@@ -156,13 +161,31 @@ class SandboxedCompiler:
         with self._lock:
             if digest in self._refused:
                 raise InvalidRequest(self._refused[digest], PARAM)
-        if self._pending >= self.max_pending:
-            raise GrammarBusy(f"{self._pending} structured outputs are compiling (limit {self.max_pending})")
-        self._pending += 1
-        try:
-            return await asyncio.wrap_future(self._pool.submit(self._checked_compile, so, digest))
-        finally:
-            self._pending -= 1
+        compiling = self._compiling.get(digest)
+        if compiling is None:
+            compiling = self._begin(so, digest, caller)
+        return await asyncio.shield(compiling)  # a caller that goes away leaves the compile to the others
+
+    def _begin(self, so: StructuredOutput, digest: bytes, caller: str) -> asyncio.Future:
+        if len(self._compiling) >= self.max_pending:
+            raise GrammarBusy(f"{len(self._compiling)} structured outputs are compiling (limit {self.max_pending})")
+        if caller and self._by_caller[caller] >= self.max_per_caller:
+            raise GrammarBusy(f"this API key has {self._by_caller[caller]} structured outputs compiling "
+                              f"(limit {self.max_per_caller})")
+        compiling = asyncio.wrap_future(self._pool.submit(self._checked_compile, so, digest))
+        self._compiling[digest] = compiling
+        self._by_caller[caller] += 1
+
+        def done(f: asyncio.Future) -> None:
+            del self._compiling[digest]
+            self._by_caller[caller] -= 1
+            if not self._by_caller[caller]:
+                del self._by_caller[caller]
+            if not f.cancelled():
+                f.exception()  # retrieved: every waiter may have gone
+
+        compiling.add_done_callback(done)
+        return compiling
 
     @property
     def child_pids(self) -> list[int]:

@@ -136,7 +136,7 @@ class RouterLink:
                 try:
                     first = await self._admit(call.router, (call.rid, call.ids, call.sampling, call.prompt,
                                                             call.seen if resume else None, call.text, call.epoch,
-                                                            call.prefix))
+                                                            call.prefix, call.owner))
                 except RayActorError:
                     # it may have recorded the request before dying: from now on only re-attach
                     await self.recover(call.router)

@@ -146,12 +146,14 @@ class Router:
     @ray.method(enable_task_events=False)  # the per-request path: no task events to record and ship
     async def admit(self, requests: list[tuple]) -> list[dict]:
         """Admission of requests that came together: for each (request_id, prompt_token_ids, sampling,
-        prompt, seen_token_ids, seen_text, epoch, prefix) {"accepted": True, ...} or {"error", "status"}.
+        prompt, seen_token_ids, seen_text, epoch, prefix, caller) {"accepted": True, ...} or {"error",
+        "status"}.
         An accepted request's chunks come on stream(), tagged with its epoch.
 
         seen_token_ids: a client re-attaching after a router restart, with the tokens (and text) it
         already has; its stream goes on after them. prefix: the tag of the prompt prefix the client
-        named (prefix_key.py), or None; the replica reports it held once its blocks are cached. A
+        named (prefix_key.py), or None; the replica reports it held once its blocks are cached. caller:
+        a digest of its API key, "" without keys (a key's share of the grammar compiles). A
         structured request's grammar compiles before it is accepted (the ingress admits such a
         request in a call of its own, so no other request waits for it)."""
         self.loop.outbox.bind(asyncio.get_running_loop())
@@ -175,7 +177,7 @@ class Router:
         finally:
             self._being_admitted -= counted
         answers = []
-        for (rid, ids, _, prompt, seen, seen_text, epoch, prefix), (refusal, sp) in zip(requests, checked):
+        for (rid, ids, _, prompt, seen, seen_text, epoch, prefix, _), (refusal, sp) in zip(requests, checked):
             refusal = refusal or stored.get(rid)
             if refusal is not None:
                 answers.append(refusal)
@@ -197,7 +199,7 @@ class Router:
                 continue
             start = time.monotonic()
             try:
-                compiled[requests[i][0]] = await self.compiler.compile(sp.structured_output)
+                compiled[requests[i][0]] = await self.compiler.compile(sp.structured_output, requests[i][8])
             except InvalidRequest as e:
                 checked[i] = ({"error": str(e), "status": 400, "param": e.param}, None)
             except GrammarBusy as e:
