@@ -51,7 +51,8 @@ def test_every_stage_runs_and_the_report_is_written(smoke):
     out, report, stdout = smoke
     assert report["mode"] == "cpu-smoke" and report["finished"]
     assert {name: st["status"] for name, st in report["stages"].items()} == {
-        "kernels": "done", "exactness": "done", "bandwidth": "done", "step_costs": "done", "replay": "done"}
+        "kernels": "done", "exactness": "done", "bandwidth": "done", "step_costs": "done", "replay": "done"}, (
+        {name: st.get("error") for name, st in report["stages"].items()}, stdout[-3000:])
     assert report["elapsed_s"] < report["budget_s"]
     md = (out / "gpu_check.md").read_text()
     for section in ("## Targets", "## Stages", "## kernels", "## exactness", "## bandwidth", "## step_costs",
@@ -314,6 +315,34 @@ def test_stage_failures_are_recorded_not_raised(tmp_path):
     assert st["kernels"]["cases"] == ["kept"]  # what a stage had before it failed stays in the report
     assert st["bandwidth"]["status"] == "deadline"
     assert st["replay"]["status"] == "error" and "no step-cost profile" in st["replay"]["error"]
+
+
+def test_a_stage_stuck_past_the_deadline_is_ended_where_it_was(tmp_path):
+    """The watchdog ends a stage that hangs in one long call, and the report says where it hung."""
+    import time
+
+    from loadgen.gpu_check.budget import Budget
+    from loadgen.gpu_check.report import Report
+    from loadgen.gpu_check.run import Context, parse_args, run_stage
+    from loadgen.gpu_check.sizes import SMOKE
+
+    budget = Budget(0.5)
+    report = Report(str(tmp_path), {"command": "test", "mode": "cpu-smoke", "budget_s": 0.5, "started": "now"})
+    ctx = Context(parse_args(["--out", str(tmp_path), "--cpu-smoke"]), SMOKE, "cpu", str(tmp_path),
+                  str(tmp_path / "work"), time.monotonic())
+
+    def spin_forever():
+        while True:
+            time.sleep(0.01)
+
+    budget.arm_watchdog(reserve_s=0.0)
+    try:
+        run_stage("kernels", lambda ctx, pace, result: spin_forever(), ctx, budget.stage(1.0, 1.0, 0.0), budget,
+                  report)
+    finally:
+        budget.disarm_watchdog()
+    st = report.stages["kernels"]
+    assert st["status"] == "deadline" and "in spin_forever" in st["error"] and st["seconds"] < 30
 
 
 def test_pace_skips_items_that_would_not_fit():

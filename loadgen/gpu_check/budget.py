@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import signal
 import time
+import traceback
+
+STACK_FRAMES = 8  # of the main thread's stack when the deadline passes
 
 
 class DeadlineExceeded(Exception):
@@ -32,8 +35,9 @@ class Budget:
         """SIGALRM reserve_s before the deadline raises DeadlineExceeded inside a stage that overran
         (a stage's own checks come first; this catches one long call)."""
         def on_alarm(signum, frame):
-            if self.in_stage:
-                raise DeadlineExceeded(f"the run's budget ran out ({self.elapsed():.0f} s)")
+            if self.in_stage:  # where the stage was: a hang shows in the report, not only its length
+                where = "".join(traceback.format_stack(frame)[-STACK_FRAMES:])
+                raise DeadlineExceeded(f"the run's budget ran out ({self.elapsed():.0f} s), in:\n{where}")
         signal.signal(signal.SIGALRM, on_alarm)
         signal.setitimer(signal.ITIMER_REAL, max(0.01, self.left() - reserve_s))
 

@@ -38,6 +38,8 @@ POOL_BLOCKS = {"kv": 16, "hidden": 9, "hybrid": 12}
 BF16_PREFIX = 16
 TICK_S = 0.005  # the engine's clock advances this much per reading; SLOs below are in the same time
 UPGRADE_AFTER = 8  # steps after which every hidden request is asked to convert to KV
+# steps per token (prompt and output) past which a run is stuck: preemptions recompute, but not this often
+MAX_STEPS_PER_TOKEN = 20
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,11 @@ def generate_with_upgrades(engine, batch: list[list[int]], max_tokens: int) -> l
     for rid, prompt in zip(ids, batch):
         engine.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
     done, steps = {}, 0
+    max_steps = MAX_STEPS_PER_TOKEN * sum(len(p) + max_tokens for p in batch)
     while engine.has_unfinished():
+        if steps > max_steps:  # a scheduler that stops making progress is this case's error, not a hang
+            raise RuntimeError(f"no progress: {len(done)}/{len(ids)} requests finished after {steps} steps, "
+                               f"scheduler stats {engine.scheduler.stats}")
         if steps == UPGRADE_AFTER:
             for req in list(engine.scheduler.requests.values()):
                 if req.cache_kind is CacheKind.HIDDEN:
