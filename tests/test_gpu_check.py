@@ -142,7 +142,8 @@ def test_step_profile_prices_the_simulator(smoke, monkeypatch):
     engine, executor = build_engine(config, "cpu")
     assert executor.cost_model.hw.gemm == profile.hardware.gemm
     assert executor.cost_model.step_overhead == profile.step_overhead
-    plan = BatchPlan(1, (SeqPlan("a", (5,) * 40, 0, "kv", (0, 1, 2), True), SeqPlan("b", (5,), 99, "kv", tuple(range(3, 10)), True)))
+    plan = BatchPlan(1, (SeqPlan("a", (5,) * 40, 0, "kv", (0, 1, 2), True),
+                         SeqPlan("b", (5,), 99, "kv", tuple(range(3, 10)), True)))
     want = predict([StepSample([("kv", 40, 40, True), ("kv", 1, 100, True)], [], 1.0)], config, profile.hardware,
                    profile.step_overhead)[0]
     assert executor.cost_model.plan_time(plan) == pytest.approx(want)
@@ -244,7 +245,8 @@ def test_an_unknown_replay_policy_is_the_replay_stage_error(smoke, tmp_path):
 
 
 def test_without_a_gpu_the_gpu_mode_says_so(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "kernels")]), "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "kernels")]),
+           "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-m", "loadgen.gpu_check", "--out", str(tmp_path), "--stages", "kernels"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -2,8 +2,9 @@
 
 Tiny random OPT and Llama models, every cache mode and both hidden attentions, fcfs and apt with a
 pool too small for all requests (so requests are preempted), hidden requests asked to move to KV part
-way (hidden -> KV conversions), on a ticking clock (the scheduler decides the same way on any machine). fp32 must give transformers' tokens exactly; bf16
-rounds differently in the two implementations, so there the first BF16_PREFIX tokens must agree on
+way (hidden -> KV conversions), on a ticking clock (the scheduler decides the same way on any
+machine). fp32 must give transformers' tokens exactly; bf16 rounds differently in the two
+implementations, so there the first BF16_PREFIX tokens must agree on
 most prompts (more than half) and the common prefix of the rest is reported, beside how often
 transformers' own bf16 tokens keep the first BF16_PREFIX of its fp32 ones (on these random models a
 top-2 logit gap of 1% is common, which bf16 does not resolve: about 1 prompt in 5 parts either way).
