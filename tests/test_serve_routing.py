@@ -22,6 +22,8 @@ from ray import serve  # noqa: E402
 from fault_tools import descendants_named, metric  # noqa: E402
 from serve_tools import served_app  # noqa: E402
 
+from aptray.serve.relay import Admission  # noqa: E402
+
 ARGS = {"num_replicas": 2, "num_cache_blocks": 128, "max_num_seqs": 8, "max_queue": 1024, "use_gpu": False,
         "shed_unmeetable": True, "routing_stats_period_s": 0.3, "routing_stale_after_s": 1.5}
 RELAXED_MS = 60_000  # an SLO every request meets: only the routing is under test
@@ -54,8 +56,8 @@ def make_busy(router, requests: int = 60, prompt: int = 480, max_tokens: int = 2
     (a rotation of the same ids): identical ones would be one prefill and 59 prefix-cache hits."""
     rids = [f"busy-{uuid.uuid4().hex}" for _ in range(requests)]
     sampling = {"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True, "ttft_slo": RELAXED_MS / 1e3}
-    answers = ray.get(router.admit.remote([(rid, [5 + (i + 7 * k) % 90 for i in range(prompt)], sampling, None, None,
-                                            "", 0, None, "") for k, rid in enumerate(rids)]))
+    answers = ray.get(router.admit.remote([Admission(rid, [5 + (i + 7 * k) % 90 for i in range(prompt)], sampling, None)
+                                           for k, rid in enumerate(rids)]))
     assert all(a.get("accepted") for a in answers), [a for a in answers if not a.get("accepted")][:2]
     return rids
 

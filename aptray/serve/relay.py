@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from dataclasses import dataclass
 
 import ray
 from ray.exceptions import RayActorError
@@ -29,6 +30,20 @@ class Rejected(Exception):
 
     def __reduce__(self):  # Ray ships exceptions by pickle: keep status, param and retry_after
         return Rejected, (str(self), self.status, self.param, self.retry_after)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """One request as Router.admit takes it."""
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: dict  # the request's SamplingParams fields, checked by the router
+    prompt: str | None
+    seen_token_ids: list[int] | None = None  # a re-attach after a router restart: the tokens relayed so far
+    seen_text: str = ""  # and their text
+    epoch: int = 0  # the call's admissions so far - 1: its chunks are tagged with it
+    prefix: str | None = None  # the tag of the prompt prefix its client named (prefix_key.py)
+    caller: str = ""  # a digest of the caller's API key, "" without keys (its share of the grammar compiles)
 
 
 class _Lost:
@@ -134,9 +149,9 @@ class RouterLink:
                 self._track(call)  # before admit: its first chunks may come before admit's answer
                 self._ensure_pump()
                 try:
-                    first = await self._admit(call.router, (call.rid, call.ids, call.sampling, call.prompt,
-                                                            call.seen if resume else None, call.text, call.epoch,
-                                                            call.prefix, call.owner))
+                    first = await self._admit(call.router, Admission(
+                        call.rid, call.ids, call.sampling, call.prompt, call.seen if resume else None, call.text,
+                        call.epoch, call.prefix, call.owner))
                 except RayActorError:
                     # it may have recorded the request before dying: from now on only re-attach
                     await self.recover(call.router)
@@ -150,12 +165,12 @@ class RouterLink:
             self._forget(call)
             raise
 
-    async def _admit(self, router, request: tuple) -> dict:
+    async def _admit(self, router, request: Admission) -> dict:
         """Router.admit for one request. Requests that come while an admission call is in flight go
         together in the next one: one Ray call per round trip, not per request, under load. A
         structured request goes in a call of its own: its grammar compiles during its admission, which
         no other request should wait for."""
-        if request[2].get("structured_output") is not None:
+        if request.sampling.get("structured_output") is not None:
             return (await router.admit.remote([request]))[0]
         fut = asyncio.get_running_loop().create_future()
         self._admissions.append((router, request, fut))

@@ -21,6 +21,7 @@ from aptray.serve.engine_loop import Add, Abort, EngineLoop, Reattach
 from aptray.serve.grammar_sandbox import GrammarBusy, GrammarUnavailable, SandboxedCompiler
 from aptray.serve.limits import RequestLimits
 from aptray.serve.metrics import ServingMetrics
+from aptray.serve.relay import Admission
 from aptray.serve.store import RequestMeta, RequestStore, valid_request_id
 from aptray.serve.store_writer import StoreUnavailable, StoreWriter
 from aptray.serve.streams import ClientStream
@@ -144,53 +145,56 @@ class Router:
                 await asyncio.sleep(interval)
 
     @ray.method(enable_task_events=False)  # the per-request path: no task events to record and ship
-    async def admit(self, requests: list[tuple]) -> list[dict]:
-        """Admission of requests that came together: for each (request_id, prompt_token_ids, sampling,
-        prompt, seen_token_ids, seen_text, epoch, prefix, caller) {"accepted": True, ...} or {"error",
-        "status"}.
-        An accepted request's chunks come on stream(), tagged with its epoch.
+    async def admit(self, requests: list[Admission]) -> list[dict]:
+        """Admission of requests that came together: for each {"accepted": True, ...} or {"error",
+        "status"}. An accepted request's chunks come on stream(), tagged with its epoch.
 
-        seen_token_ids: a client re-attaching after a router restart, with the tokens (and text) it
-        already has; its stream goes on after them. prefix: the tag of the prompt prefix the client
-        named (prefix_key.py), or None; the replica reports it held once its blocks are cached. caller:
-        a digest of its API key, "" without keys (a key's share of the grammar compiles). A
-        structured request's grammar compiles before it is accepted (the ingress admits such a
-        request in a call of its own, so no other request waits for it)."""
+        A request with seen_token_ids is a client re-attaching after a router restart, with the
+        tokens (and text) it already has; its stream goes on after them. Its prefix, if any, the
+        replica reports held once its blocks are cached. A structured request's grammar compiles
+        before it is accepted (the ingress admits such a request in a call of its own, so no other
+        request waits for it)."""
         self.loop.outbox.bind(asyncio.get_running_loop())
         checked, batch_ids, counted = [], set(), 0
         load, booked = (self.loop.load(with_prefixes=False), 0) if self.args.shed_unmeetable else (None, 0)
         for r in requests:
-            checked.append(self._check(r[0], r[1], r[2], reattach=r[4] is not None, duplicate=r[0] in batch_ids))
-            if checked[-1][0] is None and r[4] is None and load is not None:
-                shed = self._unmeetable(len(r[1]), checked[-1][1], load, booked)
+            new = r.seen_token_ids is None
+            checked.append(self._check(r.request_id, r.prompt_token_ids, r.sampling, reattach=not new,
+                                       duplicate=r.request_id in batch_ids))
+            if checked[-1][0] is None and new and load is not None:
+                shed = self._unmeetable(len(r.prompt_token_ids), checked[-1][1], load, booked)
                 checked[-1] = (shed, None) if shed else checked[-1]
-                booked += 0 if shed else len(r[1])
-            if checked[-1][0] is None and r[4] is None:
-                self._prompt_tokens += (len(r[1]) - self._prompt_tokens) / 64
-                batch_ids.add(r[0])
+                booked += 0 if shed else len(r.prompt_token_ids)
+            if checked[-1][0] is None and new:
+                self._prompt_tokens += (len(r.prompt_token_ids) - self._prompt_tokens) / 64
+                batch_ids.add(r.request_id)
                 self._being_admitted += 1  # counts against the queue limit from now on
                 counted += 1
         try:
             grammars = await self._compile(requests, checked)
-            new = [(r[0], r[1], sp) for r, (refusal, sp) in zip(requests, checked) if refusal is None and r[4] is None]
+            new = [(r.request_id, r.prompt_token_ids, sp) for r, (refusal, sp) in zip(requests, checked)
+                   if refusal is None and r.seen_token_ids is None]
             stored = await self._admit_to_store(new) if new else {}
         finally:
             self._being_admitted -= counted
         answers = []
-        for (rid, ids, _, prompt, seen, seen_text, epoch, prefix, _), (refusal, sp) in zip(requests, checked):
+        for r, (refusal, sp) in zip(requests, checked):
+            rid, ids = r.request_id, list(r.prompt_token_ids)
             refusal = refusal or stored.get(rid)
             if refusal is not None:
                 answers.append(refusal)
                 continue
-            stream = ClientStream(self.tokenizer, True, *self.config.slos_of(sp), list(sp.stop), len(ids), epoch=epoch)
-            if seen is None:
-                self.loop.submit(Add(rid, list(ids), sp, prompt, time.monotonic(), stream, prefix, grammars.get(rid)))
+            stream = ClientStream(self.tokenizer, True, *self.config.slos_of(sp), list(sp.stop), len(ids),
+                                  epoch=r.epoch)
+            if r.seen_token_ids is None:
+                self.loop.submit(Add(rid, ids, sp, r.prompt, time.monotonic(), stream, r.prefix, grammars.get(rid)))
             else:
-                self.loop.submit(Reattach(rid, list(ids), sp, prompt, list(seen), seen_text, stream, grammars.get(rid)))
+                self.loop.submit(Reattach(rid, ids, sp, r.prompt, list(r.seen_token_ids), r.seen_text, stream,
+                                          grammars.get(rid)))
             answers.append({"accepted": True, "request_id": rid, "prompt_tokens": len(ids)})
         return answers
 
-    async def _compile(self, requests: list[tuple], checked: list) -> dict[str, object]:
+    async def _compile(self, requests: list[Admission], checked: list) -> dict[str, object]:
         """The compiled grammars of the accepted structured requests, by request id; one that does
         not compile in time is refused in checked (400; 429 while too many compile)."""
         compiled = {}
@@ -199,7 +203,8 @@ class Router:
                 continue
             start = time.monotonic()
             try:
-                compiled[requests[i][0]] = await self.compiler.compile(sp.structured_output, requests[i][8])
+                compiled[requests[i].request_id] = await self.compiler.compile(sp.structured_output,
+                                                                               requests[i].caller)
             except InvalidRequest as e:
                 checked[i] = ({"error": str(e), "status": 400, "param": e.param}, None)
             except GrammarBusy as e:
