@@ -173,9 +173,12 @@ class Grammars:
             return compiled
 
     def tokenizer_info_json(self) -> str:
-        """The tokenizer as xgrammar sees it (its vocabulary and stop tokens), for Grammars(tokenizer_info=)."""
-        self._compiler or self._load()
-        return self._info.serialize_json()
+        """The tokenizer as xgrammar sees it (its vocabulary and stop tokens), for Grammars(tokenizer_info=);
+        made once (each new sandbox child gets it)."""
+        if self._info_json is None:
+            self._compiler or self._load()
+            self._info_json = self._info.serialize_json()
+        return self._info_json
 
     @property
     def kept_bytes(self) -> int:
