@@ -223,6 +223,9 @@ def test_one_key_cannot_take_every_slot(server):
         r, took = _post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 4})
         assert r.status_code == 429 and f"(limit {PER_KEY})" in r.json()["error"]["message"], r.text[:300]
         assert r.headers["Retry-After"] and took < FAST
+        # asked before its prompt is tokenized: a prompt past the model's length is not even read
+        r, _ = _post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 20_000}]})
+        assert r.status_code == 429, r.text[:300]
         with pytest.raises(grpc.RpcError) as e:
             list(c.generate("hi", max_tokens=4))
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

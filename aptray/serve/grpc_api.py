@@ -97,6 +97,7 @@ async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
         if len(label) > 128:
             raise Rejected("client_request_id is over 128 characters", 400)
         sampling = sampling_from_proto(req)
+        ingress.link.check_owner(owner)  # a key at its cap: refused before its prompt is tokenized
         if req.WhichOneof("input") == "prompt":
             if len(req.prompt.encode()) > ingress.args.max_body_bytes:
                 raise Rejected(f"the prompt is over {ingress.args.max_body_bytes} bytes", 413)

@@ -268,6 +268,7 @@ class Ingress:
     async def completions(self, req: CompletionRequest, raw: Request):
         try:
             self._check_model(req)
+            self.link.check_owner(self.caller(raw))  # a key at its cap: 429 before its prompt is tokenized
             sampling = self.sampling(req, req.max_tokens or 16)
             # echo with logprobs: the prompt's too (computed whole, without the prefix cache)
             sampling["prompt_logprobs"] = req.logprobs if req.echo else None
@@ -375,6 +376,7 @@ class Ingress:
     async def chat_completions(self, req: ChatCompletionRequest, raw: Request):
         try:
             self._check_model(req)
+            self.link.check_owner(self.caller(raw))
             reply, sampling = self._chat_sampling(req)
             self.check_size(sampling, num_messages=len(req.messages),
                             prompt_chars=_invalid_as_400(tools.chat_chars, req.messages, sampling["tools"]))

@@ -132,12 +132,17 @@ class RouterLink:
     async def open(self, rid: str, ids: list[int], sampling: dict, prompt: str | None, owner: str = "",
                    prefix: str | None = None) -> Call:
         """Admission: returns the call once its request is accepted (else raises Rejected)."""
-        if owner and self.max_per_owner is not None and self._per_owner[owner] >= self.max_per_owner:
-            raise Rejected(f"this API key has {self._per_owner[owner]} requests in flight here (limit "
-                           f"{self.max_per_owner})", 429)
+        self.check_owner(owner)
         call = Call(rid, ids, sampling, prompt, owner, prefix)
         await self._open(call, resume=False)
         return call
+
+    def check_owner(self, owner: str) -> None:
+        """Rejected (429) while owner has max_per_owner calls open here (the ingress asks before it
+        tokenizes, and open() again)."""
+        if owner and self.max_per_owner is not None and self._per_owner[owner] >= self.max_per_owner:
+            raise Rejected(f"this API key has {self._per_owner[owner]} requests in flight here (limit "
+                           f"{self.max_per_owner})", 429)
 
     async def _open(self, call: Call, resume: bool) -> None:
         try:
