@@ -236,8 +236,17 @@ def test_pythonic_replies_are_text_or_calls(text, calls):
     ("llama3_json", ["<|py", "thon is", " nice"], ["<|python is", " nice"], None),
     ("llama3_json", ["Hello", " {", "}"], ["Hello", " {", "}"], None),
     ("pythonic", ["[add(a=1,", " b=1)]"], [], [("add", {"a": 1, "b": 1})]),
-    ("pythonic", ["[citation", " needed] yes"], ["[citation needed] yes"], None),  # held to the end, then text
+    ("pythonic", ["[citation", " needed] yes"], ["[citation", " needed] yes"], None),  # no tool's name: text
     ("pythonic", ["No", " [calls]"], ["No", " [calls]"], None),
+    # held only while the head could still be a call of one of the tools, then it goes out whole
+    ("llama3_json", ['{"answer"', ": 42}"], ['{"answer"', ": 42}"], None),
+    ("llama3_json", ['{"name": "ad', 'x", "parameters": {}}'], ['{"name": "adx", "parameters": {}}'], None),
+    ("llama3_json", ["{", "}"], ["{}"], None),
+    ("llama3_json", ['{"parameters": {"a": 1, "b": 1}, ', '"name": "add"}'], [], [("add", {"a": 1, "b": 1})]),
+    ("llama3_json", ["<|python_tag|>", "print(1)"], ["<|python_tag|>print(1)"], None),
+    ("pythonic", ["[ad", "d (a=1, b=1)]"], [], [("add", {"a": 1, "b": 1})]),
+    ("pythonic", ["[1, 2]"], ["[1, 2]"], None),
+    ("pythonic", ["[now", "_please()]"], ["[now_please()]"], None),
 ])
 def test_streamed_whole_reply_formats_hold_what_could_be_calls(parser, pieces, content, calls):
     """A format whose calls are the whole reply streams text at once unless the reply begins with

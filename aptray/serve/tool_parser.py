@@ -75,10 +75,11 @@ class Hermes:
             calls.append(call)
         return (text[:at] if text[:at].strip() else None), calls
 
-    def split(self, unsent: str, started: bool) -> tuple[int, bool]:
+    def split(self, unsent: str, started: bool, names: tuple[str, ...]) -> tuple[int, bool]:
         """Streaming: (how much of unsent, the reply's text not sent yet, may go out as content now,
-        whether calls have begun); started: some text went out already. What could begin an opening
-        tag waits for the next piece, so a tag never straddles what went out and what did not."""
+        whether calls have begun); started: some text went out already; names: the request's tools.
+        What could begin an opening tag waits for the next piece, so a tag never straddles what went
+        out and what did not."""
         at = unsent.find(self.OPEN)
         if at >= 0:
             return at, True
@@ -90,23 +91,65 @@ class Hermes:
 
 class _WholeReply:
     """A format whose calls are the whole reply: it streams as text unless it begins (after any
-    whitespace) with one of OPENERS, or with what could still become one."""
+    whitespace) with one of OPENERS, or with what could still become one. A reply that begins so is
+    held until it is surely calls (then to its end, parsed whole) or surely not (then it goes out as
+    text): _shape() reads its head."""
     OPENERS: tuple[str, ...] = ()
+    HEAD_CHARS = 512  # a head still undecided after this many characters is held as calls
 
-    def split(self, unsent: str, started: bool) -> tuple[int, bool]:
+    def split(self, unsent: str, started: bool, names: tuple[str, ...]) -> tuple[int, bool]:
         if started:
             return len(unsent), False
-        head = unsent.lstrip()
-        if any(head.startswith(o) for o in self.OPENERS):
-            return 0, True
+        head = unsent.lstrip()[:self.HEAD_CHARS + 1]
         if not head or any(o.startswith(head) for o in self.OPENERS):
             return 0, False
-        return len(unsent), False
+        if not any(head.startswith(o) for o in self.OPENERS):
+            return len(unsent), False
+        shape = self._shape(self._body(head), names)
+        if shape is None and len(head) > self.HEAD_CHARS:
+            shape = True
+        if shape is None:
+            return 0, False
+        return (0, True) if shape else (len(unsent), False)
+
+    def _body(self, head: str) -> str:
+        """head without the special token that may open it."""
+        tag = self.OPENERS[0]
+        return head[len(tag):].lstrip() if head.startswith(tag) else head
+
+    def _shape(self, body: str, names: tuple[str, ...]) -> bool | None:
+        """True: body begins a call of one of names; False: it cannot be calls; None: not known yet."""
+        raise NotImplementedError
+
+
+def _prefix_of_a_name(text: str, names: tuple[str, ...]) -> bool:
+    return any(n.startswith(text) for n in names)
 
 
 class Llama3Json(_WholeReply):
     TAG = "<|python_tag|>"
     OPENERS = (TAG, "{")
+    KEYS = ("name", "parameters", "arguments")
+    # the head of {"name": "..." as far as it goes; no backslash (an escaped key or name is left undecided)
+    _FIRST_KEY = re.compile(r'\{\s*(?:"([^"\\]*)(")?)?(.)?', re.S)
+    _NAME = re.compile(r'\{\s*"name"\s*(?::\s*(?:"([^"\\]*)(")?)?)?(.)?', re.S)
+
+    def _shape(self, body: str, names: tuple[str, ...]) -> bool | None:
+        if not body.startswith("{"):
+            return False if body else None  # the tag alone so far, or the tag and then text
+        key, closed, after = self._FIRST_KEY.match(body).groups()
+        if key is None:
+            return None if after is None else False  # {} or {1: an object that names no tool
+        if not closed:
+            return False if after is None and not any(k.startswith(key) for k in self.KEYS) else None
+        if key != "name":
+            return None if key in self.KEYS else False  # the arguments first: the name comes later
+        name, closed, after = self._NAME.match(body).groups()
+        if name is None:
+            return False if after is not None and after != "\\" else None
+        if not closed:
+            return None if after == "\\" or _prefix_of_a_name(name, names) else False
+        return name in names
 
     def parse(self, text: str, names: tuple[str, ...]) -> tuple[str | None, list[tuple[str, str]]]:
         body = text.strip()
@@ -132,6 +175,15 @@ class Llama3Json(_WholeReply):
 class Pythonic(_WholeReply):
     START, END = "<|python_start|>", "<|python_end|>"
     OPENERS = (START, "[")
+    _FIRST_CALL = re.compile(r"\[\s*(\w*)(\s*)(.)?", re.S)
+
+    def _shape(self, body: str, names: tuple[str, ...]) -> bool | None:
+        if not body.startswith("["):
+            return False if body else None
+        name, space, after = self._FIRST_CALL.match(body).groups()
+        if after is None:  # the name may go on, or the list may have just begun
+            return None if not name or not space and _prefix_of_a_name(name, names) or name in names else False
+        return name in names and after == "("
 
     def parse(self, text: str, names: tuple[str, ...]) -> tuple[str | None, list[tuple[str, str]]]:
         body = text.strip()

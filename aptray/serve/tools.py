@@ -124,8 +124,9 @@ class ToolCallEvents(ChatEvents):
     """A streamed reply of tool calls. Named: its first piece of text opens the call (id, name) and
     every piece is the next part of its arguments. Required: the calls come whole in the last event,
     once the array is complete (the names are known only as the JSON goes). Auto: text goes out as
-    it comes until a call's opening tag (what could begin one waits for the next piece); from there
-    the calls come whole in the last event. A reply cut short (length, abort), or whose calls do not
+    it comes until a call's opening tag (what could begin one waits for the next piece), or, in a
+    format whose calls are the whole reply, while its head could be a call (tool_parser.split);
+    from there the calls come whole in the last event. A reply cut short (length, abort), or whose calls do not
     parse, sends what it held back as text."""
 
     def __init__(self, reply: ToolReply, *args, **kwargs):
@@ -157,7 +158,8 @@ class ToolCallEvents(ChatEvents):
         if self.reply.mode == "named":
             return self._arguments(new)
         self._unsent += new  # held back at most a few characters: no join of the whole reply per chunk
-        end, self._in_calls = tool_parser.PARSERS[self.reply.parser].split(self._unsent, self._sent > 0)
+        end, self._in_calls = tool_parser.PARSERS[self.reply.parser].split(self._unsent, self._sent > 0,
+                                                                           self.reply.names)
         return self._content(self._unsent[:end])
 
     def _content(self, piece: str) -> ChatDelta | None:
