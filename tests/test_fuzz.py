@@ -155,7 +155,7 @@ RAW = [
     ("too many stops", json.dumps({"prompt": "hi", "max_tokens": 2, "stop": ["x"] * 50}).encode(), 400),
     ("logit_bias out of vocab", b'{"prompt": "hi", "max_tokens": 2, "logit_bias": {"99999999999999999999": 5}}', 400),
     ("logit_bias negative id", b'{"prompt": "hi", "max_tokens": 2, "logit_bias": {"-1": 5}}', 400),
-    ("logit_bias not an id", b'{"prompt": "hi", "max_tokens": 2, "logit_bias": {"\u00b2": 5}}', 400),
+    ("logit_bias not an id", b'{"prompt": "hi", "max_tokens": 2, "logit_bias": {"\\u00b2": 5}}', 400),
     ("logit_bias over 100", b'{"prompt": "hi", "max_tokens": 2, "logit_bias": {"5": 1e308}}', 400),
     ("logit_bias NaN", b'{"prompt": "hi", "max_tokens": 2, "logit_bias": {"5": NaN}}', 422),
     ("logit_bias denormal", b'{"prompt": "hi", "max_tokens": 2, "logit_bias": {"5": -5e-324}}', 200),
@@ -222,7 +222,7 @@ RAW += [  # structured outputs: what cannot be compiled, or would compile for to
     ("regex served", _structured(regex="[a-c]{2}"), 200),
     ("surrogate escape in regex", b'{"prompt": "hi", "max_tokens": 2, "structured_outputs": {"regex": "\\\\ud800"}}',
      200),
-    ("lone surrogate in choice", b'{"prompt": "hi", "max_tokens": 2, "structured_outputs": {"choice": ["\ud800"]}}',
+    ("lone surrogate in choice", b'{"prompt": "hi", "max_tokens": 2, "structured_outputs": {"choice": ["\\ud800"]}}',
      422),
 ]
 
