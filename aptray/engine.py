@@ -253,10 +253,8 @@ class Engine:
         text = ""
         if req.status is RequestStatus.FINISHED_ERROR:
             pass  # its tokens may be what broke decoding: no text
-        elif finished and isinstance(req.stop_reason, str):
-            text = self._stops[req.request_id].text  # already cut at the stop string
-        elif finished and self.tokenizer is not None:
-            text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
+        elif finished:
+            text = self._stops[req.request_id].final_text(req.output_token_ids)
         reason = req.status.value if finished else None
         # a running request's output shares its growing token list: copying it every step costs O(n^2)
         tokens = list(req.output_token_ids) if finished else req.output_token_ids

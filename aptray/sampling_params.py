@@ -98,6 +98,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     # the output held to a JSON schema, a regex, a list of choices or a grammar (aptray.structured_output)
     structured_output: StructuredOutput | None = None
+    # False: special tokens (a chat model's tool-call markers, say) show in the text (vLLM's)
+    skip_special_tokens: bool = True
+    # True: the text keeps the stop string, or the text of the token (EOS, a stop token id), that
+    # ended it; False: cut before it (vLLM's)
+    include_stop_str_in_output: bool = False
     # Per-request SLOs in seconds; None takes the engine's defaults.
     ttft_slo: float | None = None
     tbt_slo: float | None = None
@@ -106,6 +111,9 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
+        for name in ("skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequest(f"{name} must be true or false, got {getattr(self, name)!r}", name)
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
         if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 100.0:

@@ -436,6 +436,9 @@ def grpc_requests(draw):
                 setattr(so, kind, draw(st.text(max_size=40)))
             else:
                 so.SetInParent()
+        for name in ("skip_special_tokens", "include_stop_str_in_output"):
+            if draw(st.booleans()):
+                setattr(s, name, draw(st.booleans()))
         s.logit_bias.update(draw(st.dictionaries(st.integers(-(2**63), 2**63 - 1), f32, max_size=3)))
         if draw(st.booleans()):
             req.slo.ttft_ms = draw(st.floats())

@@ -299,3 +299,45 @@ def test_seen_tokens_follow_the_prompt_the_outputs_and_a_resume():
     req.output_token_ids = [7]  # outputs replaced
     assert req.seen_tokens() == (1, 2, 7)
     assert Request("r", [1], SamplingParams(max_tokens=8), 0.0, 1.0, 1.0).seen_tokens() == ()
+
+
+def test_special_tokens_show_only_when_asked_and_the_token_that_ends_an_output_never_unless_asked():
+    """skip_special_tokens and include_stop_str_in_output, as vLLM's: the text of each output against
+    transformers' decode of its tokens. The token that ends an output (EOS, a stop token id) is in its
+    token ids, and in its text only with include_stop_str_in_output."""
+    llm = LLM(tiny_model("opt-60x3"))
+    tok = llm.tokenizer
+    pad, eos, stop_id = tok.pad_token_id, tok.eos_token_id, 41
+    prompt = {"prompt_token_ids": [3, 9, 27, 81]}
+
+    def out(**kw):
+        return llm.generate(prompt, SamplingParams(temperature=0.0, **kw))[0].outputs[0]
+
+    pads = out(max_tokens=3, logit_bias={pad: 100.0})
+    assert list(pads.token_ids) == [pad] * 3 and pads.text == ""
+    shown = out(max_tokens=3, logit_bias={pad: 100.0}, skip_special_tokens=False)
+    assert shown.text == tok.decode([pad] * 3, skip_special_tokens=False) == "<pad>" * 3
+    for skip in (True, False):
+        ended = out(max_tokens=5, min_tokens=2, logit_bias={pad: 50.0, eos: 100.0}, skip_special_tokens=skip)
+        assert list(ended.token_ids) == [pad, pad, eos] and ended.finish_reason == "stop"
+        assert ended.text == ("" if skip else "<pad><pad>")
+    kept = out(max_tokens=5, logit_bias={eos: 100.0}, skip_special_tokens=False, include_stop_str_in_output=True)
+    assert list(kept.token_ids) == [eos] and kept.text == "</s>"
+    by_id = out(max_tokens=5, min_tokens=1, logit_bias={stop_id: 100.0}, stop_token_ids=[stop_id])
+    first = by_id.token_ids[0]  # min_tokens holds the stop id off the first token
+    assert list(by_id.token_ids) == [first, stop_id] and by_id.stop_reason == stop_id
+    assert by_id.text == tok.decode([first]) != tok.decode([first, stop_id])
+    assert out(max_tokens=5, min_tokens=1, logit_bias={stop_id: 100.0}, stop_token_ids=[stop_id],
+               include_stop_str_in_output=True).text == tok.decode([first, stop_id])
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string():
+    llm = LLM(tiny_model("opt-60x3"))
+    prompt = {"prompt_token_ids": [3, 9, 27, 81]}
+    free = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0].outputs[0].text
+    stop = free[len(free) // 2:len(free) // 2 + 2]
+    at = free.index(stop)
+    for include, want in ((False, free[:at]), (True, free[:at + len(stop)])):
+        got = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop=[stop],
+                                                  include_stop_str_in_output=include))[0].outputs[0]
+        assert got.text == want and got.stop_reason == stop

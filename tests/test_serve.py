@@ -305,12 +305,37 @@ def test_logit_bias_min_tokens_and_min_p_reach_the_shards_over_http_and_grpc(ser
         # the request names the version of the fields it sets; a newer version than the server's is refused
         assert build_request(p).version == 1 and build_request(p, logit_bias={17: 1.0}).version == 2
         assert build_request(p, min_p=0.1, logprobs=0).version == build_request(p, frequency_penalty=0.5).version == 3
-        assert build_request(p, regex="a+").version == 4 and build_request(p, n=2).version == API_VERSION == 5
+        assert build_request(p, regex="a+").version == 4 and build_request(p, n=2).version == 5
+        assert build_request(p, skip_special_tokens=False).version == API_VERSION == 6
         too_new = build_request(p, min_p=0.1)
         too_new.version = API_VERSION + 1
         with pytest.raises(grpc.RpcError) as e:
             list(c.stub.Generate(too_new, metadata=c.metadata))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"speaks {API_VERSION}" in e.value.details()
+
+
+def test_special_tokens_and_the_ending_token_in_the_text_over_http_and_grpc(server, reference):
+    """skip_special_tokens=false shows special tokens, streamed and not; the EOS that ends the output
+    is in its token ids, and in its text only with include_stop_str_in_output (HTTP and gRPC)."""
+    from aptray.client import Client
+
+    tokenizer, _ = reference
+    pad, eos, p, url = tokenizer.pad_token_id, tokenizer.eos_token_id, PROMPTS[0], server["http"] + "/v1/completions"
+    body = {"prompt": p, "temperature": 0.0, "max_tokens": 6, "min_tokens": 2, "return_token_ids": True,
+            "logit_bias": {str(pad): 50, str(eos): 100}}
+    want = tokenizer.decode([pad, pad], skip_special_tokens=False)
+    kept = {"skip_special_tokens": False, "include_stop_str_in_output": True}
+    for extra, text in (({}, ""), ({"skip_special_tokens": False}, want), (kept, want + tokenizer.eos_token)):
+        choice = httpx.post(url, json={**body, **extra}, timeout=60).json()["choices"][0]
+        assert choice["token_ids"] == [pad, pad, eos] and choice["text"] == text, (extra, choice)
+        events = _sse_objects(httpx.post(url, json={**body, **extra, "stream": True}, timeout=60))
+        assert "".join(e["choices"][0]["text"] for e in events if e.get("choices")) == text
+    with Client(server["grpc"]) as c:
+        for extra, text in (({}, ""), ({"skip_special_tokens": False}, want)):
+            replies = list(c.generate(p, temperature=0.0, max_tokens=6, min_tokens=2,
+                                      logit_bias={pad: 50.0, eos: 100.0}, **extra))
+            assert [t for r in replies for t in r.token_ids] == [pad, pad, eos]
+            assert "".join(r.text for r in replies) == text
 
 
 def test_logprobs_over_http_and_grpc_are_the_engines(server, oai, model_path, reference):

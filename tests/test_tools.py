@@ -11,7 +11,7 @@ import pytest
 from aptray import LLM, SamplingParams
 from aptray.sampling_params import InvalidRequest
 from aptray.serve.openai_api import ChatCompletionRequest, ChatMessage
-from aptray.serve.tools import MAX_TOOLS, ToolCallEvents, ToolReply, plan
+from aptray.serve.tools import MAX_TOOLS, ToolCallEvents, ToolReply, chat_sampling, plan
 from aptray.structured_output import StructuredOutput
 from tiny_models import tiny_model
 
@@ -260,6 +260,44 @@ def test_streamed_whole_reply_formats_hold_what_could_be_calls(parser, pieces, c
     assert out[-1]["choices"][0]["finish_reason"] == ("tool_calls" if calls else "stop")
 
 
+@pytest.mark.parametrize("text,content,calls", [
+    ("just text [1, 2]", "just text [1, 2]", None),
+    ('[TOOL_CALLS] [{"name": "add", "arguments": {"a": 2, "b": 3}}]', None, [("add", {"a": 2, "b": 3})]),
+    ('Sure. [TOOL_CALLS][{"name": "add", "arguments": {"a": 1, "b": 1}}, {"name": "now", "arguments": {}}]',
+     "Sure. ", [("add", {"a": 1, "b": 1}), ("now", {})]),
+    ('[TOOL_CALLS]add{"a": 2, "b": 3}[TOOL_CALLS]now{}', None, [("add", {"a": 2, "b": 3}), ("now", {})]),
+    ('[TOOL_CALLS]add[ARGS]{"a": 2, "b": 3}', None, [("add", {"a": 2, "b": 3})]),
+    ('[TOOL_CALLS]add[CALL_ID]a1B2c3D4e[ARGS]{"a": 2, "b": 3}', None, [("add", {"a": 2, "b": 3})]),
+    ('[TOOL_CALLS]rm{"path": "/"}', '[TOOL_CALLS]rm{"path": "/"}', None),  # not a tool of the request
+    ('[TOOL_CALLS]add{"a": 2', '[TOOL_CALLS]add{"a": 2', None),  # cut short
+    ('[TOOL_CALLS]add{"a": 2} and more', '[TOOL_CALLS]add{"a": 2} and more', None),
+    ('[TOOL_CALLS]add[1, 2]', '[TOOL_CALLS]add[1, 2]', None),  # arguments not an object
+    ('[TOOL_CALLS][]', "[TOOL_CALLS][]", None),
+    ("[TOOL_CALLS]" + "[" * 1200, "[TOOL_CALLS]" + "[" * 1200, None),
+])
+def test_mistral_replies_are_text_or_calls(text, content, calls):
+    got_content, got = _plan([ADD, NOW], "auto", parser="mistral")[0].parse(text)
+    assert got_content == content
+    assert (None if got is None else [(c.function.name, json.loads(c.function.arguments)) for c in got]) == calls
+
+
+def test_mistral_replies_keep_special_tokens_and_stream_until_the_tag():
+    """Its calls open with a special token, so the app keeps special tokens in the text of an auto
+    reply (not of others); streamed, text goes out until the tag, which may come in pieces."""
+    assert chat_sampling(_request([ADD], "auto"), "mistral")[1]["skip_special_tokens"] is False
+    assert chat_sampling(_request([ADD], "auto"), "hermes")[1]["skip_special_tokens"] is True
+    assert chat_sampling(_request([ADD], "required"), "mistral")[1]["skip_special_tokens"] is True
+    assert chat_sampling(_request([], None), "mistral")[1]["skip_special_tokens"] is True
+    events = ToolCallEvents(_plan([ADD], "auto", parser="mistral")[0], "chatcmpl-x", "m", False)
+    pieces = ["Adding", " [TOOL", "_CALLS]add", '{"a": 1, "b": 1}']
+    out = _events("".join(events.render([_chunk(p)]) for p in pieces) + events.render([_chunk("", True, "stop")]))
+    deltas = [e["choices"][0]["delta"] for e in out]
+    assert [d.get("content") for d in deltas if d.get("content")] == ["Adding", " "]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in deltas[-1]["tool_calls"]] == [
+        ("add", {"a": 1, "b": 1})]
+    assert out[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
 def test_parallel_tool_calls_false_is_one_call():
     """auto: the model's first call; required: the structure allows one call only."""
     two = HERMES_CALL + HERMES_CALL.replace("add", "now").replace('{"a": 2, "b": 3}', "{}")
@@ -279,8 +317,9 @@ def test_the_apps_parser_is_one_it_knows():
     assert AppArgs.parse({"tool_call_parser": "hermes"}).tool_call_parser == "hermes"
     assert AppArgs.parse({"tool_call_parser": "pythonic"}).tool_call_parser == "pythonic"
     assert AppArgs.parse({"tool_call_parser": "none"}).tool_call_parser is None
-    with pytest.raises(ValueError, match="tool_call_parser 'mistral': use one of"):
-        AppArgs.parse({"tool_call_parser": "mistral"})
+    assert AppArgs.parse({"tool_call_parser": "mistral"}).tool_call_parser == "mistral"
+    with pytest.raises(ValueError, match="tool_call_parser 'granite': use one of"):
+        AppArgs.parse({"tool_call_parser": "granite"})
 
 
 def test_replies_nested_past_pythons_limit_are_text():

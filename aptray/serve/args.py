@@ -62,7 +62,8 @@ class AppArgs:
     # a child process (grammar_sandbox.py), is killed
     grammar_compile_timeout_s: float = 10.0
     # the format of the model's own tool calls, which chat's tool_choice "auto" reads them in
-    # (aptray.serve.tool_parser: "hermes", "llama3_json", "pythonic"); None: "auto" with tools is refused
+    # (aptray.serve.tool_parser: "hermes", "llama3_json", "mistral", "pythonic"); None: "auto" with tools is
+    # refused
     tool_call_parser: str | None = None
     # -- fault recovery --
     max_shard_rebuilds: int = 3  # shard-group rebuilds in a row without a good step before giving up

@@ -353,7 +353,8 @@ class EngineLoop:
                 self.writer.finish(m.request_id, "error")
                 continue
             self.streams[m.request_id] = ClientStream(self.tokenizer, False, m.ttft_slo, m.tbt_slo, list(sp.stop),
-                                                      m.prompt_len, list(m.output_token_ids))
+                                                      m.prompt_len, list(m.output_token_ids),
+                                                      skip_special_tokens=sp.skip_special_tokens)
             self.writer.track(m)
             self._resume(from_meta(m, sp), "store")
         if left:

@@ -21,7 +21,7 @@ logger = logging.getLogger("aptray")
 # and logit_bias, 3 its logprobs, prompt_logprobs and penalties, 4 structured_output and
 # repetition_penalty, 5 n, so that a server without them refuses a request that sets them instead of
 # ignoring them
-API_VERSION = 5
+API_VERSION = 6
 _STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
            404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
            429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
@@ -56,6 +56,8 @@ def sampling_from_proto(req: generate_pb2.GenerateRequest) -> dict:
             "presence_penalty": dec("presence_penalty", 0.0), "frequency_penalty": dec("frequency_penalty", 0.0),
             "structured_output": _structured_output(s.structured_output) if s.HasField("structured_output") else None,
             "repetition_penalty": dec("repetition_penalty", 1.0),
+            "skip_special_tokens": opt(s, "skip_special_tokens", True),
+            "include_stop_str_in_output": s.include_stop_str_in_output,
             "ttft_slo": slo.ttft_ms / 1000 if slo.HasField("ttft_ms") else None,
             "tbt_slo": slo.tbt_ms / 1000 if slo.HasField("tbt_ms") else None}
 

@@ -238,18 +238,6 @@ class Ingress:
         headers = {"Retry-After": str(retry_after)} if e.status == 429 else None
         return JSONResponse(error_body(str(e), e.status, e.param), status_code=e.status, headers=headers)
 
-    def sampling(self, req, max_tokens: int) -> dict:
-        slo = req.aptray_slo
-        structured = _invalid_as_400(req.structured_output)
-        return {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
-                "max_tokens": max_tokens, "min_tokens": req.min_tokens, "stop": req.stop,
-                "stop_token_ids": req.stop_token_ids or [], "logit_bias": req.logit_bias or {},
-                "logprobs": req.logprobs_asked(), "presence_penalty": req.presence_penalty,
-                "frequency_penalty": req.frequency_penalty, "repetition_penalty": req.repetition_penalty,
-                "seed": req.seed, "ignore_eos": req.ignore_eos, "structured_output": structured,
-                "ttft_slo": slo.ttft_ms / 1000 if slo and slo.ttft_ms else None,
-                "tbt_slo": slo.tbt_ms / 1000 if slo and slo.tbt_ms else None}
-
     def _check_model(self, req) -> None:
         if req.model not in (None, "", self.model_name):
             raise Rejected(f"model {req.model!r} is not served here; this server has {self.model_name!r}", 404,
@@ -269,7 +257,7 @@ class Ingress:
         try:
             self._check_model(req)
             self.link.check_owner(self.caller(raw))  # a key at its cap: 429 before its prompt is tokenized
-            sampling = self.sampling(req, req.max_tokens or 16)
+            sampling = _invalid_as_400(req.sampling, req.max_tokens or 16)
             # echo with logprobs: the prompt's too (computed whole, without the prefix cache)
             sampling["prompt_logprobs"] = req.logprobs if req.echo else None
             prompts = await self._completion_prompts(req.prompt, sampling, req.n)
@@ -377,7 +365,7 @@ class Ingress:
         try:
             self._check_model(req)
             self.link.check_owner(self.caller(raw))
-            reply, sampling = self._chat_sampling(req)
+            reply, sampling = _invalid_as_400(tools.chat_sampling, req, self.args.tool_call_parser)
             self.check_size(sampling, num_messages=len(req.messages),
                             prompt_chars=_invalid_as_400(tools.chat_chars, req.messages, sampling["tools"]))
             text, ids = await self.off_loop(self._chat_prompt, req, sampling.pop("tools"))
@@ -411,21 +399,6 @@ class Ingress:
                                       finish_reason="tool_calls" if calls else finish_reason(reason)))
         return ChatCompletionResponse(id=rid, model=self.model_name, usage=usage(*(r.last for r in replies)),
                                       prompt_token_ids=ids if asked else None, choices=choices)
-
-    def _chat_sampling(self, req) -> tuple[tools.ToolReply, dict]:
-        """What the reply is (text, or tool calls), and the request's sampling dict, whose "tools" are
-        for the chat template (taken out before admission). The tools' structure holds the reply
-        where tool_choice asks for calls."""
-        reply, held = _invalid_as_400(tools.plan, req.tools, req.tool_choice, self.args.tool_call_parser,
-                                      req.parallel_tool_calls is not False)
-        sampling = self.sampling(req, 1)
-        if held is not None:
-            if sampling["structured_output"] is not None:
-                raise Rejected("tool_choice holds the reply to the tools' schemas: send no response_format or "
-                               "structured_outputs with it", 400, "tool_choice")
-            sampling["structured_output"] = held
-        sampling["tools"] = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-        return reply, sampling
 
     def _chat_prompt(self, req, tool_specs: list[dict] | None) -> tuple[str, list[int]]:
         """The conversation (and the tools) through the model's chat template, and its token ids

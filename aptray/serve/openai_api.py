@@ -131,6 +131,8 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     seed: int | None = None
     ignore_eos: bool = False
+    skip_special_tokens: bool = True  # vLLM extension
+    include_stop_str_in_output: bool = False  # vLLM extension
     aptray_slo: AptraySlo | None = None
     return_token_ids: bool = False  # vLLM extension: the prompt's and the reply's token ids beside the text
     response_format: ResponseFormat | None = None
@@ -140,6 +142,21 @@ class _SamplingRequest(BaseModel):
     guided_regex: Text | None = None
     guided_choice: list[Text] | None = None
     guided_grammar: Text | None = None
+
+    def sampling(self, max_tokens: int) -> dict:
+        """The request's SamplingParams fields (checked at admission); InvalidRequest where its
+        structured output is malformed."""
+        slo = self.aptray_slo
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                "max_tokens": max_tokens, "min_tokens": self.min_tokens, "stop": self.stop,
+                "stop_token_ids": self.stop_token_ids or [], "logit_bias": self.logit_bias or {},
+                "logprobs": self.logprobs_asked(), "presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
+                "seed": self.seed, "ignore_eos": self.ignore_eos, "structured_output": self.structured_output(),
+                "skip_special_tokens": self.skip_special_tokens,
+                "include_stop_str_in_output": self.include_stop_str_in_output,
+                "ttft_slo": slo.ttft_ms / 1000 if slo and slo.ttft_ms else None,
+                "tbt_slo": slo.tbt_ms / 1000 if slo and slo.tbt_ms else None}
 
     def structured_output(self) -> dict | None:
         guided = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,

@@ -54,7 +54,4 @@ def finished(r: Resumable, engine: Engine) -> tuple[str, str] | None:
     status = stops.replay(r.output_token_ids, len(r.prompt_token_ids))
     if status is None:
         return None
-    text = stops.text
-    if text is None:
-        text = engine.tokenizer.decode(r.output_token_ids, skip_special_tokens=True) if engine.tokenizer else ""
-    return status.value, text
+    return status.value, stops.final_text(r.output_token_ids)

@@ -185,7 +185,7 @@ class Router:
                 answers.append(refusal)
                 continue
             stream = ClientStream(self.tokenizer, True, *self.config.slos_of(sp), list(sp.stop), len(ids),
-                                  epoch=r.epoch)
+                                  epoch=r.epoch, skip_special_tokens=sp.skip_special_tokens)
             if r.seen_token_ids is None:
                 self.loop.submit(Add(rid, ids, sp, r.prompt, time.monotonic(), stream, r.prefix, grammars.get(rid)))
             else:

@@ -26,16 +26,18 @@ class ClientStream:
                  "sent_text")
 
     def __init__(self, tokenizer, attached: bool, ttft_slo: float, tbt_slo: float, stop: list[str],
-                 prompt_tokens: int, token_ids: list[int] | None = None, epoch: int = 0):
+                 prompt_tokens: int, token_ids: list[int] | None = None, epoch: int = 0,
+                 skip_special_tokens: bool = True):
         """attached: a client reads it (False: resumed from Redis, no client has come back yet).
-        epoch: the client's admission count, echoed in every chunk (the ingress drops stale ones)."""
+        epoch: the client's admission count, echoed in every chunk (the ingress drops stale ones).
+        skip_special_tokens: the request's (SamplingParams)."""
         self.attached = attached
         self.epoch = epoch
         self.ttft_slo, self.tbt_slo = ttft_slo, tbt_slo
         self.stop = stop
         self.holdback = max(len(s) for s in stop) - 1 if stop else 0  # text that could still become a stop
         self.prompt_tokens = prompt_tokens
-        self.detok = IncrementalDetokenizer(tokenizer)
+        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
         self.detok.token_ids.extend(token_ids or ())  # not decoded: only a re-attach needs their text
         self.sent_text = ""
 
@@ -45,7 +47,7 @@ class ClientStream:
 
     def resume_at(self, token_ids: list[int], text: str) -> None:
         """A client re-attaching with the tokens and text it already has."""
-        self.detok = IncrementalDetokenizer(self.detok.tokenizer, token_ids)
+        self.detok = IncrementalDetokenizer(self.detok.tokenizer, token_ids, self.detok.skip_special_tokens)
         self.sent_text = text
 
     def advance(self, new_token_ids: list[int]) -> str:

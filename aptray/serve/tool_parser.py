@@ -14,6 +14,11 @@ as vLLM's --tool-call-parser does).
 {"name": "get_weather", "parameters": {"city": "Paris"}} ("arguments" is read too), separated by
 ";" and optionally after <|python_tag|> (a special token, so usually not in the text).
 
+"mistral": Mistral and Ministral models. After any text, [TOOL_CALLS] (a special token: the app
+keeps special tokens in the text of these requests, as vLLM does) and the calls: before the v11
+tokenizers one JSON array, [{"name": "get_weather", "arguments": {"city": "Paris"}}]; from v11 one
+tag per call, [TOOL_CALLS]get_weather{"city": "Paris"}, or get_weather[ARGS]{...}.
+
 "pythonic": Llama 3.2 and 4, and other models taught to answer in Python. The whole reply is a
 list of calls with keyword arguments of Python literals, [get_weather(city="Paris"), now()],
 optionally between <|python_start|> and <|python_end|>.
@@ -57,7 +62,32 @@ def _json_call(value, names: tuple[str, ...], *argument_keys: str) -> tuple[str,
     return None if arguments is None else (value["name"], arguments)
 
 
-class Hermes:
+class _Tagged:
+    """A format whose calls come after any text, each opened by the tag OPEN. split: text streams
+    until the first tag."""
+    OPEN = ""
+    SHOWS_SPECIAL_TOKENS = False  # True: OPEN is a special token, which the text then keeps
+
+    def split(self, unsent: str, started: bool, names: tuple[str, ...]) -> tuple[int, bool]:
+        """Streaming: (how much of unsent, the reply's text not sent yet, may go out as content now,
+        whether calls have begun); started: some text went out already; names: the request's tools.
+        What could begin an opening tag waits for the next piece, so a tag never straddles what went
+        out and what did not."""
+        at = unsent.find(self.OPEN)
+        if at >= 0:
+            return at, True
+        for n in range(min(len(self.OPEN) - 1, len(unsent)), 0, -1):
+            if self.OPEN.startswith(unsent[-n:]):
+                return len(unsent) - n, False
+        return len(unsent), False
+
+    @staticmethod
+    def _content(text: str, at: int) -> str | None:
+        """The text before the calls (at: the first tag), None where it is only whitespace."""
+        return text[:at] if text[:at].strip() else None
+
+
+class Hermes(_Tagged):
     OPEN = "<tool_call>"
     _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
 
@@ -73,20 +103,41 @@ class Hermes:
             if call is None:
                 return text, []
             calls.append(call)
-        return (text[:at] if text[:at].strip() else None), calls
+        return self._content(text, at), calls
 
-    def split(self, unsent: str, started: bool, names: tuple[str, ...]) -> tuple[int, bool]:
-        """Streaming: (how much of unsent, the reply's text not sent yet, may go out as content now,
-        whether calls have begun); started: some text went out already; names: the request's tools.
-        What could begin an opening tag waits for the next piece, so a tag never straddles what went
-        out and what did not."""
-        at = unsent.find(self.OPEN)
-        if at >= 0:
-            return at, True
-        for n in range(min(len(self.OPEN) - 1, len(unsent)), 0, -1):
-            if self.OPEN.startswith(unsent[-n:]):
-                return len(unsent) - n, False
-        return len(unsent), False
+
+class Mistral(_Tagged):
+    OPEN = "[TOOL_CALLS]"
+    SHOWS_SPECIAL_TOKENS = True
+    # a call of the v11 tokenizers: its name, maybe an id, maybe [ARGS], then the arguments' JSON
+    _NAMED = re.compile(r"\s*([A-Za-z0-9_-]{1,64})(?:\[CALL_ID\][A-Za-z0-9]{1,64})?(?:\[ARGS\])?\s*")
+
+    def parse(self, text: str, names: tuple[str, ...]) -> tuple[str | None, list[tuple[str, str]]]:
+        at = text.find(self.OPEN)
+        if at < 0:
+            return text, []
+        calls = []
+        for part in text[at + len(self.OPEN):].split(self.OPEN):
+            found = self._array(part, names) if part.lstrip().startswith("[") else self._named(part, names)
+            if not found:
+                return text, []
+            calls += found
+        return self._content(text, at), calls
+
+    @staticmethod
+    def _array(part: str, names: tuple[str, ...]) -> list[tuple[str, str]] | None:
+        """Before the v11 tokenizers: [{"name": ..., "arguments": {...}}, ...]."""
+        value = json_value(part)
+        calls = [_json_call(v, names, "arguments") for v in value] if isinstance(value, list) else []
+        return calls if calls and None not in calls else None
+
+    def _named(self, part: str, names: tuple[str, ...]) -> list[tuple[str, str]] | None:
+        """From the v11 tokenizers: name{...} or name[ARGS]{...}, one call after each tag."""
+        head = self._NAMED.match(part)
+        if head is None or head.group(1) not in names:
+            return None
+        arguments = _arguments(json_value(part[head.end():]))
+        return None if arguments is None else [(head.group(1), arguments)]
 
 
 class _WholeReply:
@@ -95,6 +146,7 @@ class _WholeReply:
     held until it is surely calls (then to its end, parsed whole) or surely not (then it goes out as
     text): _shape() reads its head."""
     OPENERS: tuple[str, ...] = ()
+    SHOWS_SPECIAL_TOKENS = False
     HEAD_CHARS = 512  # a head still undecided after this many characters is held as calls
 
     def split(self, unsent: str, started: bool, names: tuple[str, ...]) -> tuple[int, bool]:
@@ -212,4 +264,4 @@ class Pythonic(_WholeReply):
         return None, calls
 
 
-PARSERS = {"hermes": Hermes(), "llama3_json": Llama3Json(), "pythonic": Pythonic()}
+PARSERS = {"hermes": Hermes(), "llama3_json": Llama3Json(), "mistral": Mistral(), "pythonic": Pythonic()}

@@ -37,6 +37,11 @@ class ToolReply:
     parser: str | None = None
     single: bool = False
 
+    @property
+    def shows_special_tokens(self) -> bool:
+        """Whether the reply's text must keep special tokens: the format's calls open with one."""
+        return self.mode == "auto" and tool_parser.PARSERS[self.parser].SHOWS_SPECIAL_TOKENS
+
     def parse(self, text: str) -> tuple[str | None, list[ToolCall] | None]:
         """(the reply's text content, the calls it makes): (text, None) where it makes none (text, or
         JSON cut short)."""
@@ -89,6 +94,24 @@ def plan(tools, tool_choice, parser: str | None = None, parallel: bool = True) -
     if name not in schemas:
         raise InvalidRequest(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
     return ToolReply("named", name), {"kind": "json", "spec": json.dumps(schemas[name])}
+
+
+def chat_sampling(req, parser: str | None) -> tuple[ToolReply, dict]:
+    """What a chat request's reply is (text, or tool calls), and its sampling dict, whose "tools" are
+    for the chat template (taken out before admission). The tools' structure holds the reply where
+    tool_choice asks for calls; parser: the app's tool_call_parser. InvalidRequest where they
+    cannot be served."""
+    reply, held = plan(req.tools, req.tool_choice, parser, req.parallel_tool_calls is not False)
+    sampling = req.sampling(1)
+    if held is not None:
+        if sampling["structured_output"] is not None:
+            raise InvalidRequest("tool_choice holds the reply to the tools' schemas: send no response_format or "
+                                 "structured_outputs with it", "tool_choice")
+        sampling["structured_output"] = held
+    if reply.shows_special_tokens:  # the calls open with a special token: the text keeps them
+        sampling["skip_special_tokens"] = False
+    sampling["tools"] = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    return reply, sampling
 
 
 def template_messages(messages) -> list[dict]:
