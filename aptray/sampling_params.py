@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 MIN_TEMPERATURE = 1e-5
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a bias: +-100 bans or forces a token
 MAX_LOGPROBS = 20  # most likely tokens a request may ask to see per output token (OpenAI's top_logprobs)
+MAX_CACHE_SALT = 256  # characters of a cache_salt
 MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: +-2
 # repetition_penalty in [0.01, 2] (1.0-1.5 in practice): a logit divided by a vanishing penalty is
 # infinite, and the request's row then has no distribution to sample from
@@ -67,6 +68,11 @@ def check_token_ids(sampling: SamplingParams, vocab_size: int) -> None:
             raise InvalidRequest(f"{what} must be in [0, {vocab_size}) (token ids)", name)
 
 
+def check_cache_salt(salt) -> None:
+    if salt is not None and (not isinstance(salt, str) or not 1 <= len(salt) <= MAX_CACHE_SALT):
+        raise InvalidRequest(f"cache_salt must be 1-{MAX_CACHE_SALT} characters", "cache_salt")
+
+
 def _in_vocabulary(ids, vocab_size: int) -> bool:
     return all(isinstance(t, int) and 0 <= t < vocab_size for t in ids)
 
@@ -103,6 +109,9 @@ class SamplingParams:
     # True: the text keeps the stop string, or the text of the token (EOS, a stop token id), that
     # ended it; False: cut before it (vLLM's)
     include_stop_str_in_output: bool = False
+    # requests share cached prefix blocks only with requests of the same salt (vLLM's cache_salt: a
+    # tenant's prompts cannot be probed by timing another's); None: the shared cache
+    cache_salt: str | None = None
     # Per-request SLOs in seconds; None takes the engine's defaults.
     ttft_slo: float | None = None
     tbt_slo: float | None = None
@@ -111,6 +120,7 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
+        check_cache_salt(self.cache_salt)
         for name in ("skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequest(f"{name} must be true or false, got {getattr(self, name)!r}", name)

@@ -439,6 +439,8 @@ def grpc_requests(draw):
         for name in ("skip_special_tokens", "include_stop_str_in_output"):
             if draw(st.booleans()):
                 setattr(s, name, draw(st.booleans()))
+        if draw(st.booleans()):
+            s.cache_salt = draw(st.one_of(st.text(max_size=8), st.sampled_from(["", "s" * 300])))
         s.logit_bias.update(draw(st.dictionaries(st.integers(-(2**63), 2**63 - 1), f32, max_size=3)))
         if draw(st.booleans()):
             req.slo.ttft_ms = draw(st.floats())

@@ -47,7 +47,7 @@ def server():
     ensure_demo_model(demo_model_dir())
     args = {"tensor_parallel_size": 1, "num_cache_blocks": 128, "max_num_seqs": 16, "max_queue": 64,
             "use_gpu": False, "api_keys": f"{ALICE},{MALLORY}", "grammar_compile_timeout_s": 1.0,
-            "max_requests_per_key": PER_KEY}
+            "max_requests_per_key": PER_KEY, "prefix_cache_per_key": True}
     with served_app(args, num_cpus=3) as addresses:
         yield addresses
 
@@ -102,6 +102,7 @@ HTTP_REFUSED = [  # (body, the parameter the 4xx must name)
     ({"prompt": "a" * 900_000, "max_tokens": 4}, "prompt"),
     ({"prompt": list(range(100_000)), "max_tokens": 4}, "prompt"),
     ({"prompt": "hi", "max_tokens": 4, "n": 10**6}, "n"),
+    ({"prompt": "hi", "max_tokens": 4, "cache_salt": "s" * 10_000}, "cache_salt"),
 ]
 
 
@@ -141,7 +142,7 @@ def _hostile_grpc(server, reference, victims):
     with Client(server["grpc"], api_key=MALLORY) as c:
         refused = [dict(tbt_ms=math.nan), dict(tbt_ms=math.inf), dict(ttft_ms=1e-9),
                    dict(stop_token_ids=list(range(50_000))), dict(client_request_id="x" * 300),
-                   dict(prompt="a" * 900_000)]
+                   dict(prompt="a" * 900_000), dict(cache_salt="s" * 10_000)]
         for kw in refused:
             kw = {"prompt": "hi", "max_tokens": 4, **kw}
             t = time.monotonic()
@@ -238,6 +239,29 @@ def test_one_key_cannot_take_every_slot(server):
         assert time.monotonic() < deadline, "the key's ended requests still count"
         time.sleep(0.2)
     assert r.status_code == 200, r.text[:300]
+
+
+def test_one_key_cannot_time_anothers_cached_prompts(server):
+    """prefix_cache_per_key: a prompt one key sent is a cache hit for that key's next request, never
+    for another key's, whatever cache_salt it sends; a key's own salt splits its cache further."""
+    def hit_tokens() -> float:
+        text = httpx.get(server["http"] + "/metrics", headers=_auth(ALICE), timeout=30).text
+        return float(re.search(r"^aptray_prefix_cache_hit_tokens_total (\S+)$", text, re.M).group(1))
+
+    prompt = list(range(5, 5 + 96))  # six blocks of 16 tokens, none of which another test sends
+
+    def hits_of(key, **extra) -> float:
+        before = hit_tokens()
+        r, _ = _post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1, **extra}, key=key)
+        assert r.status_code == 200, r.text[:300]
+        time.sleep(0.3)  # the engine thread counts its step's hits after the step's tokens go out
+        return hit_tokens() - before
+
+    assert hits_of(ALICE) == 0
+    assert hits_of(ALICE) >= 80  # the same key: its first blocks are cached
+    assert hits_of(MALLORY) == 0 and hits_of(MALLORY, cache_salt="x") == 0
+    assert hits_of(MALLORY) >= 80 and hits_of(MALLORY, cache_salt="x") >= 80
+    assert hits_of(ALICE, cache_salt="x") == 0  # the same salt under another key: still another cache
 
 
 def test_own_requests_can_be_aborted(server):

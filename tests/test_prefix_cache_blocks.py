@@ -227,3 +227,22 @@ def test_caching_off_keeps_nothing():
     computed(bm, "a", [1, 2, 3, 4, 5])
     bm.free("a")
     assert bm.num_evictable == 0 and bm.cached_prefix(request("b", [1, 2, 3, 4, 5]), KV) is NO_PREFIX
+
+
+def test_a_salted_request_shares_cached_blocks_only_with_its_salt():
+    """cache_salt: the chains of other salts (and of none) never meet, so no prefix is shared across."""
+    def salted(rid: str, salt: str | None) -> Request:
+        return Request(rid, [1, 2, 3, 4, 5], SamplingParams(max_tokens=8, cache_salt=salt), 0.0, 1.0, 1.0)
+
+    bm = BlockManager(12, 2, enable_caching=True)
+    computed(bm, "plain", [1, 2, 3, 4, 5])
+    for rid, salt in (("t1", "tenant-1"), ("t2", "tenant-2")):
+        req = salted(rid, salt)
+        assert bm.cached_prefix(req, KV) is NO_PREFIX
+        assert bm.allocate(req, KV, NO_PREFIX, 5)
+        req.num_computed_tokens = 5
+        bm.publish(req)
+    assert bm.cached_prefix(salted("t1-again", "tenant-1"), KV).blocks == bm.table("t1")[:2]
+    assert bm.cached_prefix(salted("t2-again", "tenant-2"), KV).blocks == bm.table("t2")[:2]
+    assert bm.cached_prefix(request("plain-again", [1, 2, 3, 4, 5]), KV).blocks == bm.table("plain")[:2]
+    assert len({bm.table(r)[0] for r in ("plain", "t1", "t2")}) == 3

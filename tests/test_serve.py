@@ -306,7 +306,8 @@ def test_logit_bias_min_tokens_and_min_p_reach_the_shards_over_http_and_grpc(ser
         assert build_request(p).version == 1 and build_request(p, logit_bias={17: 1.0}).version == 2
         assert build_request(p, min_p=0.1, logprobs=0).version == build_request(p, frequency_penalty=0.5).version == 3
         assert build_request(p, regex="a+").version == 4 and build_request(p, n=2).version == 5
-        assert build_request(p, skip_special_tokens=False).version == API_VERSION == 6
+        assert build_request(p, skip_special_tokens=False).version == build_request(p, cache_salt="a").version
+        assert build_request(p, include_stop_str_in_output=True).version == API_VERSION == 6
         too_new = build_request(p, min_p=0.1)
         too_new.version = API_VERSION + 1
         with pytest.raises(grpc.RpcError) as e:

@@ -6,6 +6,8 @@ kind, n and those token ids, so two blocks share a key only when their whole pre
 are the same tokens: a cached block is valid only at the position it was computed at (OPT's learned
 positions, Llama's rotary), and the chain guarantees it. BLAKE2b of 16 bytes: a deliberately crafted
 collision would hand one user's cache to another, which the built-in tuple hash would not resist.
+A request's cache_salt (SamplingParams) goes into the root of its chains: requests of other salts
+never share its blocks.
 """
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ from hashlib import blake2b
 from aptray.request import CacheKind, Request
 
 
-def root_key(kind: CacheKind, tokens_per_block: int) -> bytes:
-    """The parent of block 0: chains of different kinds or block sizes never meet."""
-    return blake2b(f"aptray-prefix|{kind.value}|{tokens_per_block}".encode(), digest_size=16).digest()
+def root_key(kind: CacheKind, tokens_per_block: int, salt: str | None = None) -> bytes:
+    """The parent of block 0: chains of different kinds, block sizes or salts never meet."""
+    salted = f"|salt|{salt}" if salt is not None else ""
+    return blake2b(f"aptray-prefix|{kind.value}|{tokens_per_block}{salted}".encode(), digest_size=16).digest()
 
 
 def block_key(parent: bytes, token_ids) -> bytes:
@@ -32,7 +35,7 @@ def block_keys(req: Request, kind: CacheKind, tokens_per_block: int, num_blocks:
     if len(chain) < num_blocks:
         prompt, outputs = req.prompt_token_ids, req.output_token_ids
         n_prompt, n = len(prompt), tokens_per_block
-        parent = chain[-1] if chain else root_key(kind, n)
+        parent = chain[-1] if chain else root_key(kind, n, req.sampling.cache_salt)
         for j in range(len(chain), num_blocks):
             a, b = j * n, (j + 1) * n
             if b <= n_prompt:

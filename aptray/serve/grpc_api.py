@@ -57,7 +57,7 @@ def sampling_from_proto(req: generate_pb2.GenerateRequest) -> dict:
             "structured_output": _structured_output(s.structured_output) if s.HasField("structured_output") else None,
             "repetition_penalty": dec("repetition_penalty", 1.0),
             "skip_special_tokens": opt(s, "skip_special_tokens", True),
-            "include_stop_str_in_output": s.include_stop_str_in_output,
+            "include_stop_str_in_output": s.include_stop_str_in_output, "cache_salt": opt(s, "cache_salt", None),
             "ttft_slo": slo.ttft_ms / 1000 if slo.HasField("ttft_ms") else None,
             "tbt_slo": slo.tbt_ms / 1000 if slo.HasField("tbt_ms") else None}
 

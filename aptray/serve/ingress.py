@@ -38,7 +38,7 @@ from aptray.serve.relay import Call, Rejected, RouterLink
 from aptray.model.demo import resolve_model_path
 from aptray.serve.prefix_key import PREFIX_KEY_HEADER, prefix_tag
 from aptray.serve.router import Router
-from aptray.serve.security import EdgeMiddleware, bearer, identity
+from aptray.serve.security import EdgeMiddleware, bearer, identity, key_salt
 from aptray.serve.sse import ChatEvents, CompletionEvents, sse, usage
 from aptray.serve.tools import ToolCallEvents
 from aptray.serve.store import RequestStore
@@ -189,6 +189,8 @@ class Ingress:
                            prefix: str | None, n: int) -> list[Call]:
         """The calls of each prompt's n choices ((text, token ids) each; aptray.serve.choices where there
         are several), each admitted."""
+        if self.args.prefix_cache_per_key and owner:
+            sampling = {**sampling, "cache_salt": _invalid_as_400(key_salt, owner, sampling.get("cache_salt"))}
         if n == 1 and len(prompts) == 1:
             return [await self.open_stream(rid, prompts[0][1], sampling, prompts[0][0], owner, prefix)]
         return await choices.open_choices(self, rid, prompts, sampling, owner, prefix, n)

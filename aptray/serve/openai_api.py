@@ -8,8 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from aptray.sampling_params import (MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY,
-                                    InvalidRequest, check_text)
+from aptray.sampling_params import (MAX_CACHE_SALT, MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY,
+                                    MIN_REPETITION_PENALTY, InvalidRequest, check_text)
 
 
 Text = Annotated[str, AfterValidator(check_text)]  # a string field the server reads
@@ -133,6 +133,8 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True  # vLLM extension
     include_stop_str_in_output: bool = False  # vLLM extension
+    # vLLM extension: cached prefixes are shared only among requests of the same salt
+    cache_salt: Text | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT)
     aptray_slo: AptraySlo | None = None
     return_token_ids: bool = False  # vLLM extension: the prompt's and the reply's token ids beside the text
     response_format: ResponseFormat | None = None
@@ -154,7 +156,7 @@ class _SamplingRequest(BaseModel):
                 "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
                 "seed": self.seed, "ignore_eos": self.ignore_eos, "structured_output": self.structured_output(),
                 "skip_special_tokens": self.skip_special_tokens,
-                "include_stop_str_in_output": self.include_stop_str_in_output,
+                "include_stop_str_in_output": self.include_stop_str_in_output, "cache_salt": self.cache_salt,
                 "ttft_slo": slo.ttft_ms / 1000 if slo and slo.ttft_ms else None,
                 "tbt_slo": slo.tbt_ms / 1000 if slo and slo.tbt_ms else None}
 

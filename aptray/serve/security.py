@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 
+from aptray.sampling_params import check_cache_salt
 from aptray.serve.openai_api import error_body
 
 OPEN_PATHS = ("/health",)  # probes carry no key
@@ -32,6 +33,14 @@ def identity(keys: frozenset[str], presented: str | None) -> str:
     if not keys or not presented:
         return ""
     return hashlib.sha256(presented.encode()).hexdigest()[:32]
+
+
+def key_salt(owner: str, salt: str | None) -> str:
+    """The cache_salt of a request of owner (an identity) that sent salt: its own prefix cache (a
+    digest where the client sent a salt too, so that it stays within MAX_CACHE_SALT). InvalidRequest
+    where the client's salt is not one."""
+    check_cache_salt(salt)
+    return f"key:{owner}" if salt is None else "key:" + hashlib.sha256(f"{owner}|{salt}".encode()).hexdigest()
 
 
 def bearer(value: str | None) -> str | None:
