@@ -265,8 +265,13 @@ def test_lone_surrogates_are_refused(server, path, body):
 # generation controls aptray does not implement: refused with a message naming them, unless sent at
 # their no-op values (what clients and benchmark tools send by default)
 UNHONOURED = [(path, *control)
-              for control in (("best_of", 2, 1), ("suffix", "end", ""))
+              for control in (("best_of", 2, 1), ("suffix", "end", ""), ("allowed_token_ids", [5, 6], None),
+                              ("bad_words", ["the"], []), ("truncate_prompt_tokens", 8, None),
+                              ("prompt_logprobs", 1, None), ("spaces_between_special_tokens", False, True))
               for path in ("/v1/completions", "/v1/chat/completions")]
+# a chat's (a completion echoes its prompt; aptray.serve.openai_api.UNSUPPORTED)
+UNHONOURED += [("/v1/chat/completions", "echo", True, False),
+               ("/v1/chat/completions", "chat_template", "{{ 1 }}", None)]
 # tools are chat's (aptray.serve.tools): a completion refuses them
 UNHONOURED += [("/v1/completions", "tools", [{"type": "function", "function": {"name": "f"}}], []),
                ("/v1/completions", "tool_choice", "required", "none")]

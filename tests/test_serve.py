@@ -339,6 +339,28 @@ def test_special_tokens_and_the_ending_token_in_the_text_over_http_and_grpc(serv
             assert "".join(r.text for r in replies) == text
 
 
+def test_chat_template_options_and_special_tokens_are_the_offline_apis(server, model_path):
+    """add_generation_prompt and continue_final_message reach the chat template as LLM.chat's do, and
+    add_special_tokens the tokenizer: the same prompt ids, so the same greedy reply."""
+    llm = LLM(model_path, num_cache_blocks=64)
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    convo = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]
+    url = server["http"] + "/v1/chat/completions"
+    for opts in ({"add_generation_prompt": False, "continue_final_message": True}, {"add_generation_prompt": False},
+                 {}):
+        want = llm.chat(convo if opts else convo[:1], greedy, **opts)[0]
+        got = httpx.post(url, json={"messages": convo if opts else convo[:1], "temperature": 0.0, "max_tokens": 8,
+                                    "ignore_eos": True, "return_token_ids": True, **opts}, timeout=60).json()
+        assert got["prompt_token_ids"] == list(want.prompt_token_ids), opts
+        assert got["choices"][0]["message"]["content"] == want.outputs[0].text
+    bos = llm.tokenizer.encode("Hello")[:-len(llm.tokenizer.encode("Hello", add_special_tokens=False))]
+    assert bos  # this tokenizer adds one
+    for add in (True, False):
+        got = httpx.post(server["http"] + "/v1/completions", timeout=60, json={
+            "prompt": "Hello", "max_tokens": 1, "return_token_ids": True, "add_special_tokens": add}).json()
+        assert got["choices"][0]["prompt_token_ids"] == llm.tokenizer.encode("Hello", add_special_tokens=add)
+
+
 def test_logprobs_over_http_and_grpc_are_the_engines(server, oai, model_path, reference):
     """Through the TP=2 app (logprobs cross gRPC from rank 0): completions and chat, streamed or not,
     through the official openai client, and gRPC, each token's log-probability and top 3 as the

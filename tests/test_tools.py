@@ -298,6 +298,19 @@ def test_mistral_replies_keep_special_tokens_and_stream_until_the_tag():
     assert out[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+def test_chat_template_options_that_would_set_what_the_server_sets_are_refused():
+    from aptray.serve.tools import template_kwargs
+    assert template_kwargs({"enable_thinking": False}) == {"enable_thinking": False} and template_kwargs(None) == {}
+    for taken in ("chat_template", "tokenize", "messages", "tools", "add_generation_prompt"):
+        with pytest.raises(InvalidRequest, match=f"cannot set '{taken}'") as e:
+            template_kwargs({taken: "{{ 1 }}", "enable_thinking": True})
+        assert e.value.param == "chat_template_kwargs"
+    both = ChatCompletionRequest(messages=[ChatMessage(role="user", content="hi")], continue_final_message=True)
+    with pytest.raises(InvalidRequest, match="set add_generation_prompt to false") as e:
+        chat_sampling(both, None)
+    assert e.value.param == "continue_final_message"
+
+
 def test_parallel_tool_calls_false_is_one_call():
     """auto: the model's first call; required: the structure allows one call only."""
     two = HERMES_CALL + HERMES_CALL.replace("add", "now").replace('{"a": 2, "b": 3}', "{}")

@@ -15,6 +15,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
+from functools import partial
 from typing import NamedTuple
 
 import ray
@@ -262,7 +263,7 @@ class Ingress:
             sampling = _invalid_as_400(req.sampling, req.max_tokens or 16)
             # echo with logprobs: the prompt's too (computed whole, without the prefix cache)
             sampling["prompt_logprobs"] = req.logprobs if req.echo else None
-            prompts = await self._completion_prompts(req.prompt, sampling, req.n)
+            prompts = await self._completion_prompts(req.prompt, sampling, req.n, req.add_special_tokens)
             rid = new_id("cmpl")
             calls = await self.open_choices(rid, prompts, sampling, self.caller(raw), self.prefix_of(raw), req.n)
         except Rejected as e:
@@ -324,8 +325,10 @@ class Ingress:
             text = self._token_texts[token_id] = self._token_text_tokenizer.decode([token_id])
         return text
 
-    async def _completion_prompts(self, prompt, sampling: dict, n: int) -> list[tuple[str | None, list[int]]]:
-        """(text or None, token ids) of each prompt: a string, token ids, or a list of either."""
+    async def _completion_prompts(self, prompt, sampling: dict, n: int, add_special_tokens: bool = True
+                                  ) -> list[tuple[str | None, list[int]]]:
+        """(text or None, token ids) of each prompt: a string (add_special_tokens: with the tokenizer's
+        own, BOS...), token ids, or a list of either."""
         many = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
         prompts = prompt if many else [prompt]
         if len(prompts) > choices.MAX_PROMPTS or len(prompts) * n > choices.MAX_REQUESTS:
@@ -335,7 +338,8 @@ class Ingress:
         for p in prompts:
             if isinstance(p, str):
                 self.check_size(sampling, prompt_chars=len(p))
-                out.append((p, await self.off_loop(self.tokenizer.encode, p)))
+                encode = partial(self.tokenizer.encode, add_special_tokens=add_special_tokens)
+                out.append((p, await self.off_loop(encode, p)))
             elif isinstance(p, list) and all(isinstance(t, int) for t in p):
                 self.check_size(sampling, num_token_ids=len(p))
                 out.append((None, list(p)))
@@ -406,11 +410,15 @@ class Ingress:
         """The conversation (and the tools) through the model's chat template, and its token ids
         (tokenizer thread)."""
         try:
-            text = self.tokenizer.apply_chat_template(tools.template_messages(req.messages), tools=tool_specs,
-                                                      tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(
+                tools.template_messages(req.messages), tools=tool_specs, tokenize=False,
+                add_generation_prompt=req.add_generation_prompt, continue_final_message=req.continue_final_message,
+                **_invalid_as_400(tools.template_kwargs, req.chat_template_kwargs))
+        except Rejected:
+            raise
         except Exception as e:  # the template refused these messages (roles, order): the client's error
             raise Rejected(f"the chat template refused the messages: {e}", 400, "messages") from e
-        return text, self.tokenizer.encode(text, add_special_tokens=False)
+        return text, self.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
 
     async def _chat_sse(self, calls: list, events: list, total_usage: bool = False):
         for choice in events:

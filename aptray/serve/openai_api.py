@@ -38,6 +38,13 @@ UNSUPPORTED = {
     "suffix": (None, ""),
     "tools": (None, []), "tool_choice": (None, "none", "auto"),  # a completion's (chat declares them)
     "functions": (None, []), "function_call": (None, "none", "auto"), "use_beam_search": (None, False),
+    "length_penalty": (None, 1, 1.0),
+    # vLLM's, which would change the output if they were ignored
+    "allowed_token_ids": (None,), "bad_words": (None, []), "truncate_prompt_tokens": (None,),
+    "prompt_embeds": (None,), "logits_processors": (None,), "return_tokens_as_token_ids": (None, False),
+    "spaces_between_special_tokens": (None, True), "prompt_logprobs": (None,),
+    "echo": (None, False),  # a chat's (a completion declares it)
+    "chat_template": (None,), "documents": (None,), "mm_processor_kwargs": (None,), "kv_transfer_params": (None,),
 }
 
 
@@ -185,6 +192,7 @@ class CompletionRequest(_SamplingRequest):
     prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's own (BOS...) before a text prompt
     # each output token's log-probability and this many of the most likely tokens' (OpenAI allows 5)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
@@ -239,6 +247,11 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False  # each output token's log-probability
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # with logprobs: this many most likely tokens'
+    # vLLM's: the chat template's own options (tools.template_kwargs checks them)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # go on from the last (assistant) message instead of opening one
+    chat_template_kwargs: dict | None = None
+    add_special_tokens: bool = False  # the tokenizer's own (BOS...) besides the template's
 
     def logprobs_asked(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

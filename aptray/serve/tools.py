@@ -11,10 +11,13 @@ the tools.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import uuid
 from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
 
 from aptray.sampling_params import InvalidRequest
 from aptray.serve import tool_parser
@@ -101,6 +104,9 @@ def chat_sampling(req, parser: str | None) -> tuple[ToolReply, dict]:
     for the chat template (taken out before admission). The tools' structure holds the reply where
     tool_choice asks for calls; parser: the app's tool_call_parser. InvalidRequest where they
     cannot be served."""
+    if req.continue_final_message and req.add_generation_prompt:
+        raise InvalidRequest("continue_final_message goes on from the last message: set add_generation_prompt to "
+                             "false", "continue_final_message")
     reply, held = plan(req.tools, req.tool_choice, parser, req.parallel_tool_calls is not False)
     sampling = req.sampling(1)
     if held is not None:
@@ -112,6 +118,21 @@ def chat_sampling(req, parser: str | None) -> tuple[ToolReply, dict]:
         sampling["skip_special_tokens"] = False
     sampling["tools"] = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     return reply, sampling
+
+
+# what chat_template_kwargs may not set: apply_chat_template's own arguments (a template of the
+# client's among them) and the variables it renders the conversation with
+_TEMPLATE_ARGUMENTS = frozenset(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) | {
+    "messages", "conversation", "tools", "documents"}
+
+
+def template_kwargs(kwargs: dict | None) -> dict:
+    """chat_template_kwargs, the template's own variables (a model's enable_thinking, say);
+    InvalidRequest where one would set what the server sets."""
+    taken = sorted(set(kwargs or {}) & _TEMPLATE_ARGUMENTS)
+    if taken:
+        raise InvalidRequest(f"chat_template_kwargs cannot set {taken[0]!r}", "chat_template_kwargs")
+    return kwargs or {}
 
 
 def template_messages(messages) -> list[dict]:
