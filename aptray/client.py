@@ -24,8 +24,8 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
                   json_schema: str | dict | None = None,
                   json_object: bool = False, regex: str | None = None, choice: list[str] | None = None,
                   grammar: str | None = None, n: int | None = None, skip_special_tokens: bool | None = None,
-                  include_stop_str_in_output: bool = False, cache_salt: str | None = None
-                  ) -> generate_pb2.GenerateRequest:
+                  include_stop_str_in_output: bool = False, cache_salt: str | None = None,
+                  allowed_token_ids: list[int] | None = None) -> generate_pb2.GenerateRequest:
     """prefix_key: a name for the prompt prefix this request shares with others (a conversation id):
     the request router prefers a replica that holds it cached. logprobs: each token's log-probability
     and this many top tokens' (GenerateResponse.logprobs); prompt_logprobs: the prompt tokens' (in
@@ -33,7 +33,8 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
     structure the output is held to (StructuredOutput). n: choices, each its own request (messages
     carry their index; each choice ends with its own finished message). skip_special_tokens=False:
     special tokens show in the text; include_stop_str_in_output: the text keeps what ended it;
-    cache_salt: cached prefixes are shared only among requests of the same salt."""
+    cache_salt: cached prefixes are shared only among requests of the same salt; allowed_token_ids:
+    the only tokens it may sample."""
     structured = {"json_schema": json_schema, "json_object": json_object or None, "regex": regex, "choice": choice,
                   "grammar": grammar}
     structured = {k: v for k, v in structured.items() if v is not None}
@@ -41,7 +42,9 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
         raise ValueError(f"at most one structure for the output, got {', '.join(structured)}")
     # the lowest version with the fields set: an older server then serves the rest
     version3 = (logprobs, prompt_logprobs, presence_penalty, frequency_penalty)
-    version = (6 if skip_special_tokens is not None or include_stop_str_in_output or cache_salt is not None else
+    version6 = (skip_special_tokens is not None, include_stop_str_in_output, cache_salt is not None,
+                bool(allowed_token_ids))
+    version = (6 if any(version6) else
                5 if n is not None else 4 if structured or repetition_penalty is not None else
                3 if any(v is not None for v in version3) else
                2 if min_p is not None or min_tokens is not None or logit_bias else 1)
@@ -62,6 +65,7 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
             setattr(s, name, value)
     s.stop.extend(stop or [])
     s.stop_token_ids.extend(stop_token_ids or [])
+    s.allowed_token_ids.extend(allowed_token_ids or [])
     s.ignore_eos = ignore_eos
     s.include_stop_str_in_output = include_stop_str_in_output
     s.logit_bias.update(logit_bias or {})

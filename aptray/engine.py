@@ -10,7 +10,7 @@ from aptray.config import EngineConfig
 from aptray.executor.base import Executor
 from aptray.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from aptray.plan import BatchPlan, SeqPlan, StepResult
-from aptray.request import CacheKind, Request, RequestStatus
+from aptray.request import CacheKind, Request, RequestStatus, token_mask
 from aptray.sampling_params import InvalidRequest, SamplingParams, check_prompt, check_token_ids
 from aptray.scheduler import make_scheduler
 from aptray.step_quarantine import MAX_FAILED_STEPS, StepQuarantine
@@ -78,8 +78,10 @@ class Engine:
         sp = sampling_params
         eos = getattr(self.tokenizer, "eos_token_id", None)
         guide = self.grammars.guide(sp.structured_output, grammar) if sp.structured_output is not None else None
+        allowed = token_mask(sp.allowed_token_ids, self.config.spec.vocab_size) if sp.allowed_token_ids else b""
         req = Request(request_id, list(prompt_token_ids), sp,
-                      self.clock() if arrival_time is None else arrival_time, *self.config.slos_of(sp), eos, guide)
+                      self.clock() if arrival_time is None else arrival_time, *self.config.slos_of(sp), eos, guide,
+                      allowed_mask=allowed)
         self.scheduler.add(req)
         self._prompts[request_id] = prompt
         self._stops[request_id] = self.stop_checker(sp)

@@ -5,6 +5,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from aptray.sampling_params import SamplingParams
 
 
@@ -39,6 +41,14 @@ class RequestStatus(str, enum.Enum):
         return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
 
 
+def token_mask(token_ids, vocab_size: int) -> bytes:
+    """token_ids as SeqPlan.allowed_tokens: bit t % 32 of little-endian 32-bit word t // 32, one word
+    per 32 tokens of the vocabulary (a grammar's mask has the same layout)."""
+    bits = np.zeros(-(-vocab_size // 32) * 32, dtype=np.uint8)
+    bits[list(token_ids)] = 1
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
 @dataclass(eq=False)
 class Request:
     request_id: str
@@ -49,6 +59,8 @@ class Request:
     tbt_slo: float
     eos_token_id: int | None = None
     guide: object | None = None  # where a grammar holds the output: its aptray.structured_output.Guide
+    # sampling.allowed_token_ids as SeqPlan.allowed_tokens (token_mask), b"": any token
+    allowed_mask: bytes = b""
     output_token_ids: list[int] = field(default_factory=list)
     # each output token's TokenLogprobs where sampling.logprobs asks (None: a token sampled elsewhere,
     # before a resume, or by an executor that reports none)
@@ -93,7 +105,7 @@ class Request:
             self.early_logit_bias = tuple({**sp.logit_bias, **dict.fromkeys(sorted(ending), -math.inf)}.items())
         elif not sp.penalized and self.guide is None and sp.repetition_penalty == 1.0:
             self.decode_tail = (sp.min_p, self.logit_bias, sp.logprobs, None, (), sp.presence_penalty,
-                                sp.frequency_penalty, (), b"", 1.0, ())
+                                sp.frequency_penalty, (), self.allowed_mask, 1.0, ())
 
     def step_logit_bias(self, num_outputs: int) -> tuple[tuple[int, float], ...]:
         """What the step sampling output number num_outputs + 1 adds to its logits."""
@@ -128,8 +140,14 @@ class Request:
         return counts
 
     def allowed_tokens(self) -> bytes:
-        """SeqPlan.allowed_tokens for its next token: what its grammar allows, or b"" (any)."""
-        return self.guide.allowed_tokens() if self.guide is not None else b""
+        """SeqPlan.allowed_tokens for its next token: what its grammar and its allowed_token_ids allow,
+        or b"" (any)."""
+        if self.guide is None:
+            return self.allowed_mask
+        grammar = self.guide.allowed_tokens()
+        if not self.allowed_mask:
+            return grammar
+        return np.bitwise_and(np.frombuffer(grammar, np.uint8), np.frombuffer(self.allowed_mask, np.uint8)).tobytes()
 
     @property
     def num_tokens(self) -> int:

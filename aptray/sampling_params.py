@@ -59,11 +59,12 @@ def check_prompt(ids, context: int, vocab_size: int, limit: int | None = None) -
 
 
 def check_token_ids(sampling: SamplingParams, vocab_size: int) -> None:
-    """Token ids the request names (stop_token_ids, logit_bias) are the model's: one outside the
+    """Token ids the request names (stop_token_ids, logit_bias, allowed_token_ids) are the model's: one outside the
     vocabulary can never match, so a request naming one asked for something else (another model's
     ids, a sign error)."""
     for name, what, ids in (("stop_token_ids", "stop_token_ids", sampling.stop_token_ids),
-                            ("logit_bias", "logit_bias keys", sampling.logit_bias)):
+                            ("logit_bias", "logit_bias keys", sampling.logit_bias),
+                            ("allowed_token_ids", "allowed_token_ids", sampling.allowed_token_ids or ())):
         if not _in_vocabulary(ids, vocab_size):
             raise InvalidRequest(f"{what} must be in [0, {vocab_size}) (token ids)", name)
 
@@ -112,6 +113,8 @@ class SamplingParams:
     # requests share cached prefix blocks only with requests of the same salt (vLLM's cache_salt: a
     # tenant's prompts cannot be probed by timing another's); None: the shared cache
     cache_salt: str | None = None
+    # the only tokens it may sample (vLLM's allowed_token_ids); None: any
+    allowed_token_ids: list[int] | None = None
     # Per-request SLOs in seconds; None takes the engine's defaults.
     ttft_slo: float | None = None
     tbt_slo: float | None = None
@@ -121,6 +124,9 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         check_cache_salt(self.cache_salt)
+        if self.allowed_token_ids is not None and (not isinstance(self.allowed_token_ids, (list, tuple))
+                                                   or not self.allowed_token_ids):
+            raise InvalidRequest("allowed_token_ids must be a non-empty list of token ids", "allowed_token_ids")
         for name in ("skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequest(f"{name} must be true or false, got {getattr(self, name)!r}", name)

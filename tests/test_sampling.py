@@ -19,6 +19,7 @@ from aptray.plan import SeqPlan
 from aptray.request import Request
 from aptray.sampling_params import InvalidRequest
 from aptray.stop import StopChecker
+from aptray.structured_output import StructuredOutput
 from tiny_models import hf_model, prompts, tiny_model
 
 torch.set_num_threads(1)
@@ -329,6 +330,51 @@ def test_special_tokens_show_only_when_asked_and_the_token_that_ends_an_output_n
     assert by_id.text == tok.decode([first]) != tok.decode([first, stop_id])
     assert out(max_tokens=5, min_tokens=1, logit_bias={stop_id: 100.0}, stop_token_ids=[stop_id],
                include_stop_str_in_output=True).text == tok.decode([first, stop_id])
+
+
+class _AllowedOnly:
+    """transformers logits processor: every token but the allowed ones at -inf."""
+
+    def __init__(self, allowed):
+        self.allowed = list(allowed)
+
+    def __call__(self, input_ids, scores):
+        masked = torch.full_like(scores, -math.inf)
+        masked[:, self.allowed] = scores[:, self.allowed]
+        return masked
+
+
+@pytest.mark.parametrize("model", ["opt-60x3", "llama-48x3"])
+def test_allowed_token_ids_are_transformers_with_every_other_token_masked(model):
+    """Greedy: transformers' generate with the other tokens at -inf, token for token; sampled: only
+    allowed tokens; with a structure too: what both allow."""
+    path = tiny_model(model)
+    llm = LLM(path, max_num_seqs=8)
+    allowed = [7, 19, 23, 41, 42, 200, llm.tokenizer.eos_token_id]
+    hf = hf_model(path)
+    for prompt in prompts(3, seed=11):
+        ids = torch.tensor([prompt])
+        want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                           logits_processor=LogitsProcessorList([_AllowedOnly(allowed)]),
+                           eos_token_id=llm.tokenizer.eos_token_id, pad_token_id=0)[0, len(prompt):].tolist()
+        got = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=12,
+                                                                        allowed_token_ids=allowed))[0].outputs[0]
+        assert list(got.token_ids) == want
+    sampled = llm.generate([{"prompt_token_ids": p} for p in prompts(4, seed=12)], SamplingParams(
+        temperature=1.5, seed=3, max_tokens=16, ignore_eos=True, allowed_token_ids=allowed[:-1]))
+    assert all(set(o.outputs[0].token_ids) <= set(allowed) for o in sampled)
+    digits = [t for t in range(llm.tokenizer.vocab_size) if llm.tokenizer.decode([t]) in ("1", "2", "3")]
+    held = llm.generate({"prompt_token_ids": prompts(1, seed=13)[0]}, SamplingParams(
+        temperature=1.0, seed=5, max_tokens=8, allowed_token_ids=digits[:2] + [llm.tokenizer.eos_token_id],
+        structured_output=StructuredOutput("regex", "[0-9]{4}")))[0].outputs[0]
+    assert set(held.token_ids[:-1]) <= set(digits[:2]) and len(held.text) == 4, held
+
+
+def test_allowed_token_ids_outside_the_vocabulary_or_empty_are_refused():
+    llm = LLM(tiny_model("opt-60x3"))
+    for ids, match in (([5, 10**9], r"allowed_token_ids must be in \[0, "), ([], "non-empty")):
+        with pytest.raises(InvalidRequest, match=match):
+            llm.generate({"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=2, allowed_token_ids=ids))
 
 
 def test_include_stop_str_in_output_keeps_the_stop_string():

@@ -308,6 +308,7 @@ def test_logit_bias_min_tokens_and_min_p_reach_the_shards_over_http_and_grpc(ser
         assert build_request(p, regex="a+").version == 4 and build_request(p, n=2).version == 5
         assert build_request(p, skip_special_tokens=False).version == build_request(p, cache_salt="a").version
         assert build_request(p, include_stop_str_in_output=True).version == API_VERSION == 6
+        assert build_request(p, allowed_token_ids=[5]).version == 6
         too_new = build_request(p, min_p=0.1)
         too_new.version = API_VERSION + 1
         with pytest.raises(grpc.RpcError) as e:
@@ -337,6 +338,25 @@ def test_special_tokens_and_the_ending_token_in_the_text_over_http_and_grpc(serv
                                       logit_bias={pad: 50.0, eos: 100.0}, **extra))
             assert [t for r in replies for t in r.token_ids] == [pad, pad, eos]
             assert "".join(r.text for r in replies) == text
+
+
+def test_allowed_token_ids_over_http_and_grpc_are_the_engines(server, model_path):
+    """Through the TP=2 app (the mask crosses gRPC to the shards): the engine's tokens, all allowed."""
+    from aptray.client import Client
+
+    llm = LLM(model_path, num_cache_blocks=64)
+    allowed = [7, 19, 23, 41, 42, 200]
+    ids = llm.tokenizer.encode(PROMPTS[1])
+    want = list(llm.generate({"prompt_token_ids": ids}, SamplingParams(
+        temperature=0.0, max_tokens=10, ignore_eos=True, allowed_token_ids=allowed))[0].outputs[0].token_ids)
+    assert set(want) <= set(allowed)
+    got = httpx.post(server["http"] + "/v1/completions", timeout=60, json={
+        "prompt": ids, "temperature": 0.0, "max_tokens": 10, "ignore_eos": True, "allowed_token_ids": allowed,
+        "return_token_ids": True}).json()
+    assert got["choices"][0]["token_ids"] == want
+    with Client(server["grpc"]) as c:
+        replies = list(c.generate(ids, temperature=0.0, max_tokens=10, ignore_eos=True, allowed_token_ids=allowed))
+        assert [t for r in replies for t in r.token_ids] == want
 
 
 def test_chat_template_options_and_special_tokens_are_the_offline_apis(server, model_path):
