@@ -25,7 +25,8 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
                   json_object: bool = False, regex: str | None = None, choice: list[str] | None = None,
                   grammar: str | None = None, n: int | None = None, skip_special_tokens: bool | None = None,
                   include_stop_str_in_output: bool = False, cache_salt: str | None = None,
-                  allowed_token_ids: list[int] | None = None) -> generate_pb2.GenerateRequest:
+                  allowed_token_ids: list[int] | None = None, truncate_prompt_tokens: int | None = None
+                  ) -> generate_pb2.GenerateRequest:
     """prefix_key: a name for the prompt prefix this request shares with others (a conversation id):
     the request router prefers a replica that holds it cached. logprobs: each token's log-probability
     and this many top tokens' (GenerateResponse.logprobs); prompt_logprobs: the prompt tokens' (in
@@ -34,7 +35,8 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
     carry their index; each choice ends with its own finished message). skip_special_tokens=False:
     special tokens show in the text; include_stop_str_in_output: the text keeps what ended it;
     cache_salt: cached prefixes are shared only among requests of the same salt; allowed_token_ids:
-    the only tokens it may sample."""
+    the only tokens it may sample; truncate_prompt_tokens: only the prompt's last k tokens (-1: as
+    many as the server takes)."""
     structured = {"json_schema": json_schema, "json_object": json_object or None, "regex": regex, "choice": choice,
                   "grammar": grammar}
     structured = {k: v for k, v in structured.items() if v is not None}
@@ -43,13 +45,13 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
     # the lowest version with the fields set: an older server then serves the rest
     version3 = (logprobs, prompt_logprobs, presence_penalty, frequency_penalty)
     version6 = (skip_special_tokens is not None, include_stop_str_in_output, cache_salt is not None,
-                bool(allowed_token_ids))
+                bool(allowed_token_ids), truncate_prompt_tokens is not None)
     version = (6 if any(version6) else
                5 if n is not None else 4 if structured or repetition_penalty is not None else
                3 if any(v is not None for v in version3) else
                2 if min_p is not None or min_tokens is not None or logit_bias else 1)
     req = generate_pb2.GenerateRequest(version=version, client_request_id=client_request_id, prefix_key=prefix_key,
-                                       n=n or 0)
+                                       n=n or 0, truncate_prompt_tokens=truncate_prompt_tokens)
     if isinstance(prompt, str):
         req.prompt = prompt
     else:

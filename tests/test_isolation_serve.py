@@ -100,6 +100,7 @@ HTTP_REFUSED = [  # (body, the parameter the 4xx must name)
     ({"prompt": "hi", "max_tokens": 4, "stop_token_ids": list(range(50_000))}, "stop_token_ids"),
     ({"prompt": "hi", "max_tokens": 4, "stop": ["x"] * 100}, "stop"),
     ({"prompt": "a" * 900_000, "max_tokens": 4}, "prompt"),
+    ({"prompt": "a" * 900_000, "max_tokens": 4, "truncate_prompt_tokens": 8}, "prompt"),
     ({"prompt": list(range(100_000)), "max_tokens": 4}, "prompt"),
     ({"prompt": "hi", "max_tokens": 4, "n": 10**6}, "n"),
     ({"prompt": "hi", "max_tokens": 4, "cache_salt": "s" * 10_000}, "cache_salt"),

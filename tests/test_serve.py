@@ -309,6 +309,7 @@ def test_logit_bias_min_tokens_and_min_p_reach_the_shards_over_http_and_grpc(ser
         assert build_request(p, skip_special_tokens=False).version == build_request(p, cache_salt="a").version
         assert build_request(p, include_stop_str_in_output=True).version == API_VERSION == 6
         assert build_request(p, allowed_token_ids=[5]).version == 6
+        assert build_request(p, truncate_prompt_tokens=3).version == 6
         too_new = build_request(p, min_p=0.1)
         too_new.version = API_VERSION + 1
         with pytest.raises(grpc.RpcError) as e:
@@ -357,6 +358,40 @@ def test_allowed_token_ids_over_http_and_grpc_are_the_engines(server, model_path
     with Client(server["grpc"]) as c:
         replies = list(c.generate(ids, temperature=0.0, max_tokens=10, ignore_eos=True, allowed_token_ids=allowed))
         assert [t for r in replies for t in r.token_ids] == want
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(server, model_path):
+    """A prompt past the server's limit is served on its last k tokens (-1: as many as it takes):
+    the engine's reply to those; HTTP (text and ids, chat) and gRPC. 0 is refused."""
+    from aptray.client import Client
+
+    llm = LLM(model_path, num_cache_blocks=64)
+    text = "The quick brown fox jumps over the lazy dog. " * 600  # 27,000 characters: refused whole
+    ids = llm.tokenizer.encode(text)
+    url, greedy = server["http"] + "/v1/completions", {"temperature": 0.0, "max_tokens": 6, "ignore_eos": True}
+
+    def engine(prompt_ids):
+        return list(llm.generate({"prompt_token_ids": prompt_ids}, SamplingParams(**greedy))[0].outputs[0].token_ids)
+
+    assert httpx.post(url, json={"prompt": text, **greedy}, timeout=60).status_code == 400
+    for prompt in (text, ids):
+        got = httpx.post(url, timeout=60, json={"prompt": prompt, "truncate_prompt_tokens": 40,
+                                                "return_token_ids": True, **greedy}).json()["choices"][0]
+        assert got["prompt_token_ids"] == ids[-40:] and got["token_ids"] == engine(ids[-40:])
+    most = httpx.post(url, timeout=60, json={"prompt": ids, "truncate_prompt_tokens": -1, "return_token_ids": True,
+                                             **greedy, "max_tokens": 1}).json()["choices"][0]
+    assert most["prompt_token_ids"] == ids[-len(most["prompt_token_ids"]):] and len(most["prompt_token_ids"]) > 400
+    refused = httpx.post(url, json={"prompt": "hi", "truncate_prompt_tokens": 0}, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "truncate_prompt_tokens"
+    chat = [{"role": "user", "content": text}]
+    chat_ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
+                                    add_special_tokens=False)
+    got = httpx.post(server["http"] + "/v1/chat/completions", timeout=60, json={
+        "messages": chat, "truncate_prompt_tokens": 30, "return_token_ids": True, **greedy}).json()
+    assert got["prompt_token_ids"] == chat_ids[-30:] and got["choices"][0]["token_ids"] == engine(chat_ids[-30:])
+    with Client(server["grpc"]) as c:
+        replies = list(c.generate(text, truncate_prompt_tokens=40, **greedy))
+        assert [t for r in replies for t in r.token_ids] == engine(ids[-40:])
 
 
 def test_chat_template_options_and_special_tokens_are_the_offline_apis(server, model_path):

@@ -94,7 +94,7 @@ class Slo(_message.Message):
     def __init__(self, ttft_ms: _Optional[float] = ..., tbt_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("version", "client_request_id", "prompt", "prompt_token_ids", "sampling", "slo", "prefix_key", "n")
+    __slots__ = ("version", "client_request_id", "prompt", "prompt_token_ids", "sampling", "slo", "prefix_key", "n", "truncate_prompt_tokens")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class GenerateRequest(_message.Message):
     SLO_FIELD_NUMBER: _ClassVar[int]
     PREFIX_KEY_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATE_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     version: int
     client_request_id: str
     prompt: str
@@ -111,7 +112,8 @@ class GenerateRequest(_message.Message):
     slo: Slo
     prefix_key: str
     n: int
-    def __init__(self, version: _Optional[int] = ..., client_request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., slo: _Optional[_Union[Slo, _Mapping]] = ..., prefix_key: _Optional[str] = ..., n: _Optional[int] = ...) -> None: ...
+    truncate_prompt_tokens: int
+    def __init__(self, version: _Optional[int] = ..., client_request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., slo: _Optional[_Union[Slo, _Mapping]] = ..., prefix_key: _Optional[str] = ..., n: _Optional[int] = ..., truncate_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")

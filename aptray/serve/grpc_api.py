@@ -10,6 +10,7 @@ import numpy as np
 
 from aptray.proto import generate_pb2
 from aptray.proto.convert import PLAN_VERSION, logprobs_to_proto
+from aptray.sampling_params import InvalidRequest
 from aptray.serve import choices
 from aptray.serve.openai_api import chunk_logprobs, new_id
 from aptray.serve.prefix_key import prefix_tag
@@ -63,6 +64,16 @@ def sampling_from_proto(req: generate_pb2.GenerateRequest) -> dict:
             "tbt_slo": slo.tbt_ms / 1000 if slo.HasField("tbt_ms") else None}
 
 
+def _kept_tokens(ingress, req: generate_pb2.GenerateRequest) -> int | None:
+    """The prompt tokens truncate_prompt_tokens keeps (RequestLimits.kept_tokens); None: all."""
+    if not req.HasField("truncate_prompt_tokens"):
+        return None
+    try:
+        return ingress.limits.kept_tokens(req.truncate_prompt_tokens)
+    except InvalidRequest as e:
+        raise Rejected(str(e), 400, e.param) from None
+
+
 def _decimal(value: float) -> float:
     """A float field's value as the client wrote it: the shortest decimal with that float32 (the field
     holds a float32, so 0.01 arrives as 0.0099999998, below repetition_penalty's floor), as HTTP's
@@ -101,14 +112,13 @@ async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
             raise Rejected("client_request_id is over 128 characters", 400)
         sampling = sampling_from_proto(req)
         ingress.link.check_owner(owner)  # a key at its cap: refused before its prompt is tokenized
+        keep = _kept_tokens(ingress, req)
         if req.WhichOneof("input") == "prompt":
             if len(req.prompt.encode()) > ingress.args.max_body_bytes:
                 raise Rejected(f"the prompt is over {ingress.args.max_body_bytes} bytes", 413)
-            ingress.check_size(sampling, prompt_chars=len(req.prompt))
-            prompt, ids = req.prompt, await ingress.off_loop(ingress.tokenizer.encode, req.prompt)
+            [(prompt, ids)] = await ingress.prompts_of(req.prompt, sampling, 1, keep=keep)
         elif req.WhichOneof("input") == "prompt_token_ids":
-            ingress.check_size(sampling, num_token_ids=len(req.prompt_token_ids.ids))
-            prompt, ids = None, list(req.prompt_token_ids.ids)
+            [(prompt, ids)] = await ingress.prompts_of(list(req.prompt_token_ids.ids), sampling, 1, keep=keep)
         else:
             raise Rejected("give prompt or prompt_token_ids", 400)
         n = req.n or 1

@@ -59,6 +59,14 @@ def _invalid_as_400(fn, *args):
         raise Rejected(str(e), 400, e.param) from None
 
 
+def _kept(text: str | None, ids: list[int], keep: int | None) -> tuple[str | None, list[int]]:
+    """A prompt's (text, ids) with only its last keep tokens (truncate_prompt_tokens): the text is
+    then None, as it no longer matches them."""
+    if keep is None or len(ids) <= keep:
+        return text, ids
+    return None, ids[-keep:]
+
+
 class Reply(NamedTuple):
     """A non-streamed request's reply, its chunks joined."""
     text: str
@@ -263,7 +271,8 @@ class Ingress:
             sampling = _invalid_as_400(req.sampling, req.max_tokens or 16)
             # echo with logprobs: the prompt's too (computed whole, without the prefix cache)
             sampling["prompt_logprobs"] = req.logprobs if req.echo else None
-            prompts = await self._completion_prompts(req.prompt, sampling, req.n, req.add_special_tokens)
+            keep = _invalid_as_400(self.limits.kept_tokens, req.truncate_prompt_tokens)
+            prompts = await self.prompts_of(req.prompt, sampling, req.n, req.add_special_tokens, keep)
             rid = new_id("cmpl")
             calls = await self.open_choices(rid, prompts, sampling, self.caller(raw), self.prefix_of(raw), req.n)
         except Rejected as e:
@@ -325,10 +334,11 @@ class Ingress:
             text = self._token_texts[token_id] = self._token_text_tokenizer.decode([token_id])
         return text
 
-    async def _completion_prompts(self, prompt, sampling: dict, n: int, add_special_tokens: bool = True
-                                  ) -> list[tuple[str | None, list[int]]]:
+    async def prompts_of(self, prompt, sampling: dict, n: int, add_special_tokens: bool = True,
+                                  keep: int | None = None) -> list[tuple[str | None, list[int]]]:
         """(text or None, token ids) of each prompt: a string (add_special_tokens: with the tokenizer's
-        own, BOS...), token ids, or a list of either."""
+        own, BOS...), token ids, or a list of either. keep: only each prompt's last keep tokens (its
+        text is then None), and a prompt longer than the server takes is no error."""
         many = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
         prompts = prompt if many else [prompt]
         if len(prompts) > choices.MAX_PROMPTS or len(prompts) * n > choices.MAX_REQUESTS:
@@ -337,12 +347,12 @@ class Ingress:
         out = []
         for p in prompts:
             if isinstance(p, str):
-                self.check_size(sampling, prompt_chars=len(p))
+                self.check_size(sampling, prompt_chars=len(p), truncated=keep is not None)
                 encode = partial(self.tokenizer.encode, add_special_tokens=add_special_tokens)
-                out.append((p, await self.off_loop(encode, p)))
+                out.append(_kept(p, await self.off_loop(encode, p), keep))
             elif isinstance(p, list) and all(isinstance(t, int) for t in p):
-                self.check_size(sampling, num_token_ids=len(p))
-                out.append((None, list(p)))
+                self.check_size(sampling, num_token_ids=len(p), truncated=keep is not None)
+                out.append(_kept(None, list(p), keep))
             else:
                 raise Rejected("a prompt is a string or a list of token ids, or a list of these", 400, "prompt")
         return out
@@ -372,9 +382,10 @@ class Ingress:
             self._check_model(req)
             self.link.check_owner(self.caller(raw))
             reply, sampling = _invalid_as_400(tools.chat_sampling, req, self.args.tool_call_parser)
-            self.check_size(sampling, num_messages=len(req.messages),
-                            prompt_chars=_invalid_as_400(tools.chat_chars, req.messages, sampling["tools"]))
-            text, ids = await self.off_loop(self._chat_prompt, req, sampling.pop("tools"))
+            keep = _invalid_as_400(self.limits.kept_tokens, req.truncate_prompt_tokens)
+            chars = _invalid_as_400(tools.chat_chars, req.messages, sampling["tools"])
+            self.check_size(sampling, num_messages=len(req.messages), prompt_chars=chars, truncated=keep is not None)
+            text, ids = _kept(*await self.off_loop(self._chat_prompt, req, sampling.pop("tools")), keep)
             rest = max(1, self.max_model_len - len(ids))
             sampling["max_tokens"] = (req.max_completion_tokens or req.max_tokens
                                       or min(rest, self.args.max_tokens_limit or rest))

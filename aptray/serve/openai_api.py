@@ -40,7 +40,7 @@ UNSUPPORTED = {
     "functions": (None, []), "function_call": (None, "none", "auto"), "use_beam_search": (None, False),
     "length_penalty": (None, 1, 1.0),
     # vLLM's, which would change the output if they were ignored
-    "bad_words": (None, []), "truncate_prompt_tokens": (None,),
+    "bad_words": (None, []),
     "prompt_embeds": (None,), "logits_processors": (None,), "return_tokens_as_token_ids": (None, False),
     "spaces_between_special_tokens": (None, True), "prompt_logprobs": (None,),
     "echo": (None, False),  # a chat's (a completion declares it)
@@ -143,6 +143,8 @@ class _SamplingRequest(BaseModel):
     # vLLM extension: cached prefixes are shared only among requests of the same salt
     cache_salt: Text | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT)
     allowed_token_ids: list[int] | None = None  # vLLM extension: the only tokens it may sample
+    # vLLM extension: keep the prompt's last k tokens (-1: as many as the server takes); None: all
+    truncate_prompt_tokens: int | None = None
     aptray_slo: AptraySlo | None = None
     return_token_ids: bool = False  # vLLM extension: the prompt's and the reply's token ids beside the text
     response_format: ResponseFormat | None = None
