@@ -26,8 +26,7 @@ MAX_MESSAGES = 512  # chat messages per request
 # digits): refused before the tokenizer spends time on it.
 MAX_CHARS_PER_TOKEN = 32
 # a prompt the client asks to truncate (truncate_prompt_tokens) may be this many times longer: its
-# tokenizing, on the ingress's one tokenizer thread, stays bounded (0.64 s for 900,000 characters
-# of the demo tokenizer, 2026-12-07)
+# tokenizing, on the ingress's one tokenizer thread, stays within a few times a longest prompt's
 TRUNCATED_PROMPT_FACTOR = 4
 
 
