@@ -25,8 +25,8 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
                   json_object: bool = False, regex: str | None = None, choice: list[str] | None = None,
                   grammar: str | None = None, n: int | None = None, skip_special_tokens: bool | None = None,
                   include_stop_str_in_output: bool = False, cache_salt: str | None = None,
-                  allowed_token_ids: list[int] | None = None, truncate_prompt_tokens: int | None = None
-                  ) -> generate_pb2.GenerateRequest:
+                  allowed_token_ids: list[int] | None = None, truncate_prompt_tokens: int | None = None,
+                  bad_words: list[str] | None = None) -> generate_pb2.GenerateRequest:
     """prefix_key: a name for the prompt prefix this request shares with others (a conversation id):
     the request router prefers a replica that holds it cached. logprobs: each token's log-probability
     and this many top tokens' (GenerateResponse.logprobs); prompt_logprobs: the prompt tokens' (in
@@ -36,7 +36,7 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
     special tokens show in the text; include_stop_str_in_output: the text keeps what ended it;
     cache_salt: cached prefixes are shared only among requests of the same salt; allowed_token_ids:
     the only tokens it may sample; truncate_prompt_tokens: only the prompt's last k tokens (-1: as
-    many as the server takes)."""
+    many as the server takes); bad_words: words the output never has."""
     structured = {"json_schema": json_schema, "json_object": json_object or None, "regex": regex, "choice": choice,
                   "grammar": grammar}
     structured = {k: v for k, v in structured.items() if v is not None}
@@ -45,7 +45,7 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
     # the lowest version with the fields set: an older server then serves the rest
     version3 = (logprobs, prompt_logprobs, presence_penalty, frequency_penalty)
     version6 = (skip_special_tokens is not None, include_stop_str_in_output, cache_salt is not None,
-                bool(allowed_token_ids), truncate_prompt_tokens is not None)
+                bool(allowed_token_ids), truncate_prompt_tokens is not None, bool(bad_words))
     version = (6 if any(version6) else
                5 if n is not None else 4 if structured or repetition_penalty is not None else
                3 if any(v is not None for v in version3) else
@@ -68,6 +68,7 @@ def build_request(prompt: str | list[int], client_request_id: str = "", max_toke
     s.stop.extend(stop or [])
     s.stop_token_ids.extend(stop_token_ids or [])
     s.allowed_token_ids.extend(allowed_token_ids or [])
+    s.bad_words.extend(bad_words or [])
     s.ignore_eos = ignore_eos
     s.include_stop_str_in_output = include_stop_str_in_output
     s.logit_bias.update(logit_bias or {})

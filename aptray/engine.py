@@ -11,7 +11,8 @@ from aptray.executor.base import Executor
 from aptray.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from aptray.plan import BatchPlan, SeqPlan, StepResult
 from aptray.request import CacheKind, Request, RequestStatus, token_mask
-from aptray.sampling_params import InvalidRequest, SamplingParams, check_prompt, check_token_ids
+from aptray.sampling_params import (InvalidRequest, SamplingParams, bad_words_token_ids, check_prompt,
+                                    check_token_ids)
 from aptray.scheduler import make_scheduler
 from aptray.step_quarantine import MAX_FAILED_STEPS, StepQuarantine
 from aptray.stop import StopChecker
@@ -81,7 +82,7 @@ class Engine:
         allowed = token_mask(sp.allowed_token_ids, self.config.spec.vocab_size) if sp.allowed_token_ids else b""
         req = Request(request_id, list(prompt_token_ids), sp,
                       self.clock() if arrival_time is None else arrival_time, *self.config.slos_of(sp), eos, guide,
-                      allowed_mask=allowed)
+                      allowed_mask=allowed, bad_words_ids=bad_words_token_ids(self.tokenizer, sp.bad_words))
         self.scheduler.add(req)
         self._prompts[request_id] = prompt
         self._stops[request_id] = self.stop_checker(sp)

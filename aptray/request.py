@@ -61,6 +61,10 @@ class Request:
     guide: object | None = None  # where a grammar holds the output: its aptray.structured_output.Guide
     # sampling.allowed_token_ids as SeqPlan.allowed_tokens (token_mask), b"": any token
     allowed_mask: bytes = b""
+    # sampling.bad_words' token sequences (sampling_params.bad_words_token_ids): one-token ones are
+    # banned in logit_bias; each longer one bans its last token where the output ends with the others
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    _bad_word_seqs: tuple[tuple[int, ...], ...] = field(default=(), repr=False)  # those of two tokens or more
     output_token_ids: list[int] = field(default_factory=list)
     # each output token's TokenLogprobs where sampling.logprobs asks (None: a token sampled elsewhere,
     # before a resume, or by an executor that reports none)
@@ -95,21 +99,29 @@ class Request:
     def __post_init__(self) -> None:
         sp = self.sampling
         self.stop_token_set = frozenset(sp.stop_token_ids)
-        self.logit_bias = self.early_logit_bias = tuple(sp.logit_bias.items())
+        banned = dict.fromkeys(sorted({w[0] for w in self.bad_words_ids if len(w) == 1}), -math.inf)
+        self.logit_bias = self.early_logit_bias = tuple({**sp.logit_bias, **banned}.items())
+        self._bad_word_seqs = tuple(w for w in self.bad_words_ids if len(w) > 1)
         if sp.prompt_logprobs is not None:
             self.prompt_logprobs = [None] * len(self.prompt_token_ids)
         if sp.min_tokens:
             ending = set(self.stop_token_set)
             if self.eos_token_id is not None and not sp.ignore_eos:
                 ending.add(self.eos_token_id)
-            self.early_logit_bias = tuple({**sp.logit_bias, **dict.fromkeys(sorted(ending), -math.inf)}.items())
-        elif not sp.penalized and self.guide is None and sp.repetition_penalty == 1.0:
+            self.early_logit_bias = tuple({**dict(self.logit_bias), **dict.fromkeys(sorted(ending), -math.inf)}.items())
+        elif not sp.penalized and self.guide is None and sp.repetition_penalty == 1.0 and not self._bad_word_seqs:
             self.decode_tail = (sp.min_p, self.logit_bias, sp.logprobs, None, (), sp.presence_penalty,
                                 sp.frequency_penalty, (), self.allowed_mask, 1.0, ())
 
     def step_logit_bias(self, num_outputs: int) -> tuple[tuple[int, float], ...]:
         """What the step sampling output number num_outputs + 1 adds to its logits."""
-        return self.early_logit_bias if num_outputs < self.sampling.min_tokens else self.logit_bias
+        bias = self.early_logit_bias if num_outputs < self.sampling.min_tokens else self.logit_bias
+        if not self._bad_word_seqs:
+            return bias
+        out = self.output_token_ids[:num_outputs]
+        ends = [w[-1] for w in self._bad_word_seqs
+                if len(w) - 1 <= len(out) and tuple(out[len(out) - len(w) + 1:]) == w[:-1]]
+        return bias + tuple((t, -math.inf) for t in ends) if ends else bias
 
     def output_counts(self) -> tuple:
         """(the output's distinct token ids, how often each is there), SeqPlan.output_counts, where

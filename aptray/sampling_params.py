@@ -69,6 +69,20 @@ def check_token_ids(sampling: SamplingParams, vocab_size: int) -> None:
             raise InvalidRequest(f"{what} must be in [0, {vocab_size}) (token ids)", name)
 
 
+def bad_words_token_ids(tokenizer, words: list[str]) -> tuple[tuple[int, ...], ...]:
+    """The token sequences of bad_words, each word as written and after a space (how it reads after
+    another word), without repeats."""
+    if words and tokenizer is None:
+        raise InvalidRequest("bad_words need the model's tokenizer (skip_tokenizer_init is set)", "bad_words")
+    seqs = {}
+    for word in words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+            if ids:
+                seqs[ids] = None
+    return tuple(seqs)
+
+
 def check_cache_salt(salt) -> None:
     if salt is not None and (not isinstance(salt, str) or not 1 <= len(salt) <= MAX_CACHE_SALT):
         raise InvalidRequest(f"cache_salt must be 1-{MAX_CACHE_SALT} characters", "cache_salt")
@@ -115,6 +129,9 @@ class SamplingParams:
     cache_salt: str | None = None
     # the only tokens it may sample (vLLM's allowed_token_ids); None: any
     allowed_token_ids: list[int] | None = None
+    # words the output never has (vLLM's bad_words): each word's tokens, with and without a leading
+    # space (bad_words_token_ids); its last token is banned where the output ends with the others
+    bad_words: list[str] = field(default_factory=list)
     # Per-request SLOs in seconds; None takes the engine's defaults.
     ttft_slo: float | None = None
     tbt_slo: float | None = None
@@ -124,6 +141,10 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         check_cache_salt(self.cache_salt)
+        if not isinstance(self.bad_words, (list, tuple)) or not all(isinstance(w, str) and w.strip()
+                                                                      for w in self.bad_words):
+            raise InvalidRequest("bad_words must be a list of words (not empty, not only spaces)", "bad_words")
+        self.bad_words = list(self.bad_words)
         if self.allowed_token_ids is not None and (not isinstance(self.allowed_token_ids, (list, tuple))
                                                    or not self.allowed_token_ids):
             raise InvalidRequest("allowed_token_ids must be a non-empty list of token ids", "allowed_token_ids")

@@ -266,7 +266,6 @@ def test_lone_surrogates_are_refused(server, path, body):
 # their no-op values (what clients and benchmark tools send by default)
 UNHONOURED = [(path, *control)
               for control in (("best_of", 2, 1), ("suffix", "end", ""),
-                              ("bad_words", ["the"], []),
                               ("prompt_logprobs", 1, None), ("spaces_between_special_tokens", False, True))
               for path in ("/v1/completions", "/v1/chat/completions")]
 # a chat's (a completion echoes its prompt; aptray.serve.openai_api.UNSUPPORTED)
@@ -447,6 +446,8 @@ def grpc_requests(draw):
         if draw(st.booleans()):
             s.cache_salt = draw(st.one_of(st.text(max_size=8), st.sampled_from(["", "s" * 300])))
         s.allowed_token_ids.extend(draw(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3)))
+        s.bad_words.extend(draw(st.lists(st.one_of(st.text(max_size=6), st.sampled_from([" ", "x" * 300])),
+                                         max_size=3)))
         s.logit_bias.update(draw(st.dictionaries(st.integers(-(2**63), 2**63 - 1), f32, max_size=3)))
         if draw(st.booleans()):
             req.slo.ttft_ms = draw(st.floats())

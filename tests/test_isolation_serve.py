@@ -104,6 +104,7 @@ HTTP_REFUSED = [  # (body, the parameter the 4xx must name)
     ({"prompt": list(range(100_000)), "max_tokens": 4}, "prompt"),
     ({"prompt": "hi", "max_tokens": 4, "n": 10**6}, "n"),
     ({"prompt": "hi", "max_tokens": 4, "cache_salt": "s" * 10_000}, "cache_salt"),
+    ({"prompt": "hi", "max_tokens": 4, "bad_words": ["w"] * 1000}, "bad_words"),
 ]
 
 

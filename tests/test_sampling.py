@@ -387,3 +387,44 @@ def test_include_stop_str_in_output_keeps_the_stop_string():
         got = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop=[stop],
                                                   include_stop_str_in_output=include))[0].outputs[0]
         assert got.text == want and got.stop_reason == stop
+
+
+@pytest.mark.parametrize("model", ["opt-60x3", "llama-48x3"])
+def test_bad_words_are_transformers_bad_words_ids(model):
+    """Words the free greedy reply has (one token, and two), banned: transformers' generate with
+    bad_words_ids (the same token sequences), token for token, and the reply changes."""
+    from aptray.sampling_params import bad_words_token_ids
+
+    path = tiny_model(model)
+    llm = LLM(path, max_num_seqs=8)
+    tok, hf = llm.tokenizer, hf_model(path)
+    greedy = dict(temperature=0.0, max_tokens=16, ignore_eos=True)
+    tested = set()
+    for prompt in prompts(6, seed=21):
+        free = list(llm.generate({"prompt_token_ids": prompt}, SamplingParams(**greedy))[0].outputs[0].token_ids)
+        spans = [free[i:i + n] for n in (1, 2, 3) for i in range(len(free) - n + 1)]
+        words = [w for w in (tok.decode(span).strip() for span in spans) if w.isalpha()]
+        # words whose own tokens (as written or after a space) are in the reply, so that the ban bites:
+        # the first of one token and the first of more
+        bites = {}
+        for w in words:
+            for seq in bad_words_token_ids(tok, [w]):
+                if _contains(free, seq):
+                    bites.setdefault(min(len(seq), 2), w)
+        biting = sorted(set(bites.values()))
+        if not biting:
+            continue
+        seqs = bad_words_token_ids(tok, biting)
+        tested.update(len(seq) for seq in seqs if _contains(free, seq))
+        ids = torch.tensor([prompt])
+        want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
+                           do_sample=False, bad_words_ids=[list(s) for s in seqs], pad_token_id=0)[0, len(prompt):]
+        got = list(llm.generate({"prompt_token_ids": prompt}, SamplingParams(**greedy, bad_words=biting))[0]
+                   .outputs[0].token_ids)
+        assert got == want.tolist() and got != free, biting
+        assert not any(_contains(got, seq) for seq in seqs)
+    assert 1 in tested and any(n > 1 for n in tested), tested  # one-token bans and longer ones both bit
+
+
+def _contains(tokens: list[int], seq: tuple[int, ...]) -> bool:
+    return any(tuple(tokens[i:i + len(seq)]) == seq for i in range(len(tokens) - len(seq) + 1))

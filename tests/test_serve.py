@@ -310,6 +310,7 @@ def test_logit_bias_min_tokens_and_min_p_reach_the_shards_over_http_and_grpc(ser
         assert build_request(p, include_stop_str_in_output=True).version == API_VERSION == 6
         assert build_request(p, allowed_token_ids=[5]).version == 6
         assert build_request(p, truncate_prompt_tokens=3).version == 6
+        assert build_request(p, bad_words=["a"]).version == 6
         too_new = build_request(p, min_p=0.1)
         too_new.version = API_VERSION + 1
         with pytest.raises(grpc.RpcError) as e:
@@ -341,23 +342,31 @@ def test_special_tokens_and_the_ending_token_in_the_text_over_http_and_grpc(serv
             assert "".join(r.text for r in replies) == text
 
 
-def test_allowed_token_ids_over_http_and_grpc_are_the_engines(server, model_path):
-    """Through the TP=2 app (the mask crosses gRPC to the shards): the engine's tokens, all allowed."""
+def test_allowed_token_ids_and_bad_words_over_http_and_grpc_are_the_engines(server, model_path):
+    """Through the TP=2 app (the mask and the bans cross gRPC to the shards): the engine's tokens,
+    all allowed; with the words of the free reply banned, the engine's."""
     from aptray.client import Client
+    from aptray.sampling_params import bad_words_token_ids
 
     llm = LLM(model_path, num_cache_blocks=64)
-    allowed = [7, 19, 23, 41, 42, 200]
     ids = llm.tokenizer.encode(PROMPTS[1])
-    want = list(llm.generate({"prompt_token_ids": ids}, SamplingParams(
-        temperature=0.0, max_tokens=10, ignore_eos=True, allowed_token_ids=allowed))[0].outputs[0].token_ids)
-    assert set(want) <= set(allowed)
-    got = httpx.post(server["http"] + "/v1/completions", timeout=60, json={
-        "prompt": ids, "temperature": 0.0, "max_tokens": 10, "ignore_eos": True, "allowed_token_ids": allowed,
-        "return_token_ids": True}).json()
-    assert got["choices"][0]["token_ids"] == want
-    with Client(server["grpc"]) as c:
-        replies = list(c.generate(ids, temperature=0.0, max_tokens=10, ignore_eos=True, allowed_token_ids=allowed))
-        assert [t for r in replies for t in r.token_ids] == want
+    greedy = {"temperature": 0.0, "max_tokens": 10, "ignore_eos": True}
+    free = llm.generate({"prompt_token_ids": ids}, SamplingParams(**greedy))[0].outputs[0]
+    allowed = [7, 19, 23, 41, 42, 200]
+    # words of the free reply that are one of its tokens, as written or after a space: the ban bites
+    words = [w for w in {llm.tokenizer.decode([t]).strip() for t in free.token_ids} if w.isalpha()
+             and any(seq in {(t,) for t in free.token_ids} for seq in bad_words_token_ids(llm.tokenizer, [w]))]
+    assert words
+    for control in ({"allowed_token_ids": allowed}, {"bad_words": sorted(words)[:3]}):
+        want = list(llm.generate({"prompt_token_ids": ids}, SamplingParams(**greedy, **control))[0].outputs[0]
+                    .token_ids)
+        assert want != list(free.token_ids)
+        got = httpx.post(server["http"] + "/v1/completions", timeout=60,
+                         json={"prompt": ids, "return_token_ids": True, **greedy, **control}).json()
+        assert got["choices"][0]["token_ids"] == want, control
+        with Client(server["grpc"]) as c:
+            assert [t for r in c.generate(ids, **greedy, **control) for t in r.token_ids] == want
+        assert set(want) <= set(control.get("allowed_token_ids", want))
 
 
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(server, model_path):

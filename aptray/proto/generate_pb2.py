@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61ptray/proto/generate.proto\x12\x12\x61ptray.generate.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x81\x07\n\x08Sampling\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x03\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x04\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\x05min_p\x18\t \x01(\x02H\x05\x88\x01\x01\x12\x17\n\nmin_tokens\x18\n \x01(\x05H\x06\x88\x01\x01\x12?\n\nlogit_bias\x18\x0b \x03(\x0b\x32+.aptray.generate.v1.Sampling.LogitBiasEntry\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x07\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\r \x01(\x05H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x02H\t\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x02H\n\x88\x01\x01\x12?\n\x11structured_output\x18\x10 \x01(\x0b\x32$.aptray.generate.v1.StructuredOutput\x12\x1f\n\x12repetition_penalty\x18\x11 \x01(\x02H\x0b\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x12 \x01(\x08H\x0c\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x13 \x01(\x08\x12\x17\n\ncache_salt\x18\x14 \x01(\tH\r\x88\x01\x01\x12\x19\n\x11\x61llowed_token_ids\x18\x15 \x03(\x03\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x08\n\x06_min_pB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x16\n\x14_skip_special_tokensB\r\n\x0b_cache_salt\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x9b\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12-\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x1b.aptray.generate.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"G\n\x03Slo\x12\x14\n\x07ttft_ms\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06tbt_ms\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\n\n\x08_ttft_msB\t\n\x07_tbt_ms\"\xc7\x02\n\x0fGenerateRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x19\n\x11\x63lient_request_id\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x38\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x1c.aptray.generate.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.aptray.generate.v1.Sampling\x12$\n\x03slo\x18\x06 \x01(\x0b\x32\x17.aptray.generate.v1.Slo\x12\x12\n\nprefix_key\x18\x07 \x01(\t\x12\t\n\x01n\x18\x08 \x01(\r\x12#\n\x16truncate_prompt_tokens\x18\t \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05inputB\x19\n\x17_truncate_prompt_tokens\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\"X\n\rTokenLogprobs\x12\x14\n\x07logprob\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x0f\n\x07top_ids\x18\x02 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\x42\n\n\x08_logprob\"\xb5\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x07 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12(\n\x05usage\x18\x06 \x01(\x0b\x32\x19.aptray.generate.v1.Usage\x12\x33\n\x08logprobs\x18\x08 \x03(\x0b\x32!.aptray.generate.v1.TokenLogprobs\x12:\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32!.aptray.generate.v1.TokenLogprobs\x12\r\n\x05index\x18\n \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"[\n\x0bHealthReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07waiting\x18\x04 \x01(\x03\x12\x0f\n\x07running\x18\x05 \x01(\x03\x32\xfe\x01\n\nGeneration\x12W\n\x08Generate\x12#.aptray.generate.v1.GenerateRequest\x1a$.aptray.generate.v1.GenerateResponse0\x01\x12I\n\x05\x41\x62ort\x12 .aptray.generate.v1.AbortRequest\x1a\x1e.aptray.generate.v1.AbortReply\x12L\n\x06Health\x12!.aptray.generate.v1.HealthRequest\x1a\x1f.aptray.generate.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61ptray/proto/generate.proto\x12\x12\x61ptray.generate.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x94\x07\n\x08Sampling\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x03\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x04\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\x05min_p\x18\t \x01(\x02H\x05\x88\x01\x01\x12\x17\n\nmin_tokens\x18\n \x01(\x05H\x06\x88\x01\x01\x12?\n\nlogit_bias\x18\x0b \x03(\x0b\x32+.aptray.generate.v1.Sampling.LogitBiasEntry\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x07\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\r \x01(\x05H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x02H\t\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x02H\n\x88\x01\x01\x12?\n\x11structured_output\x18\x10 \x01(\x0b\x32$.aptray.generate.v1.StructuredOutput\x12\x1f\n\x12repetition_penalty\x18\x11 \x01(\x02H\x0b\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x12 \x01(\x08H\x0c\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x13 \x01(\x08\x12\x17\n\ncache_salt\x18\x14 \x01(\tH\r\x88\x01\x01\x12\x19\n\x11\x61llowed_token_ids\x18\x15 \x03(\x03\x12\x11\n\tbad_words\x18\x16 \x03(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x08\n\x06_min_pB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x16\n\x14_skip_special_tokensB\r\n\x0b_cache_salt\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x9b\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12-\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x1b.aptray.generate.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"G\n\x03Slo\x12\x14\n\x07ttft_ms\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06tbt_ms\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\n\n\x08_ttft_msB\t\n\x07_tbt_ms\"\xc7\x02\n\x0fGenerateRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x19\n\x11\x63lient_request_id\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x38\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x1c.aptray.generate.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.aptray.generate.v1.Sampling\x12$\n\x03slo\x18\x06 \x01(\x0b\x32\x17.aptray.generate.v1.Slo\x12\x12\n\nprefix_key\x18\x07 \x01(\t\x12\t\n\x01n\x18\x08 \x01(\r\x12#\n\x16truncate_prompt_tokens\x18\t \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05inputB\x19\n\x17_truncate_prompt_tokens\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\"X\n\rTokenLogprobs\x12\x14\n\x07logprob\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x0f\n\x07top_ids\x18\x02 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\x42\n\n\x08_logprob\"\xb5\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x07 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12(\n\x05usage\x18\x06 \x01(\x0b\x32\x19.aptray.generate.v1.Usage\x12\x33\n\x08logprobs\x18\x08 \x03(\x0b\x32!.aptray.generate.v1.TokenLogprobs\x12:\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32!.aptray.generate.v1.TokenLogprobs\x12\r\n\x05index\x18\n \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"[\n\x0bHealthReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07waiting\x18\x04 \x01(\x03\x12\x0f\n\x07running\x18\x05 \x01(\x03\x32\xfe\x01\n\nGeneration\x12W\n\x08Generate\x12#.aptray.generate.v1.GenerateRequest\x1a$.aptray.generate.v1.GenerateResponse0\x01\x12I\n\x05\x41\x62ort\x12 .aptray.generate.v1.AbortRequest\x1a\x1e.aptray.generate.v1.AbortReply\x12L\n\x06Health\x12!.aptray.generate.v1.HealthRequest\x1a\x1f.aptray.generate.v1.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,31 +36,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=51
   _globals['_TOKENIDS']._serialized_end=74
   _globals['_SAMPLING']._serialized_start=77
-  _globals['_SAMPLING']._serialized_end=974
-  _globals['_SAMPLING_LOGITBIASENTRY']._serialized_start=703
-  _globals['_SAMPLING_LOGITBIASENTRY']._serialized_end=751
-  _globals['_CHOICES']._serialized_start=976
-  _globals['_CHOICES']._serialized_end=1002
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=1005
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=1160
-  _globals['_SLO']._serialized_start=1162
-  _globals['_SLO']._serialized_end=1233
-  _globals['_GENERATEREQUEST']._serialized_start=1236
-  _globals['_GENERATEREQUEST']._serialized_end=1563
-  _globals['_USAGE']._serialized_start=1565
-  _globals['_USAGE']._serialized_end=1622
-  _globals['_TOKENLOGPROBS']._serialized_start=1624
-  _globals['_TOKENLOGPROBS']._serialized_end=1712
-  _globals['_GENERATERESPONSE']._serialized_start=1715
-  _globals['_GENERATERESPONSE']._serialized_end=2024
-  _globals['_ABORTREQUEST']._serialized_start=2026
-  _globals['_ABORTREQUEST']._serialized_end=2060
-  _globals['_ABORTREPLY']._serialized_start=2062
-  _globals['_ABORTREPLY']._serialized_end=2089
-  _globals['_HEALTHREQUEST']._serialized_start=2091
-  _globals['_HEALTHREQUEST']._serialized_end=2106
-  _globals['_HEALTHREPLY']._serialized_start=2108
-  _globals['_HEALTHREPLY']._serialized_end=2199
-  _globals['_GENERATION']._serialized_start=2202
-  _globals['_GENERATION']._serialized_end=2456
+  _globals['_SAMPLING']._serialized_end=993
+  _globals['_SAMPLING_LOGITBIASENTRY']._serialized_start=722
+  _globals['_SAMPLING_LOGITBIASENTRY']._serialized_end=770
+  _globals['_CHOICES']._serialized_start=995
+  _globals['_CHOICES']._serialized_end=1021
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1024
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1179
+  _globals['_SLO']._serialized_start=1181
+  _globals['_SLO']._serialized_end=1252
+  _globals['_GENERATEREQUEST']._serialized_start=1255
+  _globals['_GENERATEREQUEST']._serialized_end=1582
+  _globals['_USAGE']._serialized_start=1584
+  _globals['_USAGE']._serialized_end=1641
+  _globals['_TOKENLOGPROBS']._serialized_start=1643
+  _globals['_TOKENLOGPROBS']._serialized_end=1731
+  _globals['_GENERATERESPONSE']._serialized_start=1734
+  _globals['_GENERATERESPONSE']._serialized_end=2043
+  _globals['_ABORTREQUEST']._serialized_start=2045
+  _globals['_ABORTREQUEST']._serialized_end=2079
+  _globals['_ABORTREPLY']._serialized_start=2081
+  _globals['_ABORTREPLY']._serialized_end=2108
+  _globals['_HEALTHREQUEST']._serialized_start=2110
+  _globals['_HEALTHREQUEST']._serialized_end=2125
+  _globals['_HEALTHREPLY']._serialized_start=2127
+  _globals['_HEALTHREPLY']._serialized_end=2218
+  _globals['_GENERATION']._serialized_start=2221
+  _globals['_GENERATION']._serialized_end=2475
 # @@protoc_insertion_point(module_scope)

@@ -59,7 +59,7 @@ def sampling_from_proto(req: generate_pb2.GenerateRequest) -> dict:
             "repetition_penalty": dec("repetition_penalty", 1.0),
             "skip_special_tokens": opt(s, "skip_special_tokens", True),
             "include_stop_str_in_output": s.include_stop_str_in_output, "cache_salt": opt(s, "cache_salt", None),
-            "allowed_token_ids": list(s.allowed_token_ids) or None,
+            "allowed_token_ids": list(s.allowed_token_ids) or None, "bad_words": list(s.bad_words),
             "ttft_slo": slo.ttft_ms / 1000 if slo.HasField("ttft_ms") else None,
             "tbt_slo": slo.tbt_ms / 1000 if slo.HasField("tbt_ms") else None}
 

@@ -18,6 +18,7 @@ from aptray.sampling_params import InvalidRequest, SamplingParams, check_prompt,
 MAX_STOP = 16  # stop strings per request
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
+MAX_BAD_WORDS = 64  # and MAX_STOP_CHARS characters each
 MAX_ALLOWED_TOKEN_IDS = 65_536  # a mask of the vocabulary is made of them once per request
 MAX_LOGIT_BIAS_TOKENS = 300  # OpenAI's limit: every step of the request carries them
 MAX_MESSAGES = 512  # chat messages per request
@@ -123,6 +124,9 @@ def _sampling_size_error(sampling: dict) -> dict | None:
         return _err(f"at most {MAX_STOP} stop strings of at most {MAX_STOP_CHARS} characters", "stop")
     if len(sampling.get("stop_token_ids") or ()) > MAX_STOP_TOKEN_IDS:
         return _err(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids", "stop_token_ids")
+    words = sampling.get("bad_words") or []
+    if len(words) > MAX_BAD_WORDS or any(not isinstance(w, str) or len(w) > MAX_STOP_CHARS for w in words):
+        return _err(f"at most {MAX_BAD_WORDS} bad_words of at most {MAX_STOP_CHARS} characters", "bad_words")
     if len(sampling.get("allowed_token_ids") or ()) > MAX_ALLOWED_TOKEN_IDS:
         return _err(f"at most {MAX_ALLOWED_TOKEN_IDS} allowed_token_ids", "allowed_token_ids")
     bias = sampling.get("logit_bias")

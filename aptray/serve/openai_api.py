@@ -40,7 +40,7 @@ UNSUPPORTED = {
     "functions": (None, []), "function_call": (None, "none", "auto"), "use_beam_search": (None, False),
     "length_penalty": (None, 1, 1.0),
     # vLLM's, which would change the output if they were ignored
-    "bad_words": (None, []),
+
     "prompt_embeds": (None,), "logits_processors": (None,), "return_tokens_as_token_ids": (None, False),
     "spaces_between_special_tokens": (None, True), "prompt_logprobs": (None,),
     "echo": (None, False),  # a chat's (a completion declares it)
@@ -143,6 +143,7 @@ class _SamplingRequest(BaseModel):
     # vLLM extension: cached prefixes are shared only among requests of the same salt
     cache_salt: Text | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT)
     allowed_token_ids: list[int] | None = None  # vLLM extension: the only tokens it may sample
+    bad_words: list[Text] | None = None  # vLLM extension: words the reply never has
     # vLLM extension: keep the prompt's last k tokens (-1: as many as the server takes); None: all
     truncate_prompt_tokens: int | None = None
     aptray_slo: AptraySlo | None = None
@@ -167,7 +168,7 @@ class _SamplingRequest(BaseModel):
                 "seed": self.seed, "ignore_eos": self.ignore_eos, "structured_output": self.structured_output(),
                 "skip_special_tokens": self.skip_special_tokens,
                 "include_stop_str_in_output": self.include_stop_str_in_output, "cache_salt": self.cache_salt,
-                "allowed_token_ids": self.allowed_token_ids,
+                "allowed_token_ids": self.allowed_token_ids, "bad_words": self.bad_words or [],
                 "ttft_slo": slo.ttft_ms / 1000 if slo and slo.ttft_ms else None,
                 "tbt_slo": slo.tbt_ms / 1000 if slo and slo.tbt_ms else None}
 
