@@ -236,3 +236,17 @@ def test_the_scheduler_benchmark_times_decision_and_update_apart(tmp_path):
         assert r["update_median_ms"] > 0
         # each iteration's time is its decision's plus its update's, so its median is at least either's
         assert r["iteration_median_ms"] >= max(r["median_ms"], r["update_median_ms"])
+
+
+def test_bench_tokenize_times_the_sizes_the_limits_allow(tmp_path):
+    """The three sizes of serve/limits.py, each encoded and its time recorded (not judged here: timings
+    are the bench's to report)."""
+    from aptray.serve.limits import TRUNCATED_PROMPT_FACTOR
+    from loadgen.bench_tokenize import main
+
+    main(["--out", str(tmp_path), "--repeats", "1"])
+    rows = json.loads((tmp_path / "tokenize_costs.json").read_text())["rows"]
+    assert [r["size"] for r in rows] == ["longest prompt", "prompt to truncate", "body limit"]
+    assert rows[1]["chars"] == TRUNCATED_PROMPT_FACTOR * rows[0]["chars"] and rows[2]["chars"] == 1 << 20
+    assert rows[0]["tokens"] < rows[1]["tokens"] < rows[2]["tokens"]
+    assert all(r["encode_s"] > 0 for r in rows)
