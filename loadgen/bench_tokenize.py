@@ -1,6 +1,6 @@
 """What a prompt costs the ingress's one tokenizer thread before any limit on tokens can apply: the
 demo tokenizer's encode time for prompts of the sizes aptray's limits allow (serve/limits.py): the
-longest prompt's characters (MAX_CHARS_PER_TOKEN per token of the prompt limit), TRUNCATED_PROMPT_FACTOR
+longest prompt's characters (RequestLimits.prompt_chars for the model's context), TRUNCATED_PROMPT_FACTOR
 times that for a prompt to truncate (truncate_prompt_tokens), and the 1 MiB body limit's worth.
 
   python -m loadgen.bench_tokenize [--out docs/results] [--repeats 5]
@@ -16,7 +16,7 @@ import statistics
 import time
 
 from aptray.serve.args import AppArgs
-from aptray.serve.limits import MAX_CHARS_PER_TOKEN, TRUNCATED_PROMPT_FACTOR
+from aptray.serve.limits import TRUNCATED_PROMPT_FACTOR, RequestLimits
 
 TEXT = "The quick brown fox jumps over the lazy dog. "
 
@@ -39,11 +39,14 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
 
+    from aptray.config import ModelSpec
     from aptray.model.demo import demo_model_dir, ensure_demo_model
     path = ensure_demo_model(demo_model_dir())
     tokenizer = AutoTokenizer.from_pretrained(path)
-    context = tokenizer.model_max_length if tokenizer.model_max_length < 10**6 else 512
-    longest = (context - 1) * MAX_CHARS_PER_TOKEN
+    with open(os.path.join(path, "config.json")) as f:
+        spec = ModelSpec.from_hf(json.load(f))
+    context = spec.max_model_len
+    longest = RequestLimits(context, spec.vocab_size).prompt_chars
     sizes = {"longest prompt": longest, "prompt to truncate": longest * TRUNCATED_PROMPT_FACTOR,
              "body limit": AppArgs().max_body_bytes}
     rows = []

@@ -10,11 +10,10 @@ import numpy as np
 
 from aptray.proto import generate_pb2
 from aptray.proto.convert import PLAN_VERSION, logprobs_to_proto
-from aptray.sampling_params import InvalidRequest
 from aptray.serve import choices
 from aptray.serve.openai_api import chunk_logprobs, new_id
 from aptray.serve.prefix_key import prefix_tag
-from aptray.serve.relay import Rejected
+from aptray.serve.relay import Rejected, invalid_as_400
 from aptray.serve.security import grpc_key, identity, key_ok
 
 logger = logging.getLogger("aptray")
@@ -64,16 +63,6 @@ def sampling_from_proto(req: generate_pb2.GenerateRequest) -> dict:
             "tbt_slo": slo.tbt_ms / 1000 if slo.HasField("tbt_ms") else None}
 
 
-def _kept_tokens(ingress, req: generate_pb2.GenerateRequest) -> int | None:
-    """The prompt tokens truncate_prompt_tokens keeps (RequestLimits.kept_tokens); None: all."""
-    if not req.HasField("truncate_prompt_tokens"):
-        return None
-    try:
-        return ingress.limits.kept_tokens(req.truncate_prompt_tokens)
-    except InvalidRequest as e:
-        raise Rejected(str(e), 400, e.param) from None
-
-
 def _decimal(value: float) -> float:
     """A float field's value as the client wrote it: the shortest decimal with that float32 (the field
     holds a float32, so 0.01 arrives as 0.0099999998, below repetition_penalty's floor), as HTTP's
@@ -112,7 +101,8 @@ async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
             raise Rejected("client_request_id is over 128 characters", 400)
         sampling = sampling_from_proto(req)
         ingress.link.check_owner(owner)  # a key at its cap: refused before its prompt is tokenized
-        keep = _kept_tokens(ingress, req)
+        truncate = req.truncate_prompt_tokens if req.HasField("truncate_prompt_tokens") else None
+        keep = invalid_as_400(ingress.limits.kept_tokens, truncate)
         if req.WhichOneof("input") == "prompt":
             if len(req.prompt.encode()) > ingress.args.max_body_bytes:
                 raise Rejected(f"the prompt is over {ingress.args.max_body_bytes} bytes", 413)

@@ -27,7 +27,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
-from aptray.sampling_params import InvalidRequest
 from aptray.serve import choices, grpc_api, routing_counts, tools
 from aptray.serve.args import INGRESS_CPUS, AppArgs
 from aptray.serve.deploy_options import ATTAINMENT_WINDOW_S
@@ -35,7 +34,7 @@ from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatCompleti
                                      CompletionChoice, CompletionRequest, CompletionResponse, LogprobsRenderer,
                                      ModelCard, ModelList, chunk_logprobs, error_body, finish_reason, new_id,
                                      unsupported_field)
-from aptray.serve.relay import Call, Rejected, RouterLink
+from aptray.serve.relay import Call, Rejected, RouterLink, invalid_as_400
 from aptray.model.demo import resolve_model_path
 from aptray.serve.prefix_key import PREFIX_KEY_HEADER, prefix_tag
 from aptray.serve.router import Router
@@ -49,14 +48,6 @@ logger = logging.getLogger("aptray")
 STATS_TIMEOUT_S = 2.0  # a router slower than this to report its load reports nothing this round
 ROUTER_NAME = "aptray-router:{app}:{replica}:{n}"  # the n-th Router actor of an ingress replica
 REPLICA_HEADER = b"x-aptray-replica"
-
-
-def _invalid_as_400(fn, *args):
-    """fn(*args), where an InvalidRequest is the client's 400 naming the parameter."""
-    try:
-        return fn(*args)
-    except InvalidRequest as e:
-        raise Rejected(str(e), 400, e.param) from None
 
 
 def _kept(text: str | None, ids: list[int], keep: int | None) -> tuple[str | None, list[int]]:
@@ -199,7 +190,7 @@ class Ingress:
         """The calls of each prompt's n choices ((text, token ids) each; aptray.serve.choices where there
         are several), each admitted."""
         if self.args.prefix_cache_per_key and owner:
-            sampling = {**sampling, "cache_salt": _invalid_as_400(key_salt, owner, sampling.get("cache_salt"))}
+            sampling = {**sampling, "cache_salt": invalid_as_400(key_salt, owner, sampling.get("cache_salt"))}
         if n == 1 and len(prompts) == 1:
             return [await self.open_stream(rid, prompts[0][1], sampling, prompts[0][0], owner, prefix)]
         return await choices.open_choices(self, rid, prompts, sampling, owner, prefix, n)
@@ -267,14 +258,15 @@ class Ingress:
     async def completions(self, req: CompletionRequest, raw: Request):
         try:
             self._check_model(req)
-            self.link.check_owner(self.caller(raw))  # a key at its cap: 429 before its prompt is tokenized
-            sampling = _invalid_as_400(req.sampling, req.max_tokens or 16)
+            owner = self.caller(raw)
+            self.link.check_owner(owner)  # a key at its cap: 429 before its prompt is tokenized
+            sampling = invalid_as_400(req.sampling, req.max_tokens or 16)
             # echo with logprobs: the prompt's too (computed whole, without the prefix cache)
             sampling["prompt_logprobs"] = req.logprobs if req.echo else None
-            keep = _invalid_as_400(self.limits.kept_tokens, req.truncate_prompt_tokens)
+            keep = invalid_as_400(self.limits.kept_tokens, req.truncate_prompt_tokens)
             prompts = await self.prompts_of(req.prompt, sampling, req.n, req.add_special_tokens, keep)
             rid = new_id("cmpl")
-            calls = await self.open_choices(rid, prompts, sampling, self.caller(raw), self.prefix_of(raw), req.n)
+            calls = await self.open_choices(rid, prompts, sampling, owner, self.prefix_of(raw), req.n)
         except Rejected as e:
             return self._reject(e)
         echoes = [None] * len(prompts)
@@ -335,7 +327,7 @@ class Ingress:
         return text
 
     async def prompts_of(self, prompt, sampling: dict, n: int, add_special_tokens: bool = True,
-                                  keep: int | None = None) -> list[tuple[str | None, list[int]]]:
+                         keep: int | None = None) -> list[tuple[str | None, list[int]]]:
         """(text or None, token ids) of each prompt: a string (add_special_tokens: with the tokenizer's
         own, BOS...), token ids, or a list of either. keep: only each prompt's last keep tokens (its
         text is then None), and a prompt longer than the server takes is no error."""
@@ -380,17 +372,18 @@ class Ingress:
     async def chat_completions(self, req: ChatCompletionRequest, raw: Request):
         try:
             self._check_model(req)
-            self.link.check_owner(self.caller(raw))
-            reply, sampling = _invalid_as_400(tools.chat_sampling, req, self.args.tool_call_parser)
-            keep = _invalid_as_400(self.limits.kept_tokens, req.truncate_prompt_tokens)
-            chars = _invalid_as_400(tools.chat_chars, req.messages, sampling["tools"])
+            owner = self.caller(raw)
+            self.link.check_owner(owner)
+            reply, sampling = invalid_as_400(tools.chat_sampling, req, self.args.tool_call_parser)
+            keep = invalid_as_400(self.limits.kept_tokens, req.truncate_prompt_tokens)
+            chars = invalid_as_400(tools.chat_chars, req.messages, sampling["tools"])
             self.check_size(sampling, num_messages=len(req.messages), prompt_chars=chars, truncated=keep is not None)
             text, ids = _kept(*await self.off_loop(self._chat_prompt, req, sampling.pop("tools")), keep)
             rest = max(1, self.max_model_len - len(ids))
             sampling["max_tokens"] = (req.max_completion_tokens or req.max_tokens
                                       or min(rest, self.args.max_tokens_limit or rest))
             rid = new_id("chatcmpl")
-            calls = await self.open_choices(rid, [(text, ids)], sampling, self.caller(raw), self.prefix_of(raw), req.n)
+            calls = await self.open_choices(rid, [(text, ids)], sampling, owner, self.prefix_of(raw), req.n)
         except Rejected as e:
             return self._reject(e)
         renderers = [LogprobsRenderer(self.token_text) if req.logprobs else None for _ in calls]
@@ -424,7 +417,7 @@ class Ingress:
             text = self.tokenizer.apply_chat_template(
                 tools.template_messages(req.messages), tools=tool_specs, tokenize=False,
                 add_generation_prompt=req.add_generation_prompt, continue_final_message=req.continue_final_message,
-                **_invalid_as_400(tools.template_kwargs, req.chat_template_kwargs))
+                **invalid_as_400(tools.template_kwargs, req.chat_template_kwargs))
         except Rejected:
             raise
         except Exception as e:  # the template refused these messages (roles, order): the client's error

@@ -40,7 +40,6 @@ UNSUPPORTED = {
     "functions": (None, []), "function_call": (None, "none", "auto"), "use_beam_search": (None, False),
     "length_penalty": (None, 1, 1.0),
     # vLLM's, which would change the output if they were ignored
-
     "prompt_embeds": (None,), "logits_processors": (None,), "return_tokens_as_token_ids": (None, False),
     "spaces_between_special_tokens": (None, True), "prompt_logprobs": (None,),
     "echo": (None, False),  # a chat's (a completion declares it)

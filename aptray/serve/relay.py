@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import ray
 from ray.exceptions import RayActorError
 
+from aptray.sampling_params import InvalidRequest
+
 logger = logging.getLogger("aptray")
 MAX_REATTACH = 3  # router restarts one request may live through
 
@@ -44,6 +46,14 @@ class Admission:
     epoch: int = 0  # the call's admissions so far - 1: its chunks are tagged with it
     prefix: str | None = None  # the tag of the prompt prefix its client named (prefix_key.py)
     caller: str = ""  # a digest of the caller's API key, "" without keys (its share of the grammar compiles)
+
+
+def invalid_as_400(fn, *args):
+    """fn(*args), where an InvalidRequest is the client's 400 naming the parameter."""
+    try:
+        return fn(*args)
+    except InvalidRequest as e:
+        raise Rejected(str(e), 400, e.param) from None
 
 
 class _Lost:

@@ -169,9 +169,9 @@ class ToolCallEvents(ChatEvents):
     every piece is the next part of its arguments. Required: the calls come whole in the last event,
     once the array is complete (the names are known only as the JSON goes). Auto: text goes out as
     it comes until a call's opening tag (what could begin one waits for the next piece), or, in a
-    format whose calls are the whole reply, while its head could be a call (tool_parser.split);
-    from there the calls come whole in the last event. A reply cut short (length, abort), or whose calls do not
-    parse, sends what it held back as text."""
+    format whose calls are the whole reply, while its head could be a call (tool_parser.split); from
+    there the calls come whole in the last event. A reply cut short (length, abort), or whose calls
+    do not parse, sends what it held back as text."""
 
     def __init__(self, reply: ToolReply, *args, **kwargs):
         super().__init__(*args, **kwargs)
