@@ -1,11 +1,13 @@
 """A router's structured outputs compile first in a child process (aptray.serve.grammar_sandbox): a
-spec past the deadline is refused and its child killed, and the next spec compiles; a refused spec is
+spec past the deadline is refused and its child killed, and the next spec compiles (busy, and not
+refused, where the child was starved of CPU); a refused spec is
 refused again without a compile; a crash of the child is a refusal, not the router's; at most
 max_pending compile at once, and max_per_caller of one API key's; no child outlives its router."""
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -66,6 +68,19 @@ def test_a_spec_past_the_deadline_is_refused_and_its_child_replaced(compiler):
     assert not compiler.grammars.kept(so)
     assert asyncio.run(compiler.compile(so)) is compiler.grammars.compile(so)
     assert compiler.grammars.kept(so)
+
+
+def test_a_spec_past_the_deadline_on_a_starved_child_is_busy_not_refused(compiler):
+    """A child the machine keeps off the CPU (here: stopped) misses the deadline through no fault of
+    its spec: 429, a new child, and the same spec compiles when sent again."""
+    asyncio.run(compiler.compile(USUAL))
+    [pid] = compiler.child_pids
+    os.kill(pid, signal.SIGSTOP)
+    so = StructuredOutput("regex", "[0-9]{3}-[a-z]+")
+    with pytest.raises(GrammarBusy, match=r"too busy to compile the regex structured output within 1 s \(0\.00 s"):
+        asyncio.run(compiler.compile(so))
+    assert compiler.child_pids != [pid] and not _alive(pid)
+    assert asyncio.run(compiler.compile(so)) is compiler.grammars.compile(so)
 
 
 def test_a_compile_error_is_xgrammars_own_message(compiler, tokenizer):

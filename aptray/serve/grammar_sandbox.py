@@ -10,7 +10,9 @@ make every other structured request time out. Here a spec the router has not com
 compiles first in a child process, which is killed at the deadline (and which alone dies should
 xgrammar crash); the router compiles a spec only once a child compiled it in time and within
 CHILD_MEMORY_BYTES, so the router's own compile is bounded by about the deadline. A spec refused
-there is remembered and refused again at once. The price: a new spec compiles twice (2.6 ms against
+there is remembered and refused again at once, unless it missed the deadline because the machine
+gave the child under a quarter of it in CPU time: that is the load's fault, not the spec's (429, and
+the spec may come again). The price: a new spec compiles twice (2.6 ms against
 0.7 ms for a small schema, same run), and each grammar thread keeps a child (263 MB) once a
 structured request came.
 
@@ -39,6 +41,9 @@ STARTUP_TIMEOUT_S = 120.0  # a child imports xgrammar and torch: 2-3 s on an idl
 # memory never reaches the router, which compiles only what compiled in the child
 CHILD_MEMORY_BYTES = 4 << 30
 REMEMBERED_REFUSALS = 1024
+# a child that had under this share of the deadline in CPU time was starved by the machine's load: its
+# spec is not judged slow (a spec that is, gets nearly all of it on a core the child has to itself)
+STARVED_CPU_SHARE = 0.25
 
 
 class GrammarBusy(Exception):
@@ -64,12 +69,18 @@ class GrammarSandbox:
 
     def check(self, so: StructuredOutput, timeout_s: float) -> None:
         """Returns once so compiled in the child within timeout_s; InvalidRequest with the reason
-        otherwise (xgrammar's error, the deadline, or a crash of the child, which is then replaced)."""
+        otherwise (xgrammar's error, the deadline, or a crash of the child, which is then replaced).
+        GrammarBusy: the deadline passed while the machine's load kept the child off the CPU."""
         self._ensure_ready()
+        cpu_before = self._cpu_seconds()
         self._send({"kind": so.kind, "spec": so.spec})
         reply = self._receive(time.monotonic() + timeout_s)
         if reply is None or "error" not in reply and not reply.get("ok"):
+            cpu = None if reply is not None or cpu_before is None else self._cpu_seconds()
             self._restart()
+            if cpu is not None and cpu - cpu_before < STARVED_CPU_SHARE * timeout_s:
+                raise GrammarBusy(f"the server was too busy to compile the {so.kind} structured output within "
+                                  f"{timeout_s:g} s ({cpu - cpu_before:.2f} s of CPU): try again")
             reason = (f"did not compile within {timeout_s:g} s: simplify it" if reply is None
                       else "crashed the grammar compiler")
             raise InvalidRequest(f"the {so.kind} structured output {reason}", PARAM)
@@ -81,6 +92,15 @@ class GrammarSandbox:
             self._proc.kill()
             self._proc.wait()
             self._proc = None
+
+    def _cpu_seconds(self) -> float | None:
+        """The child's CPU time so far (Linux; None elsewhere or once it is gone)."""
+        try:
+            with open(f"/proc/{self._proc.pid}/stat") as f:
+                fields = f.read().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
     def _ensure_ready(self) -> None:
         if self._proc is None or self._proc.poll() is not None:  # none yet, or it died between specs
