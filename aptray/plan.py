@@ -89,6 +89,7 @@ class TokenLogprobs(NamedTuple):
     filters, as vLLM's default raw_logprobs)."""
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability)
+    rank: int | None = None  # 1 + the tokens more likely than this one (None: not known)
 
 
 @dataclass

@@ -266,7 +266,7 @@ def test_lone_surrogates_are_refused(server, path, body):
 # their no-op values (what clients and benchmark tools send by default)
 UNHONOURED = [(path, *control)
               for control in (("best_of", 2, 1), ("suffix", "end", ""),
-                              ("prompt_logprobs", 1, None), ("spaces_between_special_tokens", False, True))
+                              ("spaces_between_special_tokens", False, True))
               for path in ("/v1/completions", "/v1/chat/completions")]
 # a chat's (a completion echoes its prompt; aptray.serve.openai_api.UNSUPPORTED)
 UNHONOURED += [("/v1/chat/completions", "echo", True, False),

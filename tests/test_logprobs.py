@@ -1,5 +1,5 @@
-"""Log-probabilities (SamplingParams.logprobs) against transformers: each output token's and the most
-likely tokens', under the model's own distribution, for greedy and sampled requests, every cache
+"""Log-probabilities (SamplingParams.logprobs) against transformers: each output token's, its rank and
+the most likely tokens', under the model's own distribution, for greedy and sampled requests, every cache
 mode; the bias and temperature do not change them; asked or not, the tokens stay the same."""
 from __future__ import annotations
 
@@ -25,11 +25,18 @@ def _hf_logprobs(path: str, prompt: list[int], outputs: list[int]) -> torch.Tens
     return torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)
 
 
+def _check_rank(lp, ref_row: torch.Tensor, token: int) -> None:
+    """lp.rank is 1 + the tokens transformers finds more likely (within 2e-4: near ties may go either way)."""
+    value = float(ref_row[token])
+    assert 1 + int((ref_row > value + 2e-4).sum()) <= lp.rank <= 1 + int((ref_row > value - 2e-4).sum())
+
+
 def _check_against_transformers(path, prompt, completion, k):
     ref = _hf_logprobs(path, prompt, completion.token_ids)
     assert len(completion.logprobs) == len(completion.token_ids)
     for i, (token, lp) in enumerate(zip(completion.token_ids, completion.logprobs)):
         assert lp.logprob == pytest.approx(float(ref[i, token]), abs=2e-4), i
+        _check_rank(lp, ref[i], token)
         assert len(lp.top) == k
         values = [v for _, v in lp.top]
         assert values == sorted(values, reverse=True)
@@ -88,7 +95,7 @@ def test_token_logprobs_floor_and_non_finite_rows():
     logits[1] = math.nan
     seqs = [SeqPlan(str(i), (1,), 0, "kv", (0,), True, logprobs=50) for i in range(3)]
     out, errors = token_logprobs(logits, seqs, [7, 2, 4])
-    assert out[0].logprob == MIN_LOGPROB and out[0].top[-1] == (7, MIN_LOGPROB)
+    assert out[0].logprob == MIN_LOGPROB and out[0].top[-1] == (7, MIN_LOGPROB) and out[0].rank == 50
     assert set(errors) == {1} and "not finite" in errors[1]
     assert out[2].logprob == pytest.approx(float(torch.log_softmax(logits[2], -1)[4]))
     assert token_logprobs(logits, [s._replace(logprobs=None) for s in seqs], [1, 2, 3]) == ({}, {})
@@ -145,6 +152,7 @@ def test_prompt_logprobs_are_transformers(model, cache_mode, chunked):
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(second)
     for i, lp in enumerate(out.prompt_logprobs[1:]):
         assert lp.logprob == pytest.approx(float(ref[i, second[i + 1]]), abs=2e-4), i
+        _check_rank(lp, ref[i], second[i + 1])
         torch.testing.assert_close(torch.tensor([v for _, v in lp.top]), torch.topk(ref[i], 4).values, atol=2e-4,
                                    rtol=0)
     _check_against_transformers(path, second, out.outputs[0], 1)

@@ -52,11 +52,11 @@ def test_step_result_round_trip():
 
 
 def test_step_result_logprobs_round_trip():
-    lp = {"a": TokenLogprobs(_f32(-0.25), ((3, _f32(-0.25)), (50271, _f32(-1.5)))), "b": TokenLogprobs(-9999.0)}
-    prompt = {"a": (1, [None, TokenLogprobs(_f32(-3.75), ((9, _f32(-0.5)),))]), "c": (40, [])}
+    lp = {"a": TokenLogprobs(_f32(-0.25), ((3, _f32(-0.25)), (50271, _f32(-1.5))), 1), "b": TokenLogprobs(-9999.0)}
+    prompt = {"a": (1, [None, TokenLogprobs(_f32(-3.75), ((9, _f32(-0.5)),), 50272)]), "c": (40, [])}
     r = StepResult(sampled={"a": 3, "b": 7}, step_time=0.01, logprobs=lp, prompt_logprobs=prompt)
     back = result_from_proto(_wire(result_to_proto(r), shard_pb2.StepResult))
-    assert back == r and back.logprobs["b"].top == ()
+    assert back == r and back.logprobs["b"].top == () and back.logprobs["b"].rank is None  # rank unknown
     assert back.prompt_logprobs["a"][1][0] is None  # a row whose logits were not finite
 
 

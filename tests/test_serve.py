@@ -641,7 +641,7 @@ def test_tool_calls_over_http_are_the_engines_held_replies(server, oai, model_pa
 def test_echo_with_logprobs_scores_the_prompt_as_the_engine_does(server, oai, model_path, reference):
     """echo + logprobs (what lm-evaluation-harness sends to score a text): the prompt's tokens come first,
     the first with null, each then with the engine's prompt log-probability; streamed, the prompt is
-    the first event. gRPC's prompt_logprobs likewise, in its first message."""
+    the first event. gRPC's prompt_logprobs likewise, in its first message, with each token's rank."""
     from aptray.client import Client
 
     tokenizer, _ = reference
@@ -686,7 +686,43 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_engine_does(server, oai, mo
         assert len(first) == len(ids) and not first[0].HasField("logprob")
         assert [lp.logprob for lp in first[1:]] == pytest.approx(want[1:len(ids)], abs=1e-4)
         assert all(len(lp.top_ids) == 2 for lp in first[1:]) and not any(r.prompt_logprobs for r in replies[1:])
+        assert [lp.rank for lp in first[1:]] == [lp.rank for lp in local.prompt_logprobs[1:]]
         assert not any(r.logprobs for r in replies)
+
+
+def test_prompt_logprobs_are_the_engines_in_vllms_shape(server, model_path, reference):
+    """prompt_logprobs (vLLM's): per prompt token, null for the first, then by token id its log-probability,
+    rank and text, for the token itself and the k most likely; on a completion's choices, and on a
+    chat's response (its template's prompt). With echo + logprobs of another k, each shows its own k.
+    Streamed: 400."""
+    tokenizer, _ = reference
+    llm = LLM(model_path, num_cache_blocks=64)
+
+    def check(got: list, ids: list[int], k: int) -> None:
+        want = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=k))[0]
+        assert len(got) == len(ids) and got[0] is None
+        for token, entry, lp in zip(ids[1:], got[1:], want.prompt_logprobs[1:]):
+            top = {str(i): (v, r, tokenizer.decode([i])) for r, (i, v) in enumerate(lp.top, 1)}
+            top.setdefault(str(token), (lp.logprob, lp.rank, tokenizer.decode([token])))
+            assert set(entry) == set(top) and lp.rank >= 1
+            for i, (value, rank, text) in top.items():
+                assert entry[i]["logprob"] == pytest.approx(value, abs=1e-4)
+                assert (entry[i]["rank"], entry[i]["decoded_token"]) == (rank, text)
+
+    body = {"prompt": PROMPTS[2], "max_tokens": 2, "prompt_logprobs": 2, "echo": True, "logprobs": 1,
+            "return_token_ids": True}
+    choice = httpx.post(server["http"] + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    check(choice["prompt_logprobs"], choice["prompt_token_ids"], 2)
+    assert all(top is None or len(top) == 1 for top in choice["logprobs"]["top_logprobs"])  # echo's own k
+    chat = {"messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 2, "prompt_logprobs": 0,
+            "return_token_ids": True}
+    reply = httpx.post(server["http"] + "/v1/chat/completions", json=chat, timeout=60).json()
+    check(reply["prompt_logprobs"], reply["prompt_token_ids"], 0)
+    plain = httpx.post(server["http"] + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=60)
+    assert "prompt_logprobs" not in plain.json()["choices"][0]
+    for path, request in (("/v1/completions", body), ("/v1/chat/completions", chat)):
+        r = httpx.post(server["http"] + path, json={**request, "stream": True}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text
 
 
 def test_n_choices_are_separate_draws_relayed_as_one_response(server, model_path):

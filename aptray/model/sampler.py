@@ -148,15 +148,17 @@ MIN_LOGPROB = -9999.0
 
 
 def scored(logits: torch.Tensor, targets, ks: list[int]) -> list[TokenLogprobs | None]:
-    """Row i's log-probability of token targets[i] and its ks[i] most likely tokens', from raw logits
-    [N, V]; None where the row's logits are not finite (NaN)."""
+    """Row i's log-probability of token targets[i], its rank and its ks[i] most likely tokens', from raw
+    logits [N, V]; None where the row's logits are not finite (NaN)."""
     lps = torch.log_softmax(logits, dim=-1).clamp_min(MIN_LOGPROB)
-    chosen = lps.gather(1, torch.tensor(list(targets), device=lps.device)[:, None]).squeeze(1).tolist()
+    chosen = lps.gather(1, torch.tensor(list(targets), device=lps.device)[:, None])
+    ranks = ((lps > chosen).sum(dim=1) + 1).tolist()  # 1 + the tokens more likely than the target
+    chosen = chosen.squeeze(1).tolist()
     k = max(ks)
     top_values, top_ids = torch.topk(lps, k) if k else (lps[:, :0], lps[:, :0].long())
     top_values, top_ids = top_values.tolist(), top_ids.tolist()
-    return [None if c != c else TokenLogprobs(c, tuple(zip(ids[:n], values[:n])))  # c != c: NaN
-            for c, n, ids, values in zip(chosen, ks, top_ids, top_values)]
+    return [None if c != c else TokenLogprobs(c, tuple(zip(ids[:n], values[:n])), rank)  # c != c: NaN
+            for c, rank, n, ids, values in zip(chosen, ranks, ks, top_ids, top_values)]
 
 
 def token_logprobs(logits: torch.Tensor, seqs: list[SeqPlan], tokens: list[int | None]

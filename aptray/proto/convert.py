@@ -122,7 +122,12 @@ def logprobs_to_proto(lp: TokenLogprobs | None, msg) -> None:
         ids, values = zip(*lp.top)
         msg.top_ids.extend(ids)
         msg.top_logprobs.extend(values)
+    if lp.rank is not None:
+        msg.rank = lp.rank
 
 
 def logprobs_from_proto(msg) -> TokenLogprobs | None:
-    return TokenLogprobs(msg.logprob, tuple(zip(msg.top_ids, msg.top_logprobs))) if msg.HasField("logprob") else None
+    if not msg.HasField("logprob"):
+        return None
+    return TokenLogprobs(msg.logprob, tuple(zip(msg.top_ids, msg.top_logprobs)),
+                         msg.rank if msg.HasField("rank") else None)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61ptray/proto/shard.proto\x12\x0f\x61ptray.shard.v1\"\xac\x04\n\x07SeqPlan\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x11\n\tstart_pos\x18\x03 \x01(\x03\x12\x12\n\ncache_kind\x18\x04 \x01(\t\x12\x13\n\x0b\x62lock_table\x18\x05 \x03(\x03\x12\x0e\n\x06sample\x18\x06 \x01(\x08\x12\x13\n\x0btemperature\x18\x07 \x01(\x01\x12\r\n\x05top_p\x18\x08 \x01(\x01\x12\r\n\x05top_k\x18\t \x01(\x05\x12\x11\n\x04seed\x18\n \x01(\x03H\x00\x88\x01\x01\x12\x14\n\x0csample_index\x18\x0b \x01(\x03\x12\r\n\x05min_p\x18\x0c \x01(\x01\x12\x10\n\x08\x62ias_ids\x18\r \x03(\x03\x12\x13\n\x0b\x62ias_values\x18\x0e \x03(\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\x05H\x02\x88\x01\x01\x12\x16\n\x0eprompt_targets\x18\x11 \x03(\x03\x12\x18\n\x10presence_penalty\x18\x12 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x13 \x01(\x01\x12\x11\n\tcount_ids\x18\x14 \x03(\x03\x12\x14\n\x0c\x63ount_values\x18\x15 \x03(\x03\x12\x16\n\x0e\x61llowed_tokens\x18\x16 \x01(\x0c\x12\x1a\n\x12repetition_penalty\x18\x17 \x01(\x01\x12\x13\n\x0bseen_tokens\x18\x18 \x03(\x03\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"q\n\x0e\x43onversionPlan\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x03\x12\x0f\n\x07to_kind\x18\x03 \x01(\t\x12\x12\n\nsrc_blocks\x18\x04 \x03(\x03\x12\x12\n\ndst_blocks\x18\x05 \x03(\x03\"\xa2\x01\n\tBatchPlan\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\titeration\x18\x02 \x01(\x03\x12&\n\x04seqs\x18\x03 \x03(\x0b\x32\x18.aptray.shard.v1.SeqPlan\x12\x34\n\x0b\x63onversions\x18\x04 \x03(\x0b\x32\x1f.aptray.shard.v1.ConversionPlan\x12\x13\n\x0bwant_logits\x18\x05 \x01(\x08\"\x1b\n\tLogitsRow\x12\x0e\n\x06values\x18\x01 \x03(\x02\"X\n\rTokenLogprobs\x12\x14\n\x07logprob\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x0f\n\x07top_ids\x18\x02 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\x42\n\n\x08_logprob\"X\n\x0ePromptLogprobs\x12\x16\n\x0e\x66irst_position\x18\x01 \x01(\x03\x12.\n\x06tokens\x18\x02 \x03(\x0b\x32\x1e.aptray.shard.v1.TokenLogprobs\"\xf0\x05\n\nStepResult\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x39\n\x07sampled\x18\x02 \x03(\x0b\x32(.aptray.shard.v1.StepResult.SampledEntry\x12\x11\n\tstep_time\x18\x03 \x01(\x01\x12\x12\n\nhas_logits\x18\x04 \x01(\x08\x12\x37\n\x06logits\x18\x05 \x03(\x0b\x32\'.aptray.shard.v1.StepResult.LogitsEntry\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x46\n\x0erequest_errors\x18\x07 \x03(\x0b\x32..aptray.shard.v1.StepResult.RequestErrorsEntry\x12;\n\x08logprobs\x18\x08 \x03(\x0b\x32).aptray.shard.v1.StepResult.LogprobsEntry\x12H\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32/.aptray.shard.v1.StepResult.PromptLogprobsEntry\x1a.\n\x0cSampledEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1aI\n\x0bLogitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.aptray.shard.v1.LogitsRow:\x02\x38\x01\x1a\x34\n\x12RequestErrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aO\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12-\n\x05value\x18\x02 \x01(\x0b\x32\x1e.aptray.shard.v1.TokenLogprobs:\x02\x38\x01\x1aV\n\x13PromptLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.aptray.shard.v1.PromptLogprobs:\x02\x38\x01\"\x12\n\x10ShardInfoRequest\"R\n\tShardInfo\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x12\n\nnum_blocks\x18\x04 \x01(\x03\x32\x8f\x01\n\x05Shard\x12?\n\x04Plan\x12\x1a.aptray.shard.v1.BatchPlan\x1a\x1b.aptray.shard.v1.StepResult\x12\x45\n\x04Info\x12!.aptray.shard.v1.ShardInfoRequest\x1a\x1a.aptray.shard.v1.ShardInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61ptray/proto/shard.proto\x12\x0f\x61ptray.shard.v1\"\xac\x04\n\x07SeqPlan\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x11\n\tstart_pos\x18\x03 \x01(\x03\x12\x12\n\ncache_kind\x18\x04 \x01(\t\x12\x13\n\x0b\x62lock_table\x18\x05 \x03(\x03\x12\x0e\n\x06sample\x18\x06 \x01(\x08\x12\x13\n\x0btemperature\x18\x07 \x01(\x01\x12\r\n\x05top_p\x18\x08 \x01(\x01\x12\r\n\x05top_k\x18\t \x01(\x05\x12\x11\n\x04seed\x18\n \x01(\x03H\x00\x88\x01\x01\x12\x14\n\x0csample_index\x18\x0b \x01(\x03\x12\r\n\x05min_p\x18\x0c \x01(\x01\x12\x10\n\x08\x62ias_ids\x18\r \x03(\x03\x12\x13\n\x0b\x62ias_values\x18\x0e \x03(\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\x05H\x02\x88\x01\x01\x12\x16\n\x0eprompt_targets\x18\x11 \x03(\x03\x12\x18\n\x10presence_penalty\x18\x12 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x13 \x01(\x01\x12\x11\n\tcount_ids\x18\x14 \x03(\x03\x12\x14\n\x0c\x63ount_values\x18\x15 \x03(\x03\x12\x16\n\x0e\x61llowed_tokens\x18\x16 \x01(\x0c\x12\x1a\n\x12repetition_penalty\x18\x17 \x01(\x01\x12\x13\n\x0bseen_tokens\x18\x18 \x03(\x03\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"q\n\x0e\x43onversionPlan\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x03\x12\x0f\n\x07to_kind\x18\x03 \x01(\t\x12\x12\n\nsrc_blocks\x18\x04 \x03(\x03\x12\x12\n\ndst_blocks\x18\x05 \x03(\x03\"\xa2\x01\n\tBatchPlan\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\titeration\x18\x02 \x01(\x03\x12&\n\x04seqs\x18\x03 \x03(\x0b\x32\x18.aptray.shard.v1.SeqPlan\x12\x34\n\x0b\x63onversions\x18\x04 \x03(\x0b\x32\x1f.aptray.shard.v1.ConversionPlan\x12\x13\n\x0bwant_logits\x18\x05 \x01(\x08\"\x1b\n\tLogitsRow\x12\x0e\n\x06values\x18\x01 \x03(\x02\"t\n\rTokenLogprobs\x12\x14\n\x07logprob\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x0f\n\x07top_ids\x18\x02 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\x12\x11\n\x04rank\x18\x04 \x01(\rH\x01\x88\x01\x01\x42\n\n\x08_logprobB\x07\n\x05_rank\"X\n\x0ePromptLogprobs\x12\x16\n\x0e\x66irst_position\x18\x01 \x01(\x03\x12.\n\x06tokens\x18\x02 \x03(\x0b\x32\x1e.aptray.shard.v1.TokenLogprobs\"\xf0\x05\n\nStepResult\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x39\n\x07sampled\x18\x02 \x03(\x0b\x32(.aptray.shard.v1.StepResult.SampledEntry\x12\x11\n\tstep_time\x18\x03 \x01(\x01\x12\x12\n\nhas_logits\x18\x04 \x01(\x08\x12\x37\n\x06logits\x18\x05 \x03(\x0b\x32\'.aptray.shard.v1.StepResult.LogitsEntry\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x46\n\x0erequest_errors\x18\x07 \x03(\x0b\x32..aptray.shard.v1.StepResult.RequestErrorsEntry\x12;\n\x08logprobs\x18\x08 \x03(\x0b\x32).aptray.shard.v1.StepResult.LogprobsEntry\x12H\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32/.aptray.shard.v1.StepResult.PromptLogprobsEntry\x1a.\n\x0cSampledEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1aI\n\x0bLogitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.aptray.shard.v1.LogitsRow:\x02\x38\x01\x1a\x34\n\x12RequestErrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aO\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12-\n\x05value\x18\x02 \x01(\x0b\x32\x1e.aptray.shard.v1.TokenLogprobs:\x02\x38\x01\x1aV\n\x13PromptLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.aptray.shard.v1.PromptLogprobs:\x02\x38\x01\"\x12\n\x10ShardInfoRequest\"R\n\tShardInfo\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x12\n\nnum_blocks\x18\x04 \x01(\x03\x32\x8f\x01\n\x05Shard\x12?\n\x04Plan\x12\x1a.aptray.shard.v1.BatchPlan\x1a\x1b.aptray.shard.v1.StepResult\x12\x45\n\x04Info\x12!.aptray.shard.v1.ShardInfoRequest\x1a\x1a.aptray.shard.v1.ShardInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,25 +50,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOGITSROW']._serialized_start=884
   _globals['_LOGITSROW']._serialized_end=911
   _globals['_TOKENLOGPROBS']._serialized_start=913
-  _globals['_TOKENLOGPROBS']._serialized_end=1001
-  _globals['_PROMPTLOGPROBS']._serialized_start=1003
-  _globals['_PROMPTLOGPROBS']._serialized_end=1091
-  _globals['_STEPRESULT']._serialized_start=1094
-  _globals['_STEPRESULT']._serialized_end=1846
-  _globals['_STEPRESULT_SAMPLEDENTRY']._serialized_start=1502
-  _globals['_STEPRESULT_SAMPLEDENTRY']._serialized_end=1548
-  _globals['_STEPRESULT_LOGITSENTRY']._serialized_start=1550
-  _globals['_STEPRESULT_LOGITSENTRY']._serialized_end=1623
-  _globals['_STEPRESULT_REQUESTERRORSENTRY']._serialized_start=1625
-  _globals['_STEPRESULT_REQUESTERRORSENTRY']._serialized_end=1677
-  _globals['_STEPRESULT_LOGPROBSENTRY']._serialized_start=1679
-  _globals['_STEPRESULT_LOGPROBSENTRY']._serialized_end=1758
-  _globals['_STEPRESULT_PROMPTLOGPROBSENTRY']._serialized_start=1760
-  _globals['_STEPRESULT_PROMPTLOGPROBSENTRY']._serialized_end=1846
-  _globals['_SHARDINFOREQUEST']._serialized_start=1848
-  _globals['_SHARDINFOREQUEST']._serialized_end=1866
-  _globals['_SHARDINFO']._serialized_start=1868
-  _globals['_SHARDINFO']._serialized_end=1950
-  _globals['_SHARD']._serialized_start=1953
-  _globals['_SHARD']._serialized_end=2096
+  _globals['_TOKENLOGPROBS']._serialized_end=1029
+  _globals['_PROMPTLOGPROBS']._serialized_start=1031
+  _globals['_PROMPTLOGPROBS']._serialized_end=1119
+  _globals['_STEPRESULT']._serialized_start=1122
+  _globals['_STEPRESULT']._serialized_end=1874
+  _globals['_STEPRESULT_SAMPLEDENTRY']._serialized_start=1530
+  _globals['_STEPRESULT_SAMPLEDENTRY']._serialized_end=1576
+  _globals['_STEPRESULT_LOGITSENTRY']._serialized_start=1578
+  _globals['_STEPRESULT_LOGITSENTRY']._serialized_end=1651
+  _globals['_STEPRESULT_REQUESTERRORSENTRY']._serialized_start=1653
+  _globals['_STEPRESULT_REQUESTERRORSENTRY']._serialized_end=1705
+  _globals['_STEPRESULT_LOGPROBSENTRY']._serialized_start=1707
+  _globals['_STEPRESULT_LOGPROBSENTRY']._serialized_end=1786
+  _globals['_STEPRESULT_PROMPTLOGPROBSENTRY']._serialized_start=1788
+  _globals['_STEPRESULT_PROMPTLOGPROBSENTRY']._serialized_end=1874
+  _globals['_SHARDINFOREQUEST']._serialized_start=1876
+  _globals['_SHARDINFOREQUEST']._serialized_end=1894
+  _globals['_SHARDINFO']._serialized_start=1896
+  _globals['_SHARDINFO']._serialized_end=1978
+  _globals['_SHARD']._serialized_start=1981
+  _globals['_SHARD']._serialized_end=2124
 # @@protoc_insertion_point(module_scope)

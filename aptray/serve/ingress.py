@@ -33,7 +33,7 @@ from aptray.serve.deploy_options import ATTAINMENT_WINDOW_S
 from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatCompletionRequest, ChatCompletionResponse,
                                      CompletionChoice, CompletionRequest, CompletionResponse, LogprobsRenderer,
                                      ModelCard, ModelList, chunk_logprobs, error_body, finish_reason, new_id,
-                                     unsupported_field)
+                                     top_of, unsupported_field)
 from aptray.serve.relay import Call, Rejected, RouterLink, invalid_as_400
 from aptray.model.demo import resolve_model_path
 from aptray.serve.prefix_key import PREFIX_KEY_HEADER, prefix_tag
@@ -261,8 +261,10 @@ class Ingress:
             owner = self.caller(raw)
             self.link.check_owner(owner)  # a key at its cap: 429 before its prompt is tokenized
             sampling = invalid_as_400(req.sampling, req.max_tokens or 16)
-            # echo with logprobs: the prompt's too (computed whole, without the prefix cache)
-            sampling["prompt_logprobs"] = req.logprobs if req.echo else None
+            # echo with logprobs scores the prompt too (computed whole, without the prefix cache)
+            echo_k = req.logprobs if req.echo else None
+            sampling["prompt_logprobs"] = max((k for k in (echo_k, req.prompt_logprobs) if k is not None),
+                                              default=None)
             keep = invalid_as_400(self.limits.kept_tokens, req.truncate_prompt_tokens)
             prompts = await self.prompts_of(req.prompt, sampling, req.n, req.add_special_tokens, keep)
             rid = new_id("cmpl")
@@ -292,15 +294,22 @@ class Ingress:
         for i, (reply, renderer) in enumerate(zip(replies, renderers)):
             ids, logprobs = prompts[i // n][1], None
             if renderer and req.echo:
-                logprobs = renderer.completion(ids + reply.token_ids, reply.prompt_logprobs + reply.logprobs)
+                logprobs = renderer.completion(ids + reply.token_ids,
+                                               top_of(reply.prompt_logprobs, req.logprobs) + reply.logprobs)
             elif renderer:
                 logprobs = renderer.completion(reply.token_ids, reply.logprobs)
             choices.append(CompletionChoice(
                 index=i, text=(echoes[i // n] or "") + reply.text, token_ids=reply.token_ids if asked else None,
                 logprobs=logprobs, finish_reason=finish_reason(reply.last["finish_reason"]),
-                prompt_token_ids=ids if asked else None))
+                prompt_token_ids=ids if asked else None, prompt_logprobs=self._prompt_logprobs(req, ids, reply)))
         return CompletionResponse(id=rid, model=self.model_name, usage=usage(*(r.last for r in replies), n=n),
                                   choices=choices)
+
+    def _prompt_logprobs(self, req, ids: list[int], reply: Reply) -> list | None:
+        """vLLM's prompt_logprobs of a reply, where the request asked."""
+        if req.prompt_logprobs is None:
+            return None
+        return LogprobsRenderer(self.token_text).prompt(ids, top_of(reply.prompt_logprobs, req.prompt_logprobs))
 
     async def _collect(self, calls: list) -> list[Reply]:
         """A non-streaming request's whole reply, per choice."""
@@ -408,7 +417,8 @@ class Ingress:
                                       logprobs=renderer.chat(answer.token_ids, answer.logprobs) if renderer else None,
                                       finish_reason="tool_calls" if calls else finish_reason(reason)))
         return ChatCompletionResponse(id=rid, model=self.model_name, usage=usage(*(r.last for r in replies)),
-                                      prompt_token_ids=ids if asked else None, choices=choices)
+                                      prompt_token_ids=ids if asked else None, choices=choices,
+                                      prompt_logprobs=self._prompt_logprobs(req, ids, replies[0]))
 
     def _chat_prompt(self, req, tool_specs: list[dict] | None) -> tuple[str, list[int]]:
         """The conversation (and the tools) through the model's chat template, and its token ids

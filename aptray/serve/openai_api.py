@@ -41,7 +41,7 @@ UNSUPPORTED = {
     "length_penalty": (None, 1, 1.0),
     # vLLM's, which would change the output if they were ignored
     "prompt_embeds": (None,), "logits_processors": (None,), "return_tokens_as_token_ids": (None, False),
-    "spaces_between_special_tokens": (None, True), "prompt_logprobs": (None,),
+    "spaces_between_special_tokens": (None, True),
     "echo": (None, False),  # a chat's (a completion declares it)
     "chat_template": (None,), "documents": (None,), "mm_processor_kwargs": (None,), "kv_transfer_params": (None,),
 }
@@ -147,6 +147,8 @@ class _SamplingRequest(BaseModel):
     truncate_prompt_tokens: int | None = None
     aptray_slo: AptraySlo | None = None
     return_token_ids: bool = False  # vLLM extension: the prompt's and the reply's token ids beside the text
+    # vLLM extension: each prompt token's log-probability, rank and this many most likely tokens' (not streamed)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None  # vLLM extension
     # vLLM's older names of structured_outputs' fields
@@ -159,6 +161,8 @@ class _SamplingRequest(BaseModel):
         """The request's SamplingParams fields (checked at admission); InvalidRequest where its
         structured output is malformed."""
         slo = self.aptray_slo
+        if self.prompt_logprobs is not None and self.stream:
+            raise InvalidRequest("prompt_logprobs are not available with stream: true", "prompt_logprobs")
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
                 "max_tokens": max_tokens, "min_tokens": self.min_tokens, "stop": self.stop,
                 "stop_token_ids": self.stop_token_ids or [], "logit_bias": self.logit_bias or {},
@@ -168,6 +172,7 @@ class _SamplingRequest(BaseModel):
                 "skip_special_tokens": self.skip_special_tokens,
                 "include_stop_str_in_output": self.include_stop_str_in_output, "cache_salt": self.cache_salt,
                 "allowed_token_ids": self.allowed_token_ids, "bad_words": self.bad_words or [],
+                "prompt_logprobs": self.prompt_logprobs,
                 "ttft_slo": slo.ttft_ms / 1000 if slo and slo.ttft_ms else None,
                 "tbt_slo": slo.tbt_ms / 1000 if slo and slo.tbt_ms else None}
 
@@ -276,6 +281,13 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = []
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob, as its prompt_logprobs show each token: by token id (a JSON key: a string)."""
+    logprob: float
+    rank: int | None  # 1: the most likely token; None: not known
+    decoded_token: str
+
+
 class TopLogprob(BaseModel):
     token: str
     logprob: float
@@ -321,9 +333,29 @@ class LogprobsRenderer:
             content.append(ChatTokenLogprob(**self._chat_token(t, lp.logprob), top_logprobs=top))
         return ChatLogprobs(content=content)
 
+    def prompt(self, token_ids: list[int], logprobs: list) -> list[dict[str, PromptLogprob] | None]:
+        """vLLM's prompt_logprobs: for each prompt token (None for the first) its own entry and the most
+        likely tokens', by token id; the most likely token is rank 1."""
+        out = []
+        for t, lp in zip(token_ids, logprobs):
+            if lp is None:
+                out.append(None)
+                continue
+            entries = {str(i): PromptLogprob(logprob=v, rank=r, decoded_token=self.token_text(i))
+                       for r, (i, v) in enumerate(lp.top, 1)}
+            entries.setdefault(str(t), PromptLogprob(logprob=lp.logprob, rank=lp.rank,
+                                                     decoded_token=self.token_text(t)))
+            out.append(entries)
+        return out
+
     def _chat_token(self, token_id: int, logprob: float | None) -> dict:
         text = self.token_text(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
+def top_of(logprobs: list, k: int) -> list:
+    """logprobs with at most k most likely tokens each (a prompt scored for two asks of different k)."""
+    return [lp if lp is None or len(lp.top) <= k else lp._replace(top=lp.top[:k]) for lp in logprobs]
 
 
 def chunk_logprobs(chunk: dict) -> list:
@@ -338,6 +370,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     prompt_token_ids: list[int] | None = _if_asked()  # a stream's: in its first event only
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = _if_asked()
 
 
 class CompletionResponse(BaseModel):
@@ -382,6 +415,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     prompt_token_ids: list[int] | None = _if_asked()
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = _if_asked()
 
 
 class ChatDelta(BaseModel):
