@@ -114,11 +114,14 @@ def _check_http(r) -> None:
         assert not any("error" in e and e["error"]["code"] >= 500 for e in events)
         assert r.text.rstrip().endswith("data: [DONE]")
     else:
-        assert r.json()["choices"]
+        answer = r.json()
+        assert answer["choices"] if "/v1/" in str(r.url) else ("tokens" in answer or "prompt" in answer)
 
 
 @pytest.mark.parametrize("path,name", [("/v1/completions", "CompletionRequest"),
-                                       ("/v1/chat/completions", "ChatCompletionRequest")])
+                                       ("/v1/chat/completions", "ChatCompletionRequest"),
+                                       ("/tokenize", "TokenizeCompletionRequest"), ("/tokenize", "TokenizeChatRequest"),
+                                       ("/detokenize", "DetokenizeRequest")])
 def test_http_schema_fuzz(server, path, name):
     client = httpx.Client(timeout=TIMEOUT)
 
@@ -184,6 +187,21 @@ RAW = [
     ("logprobs 20 with echo", b'{"prompt": "hi there", "max_tokens": 1, "logprobs": 20, "echo": true}', 200),
     ("oversized body", json.dumps({"prompt": "x" * (MAX_BODY + 10)}).encode(), 413),
 ]
+TOKENIZE_RAW = [  # vLLM's /tokenize and /detokenize: the same limits as a request's prompt
+    ("/tokenize", "513 messages", json.dumps({"messages": [{"role": "user", "content": "hi"}] * 513}).encode(), 400),
+    ("/tokenize", "unknown model", b'{"prompt": "hi", "model": "gpt-9"}', 404),
+    ("/tokenize", "continue and open a message", b'{"messages": [{"role": "user", "content": "hi"}], '
+                                                 b'"continue_final_message": true}', 400),
+    ("/tokenize", "template kwargs that set the conversation", b'{"messages": [{"role": "user", "content": "hi"}], '
+                                                              b'"chat_template_kwargs": {"messages": []}}', 400),
+    ("/tokenize", "no prompt, no messages", b'{"model": "x"}', 422),
+    ("/detokenize", "token id out of vocab", b'{"tokens": [1, 2, 999999999]}', 400),
+    ("/detokenize", "token id past int64", b'{"tokens": [100000000000000000000000000]}', 400),
+    ("/detokenize", "negative token id", b'{"tokens": [-1]}', 400),
+    ("/detokenize", "fractional token id", b'{"tokens": [2.5]}', 422),
+    ("/detokenize", "more tokens than a context", json.dumps({"tokens": [5] * 5000}).encode(), 400),
+    ("/detokenize", "no tokens", b'{"tokens": []}', 200),
+]
 
 
 def _structured(fmt: dict | None = None, **outputs) -> bytes:
@@ -235,6 +253,15 @@ def test_raw_bodies(server, what, body, want):
     _check_http(r)
     if want is not None:
         assert r.status_code == want, (r.status_code, r.text[:300])
+
+
+@pytest.mark.parametrize("path,what,body,want", TOKENIZE_RAW, ids=[r[1] for r in TOKENIZE_RAW])
+def test_raw_tokenize_bodies(server, path, what, body, want):
+    r = httpx.post(server["http"] + path, content=body, timeout=TIMEOUT,
+                   headers={**AUTH, "content-type": "application/json"})
+    STATS["http"] += 1
+    _check_http(r)
+    assert r.status_code == want, (r.status_code, r.text[:300])
 
 
 # JSON escapes can spell a lone surrogate, which no UTF-8 check of the bytes catches (hypothesis's

@@ -725,6 +725,33 @@ def test_prompt_logprobs_are_the_engines_in_vllms_shape(server, model_path, refe
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text
 
 
+def test_tokenize_and_detokenize_are_the_tokenizers(server, reference):
+    """vLLM's /tokenize: a prompt's ids are the tokenizer's (with or without its special tokens, and
+    their strings where asked); a conversation's are the ones a chat request of it is served on.
+    /detokenize gives the ids' text back. A text may be as long as a prompt to truncate (4 longest
+    prompts), not longer."""
+    tokenizer, _ = reference
+    url = server["http"]
+    context = httpx.get(url + "/v1/models", timeout=60).json()["data"][0]["max_model_len"]
+    for add in (True, False):
+        r = httpx.post(url + "/tokenize", json={"prompt": PROMPTS[0], "add_special_tokens": add,
+                                                "return_token_strs": True}, timeout=60).json()
+        ids = tokenizer.encode(PROMPTS[0], add_special_tokens=add)
+        assert (r["tokens"], r["count"], r["token_strs"]) == (ids, len(ids), tokenizer.convert_ids_to_tokens(ids))
+        assert r["max_model_len"] == context
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    r = httpx.post(url + "/tokenize", json={"messages": messages}, timeout=60).json()
+    chat = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 1,
+                                                          "return_token_ids": True}, timeout=60).json()
+    assert r["tokens"] == chat["prompt_token_ids"] and "token_strs" not in r
+    back = httpx.post(url + "/detokenize", json={"tokens": r["tokens"]}, timeout=60).json()
+    assert back["prompt"] == tokenizer.decode(r["tokens"])
+    limit = (context - 1) * 32 * 4  # limits.MAX_CHARS_PER_TOKEN, TRUNCATED_PROMPT_FACTOR
+    assert httpx.post(url + "/tokenize", json={"prompt": "x" * limit}, timeout=60).status_code == 200
+    r = httpx.post(url + "/tokenize", json={"prompt": "x" * (limit + 1)}, timeout=60)
+    assert r.status_code == 400 and f"over the limit of {limit}" in r.json()["error"]["message"], r.text
+
+
 def test_n_choices_are_separate_draws_relayed_as_one_response(server, model_path):
     """n = 3, seeded: choice i is the engine's output with seed + i, streamed or not, completion or
     chat, HTTP or gRPC; usage sums the choices; a streamed response interleaves the choices by index. n over 4 with

@@ -32,8 +32,9 @@ from aptray.serve.args import INGRESS_CPUS, AppArgs
 from aptray.serve.deploy_options import ATTAINMENT_WINDOW_S
 from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatCompletionRequest, ChatCompletionResponse,
                                      CompletionChoice, CompletionRequest, CompletionResponse, LogprobsRenderer,
-                                     ModelCard, ModelList, chunk_logprobs, error_body, finish_reason, new_id,
-                                     top_of, unsupported_field)
+                                     DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
+                                     TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse,
+                                     chunk_logprobs, error_body, finish_reason, new_id, top_of, unsupported_field)
 from aptray.serve.relay import Call, Rejected, RouterLink, invalid_as_400
 from aptray.model.demo import resolve_model_path
 from aptray.serve.prefix_key import PREFIX_KEY_HEADER, prefix_tag
@@ -240,10 +241,12 @@ class Ingress:
         headers = {"Retry-After": str(retry_after)} if e.status == 429 else None
         return JSONResponse(error_body(str(e), e.status, e.param), status_code=e.status, headers=headers)
 
+    def _check_served(self, model: str | None) -> None:
+        if model not in (None, "", self.model_name):
+            raise Rejected(f"model {model!r} is not served here; this server has {self.model_name!r}", 404, "model")
+
     def _check_model(self, req) -> None:
-        if req.model not in (None, "", self.model_name):
-            raise Rejected(f"model {req.model!r} is not served here; this server has {self.model_name!r}", 404,
-                           "model")
+        self._check_served(req.model)
         if not 1 <= req.n <= choices.MAX_CHOICES:
             raise Rejected(f"n must be in [1, {choices.MAX_CHOICES}] on this server", 400, "n")
         if getattr(req, "top_logprobs", None) and not req.logprobs:
@@ -439,6 +442,41 @@ class Ingress:
             yield choice.role()
         async for event in self._sse_stream(calls, events, total_usage):
             yield event
+
+    @api.post("/tokenize")
+    async def tokenize(self, req: TokenizeCompletionRequest | TokenizeChatRequest):
+        """vLLM's: a prompt's token ids, or a conversation's through the chat template (no generation).
+        A text may be as long as a prompt to truncate: what the server would tokenize for a request."""
+        try:
+            self._check_served(req.model)
+            if isinstance(req, TokenizeChatRequest):
+                invalid_as_400(tools.check_continuation, req)
+                specs = tools.tool_specs(req.tools)
+                self.check_size({}, num_messages=len(req.messages), truncated=True,
+                                prompt_chars=invalid_as_400(tools.chat_chars, req.messages, specs))
+                _, ids = await self.off_loop(self._chat_prompt, req, specs)
+            else:
+                self.check_size({}, prompt_chars=len(req.prompt), truncated=True)
+                ids = await self.off_loop(partial(self.tokenizer.encode, add_special_tokens=req.add_special_tokens),
+                                          req.prompt)
+        except Rejected as e:
+            return self._reject(e)
+        strs = await self.off_loop(self.tokenizer.convert_ids_to_tokens, ids) if req.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids, token_strs=strs)
+
+    @api.post("/detokenize")
+    async def detokenize(self, req: DetokenizeRequest):
+        """vLLM's: the text of token ids (special tokens kept), at most a context's worth."""
+        try:
+            self._check_served(req.model)
+            if len(req.tokens) > self.max_model_len:
+                raise Rejected(f"{len(req.tokens)} tokens, over the context of {self.max_model_len}", 400, "tokens")
+            bad = next((t for t in req.tokens if not 0 <= t < self.limits.vocab_size), None)
+            if bad is not None:
+                raise Rejected(f"token id {bad} is not in the vocabulary [0, {self.limits.vocab_size})", 400, "tokens")
+        except Rejected as e:
+            return self._reject(e)
+        return DetokenizeResponse(prompt=await self.off_loop(self.tokenizer.decode, req.tokens))
 
     @api.get("/v1/models")
     async def models(self):

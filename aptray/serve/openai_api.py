@@ -444,6 +444,42 @@ class ChatCompletionChunk(BaseModel):
     prompt_token_ids: list[int] | None = _if_asked()  # in the first event (the role's) only
 
 
+class TokenizeCompletionRequest(BaseModel):
+    """vLLM's /tokenize of a prompt."""
+    model: Text | None = None
+    prompt: Text
+    add_special_tokens: bool = True
+    return_token_strs: bool = False  # each token's string (the tokenizer's own, convert_ids_to_tokens)
+
+
+class TokenizeChatRequest(BaseModel):
+    """vLLM's /tokenize of a conversation, through the chat template as a chat request's."""
+    model: Text | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict | None = None
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = _if_asked()
+
+
+class DetokenizeRequest(BaseModel):
+    model: Text | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

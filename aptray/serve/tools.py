@@ -104,9 +104,7 @@ def chat_sampling(req, parser: str | None) -> tuple[ToolReply, dict]:
     for the chat template (taken out before admission). The tools' structure holds the reply where
     tool_choice asks for calls; parser: the app's tool_call_parser. InvalidRequest where they
     cannot be served."""
-    if req.continue_final_message and req.add_generation_prompt:
-        raise InvalidRequest("continue_final_message goes on from the last message: set add_generation_prompt to "
-                             "false", "continue_final_message")
+    check_continuation(req)
     reply, held = plan(req.tools, req.tool_choice, parser, req.parallel_tool_calls is not False)
     sampling = req.sampling(1)
     if held is not None:
@@ -116,8 +114,20 @@ def chat_sampling(req, parser: str | None) -> tuple[ToolReply, dict]:
         sampling["structured_output"] = held
     if reply.shows_special_tokens:  # the calls open with a special token: the text keeps them
         sampling["skip_special_tokens"] = False
-    sampling["tools"] = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    sampling["tools"] = tool_specs(req.tools)
     return reply, sampling
+
+
+def check_continuation(req) -> None:
+    """InvalidRequest where a conversation asks both to go on from its last message and to open a new one."""
+    if req.continue_final_message and req.add_generation_prompt:
+        raise InvalidRequest("continue_final_message goes on from the last message: set add_generation_prompt to "
+                             "false", "continue_final_message")
+
+
+def tool_specs(tools) -> list[dict] | None:
+    """The request's tools as the chat template takes them."""
+    return [t.model_dump(exclude_none=True) for t in tools] if tools else None
 
 
 # what chat_template_kwargs may not set: apply_chat_template's own arguments (a template of the
