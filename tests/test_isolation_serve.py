@@ -243,6 +243,24 @@ def test_one_key_cannot_take_every_slot(server):
     assert r.status_code == 200, r.text[:300]
 
 
+def test_a_tokenize_flood_never_harms_another_keys_requests(server, reference):
+    """One key floods /tokenize with the longest texts it takes (40 at once, twice): each is served or
+    gets 429 (its share of the tokenize thread's queue); meanwhile another key's /tokenize is
+    served, and its completion, tokenized on the generation path's own thread, is exact."""
+    text = "hello " * 10_800  # 64,800 characters: under 4 longest prompts of the demo model's context
+    with concurrent.futures.ThreadPoolExecutor(41) as pool:
+        flood = [pool.submit(_post, server, "/tokenize", {"prompt": text}) for _ in range(80)]
+        p = PROMPTS[1]
+        r, _ = _post(server, "/v1/completions", {"prompt": p, "max_tokens": LONG, "temperature": 0.0,
+                                                 "ignore_eos": True}, key=ALICE)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference[p][1], r.text[:300]
+        r, _ = _post(server, "/tokenize", {"prompt": p}, key=ALICE)
+        assert r.status_code == 200 and r.json()["count"] > 0, r.text[:300]
+        codes = [f.result(timeout=120)[0].status_code for f in flood]
+    assert set(codes) <= {200, 429}, codes
+    print("RELIABILITY tokenize flood:", {c: codes.count(c) for c in sorted(set(codes))})
+
+
 def test_one_key_cannot_time_anothers_cached_prompts(server):
     """prefix_cache_per_key: a prompt one key sent is a cache hit for that key's next request, never
     for another key's, whatever cache_salt it sends; a key's own salt splits its cache further."""

@@ -347,13 +347,10 @@ def test_replies_nested_past_pythons_limit_are_text():
 def test_the_template_gets_tools_and_calls_as_objects():
     """tools reach the chat template, and an assistant's tool call's arguments arrive as an object
     (the API's JSON text, parsed), as transformers' templates expect: checked with a template that
-    writes both out, through the ingress's own _chat_prompt."""
-    from types import SimpleNamespace
-
+    writes both out, through the chat_prompt that chat requests and /tokenize use."""
     from transformers import AutoTokenizer
 
-    from aptray.serve.ingress import Ingress
-    from aptray.serve.tools import chat_chars
+    from aptray.serve.tools import chat_chars, chat_prompt, tool_specs
 
     tok = AutoTokenizer.from_pretrained(tiny_model("opt-60x3"))
     tok.chat_template = ("{% for t in tools or [] %}[tool {{ t.function.name }}]{% endfor %}"
@@ -365,8 +362,7 @@ def test_the_template_gets_tools_and_calls_as_objects():
         {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
                                               "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "5"}], tools=[ADD], tool_choice="none")
-    text, ids = Ingress.func_or_class._chat_prompt(SimpleNamespace(tokenizer=tok), req,
-                                                   [t.model_dump(exclude_none=True) for t in req.tools])
+    text, ids = chat_prompt(tok, req, tool_specs(req.tools))
     assert text == "[tool add]<user>add<assistant>{call add a=2}<tool>5" and ids
     deep = []
     for _ in range(1200):  # deeper than json.dumps can write

@@ -32,8 +32,8 @@ from aptray.serve.args import INGRESS_CPUS, AppArgs
 from aptray.serve.deploy_options import ATTAINMENT_WINDOW_S
 from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatCompletionRequest, ChatCompletionResponse,
                                      CompletionChoice, CompletionRequest, CompletionResponse, LogprobsRenderer,
-                                     DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
-                                     TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse,
+                                     DetokenizeRequest, ModelCard, ModelList, TokenizeChatRequest,
+                                     TokenizeCompletionRequest,
                                      chunk_logprobs, error_body, finish_reason, new_id, top_of, unsupported_field)
 from aptray.serve.relay import Call, Rejected, RouterLink, invalid_as_400
 from aptray.model.demo import resolve_model_path
@@ -41,6 +41,7 @@ from aptray.serve.prefix_key import PREFIX_KEY_HEADER, prefix_tag
 from aptray.serve.router import Router
 from aptray.serve.security import EdgeMiddleware, bearer, identity, key_salt
 from aptray.serve.sse import ChatEvents, CompletionEvents, sse, usage
+from aptray.serve.tokenize_api import Tokenizing
 from aptray.serve.tools import ToolCallEvents
 from aptray.serve.store import RequestStore
 from aptray.serve.ttft_estimate import ReplicaLoad, ServingDelay
@@ -159,6 +160,7 @@ class Ingress:
         info = ray.get(self.router.ready.remote())
         self.max_model_len = info["max_model_len"]
         self.limits = info["limits"]
+        self.tokenizing = Tokenizing(self.tokenizer, self.limits, self.max_model_len)  # /tokenize, /detokenize
         logger.info("ingress ready: %s, %d blocks, store %s", self.model_name, info["num_blocks"], info["store"])
 
     @property
@@ -390,7 +392,8 @@ class Ingress:
             keep = invalid_as_400(self.limits.kept_tokens, req.truncate_prompt_tokens)
             chars = invalid_as_400(tools.chat_chars, req.messages, sampling["tools"])
             self.check_size(sampling, num_messages=len(req.messages), prompt_chars=chars, truncated=keep is not None)
-            text, ids = _kept(*await self.off_loop(self._chat_prompt, req, sampling.pop("tools")), keep)
+            text, ids = _kept(*await self.off_loop(invalid_as_400, tools.chat_prompt, self.tokenizer, req,
+                                                   sampling.pop("tools")), keep)
             rest = max(1, self.max_model_len - len(ids))
             sampling["max_tokens"] = (req.max_completion_tokens or req.max_tokens
                                       or min(rest, self.args.max_tokens_limit or rest))
@@ -423,20 +426,6 @@ class Ingress:
                                       prompt_token_ids=ids if asked else None, choices=choices,
                                       prompt_logprobs=self._prompt_logprobs(req, ids, replies[0]))
 
-    def _chat_prompt(self, req, tool_specs: list[dict] | None) -> tuple[str, list[int]]:
-        """The conversation (and the tools) through the model's chat template, and its token ids
-        (tokenizer thread)."""
-        try:
-            text = self.tokenizer.apply_chat_template(
-                tools.template_messages(req.messages), tools=tool_specs, tokenize=False,
-                add_generation_prompt=req.add_generation_prompt, continue_final_message=req.continue_final_message,
-                **invalid_as_400(tools.template_kwargs, req.chat_template_kwargs))
-        except Rejected:
-            raise
-        except Exception as e:  # the template refused these messages (roles, order): the client's error
-            raise Rejected(f"the chat template refused the messages: {e}", 400, "messages") from e
-        return text, self.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
-
     async def _chat_sse(self, calls: list, events: list, total_usage: bool = False):
         for choice in events:
             yield choice.role()
@@ -444,39 +433,22 @@ class Ingress:
             yield event
 
     @api.post("/tokenize")
-    async def tokenize(self, req: TokenizeCompletionRequest | TokenizeChatRequest):
-        """vLLM's: a prompt's token ids, or a conversation's through the chat template (no generation).
-        A text may be as long as a prompt to truncate: what the server would tokenize for a request."""
+    async def tokenize(self, req: TokenizeCompletionRequest | TokenizeChatRequest, raw: Request):
+        """vLLM's: a prompt's token ids, or a conversation's through the chat template (no generation)."""
         try:
             self._check_served(req.model)
-            if isinstance(req, TokenizeChatRequest):
-                invalid_as_400(tools.check_continuation, req)
-                specs = tools.tool_specs(req.tools)
-                self.check_size({}, num_messages=len(req.messages), truncated=True,
-                                prompt_chars=invalid_as_400(tools.chat_chars, req.messages, specs))
-                _, ids = await self.off_loop(self._chat_prompt, req, specs)
-            else:
-                self.check_size({}, prompt_chars=len(req.prompt), truncated=True)
-                ids = await self.off_loop(partial(self.tokenizer.encode, add_special_tokens=req.add_special_tokens),
-                                          req.prompt)
+            return await self.tokenizing.tokenize(req, self.caller(raw))
         except Rejected as e:
             return self._reject(e)
-        strs = await self.off_loop(self.tokenizer.convert_ids_to_tokens, ids) if req.return_token_strs else None
-        return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids, token_strs=strs)
 
     @api.post("/detokenize")
-    async def detokenize(self, req: DetokenizeRequest):
-        """vLLM's: the text of token ids (special tokens kept), at most a context's worth."""
+    async def detokenize(self, req: DetokenizeRequest, raw: Request):
+        """vLLM's: the text of token ids."""
         try:
             self._check_served(req.model)
-            if len(req.tokens) > self.max_model_len:
-                raise Rejected(f"{len(req.tokens)} tokens, over the context of {self.max_model_len}", 400, "tokens")
-            bad = next((t for t in req.tokens if not 0 <= t < self.limits.vocab_size), None)
-            if bad is not None:
-                raise Rejected(f"token id {bad} is not in the vocabulary [0, {self.limits.vocab_size})", 400, "tokens")
+            return await self.tokenizing.detokenize(req.tokens, self.caller(raw))
         except Rejected as e:
             return self._reject(e)
-        return DetokenizeResponse(prompt=await self.off_loop(self.tokenizer.decode, req.tokens))
 
     @api.get("/v1/models")
     async def models(self):
@@ -584,3 +556,4 @@ class Ingress:
         if self.embedded_store is not None:
             self.embedded_store.close()
         self._tokenize_pool.shutdown(wait=False)
+        self.tokenizing.close()

@@ -145,6 +145,22 @@ def template_kwargs(kwargs: dict | None) -> dict:
     return kwargs or {}
 
 
+def chat_prompt(tokenizer, req, tool_specs: list[dict] | None) -> tuple[str, list[int]]:
+    """The conversation (and the tools) through the model's chat template, and its token ids.
+    InvalidRequest where the template refuses them (roles, order) or its kwargs would set what the
+    server sets."""
+    try:
+        text = tokenizer.apply_chat_template(
+            template_messages(req.messages), tools=tool_specs, tokenize=False,
+            add_generation_prompt=req.add_generation_prompt, continue_final_message=req.continue_final_message,
+            **template_kwargs(req.chat_template_kwargs))
+    except InvalidRequest:
+        raise
+    except Exception as e:  # the template refused these messages: the client's error
+        raise InvalidRequest(f"the chat template refused the messages: {e}", "messages") from e
+    return text, tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+
+
 def template_messages(messages) -> list[dict]:
     """The chat's messages as the chat template takes them: an assistant's tool call's arguments as
     an object, as transformers' templates expect (the API carries them as JSON text)."""
