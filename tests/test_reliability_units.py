@@ -7,6 +7,7 @@ import pytest
 from aptray.sampling_params import SamplingParams
 from aptray.serve.args import AppArgs
 from aptray.serve.limits import MAX_MESSAGES, MAX_STOP_TOKEN_IDS, RequestLimits
+from aptray.serve.relay import Rejected, RouterLink
 from aptray.serve.security import bearer, grpc_key, key_ok
 from aptray.serve.store_writer import StoreUnavailable, StoreWriter
 from aptray.serve.store import RequestMeta, RequestStore
@@ -227,6 +228,22 @@ def test_sizes_refused_before_tokenizing(sizes, param):
     err = RequestLimits(512, 1000, max_prompt_tokens=300).size_error({"max_tokens": 4}, **sizes)
     assert err["status"] == 400 and err["param"] == param
     assert RequestLimits(512, 1000, max_prompt_tokens=300).size_error({"max_tokens": 4}, prompt_chars=300 * 32) is None
+
+
+def test_a_key_at_its_cap_queues_no_more_prompts():
+    """Requests being tokenized count against their key's max_requests_per_key (RouterLink.preparing),
+    so a key at its cap gets 429 before its next prompt reaches the tokenizer thread; other keys and
+    callers without keys are not counted against it."""
+    link = RouterLink(lambda: None, 1.0, max_per_owner=2)
+    with link.preparing("mallory"), link.preparing("mallory"):
+        with pytest.raises(Rejected, match=r"this API key has 2 requests in flight here \(limit 2\)") as e:
+            with link.preparing("mallory"):
+                pass
+        assert e.value.status == 429
+        with link.preparing("alice"), link.preparing(""), link.preparing(""), link.preparing(""):
+            pass
+    with link.preparing("mallory"):  # its prompts are done: the key may send again
+        pass
 
 
 def test_api_keys():

@@ -100,17 +100,17 @@ async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
         if len(label) > 128:
             raise Rejected("client_request_id is over 128 characters", 400)
         sampling = sampling_from_proto(req)
-        ingress.link.check_owner(owner)  # a key at its cap: refused before its prompt is tokenized
-        truncate = req.truncate_prompt_tokens if req.HasField("truncate_prompt_tokens") else None
-        keep = invalid_as_400(ingress.limits.kept_tokens, truncate)
-        if req.WhichOneof("input") == "prompt":
-            if len(req.prompt.encode()) > ingress.args.max_body_bytes:
-                raise Rejected(f"the prompt is over {ingress.args.max_body_bytes} bytes", 413)
-            [(prompt, ids)] = await ingress.prompts_of(req.prompt, sampling, 1, keep=keep)
-        elif req.WhichOneof("input") == "prompt_token_ids":
-            [(prompt, ids)] = await ingress.prompts_of(list(req.prompt_token_ids.ids), sampling, 1, keep=keep)
-        else:
-            raise Rejected("give prompt or prompt_token_ids", 400)
+        with ingress.link.preparing(owner):  # a key at its cap: refused before its prompt is tokenized
+            truncate = req.truncate_prompt_tokens if req.HasField("truncate_prompt_tokens") else None
+            keep = invalid_as_400(ingress.limits.kept_tokens, truncate)
+            if req.WhichOneof("input") == "prompt":
+                if len(req.prompt.encode()) > ingress.args.max_body_bytes:
+                    raise Rejected(f"the prompt is over {ingress.args.max_body_bytes} bytes", 413)
+                [(prompt, ids)] = await ingress.prompts_of(req.prompt, sampling, 1, keep=keep)
+            elif req.WhichOneof("input") == "prompt_token_ids":
+                [(prompt, ids)] = await ingress.prompts_of(list(req.prompt_token_ids.ids), sampling, 1, keep=keep)
+            else:
+                raise Rejected("give prompt or prompt_token_ids", 400)
         n = req.n or 1
         if not 1 <= n <= choices.MAX_CHOICES:
             raise Rejected(f"n must be in [1, {choices.MAX_CHOICES}] on this server", 400, "n")

@@ -264,14 +264,14 @@ class Ingress:
         try:
             self._check_model(req)
             owner = self.caller(raw)
-            self.link.check_owner(owner)  # a key at its cap: 429 before its prompt is tokenized
-            sampling = invalid_as_400(req.sampling, req.max_tokens or 16)
-            # echo with logprobs scores the prompt too (computed whole, without the prefix cache)
-            echo_k = req.logprobs if req.echo else None
-            sampling["prompt_logprobs"] = max((k for k in (echo_k, req.prompt_logprobs) if k is not None),
-                                              default=None)
-            keep = invalid_as_400(self.limits.kept_tokens, req.truncate_prompt_tokens)
-            prompts = await self.prompts_of(req.prompt, sampling, req.n, req.add_special_tokens, keep)
+            with self.link.preparing(owner):  # a key at its cap: 429 before its prompt is tokenized
+                sampling = invalid_as_400(req.sampling, req.max_tokens or 16)
+                # echo with logprobs scores the prompt too (computed whole, without the prefix cache)
+                echo_k = req.logprobs if req.echo else None
+                sampling["prompt_logprobs"] = max((k for k in (echo_k, req.prompt_logprobs) if k is not None),
+                                                  default=None)
+                keep = invalid_as_400(self.limits.kept_tokens, req.truncate_prompt_tokens)
+                prompts = await self.prompts_of(req.prompt, sampling, req.n, req.add_special_tokens, keep)
             rid = new_id("cmpl")
             calls = await self.open_choices(rid, prompts, sampling, owner, self.prefix_of(raw), req.n)
         except Rejected as e:
@@ -387,13 +387,14 @@ class Ingress:
         try:
             self._check_model(req)
             owner = self.caller(raw)
-            self.link.check_owner(owner)
-            reply, sampling = invalid_as_400(tools.chat_sampling, req, self.args.tool_call_parser)
-            keep = invalid_as_400(self.limits.kept_tokens, req.truncate_prompt_tokens)
-            chars = invalid_as_400(tools.chat_chars, req.messages, sampling["tools"])
-            self.check_size(sampling, num_messages=len(req.messages), prompt_chars=chars, truncated=keep is not None)
-            text, ids = _kept(*await self.off_loop(invalid_as_400, tools.chat_prompt, self.tokenizer, req,
-                                                   sampling.pop("tools")), keep)
+            with self.link.preparing(owner):
+                reply, sampling = invalid_as_400(tools.chat_sampling, req, self.args.tool_call_parser)
+                keep = invalid_as_400(self.limits.kept_tokens, req.truncate_prompt_tokens)
+                chars = invalid_as_400(tools.chat_chars, req.messages, sampling["tools"])
+                self.check_size(sampling, num_messages=len(req.messages), prompt_chars=chars,
+                                truncated=keep is not None)
+                text, ids = _kept(*await self.off_loop(invalid_as_400, tools.chat_prompt, self.tokenizer, req,
+                                                       sampling.pop("tools")), keep)
             rest = max(1, self.max_model_len - len(ids))
             sampling["max_tokens"] = (req.max_completion_tokens or req.max_tokens
                                       or min(rest, self.args.max_tokens_limit or rest))

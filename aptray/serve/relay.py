@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import ray
@@ -106,6 +107,7 @@ class RouterLink:
         self.restart_timeout_s = restart_timeout_s
         self.max_per_owner = max_per_owner
         self._per_owner: Counter[str] = Counter()  # open calls by owner, "" (no keys) not counted
+        self._preparing: Counter[str] = Counter()  # requests being checked and tokenized, by owner
         self.router = start_router()
         self.restarts = 0
         self.lock = asyncio.Lock()
@@ -148,11 +150,24 @@ class RouterLink:
         return call
 
     def check_owner(self, owner: str) -> None:
-        """Rejected (429) while owner has max_per_owner calls open here (the ingress asks before it
-        tokenizes, and open() again)."""
-        if owner and self.max_per_owner is not None and self._per_owner[owner] >= self.max_per_owner:
-            raise Rejected(f"this API key has {self._per_owner[owner]} requests in flight here (limit "
-                           f"{self.max_per_owner})", 429)
+        """Rejected (429) while owner has max_per_owner requests here, open or being prepared."""
+        held = self._per_owner[owner] + self._preparing[owner]
+        if owner and self.max_per_owner is not None and held >= self.max_per_owner:
+            raise Rejected(f"this API key has {held} requests in flight here (limit {self.max_per_owner})", 429)
+
+    @contextmanager
+    def preparing(self, owner: str):
+        """While a request of owner's is checked and tokenized (before open()): it counts against
+        owner's cap, so a key at its cap cannot queue any more prompts on the tokenizer thread.
+        Rejected (429) where owner is at its cap already."""
+        self.check_owner(owner)
+        self._preparing[owner] += 1
+        try:
+            yield
+        finally:
+            self._preparing[owner] -= 1
+            if not self._preparing[owner]:
+                del self._preparing[owner]
 
     async def _open(self, call: Call, resume: bool) -> None:
         try:
