@@ -57,6 +57,18 @@ def invalid_as_400(fn, *args):
         raise Rejected(str(e), 400, e.param) from None
 
 
+@contextmanager
+def counted(counter: Counter, key: str):
+    """key counts once more in counter while the block runs (gone from it at 0)."""
+    counter[key] += 1
+    try:
+        yield
+    finally:
+        counter[key] -= 1
+        if not counter[key]:
+            del counter[key]
+
+
 class _Lost:
     """Delivered to the calls of a router whose stream broke (after every chunk it did bring)."""
 
@@ -161,13 +173,8 @@ class RouterLink:
         owner's cap, so a key at its cap cannot queue any more prompts on the tokenizer thread.
         Rejected (429) where owner is at its cap already."""
         self.check_owner(owner)
-        self._preparing[owner] += 1
-        try:
+        with counted(self._preparing, owner):
             yield
-        finally:
-            self._preparing[owner] -= 1
-            if not self._preparing[owner]:
-                del self._preparing[owner]
 
     async def _open(self, call: Call, resume: bool) -> None:
         try:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from aptray.serve import tools
 from aptray.serve.limits import RequestLimits
 from aptray.serve.openai_api import DetokenizeResponse, TokenizeChatRequest, TokenizeResponse
-from aptray.serve.relay import Rejected, invalid_as_400
+from aptray.serve.relay import Rejected, counted, invalid_as_400
 
 MAX_PENDING = 16
 
@@ -82,13 +82,8 @@ class Tokenizing:
         if caller and self._pending[caller] >= self.max_per_caller:
             raise Rejected(f"this API key has {self._pending[caller]} tokenize calls waiting "
                            f"(limit {self.max_per_caller})", 429)
-        self._pending[caller] += 1
-        try:
+        with counted(self._pending, caller):
             yield
-        finally:
-            self._pending[caller] -= 1
-            if not self._pending[caller]:
-                del self._pending[caller]
 
     async def _run(self, fn):
         """fn(this thread's tokenizer), on the thread."""
