@@ -268,6 +268,33 @@ def test_openai_completion_stream(server, oai, reference):
     assert len(pieces) == MAX_TOKENS and usage.completion_tokens == MAX_TOKENS
 
 
+def test_continuous_usage_stats_count_each_events_tokens(server, oai, reference):
+    """vLLM's stream_options.continuous_usage_stats: every event carries the usage so far (the chat's
+    role event: the prompt's alone); the last is the whole request's usage, as with include_usage."""
+    tokenizer, ref = reference
+    p = PROMPTS[2]
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(oai.completions.create(model=server["model"], prompt=p, stream=True, stream_options=options,
+                                         **GREEDY))
+    prompt_tokens = len(tokenizer.encode(p))
+    for chunk in chunks[:-1]:
+        assert chunk.usage.prompt_tokens == prompt_tokens
+        assert chunk.usage.total_tokens == prompt_tokens + chunk.usage.completion_tokens
+    assert [c.usage.completion_tokens for c in chunks[:-1]] == list(range(1, MAX_TOKENS + 1))
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == ref[p][1]
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == MAX_TOKENS
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    events = list(oai.chat.completions.create(model=server["model"], messages=msgs, stream=True,
+                                              stream_options=options, **GREEDY))
+    assert events[0].choices[0].delta.role == "assistant" and events[0].usage.completion_tokens == 0
+    assert [e.usage.completion_tokens for e in events[1:-1]] == list(range(1, MAX_TOKENS + 1))
+    assert len({e.usage.prompt_tokens for e in events}) == 1
+    # without include_usage it asks for nothing
+    plain = list(oai.completions.create(model=server["model"], prompt=p, stream=True,
+                                        stream_options={"continuous_usage_stats": True}, **GREEDY))
+    assert all(c.usage is None for c in plain) and len(plain) == MAX_TOKENS
+
+
 def test_openai_chat_stream_and_not(server, oai):
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     whole = oai.chat.completions.create(model=server["model"], messages=msgs, seed=7, stop=["zzz"], **GREEDY)

@@ -284,9 +284,11 @@ class Ingress:
         renderers = [LogprobsRenderer(self.token_text) if req.logprobs is not None else None for _ in calls]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            continuous = bool(req.stream_options and req.stream_options.continuous())
             events = [CompletionEvents(rid, self.model_name, include_usage and one,
                                        prompts[i // n][1] if req.return_token_ids else None, renderer,
-                                       None if echoes[i // n] is None else (echoes[i // n], prompts[i // n][1]), i)
+                                       None if echoes[i // n] is None else (echoes[i // n], prompts[i // n][1]), i,
+                                       len(prompts[i // n][1]) if continuous else None)
                       for i, renderer in enumerate(renderers)]
             return StreamingResponse(self._sse_stream(calls, events, include_usage and not one, n),
                                      media_type="text/event-stream")
@@ -405,10 +407,11 @@ class Ingress:
         renderers = [LogprobsRenderer(self.token_text) if req.logprobs else None for _ in calls]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            kw = {"usage_prompt_tokens": len(ids) if req.stream_options and req.stream_options.continuous() else None}
             args = [(rid, self.model_name, include_usage and req.n == 1, ids if req.return_token_ids else None,
                      renderer) for renderer in renderers]
-            events = [ChatEvents(*a, index=index) if reply.mode == "text" else ToolCallEvents(reply, *a, index=index)
-                      for index, a in enumerate(args)]
+            events = [ChatEvents(*a, index=index, **kw) if reply.mode == "text"
+                      else ToolCallEvents(reply, *a, index=index, **kw) for index, a in enumerate(args)]
             return StreamingResponse(self._chat_sse(calls, events, include_usage and req.n > 1),
                                      media_type="text/event-stream")
         try:

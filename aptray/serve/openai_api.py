@@ -28,6 +28,10 @@ class AptraySlo(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every event carries the usage so far
+
+    def continuous(self) -> bool:
+        return self.include_usage and self.continuous_usage_stats
 
 
 # OpenAI and vLLM fields that change what is generated, which aptray does not implement, with their

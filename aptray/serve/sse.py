@@ -40,13 +40,15 @@ class _Events:
     every event then carries its tokens' ids, and the first one the prompt's. logprobs: where the
     client asked for log-probabilities, what renders them. echo: the prompt's text and token ids; the
     text is the first event (with the prompt's log-probabilities, which come with the first chunk).
-    index: the choice the events are of (n > 1)."""
+    index: the choice the events are of (n > 1). usage_prompt_tokens: the prompt's token count where
+    every event carries the choice's usage so far (vLLM's continuous_usage_stats), else None."""
 
     def __init__(self, rid: str, model: str, include_usage: bool, prompt_ids: list[int] | None = None,
                  logprobs: LogprobsRenderer | None = None, echo: tuple[str, list[int]] | None = None,
-                 index: int = 0):
+                 index: int = 0, usage_prompt_tokens: int | None = None):
         self.rid, self.model, self.include_usage = rid, model, include_usage
         self.logprobs, self._echo, self.index = logprobs, echo, index
+        self.usage_prompt_tokens = usage_prompt_tokens
         self.created = int(time.time())
         self.with_ids, self._prompt_ids = prompt_ids is not None, prompt_ids
         template = self._model(_MARK, None, _IDS_MARK if self.with_ids else None).model_dump_json()
@@ -72,19 +74,29 @@ class _Events:
         if self._echo is not None and chunks:
             (text, prompt_ids), prompt_lps = self._echo, chunks[0].get("prompt_logprobs")
             lps = self._logprobs(prompt_ids, prompt_lps) if self.logprobs and prompt_lps else None
-            out.append(sse(self._model(text, None, [] if self.with_ids else None, self.prompt_ids_once(), lps)))
+            out.append(self.event(self._model(text, None, [] if self.with_ids else None, self.prompt_ids_once(),
+                                              lps)))
             self._echo = None
+        fast = self._prompt_ids is None and self.logprobs is None and self.usage_prompt_tokens is None
         for chunk in chunks:
             ids = chunk["token_ids"] if self.with_ids else None
-            if not chunk["finished"] and self._prompt_ids is None and self.logprobs is None:
+            if not chunk["finished"] and fast:
                 out.append(self.text(chunk["text"], ids))
                 continue
             reason = finish_reason(chunk["finish_reason"]) if chunk["finished"] else None
             lps = None if self.logprobs is None else self._logprobs(chunk["token_ids"], chunk_logprobs(chunk))
-            out.append(sse(self._model(chunk["text"], reason, ids, self.prompt_ids_once(), lps)))
+            out.append(self.event(self._model(chunk["text"], reason, ids, self.prompt_ids_once(), lps), chunk))
             if chunk["finished"] and self.include_usage:
                 out.append(sse(self._usage_model(usage(chunk))))
         return "".join(out)
+
+    def event(self, model, chunk: dict | None = None) -> str:
+        """model's SSE event; with continuous usage, carrying the choice's usage as of chunk (before any
+        chunk: the prompt's alone)."""
+        if self.usage_prompt_tokens is not None:
+            model.usage = usage(chunk) if chunk is not None else Usage(
+                prompt_tokens=self.usage_prompt_tokens, completion_tokens=0, total_tokens=self.usage_prompt_tokens)
+        return sse(model)
 
 
 class CompletionEvents(_Events):
@@ -117,8 +129,8 @@ class ChatEvents(_Events):
 
     def role(self) -> str:
         """The first event: the assistant's role, no content yet (and the prompt's ids, if asked)."""
-        return sse(ChatCompletionChunk(id=self.rid, model=self.model, created=self.created,
-                                       prompt_token_ids=self.prompt_ids_once(),
-                                       choices=[ChatChunkChoice(index=self.index,
-                                                                delta=ChatDelta(role="assistant", content=""),
-                                                                token_ids=[] if self.with_ids else None)]))
+        return self.event(ChatCompletionChunk(id=self.rid, model=self.model, created=self.created,
+                                              prompt_token_ids=self.prompt_ids_once(),
+                                              choices=[ChatChunkChoice(index=self.index,
+                                                                       delta=ChatDelta(role="assistant", content=""),
+                                                                       token_ids=[] if self.with_ids else None)]))

@@ -216,7 +216,7 @@ class ToolCallEvents(ChatEvents):
             if chunk["finished"]:
                 delta, reason = self._last_delta(chunk, delta)
             if delta is not None or reason is not None or ids or lps:
-                out.append(sse(self.delta_model(delta or ChatDelta(), reason, ids, logprobs=lps)))
+                out.append(self.event(self.delta_model(delta or ChatDelta(), reason, ids, logprobs=lps), chunk))
             if chunk["finished"] and self.include_usage:
                 out.append(sse(self._usage_model(usage(chunk))))
         return "".join(out)
