@@ -293,7 +293,8 @@ def test_lone_surrogates_are_refused(server, path, body):
 # their no-op values (what clients and benchmark tools send by default)
 UNHONOURED = [(path, *control)
               for control in (("best_of", 2, 1), ("suffix", "end", ""),
-                              ("spaces_between_special_tokens", False, True))
+                              ("spaces_between_special_tokens", False, True), ("priority", 5, 0),
+                              ("guided_whitespace_pattern", "[ ]?", None), ("modalities", ["text", "audio"], ["text"]))
               for path in ("/v1/completions", "/v1/chat/completions")]
 # a chat's (a completion echoes its prompt; aptray.serve.openai_api.UNSUPPORTED)
 UNHONOURED += [("/v1/chat/completions", "echo", True, False),

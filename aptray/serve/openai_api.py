@@ -48,6 +48,10 @@ UNSUPPORTED = {
     "spaces_between_special_tokens": (None, True),
     "echo": (None, False),  # a chat's (a completion declares it)
     "chat_template": (None,), "documents": (None,), "mm_processor_kwargs": (None,), "kv_transfer_params": (None,),
+    "structural_tag": (None,), "guided_whitespace_pattern": (None,), "vllm_xargs": (None,),
+    "priority": (None, 0),  # vLLM's with its priority scheduler; aptray's schedulers order by SLOs
+    # OpenAI's: outputs other than text, and a predicted output to edit
+    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
 }
 
 
