@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from transformers import AutoTokenizer
 
 from aptray.model.demo import demo_model_dir, ensure_demo_model
 from aptray.sampling_params import InvalidRequest
-from aptray.serve.grammar_sandbox import GrammarBusy, SandboxedCompiler
+from aptray.serve.grammar_sandbox import GrammarBusy, GrammarUnavailable, SandboxedCompiler
 from aptray.structured_output import Grammars, StructuredOutput
 
 # a 20,000-character regex: about 10 minutes to compile by the growth loadgen.bench_grammar measures
@@ -91,26 +92,51 @@ def test_a_compile_error_is_xgrammars_own_message(compiler, tokenizer):
     assert "undefined_rule" in str(direct.value)
 
 
-def test_a_crash_of_the_child_is_a_refusal_and_the_next_spec_compiles(compiler):
+def _killed_mid_compile(compiler, so, signum):
+    """compile(so)'s exception where the child gets signum mid-compile, and the child's pid."""
     asyncio.run(compiler.compile(USUAL))
     [pid] = compiler.child_pids
 
     async def kill_mid_compile():
-        compiling = asyncio.ensure_future(compiler.compile(SLOW))
+        compiling = asyncio.ensure_future(compiler.compile(so))
         await asyncio.sleep(0.3)
-        os.kill(pid, 9)
+        os.kill(pid, signum)
         return await asyncio.gather(compiling, return_exceptions=True)
 
     [error] = asyncio.run(kill_mid_compile())
-    assert isinstance(error, InvalidRequest) and "crashed the grammar compiler" in str(error)
     assert compiler.child_pids and compiler.child_pids != [pid]
-    assert asyncio.run(compiler.compile(StructuredOutput("choice", ("yes", "no")))) is not None
+    return error
+
+
+def test_a_crash_of_the_child_is_a_refusal_and_the_next_spec_compiles(tokenizer):
+    """A crash of xgrammar (SIGSEGV) is the spec's doing: 400, remembered. (A deadline of 60 s: the
+    child's segfault handler prints a symbolized backtrace, 0.7 s on an idle machine, before it dies.)"""
+    compiler = SandboxedCompiler(Grammars(tokenizer, 512), timeout_s=60.0, threads=1)
+    try:
+        error = _killed_mid_compile(compiler, SLOW, signal.SIGSEGV)
+        assert isinstance(error, InvalidRequest) and "crashed the grammar compiler" in str(error)
+        assert "crashed the grammar compiler" in _refusal(compiler, SLOW)
+        assert asyncio.run(compiler.compile(StructuredOutput("choice", ("yes", "no")))) is not None
+    finally:
+        compiler.close()
+
+
+def test_a_child_killed_from_outside_is_unavailable_not_refused(compiler):
+    """SIGKILL (the kernel's OOM killer, an operator) is not the spec's doing: 503, and the spec is
+    compiled again when it comes again (here it then runs to its deadline, in a new child)."""
+    error = _killed_mid_compile(compiler, SLOW, signal.SIGKILL)
+    assert isinstance(error, GrammarUnavailable) and "killed while it compiled" in str(error)
+    before = compiler.child_pids
+    assert "did not compile within 1 s" in _refusal(compiler, SLOW)
+    assert compiler.child_pids != before
 
 
 def test_a_compile_past_the_childs_memory_is_refused(tokenizer):
     compiler = SandboxedCompiler(Grammars(tokenizer, 512), timeout_s=60.0, threads=1, child_memory_bytes=4 << 20)
     try:
         asyncio.run(compiler.compile(USUAL))
+        with open(f"/proc/{compiler.child_pids[0]}/limits") as f:  # nor does a crash leave a core file
+            assert re.search(r"^Max core file size\s+0\s+0\s", f.read(), re.M)
         big = StructuredOutput("regex", SLOW.spec[:SLOW.spec.index("{1,3737}")].rsplit("|", 1)[0])  # 100 classes
         assert "needs over 4 MiB to compile" in _refusal(compiler, big)
         assert not compiler.grammars.kept(big)

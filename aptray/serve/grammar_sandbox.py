@@ -11,8 +11,8 @@ compiles first in a child process, which is killed at the deadline (and which al
 xgrammar crash); the router compiles a spec only once a child compiled it in time and within
 CHILD_MEMORY_BYTES, so the router's own compile is bounded by about the deadline. A spec refused
 there is remembered and refused again at once, unless it missed the deadline because the machine
-gave the child under a quarter of it in CPU time: that is the load's fault, not the spec's (429, and
-the spec may come again). The price: a new spec compiles twice (2.6 ms against
+gave the child under a quarter of it in CPU time (429), or the child was killed from outside (503):
+neither is the spec's fault, and the spec may come again. The price: a new spec compiles twice (2.6 ms against
 0.7 ms for a small schema, same run), and each grammar thread keeps a child (263 MB) once a
 structured request came.
 
@@ -26,6 +26,7 @@ import json
 import os
 import resource
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -70,17 +71,22 @@ class GrammarSandbox:
     def check(self, so: StructuredOutput, timeout_s: float) -> None:
         """Returns once so compiled in the child within timeout_s; InvalidRequest with the reason
         otherwise (xgrammar's error, the deadline, or a crash of the child, which is then replaced).
-        GrammarBusy: the deadline passed while the machine's load kept the child off the CPU."""
+        GrammarBusy: the deadline passed while the machine's load kept the child off the CPU;
+        GrammarUnavailable: something outside killed the child (SIGKILL): neither is the spec's fault."""
         self._ensure_ready()
         cpu_before = self._cpu_seconds()
         self._send({"kind": so.kind, "spec": so.spec})
         reply = self._receive(time.monotonic() + timeout_s)
         if reply is None or "error" not in reply and not reply.get("ok"):
             cpu = None if reply is not None or cpu_before is None else self._cpu_seconds()
+            code = self._exit_code() if reply == {} else None
             self._restart()
             if cpu is not None and cpu - cpu_before < STARVED_CPU_SHARE * timeout_s:
                 raise GrammarBusy(f"the server was too busy to compile the {so.kind} structured output within "
                                   f"{timeout_s:g} s ({cpu - cpu_before:.2f} s of CPU): try again")
+            if code == -signal.SIGKILL:  # killed from outside (the kernel's OOM killer, an operator)
+                raise GrammarUnavailable("the grammar compiler was killed while it compiled this structured output: "
+                                         "try again")
             reason = (f"did not compile within {timeout_s:g} s: simplify it" if reply is None
                       else "crashed the grammar compiler")
             raise InvalidRequest(f"the {so.kind} structured output {reason}", PARAM)
@@ -92,6 +98,13 @@ class GrammarSandbox:
             self._proc.kill()
             self._proc.wait()
             self._proc = None
+
+    def _exit_code(self) -> int | None:
+        """The exit status of a child whose output ended (None if it lingers on)."""
+        try:
+            return self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return None
 
     def _cpu_seconds(self) -> float | None:
         """The child's CPU time so far (Linux; None elsewhere or once it is gone)."""
@@ -254,6 +267,7 @@ def main() -> None:
     grammars.compile_uncached(StructuredOutput("regex", "a"))  # loads xgrammar
     os.nice(10)  # the router's engine thread comes first on a busy machine
     _limit_memory(first["memory_bytes"])
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a spec that crashes xgrammar leaves no core of GBs
     print(json.dumps({"ready": True}), file=replies)
     for line in sys.stdin:
         try:
