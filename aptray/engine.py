@@ -69,6 +69,9 @@ class Engine:
                     arrival_time: float | None = None, prompt: str | None = None, grammar=None) -> Request:
         """grammar: the request's compiled structured output, where the caller compiled it (a router
         does, off this thread); else it is compiled here."""
+        if sampling_params.n != 1:
+            raise InvalidRequest("the engine runs one sequence per request: LLM.generate and the server run each "
+                                 "of n as a request of its own", "n")
         n = len(prompt_token_ids)
         check_prompt(prompt_token_ids, self.config.spec.max_model_len, self.config.spec.vocab_size)
         check_token_ids(sampling_params, self.config.spec.vocab_size)

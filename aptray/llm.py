@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import replace
 
 from transformers import AutoTokenizer
 
@@ -10,7 +11,7 @@ from aptray.config import EngineConfig
 from aptray.engine import Engine, StepFailed
 from aptray.executor.local import LocalExecutor
 from aptray.outputs import RequestOutput
-from aptray.sampling_params import SamplingParams, check_text
+from aptray.sampling_params import SamplingParams, check_text, choice_seed
 from aptray.startup_heap import freeze_startup_heap
 
 logger = logging.getLogger("aptray")
@@ -74,13 +75,17 @@ class LLM:
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
-        order = []
+        order = []  # each prompt's request ids, one per output sequence
         for prompt, sp in zip(prompts, params):
             text, ids = self._token_ids(prompt)
             rid = str(next(self._ids))
-            self.engine.add_request(rid, ids, sp, prompt=text)
-            order.append(rid)
-        return self._run(order, use_tqdm)
+            choices = [rid] if sp.n == 1 else [f"{rid}-{i}" for i in range(sp.n)]
+            for i, choice in enumerate(choices):
+                choice_sp = sp if sp.n == 1 else replace(sp, n=1, seed=choice_seed(sp.seed, i))
+                self.engine.add_request(choice, ids, choice_sp, prompt=text)
+            order.append((rid, choices))
+        done = self._run([c for _, choices in order for c in choices], use_tqdm)
+        return [done[rid] if choices == [rid] else _merged(rid, [done[c] for c in choices]) for rid, choices in order]
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = False, chat_template: str | None = None, add_generation_prompt: bool = True,
@@ -104,12 +109,13 @@ class LLM:
         return self.generate([{"prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False)}
                               for p in prompts], sampling_params, use_tqdm)
 
-    def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> dict[str, RequestOutput]:
+        """Steps until every request is done: their final outputs by request id."""
         done: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
             from tqdm import tqdm
-            bar = tqdm(total=len(order), desc="generate")
+            bar = tqdm(total=len(request_ids), desc="generate")
         while self.engine.has_unfinished():
             try:
                 outputs = self.engine.step()
@@ -123,4 +129,13 @@ class LLM:
                         bar.update(1)
         if bar is not None:
             bar.close()
-        return [done[rid] for rid in order]
+        return done
+
+
+def _merged(rid: str, choices: list[RequestOutput]) -> RequestOutput:
+    """One output of a prompt's n sequences (vLLM's shape): sequence i is choice i's, index i; the
+    first choice's metrics and prompt log-probabilities; the first error, if any."""
+    first = choices[0]
+    outputs = [replace(c.outputs[0], index=i) for i, c in enumerate(choices)]
+    error = next((c.error for c in choices if c.error), None)
+    return replace(first, request_id=rid, outputs=outputs, error=error)

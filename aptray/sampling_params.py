@@ -27,6 +27,15 @@ MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: 
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 2.0
 
 
+MAX_N = 1024  # output sequences of one prompt offline (a server's own limit is lower: serve/choices.py)
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of output sequence `index` of a request of n: seed + index, so that each choice is
+    its own draw and a seeded request repeats; None stays None (each choice draws freely)."""
+    return None if seed is None else seed + index
+
+
 class InvalidRequest(ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
@@ -94,6 +103,9 @@ def _in_vocabulary(ids, vocab_size: int) -> bool:
 
 @dataclass
 class SamplingParams:
+    # output sequences of the prompt (vLLM's): the offline LLM runs each as a request of its own,
+    # seeded seed + i where seeded (choice_seed); the engine takes one sequence per request
+    n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0: no top-k
@@ -151,6 +163,8 @@ class SamplingParams:
         for name in ("skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequest(f"{name} must be true or false, got {getattr(self, name)!r}", name)
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
+            raise InvalidRequest(f"n must be an integer in [1, {MAX_N}], got {self.n!r}", "n")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
         if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 100.0:

@@ -71,7 +71,7 @@ def test_a_request_that_breaks_the_model_fails_alone(path, scheduler):
     for i, ids in enumerate(PROMPTS):
         engine.add_request(f"r{i}", ids, sp)
     engine.scheduler.requests["r2"].prompt_token_ids.extend([5] * llm.config.spec.max_model_len)
-    outs = {o.request_id: o for o in llm._run([f"r{i}" for i in range(4)], use_tqdm=False)}
+    outs = llm._run([f"r{i}" for i in range(4)], use_tqdm=False)
     poisoned = outs.pop("r2")
     assert poisoned.outputs[0].finish_reason == "error" and "failed" in poisoned.error
     for rid, out in outs.items():
@@ -108,7 +108,7 @@ def test_a_postprocessing_failure_fails_that_request_alone(path):
         return decode(ids, **kw)
     engine.tokenizer.decode = decode_breaking_on_r1
     try:
-        outs = {o.request_id: o for o in llm._run(["r0", "r1", "r2"], use_tqdm=False)}
+        outs = llm._run(["r0", "r1", "r2"], use_tqdm=False)
     finally:
         engine.tokenizer.decode = decode
     assert outs["r1"].outputs[0].finish_reason == "error" and "postprocessing" in outs["r1"].error

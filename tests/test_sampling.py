@@ -157,12 +157,36 @@ def test_min_tokens_bans_eos_and_stop_ids_in_the_plan_until_reached():
     ({"min_tokens": 17}, "min_tokens"), ({"logit_bias": {"x": 1}}, "logit_bias"),
     ({"logit_bias": {"-3": 1}}, "logit_bias"), ({"logit_bias": {5: math.inf}}, "logit_bias"),
     ({"logit_bias": {5: 100.5}}, "logit_bias"), ({"logit_bias": [5, 1]}, "logit_bias"),
-    ({"logit_bias": {True: 1}}, "logit_bias"),
+    ({"logit_bias": {True: 1}}, "logit_bias"), ({"n": 0}, "n"), ({"n": 1025}, "n"), ({"n": True}, "n"),
+    ({"n": 2.0}, "n"),
 ])
 def test_bad_sampling_controls_name_their_parameter(kw, param):
     with pytest.raises(InvalidRequest) as e:
         SamplingParams(max_tokens=16, **kw)
     assert e.value.param == param
+
+
+def test_n_sequences_of_a_prompt_are_separate_draws_seeded_seed_plus_i():
+    """SamplingParams(n) offline (vLLM's): one output per prompt holding n sequences, index i, in the
+    prompts' order; seeded, sequence i is the output of seed + i; greedy, each is the greedy output;
+    unseeded, each its own draw. The engine alone takes one sequence per request."""
+    llm = LLM(tiny_model("opt-60x3"))
+    a, b = ({"prompt_token_ids": p} for p in prompts(2, seed=5))
+    sp = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=6, ignore_eos=True)
+    greedy = SamplingParams(n=2, temperature=0.0, max_tokens=6, ignore_eos=True)
+    out_a, out_b, out_free = llm.generate([a, b, a], [sp, greedy, SamplingParams(n=4, max_tokens=6, ignore_eos=True)])
+    assert [o.index for o in out_a.outputs] == [0, 1, 2] and out_a.prompt_token_ids == a["prompt_token_ids"]
+    singles = [llm.generate(a, SamplingParams(temperature=1.0, seed=11 + i, max_tokens=6, ignore_eos=True))[0]
+               for i in range(3)]
+    assert [o.token_ids for o in out_a.outputs] == [s.outputs[0].token_ids for s in singles]
+    assert len({tuple(o.token_ids) for o in out_a.outputs}) > 1
+    one = llm.generate(b, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))[0].outputs[0]
+    assert [o.token_ids for o in out_b.outputs] == [one.token_ids] * 2
+    assert len(out_free.outputs) == 4 and len({tuple(o.token_ids) for o in out_free.outputs}) > 1
+    assert len({out_a.request_id, out_b.request_id, out_free.request_id}) == 3
+    with pytest.raises(InvalidRequest) as e:
+        llm.engine.add_request("x", [1, 2], SamplingParams(n=2))
+    assert e.value.param == "n"
 
 
 def test_logit_bias_ids_outside_the_vocabulary_are_refused():

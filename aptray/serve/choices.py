@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 from contextlib import aclosing
 
+from aptray.sampling_params import choice_seed
+
 MAX_CHOICES = 16  # a server's limit on n: each choice is a request of its own in the queue and the batch
 MAX_PROMPTS = 32  # prompts in one completion request
 MAX_REQUESTS = 64  # prompts times n: the engine requests one HTTP request may open
@@ -22,7 +24,7 @@ MAX_REQUESTS = 64  # prompts times n: the engine requests one HTTP request may o
 def choice_sampling(sampling: dict, index: int) -> dict:
     if index == 0 or sampling.get("seed") is None:
         return sampling
-    return {**sampling, "seed": sampling["seed"] + index}
+    return {**sampling, "seed": choice_seed(sampling["seed"], index)}
 
 
 async def open_choices(ingress, rid: str, prompts: list[tuple[str | None, list[int]]], sampling: dict, owner: str,
