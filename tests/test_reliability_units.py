@@ -1,5 +1,6 @@
 """Fast checks of the fault-handling parts without Ray: the store writer across a Redis restart,
 admission limits, API key checks, resumption rules."""
+import asyncio
 import time
 
 import pytest
@@ -7,6 +8,7 @@ import pytest
 from aptray.sampling_params import SamplingParams
 from aptray.serve.args import AppArgs
 from aptray.serve.limits import MAX_MESSAGES, MAX_STOP_TOKEN_IDS, RequestLimits
+from aptray.serve.key_load import KeyLoad
 from aptray.serve.relay import Rejected, RouterLink
 from aptray.serve.security import bearer, grpc_key, key_ok
 from aptray.serve.store_writer import StoreUnavailable, StoreWriter
@@ -235,15 +237,61 @@ def test_a_key_at_its_cap_queues_no_more_prompts():
     so a key at its cap gets 429 before its next prompt reaches the tokenizer thread; other keys and
     callers without keys are not counted against it."""
     link = RouterLink(lambda: None, 1.0, max_per_owner=2)
-    with link.preparing("mallory"), link.preparing("mallory"):
-        with pytest.raises(Rejected, match=r"this API key has 2 requests in flight here \(limit 2\)") as e:
-            with link.preparing("mallory"):
+
+    async def scenario():
+        async with link.preparing("mallory"), link.preparing("mallory"):
+            with pytest.raises(Rejected, match=r"this API key has 2 requests in flight \(limit 2\)") as e:
+                async with link.preparing("mallory"):
+                    pass
+            assert e.value.status == 429
+            async with link.preparing("alice"), link.preparing(""), link.preparing(""), link.preparing(""):
                 pass
-        assert e.value.status == 429
-        with link.preparing("alice"), link.preparing(""), link.preparing(""), link.preparing(""):
+        async with link.preparing("mallory"):  # its prompts are done: the key may send again
             pass
-    with link.preparing("mallory"):  # its prompts are done: the key may send again
-        pass
+
+    asyncio.run(scenario())
+
+
+def test_a_keys_cap_counts_its_requests_at_every_replica_sharing_redis(redis_proc, monkeypatch):
+    """Two replicas' links over one Redis (KeyLoad): a key's requests at one count at the other, so
+    max_requests_per_key holds for the app; a replica that is gone (its liveness key expired) stops
+    counting; another key is not counted against it."""
+    monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
+    url = f"redis://127.0.0.1:{redis_proc.port}/0"
+
+    async def scenario():
+        a, b = KeyLoad.connect(url, "replica-a"), KeyLoad.connect(url, "replica-b")
+        link_a = RouterLink(lambda: None, 1.0, max_per_owner=3, key_load=a)
+        link_b = RouterLink(lambda: None, 1.0, max_per_owner=3, key_load=b)
+        async with link_a.preparing("mallory"), link_a.preparing("mallory"):
+            await _flushed(a)
+            assert await b.others("mallory") == 2 and await b.others("alice") == 0
+            async with link_b.preparing("mallory"):
+                await _flushed(b)
+                with pytest.raises(Rejected, match=r"has 3 requests in flight \(2 at other replicas\) \(limit 3\)"):
+                    async with link_b.preparing("mallory"):
+                        pass
+                with pytest.raises(Rejected, match=r"\(1 at other replicas\)"):
+                    async with link_a.preparing("mallory"):
+                        pass
+                async with link_b.preparing("alice"):
+                    pass
+            await _flushed(a)
+            await _flushed(b)
+            assert await a.others("mallory") == 0  # b's request ended
+            await a.r.delete(a._alive_prefix + a.token)  # replica a is gone: its two stop counting
+            assert await b.others("mallory") == 0
+            assert not await b.r.hexists(b._hash("mallory"), a.token)
+        await a.close()
+        await b.close()
+
+    asyncio.run(scenario())
+
+
+async def _flushed(load: KeyLoad) -> None:
+    """Once load's counts are written."""
+    while load._writer is not None and not load._writer.done():
+        await asyncio.sleep(0.01)
 
 
 def test_api_keys():

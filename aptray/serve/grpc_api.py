@@ -100,7 +100,7 @@ async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
         if len(label) > 128:
             raise Rejected("client_request_id is over 128 characters", 400)
         sampling = sampling_from_proto(req)
-        with ingress.link.preparing(owner):  # a key at its cap: refused before its prompt is tokenized
+        async with ingress.link.preparing(owner):  # a key at its cap: refused before its prompt is tokenized
             truncate = req.truncate_prompt_tokens if req.HasField("truncate_prompt_tokens") else None
             keep = invalid_as_400(ingress.limits.kept_tokens, truncate)
             if req.WhichOneof("input") == "prompt":

@@ -37,6 +37,7 @@ from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatCompleti
                                      chunk_logprobs, error_body, finish_reason, new_id, top_of, unsupported_field)
 from aptray.serve.relay import Call, Rejected, RouterLink, invalid_as_400
 from aptray.model.demo import resolve_model_path
+from aptray.serve.key_load import KeyLoad
 from aptray.serve.prefix_key import PREFIX_KEY_HEADER, prefix_tag
 from aptray.serve.router import Router
 from aptray.serve.security import EdgeMiddleware, bearer, identity, key_salt
@@ -150,7 +151,8 @@ class Ingress:
         self.router_args["use_gpu"] = self.use_gpu
         self._recovery: asyncio.Task | None = None
         self._routers_started = 0
-        self.link = RouterLink(self._start_router, self.args.router_restart_timeout_s, self.args.max_requests_per_key)
+        self.link = RouterLink(self._start_router, self.args.router_restart_timeout_s, self.args.max_requests_per_key,
+                               self._key_load())
         self.serving_delay = ServingDelay()
         # tokenizers and chat templates run here, off the event loop: a long prompt must not stall
         # every other request's stream (one thread: a tokenizer is not shared across threads safely)
@@ -166,6 +168,13 @@ class Ingress:
     @property
     def router(self):
         return self.link.router
+
+    def _key_load(self) -> KeyLoad | None:
+        """Where max_requests_per_key counts across the replicas that share this one's Redis."""
+        url = self.router_args.get("redis_url") or os.environ.get("APTRAY_REDIS_URL")
+        if self.args.max_requests_per_key is None or url in (None, "", "embedded"):
+            return None  # no cap, or a Redis of the router's own: this replica counts alone
+        return KeyLoad.connect(url, self.owner)
 
     def _start_router(self):
         # named (ROUTER_NAME): operators and fault drills find a replica's router; a replacement gets the next number
@@ -264,7 +273,7 @@ class Ingress:
         try:
             self._check_model(req)
             owner = self.caller(raw)
-            with self.link.preparing(owner):  # a key at its cap: 429 before its prompt is tokenized
+            async with self.link.preparing(owner):  # a key at its cap: 429 before its prompt is tokenized
                 sampling = invalid_as_400(req.sampling, req.max_tokens or 16)
                 # echo with logprobs scores the prompt too (computed whole, without the prefix cache)
                 echo_k = req.logprobs if req.echo else None
@@ -389,7 +398,7 @@ class Ingress:
         try:
             self._check_model(req)
             owner = self.caller(raw)
-            with self.link.preparing(owner):
+            async with self.link.preparing(owner):
                 reply, sampling = invalid_as_400(tools.chat_sampling, req, self.args.tool_call_parser)
                 keep = invalid_as_400(self.limits.kept_tokens, req.truncate_prompt_tokens)
                 chars = invalid_as_400(tools.chat_chars, req.messages, sampling["tools"])
@@ -561,3 +570,5 @@ class Ingress:
             self.embedded_store.close()
         self._tokenize_pool.shutdown(wait=False)
         self.tokenizing.close()
+        if self.link.key_load is not None:
+            await self.link.key_load.close()

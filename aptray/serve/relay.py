@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import ray
 from ray.exceptions import RayActorError
 
 from aptray.sampling_params import InvalidRequest
+from aptray.serve.key_load import KeyLoad
 
 logger = logging.getLogger("aptray")
 MAX_REATTACH = 3  # router restarts one request may live through
@@ -58,15 +59,20 @@ def invalid_as_400(fn, *args):
 
 
 @contextmanager
-def counted(counter: Counter, key: str):
-    """key counts once more in counter while the block runs (gone from it at 0)."""
+def counted(counter: Counter, key: str, changed=None):
+    """key counts once more in counter while the block runs (gone from it at 0); changed(): called
+    after each change."""
     counter[key] += 1
+    if changed is not None:
+        changed()
     try:
         yield
     finally:
         counter[key] -= 1
         if not counter[key]:
             del counter[key]
+        if changed is not None:
+            changed()
 
 
 class _Lost:
@@ -112,12 +118,14 @@ class Call:
 
 
 class RouterLink:
-    def __init__(self, start_router, restart_timeout_s: float, max_per_owner: int | None = None):
+    def __init__(self, start_router, restart_timeout_s: float, max_per_owner: int | None = None,
+                 key_load: KeyLoad | None = None):
         """start_router(): a new Router actor handle (its ready() not yet awaited); max_per_owner:
-        the open calls one owner (an API key) may have, Rejected (429) beyond; None: no cap."""
+        the requests one owner (an API key) may have in flight, Rejected (429) beyond; None: no cap.
+        key_load: where the other replicas' counts are (and this one's go), None: this one's alone."""
         self.start_router = start_router
         self.restart_timeout_s = restart_timeout_s
-        self.max_per_owner = max_per_owner
+        self.max_per_owner, self.key_load = max_per_owner, key_load
         self._per_owner: Counter[str] = Counter()  # open calls by owner, "" (no keys) not counted
         self._preparing: Counter[str] = Counter()  # requests being checked and tokenized, by owner
         self.router = start_router()
@@ -156,25 +164,39 @@ class RouterLink:
     async def open(self, rid: str, ids: list[int], sampling: dict, prompt: str | None, owner: str = "",
                    prefix: str | None = None) -> Call:
         """Admission: returns the call once its request is accepted (else raises Rejected)."""
-        self.check_owner(owner)
+        await self.check_owner(owner)
         call = Call(rid, ids, sampling, prompt, owner, prefix)
         await self._open(call, resume=False)
         return call
 
-    def check_owner(self, owner: str) -> None:
-        """Rejected (429) while owner has max_per_owner requests here, open or being prepared."""
-        held = self._per_owner[owner] + self._preparing[owner]
-        if owner and self.max_per_owner is not None and held >= self.max_per_owner:
-            raise Rejected(f"this API key has {held} requests in flight here (limit {self.max_per_owner})", 429)
+    async def check_owner(self, owner: str) -> None:
+        """Rejected (429) while owner has max_per_owner requests in flight, open or being prepared,
+        here and at the replicas that share key_load."""
+        if not owner or self.max_per_owner is None:
+            return
+        others = 0
+        if self.key_load is not None and self._held(owner) < self.max_per_owner:
+            others = await self.key_load.others(owner)
+        held = self._held(owner) + others
+        if held >= self.max_per_owner:
+            where = "" if self.key_load is None else f" ({others} at other replicas)"
+            raise Rejected(f"this API key has {held} requests in flight{where} (limit {self.max_per_owner})", 429)
 
-    @contextmanager
-    def preparing(self, owner: str):
+    @asynccontextmanager
+    async def preparing(self, owner: str):
         """While a request of owner's is checked and tokenized (before open()): it counts against
         owner's cap, so a key at its cap cannot queue any more prompts on the tokenizer thread.
         Rejected (429) where owner is at its cap already."""
-        self.check_owner(owner)
-        with counted(self._preparing, owner):
+        await self.check_owner(owner)
+        with counted(self._preparing, owner, lambda: self._publish(owner)):
             yield
+
+    def _held(self, owner: str) -> int:
+        return self._per_owner[owner] + self._preparing[owner]
+
+    def _publish(self, owner: str) -> None:
+        if owner and self.key_load is not None and self.max_per_owner is not None:
+            self.key_load.publish(owner, self._held(owner))
 
     async def _open(self, call: Call, resume: bool) -> None:
         try:
@@ -249,6 +271,7 @@ class RouterLink:
             self._calls[call.rid] = call
             if call.owner:
                 self._per_owner[call.owner] += 1
+                self._publish(call.owner)
 
     def _forget(self, call: Call) -> None:
         if self._calls.get(call.rid) is call:
@@ -257,6 +280,7 @@ class RouterLink:
                 self._per_owner[call.owner] -= 1
                 if not self._per_owner[call.owner]:
                     del self._per_owner[call.owner]
+                self._publish(call.owner)
 
     async def chunks(self, call: Call):
         """Lists of token chunks (all that arrived together) until finished; a router that dies is
