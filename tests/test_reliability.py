@@ -239,7 +239,16 @@ def test_resync_rewrites_in_flight_after_an_empty_restart(server, redis_proc):
     assert got["events"][-1]["choices"][0]["finish_reason"] == "length"
 
 
+def _refused(server) -> dict:
+    text = _metrics(server)
+    return {(api, status): metric(text, "aptray_refused_requests_total", f'{{api="{api}",status="{status}"}}') or 0
+            for api, status in (("http", 401), ("http", 422), ("grpc", 401))}
+
+
 def test_api_key_required(server):
+    """No key or a wrong one: 401 (gRPC UNAUTHENTICATED), each counted on /metrics by API and status,
+    as is a malformed body's 422."""
+    before = _refused(server)
     r = httpx.post(server["http"] + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
     assert r.status_code == 401 and r.json()["error"]["code"] == 401
     r = httpx.post(server["http"] + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30,
@@ -255,3 +264,7 @@ def test_api_key_required(server):
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with Client(server["grpc"], api_key=KEY) as c:
         assert list(c.generate("hi", max_tokens=2))[-1].finished
+    r = httpx.post(server["http"] + "/v1/completions", content=b"{not json", headers=AUTH, timeout=30)
+    assert r.status_code == 422
+    after = _refused(server)
+    assert {k: after[k] - before[k] for k in after} == {("http", 401): 2, ("http", 422): 1, ("grpc", 401): 1}

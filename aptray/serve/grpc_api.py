@@ -36,7 +36,8 @@ def _caller(ingress, ctx) -> str:
     return identity(keys, presented)
 
 
-def _fail(ctx, status: int, message: str, retry_after: int | None = None) -> None:
+def _fail(ingress, ctx, status: int, message: str, retry_after: int | None = None) -> None:
+    ingress.refusals.add("grpc", status)
     if ctx is not None:  # the proxy turns code + details into the call's status
         if status == 429 and retry_after:  # HTTP's Retry-After, in the details: Serve's proxy passes no
             message += f" (retry after {retry_after} s)"  # trailing metadata with an error status
@@ -132,11 +133,11 @@ async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
                     reply.usage.completion_tokens = last["usage"]["completion_tokens"]
                 yield reply
     except Rejected as e:
-        _fail(ctx, e.status, str(e), e.retry_after or ingress.args.retry_after_s)
+        _fail(ingress, ctx, e.status, str(e), e.retry_after or ingress.args.retry_after_s)
         raise
     except Exception as e:
         logger.exception("gRPC Generate failed")
-        _fail(ctx, 500, f"internal error: {type(e).__name__}")
+        _fail(ingress, ctx, 500, f"internal error: {type(e).__name__}")
         raise
 
 
@@ -145,7 +146,7 @@ async def abort(ingress, req: generate_pb2.AbortRequest, ctx=None) -> generate_p
     try:
         owner = _caller(ingress, ctx)
     except Rejected as e:
-        _fail(ctx, e.status, str(e))
+        _fail(ingress, ctx, e.status, str(e))
         raise
     call = ingress.link.call(req.request_id)
     if call is None or not hmac.compare_digest(call.owner, owner):

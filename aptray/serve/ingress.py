@@ -38,6 +38,7 @@ from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatCompleti
 from aptray.serve.relay import Call, Rejected, RouterLink, invalid_as_400
 from aptray.model.demo import resolve_model_path
 from aptray.serve.key_load import KeyLoad
+from aptray.serve.metrics import CountRefusals, RefusalCounts
 from aptray.serve.prefix_key import PREFIX_KEY_HEADER, prefix_tag
 from aptray.serve.router import Router
 from aptray.serve.security import EdgeMiddleware, bearer, identity, key_salt
@@ -92,6 +93,8 @@ api = FastAPI(title="aptray")
 _edge = {"keys": frozenset(), "max_body": 1 << 20, "replica": b""}  # set by the Ingress replica (one per process)
 api.add_middleware(EdgeMiddleware, keys_fn=lambda: _edge["keys"], max_body_bytes_fn=lambda: _edge["max_body"])
 api.add_middleware(ReplicaHeader, replica_fn=lambda: _edge["replica"])
+REFUSALS = RefusalCounts()  # this process's replica's (one per process)
+api.add_middleware(CountRefusals, counts=REFUSALS)  # outermost: it sees the edge's 401 and 413 too
 
 
 @api.exception_handler(RequestValidationError)
@@ -154,6 +157,7 @@ class Ingress:
         self.link = RouterLink(self._start_router, self.args.router_restart_timeout_s, self.args.max_requests_per_key,
                                self._key_load())
         self.serving_delay = ServingDelay()
+        self.refusals = REFUSALS
         # tokenizers and chat templates run here, off the event loop: a long prompt must not stall
         # every other request's stream (one thread: a tokenizer is not shared across threads safely)
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aptray-tokenize")
@@ -483,6 +487,7 @@ class Ingress:
             text = await self.router.metrics_text.remote()
         except RayActorError:
             return JSONResponse(error_body("the router is restarting", 503), status_code=503)
+        text += self.refusals.prometheus_text()
         text += (f"# HELP aptray_router_restarts_total routers this replica replaced\n"
                  f"# TYPE aptray_router_restarts_total counter\n"
                  f"aptray_router_restarts_total {self.link.restarts}\n").encode()

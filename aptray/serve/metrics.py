@@ -21,6 +21,42 @@ _SCHED = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2
 RECENT_S = 600.0  # how far back recent_attainment can look
 
 
+class RefusalCounts:
+    """Requests an ingress replica answered with an error, by API and status (what the client got:
+    a 401, 413 or 422 at the HTTP edge, a 429 of a key's cap, a gRPC status as its HTTP code).
+    Kept apart from ServingMetrics, which lives in the router: most refusals never reach it."""
+
+    def __init__(self):
+        self.counts: dict[tuple[str, int], int] = {}
+
+    def add(self, api: str, status: int) -> None:
+        self.counts[api, status] = self.counts.get((api, status), 0) + 1
+
+    def prometheus_text(self) -> bytes:
+        lines = ["# HELP aptray_refused_requests_total requests this replica answered with an error",
+                 "# TYPE aptray_refused_requests_total counter"]
+        lines += [f'aptray_refused_requests_total{{api="{api}",status="{status}"}} {n}'
+                  for (api, status), n in sorted(self.counts.items())]
+        return ("\n".join(lines) + "\n").encode()
+
+
+class CountRefusals:
+    """ASGI middleware (the outermost): every HTTP response of 400 or over goes into counts."""
+
+    def __init__(self, app, counts: RefusalCounts):
+        self.app, self.counts = app, counts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.counts.add("http", message["status"])
+            await send(message)
+        await self.app(scope, receive, counting_send)
+
+
 class ServingMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
