@@ -295,6 +295,39 @@ def test_continuous_usage_stats_count_each_events_tokens(server, oai, reference)
     assert all(c.usage is None for c in plain) and len(plain) == MAX_TOKENS
 
 
+def test_responses_api_is_the_chat_completion_of_its_input(server, oai):
+    """OpenAI's Responses API through its SDK: instructions and input are the chat's system and user
+    messages, the output text that chat's greedy reply, cut at max_output_tokens (status incomplete);
+    streamed, its deltas make the same text between numbered events, ending with the response; text.format
+    holds the output to a schema; input as message items is the same as text; what would need state or
+    tools is refused (400 naming it)."""
+    msgs = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": PROMPTS[1]}]
+    chat = oai.chat.completions.create(model=server["model"], messages=msgs, **GREEDY)
+    kw = dict(model=server["model"], instructions="Answer briefly.", max_output_tokens=MAX_TOKENS, temperature=0.0,
+              extra_body={"ignore_eos": True})
+    r = oai.responses.create(input=PROMPTS[1], **kw)
+    assert r.output_text == chat.choices[0].message.content and r.id.startswith("resp_")
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (chat.usage.prompt_tokens, MAX_TOKENS)
+    items = [{"role": "user", "content": [{"type": "input_text", "text": PROMPTS[1]}]}]
+    assert oai.responses.create(input=items, **kw).output_text == r.output_text
+    events = list(oai.responses.create(input=PROMPTS[1], stream=True, **kw))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [e.type for e in events[:4]] == ["response.created", "response.in_progress", "response.output_item.added",
+                                            "response.content_part.added"]
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+    assert events[-1].type == "response.incomplete" and events[-1].response.output_text == r.output_text
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    fmt = {"format": {"type": "json_schema", "name": "n", "schema": schema, "strict": True}}
+    held = oai.responses.create(model=server["model"], input="a number", text=fmt, max_output_tokens=64)
+    assert held.status == "completed" and set(json.loads(held.output_text)) == {"n"}
+    for field, value in (("previous_response_id", "resp_1"), ("tools", [{"type": "web_search"}]),
+                         ("background", True), ("n", 2), ("max_tokens", 4)):
+        r = httpx.post(server["http"] + "/v1/responses", json={"input": "hi", field: value}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
 def test_openai_chat_stream_and_not(server, oai):
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     whole = oai.chat.completions.create(model=server["model"], messages=msgs, seed=7, stop=["zzz"], **GREEDY)

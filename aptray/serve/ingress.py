@@ -40,6 +40,7 @@ from aptray.model.demo import resolve_model_path
 from aptray.serve.key_load import KeyLoad
 from aptray.serve.metrics import CountRefusals, RefusalCounts
 from aptray.serve.prefix_key import PREFIX_KEY_HEADER, prefix_tag
+from aptray.serve.responses_api import ResponseEvents, ResponsesRequest, response_body
 from aptray.serve.router import Router
 from aptray.serve.security import EdgeMiddleware, bearer, identity, key_salt
 from aptray.serve.sse import ChatEvents, CompletionEvents, sse, usage
@@ -397,24 +398,30 @@ class Ingress:
             yield sse(error_body(f"internal error: {type(e).__name__}", 500))
         yield "data: [DONE]\n\n"
 
+    async def open_chat(self, req: ChatCompletionRequest, raw: Request, kind: str = "chatcmpl"
+                        ) -> tuple[tools.ToolReply, list[int], str, list[Call]]:
+        """A chat request admitted: what its reply is (text or tool calls), its prompt's token ids,
+        its id (kind-...) and the calls of its choices. Rejected where it is refused."""
+        self._check_model(req)
+        owner = self.caller(raw)
+        async with self.link.preparing(owner):
+            reply, sampling = invalid_as_400(tools.chat_sampling, req, self.args.tool_call_parser)
+            keep = invalid_as_400(self.limits.kept_tokens, req.truncate_prompt_tokens)
+            chars = invalid_as_400(tools.chat_chars, req.messages, sampling["tools"])
+            self.check_size(sampling, num_messages=len(req.messages), prompt_chars=chars, truncated=keep is not None)
+            text, ids = _kept(*await self.off_loop(invalid_as_400, tools.chat_prompt, self.tokenizer, req,
+                                                   sampling.pop("tools")), keep)
+        rest = max(1, self.max_model_len - len(ids))
+        sampling["max_tokens"] = (req.max_completion_tokens or req.max_tokens
+                                  or min(rest, self.args.max_tokens_limit or rest))
+        rid = new_id(kind)
+        return reply, ids, rid, await self.open_choices(rid, [(text, ids)], sampling, owner, self.prefix_of(raw),
+                                                        req.n)
+
     @api.post("/v1/chat/completions")
     async def chat_completions(self, req: ChatCompletionRequest, raw: Request):
         try:
-            self._check_model(req)
-            owner = self.caller(raw)
-            async with self.link.preparing(owner):
-                reply, sampling = invalid_as_400(tools.chat_sampling, req, self.args.tool_call_parser)
-                keep = invalid_as_400(self.limits.kept_tokens, req.truncate_prompt_tokens)
-                chars = invalid_as_400(tools.chat_chars, req.messages, sampling["tools"])
-                self.check_size(sampling, num_messages=len(req.messages), prompt_chars=chars,
-                                truncated=keep is not None)
-                text, ids = _kept(*await self.off_loop(invalid_as_400, tools.chat_prompt, self.tokenizer, req,
-                                                       sampling.pop("tools")), keep)
-            rest = max(1, self.max_model_len - len(ids))
-            sampling["max_tokens"] = (req.max_completion_tokens or req.max_tokens
-                                      or min(rest, self.args.max_tokens_limit or rest))
-            rid = new_id("chatcmpl")
-            calls = await self.open_choices(rid, [(text, ids)], sampling, owner, self.prefix_of(raw), req.n)
+            reply, ids, rid, calls = await self.open_chat(req, raw)
         except Rejected as e:
             return self._reject(e)
         renderers = [LogprobsRenderer(self.token_text) if req.logprobs else None for _ in calls]
@@ -448,6 +455,35 @@ class Ingress:
             yield choice.role()
         async for event in self._sse_stream(calls, events, total_usage):
             yield event
+
+    @api.post("/v1/responses")
+    async def responses(self, req: ResponsesRequest, raw: Request):
+        """OpenAI's Responses API, stateless (aptray.serve.responses_api): a chat completion of the input."""
+        try:
+            _, _, rid, [call] = await self.open_chat(req.chat_request(), raw, "resp")
+        except Rejected as e:
+            return self._reject(e)
+        if req.stream:
+            return StreamingResponse(self._response_sse(call, ResponseEvents(rid, self.model_name, req)),
+                                     media_type="text/event-stream")
+        try:
+            [reply] = await self._collect([call])
+        except Rejected as e:
+            return self._reject(e)
+        return response_body(rid, self.model_name, req, int(time.time()), reply.text, reply.last["finish_reason"],
+                             reply.last["usage"])
+
+    async def _response_sse(self, call: Call, events: ResponseEvents):
+        yield events.opening()
+        try:
+            async with aclosing(self.chunks(call)) as batches:  # closed at once if the client goes
+                async for batch in batches:
+                    yield events.render(batch)
+        except Rejected as e:
+            yield events.error(str(e), e.status)
+        except Exception as e:  # headers are sent: an error event is all a client can still get
+            logger.exception("stream failed")
+            yield events.error(f"internal error: {type(e).__name__}", 500)
 
     @api.post("/tokenize")
     async def tokenize(self, req: TokenizeCompletionRequest | TokenizeChatRequest, raw: Request):
