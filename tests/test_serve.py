@@ -240,9 +240,18 @@ def oai(server):
 GREEDY = {"temperature": 0.0, "max_tokens": MAX_TOKENS, "extra_body": {"ignore_eos": True}}
 
 
-def test_models_and_health(server):
+def test_models_and_health(server, oai):
+    """/v1/models lists the served model, the SDK's retrieve finds it (and 404 for another);
+    /version is the installed package's; /health answers 200."""
+    import importlib.metadata
+
     models = httpx.get(server["http"] + "/v1/models").json()
     assert models["data"][0]["id"] == server["model"]
+    card = oai.models.retrieve(server["model"])
+    assert card.id == server["model"] and card.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("gpt-9")
+    assert httpx.get(server["http"] + "/version").json() == {"version": importlib.metadata.version("aptray")}
     assert httpx.get(server["http"] + "/health").status_code == 200
 
 

@@ -10,6 +10,7 @@ event per chunk still), so a replica that falls behind catches up in fewer, larg
 
 import asyncio
 import copy
+import importlib.metadata
 import logging
 import os
 import time
@@ -506,6 +507,20 @@ class Ingress:
     @api.get("/v1/models")
     async def models(self):
         return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.max_model_len)])
+
+    @api.get("/v1/models/{model:path}")
+    async def model(self, model: str):
+        """OpenAI's retrieve: the served model's card, 404 for any other."""
+        try:
+            self._check_served(model)
+        except Rejected as e:
+            return self._reject(e)
+        return ModelCard(id=self.model_name, max_model_len=self.max_model_len)
+
+    @api.get("/version")
+    async def version(self):
+        """aptray's version (vLLM's /version)."""
+        return {"version": importlib.metadata.version("aptray")}
 
     @api.get("/health")
     async def health(self):
