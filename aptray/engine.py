@@ -273,7 +273,8 @@ class Engine:
             metrics = RequestMetrics(req.arrival_time, req.first_token_time, list(req.token_times), req.num_preemptions)
         return RequestOutput(req.request_id, self._prompts.get(req.request_id), req.prompt_token_ids,
                              [completion], finished, metrics, new, req.error,
-                             req.prompt_logprobs if req.sampling.prompt_logprobs is not None else None)
+                             req.prompt_logprobs if req.sampling.prompt_logprobs is not None else None,
+                             req.num_cached_tokens)
 
     def _forget(self, request_id: str) -> None:
         self.quarantine.forget(request_id)

@@ -39,6 +39,8 @@ class RequestOutput:
     # where SamplingParams.prompt_logprobs asks: one aptray.plan.TokenLogprobs per prompt token (None
     # for the first, which nothing predicts); complete from the first output on
     prompt_logprobs: list | None = None
+    # prompt tokens its first admission found in the prefix cache (vLLM's); None before it
+    num_cached_tokens: int | None = None
 
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")

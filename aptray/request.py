@@ -74,6 +74,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     cache_kind: CacheKind | None = None
     num_computed_tokens: int = 0  # tokens whose cache entries are written
+    # prompt tokens its first admission found in the prefix cache (vLLM's; None: not admitted yet)
+    num_cached_tokens: int | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)

@@ -143,3 +143,18 @@ def test_prefix_caching_off_computes_everything():
     check(path, first | second, got)
     assert not any(k.startswith("prefix_") for k in llm.engine.scheduler.stats)
     assert llm.engine.blocks.num_evictable == 0
+
+
+@pytest.mark.parametrize("mode,caching", [("kv", True), ("hidden", True), ("kv", False)])
+def test_each_output_counts_its_cached_prompt_tokens(mode, caching):
+    """RequestOutput.num_cached_tokens (vLLM's): the prompt tokens its admission found cached, here the
+    24-token system prompt (6 blocks of 4) once a first request published it; 0 with caching off.
+    Over a batch they sum to the scheduler's prefix hit counter."""
+    llm = LLM(tiny_model("opt-60x3"), cache_mode=mode, block_size=4, enable_prefix_caching=caching)
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    [first] = llm.generate({"prompt_token_ids": SYSTEM + [7, 8, 9]}, sp)
+    assert first.num_cached_tokens == 0
+    outs = llm.generate([{"prompt_token_ids": SYSTEM + t} for t in ([10, 11, 12, 13], [14, 15], [16])], sp)
+    assert [o.num_cached_tokens for o in outs] == [24 if caching else 0] * 3
+    if caching:
+        assert sum(o.num_cached_tokens for o in [first, *outs]) == llm.engine.scheduler.stats["prefix_hit_tokens"]

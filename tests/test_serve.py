@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import time
+import uuid
 
 import pytest
 
@@ -335,6 +336,26 @@ def test_responses_api_is_the_chat_completion_of_its_input(server, oai):
                          ("background", True), ("n", 2), ("max_tokens", 4)):
         r = httpx.post(server["http"] + "/v1/responses", json={"input": "hi", field: value}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def test_usage_counts_the_prompt_tokens_found_cached(server, oai, reference):
+    """usage.prompt_tokens_details.cached_tokens (OpenAI's): 0 for a new prompt; for the same prompt
+    again its full blocks of 16 but the last token's, whole or streamed; gRPC's Usage.cached_tokens
+    likewise."""
+    from aptray.client import Client
+
+    tokenizer, _ = reference
+    text = f"{uuid.uuid4().hex} " + "the part of a prompt that the cache keeps " * 8
+    cached = (len(tokenizer.encode(text)) - 1) // 16 * 16
+    first = oai.completions.create(model=server["model"], prompt=text, max_tokens=2)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    again = oai.completions.create(model=server["model"], prompt=text, max_tokens=2)
+    assert again.usage.prompt_tokens_details.cached_tokens == cached > 0
+    last = list(oai.completions.create(model=server["model"], prompt=text, max_tokens=2, stream=True,
+                                       stream_options={"include_usage": True}))[-1]
+    assert last.usage.prompt_tokens_details.cached_tokens == cached
+    with Client(server["grpc"]) as c:
+        assert list(c.generate(text, max_tokens=2))[-1].usage.cached_tokens == cached
 
 
 def test_openai_chat_stream_and_not(server, oai):

@@ -235,6 +235,8 @@ class Scheduler:
             req.num_computed_tokens = 0
             return 0
         req.cache_kind = kind
+        if req.num_cached_tokens is None:
+            req.num_cached_tokens = prefix.tokens
         if self.blocks.caching:
             self._count_prefix(req, kind, prefix)
         return todo

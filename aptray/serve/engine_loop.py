@@ -296,6 +296,8 @@ class EngineLoop:
                 self._unclaim(rid, completion.token_ids, completion.text, reason)
         if stream is None or not stream.attached:
             return
+        if out.num_cached_tokens is not None:
+            stream.cached_tokens = out.num_cached_tokens
         if out.finished:  # the engine's final text is cut at a stop string
             new, text = stream.finish(completion.token_ids, completion.text)
             chunk = stream.chunk(rid, new, text, completion.finish_reason)

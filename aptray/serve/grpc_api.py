@@ -131,6 +131,7 @@ async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
                     reply.finish_reason = last["finish_reason"] or ""
                     reply.usage.prompt_tokens = last["usage"]["prompt_tokens"]
                     reply.usage.completion_tokens = last["usage"]["completion_tokens"]
+                    reply.usage.cached_tokens = last["usage"].get("cached_tokens", 0)
                 yield reply
     except Rejected as e:
         _fail(ingress, ctx, e.status, str(e), e.retry_after or ingress.args.retry_after_s)

@@ -110,7 +110,8 @@ def response_body(rid: str, model: str, req: ResponsesRequest, created: int, tex
             "store": False, "usage": None if usage is None else {
                 "input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
                 "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
-                "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}}
+                "input_tokens_details": {"cached_tokens": usage.get("cached_tokens", 0)},
+                "output_tokens_details": {"reasoning_tokens": 0}}}
 
 
 def output_message(rid: str, text: str, status: str) -> dict:

@@ -13,7 +13,8 @@ import json
 import time
 
 from aptray.serve.openai_api import (ChatChunkChoice, ChatCompletionChunk, ChatDelta, CompletionChoice,
-                                     CompletionResponse, LogprobsRenderer, Usage, chunk_logprobs, finish_reason)
+                                     CompletionResponse, LogprobsRenderer, PromptTokensDetails, Usage, chunk_logprobs,
+                                     finish_reason)
 
 _MARK = "\x01aptray-text\x01"
 _MARK_JSON = json.dumps(_MARK)  # how the model serialises it: the place to cut
@@ -30,9 +31,13 @@ def sse(obj) -> str:
 def usage(*last_chunks: dict, n: int | None = None) -> Usage:
     """The usage of a request's choices, from each one's last chunk in choice order; n: choices per
     prompt, where a completion has several prompts (None: the choices share one prompt)."""
-    prompt = sum(c["usage"]["prompt_tokens"] for c in last_chunks[::n or len(last_chunks)])
+    firsts = last_chunks[::n or len(last_chunks)]  # one choice of each prompt
+    prompt = sum(c["usage"]["prompt_tokens"] for c in firsts)
     completion = sum(c["usage"]["completion_tokens"] for c in last_chunks)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    cached = [c["usage"].get("cached_tokens") for c in firsts]
+    details = None if None in cached else PromptTokensDetails(cached_tokens=sum(cached))
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=details)
 
 
 class _Events:

@@ -6,7 +6,8 @@ router's event loop drains the outbox into its ingress's single Ray stream (Rout
 is one Ray object per step, fewer when the ingress reads slower than steps come, instead of one
 per token per request.
 
-A chunk is a dict: {"request_id", "epoch", "token_ids", "text", "finished", "finish_reason", "usage"},
+A chunk is a dict: {"request_id", "epoch", "token_ids", "text", "finished", "finish_reason", "usage"}
+(usage: prompt_tokens, completion_tokens and, once the engine admitted it, cached_tokens),
 plus "logprobs" (each token's aptray.plan.TokenLogprobs, or None where unknown) when the request
 asked, and on its first chunk "prompt_logprobs" (one per prompt token) when it asked for those;
 or {"request_id", "epoch", "error", "status"} when the request failed.
@@ -23,7 +24,7 @@ class ClientStream:
     """One request as its client sees it: tokens and text relayed so far."""
 
     __slots__ = ("attached", "epoch", "ttft_slo", "tbt_slo", "stop", "holdback", "prompt_tokens", "detok",
-                 "sent_text")
+                 "sent_text", "cached_tokens")
 
     def __init__(self, tokenizer, attached: bool, ttft_slo: float, tbt_slo: float, stop: list[str],
                  prompt_tokens: int, token_ids: list[int] | None = None, epoch: int = 0,
@@ -37,6 +38,7 @@ class ClientStream:
         self.stop = stop
         self.holdback = max(len(s) for s in stop) - 1 if stop else 0  # text that could still become a stop
         self.prompt_tokens = prompt_tokens
+        self.cached_tokens: int | None = None  # its prompt tokens found in the prefix cache, once admitted
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
         self.detok.token_ids.extend(token_ids or ())  # not decoded: only a re-attach needs their text
         self.sent_text = ""
@@ -72,9 +74,11 @@ class ClientStream:
         return delta
 
     def chunk(self, rid: str, token_ids: list[int], text: str, finish_reason: str | None = None) -> dict:
+        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.token_ids)}
+        if self.cached_tokens is not None:
+            usage["cached_tokens"] = self.cached_tokens
         return {"request_id": rid, "epoch": self.epoch, "token_ids": token_ids, "text": text,
-                "finished": finish_reason is not None, "finish_reason": finish_reason,
-                "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.token_ids)}}
+                "finished": finish_reason is not None, "finish_reason": finish_reason, "usage": usage}
 
     def error(self, rid: str, why: str, status: int) -> dict:
         return {"request_id": rid, "epoch": self.epoch, "error": why, "status": status}
