@@ -10,7 +10,6 @@ event per chunk still), so a replica that falls behind catches up in fewer, larg
 
 import asyncio
 import copy
-import importlib.metadata
 import logging
 import os
 import time
@@ -20,29 +19,27 @@ from functools import partial
 from typing import NamedTuple
 
 import ray
-from fastapi import FastAPI, Request
+from fastapi import Request
 from ray.exceptions import RayActorError
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
-from aptray.serve import choices, grpc_api, routing_counts, tools
+from aptray.serve import choices, grpc_api, tools
 from aptray.serve.args import INGRESS_CPUS, AppArgs
 from aptray.serve.deploy_options import ATTAINMENT_WINDOW_S
 from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatCompletionRequest, ChatCompletionResponse,
                                      CompletionChoice, CompletionRequest, CompletionResponse, LogprobsRenderer,
-                                     DetokenizeRequest, ModelCard, ModelList, TokenizeChatRequest,
-                                     TokenizeCompletionRequest,
                                      chunk_logprobs, error_body, finish_reason, new_id, top_of, unsupported_field)
 from aptray.serve.relay import Call, Rejected, RouterLink, invalid_as_400
 from aptray.model.demo import resolve_model_path
+from aptray.serve.http_app import api
 from aptray.serve.key_load import KeyLoad
 from aptray.serve.metrics import CountRefusals, RefusalCounts
 from aptray.serve.prefix_key import PREFIX_KEY_HEADER, prefix_tag
-from aptray.serve.responses_api import ResponseEvents, ResponsesRequest, response_body
 from aptray.serve.router import Router
+from aptray.serve.service_routes import STATS_TIMEOUT_S, ServiceRoutes
 from aptray.serve.security import EdgeMiddleware, bearer, identity, key_salt
 from aptray.serve.sse import ChatEvents, CompletionEvents, sse, usage
 from aptray.serve.tokenize_api import Tokenizing
@@ -51,7 +48,6 @@ from aptray.serve.store import RequestStore
 from aptray.serve.ttft_estimate import ReplicaLoad, ServingDelay
 
 logger = logging.getLogger("aptray")
-STATS_TIMEOUT_S = 2.0  # a router slower than this to report its load reports nothing this round
 ROUTER_NAME = "aptray-router:{app}:{replica}:{n}"  # the n-th Router actor of an ingress replica
 REPLICA_HEADER = b"x-aptray-replica"
 
@@ -91,7 +87,6 @@ class ReplicaHeader:
         await self.app(scope, receive, send_with_header)
 
 
-api = FastAPI(title="aptray")
 _edge = {"keys": frozenset(), "max_body": 1 << 20, "replica": b""}  # set by the Ingress replica (one per process)
 api.add_middleware(EdgeMiddleware, keys_fn=lambda: _edge["keys"], max_body_bytes_fn=lambda: _edge["max_body"])
 api.add_middleware(ReplicaHeader, replica_fn=lambda: _edge["replica"])
@@ -131,7 +126,7 @@ def _replica_id() -> tuple[str, str]:
 @serve.deployment(name="Ingress", max_ongoing_requests=1024, graceful_shutdown_timeout_s=30,
                   ray_actor_options={"num_cpus": INGRESS_CPUS})
 @serve.ingress(api)
-class Ingress:
+class Ingress(ServiceRoutes):
     def __init__(self, args: dict | None = None):
         from transformers import AutoTokenizer
 
@@ -456,99 +451,6 @@ class Ingress:
             yield choice.role()
         async for event in self._sse_stream(calls, events, total_usage):
             yield event
-
-    @api.post("/v1/responses")
-    async def responses(self, req: ResponsesRequest, raw: Request):
-        """OpenAI's Responses API, stateless (aptray.serve.responses_api): a chat completion of the input."""
-        try:
-            _, _, rid, [call] = await self.open_chat(req.chat_request(), raw, "resp")
-        except Rejected as e:
-            return self._reject(e)
-        if req.stream:
-            return StreamingResponse(self._response_sse(call, ResponseEvents(rid, self.model_name, req)),
-                                     media_type="text/event-stream")
-        try:
-            [reply] = await self._collect([call])
-        except Rejected as e:
-            return self._reject(e)
-        return response_body(rid, self.model_name, req, int(time.time()), reply.text, reply.last["finish_reason"],
-                             reply.last["usage"])
-
-    async def _response_sse(self, call: Call, events: ResponseEvents):
-        yield events.opening()
-        try:
-            async with aclosing(self.chunks(call)) as batches:  # closed at once if the client goes
-                async for batch in batches:
-                    yield events.render(batch)
-        except Rejected as e:
-            yield events.error(str(e), e.status)
-        except Exception as e:  # headers are sent: an error event is all a client can still get
-            logger.exception("stream failed")
-            yield events.error(f"internal error: {type(e).__name__}", 500)
-
-    @api.post("/tokenize")
-    async def tokenize(self, req: TokenizeCompletionRequest | TokenizeChatRequest, raw: Request):
-        """vLLM's: a prompt's token ids, or a conversation's through the chat template (no generation)."""
-        try:
-            self._check_served(req.model)
-            return await self.tokenizing.tokenize(req, self.caller(raw))
-        except Rejected as e:
-            return self._reject(e)
-
-    @api.post("/detokenize")
-    async def detokenize(self, req: DetokenizeRequest, raw: Request):
-        """vLLM's: the text of token ids."""
-        try:
-            self._check_served(req.model)
-            return await self.tokenizing.detokenize(req.tokens, self.caller(raw))
-        except Rejected as e:
-            return self._reject(e)
-
-    @api.get("/v1/models")
-    async def models(self):
-        return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.max_model_len)])
-
-    @api.get("/v1/models/{model:path}")
-    async def model(self, model: str):
-        """OpenAI's retrieve: the served model's card, 404 for any other."""
-        try:
-            self._check_served(model)
-        except Rejected as e:
-            return self._reject(e)
-        return ModelCard(id=self.model_name, max_model_len=self.max_model_len)
-
-    @api.get("/version")
-    async def version(self):
-        """aptray's version (vLLM's /version)."""
-        return {"version": importlib.metadata.version("aptray")}
-
-    @api.get("/health")
-    async def health(self):
-        try:
-            h = await self.router.health.remote()
-        except RayActorError:
-            return JSONResponse(error_body("the router is restarting", 503), status_code=503)
-        h["router_restarts"] = self.link.restarts
-        ok = h["ok"] and not h["draining"]
-        return JSONResponse(h, status_code=200 if ok else 503)
-
-    @api.get("/metrics")
-    async def metrics(self):
-        try:
-            text = await self.router.metrics_text.remote()
-        except RayActorError:
-            return JSONResponse(error_body("the router is restarting", 503), status_code=503)
-        text += self.refusals.prometheus_text()
-        text += (f"# HELP aptray_router_restarts_total routers this replica replaced\n"
-                 f"# TYPE aptray_router_restarts_total counter\n"
-                 f"aptray_router_restarts_total {self.link.restarts}\n").encode()
-        try:  # from Ray's GCS: off the event loop, and never what fails /metrics
-            routed = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
-                None, routing_counts.totals, self.app_name), STATS_TIMEOUT_S)
-            text += routing_counts.prometheus_text(routed).encode()
-        except Exception:
-            logger.warning("routing counts unavailable", exc_info=True)
-        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     # -- Serve's hooks for routing and autoscaling (slo_router.py, autoscale.py) ---------------
     async def record_routing_stats(self) -> dict | None:
