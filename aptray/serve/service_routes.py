@@ -98,7 +98,7 @@ class ServiceRoutes:
         try:
             h = await self.router.health.remote()
         except RayActorError:
-            return JSONResponse(error_body("the router is restarting", 503), status_code=503)
+            return _restarting()
         h["router_restarts"] = self.link.restarts
         ok = h["ok"] and not h["draining"]
         return JSONResponse(h, status_code=200 if ok else 503)
@@ -108,7 +108,7 @@ class ServiceRoutes:
         try:
             text = await self.router.metrics_text.remote()
         except RayActorError:
-            return JSONResponse(error_body("the router is restarting", 503), status_code=503)
+            return _restarting()
         text += self.refusals.prometheus_text()
         text += (f"# HELP aptray_router_restarts_total routers this replica replaced\n"
                  f"# TYPE aptray_router_restarts_total counter\n"
@@ -120,3 +120,7 @@ class ServiceRoutes:
         except Exception:
             logger.warning("routing counts unavailable", exc_info=True)
         return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+
+def _restarting() -> JSONResponse:
+    return JSONResponse(error_body("the router is restarting", 503), status_code=503)
