@@ -59,13 +59,16 @@ class LLM:
         return self.tokenizer
 
     def _token_ids(self, prompt) -> tuple[str | None, list[int]]:
+        """A prompt as vLLM takes it: text, {"prompt": text} or {"prompt_token_ids": [...]}."""
+        if isinstance(prompt, dict) and set(prompt) == {"prompt"} and isinstance(prompt["prompt"], str):
+            prompt = prompt["prompt"]
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("skip_tokenizer_init=True: give prompts as {'prompt_token_ids': [...]}")
             return prompt, self.tokenizer.encode(check_text(prompt, param="prompt"))
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return None, list(prompt["prompt_token_ids"])
-        raise TypeError("a prompt is a string or {'prompt_token_ids': [...]}")
+        raise TypeError("a prompt is a string, {'prompt': text} or {'prompt_token_ids': [...]}")
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:

@@ -189,6 +189,19 @@ def test_n_sequences_of_a_prompt_are_separate_draws_seeded_seed_plus_i():
     assert e.value.param == "n"
 
 
+def test_prompts_come_as_vllms_three_forms():
+    """Text, {"prompt": text} and {"prompt_token_ids": the text's ids} are one prompt; anything else is
+    a TypeError naming the forms."""
+    llm = LLM(tiny_model("opt-60x3"))
+    sp = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    ids = llm.get_tokenizer().encode("hello there")
+    outs = llm.generate(["hello there", {"prompt": "hello there"}, {"prompt_token_ids": ids}], sp)
+    assert [o.prompt for o in outs] == ["hello there", "hello there", None]
+    assert len({tuple(o.outputs[0].token_ids) for o in outs}) == 1 and outs[1].prompt_token_ids == ids
+    with pytest.raises(TypeError, match="prompt_token_ids"):
+        llm.generate({"text": "hello"}, sp)
+
+
 def test_logit_bias_ids_outside_the_vocabulary_are_refused():
     llm = LLM(tiny_model("opt-60x3"))
     vocab = llm.engine.config.spec.vocab_size
