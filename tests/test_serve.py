@@ -318,6 +318,7 @@ def test_responses_api_is_the_chat_completion_of_its_input(server, oai):
     r = oai.responses.create(input=PROMPTS[1], **kw)
     assert r.output_text == chat.choices[0].message.content and r.id.startswith("resp_")
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.output[0].status == "incomplete"  # the message was cut, as the response was
     assert (r.usage.input_tokens, r.usage.output_tokens) == (chat.usage.prompt_tokens, MAX_TOKENS)
     items = [{"role": "user", "content": [{"type": "input_text", "text": PROMPTS[1]}]}]
     assert oai.responses.create(input=items, **kw).output_text == r.output_text
@@ -331,7 +332,7 @@ def test_responses_api_is_the_chat_completion_of_its_input(server, oai):
               "additionalProperties": False}
     fmt = {"format": {"type": "json_schema", "name": "n", "schema": schema, "strict": True}}
     held = oai.responses.create(model=server["model"], input="a number", text=fmt, max_output_tokens=64)
-    assert held.status == "completed" and set(json.loads(held.output_text)) == {"n"}
+    assert held.status == held.output[0].status == "completed" and set(json.loads(held.output_text)) == {"n"}
     for field, value in (("previous_response_id", "resp_1"), ("tools", [{"type": "web_search"}]),
                          ("background", True), ("n", 2), ("max_tokens", 4)):
         r = httpx.post(server["http"] + "/v1/responses", json={"input": "hi", field: value}, timeout=60)

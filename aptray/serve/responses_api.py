@@ -99,7 +99,7 @@ def response_body(rid: str, model: str, req: ResponsesRequest, created: int, tex
     """The Response object: in progress (text None), or done with its text and the finish reason."""
     done = text is not None
     status = "in_progress" if not done else "incomplete" if finish == "length" else "completed"
-    output = [] if not done else [output_message(rid, text, "completed")]
+    output = [] if not done else [output_message(rid, text, "incomplete" if status == "incomplete" else "completed")]
     return {"id": "resp_" + rid.split("-", 1)[-1], "object": "response", "created_at": created, "status": status,
             "model": model, "output": output, "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
