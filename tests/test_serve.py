@@ -1186,6 +1186,17 @@ def test_client_disconnect_aborts_and_frees_blocks(server):
     _aborts(server, disconnect_after_three_events)
 
 
+def test_a_client_leaving_a_responses_stream_aborts_it(server):
+    """The Responses API's stream, left after its first delta: the request is aborted and its blocks freed."""
+    def leave_after_the_first_delta():
+        with httpx.stream("POST", server["http"] + "/v1/responses", timeout=60,
+                          json={"input": "hello", "max_output_tokens": 480, "ignore_eos": True, "stream": True}) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line == "event: response.output_text.delta")
+            assert _metric(server, "aptray_cache_blocks_in_use", '{kind="kv"}') > 0
+    _aborts(server, leave_after_the_first_delta)
+
+
 def test_a_client_leaving_an_n_choice_stream_aborts_every_choice(server):
     """n = 3: the client reads three events and leaves; each choice's request ends once, as an abort
     (a second try where one finished first, as in _aborts), and every block is freed."""
