@@ -192,10 +192,11 @@ class _SamplingRequest(BaseModel):
                                  StructuredOutputs(**guided) if guided else None)
 
 
-def unsupported_field(req: _SamplingRequest) -> str | None:
-    """The first field the request sets to a value aptray cannot honour (UNSUPPORTED), if any."""
+def unsupported_field(req: BaseModel, unsupported: dict = UNSUPPORTED) -> str | None:
+    """The first field the request sets to a value aptray cannot honour (a name in unsupported, at
+    none of its no-op values), if any."""
     for name, value in (req.model_extra or {}).items():
-        if name in UNSUPPORTED and not any(_same(value, v) for v in UNSUPPORTED[name]):
+        if name in unsupported and not any(_same(value, v) for v in unsupported[name]):
             return name
     return None
 

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from aptray.serve.openai_api import ChatCompletionRequest, Text
+from aptray.serve.openai_api import ChatCompletionRequest, Text, unsupported_field
 from aptray.serve.relay import Rejected
 
 # fields of the Responses API that would need state or tools: refused unless at these no-op values
@@ -69,10 +69,10 @@ class ResponsesRequest(BaseModel):
     def chat_request(self) -> ChatCompletionRequest:
         """The chat completion that answers it. Rejected: a field it cannot honour (400), or extras
         chat refuses (422)."""
-        for name, value in (self.model_extra or {}).items():
-            if name in UNSUPPORTED and not any(value is v or value == v for v in UNSUPPORTED[name]):
-                raise Rejected(f"{name} is not supported on /v1/responses (nothing is stored, no tools): leave it "
-                               f"out", 400, name)
+        name = unsupported_field(self, UNSUPPORTED)
+        if name is not None:
+            raise Rejected(f"{name} is not supported on /v1/responses (nothing is stored, no tools): leave it out",
+                           400, name)
         messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
         items = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
         messages += [m.chat_message() for m in items]
