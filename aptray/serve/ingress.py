@@ -223,7 +223,7 @@ class Ingress(ServiceRoutes):
         """What is too big to tokenize is refused before tokenizing (RequestLimits.size_error)."""
         refusal = self.limits.size_error(sampling, **sizes)
         if refusal is not None:
-            raise Rejected(refusal["error"], refusal["status"], refusal["param"])
+            raise Rejected.of(refusal)
 
     async def off_loop(self, fn, *args):
         """fn(*args) on the tokenizer thread (tokenizing, chat templates)."""

@@ -32,6 +32,12 @@ class Rejected(Exception):
         super().__init__(message)
         self.status, self.param, self.retry_after = status, param, retry_after
 
+    @classmethod
+    def of(cls, refusal: dict) -> "Rejected":
+        """The refusal a dict describes ({"error", "status", "param"?, "retry_after"?}: the router's and
+        RequestLimits')."""
+        return cls(refusal["error"], refusal["status"], refusal.get("param"), refusal.get("retry_after"))
+
     def __reduce__(self):  # Ray ships exceptions by pickle: keep status, param and retry_after
         return Rejected, (str(self), self.status, self.param, self.retry_after)
 
@@ -217,7 +223,7 @@ class RouterLink:
                     resume = True
                     continue
                 if "error" in first:
-                    raise Rejected(first["error"], first["status"], first.get("param"), first.get("retry_after"))
+                    raise Rejected.of(first)
                 return
             raise Rejected("the router keeps failing", 503)
         except BaseException:

@@ -72,7 +72,7 @@ class Tokenizing:
     def _check_size(self, **sizes) -> None:
         refusal = self.limits.size_error({}, truncated=True, **sizes)
         if refusal is not None:
-            raise Rejected(refusal["error"], refusal["status"], refusal["param"])
+            raise Rejected.of(refusal)
 
     @contextmanager
     def _slot(self, caller: str):
