@@ -11,12 +11,13 @@ from aptray.config import EngineConfig
 from aptray.request import CacheKind, Request, RequestStatus
 from aptray.sampling_params import SamplingParams
 from aptray.scheduler import make_scheduler
-from aptray.scheduler.apt.greedy import HIDDEN, KV, Budgets, Candidates, select
+from aptray.scheduler.apt import scheduler as apt_scheduler
+from aptray.scheduler.apt.greedy import HIDDEN, KV, Budgets, Candidates, Selection, select
 from aptray.scheduler.apt.slo_state import SloState
 from aptray.scheduler.step_cost import C0, C_HANY, C_REP, C_TOK, WARMUP_STEPS
 from test_gpu_check import H100_PROFILE
-from test_scheduler import (_synthetic_plan, model_dir, running_hidden,  # noqa: F401 (model_dir: a fixture)
-                            running_request)
+from test_scheduler import (_synthetic_plan, make, model_dir,  # noqa: F401 (model_dir: a fixture)
+                            reference, run, running_hidden, running_request)
 
 
 def _apt(model_dir, num_blocks=64):
@@ -134,6 +135,34 @@ def _kind_beside_a_kv_request(model_dir, c_hany: float, step: float, tbt_slo: fl
     sched.schedule(1.0)
     assert (new in sched.running) is (new.cache_kind is not None)
     return new.cache_kind
+
+
+def test_a_request_that_fits_the_pool_only_as_hidden_runs_hidden_whatever_hidden_costs(model_dir):
+    """Hidden priced out (30 ms a hidden step beside 20 ms steps), an idle 8-block pool, and a 40-token
+    prompt: 10 blocks as KV, 5 as hidden. Hidden is its only way in; offered as KV alone it was taken
+    within what is free, found no blocks, and waited for good. With 16 blocks it fits as KV, and KV
+    is what it gets."""
+    for num_blocks, kind in ((8, CacheKind.HIDDEN), (16, CacheKind.KV)):
+        sched = _apt(model_dir, num_blocks)
+        _per_step_hidden_cost(sched, 30e-3)
+        req = Request("r", list(range(1, 41)), SamplingParams(max_tokens=2), 0.0, 5.0, 5.0)
+        sched.add(req)
+        sched.schedule(0.0)
+        assert req in sched.running and req.cache_kind is kind, num_blocks
+
+
+def test_an_idle_pool_admits_in_queue_order_where_the_policy_takes_no_one(model_dir, monkeypatch):
+    """The guard behind apt's admission: a greedy that takes no one (here, by construction) leaves an
+    idle pool and a queue, and no step would ever run to change its prices. The queue is then
+    admitted in order, as FCFS would, and every request finishes with its reference tokens."""
+    monkeypatch.setattr(apt_scheduler, "select", lambda cands, budgets: Selection(np.zeros(len(cands), np.int8), 0.0,
+                                                                                  False))
+    config, blocks, sched = make(model_dir, 24, scheduler="apt", cache_mode="hybrid")
+    work = [(0.01 * i, f"r{i}", list(range(10 + i, 22 + i)), 4) for i in range(3)] + [(1.0, "late", [5, 6, 7], 3)]
+    outputs = run(sched, blocks, work)
+    assert all(outputs[rid] == reference(prompt, n) for _, rid, prompt, n in work)
+    assert sched.stats["stall_guard_admissions"] >= 2  # the first arrival and the late one, at least
+    assert not sched.stats["admitted_kv"] and not sched.stats["admitted_hidden"]  # the greedy took none
 
 
 def test_a_hidden_set_that_cannot_pay_its_per_step_cost_is_upgraded_whole(model_dir):

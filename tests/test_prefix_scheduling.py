@@ -8,6 +8,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from aptray.cache.block_manager import BlockManager
 from aptray.config import EngineConfig
+from aptray.request import CacheKind, Request, RequestStatus
+from aptray.sampling_params import SamplingParams
 from aptray.scheduler import make_scheduler
 from test_scheduler import POLICIES, VOCAB, with_cache_modes, model_dir, reference, run  # noqa: F401 (model_dir is a fixture)
 
@@ -70,3 +72,33 @@ def test_follow_up_turns_hit_and_a_full_pool_evicts(model_dir, policy):
     assert all(outputs[rid] == reference(p, n) for _, rid, p, n in work)
     assert sched.stats["prefix_hit_tokens"] >= 36  # turn 2's nine blocks (its tenth holds tokens it sampled from)
     assert blocks.evictions > 0
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "apt"])
+def test_a_cached_hidden_prefix_too_big_to_convert_beside_its_kv_table_is_evicted_instead(model_dir, policy):
+    """A KV request converting a cached hidden prefix holds the prefix's blocks beside its new table. In a
+    12-block pool whose only cached blocks are a 32-token hidden prefix (4 blocks), a 40-token request
+    as KV with that conversion needs 10 + 4 blocks; started afresh it needs 10. It must start afresh,
+    evicting the prefix: an idle pool that never admits it is stuck for good."""
+    _, blocks, first = make_cached(model_dir, 12, scheduler="fcfs", cache_mode="hidden", ttft_slo=1.0, tbt_slo=1.0)
+    prompt = list(range(100, 133))  # 33 tokens: four full hidden blocks of 8 published
+    assert run(first, blocks, [(0.0, "a", prompt, 1)]) == {"a": reference(prompt, 1)}
+    config = EngineConfig(model=model_dir, block_size=4, scheduler=policy, cache_mode="hybrid", ttft_slo=1.0,
+                          tbt_slo=1.0)
+    sched = make_scheduler(config, blocks)
+    req = Request("b", prompt + [7] * 7, SamplingParams(temperature=0.0, max_tokens=2), 0.0, 1.0, 1.0)
+    sched.add(req)
+    assert blocks.cached_prefix(req, CacheKind.KV).tokens == 32  # the conversion is on offer, and does not fit
+    assert sched._take_blocks(req, CacheKind.KV, lambda: 8) == 8
+    assert req.num_computed_tokens == 0 and blocks.held_by(CacheKind.KV) == 2 and blocks.evictions == 0
+    assert not sched._prefix_conversions  # nothing converts: the prefix's blocks are free, to be evicted
+    sched.waiting.remove(req)
+    sched.finish(req, RequestStatus.FINISHED_ABORTED)
+    # with room for both, the same request converts the prefix (32 tokens computed from the cache)
+    _, roomy, first = make_cached(model_dir, 16, scheduler="fcfs", cache_mode="hidden", ttft_slo=1.0, tbt_slo=1.0)
+    run(first, roomy, [(0.0, "a", prompt, 1)])
+    sched = make_scheduler(config, roomy)
+    req = Request("b", prompt + [7] * 7, SamplingParams(temperature=0.0, max_tokens=2), 0.0, 1.0, 1.0)
+    sched.add(req)
+    assert sched._take_blocks(req, CacheKind.KV, lambda: 8) == 8 and req.num_computed_tokens == 32
+    assert len(sched._prefix_conversions) == 1

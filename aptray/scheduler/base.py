@@ -229,16 +229,29 @@ class Scheduler:
         its first chunk of first_chunk() tokens (asked once the prefix is known). Returns the chunk;
         0: not admitted, nothing held."""
         prefix = self.blocks.cached_prefix(req, kind)
-        req.num_computed_tokens = prefix.tokens
-        todo = first_chunk()
-        if todo <= 0 or not self.blocks.allocate(req, kind, prefix, prefix.tokens + todo):
-            req.num_computed_tokens = 0
+        todo = self._allocate_from(req, kind, prefix, first_chunk)
+        if not todo and prefix.source not in (None, kind):
+            # a prefix of the other kind is held while it is converted, beside the new table: where
+            # that is what does not fit, start afresh, evicting it (else an idle pool whose only
+            # cached blocks are that prefix would never admit the request)
+            prefix = self.blocks.cached_prefix(req, kind, convert=False)
+            todo = self._allocate_from(req, kind, prefix, first_chunk)
+        if not todo:
             return 0
         req.cache_kind = kind
         if req.num_cached_tokens is None:
             req.num_cached_tokens = prefix.tokens
         if self.blocks.caching:
             self._count_prefix(req, kind, prefix)
+        return todo
+
+    def _allocate_from(self, req: Request, kind: CacheKind, prefix: CachedPrefix, first_chunk) -> int:
+        """_take_blocks from one cached prefix: the chunk, or 0 with nothing held."""
+        req.num_computed_tokens = prefix.tokens
+        todo = first_chunk()
+        if todo <= 0 or not self.blocks.allocate(req, kind, prefix, prefix.tokens + todo):
+            req.num_computed_tokens = 0
+            return 0
         return todo
 
     def _count_prefix(self, req: Request, kind: CacheKind, prefix: CachedPrefix) -> None:

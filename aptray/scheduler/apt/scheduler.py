@@ -73,6 +73,11 @@ class AptScheduler(Scheduler):
             # every running request is mid-prefill with no block for its next chunk: free the
             # newest so the others can move (the policy must never stall)
             self._preempt(self.running[-1])
+        if not seqs and not conversions and not self.running and self.waiting:
+            # an idle pool with a queue the policy takes none of would wait for good (no step runs, so
+            # nothing it prices changes): admit in queue order, as FCFS would
+            seqs, _ = self._admit_in_order(self.config.max_num_batched_tokens)
+            self.stats["stall_guard_admissions"] += len(seqs)
         return self._plan(seqs, conversions)
 
     def _view(self, now: float) -> IterationView:
@@ -309,13 +314,15 @@ class AptScheduler(Scheduler):
         kv_blocks = kv.blocks if kv is not None else none
         hid_blocks = hid.blocks if hid is not None else none
         room = self.blocks.num_free
+        kv_never = kv_blocks > self.blocks.num_blocks  # as KV it needs more than the whole pool
         if not self.running:  # an idle pool takes anyone: weigh no one above what is free
             kv_blocks = np.minimum(kv_blocks, max(room, 1))
             hid_blocks = np.minimum(hid_blocks, max(room, 1))
         value = np.where(violator, 0.0, pending)
         final = self.forecast.waiting_final(wf, rows)
         cands = self._cache_options(view, value, kv_blocks, hid_blocks, (kv or hid).cost,
-                                    hid.cost if kv is not None and hid is not None else None, violator, final)
+                                    hid.cost if kv is not None and hid is not None else None, violator, final,
+                                    kv_never)
         sel = select(cands, Budgets(room, token_budget, slots, *self._admission_caps(cands, room, final)))
         if sel.guard_used:
             self.stats["guard_used"] += 1
@@ -344,19 +351,21 @@ class AptScheduler(Scheduler):
         return self.pricing.reprojection_tokens(req.num_computed_tokens)
 
     def _cache_options(self, view: IterationView, value, kv_blocks, hid_blocks, tokens, hidden_tokens, violator,
-                       final) -> Candidates:
+                       final, kv_never) -> Candidates:
         """Each waiting request as KV (kv_blocks, tokens, value p) and as hidden (hid_blocks,
         hidden_tokens, value v_h = p - U * price: the paper's alpha * m_h plus absorbed attention's
         per-request cost), KV offered only where it pays for its memory. An upgrade item weighs what
-        KV holds beyond hidden by the request's expected end."""
+        KV holds beyond hidden by the request's expected end. A request that only fits the pool as
+        hidden (kv_never) is offered as hidden whatever hidden costs: offered as KV alone it would wait
+        for good (an idle pool took it as KV, within what is free, and then had no blocks for it)."""
         if not (self.kv_on and self.hidden_on):  # one option: v_h = p
             return Candidates(value, kv_blocks, hid_blocks, value, tokens, violator)
         step_share = view.price.step_share(self._hidden_decoding())
         price = np.broadcast_to(view.price.of(hid_blocks, step_share), value.shape)
         offered = self._kv_pays(view, view.price.smoothed(hid_blocks, step_share))
-        hidden_offered = np.broadcast_to(self._hidden_can_pay(view, hid_blocks), value.shape)
+        hidden_offered = np.broadcast_to(self._hidden_can_pay(view, hid_blocks), value.shape) | kv_never
         hid_blocks = np.where(hidden_offered, hid_blocks, 0)
-        offered = offered | ~hidden_offered
+        offered = (offered | ~hidden_offered) & ~kv_never
         upgrade_blocks = self.blocks.blocks_for(final, CacheKind.KV) - self.blocks.blocks_for(final, CacheKind.HIDDEN)
         return Candidates(value, np.where(offered, kv_blocks, 0), hid_blocks,
                           np.where(offered, value - view.attainable * price, value), tokens, violator,
