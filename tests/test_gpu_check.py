@@ -82,6 +82,7 @@ def test_engine_tokens_equal_transformers(smoke):
     _, report, _ = smoke
     st = report["stages"]["exactness"]
     fp32 = [c for c in st["cases"] if c["dtype"] == "float32"]
+    assert not [c for c in st["cases"] if "error" in c], [c for c in st["cases"] if "error" in c]
     assert all(c["identical"] == c["prompts"] == 8 for c in fp32), fp32
     assert {c["model"] for c in fp32} == {"opt", "llama"}
     assert {c["scheduler"] for c in fp32} == {"fcfs", "apt"}

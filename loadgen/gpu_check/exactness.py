@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import itertools
 import os
+import traceback
 from dataclasses import asdict, dataclass
 
 import torch
@@ -154,7 +155,8 @@ def run_case(case: ExactCase, refs: References) -> dict:
     except DeadlineExceeded:
         raise
     except Exception as exc:
-        row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
+        where = traceback.extract_tb(exc.__traceback__)[-1]  # the line that raised: enough to find a rare failure
+        row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500] + f" (at {where.filename}:{where.lineno})")
     gc.collect()
     return row
 
