@@ -378,3 +378,15 @@ def test_upgrades_and_hidden_chunks_pay_their_reprojection_from_the_step_budget(
     chunk.num_computed_tokens = 100
     seqs = sched._admit(sched._view(0.0), 60)
     assert [(s.request_id, len(s.token_ids)) for s in seqs] == [("c", 40)]
+
+
+@pytest.mark.parametrize("policy,extra", [("fcfs", {"enable_chunked_prefill": True, "max_num_batched_tokens": 16}),
+                                          ("sarathi", {"max_num_batched_tokens": 16}),
+                                          ("apt", {"iteration_shape": "mixed", "max_num_batched_tokens": 16})])
+def test_a_prompt_that_fits_the_pool_only_as_hidden_is_admitted_as_hidden_when_chunked(model_dir, policy, extra):
+    """65 tokens in a 15-block pool: 17 blocks as KV, 9 as hidden. Its first chunks fit as KV; admitted
+    so, it outgrew the pool, was preempted, and came back the same way for ever."""
+    _, blocks, sched = make(model_dir, 15, scheduler=policy, cache_mode="hybrid", **extra)
+    prompt = list(range(100, 165))
+    assert run(sched, blocks, [(0.0, "r", prompt, 4)]) == {"r": reference(prompt, 4)}
+    assert sched.stats["preemptions"] == 0

@@ -116,6 +116,14 @@ class Scheduler:
             return (CacheKind.HIDDEN,)
         return (CacheKind.KV, CacheKind.HIDDEN)
 
+    def _kinds_for(self, req: Request) -> tuple[CacheKind, ...]:
+        """_admission_kinds that can hold req's tokens so far in the whole pool. Admitted chunk by
+        chunk as KV, a request that only fits as hidden outgrows the pool, is preempted, and comes
+        back the same way for ever."""
+        kinds = self._admission_kinds()
+        fit = tuple(k for k in kinds if self.blocks.blocks_for(req.num_tokens, k) <= self.blocks.num_blocks)
+        return fit or kinds
+
     def _try_allocate(self, req: Request, num_tokens: int, kinds=None) -> bool:
         """Give req room for num_tokens in the first kind that fits (its own kind once it has one)."""
         kinds = (req.cache_kind,) if req.cache_kind is not None else (kinds or self._admission_kinds())
@@ -213,7 +221,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             todo = 0
-            for kind in self._admission_kinds():
+            for kind in self._kinds_for(req):
                 todo = self._take_blocks(req, kind, lambda: self._first_chunk(req, budget, not seqs))
                 if todo:
                     break
@@ -269,12 +277,13 @@ class Scheduler:
             self.stats["prefix_conversions"] += 1
 
     def _continue_prefills(self, budget: int, at_most: int | None = None,
-                           prefix_tokens=None, among=None) -> tuple[list[SeqPlan], int]:
+                           prefix_tokens=None, among=None) -> tuple[list[SeqPlan], int, bool]:
         """The next chunk of each running request mid-prefill, oldest first, while the token budget
         lasts; stops at the first the pool cannot grow (decoding frees room). prefix_tokens(req):
         budget its chunk's cached prefix takes too (apt: a hidden chunk re-projects it), leaving at
         least half the budget to new tokens. among: the running requests that may be mid-prefill, in
-        running-set order (default: all of them). Returns the plans and the budget left."""
+        running-set order (default: all of them). Returns the plans, the budget left, and whether one
+        was stopped by the pool (then a new admission would take the blocks it waits for)."""
         seqs = []
         for req in self.running if among is None else among:
             if budget <= 0 or (at_most is not None and len(seqs) >= at_most):
@@ -283,10 +292,10 @@ class Scheduler:
                 extra = prefix_tokens(req) if prefix_tokens is not None else 0
                 todo = min(req.num_uncomputed_tokens, max(budget - extra, budget // 2, 1))
                 if not self._try_allocate(req, req.num_computed_tokens + todo):
-                    break
+                    return seqs, budget, True
                 seqs.append(self._seq_plan(req, todo))
                 budget -= todo + extra
-        return seqs, budget
+        return seqs, budget, False
 
     def _remove_waiting(self, admitted: list[Request]) -> None:
         """Take admitted requests out of the queue: one pass when many (deque.remove is O(queue))."""

@@ -29,7 +29,11 @@ class FcfsScheduler(Scheduler):
     def _admit(self):
         # a partially prefilled request goes on before new ones start: admitted first, they took every
         # block it freed and it never finished (seen with chunked prefill in a full pool)
-        seqs, budget = self._continue_prefills(self.config.max_num_batched_tokens, at_most=1)
+        seqs, budget, blocked = self._continue_prefills(self.config.max_num_batched_tokens, at_most=1)
+        if blocked:
+            # nor does a new one take the blocks it waits for: then neither can go on, and the newest is
+            # preempted and readmitted in turn for ever (seen with chunked prefill in a 19-block pool)
+            return seqs
         more, _ = self._admit_in_order(budget) if budget > 0 else ([], 0)
         return seqs + more
 

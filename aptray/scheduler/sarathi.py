@@ -31,8 +31,9 @@ class SarathiScheduler(Scheduler):
         conversions = self._requested_conversions()
         seqs = self._decode_preempting_newest()
         budget = self._budget(len(seqs)) - len(seqs)
-        partial, budget = self._continue_prefills(budget)
-        admitted, _ = self._admit_in_order(budget)
+        partial, budget, blocked = self._continue_prefills(budget)
+        # none admitted while a partial prefill waits for blocks (fcfs: the same rule, and why)
+        admitted = [] if blocked else self._admit_in_order(budget)[0]
         seqs += partial + admitted
         if not seqs and not conversions and self.running:
             self._preempt(self.running[-1])  # only stuck partial prefills: free the newest

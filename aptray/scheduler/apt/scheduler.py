@@ -292,8 +292,8 @@ class AptScheduler(Scheduler):
     def _admit(self, view: IterationView, token_budget: int):
         """Continue partial prefills (oldest first), then admit waiting requests by the greedy."""
         # only those mid-prefill at the start can be (the others decode, or start afresh: no chunk to continue)
-        seqs, token_budget = self._continue_prefills(token_budget, prefix_tokens=self._prefix_reprojection,
-                                                     among=view.mid_prefill)
+        seqs, token_budget, _ = self._continue_prefills(token_budget, prefix_tokens=self._prefix_reprojection,
+                                                        among=view.mid_prefill)
         slots = self.config.max_num_seqs - len(self.running)
         if not self.waiting or token_budget <= 0 or slots <= 0:
             return seqs
@@ -314,7 +314,8 @@ class AptScheduler(Scheduler):
         kv_blocks = kv.blocks if kv is not None else none
         hid_blocks = hid.blocks if hid is not None else none
         room = self.blocks.num_free
-        kv_never = kv_blocks > self.blocks.num_blocks  # as KV it needs more than the whole pool
+        # its tokens so far need more than the whole pool as KV (as Scheduler._kinds_for)
+        kv_never = self.blocks.blocks_for(total, CacheKind.KV) > self.blocks.num_blocks
         if not self.running:  # an idle pool takes anyone: weigh no one above what is free
             kv_blocks = np.minimum(kv_blocks, max(room, 1))
             hid_blocks = np.minimum(hid_blocks, max(room, 1))
