@@ -193,7 +193,10 @@ class Scheduler:
                                     s.temperature, s.top_p, s.top_k, s.seed, len(out)) + tail)
 
     def _convert(self, req: Request, to_kind: CacheKind) -> ConversionPlan | None:
-        """Move a running request's computed tokens to to_kind, if the blocks allow."""
+        """Move a running request's computed tokens to to_kind, if the blocks allow: never to KV where
+        its tokens so far outgrow the whole pool as KV (moved mid-prefill, it could never go on)."""
+        if to_kind is CacheKind.KV and self.blocks.blocks_for(req.num_tokens, to_kind) > self.blocks.num_blocks:
+            return None
         try:
             old, new = self.blocks.convert(req.request_id, to_kind, max(req.num_computed_tokens, 1))
         except OutOfBlocks:
