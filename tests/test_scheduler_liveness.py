@@ -1,17 +1,18 @@
 """Every policy finishes every request it accepted, with the reference tokens, on random small pools.
 
 Random workloads (shared system prompts, follow-up turns that resend a conversation, prompts that fit
-the pool only as hidden) on pools of 8-40 blocks, every policy and cache mode, prefix caching on or
+the pool only as hidden) on pools of 8-80 blocks, every policy and cache mode, prefix caching on or
 off, and step times that the cost models learn from, with noise up to 30x either way (the engine
 times real steps: a noisy machine feeds apt and sarathi such steps). Without the rules of
 docs/SCHEDULER.md ("Progress"), seeds 71, 208 and 562 wait for ever (a prompt that fits only as
 hidden, admitted chunk by chunk as KV), and so do 4619 (a partial prefill waiting for blocks that
 each new admission takes) and, with requested upgrades, 1296 and 1301 (a hidden request moved to KV
 mid-prefill, whose prompt as KV outgrows the pool). The token-id executor of test_scheduler checks
-every block table.
+every block table. APTRAY_LIVENESS_SEEDS sets how many random workloads each test runs (default 200).
 """
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -24,6 +25,7 @@ from test_scheduler import POLICIES, TokenCacheExecutor, model_dir, reference, r
 
 import test_scheduler
 
+SEEDS = int(os.environ.get("APTRAY_LIVENESS_SEEDS", "200"))  # random workloads per test; more to search wider
 SMALL = dict(requests=(1, 14), max_tokens=(1, 12), blocks=(8, 40))
 LARGE = dict(requests=(5, 40), max_tokens=(1, 30), blocks=(8, 80))  # and hidden requests asked to go KV
 
@@ -76,13 +78,13 @@ def finish_all(sched, blocks, executor, work, monkeypatch):
     assert not blocks.owners()
 
 
-@pytest.mark.parametrize("seed", sorted({71, 208, 562, 4619} | set(range(200))))
+@pytest.mark.parametrize("seed", sorted({71, 208, 562, 4619} | set(range(SEEDS))))
 def test_random_small_pools_finish_every_request(model_dir, seed, monkeypatch):
     sched, blocks, executor, work, _ = random_case(model_dir, seed, SMALL)
     finish_all(sched, blocks, executor, work, monkeypatch)
 
 
-@pytest.mark.parametrize("seed", sorted({1296, 1301} | set(range(200))))
+@pytest.mark.parametrize("seed", sorted({1296, 1301} | set(range(SEEDS))))
 def test_random_loads_with_requested_upgrades_finish_every_request(model_dir, seed, monkeypatch):
     """Longer queues, and now and then hidden requests asked to move to KV (Scheduler.request_upgrade,
     as the GPU check asks them), some mid-prefill."""
