@@ -20,11 +20,14 @@ class FcfsScheduler(Scheduler):
         return self._plan(seqs, conversions)
 
     def _first_chunk(self, req, budget: int, first: bool) -> int:
-        """Whole prompts; with chunked prefill on, a longer one is chunked only as the first admission."""
+        """Whole prompts; with chunked prefill on, a longer one is chunked only as the first admission.
+        So is, always, a request back from a preemption whose prompt and outputs no step holds whole
+        (the engine refuses such prompts without chunked prefill; unchunked, it would wait for ever)."""
         todo = req.num_uncomputed_tokens
         if todo <= budget:
             return todo
-        return budget if self.config.enable_chunked_prefill and first else 0
+        chunkable = self.config.enable_chunked_prefill or todo > self.config.max_num_batched_tokens
+        return budget if chunkable and first else 0
 
     def _admit(self):
         # a partially prefilled request goes on before new ones start: admitted first, they took every
