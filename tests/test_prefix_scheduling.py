@@ -8,10 +8,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from aptray.cache.block_manager import BlockManager
 from aptray.config import EngineConfig
-from aptray.request import CacheKind, Request, RequestStatus
-from aptray.sampling_params import SamplingParams
 from aptray.scheduler import make_scheduler
-from test_scheduler import POLICIES, VOCAB, with_cache_modes, model_dir, reference, run  # noqa: F401 (model_dir is a fixture)
+from test_scheduler import (POLICIES, VOCAB, TokenCacheExecutor, with_cache_modes, model_dir,  # noqa: F401 (a fixture)
+                            reference, run)
+
+import test_scheduler
+from test_apt_cache_choice import _per_step_hidden_cost
 
 SYSTEM = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]
 
@@ -74,31 +76,29 @@ def test_follow_up_turns_hit_and_a_full_pool_evicts(model_dir, policy):
     assert blocks.evictions > 0
 
 
-@pytest.mark.parametrize("policy", ["fcfs", "apt"])
-def test_a_cached_hidden_prefix_too_big_to_convert_beside_its_kv_table_is_evicted_instead(model_dir, policy):
-    """A KV request converting a cached hidden prefix holds the prefix's blocks beside its new table. In a
-    12-block pool whose only cached blocks are a 32-token hidden prefix (4 blocks), a 40-token request
-    as KV with that conversion needs 10 + 4 blocks; started afresh it needs 10. It must start afresh,
-    evicting the prefix: an idle pool that never admits it is stuck for good."""
+@pytest.mark.parametrize("policy,hit", [("fcfs", 32), ("apt", 0)])
+def test_a_cached_hidden_prefix_that_does_not_fit_beside_a_kv_table(model_dir, monkeypatch, policy, hit):
+    """A 12-block pool whose only cached blocks are a 32-token hidden prefix (4 blocks, nobody holds
+    them), and a 40-token request on it: as KV converting the prefix it needs 10 blocks beside the 4,
+    as KV afresh 10, as hidden sharing the prefix 1 more. fcfs tries KV, then hidden, each with its
+    prefix: hidden, 32 tokens cached. apt with hidden priced out (30 ms a hidden step) offers KV only,
+    which fits only afresh, evicting the prefix; tried only with the conversion, the idle pool never
+    admitted it (the GPU check's CPU smoke: 7 of 8 requests finished after 5,921 steps)."""
     _, blocks, first = make_cached(model_dir, 12, scheduler="fcfs", cache_mode="hidden", ttft_slo=1.0, tbt_slo=1.0)
+    executor = TokenCacheExecutor(blocks)  # one pool of token ids for both runs: the cached prefix is read back
+    monkeypatch.setattr(test_scheduler, "TokenCacheExecutor", lambda _blocks: executor)
     prompt = list(range(100, 133))  # 33 tokens: four full hidden blocks of 8 published
     assert run(first, blocks, [(0.0, "a", prompt, 1)]) == {"a": reference(prompt, 1)}
     config = EngineConfig(model=model_dir, block_size=4, scheduler=policy, cache_mode="hybrid", ttft_slo=1.0,
                           tbt_slo=1.0)
     sched = make_scheduler(config, blocks)
-    req = Request("b", prompt + [7] * 7, SamplingParams(temperature=0.0, max_tokens=2), 0.0, 1.0, 1.0)
-    sched.add(req)
-    assert blocks.cached_prefix(req, CacheKind.KV).tokens == 32  # the conversion is on offer, and does not fit
-    assert sched._take_blocks(req, CacheKind.KV, lambda: 8) == 8
-    assert req.num_computed_tokens == 0 and blocks.held_by(CacheKind.KV) == 2 and blocks.evictions == 0
-    assert not sched._prefix_conversions  # nothing converts: the prefix's blocks are free, to be evicted
-    sched.waiting.remove(req)
-    sched.finish(req, RequestStatus.FINISHED_ABORTED)
-    # with room for both, the same request converts the prefix (32 tokens computed from the cache)
-    _, roomy, first = make_cached(model_dir, 16, scheduler="fcfs", cache_mode="hidden", ttft_slo=1.0, tbt_slo=1.0)
-    run(first, roomy, [(0.0, "a", prompt, 1)])
-    sched = make_scheduler(config, roomy)
-    req = Request("b", prompt + [7] * 7, SamplingParams(temperature=0.0, max_tokens=2), 0.0, 1.0, 1.0)
-    sched.add(req)
-    assert sched._take_blocks(req, CacheKind.KV, lambda: 8) == 8 and req.num_computed_tokens == 32
-    assert len(sched._prefix_conversions) == 1
+    if policy == "apt":
+        _per_step_hidden_cost(sched, 30e-3)
+    follow = prompt + [7] * 7
+    evicted = blocks.evictions
+    assert run(sched, blocks, [(1.0, "b", follow, 2)]) == {"b": reference(follow, 2)}
+    # fcfs shares the hidden prefix (a hit, no conversion); apt starts KV afresh, evicting it
+    assert sched.stats["prefix_hit_tokens"] == hit and not sched.stats["prefix_conversions"]
+    if policy == "apt":
+        assert sched.stats["admitted_kv"] == 1 and not sched.stats["stall_guard_admissions"]
+        assert blocks.evictions > evicted

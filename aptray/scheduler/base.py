@@ -195,7 +195,7 @@ class Scheduler:
     def _convert(self, req: Request, to_kind: CacheKind) -> ConversionPlan | None:
         """Move a running request's computed tokens to to_kind, if the blocks allow: never to KV where
         its tokens so far outgrow the whole pool as KV (moved mid-prefill, it could never go on)."""
-        if to_kind is CacheKind.KV and self.blocks.blocks_for(req.num_tokens, to_kind) > self.blocks.num_blocks:
+        if to_kind is CacheKind.KV and self._outgrows_kv(req):
             return None
         try:
             old, new = self.blocks.convert(req.request_id, to_kind, max(req.num_computed_tokens, 1))
@@ -223,11 +223,7 @@ class Scheduler:
         seqs = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            todo = 0
-            for kind in self._kinds_for(req):
-                todo = self._take_blocks(req, kind, lambda: self._first_chunk(req, budget, not seqs))
-                if todo:
-                    break
+            todo = self._take_first_kind(req, self._kinds_for(req), lambda: self._first_chunk(req, budget, not seqs))
             if todo <= 0:
                 break
             self.waiting.popleft()
@@ -235,34 +231,35 @@ class Scheduler:
             budget -= todo
         return seqs, budget
 
-    def _take_blocks(self, req: Request, kind: CacheKind, first_chunk) -> int:
-        """Blocks of that kind for a waiting request: its cached prefix, which counts as computed, and
-        its first chunk of first_chunk() tokens (asked once the prefix is known). Returns the chunk;
-        0: not admitted, nothing held."""
-        prefix = self.blocks.cached_prefix(req, kind)
-        todo = self._allocate_from(req, kind, prefix, first_chunk)
-        if not todo and prefix.source not in (None, kind):
-            # a prefix of the other kind is held while it is converted, beside the new table: where
-            # that is what does not fit, start afresh, evicting it (else an idle pool whose only
-            # cached blocks are that prefix would never admit the request)
-            prefix = self.blocks.cached_prefix(req, kind, convert=False)
-            todo = self._allocate_from(req, kind, prefix, first_chunk)
-        if not todo:
+    def _take_first_kind(self, req: Request, kinds, first_chunk) -> int:
+        """_take_blocks in the first of kinds that fits, each from its cached prefix; where none does,
+        KV once more without converting a cached hidden prefix. That prefix is held beside the new KV
+        table while it is converted, and may be what does not fit: started afresh, the request evicts
+        it instead (else an idle pool whose only cached blocks were that prefix never admitted it)."""
+        for kind in kinds:
+            todo = self._take_blocks(req, kind, first_chunk)
+            if todo:
+                return todo
+        if CacheKind.KV in kinds and self.blocks.hidden_enabled:
+            return self._take_blocks(req, CacheKind.KV, first_chunk, convert=False)
+        return 0
+
+    def _take_blocks(self, req: Request, kind: CacheKind, first_chunk, convert: bool = True) -> int:
+        """Blocks of that kind for a waiting request: its cached prefix (a KV request's may be a hidden
+        one it converts, unless not convert), which counts as computed, and its first chunk of
+        first_chunk() tokens (asked once the prefix is known). Returns the chunk; 0: not admitted,
+        nothing held."""
+        prefix = self.blocks.cached_prefix(req, kind, convert=convert)
+        req.num_computed_tokens = prefix.tokens
+        todo = first_chunk()
+        if todo <= 0 or not self.blocks.allocate(req, kind, prefix, prefix.tokens + todo):
+            req.num_computed_tokens = 0
             return 0
         req.cache_kind = kind
         if req.num_cached_tokens is None:
             req.num_cached_tokens = prefix.tokens
         if self.blocks.caching:
             self._count_prefix(req, kind, prefix)
-        return todo
-
-    def _allocate_from(self, req: Request, kind: CacheKind, prefix: CachedPrefix, first_chunk) -> int:
-        """_take_blocks from one cached prefix: the chunk, or 0 with nothing held."""
-        req.num_computed_tokens = prefix.tokens
-        todo = first_chunk()
-        if todo <= 0 or not self.blocks.allocate(req, kind, prefix, prefix.tokens + todo):
-            req.num_computed_tokens = 0
-            return 0
         return todo
 
     def _count_prefix(self, req: Request, kind: CacheKind, prefix: CachedPrefix) -> None:
@@ -351,11 +348,17 @@ class Scheduler:
             self.blocks.ensure(req.request_id, CacheKind.KV, req.num_tokens)
         return conv
 
+    def _outgrows_kv(self, req: Request) -> bool:
+        """Its tokens so far need more KV blocks than the whole pool holds."""
+        return self.blocks.blocks_for(req.num_tokens, CacheKind.KV) > self.blocks.num_blocks
+
     def _requested_conversions(self) -> list[ConversionPlan]:
         out = []
         pending, self._requested_upgrades = self._requested_upgrades, []
         for rid in pending:
             req = self.requests.get(rid)
+            if req is not None and self._outgrows_kv(req):
+                continue  # it only grows: the request can never be met
             if req is None or req.cache_kind is not CacheKind.HIDDEN or req.num_computed_tokens == 0:
                 if req is not None and req.cache_kind is not CacheKind.KV:
                     self._requested_upgrades.append(rid)  # not prefilled yet: try again later

@@ -331,7 +331,7 @@ class AptScheduler(Scheduler):
         for i in np.flatnonzero(sel.kind):
             req, kind = waiting[i], KIND_OF_CODE[int(sel.kind[i])]
             chunk = int(options[kind].chunk[i])
-            todo = self._take_blocks(req, kind, lambda: min(chunk, req.num_uncomputed_tokens))
+            todo = self._take_first_kind(req, (kind,), lambda: min(chunk, req.num_uncomputed_tokens))
             if not todo:
                 continue  # weighed within an idle pool's free blocks, its chunk may still miss
             admitted.append(req)
