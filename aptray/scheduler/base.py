@@ -121,8 +121,12 @@ class Scheduler:
         chunk as KV, a request that only fits as hidden outgrows the pool, is preempted, and comes
         back the same way for ever."""
         kinds = self._admission_kinds()
-        fit = tuple(k for k in kinds if self.blocks.blocks_for(req.num_tokens, k) <= self.blocks.num_blocks)
+        fit = tuple(k for k in kinds if not self._outgrows(req, k))
         return fit or kinds
+
+    def _outgrows(self, req: Request, kind: CacheKind) -> bool:
+        """req's tokens so far need more blocks of that kind than the whole pool holds."""
+        return self.blocks.blocks_for(req.num_tokens, kind) > self.blocks.num_blocks
 
     def _try_allocate(self, req: Request, num_tokens: int, kinds=None) -> bool:
         """Give req room for num_tokens in the first kind that fits (its own kind once it has one)."""
@@ -195,7 +199,7 @@ class Scheduler:
     def _convert(self, req: Request, to_kind: CacheKind) -> ConversionPlan | None:
         """Move a running request's computed tokens to to_kind, if the blocks allow: never to KV where
         its tokens so far outgrow the whole pool as KV (moved mid-prefill, it could never go on)."""
-        if to_kind is CacheKind.KV and self._outgrows_kv(req):
+        if to_kind is CacheKind.KV and self._outgrows(req, to_kind):
             return None
         try:
             old, new = self.blocks.convert(req.request_id, to_kind, max(req.num_computed_tokens, 1))
@@ -348,16 +352,12 @@ class Scheduler:
             self.blocks.ensure(req.request_id, CacheKind.KV, req.num_tokens)
         return conv
 
-    def _outgrows_kv(self, req: Request) -> bool:
-        """Its tokens so far need more KV blocks than the whole pool holds."""
-        return self.blocks.blocks_for(req.num_tokens, CacheKind.KV) > self.blocks.num_blocks
-
     def _requested_conversions(self) -> list[ConversionPlan]:
         out = []
         pending, self._requested_upgrades = self._requested_upgrades, []
         for rid in pending:
             req = self.requests.get(rid)
-            if req is not None and self._outgrows_kv(req):
+            if req is not None and self._outgrows(req, CacheKind.KV):
                 continue  # it only grows: the request can never be met
             if req is None or req.cache_kind is not CacheKind.HIDDEN or req.num_computed_tokens == 0:
                 if req is not None and req.cache_kind is not CacheKind.KV:
