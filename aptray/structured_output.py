@@ -34,7 +34,7 @@ MAX_CHOICES = 1024
 MAX_SCHEMA_DEPTH = 64
 MAX_SCHEMA_PROPERTIES = 256  # in one object
 PARAM = "structured_outputs"
-# the engine thread's time on one request's grammar for one token beyond which the request ends
+# the engine thread's CPU time on one request's grammar for one token beyond which the request ends
 # with an error: a usual grammar takes 5-9 us a token (SmolLM2's 49,152 tokens, loadgen.bench_grammar)
 MAX_GUIDE_SECONDS_PER_TOKEN = 0.02
 
@@ -237,10 +237,12 @@ class Grammars:
 
 
 class Guide:
-    """One request's place in its grammar. last_token_seconds: what the engine thread spent on it for
-    the newest token taken (its bitmask and its accept). An ambiguous grammar compiles in
-    milliseconds and then costs more with every token (xgrammar's matcher keeps every parse it still
-    allows): the engine ends a request past MAX_GUIDE_SECONDS_PER_TOKEN rather than slow every step."""
+    """One request's place in its grammar. last_token_seconds: the engine thread's CPU time on it for
+    the newest token taken (its bitmask and its accept); CPU time, so that a thread kept waiting by the
+    machine's load or by another thread's turn at the GIL is not charged for the wait. An ambiguous
+    grammar compiles in milliseconds and then costs more with every token (xgrammar's matcher keeps
+    every parse it still allows): the engine ends a request past MAX_GUIDE_SECONDS_PER_TOKEN rather
+    than slow every step."""
 
     def __init__(self, xgrammar, compiled, vocab_size: int):
         self.compiled = compiled  # a resumed request starts its new Guide from it: no compile
@@ -251,14 +253,14 @@ class Guide:
 
     def allowed_tokens(self) -> bytes:
         """The tokens the grammar allows next, as SeqPlan.allowed_tokens (little-endian int32 words)."""
-        start = time.perf_counter()
+        start = time.thread_time()
         self._matcher.fill_next_token_bitmask(self._mask)
-        self._pending += time.perf_counter() - start
+        self._pending += time.thread_time() - start
         return self._mask.numpy().astype("<i4", copy=False).tobytes()
 
     def accept(self, token: int) -> bool:
         """Advance past token; False (and no move) if the grammar does not allow it."""
-        start = time.perf_counter()
+        start = time.thread_time()
         accepted = self._matcher.accept_token(token)
-        self.last_token_seconds, self._pending = self._pending + time.perf_counter() - start, 0.0
+        self.last_token_seconds, self._pending = self._pending + time.thread_time() - start, 0.0
         return accepted

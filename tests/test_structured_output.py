@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import jsonschema
 import numpy as np
@@ -311,6 +312,26 @@ def test_an_ambiguous_grammar_ends_its_request_not_the_others(monkeypatch):
     assert "over the limit of 2 ms (an ambiguous grammar)" in out[0].error
     assert 5 < len(out[0].outputs[0].token_ids) < 1000
     assert out[1].outputs[0].token_ids == alone
+
+
+def test_a_grammar_thread_kept_waiting_is_not_charged_for_the_wait(monkeypatch):
+    """The per-token limit is on the engine thread's CPU time in the grammar: a thread kept off the CPU
+    inside the matcher (here a 50 ms sleep in each bitmask, past the 20 ms limit in wall time), as a
+    loaded machine or another thread's turn at the GIL would keep it, still gets its request's tokens."""
+    path = tiny_model("opt-60x3")
+    params = SamplingParams(temperature=0.0, max_tokens=8, structured_output=KINDS["regex"])
+    want = LLM(path).generate(["hi"], params)[0].outputs[0]
+
+    class KeptWaiting(xgrammar.GrammarMatcher):
+        def fill_next_token_bitmask(self, *args, **kwargs):
+            filled = super().fill_next_token_bitmask(*args, **kwargs)
+            time.sleep(0.05)
+            return filled
+
+    monkeypatch.setattr(xgrammar, "GrammarMatcher", KeptWaiting)
+    got = LLM(path).generate(["hi"], params)[0].outputs[0]
+    assert got.finish_reason == want.finish_reason != "error", got.finish_reason
+    assert got.token_ids == want.token_ids and len(got.token_ids) > 1
 
 
 def test_compiled_grammars_kept_are_bounded():
