@@ -116,12 +116,15 @@ def _hostile_http(server, reference):
         assert r.status_code in (400, 413, 422), (param, r.status_code, r.text[:300])
         assert took < FAST, (param, took)
         assert r.status_code != 400 or param in r.json()["error"]["message"] + str(r.json()["error"]["param"])
-    # a schema xgrammar compiles for seconds (3.3 s here: python -m loadgen.bench_grammar): refused at the deadline
+    # a schema xgrammar compiles for seconds (3.3 s here: python -m loadgen.bench_grammar): refused at the
+    # deadline; 429 where the normal streams kept the compiling child (nice 10) under a quarter of it on
+    # the CPU (the sandbox's rule: not the spec's fault; tests/test_grammar_sandbox.py holds both cases)
     slow = {"type": "array", "items": {"anyOf": [{"type": "string", "pattern": f"[a-z]{{1,{i * 10}}}"}
                                                  for i in range(1, 120)]}}
     fmt = {"type": "json_schema", "json_schema": {"name": "slow", "schema": slow}}
     r, took = _post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 4, "response_format": fmt})
-    assert r.status_code == 400 and "did not compile within 1 s" in r.json()["error"]["message"], r.text[:300]
+    refusal = {400: "did not compile within 1 s", 429: "too busy to compile"}.get(r.status_code)
+    assert refusal is not None and refusal in r.json()["error"]["message"], r.text[:300]
     assert took < FAST
     out.append(("http", "slow schema", r.status_code, took))
     many = {"messages": [{"role": "user", "content": "hi"}] * 5000, "max_tokens": 4}

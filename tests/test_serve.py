@@ -122,12 +122,12 @@ def test_dead_shard_fails_the_step_fast(ray_session, model_path, reference):
     executor = RayExecutor(config, use_gpu=False)
     try:
         engine = Engine(config, executor, tokenizer)
-        engine.add_request("a", tokenizer.encode(PROMPTS[0]), SamplingParams(max_tokens=50, ignore_eos=True))
+        engine.add_request("a", tokenizer.encode(PROMPTS[0]), SamplingParams(max_tokens=200, ignore_eos=True))
         engine.step()
-        ray.kill(executor.shards[1])
+        ray.kill(executor.shards[1])  # asynchronous: steps may still succeed until it lands
         t = time.time()
         with pytest.raises(StepFailed) as failed:
-            for _ in range(5):  # the kill lands within a step or two
+            while time.time() - t < 15 and engine.has_unfinished():
                 engine.step()
         assert isinstance(failed.value.cause, grpc.RpcError)
         assert time.time() - t < 15  # not the 600 s step timeout: rank 0 is stuck in a collective

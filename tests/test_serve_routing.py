@@ -211,12 +211,14 @@ def test_a_replica_whose_router_died_is_avoided_until_it_is_back(app):
     url, by_replica, names = app["http"], routers(), router_names()
     dead, alive = sorted(by_replica)
     ray.kill(by_replica[dead], no_restart=True)
-    time.sleep(1.0)  # the next stats pull finds it dead: its ingress reports "ok": False and starts a new one
+    # a stats pull finds it dead: its ingress starts a new router (named at once, ready seconds later)
+    # and reports "ok": False until it is ready; two more pulls carry that to the proxy
+    noticed = time.time() + 60
+    while time.time() < noticed and router_names().get(dead, names[dead]) == names[dead]:  # a dead one is unlisted
+        time.sleep(0.05)
+    time.sleep(2 * ARGS["routing_stats_period_s"] + 0.4)
     went = [post(url) for _ in range(6)]
     assert all(r.status_code == 200 for r in went)
     assert [r.headers["x-aptray-replica"] for r in went] == [alive] * 6
-    deadline = time.time() + 60
-    while time.time() < deadline and router_names()[dead] == names[dead]:
-        time.sleep(0.5)
     assert router_names()[dead] != names[dead]
-    assert ray.get(routers()[dead].health.remote())["ok"]  # replaced: it takes requests again
+    assert ray.get(routers()[dead].health.remote(), timeout=60)["ok"]  # replaced: it takes requests again
