@@ -34,9 +34,10 @@ MAX_CHOICES = 1024
 MAX_SCHEMA_DEPTH = 64
 MAX_SCHEMA_PROPERTIES = 256  # in one object
 PARAM = "structured_outputs"
-# the engine thread's CPU time on one request's grammar for one token beyond which the request ends
+# the engine thread's time on one request's grammar for one token beyond which the request ends
 # with an error: a usual grammar takes 5-9 us a token (SmolLM2's 49,152 tokens, loadgen.bench_grammar)
 MAX_GUIDE_SECONDS_PER_TOKEN = 0.02
+PRECISE_CLOCK_AFTER_S = 0.001  # a request's grammar time past this on the wall clock: CPU time from then on
 
 
 @dataclass(frozen=True)
@@ -237,30 +238,39 @@ class Grammars:
 
 
 class Guide:
-    """One request's place in its grammar. last_token_seconds: the engine thread's CPU time on it for
-    the newest token taken (its bitmask and its accept); CPU time, so that a thread kept waiting by the
-    machine's load or by another thread's turn at the GIL is not charged for the wait. An ambiguous
-    grammar compiles in milliseconds and then costs more with every token (xgrammar's matcher keeps
-    every parse it still allows): the engine ends a request past MAX_GUIDE_SECONDS_PER_TOKEN rather
-    than slow every step."""
+    """One request's place in its grammar. last_token_seconds: the engine thread's time on it for the
+    newest token taken (its bitmask and its accept). An ambiguous grammar compiles in milliseconds and
+    then costs more with every token (xgrammar's matcher keeps every parse it still allows): the
+    engine ends a request past MAX_GUIDE_SECONDS_PER_TOKEN rather than slow every step.
+
+    The time is the wall clock (a 50 ns read) until one token takes over PRECISE_CLOCK_AFTER_S; from
+    then on it is the thread's CPU time (a 700 ns system call), and that token is not judged. A thread
+    kept waiting by the machine's load or by another thread's turn at the GIL is thus never charged
+    for the wait, and a usual grammar's token (5-9 us) pays no system call."""
 
     def __init__(self, xgrammar, compiled, vocab_size: int):
         self.compiled = compiled  # a resumed request starts its new Guide from it: no compile
         self._matcher = xgrammar.GrammarMatcher(compiled)
         self._mask = xgrammar.allocate_token_bitmask(1, vocab_size)  # int32 words, bit t % 32 of word t // 32
+        self._clock = time.perf_counter
         self._pending = 0.0  # the bitmasks' time since the last accept
         self.last_token_seconds = 0.0
 
     def allowed_tokens(self) -> bytes:
         """The tokens the grammar allows next, as SeqPlan.allowed_tokens (little-endian int32 words)."""
-        start = time.thread_time()
+        clock = self._clock
+        start = clock()
         self._matcher.fill_next_token_bitmask(self._mask)
-        self._pending += time.thread_time() - start
+        self._pending += clock() - start
         return self._mask.numpy().astype("<i4", copy=False).tobytes()
 
     def accept(self, token: int) -> bool:
         """Advance past token; False (and no move) if the grammar does not allow it."""
-        start = time.thread_time()
+        clock = self._clock
+        start = clock()
         accepted = self._matcher.accept_token(token)
-        self.last_token_seconds, self._pending = self._pending + time.thread_time() - start, 0.0
+        spent, self._pending = self._pending + clock() - start, 0.0
+        if clock is time.perf_counter and spent > PRECISE_CLOCK_AFTER_S:
+            self._clock, spent = time.thread_time, 0.0  # this token's time may be a wait
+        self.last_token_seconds = spent
         return accepted

@@ -315,9 +315,9 @@ def test_an_ambiguous_grammar_ends_its_request_not_the_others(monkeypatch):
 
 
 def test_a_grammar_thread_kept_waiting_is_not_charged_for_the_wait(monkeypatch):
-    """The per-token limit is on the engine thread's CPU time in the grammar: a thread kept off the CPU
-    inside the matcher (here a 50 ms sleep in each bitmask, past the 20 ms limit in wall time), as a
-    loaded machine or another thread's turn at the GIL would keep it, still gets its request's tokens."""
+    """A thread kept off the CPU inside the matcher (here a 50 ms sleep in each bitmask, past the 20 ms
+    limit in wall time), as a loaded machine or another thread's turn at the GIL would keep it, still
+    gets its request's tokens: past 1 ms the guide judges the thread's CPU time instead."""
     path = tiny_model("opt-60x3")
     params = SamplingParams(temperature=0.0, max_tokens=8, structured_output=KINDS["regex"])
     want = LLM(path).generate(["hi"], params)[0].outputs[0]
