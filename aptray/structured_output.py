@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from aptray import fatal_signals
 from aptray.sampling_params import InvalidRequest, check_text
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
@@ -230,7 +231,8 @@ class Grammars:
         if self.tokenizer is None and self._info_json is None:
             raise InvalidRequest("a structured output needs the model's tokenizer (skip_tokenizer_init is set)", PARAM)
         try:
-            import xgrammar
+            with fatal_signals.kept():  # not xgrammar's runtime's SIGSEGV handler, which can hang
+                import xgrammar
         except ImportError:
             raise InvalidRequest("structured outputs need xgrammar, which this server lacks (pip install "
                                  "'aptray[serve]' or xgrammar)", PARAM) from None

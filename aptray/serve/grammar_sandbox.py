@@ -266,7 +266,9 @@ def main() -> None:
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     grammars = Grammars(None, first["vocab_size"], tokenizer_info=first["tokenizer_info"])
     grammars.compile_uncached(StructuredOutput("regex", "a"))  # loads xgrammar
-    _die_at_once_on_a_crash()
+    # a crash writes the Python stacks, then takes the default action: the import kept that
+    # (aptray.fatal_signals), so the child dies at once and the router reads a crash, not a busy machine
+    faulthandler.enable(all_threads=True)
     os.nice(10)  # the router's engine thread comes first on a busy machine
     _limit_memory(first["memory_bytes"])
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a spec that crashes xgrammar leaves no core of GBs
@@ -280,16 +282,6 @@ def main() -> None:
             reply = {"error": f"the structured output needs over {first['memory_bytes'] >> 20} MiB to compile"
                      if out_of_memory else str(e)}
         print(json.dumps(reply), file=replies)
-
-
-def _die_at_once_on_a_crash() -> None:
-    """xgrammar's runtime (tvm_ffi) answers SIGSEGV by symbolizing a backtrace, which can deadlock (a
-    fault inside malloc, say): the child then hangs to the deadline using no CPU, and its crash reads
-    as a busy machine (429) instead of a refusal of the spec. Python's faulthandler instead writes the
-    Python stacks with write(2) alone, then the signal's default action ends the child."""
-    for signum in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT):
-        signal.signal(signum, signal.SIG_DFL)
-    faulthandler.enable(all_threads=True)
 
 
 def _limit_memory(growth: int) -> None:
