@@ -5,7 +5,9 @@ Ray clusters on the same machine are left alone.
 """
 from __future__ import annotations
 
+import glob
 import json
+import os
 import signal
 import tempfile
 import time
@@ -39,16 +41,30 @@ def descendants_named(title: str) -> list[psutil.Process]:
     return out
 
 
-def kill_one(title: str, timeout: float = 30.0) -> int:
-    """SIGKILL one live descendant named title; returns its pid."""
+def kill_one(title: str, timeout: float = 30.0, signum: int = signal.SIGKILL) -> int:
+    """Send signum (SIGKILL) to one live descendant named title; returns its pid."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         procs = descendants_named(title)
         if procs:
-            procs[-1].send_signal(signal.SIGKILL)
+            procs[-1].send_signal(signum)
             return procs[-1].pid
         time.sleep(0.1)
     raise RuntimeError(f"no process named {title!r} under this one")
+
+
+def worker_stderr(pid: int, timeout: float = 30.0, until: str = "") -> str:
+    """What the Ray worker process pid wrote to stderr (its log file on this node), once it holds
+    `until` or timeout passed."""
+    from ray._private.worker import global_worker  # the logs' folder has no public accessor
+    pattern = os.path.join(global_worker.node.get_logs_dir_path(), f"worker-*-{pid}.err")
+    deadline, text = time.time() + timeout, ""
+    while time.time() < deadline:
+        text = "".join(open(path, errors="replace").read() for path in glob.glob(pattern))
+        if until in text:
+            break
+        time.sleep(0.2)
+    return text
 
 
 def metric(text: str, name: str, labels: str = "") -> float | None:

@@ -8,6 +8,7 @@ One Ray instance and one app for the module. Figures for docs/RELIABILITY.md are
 """
 import asyncio
 import os
+import signal
 import time
 
 import pytest
@@ -21,7 +22,7 @@ from aptray.llm import LLM  # noqa: E402
 from aptray.sampling_params import SamplingParams  # noqa: E402
 from aptray.model.demo import demo_model_dir, ensure_demo_model  # noqa: E402
 from aptray.worker.shard import free_port  # noqa: E402
-from fault_tools import RedisProcess, kill_one, metric, sse_events  # noqa: E402
+from fault_tools import RedisProcess, kill_one, metric, sse_events, worker_stderr  # noqa: E402
 from serve_tools import served_app  # noqa: E402
 
 PROMPTS = ["The quick brown fox", "What is the capital of France?", "def add(a, b):", "Once upon a time"]
@@ -172,6 +173,22 @@ def test_router_process_killed_mid_generation(server, reference):
     resumed = {src: metric(text, "aptray_requests_resumed_total", '{source="%s"}' % src) for src in ("store", "client")}
     print(f"RELIABILITY router_kill requests={n} completed_identical={n} lost=0 resumed={resumed} "
           f"wall_s={time.time() - t:.1f}")
+
+
+def test_router_crash_after_it_loaded_xgrammar(server, reference):
+    """A router that has compiled a structured output (so xgrammar, whose runtime would put in a SIGSEGV
+    handler that can hang, is loaded) crashes mid-generation: it dies, by the handler Ray put in
+    (aptray.fatal_signals), and is replaced; every request ends with the fault-free tokens."""
+    body = {"prompt": "hello", "max_tokens": 4, "response_format": {"type": "json_object"}}
+    assert httpx.post(server["http"] + "/v1/completions", json=body, headers=AUTH, timeout=120).status_code == 200
+    before = metric(_metrics(server), "aptray_router_restarts_total") or 0
+    crashed = []
+    n = asyncio.run(_load_with_fault(server, reference,
+                                     lambda: crashed.append(kill_one("ray::Router", signum=signal.SIGSEGV))))
+    assert metric(_metrics(server), "aptray_router_restarts_total") == before + 1
+    log = worker_stderr(crashed[0], until="SIGSEGV received")
+    assert "SIGSEGV received" in log and "Segfault encountered" not in log, log[-2000:]  # Ray's, not tvm_ffi's
+    print(f"RELIABILITY router_segfault requests={n} completed_identical={n} lost=0")
 
 
 def test_redis_restart_under_load(server, reference, redis_proc):
