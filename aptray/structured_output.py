@@ -247,7 +247,8 @@ class Guide:
 
     The time is the wall clock (a 50 ns read) until one token takes over PRECISE_CLOCK_AFTER_S; from
     then on it is the thread's CPU time (a 700 ns system call; python -m timeit, 2026-12-07), and that
-    token is not judged. A thread
+    token is not judged: a grammar whose cost leaps past the limit in one token is ended a token later
+    (and a Guide made anew on a resume starts on the wall clock again). A thread
     kept waiting by the machine's load or by another thread's turn at the GIL is thus never charged
     for the wait, and a usual grammar's token (5-9 us) pays no system call."""
 
@@ -255,7 +256,7 @@ class Guide:
         self.compiled = compiled  # a resumed request starts its new Guide from it: no compile
         self._matcher = xgrammar.GrammarMatcher(compiled)
         self._mask = xgrammar.allocate_token_bitmask(1, vocab_size)  # int32 words, bit t % 32 of word t // 32
-        self._clock = time.perf_counter
+        self._clock, self._on_cpu_clock = time.perf_counter, False
         self._pending = 0.0  # the bitmasks' time since the last accept
         self.last_token_seconds = 0.0
 
@@ -273,7 +274,7 @@ class Guide:
         start = clock()
         accepted = self._matcher.accept_token(token)
         spent, self._pending = self._pending + clock() - start, 0.0
-        if clock is time.perf_counter and spent > PRECISE_CLOCK_AFTER_S:
-            self._clock, spent = time.thread_time, 0.0  # this token's time may be a wait
+        if not self._on_cpu_clock and spent > PRECISE_CLOCK_AFTER_S:
+            self._clock, self._on_cpu_clock, spent = time.thread_time, True, 0.0  # this token's may be a wait
         self.last_token_seconds = spent
         return accepted

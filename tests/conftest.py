@@ -3,9 +3,16 @@
 APTRAY_CACHE is where the demo and tiny models are built (aptray/model/demo.py, aptray/smollm2.py).
 Set before any test module starts Ray, so every worker inherits it and finds the models built once;
 a fresh directory, so no test reads a model a user's earlier version left in ~/.cache/aptray.
+
+xgrammar loads here, keeping the process's handlers of fatal signals (aptray.fatal_signals): a test
+module's own `import xgrammar` would otherwise put its runtime's SIGSEGV handler, which can hang, in
+place of pytest's faulthandler for the rest of the run.
 """
 import os
 
+from aptray import fatal_signals
 from loadgen.scratch import scratch_dir
 
 os.environ["APTRAY_CACHE"] = scratch_dir("aptray-test-cache-")
+with fatal_signals.kept():
+    import xgrammar  # noqa: F401

@@ -111,7 +111,7 @@ def _killed_mid_compile(compiler, so, signum):
 def test_a_crash_of_the_child_is_a_refusal_and_the_next_spec_compiles(tokenizer, capfd):
     """A crash of xgrammar (SIGSEGV) is the spec's doing: 400, remembered. The child dies by Python's
     faulthandler, not by the handler of xgrammar's runtime, whose symbolized backtrace can hang past the
-    deadline: the crash then read as a busy machine (429)."""
+    deadline, where the crash would read as a busy machine (429)."""
     compiler = SandboxedCompiler(Grammars(tokenizer, 512), timeout_s=60.0, threads=1)
     try:
         error = _killed_mid_compile(compiler, SLOW, signal.SIGSEGV)

@@ -124,7 +124,10 @@ def test_dead_shard_fails_the_step_fast(ray_session, model_path, reference):
         engine = Engine(config, executor, tokenizer)
         engine.add_request("a", tokenizer.encode(PROMPTS[0]), SamplingParams(max_tokens=200, ignore_eos=True))
         engine.step()
-        ray.kill(executor.shards[1])  # asynchronous: steps may still succeed until it lands
+        ray.kill(executor.shards[1])  # asynchronous: wait until it has landed
+        with pytest.raises(ray.exceptions.RayActorError):
+            while True:
+                ray.get(executor.shards[1].node_address.remote(), timeout=60)
         t = time.time()
         with pytest.raises(StepFailed) as failed:
             while time.time() - t < 15 and engine.has_unfinished():
