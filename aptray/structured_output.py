@@ -248,17 +248,21 @@ class Guide:
     The time is the wall clock (a 50 ns read) until one token takes over PRECISE_CLOCK_AFTER_S; from
     then on it is the thread's CPU time (a 700 ns system call; python -m timeit, 2026-12-07), and that
     token is not judged: a grammar whose cost leaps past the limit in one token is ended a token later
-    (and a Guide made anew on a resume starts on the wall clock again). A thread
-    kept waiting by the machine's load or by another thread's turn at the GIL is thus never charged
-    for the wait, and a usual grammar's token (5-9 us) pays no system call."""
+    (and a Guide made anew on a resume starts on the wall clock again). A thread kept waiting by the
+    machine's load or by another thread's turn at the GIL is thus never charged for the wait, and a
+    usual grammar's token (5-9 us) pays no system call."""
 
     def __init__(self, xgrammar, compiled, vocab_size: int):
         self.compiled = compiled  # a resumed request starts its new Guide from it: no compile
         self._matcher = xgrammar.GrammarMatcher(compiled)
         self._mask = xgrammar.allocate_token_bitmask(1, vocab_size)  # int32 words, bit t % 32 of word t // 32
-        self._clock, self._on_cpu_clock = time.perf_counter, False
+        self._on_cpu_clock = False
         self._pending = 0.0  # the bitmasks' time since the last accept
         self.last_token_seconds = 0.0
+
+    @property
+    def _clock(self):
+        return time.thread_time if self._on_cpu_clock else time.perf_counter
 
     def allowed_tokens(self) -> bytes:
         """The tokens the grammar allows next, as SeqPlan.allowed_tokens (little-endian int32 words)."""
@@ -275,6 +279,6 @@ class Guide:
         accepted = self._matcher.accept_token(token)
         spent, self._pending = self._pending + clock() - start, 0.0
         if not self._on_cpu_clock and spent > PRECISE_CLOCK_AFTER_S:
-            self._clock, self._on_cpu_clock, spent = time.thread_time, True, 0.0  # this token's may be a wait
+            self._on_cpu_clock, spent = True, 0.0  # this token's time may be a wait
         self.last_token_seconds = spent
         return accepted
