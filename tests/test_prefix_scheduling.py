@@ -82,8 +82,8 @@ def test_a_cached_hidden_prefix_that_does_not_fit_beside_a_kv_table(model_dir, m
     them), and a 40-token request on it: as KV converting the prefix it needs 10 blocks beside the 4,
     as KV afresh 10, as hidden sharing the prefix 1 more. fcfs tries KV, then hidden, each with its
     prefix: hidden, 32 tokens cached. apt with hidden priced out (30 ms a hidden step) offers KV only,
-    which fits only afresh, evicting the prefix; tried only with the conversion, the idle pool never
-    admitted it (the GPU check's CPU smoke: 7 of 8 requests finished after 5,921 steps)."""
+    which fits only afresh, evicting the prefix; tried only with the conversion, the idle pool would
+    never admit it."""
     _, blocks, first = make_cached(model_dir, 12, scheduler="fcfs", cache_mode="hidden", ttft_slo=1.0, tbt_slo=1.0)
     executor = TokenCacheExecutor(blocks)  # one pool of token ids for both runs: the cached prefix is read back
     monkeypatch.setattr(test_scheduler, "TokenCacheExecutor", lambda _blocks: executor)

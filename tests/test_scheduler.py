@@ -395,7 +395,7 @@ def test_a_prompt_that_fits_the_pool_only_as_hidden_is_admitted_as_hidden_when_c
 def test_fcfs_without_chunked_prefill_chunks_a_preempted_request_no_step_holds_whole(model_dir):
     """fcfs computes a prompt in one step (the engine refuses prompts over max_num_batched_tokens), but a
     preempted request comes back with its outputs: 12 + 10 tokens against a 16-token budget. Chunked, it
-    finishes; waiting to fit one step whole, it waited for ever."""
+    finishes; waiting to fit one step whole, it would wait for ever."""
     _, blocks, sched = make(model_dir, 10, scheduler="fcfs", cache_mode="kv", max_num_batched_tokens=16)
     work = [(0.0, f"r{i}", list(range(10 + i, 22 + i)), 10) for i in range(3)]
     outputs = run(sched, blocks, work, max_iters=3000)

@@ -239,7 +239,7 @@ class Scheduler:
         """_take_blocks in the first of kinds that fits, each from its cached prefix; where none does,
         KV once more without converting a cached hidden prefix. That prefix is held beside the new KV
         table while it is converted, and may be what does not fit: started afresh, the request evicts
-        it instead (else an idle pool whose only cached blocks were that prefix never admitted it)."""
+        it instead (else an idle pool whose only cached blocks are that prefix would never admit it)."""
         for kind in kinds:
             todo = self._take_blocks(req, kind, first_chunk)
             if todo:
