@@ -27,6 +27,7 @@ class EngineStep:
     its own timings."""
     outputs: list[RequestOutput] = field(default_factory=list)
     schedule_s: float = 0.0  # the policy's decision
+    execute_s: float = 0.0  # the executor's call as the engine waited for it (a shard's RPC included)
     result: StepResult | None = None  # the executor's answer (step_time, logits); None: nothing ran
     plan: BatchPlan | None = None  # what the step computed (its tokens and decodes: the step's speed)
 
@@ -166,10 +167,12 @@ class Engine:
             return step
         if want_logits:
             plan = type(plan)(plan.iteration, plan.seqs, plan.conversions, True)
+        start = time.perf_counter()
         try:
             result = step.result = self.executor.execute(plan)
         except Exception as e:
             raise StepFailed(plan, e) from e
+        step.execute_s = time.perf_counter() - start
         if self.quarantine:
             self.quarantine.clear(result.sampled)
         outputs = step.outputs

@@ -323,3 +323,43 @@ def test_resumed_request_already_finished():
     before = tok.decode([7], skip_special_tokens=True)
     assert finished(r([7] + word, stop=["capital"]), engine) == ("stop", before + " ")
     assert finished(r([]), engine) is None
+
+
+def test_a_measured_slo_floor_comes_down_to_the_fastest_step_run():
+    """A router measures its SLO floor (the fastest one-token step) as it starts; on a busy machine that
+    reads high. Each admission lowers a measured floor to the fastest step its engine has run since, so
+    SLOs the engine meets are accepted again; a floor the operator set stays. A real Router (tiny model,
+    embedded Redis) in this process: only the start-up measurement is replaced, by a slow one."""
+    from dataclasses import replace
+
+    from aptray.serve.relay import Admission
+    from aptray.serve.router import Router
+    router = Router({"min_ttft_slo_ms": 20_000})
+    try:
+        assert router.limits.min_ttft_slo == 20.0 and router.limits.min_tbt_slo < 1.0
+        router.limits = replace(router.limits, min_tbt_slo=10.0)  # what a start-up on a busy machine could read
+
+        async def finished():
+            deadline = time.monotonic() + 30
+            while router.loop.streams and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return not router.loop.streams
+
+        async def run():
+            def admit(rid, **slos):
+                return router.admit([Admission(rid, [5, 6, 7], {"max_tokens": 4, **slos}, None)])
+            refused = await admit("req-floor-1", ttft_slo=30.0, tbt_slo=1.0)
+            assert refused[0]["status"] == 400 and refused[0]["param"] == "tbt_ms"
+            assert "floor of 1e+04 ms" in refused[0]["error"]
+            assert (await admit("req-floor-2"))[0]["accepted"]
+            assert await finished()
+            assert (await admit("req-floor-3", ttft_slo=30.0, tbt_slo=1.0))[0]["accepted"]
+            assert await finished()
+            operators = await admit("req-floor-4", ttft_slo=5.0, tbt_slo=1.0)
+            assert operators[0]["status"] == 400 and operators[0]["param"] == "ttft_ms"
+
+        asyncio.run(run())
+        assert router.limits.min_tbt_slo == router.loop.fastest_step_s < 1.0
+        assert router.limits.min_ttft_slo == 20.0
+    finally:
+        router.shutdown()

@@ -12,6 +12,7 @@ owner; a client that re-attaches gets what it has not seen, then the rest.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -98,6 +99,7 @@ class EngineLoop:
         self.rebuilds_in_a_row = 0
         self.faults = Counter()  # shard_rebuilds, resumed_shards, resumed_store, resumed_client
         self.broken: str | None = None  # shards could not be rebuilt: report unhealthy, Serve replaces us
+        self.fastest_step_s = math.inf  # the fastest step executed: written by the engine thread alone
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = False
@@ -185,6 +187,7 @@ class EngineLoop:
             self.rebuilds_in_a_row = 0
             if step.result is not None:
                 self.tracker.on_step(step.plan, time.perf_counter() - started)
+                self.fastest_step_s = min(self.fastest_step_s, step.execute_s)
             self._publish(step.outputs)
             self._hand_off()
             self.metrics.observe_iteration(self.engine.scheduler, step.schedule_s,

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import ray
 
@@ -65,15 +65,26 @@ class Router:
 
     def _request_limits(self) -> RequestLimits:
         """Limits from the args; SLO floors not set there are the engine's fastest step, measured now
-        (before any request holds a block)."""
+        (before any request holds a block) and lowered as faster steps run (_lower_measured_floors)."""
         a, spec = self.args, self.config.spec
         fastest = None
-        if a.min_ttft_slo_ms is None or a.min_tbt_slo_ms is None:
+        self._measured_floors = (a.min_ttft_slo_ms is None, a.min_tbt_slo_ms is None)
+        if any(self._measured_floors):
             fastest = self.loop.engine.fastest_step_seconds()  # the thread has not started
             logger.info("fastest step %.2f ms: the floor of accepted SLOs", fastest * 1e3)
         floor = lambda ms: fastest if ms is None else ms / 1000  # noqa: E731
         return RequestLimits(spec.max_model_len, spec.vocab_size, a.max_prompt_tokens, a.max_tokens_limit,
                              floor(a.min_ttft_slo_ms), floor(a.min_tbt_slo_ms))
+
+    def _lower_measured_floors(self) -> None:
+        """A measured SLO floor comes down to the fastest step the engine has run since: one measured on a
+        busy machine would otherwise refuse, for the router's whole life, SLOs its engine meets."""
+        fastest, limits = self.loop.fastest_step_s, self.limits
+        lower_ttft = self._measured_floors[0] and fastest < limits.min_ttft_slo
+        lower_tbt = self._measured_floors[1] and fastest < limits.min_tbt_slo
+        if lower_ttft or lower_tbt:
+            self.limits = replace(limits, min_ttft_slo=fastest if lower_ttft else limits.min_ttft_slo,
+                                  min_tbt_slo=fastest if lower_tbt else limits.min_tbt_slo)
 
     # -- control plane ------------------------------------------------------------------------
     def ready(self) -> dict:
@@ -155,6 +166,7 @@ class Router:
         before it is accepted (the ingress admits such a request in a call of its own, so no other
         request waits for it)."""
         self.loop.outbox.bind(asyncio.get_running_loop())
+        self._lower_measured_floors()
         checked, batch_ids, counted = [], set(), 0
         load, booked = (self.loop.load(with_prefixes=False), 0) if self.args.shed_unmeetable else (None, 0)
         for r in requests:
