@@ -11,7 +11,7 @@ from aptray.config import EngineConfig
 from aptray.engine import Engine, StepFailed
 from aptray.executor.local import LocalExecutor
 from aptray.outputs import RequestOutput
-from aptray.sampling_params import SamplingParams, check_text, choice_seed
+from aptray.sampling_params import SamplingParams, check_continuation, check_text, choice_seed
 from aptray.startup_heap import freeze_startup_heap
 
 logger = logging.getLogger("aptray")
@@ -103,8 +103,7 @@ class LLM:
             for key, value in message.items():
                 if isinstance(value, str):
                     check_text(value, param=key)
-        if continue_final_message and add_generation_prompt:
-            raise ValueError("continue_final_message goes on from the last message: set add_generation_prompt=False")
+        check_continuation(continue_final_message, add_generation_prompt)
         prompts = [self.tokenizer.apply_chat_template(
             c, tokenize=False, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, tools=tools, **(chat_template_kwargs or {}))

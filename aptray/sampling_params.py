@@ -52,6 +52,13 @@ def check_text(text: str, *, param: str | None = None) -> str:
     return text
 
 
+def check_continuation(continue_final_message: bool, add_generation_prompt: bool) -> None:
+    """A conversation cannot both go on from its last message and open a new one."""
+    if continue_final_message and add_generation_prompt:
+        raise InvalidRequest("continue_final_message goes on from the last message: set add_generation_prompt to "
+                             "false", "continue_final_message")
+
+
 def check_prompt(ids, context: int, vocab_size: int, limit: int | None = None) -> None:
     """A prompt the model can take: not empty, leaving room to generate (and within `limit` tokens,
     a server's own limit), every id in the vocabulary."""

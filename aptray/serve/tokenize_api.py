@@ -13,6 +13,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
+from aptray.sampling_params import check_continuation
 from aptray.serve import tools
 from aptray.serve.limits import RequestLimits
 from aptray.serve.openai_api import DetokenizeResponse, TokenizeChatRequest, TokenizeResponse
@@ -34,7 +35,7 @@ class Tokenizing:
         """A prompt's token ids, or a conversation's through the chat template. Rejected: too big (a
         text may be as long as a prompt to truncate), a template that refuses it, or busy (429)."""
         if isinstance(req, TokenizeChatRequest):
-            invalid_as_400(tools.check_continuation, req)
+            invalid_as_400(check_continuation, req.continue_final_message, req.add_generation_prompt)
             specs = tools.tool_specs(req.tools)
             self._check_size(num_messages=len(req.messages),
                              prompt_chars=invalid_as_400(tools.chat_chars, req.messages, specs))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from aptray.sampling_params import InvalidRequest
+from aptray.sampling_params import InvalidRequest, check_continuation
 from aptray.serve import tool_parser
 from aptray.serve.openai_api import ChatDelta, FunctionCall, ToolCall, chunk_logprobs, finish_reason
 from aptray.serve.sse import ChatEvents, sse, usage
@@ -104,7 +104,7 @@ def chat_sampling(req, parser: str | None) -> tuple[ToolReply, dict]:
     for the chat template (taken out before admission). The tools' structure holds the reply where
     tool_choice asks for calls; parser: the app's tool_call_parser. InvalidRequest where they
     cannot be served."""
-    check_continuation(req)
+    check_continuation(req.continue_final_message, req.add_generation_prompt)
     reply, held = plan(req.tools, req.tool_choice, parser, req.parallel_tool_calls is not False)
     sampling = req.sampling(1)
     if held is not None:
@@ -116,13 +116,6 @@ def chat_sampling(req, parser: str | None) -> tuple[ToolReply, dict]:
         sampling["skip_special_tokens"] = False
     sampling["tools"] = tool_specs(req.tools)
     return reply, sampling
-
-
-def check_continuation(req) -> None:
-    """InvalidRequest where a conversation asks both to go on from its last message and to open a new one."""
-    if req.continue_final_message and req.add_generation_prompt:
-        raise InvalidRequest("continue_final_message goes on from the last message: set add_generation_prompt to "
-                             "false", "continue_final_message")
 
 
 def tool_specs(tools) -> list[dict] | None:
