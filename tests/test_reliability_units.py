@@ -84,8 +84,8 @@ def test_writer_repairs_a_store_that_no_longer_mirrors_it(redis_proc, monkeypatc
 
 
 def test_an_admission_through_a_short_redis_stall_is_delayed_not_refused(redis_proc, monkeypatch):
-    """Redis stops answering for 2.6 s, longer than the client's 2 s timeout (a starved server on a busy
-    machine): the admission's write times out, the writer resyncs at once, and the request is admitted
+    """Redis stops answering for 4 s, longer than the client's 2 s timeout even where the writer thread
+    sends its write late (a starved server on a busy machine): the admission's write times out, the writer resyncs at once, and the request is admitted
     late instead of refused; a stopped Redis still refuses within seconds."""
     import os
     import signal
@@ -99,7 +99,7 @@ def test_an_admission_through_a_short_redis_stall_is_delayed_not_refused(redis_p
         assert w.flush()
         pid = redis_proc.proc.pid
         os.kill(pid, signal.SIGSTOP)
-        resume = threading.Timer(2.6, os.kill, (pid, signal.SIGCONT))
+        resume = threading.Timer(4.0, os.kill, (pid, signal.SIGCONT))
         resume.start()
         t = time.time()
         w.tokens({"a": [8]})
@@ -107,7 +107,7 @@ def test_an_admission_through_a_short_redis_stall_is_delayed_not_refused(redis_p
             w.admit(_meta("b")).result(15)
         finally:
             resume.join()
-        assert 2.0 < time.time() - t < 10 and w.healthy and w.outages == 1
+        assert 2.0 < time.time() - t < 12 and w.healthy and w.outages == 1
         assert store.get("b") is not None and store.get("a").output_token_ids == [7, 8]
         redis_proc.stop()
         t = time.time()
