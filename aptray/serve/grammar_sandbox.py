@@ -14,7 +14,9 @@ there is remembered and refused again at once, unless it missed the deadline bec
 gave the child under a quarter of it in CPU time (429), or the child was killed from outside (503):
 neither is the spec's fault, and the spec may come again. The price: a new spec compiles twice (2.6 ms against
 0.7 ms for a small schema, same run), and each grammar thread keeps a child (263 MB) once a
-structured request came.
+structured request came. The child does not send its compiled grammar back (xgrammar's serialize_json):
+for a regex like the one above, that JSON is many times the grammar's memory and takes longer to write
+and read than the compile itself.
 
   python -m aptray.serve.grammar_sandbox   # a child: JSON lines on stdin, replies on stdout
 """
