@@ -48,7 +48,7 @@ class AppArgs:
     # writes to one client): what the engine makes meanwhile goes in one send. 0: every step, at once.
     stream_interval_ms: float = 10.0
     num_replicas: int = 1  # data-parallel: each replica owns a router and its shards
-    use_gpu: bool | None = None  # None: GPUs if the cluster has any
+    use_gpu: bool | None = None  # None: GPUs if the cluster has tensor_parallel_size of them
     drain_timeout_s: float = 30.0
     # -- security and request size limits (docs/RELIABILITY.md) --
     api_keys: str | None = None  # comma-separated; None: $APTRAY_API_KEYS; empty: no auth
