@@ -3,6 +3,8 @@
   python -m loadgen.bench_engine offline  [--num-requests 64] [--max-output 256]
   python -m loadgen.bench_engine capacity
   python -m loadgen.bench_engine decode   [--contexts 128 512 2048]
+  python -m loadgen.bench_engine absorbed [--repeats 50]
+  python -m loadgen.bench_engine profile  [--batch 64]
   python -m loadgen.bench_engine logprobs [--batch 32] [--max-prompt 512]
   python -m loadgen.bench_engine structured [--batch 32] [--max-output 64]
 Each prints a table and writes JSON under --out (default results/).
@@ -150,6 +152,78 @@ def decode(args) -> dict:
     return result
 
 
+def absorbed(args) -> dict:
+    """Decode steps of the whole engine (fcfs), KV against the hidden cache with absorbed attention, on
+    the CPU results' model shape (d 128, 4 layers) with 2 heads of 64 and with 8 heads of 16 (whose
+    absorbed FLOPs are 8x KV's): --batch requests of 150-350 context tokens, the mean of --repeats
+    decode steps in the engine thread's CPU time."""
+    from aptray import LLM, SamplingParams
+    from aptray.model.factory import make_tiny_model
+
+    rows = []
+    for heads in (2, 8):
+        path = make_tiny_model(scratch_dir() + f"/opt-{heads}", "opt", hidden_size=128, num_layers=4,
+                               num_heads=heads, max_positions=1024)
+        for mode in ("kv", "hidden"):
+            engine = LLM(path, cache_mode=mode, hidden_attention="absorbed", num_cache_blocks=512,
+                         max_num_seqs=args.batch).engine
+            for i in range(args.batch):
+                prompt = [5 + (7 * i + j) % 400 for j in range(150 + 200 * i // max(args.batch - 1, 1))]
+                engine.add_request(str(i), prompt, SamplingParams(max_tokens=args.repeats + 4, ignore_eos=True))
+            while any(len(r.output_token_ids) < 2 for r in engine.scheduler.running) or engine.scheduler.waiting:
+                engine.step()  # the prefills, and one decode step of each request
+            times = []
+            for _ in range(args.repeats):
+                start = time.thread_time()
+                engine.step()
+                times.append(time.thread_time() - start)
+            ms = sum(times) / len(times) * 1000
+            rows.append({"heads": f"{heads} x {128 // heads}", "cache": mode, "ms_per_step": round(ms, 2)})
+            print(f"{heads} heads of {128 // heads:3d}  {mode:7s} {ms:7.2f} ms per decode step")
+    result = {"model": "tiny OPT d=128, 4 layers, fp32 CPU", "batch": args.batch, "threads": torch.get_num_threads(),
+              "repeats": args.repeats, "rows": rows}
+    _save(args.out, "absorbed_decode_step", result)
+    return result
+
+
+def profile(args) -> dict:
+    """Where a SmolLM2 decode step's time goes: --batch greedy requests at a context of about 280 tokens,
+    torch.profiler over --repeats steps; each op's share of the operators' self CPU time, by kind,
+    and the GEMMs' rate (the profiler's FLOP counts over their time)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from aptray import LLM, SamplingParams
+    from aptray.smollm2 import prepare_smollm2
+
+    engine = LLM(prepare_smollm2(), cache_memory_gb=2.0, max_num_seqs=args.batch).engine
+    for i in range(args.batch):
+        engine.add_request(str(i), [100 + (11 * i + j) % 4000 for j in range(272)],
+                           SamplingParams(temperature=0.0, max_tokens=args.repeats + 10, ignore_eos=True))
+    while any(len(r.output_token_ids) < 8 for r in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    with torch_profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        for _ in range(args.repeats):
+            engine.step()
+    kinds = {"gemm": ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear"),
+             "sdpa": ("aten::_scaled_dot_product", "aten::scaled_dot_product"),
+             "gather": ("aten::index", "aten::index_select", "aten::gather", "aten::embedding")}
+    self_us, gemm_flops, gemm_us = {}, 0, 0.0
+    for e in prof.key_averages():
+        kind = next((k for k, names in kinds.items() if e.key.startswith(names)), "other")
+        self_us[kind] = self_us.get(kind, 0.0) + e.self_cpu_time_total
+        if kind == "gemm":
+            gemm_flops += e.flops
+            gemm_us += e.self_cpu_time_total
+    total = sum(self_us.values())
+    shares = {kind: round(us / total, 3) for kind, us in sorted(self_us.items(), key=lambda kv: -kv[1])}
+    result = {"model": "SmolLM2-135M-Instruct fp32 CPU", "batch": args.batch, "context": "about 280",
+              "threads": torch.get_num_threads(), "steps": args.repeats, "share_of_self_cpu_time": shares,
+              "gemm_gflop_per_s": round(gemm_flops / gemm_us / 1e3, 1) if gemm_us else None}
+    _save(args.out, "decode_profile", result)
+    return result
+
+
 def logprobs(args) -> dict:
     """What log-probabilities add to a step of SmolLM2 (vocabulary 49,152): a decode step of --batch
     requests asking for none, 0, 5 or 20 top tokens, and a --max-prompt-token prefill with and without
@@ -234,7 +308,7 @@ def structured(args) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["offline", "capacity", "decode", "logprobs", "structured"])
+    p.add_argument("what", choices=["offline", "capacity", "decode", "absorbed", "profile", "logprobs", "structured"])
     p.add_argument("--out", default="results")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--max-prompt", type=int, default=512)
@@ -248,8 +322,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("APTRAY_THREADS", "2")))
-    {"offline": offline, "capacity": capacity, "decode": decode, "logprobs": logprobs,
-     "structured": structured}[args.what](args)
+    {"offline": offline, "capacity": capacity, "decode": decode, "absorbed": absorbed, "profile": profile,
+     "logprobs": logprobs, "structured": structured}[args.what](args)
 
 
 if __name__ == "__main__":
