@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from transformers import AutoTokenizer
 
+from aptray.chat_content import content_text
 from aptray.config import EngineConfig
 from aptray.engine import Engine, StepFailed
 from aptray.executor.local import LocalExecutor
@@ -99,6 +100,8 @@ class LLM:
         continue_final_message goes on from the last (assistant) message instead of opening a new one;
         chat_template_kwargs: the template's own variables."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        conversations = [[_with_text_content(m, f"messages[{i}].content") for i, m in enumerate(c)]
+                         for c in conversations]
         for message in (m for c in conversations for m in c if isinstance(m, dict)):
             for key, value in message.items():
                 if isinstance(value, str):
@@ -141,3 +144,11 @@ def _merged(rid: str, choices: list[RequestOutput]) -> RequestOutput:
     outputs = [replace(c.outputs[0], index=i) for i, c in enumerate(choices)]
     error = next((c.error for c in choices if c.error), None)
     return replace(first, request_id=rid, outputs=outputs, error=error)
+
+
+def _with_text_content(message, param: str):
+    """A message whose content is a list of text parts with their texts joined, as the server's chat
+    renders it (chat_content); any other message as it is."""
+    if not isinstance(message, dict) or not isinstance(message.get("content"), list):
+        return message
+    return {**message, "content": content_text(message["content"], message.get("role"), param)}

@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from aptray.chat_content import join_texts
 from aptray.serve.openai_api import ChatCompletionRequest, Text, unsupported_field
 from aptray.serve.relay import Rejected
 
@@ -38,7 +39,7 @@ class InputMessage(BaseModel):
     content: Text | list[InputContent]
 
     def chat_message(self) -> dict:
-        text = self.content if isinstance(self.content, str) else "".join(c.text for c in self.content)
+        text = self.content if isinstance(self.content, str) else join_texts(c.text for c in self.content)
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 

@@ -155,10 +155,13 @@ def chat_prompt(tokenizer, req, tool_specs: list[dict] | None) -> tuple[str, lis
 
 
 def template_messages(messages) -> list[dict]:
-    """The chat's messages as the chat template takes them: an assistant's tool call's arguments as
-    an object, as transformers' templates expect (the API carries them as JSON text)."""
+    """The chat's messages as the chat template takes them: content as a string (text parts joined),
+    an assistant's tool call's arguments as an object, as transformers' templates expect (the API
+    carries them as JSON text)."""
     out = [m.model_dump(exclude_none=True) for m in messages]
-    for m in out:
+    for i, (message, m) in enumerate(zip(messages, out)):
+        if isinstance(message.content, list):
+            m["content"] = message.text(_content_param(i))
         for call in m.get("tool_calls") or ():
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict) and isinstance(function.get("arguments"), str):
@@ -170,9 +173,13 @@ def template_messages(messages) -> list[dict]:
 def chat_chars(messages, tool_specs: list[dict] | None) -> int:
     """A chat's size before tokenizing (limits.size_error): its messages' and tools' characters."""
     try:
-        return sum(m.chars() for m in messages) + len(json.dumps(tool_specs))
+        return sum(m.chars(_content_param(i)) for i, m in enumerate(messages)) + len(json.dumps(tool_specs))
     except RecursionError:
         raise InvalidRequest("the messages or tools nest too deep", "messages") from None
+
+
+def _content_param(index: int) -> str:
+    return f"messages[{index}].content"
 
 
 def _describe(choice) -> str:
