@@ -9,7 +9,7 @@ from aptray.cache.block_manager import BlockManager
 from aptray.config import EngineConfig
 from aptray.executor.base import Executor
 from aptray.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from aptray.plan import BatchPlan, SeqPlan, StepResult
+from aptray.plan import NOTHING_ALLOWED, BatchPlan, SeqPlan, StepResult
 from aptray.request import CacheKind, Request, RequestStatus, token_mask
 from aptray.sampling_params import (InvalidRequest, SamplingParams, bad_words_token_ids, check_prompt,
                                     check_token_ids)
@@ -125,18 +125,20 @@ class Engine:
         self._forget(request_id)
         return req is not None
 
-    def fail(self, request_id: str, why: str) -> RequestOutput | None:
-        """End one request with an error (its output says why); the others go on."""
+    def fail(self, request_id: str, why: str, from_request: bool = False) -> RequestOutput | None:
+        """End one request with an error (its output says why; from_request: the request's own doing);
+        the others go on."""
         req = self.scheduler.requests.get(request_id)
-        return None if req is None else self._end_with_error(req, why)
+        return None if req is None else self._end_with_error(req, why, from_request)
 
-    def _end_with_error(self, req: Request, why: str) -> RequestOutput:
+    def _end_with_error(self, req: Request, why: str, from_request: bool = False) -> RequestOutput:
         req.error = why
         if req.request_id in self.scheduler.requests:
             self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
         else:  # it broke after it had finished (its final text, say)
             req.status = RequestStatus.FINISHED_ERROR
         out = self._output(req, new=[])
+        out.error_from_request = from_request
         self._forget(req.request_id)
         return out
 
@@ -176,15 +178,16 @@ class Engine:
         if self.quarantine:
             self.quarantine.clear(result.sampled)
         outputs = step.outputs
-        outputs += [out for rid, why in result.errors.items() if (out := self.fail(rid, why)) is not None]
+        outputs += [out for rid, why in result.errors.items()
+                    if (out := self.fail(rid, why, from_request=NOTHING_ALLOWED in why)) is not None]
         for rid, (first, entries) in result.prompt_logprobs.items():
             if (req := self.scheduler.requests.get(rid)) is not None:
                 req.prompt_logprobs[first:first + len(entries)] = entries
         for req in self.scheduler.update(plan, result, self.clock()):
             if req.guide is not None:
                 why = self._guide_error(req)
-                if why is not None:
-                    outputs.append(self._end_with_error(req, why))
+                if why is not None:  # the request's grammar, or its filters with it
+                    outputs.append(self._end_with_error(req, why, from_request=True))
                     continue
             try:
                 if req.sampling.logprobs is not None:
@@ -201,10 +204,10 @@ class Engine:
         a grammar that took too long for it (aptray.structured_output.Guide); None: it goes on."""
         token, guide = req.output_token_ids[-1], req.guide
         if not guide.accept(token):
-            return f"token {token} breaks the request's structured output"
+            return f"token {token} breaks the request's structured output: {NOTHING_ALLOWED}"
         if guide.last_token_seconds > MAX_GUIDE_SECONDS_PER_TOKEN:
-            return (f"the structured output took {guide.last_token_seconds * 1e3:.0f} ms to follow for one token, "
-                    f"over the limit of {MAX_GUIDE_SECONDS_PER_TOKEN * 1e3:.0f} ms (an ambiguous grammar)")
+            return (f"the structured output took {guide.last_token_seconds * 1e3:.1f} ms to follow for one token, "
+                    f"over the limit of {MAX_GUIDE_SECONDS_PER_TOKEN * 1e3:g} ms (an ambiguous grammar)")
         return None
 
     def _postprocess(self, req: Request) -> RequestOutput:

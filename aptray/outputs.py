@@ -41,6 +41,7 @@ class RequestOutput:
     prompt_logprobs: list | None = None
     # prompt tokens its first admission found in the prefix cache (vLLM's); None before it
     num_cached_tokens: int | None = None
+    error_from_request: bool = False  # an error of the request's own doing (its structure, its filters)
 
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")

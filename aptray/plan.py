@@ -57,6 +57,11 @@ class SeqPlan(NamedTuple):
         return len(self.token_ids) == 1 and self.start_pos > 0
 
 
+# a StepResult error of a row every token of which the request's structure, allowed_token_ids or bad_words
+# ruled out: the request's own doing, not the server's
+NOTHING_ALLOWED = "the structured output, allowed_token_ids and bad_words leave no token to choose"
+
+
 @dataclass(frozen=True)
 class ConversionPlan:
     """Re-home a request's first num_tokens cache entries into another kind, before the step runs."""

@@ -246,6 +246,14 @@ def test_one_key_cannot_take_every_slot(server):
         assert time.monotonic() < deadline, "the key's ended requests still count"
         time.sleep(0.2)
     assert r.status_code == 200, r.text[:300]
+    # one request that opens more completions than the key may ever have in flight: 400, never a 429
+    for body, param in (({"n": PER_KEY + 1}, "n"), ({"prompt": ["hi"] * (PER_KEY + 1)}, "prompt")):
+        r, _ = _post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 4, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text[:300]
+        assert f"over the {PER_KEY} this API key may have in flight" in r.json()["error"]["message"]
+    with Client(server["grpc"], api_key=MALLORY) as c, pytest.raises(grpc.RpcError) as e:
+        list(c.generate("hi", max_tokens=4, n=PER_KEY + 1))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
 
 
 def test_a_tokenize_flood_never_harms_another_keys_requests(server, reference):
@@ -269,18 +277,21 @@ def test_a_tokenize_flood_never_harms_another_keys_requests(server, reference):
 def test_one_key_cannot_time_anothers_cached_prompts(server):
     """prefix_cache_per_key: a prompt one key sent is a cache hit for that key's next request, never
     for another key's, whatever cache_salt it sends; a key's own salt splits its cache further."""
-    def hit_tokens() -> float:
+    def prefix_tokens(stat: str) -> float:
         text = httpx.get(server["http"] + "/metrics", headers=_auth(ALICE), timeout=30).text
-        return float(re.search(r"^aptray_prefix_cache_hit_tokens_total (\S+)$", text, re.M).group(1))
+        return float(re.search(rf"^aptray_prefix_cache_{stat}_tokens_total (\S+)$", text, re.M).group(1))
 
     prompt = list(range(5, 5 + 96))  # six blocks of 16 tokens, none of which another test sends
 
     def hits_of(key, **extra) -> float:
-        before = hit_tokens()
+        before, queried = prefix_tokens("hit"), prefix_tokens("queried")
         r, _ = _post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1, **extra}, key=key)
         assert r.status_code == 200, r.text[:300]
-        time.sleep(0.3)  # the engine thread counts its step's hits after the step's tokens go out
-        return hit_tokens() - before
+        # the engine thread counts a step's lookups, hits with them, after the step's tokens go out
+        deadline = time.monotonic() + 30
+        while prefix_tokens("queried") == queried and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return prefix_tokens("hit") - before
 
     assert hits_of(ALICE) == 0
     assert hits_of(ALICE) >= 80  # the same key: its first blocks are cached

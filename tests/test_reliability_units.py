@@ -85,8 +85,9 @@ def test_writer_repairs_a_store_that_no_longer_mirrors_it(redis_proc, monkeypatc
 
 def test_an_admission_through_a_short_redis_stall_is_delayed_not_refused(redis_proc, monkeypatch):
     """Redis stops answering for 4 s, longer than the client's 2 s timeout even where the writer thread
-    sends its write late (a starved server on a busy machine): the admission's write times out, the writer resyncs at once, and the request is admitted
-    late instead of refused; a stopped Redis still refuses within seconds."""
+    sends its write late (a starved server on a busy machine): the admission's write times out, the
+    writer resyncs at once, and the request is admitted late instead of refused; a stopped Redis still
+    refuses within seconds."""
     import os
     import signal
     import threading
@@ -250,6 +251,11 @@ def test_a_key_at_its_cap_queues_no_more_prompts():
             pass
 
     asyncio.run(scenario())
+    link.check_choices("mallory", 2, "n")  # as many completions as the cap: served once the key has room
+    with pytest.raises(Rejected, match="opens 3 completions, over the 2 this API key may have") as e:
+        link.check_choices("mallory", 3, "n")  # never: refused for good, not asked to come again
+    assert (e.value.status, e.value.param) == (400, "n")
+    link.check_choices("", 3, "n")  # no API keys: no cap
 
 
 def test_a_keys_cap_counts_its_requests_at_every_replica_sharing_redis(redis_proc, monkeypatch):
@@ -294,6 +300,41 @@ async def _flushed(load: KeyLoad) -> None:
         await asyncio.sleep(0.01)
 
 
+def test_the_edge_refuses_huge_headers_and_two_keys_before_the_app():
+    """EdgeMiddleware over a real ASGI app: headers over MAX_HEADER_BYTES get 431, two Authorization
+    headers 400 (which of them is the caller's is not clear), a key that is not one 401, each in OpenAI's
+    error shape and before the app runs; a request within the rules reaches it."""
+    import httpx
+    from fastapi import FastAPI
+
+    from aptray.serve.security import MAX_HEADER_BYTES, EdgeMiddleware
+    reached = []
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions():
+        reached.append(1)
+        return {"ok": True}
+
+    app.add_middleware(EdgeMiddleware, keys_fn=lambda: frozenset({"k1", "k2"}), max_body_bytes_fn=lambda: 1 << 20)
+
+    async def post(headers):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://edge") as client:
+            return await client.post("/v1/completions", json={}, headers=headers)
+
+    def answer(headers):
+        r = asyncio.run(post(headers))
+        return r.status_code, r.json().get("error", {}).get("type")
+
+    assert answer([("authorization", "Bearer k1"), ("x-big", "a" * MAX_HEADER_BYTES)]) == (431, "invalid_request_error")
+    assert answer([("authorization", "Bearer k1"), ("authorization", "Bearer k2")]) == (400, "invalid_request_error")
+    assert answer([("authorization", "Bearer nope"), ("authorization", "Bearer k1")]) == (400, "invalid_request_error")
+    assert answer([("authorization", "Bearer nope")]) == (401, "authentication_error")
+    assert not reached
+    assert answer([("authorization", "Bearer k2"), ("x-big", "a" * (MAX_HEADER_BYTES // 2))])[0] == 200 and reached
+
+
 def test_api_keys():
     keys = frozenset({"k1", "k2"})
     assert key_ok(keys, "k2") and not key_ok(keys, "k3") and not key_ok(keys, None)
@@ -301,6 +342,8 @@ def test_api_keys():
     assert bearer("Bearer  k1 ") == "k1" and bearer("bearer k1") == "k1"
     assert grpc_key((("application", "aptray"), ("authorization", "Bearer k1"))) == "k1"
     assert grpc_key((("x-api-key", "k2"),)) == "k2" and grpc_key(None) is None
+    assert grpc_key((("authorization", "Bearer k1"), ("authorization", "Bearer k2"))) is None  # whose?
+    assert grpc_key((("x-api-key", "k1"), ("authorization", "Bearer k2"))) is None
     assert AppArgs.parse({"max_requests_per_key": "8"}).max_requests_per_key == 8
     with pytest.raises(ValueError, match="max_requests_per_key"):
         AppArgs.parse({"max_requests_per_key": 0})

@@ -371,6 +371,23 @@ def test_openai_chat_stream_and_not(server, oai):
     assert whole.usage.completion_tokens == MAX_TOKENS
 
 
+def test_chat_content_as_text_parts_is_their_joined_text(server, oai):
+    """A message's content as a list of text parts, as the OpenAI SDK, LangChain and vLLM's clients
+    send it, is served as the string of its texts joined with newlines (vLLM's rule): the same prompt
+    and greedy reply; a part other than text is a 400 naming it (tests/test_chat_content.py)."""
+    parts = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}]
+    want = oai.chat.completions.create(model=server["model"], **GREEDY, messages=[
+        {"role": "user", "content": "What is the capital\nof France?"}])
+    got = oai.chat.completions.create(model=server["model"], messages=[{"role": "user", "content": parts}], **GREEDY)
+    assert got.choices[0].message.content == want.choices[0].message.content
+    assert got.usage.prompt_tokens == want.usage.prompt_tokens
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    r = httpx.post(server["http"] + "/v1/chat/completions", timeout=60,
+                   json={"messages": [{"role": "user", "content": [parts[0], image]}], "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[1].type", r.text
+    assert "this model takes text only" in r.json()["error"]["message"]
+
+
 def test_logit_bias_min_tokens_and_min_p_reach_the_shards_over_http_and_grpc(server, reference):
     """Through the TP=2 app, whose plans cross gRPC to the shards: a +100 bias makes every greedy
     token the biased one; min_tokens holds off an EOS the bias forces; HTTP and gRPC alike."""
@@ -667,6 +684,15 @@ def test_structured_outputs_over_http_and_grpc_are_the_engines(server, oai, mode
         for stream in (False, True):
             r = httpx.post(server["http"] + "/v1/completions", json={"prompt": p, "stream": stream, **bad}, timeout=60)
             assert r.status_code == 400 and why in r.json()["error"]["message"], (bad, r.text)
+    # a structure the request's own filters rule out: the client's 400, greedy (the engine's grammar check)
+    # and sampled (the shard's sampler), not a server error
+    tok = llm.get_tokenizer()
+    other = next(t for t in range(5, 500) if tok.decode([t]).strip() and not "Paris".startswith(tok.decode([t])))
+    for temperature in (0.0, 1.0):
+        body = {"prompt": p, "temperature": temperature, "max_tokens": 4, "structured_outputs": {"choice": ["Paris"]},
+                "allowed_token_ids": [other]}
+        r = httpx.post(server["http"] + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400 and "leave no token to choose" in r.json()["error"]["message"], r.text
     body = {"prompt": p, "temperature": 0.0, "max_tokens": n, "return_token_ids": True, **bodies["choice"]}
     assert httpx.post(server["http"] + "/v1/completions", json=body, timeout=60).json()["choices"][0][
         "token_ids"] == list(local["choice"].token_ids)

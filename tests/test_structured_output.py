@@ -309,9 +309,29 @@ def test_an_ambiguous_grammar_ends_its_request_not_the_others(monkeypatch):
     alone = llm.generate(["hi"], plain)[0].outputs[0].token_ids
     out = llm.generate(["x", "hi"], [ambiguous, plain])
     assert out[0].outputs[0].finish_reason == "error", out[0].outputs[0].finish_reason
-    assert "over the limit of 2 ms (an ambiguous grammar)" in out[0].error
+    assert "over the limit of 2 ms (an ambiguous grammar)" in out[0].error and out[0].error_from_request
     assert 5 < len(out[0].outputs[0].token_ids) < 1000
     assert out[1].outputs[0].token_ids == alone
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_structure_its_own_filters_rule_out_ends_its_request_as_its_own_doing(temperature):
+    """A choice of "yes" with allowed_token_ids or bad_words that rule out every token it could begin with:
+    greedy and sampled alike, the request ends with an error that says so and is marked the request's own
+    (a client's 400 when served, not the server's 500); a plain request beside it gets its tokens."""
+    llm = LLM(tiny_model("opt-60x3"), max_num_seqs=4)
+    tok = llm.get_tokenizer()
+    choice = StructuredOutput("choice", ["yes"])
+    starts = {ids[0] for ids in (tok.encode(w, add_special_tokens=False) for w in ("y", "ye", "yes"))}
+    other = next(t for t in range(5, 100) if t not in starts)
+    plain = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    alone = llm.generate(["hi"], plain)[0].outputs[0].token_ids
+    for filters in ({"allowed_token_ids": [other]}, {"bad_words": ["y", "ye", "yes"]}):
+        ruled_out = SamplingParams(temperature=temperature, seed=1, max_tokens=5, structured_output=choice, **filters)
+        out = llm.generate(["x", "hi"], [ruled_out, plain])
+        assert out[0].outputs[0].finish_reason == "error", (filters, out[0].outputs[0])
+        assert "leave no token to choose" in out[0].error and out[0].error_from_request, out[0].error
+        assert out[1].outputs[0].token_ids == alone
 
 
 def test_a_grammar_thread_kept_waiting_is_not_charged_for_the_wait(monkeypatch):

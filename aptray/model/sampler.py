@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from aptray.plan import SeqPlan, TokenLogprobs
+from aptray.plan import NOTHING_ALLOWED, SeqPlan, TokenLogprobs
 from aptray.sampling_params import MIN_TEMPERATURE
 
 
@@ -113,6 +113,8 @@ def distribution(row: torch.Tensor, seq: SeqPlan) -> torch.Tensor:
 
 
 def _draw(row: torch.Tensor, seq: SeqPlan, generator: torch.Generator) -> int:
+    if bool(torch.isneginf(row).all()):
+        raise ValueError(NOTHING_ALLOWED)
     probs = distribution(row, seq)
     if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
         raise ValueError("the model's logits are not finite for this request: nothing to sample from")

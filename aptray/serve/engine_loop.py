@@ -286,7 +286,7 @@ class EngineLoop:
         rid, completion = out.request_id, out.outputs[0]
         stream = self.streams.get(rid)
         if completion.finish_reason == "error":
-            self._fail(rid, out.error or "the request failed", ended=True)
+            self._fail(rid, out.error or "the request failed", 400 if out.error_from_request else 500, ended=True)
             return
         if out.finished:
             m, reason = out.metrics, completion.finish_reason

@@ -202,6 +202,7 @@ class Ingress(ServiceRoutes):
                            prefix: str | None, n: int) -> list[Call]:
         """The calls of each prompt's n choices ((text, token ids) each; aptray.serve.choices where there
         are several), each admitted."""
+        self.link.check_choices(owner, len(prompts) * n, "n" if n > 1 else "prompt")
         if self.args.prefix_cache_per_key and owner:
             sampling = {**sampling, "cache_salt": invalid_as_400(key_salt, owner, sampling.get("cache_salt"))}
         if n == 1 and len(prompts) == 1:
@@ -487,7 +488,7 @@ class Ingress(ServiceRoutes):
         return await grpc_api.abort(self, request, grpc_context)
 
     async def Health(self, request, grpc_context=None):
-        return await grpc_api.health(self, request)
+        return await grpc_api.health(self, request, grpc_context)
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def check_health(self):

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from aptray.chat_content import content_text
 from aptray.sampling_params import (MAX_CACHE_SALT, MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY,
                                     MIN_REPETITION_PENALTY, InvalidRequest, check_text)
 
@@ -220,17 +221,23 @@ class CompletionRequest(_SamplingRequest):
 
 class ChatMessage(BaseModel):
     """A message as the chat template gets it: an assistant's may carry tool_calls (and no content),
-    a tool's the tool_call_id it answers."""
+    a tool's the tool_call_id it answers. content may be a list of text parts, which the template
+    gets joined (text()); they are checked there, where a part that is not text is a 400 naming it."""
     role: Text
-    content: Text | None = None
+    content: Text | list[dict] | None = None
     tool_calls: list[dict] | None = None
     tool_call_id: Text | None = None
     name: Text | None = None
 
-    def chars(self) -> int:
-        """Its size before tokenizing (limits.size_error)."""
+    def text(self, param: str = "content") -> str | None:
+        """Its content as the chat template gets it (chat_content.content_text); InvalidRequest naming
+        param where a part is not text."""
+        return content_text(self.content, self.role, param)
+
+    def chars(self, param: str = "content") -> int:
+        """Its size before tokenizing (limits.size_error): its parts' text joined."""
         calls = len(json.dumps(self.tool_calls)) if self.tool_calls else 0
-        return len(self.role) + len(self.content or "") + calls
+        return len(self.role) + len(self.text(param) or "") + calls
 
 
 class ToolFunction(BaseModel):
@@ -508,8 +515,8 @@ class ModelList(BaseModel):
 
 
 def error_body(message: str, status: int, param: str | None = None) -> dict:
-    kind = {400: "invalid_request_error", 404: "not_found_error", 422: "invalid_request_error",
-            429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")
+    kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
+            503: "service_unavailable"}.get(status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 

@@ -175,6 +175,13 @@ class RouterLink:
         await self._open(call, resume=False)
         return call
 
+    def check_choices(self, owner: str, choices: int, param: str) -> None:
+        """Rejected (400) where one request opens more calls (prompts x n) than owner may ever have in
+        flight: a 429 would ask it to come again, and it never could."""
+        if owner and self.max_per_owner is not None and choices > self.max_per_owner:
+            raise Rejected(f"this request opens {choices} completions, over the {self.max_per_owner} this API key "
+                           f"may have in flight", 400, param)
+
     async def check_owner(self, owner: str) -> None:
         """Rejected (429) while owner has max_per_owner requests in flight, open or being prepared,
         here and at the replicas that share key_load."""

@@ -14,6 +14,9 @@ from aptray.sampling_params import check_cache_salt
 from aptray.serve.openai_api import error_body
 
 OPEN_PATHS = ("/health",)  # probes carry no key
+# what a request's headers may add up to (nginx refuses past 32 KB by default): a client must not make
+# every replica hold megabytes of headers per request
+MAX_HEADER_BYTES = 64 << 10
 
 
 def key_ok(keys: frozenset[str], presented: str | None) -> bool:
@@ -50,13 +53,11 @@ def bearer(value: str | None) -> str | None:
 
 
 def grpc_key(metadata) -> str | None:
-    """The key a gRPC call presents: `authorization: Bearer <key>` or `x-api-key: <key>`."""
-    for k, v in metadata or ():
-        if k.lower() == "authorization":
-            return bearer(v)
-        if k.lower() == "x-api-key":
-            return v
-    return None
+    """The key a gRPC call presents: `authorization: Bearer <key>` or `x-api-key: <key>`; None for none
+    or more than one."""
+    presented = [bearer(v) if k.lower() == "authorization" else v for k, v in metadata or ()
+                 if k.lower() in ("authorization", "x-api-key")]
+    return presented[0] if len(presented) == 1 else None  # two keys: which is the caller's is not clear
 
 
 async def _send_error(send, status: int, message: str, headers: list | None = None) -> None:
@@ -68,7 +69,8 @@ async def _send_error(send, status: int, message: str, headers: list | None = No
 
 
 class EdgeMiddleware:
-    """401 without a valid key (except OPEN_PATHS), 413 over max_body_bytes."""
+    """431 over MAX_HEADER_BYTES of headers, 400 for two Authorization headers, 401 without a valid key
+    (except OPEN_PATHS), 413 over max_body_bytes."""
 
     def __init__(self, app, keys_fn, max_body_bytes_fn):
         self.app = app
@@ -78,7 +80,12 @@ class EdgeMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        raw = scope.get("headers", [])
+        if sum(len(k) + len(v) for k, v in raw) > MAX_HEADER_BYTES:
+            return await _send_error(send, 431, f"the request's headers are over {MAX_HEADER_BYTES} bytes")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
+        if sum(k.lower() == b"authorization" for k, _ in raw) > 1:
+            return await _send_error(send, 400, "send one Authorization header")
         keys = self.keys_fn()
         if scope.get("path") not in OPEN_PATHS and not key_ok(keys, bearer(headers.get("authorization"))):
             return await _send_error(send, 401, "a valid API key is required (Authorization: Bearer <key>)",
