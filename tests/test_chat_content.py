@@ -145,3 +145,22 @@ def test_offline_chat_takes_text_parts_as_their_joined_text():
     with pytest.raises(ValueError, match="this model takes text only") as e:
         llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}], sp)
     assert e.value.param == "messages[0].content[0].type"
+
+
+def test_responses_refusals_name_the_responses_fields():
+    """A refusal of the chat completion that answers a response names the Responses API's own fields:
+    max_output_tokens for chat's max_tokens (its message too), input[i] for messages[i] (the
+    instructions come first among the chat's messages), text.format for structured_outputs."""
+    from aptray.serve.responses_api import in_responses_terms
+    req = ResponsesRequest(instructions="be brief", max_output_tokens=10_000,
+                           input=[{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}])
+    chat = req.chat_request()
+    refusal, _ = RequestLimits(512, 1000).admit([1, 2], chat.sampling(1) | {"max_tokens": 10_000})
+    e = in_responses_terms(Rejected.of(refusal), req)
+    assert e.param == "max_output_tokens" and "max_tokens" not in str(e) and e.status == 400
+    part = in_responses_terms(Rejected("an image", 400, "messages[1].content[0].type"), req)
+    assert part.param == "input[0].content[0].type"
+    assert in_responses_terms(Rejected("x", 400, "messages[0].content"), req).param == "instructions"
+    assert in_responses_terms(Rejected("x", 400, "structured_outputs"), req).param == "text.format"
+    same = Rejected("queue full", 429)
+    assert in_responses_terms(same, req) is same

@@ -9,6 +9,7 @@ background, conversation, prompt, tools, reasoning and include are refused (400)
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Literal
 
@@ -26,6 +27,12 @@ UNSUPPORTED = {"previous_response_id": (None,), "background": (None, False), "co
                # chat's, which a Response has no place for
                "n": (None, 1), "logprobs": (None, False), "prompt_logprobs": (None,), "return_token_ids": (None, False),
                "messages": (None,), "max_completion_tokens": (None,), "max_tokens": (None,)}
+
+
+# chat's fields as the Responses API names them, for the refusals of the chat completion that answers it
+RESPONSES_NAMES = {"max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
+                   "structured_outputs": "text.format", "response_format": "text.format"}
+_MESSAGE_PARAM = re.compile(r"messages\[(\d+)\](.*)")
 
 
 class InputContent(BaseModel):
@@ -93,6 +100,24 @@ class ResponsesRequest(BaseModel):
         except ValidationError as e:
             errors = [{k: err.get(k) for k in ("type", "loc", "msg")} for err in e.errors()[:3]]
             raise Rejected(str(errors), 422) from None
+
+
+def in_responses_terms(e: Rejected, req: ResponsesRequest) -> Rejected:
+    """A refusal of the chat completion that answers req, naming req's own fields: max_output_tokens,
+    text.format, instructions or input[i] (the chat's messages hold the instructions first)."""
+    param = e.param
+    if param in RESPONSES_NAMES:
+        param = RESPONSES_NAMES[param]
+    elif param is not None and (m := _MESSAGE_PARAM.fullmatch(param)):
+        index = int(m.group(1)) - (1 if req.instructions else 0)
+        param = "instructions" if index < 0 else (f"input[{index}]{m.group(2)}" if isinstance(req.input, list)
+                                                   else "input")
+    elif param == "messages":
+        param = "input"
+    if param == e.param:
+        return e
+    message = re.sub(rf"\b{re.escape(e.param)}\b", param, str(e)) if e.param in RESPONSES_NAMES else str(e)
+    return Rejected(message, e.status, param, e.retry_after)
 
 
 def response_body(rid: str, model: str, req: ResponsesRequest, created: int, text: str | None,

@@ -21,7 +21,7 @@ from aptray.serve.http_app import api
 from aptray.serve.openai_api import (DetokenizeRequest, ModelCard, ModelList, TokenizeChatRequest,
                                      TokenizeCompletionRequest, error_body)
 from aptray.serve.relay import Call, Rejected
-from aptray.serve.responses_api import ResponseEvents, ResponsesRequest, response_body
+from aptray.serve.responses_api import ResponseEvents, ResponsesRequest, in_responses_terms, response_body
 
 logger = logging.getLogger("aptray")
 STATS_TIMEOUT_S = 2.0  # a router slower than this to report its load reports nothing this round
@@ -34,7 +34,7 @@ class ServiceRoutes:
         try:
             _, _, rid, [call] = await self.open_chat(req.chat_request(), raw, "resp")
         except Rejected as e:
-            return self._reject(e)
+            return self._reject(in_responses_terms(e, req))
         if req.stream:
             return StreamingResponse(self._response_sse(call, ResponseEvents(rid, self.model_name, req)),
                                      media_type="text/event-stream")
