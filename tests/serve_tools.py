@@ -6,6 +6,7 @@ from contextlib import contextmanager
 import ray
 import ray.serve as serve
 
+from aptray.serve.grpc_registration import SERVICER_FUNCTION  # its message limit: conftest.py
 from aptray.worker.shard import free_port
 
 
@@ -15,8 +16,7 @@ def start_proxies() -> dict:
 
     http_port, grpc_port = free_port(), free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
-                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[
-                    "aptray.proto.generate_pb2_grpc.add_GenerationServicer_to_server"]))
+                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]))
     return {"http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}
 
 

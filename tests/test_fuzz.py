@@ -515,21 +515,28 @@ def test_grpc_fuzz(server):
 
 
 def test_grpc_garbage_bytes_and_still_serving(server):
-    """Bytes that are no GenerateRequest: Serve's gRPC proxy rejects them (its own status) and the app
-    keeps serving."""
+    """Bytes that are no GenerateRequest get INVALID_ARGUMENT (aptray.serve.grpc_registration's
+    deserializer), a message over Serve's limit RESOURCE_EXHAUSTED, and the app keeps serving."""
     import grpc
 
     from aptray.client import Client
-    channel = grpc.insecure_channel(server["grpc"])
+    from aptray.proto import generate_pb2
+    from aptray.serve.grpc_registration import GRPC_MAX_MESSAGE_BYTES
+    channel = grpc.insecure_channel(server["grpc"], options=[("grpc.max_send_message_length", -1)])
     raw = channel.unary_stream("/aptray.generate.v1.Generation/Generate", request_serializer=None,
                                response_deserializer=None)
     md = (("application", "aptray"), ("authorization", f"Bearer {KEY}"))
-    for junk in (b"\xff" * 64, b"\x0a\x05\xff\xfe\xfd\xfc\xfb", os.urandom(256)):
+    big = generate_pb2.GenerateRequest(prompt="a" * (2 * GRPC_MAX_MESSAGE_BYTES)).SerializeToString()
+    for junk, want in ((b"\xff" * 64, "INVALID_ARGUMENT"), (b"\x0a\x05\xff\xfe\xfd\xfc\xfb", "INVALID_ARGUMENT"),
+                       (big, "RESOURCE_EXHAUSTED"), (os.urandom(256), None)):
         try:
             list(raw(junk, metadata=md, timeout=TIMEOUT))
         except grpc.RpcError as e:
             STATS["codes"][f"grpc-garbage:{e.code().name}"] = STATS["codes"].get(f"grpc-garbage:{e.code().name}", 0) + 1
-            assert e.code() != grpc.StatusCode.DEADLINE_EXCEEDED
+            assert e.code().name == want if want else e.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                                         grpc.StatusCode.UNKNOWN), e.details()
+        else:
+            assert want is None
     channel.close()
     with Client(server["grpc"], api_key=KEY) as c:
         assert list(c.generate("hello", max_tokens=2))[-1].finished

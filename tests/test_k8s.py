@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from aptray.serve.args import AppArgs
+from aptray.serve.grpc_registration import GRPC_MAX_MESSAGE_BYTES, MAX_MESSAGE_ENV, SERVICER_FUNCTION
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CRD = os.path.join(ROOT, "tests", "data", "kuberay", "ray.io_rayservices.yaml")  # vendored, Apache-2.0
@@ -78,7 +79,8 @@ def test_serve_config_builds_aptray(name, cfg):
     assert app["import_path"] == "aptray.app:build_app"
     args = AppArgs.parse(app.get("args"))  # unknown keys raise
     assert args.tensor_parallel_size >= 1
-    assert any(f.endswith("add_GenerationServicer_to_server") for f in cfg["grpc_options"]["grpc_servicer_functions"])
+    # aptray's registration: malformed messages get INVALID_ARGUMENT (the generated one's: UNKNOWN)
+    assert cfg["grpc_options"]["grpc_servicer_functions"] == [SERVICER_FUNCTION]
 
 
 @pytest.mark.parametrize("name,cfg", _serve_configs(), ids=[n for n, _ in _serve_configs()])
@@ -114,3 +116,15 @@ def test_redis_password_comes_from_the_secret():
             ref = env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
             assert ref["name"] in secret, name
             assert env["APTRAY_REDIS_URL"]["value"].startswith("redis://")
+
+
+def test_every_pod_caps_serves_grpc_messages():
+    """Serve reads its gRPC message limit from the env of its processes only: the head's (the proxy) and the
+    workers' (proxies at other proxy_locations, replicas behind Serve's direct ingress) set it."""
+    for name, doc in RAYSERVICES:
+        spec = doc["spec"]["rayClusterConfig"]
+        body = AppArgs.parse(yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0].get("args")).max_body_bytes
+        for pod in [spec["headGroupSpec"]] + spec.get("workerGroupSpecs", []):
+            env = {e["name"]: e.get("value") for e in pod["template"]["spec"]["containers"][0]["env"]}
+            assert env.get(MAX_MESSAGE_ENV) == str(GRPC_MAX_MESSAGE_BYTES), name
+            assert int(env[MAX_MESSAGE_ENV]) >= 2 * body, name  # room for a max_body_bytes prompt and the rest

@@ -11,6 +11,7 @@ import numpy as np
 from aptray.proto import generate_pb2
 from aptray.proto.convert import PLAN_VERSION, logprobs_to_proto
 from aptray.serve import choices
+from aptray.serve.grpc_registration import Undecoded
 from aptray.serve.openai_api import chunk_logprobs, new_id
 from aptray.serve.prefix_key import prefix_tag
 from aptray.serve.relay import Rejected, invalid_as_400
@@ -36,13 +37,22 @@ def _caller(ingress, ctx) -> str:
     return identity(keys, presented)
 
 
-def _fail(ingress, ctx, status: int, message: str, retry_after: int | None = None) -> None:
+def _fail(ingress, ctx, status: int, message: str, retry_after: int | None = None, code=None) -> None:
     ingress.refusals.add("grpc", status)
     if ctx is not None:  # the proxy turns code + details into the call's status
         if status == 429 and retry_after:  # HTTP's Retry-After, in the details: Serve's proxy passes no
             message += f" (retry after {retry_after} s)"  # trailing metadata with an error status
-        ctx.set_code(_STATUS.get(status, grpc.StatusCode.INTERNAL))
+        ctx.set_code(code or _STATUS.get(status, grpc.StatusCode.INTERNAL))
         ctx.set_details(message)
+
+
+def _refuse_undecoded(ingress, req, ctx) -> None:
+    """Raises Rejected for what the proxy could not decode (grpc_registration): INVALID_ARGUMENT, or
+    RESOURCE_EXHAUSTED for a message over the size limit, as gRPC's transport answers one."""
+    if isinstance(req, Undecoded):
+        status = 413 if req.oversize else 400
+        _fail(ingress, ctx, status, req.detail, code=grpc.StatusCode.RESOURCE_EXHAUSTED if req.oversize else None)
+        raise Rejected(req.detail, status)
 
 
 def sampling_from_proto(req: generate_pb2.GenerateRequest) -> dict:
@@ -92,6 +102,7 @@ def _logprobs(entries: list) -> list[generate_pb2.TokenLogprobs]:
 
 
 async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
+    _refuse_undecoded(ingress, req, ctx)
     rid = new_id("gen")  # the server's own: a client's id is only a label, echoed back
     label = req.client_request_id
     try:
@@ -144,6 +155,7 @@ async def generate(ingress, req: generate_pb2.GenerateRequest, ctx):
 
 async def abort(ingress, req: generate_pb2.AbortRequest, ctx=None) -> generate_pb2.AbortReply:
     """Aborts one of the caller's own requests; another's, or one not relayed here, reads as not found."""
+    _refuse_undecoded(ingress, req, ctx)
     try:
         owner = _caller(ingress, ctx)
     except Rejected as e:
@@ -155,7 +167,8 @@ async def abort(ingress, req: generate_pb2.AbortRequest, ctx=None) -> generate_p
     return generate_pb2.AbortReply(found=await ingress.router.abort.remote(req.request_id))
 
 
-async def health(ingress, req) -> generate_pb2.HealthReply:
+async def health(ingress, req, ctx=None) -> generate_pb2.HealthReply:
+    _refuse_undecoded(ingress, req, ctx)
     h = await ingress.router.health.remote()
     return generate_pb2.HealthReply(ok=h["ok"] and not h["draining"], version=PLAN_VERSION, model=ingress.model_name,
                                     waiting=h["waiting"], running=h["running"])
