@@ -340,6 +340,10 @@ def test_responses_api_is_the_chat_completion_of_its_input(server, oai):
                          ("background", True), ("n", 2), ("max_tokens", 4)):
         r = httpx.post(server["http"] + "/v1/responses", json={"input": "hi", field: value}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    # the answering chat completion's refusals name the Responses API's fields
+    r = httpx.post(server["http"] + "/v1/responses", json={"input": "hi", "max_output_tokens": 10**6}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_output_tokens", r.text
+    assert "max_tokens" not in r.json()["error"]["message"], r.text
 
 
 def test_usage_counts_the_prompt_tokens_found_cached(server, oai, reference):

@@ -32,7 +32,11 @@ class ServiceRoutes:
     async def responses(self, req: ResponsesRequest, raw: Request):
         """OpenAI's Responses API, stateless (aptray.serve.responses_api): a chat completion of the input."""
         try:
-            _, _, rid, [call] = await self.open_chat(req.chat_request(), raw, "resp")
+            chat = req.chat_request()  # its own refusals name its own fields already
+        except Rejected as e:
+            return self._reject(e)
+        try:
+            _, _, rid, [call] = await self.open_chat(chat, raw, "resp")
         except Rejected as e:
             return self._reject(in_responses_terms(e, req))
         if req.stream:
