@@ -1,6 +1,7 @@
 """What generate() and the engine's step() hand back (vLLM's shapes)."""
 from __future__ import annotations
 
+import functools
 import re
 import weakref
 from dataclasses import dataclass, field
@@ -59,6 +60,30 @@ def byte_fallback_ids(tokenizer) -> frozenset[int]:
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
     ids = _byte_token_ids[tokenizer] = frozenset(i for t, i in vocab.items() if _BYTE_TOKEN.fullmatch(t))
     return ids
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: each character a token is spelt with -> the byte it stands for."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The bytes a token stands for (OpenAI's logprobs `bytes`, from which a client rebuilds the text):
+    its text's UTF-8, or, where the token is part of a character (its text alone decodes to U+FFFD),
+    its own bytes: each character of a byte-level BPE token stands for one byte, a SentencePiece
+    byte-fallback token (<0xE6>) for its byte."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return text.encode()
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str) and _BYTE_TOKEN.fullmatch(piece):
+        return bytes([int(piece[3:5], 16)])
+    alphabet = _byte_level_alphabet()
+    if isinstance(piece, str) and piece and all(c in alphabet for c in piece):
+        return bytes(alphabet[c] for c in piece)
+    return text.encode()
 
 
 class IncrementalDetokenizer:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aptray.model.factory import make_tokenizer
-from aptray.outputs import IncrementalDetokenizer
+from aptray.outputs import IncrementalDetokenizer, token_bytes
 from aptray.serve.args import AppArgs
 from aptray.serve.streams import ClientStream, Outbox
 
@@ -68,6 +68,23 @@ def test_incremental_decode_equals_full_decode_on_split_characters(name):
     # a character cut in half is held back, not relayed as U+FFFD
     ids = tokenizer.encode("é", add_special_tokens=False)  # its two bytes (after a "▁" for sentencepiece)
     assert len(ids) >= 2 and IncrementalDetokenizer(tokenizer).add(ids[:-1]) == ""
+
+
+def test_token_bytes_rebuild_characters_split_over_tokens():
+    """outputs.token_bytes (chat log-probabilities' `bytes`): where a character is split over tokens and
+    each token's text alone reads U+FFFD, the tokens' bytes joined are the text's UTF-8 (byte-level BPE:
+    every text; SentencePiece byte fallback: a text of such characters alone, since its decoder strips
+    the space a piece begins with)."""
+    byte_level, split = TOKENIZERS["byte-level"], 0
+    for text in TEXTS:
+        ids = byte_level.encode(text, add_special_tokens=False)
+        split += sum("\ufffd" in byte_level.decode([t]) for t in ids)
+        assert b"".join(token_bytes(byte_level, t) for t in ids) == text.encode(), text
+    assert split > 20  # the texts' characters are split over tokens (CJK, Greek, emoji)
+    sentencepiece = TOKENIZERS["sentencepiece"]
+    ids = sentencepiece.encode("你好，世界🙂", add_special_tokens=False)
+    assert b"".join(token_bytes(sentencepiece, t) for t in ids) == "你好，世界🙂".encode()
+    assert token_bytes(sentencepiece, sentencepiece.convert_tokens_to_ids("<0xE4>")) == b"\xe4"
 
 
 @pytest.mark.parametrize("name", sorted(TOKENIZERS))

@@ -34,6 +34,7 @@ from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatCompleti
                                      chunk_logprobs, error_body, finish_reason, new_id, top_of, unsupported_field)
 from aptray.serve.relay import Call, Rejected, RouterLink, invalid_as_400
 from aptray.model.demo import resolve_model_path
+from aptray import outputs
 from aptray.serve.http_app import api
 from aptray.serve.key_load import KeyLoad
 from aptray.serve.metrics import CountRefusals, RefusalCounts
@@ -159,6 +160,7 @@ class Ingress(ServiceRoutes):
         # every other request's stream (one thread: a tokenizer is not shared across threads safely)
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aptray-tokenize")
         self._token_texts: dict[int, str] = {}
+        self._token_bytes: dict[int, bytes] = {}
         self._token_text_tokenizer = None
         info = ray.get(self.router.ready.remote())
         self.max_model_len = info["max_model_len"]
@@ -348,10 +350,20 @@ class Ingress(ServiceRoutes):
         """A token's text alone, as log-probabilities show it (cached: at most one entry per vocabulary id)."""
         text = self._token_texts.get(token_id)
         if text is None:
-            if self._token_text_tokenizer is None:  # its own copy: the tokenizer thread uses self.tokenizer
-                self._token_text_tokenizer = copy.deepcopy(self.tokenizer)
-            text = self._token_texts[token_id] = self._token_text_tokenizer.decode([token_id])
+            text = self._token_texts[token_id] = self._event_loop_tokenizer().decode([token_id])
         return text
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for, as chat's log-probabilities show them (outputs.token_bytes; cached)."""
+        raw = self._token_bytes.get(token_id)
+        if raw is None:
+            raw = self._token_bytes[token_id] = outputs.token_bytes(self._event_loop_tokenizer(), token_id)
+        return raw
+
+    def _event_loop_tokenizer(self):
+        if self._token_text_tokenizer is None:  # its own copy: the tokenizer thread uses self.tokenizer
+            self._token_text_tokenizer = copy.deepcopy(self.tokenizer)
+        return self._token_text_tokenizer
 
     async def prompts_of(self, prompt, sampling: dict, n: int, add_special_tokens: bool = True,
                          keep: int | None = None) -> list[tuple[str | None, list[int]]]:
@@ -421,7 +433,7 @@ class Ingress(ServiceRoutes):
             reply, ids, rid, calls = await self.open_chat(req, raw)
         except Rejected as e:
             return self._reject(e)
-        renderers = [LogprobsRenderer(self.token_text) if req.logprobs else None for _ in calls]
+        renderers = [LogprobsRenderer(self.token_text, self.token_bytes) if req.logprobs else None for _ in calls]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             kw = {"usage_prompt_tokens": len(ids) if req.stream_options and req.stream_options.continuous() else None}

@@ -328,10 +328,11 @@ class ChatLogprobs(BaseModel):
 
 class LogprobsRenderer:
     """Tokens' log-probabilities (aptray.plan.TokenLogprobs, or None where unknown) in OpenAI's shapes.
-    token_text: a token id's text; offset: where the next token's text starts (completions)."""
+    token_text: a token id's text; token_bytes: its bytes (chat's `bytes`; None: its text's UTF-8);
+    offset: where the next token's text starts (completions)."""
 
-    def __init__(self, token_text, offset: int = 0):
-        self.token_text, self.offset = token_text, offset
+    def __init__(self, token_text, token_bytes=None, offset: int = 0):
+        self.token_text, self.token_bytes, self.offset = token_text, token_bytes, offset
 
     def completion(self, token_ids: list[int], logprobs: list) -> CompletionLogprobs:
         out = CompletionLogprobs()
@@ -371,7 +372,8 @@ class LogprobsRenderer:
 
     def _chat_token(self, token_id: int, logprob: float | None) -> dict:
         text = self.token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        raw = self.token_bytes(token_id) if self.token_bytes is not None else text.encode()
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
 
 def top_of(logprobs: list, k: int) -> list:
