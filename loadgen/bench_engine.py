@@ -152,6 +152,13 @@ def decode(args) -> dict:
     return result
 
 
+def _step_until_decoding(engine, tokens: int) -> None:
+    """Steps through every request's prefill and on until each has `tokens` output tokens: what is timed
+    next is decode steps alone."""
+    while engine.scheduler.waiting or any(len(r.output_token_ids) < tokens for r in engine.scheduler.running):
+        engine.step()
+
+
 def absorbed(args) -> dict:
     """Decode steps of the whole engine (fcfs), KV against the hidden cache with absorbed attention, on
     the CPU results' model shape (d 128, 4 layers) with 2 heads of 64 and with 8 heads of 16 (whose
@@ -170,8 +177,7 @@ def absorbed(args) -> dict:
             for i in range(args.batch):
                 prompt = [5 + (7 * i + j) % 400 for j in range(150 + 200 * i // max(args.batch - 1, 1))]
                 engine.add_request(str(i), prompt, SamplingParams(max_tokens=args.repeats + 4, ignore_eos=True))
-            while any(len(r.output_token_ids) < 2 for r in engine.scheduler.running) or engine.scheduler.waiting:
-                engine.step()  # the prefills, and one decode step of each request
+            _step_until_decoding(engine, 2)
             times = []
             for _ in range(args.repeats):
                 start = time.thread_time()
@@ -200,8 +206,7 @@ def profile(args) -> dict:
     for i in range(args.batch):
         engine.add_request(str(i), [100 + (11 * i + j) % 4000 for j in range(272)],
                            SamplingParams(temperature=0.0, max_tokens=args.repeats + 10, ignore_eos=True))
-    while any(len(r.output_token_ids) < 8 for r in engine.scheduler.running) or engine.scheduler.waiting:
-        engine.step()
+    _step_until_decoding(engine, 8)
     with torch_profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         for _ in range(args.repeats):
             engine.step()

@@ -68,8 +68,7 @@ class Router:
         (before any request holds a block) and lowered as faster steps run (_lower_measured_floors)."""
         a, spec = self.args, self.config.spec
         fastest = None
-        self._measured_floors = (a.min_ttft_slo_ms is None, a.min_tbt_slo_ms is None)
-        if any(self._measured_floors):
+        if a.min_ttft_slo_ms is None or a.min_tbt_slo_ms is None:
             fastest = self.loop.engine.fastest_step_seconds()  # the thread has not started
             logger.info("fastest step %.2f ms: the floor of accepted SLOs", fastest * 1e3)
         floor = lambda ms: fastest if ms is None else ms / 1000  # noqa: E731
@@ -80,8 +79,8 @@ class Router:
         """A measured SLO floor comes down to the fastest step the engine has run since: one measured on a
         busy machine would otherwise refuse, for the router's whole life, SLOs its engine meets."""
         fastest, limits = self.loop.fastest_step_s, self.limits
-        lower_ttft = self._measured_floors[0] and fastest < limits.min_ttft_slo
-        lower_tbt = self._measured_floors[1] and fastest < limits.min_tbt_slo
+        lower_ttft = self.args.min_ttft_slo_ms is None and fastest < limits.min_ttft_slo
+        lower_tbt = self.args.min_tbt_slo_ms is None and fastest < limits.min_tbt_slo
         if lower_ttft or lower_tbt:
             self.limits = replace(limits, min_ttft_slo=fastest if lower_ttft else limits.min_ttft_slo,
                                   min_tbt_slo=fastest if lower_tbt else limits.min_tbt_slo)
