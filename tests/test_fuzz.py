@@ -192,6 +192,21 @@ RAW = [
     ("logprobs 20", b'{"prompt": "hi", "max_tokens": 2, "logprobs": 20}', 200),
     ("logprobs 20 with echo", b'{"prompt": "hi there", "max_tokens": 1, "logprobs": 20, "echo": true}', 200),
     ("oversized body", json.dumps({"prompt": "x" * (MAX_BODY + 10)}).encode(), 413),
+    # each field in its JSON type, as OpenAI's API takes it
+    ("boolean temperature", b'{"prompt": "hi", "max_tokens": 2, "temperature": true}', 422),
+    ("string temperature", b'{"prompt": "hi", "max_tokens": 2, "temperature": "0.5"}', 422),
+    ("integer temperature", b'{"prompt": "hi", "max_tokens": 2, "temperature": 0}', 200),
+    ("fractional-typed max_tokens", b'{"prompt": "hi", "max_tokens": 2.0}', 422),
+    ("string max_tokens", b'{"prompt": "hi", "max_tokens": "2"}', 422),
+    ("boolean n", b'{"prompt": "hi", "max_tokens": 2, "n": true}', 422),
+    ("string stream", b'{"prompt": "hi", "max_tokens": 2, "stream": "false"}', 422),
+    ("integer ignore_eos", b'{"prompt": "hi", "max_tokens": 2, "ignore_eos": 1}', 422),
+    ("boolean logprobs", b'{"prompt": "hi", "max_tokens": 2, "logprobs": true}', 422),
+    ("boolean logit_bias", b'{"prompt": "hi", "max_tokens": 2, "logit_bias": {"5": true}}', 422),
+    ("boolean token id", b'{"prompt": [1, true], "max_tokens": 2}', 422),
+    ("boolean SLO", b'{"prompt": "hi", "max_tokens": 2, "aptray_slo": {"ttft_ms": true}}', 422),
+    ("string include_usage", b'{"prompt": "hi", "max_tokens": 2, "stream": true, '
+                             b'"stream_options": {"include_usage": "yes"}}', 422),
 ]
 TOKENIZE_RAW = [  # vLLM's /tokenize and /detokenize: the same limits as a request's prompt
     ("/tokenize", "513 messages", json.dumps({"messages": [{"role": "user", "content": "hi"}] * 513}).encode(), 400),
@@ -207,6 +222,8 @@ TOKENIZE_RAW = [  # vLLM's /tokenize and /detokenize: the same limits as a reque
     ("/detokenize", "fractional token id", b'{"tokens": [2.5]}', 422),
     ("/detokenize", "more tokens than a context", json.dumps({"tokens": [5] * 5000}).encode(), 400),
     ("/detokenize", "no tokens", b'{"tokens": []}', 200),
+    ("/detokenize", "boolean token id", b'{"tokens": [true]}', 422),
+    ("/tokenize", "string add_special_tokens", b'{"prompt": "hi", "add_special_tokens": "no"}', 422),
 ]
 
 
@@ -329,9 +346,10 @@ def test_generation_controls_it_cannot_honour_are_refused(server, path, field, v
     ({"logprobs": True, "top_logprobs": 21}, 422, None),
     ({"logprobs": True, "top_logprobs": -1}, 422, None),
     ({"logprobs": 3}, 422, None),  # completions' integer: chat takes a boolean
+    ({"logprobs": 1}, 422, None),  # not read as true
     ({"logprobs": False, "top_logprobs": 0}, 200, None),  # the defaults clients send
     ({"logprobs": True, "top_logprobs": 20}, 200, None),
-], ids=["top without logprobs", "top 21", "top -1", "logprobs integer", "defaults", "top 20"])
+], ids=["top without logprobs", "top 21", "top -1", "logprobs integer", "logprobs 1", "defaults", "top 20"])
 def test_chat_logprobs_fields(server, extra, want, param):
     r = _chat(server, extra, want, param, max_tokens=2)
     if want == 200:

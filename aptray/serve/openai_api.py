@@ -16,18 +16,24 @@ from aptray.sampling_params import (MAX_CACHE_SALT, MAX_LOGPROBS, MAX_PENALTY, M
 Text = Annotated[str, AfterValidator(check_text)]  # a string field the server reads
 
 
+class ClientModel(BaseModel):
+    """A model of what a client sends: each field in its JSON type, as OpenAI's API takes it (a float
+    field takes a number, an int field an integer, a bool field true or false: never "0.5", true for
+    a number or 2.0 for a count), and no NaN or infinity."""
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+
 def _if_asked():
     """A field the client asks for (return_token_ids): left out of the JSON unless it has a value."""
     return Field(None, exclude_if=lambda v: v is None)
 
 
-class AptraySlo(BaseModel):
-    model_config = ConfigDict(allow_inf_nan=False)
+class AptraySlo(ClientModel):
     ttft_ms: float | None = Field(None, gt=0)
     tbt_ms: float | None = Field(None, gt=0)
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(ClientModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's: with include_usage, every event carries the usage so far
 
@@ -56,7 +62,7 @@ UNSUPPORTED = {
 }
 
 
-class JsonSchemaFormat(BaseModel):
+class JsonSchemaFormat(ClientModel):
     """response_format's json_schema (OpenAI's shape): the schema holds the output; name, description
     and strict are taken and not used (the output always follows the schema)."""
     name: Text = "response"
@@ -65,12 +71,12 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(ClientModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
-class StructuredOutputs(BaseModel):
+class StructuredOutputs(ClientModel):
     """vLLM's structured_outputs: one of a JSON schema (an object, or its JSON text), any JSON
     object, a regex, a list of choices, or an EBNF grammar."""
     model_config = ConfigDict(extra="forbid")
@@ -125,10 +131,10 @@ def structured_output(response_format: ResponseFormat | None, outputs: Structure
     return asked[0][1] if asked else None
 
 
-class _SamplingRequest(BaseModel):
+class _SamplingRequest(ClientModel):
     # other fields (user, metadata...) are accepted and ignored, UNSUPPORTED ones only at their no-op
     # values (unsupported_field); NaN and infinities in no field the server reads
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow")
     model: Text | None = None
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -219,7 +225,7 @@ class CompletionRequest(_SamplingRequest):
         return self.logprobs
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(ClientModel):
     """A message as the chat template gets it: an assistant's may carry tool_calls (and no content),
     a tool's the tool_call_id it answers. content may be a list of text parts, which the template
     gets joined (text()); they are checked there, where a part that is not text is a 400 naming it."""
@@ -240,23 +246,23 @@ class ChatMessage(BaseModel):
         return len(self.role) + len(self.text(param) or "") + calls
 
 
-class ToolFunction(BaseModel):
+class ToolFunction(ClientModel):
     name: Text
     description: Text | None = None
     parameters: dict | None = None  # a JSON schema of its arguments; None: none
     strict: bool | None = None
 
 
-class Tool(BaseModel):
+class Tool(ClientModel):
     type: Literal["function"]
     function: ToolFunction
 
 
-class ToolName(BaseModel):
+class ToolName(ClientModel):
     name: Text
 
 
-class NamedToolChoice(BaseModel):
+class NamedToolChoice(ClientModel):
     type: Literal["function"]
     function: ToolName
 
@@ -467,7 +473,7 @@ class ChatCompletionChunk(BaseModel):
     prompt_token_ids: list[int] | None = _if_asked()  # in the first event (the role's) only
 
 
-class TokenizeCompletionRequest(BaseModel):
+class TokenizeCompletionRequest(ClientModel):
     """vLLM's /tokenize of a prompt."""
     model: Text | None = None
     prompt: Text
@@ -475,7 +481,7 @@ class TokenizeCompletionRequest(BaseModel):
     return_token_strs: bool = False  # each token's string (the tokenizer's own, convert_ids_to_tokens)
 
 
-class TokenizeChatRequest(BaseModel):
+class TokenizeChatRequest(ClientModel):
     """vLLM's /tokenize of a conversation, through the chat template as a chat request's."""
     model: Text | None = None
     messages: list[ChatMessage] = Field(min_length=1)
@@ -494,7 +500,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = _if_asked()
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(ClientModel):
     model: Text | None = None
     tokens: list[int]
 

@@ -13,10 +13,10 @@ import re
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from aptray.chat_content import join_texts
-from aptray.serve.openai_api import ChatCompletionRequest, Text, unsupported_field
+from aptray.serve.openai_api import ChatCompletionRequest, ClientModel, Text, unsupported_field
 from aptray.serve.relay import Rejected
 
 # fields of the Responses API that would need state or tools: refused unless at these no-op values
@@ -35,12 +35,12 @@ RESPONSES_NAMES = {"max_tokens": "max_output_tokens", "max_completion_tokens": "
 _MESSAGE_PARAM = re.compile(r"messages\[(\d+)\](.*)")
 
 
-class InputContent(BaseModel):
+class InputContent(ClientModel):
     type: Literal["input_text", "output_text", "text"]
     text: Text
 
 
-class InputMessage(BaseModel):
+class InputMessage(ClientModel):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
     content: Text | list[InputContent]
@@ -50,7 +50,7 @@ class InputMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
-class TextFormat(BaseModel):
+class TextFormat(ClientModel):
     type: Literal["text", "json_schema", "json_object"]
     name: Text = "response"
     schema_: dict | None = Field(None, alias="schema")
@@ -58,13 +58,13 @@ class TextFormat(BaseModel):
     strict: bool | None = None
 
 
-class TextConfig(BaseModel):
+class TextConfig(ClientModel):
     format: TextFormat | None = None
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(ClientModel):
     # other fields (metadata, user, store, sampling extras) pass to the chat request or are ignored there
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow")
     model: Text | None = None
     input: Text | list[InputMessage] = Field(min_length=1)
     instructions: Text | None = None
