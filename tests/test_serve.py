@@ -246,7 +246,7 @@ GREEDY = {"temperature": 0.0, "max_tokens": MAX_TOKENS, "extra_body": {"ignore_e
 
 def test_models_and_health(server, oai):
     """/v1/models lists the served model, the SDK's retrieve finds it (and 404 for another);
-    /version is the installed package's; /health answers 200."""
+    /version is the installed package's; /health answers 200, to HEAD as well (load balancers' probes)."""
     import importlib.metadata
 
     models = httpx.get(server["http"] + "/v1/models").json()
@@ -257,6 +257,8 @@ def test_models_and_health(server, oai):
         oai.models.retrieve("gpt-9")
     assert httpx.get(server["http"] + "/version").json() == {"version": importlib.metadata.version("aptray")}
     assert httpx.get(server["http"] + "/health").status_code == 200
+    head = httpx.head(server["http"] + "/health")
+    assert head.status_code == 200 and head.content == b""
 
 
 def test_openai_completion_matches_reference(server, oai, reference):

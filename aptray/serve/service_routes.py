@@ -97,7 +97,7 @@ class ServiceRoutes:
         """aptray's version (vLLM's /version)."""
         return {"version": importlib.metadata.version("aptray")}
 
-    @api.get("/health")
+    @api.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' probes
     async def health(self):
         try:
             h = await self.router.health.remote()
