@@ -179,7 +179,7 @@ class Engine:
             self.quarantine.clear(result.sampled)
         outputs = step.outputs
         outputs += [out for rid, why in result.errors.items()
-                    if (out := self.fail(rid, why, from_request=NOTHING_ALLOWED in why)) is not None]
+                    if (out := self.fail(rid, why, from_request=rid in result.client_errors)) is not None]
         for rid, (first, entries) in result.prompt_logprobs.items():
             if (req := self.scheduler.requests.get(rid)) is not None:
                 req.prompt_logprobs[first:first + len(entries)] = entries

@@ -57,8 +57,8 @@ class SeqPlan(NamedTuple):
         return len(self.token_ids) == 1 and self.start_pos > 0
 
 
-# a StepResult error of a row every token of which the request's structure, allowed_token_ids or bad_words
-# ruled out: the request's own doing, not the server's
+# why a row failed when the request's structure, allowed_token_ids or bad_words ruled out every token:
+# the request's own doing, not the server's (StepResult.client_errors)
 NOTHING_ALLOWED = "the structured output, allowed_token_ids and bad_words leave no token to choose"
 
 
@@ -103,6 +103,8 @@ class StepResult:
     step_time: float = 0.0  # seconds the shards spent on the step
     logits: dict | None = None  # request_id -> logits row, when the plan asked
     errors: dict[str, str] = field(default_factory=dict)  # request_id -> why its row failed (that request only)
+    # those of errors that are the request's own doing (a client error, NOTHING_ALLOWED), not the server's
+    client_errors: set[str] = field(default_factory=set)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # request_id -> its token's, if it asked
     # request_id -> (position of the first scored prompt token, each target's TokenLogprobs)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)

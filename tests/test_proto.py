@@ -51,6 +51,14 @@ def test_step_result_round_trip():
     assert back == r and back.logits is None
 
 
+def test_step_result_errors_round_trip():
+    """Failed rows keep their reasons, and which of them are the request's own doing (a 400)."""
+    r = StepResult(sampled={"a": 5}, errors={"b": "sampling failed: x", "c": "sampling failed: y"},
+                   client_errors={"c"})
+    back = result_from_proto(_wire(result_to_proto(r), shard_pb2.StepResult))
+    assert back == r and back.client_errors == {"c"}
+
+
 def test_step_result_logprobs_round_trip():
     lp = {"a": TokenLogprobs(_f32(-0.25), ((3, _f32(-0.25)), (50271, _f32(-1.5))), 1), "b": TokenLogprobs(-9999.0)}
     prompt = {"a": (1, [None, TokenLogprobs(_f32(-3.75), ((9, _f32(-0.5)),), 50272)]), "c": (40, [])}

@@ -74,8 +74,8 @@ def test_a_banned_token_is_never_drawn_and_a_forced_one_always():
     top = logits.argmax(dim=-1)
     rows = [_seq(temperature=1.5, logit_bias=((int(top[i]), -math.inf),), seed=i) for i in range(32)]
     rows += [_seq(temperature=t, logit_bias=((5, 100.0),), seed=i) for i, t in zip(range(32), [0.0, 1.0] * 16)]
-    tokens, errors = sample(logits, rows, torch.Generator().manual_seed(1))
-    assert not errors
+    tokens, errors, own = sample(logits, rows, torch.Generator().manual_seed(1))
+    assert not errors and not own
     assert all(tokens[i] != int(top[i]) for i in range(32))
     assert tokens[32:] == [5] * 32
 

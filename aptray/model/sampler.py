@@ -112,9 +112,13 @@ def distribution(row: torch.Tensor, seq: SeqPlan) -> torch.Tensor:
     return torch.softmax(_filter(row / seq.temperature, seq.top_k, seq.top_p, seq.min_p), dim=-1)
 
 
+class NothingAllowed(ValueError):
+    """The request's own rules (structure, allowed_token_ids, bad_words) left no token: its error."""
+
+
 def _draw(row: torch.Tensor, seq: SeqPlan, generator: torch.Generator) -> int:
     if bool(torch.isneginf(row).all()):
-        raise ValueError(NOTHING_ALLOWED)
+        raise NothingAllowed(NOTHING_ALLOWED)
     probs = distribution(row, seq)
     if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
         raise ValueError("the model's logits are not finite for this request: nothing to sample from")
@@ -125,13 +129,15 @@ def _draw(row: torch.Tensor, seq: SeqPlan, generator: torch.Generator) -> int:
 
 
 def sample(logits: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator
-           ) -> tuple[list[int | None], dict[int, str]]:
+           ) -> tuple[list[int | None], dict[int, str], set[int]]:
     """One token per row of logits [N, V] (fp32), row i sampled as seqs[i] asks. Returns the tokens
-    (None where a row failed) and the failed rows' errors by row index."""
+    (None where a row failed), the failed rows' errors by row index, and which of those rows failed
+    by the request's own rules (NothingAllowed)."""
     logits = constrained(penalized(repeated(logits, seqs), seqs), seqs)
     greedy = logits.argmax(dim=-1).tolist()
     out: list[int | None] = []
     errors: dict[int, str] = {}
+    own: set[int] = set()
     for row, seq in enumerate(seqs):
         if seq.temperature < MIN_TEMPERATURE and not seq.logit_bias:
             out.append(greedy[row])
@@ -142,7 +148,9 @@ def sample(logits: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator
         except (ValueError, RuntimeError) as e:
             out.append(None)
             errors[row] = f"sampling failed: {e}"
-    return out, errors
+            if isinstance(e, NothingAllowed):
+                own.add(row)
+    return out, errors, own
 
 
 # the floor of a reported log-probability: -inf (a token the model rules out) has no JSON number

@@ -87,6 +87,7 @@ def result_to_proto(r: StepResult, error: str = "") -> shard_pb2.StepResult:
     msg = shard_pb2.StepResult(version=PLAN_VERSION, step_time=r.step_time, error=error)
     msg.sampled.update({k: int(v) for k, v in r.sampled.items()})
     msg.request_errors.update(r.errors)
+    msg.client_errors.extend(sorted(r.client_errors))
     for rid, lp in r.logprobs.items():
         logprobs_to_proto(lp, msg.logprobs[rid])
     for rid, (first, entries) in r.prompt_logprobs.items():
@@ -108,6 +109,7 @@ def result_from_proto(m: shard_pb2.StepResult) -> StepResult:
         raise RuntimeError(f"shard step failed: {m.error}")
     logits = {rid: list(row.values) for rid, row in m.logits.items()} if m.has_logits else None
     return StepResult(sampled=dict(m.sampled), step_time=m.step_time, logits=logits, errors=dict(m.request_errors),
+                      client_errors=set(m.client_errors),
                       logprobs={rid: logprobs_from_proto(lp) for rid, lp in m.logprobs.items()},
                       prompt_logprobs={rid: (p.first_position, [logprobs_from_proto(lp) for lp in p.tokens])
                                        for rid, p in m.prompt_logprobs.items()})

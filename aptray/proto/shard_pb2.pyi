@@ -113,7 +113,7 @@ class PromptLogprobs(_message.Message):
     def __init__(self, first_position: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("version", "sampled", "step_time", "has_logits", "logits", "error", "request_errors", "logprobs", "prompt_logprobs")
+    __slots__ = ("version", "sampled", "step_time", "has_logits", "logits", "error", "request_errors", "logprobs", "prompt_logprobs", "client_errors")
     class SampledEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,7 @@ class StepResult(_message.Message):
     REQUEST_ERRORS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ERRORS_FIELD_NUMBER: _ClassVar[int]
     version: int
     sampled: _containers.ScalarMap[str, int]
     step_time: float
@@ -167,7 +168,8 @@ class StepResult(_message.Message):
     request_errors: _containers.ScalarMap[str, str]
     logprobs: _containers.MessageMap[str, TokenLogprobs]
     prompt_logprobs: _containers.MessageMap[str, PromptLogprobs]
-    def __init__(self, version: _Optional[int] = ..., sampled: _Optional[_Mapping[str, int]] = ..., step_time: _Optional[float] = ..., has_logits: _Optional[bool] = ..., logits: _Optional[_Mapping[str, LogitsRow]] = ..., error: _Optional[str] = ..., request_errors: _Optional[_Mapping[str, str]] = ..., logprobs: _Optional[_Mapping[str, TokenLogprobs]] = ..., prompt_logprobs: _Optional[_Mapping[str, PromptLogprobs]] = ...) -> None: ...
+    client_errors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[int] = ..., sampled: _Optional[_Mapping[str, int]] = ..., step_time: _Optional[float] = ..., has_logits: _Optional[bool] = ..., logits: _Optional[_Mapping[str, LogitsRow]] = ..., error: _Optional[str] = ..., request_errors: _Optional[_Mapping[str, str]] = ..., logprobs: _Optional[_Mapping[str, TokenLogprobs]] = ..., prompt_logprobs: _Optional[_Mapping[str, PromptLogprobs]] = ..., client_errors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ShardInfoRequest(_message.Message):
     __slots__ = ()

@@ -77,13 +77,14 @@ class ModelRunner:
             logits = self.model.compute_logits(h[ctx.sample_rows]).float()
             sampled = [s for s in plan.seqs if s.sample]
             if self.rank == 0 and sampled:
-                tokens, errors = sample(logits, sampled, self.generator)
+                tokens, errors, own = sample(logits, sampled, self.generator)
                 logprobs, lp_errors = token_logprobs(logits, sampled, tokens)
                 for row, why in lp_errors.items():
                     tokens[row], errors[row] = None, why
                 result.logprobs = {sampled[row].request_id: lp for row, lp in logprobs.items()}
                 result.sampled = {s.request_id: t for s, t in zip(sampled, tokens) if t is not None}
                 result.errors = {sampled[row].request_id: why for row, why in errors.items()}
+                result.client_errors = {sampled[row].request_id for row in own if row not in lp_errors}
                 if plan.want_logits:
                     result.logits = {s.request_id: logits[i].cpu() for i, s in enumerate(sampled)}
             if any(s.prompt_targets for s in plan.seqs):
