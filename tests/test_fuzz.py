@@ -8,6 +8,7 @@ Every answer must be a 2xx, or a 4xx carrying a JSON error; never a 5xx, a crash
 """
 import json
 import os
+import pathlib
 import re
 import time
 
@@ -530,6 +531,27 @@ def test_grpc_fuzz(server):
         assert code in GRPC_OK, code
     run()
     channel.close()
+
+
+def test_grpc_refusals_leave_no_traceback_in_serves_logs(server):
+    """Serve logs a traceback for each gRPC call that raised, in the replica and in the proxy; refusals
+    (aptray.serve.grpc_refusal_logs) leave none, where a served call and a refused one alike are logged."""
+    import grpc
+    import ray
+
+    from aptray.client import Client
+    with Client(server["grpc"], api_key=KEY) as c:
+        for kw in ({"max_tokens": 0}, {"max_tokens": 2, "ttft_ms": -1.0}):
+            with pytest.raises(grpc.RpcError) as e:
+                list(c.generate([5] * 8, **kw))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert list(c.generate([5] * 8, max_tokens=2))[-1].finished
+    logs = pathlib.Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    replica_logs, proxy_logs = list(logs.glob("replica_*Ingress*.log")), list(logs.glob("proxy_*.log"))
+    assert replica_logs and proxy_logs
+    for path in replica_logs + proxy_logs:
+        text = path.read_text(errors="replace")
+        assert "Request failed" not in text, (path.name, text[text.index("Request failed"):][:3000])
 
 
 def test_grpc_garbage_bytes_and_still_serving(server):

@@ -231,3 +231,27 @@ def test_tolerant_deserializer():
     assert isinstance(decode(b"\xff"), Undecoded) and not decode(b"\xff").oversize
     assert decode(b"\x00" * 65).oversize
     assert pickle.loads(pickle.dumps(decode(b"\xff"))) == decode(b"\xff")  # it travels to the replica
+
+
+def test_refusals_are_told_from_failures():
+    """What Serve logs for a gRPC call that raised: a Rejected under 500 (as raised, as Serve wraps it, as
+    Ray ships it) is a refusal, which Serve's logger then drops; a 5xx or any other exception is not."""
+    import logging
+
+    from ray.exceptions import RayTaskError
+    from ray.serve.exceptions import gRPCStatusError
+
+    from aptray.serve.grpc_refusal_logs import QuietRefusals, is_refusal
+
+    wrapped = gRPCStatusError(Rejected("shed", 429), grpc.StatusCode.RESOURCE_EXHAUSTED, "shed")
+    shipped = RayTaskError("Ingress.Generate", "traceback", wrapped)
+    assert is_refusal(Rejected("bad", 400)) and is_refusal(wrapped) and is_refusal(shipped)
+    assert not is_refusal(Rejected("broken", 500)) and not is_refusal(RuntimeError("boom"))
+    assert not is_refusal(gRPCStatusError(RuntimeError("boom"), grpc.StatusCode.INTERNAL)) and not is_refusal(None)
+
+    def record(exc):
+        return logging.LogRecord("ray.serve", logging.ERROR, __file__, 1, "Request failed.", None,
+                                 (type(exc), exc, None) if exc else None)
+    quiet = QuietRefusals()
+    assert not quiet.filter(record(wrapped))
+    assert quiet.filter(record(RuntimeError("boom"))) and quiet.filter(record(None))

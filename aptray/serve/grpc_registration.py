@@ -24,6 +24,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from aptray.proto import generate_pb2_grpc
+from aptray.serve import grpc_refusal_logs
 
 logger = logging.getLogger("aptray")
 
@@ -92,4 +93,5 @@ def add_GenerationServicer_to_server(servicer, server) -> None:  # noqa: N802 (t
         logger.warning("%s is not set in this process: its gRPC server receives messages up to 2 GiB, and "
                        "aptray refuses those over %d bytes only once received (docs/SERVING.md)",
                        MAX_MESSAGE_ENV, limit)
+    grpc_refusal_logs.install()  # this is Serve's proxy process: no traceback for each refusal
     generate_pb2_grpc.add_GenerationServicer_to_server(servicer, _TolerantServer(server, limit))

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
-from aptray.serve import choices, grpc_api, tools
+from aptray.serve import choices, grpc_api, grpc_refusal_logs, tools
 from aptray.serve.args import INGRESS_CPUS, AppArgs
 from aptray.serve.deploy_options import ATTAINMENT_WINDOW_S
 from aptray.serve.openai_api import (ChatChoice, ChatChoiceMessage, ChatCompletionRequest, ChatCompletionResponse,
@@ -135,6 +135,7 @@ class Ingress(ServiceRoutes):
         # read once: the HTTP edge, each request's caller identity and the gRPC API check one set
         self.api_keys = self.args.api_key_set()
         _edge.update(keys=self.api_keys, max_body=self.args.max_body_bytes)
+        grpc_refusal_logs.install()
         model = resolve_model_path(self.args.model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer or model)
         self.model_name = self.args.served_model_name or os.path.basename(model.rstrip("/"))
