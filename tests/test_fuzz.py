@@ -28,6 +28,7 @@ EXAMPLES = int(os.environ.get("APTRAY_FUZZ_EXAMPLES", "60"))
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_BODY = 64 << 10
+BODY_TIMEOUT_S = 3.0
 TIMEOUT = 60  # seconds: a hang fails the test instead of blocking it
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -38,7 +39,8 @@ STATS = {"http": 0, "grpc": 0, "codes": {}}
 def server():
     ensure_demo_model(demo_model_dir())
     args = {"tensor_parallel_size": 1, "num_cache_blocks": 64, "max_num_seqs": 8, "max_queue": 64,
-            "use_gpu": False, "api_keys": KEY, "max_body_bytes": MAX_BODY, "max_tokens_limit": 4}
+            "use_gpu": False, "api_keys": KEY, "max_body_bytes": MAX_BODY, "max_tokens_limit": 4,
+            "body_timeout_s": BODY_TIMEOUT_S}
     with served_app(args, num_cpus=3) as addresses:
         yield {**addresses, "schema": httpx.get(addresses["http"] + "/openapi.json", headers=AUTH,
                                                 timeout=TIMEOUT).json()}
@@ -410,6 +412,37 @@ def _chat(server, extra: dict, want: int, param: str | None, max_tokens: int):
     if param:
         assert r.json()["error"]["param"] == param, r.text[:300]
     return r
+
+
+def test_half_sent_bodies_get_408_and_others_are_served(server):
+    """Clients that send headers and part of a body, then stop, get 408 once body_timeout_s has passed,
+    and hold nothing after: a normal request sent meanwhile, and one after, are served."""
+    import socket
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(server["http"]).hostname, urlsplit(server["http"]).port
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 200\r\n\r\n").encode()
+    stalled = [socket.create_connection((host, port), timeout=TIMEOUT) for _ in range(8)]
+    started = time.monotonic()
+    for conn in stalled:
+        conn.sendall(head + b'{"prompt": "hel')
+    ok = httpx.post(server["http"] + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=AUTH,
+                    timeout=TIMEOUT)
+    assert ok.status_code == 200, ok.text
+    for conn in stalled:
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            part = conn.recv(4096)
+            assert part, "closed without an answer"
+            reply += part
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        conn.close()
+    waited = time.monotonic() - started
+    assert BODY_TIMEOUT_S <= waited < BODY_TIMEOUT_S + 20, waited
+    after = httpx.post(server["http"] + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=AUTH,
+                       timeout=TIMEOUT)
+    assert after.status_code == 200, after.text
 
 
 def test_oversized_body_without_length_is_refused(server):

@@ -316,7 +316,8 @@ def test_the_edge_refuses_huge_headers_and_two_keys_before_the_app():
         reached.append(1)
         return {"ok": True}
 
-    app.add_middleware(EdgeMiddleware, keys_fn=lambda: frozenset({"k1", "k2"}), max_body_bytes_fn=lambda: 1 << 20)
+    app.add_middleware(EdgeMiddleware, keys_fn=lambda: frozenset({"k1", "k2"}), max_body_bytes_fn=lambda: 1 << 20,
+                       body_timeout_fn=lambda: 30.0)
 
     async def post(headers):
         transport = httpx.ASGITransport(app=app)
@@ -347,6 +348,10 @@ def test_api_keys():
     assert AppArgs.parse({"max_requests_per_key": "8"}).max_requests_per_key == 8
     with pytest.raises(ValueError, match="max_requests_per_key"):
         AppArgs.parse({"max_requests_per_key": 0})
+    assert AppArgs.parse({"body_timeout_s": "2.5"}).body_timeout_s == 2.5
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="body_timeout_s"):
+            AppArgs.parse({"body_timeout_s": bad})
 
 
 def test_resumed_request_already_finished():

@@ -56,6 +56,9 @@ class AppArgs:
     # beyond; None: no cap. Needs api_keys: without keys, callers are not told apart
     max_requests_per_key: int | None = None
     max_body_bytes: int = 1 << 20  # HTTP request bodies over this get 413
+    # an HTTP request body not wholly received within this gets 408: a client that sends it slowly
+    # would hold one of the replica's request slots for as long as it likes
+    body_timeout_s: float = 30.0
     max_prompt_tokens: int | None = None  # None: the model context minus one
     max_tokens_limit: int | None = None  # largest max_tokens a request may ask; None: the context
     # least per-request SLOs accepted (400 below); None: the engine's fastest step, measured at start
@@ -117,6 +120,8 @@ class AppArgs:
             raise ValueError(f"tool_call_parser {parsed.tool_call_parser!r}: use one of {tuple(PARSERS)}")
         if parsed.max_requests_per_key is not None and parsed.max_requests_per_key < 1:
             raise ValueError(f"max_requests_per_key must be at least 1, got {parsed.max_requests_per_key}")
+        if not parsed.body_timeout_s > 0:  # also refuses nan
+            raise ValueError(f"body_timeout_s must be positive, got {parsed.body_timeout_s}")
         if parsed.routing not in ROUTINGS:
             raise ValueError(f"routing {parsed.routing!r}: use one of {ROUTINGS}")
         if not 0 <= parsed.routing_equal_ttft_fraction < 1:  # also refuses nan

@@ -88,8 +88,10 @@ class ReplicaHeader:
         await self.app(scope, receive, send_with_header)
 
 
-_edge = {"keys": frozenset(), "max_body": 1 << 20, "replica": b""}  # set by the Ingress replica (one per process)
-api.add_middleware(EdgeMiddleware, keys_fn=lambda: _edge["keys"], max_body_bytes_fn=lambda: _edge["max_body"])
+# set by the Ingress replica (one per process)
+_edge = {"keys": frozenset(), "max_body": 1 << 20, "body_timeout": 30.0, "replica": b""}
+api.add_middleware(EdgeMiddleware, keys_fn=lambda: _edge["keys"], max_body_bytes_fn=lambda: _edge["max_body"],
+                   body_timeout_fn=lambda: _edge["body_timeout"])
 api.add_middleware(ReplicaHeader, replica_fn=lambda: _edge["replica"])
 REFUSALS = RefusalCounts()  # this process's replica's (one per process)
 api.add_middleware(CountRefusals, counts=REFUSALS)  # outermost: it sees the edge's 401 and 413 too
@@ -134,7 +136,7 @@ class Ingress(ServiceRoutes):
         self.args = AppArgs.parse(args)
         # read once: the HTTP edge, each request's caller identity and the gRPC API check one set
         self.api_keys = self.args.api_key_set()
-        _edge.update(keys=self.api_keys, max_body=self.args.max_body_bytes)
+        _edge.update(keys=self.api_keys, max_body=self.args.max_body_bytes, body_timeout=self.args.body_timeout_s)
         grpc_refusal_logs.install()
         model = resolve_model_path(self.args.model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer or model)

@@ -6,6 +6,7 @@ shape.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -70,12 +71,12 @@ async def _send_error(send, status: int, message: str, headers: list | None = No
 
 class EdgeMiddleware:
     """431 over MAX_HEADER_BYTES of headers, 400 for two Authorization headers, 401 without a valid key
-    (except OPEN_PATHS), 413 over max_body_bytes."""
+    (except OPEN_PATHS), 413 over max_body_bytes, 408 for a body not received within body_timeout_s."""
 
-    def __init__(self, app, keys_fn, max_body_bytes_fn):
+    def __init__(self, app, keys_fn, max_body_bytes_fn, body_timeout_fn):
         self.app = app
         # functions, not values: the ingress reads its args after the app is built
-        self.keys_fn, self.max_body_fn = keys_fn, max_body_bytes_fn
+        self.keys_fn, self.max_body_fn, self.body_timeout_fn = keys_fn, max_body_bytes_fn, body_timeout_fn
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -99,17 +100,21 @@ class EdgeMiddleware:
             return await _send_error(send, 413, f"the request body is over {limit} bytes")
         # read the body up to the limit before the app sees it (bounded buffering): a body that
         # goes over is refused here, not half-parsed by a handler
-        chunks, received = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                return  # the client went away
-            chunks.append(msg.get("body", b""))
-            received += len(chunks[-1])
-            if limit and received > limit:
-                return await _send_error(send, 413, f"the request body is over {limit} bytes")
-            if not msg.get("more_body", False):
-                break
+        chunks, received, deadline = [], 0, self.body_timeout_fn()
+        try:
+            async with asyncio.timeout(deadline):
+                while True:
+                    msg = await receive()
+                    if msg["type"] != "http.request":
+                        return  # the client went away
+                    chunks.append(msg.get("body", b""))
+                    received += len(chunks[-1])
+                    if limit and received > limit:
+                        return await _send_error(send, 413, f"the request body is over {limit} bytes")
+                    if not msg.get("more_body", False):
+                        break
+        except TimeoutError:
+            return await _send_error(send, 408, f"the request body did not arrive within {deadline:g} s")
         body, replayed = b"".join(chunks), False
 
         async def replay():
