@@ -30,7 +30,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_BODY = 64 << 10
 BODY_TIMEOUT_S = 3.0
 TIMEOUT = 60  # seconds: a hang fails the test instead of blocking it
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=EXAMPLES, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 STATS = {"http": 0, "grpc": 0, "codes": {}}
 
