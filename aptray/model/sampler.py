@@ -2,10 +2,14 @@
 grammar rules out, and logit bias, then greedy, or temperature, top-k, top-p and min-p (transformers' order); seeded
 requests get reproducible draws; the log-probabilities a request asks for.
 
-One request's sampling can never fail another's: each row is sampled on its own, and a row whose
-probabilities are not a distribution (non-finite logits from the model) is reported as that
-request's error instead of reaching torch.multinomial, which raises on CPU and may trip a
-device-side assert on CUDA.
+The whole batch is sampled at once, with one copy to the host per step: each filter runs over every
+row that asks for it, and a row draws its token as the argmax of its probabilities over exponential
+noise (the exponential race: token i wins with probability p_i), its noise from the engine's generator
+or, seeded, from a generator of its own, so its draw does not depend on the rest of the batch.
+
+One request's sampling can never fail another's: a row whose probabilities are not a distribution
+(non-finite logits from the model), or whose own rules leave no token, is reported as that request's
+error.
 """
 from __future__ import annotations
 
@@ -16,28 +20,40 @@ from aptray.plan import NOTHING_ALLOWED, SeqPlan, TokenLogprobs
 from aptray.sampling_params import MIN_TEMPERATURE
 
 
-def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
+def filtered(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
+    """logits [M, V] (already over each row's temperature) with the tokens each row's top-k, top-p and
+    min-p drop set to -inf, in transformers' order; each filter runs only where some row asks for it."""
+    vocab, device = logits.shape[-1], logits.device
+    ks = [s.top_k if 0 < s.top_k < vocab else 0 for s in seqs]
+    if any(ks):
+        k = torch.tensor(ks, device=device)
+        kth = torch.topk(logits, max(ks), dim=-1).values.gather(1, (k - 1).clamp_min(0)[:, None])
+        logits = logits.masked_fill((logits < kth) & (k > 0)[:, None], float("-inf"))
+    if any(s.top_p < 1.0 for s in seqs):
+        top_p = torch.tensor([s.top_p if s.top_p < 1.0 else 2.0 for s in seqs], device=device)  # 2: keeps all
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         # keep the smallest set reaching top_p; the most likely token is always kept, so a vanishing
         # top_p samples greedily instead of leaving nothing to sample from
-        drop = probs.cumsum(-1) - probs >= top_p
-        drop[0] = False
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    if min_p > 0.0:  # the most likely token always stays: min_p <= 1
+        drop = probs.cumsum(-1) - probs >= top_p[:, None]
+        drop[:, 0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    if any(s.min_p > 0.0 for s in seqs):  # the most likely token always stays: min_p <= 1
+        min_p = torch.tensor([s.min_p for s in seqs], device=device, dtype=logits.dtype)
         probs = torch.softmax(logits, dim=-1)
-        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+        logits = logits.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), float("-inf"))
     return logits
 
 
-def _biased(row: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
-    ids, values = zip(*bias)
-    return row.index_add(0, torch.tensor(ids, device=row.device),
-                         torch.tensor(values, dtype=row.dtype, device=row.device))
+def biased(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
+    """logits [N, V] with each row's seq.logit_bias added (one index_add for the batch), into a new
+    tensor where any row has one."""
+    rows = [i for i, seq in enumerate(seqs) if seq.logit_bias]
+    if not rows:
+        return logits
+    index = _flat_index(logits, rows, [[t for t, _ in seqs[i].logit_bias] for i in rows])
+    values = torch.tensor([b for i in rows for _, b in seqs[i].logit_bias], dtype=logits.dtype, device=logits.device)
+    return logits.flatten().index_add(0, index, values).view_as(logits)
 
 
 def repeated(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
@@ -107,49 +123,61 @@ def constrained(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
     return logits.index_add(0, torch.tensor(rows, device=logits.device), offset)
 
 
+def distributions(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
+    """The probabilities each row samples its next token from, given its logits (biased, not greedy)."""
+    temperature = torch.tensor([s.temperature for s in seqs], device=logits.device, dtype=logits.dtype)
+    return torch.softmax(filtered(logits / temperature[:, None], seqs), dim=-1)
+
+
 def distribution(row: torch.Tensor, seq: SeqPlan) -> torch.Tensor:
     """The probabilities seq samples its next token from, given its logits row (biased, not greedy)."""
-    return torch.softmax(_filter(row / seq.temperature, seq.top_k, seq.top_p, seq.min_p), dim=-1)
+    return distributions(row[None], [seq])[0]
 
 
-class NothingAllowed(ValueError):
-    """The request's own rules (structure, allowed_token_ids, bad_words) left no token: its error."""
-
-
-def _draw(row: torch.Tensor, seq: SeqPlan, generator: torch.Generator) -> int:
-    if bool(torch.isneginf(row).all()):
-        raise NothingAllowed(NOTHING_ALLOWED)
-    probs = distribution(row, seq)
-    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
-        raise ValueError("the model's logits are not finite for this request: nothing to sample from")
-    gen = generator
-    if seq.seed is not None:  # the same seed gives the same tokens, whatever else is in the batch
-        gen = torch.Generator(device=row.device).manual_seed(seq.seed * 1_000_003 + seq.sample_index)
-    return int(torch.multinomial(probs, 1, generator=gen))
+def _noise(probs: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator) -> torch.Tensor:
+    """Exponential noise -log(U), U uniform in [0, 1) (on the CPU cheaper than exponential_), one row per
+    row of probs: a seeded row's from its own generator, so the same seed gives the same tokens
+    whatever else is in the batch; the others' from the engine's. A U of 0 gives inf: that token's
+    p / inf is 0."""
+    noise = torch.empty_like(probs)
+    seeded = [j for j, seq in enumerate(seqs) if seq.seed is not None]
+    if len(seeded) < len(seqs):
+        noise.uniform_(generator=generator)
+    for j in seeded:
+        seq = seqs[j]
+        own = torch.Generator(device=probs.device).manual_seed(seq.seed * 1_000_003 + seq.sample_index)
+        noise[j].uniform_(generator=own)
+    return noise.log_().neg_()
 
 
 def sample(logits: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator
            ) -> tuple[list[int | None], dict[int, str], set[int]]:
     """One token per row of logits [N, V] (fp32), row i sampled as seqs[i] asks. Returns the tokens
     (None where a row failed), the failed rows' errors by row index, and which of those rows failed
-    by the request's own rules (NothingAllowed)."""
-    logits = constrained(penalized(repeated(logits, seqs), seqs), seqs)
-    greedy = logits.argmax(dim=-1).tolist()
+    by the request's own rules (every token ruled out: NOTHING_ALLOWED, a client error)."""
+    logits = biased(constrained(penalized(repeated(logits, seqs), seqs), seqs), seqs)
+    tokens = logits.argmax(dim=-1)  # greedy rows keep theirs
+    drawn = [i for i, seq in enumerate(seqs) if seq.temperature >= MIN_TEMPERATURE]
+    none_allowed = not_finite = torch.zeros_like(tokens)
+    if drawn:
+        rows = torch.tensor(drawn, device=logits.device)
+        x, drawn_seqs = logits[rows], [seqs[i] for i in drawn]
+        probs = distributions(x, drawn_seqs)
+        tokens = tokens.index_copy(0, rows, (probs / _noise(probs, drawn_seqs, generator)).argmax(dim=-1))
+        ruled_out = torch.isneginf(x).all(dim=-1)
+        broken = ~torch.isfinite(probs).all(dim=-1) | ~(probs.sum(dim=-1) > 0)
+        none_allowed = none_allowed.index_copy(0, rows, ruled_out.long())
+        not_finite = not_finite.index_copy(0, rows, (broken & ~ruled_out).long())
     out: list[int | None] = []
     errors: dict[int, str] = {}
     own: set[int] = set()
-    for row, seq in enumerate(seqs):
-        if seq.temperature < MIN_TEMPERATURE and not seq.logit_bias:
-            out.append(greedy[row])
-            continue
-        try:
-            x = _biased(logits[row], seq.logit_bias) if seq.logit_bias else logits[row]
-            out.append(int(x.argmax()) if seq.temperature < MIN_TEMPERATURE else _draw(x, seq, generator))
-        except (ValueError, RuntimeError) as e:
-            out.append(None)
-            errors[row] = f"sampling failed: {e}"
-            if isinstance(e, NothingAllowed):
-                own.add(row)
+    for row, (token, nothing, broken) in enumerate(torch.stack([tokens, none_allowed, not_finite], 1).tolist()):
+        out.append(None if nothing or broken else token)
+        if nothing:
+            errors[row] = f"sampling failed: {NOTHING_ALLOWED}"
+            own.add(row)
+        elif broken:
+            errors[row] = "sampling failed: the model's logits are not finite for this request: nothing to sample from"
     return out, errors, own
 
 

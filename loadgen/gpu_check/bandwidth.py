@@ -4,7 +4,8 @@ loadgen/bench_kernels.py times each point (triton do_bench, median, L2 flushed);
 counts the cache bytes each path must read once (N*ctx*2*n_kv*D and N*ctx*d elements), against the
 device's datasheet HBM peak and a measured copy. absorbed_ms includes the u = W_k^T q and W_v y matmuls.
 Then the absorbed kernels' tilings (triton_absorbed.Tiling) are timed against the default at a few
-points, each checked against the reference first: what the default should become.
+points, each checked against the reference first: what the default should become. Last, the sampler's
+cost per step for each sampling control, as a ratio to greedy rows (loadgen/bench_sampler.py).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def run(ctx, pace, result: dict) -> None:
         if not cpu:
             torch.cuda.empty_cache()
     result["tilings"] = tiling_sweep(ctx, pace, layer, timer)
+    result["sampler"] = sampler_costs(ctx, pace)
     kv = [r["kv_pct_peak"] for r in rows if r["batch"] >= KV_TARGET["batch"] and r["context"] >= KV_TARGET["context"]
           and r["kv_pct_peak"] is not None]
     ratio = [r["absorbed_over_kv"] for r in rows if r["context"] >= ABSORBED_TARGET["context"]]
@@ -62,6 +64,22 @@ def run(ctx, pace, result: dict) -> None:
         "absorbed_over_kv": {"met": max(ratio) <= ABSORBED_TARGET["ratio"] if ratio else None,
                              "value": None if not ratio else f"{min(ratio):.2f}-{max(ratio):.2f}",
                              "target": "absorbed / KV time <= 0.6 at contexts >= 1024"}}
+
+
+def sampler_costs(ctx, pace) -> list[dict]:
+    """Median ms of one sample() over sizes.sampler_rows decode rows for each bench_sampler case, and its
+    ratio to greedy rows of the same batch."""
+    from loadgen import bench_sampler
+    s, rows = ctx.sizes, []
+    for batch in pace.each(s.sampler_rows, 2.0):
+        logits = torch.randn(batch, s.sampler_vocab, device=ctx.device).mul_(3)
+        greedy = None
+        for case, fields in bench_sampler.CASES.items():
+            seconds = bench_sampler.time_case(logits, fields, 10)
+            greedy = greedy or seconds
+            rows.append({"rows": batch, "case": case, "ms": seconds * 1e3, "x_greedy": seconds / greedy})
+            ctx.log(f"sampler rows={batch} {case}: {seconds * 1e3:.2f} ms ({seconds / greedy:.1f}x greedy)")
+    return rows
 
 
 def tiling_sweep(ctx, pace, layer, timer) -> list[dict]:

@@ -125,6 +125,11 @@ def _bandwidth(st: dict) -> list[str]:
         lines += table(["context", "batch", "block_t", "block_d", "warps", "ms", "default ms", "/ default"],
                        [[r["context"], r["batch"], r["block_t"], r["block_d"], r["num_warps"], r["ms"], r["default_ms"],
                          r["over_default"]] for r in best])
+    sampler = st.get("sampler") or []
+    if sampler:
+        lines += ["", "The sampler per step (loadgen/bench_sampler.py: median of 10 calls):", ""]
+        lines += table(["rows", "case", "ms", "x greedy"], [[r["rows"], r["case"], r["ms"], r["x_greedy"]]
+                                                             for r in sampler])
     return lines
 
 

@@ -31,6 +31,9 @@ class Sizes:
     bw_tilings: tuple
     bw_tiling_points: tuple
     bw_tiling_estimate_s: float
+    # the sampler's cost per step (loadgen/bench_sampler.py): batches of decode rows over a vocabulary
+    sampler_rows: tuple
+    sampler_vocab: int
     # stage 4, step costs of the engine
     model: str  # "opt-13b" (aptray/sim/configs) or "opt-smoke" (a tiny OPT config)
     dtype: str
@@ -69,6 +72,7 @@ GPU = Sizes(
     bw_batches=(16, 32, 64, 128), bw_contexts=(512, 1024, 2048, 4096), bw_block_size=16, bw_point_estimate_s=3.0,
     bw_tilings=tuple((t, d, w) for t in (16, 32, 64) for d in (64, 128, 256) for w in (4, 8)),
     bw_tiling_points=((1024, 32), (2048, 128)), bw_tiling_estimate_s=1.5,
+    sampler_rows=(64, 256), sampler_vocab=50272,
     model="opt-13b", dtype="bfloat16", block_size=16, num_cache_blocks=None,
     prefill_tokens=(128, 256, 512, 1024, 2048, 4096), decode_batches=(1, 8, 32, 64, 128, 256),
     decode_contexts=(128, 500, 1000, 2000), mixed_steps=((256, 0, 16, 1000), (512, 1024, 16, 1000),
@@ -89,6 +93,7 @@ SMOKE = Sizes(
     exact_case_estimate_s=2.0,
     bw_batches=(1, 2), bw_contexts=(32, 64), bw_block_size=16, bw_point_estimate_s=2.0,
     bw_tilings=((16, 32, 4), (64, 16, 8)), bw_tiling_points=((32, 2),), bw_tiling_estimate_s=1.0,
+    sampler_rows=(4,), sampler_vocab=300,
     model="opt-smoke", dtype="float32", block_size=16, num_cache_blocks=512,
     prefill_tokens=(16, 64, 256), decode_batches=(1, 4, 16), decode_contexts=(16, 64, 200),
     mixed_steps=((32, 0, 4, 64), (32, 64, 4, 128)), mixed_kind_decodes=((4, 64, 1), (16, 64, 8)),

@@ -1,0 +1,82 @@
+"""What the sampler costs a step: aptray.model.sampler.sample over a batch of decode rows, for the
+sampling controls clients send, each as a ratio to greedy rows of the same batch in the same run
+(greedy is one argmax: the floor any sampler pays).
+
+  python -m loadgen.bench_sampler [--rows 64 256] [--vocab 50272] [--device cpu|cuda] [--out DIR]
+
+Prints a table (median ms per call over --iters calls, and the ratio) and writes
+sampler_costs.json under --out when given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from aptray.model.sampler import sample
+from aptray.plan import SeqPlan
+
+CASES = {  # name -> SeqPlan fields beyond the defaults
+    "greedy": {"temperature": 0.0},
+    "temperature 1": {},
+    "top_p 0.9": {"top_p": 0.9},
+    "top_k 50, top_p 0.95": {"top_k": 50, "top_p": 0.95},
+    "min_p 0.05": {"min_p": 0.05},
+    "seeded": {"seed": 1},
+}
+
+
+def _seq(i: int, **fields) -> SeqPlan:
+    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "seed": None, "min_p": 0.0}
+    f = defaults | fields
+    seed = None if f["seed"] is None else f["seed"] + i
+    return SeqPlan(f"r{i}", (1,), 1, "kv", (0,), True, f["temperature"], f["top_p"], f["top_k"], seed, 0, f["min_p"])
+
+
+def time_case(logits: torch.Tensor, fields: dict, iters: int) -> float:
+    """Median seconds of one sample() call over the batch, every row asking for fields."""
+    seqs = [_seq(i, **fields) for i in range(logits.shape[0])]
+    generator = torch.Generator(device=logits.device).manual_seed(0)
+    sample(logits, seqs, generator)  # warm-up
+    times = []
+    for _ in range(iters):
+        if logits.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        sample(logits, seqs, generator)  # returns host lists: it waits for the device itself
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--vocab", type=int, default=50272)  # OPT's
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    results = {"device": args.device, "vocab": args.vocab, "threads": torch.get_num_threads(), "cases": []}
+    print(f"sampler on {args.device}, vocab {args.vocab}, {torch.get_num_threads()} threads")
+    print(f"{'rows':>5} {'case':<22} {'ms':>8} {'x greedy':>9}")
+    for rows in args.rows:
+        logits = torch.randn(rows, args.vocab, generator=torch.Generator().manual_seed(rows)).mul_(3).to(args.device)
+        greedy = None
+        for name, fields in CASES.items():
+            seconds = time_case(logits, fields, args.iters)
+            greedy = greedy or seconds
+            results["cases"].append({"rows": rows, "case": name, "ms": seconds * 1e3, "x_greedy": seconds / greedy})
+            print(f"{rows:>5} {name:<22} {seconds * 1e3:>8.2f} {seconds / greedy:>9.1f}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "sampler_costs.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
