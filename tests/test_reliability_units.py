@@ -336,6 +336,33 @@ def test_the_edge_refuses_huge_headers_and_two_keys_before_the_app():
     assert answer([("authorization", "Bearer k2"), ("x-big", "a" * (MAX_HEADER_BYTES // 2))])[0] == 200 and reached
 
 
+def test_the_edge_answers_a_stalled_body_408_and_an_oversized_one_413():
+    """A body whose rest never comes gets 408 once body_timeout_s has passed; chunks past
+    max_body_bytes get 413 at once; neither reaches the app."""
+    from aptray.serve.security import EdgeMiddleware
+
+    async def app(scope, receive, send):
+        raise AssertionError("the app was reached")
+
+    async def status_of(chunks, stall: bool) -> int:
+        edge = EdgeMiddleware(app, keys_fn=frozenset, max_body_bytes_fn=lambda: 100, body_timeout_fn=lambda: 0.2)
+        pending, sent = list(chunks), []
+
+        async def receive():
+            if pending:
+                return {"type": "http.request", "body": pending.pop(0), "more_body": bool(pending) or stall}
+            await asyncio.sleep(3600)  # the client stopped sending
+
+        async def send(message):
+            sent.append(message)
+        scope = {"type": "http", "path": "/v1/completions", "headers": []}
+        await asyncio.wait_for(edge(scope, receive, send), timeout=10)
+        return sent[0]["status"]
+
+    assert asyncio.run(status_of([b'{"prompt": "hel'], stall=True)) == 408
+    assert asyncio.run(status_of([b"x" * 60, b"x" * 60], stall=True)) == 413
+
+
 def test_api_keys():
     keys = frozenset({"k1", "k2"})
     assert key_ok(keys, "k2") and not key_ok(keys, "k3") and not key_ok(keys, None)

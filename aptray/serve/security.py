@@ -109,12 +109,12 @@ class EdgeMiddleware:
                         return  # the client went away
                     chunks.append(msg.get("body", b""))
                     received += len(chunks[-1])
-                    if limit and received > limit:
-                        return await _send_error(send, 413, f"the request body is over {limit} bytes")
-                    if not msg.get("more_body", False):
+                    if (limit and received > limit) or not msg.get("more_body", False):
                         break
         except TimeoutError:
             return await _send_error(send, 408, f"the request body did not arrive within {deadline:g} s")
+        if limit and received > limit:  # answered outside the deadline: a slow reader gets its 413 whole
+            return await _send_error(send, 413, f"the request body is over {limit} bytes")
         body, replayed = b"".join(chunks), False
 
         async def replay():
