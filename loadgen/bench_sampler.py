@@ -3,9 +3,12 @@ sampling controls clients send, each as a ratio to greedy rows of the same batch
 (greedy is one argmax: the floor any sampler pays).
 
   python -m loadgen.bench_sampler [--rows 64 256] [--vocab 50272] [--device cpu|cuda] [--out DIR]
+  python -m loadgen.bench_sampler --model $(aptray prepare-smollm2)
 
-Prints a table (median ms per call over --iters calls, and the ratio) and writes
-sampler_costs.json under --out when given.
+The logits are random (normal, times 3: flatter than a trained model's, so top-p's nucleus is
+often past its candidates) or, with --model, a model's own next-token logits over ShareGPT prompts
+(each position of the first prompts, teacher-forced). Prints a table (median ms per call over --iters
+calls, and the ratio) and writes sampler_costs.json under --out when given.
 """
 from __future__ import annotations
 
@@ -52,19 +55,42 @@ def time_case(logits: torch.Tensor, fields: dict, iters: int) -> float:
     return statistics.median(times)
 
 
+def model_logits(path: str, rows: int) -> torch.Tensor:
+    """rows next-token logits of the model at path (fp32), one per position of ShareGPT prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loadgen.datasets import load_samples
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    out, have = [], 0
+    with torch.inference_mode():
+        for s in load_samples("sharegpt", tokenizer, 64, context=512, seed=0):
+            ids = tokenizer(s.prompt, return_tensors="pt")["input_ids"][:, :256]
+            out.append(model(ids).logits[0].float())
+            have += len(out[-1])
+            if have >= rows:
+                break
+    return torch.cat(out)[:rows]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--vocab", type=int, default=50272)  # OPT's
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default=None, help="a model folder whose next-token logits to sample from")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    results = {"device": args.device, "vocab": args.vocab, "threads": torch.get_num_threads(), "cases": []}
-    print(f"sampler on {args.device}, vocab {args.vocab}, {torch.get_num_threads()} threads")
+    real = model_logits(args.model, max(args.rows)) if args.model else None
+    vocab = real.shape[-1] if real is not None else args.vocab
+    source, threads = args.model or "random", torch.get_num_threads()
+    results = {"device": args.device, "vocab": vocab, "logits": source, "threads": threads, "cases": []}
+    print(f"sampler on {args.device}, vocab {vocab}, {source} logits, {threads} threads")
     print(f"{'rows':>5} {'case':<22} {'ms':>8} {'x greedy':>9}")
     for rows in args.rows:
-        logits = torch.randn(rows, args.vocab, generator=torch.Generator().manual_seed(rows)).mul_(3).to(args.device)
+        logits = (real[:rows] if real is not None else
+                  torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows)).mul_(3)).to(args.device)
         greedy = None
         for name, fields in CASES.items():
             seconds = time_case(logits, fields, args.iters)

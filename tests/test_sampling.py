@@ -68,6 +68,26 @@ def test_the_sampled_distribution_is_transformers(temperature, top_k, top_p, min
         assert torch.equal(ours > 0, ref > 0)  # the same tokens kept
 
 
+def test_the_nucleus_is_transformers_from_the_candidates_or_the_whole_vocabulary(monkeypatch):
+    """top-p over 2,000 tokens with 32 candidates: peaked rows find their nucleus among the candidates,
+    flat ones (a high temperature) are sorted whole; both keep transformers' tokens, mixed in one batch."""
+    from aptray.model import sampler
+    monkeypatch.setattr(sampler, "TOP_P_CANDIDATES", 32)
+    vocab, g = 2000, torch.Generator().manual_seed(7)
+    peaked = torch.randn(4, vocab, generator=g) * 6
+    flat = torch.randn(4, vocab, generator=g)
+    logits = torch.cat([peaked, flat])
+    kinds = [(0.7, 0.9), (1.0, 0.5), (0.8, 0.95), (1.0, 1e-9), (1.0, 0.9), (2.0, 0.5), (1.5, 0.99), (1.0, 0.3)]
+    seqs = [_seq(temperature=t, top_p=p) for t, p in kinds]
+    mass = [float(torch.softmax(row / t, -1).topk(32).values.sum()) for row, (t, _) in zip(logits, kinds)]
+    assert sum(m >= p for m, (_, p) in zip(mass, kinds)) == 4  # four rows of each kind
+    ours = sampler.distributions(logits, seqs)
+    for row, (t, p), got in zip(logits, kinds, ours):
+        want = _transformers_distribution(row, t, -1, p, 0.0, ())
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        assert torch.equal(got > 0, want > 0)
+
+
 def test_a_banned_token_is_never_drawn_and_a_forced_one_always():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(64, VOCAB, generator=g)

@@ -29,20 +29,50 @@ def filtered(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
         k = torch.tensor(ks, device=device)
         kth = torch.topk(logits, max(ks), dim=-1).values.gather(1, (k - 1).clamp_min(0)[:, None])
         logits = logits.masked_fill((logits < kth) & (k > 0)[:, None], float("-inf"))
-    if any(s.top_p < 1.0 for s in seqs):
-        top_p = torch.tensor([s.top_p if s.top_p < 1.0 else 2.0 for s in seqs], device=device)  # 2: keeps all
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # keep the smallest set reaching top_p; the most likely token is always kept, so a vanishing
-        # top_p samples greedily instead of leaving nothing to sample from
-        drop = probs.cumsum(-1) - probs >= top_p[:, None]
-        drop[:, 0] = False
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    nucleus_rows = [i for i, s in enumerate(seqs) if s.top_p < 1.0]
+    if nucleus_rows:
+        logits = _top_p(logits, nucleus_rows, [seqs[i].top_p for i in nucleus_rows])
     if any(s.min_p > 0.0 for s in seqs):  # the most likely token always stays: min_p <= 1
         min_p = torch.tensor([s.min_p for s in seqs], device=device, dtype=logits.dtype)
         probs = torch.softmax(logits, dim=-1)
         logits = logits.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), float("-inf"))
     return logits
+
+
+# a row's nucleus is looked for among its this many most likely tokens before the whole vocabulary
+TOP_P_CANDIDATES = 1024
+
+
+def _top_p(logits: torch.Tensor, rows: list[int], top_ps: list[float]) -> torch.Tensor:
+    """logits with each listed row's tokens outside its nucleus set to -inf: the smallest set of most
+    likely tokens whose probability reaches its top_p. The most likely token is always kept, so a
+    vanishing top_p samples greedily instead of leaving nothing to sample from. The nucleus is looked
+    for among the row's TOP_P_CANDIDATES most likely tokens (a top-k, where sorting the whole
+    vocabulary costs several times more: loadgen/bench_sampler.py); a row whose candidates hold less
+    than its top_p (a flat distribution, a high temperature) is sorted whole."""
+    index = torch.tensor(rows, device=logits.device)
+    x = logits[index]
+    top_p = torch.tensor(top_ps, device=x.device, dtype=x.dtype)
+    probs = torch.softmax(x, dim=-1)
+    candidates, order = torch.topk(probs, min(TOP_P_CANDIDATES, x.shape[-1]), dim=-1)
+    keep, reached = _nucleus(candidates, top_p)
+    keep = torch.zeros_like(x, dtype=torch.bool).scatter(1, order, keep)  # outside the candidates: dropped
+    if not bool(reached.all()):
+        flat = (~reached).nonzero().squeeze(1)
+        everything, order = torch.sort(probs[flat], dim=-1, descending=True)
+        nucleus, _ = _nucleus(everything, top_p[flat])
+        keep[flat] = torch.zeros_like(everything, dtype=torch.bool).scatter(1, order, nucleus)
+    return logits.index_copy(0, index, x.masked_fill(~keep, float("-inf")))
+
+
+def _nucleus(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of each row's tokens (most likely first) its nucleus keeps: those whose more likely tokens
+    hold less than top_p, and the first; and whether the row's tokens reach top_p (every later token
+    dropped)."""
+    mass = sorted_probs.cumsum(-1)
+    keep = mass - sorted_probs < top_p[:, None]
+    keep[:, 0] = True
+    return keep, mass[:, -1] >= top_p
 
 
 def biased(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
