@@ -16,9 +16,17 @@ from aptray.sampling_params import (InvalidRequest, SamplingParams, bad_words_to
 from aptray.scheduler import make_scheduler
 from aptray.step_quarantine import MAX_FAILED_STEPS, StepQuarantine
 from aptray.stop import StopChecker
-from aptray.structured_output import MAX_GUIDE_SECONDS_PER_TOKEN, Grammars
+from aptray.structured_output import MAX_GUIDE_REPLAY_SECONDS, MAX_GUIDE_SECONDS_PER_TOKEN, Grammars
 
 logger = logging.getLogger("aptray")
+
+
+def _slow_token(guide) -> str | None:
+    """Why a request ends when its grammar took too long for its newest token, if it did."""
+    if guide.last_token_seconds <= MAX_GUIDE_SECONDS_PER_TOKEN:
+        return None
+    return (f"the structured output took {guide.last_token_seconds * 1e3:.1f} ms to follow for one token, "
+            f"over the limit of {MAX_GUIDE_SECONDS_PER_TOKEN * 1e3:g} ms (an ambiguous grammar)")
 
 
 @dataclass
@@ -107,9 +115,10 @@ class Engine:
         if any(not 0 <= t < vocab for t in output_token_ids):  # e.g. a tampered Redis record
             raise InvalidRequest(f"output token ids must be in [0, {vocab})", "prompt")
         req = self.add_request(request_id, prompt_token_ids, sampling_params, arrival_time, prompt, grammar)
-        if req.guide is not None and not all(map(req.guide.accept, output_token_ids)):
+        why = self._replay(req, output_token_ids) if req.guide is not None else None
+        if why is not None:
             self.abort(request_id)
-            raise InvalidRequest("the output tokens break the request's structured output", "prompt")
+            raise InvalidRequest(why, "prompt")
         if output_token_ids:
             req.output_token_ids = list(output_token_ids)
             req.output_logprobs = [None] * len(output_token_ids)
@@ -199,16 +208,29 @@ class Engine:
         return step
 
     @staticmethod
+    def _replay(req: Request, output_token_ids: list[int]) -> str | None:
+        """Takes a resumed request's output tokens through its grammar; why it cannot go on, if so: a
+        token the grammar does not allow, or a grammar that takes too long for one token or for the
+        whole replay (the engine thread would stall every other request meanwhile)."""
+        start = time.thread_time()
+        for token in output_token_ids:
+            if not req.guide.accept(token):
+                return "the output tokens break the request's structured output"
+            if (why := _slow_token(req.guide)) is not None:
+                return why
+            if time.thread_time() - start > MAX_GUIDE_REPLAY_SECONDS:
+                return (f"the structured output took over {MAX_GUIDE_REPLAY_SECONDS:g} s to replay for "
+                        f"{len(output_token_ids)} output tokens (an ambiguous grammar)")
+        return None
+
+    @staticmethod
     def _guide_error(req: Request) -> str | None:
         """Why req's newest token ends it through its grammar: a token the grammar does not allow, or
         a grammar that took too long for it (aptray.structured_output.Guide); None: it goes on."""
         token, guide = req.output_token_ids[-1], req.guide
         if not guide.accept(token):
             return f"token {token} breaks the request's structured output: {NOTHING_ALLOWED}"
-        if guide.last_token_seconds > MAX_GUIDE_SECONDS_PER_TOKEN:
-            return (f"the structured output took {guide.last_token_seconds * 1e3:.1f} ms to follow for one token, "
-                    f"over the limit of {MAX_GUIDE_SECONDS_PER_TOKEN * 1e3:g} ms (an ambiguous grammar)")
-        return None
+        return _slow_token(guide)
 
     def _postprocess(self, req: Request) -> RequestOutput:
         status = self.check_stop(req)

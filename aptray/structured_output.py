@@ -38,6 +38,9 @@ PARAM = "structured_outputs"
 # the engine thread's time on one request's grammar for one token beyond which the request ends
 # with an error: a usual grammar takes 5-9 us a token (SmolLM2's 49,152 tokens, loadgen.bench_grammar)
 MAX_GUIDE_SECONDS_PER_TOKEN = 0.02
+# the engine thread's CPU time for a resumed request to replay its output through its grammar (all its
+# tokens at once, where it paid them a step at a time): a usual grammar's 8,192 tokens take under 0.1 s
+MAX_GUIDE_REPLAY_SECONDS = 1.0
 PRECISE_CLOCK_AFTER_S = 0.001  # a request's grammar time past this on the wall clock: CPU time from then on
 
 

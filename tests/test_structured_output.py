@@ -314,6 +314,31 @@ def test_an_ambiguous_grammar_ends_its_request_not_the_others(monkeypatch):
     assert out[1].outputs[0].token_ids == alone
 
 
+def test_a_resume_that_would_stall_the_engine_in_its_grammar_is_refused(monkeypatch):
+    """A resumed request replays its output through its grammar at once, on the engine thread: an
+    ambiguous grammar is refused there at the first token over the per-token limit (lowered to 2 ms, as
+    above), and a replay over MAX_GUIDE_REPLAY_SECONDS in all (lowered to 0) likewise; the engine keeps
+    serving, and a usual grammar's resume goes on."""
+    import aptray.engine
+    monkeypatch.setattr(aptray.engine, "MAX_GUIDE_SECONDS_PER_TOKEN", 0.002)
+    llm = LLM(tiny_model("opt-60x3"), max_num_seqs=4)
+    engine, tok = llm.engine, llm.get_tokenizer()
+    a = tok.encode("a", add_special_tokens=False)[0]
+    ambiguous = SamplingParams(temperature=0.0, max_tokens=2000, structured_output=StructuredOutput(
+        "grammar", 'root ::= s\ns ::= s s | "a"'))
+    with pytest.raises(InvalidRequest, match="over the limit of 2 ms"):
+        engine.resume_request("ambiguous", [5, 6], ambiguous, [a] * 1500, [0.0] * 1500, 0.0)
+    assert "ambiguous" not in engine.scheduler.requests
+    monkeypatch.setattr(aptray.engine, "MAX_GUIDE_REPLAY_SECONDS", 0.0)
+    regex = SamplingParams(temperature=0.0, max_tokens=8, structured_output=StructuredOutput("regex", "a+"))
+    with pytest.raises(InvalidRequest, match="to replay for 3 output tokens"):
+        engine.resume_request("replay", [5, 6], regex, [a] * 3, [0.0] * 3, 0.0)
+    monkeypatch.setattr(aptray.engine, "MAX_GUIDE_REPLAY_SECONDS", 1.0)
+    engine.resume_request("usual", [5, 6], regex, [a] * 3, [0.0] * 3, 0.0)
+    plain = llm.generate(["hi"], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
+    assert len(plain.outputs[0].token_ids) == 4
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_a_structure_its_own_filters_rule_out_ends_its_request_as_its_own_doing(temperature):
     """A choice of "yes" with allowed_token_ids or bad_words that rule out every token it could begin with:
