@@ -2,10 +2,11 @@
 grammar rules out, and logit bias, then greedy, or temperature, top-k, top-p and min-p (transformers' order); seeded
 requests get reproducible draws; the log-probabilities a request asks for.
 
-The whole batch is sampled at once, with one copy to the host per step: each filter runs over every
-row that asks for it, and a row draws its token as the argmax of its probabilities over exponential
-noise (the exponential race: token i wins with probability p_i), its noise from the engine's generator
-or, seeded, from a generator of its own, so its draw does not depend on the rest of the batch.
+The whole batch is sampled at once, with one copy to the host per step (two where a row asks for
+top-p: _top_p reads whether every nucleus lies among its candidates). Each filter runs over every row
+that asks for it, and a row draws its token as the argmax of its probabilities over exponential noise
+(the exponential race: token i wins with probability p_i), its noise from the engine's generator or,
+seeded, from a generator of its own, so its draw does not depend on the rest of the batch.
 
 One request's sampling can never fail another's: a row whose probabilities are not a distribution
 (non-finite logits from the model), or whose own rules leave no token, is reported as that request's
