@@ -33,7 +33,9 @@ CASES = {  # name -> SeqPlan fields beyond the defaults
 }
 
 
-def _seq(i: int, **fields) -> SeqPlan:
+def decode_row(i: int, **fields) -> SeqPlan:
+    """Request i's decode row, sampled with fields beyond the defaults (temperature 1, no filters); a
+    seed given is offset by i, so rows differ."""
     defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "seed": None, "min_p": 0.0}
     f = defaults | fields
     seed = None if f["seed"] is None else f["seed"] + i
@@ -42,7 +44,7 @@ def _seq(i: int, **fields) -> SeqPlan:
 
 def time_case(logits: torch.Tensor, fields: dict, iters: int) -> float:
     """Median seconds of one sample() call over the batch, every row asking for fields."""
-    seqs = [_seq(i, **fields) for i in range(logits.shape[0])]
+    seqs = [decode_row(i, **fields) for i in range(logits.shape[0])]
     generator = torch.Generator(device=logits.device).manual_seed(0)
     sample(logits, seqs, generator)  # warm-up
     times = []

@@ -105,6 +105,7 @@ def test_bandwidth_rows_are_measured(smoke):
     sampler = report["stages"]["bandwidth"]["sampler"]
     assert [(r["rows"], r["case"]) for r in sampler] == [(4, case) for case in bench_sampler.CASES]
     assert all(r["ms"] > 0 for r in sampler) and sampler[0]["x_greedy"] == 1.0
+    assert report["stages"]["bandwidth"]["seeded_alone_vs_batched"] == {"trials": 50, "differ": 0}
 
 
 def test_absorbed_tilings_are_checked_then_timed_against_the_default(smoke):

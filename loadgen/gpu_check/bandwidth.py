@@ -50,6 +50,7 @@ def run(ctx, pace, result: dict) -> None:
             torch.cuda.empty_cache()
     result["tilings"] = tiling_sweep(ctx, pace, layer, timer)
     result["sampler"] = sampler_costs(ctx, pace)
+    result["seeded_alone_vs_batched"] = seeded_alone_vs_batched(ctx)
     kv = [r["kv_pct_peak"] for r in rows if r["batch"] >= KV_TARGET["batch"] and r["context"] >= KV_TARGET["context"]
           and r["kv_pct_peak"] is not None]
     ratio = [r["absorbed_over_kv"] for r in rows if r["context"] >= ABSORBED_TARGET["context"]]
@@ -63,7 +64,11 @@ def run(ctx, pace, result: dict) -> None:
                          "target": "paged KV decode >= 70% of HBM peak at batch >= 32, context >= 1024"},
         "absorbed_over_kv": {"met": max(ratio) <= ABSORBED_TARGET["ratio"] if ratio else None,
                              "value": None if not ratio else f"{min(ratio):.2f}-{max(ratio):.2f}",
-                             "target": "absorbed / KV time <= 0.6 at contexts >= 1024"}}
+                             "target": "absorbed / KV time <= 0.6 at contexts >= 1024"},
+        "seeded_batch_independent": {"met": result["seeded_alone_vs_batched"]["differ"] == 0,
+                                     "value": f"{result['seeded_alone_vs_batched']['differ']} of "
+                                              f"{result['seeded_alone_vs_batched']['trials']} draws differ",
+                                     "target": "a seeded row draws the same token alone and in a batch"}}
 
 
 def sampler_costs(ctx, pace) -> list[dict]:
@@ -80,6 +85,23 @@ def sampler_costs(ctx, pace) -> list[dict]:
             rows.append({"rows": batch, "case": case, "ms": seconds * 1e3, "x_greedy": seconds / greedy})
             ctx.log(f"sampler rows={batch} {case}: {seconds * 1e3:.2f} ms ({seconds / greedy:.1f}x greedy)")
     return rows
+
+
+def seeded_alone_vs_batched(ctx, trials: int = 50) -> dict:
+    """A seeded row's token sampled alone and as the first of a batch of sizes.sampler_rows[-1] rows
+    (temperature 1, top_p 0.9): the same where the batch's kernels reduce each row as they would alone."""
+    from loadgen import bench_sampler
+    from aptray.model.sampler import sample
+    s, differ = ctx.sizes, 0
+    others = [bench_sampler.decode_row(i, top_p=0.9) for i in range(1, s.sampler_rows[-1])]
+    generator = torch.Generator(device=ctx.device).manual_seed(0)
+    for trial in range(trials):
+        logits = torch.randn(len(others) + 1, s.sampler_vocab, device=ctx.device).mul_(3)
+        seeded = bench_sampler.decode_row(0, seed=trial, top_p=0.9)
+        alone, _, _ = sample(logits[:1], [seeded], generator)
+        batched, _, _ = sample(logits, [seeded] + others, generator)
+        differ += alone[0] != batched[0]
+    return {"trials": trials, "differ": differ}
 
 
 def tiling_sweep(ctx, pace, layer, timer) -> list[dict]:
