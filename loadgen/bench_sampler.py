@@ -57,6 +57,17 @@ def time_case(logits: torch.Tensor, fields: dict, iters: int) -> float:
     return statistics.median(times)
 
 
+def measure(logits: torch.Tensor, iters: int) -> list[dict]:
+    """Each case over the batch of logits: median ms of one call and its ratio to greedy (the first case)
+    in this same run."""
+    rows, greedy = [], None
+    for name, fields in CASES.items():
+        seconds = time_case(logits, fields, iters)
+        greedy = greedy or seconds
+        rows.append({"rows": logits.shape[0], "case": name, "ms": seconds * 1e3, "x_greedy": seconds / greedy})
+    return rows
+
+
 def model_logits(path: str, rows: int) -> torch.Tensor:
     """rows next-token logits of the model at path (fp32), one per position of ShareGPT prompts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -93,12 +104,9 @@ def main(argv=None) -> dict:
     for rows in args.rows:
         logits = (real[:rows] if real is not None else
                   torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows)).mul_(3)).to(args.device)
-        greedy = None
-        for name, fields in CASES.items():
-            seconds = time_case(logits, fields, args.iters)
-            greedy = greedy or seconds
-            results["cases"].append({"rows": rows, "case": name, "ms": seconds * 1e3, "x_greedy": seconds / greedy})
-            print(f"{rows:>5} {name:<22} {seconds * 1e3:>8.2f} {seconds / greedy:>9.1f}")
+        for row in measure(logits, args.iters):
+            results["cases"].append(row)
+            print(f"{rows:>5} {row['case']:<22} {row['ms']:>8.2f} {row['x_greedy']:>9.1f}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "sampler_costs.json"), "w") as f:

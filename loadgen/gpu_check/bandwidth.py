@@ -50,7 +50,7 @@ def run(ctx, pace, result: dict) -> None:
             torch.cuda.empty_cache()
     result["tilings"] = tiling_sweep(ctx, pace, layer, timer)
     result["sampler"] = sampler_costs(ctx, pace)
-    result["seeded_alone_vs_batched"] = seeded_alone_vs_batched(ctx)
+    seeded = result["seeded_alone_vs_batched"] = seeded_alone_vs_batched(ctx)
     kv = [r["kv_pct_peak"] for r in rows if r["batch"] >= KV_TARGET["batch"] and r["context"] >= KV_TARGET["context"]
           and r["kv_pct_peak"] is not None]
     ratio = [r["absorbed_over_kv"] for r in rows if r["context"] >= ABSORBED_TARGET["context"]]
@@ -65,9 +65,8 @@ def run(ctx, pace, result: dict) -> None:
         "absorbed_over_kv": {"met": max(ratio) <= ABSORBED_TARGET["ratio"] if ratio else None,
                              "value": None if not ratio else f"{min(ratio):.2f}-{max(ratio):.2f}",
                              "target": "absorbed / KV time <= 0.6 at contexts >= 1024"},
-        "seeded_batch_independent": {"met": result["seeded_alone_vs_batched"]["differ"] == 0,
-                                     "value": f"{result['seeded_alone_vs_batched']['differ']} of "
-                                              f"{result['seeded_alone_vs_batched']['trials']} draws differ",
+        "seeded_batch_independent": {"met": seeded["differ"] == 0,
+                                     "value": f"{seeded['differ']} of {seeded['trials']} draws differ",
                                      "target": "a seeded row draws the same token alone and in a batch"}}
 
 
@@ -78,12 +77,9 @@ def sampler_costs(ctx, pace) -> list[dict]:
     s, rows = ctx.sizes, []
     for batch in pace.each(s.sampler_rows, 2.0):
         logits = torch.randn(batch, s.sampler_vocab, device=ctx.device).mul_(3)
-        greedy = None
-        for case, fields in bench_sampler.CASES.items():
-            seconds = bench_sampler.time_case(logits, fields, 10)
-            greedy = greedy or seconds
-            rows.append({"rows": batch, "case": case, "ms": seconds * 1e3, "x_greedy": seconds / greedy})
-            ctx.log(f"sampler rows={batch} {case}: {seconds * 1e3:.2f} ms ({seconds / greedy:.1f}x greedy)")
+        for row in bench_sampler.measure(logits, 10):
+            rows.append(row)
+            ctx.log(f"sampler rows={batch} {row['case']}: {row['ms']:.2f} ms ({row['x_greedy']:.1f}x greedy)")
     return rows
 
 
