@@ -316,8 +316,8 @@ def test_the_edge_refuses_huge_headers_and_two_keys_before_the_app():
         reached.append(1)
         return {"ok": True}
 
-    app.add_middleware(EdgeMiddleware, keys_fn=lambda: frozenset({"k1", "k2"}), max_body_bytes_fn=lambda: 1 << 20,
-                       body_timeout_fn=lambda: 30.0)
+    app.add_middleware(EdgeMiddleware, settings={"keys": frozenset({"k1", "k2"}), "max_body": 1 << 20,
+                                                 "body_timeout": 30.0})
 
     async def post(headers):
         transport = httpx.ASGITransport(app=app)
@@ -345,7 +345,7 @@ def test_the_edge_answers_a_stalled_body_408_and_an_oversized_one_413():
         raise AssertionError("the app was reached")
 
     async def status_of(chunks, stall: bool) -> int:
-        edge = EdgeMiddleware(app, keys_fn=frozenset, max_body_bytes_fn=lambda: 100, body_timeout_fn=lambda: 0.2)
+        edge = EdgeMiddleware(app, settings={"keys": frozenset(), "max_body": 100, "body_timeout": 0.2})
         pending, sent = list(chunks), []
 
         async def receive():

@@ -90,8 +90,7 @@ class ReplicaHeader:
 
 # set by the Ingress replica (one per process)
 _edge = {"keys": frozenset(), "max_body": 1 << 20, "body_timeout": 30.0, "replica": b""}
-api.add_middleware(EdgeMiddleware, keys_fn=lambda: _edge["keys"], max_body_bytes_fn=lambda: _edge["max_body"],
-                   body_timeout_fn=lambda: _edge["body_timeout"])
+api.add_middleware(EdgeMiddleware, settings=_edge)
 api.add_middleware(ReplicaHeader, replica_fn=lambda: _edge["replica"])
 REFUSALS = RefusalCounts()  # this process's replica's (one per process)
 api.add_middleware(CountRefusals, counts=REFUSALS)  # outermost: it sees the edge's 401 and 413 too

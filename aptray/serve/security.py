@@ -73,10 +73,10 @@ class EdgeMiddleware:
     """431 over MAX_HEADER_BYTES of headers, 400 for two Authorization headers, 401 without a valid key
     (except OPEN_PATHS), 413 over max_body_bytes, 408 for a body not received within body_timeout_s."""
 
-    def __init__(self, app, keys_fn, max_body_bytes_fn, body_timeout_fn):
-        self.app = app
-        # functions, not values: the ingress reads its args after the app is built
-        self.keys_fn, self.max_body_fn, self.body_timeout_fn = keys_fn, max_body_bytes_fn, body_timeout_fn
+    def __init__(self, app, settings: dict):
+        """settings: "keys", "max_body" (bytes) and "body_timeout" (s), read at each request: the ingress
+        sets them from its args after the app is built."""
+        self.app, self.settings = app, settings
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -87,11 +87,11 @@ class EdgeMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
         if sum(k.lower() == b"authorization" for k, _ in raw) > 1:
             return await _send_error(send, 400, "send one Authorization header")
-        keys = self.keys_fn()
+        keys = self.settings["keys"]
         if scope.get("path") not in OPEN_PATHS and not key_ok(keys, bearer(headers.get("authorization"))):
             return await _send_error(send, 401, "a valid API key is required (Authorization: Bearer <key>)",
                                      [(b"www-authenticate", b"Bearer")])
-        limit = self.max_body_fn()
+        limit = self.settings["max_body"]
         try:
             declared = int(headers.get("content-length", "0") or 0)
         except ValueError:
@@ -100,7 +100,7 @@ class EdgeMiddleware:
             return await _send_error(send, 413, f"the request body is over {limit} bytes")
         # read the body up to the limit before the app sees it (bounded buffering): a body that
         # goes over is refused here, not half-parsed by a handler
-        chunks, received, deadline = [], 0, self.body_timeout_fn()
+        chunks, received, deadline = [], 0, self.settings["body_timeout"]
         try:
             async with asyncio.timeout(deadline):
                 while True:
