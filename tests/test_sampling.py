@@ -124,6 +124,18 @@ def test_each_row_of_a_batch_draws_from_its_own_distribution():
     assert tokens[-copies:] == [4] * copies
 
 
+def test_a_draw_inverts_the_cumulative_probabilities_and_never_lands_on_a_token_of_probability_0(monkeypatch):
+    """Each row's token is the first whose cumulative probability passes its uniform number times the
+    row's total; a number that rounds up to the total (the float's last step) takes the most likely
+    token rather than the zero-probability tokens at the end of the vocabulary."""
+    from aptray.model import sampler
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3, 0.0, 0.0]] * 4)
+    numbers = torch.tensor([0.0, 0.2, 0.69, 1.0])
+    monkeypatch.setattr(sampler, "_uniforms", lambda seqs, generator, device: numbers)
+    tokens, ok = sampler._drawn(probs.clone(), [_seq()] * 4, None, torch.tensor([2] * 4))
+    assert tokens.tolist() == [0, 2, 2, 2] and ok.all()
+
+
 def _hf_generate(path, prompt, max_new, min_new, bias, eos_ids):
     model = hf_model(path)
     config = copy.deepcopy(model.generation_config)

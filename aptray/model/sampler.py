@@ -4,9 +4,12 @@ requests get reproducible draws; the log-probabilities a request asks for.
 
 The whole batch is sampled at once, with one copy to the host per step (two where a row asks for
 top-p: _top_p reads whether every nucleus lies among its candidates). Each filter runs over every row
-that asks for it, and a row draws its token as the argmax of its probabilities over exponential noise
-(the exponential race: token i wins with probability p_i), its noise from the engine's generator or,
-seeded, from a generator of its own, so its draw does not depend on the rest of the batch.
+that asks for it, and a row draws its token by inverting its cumulative probabilities at one uniform
+number (one random number a row: random noise over the whole vocabulary, the exponential race, costs
+a CPU several times the rest of the draw), its number from the engine's generator or, seeded, from a
+generator of its own, so its draw does not depend on the rest of the batch. Where every row asks the
+same (the whole batch samples, no temperature but 1, every row top-p), the filters work on the batch's
+logits without copying them: a fresh tensor of tens of MB costs a CPU more than the arithmetic.
 
 One request's sampling can never fail another's: a row whose probabilities are not a distribution
 (non-finite logits from the model), or whose own rules leave no token, is reported as that request's
@@ -51,8 +54,9 @@ def _top_p(logits: torch.Tensor, rows: list[int], top_ps: list[float]) -> torch.
     for among the row's TOP_P_CANDIDATES most likely tokens (a top-k, where sorting the whole
     vocabulary costs several times more: loadgen/bench_sampler.py); a row whose candidates hold less
     than its top_p (a flat distribution, a high temperature) is sorted whole."""
+    every = len(rows) == logits.shape[0]  # then no copies in and out: a batch's logits are tens of MB
     index = torch.tensor(rows, device=logits.device)
-    x = logits[index]
+    x = logits if every else logits[index]
     top_p = torch.tensor(top_ps, device=x.device, dtype=x.dtype)
     probs = torch.softmax(x, dim=-1)
     candidates, order = torch.topk(probs, min(TOP_P_CANDIDATES, x.shape[-1]), dim=-1)
@@ -63,7 +67,8 @@ def _top_p(logits: torch.Tensor, rows: list[int], top_ps: list[float]) -> torch.
         everything, order = torch.sort(probs[flat], dim=-1, descending=True)
         nucleus, _ = _nucleus(everything, top_p[flat])
         keep[flat] = torch.zeros_like(everything, dtype=torch.bool).scatter(1, order, nucleus)
-    return logits.index_copy(0, index, x.masked_fill(~keep, float("-inf")))
+    nucleus = x.masked_fill(~keep, float("-inf"))
+    return nucleus if every else logits.index_copy(0, index, nucleus)
 
 
 def _nucleus(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,8 +161,10 @@ def constrained(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
 
 def distributions(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
     """The probabilities each row samples its next token from, given its logits (biased, not greedy)."""
-    temperature = torch.tensor([s.temperature for s in seqs], device=logits.device, dtype=logits.dtype)
-    return torch.softmax(filtered(logits / temperature[:, None], seqs), dim=-1)
+    temperatures = [s.temperature for s in seqs]
+    if any(t != 1.0 for t in temperatures):  # else no copy: a batch's logits are tens of MB
+        logits = logits / torch.tensor(temperatures, device=logits.device, dtype=logits.dtype)[:, None]
+    return torch.softmax(filtered(logits, seqs), dim=-1)
 
 
 def distribution(row: torch.Tensor, seq: SeqPlan) -> torch.Tensor:
@@ -165,20 +172,31 @@ def distribution(row: torch.Tensor, seq: SeqPlan) -> torch.Tensor:
     return distributions(row[None], [seq])[0]
 
 
-def _noise(probs: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator) -> torch.Tensor:
-    """Exponential noise -log(U), U uniform in [0, 1) (on the CPU cheaper than exponential_), one row per
-    row of probs: a seeded row's from its own generator, so the same seed gives the same tokens
-    whatever else is in the batch; the others' from the engine's. A U of 0 gives inf: that token's
-    p / inf is 0."""
-    noise = torch.empty_like(probs)
+def _uniforms(seqs: list[SeqPlan], generator: torch.Generator, device) -> torch.Tensor:
+    """One number uniform in [0, 1) per row: a seeded row's from a CPU generator of its own, so the same
+    seed draws the same number whatever else is in the batch and on any device; the others' from the
+    engine's generator."""
+    u = torch.rand(len(seqs), generator=generator, device=device)
     seeded = [j for j, seq in enumerate(seqs) if seq.seed is not None]
-    if len(seeded) < len(seqs):
-        noise.uniform_(generator=generator)
-    for j in seeded:
-        seq = seqs[j]
-        own = torch.Generator(device=probs.device).manual_seed(seq.seed * 1_000_003 + seq.sample_index)
-        noise[j].uniform_(generator=own)
-    return noise.log_().neg_()
+    if not seeded:
+        return u
+    own = torch.cat([torch.rand(1, generator=torch.Generator().manual_seed(seqs[j].seed * 1_000_003
+                                                                             + seqs[j].sample_index))
+                     for j in seeded])
+    return u.index_copy(0, torch.tensor(seeded, device=device), own.to(device))
+
+
+def _drawn(probs: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator,
+           most_likely: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's token drawn from its probabilities [M, V], which it overwrites (inverse CDF: the first
+    token whose cumulative probability passes the row's uniform number times its total, so a token of
+    probability 0 is never drawn), and whether the row is a distribution (a finite, positive total). A
+    number that rounds up to the total (a chance near 2**-24) takes the row's most likely token."""
+    cdf = probs.cumsum_(dim=-1)  # in place: a fresh tensor of that size costs more than the sum
+    total = cdf[:, -1]
+    u = _uniforms(seqs, generator, probs.device) * total
+    tokens = torch.searchsorted(cdf, u[:, None], right=True).squeeze(1)
+    return torch.where(tokens < probs.shape[-1], tokens, most_likely), total > 0
 
 
 def sample(logits: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator
@@ -192,11 +210,12 @@ def sample(logits: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator
     none_allowed = not_finite = torch.zeros_like(tokens)
     if drawn:
         rows = torch.tensor(drawn, device=logits.device)
-        x, drawn_seqs = logits[rows], [seqs[i] for i in drawn]
-        probs = distributions(x, drawn_seqs)
-        tokens = tokens.index_copy(0, rows, (probs / _noise(probs, drawn_seqs, generator)).argmax(dim=-1))
-        ruled_out = torch.isneginf(x).all(dim=-1)
-        broken = ~torch.isfinite(probs).all(dim=-1) | ~(probs.sum(dim=-1) > 0)
+        x = logits if len(drawn) == len(seqs) else logits[rows]
+        drawn_seqs = [seqs[i] for i in drawn]
+        drawn_tokens, distribution_ok = _drawn(distributions(x, drawn_seqs), drawn_seqs, generator, tokens[rows])
+        tokens = tokens.index_copy(0, rows, drawn_tokens)
+        ruled_out = torch.isneginf(x.amax(dim=-1))  # every token -inf (a NaN row's max is NaN)
+        broken = ~distribution_ok  # a NaN anywhere in a row makes its total NaN
         none_allowed = none_allowed.index_copy(0, rows, ruled_out.long())
         not_finite = not_finite.index_copy(0, rows, (broken & ~ruled_out).long())
     out: list[int | None] = []
