@@ -69,12 +69,47 @@ def _byte_level_alphabet() -> dict[str, int]:
     return {c: b for b, c in bytes_to_unicode().items()}
 
 
+_anchors: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _anchor(tokenizer) -> tuple[list[int], str]:
+    """A plain letter's token ids and text, for decoding after it (empty where there is none)."""
+    try:
+        return _anchors[tokenizer]
+    except KeyError:
+        pass
+    except TypeError:  # not weak-referenceable: not a real tokenizer
+        return [], ""
+    ids = tokenizer.encode("a", add_special_tokens=False)
+    anchor = _anchors[tokenizer] = (ids, tokenizer.decode(ids))
+    return anchor
+
+
+def decode_continuing(tokenizer, ids: list[int], skip_special_tokens: bool = True) -> str:
+    """ids' text as it reads after other text: tokenizer.decode, except that the first token keeps the
+    space a SentencePiece piece begins with ("▁Paris"), which a decode strips at the start of its
+    text. An output's text so joins its prompt's with the space between them, as vLLM's does (it
+    decodes after the prompt's last tokens). Decoded after a plain letter, which is then cut off."""
+    anchor, anchor_text = _anchor(tokenizer)
+    if anchor_text:
+        text = tokenizer.decode(anchor + list(ids), skip_special_tokens=skip_special_tokens)
+        if text.startswith(anchor_text):
+            return text[len(anchor_text):]
+    return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """A token's text as log-probabilities show it (OpenAI's `token`): as it reads inside a text, so
+    the tokens' texts join into the output's (a SentencePiece "▁the" reads " the")."""
+    return decode_continuing(tokenizer, [token_id], skip_special_tokens=False)
+
+
 def token_bytes(tokenizer, token_id: int) -> bytes:
     """The bytes a token stands for (OpenAI's logprobs `bytes`, from which a client rebuilds the text):
     its text's UTF-8, or, where the token is part of a character (its text alone decodes to U+FFFD),
     its own bytes: each character of a byte-level BPE token stands for one byte, a SentencePiece
     byte-fallback token (<0xE6>) for its byte."""
-    text = tokenizer.decode([token_id])
+    text = token_text(tokenizer, token_id)
     if "\ufffd" not in text:
         return text.encode()
     piece = tokenizer.convert_ids_to_tokens(token_id)
@@ -94,15 +129,14 @@ class IncrementalDetokenizer:
     tokens; the new text is the difference. The window only moves on after text that ends in a
     whole character, so a multi-byte character split over tokens is held back until complete (its
     partial decode ends in U+FFFD), and words keep the spaces a SentencePiece decoder strips at the
-    start of a decode. A run of SentencePiece byte-fallback tokens is held back until it ends: its
-    decoder renders the run as a whole, so a later byte can change how earlier ones read. The
-    concatenated deltas are a prefix of decode(all tokens); `finish` returns what is left (e.g. a
-    trailing incomplete character, which the full decode shows as U+FFFD).
+    start of a decode (the first token's too: decode_continuing). A run of SentencePiece byte-fallback
+    tokens is held back until it ends: its decoder renders the run as a whole, so a later byte can
+    change how earlier ones read. The concatenated deltas are a prefix of decode_continuing(all
+    tokens); `finish` returns what is left (e.g. a trailing incomplete character, which the full
+    decode shows as U+FFFD).
 
-    tokenizers' own DecodeStream (tokenizers 0.23) is not exact for these: on 2,000 random id
-    sequences of 1-11 tokens over tests/test_streaming.py's two tokenizers its chunks differed from
-    the full decode 131 times (byte-level BPE) and 1,447 times (SentencePiece with byte fallback),
-    this class's 0 times (measured 2026-12-04)."""
+    tokenizers' own DecodeStream (tokenizers 0.23) is not exact for these: its chunks can differ from
+    the full decode where a split character or a byte-fallback run spans its steps."""
 
     __slots__ = ("tokenizer", "skip_special_tokens", "token_ids", "text", "_prefix", "_read", "_bytes", "_skipped")
 
@@ -118,7 +152,7 @@ class IncrementalDetokenizer:
             self.add(token_ids)
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return decode_continuing(self.tokenizer, ids, self.skip_special_tokens)
 
     def add(self, new_token_ids: list[int]) -> str:
         """Append tokens; returns the text they complete (may be empty while a character is split)."""

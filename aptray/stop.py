@@ -11,7 +11,7 @@ keeps either.
 """
 from __future__ import annotations
 
-from aptray.outputs import IncrementalDetokenizer
+from aptray.outputs import IncrementalDetokenizer, decode_continuing
 from aptray.request import RequestStatus
 from aptray.sampling_params import SamplingParams
 
@@ -76,7 +76,7 @@ class StopChecker:
         if self.tokenizer is None:
             return ""
         ids = output_ids[:-1] if self.ended_by_token and not self.sampling.include_stop_str_in_output else output_ids
-        return self.tokenizer.decode(ids, skip_special_tokens=self.sampling.skip_special_tokens)
+        return decode_continuing(self.tokenizer, ids, self.sampling.skip_special_tokens)
 
     def replay(self, output_ids: list[int], prompt_len: int) -> RequestStatus | None:
         """Check a whole output token by token (a fresh checker): the status that ended it, if any."""

@@ -11,9 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aptray.model.factory import make_tokenizer
-from aptray.outputs import IncrementalDetokenizer, token_bytes
+from aptray.outputs import IncrementalDetokenizer, token_bytes, token_text
+from aptray.sampling_params import SamplingParams
 from aptray.serve.args import AppArgs
 from aptray.serve.streams import ClientStream, Outbox
+from aptray.stop import StopChecker
 
 TEXTS = ["héllo wörld, naïve café", "你好，世界", "emoji 🙂🙃 and a family 👩‍👩‍👧", "Ελληνικά и русский",
          "tabs\tand\nnewlines  double  spaces", "the answer is 42!", " leading space", "x\u0301 combining"]
@@ -47,8 +49,18 @@ def _stream_decode(tokenizer, ids: list[int], step: int = 1) -> tuple[list[str],
     return deltas, d.finish()
 
 
+def _after_a_prompt(tokenizer, ids: list[int], skip_special_tokens: bool = True) -> str:
+    """ids' text as the full decode of a prompt and them shows it after the prompt's text: with the space
+    a SentencePiece first piece begins with, which tokenizer.decode(ids) alone strips."""
+    prompt = tokenizer.encode("the", add_special_tokens=False)
+    full = tokenizer.decode(prompt + ids, skip_special_tokens=skip_special_tokens)
+    prompt_text = tokenizer.decode(prompt)
+    assert full.startswith(prompt_text)
+    return full[len(prompt_text):]
+
+
 def _check(tokenizer, ids: list[int], step: int = 1) -> None:
-    full = tokenizer.decode(ids, skip_special_tokens=True)
+    full = _after_a_prompt(tokenizer, ids)
     deltas, rest = _stream_decode(tokenizer, ids, step)
     sent = ""
     for delta in deltas:
@@ -73,8 +85,8 @@ def test_incremental_decode_equals_full_decode_on_split_characters(name):
 def test_token_bytes_rebuild_characters_split_over_tokens():
     """outputs.token_bytes (chat log-probabilities' `bytes`): where a character is split over tokens and
     each token's text alone reads U+FFFD, the tokens' bytes joined are the text's UTF-8 (byte-level BPE:
-    every text; SentencePiece byte fallback: a text of such characters alone, since its decoder strips
-    the space a piece begins with)."""
+    every text; SentencePiece byte fallback: a text of such characters, after the space its first piece
+    begins with, as the text reads after a prompt)."""
     byte_level, split = TOKENIZERS["byte-level"], 0
     for text in TEXTS:
         ids = byte_level.encode(text, add_special_tokens=False)
@@ -83,8 +95,30 @@ def test_token_bytes_rebuild_characters_split_over_tokens():
     assert split > 20  # the texts' characters are split over tokens (CJK, Greek, emoji)
     sentencepiece = TOKENIZERS["sentencepiece"]
     ids = sentencepiece.encode("你好，世界🙂", add_special_tokens=False)
-    assert b"".join(token_bytes(sentencepiece, t) for t in ids) == "你好，世界🙂".encode()
+    assert b"".join(token_bytes(sentencepiece, t) for t in ids) == " 你好，世界🙂".encode()
     assert token_bytes(sentencepiece, sentencepiece.convert_tokens_to_ids("<0xE4>")) == b"\xe4"
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_an_output_joins_its_prompt_and_its_token_texts_join_into_it(name):
+    """A completion's text is what the decode of prompt and output shows after the prompt (the first
+    SentencePiece piece keeps its space: "▁an" after "the" reads " an"), streamed or whole, and the
+    log-probabilities' token texts and bytes join into it."""
+    tokenizer = TOKENIZERS[name]
+    prompt = tokenizer.encode("the", add_special_tokens=False)
+    for text in [" an the a", " héllo wörld", " 你好，世界"]:
+        output = tokenizer.encode(text, add_special_tokens=False)
+        whole = tokenizer.decode(prompt + output)
+        streamed = IncrementalDetokenizer(tokenizer)
+        relayed = "".join(streamed.add([t]) for t in output) + streamed.finish()
+        assert tokenizer.decode(prompt) + relayed == whole
+        stops = StopChecker(SamplingParams(max_tokens=100), None, 512, tokenizer)
+        assert stops.final_text(output) == relayed
+        assert b"".join(token_bytes(tokenizer, t) for t in output) == relayed.encode()
+        if all("\ufffd" not in token_text(tokenizer, t) for t in output):
+            assert "".join(token_text(tokenizer, t) for t in output) == relayed
+    sentencepiece = TOKENIZERS["sentencepiece"]
+    assert token_text(sentencepiece, sentencepiece.convert_tokens_to_ids("▁the")) == " the"
 
 
 @pytest.mark.parametrize("name", sorted(TOKENIZERS))
@@ -104,6 +138,8 @@ def test_incremental_decode_is_linear():
     calls = []
 
     class Counting:
+        encode = tokenizer.encode
+
         def decode(self, ids, **kw):
             calls.append(len(ids))
             return tokenizer.decode(ids, **kw)
@@ -111,7 +147,7 @@ def test_incremental_decode_is_linear():
     d = IncrementalDetokenizer(Counting())
     for t in ids:
         d.add([t])
-    assert len(ids) > 300 and max(calls) <= 8
+    assert len(ids) > 300 and max(calls) <= 9  # a window, and the letter it is decoded after
     assert d.text + d.finish() == tokenizer.decode(ids)
 
 

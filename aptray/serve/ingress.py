@@ -349,10 +349,11 @@ class Ingress(ServiceRoutes):
         return [Reply("".join(pieces[i]), ids[i], logprobs[i], prompt_logprobs[i], last[i]) for i in range(n)]
 
     def token_text(self, token_id: int) -> str:
-        """A token's text alone, as log-probabilities show it (cached: at most one entry per vocabulary id)."""
+        """A token's text as log-probabilities show it (outputs.token_text; cached: at most one entry per
+        vocabulary id)."""
         text = self._token_texts.get(token_id)
         if text is None:
-            text = self._token_texts[token_id] = self._event_loop_tokenizer().decode([token_id])
+            text = self._token_texts[token_id] = outputs.token_text(self._event_loop_tokenizer(), token_id)
         return text
 
     def token_bytes(self, token_id: int) -> bytes:
