@@ -152,7 +152,12 @@ class IncrementalDetokenizer:
             self.add(token_ids)
 
     def _decode(self, ids: list[int]) -> str:
-        return decode_continuing(self.tokenizer, ids, self.skip_special_tokens)
+        """A window's text: from the output's first token, as it reads after its prompt
+        (decode_continuing); from a later one, a plain decode (the space a SentencePiece decode strips
+        at its start goes from both texts of the window alike)."""
+        if self._prefix == 0:
+            return decode_continuing(self.tokenizer, ids, self.skip_special_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, new_token_ids: list[int]) -> str:
         """Append tokens; returns the text they complete (may be empty while a character is split)."""
@@ -177,7 +182,7 @@ class IncrementalDetokenizer:
 
     def finish(self) -> str:
         """The rest of decode(all tokens) after what was emitted ("" if it does not extend it)."""
-        full = self._decode(self.token_ids)
+        full = decode_continuing(self.tokenizer, self.token_ids, self.skip_special_tokens)
         if not full.startswith(self.text):
             return ""
         delta, self.text = full[len(self.text):], full
