@@ -69,18 +69,20 @@ def test_the_sampled_distribution_is_transformers(temperature, top_k, top_p, min
 
 
 def test_the_nucleus_is_transformers_from_the_candidates_or_the_whole_vocabulary(monkeypatch):
-    """top-p over 2,000 tokens with 32 candidates: peaked rows find their nucleus among the candidates,
-    flat ones (a high temperature) are sorted whole; both keep transformers' tokens, mixed in one batch."""
+    """top-p over 2,000 tokens with tiers of 16 and 256 candidates: peaked rows find their nucleus among
+    the first 16, a flatter one among 256, the flattest (a high temperature) are sorted whole; all keep
+    transformers' tokens, mixed in one batch."""
     from aptray.model import sampler
-    monkeypatch.setattr(sampler, "TOP_P_CANDIDATES", 32)
+    monkeypatch.setattr(sampler, "TOP_P_CANDIDATES", (16, 256))
     vocab, g = 2000, torch.Generator().manual_seed(7)
     peaked = torch.randn(4, vocab, generator=g) * 6
     flat = torch.randn(4, vocab, generator=g)
     logits = torch.cat([peaked, flat])
     kinds = [(0.7, 0.9), (1.0, 0.5), (0.8, 0.95), (1.0, 1e-9), (1.0, 0.9), (2.0, 0.5), (1.5, 0.99), (1.0, 0.3)]
     seqs = [_seq(temperature=t, top_p=p) for t, p in kinds]
-    mass = [float(torch.softmax(row / t, -1).topk(32).values.sum()) for row, (t, _) in zip(logits, kinds)]
-    assert sum(m >= p for m, (_, p) in zip(mass, kinds)) == 4  # four rows of each kind
+    def tier(row, t, p):  # the candidates that hold the row's nucleus
+        return next((k for k in (16, 256) if float(torch.softmax(row / t, -1).topk(k).values.sum()) >= p), "whole")
+    assert [tier(row, t, p) for row, (t, p) in zip(logits, kinds)] == [16] * 4 + ["whole"] * 3 + [256]
     ours = sampler.distributions(logits, seqs)
     for row, (t, p), got in zip(logits, kinds, ours):
         want = _transformers_distribution(row, t, -1, p, 0.0, ())

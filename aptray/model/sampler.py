@@ -2,8 +2,8 @@
 grammar rules out, and logit bias, then greedy, or temperature, top-k, top-p and min-p (transformers' order); seeded
 requests get reproducible draws; the log-probabilities a request asks for.
 
-The whole batch is sampled at once, with one copy to the host per step (two where a row asks for
-top-p: _top_p reads whether every nucleus lies among its candidates). Each filter runs over every row
+The whole batch is sampled at once, with one copy to the host per step (two or three where a row asks
+for top-p: _top_p reads whether every nucleus lies among a tier's candidates). Each filter runs over every row
 that asks for it, and a row draws its token by inverting its cumulative probabilities at one uniform
 number (one random number a row: random noise over the whole vocabulary, the exponential race, costs
 a CPU several times the rest of the draw), its number from the engine's generator or, seeded, from a
@@ -43,30 +43,42 @@ def filtered(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
     return logits
 
 
-# a row's nucleus is looked for among its this many most likely tokens before the whole vocabulary
-TOP_P_CANDIDATES = 1024
+# a row's nucleus is looked for among its this many most likely tokens, then this many, before the
+# whole vocabulary: on a CPU a top-k costs less the fewer tokens it keeps, and a whole sort more than
+# either (loadgen/bench_sampler.py times top-p on a model's logits and on flatter random ones)
+TOP_P_CANDIDATES = (256, 4096)
 
 
 def _top_p(logits: torch.Tensor, rows: list[int], top_ps: list[float]) -> torch.Tensor:
     """logits with each listed row's tokens outside its nucleus set to -inf: the smallest set of most
     likely tokens whose probability reaches its top_p. The most likely token is always kept, so a
     vanishing top_p samples greedily instead of leaving nothing to sample from. The nucleus is looked
-    for among the row's TOP_P_CANDIDATES most likely tokens (a top-k, where sorting the whole
-    vocabulary costs several times more: loadgen/bench_sampler.py); a row whose candidates hold less
-    than its top_p (a flat distribution, a high temperature) is sorted whole."""
+    for among the row's most likely tokens in widening tiers (TOP_P_CANDIDATES, each a top-k); a row
+    whose candidates hold less than its top_p (a flat distribution, a high temperature) goes on to
+    the next tier, and past the last is sorted whole. Each tier a row goes on to reads on the host
+    whether any did."""
     every = len(rows) == logits.shape[0]  # then no copies in and out: a batch's logits are tens of MB
     index = torch.tensor(rows, device=logits.device)
     x = logits if every else logits[index]
-    top_p = torch.tensor(top_ps, device=x.device, dtype=x.dtype)
+    vocab = x.shape[-1]
     probs = torch.softmax(x, dim=-1)
-    candidates, order = torch.topk(probs, min(TOP_P_CANDIDATES, x.shape[-1]), dim=-1)
-    keep, reached = _nucleus(candidates, top_p)
-    keep = torch.zeros_like(x, dtype=torch.bool).scatter(1, order, keep)  # outside the candidates: dropped
-    if not bool(reached.all()):
-        flat = (~reached).nonzero().squeeze(1)
-        everything, order = torch.sort(probs[flat], dim=-1, descending=True)
-        nucleus, _ = _nucleus(everything, top_p[flat])
-        keep[flat] = torch.zeros_like(everything, dtype=torch.bool).scatter(1, order, nucleus)
+    pending = torch.arange(len(rows), device=x.device)  # the rows whose nucleus is not yet found
+    top_p = torch.tensor(top_ps, device=x.device, dtype=x.dtype)
+    for k in [k for k in TOP_P_CANDIDATES if k < vocab] + [vocab]:
+        part = probs if len(pending) == len(rows) else probs[pending]
+        if k < vocab:
+            candidates, order = torch.topk(part, k, dim=-1)
+        else:
+            candidates, order = torch.sort(part, dim=-1, descending=True)
+        nucleus, reached = _nucleus(candidates, top_p[pending])
+        found = torch.zeros_like(part, dtype=torch.bool).scatter_(1, order, nucleus)  # past the candidates: dropped
+        if part is probs:
+            keep = found
+        else:
+            keep[pending] = found
+        if k == vocab or bool(reached.all()):
+            break
+        pending = pending[~reached]
     nucleus = x.masked_fill(~keep, float("-inf"))
     return nucleus if every else logits.index_copy(0, index, nucleus)
 
