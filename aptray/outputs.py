@@ -47,19 +47,27 @@ class RequestOutput:
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _byte_token_ids: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_anchors: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _per_tokenizer(cache: "weakref.WeakKeyDictionary", tokenizer, make, fallback):
+    """cache's value for tokenizer, made once by make(tokenizer); fallback for an object that cannot be
+    weakly referenced (not a real tokenizer)."""
+    try:
+        return cache[tokenizer]
+    except KeyError:
+        value = cache[tokenizer] = make(tokenizer)
+        return value
+    except TypeError:
+        return fallback
 
 
 def byte_fallback_ids(tokenizer) -> frozenset[int]:
     """Ids of SentencePiece byte-fallback tokens (<0x00>..<0xFF>); empty for byte-level BPE."""
-    try:
-        return _byte_token_ids[tokenizer]
-    except KeyError:
-        pass
-    except TypeError:  # not weak-referenceable: not a real tokenizer
-        return frozenset()
-    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    ids = _byte_token_ids[tokenizer] = frozenset(i for t, i in vocab.items() if _BYTE_TOKEN.fullmatch(t))
-    return ids
+    def make(tok) -> frozenset[int]:
+        vocab = tok.get_vocab() if hasattr(tok, "get_vocab") else {}
+        return frozenset(i for t, i in vocab.items() if _BYTE_TOKEN.fullmatch(t))
+    return _per_tokenizer(_byte_token_ids, tokenizer, make, frozenset())
 
 
 @functools.lru_cache(maxsize=1)
@@ -69,20 +77,12 @@ def _byte_level_alphabet() -> dict[str, int]:
     return {c: b for b, c in bytes_to_unicode().items()}
 
 
-_anchors: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def _anchor(tokenizer) -> tuple[list[int], str]:
     """A plain letter's token ids and text, for decoding after it (empty where there is none)."""
-    try:
-        return _anchors[tokenizer]
-    except KeyError:
-        pass
-    except TypeError:  # not weak-referenceable: not a real tokenizer
-        return [], ""
-    ids = tokenizer.encode("a", add_special_tokens=False)
-    anchor = _anchors[tokenizer] = (ids, tokenizer.decode(ids))
-    return anchor
+    def make(tok) -> tuple[list[int], str]:
+        ids = tok.encode("a", add_special_tokens=False)
+        return ids, tok.decode(ids)
+    return _per_tokenizer(_anchors, tokenizer, make, ([], ""))
 
 
 def decode_continuing(tokenizer, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -181,7 +181,7 @@ class IncrementalDetokenizer:
         return False
 
     def finish(self) -> str:
-        """The rest of decode(all tokens) after what was emitted ("" if it does not extend it)."""
+        """The rest of decode_continuing(all tokens) after what was emitted ("" if it does not extend it)."""
         full = decode_continuing(self.tokenizer, self.token_ids, self.skip_special_tokens)
         if not full.startswith(self.text):
             return ""
