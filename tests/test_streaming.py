@@ -49,11 +49,11 @@ def _stream_decode(tokenizer, ids: list[int], step: int = 1) -> tuple[list[str],
     return deltas, d.finish()
 
 
-def _after_a_prompt(tokenizer, ids: list[int], skip_special_tokens: bool = True) -> str:
+def _after_a_prompt(tokenizer, ids: list[int]) -> str:
     """ids' text as the full decode of a prompt and them shows it after the prompt's text: with the space
     a SentencePiece first piece begins with, which tokenizer.decode(ids) alone strips."""
     prompt = tokenizer.encode("the", add_special_tokens=False)
-    full = tokenizer.decode(prompt + ids, skip_special_tokens=skip_special_tokens)
+    full = tokenizer.decode(prompt + ids, skip_special_tokens=True)
     prompt_text = tokenizer.decode(prompt)
     assert full.startswith(prompt_text)
     return full[len(prompt_text):]
