@@ -28,6 +28,7 @@ CASES = {  # name -> SeqPlan fields beyond the defaults
     "temperature 1": {},
     "top_p 0.9": {"top_p": 0.9},
     "top_p 0.95": {"top_p": 0.95},
+    "top_k 50": {"top_k": 50},
     "top_k 50, top_p 0.95": {"top_k": 50, "top_p": 0.95},
     "min_p 0.05": {"min_p": 0.05},
     "seeded": {"seed": 1},

@@ -73,7 +73,7 @@ def test_the_nucleus_is_transformers_from_the_candidates_or_the_whole_vocabulary
     the first 16, a flatter one among 256, the flattest (a high temperature) are sorted whole; all keep
     transformers' tokens, mixed in one batch."""
     from aptray.model import sampler
-    monkeypatch.setattr(sampler, "TOP_P_CANDIDATES", (16, 256))
+    monkeypatch.setattr(sampler, "CANDIDATE_TIERS", (16, 256))
     vocab, g = 2000, torch.Generator().manual_seed(7)
     peaked = torch.randn(4, vocab, generator=g) * 6
     flat = torch.randn(4, vocab, generator=g)
@@ -133,9 +133,43 @@ def test_a_draw_inverts_the_cumulative_probabilities_and_never_lands_on_a_token_
     from aptray.model import sampler
     probs = torch.tensor([[0.2, 0.0, 0.5, 0.3, 0.0, 0.0]] * 4)
     numbers = torch.tensor([0.0, 0.2, 0.69, 1.0])
-    monkeypatch.setattr(sampler, "_uniforms", lambda seqs, generator, device: numbers)
-    tokens, ok = sampler._drawn(probs.clone(), [_seq()] * 4, None, torch.tensor([2] * 4))
+    tokens, ok = sampler._drawn(probs.clone(), numbers, torch.tensor([2] * 4))
     assert tokens.tolist() == [0, 2, 2, 2] and ok.all()
+
+
+def test_a_row_drawn_from_its_candidates_draws_what_its_whole_distribution_would(monkeypatch):
+    """Rows asking top-k, top-p or min-p are drawn from their most likely tokens where those hold all the
+    row may draw (tiers of 16 and 256 candidates here, over 2,000 tokens), the rest from their whole
+    distribution: every row draws, at the same uniform number, the token the whole distribution's
+    inverse CDF gives. Each tier holds some rows and passes others on: a top-k past the last tier, a
+    tie at a top-k's edge (transformers keeps every tied token), a flat row's nucleus past both."""
+    from aptray.model import sampler
+    monkeypatch.setattr(sampler, "CANDIDATE_TIERS", (16, 256))
+    vocab, g = 2000, torch.Generator().manual_seed(9)
+    kinds = [_seq(top_k=10), _seq(top_k=100), _seq(temperature=0.7, top_k=12, top_p=0.9), _seq(top_p=0.8),
+             _seq(top_p=0.95, min_p=0.02), _seq(min_p=0.1), _seq(temperature=1.3, top_k=600, top_p=0.3), _seq(top_k=5),
+             _seq(top_p=0.9), _seq(temperature=2.0, top_p=0.99), _seq(temperature=0.5), _seq()]
+    scales = [6, 6, 6, 6, 6, 6, 1, 6, 3, 1, 3, 3]
+    logits = torch.randn(len(kinds), vocab, generator=g) * torch.tensor(scales)[:, None]
+    logits[7, :8] = logits[7].max() + 1  # eight tokens tie for a top-5
+    held_by_tier = []
+    among_top = sampler._drawn_among_top
+
+    def recorded(*args):
+        out = among_top(*args)
+        *_, seqs, width = args
+        held_by_tier.append((width, sorted(kinds.index(s) for s, h in zip(seqs, out[2].tolist()) if h)))
+        return out
+    monkeypatch.setattr(sampler, "_drawn_among_top", recorded)
+    for seed in range(40):
+        held_by_tier.clear()
+        tokens, errors, own = sample(logits, kinds, torch.Generator().manual_seed(seed))
+        u = sampler._uniforms(kinds, torch.Generator().manual_seed(seed), logits.device)
+        whole, _ = sampler._drawn(sampler.distributions(logits, kinds, ()), u, logits.argmax(-1))
+        assert not errors and tokens == whole.tolist(), seed
+    # the top-k of 600 (its top-p's nucleus is among 256 tokens, but its normalizer is not), the tie and
+    # the flattest row are drawn from their whole distribution
+    assert held_by_tier == [(16, [0, 2, 3, 4, 5]), (256, [1, 8])], held_by_tier
 
 
 def _hf_generate(path, prompt, max_new, min_new, bias, eos_ids):

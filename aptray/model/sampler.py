@@ -2,14 +2,16 @@
 grammar rules out, and logit bias, then greedy, or temperature, top-k, top-p and min-p (transformers' order); seeded
 requests get reproducible draws; the log-probabilities a request asks for.
 
-The whole batch is sampled at once, with one copy to the host per step (two or three where a row asks
-for top-p: _top_p reads whether every nucleus lies among a tier's candidates). Each filter runs over every row
-that asks for it, and a row draws its token by inverting its cumulative probabilities at one uniform
-number (one random number a row: random noise over the whole vocabulary, the exponential race, costs
-a CPU several times the rest of the draw), its number from the engine's generator or, seeded, from a
-generator of its own, so its draw does not depend on the rest of the batch. Where every row asks the
-same (the whole batch samples, no temperature but 1, every row top-p), the filters work on the batch's
-logits without copying them: a fresh tensor of tens of MB costs a CPU more than the arithmetic.
+The whole batch is sampled at once, with one copy to the host per step, and one more per tier of
+candidates where a row asks for top-k, top-p or min-p: such a row is drawn from its most likely tokens
+alone (a top-k of the batch's logits) where they hold all it may draw, and only the rest pay for a
+whole vocabulary's probabilities. Each filter runs over every row that asks for it, and a row draws
+its token by inverting its cumulative probabilities at one uniform number (one random number a row:
+random noise over the whole vocabulary, the exponential race, costs a CPU several times the rest of
+the draw), its number from the engine's generator or, seeded, from a generator of its own, so its
+draw does not depend on the rest of the batch. Where every row asks the same (the whole batch
+samples, no temperature but 1), the sampler works on the batch's logits without copying them: a
+fresh tensor of tens of MB costs a CPU more than the arithmetic.
 
 One request's sampling can never fail another's: a row whose probabilities are not a distribution
 (non-finite logits from the model), or whose own rules leave no token, is reported as that request's
@@ -24,9 +26,10 @@ from aptray.plan import NOTHING_ALLOWED, SeqPlan, TokenLogprobs
 from aptray.sampling_params import MIN_TEMPERATURE
 
 
-def filtered(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
+def filtered(logits: torch.Tensor, seqs: list[SeqPlan], tiers: tuple[int, ...] | None = None) -> torch.Tensor:
     """logits [M, V] (already over each row's temperature) with the tokens each row's top-k, top-p and
-    min-p drop set to -inf, in transformers' order; each filter runs only where some row asks for it."""
+    min-p drop set to -inf, in transformers' order; each filter runs only where some row asks for it.
+    tiers: the candidates top-p looks among before sorting whole (CANDIDATE_TIERS by default)."""
     vocab, device = logits.shape[-1], logits.device
     ks = [s.top_k if 0 < s.top_k < vocab else 0 for s in seqs]
     if any(ks):
@@ -35,7 +38,8 @@ def filtered(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
         logits = logits.masked_fill((logits < kth) & (k > 0)[:, None], float("-inf"))
     nucleus_rows = [i for i, s in enumerate(seqs) if s.top_p < 1.0]
     if nucleus_rows:
-        logits = _top_p(logits, nucleus_rows, [seqs[i].top_p for i in nucleus_rows])
+        tiers = CANDIDATE_TIERS if tiers is None else tiers
+        logits = _top_p(logits, nucleus_rows, [seqs[i].top_p for i in nucleus_rows], tiers)
     if any(s.min_p > 0.0 for s in seqs):  # the most likely token always stays: min_p <= 1
         min_p = torch.tensor([s.min_p for s in seqs], device=device, dtype=logits.dtype)
         probs = torch.softmax(logits, dim=-1)
@@ -43,17 +47,18 @@ def filtered(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
     return logits
 
 
-# a row's nucleus is looked for among its this many most likely tokens, then this many, before the
-# whole vocabulary: on a CPU a top-k costs less the fewer tokens it keeps, and a whole sort more than
-# either (loadgen/bench_sampler.py times top-p on a model's logits and on flatter random ones)
-TOP_P_CANDIDATES = (256, 4096)
+# a row that asks top-k, top-p or min-p is drawn from its this many most likely tokens, then this many,
+# where they hold all it may draw, before its whole vocabulary; top-p looks for a nucleus in the same
+# tiers: on a CPU a top-k costs less the fewer tokens it keeps, and a whole sort more than either
+# (loadgen/bench_sampler.py times them on a model's logits and on flatter random ones)
+CANDIDATE_TIERS = (256, 4096)
 
 
-def _top_p(logits: torch.Tensor, rows: list[int], top_ps: list[float]) -> torch.Tensor:
+def _top_p(logits: torch.Tensor, rows: list[int], top_ps: list[float], tiers: tuple[int, ...]) -> torch.Tensor:
     """logits with each listed row's tokens outside its nucleus set to -inf: the smallest set of most
     likely tokens whose probability reaches its top_p. The most likely token is always kept, so a
     vanishing top_p samples greedily instead of leaving nothing to sample from. The nucleus is looked
-    for among the row's most likely tokens in widening tiers (TOP_P_CANDIDATES, each a top-k); a row
+    for among the row's most likely tokens in widening tiers (each a top-k); a row
     whose candidates hold less than its top_p (a flat distribution, a high temperature) goes on to
     the next tier, and past the last is sorted whole. Each tier a row goes on to reads on the host
     whether any did."""
@@ -64,7 +69,7 @@ def _top_p(logits: torch.Tensor, rows: list[int], top_ps: list[float]) -> torch.
     probs = torch.softmax(x, dim=-1)
     pending = torch.arange(len(rows), device=x.device)  # the rows whose nucleus is not yet found
     top_p = torch.tensor(top_ps, device=x.device, dtype=x.dtype)
-    for k in [k for k in TOP_P_CANDIDATES if k < vocab] + [vocab]:
+    for k in [k for k in tiers if k < vocab] + [vocab]:
         part = probs if len(pending) == len(rows) else probs[pending]
         if k < vocab:
             candidates, order = torch.topk(part, k, dim=-1)
@@ -171,12 +176,18 @@ def constrained(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
     return logits.index_add(0, torch.tensor(rows, device=logits.device), offset)
 
 
-def distributions(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
+def distributions(logits: torch.Tensor, seqs: list[SeqPlan], tiers: tuple[int, ...] | None = None) -> torch.Tensor:
     """The probabilities each row samples its next token from, given its logits (biased, not greedy)."""
+    return torch.softmax(filtered(_over_temperatures(logits, seqs), seqs, tiers), dim=-1)
+
+
+def _over_temperatures(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
+    """Each row over its temperature; logits themselves where every row's is 1 (no copy: a batch's logits
+    are tens of MB)."""
     temperatures = [s.temperature for s in seqs]
-    if any(t != 1.0 for t in temperatures):  # else no copy: a batch's logits are tens of MB
-        logits = logits / torch.tensor(temperatures, device=logits.device, dtype=logits.dtype)[:, None]
-    return torch.softmax(filtered(logits, seqs), dim=-1)
+    if all(t == 1.0 for t in temperatures):
+        return logits
+    return logits / torch.tensor(temperatures, device=logits.device, dtype=logits.dtype)[:, None]
 
 
 def distribution(row: torch.Tensor, seq: SeqPlan) -> torch.Tensor:
@@ -198,17 +209,119 @@ def _uniforms(seqs: list[SeqPlan], generator: torch.Generator, device) -> torch.
     return u.index_copy(0, torch.tensor(seeded, device=device), own.to(device))
 
 
-def _drawn(probs: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator,
-           most_likely: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _drawn(probs: torch.Tensor, u: torch.Tensor, most_likely: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's token drawn from its probabilities [M, V], which it overwrites (inverse CDF: the first
-    token whose cumulative probability passes the row's uniform number times its total, so a token of
+    token whose cumulative probability passes the row's uniform number u times its total, so a token of
     probability 0 is never drawn), and whether the row is a distribution (a finite, positive total). A
     number that rounds up to the total (a chance near 2**-24) takes the row's most likely token."""
     cdf = probs.cumsum_(dim=-1)  # in place: a fresh tensor of that size costs more than the sum
     total = cdf[:, -1]
-    u = _uniforms(seqs, generator, probs.device) * total
-    tokens = torch.searchsorted(cdf, u[:, None], right=True).squeeze(1)
+    tokens = torch.searchsorted(cdf, (u * total)[:, None], right=True).squeeze(1)
     return torch.where(tokens < probs.shape[-1], tokens, most_likely), total > 0
+
+
+def _draw(x: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator,
+          most_likely: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's token drawn as its seq asks from its logits x [M, V], and whether its probabilities are
+    a distribution. A row asking top-k, top-p or min-p is drawn from its most likely tokens alone where
+    they hold all it may draw, in widening tiers (CANDIDATE_TIERS, each a top-k: _drawn_among_top); past
+    the last, and for the other rows, from its whole distribution."""
+    u = _uniforms(seqs, generator, x.device)
+    vocab = x.shape[-1]
+    tokens, ok = most_likely, torch.ones_like(most_likely, dtype=torch.bool)
+    narrow = [s.top_p < 1.0 or 0 < s.top_k < vocab or s.min_p > 0.0 for s in seqs]
+    pending = [j for j, n in enumerate(narrow) if n]
+    whole = [j for j, n in enumerate(narrow) if not n]
+    normalizers = _log_normalizers(x, [j for j in pending if not 0 < seqs[j].top_k < vocab], seqs)
+    for width in dict.fromkeys(min(w, vocab) for w in CANDIDATE_TIERS):
+        if not pending:
+            break
+        index = torch.tensor(pending, device=x.device)
+        every = len(pending) == len(seqs)
+        drawn, drawn_ok, held = _drawn_among_top(*_rows(index, every, x, u, most_likely, normalizers),
+                                                 [seqs[j] for j in pending], width)
+        tokens, ok = _put(tokens, index, every, drawn), _put(ok, index, every, drawn_ok)
+        pending = [j for j, h in zip(pending, held.tolist()) if not h]
+    whole = sorted(whole + pending)
+    if whole:  # rows with no filter, and those no tier held (top-p sorts them whole)
+        index = torch.tensor(whole, device=x.device)
+        every = len(whole) == len(seqs)
+        whole_x, whole_u, whole_likely = _rows(index, every, x, u, most_likely)
+        drawn, drawn_ok = _drawn(distributions(whole_x, [seqs[j] for j in whole], ()), whole_u, whole_likely)
+        tokens, ok = _put(tokens, index, every, drawn), _put(ok, index, every, drawn_ok)
+    return tokens, ok
+
+
+def _rows(index: torch.Tensor, every: bool, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The index's rows of each tensor; the tensors themselves where it holds every row (no copy)."""
+    return tensors if every else tuple(t[index] for t in tensors)
+
+
+def _put(into: torch.Tensor, index: torch.Tensor, every: bool, values: torch.Tensor) -> torch.Tensor:
+    """into with the index's rows replaced by values; values themselves where it holds every row."""
+    return values if every else into.index_copy(0, index, values)
+
+
+def _drawn_among_top(x: torch.Tensor, u: torch.Tensor, most_likely: torch.Tensor, normalizers: torch.Tensor,
+                     seqs: list[SeqPlan], width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows asking top-k, top-p or min-p drawn from their `width` most likely tokens: each row's token, by
+    the same inverse CDF over the same probabilities in vocabulary order as _drawn; whether its
+    probabilities are a distribution; and whether those tokens hold all the row may draw (its top-k is
+    under width with no tie at its edge, or its nucleus lies among them, or its min-p drops the last of
+    them). A row they do not hold is drawn again. normalizers: the log of each row's softmax
+    denominator over its whole vocabulary, where it asks no top-k (_log_normalizers)."""
+    vocab, device = x.shape[-1], x.device
+    raw, ids = torch.topk(x, width, dim=-1)  # most likely first: dividing by a temperature keeps the order
+    temperatures = torch.tensor([s.temperature for s in seqs], device=device, dtype=x.dtype)[:, None]
+    values = raw / temperatures
+    k = torch.tensor([s.top_k if 0 < s.top_k < vocab else vocab for s in seqs], device=device)
+    in_top_k = torch.arange(width, device=device) < k[:, None]
+    by_k = k < width
+    # transformers' top-k keeps every token that ties its k-th: a tie at the edge may reach past width
+    kth = values.gather(1, (k.clamp(max=width) - 1)[:, None])
+    after = values.gather(1, k.clamp(max=width - 1)[:, None])
+    exact_k = by_k & (after < kth).squeeze(1)
+    values = values.masked_fill(~in_top_k, float("-inf"))
+    # a row with a top-k normalizes over it: where held, it lies among the candidates
+    lse = torch.where(k == vocab, normalizers, torch.logsumexp(values, dim=-1))
+    probs = (values - lse[:, None]).exp()
+    top_p = torch.tensor([s.top_p for s in seqs], device=device, dtype=x.dtype)
+    mass = probs.cumsum(-1)
+    keep = ((mass - probs < top_p[:, None]) | (top_p >= 1.0)[:, None]) & in_top_k
+    keep[:, 0] = True
+    held = (top_p < 1.0) & (mass[:, -1] >= top_p)
+    if any(s.min_p > 0.0 for s in seqs):  # relative to the most likely: the same before and after top-p
+        floor = torch.tensor([s.min_p for s in seqs], device=device, dtype=x.dtype)[:, None] * probs[:, :1]
+        keep &= probs >= floor
+        held |= probs[:, -1] < floor.squeeze(1)
+    # a top-k past width, or a tie at its edge: its normalizer is past the candidates
+    held = torch.where(by_k, exact_k, held & (k == vocab))
+    in_vocab_order, order = ids.sort(dim=-1)
+    cdf = probs.masked_fill(~keep, 0.0).gather(1, order).cumsum_(dim=-1)
+    total = cdf[:, -1]
+    position = torch.searchsorted(cdf, (u * total)[:, None], right=True)
+    tokens = in_vocab_order.gather(1, position.clamp(max=width - 1)).squeeze(1)
+    return torch.where(position.squeeze(1) < width, tokens, most_likely), total > 0, held
+
+
+# rows of logits a CPU exponentiates at a time: a block's scratch memory is reused from one to the next,
+# where a whole batch's (tens of MB) would be fresh pages every step, and cost more than the arithmetic
+CPU_BLOCK_ROWS = 32
+
+
+def _log_normalizers(x: torch.Tensor, rows: list[int], seqs: list[SeqPlan]) -> torch.Tensor:
+    """log(sum(exp(x[i] / t))) for each of rows, over seqs[i]'s temperature t (0 for the other rows)."""
+    out = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+    if not rows:
+        return out
+    index = torch.tensor(rows, device=x.device)
+    (part,) = _rows(index, len(rows) == x.shape[0], x)
+    most = part.amax(dim=-1, keepdim=True)
+    t = torch.tensor([seqs[i].temperature for i in rows], device=x.device, dtype=x.dtype)[:, None]
+    block = CPU_BLOCK_ROWS if x.device.type == "cpu" else len(rows)
+    sums = torch.cat([(part[i:i + block] - most[i:i + block]).div_(t[i:i + block]).exp_().sum(-1)
+                      for i in range(0, len(rows), block)])
+    return out.index_copy(0, index, (most / t).squeeze(1) + sums.log())
 
 
 def sample(logits: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator
@@ -224,7 +337,7 @@ def sample(logits: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator
         rows = torch.tensor(drawn, device=logits.device)
         x = logits if len(drawn) == len(seqs) else logits[rows]
         drawn_seqs = [seqs[i] for i in drawn]
-        drawn_tokens, distribution_ok = _drawn(distributions(x, drawn_seqs), drawn_seqs, generator, tokens[rows])
+        drawn_tokens, distribution_ok = _draw(x, drawn_seqs, generator, tokens[rows])
         tokens = tokens.index_copy(0, rows, drawn_tokens)
         ruled_out = torch.isneginf(x.amax(dim=-1))  # every token -inf (a NaN row's max is NaN)
         broken = ~distribution_ok  # a NaN anywhere in a row makes its total NaN
