@@ -1,16 +1,17 @@
 """Which of aptray's source files run for one request, traced rather than read from the code.
 
-  python -m loadgen.trace_request_path [--requests 3] [--out DIR]
+  python -m loadgen.trace_request_path [--requests 3] [--app-args JSON] [--out DIR]
 
 Serves the default app (`serve run aptray.app`'s arguments, with Serve's routing-stats pull made rare:
-it would run the replica's load path in every window) on a Ray instance whose every worker process
-profiles its Python calls (`install`, Ray's worker_process_setup_hook): each call into a file of
-aptray/ or kernels/aptray_kernels/ is kept as (file, process, thread, 50 ms bucket). After one
-warm-up request it times windows: idle ones, and ones in which a streamed POST /v1/completions is
-sent and read to its end. A file counts for the request where it runs in every request window; the
-files that run in an idle window are printed apart (background work). The driver's own calls (the
-client) are not traced. Prints the files in order of first call, with the processes and threads
-they ran in, and writes request_path_trace.json under --out when given.
+it would run the replica's load path in every window; --app-args adds build_app arguments, such as
+{"scheduler": "apt"} or {"executor": "ray"}) on a Ray instance whose every worker process profiles
+its Python calls (`install`, Ray's worker_process_setup_hook): each call into a file of aptray/ or
+kernels/aptray_kernels/ is kept as (file, process, thread, 50 ms bucket). After one warm-up request
+it times windows: idle ones, and ones in which a streamed POST /v1/completions is sent and read to
+its end. A file counts for the request where it runs in every request window; the files that run in
+an idle window are printed apart (background work). The driver's own calls (the client) are not
+traced. Prints the files in order of first call, with the processes and threads they ran in, and
+writes request_path_trace.json under --out when given.
 """
 from __future__ import annotations
 
@@ -116,6 +117,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=3, help="request windows (and as many idle ones)")
     p.add_argument("--settle", type=float, default=1.0, help="seconds after a request's last chunk in its window")
+    p.add_argument("--app-args", default="{}", help="JSON of build_app arguments beyond the defaults")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -133,7 +135,8 @@ def main(argv=None) -> None:
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"routing_stats_period_s": 3600.0}), name="aptray", route_prefix="/")
+        app_args = {"routing_stats_period_s": 3600.0, **json.loads(args.app_args)}
+        serve.run(build_app(app_args), name="aptray", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         streamed_completion(url)  # first calls: the tokenizer's, the model's warm-up
         time.sleep(2.0)
