@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 
 import pytest
 import torch
@@ -170,6 +171,47 @@ def test_a_row_drawn_from_its_candidates_draws_what_its_whole_distribution_would
     # the top-k of 600 (its top-p's nucleus is among 256 tokens, but its normalizer is not), the tie and
     # the flattest row are drawn from their whole distribution
     assert held_by_tier == [(16, [0, 2, 3, 4, 5]), (256, [1, 8])], held_by_tier
+
+
+def test_extreme_controls_and_broken_rows_draw_as_the_whole_distribution_would(monkeypatch):
+    """Random batches of extreme sampling controls (top-k past the vocabulary, top-p of the smallest
+    double, min-p 1, temperatures from 1e-5 to 100) over logits with an infinite, a NaN or an all -inf
+    row: a sampled row with a logit that is not finite fails (a NaN or +inf from the model; every token
+    -inf: nothing it may draw, its own error) whatever its filters would drop, and every other row draws
+    the token its whole distribution's inverse CDF gives at the same number. (Logits without ties: which
+    of tied tokens a top-p keeps is the sort's choice.)"""
+    from aptray.model import sampler
+    monkeypatch.setattr(sampler, "CANDIDATE_TIERS", (16, 256))
+    rng = random.Random(4)
+    for trial in range(300):
+        vocab, n = rng.choice([2, 17, 300, 700]), rng.randint(1, 5)
+        seqs = [_seq(temperature=rng.choice([1.0, 0.5, 2.0, 1e-5, 0.0, 100.0]),
+                     top_p=rng.choice([1.0, 0.9, 0.5, 5e-324, 0.999999]),
+                     top_k=rng.choice([-1, 0, 1, 5, 16, 17, 255, 256, 257, vocab - 1, vocab, 10**9]),
+                     min_p=rng.choice([0.0, 0.0, 0.05, 1.0, 1e-30]), seed=rng.choice([None, 7, -2**40]))
+                for _ in range(n)]
+        logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(trial)) * rng.choice([0.1, 1, 10])
+        broken = rng.choice(["inf", "nan", "-inf", None, None])
+        if broken is not None:
+            logits[0, rng.randrange(vocab)] = float(broken) if broken != "-inf" else 0.0
+            if broken == "-inf":
+                logits[0] = float("-inf")
+        tokens, errors, own = sample(logits, seqs, torch.Generator().manual_seed(trial))
+        drawn = [i for i, s in enumerate(seqs) if s.temperature >= 1e-5]
+        want = logits.argmax(-1)
+        ok = torch.ones(n, dtype=torch.bool)
+        if drawn:
+            rows = torch.tensor(drawn)
+            u = sampler._uniforms([seqs[i] for i in drawn], torch.Generator().manual_seed(trial), logits.device)
+            whole, whole_ok = sampler._drawn(sampler.distributions(logits[rows], [seqs[i] for i in drawn], ()), u,
+                                             want[rows])
+            want, ok = want.index_copy(0, rows, whole), ok.index_copy(0, rows, whole_ok)
+        finite = torch.isfinite(logits).all(-1)
+        assert set(errors) == {i for i in drawn if not finite[i]}, (trial, errors)
+        assert own == {i for i in drawn if bool(torch.isneginf(logits[i]).all())}, trial
+        assert all(ok[i] for i in drawn if finite[i]), trial
+        assert [t for i, t in enumerate(tokens) if i not in errors] == \
+            [t for i, t in enumerate(want.tolist()) if i not in errors], trial
 
 
 def _hf_generate(path, prompt, max_new, min_new, bias, eos_ids):

@@ -13,9 +13,9 @@ draw does not depend on the rest of the batch. Where every row asks the same (th
 samples, no temperature but 1), the sampler works on the batch's logits without copying them: a
 fresh tensor of tens of MB costs a CPU more than the arithmetic.
 
-One request's sampling can never fail another's: a row whose probabilities are not a distribution
-(non-finite logits from the model), or whose own rules leave no token, is reported as that request's
-error.
+One request's sampling can never fail another's: a sampled row with a NaN or +inf logit from the
+model (whatever its filters would drop), or whose own rules leave no token, is reported as that
+request's error.
 """
 from __future__ import annotations
 
@@ -339,8 +339,10 @@ def sample(logits: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator
         drawn_seqs = [seqs[i] for i in drawn]
         drawn_tokens, distribution_ok = _draw(x, drawn_seqs, generator, tokens[rows])
         tokens = tokens.index_copy(0, rows, drawn_tokens)
-        ruled_out = torch.isneginf(x.amax(dim=-1))  # every token -inf (a NaN row's max is NaN)
-        broken = ~distribution_ok  # a NaN anywhere in a row makes its total NaN
+        peak = x.amax(dim=-1)  # NaN where any logit is
+        ruled_out = torch.isneginf(peak)  # every token -inf
+        # a NaN or +inf logit fails its row even where a filter drops that token before the draw
+        broken = ~distribution_ok | torch.isnan(peak) | torch.isposinf(peak)
         none_allowed = none_allowed.index_copy(0, rows, ruled_out.long())
         not_finite = not_finite.index_copy(0, rows, (broken & ~ruled_out).long())
     out: list[int | None] = []
