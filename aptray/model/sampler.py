@@ -58,10 +58,9 @@ def _top_p(logits: torch.Tensor, rows: list[int], top_ps: list[float], tiers: tu
     """logits with each listed row's tokens outside its nucleus set to -inf: the smallest set of most
     likely tokens whose probability reaches its top_p. The most likely token is always kept, so a
     vanishing top_p samples greedily instead of leaving nothing to sample from. The nucleus is looked
-    for among the row's most likely tokens in widening tiers (each a top-k); a row
-    whose candidates hold less than its top_p (a flat distribution, a high temperature) goes on to
-    the next tier, and past the last is sorted whole. Each tier a row goes on to reads on the host
-    whether any did."""
+    for among the row's most likely tokens in widening tiers (each a top-k); a row whose candidates
+    hold less than its top_p (a flat distribution, a high temperature) goes on to the next tier, and
+    past the last is sorted whole. Each tier a row goes on to reads on the host whether any did."""
     every = len(rows) == logits.shape[0]  # then no copies in and out: a batch's logits are tens of MB
     index = torch.tensor(rows, device=logits.device)
     x = logits if every else logits[index]
