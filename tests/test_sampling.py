@@ -176,10 +176,10 @@ def test_a_row_drawn_from_its_candidates_draws_what_its_whole_distribution_would
 def test_extreme_controls_and_broken_rows_draw_as_the_whole_distribution_would(monkeypatch):
     """Random batches of extreme sampling controls (top-k past the vocabulary, top-p of the smallest
     double, min-p 1, temperatures from 1e-5 to 100) over logits with an infinite, a NaN or an all -inf
-    row: a sampled row with a logit that is not finite fails (a NaN or +inf from the model; every token
-    -inf: nothing it may draw, its own error) whatever its filters would drop, and every other row draws
-    the token its whole distribution's inverse CDF gives at the same number. (Logits without ties: which
-    of tied tokens a top-p keeps is the sort's choice.)"""
+    row: a row with a logit that is not finite fails, greedy or sampled (a NaN or +inf from the model;
+    every token -inf: nothing it may draw, its own error), whatever its filters would drop, and every
+    other row draws the token its whole distribution's inverse CDF gives at the same number. (Logits
+    without ties: which of tied tokens a top-p keeps is the sort's choice.)"""
     from aptray.model import sampler
     monkeypatch.setattr(sampler, "CANDIDATE_TIERS", (16, 256))
     rng = random.Random(4)
@@ -207,8 +207,8 @@ def test_extreme_controls_and_broken_rows_draw_as_the_whole_distribution_would(m
                                              want[rows])
             want, ok = want.index_copy(0, rows, whole), ok.index_copy(0, rows, whole_ok)
         finite = torch.isfinite(logits).all(-1)
-        assert set(errors) == {i for i in drawn if not finite[i]}, (trial, errors)
-        assert own == {i for i in drawn if bool(torch.isneginf(logits[i]).all())}, trial
+        assert set(errors) == {i for i in range(n) if not finite[i]}, (trial, errors)
+        assert own == {i for i in range(n) if bool(torch.isneginf(logits[i]).all())}, trial
         assert all(ok[i] for i in drawn if finite[i]), trial
         assert [t for i, t in enumerate(tokens) if i not in errors] == \
             [t for i, t in enumerate(want.tolist()) if i not in errors], trial

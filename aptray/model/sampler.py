@@ -13,9 +13,9 @@ draw does not depend on the rest of the batch. Where every row asks the same (th
 samples, no temperature but 1), the sampler works on the batch's logits without copying them: a
 fresh tensor of tens of MB costs a CPU more than the arithmetic.
 
-One request's sampling can never fail another's: a sampled row with a NaN or +inf logit from the
-model (whatever its filters would drop), or whose own rules leave no token, is reported as that
-request's error.
+One request's sampling can never fail another's: a row with a NaN or +inf logit from the model
+(greedy or sampled, whatever its filters would drop), or whose own rules leave no token, is reported
+as that request's error.
 """
 from __future__ import annotations
 
@@ -330,24 +330,23 @@ def sample(logits: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator
     by the request's own rules (every token ruled out: NOTHING_ALLOWED, a client error)."""
     logits = biased(constrained(penalized(repeated(logits, seqs), seqs), seqs), seqs)
     tokens = logits.argmax(dim=-1)  # greedy rows keep theirs
+    peak = logits.gather(1, tokens[:, None]).squeeze(1)  # each row's largest logit: NaN where any is
+    none_allowed = torch.isneginf(peak)  # every token -inf
+    # a NaN or +inf logit fails its row, greedy or drawn, even where a filter drops that token
+    not_finite = torch.isnan(peak) | torch.isposinf(peak)
     drawn = [i for i, seq in enumerate(seqs) if seq.temperature >= MIN_TEMPERATURE]
-    none_allowed = not_finite = torch.zeros_like(tokens)
     if drawn:
         rows = torch.tensor(drawn, device=logits.device)
         x = logits if len(drawn) == len(seqs) else logits[rows]
         drawn_seqs = [seqs[i] for i in drawn]
         drawn_tokens, distribution_ok = _draw(x, drawn_seqs, generator, tokens[rows])
         tokens = tokens.index_copy(0, rows, drawn_tokens)
-        peak = x.amax(dim=-1)  # NaN where any logit is
-        ruled_out = torch.isneginf(peak)  # every token -inf
-        # a NaN or +inf logit fails its row even where a filter drops that token before the draw
-        broken = ~distribution_ok | torch.isnan(peak) | torch.isposinf(peak)
-        none_allowed = none_allowed.index_copy(0, rows, ruled_out.long())
-        not_finite = not_finite.index_copy(0, rows, (broken & ~ruled_out).long())
+        not_finite = not_finite.index_copy(0, rows, (not_finite[rows] | ~distribution_ok) & ~none_allowed[rows])
     out: list[int | None] = []
     errors: dict[int, str] = {}
     own: set[int] = set()
-    for row, (token, nothing, broken) in enumerate(torch.stack([tokens, none_allowed, not_finite], 1).tolist()):
+    flags = torch.stack([tokens, none_allowed.long(), not_finite.long()], 1).tolist()
+    for row, (token, nothing, broken) in enumerate(flags):
         out.append(None if nothing or broken else token)
         if nothing:
             errors[row] = f"sampling failed: {NOTHING_ALLOWED}"
