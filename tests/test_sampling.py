@@ -72,7 +72,8 @@ def test_the_sampled_distribution_is_transformers(temperature, top_k, top_p, min
 def test_the_nucleus_is_transformers_from_the_candidates_or_the_whole_vocabulary(monkeypatch):
     """top-p over 2,000 tokens with tiers of 16 and 256 candidates: peaked rows find their nucleus among
     the first 16, a flatter one among 256, the flattest (a high temperature) are sorted whole; all keep
-    transformers' tokens, mixed in one batch."""
+    transformers' tokens, mixed in one batch, and each draws, from its tier's candidates or its whole
+    distribution, the token that distribution's inverse CDF gives."""
     from aptray.model import sampler
     monkeypatch.setattr(sampler, "CANDIDATE_TIERS", (16, 256))
     vocab, g = 2000, torch.Generator().manual_seed(7)
@@ -89,6 +90,10 @@ def test_the_nucleus_is_transformers_from_the_candidates_or_the_whole_vocabulary
         want = _transformers_distribution(row, t, -1, p, 0.0, ())
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
         assert torch.equal(got > 0, want > 0)
+    for seed in range(10):
+        tokens, errors, _ = sample(logits, seqs, torch.Generator().manual_seed(seed))
+        u = sampler._uniforms(seqs, torch.Generator().manual_seed(seed), logits.device)
+        assert not errors and tokens == sampler._drawn(ours.clone(), u, logits.argmax(-1))[0].tolist(), seed
 
 
 def test_a_banned_token_is_never_drawn_and_a_forced_one_always():
@@ -166,7 +171,7 @@ def test_a_row_drawn_from_its_candidates_draws_what_its_whole_distribution_would
         held_by_tier.clear()
         tokens, errors, own = sample(logits, kinds, torch.Generator().manual_seed(seed))
         u = sampler._uniforms(kinds, torch.Generator().manual_seed(seed), logits.device)
-        whole, _ = sampler._drawn(sampler.distributions(logits, kinds, ()), u, logits.argmax(-1))
+        whole, _ = sampler._drawn(sampler.distributions(logits, kinds), u, logits.argmax(-1))
         assert not errors and tokens == whole.tolist(), seed
     # the top-k of 600 (its top-p's nucleus is among 256 tokens, but its normalizer is not), the tie and
     # the flattest row are drawn from their whole distribution
@@ -203,7 +208,7 @@ def test_extreme_controls_and_broken_rows_draw_as_the_whole_distribution_would(m
         if drawn:
             rows = torch.tensor(drawn)
             u = sampler._uniforms([seqs[i] for i in drawn], torch.Generator().manual_seed(trial), logits.device)
-            whole, whole_ok = sampler._drawn(sampler.distributions(logits[rows], [seqs[i] for i in drawn], ()), u,
+            whole, whole_ok = sampler._drawn(sampler.distributions(logits[rows], [seqs[i] for i in drawn]), u,
                                              want[rows])
             want, ok = want.index_copy(0, rows, whole), ok.index_copy(0, rows, whole_ok)
         finite = torch.isfinite(logits).all(-1)

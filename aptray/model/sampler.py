@@ -26,10 +26,9 @@ from aptray.plan import NOTHING_ALLOWED, SeqPlan, TokenLogprobs
 from aptray.sampling_params import MIN_TEMPERATURE
 
 
-def filtered(logits: torch.Tensor, seqs: list[SeqPlan], tiers: tuple[int, ...] | None = None) -> torch.Tensor:
+def filtered(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
     """logits [M, V] (already over each row's temperature) with the tokens each row's top-k, top-p and
-    min-p drop set to -inf, in transformers' order; each filter runs only where some row asks for it.
-    tiers: the candidates top-p looks among before sorting whole (CANDIDATE_TIERS by default)."""
+    min-p drop set to -inf, in transformers' order; each filter runs only where some row asks for it."""
     vocab, device = logits.shape[-1], logits.device
     ks = [s.top_k if 0 < s.top_k < vocab else 0 for s in seqs]
     if any(ks):
@@ -38,8 +37,7 @@ def filtered(logits: torch.Tensor, seqs: list[SeqPlan], tiers: tuple[int, ...] |
         logits = logits.masked_fill((logits < kth) & (k > 0)[:, None], float("-inf"))
     nucleus_rows = [i for i, s in enumerate(seqs) if s.top_p < 1.0]
     if nucleus_rows:
-        tiers = CANDIDATE_TIERS if tiers is None else tiers
-        logits = _top_p(logits, nucleus_rows, [seqs[i].top_p for i in nucleus_rows], tiers)
+        logits = _top_p(logits, nucleus_rows, [seqs[i].top_p for i in nucleus_rows])
     if any(s.min_p > 0.0 for s in seqs):  # the most likely token always stays: min_p <= 1
         min_p = torch.tensor([s.min_p for s in seqs], device=device, dtype=logits.dtype)
         probs = torch.softmax(logits, dim=-1)
@@ -47,43 +45,18 @@ def filtered(logits: torch.Tensor, seqs: list[SeqPlan], tiers: tuple[int, ...] |
     return logits
 
 
-# a row that asks top-k, top-p or min-p is drawn from its this many most likely tokens, then this many,
-# where they hold all it may draw, before its whole vocabulary; top-p looks for a nucleus in the same
-# tiers: on a CPU a top-k costs less the fewer tokens it keeps, and a whole sort more than either
-# (loadgen/bench_sampler.py times them on a model's logits and on flatter random ones)
-CANDIDATE_TIERS = (256, 4096)
-
-
-def _top_p(logits: torch.Tensor, rows: list[int], top_ps: list[float], tiers: tuple[int, ...]) -> torch.Tensor:
+def _top_p(logits: torch.Tensor, rows: list[int], top_ps: list[float]) -> torch.Tensor:
     """logits with each listed row's tokens outside its nucleus set to -inf: the smallest set of most
     likely tokens whose probability reaches its top_p. The most likely token is always kept, so a
-    vanishing top_p samples greedily instead of leaving nothing to sample from. The nucleus is looked
-    for among the row's most likely tokens in widening tiers (each a top-k); a row whose candidates
-    hold less than its top_p (a flat distribution, a high temperature) goes on to the next tier, and
-    past the last is sorted whole. Each tier a row goes on to reads on the host whether any did."""
+    vanishing top_p samples greedily instead of leaving nothing to sample from. Each row is sorted
+    whole: the sampler draws a row whose nucleus lies among its most likely tokens without coming here
+    (_drawn_among_top)."""
     every = len(rows) == logits.shape[0]  # then no copies in and out: a batch's logits are tens of MB
     index = torch.tensor(rows, device=logits.device)
     x = logits if every else logits[index]
-    vocab = x.shape[-1]
-    probs = torch.softmax(x, dim=-1)
-    pending = torch.arange(len(rows), device=x.device)  # the rows whose nucleus is not yet found
-    top_p = torch.tensor(top_ps, device=x.device, dtype=x.dtype)
-    for k in [k for k in tiers if k < vocab] + [vocab]:
-        part = probs if len(pending) == len(rows) else probs[pending]
-        if k < vocab:
-            candidates, order = torch.topk(part, k, dim=-1)
-        else:
-            candidates, order = torch.sort(part, dim=-1, descending=True)
-        nucleus, reached = _nucleus(candidates, top_p[pending])
-        found = torch.zeros_like(part, dtype=torch.bool).scatter_(1, order, nucleus)  # past the candidates: dropped
-        if part is probs:
-            keep = found
-        else:
-            keep[pending] = found
-        if k == vocab or bool(reached.all()):
-            break
-        pending = pending[~reached]
-    nucleus = x.masked_fill(~keep, float("-inf"))
+    probs, order = torch.sort(torch.softmax(x, dim=-1), dim=-1, descending=True)
+    keep, _ = _nucleus(probs, torch.tensor(top_ps, device=x.device, dtype=x.dtype))
+    nucleus = x.masked_fill(~torch.zeros_like(keep).scatter_(1, order, keep), float("-inf"))
     return nucleus if every else logits.index_copy(0, index, nucleus)
 
 
@@ -175,9 +148,9 @@ def constrained(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
     return logits.index_add(0, torch.tensor(rows, device=logits.device), offset)
 
 
-def distributions(logits: torch.Tensor, seqs: list[SeqPlan], tiers: tuple[int, ...] | None = None) -> torch.Tensor:
+def distributions(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
     """The probabilities each row samples its next token from, given its logits (biased, not greedy)."""
-    return torch.softmax(filtered(_over_temperatures(logits, seqs), seqs, tiers), dim=-1)
+    return torch.softmax(filtered(_over_temperatures(logits, seqs), seqs), dim=-1)
 
 
 def _over_temperatures(logits: torch.Tensor, seqs: list[SeqPlan]) -> torch.Tensor:
@@ -219,6 +192,13 @@ def _drawn(probs: torch.Tensor, u: torch.Tensor, most_likely: torch.Tensor) -> t
     return torch.where(tokens < probs.shape[-1], tokens, most_likely), total > 0
 
 
+# a row that asks top-k, top-p or min-p is drawn from its this many most likely tokens, then this many,
+# where they hold all it may draw, before its whole vocabulary: on a CPU a top-k costs less the fewer
+# tokens it keeps, and a whole sort more than either (loadgen/bench_sampler.py times them on a model's
+# logits and on flatter random ones)
+CANDIDATE_TIERS = (256, 4096)
+
+
 def _draw(x: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator,
           most_likely: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's token drawn as its seq asks from its logits x [M, V], and whether its probabilities are
@@ -246,7 +226,7 @@ def _draw(x: torch.Tensor, seqs: list[SeqPlan], generator: torch.Generator,
         index = torch.tensor(whole, device=x.device)
         every = len(whole) == len(seqs)
         whole_x, whole_u, whole_likely = _rows(index, every, x, u, most_likely)
-        drawn, drawn_ok = _drawn(distributions(whole_x, [seqs[j] for j in whole], ()), whole_u, whole_likely)
+        drawn, drawn_ok = _drawn(distributions(whole_x, [seqs[j] for j in whole]), whole_u, whole_likely)
         tokens, ok = _put(tokens, index, every, drawn), _put(ok, index, every, drawn_ok)
     return tokens, ok
 
@@ -285,10 +265,9 @@ def _drawn_among_top(x: torch.Tensor, u: torch.Tensor, most_likely: torch.Tensor
     lse = torch.where(k == vocab, normalizers, torch.logsumexp(values, dim=-1))
     probs = (values - lse[:, None]).exp()
     top_p = torch.tensor([s.top_p for s in seqs], device=device, dtype=x.dtype)
-    mass = probs.cumsum(-1)
-    keep = ((mass - probs < top_p[:, None]) | (top_p >= 1.0)[:, None]) & in_top_k
-    keep[:, 0] = True
-    held = (top_p < 1.0) & (mass[:, -1] >= top_p)
+    nucleus, reached = _nucleus(probs, top_p)
+    keep = (nucleus | (top_p >= 1.0)[:, None]) & in_top_k
+    held = (top_p < 1.0) & reached
     if any(s.min_p > 0.0 for s in seqs):  # relative to the most likely: the same before and after top-p
         floor = torch.tensor([s.min_p for s in seqs], device=device, dtype=x.dtype)[:, None] * probs[:, :1]
         keep &= probs >= floor
