@@ -196,3 +196,48 @@ def test_a_guarded_append_happens_only_at_the_length_it_was_written_for(store):
     b = store.batch()
     b.tokens("g1", long, now=702.0, start=3)
     assert b.execute() == 0 and store.get("g1").output_token_ids == [7, 8, 9] + long
+
+
+def _script_calls(store) -> int:
+    return store.r.info("commandstats").get("cmdstat_script", {}).get("calls", 0)
+
+
+def test_guarded_appends_load_their_script_once_not_per_batch(store):
+    """A batch of guarded appends costs one round trip: the script is loaded once per server, and no
+    batch asks SCRIPT EXISTS first (what redis-py's Script does in a pipeline)."""
+    store.add(_meta("s1", 710.0))
+    b = store.batch()
+    b.tokens("s1", [0], now=711.0, start=0)
+    b.execute()
+    before = _script_calls(store)
+    for i in range(1, 20):
+        b = store.batch()
+        b.tokens("s1", [i], now=711.0 + i, start=i)
+        assert b.execute() == 0
+    assert _script_calls(store) == before
+    assert store.get("s1").output_token_ids == list(range(20))
+
+
+def test_a_server_that_lost_its_scripts_is_resynced_and_loses_no_token(store):
+    """Redis without the append script (restarted, or flushed by hand): the writer's next batch fails,
+    its resync loads the script again with the state, and every token is in Redis once."""
+    from aptray.serve.store_writer import StoreWriter
+
+    w = StoreWriter(store)
+    try:
+        w.admit(_meta("s2", 720.0)).result(5)
+        w.tokens({"s2": [1, 2]})
+        assert w.flush()
+        store.r.script_flush()
+        w.tokens({"s2": [3]})
+        assert w.flush()
+        assert w.outages == 1 and not w.healthy  # the batch failed: mirrored until the resync
+        deadline = time.time() + 10
+        while not w.healthy:
+            assert time.time() < deadline, w.last_error
+            time.sleep(0.1)  # the writer tries again every RETRY_S
+        w.tokens({"s2": [4]})
+        assert w.flush() and w.healthy
+        assert store.get("s2").output_token_ids == [1, 2, 3, 4]
+    finally:
+        w.close()

@@ -156,7 +156,10 @@ class RequestStore:
     def __init__(self, client: redis.Redis, prefix: str = "aptray:", inflight_ttl_s: int = 24 * 3600,
                  finished_ttl_s: int = 300, owner=None, queue_owner: str | None = None):
         self.r = client
-        self._append_at = client.register_script(_APPEND_AT)
+        # the script is sent by its sha (EVALSHA) and loaded once per server: a pipeline that ran it
+        # through redis-py's Script would ask SCRIPT EXISTS, one more round trip, on every batch
+        self._append_at_sha = client.register_script(_APPEND_AT).sha
+        self._append_at_loaded = False  # on this server: a restarted one has none (resync says so)
         self.prefix = prefix
         self.inflight_ttl_s = inflight_ttl_s
         self.finished_ttl_s = finished_ttl_s
@@ -271,6 +274,7 @@ class RequestStore:
         set that the writer does not hold is closed as an error: an admission refused because its
         write timed out, whose transaction Redis ran late (a restarted router would resume it for
         a client that was told it failed)."""
+        self._append_at_loaded = False  # Redis may have restarted: its scripts are gone
         held = {m.request_id for m in in_flight}
         ghosts = [rid for rid in (raw.decode() for raw in self.r.zrange(self._inflight, 0, -1))
                   if rid not in held and rid not in finished]
@@ -283,6 +287,12 @@ class RequestStore:
         for rid in ghosts:
             self._finish(p, rid, "error", now)
         p.execute()
+
+    def load_scripts(self) -> None:
+        """Load the guarded append's script unless this server has it already."""
+        if not self._append_at_loaded:
+            self.r.script_load(_APPEND_AT)
+            self._append_at_loaded = True
 
     def record_step(self, new_tokens: dict[str, list[int]], now: float | None = None) -> None:
         """Append one iteration's tokens for many requests in one round trip."""
@@ -309,7 +319,7 @@ class RequestStore:
         else:
             for i in range(0, len(toks), APPEND_CHUNK):
                 guarded.append(len(p))
-                self._append_at(keys=[self._k(rid, "tokens")], args=[start + i, *toks[i:i + APPEND_CHUNK]], client=p)
+                p.evalsha(self._append_at_sha, 1, self._k(rid, "tokens"), start + i, *toks[i:i + APPEND_CHUNK])
         if first is False:
             p.hset(self._k(rid), "last_token_time", now)
             return guarded
@@ -404,6 +414,8 @@ class StoreBatch:
         (the store no longer mirrors the writer there: it should resync)."""
         if not self.size:
             return 0
+        if self.guarded:
+            self.store.load_scripts()
         results = self.p.execute()
         return sum(1 for i in self.guarded if results[i] != -1)
 
