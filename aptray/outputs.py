@@ -104,12 +104,13 @@ def token_text(tokenizer, token_id: int) -> str:
     return decode_continuing(tokenizer, [token_id], skip_special_tokens=False)
 
 
-def token_bytes(tokenizer, token_id: int) -> bytes:
+def token_bytes(tokenizer, token_id: int, text: str | None = None) -> bytes:
     """The bytes a token stands for (OpenAI's logprobs `bytes`, from which a client rebuilds the text):
     its text's UTF-8, or, where the token is part of a character (its text alone decodes to U+FFFD),
     its own bytes: each character of a byte-level BPE token stands for one byte, a SentencePiece
-    byte-fallback token (<0xE6>) for its byte."""
-    text = token_text(tokenizer, token_id)
+    byte-fallback token (<0xE6>) for its byte. text: its token_text, where the caller has it."""
+    if text is None:
+        text = token_text(tokenizer, token_id)
     if "\ufffd" not in text:
         return text.encode()
     piece = tokenizer.convert_ids_to_tokens(token_id)

@@ -92,6 +92,9 @@ def test_token_bytes_rebuild_characters_split_over_tokens():
         ids = byte_level.encode(text, add_special_tokens=False)
         split += sum("\ufffd" in byte_level.decode([t]) for t in ids)
         assert b"".join(token_bytes(byte_level, t) for t in ids) == text.encode(), text
+        # the ingress passes the text it has cached: the same bytes
+        assert [token_bytes(byte_level, t, token_text(byte_level, t)) for t in ids] == [
+            token_bytes(byte_level, t) for t in ids]
     assert split > 20  # the texts' characters are split over tokens (CJK, Greek, emoji)
     sentencepiece = TOKENIZERS["sentencepiece"]
     ids = sentencepiece.encode("你好，世界🙂", add_special_tokens=False)

@@ -360,7 +360,8 @@ class Ingress(ServiceRoutes):
         """The bytes a token stands for, as chat's log-probabilities show them (outputs.token_bytes; cached)."""
         raw = self._token_bytes.get(token_id)
         if raw is None:
-            raw = self._token_bytes[token_id] = outputs.token_bytes(self._event_loop_tokenizer(), token_id)
+            raw = self._token_bytes[token_id] = outputs.token_bytes(self._event_loop_tokenizer(), token_id,
+                                                                    self.token_text(token_id))
         return raw
 
     def _event_loop_tokenizer(self):
