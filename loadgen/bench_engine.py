@@ -7,6 +7,7 @@
   python -m loadgen.bench_engine profile  [--batch 64]
   python -m loadgen.bench_engine logprobs [--batch 32] [--max-prompt 512]
   python -m loadgen.bench_engine structured [--batch 32] [--max-output 64]
+  python -m loadgen.bench_engine churn    [--num-requests 800] [--rounds 3]
 Each prints a table and writes JSON under --out (default results/).
 """
 from __future__ import annotations
@@ -311,24 +312,70 @@ def structured(args) -> dict:
     return result
 
 
+def churn(args) -> dict:
+    """The soak's load through the offline engine, where the decode set changes nearly every step: the
+    demo model (or a tiny OPT of --hidden-size and --layers), --num-requests greedy requests of
+    loadgen.soak's prompts with 16-64 output tokens, max_num_seqs 32. Each round runs the whole load
+    with the CPU decode mirrors (aptray_kernels.cpu_mirror) and without them, in turn; each side keeps
+    its best round, in output tokens per CPU second of the process."""
+    import numpy as np
+
+    from aptray import LLM, SamplingParams
+    from aptray.model.demo import DEMO_MODEL, resolve_model_path
+    from loadgen.soak import PROMPTS
+
+    from aptray.model.factory import make_tiny_model
+
+    name = DEMO_MODEL if args.hidden_size is None else f"tiny OPT d={args.hidden_size}, {args.layers} layers"
+    path = (resolve_model_path(DEMO_MODEL) if args.hidden_size is None else
+            make_tiny_model(scratch_dir() + f"/churn-{args.hidden_size}-{args.layers}", "opt",
+                            hidden_size=args.hidden_size, num_layers=args.layers, num_heads=4, max_positions=512))
+    llm = LLM(path, num_cache_blocks=256, max_num_seqs=32)
+    runner = llm.engine.executor.runner
+    mirrors = (runner.kv_mirror, runner.hidden_mirror)
+    lengths = np.random.default_rng(1).integers(16, 65, size=args.num_requests)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.num_requests)]
+    params = [SamplingParams(temperature=0.0, max_tokens=int(n), ignore_eos=True) for n in lengths]
+    llm.generate(prompts[:64], params[:64])  # warm-up
+    best: dict[str, float] = {}
+    for r in range(args.rounds):
+        for side in ("mirror", "plain"):
+            runner.kv_mirror, runner.hidden_mirror = mirrors if side == "mirror" else (None, None)
+            start = time.process_time()
+            outs = llm.generate(prompts, params)
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            rate = tokens / (time.process_time() - start)
+            best[side] = max(best.get(side, 0.0), rate)
+            print(f"round {r + 1} {side:6s} {rate:8.0f} output tokens per CPU second")
+    result = {"model": name, "requests": args.num_requests, "threads": torch.get_num_threads(),
+              "rounds": args.rounds, "tokens_per_cpu_s": {k: round(v) for k, v in best.items()},
+              "mirror_over_plain": round(best["mirror"] / best["plain"], 3)}
+    _save(args.out, "churn", result)
+    return result
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["offline", "capacity", "decode", "absorbed", "profile", "logprobs", "structured"])
+    p.add_argument("what", choices=["offline", "capacity", "decode", "absorbed", "profile", "logprobs", "structured",
+                                      "churn"])
     p.add_argument("--out", default="results")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--max-prompt", type=int, default=512)
     p.add_argument("--max-output", type=int, default=256)
     p.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[16, 64])
-    p.add_argument("--rounds", type=int, default=1, help="offline: interleaved rounds, best of each side")
+    p.add_argument("--rounds", type=int, default=1, help="offline, churn: interleaved rounds, best of each side")
     p.add_argument("--blocks", type=int, default=256)
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 2048])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--hidden-size", type=int, default=None,
+                   help="churn: a tiny OPT this wide (default: the demo model)")
+    p.add_argument("--layers", type=int, default=2, help="churn: its layers")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("APTRAY_THREADS", "2")))
     {"offline": offline, "capacity": capacity, "decode": decode, "absorbed": absorbed, "profile": profile,
-     "logprobs": logprobs, "structured": structured}[args.what](args)
+     "logprobs": logprobs, "structured": structured, "churn": churn}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -77,9 +77,9 @@ def test_cpu_paged_decode_equal_lengths_and_noncontiguous_pool():
 
 @pytest.mark.parametrize("kind", ["kv", "hidden"])
 def test_decode_mirror_follows_the_pool_across_steps(kind):
-    """Steps of growing contexts (past the headroom), a row leaving, an over-budget step: the mirror's
-    attention (paged KV, or absorbed over hidden vectors) equals the reference on the pool at every
-    step and layer."""
+    """Steps where a row joins, steps of growing contexts (past the headroom), a row leaving, an
+    over-budget step: the mirror's attention (paged KV, or absorbed over hidden vectors) equals the
+    reference on the pool at every step and layer, and a set that changes every step is not mirrored."""
     block_size, n_kv, head_dim, num_heads, d = 4, 2, 8, 4, 16
     g = torch.Generator().manual_seed(5)
     row = (2, n_kv, head_dim) if kind == "kv" else (d,)  # one token's entry: K and V, or x
@@ -110,6 +110,11 @@ def test_decode_mirror_follows_the_pool_across_steps(kind):
                 write(p, tables[rid][pos // block_size], pos % block_size)
     mirror = DecodeMirror(num_layers=2, budget_bytes=1 << 30, planes=2 if kind == "kv" else 1)
     for step in range(100):
+        if 1 <= step <= 5:  # a request joins every step: the set never holds, so nothing is mirrored
+            tables[f"n{step}"], lens[f"n{step}"] = [next(free)], 2
+            for p in pools:
+                for pos in range(2):
+                    write(p, tables[f"n{step}"][0], pos)
         if step == 50:
             del lens["b"]  # finishes: the set changes, buffers are rebuilt
         if step == 85:  # a row leaves and the rebuild is over budget: the plain gather runs
@@ -133,4 +138,6 @@ def test_decode_mirror_follows_the_pool_across_steps(kind):
         q = torch.randn(len(rids), num_heads, head_dim, generator=g)
         for p in pools:
             torch.testing.assert_close(attend(cpu, p, bt, cl, q, step_cache), attend(reference, p, bt, cl, q))
+        if step == 5:
+            assert mirror.epoch == 0
     assert mirror.epoch >= 5  # first step, a row left, headroom outgrown, over budget, after it

@@ -3,8 +3,12 @@
 Gathering every decode row's context out of the paged pool copies all of it, per layer, per step;
 on a CPU that copy costs as much as the attention that reads it. While the same requests decode
 step after step (same order, each context one longer, block tables only growing), a layer appends
-the newest token's rows (read back from the pool) to last step's buffers instead. Any change of the
-decode set, or a bucket outgrowing its headroom, rebuilds from the pool: the buffers always hold
+the newest token's rows (read back from the pool) to last step's buffers instead. A step whose
+decode set changed gathers plainly; the next one, if the set held, rebuilds from the pool with room
+for as many steps as sets have been holding (a running mean) or as this one has held, at most
+HEADROOM_TOKENS, and a bucket that outgrows its room rebuilds again. Under continuous batching the
+set changes every step or two, and a rebuild with a fixed room of 64 tokens gathered a short
+context's blocks several times over (`python -m loadgen.bench_engine churn`). The buffers always hold
 exactly the pool's values, so results equal the plain gather. Memory is bounded by budget_bytes
 (past it the caller gathers as before).
 
@@ -68,6 +72,8 @@ class DecodeMirror:
         self.planes = planes  # 2: a KV block's K and V; 1: a hidden block
         self.prev = None  # last step's [(request_id, context_len, block_table)]
         self.reuse = False
+        self.held = 0  # steps the decode set has held
+        self.mean_held = 8.0  # how many steps a set holds, a running mean
         self.epoch = 0
         self.plan = None  # [(rows tensor or None for all, rows, cap_blocks)] of the current epoch
         self.layers = {}  # cache data_ptr -> (epoch, [tuple of per-plane buffers])
@@ -77,6 +83,10 @@ class DecodeMirror:
         prev, self.prev = self.prev, decode_seqs
         self.reuse = prev is not None and len(prev) == len(decode_seqs) and all(
             a[0] == b[0] and b[1] == a[1] + 1 and b[2][:len(a[2])] == a[2] for a, b in zip(prev, decode_seqs))
+        if self.reuse:
+            self.held += 1
+        elif prev:
+            self.mean_held, self.held = 0.5 * self.mean_held + 0.5 * self.held, 0
 
     def _step_plan(self, cache, block_tables, context_lens, dtype, step_cache):
         """Once per step: keep the epoch's buckets (reuse) or start a new epoch; None when over budget."""
@@ -84,15 +94,20 @@ class DecodeMirror:
         key = ("decode_mirror", self.planes, block_size, dtype)
         if key in step_cache:
             return step_cache[key]
+        if not self.reuse:  # the decode set changed: this step gathers plainly
+            self.plan = step_cache[key] = None
+            return None
         lens = context_lens.tolist()
         device = block_tables.device
-        if not (self.reuse and self.plan is not None
+        if not (self.plan is not None
                 and all(max(lens[i] for i in rows) <= cap * block_size for _, rows, cap in self.plan)):
             self.epoch += 1
             groups = buckets(lens, block_size)
             self.plan = []
+            # room for as many steps as a set holds, or as this one has held already
+            headroom = min(self.HEADROOM_TOKENS, max(1, math.ceil(self.mean_held), self.held))
             for rows in groups:
-                max_len = max(lens[i] for i in rows) + self.HEADROOM_TOKENS
+                max_len = max(lens[i] for i in rows) + headroom
                 rows_t = None if len(groups) == 1 else torch.tensor(rows, device=device)
                 self.plan.append((rows_t, rows, -(-max_len // block_size)))
             per_token = self.planes * math.prod(row_shape) * cache.element_size() * self.num_layers
@@ -140,5 +155,6 @@ class DecodeMirror:
         else:  # append this step's token, already written to the pool
             for planes, (_, _, _, src, dst, _, _, _) in zip(bufs, plan):
                 for p, buf in enumerate(planes):
-                    buf.view(-1, rows_view.shape[1]).index_copy_(0, dst, rows_view.index_select(0, src + p * block_size))
+                    new_rows = rows_view.index_select(0, src + p * block_size)
+                    buf.view(-1, rows_view.shape[1]).index_copy_(0, dst, new_rows)
         return [(rows_t, planes, mask, max_len) for planes, (rows_t, _, _, _, _, mask, max_len, _) in zip(bufs, plan)]
