@@ -3,6 +3,7 @@
     python -m loadgen.soak --minutes 10                  # starts a local app (loopback), measures, soaks
     python -m loadgen.soak --minutes 3 --rate 4          # a given effective throughput (req/s)
     python -m loadgen.soak --url http://127.0.0.1:8000 --api-key K --rate 4   # a running app (loopback)
+    python -m loadgen.soak --probe 16,32,48                # attainment at these rates only, no soak
 
 Pass criteria (exit status 1 otherwise): no request lost (each ends with a finish or an explicit
 error), memory of the app's processes grows by under 5% from the first window to the last, no
@@ -153,6 +154,23 @@ def measure_rate(url: str, headers: dict, ttft_slo: float, tbt_slo: float, targe
     return good or 0.5
 
 
+def probe_rates(rates: list[float], url: str, headers: dict, ttft_slo: float, tbt_slo: float,
+                probe_s: float = 20.0) -> int:
+    """Each rate's attainment, TTFT p50/p90 and median per-request TBT p99, as one JSON line."""
+    asyncio.run(run_load(url, headers, 4.0, 10.0, 9, ttft_slo, tbt_slo))  # warm-up
+    for rate in rates:
+        records = asyncio.run(run_load(url, headers, rate, probe_s, 1, ttft_slo, tbt_slo))
+        ttft = [r.ttft for r in records if r.ttft is not None]
+        done = [r for r in records if r.status == FINISHED]
+        print(json.dumps({"rate": rate, "requests": len(records), "finished": len(done),
+                          "attainment": round(attainment(records), 3),
+                          "ttft_p50_s": round(float(np.percentile(ttft, 50)), 3) if ttft else None,
+                          "ttft_p90_s": round(float(np.percentile(ttft, 90)), 3) if ttft else None,
+                          "tbt_p99_median_s": round(float(np.median([r.tbt_p99 for r in done])), 4) if done else None}),
+              flush=True)
+    return 0
+
+
 def windows(records: list[RequestRecord], duration_s: float, n: int) -> list[dict]:
     width = duration_s / n
     out = []
@@ -189,12 +207,16 @@ def main(argv=None) -> int:
     ap.add_argument("--stability", type=float, default=0.1, help="allowed max - min window attainment")
     ap.add_argument("--max-growth", type=float, default=0.05)
     ap.add_argument("--out", default=None, help="write the summary JSON here")
+    ap.add_argument("--probe", default=None, help="comma-separated rates (req/s): probe each as the measurement "
+                    "does (20 s, after a 10 s warm-up at 4 req/s), print its attainment and latencies, no soak")
     a = ap.parse_args(argv)
     if a.url and not a.url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
         ap.error("the soak talks to loopback only")
     headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else {}
     url, stop = (a.url, None) if a.url else start_local_app(a.tp, a.num_cpus, a.api_key)
     try:
+        if a.probe:
+            return probe_rates([float(r) for r in a.probe.split(",")], url, headers, a.ttft_slo, a.tbt_slo)
         effective = a.rate or measure_rate(url, headers, a.ttft_slo, a.tbt_slo)
         rate, duration = a.load * effective, a.minutes * 60
         print(f"soak: {rate:.2f} req/s ({a.load:.0%} of {effective:.2f}) for {duration:.0f} s", flush=True)
