@@ -317,25 +317,26 @@ def churn(args) -> dict:
     demo model (or a tiny OPT of --hidden-size and --layers), --num-requests greedy requests of
     loadgen.soak's prompts with 16-64 output tokens, max_num_seqs 32. Each round runs the whole load
     with the CPU decode mirrors (aptray_kernels.cpu_mirror) and without them, in turn; each side keeps
-    its best round, in output tokens per CPU second of the process."""
+    its best round, in output tokens per CPU second of the process. --steady: 32 requests of one prompt
+    and --max-output tokens each, all running from the start, so the decode set holds throughout."""
     import numpy as np
 
     from aptray import LLM, SamplingParams
     from aptray.model.demo import DEMO_MODEL, resolve_model_path
-    from loadgen.soak import PROMPTS
-
     from aptray.model.factory import make_tiny_model
+    from loadgen.soak import PROMPTS
 
     name = DEMO_MODEL if args.hidden_size is None else f"tiny OPT d={args.hidden_size}, {args.layers} layers"
     path = (resolve_model_path(DEMO_MODEL) if args.hidden_size is None else
             make_tiny_model(scratch_dir() + f"/churn-{args.hidden_size}-{args.layers}", "opt",
                             hidden_size=args.hidden_size, num_layers=args.layers, num_heads=4, max_positions=512))
-    llm = LLM(path, num_cache_blocks=256, max_num_seqs=32)
+    llm = LLM(path, num_cache_blocks=1024 if args.steady else 256, max_num_seqs=32)  # steady: none preempted
     runner = llm.engine.executor.runner
     mirrors = (runner.kv_mirror, runner.hidden_mirror)
-    lengths = np.random.default_rng(1).integers(16, 65, size=args.num_requests)
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.num_requests)]
-    params = [SamplingParams(temperature=0.0, max_tokens=int(n), ignore_eos=True) for n in lengths]
+    n = 32 if args.steady else args.num_requests
+    lengths = ([args.max_output] * n if args.steady else np.random.default_rng(1).integers(16, 65, size=n))
+    prompts = [PROMPTS[0] if args.steady else PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    params = [SamplingParams(temperature=0.0, max_tokens=int(m), ignore_eos=True) for m in lengths]
     llm.generate(prompts[:64], params[:64])  # warm-up
     best: dict[str, float] = {}
     for r in range(args.rounds):
@@ -347,7 +348,7 @@ def churn(args) -> dict:
             rate = tokens / (time.process_time() - start)
             best[side] = max(best.get(side, 0.0), rate)
             print(f"round {r + 1} {side:6s} {rate:8.0f} output tokens per CPU second")
-    result = {"model": name, "requests": args.num_requests, "threads": torch.get_num_threads(),
+    result = {"model": name, "requests": n, "steady": args.steady, "threads": torch.get_num_threads(),
               "rounds": args.rounds, "tokens_per_cpu_s": {k: round(v) for k, v in best.items()},
               "mirror_over_plain": round(best["mirror"] / best["plain"], 3)}
     _save(args.out, "churn", result)
@@ -372,6 +373,7 @@ def main(argv=None) -> None:
     p.add_argument("--hidden-size", type=int, default=None,
                    help="churn: a tiny OPT this wide (default: the demo model)")
     p.add_argument("--layers", type=int, default=2, help="churn: its layers")
+    p.add_argument("--steady", action="store_true", help="churn: 32 requests decoding together throughout")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("APTRAY_THREADS", "2")))
     {"offline": offline, "capacity": capacity, "decode": decode, "absorbed": absorbed, "profile": profile,
