@@ -141,3 +141,17 @@ def test_decode_mirror_follows_the_pool_across_steps(kind):
         if step == 5:
             assert mirror.epoch == 0
     assert mirror.epoch >= 5  # first step, a row left, headroom outgrown, over budget, after it
+
+
+def test_a_decode_sets_run_counts_from_its_first_step():
+    """How long a set holds (what a rebuild leaves room for) counts the set's own steps: steps with no
+    decode rows (prefills alone) before it do not."""
+    mirror = DecodeMirror(num_layers=1, budget_bytes=1 << 20)
+    mirror.begin_step([("a", 5, (1, 2))])
+    mirror.begin_step([("a", 6, (1, 2))])
+    assert mirror.reuse and mirror.held == 1
+    for _ in range(3):
+        mirror.begin_step([])
+    mirror.begin_step([("b", 3, (4,))])
+    assert not mirror.reuse and mirror.held == 0
+    assert mirror.mean_held == 0.5 * 8.0 + 0.5 * 1  # set "a" held one step

@@ -7,8 +7,8 @@ the newest token's rows (read back from the pool) to last step's buffers instead
 decode set changed gathers plainly; the next one, if the set held, rebuilds from the pool with room
 for as many steps as sets have been holding (a running mean) or as this one has held, at most
 HEADROOM_TOKENS, and a bucket that outgrows its room rebuilds again. Under continuous batching the
-set changes every step or two, and a rebuild with a fixed room of 64 tokens gathered a short
-context's blocks several times over (`python -m loadgen.bench_engine churn`). The buffers always hold
+set changes every step or two, where a fixed room of 64 tokens would gather a short context's blocks
+several times over (`python -m loadgen.bench_engine churn`). The buffers always hold
 exactly the pool's values, so results equal the plain gather. Memory is bounded by budget_bytes
 (past it the caller gathers as before).
 
@@ -85,8 +85,10 @@ class DecodeMirror:
             a[0] == b[0] and b[1] == a[1] + 1 and b[2][:len(a[2])] == a[2] for a, b in zip(prev, decode_seqs))
         if self.reuse:
             self.held += 1
-        elif prev:
-            self.mean_held, self.held = 0.5 * self.mean_held + 0.5 * self.held, 0
+        else:
+            if prev:  # a set ended: how long it held
+                self.mean_held = 0.5 * self.mean_held + 0.5 * self.held
+            self.held = 0
 
     def _step_plan(self, cache, block_tables, context_lens, dtype, step_cache):
         """Once per step: keep the epoch's buckets (reuse) or start a new epoch; None when over budget."""
