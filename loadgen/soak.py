@@ -23,7 +23,7 @@ import numpy as np
 import psutil
 
 from loadgen.arrivals import arrival_times
-from loadgen.metrics import FINISHED, RequestRecord, attainment
+from loadgen.metrics import FINISHED, RequestRecord, attainment, percentiles
 
 PROMPTS = ["The quick brown fox", "What is the capital of France?", "def add(a, b):", "Once upon a time",
            "Summarise the following text in one line:", "Translate to French: good morning"]
@@ -156,18 +156,18 @@ def measure_rate(url: str, headers: dict, ttft_slo: float, tbt_slo: float, targe
 
 def probe_rates(rates: list[float], url: str, headers: dict, ttft_slo: float, tbt_slo: float,
                 probe_s: float = 20.0) -> int:
-    """Each rate's attainment, TTFT p50/p90 and median per-request TBT p99, as one JSON line."""
+    """Each rate's attainment, TTFT p50/p90 and the median of its requests' TBT p99s, as one JSON line
+    (loadgen.metrics.percentiles: NaN where none had one)."""
     asyncio.run(run_load(url, headers, 4.0, 10.0, 9, ttft_slo, tbt_slo))  # warm-up
     for rate in rates:
         records = asyncio.run(run_load(url, headers, rate, probe_s, 1, ttft_slo, tbt_slo))
-        ttft = [r.ttft for r in records if r.ttft is not None]
         done = [r for r in records if r.status == FINISHED]
+        ttft = percentiles((r.ttft for r in records if r.ttft is not None), (50, 90))
+        tbt = percentiles((r.tbt_p99 for r in done), (50,))
         print(json.dumps({"rate": rate, "requests": len(records), "finished": len(done),
                           "attainment": round(attainment(records), 3),
-                          "ttft_p50_s": round(float(np.percentile(ttft, 50)), 3) if ttft else None,
-                          "ttft_p90_s": round(float(np.percentile(ttft, 90)), 3) if ttft else None,
-                          "tbt_p99_median_s": round(float(np.median([r.tbt_p99 for r in done])), 4) if done else None}),
-              flush=True)
+                          "ttft_s": {k: round(v, 3) for k, v in ttft.items()},
+                          "tbt_p99_per_request_s": {k: round(v, 4) for k, v in tbt.items()}}), flush=True)
     return 0
 
 
